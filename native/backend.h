@@ -1,0 +1,186 @@
+// The kernel interface every lora-native backend implements: the CPU backend in native/cpu and the
+// CUDA backend in cuda/. The binding only ever calls through this class, so a backend plugs in
+// without the binding changing. It holds no N-API types and no CUDA types.
+//
+// Dimensions, named once and used everywhere:
+//   N  rows (batch x sequence)       C  in-features        OC  out-features       R  rank
+// Every pointer is device memory of the backend that receives it; shapes are row-major and
+// contiguous unless a stride says otherwise. Gradients are d-prefixed; accumulating outputs say
+// "+=". Every method returns a Status; only the binding turns a Status into a JS exception.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace lora {
+
+enum class Status : int32_t {
+  Ok = 0,
+  OutOfMemory = 1,      // allocation failed
+  InvalidArgument = 2,  // a size or pointer the caller should have checked
+  Unsupported = 3,      // this backend does not implement the op (or not for this dtype)
+  DeviceError = 4,      // the device reported an error; last_error() has its text
+  Unusable = 5,         // a sticky device error earlier; the backend refuses all work
+};
+
+enum class DType : int32_t { F32 = 0, BF16 = 1, F16 = 2, I32 = 3 };
+
+inline size_t dtype_size(DType t) { return t == DType::BF16 || t == DType::F16 ? 2 : 4; }
+
+enum class UnaryOp : int32_t {
+  Neg = 0, Exp, Log, Sqrt, Rsqrt, Abs, Square, Recip,
+  Relu, GeluTanh, GeluErf, Silu, Tanh, Sigmoid,
+};
+
+enum class BinaryOp : int32_t { Add = 0, Sub, Mul, Div, Max, Min };
+
+enum class ReduceOp : int32_t { Sum = 0, Max, Min };
+
+// At most this many dimensions in a strided op (broadcasting, permute, slice, concat).
+constexpr int kMaxDims = 8;
+
+// A strided view used by elementwise and copy ops: element (i0..i{nd-1}) lives at
+// sum(ik * stride[k]) elements from the base pointer. A stride of 0 broadcasts.
+struct Layout {
+  int32_t ndim;
+  int64_t shape[kMaxDims];
+  int64_t stride[kMaxDims];
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual const char* name() const = 0;
+  // Text of the most recent DeviceError / Unusable status ("" if none).
+  virtual const char* last_error() const { return ""; }
+
+  // ---- memory ------------------------------------------------------------------------------
+  // alloc returns nullptr on failure. Memory is not zeroed. free takes the size alloc was given
+  // (the caching allocators bucket by size).
+  virtual void* alloc(size_t bytes) = 0;
+  virtual void free(void* ptr, size_t bytes) = 0;
+  virtual Status upload(void* dst, const void* host_src, size_t bytes) = 0;
+  virtual Status download(void* host_dst, const void* src, size_t bytes) = 0;
+  virtual Status copy(void* dst, const void* src, size_t bytes) = 0;
+  virtual Status fill(float* out, float value, int64_t n) = 0;
+  virtual Status synchronize() { return Status::Ok; }
+  // Bytes held by the caching allocator but not handed out (for memory()).
+  virtual size_t cached_bytes() const { return 0; }
+  virtual void release_cached() {}
+  // Conversions between float32 and storage dtypes (bf16/f16 weights): out = convert(in).
+  virtual Status convert(void* out, DType out_dtype, const void* in, DType in_dtype, int64_t n) {
+    (void)out; (void)out_dtype; (void)in; (void)in_dtype; (void)n;
+    return Status::Unsupported;
+  }
+
+  // ---- LoRA kernels ------------------------------------------------------------------------
+  // Forward, with dropout p on the LoRA path only (x̃ = dropout(x) from the counter RNG, seed):
+  //   h = x̃·Aᵀ;  y = x·Wᵀ + b + s·h·Bᵀ
+  virtual Status lora_forward(float* y,         // (N, OC)
+                              float* h,         // (N, R), kept for the backward
+                              const float* x,   // (N, C)
+                              const void* W,    // (OC, C) in w_dtype (F32 or BF16)
+                              DType w_dtype,
+                              const float* b,   // (OC) or nullptr
+                              const float* A,   // (R, C)
+                              const float* B,   // (OC, R)
+                              int64_t N, int64_t C, int64_t OC, int64_t R, float s,
+                              float dropout_p, uint64_t seed) = 0;
+
+  // Backward, W and b frozen:
+  //   dB += s·dyᵀ·h;  dh = s·dy·B;  dA += dhᵀ·x̃;  dx = dy·W + dropout'(dh·A)
+  // dx, dA, dB may each be nullptr when not needed.
+  virtual Status lora_backward(float* dx,        // (N, C) or nullptr
+                               float* dA,        // (R, C), +=
+                               float* dB,        // (OC, R), +=
+                               const float* dy,  // (N, OC)
+                               const float* x,   // (N, C)
+                               const float* h,   // (N, R)
+                               const void* W,    // (OC, C) in w_dtype
+                               DType w_dtype,
+                               const float* A,   // (R, C)
+                               const float* B,   // (OC, R)
+                               int64_t N, int64_t C, int64_t OC, int64_t R, float s,
+                               float dropout_p, uint64_t seed) = 0;
+
+  // W += s·B·A (unmerge passes -s). Computed in fp32 and rounded once for BF16 weights.
+  virtual Status lora_merge(void* W,         // (OC, C) in w_dtype, +=
+                            DType w_dtype,
+                            const float* A,  // (R, C)
+                            const float* B,  // (OC, R)
+                            int64_t OC, int64_t C, int64_t R, float s) = 0;
+
+  // ---- optimizers (one call over every parameter of an optimizer) ---------------------------
+  // PyTorch's AdamW: p -= lr·wd·p; m = b1·m + (1-b1)·g; v = b2·v + (1-b2)·g²;
+  //   p -= lr·(m / (1-b1^step)) / (sqrt(v / (1-b2^step)) + eps)
+  virtual Status adamw_step(int32_t count, float* const* p, const float* const* g, float* const* m,
+                            float* const* v, const int64_t* n, float lr, float beta1, float beta2,
+                            float eps, float weight_decay, int64_t step) = 0;
+  // PyTorch's SGD: g += wd·p; buf = g at step 1, else momentum·buf + (1-dampening)·g;
+  //   g = nesterov ? g + momentum·buf : buf (when momentum != 0); p -= lr·g. buf may be nullptr
+  //   entries when momentum == 0.
+  virtual Status sgd_step(int32_t count, float* const* p, const float* const* g,
+                          float* const* buf, const int64_t* n, float lr, float momentum,
+                          float dampening, float weight_decay, bool nesterov, int64_t step) = 0;
+
+  // ---- general ops for autograd -------------------------------------------------------------
+  // C = alpha·op(A)·op(B) + beta·C for each of `batch` matrices; op(A) is (M, K), op(B) (K, N).
+  // lda/ldb/ldc are row strides of the stored matrices; stride_* step between batch entries
+  // (0 broadcasts one matrix over the batch).
+  virtual Status gemm(float* Cm, const float* Am, const float* Bm, int64_t M, int64_t Nn,
+                      int64_t K, bool trans_a, bool trans_b, int64_t lda, int64_t ldb,
+                      int64_t ldc, float alpha, float beta, int64_t batch, int64_t stride_a,
+                      int64_t stride_b, int64_t stride_c) = 0;
+  // out (contiguous, layout.shape) = a op b, each read through its own strides (broadcasting).
+  virtual Status binary(BinaryOp op, float* out, const float* a, const float* b,
+                        const Layout& a_layout, const Layout& b_layout) = 0;
+  // out = a op scalar (or scalar op a when scalar_first), contiguous, n elements.
+  virtual Status binary_scalar(BinaryOp op, float* out, const float* a, float scalar,
+                               bool scalar_first, int64_t n) = 0;
+  virtual Status unary(UnaryOp op, float* out, const float* in, int64_t n) = 0;
+  // dx = dy · f'(x) (y = f(x) passed too, for ops whose derivative reads it)
+  virtual Status unary_backward(UnaryOp op, float* dx, const float* dy, const float* x,
+                                const float* y, int64_t n) = 0;
+  // y += a·x
+  virtual Status axpy(float* y, const float* x, float a, int64_t n) = 0;
+  // Input viewed as (outer, dim, inner); out (outer, inner) = reduce over dim.
+  virtual Status reduce(ReduceOp op, float* out, const float* in, int64_t outer, int64_t dim,
+                        int64_t inner) = 0;
+  // dst[dst_layout] = src[src_layout] for every index of src_layout.shape (the shapes match);
+  // serves transpose, permute, slice, concat and their backwards.
+  virtual Status copy_strided(float* dst, const Layout& dst_layout, const float* src,
+                              const Layout& src_layout) = 0;
+
+  // ---- ops with their own kernels (training issue; optional until implemented) -------------
+  // softmax (or log-softmax) over the last dim of a (rows, cols) matrix.
+  virtual Status softmax(float* out, const float* in, int64_t rows, int64_t cols, bool log) {
+    (void)out; (void)in; (void)rows; (void)cols; (void)log;
+    return Status::Unsupported;
+  }
+  virtual Status softmax_backward(float* dx, const float* dy, const float* y, int64_t rows,
+                                  int64_t cols, bool log) {
+    (void)dx; (void)dy; (void)y; (void)rows; (void)cols; (void)log;
+    return Status::Unsupported;
+  }
+  // out = x·mask/(1-p) with the mask from the counter RNG (native/rng.h) at (seed, index).
+  // The same call on dy is the backward.
+  virtual Status dropout(float* out, const float* in, int64_t n, float p, uint64_t seed) {
+    (void)out; (void)in; (void)n; (void)p; (void)seed;
+    return Status::Unsupported;
+  }
+};
+
+// Human-readable name of a status, for error messages.
+inline const char* status_name(Status s) {
+  switch (s) {
+    case Status::Ok: return "ok";
+    case Status::OutOfMemory: return "out of memory";
+    case Status::InvalidArgument: return "invalid argument";
+    case Status::Unsupported: return "not supported by this backend";
+    case Status::DeviceError: return "device error";
+    case Status::Unusable: return "backend unusable after an earlier device error";
+  }
+  return "unknown status";
+}
+
+}  // namespace lora

@@ -1,0 +1,16 @@
+// The CPU GEMM engine's entry point, used by every CPU kernel that multiplies matrices.
+// C(M, N) = alpha·op(A)·op(B) + beta·C with op(A) (M, K) and op(B) (K, N), row-major with row
+// strides lda/ldb/ldc. beta == 0 never reads C (it may hold NaN). Any dimension may be 0.
+#pragma once
+
+#include <cstdint>
+
+#include "thread_pool.h"
+
+namespace lora {
+
+void sgemm(ThreadPool& pool, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+           float alpha, const float* A, int64_t lda, const float* B, int64_t ldb, float beta,
+           float* C, int64_t ldc);
+
+}  // namespace lora

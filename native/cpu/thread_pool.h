@@ -1,0 +1,119 @@
+// A small persistent thread pool for the CPU kernels: run(fn) calls fn(tid, nthreads) on every
+// worker (the caller is worker 0) and returns when all are done. Workers sleep between jobs. One
+// pool per addon instance (worker_threads each get their own); it is not a task scheduler.
+#pragma once
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace lora {
+
+class ThreadPool {
+ public:
+  explicit ThreadPool(int threads) { resize(threads); }
+  ~ThreadPool() { stop_workers(); }
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int size() const { return size_; }
+
+  // Changes the number of threads (>= 1). Not to be called while a job runs.
+  void resize(int threads) {
+    threads = std::max(1, threads);
+    if (threads == size_) return;
+    stop_workers();
+    size_ = threads;
+    stopping_ = false;
+    for (int t = 1; t < size_; ++t) workers_.emplace_back([this, t] { worker_loop(t); });
+  }
+
+  // fn(tid, nthreads) on every thread; nested calls from inside a job run serially.
+  void run(const std::function<void(int, int)>& fn) {
+    if (size_ == 1 || in_job()) {
+      fn(0, 1);
+      return;
+    }
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      job_ = &fn;
+      pending_ = size_ - 1;
+      ++generation_;
+    }
+    cv_start_.notify_all();
+    in_job() = true;
+    fn(0, size_);
+    in_job() = false;
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_done_.wait(lock, [this] { return pending_ == 0; });
+    job_ = nullptr;
+  }
+
+  // Splits [0, n) into contiguous chunks, one per thread: fn(begin, end). Small n stays on the
+  // calling thread (grain = the least work worth waking a thread for).
+  void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+    if (n <= 0) return;
+    if (size_ == 1 || n <= grain) {
+      fn(0, n);
+      return;
+    }
+    run([&](int tid, int nt) {
+      int64_t chunk = (n + nt - 1) / nt;
+      int64_t b = std::min<int64_t>(n, tid * chunk), e = std::min<int64_t>(n, b + chunk);
+      if (b < e) fn(b, e);
+    });
+  }
+
+ private:
+  void worker_loop(int tid) {
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(int, int)>* job;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_start_.wait(lock, [&] { return stopping_ || generation_ != seen; });
+        if (stopping_) return;
+        seen = generation_;
+        job = job_;
+      }
+      in_job() = true;
+      (*job)(tid, size_);
+      in_job() = false;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        if (--pending_ == 0) cv_done_.notify_one();
+      }
+    }
+  }
+
+  void stop_workers() {
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      stopping_ = true;
+    }
+    cv_start_.notify_all();
+    for (auto& w : workers_) w.join();
+    workers_.clear();
+  }
+
+  // True on a thread while it runs a job of any pool, so nested parallel calls run serially.
+  static bool& in_job() {
+    static thread_local bool flag = false;
+    return flag;
+  }
+
+  int size_ = 0;
+  bool stopping_ = false;
+  uint64_t generation_ = 0;
+  int pending_ = 0;
+  const std::function<void(int, int)>* job_ = nullptr;
+  std::mutex mu_;
+  std::condition_variable cv_start_, cv_done_;
+  std::vector<std::thread> workers_;
+};
+
+}  // namespace lora

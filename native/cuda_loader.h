@@ -1,0 +1,35 @@
+// Finds and loads the CUDA backend at run time. The CPU addon never links CUDA: it dlopen()s the
+// driver (libcuda.so.1) to see whether a GPU can be used at all, and only then dlopen()s
+// liblora_cuda.so from beside the addon. Every failure is kept as a reason string for features()
+// and for the ERR_LORA_NO_CUDA error; nothing here aborts or prints.
+#pragma once
+
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include "backend.h"
+
+namespace lora {
+
+struct CudaDeviceInfo {
+  std::string name;
+  int major = 0, minor = 0;  // compute capability
+  size_t memory = 0;         // bytes
+};
+
+struct CudaState {
+  bool tried = false;
+  Backend* backend = nullptr;  // null when CUDA is unavailable; owned by the state
+  std::string reason;          // why backend is null ("" when loaded)
+  std::string library_path;    // the liblora_cuda.so that was (or would have been) loaded
+  std::vector<CudaDeviceInfo> devices;
+};
+
+// Loads once per state; addon_dir is the folder holding the .node file. Later calls return at once.
+void load_cuda(const std::string& addon_dir, CudaState* state);
+
+// Destroys the backend (when loaded). Called from the addon's cleanup hook.
+void unload_cuda(CudaState* state);
+
+}  // namespace lora
