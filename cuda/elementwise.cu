@@ -1,0 +1,306 @@
+// Elementwise CUDA ops: fill, matrix scale, binary (broadcasting Layout strides), binary_scalar,
+// unary/unary_backward for every UnaryOp (the same formulas as the CPU backend), axpy,
+// copy_strided, dtype conversion and dropout. Grid-stride loops; memory-bound by design, with a
+// contiguous fast path where strides allow. No fusion across ops here.
+#include "common.cuh"
+
+namespace lora {
+namespace cuda {
+namespace {
+
+constexpr float kSqrt2OverPi = 0.7978845608028654f;  // sqrt(2/π), GELU tanh approximation
+constexpr float kGeluCoef = 0.044715f;               // GELU tanh approximation's cubic term
+constexpr float kInvSqrt2 = 0.7071067811865476f;     // 1/sqrt(2), exact GELU
+constexpr float kInvSqrt2Pi = 0.3989422804014327f;   // 1/sqrt(2π), the normal density
+
+__device__ __forceinline__ float binary_op(BinaryOp op, float a, float b) {
+  switch (op) {
+    case BinaryOp::Add: return a + b;
+    case BinaryOp::Sub: return a - b;
+    case BinaryOp::Mul: return a * b;
+    case BinaryOp::Div: return a / b;
+    case BinaryOp::Max: return (a != a || a > b) ? a : b;  // NaN propagates, as on the CPU
+    case BinaryOp::Min: return (a != a || a < b) ? a : b;
+  }
+  return 0.0f;
+}
+
+__device__ __forceinline__ float unary_op(UnaryOp op, float x) {
+  switch (op) {
+    case UnaryOp::Neg: return -x;
+    case UnaryOp::Exp: return expf(x);
+    case UnaryOp::Log: return logf(x);
+    case UnaryOp::Sqrt: return sqrtf(x);
+    case UnaryOp::Rsqrt: return 1.0f / sqrtf(x);
+    case UnaryOp::Abs: return fabsf(x);
+    case UnaryOp::Square: return x * x;
+    case UnaryOp::Recip: return 1.0f / x;
+    case UnaryOp::Relu: return x > 0.0f ? x : 0.0f;
+    case UnaryOp::GeluTanh:
+      return 0.5f * x * (1.0f + tanhf(kSqrt2OverPi * (x + kGeluCoef * x * x * x)));
+    case UnaryOp::GeluErf: return 0.5f * x * (1.0f + erff(x * kInvSqrt2));
+    case UnaryOp::Silu: return x / (1.0f + expf(-x));
+    case UnaryOp::Tanh: return tanhf(x);
+    case UnaryOp::Sigmoid: return 1.0f / (1.0f + expf(-x));
+  }
+  return 0.0f;
+}
+
+// f'(x), given x and y = f(x).
+__device__ __forceinline__ float unary_grad(UnaryOp op, float x, float y) {
+  switch (op) {
+    case UnaryOp::Neg: return -1.0f;
+    case UnaryOp::Exp: return y;
+    case UnaryOp::Log: return 1.0f / x;
+    case UnaryOp::Sqrt: return 0.5f / y;
+    case UnaryOp::Rsqrt: return -0.5f * y * y * y;
+    case UnaryOp::Abs: return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f);
+    case UnaryOp::Square: return 2.0f * x;
+    case UnaryOp::Recip: return -y * y;
+    case UnaryOp::Relu: return x > 0.0f ? 1.0f : 0.0f;
+    case UnaryOp::GeluTanh: {
+      const float t = tanhf(kSqrt2OverPi * (x + kGeluCoef * x * x * x));
+      const float du = kSqrt2OverPi * (1.0f + 3.0f * kGeluCoef * x * x);
+      return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du;
+    }
+    case UnaryOp::GeluErf:
+      return 0.5f * (1.0f + erff(x * kInvSqrt2)) + x * kInvSqrt2Pi * expf(-0.5f * x * x);
+    case UnaryOp::Silu: {
+      const float sg = 1.0f / (1.0f + expf(-x));
+      return sg * (1.0f + x * (1.0f - sg));
+    }
+    case UnaryOp::Tanh: return 1.0f - y * y;
+    case UnaryOp::Sigmoid: return y * (1.0f - y);
+  }
+  return 0.0f;
+}
+
+#define GRID_STRIDE(i, n)                                                             \
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); \
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+
+__global__ void fill_kernel(float* __restrict__ out,  // (n)
+                            float value, int64_t n) {
+  GRID_STRIDE(i, n) out[i] = value;
+}
+
+// C = beta·C for each batch entry (beta == 0 writes zeros, never reading C).
+__global__ void scale_kernel(float* __restrict__ Cm,  // batch x (M, Nn), row stride ldc
+                             int64_t ldc, int64_t M, int64_t Nn, int64_t batch, int64_t stride_c,
+                             float beta) {
+  const int64_t total = batch * M * Nn;
+  GRID_STRIDE(i, total) {
+    const int64_t b = i / (M * Nn), r = i % (M * Nn);
+    float* c = Cm + b * stride_c + (r / Nn) * ldc + r % Nn;
+    *c = beta == 0.0f ? 0.0f : beta * *c;
+  }
+}
+
+// Offset of element `linear` (row-major over layout.shape) through layout.stride.
+__device__ __forceinline__ int64_t strided_offset(int64_t linear, const Layout& l) {
+  int64_t off = 0;
+  for (int d = l.ndim - 1; d >= 0; --d) {
+    const int64_t size = l.shape[d];
+    off += (linear % size) * l.stride[d];
+    linear /= size;
+  }
+  return off;
+}
+
+__global__ void binary_contiguous_kernel(float* __restrict__ out,      // (n)
+                                         const float* __restrict__ a,  // (n)
+                                         const float* __restrict__ b,  // (n)
+                                         BinaryOp op, int64_t n) {
+  GRID_STRIDE(i, n) out[i] = binary_op(op, a[i], b[i]);
+}
+
+__global__ void binary_strided_kernel(float* __restrict__ out,      // (numel(a_layout.shape))
+                                      const float* __restrict__ a,  // through a_layout
+                                      const float* __restrict__ b,  // through b_layout
+                                      BinaryOp op, const Layout al, const Layout bl, int64_t n) {
+  GRID_STRIDE(i, n) out[i] = binary_op(op, a[strided_offset(i, al)], b[strided_offset(i, bl)]);
+}
+
+__global__ void binary_scalar_kernel(float* __restrict__ out,      // (n)
+                                     const float* __restrict__ a,  // (n)
+                                     BinaryOp op, float scalar, bool scalar_first, int64_t n) {
+  GRID_STRIDE(i, n) out[i] = scalar_first ? binary_op(op, scalar, a[i]) : binary_op(op, a[i], scalar);
+}
+
+__global__ void unary_kernel(float* __restrict__ out,       // (n)
+                             const float* __restrict__ in,  // (n)
+                             UnaryOp op, int64_t n) {
+  GRID_STRIDE(i, n) out[i] = unary_op(op, in[i]);
+}
+
+// dx = dy · f'(x), with y = f(x) for the ops whose derivative reads it.
+__global__ void unary_backward_kernel(float* __restrict__ dx,        // (n)
+                                      const float* __restrict__ dy,  // (n)
+                                      const float* __restrict__ x,   // (n) or nullptr
+                                      const float* __restrict__ y,   // (n) or nullptr
+                                      UnaryOp op, int64_t n) {
+  GRID_STRIDE(i, n) {
+    const float xv = x ? x[i] : 0.0f, yv = y ? y[i] : 0.0f;
+    dx[i] = dy[i] * unary_grad(op, xv, yv);
+  }
+}
+
+__global__ void axpy_kernel(float* __restrict__ y,        // (n), +=
+                            const float* __restrict__ x,  // (n)
+                            float a, int64_t n) {
+  GRID_STRIDE(i, n) y[i] = fmaf(a, x[i], y[i]);
+}
+
+__global__ void copy_strided_kernel(float* __restrict__ dst,        // through dl
+                                    const float* __restrict__ src,  // through sl
+                                    const Layout dl, const Layout sl, int64_t n) {
+  GRID_STRIDE(i, n) dst[strided_offset(i, dl)] = src[strided_offset(i, sl)];
+}
+
+template <typename T> __device__ __forceinline__ float to_f32(T v);
+template <> __device__ __forceinline__ float to_f32(float v) { return v; }
+template <> __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <> __device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half from_f32(float v) { return __float2half_rn(v); }
+
+template <typename TO, typename TI>
+__global__ void convert_kernel(TO* __restrict__ out,       // (n)
+                               const TI* __restrict__ in,  // (n)
+                               int64_t n) {
+  GRID_STRIDE(i, n) out[i] = from_f32<TO>(to_f32<TI>(in[i]));
+}
+
+// out = in·mask/(1-p), mask from the counter RNG at (seed, i): the same draws as the CPU.
+__global__ void dropout_kernel(float* __restrict__ out,       // (n)
+                               const float* __restrict__ in,  // (n)
+                               float p, float scale, uint64_t seed, int64_t n) {
+  GRID_STRIDE(i, n) out[i] = dropout_keep(seed, static_cast<uint64_t>(i), p) ? in[i] * scale : 0.0f;
+}
+
+int64_t layout_numel(const Layout& l) {
+  int64_t n = 1;
+  for (int d = 0; d < l.ndim; ++d) n *= l.shape[d];
+  return n;
+}
+
+bool layout_contiguous(const Layout& l) {
+  int64_t expect = 1;
+  for (int d = l.ndim - 1; d >= 0; --d) {
+    if (l.shape[d] != 1 && l.stride[d] != expect) return false;
+    expect *= l.shape[d];
+  }
+  return true;
+}
+
+template <typename TO>
+cudaError_t convert_from(cudaStream_t stream, TO* out, const void* in, DType in_dtype, int64_t n) {
+  switch (in_dtype) {
+    case DType::F32:
+      convert_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, static_cast<const float*>(in), n);
+      break;
+    case DType::BF16:
+      convert_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, static_cast<const __nv_bfloat16*>(in), n);
+      break;
+    case DType::F16:
+      convert_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, static_cast<const __half*>(in), n);
+      break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_fill(cudaStream_t stream, float* out, float value, int64_t n) {
+  if (n <= 0) return cudaSuccess;
+  fill_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, value, n);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_scale(cudaStream_t stream, float* Cm, int64_t ldc, int64_t M, int64_t Nn,
+                         int64_t batch, int64_t stride_c, float beta) {
+  const int64_t total = batch * M * Nn;
+  if (total <= 0 || beta == 1.0f) return cudaSuccess;
+  scale_kernel<<<grid_for(total), kThreads, 0, stream>>>(Cm, ldc, M, Nn, batch, stride_c, beta);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_binary(cudaStream_t stream, BinaryOp op, float* out, const float* a,
+                          const float* b, const Layout& a_layout, const Layout& b_layout) {
+  const int64_t n = layout_numel(a_layout);
+  if (n <= 0) return cudaSuccess;
+  if (layout_contiguous(a_layout) && layout_contiguous(b_layout) &&
+      layout_numel(b_layout) == n) {
+    binary_contiguous_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, a, b, op, n);
+  } else {
+    binary_strided_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, a, b, op, a_layout, b_layout, n);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_binary_scalar(cudaStream_t stream, BinaryOp op, float* out, const float* a,
+                                 float scalar, bool scalar_first, int64_t n) {
+  if (n <= 0) return cudaSuccess;
+  binary_scalar_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, a, op, scalar, scalar_first, n);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_unary(cudaStream_t stream, UnaryOp op, float* out, const float* in, int64_t n) {
+  if (n <= 0) return cudaSuccess;
+  unary_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, in, op, n);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_unary_backward(cudaStream_t stream, UnaryOp op, float* dx, const float* dy,
+                                  const float* x, const float* y, int64_t n) {
+  if (n <= 0) return cudaSuccess;
+  unary_backward_kernel<<<grid_for(n), kThreads, 0, stream>>>(dx, dy, x, y, op, n);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_axpy(cudaStream_t stream, float* y, const float* x, float a, int64_t n) {
+  if (n <= 0) return cudaSuccess;
+  axpy_kernel<<<grid_for(n), kThreads, 0, stream>>>(y, x, a, n);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_copy_strided(cudaStream_t stream, float* dst, const Layout& dst_layout,
+                                const float* src, const Layout& src_layout) {
+  const int64_t n = layout_numel(src_layout);
+  if (n <= 0) return cudaSuccess;
+  if (layout_contiguous(dst_layout) && layout_contiguous(src_layout)) {
+    return cudaMemcpyAsync(dst, src, static_cast<size_t>(n) * sizeof(float),
+                           cudaMemcpyDeviceToDevice, stream);
+  }
+  // The destination's shape is the source's (the contract); walk both with the source's shape.
+  Layout dl = dst_layout;
+  dl.ndim = src_layout.ndim;
+  for (int d = 0; d < src_layout.ndim; ++d) dl.shape[d] = src_layout.shape[d];
+  copy_strided_kernel<<<grid_for(n), kThreads, 0, stream>>>(dst, src, dl, src_layout, n);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_convert(cudaStream_t stream, void* out, DType out_dtype, const void* in,
+                           DType in_dtype, int64_t n) {
+  if (n <= 0) return cudaSuccess;
+  switch (out_dtype) {
+    case DType::F32: return convert_from(stream, static_cast<float*>(out), in, in_dtype, n);
+    case DType::BF16: return convert_from(stream, static_cast<__nv_bfloat16*>(out), in, in_dtype, n);
+    case DType::F16: return convert_from(stream, static_cast<__half*>(out), in, in_dtype, n);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t launch_dropout(cudaStream_t stream, float* out, const float* in, int64_t n, float p,
+                           uint64_t seed) {
+  if (n <= 0) return cudaSuccess;
+  const float scale = 1.0f / (1.0f - p);  // as the CPU computes it
+  dropout_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, in, p, scale, seed, n);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace lora

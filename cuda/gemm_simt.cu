@@ -1,0 +1,267 @@
+// The fp32 GEMM on CUDA cores (plain FMA, no TF32): every gemm() call, every fp32-weight LoRA
+// GEMM and the skinny adapter GEMMs (h, dh, dA, dB) run here. Register-tiled with a two-stage
+// shared-memory pipeline, three tile shapes, split-K with atomics for long-K small outputs.
+// It is not the bf16 tensor-core path (gemm_tc.cu) and makes no attempt at cuBLAS-level speed.
+#include "common.cuh"
+
+namespace lora {
+namespace cuda {
+namespace {
+
+constexpr int kBK = 8;  // K per shared-memory stage: 8 keeps 2 stages of 128-wide tiles < 10 KiB
+
+// C (M, Nn) = alpha·op(A)·op(B) [+ LoRA epilogue] (+ beta·C | atomic +=), for blockIdx.z's batch
+// entry and K slice. Each thread owns a TM x TN micro-tile strided by (BM/TM, BN/TN), so a warp's
+// stores are contiguous.
+template <int BM, int BN, int TM, int TN, bool TA, bool TB>
+__global__ void __launch_bounds__((BM / TM) * (BN / TN))
+    gemm_simt_kernel(const GemmArgs g, const int64_t batch_offset) {
+  constexpr int TX = BN / TN;  // threads across columns
+  constexpr int TY = BM / TM;  // threads across rows
+  constexpr int NT = TX * TY;
+  constexpr int EA = BM * kBK / NT;
+  constexpr int EB = BN * kBK / NT;
+  static_assert(BM * kBK % NT == 0 && BN * kBK % NT == 0, "tile loads must divide evenly");
+  __shared__ float As[2][kBK][BM + 4];  // +4: transposed stores hit 32 distinct banks
+  __shared__ float Bs[2][kBK][BN + 4];
+
+  const int tid = threadIdx.x;
+  const int tx = tid % TX, ty = tid / TX;
+  const int64_t bz = batch_offset + blockIdx.z / g.split_k;
+  const int64_t sk = blockIdx.z % g.split_k;
+  const float* __restrict__ A = g.Am + bz * g.stride_a;
+  const float* __restrict__ B = g.Bm + bz * g.stride_b;
+  float* __restrict__ Cm = g.Cm + bz * g.stride_c;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * BM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * BN;
+  const int64_t k_per = ((g.K + g.split_k - 1) / g.split_k + kBK - 1) / kBK * kBK;
+  const int64_t k_begin = sk * k_per;
+  const int64_t k_end = min(g.K, k_begin + k_per);
+
+  float ra[EA], rb[EB];
+  auto load_tiles = [&](int64_t k0) {
+#pragma unroll
+    for (int e = 0; e < EA; ++e) {
+      const int idx = tid + e * NT;
+      const int ml = TA ? idx % BM : idx / kBK;
+      const int kl = TA ? idx / BM : idx % kBK;
+      const int64_t m = m0 + ml, k = k0 + kl;
+      float v = 0.0f;
+      if (m < g.M && k < k_end) {
+        v = TA ? A[k * g.lda + m] : A[m * g.lda + k];
+        if (g.drop_a.p > 0.0f) v = apply_dropout(g.drop_a, v, TA ? k : m, TA ? m : k);
+      }
+      ra[e] = v;
+    }
+#pragma unroll
+    for (int e = 0; e < EB; ++e) {
+      const int idx = tid + e * NT;
+      const int nl = TB ? idx / kBK : idx % BN;
+      const int kl = TB ? idx % kBK : idx / BN;
+      const int64_t n = n0 + nl, k = k0 + kl;
+      float v = 0.0f;
+      if (n < g.Nn && k < k_end) {
+        v = TB ? B[n * g.ldb + k] : B[k * g.ldb + n];
+        if (g.drop_b.p > 0.0f) v = apply_dropout(g.drop_b, v, TB ? n : k, TB ? k : n);
+      }
+      rb[e] = v;
+    }
+  };
+  auto store_tiles = [&](int buf) {
+#pragma unroll
+    for (int e = 0; e < EA; ++e) {
+      const int idx = tid + e * NT;
+      As[buf][TA ? idx / BM : idx % kBK][TA ? idx % BM : idx / kBK] = ra[e];
+    }
+#pragma unroll
+    for (int e = 0; e < EB; ++e) {
+      const int idx = tid + e * NT;
+      Bs[buf][TB ? idx % kBK : idx / BN][TB ? idx / kBK : idx % BN] = rb[e];
+    }
+  };
+
+  float acc[TM][TN];
+#pragma unroll
+  for (int i = 0; i < TM; ++i)
+#pragma unroll
+    for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
+
+  auto multiply = [&](int buf, float (&c)[TM][TN]) {
+#pragma unroll
+    for (int kk = 0; kk < kBK; ++kk) {
+      float a[TM], b[TN];
+#pragma unroll
+      for (int i = 0; i < TM; ++i) a[i] = As[buf][kk][ty + i * TY];
+#pragma unroll
+      for (int j = 0; j < TN; ++j) b[j] = Bs[buf][kk][tx + j * TX];
+#pragma unroll
+      for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) c[i][j] = fmaf(a[i], b[j], c[i][j]);
+    }
+  };
+
+  if (k_begin < k_end) {
+    load_tiles(k_begin);
+    store_tiles(0);
+    __syncthreads();
+    int buf = 0;
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += kBK) {
+      const bool more = k0 + kBK < k_end;
+      if (more) load_tiles(k0 + kBK);  // global loads in flight while we multiply
+      multiply(buf, acc);
+      if (more) store_tiles(buf ^ 1);
+      __syncthreads();
+      buf ^= 1;
+    }
+  }
+
+  // LoRA epilogue: lacc = Σ_r L[m][r]·Rt(n, r), staged through the same tiles (R in steps of kBK).
+  const LoraEpilogue& lo = g.lora;
+  float lacc[TM][TN];
+#pragma unroll
+  for (int i = 0; i < TM; ++i)
+#pragma unroll
+    for (int j = 0; j < TN; ++j) lacc[i][j] = 0.0f;
+  if (lo.L != nullptr) {
+    for (int64_t r0 = 0; r0 < lo.R; r0 += kBK) {
+      __syncthreads();
+      for (int idx = tid; idx < BM * kBK; idx += NT) {
+        const int ml = idx / kBK, kl = idx % kBK;
+        const int64_t m = m0 + ml, r = r0 + kl;
+        As[0][kl][ml] = (m < g.M && r < lo.R) ? lo.L[m * lo.ldl + r] : 0.0f;
+      }
+      for (int idx = tid; idx < BN * kBK; idx += NT) {
+        const int nl = lo.rs_r == 1 ? idx / kBK : idx % BN;
+        const int kl = lo.rs_r == 1 ? idx % kBK : idx / BN;
+        const int64_t n = n0 + nl, r = r0 + kl;
+        Bs[0][kl][nl] = (n < g.Nn && r < lo.R) ? lo.Rm[n * lo.rs_n + r * lo.rs_r] : 0.0f;
+      }
+      __syncthreads();
+      multiply(0, lacc);
+    }
+  }
+
+#pragma unroll
+  for (int i = 0; i < TM; ++i) {
+    const int64_t m = m0 + ty + i * TY;
+    if (m >= g.M) continue;
+#pragma unroll
+    for (int j = 0; j < TN; ++j) {
+      const int64_t n = n0 + tx + j * TX;
+      if (n >= g.Nn) continue;
+      float v = g.alpha * acc[i][j];
+      if (lo.L != nullptr) {
+        float sc = lo.s;
+        if (lo.drop.p > 0.0f) sc = dropout_keep(lo.drop.seed, m * lo.drop.ld + n, lo.drop.p)
+                                       ? sc * lo.drop.scale
+                                       : 0.0f;
+        v = fmaf(sc, lacc[i][j], v);
+      }
+      if (lo.bias != nullptr) v += lo.bias[n];
+      float* c = Cm + m * g.ldc + n;
+      if (g.atomic) {
+        atomicAdd(c, v);
+      } else {
+        *c = g.beta == 0.0f ? v : fmaf(g.beta, *c, v);
+      }
+    }
+  }
+}
+
+template <int BM, int BN, int TM, int TN>
+cudaError_t launch_tiles(cudaStream_t stream, const GemmArgs& args, bool trans_a, bool trans_b,
+                         int64_t batch_offset, int64_t batch_count) {
+  const dim3 grid(static_cast<unsigned>((args.Nn + BN - 1) / BN),
+                  static_cast<unsigned>((args.M + BM - 1) / BM),
+                  static_cast<unsigned>(batch_count * args.split_k));
+  const dim3 block((BM / TM) * (BN / TN));
+  if (!trans_a && !trans_b)
+    gemm_simt_kernel<BM, BN, TM, TN, false, false><<<grid, block, 0, stream>>>(args, batch_offset);
+  else if (!trans_a && trans_b)
+    gemm_simt_kernel<BM, BN, TM, TN, false, true><<<grid, block, 0, stream>>>(args, batch_offset);
+  else if (trans_a && !trans_b)
+    gemm_simt_kernel<BM, BN, TM, TN, true, false><<<grid, block, 0, stream>>>(args, batch_offset);
+  else
+    gemm_simt_kernel<BM, BN, TM, TN, true, true><<<grid, block, 0, stream>>>(args, batch_offset);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_gemm_simt(cudaStream_t stream, GemmArgs args, bool trans_a, bool trans_b,
+                             int sm_count) {
+  if (args.M <= 0 || args.Nn <= 0 || args.batch <= 0) return cudaSuccess;
+  if (args.K <= 0 && args.lora.L == nullptr) {  // op(A)·op(B) is empty: C = beta·C (+ bias)
+    if (args.lora.bias == nullptr) {
+      return launch_scale(stream, args.Cm, args.ldc, args.M, args.Nn, args.batch, args.stride_c,
+                          args.beta);
+    }
+  }
+  // Tile shape: few output columns (h, dh, dB: R columns) or few rows (dA: R rows) get narrow
+  // tiles so rank-16 problems do not waste 7/8 of a 128-wide tile.
+  enum { kSquare, kFewCols, kFewRows } shape = kSquare;
+  int64_t bm = 128, bn = 128;
+  if (args.Nn <= 64 && args.M > 64) {
+    shape = kFewCols;
+    bn = 32;
+  } else if (args.M <= 64 && args.Nn > 64) {
+    shape = kFewRows;
+    bm = 32;
+  }
+  const int64_t tiles = ((args.M + bm - 1) / bm) * ((args.Nn + bn - 1) / bn);
+
+  // A broadcast output (stride_c == 0) over a batch accumulates on the CPU when beta == 1; any
+  // other beta makes each entry overwrite, so run entries in order.
+  const bool shared_c = args.batch > 1 && args.stride_c == 0;
+  if (shared_c && args.beta != 1.0f) {
+    GemmArgs one = args;
+    for (int64_t b = 0; b < args.batch; ++b) {
+      one.Am = args.Am + b * args.stride_a;
+      one.Bm = args.Bm + b * args.stride_b;
+      one.batch = 1;
+      const cudaError_t e = launch_gemm_simt(stream, one, trans_a, trans_b, sm_count);
+      if (e != cudaSuccess) return e;
+    }
+    return cudaSuccess;
+  }
+
+  // Split K when the grid would leave SMs idle and K is long (dA, dB: K = N rows).
+  int split = 1;
+  if (args.lora.L == nullptr && !shared_c) {
+    const int64_t blocks = tiles * args.batch;
+    const int64_t want = 2 * static_cast<int64_t>(sm_count);  // two waves hide the tail
+    if (blocks < want && args.K >= 512) {
+      int64_t s = (want + blocks - 1) / blocks;
+      s = s < args.K / 256 ? s : args.K / 256;  // keep >= 256 of K per slice
+      s = s < 64 ? s : 64;                      // bound the atomic traffic per output
+      split = static_cast<int>(s < 1 ? 1 : s);
+    }
+  }
+  args.split_k = split;
+  if (split > 1 || shared_c) {
+    if (args.beta != 1.0f) {
+      const cudaError_t e = launch_scale(stream, args.Cm, args.ldc, args.M, args.Nn, args.batch,
+                                         args.stride_c, args.beta);
+      if (e != cudaSuccess) return e;
+    }
+    args.atomic = true;
+    args.beta = 1.0f;
+  }
+
+  const int64_t max_z = 65535 / split;  // gridDim.z limit
+  for (int64_t b0 = 0; b0 < args.batch; b0 += max_z) {
+    const int64_t count = args.batch - b0 < max_z ? args.batch - b0 : max_z;
+    cudaError_t e;
+    switch (shape) {
+      case kFewCols: e = launch_tiles<128, 32, 4, 4>(stream, args, trans_a, trans_b, b0, count); break;
+      case kFewRows: e = launch_tiles<32, 128, 4, 4>(stream, args, trans_a, trans_b, b0, count); break;
+      default: e = launch_tiles<128, 128, 8, 8>(stream, args, trans_a, trans_b, b0, count); break;
+    }
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace cuda
+}  // namespace lora

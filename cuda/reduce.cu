@@ -1,0 +1,142 @@
+// Reductions and row-wise softmax on CUDA: reduce (Sum in double accumulators, as the CPU does,
+// Max/Min with NaN propagation) over the middle axis of (outer, dim, inner), and softmax /
+// log-softmax with their backward over the last axis. One block per row, or one thread per
+// output column when the reduced axis is strided. Not a general segmented-reduction library.
+#include <cfloat>
+
+#include "common.cuh"
+
+namespace lora {
+namespace cuda {
+namespace {
+
+constexpr int kRowThreads = 256;  // one block per row: 8 warps stream the row
+
+__device__ __forceinline__ double combine(ReduceOp op, double a, double b) {
+  switch (op) {
+    case ReduceOp::Sum: return a + b;
+    case ReduceOp::Max: return (a != a || a > b) ? a : b;  // NaN propagates
+    case ReduceOp::Min: return (a != a || a < b) ? a : b;
+  }
+  return a;
+}
+
+__device__ __forceinline__ double reduce_init(ReduceOp op) {
+  return op == ReduceOp::Sum ? 0.0 : (op == ReduceOp::Max ? -INFINITY : INFINITY);
+}
+
+// Block-wide combine of v; every thread gets the result.
+template <typename T, typename F>
+__device__ __forceinline__ T block_all_reduce(T v, F f, T* scratch /* [32] */) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = f(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  __syncthreads();  // scratch may still be read from a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = scratch[0];
+  for (int w = 1; w < warps; ++w) v = f(v, scratch[w]);
+  return v;
+}
+
+// out[row] = reduce(in[row][0..dim)): the reduced axis is contiguous (inner == 1).
+__global__ void reduce_rows_kernel(float* __restrict__ out,       // (rows)
+                                   const float* __restrict__ in,  // (rows, dim)
+                                   ReduceOp op, int64_t dim) {
+  __shared__ double scratch[32];
+  const float* row = in + static_cast<int64_t>(blockIdx.x) * dim;
+  double acc = reduce_init(op);
+  for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) acc = combine(op, acc, row[d]);
+  acc = block_all_reduce(acc, [op](double a, double b) { return combine(op, a, b); }, scratch);
+  if (threadIdx.x == 0) out[blockIdx.x] = static_cast<float>(acc);
+}
+
+// out[o][i] = reduce over d of in[o][d][i]: one thread per (o, i), coalesced along i.
+__global__ void reduce_strided_kernel(float* __restrict__ out,       // (outer, inner)
+                                      const float* __restrict__ in,  // (outer, dim, inner)
+                                      ReduceOp op, int64_t outer, int64_t dim, int64_t inner) {
+  const int64_t total = outer * inner;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t o = t / inner, i = t % inner;
+    const float* p = in + o * dim * inner + i;
+    double acc = reduce_init(op);
+    for (int64_t d = 0; d < dim; ++d) acc = combine(op, acc, p[d * inner]);
+    out[t] = static_cast<float>(acc);
+  }
+}
+
+// Softmax (or log-softmax) of each row, three passes over the row (max, sum, write).
+__global__ void softmax_kernel(float* __restrict__ out,       // (rows, cols)
+                               const float* __restrict__ in,  // (rows, cols)
+                               int64_t cols, bool log) {
+  __shared__ float scratch[32];
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * cols;
+  float mx = -INFINITY;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) mx = fmaxf(mx, in[base + c]);
+  mx = block_all_reduce(mx, [](float a, float b) { return fmaxf(a, b); }, scratch);
+  float sum = 0.0f;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) sum += expf(in[base + c] - mx);
+  sum = block_all_reduce(sum, [](float a, float b) { return a + b; }, scratch);
+  if (log) {
+    const float lse = logf(sum);
+    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) out[base + c] = in[base + c] - mx - lse;
+  } else {
+    const float inv = 1.0f / sum;
+    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)
+      out[base + c] = expf(in[base + c] - mx) * inv;
+  }
+}
+
+// softmax: dx = y ⊙ (dy - Σ dy⊙y);  log-softmax: dx = dy - exp(y)·Σ dy
+__global__ void softmax_backward_kernel(float* __restrict__ dx,        // (rows, cols)
+                                        const float* __restrict__ dy,  // (rows, cols)
+                                        const float* __restrict__ y,   // (rows, cols)
+                                        int64_t cols, bool log) {
+  __shared__ float scratch[32];
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * cols;
+  float dot = 0.0f;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)
+    dot += log ? dy[base + c] : dy[base + c] * y[base + c];
+  dot = block_all_reduce(dot, [](float a, float b) { return a + b; }, scratch);
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    dx[base + c] = log ? dy[base + c] - expf(y[base + c]) * dot : y[base + c] * (dy[base + c] - dot);
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_reduce(cudaStream_t stream, ReduceOp op, float* out, const float* in,
+                          int64_t outer, int64_t dim, int64_t inner) {
+  if (outer <= 0 || inner <= 0) return cudaSuccess;
+  if (dim <= 0) return launch_fill(stream, out, op == ReduceOp::Sum ? 0.0f
+                                               : (op == ReduceOp::Max ? -INFINITY : INFINITY),
+                                   outer * inner);
+  if (inner == 1 && outer <= 0x7fffffff) {
+    reduce_rows_kernel<<<static_cast<unsigned>(outer), kRowThreads, 0, stream>>>(out, in, op, dim);
+  } else {
+    reduce_strided_kernel<<<grid_for(outer * inner), kThreads, 0, stream>>>(out, in, op, outer,
+                                                                           dim, inner);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_softmax(cudaStream_t stream, float* out, const float* in, int64_t rows,
+                           int64_t cols, bool log) {
+  if (rows <= 0 || cols <= 0) return cudaSuccess;
+  if (rows > 0x7fffffff) return cudaErrorInvalidValue;
+  softmax_kernel<<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(out, in, cols, log);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_softmax_backward(cudaStream_t stream, float* dx, const float* dy,
+                                    const float* y, int64_t rows, int64_t cols, bool log) {
+  if (rows <= 0 || cols <= 0) return cudaSuccess;
+  if (rows > 0x7fffffff) return cudaErrorInvalidValue;
+  softmax_backward_kernel<<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(dx, dy, y, cols,
+                                                                                    log);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace lora
