@@ -1,0 +1,46 @@
+// lora-native's public API: tensors, ops with autograd, LoRA layers, optimizers.
+// Everything a user imports comes from here; see README.md for an overview.
+import { native } from './native';
+
+export { LoraError, LoraTypeError, LoraRangeError } from './errors';
+export type { LoraErrorCode } from './errors';
+export {
+  Tensor, tensor, zeros, ones, full, randn, rand, tidy, keep, noGrad, isGradEnabled, memory,
+  releaseCachedMemory, setNumThreads, getNumThreads,
+} from './tensor';
+export type { Device, DType, TensorOptions, RandomOptions, MemoryInfo, GradNode } from './tensor';
+export {
+  add, sub, mul, div, neg, matmul, linear, sum, mean, max, reshape, permute, transpose, unary,
+  exp, log, sqrt, relu, tanh, sigmoid, silu, square, abs, broadcastShapes,
+} from './ops';
+export type { UnaryName } from './ops';
+export { Module } from './module';
+export { LoraLinear } from './lora';
+export type { LoraLinearOptions } from './lora';
+export { AdamW, SGD, Optimizer } from './optim';
+export type { AdamWOptions, SGDOptions, ParamGroup } from './optim';
+export { Rng, manualSeed } from './random';
+
+export interface Features {
+  /** Whether the CUDA backend is loaded and a GPU can be used. */
+  cuda: boolean;
+  /** Why CUDA is unavailable (when it is). */
+  reason?: string;
+  devices: { name: string; computeCapability: string; memory: number }[];
+  /** The CPU kernels' instruction-set level: 'avx512', 'avx2' or 'generic'. */
+  isa: string;
+  /** CPU threads the kernels use. */
+  threads: number;
+  /** Folder of the loaded native addon. */
+  addonDir: string;
+  /** Path of the CUDA library tried. */
+  cudaLibrary: string;
+}
+
+/**
+ * What this installation can do: CUDA availability (and why not), GPUs, the CPU ISA level the
+ * kernels dispatch to, the thread count and which binary was loaded.
+ */
+export function features(): Features {
+  return native.features();
+}

@@ -1,0 +1,206 @@
+// LoraLinear: a frozen linear layer plus a trainable low-rank update, as PEFT's lora.Linear:
+//   y = x·Wᵀ + b + s·dropout(x)·Aᵀ·Bᵀ,   s = alpha/rank (or alpha/sqrt(rank) with rsLoRA).
+// Forward and backward each run one native kernel (lora_forward / lora_backward); merge() folds
+// s·B·A into W. Names map to the kernels' sizes: inFeatures = C, outFeatures = OC, rank = R.
+import { checkOptions, expectBoolean, expectInteger, expectNumber, LoraError, typeError } from './errors';
+import { native } from './native';
+import { Module } from './module';
+import { linear } from './ops';
+import { defaultRng, Rng } from './random';
+import { checkDevice, Device, empty, record, saveFor, shapeString, Tensor, tensor, zeros } from './tensor';
+
+export interface LoraLinearOptions {
+  /** C: size of each input row. */
+  inFeatures: number;
+  /** OC: size of each output row. */
+  outFeatures: number;
+  /** R: rank of the update, 1..min(inFeatures, outFeatures). */
+  rank: number;
+  /** Scale numerator; default rank (so scaling = 1). */
+  alpha?: number;
+  /** Dropout probability on the LoRA path in training mode; default 0. */
+  dropout?: number;
+  /** Whether the base layer has a bias; default true. */
+  bias?: boolean;
+  /** rsLoRA: scaling = alpha / sqrt(rank); default false. */
+  useRslora?: boolean;
+  /** An existing frozen weight (outFeatures, inFeatures), float32 or bfloat16, used as is. */
+  weight?: Tensor;
+  /** An existing frozen bias (outFeatures), used as is; null for none. */
+  biasTensor?: Tensor | null;
+  /** Seed for the initialisation and dropout; default: the global generator. */
+  seed?: number;
+  /** Device for new parameters; default 'cpu' (or the given weight's). */
+  device?: Device;
+}
+
+const OPTIONS = ['inFeatures', 'outFeatures', 'rank', 'alpha', 'dropout', 'bias', 'useRslora', 'weight', 'biasTensor', 'seed', 'device'] as const;
+const MAX_FEATURES = 2 ** 31 - 1;
+
+/** U(-bound, bound) values for a new parameter. */
+function uniformInit(shape: number[], bound: number, rng: Rng, device: Device): Tensor {
+  const n = shape.reduce((a, b) => a * b, 1);
+  const data = new Float32Array(n);
+  for (let i = 0; i < n; i++) data[i] = (2 * rng.uniform() - 1) * bound;
+  return tensor(data, shape, { device });
+}
+
+/**
+ * A linear layer with a LoRA adapter.
+ *
+ * @example
+ * const layer = new LoraLinear({ inFeatures: 64, outFeatures: 32, rank: 8, alpha: 16 });
+ * const y = layer.forward(x);            // x: [..., 64] -> y: [..., 32]
+ * const opt = new AdamW(layer.parameters(), { lr: 1e-3 }); // loraA and loraB
+ * @throws LoraTypeError / LoraRangeError for bad options (rank outside 1..min(in, out), ...).
+ */
+export class LoraLinear extends Module {
+  readonly inFeatures: number;
+  readonly outFeatures: number;
+  readonly rank: number;
+  readonly alpha: number;
+  readonly dropout: number;
+  readonly useRslora: boolean;
+  /** alpha / rank, or alpha / sqrt(rank) with rsLoRA. */
+  readonly scaling: number;
+  /** (outFeatures, inFeatures), frozen. */
+  weight!: Tensor;
+  /** (outFeatures), frozen; null without bias. */
+  bias!: Tensor | null;
+  /** (rank, inFeatures), trainable; Kaiming-uniform (a = sqrt(5)) like PEFT. */
+  loraA!: Tensor;
+  /** (outFeatures, rank), trainable; zeros, so a new adapter changes nothing. */
+  loraB!: Tensor;
+  private _merged = false;
+  private readonly rng: Rng;
+
+  constructor(options: LoraLinearOptions) {
+    super();
+    const o = checkOptions<LoraLinearOptions>('LoraLinear', options, OPTIONS);
+    if (options === undefined) throw typeError('LoraLinear options', 'an object with inFeatures, outFeatures and rank', options);
+    this.inFeatures = expectInteger('inFeatures', o.inFeatures, 1, MAX_FEATURES);
+    this.outFeatures = expectInteger('outFeatures', o.outFeatures, 1, MAX_FEATURES);
+    const maxRank = Math.min(this.inFeatures, this.outFeatures);
+    this.rank = expectInteger('rank', o.rank, 1, maxRank);
+    this.alpha = o.alpha === undefined ? this.rank : expectNumber('alpha', o.alpha, 0, Infinity, 'a finite number > 0');
+    if (this.alpha === 0) throw new LoraError('ERR_LORA_RANGE', 'Expected a finite number > 0 for alpha but received 0 (number)');
+    this.dropout = o.dropout === undefined ? 0 : expectNumber('dropout', o.dropout, 0, 1, 'a number in [0, 1)');
+    if (this.dropout >= 1) throw new LoraError('ERR_LORA_RANGE', `Expected a number in [0, 1) for dropout but received ${this.dropout} (number)`);
+    this.useRslora = o.useRslora === undefined ? false : expectBoolean('useRslora', o.useRslora);
+    const hasBias = o.bias === undefined ? true : expectBoolean('bias', o.bias);
+    this.scaling = this.useRslora ? this.alpha / Math.sqrt(this.rank) : this.alpha / this.rank;
+    this.rng = o.seed === undefined ? new Rng(defaultRng().seed()) : new Rng(expectInteger('seed', o.seed, 0, Number.MAX_SAFE_INTEGER));
+    let device: Device = o.device === undefined ? (o.weight instanceof Tensor ? o.weight.device : 'cpu') : checkDevice('device', o.device);
+
+    const C = this.inFeatures;
+    const OC = this.outFeatures;
+    const bound = 1 / Math.sqrt(C); // kaiming_uniform(a=sqrt(5)) on fan_in C: gain·sqrt(3/C) = 1/sqrt(C)
+    if (o.weight !== undefined) {
+      const w = o.weight;
+      if (!(w instanceof Tensor)) throw typeError('weight', 'a Tensor', w);
+      w._live('weight');
+      if (w.ndim !== 2 || w.shape[0] !== OC || w.shape[1] !== C)
+        throw new LoraError('ERR_LORA_SHAPE', `Expected weight of shape [${OC}, ${C}] but received ${shapeString(w.shape)}`);
+      if (w.dtype !== 'float32' && w.dtype !== 'bfloat16')
+        throw new LoraError('ERR_LORA_DTYPE', `Expected a float32 or bfloat16 weight but received ${w.dtype}`);
+      device = w.device;
+      this.weight = w;
+    } else {
+      this.weight = uniformInit([OC, C], bound, this.rng, device);
+    }
+    this.weight.requiresGrad = false;
+    this.registerParameter('weight', this.weight);
+
+    let b: Tensor | null = null;
+    if (o.biasTensor !== undefined && o.biasTensor !== null) {
+      const bt = o.biasTensor;
+      if (!(bt instanceof Tensor)) throw typeError('biasTensor', 'a Tensor or null', bt);
+      bt._live('biasTensor');
+      if (bt.ndim !== 1 || bt.shape[0] !== OC) throw new LoraError('ERR_LORA_SHAPE', `Expected bias of shape [${OC}] but received ${shapeString(bt.shape)}`);
+      if (bt.device !== device) throw new LoraError('ERR_LORA_DEVICE', `Expected bias on ${device} but received a tensor on ${bt.device}`);
+      b = bt;
+    } else if (hasBias && o.biasTensor === undefined) {
+      b = uniformInit([OC], bound, this.rng, device);
+    }
+    if (b) b.requiresGrad = false;
+    this.bias = b;
+    this.registerParameter('bias', b);
+
+    this.loraA = uniformInit([this.rank, C], bound, this.rng, device);
+    this.loraA.requiresGrad = true;
+    this.registerParameter('loraA', this.loraA);
+    this.loraB = zeros([OC, this.rank], { device, requiresGrad: true });
+    this.registerParameter('loraB', this.loraB);
+  }
+
+  /** True while s·B·A is folded into the weight. */
+  get merged(): boolean {
+    return this._merged;
+  }
+
+  /**
+   * y = x·Wᵀ + b + s·dropout(x)·Aᵀ·Bᵀ for x of shape [..., inFeatures]. Dropout applies in
+   * training mode only. After merge() it is the plain linear layer.
+   * @throws ERR_LORA_SHAPE when x's last dim is not inFeatures; ERR_LORA_DEVICE across devices.
+   */
+  forward(x: Tensor): Tensor {
+    this.checkInput(x, this.inFeatures, 'LoraLinear.forward()');
+    const W = this.weight;
+    const b = this.bias;
+    const A = this.loraA;
+    const B = this.loraB;
+    for (const [name, t] of [['weight', W], ['loraA', A], ['loraB', B], ['bias', b]] as const) {
+      if (!t) continue;
+      t._live(name);
+      if (t.device !== x.device)
+        throw new LoraError('ERR_LORA_DEVICE', `Expected x on ${t.device} (where the layer's ${name} is) but received a tensor on ${x.device}`);
+    }
+    if (this._merged) return linear(x, W, b);
+
+    const C = this.inFeatures;
+    const OC = this.outFeatures;
+    const R = this.rank;
+    const N = x.size / C;
+    const s = this.scaling;
+    const p = this.training ? this.dropout : 0;
+    const seed = p > 0 ? this.rng.seed() : 0;
+    const y = empty([...x.shape.slice(0, -1), OC], x.device);
+    const h = empty([N, R], x.device);
+    native.loraForward(y._storage, h._storage, x._storage, W._storage, b ? b._storage : null, A._storage, B._storage, N, C, OC, R, s, p, seed);
+    const out = record(y, {
+      name: 'lora_forward',
+      inputs: [x, A, B],
+      backward: (g) => {
+        const dx = x.requiresGrad ? empty(x.shape, x.device) : null;
+        const dA = A.requiresGrad ? zeros(A.shape, { device: A.device }) : null;
+        const dB = B.requiresGrad ? zeros(B.shape, { device: B.device }) : null;
+        native.loraBackward(dx ? dx._storage : null, dA ? dA._storage : null, dB ? dB._storage : null, g._storage,
+          x._live('the input of a LoraLinear forward'), h._live('saved activations'), W._live('weight'), A._live('loraA'),
+          B._live('loraB'), N, C, OC, R, s, p, seed);
+        return [dx, dA, dB];
+      },
+    });
+    return saveFor(out, h);
+  }
+
+  /**
+   * Folds the adapter into the weight: W += scaling·B·A. Forward is then one plain linear layer.
+   * A second merge() does nothing (like PEFT).
+   */
+  merge(): void {
+    if (this._merged) return;
+    native.loraMerge(this.weight._live('weight'), this.loraA._live('loraA'), this.loraB._live('loraB'), this.outFeatures, this.inFeatures, this.rank, this.scaling);
+    this._merged = true;
+  }
+
+  /** Undoes merge(): W -= scaling·B·A (exact up to float rounding). */
+  unmerge(): void {
+    if (!this._merged) return;
+    native.loraMerge(this.weight._live('weight'), this.loraA._live('loraA'), this.loraB._live('loraB'), this.outFeatures, this.inFeatures, this.rank, -this.scaling);
+    this._merged = false;
+  }
+
+  protected override onParameterReplaced(name: string, t: Tensor): void {
+    super.onParameterReplaced(name, t);
+  }
+}

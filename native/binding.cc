@@ -1,0 +1,799 @@
+// The N-API binding: unwraps handles, checks everything that could corrupt memory (type tag,
+// disposed flag, device, sizes against the allocation) once, and calls a lora::Backend. It does no
+// arithmetic of its own. TypeScript (lib/) validates arguments first and owns user-facing
+// messages; the checks here are the last line of defence and throw LoraError with a code too.
+#include <napi.h>
+
+#include <dlfcn.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "backend.h"
+#include "cpu/backend_cpu.h"
+#include "cpu/gemm_isa.h"
+#include "cuda_loader.h"
+
+namespace {
+
+using lora::Backend;
+using lora::DType;
+using lora::Layout;
+using lora::Status;
+
+enum Device : int32_t { kCpu = 0, kCuda = 1 };
+
+// Per-addon-instance state, shared by every Storage through a shared_ptr so that whichever of
+// the addon's teardown or the last tensor's finalizer runs last frees the backends.
+struct AddonState {
+  std::unique_ptr<lora::CpuBackendBase> cpu;
+  lora::CudaState cuda;
+  std::string addon_dir;
+  int64_t live_storages[2] = {0, 0};
+  int64_t live_bytes[2] = {0, 0};
+  ~AddonState() { lora::unload_cuda(&cuda); }
+};
+
+struct InstanceData {
+  std::shared_ptr<AddonState> state;
+  Napi::FunctionReference storage_ctor;
+  Napi::FunctionReference error_ctor;  // lib/errors.ts LoraError(code, message)
+};
+
+// Distinguishes our Storage objects from anything else a caller might pass.
+const napi_type_tag kStorageTag = {0x6c6f72616e617469ull, 0x7665535452474531ull};
+
+[[noreturn]] void throw_lora(Napi::Env env, const char* code, const std::string& message) {
+  auto* data = env.GetInstanceData<InstanceData>();
+  if (data && !data->error_ctor.IsEmpty()) {
+    Napi::Value err = data->error_ctor.New({Napi::String::New(env, code), Napi::String::New(env, message)});
+    throw Napi::Error(env, err);
+  }
+  Napi::Error e = Napi::Error::New(env, message);
+  e.Set("code", Napi::String::New(env, code));
+  throw e;
+}
+
+void check_status(Napi::Env env, Status s, Backend* backend, const char* op) {
+  if (s == Status::Ok) return;
+  std::string msg = std::string(op) + " failed on " + backend->name() + ": " + lora::status_name(s);
+  const char* detail = backend->last_error();
+  if (detail && *detail) msg += std::string(" (") + detail + ")";
+  const char* code = s == Status::OutOfMemory ? "ERR_LORA_OUT_OF_MEMORY"
+                     : s == Status::DeviceError || s == Status::Unusable ? "ERR_LORA_CUDA"
+                     : s == Status::Unsupported ? "ERR_LORA_UNSUPPORTED"
+                                                : "ERR_LORA_INTERNAL";
+  throw_lora(env, code, msg);
+}
+
+Backend* backend_for(Napi::Env env, AddonState& st, int32_t device) {
+  if (device == kCpu) return st.cpu.get();
+  if (device == kCuda) {
+    if (!st.cuda.tried) lora::load_cuda(st.addon_dir, &st.cuda);
+    if (!st.cuda.backend) throw_lora(env, "ERR_LORA_NO_CUDA", "CUDA is not available: " + st.cuda.reason);
+    return st.cuda.backend;
+  }
+  throw_lora(env, "ERR_LORA_DEVICE", "unknown device id " + std::to_string(device));
+}
+
+// Native memory behind one tensor. JS never sees the pointer; data moves only by copy.
+class Storage : public Napi::ObjectWrap<Storage> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "Storage",
+                       {InstanceAccessor<&Storage::GetNumel>("numel"),
+                        InstanceAccessor<&Storage::GetDtype>("dtype"),
+                        InstanceAccessor<&Storage::GetDevice>("device"),
+                        InstanceAccessor<&Storage::GetDisposed>("disposed")});
+  }
+
+  explicit Storage(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Storage>(info) {
+    // Only alloc() below constructs these (it passes an External with the state pointer).
+    if (info.Length() != 1 || !info[0].IsExternal())
+      throw_lora(info.Env(), "ERR_LORA_TYPE", "Storage cannot be constructed directly");
+  }
+
+  ~Storage() override { release(); }
+
+  void init(std::shared_ptr<AddonState> state, Backend* backend, int32_t device, DType dtype,
+            int64_t numel, void* ptr) {
+    state_ = std::move(state);
+    backend_ = backend;
+    device_ = device;
+    dtype_ = dtype;
+    numel_ = numel;
+    ptr_ = ptr;
+    state_->live_storages[device_] += 1;
+    state_->live_bytes[device_] += static_cast<int64_t>(bytes());
+  }
+
+  // Frees the memory (idempotent). Finalizers call this too: it touches no JS.
+  void release() {
+    if (!ptr_ && disposed_) return;
+    if (state_ && !disposed_) {
+      backend_->free(ptr_, bytes());
+      state_->live_storages[device_] -= 1;
+      state_->live_bytes[device_] -= static_cast<int64_t>(bytes());
+    }
+    ptr_ = nullptr;
+    disposed_ = true;
+  }
+
+  size_t bytes() const { return static_cast<size_t>(numel_) * lora::dtype_size(dtype_); }
+  Napi::Value GetNumel(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), double(numel_)); }
+  Napi::Value GetDtype(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), int(dtype_)); }
+  Napi::Value GetDevice(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), device_); }
+  Napi::Value GetDisposed(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), disposed_); }
+
+  std::shared_ptr<AddonState> state_;
+  Backend* backend_ = nullptr;
+  int32_t device_ = kCpu;
+  DType dtype_ = DType::F32;
+  int64_t numel_ = 0;
+  void* ptr_ = nullptr;
+  bool disposed_ = false;
+};
+
+InstanceData& data_of(Napi::Env env) { return *env.GetInstanceData<InstanceData>(); }
+
+// ---- argument helpers ---------------------------------------------------------------------------
+
+Storage* storage_arg(const Napi::CallbackInfo& info, size_t i, const char* name) {
+  Napi::Env env = info.Env();
+  Napi::Value v = info[i];
+  if (!v.IsObject() || !v.As<Napi::Object>().CheckTypeTag(&kStorageTag))
+    throw_lora(env, "ERR_LORA_TYPE", std::string("Expected a tensor storage for ") + name);
+  Storage* s = Storage::Unwrap(v.As<Napi::Object>());
+  if (s->disposed_) throw_lora(env, "ERR_LORA_DISPOSED", std::string(name) + " has been disposed");
+  return s;
+}
+
+Storage* optional_storage_arg(const Napi::CallbackInfo& info, size_t i, const char* name) {
+  if (info[i].IsNull() || info[i].IsUndefined()) return nullptr;
+  return storage_arg(info, i, name);
+}
+
+double number_arg(const Napi::CallbackInfo& info, size_t i, const char* name) {
+  if (!info[i].IsNumber())
+    throw_lora(info.Env(), "ERR_LORA_TYPE", std::string("Expected a number for ") + name);
+  return info[i].As<Napi::Number>().DoubleValue();
+}
+
+int64_t size_arg(const Napi::CallbackInfo& info, size_t i, const char* name) {
+  double d = number_arg(info, i, name);
+  if (!(d >= 0) || d != std::floor(d) || d > 9007199254740991.0)
+    throw_lora(info.Env(), "ERR_LORA_RANGE",
+               std::string("Expected a non-negative integer for ") + name + " but received " + std::to_string(d));
+  return static_cast<int64_t>(d);
+}
+
+int64_t int_arg(const Napi::CallbackInfo& info, size_t i, const char* name) {
+  double d = number_arg(info, i, name);
+  if (d != std::floor(d) || std::fabs(d) > 9007199254740991.0)
+    throw_lora(info.Env(), "ERR_LORA_RANGE", std::string("Expected an integer for ") + name);
+  return static_cast<int64_t>(d);
+}
+
+float float_arg(const Napi::CallbackInfo& info, size_t i, const char* name) {
+  return static_cast<float>(number_arg(info, i, name));
+}
+
+bool bool_arg(const Napi::CallbackInfo& info, size_t i, const char* name) {
+  if (!info[i].IsBoolean())
+    throw_lora(info.Env(), "ERR_LORA_TYPE", std::string("Expected a boolean for ") + name);
+  return info[i].As<Napi::Boolean>().Value();
+}
+
+uint64_t seed_arg(const Napi::CallbackInfo& info, size_t i) {
+  double d = number_arg(info, i, "seed");
+  if (!(d >= 0) || d != std::floor(d) || d > 9007199254740991.0)
+    throw_lora(info.Env(), "ERR_LORA_RANGE", "Expected a non-negative integer seed");
+  return static_cast<uint64_t>(d);
+}
+
+void need(const Napi::CallbackInfo& info, Storage* s, DType dtype, int64_t elements, const char* name) {
+  if (!s) return;
+  if (s->dtype_ != dtype)
+    throw_lora(info.Env(), "ERR_LORA_DTYPE", std::string(name) + " has the wrong dtype");
+  if (elements < 0 || s->numel_ < elements)
+    throw_lora(info.Env(), "ERR_LORA_SHAPE",
+               std::string(name) + " holds " + std::to_string(s->numel_) + " elements but the op needs " +
+                   std::to_string(elements));
+}
+
+// Every storage of one call must live on one device; returns that device's backend.
+Backend* same_backend(const Napi::CallbackInfo& info, std::initializer_list<Storage*> list) {
+  Storage* first = nullptr;
+  for (Storage* s : list) {
+    if (!s) continue;
+    if (!first) first = s;
+    else if (s->device_ != first->device_)
+      throw_lora(info.Env(), "ERR_LORA_DEVICE", "Expected every tensor of one op on the same device");
+  }
+  if (!first) throw_lora(info.Env(), "ERR_LORA_INTERNAL", "op called without tensors");
+  return first->backend_;
+}
+
+template <typename T>
+T* ptr(Storage* s) {
+  return s ? static_cast<T*>(s->ptr_) : nullptr;
+}
+
+Napi::Object make_storage(Napi::Env env, int32_t device, DType dtype, int64_t numel) {
+  InstanceData& d = data_of(env);
+  Backend* backend = backend_for(env, *d.state, device);
+  const size_t bytes = static_cast<size_t>(numel) * lora::dtype_size(dtype);
+  void* p = backend->alloc(bytes == 0 ? 1 : bytes);
+  if (!p)
+    throw_lora(env, "ERR_LORA_OUT_OF_MEMORY",
+               "could not allocate " + std::to_string(bytes) + " bytes on " + backend->name());
+  Napi::Object obj = d.storage_ctor.New({Napi::External<void>::New(env, nullptr)});
+  obj.TypeTag(&kStorageTag);
+  Storage* s = Storage::Unwrap(obj);
+  s->init(d.state, backend, device, dtype, numel, p);
+  return obj;
+}
+
+DType dtype_arg(const Napi::CallbackInfo& info, size_t i) {
+  int64_t t = int_arg(info, i, "dtype");
+  if (t < 0 || t > 3) throw_lora(info.Env(), "ERR_LORA_DTYPE", "unknown dtype id " + std::to_string(t));
+  return static_cast<DType>(t);
+}
+
+int32_t device_arg(const Napi::CallbackInfo& info, size_t i) {
+  int64_t d = int_arg(info, i, "device");
+  if (d != kCpu && d != kCuda) throw_lora(info.Env(), "ERR_LORA_DEVICE", "unknown device id " + std::to_string(d));
+  return static_cast<int32_t>(d);
+}
+
+// Reads a JS array of non-negative integers (dims or strides) into a Layout.
+Layout layout_arg(const Napi::CallbackInfo& info, size_t shape_i, size_t stride_i, const char* name) {
+  Napi::Env env = info.Env();
+  if (!info[shape_i].IsArray() || !info[stride_i].IsArray())
+    throw_lora(env, "ERR_LORA_TYPE", std::string("Expected shape and stride arrays for ") + name);
+  Napi::Array shape = info[shape_i].As<Napi::Array>(), stride = info[stride_i].As<Napi::Array>();
+  if (shape.Length() != stride.Length() || shape.Length() > lora::kMaxDims)
+    throw_lora(env, "ERR_LORA_SHAPE", std::string("Expected at most 8 dims with one stride each for ") + name);
+  Layout l{};
+  l.ndim = static_cast<int32_t>(shape.Length());
+  for (uint32_t k = 0; k < shape.Length(); ++k) {
+    Napi::Value a = shape[k], b = stride[k];
+    if (!a.IsNumber() || !b.IsNumber()) throw_lora(env, "ERR_LORA_TYPE", std::string("bad layout for ") + name);
+    double dv = a.As<Napi::Number>().DoubleValue(), sv = b.As<Napi::Number>().DoubleValue();
+    if (!(dv >= 0) || dv != std::floor(dv) || !(sv >= 0) || sv != std::floor(sv))
+      throw_lora(env, "ERR_LORA_SHAPE", std::string("bad layout for ") + name);
+    l.shape[k] = static_cast<int64_t>(dv);
+    l.stride[k] = static_cast<int64_t>(sv);
+  }
+  return l;
+}
+
+int64_t layout_numel(const Layout& l) {
+  int64_t n = 1;
+  for (int k = 0; k < l.ndim; ++k) n *= l.shape[k];
+  return n;
+}
+
+// One past the furthest element a layout touches from `offset` (0 when it touches none).
+int64_t layout_extent(const Layout& l, int64_t offset) {
+  int64_t last = offset;
+  for (int k = 0; k < l.ndim; ++k) {
+    if (l.shape[k] == 0) return 0;
+    last += (l.shape[k] - 1) * l.stride[k];
+  }
+  return last + 1;
+}
+
+// ---- memory and data movement ---------------------------------------------------------------
+
+Napi::Value Alloc(const Napi::CallbackInfo& info) {
+  return make_storage(info.Env(), device_arg(info, 0), dtype_arg(info, 1), size_arg(info, 2, "numel"));
+}
+
+// fromHost(device, dtype, typedArray): a new storage holding a copy of the array's bytes.
+Napi::Value FromHost(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int32_t device = device_arg(info, 0);
+  DType dtype = dtype_arg(info, 1);
+  if (!info[2].IsTypedArray()) throw_lora(env, "ERR_LORA_TYPE", "Expected a typed array of data");
+  Napi::TypedArray arr = info[2].As<Napi::TypedArray>();
+  if (arr.ArrayBuffer().ByteLength() == 0 && arr.ByteLength() != 0)
+    throw_lora(env, "ERR_LORA_TYPE", "the data's buffer is detached");
+  const size_t bytes = arr.ByteLength();
+  const size_t es = lora::dtype_size(dtype);
+  if (bytes % es) throw_lora(env, "ERR_LORA_SHAPE", "data length is not a whole number of elements");
+  Napi::Object obj = make_storage(env, device, dtype, static_cast<int64_t>(bytes / es));
+  Storage* s = Storage::Unwrap(obj);
+  const uint8_t* src = static_cast<const uint8_t*>(arr.ArrayBuffer().Data()) + arr.ByteOffset();
+  check_status(env, s->backend_->upload(s->ptr_, src, bytes), s->backend_, "upload");
+  return obj;
+}
+
+// toHost(storage): a copy of the raw bytes in a new ArrayBuffer (never an external buffer).
+Napi::Value ToHost(const Napi::CallbackInfo& info) {
+  Storage* s = storage_arg(info, 0, "tensor");
+  Napi::ArrayBuffer buf = Napi::ArrayBuffer::New(info.Env(), s->bytes());
+  check_status(info.Env(), s->backend_->download(buf.Data(), s->ptr_, s->bytes()), s->backend_, "download");
+  return buf;
+}
+
+// copyInto(dst, src): same device, same dtype, same byte size.
+Napi::Value CopyInto(const Napi::CallbackInfo& info) {
+  Storage* dst = storage_arg(info, 0, "destination");
+  Storage* src = storage_arg(info, 1, "source");
+  Backend* b = same_backend(info, {dst, src});
+  need(info, dst, src->dtype_, src->numel_, "destination");
+  check_status(info.Env(), b->copy(dst->ptr_, src->ptr_, src->bytes()), b, "copy");
+  return info.Env().Undefined();
+}
+
+// toDevice(storage, device): a copy on another device, through host memory.
+Napi::Value ToDevice(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Storage* s = storage_arg(info, 0, "tensor");
+  int32_t device = device_arg(info, 1);
+  Napi::Object obj = make_storage(env, device, s->dtype_, s->numel_);
+  Storage* d = Storage::Unwrap(obj);
+  std::vector<uint8_t> host(s->bytes());
+  check_status(env, s->backend_->download(host.data(), s->ptr_, s->bytes()), s->backend_, "download");
+  check_status(env, d->backend_->upload(d->ptr_, host.data(), host.size()), d->backend_, "upload");
+  return obj;
+}
+
+// convert(dst, src): elementwise dtype conversion, same device and element count.
+Napi::Value Convert(const Napi::CallbackInfo& info) {
+  Storage* dst = storage_arg(info, 0, "destination");
+  Storage* src = storage_arg(info, 1, "source");
+  Backend* b = same_backend(info, {dst, src});
+  if (dst->numel_ < src->numel_) throw_lora(info.Env(), "ERR_LORA_SHAPE", "destination too small");
+  check_status(info.Env(), b->convert(dst->ptr_, dst->dtype_, src->ptr_, src->dtype_, src->numel_), b, "convert");
+  return info.Env().Undefined();
+}
+
+Napi::Value Dispose(const Napi::CallbackInfo& info) {
+  Napi::Value v = info[0];
+  if (!v.IsObject() || !v.As<Napi::Object>().CheckTypeTag(&kStorageTag))
+    throw_lora(info.Env(), "ERR_LORA_TYPE", "Expected a tensor storage");
+  Storage::Unwrap(v.As<Napi::Object>())->release();
+  return info.Env().Undefined();
+}
+
+Napi::Value Fill(const Napi::CallbackInfo& info) {
+  Storage* s = storage_arg(info, 0, "tensor");
+  need(info, s, DType::F32, 0, "tensor");
+  check_status(info.Env(), s->backend_->fill(ptr<float>(s), float_arg(info, 1, "value"), s->numel_), s->backend_, "fill");
+  return info.Env().Undefined();
+}
+
+Napi::Value Memory(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  AddonState& st = *data_of(env).state;
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("numTensors", double(st.live_storages[kCpu] + st.live_storages[kCuda]));
+  o.Set("numBytes", double(st.live_bytes[kCpu] + st.live_bytes[kCuda]));
+  o.Set("cpuTensors", double(st.live_storages[kCpu]));
+  o.Set("cpuBytes", double(st.live_bytes[kCpu]));
+  o.Set("cpuCachedBytes", double(st.cpu->cached_bytes()));
+  o.Set("cudaTensors", double(st.live_storages[kCuda]));
+  o.Set("cudaBytes", double(st.live_bytes[kCuda]));
+  o.Set("cudaCachedBytes", double(st.cuda.backend ? st.cuda.backend->cached_bytes() : 0));
+  return o;
+}
+
+Napi::Value ReleaseCached(const Napi::CallbackInfo& info) {
+  AddonState& st = *data_of(info.Env()).state;
+  st.cpu->release_cached();
+  if (st.cuda.backend) st.cuda.backend->release_cached();
+  return info.Env().Undefined();
+}
+
+Napi::Value SetNumThreads(const Napi::CallbackInfo& info) {
+  int64_t n = int_arg(info, 0, "threads");
+  if (n < 1 || n > 1024) throw_lora(info.Env(), "ERR_LORA_RANGE", "threads must be between 1 and 1024");
+  data_of(info.Env()).state->cpu->pool().resize(static_cast<int>(n));
+  return info.Env().Undefined();
+}
+
+Napi::Value GetNumThreads(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), data_of(info.Env()).state->cpu->pool().size());
+}
+
+// features({ probeCuda }): what this binary can do. Probing CUDA loads the driver once.
+Napi::Value Features(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  AddonState& st = *data_of(env).state;
+  if (!st.cuda.tried) lora::load_cuda(st.addon_dir, &st.cuda);
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("cuda", st.cuda.backend != nullptr);
+  if (!st.cuda.backend) o.Set("reason", st.cuda.reason);
+  o.Set("cudaLibrary", st.cuda.library_path);
+  Napi::Array devs = Napi::Array::New(env, st.cuda.devices.size());
+  for (size_t i = 0; i < st.cuda.devices.size(); ++i) {
+    const auto& d = st.cuda.devices[i];
+    Napi::Object od = Napi::Object::New(env);
+    od.Set("name", d.name);
+    od.Set("computeCapability", std::to_string(d.major) + "." + std::to_string(d.minor));
+    od.Set("memory", double(d.memory));
+    devs.Set(static_cast<uint32_t>(i), od);
+  }
+  o.Set("devices", devs);
+  o.Set("isa", lora::cpu_isa_name());
+  o.Set("threads", st.cpu->pool().size());
+  o.Set("addonDir", st.addon_dir);
+  return o;
+}
+
+// ---- kernels ------------------------------------------------------------------------------
+
+// loraForward(y, h, x, W, b|null, A, B, N, C, OC, R, s, dropoutP, seed)
+Napi::Value LoraForward(const Napi::CallbackInfo& info) {
+  Storage *y = storage_arg(info, 0, "y"), *h = storage_arg(info, 1, "h"), *x = storage_arg(info, 2, "x"),
+          *W = storage_arg(info, 3, "weight"), *b = optional_storage_arg(info, 4, "bias"),
+          *A = storage_arg(info, 5, "loraA"), *B = storage_arg(info, 6, "loraB");
+  int64_t N = size_arg(info, 7, "N"), C = size_arg(info, 8, "C"), OC = size_arg(info, 9, "OC"), R = size_arg(info, 10, "R");
+  float s = float_arg(info, 11, "scaling"), p = float_arg(info, 12, "dropout");
+  uint64_t seed = seed_arg(info, 13);
+  Backend* be = same_backend(info, {y, h, x, W, b, A, B});
+  need(info, y, DType::F32, N * OC, "y");
+  need(info, h, DType::F32, N * R, "h");
+  need(info, x, DType::F32, N * C, "x");
+  if (W->dtype_ != DType::F32 && W->dtype_ != DType::BF16) throw_lora(info.Env(), "ERR_LORA_DTYPE", "weight must be float32 or bfloat16");
+  need(info, W, W->dtype_, OC * C, "weight");
+  need(info, b, DType::F32, OC, "bias");
+  need(info, A, DType::F32, R * C, "loraA");
+  need(info, B, DType::F32, OC * R, "loraB");
+  if (!(p >= 0.0f && p < 1.0f)) throw_lora(info.Env(), "ERR_LORA_RANGE", "dropout must be in [0, 1)");
+  check_status(info.Env(),
+               be->lora_forward(ptr<float>(y), ptr<float>(h), ptr<float>(x), W->ptr_, W->dtype_, ptr<float>(b),
+                                ptr<float>(A), ptr<float>(B), N, C, OC, R, s, p, seed),
+               be, "lora_forward");
+  return info.Env().Undefined();
+}
+
+// loraBackward(dx|null, dA|null, dB|null, dy, x, h, W, A, B, N, C, OC, R, s, dropoutP, seed)
+Napi::Value LoraBackward(const Napi::CallbackInfo& info) {
+  Storage *dx = optional_storage_arg(info, 0, "dx"), *dA = optional_storage_arg(info, 1, "dA"),
+          *dB = optional_storage_arg(info, 2, "dB"), *dy = storage_arg(info, 3, "dy"), *x = storage_arg(info, 4, "x"),
+          *h = storage_arg(info, 5, "h"), *W = storage_arg(info, 6, "weight"), *A = storage_arg(info, 7, "loraA"),
+          *B = storage_arg(info, 8, "loraB");
+  int64_t N = size_arg(info, 9, "N"), C = size_arg(info, 10, "C"), OC = size_arg(info, 11, "OC"), R = size_arg(info, 12, "R");
+  float s = float_arg(info, 13, "scaling"), p = float_arg(info, 14, "dropout");
+  uint64_t seed = seed_arg(info, 15);
+  Backend* be = same_backend(info, {dx, dA, dB, dy, x, h, W, A, B});
+  need(info, dx, DType::F32, N * C, "dx");
+  need(info, dA, DType::F32, R * C, "dA");
+  need(info, dB, DType::F32, OC * R, "dB");
+  need(info, dy, DType::F32, N * OC, "dy");
+  need(info, x, DType::F32, N * C, "x");
+  need(info, h, DType::F32, N * R, "h");
+  if (W->dtype_ != DType::F32 && W->dtype_ != DType::BF16) throw_lora(info.Env(), "ERR_LORA_DTYPE", "weight must be float32 or bfloat16");
+  need(info, W, W->dtype_, OC * C, "weight");
+  need(info, A, DType::F32, R * C, "loraA");
+  need(info, B, DType::F32, OC * R, "loraB");
+  if (!(p >= 0.0f && p < 1.0f)) throw_lora(info.Env(), "ERR_LORA_RANGE", "dropout must be in [0, 1)");
+  check_status(info.Env(),
+               be->lora_backward(ptr<float>(dx), ptr<float>(dA), ptr<float>(dB), ptr<float>(dy), ptr<float>(x),
+                                 ptr<float>(h), W->ptr_, W->dtype_, ptr<float>(A), ptr<float>(B), N, C, OC, R, s, p, seed),
+               be, "lora_backward");
+  return info.Env().Undefined();
+}
+
+// loraMerge(W, A, B, OC, C, R, s)
+Napi::Value LoraMerge(const Napi::CallbackInfo& info) {
+  Storage *W = storage_arg(info, 0, "weight"), *A = storage_arg(info, 1, "loraA"), *B = storage_arg(info, 2, "loraB");
+  int64_t OC = size_arg(info, 3, "OC"), C = size_arg(info, 4, "C"), R = size_arg(info, 5, "R");
+  float s = float_arg(info, 6, "scaling");
+  Backend* be = same_backend(info, {W, A, B});
+  if (W->dtype_ != DType::F32 && W->dtype_ != DType::BF16) throw_lora(info.Env(), "ERR_LORA_DTYPE", "weight must be float32 or bfloat16");
+  need(info, W, W->dtype_, OC * C, "weight");
+  need(info, A, DType::F32, R * C, "loraA");
+  need(info, B, DType::F32, OC * R, "loraB");
+  check_status(info.Env(), be->lora_merge(W->ptr_, W->dtype_, ptr<float>(A), ptr<float>(B), OC, C, R, s), be, "lora_merge");
+  return info.Env().Undefined();
+}
+
+// Reads parallel arrays of storages for the optimizer kernels; all must match in size.
+std::vector<Storage*> storage_list(const Napi::CallbackInfo& info, size_t i, const char* name, bool allow_empty) {
+  Napi::Env env = info.Env();
+  std::vector<Storage*> out;
+  if (allow_empty && (info[i].IsNull() || info[i].IsUndefined())) return out;
+  if (!info[i].IsArray()) throw_lora(env, "ERR_LORA_TYPE", std::string("Expected an array of tensors for ") + name);
+  Napi::Array arr = info[i].As<Napi::Array>();
+  for (uint32_t k = 0; k < arr.Length(); ++k) {
+    Napi::Value v = arr[k];
+    if (!v.IsObject() || !v.As<Napi::Object>().CheckTypeTag(&kStorageTag))
+      throw_lora(env, "ERR_LORA_TYPE", std::string("Expected tensor storages in ") + name);
+    Storage* s = Storage::Unwrap(v.As<Napi::Object>());
+    if (s->disposed_) throw_lora(env, "ERR_LORA_DISPOSED", std::string("a tensor in ") + name + " has been disposed");
+    if (s->dtype_ != DType::F32) throw_lora(env, "ERR_LORA_DTYPE", std::string("optimizer tensors must be float32 in ") + name);
+    out.push_back(s);
+  }
+  return out;
+}
+
+struct ParamGroup {
+  Backend* backend = nullptr;
+  std::vector<float*> p, m, v;
+  std::vector<const float*> g;
+  std::vector<int64_t> n;
+};
+
+ParamGroup param_group(const Napi::CallbackInfo& info, const std::vector<Storage*>& p,
+                       const std::vector<Storage*>& g, const std::vector<Storage*>& m,
+                       const std::vector<Storage*>& v) {
+  Napi::Env env = info.Env();
+  ParamGroup pg;
+  if (g.size() != p.size() || (!m.empty() && m.size() != p.size()) || (!v.empty() && v.size() != p.size()))
+    throw_lora(env, "ERR_LORA_SHAPE", "optimizer state lists differ in length");
+  for (size_t k = 0; k < p.size(); ++k) {
+    Backend* b = same_backend(info, {p[k], g[k], m.empty() ? nullptr : m[k], v.empty() ? nullptr : v[k]});
+    if (pg.backend && b != pg.backend) throw_lora(env, "ERR_LORA_DEVICE", "optimizer parameters on different devices");
+    pg.backend = b;
+    const int64_t n = p[k]->numel_;
+    if (g[k]->numel_ != n || (!m.empty() && m[k]->numel_ != n) || (!v.empty() && v[k]->numel_ != n))
+      throw_lora(env, "ERR_LORA_SHAPE", "optimizer state does not match its parameter's size");
+    pg.p.push_back(ptr<float>(p[k]));
+    pg.g.push_back(ptr<float>(g[k]));
+    if (!m.empty()) pg.m.push_back(ptr<float>(m[k]));
+    if (!v.empty()) pg.v.push_back(ptr<float>(v[k]));
+    pg.n.push_back(n);
+  }
+  return pg;
+}
+
+// adamwStep(params[], grads[], m[], v[], lr, beta1, beta2, eps, weightDecay, step)
+Napi::Value AdamwStep(const Napi::CallbackInfo& info) {
+  auto p = storage_list(info, 0, "params", false), g = storage_list(info, 1, "grads", false),
+       m = storage_list(info, 2, "expAvg", false), v = storage_list(info, 3, "expAvgSq", false);
+  if (m.size() != p.size() || v.size() != p.size()) throw_lora(info.Env(), "ERR_LORA_SHAPE", "optimizer state lists differ in length");
+  if (p.empty()) return info.Env().Undefined();
+  ParamGroup pg = param_group(info, p, g, m, v);
+  check_status(info.Env(),
+               pg.backend->adamw_step(static_cast<int32_t>(p.size()), pg.p.data(), pg.g.data(), pg.m.data(), pg.v.data(),
+                                      pg.n.data(), float_arg(info, 4, "lr"), float_arg(info, 5, "beta1"),
+                                      float_arg(info, 6, "beta2"), float_arg(info, 7, "eps"),
+                                      float_arg(info, 8, "weightDecay"), int_arg(info, 9, "step")),
+               pg.backend, "adamw_step");
+  return info.Env().Undefined();
+}
+
+// sgdStep(params[], grads[], buffers[]|null, lr, momentum, dampening, weightDecay, nesterov, step)
+Napi::Value SgdStep(const Napi::CallbackInfo& info) {
+  auto p = storage_list(info, 0, "params", false), g = storage_list(info, 1, "grads", false),
+       buf = storage_list(info, 2, "momentumBuffers", true);
+  if (p.empty()) return info.Env().Undefined();
+  ParamGroup pg = param_group(info, p, g, buf, {});
+  const float momentum = float_arg(info, 4, "momentum");
+  if (momentum != 0.0f && buf.size() != p.size())
+    throw_lora(info.Env(), "ERR_LORA_SHAPE", "momentum needs one buffer per parameter");
+  check_status(info.Env(),
+               pg.backend->sgd_step(static_cast<int32_t>(p.size()), pg.p.data(), pg.g.data(),
+                                    buf.empty() ? nullptr : pg.m.data(), pg.n.data(), float_arg(info, 3, "lr"), momentum,
+                                    float_arg(info, 5, "dampening"), float_arg(info, 6, "weightDecay"),
+                                    bool_arg(info, 7, "nesterov"), int_arg(info, 8, "step")),
+               pg.backend, "sgd_step");
+  return info.Env().Undefined();
+}
+
+// The furthest element (exclusive) a batched row-major matrix op touches.
+int64_t matrix_extent(int64_t rows, int64_t cols, int64_t ld, int64_t batch, int64_t stride) {
+  if (rows == 0 || cols == 0 || batch == 0) return 0;
+  return (batch - 1) * stride + (rows - 1) * ld + cols;
+}
+
+// gemm(C, A, B, M, N, K, transA, transB, lda, ldb, ldc, alpha, beta, batch, strideA, strideB, strideC)
+Napi::Value Gemm(const Napi::CallbackInfo& info) {
+  Storage *Cs = storage_arg(info, 0, "out"), *As = storage_arg(info, 1, "a"), *Bs = storage_arg(info, 2, "b");
+  int64_t M = size_arg(info, 3, "M"), N = size_arg(info, 4, "N"), K = size_arg(info, 5, "K");
+  bool ta = bool_arg(info, 6, "transA"), tb = bool_arg(info, 7, "transB");
+  int64_t lda = size_arg(info, 8, "lda"), ldb = size_arg(info, 9, "ldb"), ldc = size_arg(info, 10, "ldc");
+  float alpha = float_arg(info, 11, "alpha"), beta = float_arg(info, 12, "beta");
+  int64_t batch = size_arg(info, 13, "batch"), sa = size_arg(info, 14, "strideA"), sb = size_arg(info, 15, "strideB"),
+          sc = size_arg(info, 16, "strideC");
+  Backend* be = same_backend(info, {Cs, As, Bs});
+  // Stored shapes: A is (M, K) or (K, M) when transposed; B is (K, N) or (N, K).
+  const int64_t ar = ta ? K : M, ac = ta ? M : K, br = tb ? N : K, bc = tb ? K : N;
+  if (lda < ac || ldb < bc || ldc < N) throw_lora(info.Env(), "ERR_LORA_SHAPE", "gemm leading dimension too small");
+  need(info, As, DType::F32, matrix_extent(ar, ac, lda, batch, sa), "a");
+  need(info, Bs, DType::F32, matrix_extent(br, bc, ldb, batch, sb), "b");
+  need(info, Cs, DType::F32, matrix_extent(M, N, ldc, batch, sc), "out");
+  check_status(info.Env(), be->gemm(ptr<float>(Cs), ptr<float>(As), ptr<float>(Bs), M, N, K, ta, tb, lda, ldb, ldc, alpha, beta,
+                                    batch, sa, sb, sc),
+               be, "gemm");
+  return info.Env().Undefined();
+}
+
+// binary(op, out, a, b, shape, aStrides, bStrides)
+Napi::Value Binary(const Napi::CallbackInfo& info) {
+  int64_t op = int_arg(info, 0, "op");
+  if (op < 0 || op > int(lora::BinaryOp::Min)) throw_lora(info.Env(), "ERR_LORA_RANGE", "unknown binary op");
+  Storage *out = storage_arg(info, 1, "out"), *a = storage_arg(info, 2, "a"), *b = storage_arg(info, 3, "b");
+  Layout al = layout_arg(info, 4, 5, "a"), bl = layout_arg(info, 4, 6, "b");
+  Backend* be = same_backend(info, {out, a, b});
+  need(info, out, DType::F32, layout_numel(al), "out");
+  need(info, a, DType::F32, layout_extent(al, 0), "a");
+  need(info, b, DType::F32, layout_extent(bl, 0), "b");
+  check_status(info.Env(), be->binary(static_cast<lora::BinaryOp>(op), ptr<float>(out), ptr<float>(a), ptr<float>(b), al, bl),
+               be, "binary");
+  return info.Env().Undefined();
+}
+
+// binaryScalar(op, out, a, scalar, scalarFirst)
+Napi::Value BinaryScalar(const Napi::CallbackInfo& info) {
+  int64_t op = int_arg(info, 0, "op");
+  if (op < 0 || op > int(lora::BinaryOp::Min)) throw_lora(info.Env(), "ERR_LORA_RANGE", "unknown binary op");
+  Storage *out = storage_arg(info, 1, "out"), *a = storage_arg(info, 2, "a");
+  Backend* be = same_backend(info, {out, a});
+  need(info, out, DType::F32, a->numel_, "out");
+  need(info, a, DType::F32, 0, "a");
+  check_status(info.Env(),
+               be->binary_scalar(static_cast<lora::BinaryOp>(op), ptr<float>(out), ptr<float>(a), float_arg(info, 3, "scalar"),
+                                 bool_arg(info, 4, "scalarFirst"), a->numel_),
+               be, "binary_scalar");
+  return info.Env().Undefined();
+}
+
+lora::UnaryOp unary_op_arg(const Napi::CallbackInfo& info, size_t i) {
+  int64_t op = int_arg(info, i, "op");
+  if (op < 0 || op > int(lora::UnaryOp::Sigmoid)) throw_lora(info.Env(), "ERR_LORA_RANGE", "unknown unary op");
+  return static_cast<lora::UnaryOp>(op);
+}
+
+// unary(op, out, in)
+Napi::Value Unary(const Napi::CallbackInfo& info) {
+  lora::UnaryOp op = unary_op_arg(info, 0);
+  Storage *out = storage_arg(info, 1, "out"), *in = storage_arg(info, 2, "in");
+  Backend* be = same_backend(info, {out, in});
+  need(info, out, DType::F32, in->numel_, "out");
+  need(info, in, DType::F32, 0, "in");
+  check_status(info.Env(), be->unary(op, ptr<float>(out), ptr<float>(in), in->numel_), be, "unary");
+  return info.Env().Undefined();
+}
+
+// unaryBackward(op, dx, dy, x|null, y|null)
+Napi::Value UnaryBackward(const Napi::CallbackInfo& info) {
+  lora::UnaryOp op = unary_op_arg(info, 0);
+  Storage *dx = storage_arg(info, 1, "dx"), *dy = storage_arg(info, 2, "dy"), *x = optional_storage_arg(info, 3, "x"),
+          *y = optional_storage_arg(info, 4, "y");
+  Backend* be = same_backend(info, {dx, dy, x, y});
+  const int64_t n = dy->numel_;
+  need(info, dx, DType::F32, n, "dx");
+  need(info, dy, DType::F32, n, "dy");
+  need(info, x, DType::F32, n, "x");
+  need(info, y, DType::F32, n, "y");
+  check_status(info.Env(), be->unary_backward(op, ptr<float>(dx), ptr<float>(dy), ptr<float>(x), ptr<float>(y), n), be,
+               "unary_backward");
+  return info.Env().Undefined();
+}
+
+// axpy(y, x, a): y += a·x
+Napi::Value Axpy(const Napi::CallbackInfo& info) {
+  Storage *y = storage_arg(info, 0, "y"), *x = storage_arg(info, 1, "x");
+  Backend* be = same_backend(info, {y, x});
+  need(info, y, DType::F32, x->numel_, "y");
+  need(info, x, DType::F32, 0, "x");
+  check_status(info.Env(), be->axpy(ptr<float>(y), ptr<float>(x), float_arg(info, 2, "a"), x->numel_), be, "axpy");
+  return info.Env().Undefined();
+}
+
+// reduce(op, out, in, outer, dim, inner)
+Napi::Value Reduce(const Napi::CallbackInfo& info) {
+  int64_t op = int_arg(info, 0, "op");
+  if (op < 0 || op > int(lora::ReduceOp::Min)) throw_lora(info.Env(), "ERR_LORA_RANGE", "unknown reduce op");
+  Storage *out = storage_arg(info, 1, "out"), *in = storage_arg(info, 2, "in");
+  int64_t outer = size_arg(info, 3, "outer"), dim = size_arg(info, 4, "dim"), inner = size_arg(info, 5, "inner");
+  Backend* be = same_backend(info, {out, in});
+  need(info, out, DType::F32, outer * inner, "out");
+  need(info, in, DType::F32, outer * dim * inner, "in");
+  check_status(info.Env(), be->reduce(static_cast<lora::ReduceOp>(op), ptr<float>(out), ptr<float>(in), outer, dim, inner), be,
+               "reduce");
+  return info.Env().Undefined();
+}
+
+// copyStrided(dst, dstOffset, dstStrides, src, srcOffset, srcStrides, shape)
+Napi::Value CopyStrided(const Napi::CallbackInfo& info) {
+  Storage *dst = storage_arg(info, 0, "dst"), *src = storage_arg(info, 3, "src");
+  int64_t doff = size_arg(info, 1, "dstOffset"), soff = size_arg(info, 4, "srcOffset");
+  Layout dl = layout_arg(info, 6, 2, "dst"), sl = layout_arg(info, 6, 5, "src");
+  Backend* be = same_backend(info, {dst, src});
+  need(info, dst, DType::F32, layout_extent(dl, doff), "dst");
+  need(info, src, DType::F32, layout_extent(sl, soff), "src");
+  check_status(info.Env(), be->copy_strided(ptr<float>(dst) + doff, dl, ptr<float>(src) + soff, sl), be, "copy_strided");
+  return info.Env().Undefined();
+}
+
+// softmax(out, in, rows, cols, log)
+Napi::Value Softmax(const Napi::CallbackInfo& info) {
+  Storage *out = storage_arg(info, 0, "out"), *in = storage_arg(info, 1, "in");
+  int64_t rows = size_arg(info, 2, "rows"), cols = size_arg(info, 3, "cols");
+  Backend* be = same_backend(info, {out, in});
+  need(info, out, DType::F32, rows * cols, "out");
+  need(info, in, DType::F32, rows * cols, "in");
+  check_status(info.Env(), be->softmax(ptr<float>(out), ptr<float>(in), rows, cols, bool_arg(info, 4, "log")), be, "softmax");
+  return info.Env().Undefined();
+}
+
+// softmaxBackward(dx, dy, y, rows, cols, log)
+Napi::Value SoftmaxBackward(const Napi::CallbackInfo& info) {
+  Storage *dx = storage_arg(info, 0, "dx"), *dy = storage_arg(info, 1, "dy"), *y = storage_arg(info, 2, "y");
+  int64_t rows = size_arg(info, 3, "rows"), cols = size_arg(info, 4, "cols");
+  Backend* be = same_backend(info, {dx, dy, y});
+  need(info, dx, DType::F32, rows * cols, "dx");
+  need(info, dy, DType::F32, rows * cols, "dy");
+  need(info, y, DType::F32, rows * cols, "y");
+  check_status(info.Env(),
+               be->softmax_backward(ptr<float>(dx), ptr<float>(dy), ptr<float>(y), rows, cols, bool_arg(info, 5, "log")), be,
+               "softmax_backward");
+  return info.Env().Undefined();
+}
+
+// dropout(out, in, p, seed)
+Napi::Value Dropout(const Napi::CallbackInfo& info) {
+  Storage *out = storage_arg(info, 0, "out"), *in = storage_arg(info, 1, "in");
+  float p = float_arg(info, 2, "p");
+  if (!(p >= 0.0f && p < 1.0f)) throw_lora(info.Env(), "ERR_LORA_RANGE", "dropout must be in [0, 1)");
+  Backend* be = same_backend(info, {out, in});
+  need(info, out, DType::F32, in->numel_, "out");
+  need(info, in, DType::F32, 0, "in");
+  check_status(info.Env(), be->dropout(ptr<float>(out), ptr<float>(in), in->numel_, p, seed_arg(info, 3)), be, "dropout");
+  return info.Env().Undefined();
+}
+
+// setErrorClass(LoraError): native errors are constructed as new LoraError(code, message).
+Napi::Value SetErrorClass(const Napi::CallbackInfo& info) {
+  if (!info[0].IsFunction()) throw Napi::TypeError::New(info.Env(), "Expected the LoraError class");
+  data_of(info.Env()).error_ctor = Napi::Persistent(info[0].As<Napi::Function>());
+  return info.Env().Undefined();
+}
+
+// The folder this .node file was loaded from (where liblora_cuda.so sits beside it).
+std::string own_directory() {
+  Dl_info dl{};
+  if (dladdr(reinterpret_cast<void*>(&own_directory), &dl) == 0 || !dl.dli_fname) return ".";
+  std::string path = dl.dli_fname;
+  size_t slash = path.rfind('/');
+  return slash == std::string::npos ? "." : path.substr(0, slash);
+}
+
+int default_threads() {
+  const char* env = std::getenv("LORA_NATIVE_THREADS");
+  if (env && *env) {
+    int n = std::atoi(env);
+    if (n >= 1 && n <= 1024) return n;
+  }
+  unsigned hc = std::thread::hardware_concurrency();
+  return hc == 0 ? 1 : static_cast<int>(hc);
+}
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  auto* data = new InstanceData();
+  data->state = std::make_shared<AddonState>();
+  data->state->cpu = lora::make_cpu_backend(default_threads());
+  data->state->addon_dir = own_directory();
+  Napi::Function ctor = Storage::Define(env);
+  data->storage_ctor = Napi::Persistent(ctor);
+  env.SetInstanceData<InstanceData>(data);  // deleted (and the state released) at env teardown
+
+  exports.Set("Storage", ctor);
+  const std::pair<const char*, Napi::Function::Callback> fns[] = {
+      {"setErrorClass", SetErrorClass}, {"alloc", Alloc}, {"fromHost", FromHost}, {"toHost", ToHost},
+      {"copyInto", CopyInto}, {"toDevice", ToDevice}, {"convert", Convert}, {"dispose", Dispose},
+      {"fill", Fill}, {"memory", Memory}, {"releaseCached", ReleaseCached}, {"setNumThreads", SetNumThreads},
+      {"getNumThreads", GetNumThreads}, {"features", Features}, {"loraForward", LoraForward},
+      {"loraBackward", LoraBackward}, {"loraMerge", LoraMerge}, {"adamwStep", AdamwStep}, {"sgdStep", SgdStep},
+      {"gemm", Gemm}, {"binary", Binary}, {"binaryScalar", BinaryScalar}, {"unary", Unary},
+      {"unaryBackward", UnaryBackward}, {"axpy", Axpy}, {"reduce", Reduce}, {"copyStrided", CopyStrided},
+      {"softmax", Softmax}, {"softmaxBackward", SoftmaxBackward}, {"dropout", Dropout},
+  };
+  for (const auto& f : fns) exports.Set(f.first, Napi::Function::New(env, f.second, f.first));
+  return exports;
+}
+
+}  // namespace
+
+NODE_API_MODULE(lora_native, Init)
