@@ -1,0 +1,135 @@
+// Finds and loads the CUDA backend at run time (native/cuda_loader.h). Compiled into the CPU
+// addon with no CUDA headers: the driver is probed through dlopen("libcuda.so.1") and a few
+// driver-API prototypes declared here, and liblora_cuda.so is dlopen()ed from beside the addon.
+// Every failure is collected into one reason; nothing here aborts, prints or throws.
+#include "cuda_loader.h"
+
+#include <dlfcn.h>
+
+#include <cstdlib>
+#include <string>
+
+namespace lora {
+namespace {
+
+// The driver API subset we call (cuda.h is deliberately not included: no CUDA headers here).
+using CUresult = int;
+using CUdevice = int;
+constexpr CUresult kCudaSuccess = 0;
+constexpr int kAttrComputeCapabilityMajor = 75;  // CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
+constexpr int kAttrComputeCapabilityMinor = 76;  // CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR
+using cuInit_t = CUresult (*)(unsigned int);
+using cuDeviceGetCount_t = CUresult (*)(int*);
+using cuDeviceGet_t = CUresult (*)(CUdevice*, int);
+using cuDeviceGetName_t = CUresult (*)(char*, int, CUdevice);
+using cuDeviceGetAttribute_t = CUresult (*)(int*, int, CUdevice);
+using cuDeviceTotalMem_t = CUresult (*)(size_t*, CUdevice);
+using cuGetErrorString_t = CUresult (*)(CUresult, const char**);
+
+using lora_cuda_create_t = Backend* (*)(char*, size_t);
+
+std::string dl_error() {
+  const char* e = dlerror();
+  return e ? e : "unknown dlopen error";
+}
+
+template <typename F>
+F symbol(void* lib, const char* name) {
+  return reinterpret_cast<F>(dlsym(lib, name));
+}
+
+// Probes the driver and lists the devices. Returns "" on success, else the reason.
+std::string probe_driver(CudaState* state) {
+  void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);  // kept open for the process
+  if (lib == nullptr) return "no NVIDIA driver (libcuda.so.1 not found: " + dl_error() + ")";
+  auto cu_init = symbol<cuInit_t>(lib, "cuInit");
+  auto get_count = symbol<cuDeviceGetCount_t>(lib, "cuDeviceGetCount");
+  auto get_device = symbol<cuDeviceGet_t>(lib, "cuDeviceGet");
+  auto get_name = symbol<cuDeviceGetName_t>(lib, "cuDeviceGetName");
+  auto get_attr = symbol<cuDeviceGetAttribute_t>(lib, "cuDeviceGetAttribute");
+  auto total_mem = symbol<cuDeviceTotalMem_t>(lib, "cuDeviceTotalMem_v2");
+  auto error_string = symbol<cuGetErrorString_t>(lib, "cuGetErrorString");
+  if (!cu_init || !get_count || !get_device || !get_name || !get_attr || !total_mem)
+    return "the NVIDIA driver's libcuda.so.1 lacks the driver API this library needs (driver too old?)";
+  auto describe = [&](CUresult r) {
+    const char* text = nullptr;
+    if (error_string) error_string(r, &text);
+    return std::string(text ? text : "unknown error") + " (CUresult " + std::to_string(r) + ")";
+  };
+  CUresult r = cu_init(0);
+  if (r != kCudaSuccess) return "the NVIDIA driver failed to initialise: " + describe(r);
+  int count = 0;
+  r = get_count(&count);
+  if (r != kCudaSuccess) return "the NVIDIA driver could not count devices: " + describe(r);
+  if (count <= 0) return "no CUDA device (the driver is installed but reports no GPU)";
+  for (int i = 0; i < count; ++i) {
+    CUdevice dev = 0;
+    if (get_device(&dev, i) != kCudaSuccess) continue;
+    CudaDeviceInfo info;
+    char name[256] = {0};
+    if (get_name(name, sizeof name - 1, dev) == kCudaSuccess) info.name = name;
+    get_attr(&info.major, kAttrComputeCapabilityMajor, dev);
+    get_attr(&info.minor, kAttrComputeCapabilityMinor, dev);
+    total_mem(&info.memory, dev);
+    state->devices.push_back(info);
+  }
+  return "";
+}
+
+}  // namespace
+
+void load_cuda(const std::string& addon_dir, CudaState* state) {
+  if (state->tried) return;
+  state->tried = true;
+  state->backend = nullptr;
+  state->devices.clear();
+
+  // Both checks run even when the first fails, so one message says everything that is missing.
+  const std::string driver_reason = probe_driver(state);
+
+  const char* override_path = std::getenv("LORA_NATIVE_CUDA_LIB");
+  state->library_path = (override_path && *override_path)
+                            ? std::string(override_path)
+                            : (addon_dir.empty() ? std::string(".") : addon_dir) + "/liblora_cuda.so";
+  std::string library_reason;
+  lora_cuda_create_t create = nullptr;
+  // RTLD_LOCAL: its symbols (static cudart included) never meet anyone else's. Never dlclose()d:
+  // static cudart registers exit handlers that must still find their code.
+  void* lib = dlopen(state->library_path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (lib == nullptr) {
+    library_reason = "the CUDA backend library could not be loaded (" + dl_error() +
+                     "); build it with `node scripts/build-cuda.js` on a machine with nvcc, "
+                     "or set LORA_NATIVE_CUDA_LIB to its path";
+  } else {
+    dlerror();
+    create = symbol<lora_cuda_create_t>(lib, "lora_cuda_create");
+    if (create == nullptr)
+      library_reason = state->library_path + " is not a lora-native CUDA backend (no lora_cuda_create: " +
+                       dl_error() + ")";
+  }
+
+  if (!driver_reason.empty() || !library_reason.empty()) {
+    state->reason = driver_reason;
+    if (!library_reason.empty())
+      state->reason += (state->reason.empty() ? "" : "; also, ") + library_reason;
+    return;
+  }
+
+  char err[1024] = {0};
+  Backend* backend = create(err, sizeof err);
+  if (backend == nullptr) {
+    state->reason = std::string("the CUDA backend failed to start: ") +
+                    (err[0] ? err : "no reason given");
+    return;
+  }
+  state->backend = backend;
+  state->reason.clear();
+}
+
+void unload_cuda(CudaState* state) {
+  if (state == nullptr) return;
+  delete state->backend;  // the virtual destructor runs inside liblora_cuda.so
+  state->backend = nullptr;
+}
+
+}  // namespace lora
