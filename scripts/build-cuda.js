@@ -1,0 +1,114 @@
+#!/usr/bin/env node
+// Builds the optional CUDA backend (cuda/ -> liblora_cuda.so) after the CPU addon, during
+// `npm install`/`npm ci`, and puts it beside the .node file the addon loads. Without nvcc (or
+// cmake) it prints one line saying why the CUDA backend was skipped and exits 0. It never
+// downloads anything. A compile error exits 1 (CI must see it); LORA_NATIVE_SKIP_CUDA=1 skips.
+//
+// Environment: CUDACXX (nvcc path), LORA_CUDA_ARCHS (CMake CUDA architectures, e.g. "90-real"),
+// LORA_CUDA_JOBS (parallel compile jobs, default 2), LORA_NATIVE_SKIP_CUDA=1.
+'use strict';
+
+const fs = require('fs');
+const path = require('path');
+const { spawnSync } = require('child_process');
+
+const root = path.resolve(__dirname, '..');
+
+function say(message) {
+  console.log(`lora-native: ${message}`);
+}
+
+function isExecutable(file) {
+  try {
+    fs.accessSync(file, fs.constants.X_OK);
+    return fs.statSync(file).isFile();
+  } catch {
+    return false;
+  }
+}
+
+function onPath(name) {
+  for (const dir of (process.env.PATH || '').split(path.delimiter)) {
+    if (dir && isExecutable(path.join(dir, name))) return path.join(dir, name);
+  }
+  return null;
+}
+
+function findNvcc() {
+  const fromEnv = process.env.CUDACXX;
+  if (fromEnv && isExecutable(fromEnv)) return fromEnv;
+  return onPath('nvcc') || ['/usr/local/cuda/bin/nvcc'].find(isExecutable) || null;
+}
+
+// The folder of the .node file node-gyp-build would load: the CUDA library must sit beside it.
+function addonDir() {
+  try {
+    const resolved = require('node-gyp-build').resolve(root);
+    return path.dirname(resolved);
+  } catch {
+    return path.join(root, 'build', 'Release');
+  }
+}
+
+function run(cmd, args) {
+  const r = spawnSync(cmd, args, { cwd: root, encoding: 'utf8', maxBuffer: 64 << 20 });
+  return { ok: r.status === 0, output: `${r.stdout || ''}${r.stderr || ''}`, error: r.error };
+}
+
+function main() {
+  if (process.env.LORA_NATIVE_SKIP_CUDA === '1') {
+    say('CUDA backend skipped (LORA_NATIVE_SKIP_CUDA=1).');
+    return 0;
+  }
+  if (process.platform !== 'linux' || process.arch !== 'x64') {
+    say(`CUDA backend skipped: only built on linux-x64 (this is ${process.platform}-${process.arch}).`);
+    return 0;
+  }
+  const prebuilt = path.join(root, 'prebuilds', 'linux-x64', 'liblora_cuda.so');
+  if (fs.existsSync(prebuilt) && !fs.existsSync(path.join(root, 'build'))) return 0;  // packaged
+
+  const nvcc = findNvcc();
+  if (!nvcc) {
+    say('CUDA backend skipped: nvcc not found (looked at CUDACXX, PATH, /usr/local/cuda/bin); the CPU backend is ready.');
+    return 0;
+  }
+  const cmake = onPath('cmake');
+  if (!cmake) {
+    say(`CUDA backend skipped: cmake not found on PATH (nvcc is at ${nvcc}); the CPU backend is ready.`);
+    return 0;
+  }
+  const ninja = onPath('ninja');
+  const buildDir = path.join(root, 'build', 'cuda');
+  const jobs = String(Math.max(1, Number(process.env.LORA_CUDA_JOBS) || 2));  // 2: CI machines have 2 cores
+  const configure = ['-S', path.join(root, 'cuda'), '-B', buildDir,
+    '-G', ninja ? 'Ninja' : 'Unix Makefiles',
+    `-DCMAKE_CUDA_COMPILER=${nvcc}`, '-DCMAKE_BUILD_TYPE=Release'];
+  if (process.env.LORA_CUDA_ARCHS) configure.push(`-DCMAKE_CUDA_ARCHITECTURES=${process.env.LORA_CUDA_ARCHS}`);
+
+  const started = Date.now();
+  say(`building the CUDA backend with ${nvcc} (${jobs} jobs; a few minutes)...`);
+  for (const [what, args] of [['configure', configure], ['build', ['--build', buildDir, '-j', jobs]]]) {
+    const r = run(cmake, args);
+    if (!r.ok) {
+      process.stderr.write(r.output.split('\n').slice(-60).join('\n') + '\n');
+      const log = path.join(buildDir, `${what}.log`);
+      try {
+        fs.mkdirSync(buildDir, { recursive: true });
+        fs.writeFileSync(log, r.output);
+      } catch { /* the message below is what matters */ }
+      say(`CUDA backend ${what} failed${r.error ? ` (${r.error.message})` : ''}; full log: ${log}. ` +
+        'Set LORA_NATIVE_SKIP_CUDA=1 to install without it.');
+      return 1;
+    }
+  }
+  const built = path.join(buildDir, 'liblora_cuda.so');
+  const destDir = addonDir();
+  fs.mkdirSync(destDir, { recursive: true });
+  const dest = path.join(destDir, 'liblora_cuda.so');
+  fs.copyFileSync(built, `${dest}.tmp`);  // then rename: a running process may have dest mapped
+  fs.renameSync(`${dest}.tmp`, dest);
+  say(`CUDA backend built in ${((Date.now() - started) / 1000).toFixed(0)} s: ${path.relative(root, dest)}`);
+  return 0;
+}
+
+process.exitCode = main();
