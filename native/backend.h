@@ -168,6 +168,124 @@ class Backend {
     (void)out; (void)in; (void)n; (void)p; (void)seed;
     return Status::Unsupported;
   }
+
+  // ---- normalisation, embedding, cross-entropy, attention (training issue; optional) -------
+  // More sizes: V vocabulary (rows of an embedding table, classes of a cross-entropy);
+  // attention over q, k, v laid out (Bt, T, H, D) = (Bt, T, C) with C = H·D: Bt batch, T
+  // sequence, H heads, D head dim. int32 ids/targets outside [0, V) (other than ignore_index)
+  // make a kernel return InvalidArgument before it writes anything.
+
+  // y = (x - μ)·rstd·w + b over each row; μ, rstd = 1/sqrt(var + eps) kept for the backward.
+  virtual Status layer_norm(float* y,           // (N, C)
+                            float* mean,        // (N)
+                            float* rstd,        // (N)
+                            const float* x,     // (N, C)
+                            const float* w,     // (C) or nullptr (ones)
+                            const float* b,     // (C) or nullptr (zeros)
+                            int64_t N, int64_t C, float eps) {
+    (void)y; (void)mean; (void)rstd; (void)x; (void)w; (void)b; (void)N; (void)C; (void)eps;
+    return Status::Unsupported;
+  }
+  // x̂ = (x - μ)·rstd; g = dy⊙w;  dx = rstd·(g - mean(g) - x̂·mean(g⊙x̂));
+  // dw += Σ_rows dy⊙x̂;  db += Σ_rows dy
+  virtual Status layer_norm_backward(float* dx,         // (N, C)
+                                     float* dw,         // (C), += (or nullptr)
+                                     float* db,         // (C), += (or nullptr)
+                                     const float* dy,   // (N, C)
+                                     const float* x,    // (N, C)
+                                     const float* w,    // (C) or nullptr
+                                     const float* mean, // (N)
+                                     const float* rstd, // (N)
+                                     int64_t N, int64_t C) {
+    (void)dx; (void)dw; (void)db; (void)dy; (void)x; (void)w; (void)mean; (void)rstd; (void)N; (void)C;
+    return Status::Unsupported;
+  }
+  // y = x·rstd·w, rstd = 1/sqrt(mean(x²) + eps) kept for the backward.
+  virtual Status rms_norm(float* y,        // (N, C)
+                          float* rstd,     // (N)
+                          const float* x,  // (N, C)
+                          const float* w,  // (C) or nullptr (ones)
+                          int64_t N, int64_t C, float eps) {
+    (void)y; (void)rstd; (void)x; (void)w; (void)N; (void)C; (void)eps;
+    return Status::Unsupported;
+  }
+  // x̂ = x·rstd; g = dy⊙w;  dx = rstd·(g - x̂·mean(g⊙x̂));  dw += Σ_rows dy⊙x̂
+  virtual Status rms_norm_backward(float* dx,         // (N, C)
+                                   float* dw,         // (C), += (or nullptr)
+                                   const float* dy,   // (N, C)
+                                   const float* x,    // (N, C)
+                                   const float* w,    // (C) or nullptr
+                                   const float* rstd, // (N)
+                                   int64_t N, int64_t C) {
+    (void)dx; (void)dw; (void)dy; (void)x; (void)w; (void)rstd; (void)N; (void)C;
+    return Status::Unsupported;
+  }
+  // out[n] = table[ids[n]]
+  virtual Status embedding(float* out,            // (N, C)
+                           const float* table,    // (V, C)
+                           const int32_t* ids,    // (N)
+                           int64_t N, int64_t V, int64_t C) {
+    (void)out; (void)table; (void)ids; (void)N; (void)V; (void)C;
+    return Status::Unsupported;
+  }
+  // dtable[ids[n]] += dout[n]
+  virtual Status embedding_backward(float* dtable,        // (V, C), +=
+                                    const float* dout,    // (N, C)
+                                    const int32_t* ids,   // (N)
+                                    int64_t N, int64_t V, int64_t C) {
+    (void)dtable; (void)dout; (void)ids; (void)N; (void)V; (void)C;
+    return Status::Unsupported;
+  }
+  // Per-row cross-entropy with label smoothing ε toward the uniform distribution q:
+  //   lse = log Σ exp(z);  q = (1-ε)·onehot(t) + ε/V;  loss = lse - Σ q⊙z  (0 where t == ignore)
+  virtual Status cross_entropy(float* loss,            // (N)
+                               float* lse,             // (N), kept for the backward
+                               const float* logits,    // (N, V)
+                               const int32_t* targets, // (N)
+                               int64_t N, int64_t V, int32_t ignore_index, float smoothing) {
+    (void)loss; (void)lse; (void)logits; (void)targets; (void)N; (void)V; (void)ignore_index; (void)smoothing;
+    return Status::Unsupported;
+  }
+  // dlogits = dloss[n]·(softmax(z) - q)  (0 for ignored rows)
+  virtual Status cross_entropy_backward(float* dlogits,         // (N, V)
+                                        const float* dloss,     // (N)
+                                        const float* logits,    // (N, V)
+                                        const float* lse,       // (N)
+                                        const int32_t* targets, // (N)
+                                        int64_t N, int64_t V, int32_t ignore_index,
+                                        float smoothing) {
+    (void)dlogits; (void)dloss; (void)logits; (void)lse; (void)targets; (void)N; (void)V;
+    (void)ignore_index; (void)smoothing;
+    return Status::Unsupported;
+  }
+  // Scaled dot-product attention per (batch, head), causal (key j <= query i) or not:
+  //   s_ij = scale·q_i·k_j;  p_ij = softmax_j(s_ij);  out_i = Σ_j p_ij·v_j;  lse_i kept
+  virtual Status attention(float* out,       // (Bt, T, H, D)
+                           float* lse,       // (Bt, H, T)
+                           const float* q,   // (Bt, T, H, D)
+                           const float* k,   // (Bt, T, H, D)
+                           const float* v,   // (Bt, T, H, D)
+                           int64_t Bt, int64_t T, int64_t H, int64_t D, float scale, bool causal) {
+    (void)out; (void)lse; (void)q; (void)k; (void)v; (void)Bt; (void)T; (void)H; (void)D; (void)scale; (void)causal;
+    return Status::Unsupported;
+  }
+  // p_ij = exp(s_ij - lse_i); dv_j = Σ_i p_ij·dout_i; dp_ij = dout_i·v_j; δ_i = dout_i·out_i;
+  //   ds_ij = p_ij·(dp_ij - δ_i);  dq_i = scale·Σ_j ds_ij·k_j;  dk_j = scale·Σ_i ds_ij·q_i
+  virtual Status attention_backward(float* dq,          // (Bt, T, H, D)
+                                    float* dk,          // (Bt, T, H, D)
+                                    float* dv,          // (Bt, T, H, D)
+                                    const float* dout,  // (Bt, T, H, D)
+                                    const float* q,     // (Bt, T, H, D)
+                                    const float* k,     // (Bt, T, H, D)
+                                    const float* v,     // (Bt, T, H, D)
+                                    const float* out,   // (Bt, T, H, D)
+                                    const float* lse,   // (Bt, H, T)
+                                    int64_t Bt, int64_t T, int64_t H, int64_t D, float scale,
+                                    bool causal) {
+    (void)dq; (void)dk; (void)dv; (void)dout; (void)q; (void)k; (void)v; (void)out; (void)lse;
+    (void)Bt; (void)T; (void)H; (void)D; (void)scale; (void)causal;
+    return Status::Unsupported;
+  }
 };
 
 // Human-readable name of a status, for error messages.

@@ -744,6 +744,198 @@ Napi::Value Dropout(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// ---- normalisation, embedding, cross-entropy, attention ------------------------------------
+
+// Kernels that index by int32 ids return InvalidArgument for an id outside [0, V); say so.
+void check_ids_status(Napi::Env env, Status s, Backend* be, const char* op, const char* what, int64_t V) {
+  if (s == Status::InvalidArgument)
+    throw_lora(env, "ERR_LORA_RANGE",
+               std::string("Expected every ") + what + " between 0 and " + std::to_string(V - 1) + " for " + op);
+  check_status(env, s, be, op);
+}
+
+// layerNorm(y, mean, rstd, x, w|null, b|null, N, C, eps)
+Napi::Value LayerNorm(const Napi::CallbackInfo& info) {
+  Storage *y = storage_arg(info, 0, "y"), *mean = storage_arg(info, 1, "mean"), *rstd = storage_arg(info, 2, "rstd"),
+          *x = storage_arg(info, 3, "x"), *w = optional_storage_arg(info, 4, "weight"), *b = optional_storage_arg(info, 5, "bias");
+  int64_t N = size_arg(info, 6, "N"), C = size_arg(info, 7, "C");
+  Backend* be = same_backend(info, {y, mean, rstd, x, w, b});
+  need(info, y, DType::F32, N * C, "y");
+  need(info, mean, DType::F32, N, "mean");
+  need(info, rstd, DType::F32, N, "rstd");
+  need(info, x, DType::F32, N * C, "x");
+  need(info, w, DType::F32, C, "weight");
+  need(info, b, DType::F32, C, "bias");
+  check_status(info.Env(), be->layer_norm(ptr<float>(y), ptr<float>(mean), ptr<float>(rstd), ptr<float>(x), ptr<float>(w),
+                                          ptr<float>(b), N, C, float_arg(info, 8, "eps")),
+               be, "layer_norm");
+  return info.Env().Undefined();
+}
+
+// layerNormBackward(dx, dw|null, db|null, dy, x, w|null, mean, rstd, N, C)
+Napi::Value LayerNormBackward(const Napi::CallbackInfo& info) {
+  Storage *dx = storage_arg(info, 0, "dx"), *dw = optional_storage_arg(info, 1, "dw"), *db = optional_storage_arg(info, 2, "db"),
+          *dy = storage_arg(info, 3, "dy"), *x = storage_arg(info, 4, "x"), *w = optional_storage_arg(info, 5, "weight"),
+          *mean = storage_arg(info, 6, "mean"), *rstd = storage_arg(info, 7, "rstd");
+  int64_t N = size_arg(info, 8, "N"), C = size_arg(info, 9, "C");
+  Backend* be = same_backend(info, {dx, dw, db, dy, x, w, mean, rstd});
+  need(info, dx, DType::F32, N * C, "dx");
+  need(info, dw, DType::F32, C, "dw");
+  need(info, db, DType::F32, C, "db");
+  need(info, dy, DType::F32, N * C, "dy");
+  need(info, x, DType::F32, N * C, "x");
+  need(info, w, DType::F32, C, "weight");
+  need(info, mean, DType::F32, N, "mean");
+  need(info, rstd, DType::F32, N, "rstd");
+  check_status(info.Env(),
+               be->layer_norm_backward(ptr<float>(dx), ptr<float>(dw), ptr<float>(db), ptr<float>(dy), ptr<float>(x), ptr<float>(w),
+                                       ptr<float>(mean), ptr<float>(rstd), N, C),
+               be, "layer_norm_backward");
+  return info.Env().Undefined();
+}
+
+// rmsNorm(y, rstd, x, w|null, N, C, eps)
+Napi::Value RmsNorm(const Napi::CallbackInfo& info) {
+  Storage *y = storage_arg(info, 0, "y"), *rstd = storage_arg(info, 1, "rstd"), *x = storage_arg(info, 2, "x"),
+          *w = optional_storage_arg(info, 3, "weight");
+  int64_t N = size_arg(info, 4, "N"), C = size_arg(info, 5, "C");
+  Backend* be = same_backend(info, {y, rstd, x, w});
+  need(info, y, DType::F32, N * C, "y");
+  need(info, rstd, DType::F32, N, "rstd");
+  need(info, x, DType::F32, N * C, "x");
+  need(info, w, DType::F32, C, "weight");
+  check_status(info.Env(), be->rms_norm(ptr<float>(y), ptr<float>(rstd), ptr<float>(x), ptr<float>(w), N, C, float_arg(info, 6, "eps")),
+               be, "rms_norm");
+  return info.Env().Undefined();
+}
+
+// rmsNormBackward(dx, dw|null, dy, x, w|null, rstd, N, C)
+Napi::Value RmsNormBackward(const Napi::CallbackInfo& info) {
+  Storage *dx = storage_arg(info, 0, "dx"), *dw = optional_storage_arg(info, 1, "dw"), *dy = storage_arg(info, 2, "dy"),
+          *x = storage_arg(info, 3, "x"), *w = optional_storage_arg(info, 4, "weight"), *rstd = storage_arg(info, 5, "rstd");
+  int64_t N = size_arg(info, 6, "N"), C = size_arg(info, 7, "C");
+  Backend* be = same_backend(info, {dx, dw, dy, x, w, rstd});
+  need(info, dx, DType::F32, N * C, "dx");
+  need(info, dw, DType::F32, C, "dw");
+  need(info, dy, DType::F32, N * C, "dy");
+  need(info, x, DType::F32, N * C, "x");
+  need(info, w, DType::F32, C, "weight");
+  need(info, rstd, DType::F32, N, "rstd");
+  check_status(info.Env(),
+               be->rms_norm_backward(ptr<float>(dx), ptr<float>(dw), ptr<float>(dy), ptr<float>(x), ptr<float>(w), ptr<float>(rstd), N, C),
+               be, "rms_norm_backward");
+  return info.Env().Undefined();
+}
+
+// embedding(out, table, ids, N, V, C)
+Napi::Value Embedding(const Napi::CallbackInfo& info) {
+  Storage *out = storage_arg(info, 0, "out"), *table = storage_arg(info, 1, "table"), *ids = storage_arg(info, 2, "ids");
+  int64_t N = size_arg(info, 3, "N"), V = size_arg(info, 4, "V"), C = size_arg(info, 5, "C");
+  Backend* be = same_backend(info, {out, table, ids});
+  need(info, out, DType::F32, N * C, "out");
+  need(info, table, DType::F32, V * C, "table");
+  need(info, ids, DType::I32, N, "ids");
+  check_ids_status(info.Env(), be->embedding(ptr<float>(out), ptr<float>(table), ptr<int32_t>(ids), N, V, C), be, "embedding",
+                   "id", V);
+  return info.Env().Undefined();
+}
+
+// embeddingBackward(dtable, dout, ids, N, V, C): dtable +=
+Napi::Value EmbeddingBackward(const Napi::CallbackInfo& info) {
+  Storage *dtable = storage_arg(info, 0, "dtable"), *dout = storage_arg(info, 1, "dout"), *ids = storage_arg(info, 2, "ids");
+  int64_t N = size_arg(info, 3, "N"), V = size_arg(info, 4, "V"), C = size_arg(info, 5, "C");
+  Backend* be = same_backend(info, {dtable, dout, ids});
+  need(info, dtable, DType::F32, V * C, "dtable");
+  need(info, dout, DType::F32, N * C, "dout");
+  need(info, ids, DType::I32, N, "ids");
+  check_ids_status(info.Env(), be->embedding_backward(ptr<float>(dtable), ptr<float>(dout), ptr<int32_t>(ids), N, V, C), be,
+                   "embedding_backward", "id", V);
+  return info.Env().Undefined();
+}
+
+int32_t ignore_index_arg(const Napi::CallbackInfo& info, size_t i) {
+  int64_t v = int_arg(info, i, "ignoreIndex");
+  if (v < INT32_MIN || v > INT32_MAX) throw_lora(info.Env(), "ERR_LORA_RANGE", "ignoreIndex must fit in int32");
+  return static_cast<int32_t>(v);
+}
+
+// crossEntropy(loss, lse, logits, targets, N, V, ignoreIndex, smoothing)
+Napi::Value CrossEntropy(const Napi::CallbackInfo& info) {
+  Storage *loss = storage_arg(info, 0, "loss"), *lse = storage_arg(info, 1, "lse"), *logits = storage_arg(info, 2, "logits"),
+          *targets = storage_arg(info, 3, "targets");
+  int64_t N = size_arg(info, 4, "N"), V = size_arg(info, 5, "V");
+  int32_t ignore = ignore_index_arg(info, 6);
+  float eps = float_arg(info, 7, "labelSmoothing");
+  if (!(eps >= 0.0f && eps <= 1.0f)) throw_lora(info.Env(), "ERR_LORA_RANGE", "labelSmoothing must be in [0, 1]");
+  Backend* be = same_backend(info, {loss, lse, logits, targets});
+  need(info, loss, DType::F32, N, "loss");
+  need(info, lse, DType::F32, N, "lse");
+  need(info, logits, DType::F32, N * V, "logits");
+  need(info, targets, DType::I32, N, "targets");
+  check_ids_status(info.Env(),
+                   be->cross_entropy(ptr<float>(loss), ptr<float>(lse), ptr<float>(logits), ptr<int32_t>(targets), N, V, ignore, eps),
+                   be, "cross_entropy", "target (or ignoreIndex)", V);
+  return info.Env().Undefined();
+}
+
+// crossEntropyBackward(dlogits, dloss, logits, lse, targets, N, V, ignoreIndex, smoothing)
+Napi::Value CrossEntropyBackward(const Napi::CallbackInfo& info) {
+  Storage *dlogits = storage_arg(info, 0, "dlogits"), *dloss = storage_arg(info, 1, "dloss"),
+          *logits = storage_arg(info, 2, "logits"), *lse = storage_arg(info, 3, "lse"), *targets = storage_arg(info, 4, "targets");
+  int64_t N = size_arg(info, 5, "N"), V = size_arg(info, 6, "V");
+  int32_t ignore = ignore_index_arg(info, 7);
+  float eps = float_arg(info, 8, "labelSmoothing");
+  if (!(eps >= 0.0f && eps <= 1.0f)) throw_lora(info.Env(), "ERR_LORA_RANGE", "labelSmoothing must be in [0, 1]");
+  Backend* be = same_backend(info, {dlogits, dloss, logits, lse, targets});
+  need(info, dlogits, DType::F32, N * V, "dlogits");
+  need(info, dloss, DType::F32, N, "dloss");
+  need(info, logits, DType::F32, N * V, "logits");
+  need(info, lse, DType::F32, N, "lse");
+  need(info, targets, DType::I32, N, "targets");
+  check_ids_status(info.Env(),
+                   be->cross_entropy_backward(ptr<float>(dlogits), ptr<float>(dloss), ptr<float>(logits), ptr<float>(lse),
+                                              ptr<int32_t>(targets), N, V, ignore, eps),
+                   be, "cross_entropy_backward", "target (or ignoreIndex)", V);
+  return info.Env().Undefined();
+}
+
+// attention(out, lse, q, k, v, Bt, T, H, D, scale, causal)
+Napi::Value Attention(const Napi::CallbackInfo& info) {
+  Storage *out = storage_arg(info, 0, "out"), *lse = storage_arg(info, 1, "lse"), *q = storage_arg(info, 2, "q"),
+          *k = storage_arg(info, 3, "k"), *v = storage_arg(info, 4, "v");
+  int64_t Bt = size_arg(info, 5, "Bt"), T = size_arg(info, 6, "T"), H = size_arg(info, 7, "H"), D = size_arg(info, 8, "D");
+  Backend* be = same_backend(info, {out, lse, q, k, v});
+  const int64_t n = Bt * T * H * D;
+  need(info, out, DType::F32, n, "out");
+  need(info, lse, DType::F32, Bt * H * T, "lse");
+  need(info, q, DType::F32, n, "q");
+  need(info, k, DType::F32, n, "k");
+  need(info, v, DType::F32, n, "v");
+  check_status(info.Env(),
+               be->attention(ptr<float>(out), ptr<float>(lse), ptr<float>(q), ptr<float>(k), ptr<float>(v), Bt, T, H, D,
+                             float_arg(info, 9, "scale"), bool_arg(info, 10, "causal")),
+               be, "attention");
+  return info.Env().Undefined();
+}
+
+// attentionBackward(dq, dk, dv, dout, q, k, v, out, lse, Bt, T, H, D, scale, causal)
+Napi::Value AttentionBackward(const Napi::CallbackInfo& info) {
+  Storage *dq = storage_arg(info, 0, "dq"), *dk = storage_arg(info, 1, "dk"), *dv = storage_arg(info, 2, "dv"),
+          *dout = storage_arg(info, 3, "dout"), *q = storage_arg(info, 4, "q"), *k = storage_arg(info, 5, "k"),
+          *v = storage_arg(info, 6, "v"), *out = storage_arg(info, 7, "out"), *lse = storage_arg(info, 8, "lse");
+  int64_t Bt = size_arg(info, 9, "Bt"), T = size_arg(info, 10, "T"), H = size_arg(info, 11, "H"), D = size_arg(info, 12, "D");
+  Backend* be = same_backend(info, {dq, dk, dv, dout, q, k, v, out, lse});
+  const int64_t n = Bt * T * H * D;
+  for (Storage* s : {dq, dk, dv, dout, q, k, v, out}) need(info, s, DType::F32, n, "an attention tensor");
+  need(info, lse, DType::F32, Bt * H * T, "lse");
+  check_status(info.Env(),
+               be->attention_backward(ptr<float>(dq), ptr<float>(dk), ptr<float>(dv), ptr<float>(dout), ptr<float>(q), ptr<float>(k),
+                                      ptr<float>(v), ptr<float>(out), ptr<float>(lse), Bt, T, H, D, float_arg(info, 13, "scale"),
+                                      bool_arg(info, 14, "causal")),
+               be, "attention_backward");
+  return info.Env().Undefined();
+}
+
 // setErrorClass(LoraError): native errors are constructed as new LoraError(code, message).
 Napi::Value SetErrorClass(const Napi::CallbackInfo& info) {
   if (!info[0].IsFunction()) throw Napi::TypeError::New(info.Env(), "Expected the LoraError class");
@@ -789,6 +981,10 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
       {"gemm", Gemm}, {"binary", Binary}, {"binaryScalar", BinaryScalar}, {"unary", Unary},
       {"unaryBackward", UnaryBackward}, {"axpy", Axpy}, {"reduce", Reduce}, {"copyStrided", CopyStrided},
       {"softmax", Softmax}, {"softmaxBackward", SoftmaxBackward}, {"dropout", Dropout},
+      {"layerNorm", LayerNorm}, {"layerNormBackward", LayerNormBackward}, {"rmsNorm", RmsNorm},
+      {"rmsNormBackward", RmsNormBackward}, {"embedding", Embedding}, {"embeddingBackward", EmbeddingBackward},
+      {"crossEntropy", CrossEntropy}, {"crossEntropyBackward", CrossEntropyBackward}, {"attention", Attention},
+      {"attentionBackward", AttentionBackward},
   };
   for (const auto& f : fns) exports.Set(f.first, Napi::Function::New(env, f.second, f.first));
   return exports;

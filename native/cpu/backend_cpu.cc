@@ -15,6 +15,7 @@
 #include "../rng.h"
 #include "gemm.h"
 #include "lora_kernels.h"
+#include "nn_kernels.h"
 
 namespace lora {
 namespace {
@@ -455,6 +456,54 @@ class CpuBackend final : public CpuBackendBase {
       for (int64_t i = s; i < e; ++i) out[i] = dropout_keep(seed, i, p) ? in[i] * scale : 0.0f;
     });
     return Status::Ok;
+  }
+
+  Status layer_norm(float* y, float* mean, float* rstd, const float* x, const float* w,
+                    const float* b, int64_t N, int64_t C, float eps) override {
+    return cpu_layer_norm(pool_, y, mean, rstd, x, w, b, N, C, eps);
+  }
+  Status layer_norm_backward(float* dx, float* dw, float* db, const float* dy, const float* x,
+                             const float* w, const float* mean, const float* rstd, int64_t N,
+                             int64_t C) override {
+    return cpu_layer_norm_backward(pool_, dx, dw, db, dy, x, w, mean, rstd, N, C);
+  }
+  Status rms_norm(float* y, float* rstd, const float* x, const float* w, int64_t N, int64_t C,
+                  float eps) override {
+    return cpu_rms_norm(pool_, y, rstd, x, w, N, C, eps);
+  }
+  Status rms_norm_backward(float* dx, float* dw, const float* dy, const float* x, const float* w,
+                           const float* rstd, int64_t N, int64_t C) override {
+    return cpu_rms_norm_backward(pool_, dx, dw, dy, x, w, rstd, N, C);
+  }
+  Status embedding(float* out, const float* table, const int32_t* ids, int64_t N, int64_t V,
+                   int64_t C) override {
+    return cpu_embedding(pool_, out, table, ids, N, V, C);
+  }
+  Status embedding_backward(float* dtable, const float* dout, const int32_t* ids, int64_t N,
+                            int64_t V, int64_t C) override {
+    return cpu_embedding_backward(pool_, dtable, dout, ids, N, V, C);
+  }
+  Status cross_entropy(float* loss, float* lse, const float* logits, const int32_t* targets,
+                       int64_t N, int64_t V, int32_t ignore_index, float smoothing) override {
+    return cpu_cross_entropy(pool_, loss, lse, logits, targets, N, V, ignore_index, smoothing);
+  }
+  Status cross_entropy_backward(float* dlogits, const float* dloss, const float* logits,
+                                const float* lse, const int32_t* targets, int64_t N, int64_t V,
+                                int32_t ignore_index, float smoothing) override {
+    return cpu_cross_entropy_backward(pool_, dlogits, dloss, logits, lse, targets, N, V,
+                                      ignore_index, smoothing);
+  }
+  Status attention(float* out, float* lse, const float* q, const float* k, const float* v,
+                   int64_t Bt, int64_t T, int64_t H, int64_t D, float scale,
+                   bool causal) override {
+    return cpu_attention(pool_, out, lse, q, k, v, Bt, T, H, D, scale, causal);
+  }
+  Status attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* q,
+                            const float* k, const float* v, const float* out, const float* lse,
+                            int64_t Bt, int64_t T, int64_t H, int64_t D, float scale,
+                            bool causal) override {
+    return cpu_attention_backward(pool_, dq, dk, dv, dout, q, k, v, out, lse, Bt, T, H, D, scale,
+                                  causal);
   }
 
  private:
