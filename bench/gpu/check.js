@@ -1,0 +1,272 @@
+// Checks every CUDA op against the CPU backend on random awkward shapes, through the addon's
+// binding (dist/lib/native.js) so each backend method is hit directly. Plain node, no tap: it
+// runs on the GPU machine. Prints one line per case and exits 1 if any case fails.
+// fp32 cases use tight tolerances; bf16 weights (activations rounded to bf16 on tensor cores) wider.
+'use strict';
+
+const common = require('./common');
+
+const { native, CPU, F32, BF16, F16, randomF32, put, get, rms, compare } = common;
+// LORA_CHECK_SELF=1 runs the "GPU" half on the CPU too: it checks this script (argument orders,
+// shapes) on a machine without a GPU. Every case must then pass exactly.
+const CUDA = process.env.LORA_CHECK_SELF === '1' ? CPU : common.CUDA;
+
+const results = [];
+const FP32_TOL = { abs: 1e-6, rel_rms: 2e-6, rtol: 1e-4 };
+const BF16_TOL = { abs: 1e-6, rel_rms: 2e-2, rtol: 2e-2 };  // x is rounded to bf16 (8 bits)
+const EXACT = { abs: 0, rel_rms: 0, rtol: 0 };
+
+// Runs build(device) on both backends and compares every output the CPU produced.
+function check(name, build, tol = FP32_TOL) {
+  const t0 = Date.now();
+  const owned = [];
+  const track = (s) => { owned.push(s); return s; };
+  let line;
+  let ok = true;
+  try {
+    const ref = build(CPU, track).map(get);
+    const out = build(CUDA, track).map(get);
+    const parts = [];
+    for (let i = 0; i < ref.length; i++) {
+      const atol = tol.abs + tol.rel_rms * rms(ref[i]);
+      const c = compare(out[i], ref[i], atol, tol.rtol);
+      ok = ok && c.ok;
+      parts.push(`${ref.length > 1 ? `#${i} ` : ''}${c.text}`);
+    }
+    line = parts.join('; ');
+  } catch (e) {
+    ok = false;
+    line = `threw ${e && e.code ? `${e.code}: ` : ''}${e && e.message ? e.message : e}`;
+  }
+  for (const s of owned) if (!s.disposed) native.dispose(s);
+  results.push({ name, ok });
+  console.log(`${ok ? 'ok  ' : 'FAIL'} ${name} (${Date.now() - t0} ms): ${line}`);
+}
+
+let seed = 1;
+const data = (n, scale = 1, positive = false) => randomF32(n, seed++, scale, positive);
+
+// ---- gemm: transposes, strides (ld > cols), batches, beta, split-K shapes -----------------------
+const gemmShapes = [
+  [1, 1, 1], [7, 13, 5], [129, 67, 33], [300, 257, 1000], [2000, 16, 3000], [16, 1500, 4000],
+  [64, 64, 0], [33, 200, 7],
+];
+for (const [M, N, K] of gemmShapes) {
+  for (const ta of [false, true]) {
+    for (const tb of [false, true]) {
+      const batch = M * N * K < 2e6 ? 3 : 1;
+      const pad = 3;  // row strides longer than the rows
+      const lda = (ta ? M : K) + pad, ldb = (tb ? K : N) + pad, ldc = N + pad;
+      const sa = (ta ? K : M) * lda + 5, sb = (tb ? N : K) * ldb + 7, sc = M * ldc + 2;
+      const a = data(batch * sa), b = data(batch * sb), c0 = data(batch * sc);
+      for (const beta of [0, 1.5]) {
+        check(`gemm M${M} N${N} K${K} ${ta ? 'T' : 'N'}${tb ? 'T' : 'N'} batch${batch} beta${beta}`, (dev, own) => {
+          const A = own(put(dev, a)), B = own(put(dev, b)), C = own(put(dev, c0));
+          native.gemm(C, A, B, M, N, K, ta, tb, lda, ldb, ldc, 0.75, beta, batch, sa, sb, sc);
+          return [C];
+        }, { ...FP32_TOL, abs: 1e-5 * Math.sqrt(K + 1) });
+      }
+    }
+  }
+}
+{  // a broadcast output accumulating over the batch (stride_c = 0, beta = 1)
+  const M = 37, N = 45, K = 300, batch = 4;
+  const a = data(batch * M * K), b = data(K * N), c0 = data(M * N);
+  check('gemm broadcast C over batch (stride_c 0, beta 1)', (dev, own) => {
+    const A = own(put(dev, a)), B = own(put(dev, b)), C = own(put(dev, c0));
+    native.gemm(C, A, B, M, N, K, false, false, K, N, N, 1, 1, batch, M * K, 0, 0);
+    return [C];
+  });
+}
+
+// ---- elementwise ---------------------------------------------------------------------------------
+const BINARY = ['add', 'sub', 'mul', 'div', 'max', 'min'];
+const contiguous = (shape) => {
+  const s = new Array(shape.length);
+  let st = 1;
+  for (let d = shape.length - 1; d >= 0; d--) { s[d] = st; st *= shape[d]; }
+  return s;
+};
+for (const [shape, aShape, bShape] of [
+  [[1000003], [1000003], [1000003]],
+  [[3, 4, 5], [3, 1, 5], [1, 4, 5]],
+  [[7, 129, 33], [7, 129, 33], [1, 1, 33]],
+  [[2, 3, 4, 5, 6], [2, 1, 4, 1, 6], [1, 3, 1, 5, 1]],
+]) {
+  const stridesFor = (s) => { const c = contiguous(s); return s.map((d, i) => (d === 1 && shape[i] !== 1 ? 0 : c[i])); };
+  const na = aShape.reduce((x, y) => x * y, 1), nb = bShape.reduce((x, y) => x * y, 1);
+  const n = shape.reduce((x, y) => x * y, 1);
+  const a = data(na), b = data(nb, 1, true);
+  BINARY.forEach((op, id) => {
+    check(`binary ${op} [${shape}] <- [${aShape}] [${bShape}]`, (dev, own) => {
+      const A = own(put(dev, a)), B = own(put(dev, b)), O = own(native.alloc(dev, F32, n));
+      native.binary(id, O, A, B, shape, stridesFor(aShape), stridesFor(bShape));
+      return [O];
+    });
+  });
+}
+{
+  const n = 77777;
+  const a = data(n, 2);
+  BINARY.forEach((op, id) => {
+    for (const first of [false, true]) {
+      check(`binary_scalar ${op} ${first ? 'scalar first' : 'scalar second'}`, (dev, own) => {
+        const A = own(put(dev, a)), O = own(native.alloc(dev, F32, n));
+        native.binaryScalar(id, O, A, 0.37, first);
+        return [O];
+      });
+    }
+  });
+}
+const UNARY = ['neg', 'exp', 'log', 'sqrt', 'rsqrt', 'abs', 'square', 'recip', 'relu', 'geluTanh',
+  'geluErf', 'silu', 'tanh', 'sigmoid'];
+{
+  const n = 100003;
+  const signed = data(n, 3), positive = data(n, 3, true), dy = data(n);
+  UNARY.forEach((op, id) => {
+    const x = ['log', 'sqrt', 'rsqrt', 'recip'].includes(op) ? positive : signed;
+    const tol = { abs: 1e-6, rel_rms: 1e-6, rtol: 2e-6 };  // libm vs CUDA math: a few ulp
+    check(`unary ${op}`, (dev, own) => {
+      const X = own(put(dev, x)), O = own(native.alloc(dev, F32, n));
+      native.unary(id, O, X);
+      return [O];
+    }, tol);
+    check(`unary_backward ${op}`, (dev, own) => {
+      const X = own(put(dev, x)), Y = own(native.alloc(CPU, F32, n));
+      native.unary(id, Y, own(put(CPU, x)));
+      const Yd = own(put(dev, get(Y))), DY = own(put(dev, dy)), DX = own(native.alloc(dev, F32, n));
+      native.unaryBackward(id, DX, DY, X, Yd);
+      return [DX];
+    }, tol);
+  });
+}
+{
+  const n = 123457;
+  const x = data(n), y0 = data(n);
+  check('axpy', (dev, own) => {
+    const X = own(put(dev, x)), Y = own(put(dev, y0));
+    native.axpy(Y, X, -0.3);
+    return [Y];
+  });
+  check('fill', (dev, own) => {
+    const O = own(native.alloc(dev, F32, n));
+    native.fill(O, 2.5);
+    return [O];
+  }, EXACT);
+  for (const p of [0.1, 0.5]) {
+    check(`dropout p=${p} (identical masks)`, (dev, own) => {
+      const X = own(put(dev, x)), O = own(native.alloc(dev, F32, n));
+      native.dropout(O, X, p, 12345);
+      return [O];
+    }, EXACT);
+  }
+  const big = data(n, 100);
+  for (const [to, name] of [[BF16, 'bf16'], [F16, 'f16']]) {
+    check(`convert f32 -> ${name} -> f32 (round to nearest even)`, (dev, own) => {
+      const X = own(put(dev, big)), H = own(native.alloc(dev, to, n)), O = own(native.alloc(dev, F32, n));
+      native.convert(H, X);
+      native.convert(O, H);
+      return [O];
+    }, EXACT);
+  }
+}
+for (const [outer, dim, inner] of [[3, 1000, 1], [5, 7, 13], [1, 300001, 1], [2, 1, 5], [64, 129, 1], [1, 5000, 3]]) {
+  const x = data(outer * dim * inner);
+  ['sum', 'max', 'min'].forEach((op, id) => {
+    check(`reduce ${op} (${outer}, ${dim}, ${inner})`, (dev, own) => {
+      const X = own(put(dev, x)), O = own(native.alloc(dev, F32, outer * inner));
+      native.reduce(id, O, X, outer, dim, inner);
+      return [O];
+    });
+  });
+}
+{
+  const R = 37, Cc = 53;  // transpose (R, Cc) -> (Cc, R), and a slice with offsets
+  const x = data(R * Cc);
+  check('copy_strided transpose', (dev, own) => {
+    const X = own(put(dev, x)), O = own(native.alloc(dev, F32, R * Cc));
+    native.copyStrided(O, 0, [1, R], X, 0, [Cc, 1], [R, Cc]);
+    return [O];
+  }, EXACT);
+  check('copy_strided slice into offset', (dev, own) => {
+    const X = own(put(dev, x)), O = own(put(dev, new Float32Array(R * Cc)));
+    native.copyStrided(O, 7, [Cc, 1], X, 3, [Cc, 2], [10, 20]);
+    return [O];
+  }, EXACT);
+}
+for (const [rows, cols] of [[1, 1], [37, 1000], [5, 40000], [300, 33]]) {
+  const x = data(rows * cols, 5), dy = data(rows * cols);
+  for (const log of [false, true]) {
+    check(`softmax${log ? ' (log)' : ''} (${rows}, ${cols})`, (dev, own) => {
+      const X = own(put(dev, x)), O = own(native.alloc(dev, F32, rows * cols));
+      native.softmax(O, X, rows, cols, log);
+      return [O];
+    });
+    check(`softmax_backward${log ? ' (log)' : ''} (${rows}, ${cols})`, (dev, own) => {
+      const Yc = own(native.alloc(CPU, F32, rows * cols));
+      native.softmax(Yc, own(put(CPU, x)), rows, cols, log);
+      const Y = own(put(dev, get(Yc))), DY = own(put(dev, dy)), DX = own(native.alloc(dev, F32, rows * cols));
+      native.softmaxBackward(DX, DY, Y, rows, cols, log);
+      return [DX];
+    });
+  }
+}
+
+// ---- LoRA ------------------------------------------------------------------------------------------
+const loraShapes = [[1, 1, 1, 1], [37, 61, 45, 3], [130, 257, 129, 16], [513, 1000, 777, 64], [64, 1024, 2752, 8]];
+for (const [N, C, OC, R] of loraShapes) {
+  const x = data(N * C), w = data(OC * C, 1 / Math.sqrt(C)), bias = data(OC), A = data(R * C, 1 / Math.sqrt(C)),
+    B = data(OC * R), dy = data(N * OC), dA0 = data(R * C), dB0 = data(OC * R);
+  for (const wdt of [F32, BF16]) {
+    const tol = wdt === F32 ? FP32_TOL : BF16_TOL;
+    for (const p of R > 0 ? [0, 0.2] : [0]) {
+      const tag = `(${N}, ${C}, ${OC}, ${R}) W ${wdt === F32 ? 'f32' : 'bf16'} dropout ${p}`;
+      const s = 2.0;
+      check(`lora_forward ${tag}`, (dev, own) => {
+        const Y = own(native.alloc(dev, F32, N * OC)), H = own(native.alloc(dev, F32, N * R));
+        native.loraForward(Y, H, own(put(dev, x)), own(put(dev, w, wdt)), own(put(dev, bias)), own(put(dev, A)),
+          own(put(dev, B)), N, C, OC, R, s, p, 99);
+        return R > 0 ? [Y, H] : [Y];
+      }, tol);
+      check(`lora_backward ${tag}`, (dev, own) => {
+        const Y = own(native.alloc(dev, F32, N * OC)), H = own(native.alloc(dev, F32, N * R));
+        const X = own(put(dev, x)), W = own(put(dev, w, wdt)), As = own(put(dev, A)), Bs = own(put(dev, B));
+        native.loraForward(Y, H, X, W, null, As, Bs, N, C, OC, R, s, p, 99);
+        const DX = own(native.alloc(dev, F32, N * C)), DA = own(put(dev, dA0)), DB = own(put(dev, dB0));
+        native.loraBackward(DX, DA, DB, own(put(dev, dy)), X, H, W, As, Bs, N, C, OC, R, s, p, 99);
+        return [DX, DA, DB];
+      }, tol);
+    }
+    check(`lora_merge (${OC}, ${C}, ${R}) W ${wdt === F32 ? 'f32' : 'bf16'}`, (dev, own) => {
+      const W = own(put(dev, w, wdt));
+      native.loraMerge(W, own(put(dev, A)), own(put(dev, B)), OC, C, R, 0.5);
+      return [W];
+    }, wdt === F32 ? FP32_TOL : { abs: 1e-6, rel_rms: 0, rtol: 1 / 128 });  // one bf16 ulp: sum order
+  }
+}
+
+// ---- optimizers ---------------------------------------------------------------------------------
+{
+  const sizes = [1, 1000, 16385, 70001];
+  const p0 = sizes.map((n) => data(n)), g = sizes.map((n) => data(n)), m0 = sizes.map((n) => data(n, 0.1)),
+    v0 = sizes.map((n) => data(n, 0.01, true));
+  check('adamw_step x3 over 4 tensors (one launch each)', (dev, own) => {
+    const P = p0.map((a) => own(put(dev, a))), G = g.map((a) => own(put(dev, a))), M = m0.map((a) => own(put(dev, a))),
+      V = v0.map((a) => own(put(dev, a)));
+    for (let step = 1; step <= 3; step++) native.adamwStep(P, G, M, V, 1e-2, 0.9, 0.999, 1e-8, 0.01, step);
+    return [...P, ...M, ...V];
+  });
+  for (const [momentum, nesterov] of [[0, false], [0.9, false], [0.9, true]]) {
+    check(`sgd_step x3 momentum ${momentum}${nesterov ? ' nesterov' : ''}`, (dev, own) => {
+      const P = p0.map((a) => own(put(dev, a))), G = g.map((a) => own(put(dev, a)));
+      const Bf = momentum ? sizes.map((n) => own(native.alloc(dev, F32, n))) : null;
+      for (let step = 1; step <= 3; step++) native.sgdStep(P, G, Bf, 0.1, momentum, 0.1, 0.01, nesterov, step);
+      return [...P, ...(Bf || [])];
+    });
+  }
+}
+
+const failed = results.filter((r) => !r.ok);
+console.log(`\ncheck: ${results.length - failed.length} passed, ${failed.length} failed`);
+if (failed.length) console.log(`failed: ${failed.map((f) => f.name).join(' | ')}`);
+process.exitCode = failed.length ? 1 : 0;
