@@ -28,7 +28,7 @@ function collectGroups(where: string, params: unknown, lr: number, weightDecay: 
   if (params === null || typeof params !== 'object' || !(Symbol.iterator in (params as object)))
     throw typeError('params', 'an array of Tensors or of parameter groups', params);
   const list = [...(params as Iterable<unknown>)];
-  const isGroups = list.length > 0 && !(list[0] instanceof Tensor);
+  const isGroups = list.length > 0 && !(list[0] instanceof Tensor) && typeof list[0] === 'object' && list[0] !== null && 'params' in list[0];
   const raw: ParamGroup[] = isGroups ? (list as ParamGroup[]) : [{ params: list as Tensor[] }];
   const seen = new Set<Tensor>();
   return raw.map((g, gi) => {

@@ -1,0 +1,42 @@
+// binding.gyp (node-gyp) and CMakeLists.txt (cmake-js) build the same addon from the same sources:
+// both binaries must export the same functions and run the same kernel to the same result.
+import { execFileSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+
+import t from 'tap';
+
+const root = path.join(__dirname, '..');
+const builds = {
+  'node-gyp': path.join(root, 'build', 'Release', 'lora_native.node'),
+  'cmake-js': path.join(root, 'build-cmake', 'Release', 'lora_native.node'),
+};
+
+// Loads one addon in a child process (two copies of one addon in a process would share nothing
+// useful) and reports its exports and one small GEMM.
+function probe(file: string): { exports: string[]; product: number[] } {
+  const out = execFileSync(process.execPath, ['-e', `
+    const b = require(${JSON.stringify(file)});
+    const a = b.fromHost(0, 0, new Float32Array([1, 2, 3, 4, 5, 6]));
+    const w = b.fromHost(0, 0, new Float32Array([1, 0, -1, 2, 1, 0]));
+    const c = b.alloc(0, 0, 4);
+    b.gemm(c, a, w, 2, 2, 3, false, true, 3, 3, 2, 1, 0, 1, 0, 0, 0);
+    console.log(JSON.stringify({ exports: Object.keys(b).sort(), product: Array.from(new Float32Array(b.toHost(c))) }));
+  `], { encoding: 'utf8' });
+  return JSON.parse(out);
+}
+
+t.test('both builds export the same functions and compute the same', async (t) => {
+  const missing = Object.entries(builds).filter(([, f]) => !fs.existsSync(f)).map(([k, f]) => `${k} (${path.relative(root, f)})`);
+  if (missing.length) {
+    t.skip(`not built here: ${missing.join(', ')}; run npm run build:native and npm run build:cmake (CI builds both)`);
+    return;
+  }
+  const gyp = probe(builds['node-gyp']);
+  const cmake = probe(builds['cmake-js']);
+  t.ok(gyp.exports.length > 20, `node-gyp build exports ${gyp.exports.length} functions`);
+  t.same(cmake.exports, gyp.exports, 'cmake-js build exports the same names');
+  // [[1,2,3],[4,5,6]]·[[1,0,-1],[2,1,0]]ᵀ = [[1-3, 2+2], [4-6, 8+5]]
+  t.same(gyp.product, [-2, 4, -2, 13], 'node-gyp build multiplies correctly');
+  t.same(cmake.product, gyp.product, 'cmake-js build gives the same product');
+});

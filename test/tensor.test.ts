@@ -1,0 +1,277 @@
+// Tensors and the general ops: factories, data movement, dispose/tidy/using, the native live
+// count (including finalizers after GC), and every op with autograd against float64 references
+// and finite differences.
+import t from 'tap';
+
+import {
+  add, div, features, full, matmul, mean, memory, mul, ones, permute, rand, randn, reshape, setNumThreads,
+  getNumThreads, sub, sum, tensor, Tensor, tidy, keep, noGrad, transpose, zeros, linear, max, relu, exp, unary,
+} from '../lib/index';
+import { assertClose, f32, leakChecked, randomData } from './helpers';
+import { finiteDifference } from './ref/lora_ref';
+import { Arr, elementwise, matmulRef, numel, permuteRef, sumRef } from './ref/ops_ref';
+
+function arr(shape: number[], seed: number): Arr {
+  return { data: f32(randomData(numel(shape), seed)), shape };
+}
+
+function toTensor(a: Arr, requiresGrad = true): Tensor {
+  return tensor(Float32Array.from(a.data), a.shape, { requiresGrad });
+}
+
+/**
+ * Checks op against ref: forward values, then the gradient of sum(op(...) ⊙ G) for every input
+ * against central finite differences of the float64 reference.
+ */
+function checkOp(t: Tap.Test, name: string, inputs: Arr[], op: (...xs: Tensor[]) => Tensor, ref: (...xs: Arr[]) => Arr, tol = { atol: 1e-4, rtol: 1e-4 }, fdTol = { atol: 1e-4, rtol: 1e-3 }): void {
+  tidy(() => {
+    const ts = inputs.map((a) => toTensor(a));
+    const y = op(...ts);
+    const r = ref(...inputs);
+    t.same(y.shape, r.shape, `${name}: shape ${JSON.stringify(r.shape)}`);
+    assertClose(t, y.toFloat32Array(), r.data, tol, `${name}: forward`);
+    const G = f32(randomData(numel(r.shape), 555));
+    y.backward(tensor(Float32Array.from(G), r.shape));
+    inputs.forEach((a, k) => {
+      const f = (v: Float64Array) => ref(...inputs.map((b, j) => (j === k ? { data: v, shape: b.shape } : b))).data;
+      const fd = Array.from(a.data, (_, i) => finiteDifference(f, a.data, G, i, 1e-4));
+      assertClose(t, ts[k]!.grad!.toFloat32Array(), fd, fdTol, `${name}: gradient of input ${k}`);
+    });
+  });
+}
+
+declare namespace Tap { type Test = Parameters<Parameters<typeof t.test>[1]>[0]; }
+
+t.test('factories, dtype, shape, data copies', async (t) => {
+  await leakChecked(t, 'factories', (tt) => {
+    tidy(() => {
+      const x = tensor([1, 2, 3, 4, 5, 6], [2, 3]);
+      tt.same(x.shape, [2, 3]);
+      tt.equal(x.dtype, 'float32');
+      tt.equal(x.device, 'cpu');
+      tt.equal(x.size, 6);
+      tt.equal(x.requiresGrad, false);
+      tt.equal(x.grad, null);
+      tt.same(x.toArray(), [[1, 2, 3], [4, 5, 6]]);
+      const copy = x.toFloat32Array();
+      copy[0] = 100;
+      tt.equal(x.toFloat32Array()[0], 1, 'toFloat32Array returns a copy');
+      tt.same(zeros([2, 2]).toFloat32Array(), new Float32Array(4));
+      tt.same(ones([3]).toFloat32Array(), new Float32Array([1, 1, 1]));
+      tt.same(full([2], 7).toFloat32Array(), new Float32Array([7, 7]));
+      tt.same(randn([5], { seed: 3 }).toFloat32Array(), randn([5], { seed: 3 }).toFloat32Array(), 'seeded randn repeats');
+      tt.notSame(randn([5], { seed: 3 }).toFloat32Array(), randn([5], { seed: 4 }).toFloat32Array(), 'other seeds differ');
+      const big = randn([20000], { seed: 1 }).toFloat32Array();
+      const m = big.reduce((a, b) => a + b, 0) / big.length;
+      const v = big.reduce((a, b) => a + (b - m) ** 2, 0) / big.length;
+      tt.ok(Math.abs(m) < 0.03 && Math.abs(v - 1) < 0.05, `randn mean ${m.toFixed(3)} variance ${v.toFixed(3)}`);
+      const u = rand([1000], { seed: 2, low: -2, high: 3 }).toFloat32Array();
+      tt.ok(u.every((z) => z >= -2 && z < 3), 'rand within [low, high)');
+      const s = tensor([2.5], []);
+      tt.same(s.shape, []);
+      tt.equal(s.item(), 2.5, 'a 0-d tensor');
+      const e = zeros([0, 3]);
+      tt.equal(e.size, 0, 'an empty tensor');
+      const bf = tensor([1.5, -2.25, 3.015625], [3], { dtype: 'bfloat16' });
+      tt.equal(bf.dtype, 'bfloat16');
+      tt.same(bf.toFloat32Array(), new Float32Array([1.5, -2.25, 3.015625]), 'bf16 keeps exactly representable values');
+      tt.same(bf.toBytes().length, 6, 'bf16 stores 2 bytes a value');
+      const h = tensor([0.5, -65504, 1e-7], [3], { dtype: 'float16' });
+      assertClose(tt, h.toFloat32Array(), [0.5, -65504, 1.1920928955078125e-7], { atol: 0, rtol: 0 }, 'f16 rounding');
+      tt.same(tensor([1.7], [1], { dtype: 'bfloat16' }).toDtype('float32').toFloat32Array(), new Float32Array([1.703125]), 'bf16 rounds to nearest');
+    });
+  });
+});
+
+t.test('assign copies in place with shape checks', async (t) => {
+  await leakChecked(t, 'assign', (tt) => {
+    tidy(() => {
+      const a = zeros([2, 2]);
+      a.assign(tensor([1, 2, 3, 4], [2, 2]));
+      tt.same(a.toFloat32Array(), new Float32Array([1, 2, 3, 4]));
+      a.assign(new Float32Array([5, 6, 7, 8]));
+      tt.same(a.toFloat32Array(), new Float32Array([5, 6, 7, 8]));
+      const w = zeros([2], { dtype: 'bfloat16' });
+      w.assign(tensor([1.5, 2.5], [2]));
+      tt.same(w.toFloat32Array(), new Float32Array([1.5, 2.5]), 'assign converts to the destination dtype');
+    });
+  });
+});
+
+t.test('dispose, using, tidy, keep', async (t) => {
+  const start = memory().numTensors;
+  const a = tensor([1, 2], [2]);
+  t.equal(memory().numTensors, start + 1, 'a tensor is counted');
+  a.dispose();
+  a.dispose();
+  t.equal(memory().numTensors, start, 'dispose frees it; a second dispose is harmless');
+  t.equal(a.isDisposed, true);
+  {
+    using b = ones([3]);
+    t.equal(memory().numTensors, start + 1, 'using keeps it alive in its block');
+    t.equal(b.size, 3);
+  }
+  t.equal(memory().numTensors, start, 'using disposes at the end of the block');
+  let kept: Tensor | undefined;
+  const out = tidy(() => {
+    const x = ones([4]);
+    const y = add(x, 1);
+    kept = keep(mul(y, 2));
+    return { result: sub(y, 1), list: [zeros([1])] };
+  });
+  t.equal(memory().numTensors, start + 3, 'tidy frees intermediates, keeps returned and kept tensors');
+  t.same(out.result.toFloat32Array(), new Float32Array([1, 1, 1, 1]));
+  out.result.dispose();
+  out.list[0]!.dispose();
+  kept!.dispose();
+  t.equal(memory().numTensors, start);
+  t.throws(() => tidy(() => {
+    ones([2]);
+    throw new Error('boom');
+  }), /boom/);
+  t.equal(memory().numTensors, start, 'tidy frees everything when fn throws');
+  const nested = tidy(() => {
+    const inner = tidy(() => ones([2]));
+    return add(inner, 1);
+  });
+  t.equal(memory().numTensors, start + 1, 'nested tidy');
+  nested.dispose();
+});
+
+t.test('finalizers free dropped tensors after GC', async (t) => {
+  // in a child with --expose-gc (over the compiled package) so that the check cannot pass vacuously
+  const { execFileSync } = await import('node:child_process');
+  const out = execFileSync(process.execPath, ['--expose-gc', '-e', `
+    const L = require(${JSON.stringify(require.resolve('../dist/lib/index.js'))});
+    const before = L.memory().numTensors;
+    (function () { for (let i = 0; i < 200; i++) L.ones([64]); })();
+    const mid = L.memory().numTensors;
+    (async () => {
+      for (let i = 0; i < 50 && L.memory().numTensors > before; i++) { global.gc(); await new Promise((r) => setTimeout(r, 10)); }
+      console.log(JSON.stringify({ before, mid, after: L.memory().numTensors }));
+    })();
+  `], { encoding: 'utf8' });
+  const r = JSON.parse(out) as { before: number; mid: number; after: number };
+  t.equal(r.mid, r.before + 200, 'dropped tensors are still counted before GC');
+  t.equal(r.after, r.before, 'GC finalizers release every dropped tensor');
+});
+
+t.test('threads', async (t) => {
+  const n = getNumThreads();
+  setNumThreads(1);
+  t.equal(getNumThreads(), 1);
+  t.equal(features().threads, 1);
+  setNumThreads(n);
+  t.equal(getNumThreads(), n);
+  t.ok(['avx512', 'avx2', 'generic'].includes(features().isa), `isa ${features().isa}`);
+});
+
+t.test('elementwise ops with broadcasting and scalars', async (t) => {
+  const cases: [number[], number[]][] = [[[3, 17], [3, 17]], [[7, 1, 3], [5, 1]], [[1], [2, 3]], [[4, 3], [3]], [[2, 1, 4], [2, 3, 1]]];
+  for (const [sa, sb] of cases) {
+    await leakChecked(t, `${JSON.stringify(sa)} with ${JSON.stringify(sb)}`, (tt) => {
+      const a = arr(sa, 1);
+      const b = arr(sb, 2);
+      const bPos = { data: b.data.map((v) => Math.abs(v) + 0.5), shape: b.shape };
+      checkOp(tt, 'add', [a, b], add, (x, y) => elementwise(x, y, (p, q) => p + q));
+      checkOp(tt, 'sub', [a, b], sub, (x, y) => elementwise(x, y, (p, q) => p - q));
+      checkOp(tt, 'mul', [a, b], mul, (x, y) => elementwise(x, y, (p, q) => p * q));
+      checkOp(tt, 'div', [a, bPos], div, (x, y) => elementwise(x, y, (p, q) => p / q), { atol: 1e-5, rtol: 1e-5 }, { atol: 1e-3, rtol: 1e-3 });
+    });
+  }
+  await leakChecked(t, 'scalar operands', (tt) => {
+    const a = arr([3, 5], 3);
+    const s = { data: new Float64Array([1.5]), shape: [] as number[] };
+    checkOp(tt, 'x + 2', [a], (x) => add(x, 2), (x) => elementwise(x, s, (p) => p + 2));
+    checkOp(tt, '2 - x', [a], (x) => sub(2, x), (x) => elementwise(x, s, (p) => 2 - p));
+    checkOp(tt, 'x * -3', [a], (x) => mul(x, -3), (x) => elementwise(x, s, (p) => p * -3));
+    checkOp(tt, 'x / 4', [a], (x) => div(x, 4), (x) => elementwise(x, s, (p) => p / 4));
+    const pos = { data: a.data.map((v) => Math.abs(v) + 0.5), shape: a.shape };
+    checkOp(tt, '1 / x', [pos], (x) => div(1, x), (x) => elementwise(x, s, (p) => 1 / p), { atol: 1e-5, rtol: 1e-5 }, { atol: 1e-3, rtol: 1e-3 });
+    checkOp(tt, 'x ⊙ x', [a], (x) => mul(x, x), (x) => elementwise(x, x, (p, q) => p * q));
+  });
+});
+
+t.test('matmul, linear', async (t) => {
+  const cases: [number[], number[]][] = [[[1, 1], [1, 1]], [[7, 3], [3, 17]], [[2, 33, 17], [17, 5]], [[3, 4, 5], [3, 5, 2]], [[6, 8], [2, 8, 3]], [[129, 3], [3, 1]]];
+  for (const [sa, sb] of cases) {
+    await leakChecked(t, `${JSON.stringify(sa)} @ ${JSON.stringify(sb)}`, (tt) => {
+      checkOp(tt, 'matmul', [arr(sa, 3), arr(sb, 4)], matmul, matmulRef);
+    });
+  }
+  await leakChecked(t, '1-D operands', (tt) => {
+    tidy(() => {
+      const v = tensor([1, 2, 3], [3], { requiresGrad: true });
+      const m = tensor([1, 0, 0, 1, 1, 1], [3, 2]);
+      const r = matmul(v, m);
+      tt.same(r.shape, [2]);
+      tt.same(r.toFloat32Array(), new Float32Array([1 + 3, 2 + 3]));
+      r.backward(tensor([1, 1], [2]));
+      tt.same(v.grad!.toFloat32Array(), new Float32Array([1, 1, 2]), 'vector @ matrix gradient');
+      const r2 = matmul(tensor([1, 2, 3, 4], [2, 2]), tensor([1, 1], [2]));
+      tt.same(r2.toFloat32Array(), new Float32Array([3, 7]), 'matrix @ vector');
+    });
+  });
+  await leakChecked(t, 'linear', (tt) => {
+    const x = arr([2, 5, 17], 7);
+    const w = arr([3, 17], 8);
+    const b = arr([3], 9);
+    const ref = (xx: Arr, ww: Arr, bb: Arr) => {
+      const wt = permuteRef(ww, [1, 0]);
+      const y = matmulRef({ data: xx.data, shape: [10, 17] }, wt);
+      return elementwise({ data: y.data, shape: [2, 5, 3] }, bb, (p, q) => p + q);
+    };
+    checkOp(tt, 'linear', [x, w, b], (xx, ww, bb) => linear(xx, ww, bb), ref);
+  });
+});
+
+t.test('reductions and shape ops', async (t) => {
+  await leakChecked(t, 'sum, mean, max', (tt) => {
+    const a = arr([3, 4, 5], 11);
+    checkOp(tt, 'sum all', [a], (x) => sum(x), (x) => sumRef(x, [0, 1, 2], false));
+    checkOp(tt, 'sum axis 1', [a], (x) => sum(x, 1), (x) => sumRef(x, [1], false));
+    checkOp(tt, 'sum axes [0, 2] keepDims', [a], (x) => sum(x, [0, 2], true), (x) => sumRef(x, [0, 2], true));
+    checkOp(tt, 'sum axis -1', [a], (x) => sum(x, -1), (x) => sumRef(x, [2], false));
+    checkOp(tt, 'mean all', [a], (x) => mean(x), (x) => { const s = sumRef(x, [0, 1, 2], false); return { data: s.data.map((v) => v / 60), shape: s.shape }; });
+    checkOp(tt, 'mean axis 0', [a], (x) => mean(x, 0), (x) => { const s = sumRef(x, [0], false); return { data: s.data.map((v) => v / 3), shape: s.shape }; });
+    const maxRef = (x: Arr) => {
+      const out = new Float64Array(3 * 5).fill(-Infinity);
+      for (let i = 0; i < 3; i++) for (let j = 0; j < 4; j++) for (let k = 0; k < 5; k++) out[i * 5 + k] = Math.max(out[i * 5 + k]!, x.data[i * 20 + j * 5 + k]!);
+      return { data: out, shape: [3, 5] };
+    };
+    checkOp(tt, 'max axis 1', [a], (x) => max(x, 1), maxRef);
+  });
+  await leakChecked(t, 'reshape, permute, transpose', (tt) => {
+    const a = arr([2, 3, 4], 12);
+    checkOp(tt, 'reshape', [a], (x) => reshape(x, [4, -1]), (x) => ({ data: x.data, shape: [4, 6] }));
+    checkOp(tt, 'permute', [a], (x) => permute(x, [2, 0, 1]), (x) => permuteRef(x, [2, 0, 1]));
+    checkOp(tt, 'transpose', [a], (x) => transpose(x), (x) => permuteRef(x, [0, 2, 1]));
+  });
+  await leakChecked(t, 'unary', (tt) => {
+    const a = arr([3, 17], 13);
+    checkOp(tt, 'relu', [a], relu, (x) => ({ data: x.data.map((v) => Math.max(v, 0)), shape: x.shape }));
+    checkOp(tt, 'exp', [a], exp, (x) => ({ data: x.data.map(Math.exp), shape: x.shape }));
+    checkOp(tt, 'tanh', [a], (x) => unary('tanh', x), (x) => ({ data: x.data.map(Math.tanh), shape: x.shape }));
+  });
+});
+
+t.test('autograd: shared inputs, accumulation, noGrad, gradient argument', async (t) => {
+  await leakChecked(t, 'graph', (tt) => {
+    tidy(() => {
+      const x = tensor([1, 2, 3], [3], { requiresGrad: true });
+      const y = add(mul(x, x), mul(x, 3)); // dy/dx = 2x + 3
+      sum(y).backward();
+      tt.same(x.grad!.toFloat32Array(), new Float32Array([5, 7, 9]), 'a tensor used twice gets both contributions');
+      sum(mul(x, 2)).backward();
+      tt.same(x.grad!.toFloat32Array(), new Float32Array([7, 9, 11]), 'backward accumulates into .grad');
+      x.zeroGrad();
+      tt.equal(x.grad, null, 'zeroGrad clears');
+      const z = noGrad(() => mul(x, 2));
+      tt.equal(z.requiresGrad, false, 'noGrad records nothing');
+      const w = mul(x, tensor([1, 1, 1], [3]));
+      w.backward(tensor([1, 2, 3], [3]));
+      tt.same(x.grad!.toFloat32Array(), new Float32Array([1, 2, 3]), 'explicit gradient argument');
+      tt.equal(w.grad, null, 'non-leaf tensors keep no gradient');
+    });
+  });
+});
