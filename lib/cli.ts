@@ -1,0 +1,328 @@
+// The `lora-native` command: merge an adapter into a base model, inspect files, combine adapters.
+// Streams tensors one at a time (a model is never held whole), writes atomically, and reports
+// errors as one line on stderr with a non-zero exit. Not a training front end.
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { parseArgs, ParseArgsConfig } from 'node:util';
+
+import { LoraError } from './errors';
+import { combineAdapters, Combination, mergeError, mergeWeight, ModuleContribution, MergeReportEntry } from './lora_model';
+import { ADAPTER_CONFIG, loadPeftAdapter, PeftAdapter, PeftModule, savePeftAdapter } from './peft';
+import {
+  decodeTensor, isFloatDtype, openModel, RawTensor, readTensorBytes, SAFETENSORS_DTYPE, SafetensorsDtype,
+  SafetensorsEntry, saveSafetensors, tensorDtypeFor,
+} from './safetensors';
+import { DType, Tensor, tensor } from './tensor';
+
+class UsageError extends Error {}
+
+const USAGE = `Usage:
+  lora-native merge --base <model.safetensors | dir> --adapter <peft dir> --out <file>
+                    [--scale k] [--dtype f32|bf16|f16] [--unsafe] [--probe-rows n]
+  lora-native inspect <file | dir>
+  lora-native combine --adapter <dir> --adapter <dir> [...] --weights w1,w2[,...]
+                      --mode linear|cat|svd [--rank k] --out <dir>
+  lora-native --help | --version`;
+
+const DTYPE_ARG: Record<string, DType> = { f32: 'float32', float32: 'float32', bf16: 'bfloat16', bfloat16: 'bfloat16', f16: 'float16', float16: 'float16' };
+
+function fmtBytes(n: number): string {
+  const u = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let i = 0;
+  while (n >= 1024 && i < u.length - 1) { n /= 1024; i++; }
+  return `${i === 0 ? n : n.toFixed(1)} ${u[i]}`;
+}
+
+function table(rows: string[][]): string {
+  const w = rows[0]!.map((_, j) => Math.max(...rows.map((r) => r[j]!.length)));
+  return rows.map((r) => r.map((c, j) => (j === r.length - 1 ? c : c.padEnd(w[j]!))).join('  ').trimEnd()).join('\n');
+}
+
+/** Progress on stderr: a redrawn bar on a TTY, plain lines otherwise. */
+class Progress {
+  private readonly tty: boolean;
+  constructor(private readonly total: number, private readonly err: NodeJS.WriteStream) {
+    this.tty = !!err.isTTY;
+  }
+  step(done: number, label: string, plainLine: boolean): void {
+    if (this.tty) {
+      const width = 30;
+      const fill = Math.round((done / this.total) * width);
+      this.err.write(`\r[${'#'.repeat(fill)}${'.'.repeat(width - fill)}] ${done}/${this.total} ${label.slice(0, 50).padEnd(50)}`);
+      if (done === this.total) this.err.write('\n');
+    } else if (plainLine) {
+      this.err.write(`${label} (${done}/${this.total})\n`);
+    }
+  }
+}
+
+function parse(argv: string[], options: NonNullable<ParseArgsConfig['options']>, positionals = 0) {
+  let r;
+  try {
+    r = parseArgs({ args: argv, options, allowPositionals: positionals > 0, strict: true });
+  } catch (err) {
+    throw new UsageError((err as Error).message);
+  }
+  if (r.positionals.length > positionals) throw new UsageError(`unexpected argument '${r.positionals[positionals]}'`);
+  return r;
+}
+
+function need(v: unknown, flag: string): string {
+  if (typeof v !== 'string' || v === '') throw new UsageError(`missing ${flag}`);
+  return v;
+}
+
+function numberArg(v: string, flag: string): number {
+  const n = Number(v);
+  if (v.trim() === '' || !Number.isFinite(n)) throw new UsageError(`${flag} must be a number but is '${v}'`);
+  return n;
+}
+
+// ---- merge ------------------------------------------------------------------------------------
+
+function merge(argv: string[], out: NodeJS.WriteStream, err: NodeJS.WriteStream): void {
+  const { values: v } = parse(argv, {
+    base: { type: 'string' }, adapter: { type: 'string' }, out: { type: 'string' }, scale: { type: 'string' },
+    dtype: { type: 'string' }, unsafe: { type: 'boolean' }, 'probe-rows': { type: 'string' },
+  });
+  const basePath = need(v.base, '--base');
+  const adapterDir = need(v.adapter, '--adapter');
+  const outFile = need(v.out, '--out');
+  const scale = v.scale === undefined ? 1 : numberArg(v.scale as string, '--scale');
+  const probeRows = v['probe-rows'] === undefined ? 8 : numberArg(v['probe-rows'] as string, '--probe-rows');
+  if (!Number.isInteger(probeRows) || probeRows < 0) throw new UsageError(`--probe-rows must be a non-negative integer but is '${v['probe-rows']}'`);
+  let forced: DType | undefined;
+  if (v.dtype !== undefined) {
+    forced = DTYPE_ARG[v.dtype as string];
+    if (!forced) throw new UsageError(`--dtype must be f32, bf16 or f16 but is '${v.dtype}'`);
+  }
+  const model = openModel(basePath);
+  const adapter = loadPeftAdapter(adapterDir);
+  try {
+    const fifo = !!adapter.config.fan_in_fan_out;
+    const byName = new Map(model.entries.map((e) => [e.name, e]));
+    // check everything before writing anything
+    const plan = new Map<string, { mod: string; m: PeftModule }>();
+    for (const [mod, m] of adapter.modules) {
+      const e = byName.get(`${mod}.weight`);
+      if (!e) throw new LoraError('ERR_LORA_FORMAT', `The adapter adapts '${mod}' but ${model.source} has no tensor '${mod}.weight'`);
+      const transposed = fifo || m.kind === 'embedding';
+      const want = transposed ? [m.loraA.shape[1]!, m.loraB.shape[0]!] : [m.loraB.shape[0]!, m.loraA.shape[1]!];
+      if (e.shape.length !== 2 || e.shape[0] !== want[0] || e.shape[1] !== want[1])
+        throw new LoraError('ERR_LORA_SHAPE', `The adapter needs '${e.name}' of shape [${want.join(', ')}] but ${model.source} has [${e.shape.join(', ')}]`);
+      if (!isFloatDtype(e.dtype)) throw new LoraError('ERR_LORA_DTYPE', `Cannot merge into '${e.name}', which is ${e.dtype}`);
+      plan.set(e.name, { mod, m });
+    }
+    const outDtypeOf = (e: SafetensorsEntry): SafetensorsDtype => (forced && isFloatDtype(e.dtype) ? SAFETENSORS_DTYPE[forced] : e.dtype);
+    const report: MergeReportEntry[] = [];
+    const contribFor = (m: PeftModule, withBias: boolean): ModuleContribution[] =>
+      [{ module: withBias ? m : { ...m, loraBBias: null }, scaling: m.scaling * scale, fanInFanOut: fifo }];
+    const read = (e: SafetensorsEntry, mode: 'keep' | 'float32' = 'keep') => decodeTensor(e, readTensorBytes(e), mode);
+    const encode = (t: Tensor, dtype: SafetensorsDtype): Uint8Array => {
+      if (dtype === 'F64') return new Uint8Array(Float64Array.from(t.toFloat32Array()).buffer);
+      return t.toBytes();
+    };
+    const tensorDtype = (d: SafetensorsDtype): DType => (d === 'F64' ? 'float32' : tensorDtypeFor(d));
+
+    // merged lora_bias vectors are small: compute them first so weight and bias entries stay independent
+    const mergedBias = new Map<string, Tensor>();
+    const sources = new Map<string, RawTensor>();
+    for (const [, { mod, m }] of plan) {
+      if (!m.loraBBias) continue;
+      const be = byName.get(`${mod}.bias`);
+      const dt: SafetensorsDtype = be ? outDtypeOf(be) : forced ? SAFETENSORS_DTYPE[forced] : 'F32';
+      const cur = be ? read(be, 'float32').toFloat32Array() : new Float32Array(m.loraB.shape[0]!);
+      const bb = m.loraBBias.toFloat32Array();
+      for (let i = 0; i < cur.length; i++) cur[i] = cur[i]! + m.scaling * scale * bb[i]!;
+      const t32 = tensor(cur, [cur.length]);
+      const t = tensorDtype(dt) === 'float32' ? t32 : t32.toDtype(tensorDtype(dt));
+      if (t !== t32) t32.dispose();
+      mergedBias.set(`${mod}.bias`, t);
+    }
+    let index = 0;
+    const total = model.entries.length + [...mergedBias.keys()].filter((k) => !byName.has(k)).length;
+    const progress = new Progress(total, err);
+    const names: string[] = [];
+    for (const e of model.entries) {
+      const dt = outDtypeOf(e);
+      const p = plan.get(e.name);
+      names.push(e.name);
+      if (p) {
+        sources.set(e.name, {
+          dtype: dt, shape: e.shape, data: () => {
+            const W = read(e);
+            const biasE = byName.get(`${p.mod}.bias`);
+            const bias = biasE ? read(biasE, 'float32') : null;
+            const { weight } = mergeWeight(e.name, W, null, contribFor(p.m, false), !v.unsafe, tensorDtype(dt));
+            if (probeRows > 0) report.push(mergeError(e.name, W, bias, weight, mergedBias.get(`${p.mod}.bias`) ?? null, contribFor(p.m, true), [path.basename(path.resolve(adapterDir))], probeRows, 0));
+            W.dispose();
+            bias?.dispose();
+            const bytes = encode(weight, dt);
+            weight.dispose();
+            return bytes;
+          },
+        });
+      } else if (mergedBias.has(e.name)) {
+        const t = mergedBias.get(e.name)!;
+        sources.set(e.name, { dtype: dt, shape: e.shape, data: () => encode(t, dt) });
+      } else if (dt === e.dtype) {
+        sources.set(e.name, { dtype: dt, shape: e.shape, data: () => readTensorBytes(e) });
+      } else {
+        sources.set(e.name, {
+          dtype: dt, shape: e.shape, data: () => {
+            const t = read(e, 'float32');
+            const c = dt === 'F32' ? t : t.toDtype(tensorDtype(dt));
+            const bytes = encode(c, dt);
+            t.dispose();
+            if (c !== t) c.dispose();
+            return bytes;
+          },
+        });
+      }
+    }
+    for (const [k, t] of mergedBias) if (!byName.has(k)) sources.set(k, { dtype: SAFETENSORS_DTYPE[t.dtype], shape: t.shape, data: () => t.toBytes() });
+    try {
+      saveSafetensors(outFile, new Map(sources), {
+        metadata: model.metadata,
+        onTensor: (i, _n, name) => {
+          index = i + 1;
+          progress.step(index, plan.has(name) ? `merged ${name}` : name, plan.has(name));
+        },
+      });
+    } finally {
+      for (const t of mergedBias.values()) t.dispose();
+    }
+    const worst = report.reduce((m, r) => Math.max(m, r.relError), 0);
+    out.write(`wrote ${outFile}: ${model.entries.length} tensors, ${plan.size} merged (scale ${scale}${forced ? `, dtype ${forced}` : ''})\n`);
+    if (report.length) {
+      out.write('merge error (max |merged forward - adapter forward| on random probe inputs):\n');
+      out.write(table([['tensor', 'dtype', 'max abs error', 'max abs output', 'relative'],
+        ...report.map((r) => [r.name, r.dtype, r.maxAbsError.toExponential(3), r.maxAbsOutput.toExponential(3), r.relError.toExponential(3)])]) + '\n');
+      out.write(`worst relative error: ${worst.toExponential(3)}\n`);
+    }
+  } finally {
+    adapter.dispose();
+  }
+}
+
+// ---- inspect ----------------------------------------------------------------------------------
+
+function inspectAdapter(dir: string, out: NodeJS.WriteStream): void {
+  const a = loadPeftAdapter(dir);
+  try {
+    const c = a.config;
+    out.write(`PEFT adapter ${dir}\n`);
+    out.write(`  peft_type ${c.peft_type ?? 'LORA'}, r ${c.r ?? 8}, lora_alpha ${c.lora_alpha ?? 8}, use_rslora ${!!c.use_rslora}, use_dora ${!!c.use_dora}, fan_in_fan_out ${!!c.fan_in_fan_out}\n`);
+    out.write(`  target_modules ${JSON.stringify(c.target_modules ?? null)}\n`);
+    if (c.base_model_name_or_path) out.write(`  base_model_name_or_path ${c.base_model_name_or_path}\n`);
+    const rows = [['module', 'kind', 'rank', 'alpha', 'scaling', 'lora_A', 'lora_B', 'extras', 'params']];
+    for (const [name, m] of a.modules) {
+      const extras = [m.loraBBias ? 'bias' : '', m.magnitude ? 'dora' : ''].filter(Boolean).join(',') || '-';
+      const params = m.loraA.size + m.loraB.size + (m.loraBBias?.size ?? 0) + (m.magnitude?.size ?? 0);
+      rows.push([name, m.kind, String(m.rank), String(m.alpha), m.scaling.toPrecision(6).replace(/\.?0+$/, ''), `[${m.loraA.shape.join(', ')}] ${m.loraA.dtype}`, `[${m.loraB.shape.join(', ')}] ${m.loraB.dtype}`, extras, String(params)]);
+    }
+    out.write(table(rows).replace(/^/gm, '  ') + '\n');
+    for (const [k, t] of a.extraTensors) out.write(`  other tensor ${k} [${t.shape.join(', ')}] ${t.dtype}\n`);
+    out.write(`  ${a.modules.size} modules, ${a.numParameters} LoRA parameters\n`);
+  } finally {
+    a.dispose();
+  }
+}
+
+function inspect(argv: string[], out: NodeJS.WriteStream): void {
+  const { positionals } = parse(argv, {}, 1);
+  const p = need(positionals[0], 'a file or folder to inspect');
+  if (fs.existsSync(path.join(p, ADAPTER_CONFIG))) return inspectAdapter(p, out);
+  const m = openModel(p);
+  out.write(`${m.source}${m.files.length > 1 ? ` (${m.files.length} shards)` : ''}\n`);
+  const rows = [['tensor', 'dtype', 'shape', 'size']];
+  let params = 0;
+  let bytes = 0;
+  for (const e of m.entries) {
+    rows.push([e.name, e.dtype, `[${e.shape.join(', ')}]`, fmtBytes(e.byteLength)]);
+    params += e.shape.reduce((a, b) => a * b, 1);
+    bytes += e.byteLength;
+  }
+  out.write(table(rows).replace(/^/gm, '  ') + '\n');
+  for (const [k, val] of Object.entries(m.metadata)) out.write(`  metadata ${k} = ${val}\n`);
+  out.write(`  ${m.entries.length} tensors, ${params} parameters, ${fmtBytes(bytes)}\n`);
+}
+
+// ---- combine ----------------------------------------------------------------------------------
+
+function combine(argv: string[], out: NodeJS.WriteStream): void {
+  const { values: v } = parse(argv, {
+    adapter: { type: 'string', multiple: true }, weights: { type: 'string' }, mode: { type: 'string' },
+    rank: { type: 'string' }, out: { type: 'string' },
+  });
+  const dirs = (v.adapter as string[] | undefined) ?? [];
+  if (dirs.length === 0) throw new UsageError('missing --adapter (give one per adapter)');
+  const weightsArg = need(v.weights, '--weights');
+  const weights = weightsArg.split(',').map((w) => numberArg(w, '--weights'));
+  if (weights.length !== dirs.length) throw new UsageError(`--weights has ${weights.length} values for ${dirs.length} adapters`);
+  const mode = need(v.mode, '--mode');
+  if (mode !== 'linear' && mode !== 'cat' && mode !== 'svd') throw new UsageError(`--mode must be linear, cat or svd but is '${mode}'`);
+  const outDir = need(v.out, '--out');
+  let svdRank: number | undefined;
+  if (v.rank !== undefined) {
+    svdRank = numberArg(v.rank as string, '--rank');
+    if (!Number.isInteger(svdRank) || svdRank < 1) throw new UsageError(`--rank must be a positive integer but is '${v.rank}'`);
+  }
+  const adapters: PeftAdapter[] = [];
+  let combined: PeftAdapter | null = null;
+  try {
+    for (const d of dirs) adapters.push(loadPeftAdapter(d));
+    combined = combineAdapters(adapters, weights, mode as Combination, svdRank === undefined ? undefined : { svdRank });
+    // a new folder appears whole or not at all: write a sibling temp folder, then rename it
+    if (fs.existsSync(outDir)) savePeftAdapter(outDir, combined);
+    else {
+      const tmp = path.join(path.dirname(path.resolve(outDir)), `.${path.basename(outDir)}.${process.pid}.tmp`);
+      try {
+        savePeftAdapter(tmp, combined);
+        fs.renameSync(tmp, outDir);
+      } catch (e) {
+        fs.rmSync(tmp, { recursive: true, force: true });
+        throw e;
+      }
+    }
+    const ranks = [...combined.modules.values()].map((m) => m.rank);
+    out.write(`wrote ${outDir}: ${mode} combination of ${dirs.length} adapters, ${combined.modules.size} modules, rank ${Math.min(...ranks)}${Math.max(...ranks) !== Math.min(...ranks) ? `-${Math.max(...ranks)}` : ''}, scaling 1\n`);
+  } finally {
+    for (const a of adapters) a.dispose();
+    combined?.dispose();
+  }
+}
+
+// ---- entry --------------------------------------------------------------------------------------
+
+/** Runs the command line; returns the exit code (0 ok, 1 failure, 2 usage). */
+export function main(argv: string[], out: NodeJS.WriteStream = process.stdout, err: NodeJS.WriteStream = process.stderr): number {
+  const [cmd, ...rest] = argv;
+  try {
+    switch (cmd) {
+      case 'merge': merge(rest, out, err); return 0;
+      case 'inspect': inspect(rest, out); return 0;
+      case 'combine': combine(rest, out); return 0;
+      case '--version': case '-v': {
+        // eslint-disable-next-line @typescript-eslint/no-require-imports
+        const pkg = JSON.parse(fs.readFileSync(path.join(__dirname, '..', '..', 'package.json'), 'utf8')) as { version: string };
+        out.write(`${pkg.version}\n`);
+        return 0;
+      }
+      case '--help': case '-h': case 'help': out.write(USAGE + '\n'); return 0;
+      case undefined: err.write(USAGE + '\n'); return 2;
+      default: throw new UsageError(`unknown command '${cmd}'`);
+    }
+  } catch (e) {
+    if (e instanceof UsageError) {
+      err.write(`lora-native: ${e.message}\n${USAGE.split('\n')[0]} (see lora-native --help)\n`);
+      return 2;
+    }
+    const msg = e instanceof Error ? e.message : String(e);
+    const code = (e as { code?: string })?.code;
+    err.write(`lora-native: ${msg.split('\n')[0]}${code && code.startsWith('ERR_LORA') ? ` [${code}]` : ''}\n`);
+    return 1;
+  }
+}
+
+if (require.main === module) process.exitCode = main(process.argv.slice(2));

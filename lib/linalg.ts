@@ -1,0 +1,159 @@
+// Small dense float64 linear algebra for combining adapters: Householder QR and a one-sided Jacobi
+// SVD. Matrices are row-major Float64Arrays. Sized for rank-by-rank problems (tens to hundreds),
+// not for model-sized matrices: there is no blocking and no BLAS.
+
+/** A row-major matrix. */
+export interface Mat {
+  rows: number;
+  cols: number;
+  data: Float64Array;
+}
+
+export function mat(rows: number, cols: number, data?: ArrayLike<number>): Mat {
+  const d = new Float64Array(rows * cols);
+  if (data) d.set(data);
+  return { rows, cols, data: d };
+}
+
+export function transposeMat(a: Mat): Mat {
+  const out = mat(a.cols, a.rows);
+  for (let i = 0; i < a.rows; i++) for (let j = 0; j < a.cols; j++) out.data[j * a.rows + i] = a.data[i * a.cols + j]!;
+  return out;
+}
+
+export function matmulMat(a: Mat, b: Mat): Mat {
+  if (a.cols !== b.rows) throw new Error(`matmulMat: ${a.rows}x${a.cols} by ${b.rows}x${b.cols}`);
+  const out = mat(a.rows, b.cols);
+  const n = b.cols;
+  for (let i = 0; i < a.rows; i++) {
+    const o = i * n;
+    for (let k = 0; k < a.cols; k++) {
+      const v = a.data[i * a.cols + k]!;
+      if (v === 0) continue;
+      const bo = k * n;
+      for (let j = 0; j < n; j++) out.data[o + j] += v * b.data[bo + j]!;
+    }
+  }
+  return out;
+}
+
+/**
+ * Thin QR by Householder reflections: A (m x n) = Q (m x k) · R (k x n), k = min(m, n), Q with
+ * orthonormal columns. Rank-deficient inputs are fine (R gets zero rows' worth of diagonal).
+ */
+export function qr(a: Mat): { q: Mat; r: Mat } {
+  const m = a.rows;
+  const n = a.cols;
+  const k = Math.min(m, n);
+  const R = mat(m, n, a.data);
+  const vs: Float64Array[] = [];
+  for (let j = 0; j < k; j++) {
+    const v = new Float64Array(m - j);
+    let norm = 0;
+    for (let i = j; i < m; i++) {
+      v[i - j] = R.data[i * n + j]!;
+      norm += v[i - j]! * v[i - j]!;
+    }
+    norm = Math.sqrt(norm);
+    if (norm === 0) {
+      vs.push(v.fill(0));
+      continue;
+    }
+    v[0]! += v[0]! >= 0 ? norm : -norm;
+    let vn = 0;
+    for (const x of v) vn += x * x;
+    vn = Math.sqrt(vn);
+    for (let i = 0; i < v.length; i++) v[i]! /= vn;
+    vs.push(v);
+    for (let c = j; c < n; c++) {
+      let dot = 0;
+      for (let i = j; i < m; i++) dot += v[i - j]! * R.data[i * n + c]!;
+      for (let i = j; i < m; i++) R.data[i * n + c] -= 2 * v[i - j]! * dot;
+    }
+  }
+  // Q = H_0 ... H_{k-1} applied to the first k columns of the identity
+  const Q = mat(m, k);
+  for (let i = 0; i < k; i++) Q.data[i * k + i] = 1;
+  for (let j = k - 1; j >= 0; j--) {
+    const v = vs[j]!;
+    for (let c = 0; c < k; c++) {
+      let dot = 0;
+      for (let i = j; i < m; i++) dot += v[i - j]! * Q.data[i * k + c]!;
+      if (dot === 0) continue;
+      for (let i = j; i < m; i++) Q.data[i * k + c] -= 2 * v[i - j]! * dot;
+    }
+  }
+  const Rk = mat(k, n);
+  for (let i = 0; i < k; i++) for (let c = i; c < n; c++) Rk.data[i * n + c] = R.data[i * n + c]!;
+  return { q: Q, r: Rk };
+}
+
+/**
+ * Singular value decomposition A (m x n) = U · diag(s) · Vᵀ with p = min(m, n) singular values in
+ * descending order, by one-sided Jacobi rotations (accurate to working precision, also for small
+ * singular values). U is m x p, V is n x p.
+ */
+export function svd(a: Mat): { u: Mat; s: Float64Array; v: Mat } {
+  if (a.rows < a.cols) {
+    const t = svd(transposeMat(a));
+    return { u: t.v, s: t.s, v: t.u };
+  }
+  const m = a.rows;
+  const n = a.cols;
+  // work on columns: W = A·V, rotate pairs of columns until they are orthogonal
+  const W = transposeMat(a); // n x m: row j is column j of A
+  const V = mat(n, n);
+  for (let i = 0; i < n; i++) V.data[i * n + i] = 1;
+  const eps = 1e-15;
+  for (let sweep = 0; sweep < 60; sweep++) {
+    let rotated = false;
+    for (let p = 0; p < n - 1; p++) {
+      for (let q = p + 1; q < n; q++) {
+        let alpha = 0;
+        let beta = 0;
+        let gamma = 0;
+        for (let i = 0; i < m; i++) {
+          const x = W.data[p * m + i]!;
+          const y = W.data[q * m + i]!;
+          alpha += x * x;
+          beta += y * y;
+          gamma += x * y;
+        }
+        if (gamma === 0 || Math.abs(gamma) <= eps * Math.sqrt(alpha * beta)) continue;
+        rotated = true;
+        const zeta = (beta - alpha) / (2 * gamma);
+        const t = Math.sign(zeta || 1) / (Math.abs(zeta) + Math.sqrt(1 + zeta * zeta));
+        const c = 1 / Math.sqrt(1 + t * t);
+        const s = c * t;
+        for (let i = 0; i < m; i++) {
+          const x = W.data[p * m + i]!;
+          const y = W.data[q * m + i]!;
+          W.data[p * m + i] = c * x - s * y;
+          W.data[q * m + i] = s * x + c * y;
+        }
+        for (let i = 0; i < n; i++) {
+          const x = V.data[i * n + p]!;
+          const y = V.data[i * n + q]!;
+          V.data[i * n + p] = c * x - s * y;
+          V.data[i * n + q] = s * x + c * y;
+        }
+      }
+    }
+    if (!rotated) break;
+  }
+  const norms = Array.from({ length: n }, (_, j) => {
+    let s = 0;
+    for (let i = 0; i < m; i++) s += W.data[j * m + i]! ** 2;
+    return Math.sqrt(s);
+  });
+  const order = norms.map((_, j) => j).sort((x, y) => norms[y]! - norms[x]!);
+  const U = mat(m, n);
+  const Vs = mat(n, n);
+  const S = new Float64Array(n);
+  order.forEach((j, k) => {
+    S[k] = norms[j]!;
+    for (let i = 0; i < m; i++) U.data[i * n + k] = norms[j]! > 0 ? W.data[j * m + i]! / norms[j]! : 0;
+    for (let i = 0; i < n; i++) Vs.data[i * n + k] = V.data[i * n + j]!;
+  });
+  return { u: U, s: S, v: Vs };
+}
