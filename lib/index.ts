@@ -44,3 +44,15 @@ export interface Features {
 export function features(): Features {
   return native.features();
 }
+export {
+  readSafetensorsHeader, loadSafetensors, saveSafetensors, saveSafetensorsAsync, openModel, loadModel,
+} from './safetensors';
+export type { SafetensorsDtype, SafetensorsEntry, SafetensorsHeader, SafetensorsData, ModelIndex, RawTensor, TensorSource, LoadOptions, SaveOptions } from './safetensors';
+export { PeftAdapter, loadPeftAdapter, savePeftAdapter, matchPatternKey, moduleScaling, targetsModule } from './peft';
+export type { PeftConfig, PeftModule } from './peft';
+export { LoraModel, AdaptedLinear, combineAdapters, doraWeightNorm } from './lora_model';
+export type { MergeOptions, MergeResult, MergeReportEntry, Combination, CombineOptions, NewAdapterConfig } from './lora_model';
+export {
+  slice, concat, softmax, logSoftmax, gelu, crossEntropy, mse, layerNorm, rmsNorm, embedding, dropout, attention,
+} from './nn_ops';
+export type { GeluOptions, CrossEntropyOptions, MseOptions, Reduction, DropoutOptions, AttentionOptions } from './nn_ops';

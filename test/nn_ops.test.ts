@@ -1,0 +1,264 @@
+// lib/nn_ops.ts against the float64 references in test/ref/nn_ops_ref.ts, in two hops: each
+// reference backward against central finite differences, then each op (forward and backward)
+// against the reference on seeded, deliberately awkward shapes. Plus the error paths.
+import t from 'tap';
+import {
+  attention, concat, crossEntropy, dropout, embedding, gelu, layerNorm, logSoftmax, memory, mse, rmsNorm, slice,
+  softmax, tensor, Tensor, LoraError,
+} from '../lib/index';
+import * as R from './ref/nn_ops_ref';
+
+type F64 = Float64Array;
+
+/** Runs op on float32 copies of inputs, back-propagates G, returns y and every input's gradient. */
+function run(op: (...xs: Tensor[]) => Tensor, inputs: [F64, number[]][], G: F64 | null, extra: Tensor[] = []): { y: F64; grads: F64[] } {
+  const xs = inputs.map(([d, s]) => tensor(Float32Array.from(d), s, { requiresGrad: true }));
+  const y = op(...xs, ...extra);
+  const out = { y: Float64Array.from(y.toFloat32Array()), grads: [] as F64[] };
+  if (G) {
+    const g = tensor(Float32Array.from(G), y.shape);
+    y.backward(g);
+    g.dispose();
+    out.grads = xs.map((x) => (x.grad ? Float64Array.from(x.grad.toFloat32Array()) : new Float64Array(x.size)));
+  }
+  y.dispose();
+  for (const x of xs) x.dispose();
+  return out;
+}
+
+function close(tt: { ok(c: boolean, m: string): unknown }, a: ArrayLike<number>, r: ArrayLike<number>, what: string, atol = 1e-5, rtol = 1e-4): void {
+  const m = R.compare(a, r, atol, rtol);
+  tt.ok(m.ok, `${what}: ${m.message}`);
+}
+
+const before = memory().numTensors;
+
+t.test('softmax and logSoftmax', (tt) => {
+  const rows = 7, cols = 13;
+  const x = R.f32(R.randArray(rows * cols, 1, 3));
+  const G = R.randArray(rows * cols, 2);
+  for (const log of [false, true]) {
+    const fd = R.finiteDiff(([a]) => R.softmaxRef(a!, rows, cols, log), [x.slice()], G, 0);
+    close(tt, R.softmaxBackwardRef(x, G, rows, cols, log), fd, `ref backward vs finite differences (log=${log})`, 1e-7, 1e-6);
+    const r = run((a) => (log ? logSoftmax(a) : softmax(a)), [[x, [rows, cols]]], G);
+    close(tt, r.y, R.softmaxRef(x, rows, cols, log), `forward (log=${log})`);
+    close(tt, r.grads[0]!, R.softmaxBackwardRef(x, G, rows, cols, log), `backward (log=${log})`);
+  }
+  // a non-last axis: softmax over axis 0 of [5, 3] equals the last-axis softmax of the transpose
+  const x2 = R.f32(R.randArray(15, 3));
+  const xt = new Float64Array(15);
+  for (let i = 0; i < 5; i++) for (let j = 0; j < 3; j++) xt[j * 5 + i] = x2[i * 3 + j]!;
+  const yt = R.softmaxRef(xt, 3, 5, false);
+  const want = new Float64Array(15);
+  for (let i = 0; i < 5; i++) for (let j = 0; j < 3; j++) want[i * 3 + j] = yt[j * 5 + i]!;
+  close(tt, run((a) => softmax(a, 0), [[x2, [5, 3]]], null).y, want, 'softmax over axis 0');
+  tt.end();
+});
+
+t.test('gelu (exact and tanh)', (tt) => {
+  const x = R.f32(R.randArray(37, 4, 2));
+  const G = R.randArray(37, 5);
+  for (const approx of [false, true]) {
+    const fd = R.finiteDiff(([a]) => R.geluRef(a!, approx), [x.slice()], G, 0);
+    close(tt, R.geluBackwardRef(x, G, approx), fd, `ref backward vs finite differences (tanh=${approx})`, 1e-7, 1e-6);
+    const r = run((a) => gelu(a, { approximate: approx ? 'tanh' : 'none' }), [[x, [37]]], G);
+    close(tt, r.y, R.geluRef(x, approx), `forward (tanh=${approx})`);
+    close(tt, r.grads[0]!, R.geluBackwardRef(x, G, approx), `backward (tanh=${approx})`);
+  }
+  tt.end();
+});
+
+t.test('crossEntropy: ignoreIndex, labelSmoothing, reductions', (tt) => {
+  const N = 9, V = 11;
+  const z = R.f32(R.randArray(N * V, 6, 2));
+  const targets = Int32Array.from([3, -100, 0, 10, 7, 7, -100, 1, 5]);
+  for (const [eps, reduction] of [[0, 'mean'], [0.1, 'mean'], [0.25, 'sum'], [0.1, 'none']] as const) {
+    const G = reduction === 'none' ? R.randArray(N, 7) : Float64Array.of(1.7);
+    const fd = R.finiteDiff(([a]) => R.crossEntropyRef(a!, targets, V, -100, eps, reduction), [z.slice()], G, 0);
+    const rb = R.crossEntropyBackwardRef(z, targets, V, -100, eps, reduction, G);
+    close(tt, rb, fd, `ref backward vs finite differences (ε=${eps}, ${reduction})`, 1e-7, 1e-6);
+    const tg = tensor(Float32Array.from(targets), [N], { dtype: 'int32' });
+    const r = run((a) => crossEntropy(a, tg, { labelSmoothing: eps, reduction }), [[z, [N, V]]], G);
+    tg.dispose();
+    close(tt, r.y, R.crossEntropyRef(z, targets, V, -100, eps, reduction), `forward (ε=${eps}, ${reduction})`);
+    close(tt, r.grads[0]!, rb, `backward (ε=${eps}, ${reduction})`);
+  }
+  // 3-D logits with a custom ignore index
+  const z3 = R.f32(R.randArray(2 * 3 * 4, 8));
+  const t3 = Int32Array.from([1, 2, 0, 3, 9, 1]);
+  const tg3 = tensor(Float32Array.from(t3), [2, 3], { dtype: 'int32' });
+  const r3 = run((a) => crossEntropy(a, tg3, { ignoreIndex: 9 }), [[z3, [2, 3, 4]]], null);
+  close(tt, r3.y, R.crossEntropyRef(z3, t3, 4, 9, 0, 'mean'), 'forward, 3-D logits, ignoreIndex 9');
+  // errors
+  const logits = tensor(new Float32Array(6), [2, 3]);
+  const badT = [tensor([0, 3], [2], { dtype: 'int32' }), tensor([0, 1], [2]), tensor([0, 1, 2], [3], { dtype: 'int32' })];
+  tt.throws(() => crossEntropy(logits, badT[0]!), { code: 'ERR_LORA_RANGE', message: 'Expected every target (or ignoreIndex) between 0 and 2 for cross_entropy' });
+  tt.throws(() => crossEntropy(logits, badT[1]!), { code: 'ERR_LORA_DTYPE', message: /Expected int32 targets for crossEntropy\(\) but received float32/ });
+  tt.throws(() => crossEntropy(logits, badT[2]!), { code: 'ERR_LORA_SHAPE', message: 'Expected targets of shape [2] for logits of shape [2, 3] but received [3]' });
+  for (const b of badT) b.dispose();
+  const tg2 = tensor([0, 1], [2], { dtype: 'int32' });
+  tt.throws(() => crossEntropy(logits, tg2, { labelSmoothing: 2 }), { code: 'ERR_LORA_RANGE', message: 'Expected a number between 0 and 1 for labelSmoothing but received 2 (number)' });
+  tt.throws(() => crossEntropy(logits, tg2, { ignoreIdx: 1 } as never), { code: 'ERR_LORA_OPTION', message: /did you mean 'ignoreIndex'/ });
+  tg2.dispose();
+  tg3.dispose();
+  logits.dispose();
+  tt.end();
+});
+
+t.test('mse', (tt) => {
+  const a = R.f32(R.randArray(23, 9)), b = R.f32(R.randArray(23, 10));
+  const G = Float64Array.of(0.7);
+  const fd = R.finiteDiff(([x, y]) => R.mseRef(x!, y!), [a.slice(), b.slice()], G, 0);
+  const want = a.map((v, i) => (2 * (v - b[i]!) * 0.7) / 23);
+  close(tt, want, fd, 'analytic backward vs finite differences', 1e-7, 1e-6);
+  const r = run((x, y) => mse(x!, y!), [[a, [23]], [b, [23]]], G);
+  close(tt, r.y, R.mseRef(a, b), 'forward');
+  close(tt, r.grads[0]!, want, 'backward (input)');
+  close(tt, r.grads[1]!, want.map((v) => -v), 'backward (target)');
+  tt.end();
+});
+
+t.test('layerNorm and rmsNorm', (tt) => {
+  const N = 6, C = 19, eps = 1e-5;
+  const x = R.f32(R.randArray(N * C, 11, 2).map((v, i) => v + (i % 3)));
+  const w = R.f32(R.randArray(C, 12)), b = R.f32(R.randArray(C, 13));
+  const G = R.randArray(N * C, 14);
+  const lnRef = (xs: F64[]) => R.layerNormRef(xs[0]!, xs[1]!, xs[2]!, N, C, eps);
+  const lb = R.layerNormBackwardRef(x, w, N, C, eps, G);
+  close(tt, lb.dx, R.finiteDiff(lnRef, [x.slice(), w.slice(), b.slice()], G, 0), 'layerNorm ref dx vs finite differences', 1e-7, 1e-5);
+  close(tt, lb.dw, R.finiteDiff(lnRef, [x.slice(), w.slice(), b.slice()], G, 1), 'layerNorm ref dw vs finite differences', 1e-7, 1e-5);
+  close(tt, lb.db, R.finiteDiff(lnRef, [x.slice(), w.slice(), b.slice()], G, 2), 'layerNorm ref db vs finite differences', 1e-7, 1e-5);
+  const r = run((a, ww, bb) => layerNorm(a!, ww!, bb!, eps), [[x, [2, 3, C]], [w, [C]], [b, [C]]], G);
+  close(tt, r.y, R.layerNormRef(x, w, b, N, C, eps), 'layerNorm forward');
+  close(tt, r.grads[0]!, lb.dx, 'layerNorm dx');
+  close(tt, r.grads[1]!, lb.dw, 'layerNorm dw');
+  close(tt, r.grads[2]!, lb.db, 'layerNorm db');
+  const r0 = run((a) => layerNorm(a!, null, null, eps), [[x, [N, C]]], G);
+  close(tt, r0.grads[0]!, R.layerNormBackwardRef(x, null, N, C, eps, G).dx, 'layerNorm without affine, dx');
+
+  const rmRef = (xs: F64[]) => R.rmsNormRef(xs[0]!, xs[1]!, N, C, 1e-6);
+  const rb = R.rmsNormBackwardRef(x, w, N, C, 1e-6, G);
+  close(tt, rb.dx, R.finiteDiff(rmRef, [x.slice(), w.slice()], G, 0), 'rmsNorm ref dx vs finite differences', 1e-7, 1e-5);
+  close(tt, rb.dw, R.finiteDiff(rmRef, [x.slice(), w.slice()], G, 1), 'rmsNorm ref dw vs finite differences', 1e-7, 1e-5);
+  const r2 = run((a, ww) => rmsNorm(a!, ww!, 1e-6), [[x, [N, C]], [w, [C]]], G);
+  close(tt, r2.y, R.rmsNormRef(x, w, N, C, 1e-6), 'rmsNorm forward');
+  close(tt, r2.grads[0]!, rb.dx, 'rmsNorm dx');
+  close(tt, r2.grads[1]!, rb.dw, 'rmsNorm dw');
+  const xt = tensor(new Float32Array(6), [2, 3]);
+  const bad = tensor(new Float32Array(2), [2]);
+  tt.throws(() => layerNorm(xt, bad), { code: 'ERR_LORA_SHAPE', message: 'Expected weight of shape [3] for layerNorm() but received [2]' });
+  xt.dispose();
+  bad.dispose();
+  tt.end();
+});
+
+t.test('embedding', (tt) => {
+  const V = 7, C = 5;
+  const table = R.f32(R.randArray(V * C, 15));
+  const ids = Int32Array.from([6, 0, 3, 3, 1, 6, 6, 2]);
+  const G = R.randArray(ids.length * C, 16);
+  const fd = R.finiteDiff(([tb]) => R.embeddingRef(tb!, ids, C), [table.slice()], G, 0);
+  close(tt, R.embeddingBackwardRef(ids, V, C, G), fd, 'ref backward vs finite differences', 1e-7, 1e-6);
+  const idt = tensor(Float32Array.from(ids), [2, 4], { dtype: 'int32' });
+  const r = run((tb) => embedding(idt, tb!), [[table, [V, C]]], G);
+  close(tt, r.y, R.embeddingRef(table, ids, C), 'forward');
+  close(tt, r.grads[0]!, R.embeddingBackwardRef(ids, V, C, G), 'backward (repeated ids add up)');
+  idt.dispose();
+  const tb = tensor(Float32Array.from(table), [V, C]);
+  const badIds = tensor([0, 7], [2], { dtype: 'int32' });
+  tt.throws(() => embedding(badIds, tb), { code: 'ERR_LORA_RANGE', message: 'Expected every id between 0 and 6 for embedding' });
+  tt.throws(() => embedding(tb, tb), { code: 'ERR_LORA_DTYPE', message: /Expected int32 ids for embedding\(\) but received float32/ });
+  badIds.dispose();
+  tb.dispose();
+  tt.end();
+});
+
+t.test('dropout', (tt) => {
+  const n = 1000, p = 0.3, seed = 12345;
+  const x = R.f32(R.randArray(n, 17));
+  const G = R.randArray(n, 18);
+  const r = run((a) => dropout(a!, p, { seed }), [[x, [10, 100]]], G);
+  close(tt, r.y, R.dropoutRef(x, p, seed), 'forward matches the counter RNG mask');
+  close(tt, r.grads[0]!, R.dropoutRef(G, p, seed), 'backward applies the same mask');
+  const kept = r.y.filter((v) => v !== 0).length / n;
+  tt.ok(Math.abs(kept - (1 - p)) < 0.06, `keeps about 1-p of the elements (${kept})`);
+  const ev = run((a) => dropout(a!, p, { training: false }), [[x, [n]]], null);
+  close(tt, ev.y, x, 'identity when not training', 1e-12, 0);
+  const xt = tensor([1], [1]);
+  tt.throws(() => dropout(xt, 1), { code: 'ERR_LORA_RANGE', message: 'Expected a number in [0, 1) for p but received 1 (number)' });
+  xt.dispose();
+  tt.end();
+});
+
+t.test('attention (causal and full)', (tt) => {
+  const B = 2, T = 5, H = 3, D = 7, n = B * T * H * D;
+  const q = R.f32(R.randArray(n, 19)), k = R.f32(R.randArray(n, 20)), v = R.f32(R.randArray(n, 21));
+  const G = R.randArray(n, 22);
+  for (const causal of [true, false]) {
+    const scale = 1 / Math.sqrt(D);
+    const f = (xs: F64[]) => R.attentionRef(xs[0]!, xs[1]!, xs[2]!, B, T, H, D, scale, causal);
+    const rb = R.attentionBackwardRef(q, k, v, B, T, H, D, scale, causal, G);
+    close(tt, rb.dq, R.finiteDiff(f, [q.slice(), k.slice(), v.slice()], G, 0), `ref dq vs finite differences (causal=${causal})`, 1e-7, 1e-5);
+    close(tt, rb.dk, R.finiteDiff(f, [q.slice(), k.slice(), v.slice()], G, 1), `ref dk vs finite differences (causal=${causal})`, 1e-7, 1e-5);
+    close(tt, rb.dv, R.finiteDiff(f, [q.slice(), k.slice(), v.slice()], G, 2), `ref dv vs finite differences (causal=${causal})`, 1e-7, 1e-5);
+    const shape = [B, T, H, D];
+    const r = run((a, b, c) => attention(a!, b!, c!, { causal }), [[q, shape], [k, shape], [v, shape]], G);
+    close(tt, r.y, f([q, k, v]), `forward (causal=${causal})`);
+    close(tt, r.grads[0]!, rb.dq, `dq (causal=${causal})`);
+    close(tt, r.grads[1]!, rb.dk, `dk (causal=${causal})`);
+    close(tt, r.grads[2]!, rb.dv, `dv (causal=${causal})`);
+  }
+  const a = tensor(new Float32Array(8), [1, 2, 2, 2]);
+  const b = tensor(new Float32Array(8), [1, 2, 4, 1]);
+  tt.throws(() => attention(a, b, a), { code: 'ERR_LORA_SHAPE', message: 'Expected q, k, v of one shape [batch, seq, heads, headDim] for attention() but received [1, 2, 2, 2], [1, 2, 4, 1] and [1, 2, 2, 2]' });
+  a.dispose();
+  b.dispose();
+  tt.end();
+});
+
+t.test('slice and concat', (tt) => {
+  const x = R.f32(R.randArray(3 * 7 * 4, 23));
+  const G = R.randArray(3 * 3 * 4, 24);
+  const fd = R.finiteDiff(([a]) => R.sliceRef(a!, 3, 7, 4, 2, 5), [x.slice()], G, 0);
+  const r = run((a) => slice(a!, 1, 2, -2), [[x, [3, 7, 4]]], G);
+  close(tt, r.y, R.sliceRef(x, 3, 7, 4, 2, 5), 'slice forward (negative end)');
+  close(tt, r.grads[0]!, fd, 'slice backward vs finite differences of the reference', 1e-7, 1e-6);
+  const a = R.f32(R.randArray(2 * 1 * 3, 25)), b = R.f32(R.randArray(2 * 4 * 3, 26));
+  const Gc = R.randArray(2 * 5 * 3, 27);
+  const fa = R.finiteDiff(([p, q]) => R.concatRef([p!, q!], 2, [1, 4], 3), [a.slice(), b.slice()], Gc, 0);
+  const fb = R.finiteDiff(([p, q]) => R.concatRef([p!, q!], 2, [1, 4], 3), [a.slice(), b.slice()], Gc, 1);
+  const rc = run((p, q) => concat([p!, q!], 1), [[a, [2, 1, 3]], [b, [2, 4, 3]]], Gc);
+  close(tt, rc.y, R.concatRef([a, b], 2, [1, 4], 3), 'concat forward');
+  close(tt, rc.grads[0]!, fa, 'concat backward (first)', 1e-7, 1e-6);
+  close(tt, rc.grads[1]!, fb, 'concat backward (second)', 1e-7, 1e-6);
+  const p = tensor(new Float32Array(6), [2, 3]);
+  const q = tensor(new Float32Array(4), [2, 2]);
+  tt.throws(() => concat([p, q], 0), { code: 'ERR_LORA_SHAPE', message: 'Expected tensors that differ only in axis 0 for concat() but received [2, 3] and [2, 2]' });
+  tt.throws(() => slice(p, 2, 0), { code: 'ERR_LORA_RANGE', message: 'Expected an integer between -2 and 1 for axis but received 2 (number)' });
+  const joined = concat([p, q], 1);
+  tt.same(joined.shape, [2, 5]);
+  tt.ok(joined instanceof Tensor);
+  joined.dispose();
+  p.dispose();
+  q.dispose();
+  tt.end();
+});
+
+t.test('every error is a LoraError', (tt) => {
+  const x = tensor([1, 2], [2]);
+  try {
+    gelu(x, { approximate: 'fast' as never });
+    tt.fail('expected a throw');
+  } catch (e) {
+    tt.ok(e instanceof LoraError);
+    tt.equal((e as LoraError).code, 'ERR_LORA_RANGE');
+    tt.equal((e as Error).message, "Expected one of 'none', 'tanh' for approximate but received \"fast\" (string)");
+  }
+  x.dispose();
+  tt.end();
+});
+
+t.test('no tensor outlives the tests', (tt) => {
+  tt.equal(memory().numTensors, before);
+  tt.end();
+});
