@@ -1,0 +1,137 @@
+// The lora-native command end to end in a child process (node bin/lora-native.js over dist/, which
+// `npm run build` makes): merge against a dense float64 merge, inspect, combine, and failures that
+// print one line, exit non-zero and write nothing.
+import { spawnSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+
+import t from 'tap';
+
+import { loadPeftAdapter, loadSafetensors, saveSafetensors, tensor, Tensor } from '../lib/index';
+import { assertClose, f32, randomData } from './helpers';
+import { addRef, deltaRef } from './ref/merge_ref';
+
+const root = path.join(__dirname, '..');
+const bin = path.join(root, 'bin', 'lora-native.js');
+const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lora-cli-'));
+t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+function run(...args: string[]) {
+  const r = spawnSync(process.execPath, [bin, ...args], { encoding: 'utf8' });
+  return { code: r.status, out: r.stdout, err: r.stderr };
+}
+
+const built = fs.existsSync(path.join(root, 'dist', 'lib', 'cli.js'));
+const skip = built ? false : 'dist/ is missing: run npm run build first';
+
+let seed = 500;
+const data = (n: number) => f32(randomData(n, seed++));
+const keep: Tensor[] = [];
+const mk = (d: Float64Array, shape: number[], dtype: 'float32' | 'bfloat16' = 'float32') => {
+  const x = tensor(Float32Array.from(d), shape, { dtype });
+  keep.push(x);
+  return x;
+};
+t.teardown(() => keep.forEach((x) => x.dispose()));
+
+// fixtures: a base model and two PEFT adapters
+const W = data(12 * 10);
+const baseFile = path.join(dir, 'model.safetensors');
+saveSafetensors(baseFile, {
+  'model.layers.0.q_proj.weight': mk(W, [12, 10]),
+  'model.layers.0.k_proj.weight': mk(data(8 * 10), [8, 10], 'bfloat16'),
+  'model.norm.weight': mk(data(10), [10]),
+  position_ids: { dtype: 'I64', shape: [3], data: new Uint8Array(new BigInt64Array([0n, 1n, 2n]).buffer) },
+}, { metadata: { format: 'pt' } });
+const adapters: Record<string, { A: Float64Array; B: Float64Array; R: number; s: number }> = {};
+for (const [name, R, alpha] of [['a', 3, 6], ['b', 2, 2]] as const) {
+  const d = path.join(dir, name);
+  fs.mkdirSync(d);
+  const A = data(R * 10);
+  const B = data(12 * R);
+  adapters[name] = { A, B, R, s: alpha / R };
+  fs.writeFileSync(path.join(d, 'adapter_config.json'), JSON.stringify({ peft_type: 'LORA', r: R, lora_alpha: alpha, target_modules: ['q_proj'] }));
+  saveSafetensors(path.join(d, 'adapter_model.safetensors'), {
+    'base_model.model.model.layers.0.q_proj.lora_A.weight': mk(A, [R, 10]),
+    'base_model.model.model.layers.0.q_proj.lora_B.weight': mk(B, [12, R]),
+  });
+}
+
+t.test('merge writes every tensor, the adapted one merged, and prints the error report', { skip }, (t) => {
+  const out = path.join(dir, 'merged.safetensors');
+  const r = run('merge', '--base', baseFile, '--adapter', path.join(dir, 'a'), '--out', out, '--scale', '0.5');
+  t.equal(r.code, 0, r.err);
+  t.match(r.out, /wrote .*merged\.safetensors: 4 tensors, 1 merged \(scale 0\.5\)/);
+  t.match(r.out, /model\.layers\.0\.q_proj\.weight\s+float32\s+\S+e-\d+/);
+  t.match(r.err, /merged model\.layers\.0\.q_proj\.weight \(1\/4\)/, 'plain progress lines off a TTY');
+  const { tensors } = loadSafetensors(out);
+  const { tensors: orig } = loadSafetensors(baseFile);
+  const a = adapters.a!;
+  assertClose(t, Float64Array.from(tensors.get('model.layers.0.q_proj.weight')!.toFloat32Array()), addRef(W, deltaRef(a.A, a.B, 12, a.R, 10, a.s * 0.5)), { atol: 1e-5, rtol: 1e-5 }, 'merged like the dense reference');
+  for (const k of ['model.layers.0.k_proj.weight', 'model.norm.weight', 'position_ids'])
+    t.same(Buffer.from(tensors.get(k)!.toBytes()), Buffer.from(orig.get(k)!.toBytes()), `${k} copied byte for byte`);
+  const raw = fs.readFileSync(out);
+  t.match(raw.subarray(8, 8 + Number(raw.readBigUInt64LE(0))).toString(), /"position_ids":\{"dtype":"I64"/, 'I64 kept as I64');
+  for (const x of [...tensors.values(), ...orig.values()]) x.dispose();
+
+  const out16 = path.join(dir, 'merged-bf16.safetensors');
+  const r2 = run('merge', '--base', baseFile, '--adapter', path.join(dir, 'a'), '--out', out16, '--dtype', 'bf16');
+  t.equal(r2.code, 0, r2.err);
+  const { tensors: t16 } = loadSafetensors(out16);
+  t.same(['model.layers.0.q_proj.weight', 'model.norm.weight', 'position_ids'].map((k) => t16.get(k)!.dtype), ['bfloat16', 'bfloat16', 'int32']);
+  t.match(r2.out, /q_proj\.weight\s+bfloat16/);
+  for (const x of t16.values()) x.dispose();
+  t.end();
+});
+
+t.test('inspect a model and an adapter', { skip }, (t) => {
+  const m = run('inspect', baseFile);
+  t.equal(m.code, 0, m.err);
+  t.match(m.out, /model\.layers\.0\.k_proj\.weight\s+BF16\s+\[8, 10\]\s+160 B/);
+  t.match(m.out, /4 tensors, 213 parameters/);
+  const a = run('inspect', path.join(dir, 'a'));
+  t.equal(a.code, 0, a.err);
+  t.match(a.out, /r 3, lora_alpha 6, use_rslora false/);
+  t.match(a.out, /model\.layers\.0\.q_proj\s+linear\s+3\s+6\s+2\s+\[3, 10\] float32\s+\[12, 3\] float32\s+-\s+66/);
+  t.match(a.out, /1 modules, 66 LoRA parameters/);
+  t.end();
+});
+
+t.test('combine writes a PEFT adapter equal to the weighted sum', { skip }, (t) => {
+  const out = path.join(dir, 'ab');
+  const r = run('combine', '--adapter', path.join(dir, 'a'), '--adapter', path.join(dir, 'b'), '--weights', '0.7,0.3', '--mode', 'cat', '--out', out);
+  t.equal(r.code, 0, r.err);
+  t.match(r.out, /cat combination of 2 adapters, 1 modules, rank 5, scaling 1/);
+  const ad = loadPeftAdapter(out);
+  const m = ad.modules.get('model.layers.0.q_proj')!;
+  const got = deltaRef(Float64Array.from(m.loraA.toFloat32Array()), Float64Array.from(m.loraB.toFloat32Array()), 12, m.rank, 10, m.scaling);
+  const { a, b } = adapters as Required<typeof adapters>;
+  assertClose(t, got, addRef(deltaRef(a.A, a.B, 12, 3, 10, 0.7 * a.s), deltaRef(b.A, b.B, 12, 2, 10, 0.3 * b.s)), { atol: 1e-6, rtol: 1e-5 }, 'combined delta');
+  ad.dispose();
+  t.end();
+});
+
+t.test('failures: one line on stderr, non-zero exit, nothing written', { skip }, (t) => {
+  const out = path.join(dir, 'never.safetensors');
+  const bad = path.join(dir, 'broken.safetensors');
+  fs.writeFileSync(bad, Buffer.from([1, 2, 3]));
+  const cases: [string[], number, RegExp][] = [
+    [['merge', '--base', bad, '--adapter', path.join(dir, 'a'), '--out', out], 1, /^lora-native: Invalid safetensors file .*broken\.safetensors: the file is 3 bytes.* \[ERR_LORA_FORMAT\]\n$/],
+    [['merge', '--base', baseFile, '--adapter', path.join(dir, 'nope'), '--out', out], 1, /^lora-native: Could not read .*adapter_config\.json.*\[ERR_LORA_IO\]\n$/],
+    [['merge', '--base', baseFile, '--out', out], 2, /^lora-native: missing --adapter\n/],
+    [['merge', '--base', baseFile, '--adapter', path.join(dir, 'a'), '--out', out, '--dtype', 'f8'], 2, /--dtype must be f32, bf16 or f16 but is 'f8'/],
+    [['combine', '--adapter', path.join(dir, 'a'), '--weights', '1,2', '--mode', 'cat', '--out', path.join(dir, 'c')], 2, /--weights has 2 values for 1 adapters/],
+    [['frobnicate'], 2, /unknown command 'frobnicate'/],
+  ];
+  for (const [args, code, msg] of cases) {
+    const r = run(...args);
+    t.equal(r.code, code, `${args[0]} exits ${code}`);
+    t.match(r.err, msg, r.err);
+    t.notMatch(r.err, /\n\s+at /, 'no stack trace');
+  }
+  t.notOk(fs.existsSync(out), 'no output file');
+  t.notOk(fs.existsSync(path.join(dir, 'c')), 'no output folder');
+  t.same(fs.readdirSync(dir).filter((f) => f.includes('.tmp')), [], 'no temp files');
+  t.end();
+});
