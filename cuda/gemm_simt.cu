@@ -228,7 +228,7 @@ cudaError_t launch_gemm_simt(cudaStream_t stream, GemmArgs args, bool trans_a, b
 
   // Split K when the grid would leave SMs idle and K is long (dA, dB: K = N rows).
   int split = 1;
-  if (args.lora.L == nullptr && !shared_c) {
+  if (args.lora.L == nullptr && args.lora.bias == nullptr && !shared_c) {  // epilogues run once
     const int64_t blocks = tiles * args.batch;
     const int64_t want = 2 * static_cast<int64_t>(sm_count);  // two waves hide the tail
     if (blocks < want && args.K >= 512) {
