@@ -6,6 +6,7 @@ import { checkOptions, expectBoolean, expectInteger, expectNumber, expectOneOf, 
 import { mat, matmulMat, Mat, qr, svd, transposeMat } from './linalg';
 import { native } from './native';
 import { Module } from './module';
+import { embedding } from './nn_ops';
 import { add, linear, matmul, mul, sub, div, sum, square, transpose } from './ops';
 import { configForModules, moduleScaling, PeftAdapter, PeftConfig, PeftModule, targetsModule } from './peft';
 import { Rng } from './random';
@@ -117,6 +118,24 @@ export function adaptedForward(x: Tensor, W: Tensor, bias: Tensor | null, contri
       y = add(y, lora);
     }
     if (m.loraBBias) y = add(y, mul(f32(m.loraBBias), c.scaling));
+  }
+  return y;
+}
+
+/**
+ * The output of an embedding with adapters, as PEFT computes it: ids (...) int32 into W (V, D);
+ * y = W[ids] + Σ s·(Aᵀ[ids])·Bᵀ with lora_embedding_A (R, V) and lora_embedding_B (D, R).
+ * Differentiable in A and B.
+ */
+export function adaptedEmbedding(ids: Tensor, W: Tensor, contribs: readonly ModuleContribution[]): Tensor {
+  if (ids.dtype !== 'int32') throw new LoraError('ERR_LORA_DTYPE', `Expected int32 ids for an embedding module but received ${ids.dtype} (create them with { dtype: 'int32' })`);
+  const table = f32(W);
+  let y = embedding(ids, table);
+  for (const c of contribs) {
+    const m = c.module;
+    const At = transpose(f32(m.loraA)); // (V, R): row v is what id v contributes before B
+    const lora = mul(linear(embedding(ids, At), f32(m.loraB)), c.scaling);
+    y = add(y, lora);
   }
   return y;
 }
@@ -593,9 +612,10 @@ export class LoraModel {
     const W = this.baseTensors.get(`${moduleName}.weight`);
     if (!W) throw new LoraError('ERR_LORA_STATE', `Expected a module of the base but '${moduleName}.weight' is not a base tensor`);
     const contribs = this.contributions(moduleName);
+    if (!(x instanceof Tensor)) throw typeError('x', 'a Tensor', x);
+    if (contribs.some((c) => c.module.kind === 'embedding')) return adaptedEmbedding(x, W, contribs);
     const fifo = contribs.some((c) => c.fanInFanOut);
     const C = fifo ? W.shape[0]! : W.shape[1]!;
-    if (!(x instanceof Tensor)) throw typeError('x', 'a Tensor', x);
     if (x.shape[x.ndim - 1] !== C) throw new LoraError('ERR_LORA_SHAPE', `Expected x of shape [..., ${C}] for module '${moduleName}' but received ${shapeString(x.shape)}`);
     return adaptedForward(x, W, this.baseTensors.get(`${moduleName}.bias`) ?? null, contribs, fifo);
   }

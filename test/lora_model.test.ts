@@ -233,3 +233,33 @@ void leakChecked(t, 'weighted combinations against dense weighted sums (rsLoRA, 
   model.dispose();
   for (const v of base.values()) v.dispose();
 });
+
+void leakChecked(t, 'embedding adapters run forward (and backward into A and B) as PEFT computes them', (t) => {
+  const V = 19;
+  const D = 6;
+  const R = 3;
+  const E = data(V * D);
+  const base = new Map<string, Tensor>([['emb.weight', t32(E, [V, D])]]);
+  const { adapter, ref } = makeAdapter({ r: R, lora_alpha: 5 }, { emb: [D, V, R] }, { embedding: ['emb'] });
+  const model = new LoraModel(base).addAdapter('a', adapter);
+  const s = 5 / R;
+  const idList = [0, 18, 7, 7, 3, 12, 1];
+  tidy(() => {
+    const ids = tensor(idList, [7], { dtype: 'int32' });
+    const y = model.forward('emb', ids);
+    t.same(y.shape, [7, D], 'output shape');
+    const { A, B } = ref.emb!; // A (R, V), B (D, R)
+    const want = new Float64Array(7 * D);
+    idList.forEach((id, n) => {
+      for (let d = 0; d < D; d++) {
+        let acc = 0;
+        for (let r = 0; r < R; r++) acc += A[r * V + id]! * B[d * R + r]!;
+        want[n * D + d] = E[id * D + d]! + s * acc;
+      }
+    });
+    assertClose(t, vals(y), want, { atol: 1e-5, rtol: 1e-5 }, 'embedding forward = W[id] + s·B·A[:, id]');
+    assertLoraError(t, () => model.forward('emb', tensor([1, 2], [2])), LoraError, 'ERR_LORA_DTYPE', /int32 ids/, 'float ids are refused');
+  });
+  model.dispose();
+  for (const x of base.values()) x.dispose();
+});
