@@ -56,3 +56,12 @@ export {
   slice, concat, softmax, logSoftmax, gelu, crossEntropy, mse, layerNorm, rmsNorm, embedding, dropout, attention,
 } from './nn_ops';
 export type { GeluOptions, CrossEntropyOptions, MseOptions, Reduction, DropoutOptions, AttentionOptions } from './nn_ops';
+export {
+  Linear, Embedding, LayerNorm, RMSNorm, Dropout, Activation, Sequential, MLP, TransformerLM, TransformerBlock,
+  CausalSelfAttention, TransformerMLP, applyLora, loraLayers, peftAdapterOf, saveLoraAdapter, loadLoraAdapter, trainableParameters,
+} from './nn';
+export type {
+  LinearOptions, EmbeddingOptions, MLPOptions, ActivationName, TransformerOptions, ApplyLoraOptions, LoraInfo, ParameterCount,
+} from './nn';
+export { train, lrMultiplier, parameterGroups, clipGradNorm, CHECKPOINT_FILE } from './train';
+export type { TrainOptions, TrainResult, StepInfo, Schedule, OptimizerSpec } from './train';

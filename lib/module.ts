@@ -90,6 +90,99 @@ export abstract class Module {
     this.dispose();
   }
 
+  /** Every module below this one (and this one, as '') with its dotted path, depth first. */
+  namedModules(prefix = ''): [string, Module][] {
+    const out: [string, Module][] = [[prefix.replace(/\.$/, ''), this]];
+    for (const [name, m] of this._modules) out.push(...m.namedModules(`${prefix}${name}.`));
+    return out;
+  }
+
+  /** The child module at a dotted path ('layers.0.attn.q_proj'), or undefined. */
+  getModule(path: string): Module | undefined {
+    if (typeof path !== 'string') throw typeError('path', 'a dotted module path', path);
+    if (path === '') return this;
+    let cur: Module | undefined = this;
+    for (const part of path.split('.')) {
+      cur = cur._modules.get(part);
+      if (!cur) return undefined;
+    }
+    return cur;
+  }
+
+  /**
+   * Replaces the child at a dotted path with another module (applyLora swaps Linear for
+   * LoraLinear this way). The old module is returned, not disposed.
+   * @throws ERR_LORA_OPTION when no module lives at that path.
+   */
+  setModule(path: string, m: Module): Module {
+    if (!(m instanceof Module)) throw typeError('m', 'a Module', m);
+    const parts = typeof path === 'string' ? path.split('.') : [];
+    const last = parts.pop();
+    const parent = this.getModule(parts.join('.'));
+    const old = last === undefined || !parent ? undefined : parent._modules.get(last);
+    if (!parent || !old || last === undefined) throw new LoraError('ERR_LORA_OPTION', `Expected the path of a child module for setModule() but received ${JSON.stringify(path)}`);
+    parent._modules.set(last, m);
+    parent.onModuleReplaced(last, m);
+    return old;
+  }
+
+  /** Subclasses that mirror children in fields update them here. */
+  protected onModuleReplaced(name: string, m: Module): void {
+    const self = this as unknown as Record<string, unknown>;
+    if (name in self) self[name] = m;
+  }
+
+  /**
+   * Every parameter by dotted name (frozen ones too): the tensors themselves, not copies, like
+   * PyTorch's state_dict(). Save them with saveSafetensors().
+   */
+  stateDict(): Record<string, Tensor> {
+    return Object.fromEntries(this.namedParameters());
+  }
+
+  /**
+   * Copies values into this module's parameters by name (shapes must match; dtypes convert).
+   * With strict (the default) every parameter must be given and no unknown name may appear.
+   * Returns the names that were missing and unexpected.
+   * @throws ERR_LORA_STATE for missing/unexpected names in strict mode; ERR_LORA_SHAPE on a shape mismatch.
+   */
+  loadStateDict(state: Record<string, Tensor> | Map<string, Tensor>, options?: { strict?: boolean }): { missing: string[]; unexpected: string[] } {
+    const entries = state instanceof Map ? state : new Map(Object.entries(state ?? {}));
+    if (state === null || typeof state !== 'object') throw typeError('state', 'an object or Map of Tensors', state);
+    const strict = options?.strict ?? true;
+    const own = new Map(this.namedParameters());
+    const missing = [...own.keys()].filter((k) => !entries.has(k));
+    const unexpected = [...entries.keys()].filter((k) => !own.has(k));
+    if (strict && (missing.length || unexpected.length))
+      throw new LoraError('ERR_LORA_STATE', `Expected a state dict with exactly this module's parameters but ${missing.length} are missing (${missing.slice(0, 5).join(', ')}) and ${unexpected.length} unexpected (${unexpected.slice(0, 5).join(', ')})`);
+    for (const [name, src] of entries) {
+      const dst = own.get(name);
+      if (!dst) continue;
+      if (!(src instanceof Tensor)) throw typeError(`state['${name}']`, 'a Tensor', src);
+      if (src.shape.length !== dst.shape.length || src.shape.some((d, i) => d !== dst.shape[i]))
+        throw new LoraError('ERR_LORA_SHAPE', `Expected ${name} of shape [${dst.shape.join(', ')}] but received [${src.shape.join(', ')}]`);
+      if (src.device === dst.device) dst.assign(src);
+      else {
+        const moved = src.to(dst.device);
+        dst.assign(moved);
+        moved.dispose();
+      }
+    }
+    return { missing, unexpected };
+  }
+
+  /** Stops gradients for every parameter (requiresGrad = false). Returns this. */
+  freeze(): this {
+    for (const [, t] of this.namedParameters()) t.requiresGrad = false;
+    return this;
+  }
+
+  /** Re-enables gradients for every float32 parameter. Returns this. */
+  unfreeze(): this {
+    for (const [, t] of this.namedParameters()) if (t.dtype === 'float32') t.requiresGrad = true;
+    return this;
+  }
+
   /** @internal */
   protected checkInput(x: unknown, inFeatures: number, where: string): Tensor {
     if (!(x instanceof Tensor)) throw typeError('x', 'a Tensor', x);

@@ -238,6 +238,12 @@ export class SGD extends Optimizer {
     return this.state.get(p);
   }
 
+  /** @internal replaces a parameter's state (checkpoint resume) */
+  setState(p: Tensor, s: { buf: Tensor | null; step: number }): void {
+    this.state.get(p)?.buf?.dispose();
+    this.state.set(p, { buf: s.buf ? keep(s.buf) : null, step: s.step });
+  }
+
   dispose(): void {
     for (const s of this.state.values()) s.buf?.dispose();
     this.state.clear();

@@ -1,0 +1,546 @@
+// Layers built on Module and the ops: Linear, Embedding, LayerNorm, RMSNorm, Dropout, Activation,
+// Sequential, MLP and a small pre-norm causal transformer language model with conventional
+// parameter names (layers.0.attn.q_proj, ...). Also applyLora(), PEFT's get_peft_model for these
+// modules, trainableParameters(), and saving/loading the adapter as a PEFT folder. Not a model
+// zoo: no KV cache, no rotary embeddings, no weight tying.
+import { checkOptions, expectBoolean, expectInteger, expectNumber, expectOneOf, LoraError, typeError } from './errors';
+import { LoraLinear } from './lora';
+import { Module } from './module';
+import { attention, dropout, embedding, gelu, layerNorm, rmsNorm } from './nn_ops';
+import { add, linear, reshape, unary, UnaryName } from './ops';
+import { loadPeftAdapter, PeftAdapter, PeftConfig, PeftModule, savePeftAdapter } from './peft';
+import { defaultRng, Rng } from './random';
+import { checkDevice, Device, keep, ones, Tensor, tensor, zeros } from './tensor';
+
+interface InitOptions {
+  /** Seed for the initial values; default: the global generator (manualSeed). */
+  seed?: number;
+  /** Device for the parameters; default 'cpu'. */
+  device?: Device;
+}
+
+function rngOf(seed: unknown): Rng {
+  return seed === undefined ? new Rng(defaultRng().seed()) : new Rng(expectInteger('seed', seed, 0, Number.MAX_SAFE_INTEGER));
+}
+
+function deviceOf(d: unknown): Device {
+  return d === undefined ? 'cpu' : checkDevice('device', d);
+}
+
+function uniform(shape: number[], bound: number, rng: Rng, device: Device, requiresGrad = true): Tensor {
+  const data = new Float32Array(shape.reduce((a, b) => a * b, 1));
+  for (let i = 0; i < data.length; i++) data[i] = (2 * rng.uniform() - 1) * bound;
+  return tensor(data, shape, { device, requiresGrad });
+}
+
+function normal(shape: number[], std: number, rng: Rng, device: Device): Tensor {
+  const data = new Float32Array(shape.reduce((a, b) => a * b, 1));
+  for (let i = 0; i < data.length; i++) data[i] = rng.normal() * std;
+  return tensor(data, shape, { device, requiresGrad: true });
+}
+
+// ---- basic layers ----------------------------------------------------------------------------
+
+export interface LinearOptions extends InitOptions {
+  /** Add a bias (default true). */
+  bias?: boolean;
+}
+
+/**
+ * y = x·Wᵀ + b, weight (outFeatures, inFeatures) initialised like PyTorch's nn.Linear.
+ * @example const fc = new Linear(64, 10); const y = fc.forward(x);
+ * @throws LoraRangeError for non-positive sizes.
+ */
+export class Linear extends Module {
+  readonly inFeatures: number;
+  readonly outFeatures: number;
+  weight: Tensor;
+  bias: Tensor | null;
+
+  constructor(inFeatures: number, outFeatures: number, options?: LinearOptions) {
+    super();
+    const o = checkOptions<LinearOptions>('Linear', options, ['bias', 'seed', 'device']);
+    this.inFeatures = expectInteger('inFeatures', inFeatures, 1, 2 ** 31 - 1);
+    this.outFeatures = expectInteger('outFeatures', outFeatures, 1, 2 ** 31 - 1);
+    const rng = rngOf(o.seed);
+    const device = deviceOf(o.device);
+    const bound = 1 / Math.sqrt(this.inFeatures); // kaiming_uniform(a=√5) on fan-in, as PyTorch
+    this.weight = uniform([this.outFeatures, this.inFeatures], bound, rng, device);
+    this.registerParameter('weight', this.weight);
+    const hasBias = o.bias === undefined ? true : expectBoolean('bias', o.bias);
+    this.bias = hasBias ? uniform([this.outFeatures], bound, rng, device) : null;
+    this.registerParameter('bias', this.bias);
+  }
+
+  forward(x: Tensor): Tensor {
+    this.checkInput(x, this.inFeatures, 'Linear.forward()');
+    return linear(x, this.weight, this.bias);
+  }
+}
+
+export interface EmbeddingOptions extends InitOptions {
+  /** Standard deviation of the N(0, std²) initialisation; default 1 (PyTorch's nn.Embedding). */
+  std?: number;
+}
+
+/** A lookup table: forward(ids int32 [...]) returns [..., embeddingDim]. */
+export class Embedding extends Module {
+  readonly numEmbeddings: number;
+  readonly embeddingDim: number;
+  weight: Tensor;
+
+  constructor(numEmbeddings: number, embeddingDim: number, options?: EmbeddingOptions) {
+    super();
+    const o = checkOptions<EmbeddingOptions>('Embedding', options, ['std', 'seed', 'device']);
+    this.numEmbeddings = expectInteger('numEmbeddings', numEmbeddings, 1, 2 ** 31 - 1);
+    this.embeddingDim = expectInteger('embeddingDim', embeddingDim, 1, 2 ** 31 - 1);
+    const std = o.std === undefined ? 1 : expectNumber('std', o.std, 0);
+    this.weight = normal([this.numEmbeddings, this.embeddingDim], std, rngOf(o.seed), deviceOf(o.device));
+    this.registerParameter('weight', this.weight);
+  }
+
+  forward(ids: Tensor): Tensor {
+    return embedding(ids, this.weight);
+  }
+}
+
+/** Layer normalisation over the last dim with a learned scale (weight) and shift (bias). */
+export class LayerNorm extends Module {
+  readonly dim: number;
+  readonly eps: number;
+  weight: Tensor;
+  bias: Tensor;
+
+  constructor(dim: number, options?: { eps?: number; device?: Device }) {
+    super();
+    const o = checkOptions<{ eps?: number; device?: Device }>('LayerNorm', options, ['eps', 'device']);
+    this.dim = expectInteger('dim', dim, 1, 2 ** 31 - 1);
+    this.eps = o.eps === undefined ? 1e-5 : expectNumber('eps', o.eps, 0);
+    const device = deviceOf(o.device);
+    this.weight = ones([this.dim], { device, requiresGrad: true });
+    this.bias = zeros([this.dim], { device, requiresGrad: true });
+    this.registerParameter('weight', this.weight);
+    this.registerParameter('bias', this.bias);
+  }
+
+  forward(x: Tensor): Tensor {
+    this.checkInput(x, this.dim, 'LayerNorm.forward()');
+    return layerNorm(x, this.weight, this.bias, this.eps);
+  }
+}
+
+/** RMS normalisation over the last dim with a learned scale (weight). */
+export class RMSNorm extends Module {
+  readonly dim: number;
+  readonly eps: number;
+  weight: Tensor;
+
+  constructor(dim: number, options?: { eps?: number; device?: Device }) {
+    super();
+    const o = checkOptions<{ eps?: number; device?: Device }>('RMSNorm', options, ['eps', 'device']);
+    this.dim = expectInteger('dim', dim, 1, 2 ** 31 - 1);
+    this.eps = o.eps === undefined ? 1e-6 : expectNumber('eps', o.eps, 0);
+    this.weight = ones([this.dim], { device: deviceOf(o.device), requiresGrad: true });
+    this.registerParameter('weight', this.weight);
+  }
+
+  forward(x: Tensor): Tensor {
+    this.checkInput(x, this.dim, 'RMSNorm.forward()');
+    return rmsNorm(x, this.weight, this.eps);
+  }
+}
+
+/** Dropout in training mode, identity in eval mode. Its mask seeds come from its own generator. */
+export class Dropout extends Module {
+  readonly p: number;
+  /** @internal the generator of mask seeds (checkpointed by train()) */
+  readonly rng: Rng;
+
+  constructor(p: number, options?: { seed?: number }) {
+    super();
+    const o = checkOptions<{ seed?: number }>('Dropout', options, ['seed']);
+    this.p = expectNumber('p', p, 0, 1, 'a number in [0, 1)');
+    if (this.p >= 1) throw new LoraError('ERR_LORA_RANGE', `Expected a number in [0, 1) for p but received ${p} (number)`);
+    this.rng = rngOf(o.seed);
+  }
+
+  forward(x: Tensor): Tensor {
+    if (!this.training || this.p === 0) return dropout(x, 0, { training: false });
+    return dropout(x, this.p, { seed: this.rng.seed() });
+  }
+}
+
+export type ActivationName = 'relu' | 'gelu' | 'geluTanh' | 'silu' | 'tanh' | 'sigmoid';
+const ACTIVATIONS: readonly ActivationName[] = ['relu', 'gelu', 'geluTanh', 'silu', 'tanh', 'sigmoid'];
+
+/** An elementwise activation as a module (for Sequential). */
+export class Activation extends Module {
+  readonly name: ActivationName;
+  constructor(name: ActivationName) {
+    super();
+    this.name = expectOneOf('activation', name, ACTIVATIONS);
+  }
+  forward(x: Tensor): Tensor {
+    if (this.name === 'gelu') return gelu(x);
+    return unary(this.name as UnaryName, x);
+  }
+}
+
+/** Runs modules one after another; children are named '0', '1', ... */
+export class Sequential extends Module {
+  constructor(...modules: Module[]) {
+    super();
+    modules.forEach((m, i) => this.registerModule(String(i), m));
+  }
+
+  /** The children in order. */
+  get modules(): Module[] {
+    return this.namedChildren().map(([, m]) => m);
+  }
+
+  forward(x: Tensor): Tensor {
+    let cur = x;
+    for (const m of this.modules) cur = m.forward(cur);
+    return cur;
+  }
+}
+
+export interface MLPOptions extends InitOptions {
+  /** Activation between the layers (default 'relu'). */
+  activation?: ActivationName;
+  /** Dropout after each activation (default 0). */
+  dropout?: number;
+}
+
+/**
+ * A multi-layer perceptron: Linear, activation, ..., Linear for sizes [in, hidden..., out].
+ * Children are named '0', '1', ... (Linears at even positions when there is no dropout).
+ * @example const mlp = new MLP([2, 32, 1], { activation: 'tanh', seed: 1 });
+ */
+export class MLP extends Sequential {
+  constructor(sizes: readonly number[], options?: MLPOptions) {
+    const o = checkOptions<MLPOptions>('MLP', options, ['activation', 'dropout', 'seed', 'device']);
+    if (!Array.isArray(sizes) || sizes.length < 2) throw typeError('sizes', 'an array of at least two layer sizes', sizes);
+    const rng = rngOf(o.seed);
+    const act = o.activation ?? 'relu';
+    const p = o.dropout ?? 0;
+    const mods: Module[] = [];
+    for (let i = 0; i + 1 < sizes.length; i++) {
+      mods.push(new Linear(sizes[i]!, sizes[i + 1]!, { seed: rng.seed(), device: o.device }));
+      if (i + 2 < sizes.length) {
+        mods.push(new Activation(act));
+        if (p > 0) mods.push(new Dropout(p, { seed: rng.seed() }));
+      }
+    }
+    super(...mods);
+  }
+}
+
+// ---- the transformer -------------------------------------------------------------------------
+
+export interface TransformerOptions extends InitOptions {
+  vocabSize: number;
+  /** Width of the residual stream (C). */
+  dModel: number;
+  /** Attention heads; dModel must be a multiple. */
+  nHeads: number;
+  nLayers: number;
+  /** Longest sequence (rows of the position embedding). */
+  maxSeqLen: number;
+  /** MLP hidden size = mlpRatio·dModel (default 4). */
+  mlpRatio?: number;
+  /** Dropout on attention output and MLP output (default 0). */
+  dropout?: number;
+  /** 'layer' (default) or 'rms' normalisation. */
+  norm?: 'layer' | 'rms';
+}
+
+function makeNorm(kind: 'layer' | 'rms', dim: number, device: Device): Module {
+  return kind === 'rms' ? new RMSNorm(dim, { device }) : new LayerNorm(dim, { device });
+}
+
+/** Multi-head causal self-attention: q_proj, k_proj, v_proj, o_proj (no biases). */
+export class CausalSelfAttention extends Module {
+  readonly nHeads: number;
+  readonly dModel: number;
+
+  constructor(dModel: number, nHeads: number, rng: Rng, device: Device) {
+    super();
+    this.dModel = dModel;
+    this.nHeads = nHeads;
+    for (const name of ['q_proj', 'k_proj', 'v_proj', 'o_proj'])
+      this.registerModule(name, new Linear(dModel, dModel, { bias: false, seed: rng.seed(), device }));
+  }
+
+  forward(x: Tensor): Tensor {
+    const [B, T, C] = x.shape as [number, number, number];
+    const H = this.nHeads;
+    const split = (name: string) => reshape(this.getModule(name)!.forward(x), [B, T, H, C / H]);
+    const y = attention(split('q_proj'), split('k_proj'), split('v_proj'), { causal: true });
+    return this.getModule('o_proj')!.forward(reshape(y, [B, T, C]));
+  }
+}
+
+/** The transformer's feed-forward part: up_proj, GELU (tanh), down_proj. */
+export class TransformerMLP extends Module {
+  constructor(dModel: number, hidden: number, rng: Rng, device: Device) {
+    super();
+    this.registerModule('up_proj', new Linear(dModel, hidden, { seed: rng.seed(), device }));
+    this.registerModule('down_proj', new Linear(hidden, dModel, { seed: rng.seed(), device }));
+  }
+
+  forward(x: Tensor): Tensor {
+    return this.getModule('down_proj')!.forward(gelu(this.getModule('up_proj')!.forward(x), { approximate: 'tanh' }));
+  }
+}
+
+/** One pre-norm block: x + attn(ln_1(x)), then + mlp(ln_2(x)). */
+export class TransformerBlock extends Module {
+  constructor(o: Required<Pick<TransformerOptions, 'dModel' | 'nHeads' | 'mlpRatio' | 'dropout' | 'norm'>>, rng: Rng, device: Device) {
+    super();
+    this.registerModule('ln_1', makeNorm(o.norm, o.dModel, device));
+    this.registerModule('attn', new CausalSelfAttention(o.dModel, o.nHeads, rng, device));
+    this.registerModule('ln_2', makeNorm(o.norm, o.dModel, device));
+    this.registerModule('mlp', new TransformerMLP(o.dModel, Math.round(o.mlpRatio * o.dModel), rng, device));
+    this.registerModule('drop', new Dropout(o.dropout, { seed: rng.seed() }));
+  }
+
+  forward(x: Tensor): Tensor {
+    const m = (n: string) => this.getModule(n)!;
+    const h = add(x, m('drop').forward(m('attn').forward(m('ln_1').forward(x))));
+    return add(h, m('drop').forward(m('mlp').forward(m('ln_2').forward(h))));
+  }
+}
+
+/**
+ * A small pre-norm causal transformer language model (GPT-2 shaped): tok_emb + pos_emb, blocks
+ * layers.0..n-1 (ln_1, attn.{q,k,v,o}_proj, ln_2, mlp.{up,down}_proj), ln_f, lm_head.
+ *
+ * @example
+ * const lm = new TransformerLM({ vocabSize: 32, dModel: 64, nHeads: 4, nLayers: 2, maxSeqLen: 32, seed: 1 });
+ * const logits = lm.forward(ids); // ids int32 [B, T] -> [B, T, vocabSize]
+ * @throws LoraRangeError for bad sizes; ERR_LORA_OPTION when dModel is not a multiple of nHeads.
+ */
+export class TransformerLM extends Module {
+  readonly config: Required<Omit<TransformerOptions, 'seed' | 'device'>>;
+  private readonly positions = new Map<number, Tensor>();
+
+  constructor(options: TransformerOptions) {
+    super();
+    const o = checkOptions<TransformerOptions>('TransformerLM', options, ['vocabSize', 'dModel', 'nHeads', 'nLayers', 'maxSeqLen', 'mlpRatio', 'dropout', 'norm', 'seed', 'device']);
+    if (options === undefined) throw typeError('TransformerLM options', 'an object with vocabSize, dModel, nHeads, nLayers and maxSeqLen', options);
+    const cfg = {
+      vocabSize: expectInteger('vocabSize', o.vocabSize, 1, 2 ** 31 - 1),
+      dModel: expectInteger('dModel', o.dModel, 1, 65536),
+      nHeads: expectInteger('nHeads', o.nHeads, 1, 4096),
+      nLayers: expectInteger('nLayers', o.nLayers, 0, 1024),
+      maxSeqLen: expectInteger('maxSeqLen', o.maxSeqLen, 1, 2 ** 24),
+      mlpRatio: o.mlpRatio === undefined ? 4 : expectNumber('mlpRatio', o.mlpRatio, 0.01, 64),
+      dropout: o.dropout === undefined ? 0 : expectNumber('dropout', o.dropout, 0, 0.99),
+      norm: o.norm === undefined ? 'layer' as const : expectOneOf('norm', o.norm, ['layer', 'rms'] as const),
+    };
+    if (cfg.dModel % cfg.nHeads !== 0)
+      throw new LoraError('ERR_LORA_OPTION', `Expected dModel to be a multiple of nHeads but received dModel ${cfg.dModel} and nHeads ${cfg.nHeads}`);
+    this.config = cfg;
+    const rng = rngOf(o.seed);
+    const device = deviceOf(o.device);
+    this.registerModule('tok_emb', new Embedding(cfg.vocabSize, cfg.dModel, { std: 0.1, seed: rng.seed(), device }));
+    this.registerModule('pos_emb', new Embedding(cfg.maxSeqLen, cfg.dModel, { std: 0.1, seed: rng.seed(), device }));
+    const blocks: Module[] = [];
+    for (let i = 0; i < cfg.nLayers; i++) blocks.push(new TransformerBlock(cfg, rng, device));
+    this.registerModule('layers', new Sequential(...blocks));
+    this.registerModule('ln_f', makeNorm(cfg.norm, cfg.dModel, device));
+    this.registerModule('lm_head', new Linear(cfg.dModel, cfg.vocabSize, { bias: false, seed: rng.seed(), device }));
+  }
+
+  /** Logits [B, T, vocabSize] for int32 token ids [B, T] (T <= maxSeqLen). */
+  forward(ids: Tensor): Tensor {
+    if (!(ids instanceof Tensor)) throw typeError('ids', 'an int32 Tensor of shape [batch, seq]', ids);
+    if (ids.ndim !== 2) throw new LoraError('ERR_LORA_SHAPE', `Expected ids of shape [batch, seq] but received [${ids.shape.join(', ')}]`);
+    const T = ids.shape[1]!;
+    if (T > this.config.maxSeqLen) throw new LoraError('ERR_LORA_SHAPE', `Expected at most maxSeqLen (${this.config.maxSeqLen}) positions but received ${T}`);
+    let pos = this.positions.get(T);
+    if (!pos || pos.isDisposed || pos.device !== ids.device) {
+      pos = keep(tensor(Float32Array.from({ length: T }, (_, i) => i), [T], { dtype: 'int32', device: ids.device }));
+      this.positions.set(T, pos);
+    }
+    const x = add(this.getModule('tok_emb')!.forward(ids), this.getModule('pos_emb')!.forward(pos));
+    const h = this.getModule('layers')!.forward(x);
+    return this.getModule('lm_head')!.forward(this.getModule('ln_f')!.forward(h));
+  }
+
+  override dispose(): void {
+    for (const p of this.positions.values()) p.dispose();
+    this.positions.clear();
+    super.dispose();
+  }
+}
+
+// ---- LoRA on any model -----------------------------------------------------------------------
+
+export interface ApplyLoraOptions {
+  /**
+   * Which Linear layers get an adapter, PEFT's way: a list of names (a module matches when its
+   * path equals a name or ends with '.' + name), a RegExp (full match of the path), or
+   * 'all-linear' (every Linear except an output head named lm_head).
+   */
+  targetModules: readonly string[] | RegExp | 'all-linear';
+  /** R (default 8). */
+  rank?: number;
+  /** Scale numerator (default rank: scaling 1). */
+  alpha?: number;
+  /** Dropout on the LoRA path (default 0). */
+  dropout?: number;
+  /** rsLoRA scaling alpha/sqrt(rank) (default false). */
+  useRslora?: boolean;
+  /** Seed for lora_A's initialisation; default: the global generator. */
+  seed?: number;
+}
+
+/** What applyLora() did: the adapted module paths and the PEFT config describing them. */
+export interface LoraInfo {
+  modules: string[];
+  config: PeftConfig;
+}
+
+const loraInfo = new WeakMap<Module, LoraInfo>();
+
+function matchesTarget(path: string, target: ApplyLoraOptions['targetModules']): boolean {
+  if (target === 'all-linear') return !/(^|\.)lm_head$/.test(path);
+  if (target instanceof RegExp) return new RegExp(`^(?:${target.source})$`, target.flags.replace('g', '')).test(path);
+  return target.some((n) => path === n || path.endsWith(`.${n}`));
+}
+
+/**
+ * Swaps the targeted Linear layers of a model for LoraLinear layers that wrap the same weight and
+ * bias tensors, and freezes everything else (PEFT's get_peft_model). Only lora_A/lora_B train.
+ *
+ * @example
+ * applyLora(model, { targetModules: ['q_proj', 'v_proj', 'up_proj', 'down_proj'], rank: 8, alpha: 16 });
+ * const opt = new AdamW(model.parameters(), { lr: 1e-3 });
+ * @throws ERR_LORA_OPTION when no Linear matches targetModules, or the model already has adapters.
+ */
+export function applyLora(model: Module, options: ApplyLoraOptions): LoraInfo {
+  if (!(model instanceof Module)) throw typeError('model', 'a Module', model);
+  const o = checkOptions<ApplyLoraOptions>('applyLora()', options, ['targetModules', 'rank', 'alpha', 'dropout', 'useRslora', 'seed']);
+  const target = o.targetModules;
+  if (!(target instanceof RegExp) && target !== 'all-linear' && !(Array.isArray(target) && target.every((x) => typeof x === 'string')))
+    throw typeError('targetModules', "an array of module names, a RegExp or 'all-linear'", target);
+  if (loraInfo.has(model)) throw new LoraError('ERR_LORA_OPTION', 'Expected a model without adapters for applyLora() but this one already has them');
+  const rank = o.rank === undefined ? 8 : expectInteger('rank', o.rank, 1, 65536);
+  const alpha = o.alpha === undefined ? rank : expectNumber('alpha', o.alpha, 0);
+  const p = o.dropout ?? 0;
+  const useRslora = o.useRslora ?? false;
+  const rng = rngOf(o.seed);
+  const hits = model.namedModules().filter(([path, m]) => path !== '' && m instanceof Linear && matchesTarget(path, target));
+  if (hits.length === 0)
+    throw new LoraError('ERR_LORA_OPTION', `Expected targetModules to match at least one Linear layer but received ${target instanceof RegExp ? String(target) : JSON.stringify(target)}; the model's Linear layers are: ${model.namedModules().filter(([, m]) => m instanceof Linear).map(([n]) => n).slice(0, 12).join(', ')}`);
+  model.freeze();
+  for (const [path, m] of hits) {
+    const lin = m as Linear;
+    const lora = new LoraLinear({
+      inFeatures: lin.inFeatures, outFeatures: lin.outFeatures, rank: Math.min(rank, lin.inFeatures, lin.outFeatures), alpha,
+      dropout: p, useRslora, weight: lin.weight, biasTensor: lin.bias, seed: rng.seed(),
+    });
+    lora.train(model.training);
+    model.setModule(path, lora);
+  }
+  const modules = hits.map(([path]) => path);
+  const config: PeftConfig = {
+    peft_type: 'LORA', task_type: 'CAUSAL_LM', r: rank, lora_alpha: alpha, lora_dropout: p, use_rslora: useRslora,
+    target_modules: target instanceof RegExp ? target.source : target === 'all-linear' ? 'all-linear' : [...target],
+    bias: 'none', fan_in_fan_out: false, init_lora_weights: true, base_model_name_or_path: null, modules_to_save: null,
+    rank_pattern: {}, alpha_pattern: {},
+  };
+  const info = { modules, config };
+  loraInfo.set(model, info);
+  return info;
+}
+
+/** The adapted LoraLinear layers of a model, by module path. */
+export function loraLayers(model: Module): Map<string, LoraLinear> {
+  return new Map(model.namedModules().filter((e): e is [string, LoraLinear] => e[1] instanceof LoraLinear));
+}
+
+/**
+ * The model's adapter as a PeftAdapter that shares (does not copy) the lora tensors: save it with
+ * savePeftAdapter(), but do not dispose it while the model lives.
+ * @throws ERR_LORA_STATE when the model has no LoraLinear layers.
+ */
+export function peftAdapterOf(model: Module): PeftAdapter {
+  const layers = loraLayers(model);
+  if (layers.size === 0) throw new LoraError('ERR_LORA_STATE', 'Expected a model with LoRA layers (call applyLora first) but it has none');
+  const info = loraInfo.get(model);
+  const first = [...layers.values()][0]!;
+  const config: PeftConfig = info ? { ...info.config } : {
+    peft_type: 'LORA', r: first.rank, lora_alpha: first.alpha, use_rslora: first.useRslora, lora_dropout: first.dropout,
+    target_modules: [...new Set([...layers.keys()].map((k) => k.split('.').pop()!))], bias: 'none',
+  };
+  const rankPattern: Record<string, number> = {};
+  const modules = new Map<string, PeftModule>();
+  for (const [path, l] of layers) {
+    if (l.rank !== config.r) rankPattern[path] = l.rank;
+    modules.set(path, { kind: 'linear', loraA: l.loraA, loraB: l.loraB, loraBBias: null, magnitude: null, rank: l.rank, alpha: l.alpha, scaling: l.scaling });
+  }
+  if (Object.keys(rankPattern).length) config.rank_pattern = rankPattern;
+  return new PeftAdapter(config, modules);
+}
+
+/**
+ * Writes the model's LoRA adapter as a PEFT folder (adapter_config.json +
+ * adapter_model.safetensors) that Python's PEFT loads onto the same architecture.
+ * @example saveLoraAdapter(model, 'out/adapter')
+ */
+export function saveLoraAdapter(model: Module, dir: string): void {
+  savePeftAdapter(dir, peftAdapterOf(model));
+}
+
+/**
+ * Loads a PEFT folder's lora_A/lora_B values into the model's LoraLinear layers (same paths and
+ * shapes). Returns the module paths loaded.
+ * @throws ERR_LORA_STATE when a module of the adapter is not a LoraLinear of the model.
+ */
+export function loadLoraAdapter(model: Module, dir: string): string[] {
+  const layers = loraLayers(model);
+  const adapter = loadPeftAdapter(dir);
+  try {
+    for (const [path, m] of adapter.modules) {
+      const l = layers.get(path);
+      if (!l) throw new LoraError('ERR_LORA_STATE', `Adapter module '${path}' has no LoraLinear in the model (apply LoRA with the same targetModules first)`);
+      const A = m.loraA.dtype === 'float32' ? m.loraA : m.loraA.toDtype('float32');
+      const B = m.loraB.dtype === 'float32' ? m.loraB : m.loraB.toDtype('float32');
+      l.loraA.assign(A);
+      l.loraB.assign(B);
+      if (A !== m.loraA) A.dispose();
+      if (B !== m.loraB) B.dispose();
+    }
+    return [...adapter.modules.keys()];
+  } finally {
+    adapter.dispose();
+  }
+}
+
+/** Trainable and total parameter counts of a model, and the trainable share (0..1). */
+export interface ParameterCount {
+  trainable: number;
+  total: number;
+  share: number;
+}
+
+/**
+ * Counts parameters like PEFT's print_trainable_parameters(). Shared tensors count once.
+ * @example const { trainable, total, share } = trainableParameters(model);
+ */
+export function trainableParameters(model: Module): ParameterCount {
+  if (!(model instanceof Module)) throw typeError('model', 'a Module', model);
+  const seen = new Set<Tensor>();
+  let trainable = 0;
+  let total = 0;
+  for (const [, t] of model.namedParameters()) {
+    if (seen.has(t)) continue;
+    seen.add(t);
+    total += t.size;
+    if (t.requiresGrad) trainable += t.size;
+  }
+  return { trainable, total, share: total === 0 ? 0 : trainable / total };
+}

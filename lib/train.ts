@@ -1,0 +1,527 @@
+// train(): a training loop for Modules: learning-rate schedules, gradient accumulation and
+// clipping, periodic evaluation, an AbortSignal, a progress bar (or plain lines off a TTY),
+// atomic checkpoints that resume onto the same loss curve, LoRA+ and no weight decay on biases and
+// norms. It is deliberately one loop, not a framework: no callbacks beyond onStep, no
+// distributed training, no mixed precision.
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+
+import { checkOptions, expectBoolean, expectInteger, expectNumber, expectOneOf, LoraError, typeError } from './errors';
+import { LoraLinear } from './lora';
+import { Module } from './module';
+import { Dropout, loraLayers, saveLoraAdapter } from './nn';
+import { scaleInPlace, sumOfSquares } from './nn_ops';
+import { mul } from './ops';
+import { AdamW, Optimizer, ParamGroup, SGD } from './optim';
+import { loadSafetensors, saveSafetensors } from './safetensors';
+import { defaultRng, Rng } from './random';
+import { noGrad, Tensor, tidy } from './tensor';
+
+/** lr multiplier per optimizer step: a name, a shape with warm-up, or your own function. */
+export type Schedule =
+  | 'constant' | 'cosine' | 'linear'
+  | { type: 'constant' | 'cosine' | 'linear'; warmupSteps?: number; minLrRatio?: number }
+  | ((step: number, totalSteps: number) => number);
+
+/** What onStep receives after each optimizer step. */
+export interface StepInfo {
+  /** 1-based optimizer step just taken. */
+  step: number;
+  totalSteps: number;
+  /** Mean training loss over the step's micro-batches. */
+  loss: number;
+  /** Learning rate used for the step (the base group's). */
+  lr: number;
+  /** Global gradient norm before clipping (NaN when not computed). */
+  gradNorm: number;
+  /** Evaluation loss when this step ran an evaluation. */
+  evalLoss?: number;
+  /** Seconds since train() started. */
+  elapsed: number;
+}
+
+export interface OptimizerSpec {
+  /** Base learning rate. */
+  lr: number;
+  /** Decoupled weight decay for matrices (default 0.01; biases and norms get 0). */
+  weightDecay?: number;
+  betas?: [number, number];
+  eps?: number;
+}
+
+export interface TrainOptions<B> {
+  model: Module;
+  /**
+   * An array of examples (batched by batchSize, reshuffled each epoch; the loss gets an array)
+   * or a function returning the batch for a micro-step index (deterministic in its argument, so
+   * resuming reproduces the run).
+   */
+  data: readonly unknown[] | ((index: number) => B);
+  /** Returns a scalar loss tensor for a batch. Runs inside tidy(). */
+  loss: (model: Module, batch: B) => Tensor;
+  /** An Optimizer, or AdamW settings (then LoRA+ and the no-decay rule apply). */
+  optimizer: Optimizer | OptimizerSpec;
+  /** Optimizer steps to take (or give epochs with array data). */
+  steps?: number;
+  epochs?: number;
+  /** Examples per micro-batch with array data (default 32). */
+  batchSize?: number;
+  /** Default 'constant'. */
+  schedule?: Schedule;
+  /** Clip the global gradient norm to this value. */
+  clipGradNorm?: number;
+  /** Micro-batches per optimizer step (default 1); the loss is averaged over them. */
+  gradientAccumulation?: number;
+  /** Evaluate every N steps (and after the last) on evalData. */
+  evalEvery?: number;
+  /** Examples (batched by batchSize) or a function returning the evaluation batches. */
+  evalData?: readonly unknown[] | (() => B[]);
+  /** Write a checkpoint every N steps (and when stopped) into checkpointDir. */
+  checkpointEvery?: number;
+  checkpointDir?: string;
+  /** Continue from checkpointDir's checkpoint when there is one (default true when checkpointDir is set). */
+  resume?: boolean;
+  /** Called after each step; returning false stops training. */
+  onStep?: (info: StepInfo) => void | boolean;
+  /** Stops training cleanly (after the current step) when aborted. */
+  signal?: AbortSignal;
+  /** LoRA+: lora_B gets lr × this ratio (needs optimizer settings, not an Optimizer). */
+  loraPlusRatio?: number;
+  /** A non-finite loss or gradient norm: 'skip' the step (default), 'stop', or 'throw'. */
+  onNonFinite?: 'skip' | 'stop' | 'throw';
+  /** 'auto' (default: a bar on a TTY, lines otherwise), 'bar', 'lines', 'none', or a line sink. */
+  progress?: 'auto' | 'bar' | 'lines' | 'none' | ((line: string) => void);
+  /** Plain-line progress every N steps (default: about 20 lines per run). */
+  logEvery?: number;
+  /** Seed of the data shuffling (default: drawn from the global generator). */
+  seed?: number;
+}
+
+export interface TrainResult {
+  /** Optimizer steps completed (including those before a resume). */
+  steps: number;
+  /** Training loss per step (from the start of the run, across resumes). */
+  losses: number[];
+  evalLosses: { step: number; loss: number }[];
+  /** Why it ended. */
+  stopped: 'completed' | 'aborted' | 'callback' | 'non-finite';
+  /** Steps skipped for a non-finite loss or gradient. */
+  skippedSteps: number;
+  /** Wall-clock seconds of this call. */
+  seconds: number;
+  /** The step training resumed from (0 for a fresh run). */
+  resumedFrom: number;
+}
+
+const OPTIONS = ['model', 'data', 'loss', 'optimizer', 'steps', 'epochs', 'batchSize', 'schedule', 'clipGradNorm',
+  'gradientAccumulation', 'evalEvery', 'evalData', 'checkpointEvery', 'checkpointDir', 'resume', 'onStep', 'signal',
+  'loraPlusRatio', 'onNonFinite', 'progress', 'logEvery', 'seed'] as const;
+
+/** The checkpoint file inside checkpointDir. */
+export const CHECKPOINT_FILE = 'checkpoint.safetensors';
+
+// ---- schedules ---------------------------------------------------------------------------------
+
+/**
+ * The lr multiplier of a schedule at 0-based optimizer step `step` of `total`: linear warm-up
+ * (step+1)/warmup, then constant, cosine (to minLrRatio) or linear decay (to minLrRatio).
+ * @example lrMultiplier({ type: 'cosine', warmupSteps: 10 }, 50, 100)
+ */
+export function lrMultiplier(schedule: Schedule, step: number, total: number): number {
+  if (typeof schedule === 'function') {
+    const v = schedule(step, total);
+    return expectNumber('schedule(step)', v, 0);
+  }
+  const s = typeof schedule === 'string' ? { type: schedule } : schedule;
+  const warm = s.warmupSteps ?? 0;
+  const floor = s.minLrRatio ?? 0;
+  if (step < warm) return (step + 1) / warm;
+  if (s.type === 'constant') return 1;
+  const span = Math.max(1, total - warm);
+  const progress = Math.min(1, (step - warm) / span);
+  if (s.type === 'linear') return floor + (1 - floor) * (1 - progress);
+  return floor + (1 - floor) * 0.5 * (1 + Math.cos(Math.PI * progress));
+}
+
+function checkSchedule(v: unknown): Schedule {
+  if (v === undefined) return 'constant';
+  if (typeof v === 'function') return v as Schedule;
+  if (typeof v === 'string') return expectOneOf('schedule', v, ['constant', 'cosine', 'linear'] as const);
+  const o = checkOptions<{ type: string; warmupSteps?: number; minLrRatio?: number }>('schedule', v, ['type', 'warmupSteps', 'minLrRatio']);
+  const type = expectOneOf('schedule.type', o.type, ['constant', 'cosine', 'linear'] as const);
+  const warmupSteps = o.warmupSteps === undefined ? 0 : expectInteger('schedule.warmupSteps', o.warmupSteps, 0, Number.MAX_SAFE_INTEGER);
+  const minLrRatio = o.minLrRatio === undefined ? 0 : expectNumber('schedule.minLrRatio', o.minLrRatio, 0, 1);
+  return { type, warmupSteps, minLrRatio };
+}
+
+// ---- optimizer groups ----------------------------------------------------------------------------
+
+/**
+ * AdamW parameter groups for a model: no weight decay on 1-D parameters (biases, norm scales),
+ * and lora_B at lr × loraPlusRatio (LoRA+). Only parameters with requiresGrad are included.
+ */
+export function parameterGroups(model: Module, spec: OptimizerSpec, loraPlusRatio = 1): ParamGroup[] {
+  const wd = spec.weightDecay ?? 0.01;
+  const groups = new Map<string, ParamGroup>();
+  for (const [name, t] of model.namedParameters()) {
+    if (!t.requiresGrad) continue;
+    const decay = t.ndim >= 2 ? wd : 0;
+    const lr = name.endsWith('loraB') ? spec.lr * loraPlusRatio : spec.lr;
+    const key = `${decay}/${lr}`;
+    let g = groups.get(key);
+    if (!g) groups.set(key, (g = { params: [], lr, weightDecay: decay }));
+    if (!g.params.includes(t)) g.params.push(t);
+  }
+  return [...groups.values()];
+}
+
+// ---- gradient clipping ---------------------------------------------------------------------------
+
+/**
+ * Scales gradients so their global L2 norm is at most maxNorm (like torch's clip_grad_norm_).
+ * Returns the norm before clipping (NaN/Infinity when a gradient is non-finite; nothing is scaled then).
+ */
+export function clipGradNorm(params: readonly Tensor[], maxNorm: number): number {
+  expectNumber('maxNorm', maxNorm, 0);
+  const grads = params.map((p) => p.grad).filter((g): g is Tensor => g !== null);
+  const norm = Math.sqrt(sumOfSquares(grads));
+  if (Number.isFinite(norm) && norm > maxNorm) {
+    const f = maxNorm / (norm + 1e-6);
+    for (const g of grads) scaleInPlace(g, f);
+  }
+  return norm;
+}
+
+// ---- progress --------------------------------------------------------------------------------
+
+function clock(seconds: number): string {
+  if (!Number.isFinite(seconds)) return '--:--';
+  const s = Math.round(seconds);
+  const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60), r = s % 60;
+  return (h ? `${h}:${String(m).padStart(2, '0')}` : String(m)) + ':' + String(r).padStart(2, '0');
+}
+
+class Progress {
+  private lastDraw = 0;
+  constructor(private readonly mode: 'bar' | 'lines' | 'none' | ((line: string) => void), private readonly every: number) {}
+
+  update(step: number, total: number, loss: number, lr: number, rate: number, evalLoss?: number): void {
+    if (this.mode === 'none') return;
+    const eta = rate > 0 ? (total - step) / rate : Infinity;
+    const text = `step ${step}/${total}  loss ${loss.toFixed(4)}  lr ${lr.toExponential(2)}  ${rate.toFixed(1)} steps/s  ETA ${clock(eta)}` +
+      (evalLoss !== undefined ? `  eval ${evalLoss.toFixed(4)}` : '');
+    if (this.mode === 'bar') {
+      const now = Date.now();
+      if (now - this.lastDraw < 100 && step !== total && evalLoss === undefined) return; // at most 10 redraws a second
+      this.lastDraw = now;
+      const width = 24;
+      const filled = Math.round((width * step) / Math.max(total, 1));
+      process.stderr.write(`\r[${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${text}\x1b[K`);
+      if (step === total) process.stderr.write('\n');
+      return;
+    }
+    if (step % this.every !== 0 && step !== total && evalLoss === undefined) return;
+    if (typeof this.mode === 'function') this.mode(text);
+    else process.stderr.write(text + '\n');
+  }
+
+  end(): void {
+    if (this.mode === 'bar') process.stderr.write('\n');
+  }
+}
+
+// ---- checkpoints -------------------------------------------------------------------------------
+
+interface TrainerState {
+  version: 1;
+  step: number;
+  totalSteps: number;
+  losses: number[];
+  evalLosses: { step: number; loss: number }[];
+  skippedSteps: number;
+  dataRng: [number, number, number | null];
+  order: number[];
+  cursor: number;
+  globalRng: [number, number, number | null];
+  moduleRngs: Record<string, [number, number, number | null]>;
+  optimizer: { kind: 'adamw' | 'sgd'; steps: Record<string, number> };
+}
+
+/** The generators inside a model whose draws affect training (LoRA and Dropout mask seeds). */
+function moduleRngs(model: Module): Map<string, Rng> {
+  const out = new Map<string, Rng>();
+  for (const [p, m] of model.namedModules()) {
+    // LoraLinear keeps its dropout generator private; checkpoints must restore it to resume exactly
+    const r = m instanceof LoraLinear ? (m as unknown as { rng: Rng }).rng : m instanceof Dropout ? m.rng : undefined;
+    if (r) out.set(p, r);
+  }
+  return out;
+}
+
+function writeCheckpoint(dir: string, model: Module, opt: Optimizer, names: Map<Tensor, string>, state: TrainerState): void {
+  fs.mkdirSync(dir, { recursive: true });
+  const tensors = new Map<string, Tensor>();
+  const steps: Record<string, number> = {};
+  for (const p of opt.params) {
+    const name = names.get(p)!;
+    tensors.set(`param.${name}`, p);
+    if (opt instanceof AdamW) {
+      const s = opt.getState(p);
+      if (s) { tensors.set(`optim.${name}.exp_avg`, s.m); tensors.set(`optim.${name}.exp_avg_sq`, s.v); steps[name] = s.step; }
+    } else if (opt instanceof SGD) {
+      const s = opt.getState(p);
+      if (s) { if (s.buf) tensors.set(`optim.${name}.momentum_buffer`, s.buf); steps[name] = s.step; }
+    }
+  }
+  state.optimizer = { kind: opt instanceof SGD ? 'sgd' : 'adamw', steps };
+  saveSafetensors(path.join(dir, CHECKPOINT_FILE), tensors, { metadata: { format: 'lora-native-checkpoint', trainer: JSON.stringify(state) } });
+  // the adapter as a PEFT folder beside it, for use without lora-native's trainer
+  if (loraLayers(model).size > 0) saveLoraAdapter(model, path.join(dir, 'adapter'));
+}
+
+function readCheckpoint(dir: string, opt: Optimizer, names: Map<Tensor, string>): TrainerState | null {
+  const file = path.join(dir, CHECKPOINT_FILE);
+  if (!fs.existsSync(file)) return null;
+  const { tensors, metadata } = loadSafetensors(file);
+  try {
+    let state: TrainerState;
+    try {
+      state = JSON.parse(metadata.trainer ?? '') as TrainerState;
+    } catch {
+      throw new LoraError('ERR_LORA_FORMAT', `Checkpoint ${file} has no trainer state in its metadata`);
+    }
+    if (state.version !== 1) throw new LoraError('ERR_LORA_FORMAT', `Checkpoint ${file} has trainer state version ${String(state.version)}; expected 1`);
+    for (const p of opt.params) {
+      const name = names.get(p)!;
+      const src = tensors.get(`param.${name}`);
+      if (!src) throw new LoraError('ERR_LORA_STATE', `Checkpoint ${file} has no value for trainable parameter '${name}' (was it written for another model or LoRA setup?)`);
+      if (src.size !== p.size) throw new LoraError('ERR_LORA_SHAPE', `Checkpoint ${file} has '${name}' of shape [${src.shape.join(', ')}] but the model's is [${p.shape.join(', ')}]`);
+      p.assign(src);
+      const step = state.optimizer.steps[name];
+      if (step === undefined) continue;
+      if (opt instanceof AdamW) {
+        const m = tensors.get(`optim.${name}.exp_avg`), v = tensors.get(`optim.${name}.exp_avg_sq`);
+        if (!m || !v) throw new LoraError('ERR_LORA_STATE', `Checkpoint ${file} lacks AdamW state for '${name}'`);
+        tensors.delete(`optim.${name}.exp_avg`);
+        tensors.delete(`optim.${name}.exp_avg_sq`);
+        opt.setState(p, { m, v, step });
+      } else if (opt instanceof SGD) {
+        const buf = tensors.get(`optim.${name}.momentum_buffer`) ?? null;
+        tensors.delete(`optim.${name}.momentum_buffer`);
+        opt.setState(p, { buf, step });
+      }
+    }
+    return state;
+  } finally {
+    for (const t of tensors.values()) t.dispose();
+  }
+}
+
+// ---- the loop ----------------------------------------------------------------------------------
+
+function shuffled(n: number, rng: Rng): number[] {
+  const a = Array.from({ length: n }, (_, i) => i);
+  for (let i = n - 1; i > 0; i--) {
+    const j = Math.floor(rng.uniform() * (i + 1));
+    [a[i], a[j]] = [a[j]!, a[i]!];
+  }
+  return a;
+}
+
+const tick = () => new Promise<void>((resolve) => setImmediate(resolve));
+
+/**
+ * Trains a model. Each optimizer step runs `gradientAccumulation` micro-batches (each inside
+ * tidy(), so intermediates are freed), averages their gradients, optionally clips the global norm,
+ * sets the scheduled lr and steps the optimizer. Yields to the event loop between steps so an
+ * AbortSignal (or a timer) can stop it.
+ *
+ * @example
+ * applyLora(model, { targetModules: ['q_proj', 'v_proj'], rank: 8 });
+ * const result = await train({
+ *   model, data: examples, batchSize: 16, steps: 200,
+ *   loss: (m, batch) => crossEntropy(m.forward(inputsOf(batch)), targetsOf(batch)),
+ *   optimizer: { lr: 2e-3 }, schedule: { type: 'cosine', warmupSteps: 20 },
+ *   clipGradNorm: 1, checkpointEvery: 50, checkpointDir: 'ckpt',
+ * });
+ * @throws LoraTypeError / LoraRangeError / ERR_LORA_OPTION for bad options; ERR_LORA_NON_FINITE
+ *   with onNonFinite: 'throw'; ERR_LORA_STATE / ERR_LORA_FORMAT for a checkpoint of another setup.
+ */
+export async function train<B = unknown[]>(options: TrainOptions<B>): Promise<TrainResult> {
+  const o = checkOptions<TrainOptions<B>>('train()', options, OPTIONS);
+  if (!(o.model instanceof Module)) throw typeError('model', 'a Module', o.model);
+  const model = o.model;
+  if (typeof o.loss !== 'function') throw typeError('loss', 'a function (model, batch) => scalar Tensor', o.loss);
+  const lossFn = o.loss;
+  const arrayData = Array.isArray(o.data) ? (o.data as readonly unknown[]) : null;
+  if (!arrayData && typeof o.data !== 'function') throw typeError('data', 'an array of examples or a function (index) => batch', o.data);
+  if (arrayData && arrayData.length === 0) throw new LoraError('ERR_LORA_OPTION', 'Expected at least one training example in data but received an empty array');
+  const batchSize = o.batchSize === undefined ? 32 : expectInteger('batchSize', o.batchSize, 1, 2 ** 31 - 1);
+  const accum = o.gradientAccumulation === undefined ? 1 : expectInteger('gradientAccumulation', o.gradientAccumulation, 1, 65536);
+  let totalSteps: number;
+  if (o.steps !== undefined && o.epochs !== undefined) throw new LoraError('ERR_LORA_OPTION', 'Expected steps or epochs for train(), not both');
+  if (o.steps !== undefined) totalSteps = expectInteger('steps', o.steps, 0, Number.MAX_SAFE_INTEGER);
+  else if (o.epochs !== undefined) {
+    if (!arrayData) throw new LoraError('ERR_LORA_OPTION', 'Expected steps (not epochs) for train() with a data function');
+    const epochs = expectNumber('epochs', o.epochs, 0);
+    totalSteps = Math.ceil((epochs * Math.ceil(arrayData.length / batchSize)) / accum);
+  } else throw new LoraError('ERR_LORA_OPTION', 'Expected steps or epochs for train()');
+  const schedule = checkSchedule(o.schedule);
+  const clip = o.clipGradNorm === undefined ? null : expectNumber('clipGradNorm', o.clipGradNorm, 0);
+  const evalEvery = o.evalEvery === undefined ? 0 : expectInteger('evalEvery', o.evalEvery, 1, Number.MAX_SAFE_INTEGER);
+  if (evalEvery && o.evalData === undefined) throw new LoraError('ERR_LORA_OPTION', 'Expected evalData with evalEvery for train()');
+  const ckptEvery = o.checkpointEvery === undefined ? 0 : expectInteger('checkpointEvery', o.checkpointEvery, 1, Number.MAX_SAFE_INTEGER);
+  if (ckptEvery && o.checkpointDir === undefined) throw new LoraError('ERR_LORA_OPTION', 'Expected checkpointDir with checkpointEvery for train()');
+  const ckptDir = o.checkpointDir === undefined ? null : o.checkpointDir;
+  if (ckptDir !== null && (typeof ckptDir !== 'string' || ckptDir === '')) throw typeError('checkpointDir', 'a folder path', ckptDir);
+  const resume = o.resume === undefined ? ckptDir !== null : expectBoolean('resume', o.resume);
+  const onNonFinite = o.onNonFinite === undefined ? 'skip' : expectOneOf('onNonFinite', o.onNonFinite, ['skip', 'stop', 'throw'] as const);
+  if (o.onStep !== undefined && typeof o.onStep !== 'function') throw typeError('onStep', 'a function', o.onStep);
+  if (o.signal !== undefined && !(o.signal instanceof AbortSignal)) throw typeError('signal', 'an AbortSignal', o.signal);
+  const progressOpt = o.progress ?? 'auto';
+  if (typeof progressOpt !== 'function') expectOneOf('progress', progressOpt, ['auto', 'bar', 'lines', 'none'] as const);
+  const logEvery = o.logEvery === undefined ? Math.max(1, Math.round(totalSteps / 20)) : expectInteger('logEvery', o.logEvery, 1, Number.MAX_SAFE_INTEGER);
+
+  let opt: Optimizer;
+  if (o.optimizer instanceof Optimizer) {
+    if (o.loraPlusRatio !== undefined) throw new LoraError('ERR_LORA_OPTION', 'Expected optimizer settings ({ lr, ... }) rather than an Optimizer when loraPlusRatio is given (train() builds the LoRA+ groups)');
+    opt = o.optimizer;
+  } else {
+    const spec = checkOptions<OptimizerSpec>('train() optimizer', o.optimizer, ['lr', 'weightDecay', 'betas', 'eps']);
+    if (o.optimizer === undefined) throw typeError('optimizer', 'an Optimizer or { lr, weightDecay?, betas?, eps? }', o.optimizer);
+    const ratio = o.loraPlusRatio === undefined ? 1 : expectNumber('loraPlusRatio', o.loraPlusRatio, 0);
+    const groups = parameterGroups(model, spec as OptimizerSpec, ratio);
+    if (groups.length === 0) throw new LoraError('ERR_LORA_OPTION', 'Expected a model with trainable parameters for train() but every parameter is frozen');
+    opt = new AdamW(groups, { lr: expectNumber('optimizer.lr', spec.lr, 0), betas: spec.betas, eps: spec.eps, weightDecay: spec.weightDecay ?? 0.01 });
+  }
+  const ownOptimizer = !(o.optimizer instanceof Optimizer);
+  const baseLr = opt.lr;
+  const names = new Map<Tensor, string>();
+  for (const [n, t] of model.namedParameters()) if (!names.has(t)) names.set(t, n);
+  for (const p of opt.params) if (!names.has(p)) throw new LoraError('ERR_LORA_OPTION', 'Expected the optimizer to hold only parameters of the model');
+
+  const dataRng = new Rng(o.seed === undefined ? defaultRng().seed() : expectInteger('seed', o.seed, 0, Number.MAX_SAFE_INTEGER));
+  let order: number[] = arrayData ? shuffled(arrayData.length, dataRng) : [];
+  let cursor = 0;
+  let step = 0;
+  let losses: number[] = [];
+  let evalLosses: { step: number; loss: number }[] = [];
+  let skipped = 0;
+  const rngs = moduleRngs(model);
+
+  let resumedFrom = 0;
+  if (ckptDir !== null && resume) {
+    const st = readCheckpoint(ckptDir, opt, names);
+    if (st) {
+      step = resumedFrom = st.step;
+      losses = st.losses;
+      evalLosses = st.evalLosses;
+      skipped = st.skippedSteps;
+      dataRng.setState(st.dataRng);
+      order = st.order;
+      cursor = st.cursor;
+      defaultRng().setState(st.globalRng);
+      for (const [p, r] of rngs) if (st.moduleRngs[p]) r.setState(st.moduleRngs[p]!);
+    }
+  }
+
+  const nextBatch = (micro: number): B => {
+    if (!arrayData) return (o.data as (i: number) => B)(micro);
+    const batch: unknown[] = [];
+    while (batch.length < batchSize) {
+      if (cursor >= order.length) {
+        order = shuffled(arrayData.length, dataRng);
+        cursor = 0;
+      }
+      batch.push(arrayData[order[cursor++]!]);
+      if (batch.length >= arrayData.length) break;
+    }
+    return batch as unknown as B;
+  };
+
+  const evaluate = (): number => {
+    const src = o.evalData!;
+    const batches: B[] = typeof src === 'function' ? (src as () => B[])() : [];
+    if (Array.isArray(src)) for (let i = 0; i < src.length; i += batchSize) batches.push(src.slice(i, i + batchSize) as unknown as B);
+    const wasTraining = model.training;
+    model.eval();
+    let total = 0;
+    try {
+      for (const b of batches) total += noGrad(() => tidy(() => lossFn(model, b).item()));
+    } finally {
+      model.train(wasTraining);
+    }
+    return batches.length ? total / batches.length : NaN;
+  };
+
+  const snapshot = (): TrainerState => ({
+    version: 1, step, totalSteps, losses, evalLosses, skippedSteps: skipped, dataRng: dataRng.getState(), order, cursor,
+    globalRng: defaultRng().getState(),
+    moduleRngs: Object.fromEntries([...rngs].map(([p, r]) => [p, r.getState()])),
+    optimizer: { kind: 'adamw', steps: {} },
+  });
+
+  const mode = typeof progressOpt === 'function' ? progressOpt
+    : progressOpt === 'auto' ? (process.stderr.isTTY ? 'bar' : 'lines') : progressOpt;
+  const progress = new Progress(mode, logEvery);
+  const t0 = Date.now();
+  const stepStart = step;
+  let stopped: TrainResult['stopped'] = 'completed';
+  model.train(true);
+  try {
+    while (step < totalSteps) {
+      if (o.signal?.aborted) { stopped = 'aborted'; break; }
+      const lr = baseLr * lrMultiplier(schedule, step, totalSteps);
+      opt.lr = lr;
+      let lossSum = 0;
+      let finite = true;
+      for (let k = 0; k < accum; k++) {
+        const batch = nextBatch(step * accum + k);
+        const value = tidy(() => {
+          const loss = lossFn(model, batch);
+          if (!(loss instanceof Tensor) || loss.size !== 1) throw typeError('loss(model, batch) result', 'a one-element Tensor', loss);
+          const v = loss.item();
+          if (Number.isFinite(v)) (accum === 1 ? loss : mul(loss, 1 / accum)).backward();
+          return v;
+        });
+        if (!Number.isFinite(value)) finite = false;
+        lossSum += value;
+      }
+      let gradNorm = NaN;
+      if (finite) {
+        gradNorm = clip !== null ? clipGradNorm(opt.params, clip) : Math.sqrt(sumOfSquares(opt.params.map((p) => p.grad).filter((g): g is Tensor => g !== null)));
+        if (!Number.isFinite(gradNorm)) finite = false;
+      }
+      const loss = lossSum / accum;
+      step += 1;
+      if (!finite) {
+        opt.zeroGrad();
+        if (onNonFinite === 'throw') throw new LoraError('ERR_LORA_NON_FINITE', `Non-finite ${Number.isFinite(loss) ? 'gradient norm' : 'loss'} at step ${step} (loss ${loss}, gradient norm ${gradNorm})`);
+        skipped++;
+        losses.push(loss);
+        if (onNonFinite === 'stop') { stopped = 'non-finite'; break; }
+        continue;
+      }
+      opt.step();
+      opt.zeroGrad();
+      losses.push(loss);
+      let evalLoss: number | undefined;
+      if (evalEvery && (step % evalEvery === 0 || step === totalSteps)) {
+        evalLoss = evaluate();
+        evalLosses.push({ step, loss: evalLoss });
+      }
+      const elapsed = (Date.now() - t0) / 1000;
+      progress.update(step, totalSteps, loss, lr, (step - stepStart) / Math.max(elapsed, 1e-9), evalLoss);
+      if (ckptDir !== null && ckptEvery && step % ckptEvery === 0) writeCheckpoint(ckptDir, model, opt, names, snapshot());
+      if (o.onStep && o.onStep({ step, totalSteps, loss, lr, gradNorm, evalLoss, elapsed }) === false) { stopped = 'callback'; break; }
+      await tick();
+    }
+    if (stopped !== 'completed' && ckptDir !== null && ckptEvery && step % ckptEvery !== 0) writeCheckpoint(ckptDir, model, opt, names, snapshot());
+  } finally {
+    if (mode === 'bar' && stopped !== 'completed') progress.end();
+    opt.lr = baseLr;
+    if (ownOptimizer) opt.dispose();
+    else opt.zeroGrad();
+  }
+  return { steps: step, losses, evalLosses, stopped, skippedSteps: skipped, seconds: (Date.now() - t0) / 1000, resumedFrom };
+}
