@@ -4,6 +4,7 @@
 // Status::Unusable and last_error() says why. The library's only export is lora_cuda_create.
 // Not multi-GPU: the backend uses device 0.
 #include <cmath>
+#include <cstdlib>
 #include <cstdio>
 #include <cstring>
 #include <mutex>
@@ -55,7 +56,10 @@ size_t bucket_size(size_t bytes) {
 class CudaBackend final : public Backend {
  public:
   CudaBackend(int device, cudaStream_t stream, int sm_count)
-      : device_(device), stream_(stream), sm_count_(sm_count) {}
+      : device_(device), stream_(stream), sm_count_(sm_count) {
+    const char* tc = std::getenv("LORA_CUDA_TC");  // "staged": benchmark the other GEMM variant
+    tc_pipelined_ = !(tc != nullptr && std::strcmp(tc, "staged") == 0);
+  }
 
   ~CudaBackend() override {
     release_cached();
@@ -192,8 +196,7 @@ class CudaBackend final : public Backend {
       yg.lora = epi;
       return check(launch_gemm_simt(stream_, yg, false, true, sm_count_), "lora_forward");
     }
-    return check(launch_gemm_tc(stream_, y, OC, x, C, W, w_dtype, C, true, N, OC, C, epi),
-                 "lora_forward");
+    return base_gemm_tc(y, OC, x, W, w_dtype, C, true, N, OC, C, epi, "lora_forward");
   }
 
   // h = x̃·Aᵀ; y = x·Wᵀ + b + s·h·Bᵀ
@@ -258,8 +261,7 @@ class CudaBackend final : public Backend {
         g.lora = epi;
         st = check(launch_gemm_simt(stream_, g, false, false, sm_count_), "lora_backward (dx)");
       } else {
-        st = check(launch_gemm_tc(stream_, dx, C, dy, OC, W, w_dtype, C, false, N, C, OC, epi),
-                   "lora_backward (dx)");
+        st = base_gemm_tc(dx, C, dy, W, w_dtype, C, false, N, C, OC, epi, "lora_backward (dx)");
       }
     }
     if (dh != nullptr) free(dh, dh_bytes);
@@ -453,6 +455,29 @@ class CudaBackend final : public Backend {
     return true;
   }
 
+  // out (M, Nn) = X (M, K, contiguous) · op(W) + epi on tensor cores. When the shape allows, X is
+  // rounded to W's type once into a workspace and the cp.async pipeline runs; else the
+  // register-staged kernel rounds it tile by tile. LORA_CUDA_TC=staged forces the latter.
+  Status base_gemm_tc(float* out, int64_t ldo, const float* X, const void* W, DType w_dtype,
+                      int64_t ldw, bool w_nk, int64_t M, int64_t Nn, int64_t K,
+                      const LoraEpilogue& epi, const char* what) {
+    if (!tc_pipelined_ || M <= 0 || Nn <= 0 || K <= 0 ||
+        !gemm_tc_pipelined_ok(K, Nn, ldw, W, w_nk)) {
+      return check(launch_gemm_tc(stream_, out, ldo, X, K, nullptr, W, w_dtype, ldw, w_nk, M, Nn,
+                                  K, epi),
+                   what);
+    }
+    const size_t bytes = static_cast<size_t>(M * K) * 2;
+    void* x16 = alloc(bytes);
+    if (x16 == nullptr) return unusable_ ? Status::Unusable : Status::OutOfMemory;
+    Status st = check(launch_convert(stream_, x16, w_dtype, X, DType::F32, M * K), what);
+    if (st == Status::Ok)
+      st = check(launch_gemm_tc(stream_, out, ldo, X, K, x16, W, w_dtype, ldw, w_nk, M, Nn, K, epi),
+                 what);
+    free(x16, bytes);  // stream order keeps it alive for the kernel
+    return st;
+  }
+
   // Packs up to four pointer tables, n and the chunk list into pinned memory, copies them to the
   // device in one transfer and points `t` at the device copies. The pinned buffer is reused once
   // the previous transfer from it has finished (an event), so the host never waits on kernels.
@@ -558,6 +583,7 @@ class CudaBackend final : public Backend {
   int device_;
   cudaStream_t stream_;
   int sm_count_;
+  bool tc_pipelined_ = true;
   volatile bool unusable_ = false;
   std::string error_;
 

@@ -72,12 +72,15 @@ struct GemmArgs {
 // rows) and a split-K factor when the grid would leave SMs idle.
 cudaError_t launch_gemm_simt(cudaStream_t stream, GemmArgs args, bool trans_a, bool trans_b,
                              int sm_count);
-// gemm_tc.cu: out (M, Nn) = X (M, K) · op(W) + LoraEpilogue on tensor cores. X is fp32 (rounded
-// to W's 16-bit type while staged in shared memory), W is BF16 or F16 stored either (Nn, K)
-// (w_nk = true: the forward's x·Wᵀ) or (K, Nn) (the backward's dy·W). fp32 accumulation.
+// gemm_tc.cu: out (M, Nn) = X (M, K) · op(W) + LoraEpilogue on tensor cores. W is BF16 or F16
+// stored either (Nn, K) (w_nk = true: the forward's x·Wᵀ) or (K, Nn) (the backward's dy·W); fp32
+// accumulation. X is fp32, rounded to W's type on the way: when X16 (M, K) is given (X already
+// converted, contiguous; gemm_tc_pipelined_ok true) a cp.async pipeline reads it, else X is
+// rounded as it is staged in shared memory.
+bool gemm_tc_pipelined_ok(int64_t K, int64_t Nn, int64_t ldw, const void* W, bool w_nk);
 cudaError_t launch_gemm_tc(cudaStream_t stream, float* out, int64_t ldo, const float* X,
-                           int64_t ldx, const void* W, DType w_dtype, int64_t ldw, bool w_nk,
-                           int64_t M, int64_t Nn, int64_t K, const LoraEpilogue& epi);
+                           int64_t ldx, const void* X16, const void* W, DType w_dtype, int64_t ldw,
+                           bool w_nk, int64_t M, int64_t Nn, int64_t K, const LoraEpilogue& epi);
 
 // lora.cu
 cudaError_t launch_lora_merge(cudaStream_t stream, void* W, DType w_dtype, const float* A,

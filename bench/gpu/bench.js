@@ -14,6 +14,10 @@ const outFile = args.includes('--out') ? args[args.indexOf('--out') + 1] : 'ours
 const quick = args.includes('--quick');  // smaller shapes: a smoke run of this script
 const SHAPES = quick ? [[256, 256, 256, 16]] : [[4096, 4096, 4096, 16], [8192, 4096, 11008, 64]];
 const records = [];
+// LORA_CUDA_TC=staged: the register-staged bf16 GEMM instead of the cp.async pipeline; this run
+// then times only the GEMM-bound ops and tags them, for the variant comparison in the table.
+const staged = process.env.LORA_CUDA_TC === 'staged';
+const suffix = staged ? '_staged' : '';
 
 function timeMs(fn, iters, samples = 5) {
   fn();
@@ -31,7 +35,7 @@ function timeMs(fn, iters, samples = 5) {
 }
 
 function record(shape, dtype, op, t, extra = {}) {
-  const r = { impl: 'lora-native', shape: shape.join('x'), dtype, op, ms: t.median, min_ms: t.min, ...extra };
+  const r = { impl: 'lora-native', shape: shape.join('x'), dtype, op: op + suffix, ms: t.median, min_ms: t.min, ...extra };
   records.push(r);
   console.log(JSON.stringify(r));
 }
@@ -49,7 +53,7 @@ if (!features.cuda) {
 }
 
 // Copy bandwidth: 1 GiB device-to-device, counted as read + write.
-{
+if (!staged) {
   const n = 256 * 1024 * 1024;
   const a = native.alloc(CUDA, F32, n), b = native.alloc(CUDA, F32, n);
   native.fill(a, 1);
@@ -62,7 +66,7 @@ if (!features.cuda) {
 for (const shape of SHAPES) {
   const [N, C, OC, R] = shape;
   const s = 2.0;
-  for (const [wdt, name] of [[BF16, 'bf16'], [F32, 'f32']]) {
+  for (const [wdt, name] of staged ? [[BF16, 'bf16']] : [[BF16, 'bf16'], [F32, 'f32']]) {
     const x = dev(N * C, 1, F32, 11), W = dev(OC * C, 1 / Math.sqrt(C), wdt, 12), A = dev(R * C, 0.01, F32, 13),
       B = dev(OC * R, 0.01, F32, 14), dy = dev(N * OC, 1, F32, 15);
     const y = native.alloc(CUDA, F32, N * OC), h = native.alloc(CUDA, F32, N * R), h0 = native.alloc(CUDA, F32, 0);
@@ -85,6 +89,10 @@ for (const shape of SHAPES) {
       native.loraBackward(dx, dA, dB, dy, x, h, W, A, B, N, C, OC, R, s, 0, 1);
     }, iters);
     record(shape, name, 'train_step', step, { adapter_share: (step.median - baseStep.median) / step.median });
+    if (staged) {
+      for (const t of [x, W, A, B, dy, y, h, h0, dx, dA, dB, A0, B0]) native.dispose(t);
+      continue;
+    }
     const stepDrop = timeMs(() => {
       native.loraForward(y, h, x, W, null, A, B, N, C, OC, R, s, 0.1, 1);
       native.loraBackward(dx, dA, dB, dy, x, h, W, A, B, N, C, OC, R, s, 0.1, 1);

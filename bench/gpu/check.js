@@ -16,8 +16,12 @@ const FP32_TOL = { abs: 1e-6, rel_rms: 2e-6, rtol: 1e-4 };
 const BF16_TOL = { abs: 1e-6, rel_rms: 2e-2, rtol: 2e-2 };  // x is rounded to bf16 (8 bits)
 const EXACT = { abs: 0, rel_rms: 0, rtol: 0 };
 
+// LORA_CHECK_ONLY=prefix runs only the cases whose name starts with it (e.g. lora_).
+const only = process.env.LORA_CHECK_ONLY || '';
+
 // Runs build(device) on both backends and compares every output the CPU produced.
 function check(name, build, tol = FP32_TOL) {
+  if (!name.startsWith(only)) return;
   const t0 = Date.now();
   const owned = [];
   const track = (s) => { owned.push(s); return s; };
