@@ -35,6 +35,10 @@ export interface Features {
   addonDir: string;
   /** Path of the CUDA library tried. */
   cudaLibrary: string;
+  /** Path of the loaded native addon (.node file). */
+  addonPath: string;
+  /** 'prebuild' when the addon came from prebuilds/<platform>-<arch>/, 'build' when compiled locally. */
+  binary: 'prebuild' | 'build';
 }
 
 /**
@@ -65,3 +69,4 @@ export type {
 } from './nn';
 export { train, lrMultiplier, parameterGroups, clipGradNorm, CHECKPOINT_FILE } from './train';
 export type { TrainOptions, TrainResult, StepInfo, Schedule, OptimizerSpec } from './train';
+export { allFinite, assertAllFinite } from './numerics';

@@ -72,6 +72,7 @@ export class LoraLinear extends Module {
   /** (outFeatures, rank), trainable; zeros, so a new adapter changes nothing. */
   loraB!: Tensor;
   private _merged = false;
+  private _merging: Promise<void> | null = null;
   private readonly rng: Rng;
 
   constructor(options: LoraLinearOptions) {
@@ -144,6 +145,7 @@ export class LoraLinear extends Module {
    * @throws ERR_LORA_SHAPE when x's last dim is not inFeatures; ERR_LORA_DEVICE across devices.
    */
   forward(x: Tensor): Tensor {
+    this.checkIdle('forward()');
     this.checkInput(x, this.inFeatures, 'LoraLinear.forward()');
     const W = this.weight;
     const b = this.bias;
@@ -188,6 +190,7 @@ export class LoraLinear extends Module {
    * A second merge() does nothing (like PEFT).
    */
   merge(): void {
+    this.checkIdle('merge()');
     if (this._merged) return;
     native.loraMerge(this.weight._live('weight'), this.loraA._live('loraA'), this.loraB._live('loraB'), this.outFeatures, this.inFeatures, this.rank, this.scaling);
     this._merged = true;
@@ -195,9 +198,36 @@ export class LoraLinear extends Module {
 
   /** Undoes merge(): W -= scaling·B·A (exact up to float rounding). */
   unmerge(): void {
+    this.checkIdle('unmerge()');
     if (!this._merged) return;
     native.loraMerge(this.weight._live('weight'), this.loraA._live('loraA'), this.loraB._live('loraB'), this.outFeatures, this.inFeatures, this.rank, -this.scaling);
     this._merged = false;
+  }
+
+  /**
+   * merge() on a worker thread: the event loop keeps turning while W += scaling·B·A runs. Until
+   * the promise settles, forward(), merge() and unmerge() throw ERR_LORA_BUSY (other native calls
+   * wait for the merge to finish); a second mergeAsync() returns the same promise.
+   *
+   * @example await layer.mergeAsync(); // layer.merged === true
+   * @throws ERR_LORA_DISPOSED (synchronously) when a parameter was disposed.
+   */
+  mergeAsync(): Promise<void> {
+    if (this._merging) return this._merging;
+    if (this._merged) return Promise.resolve();
+    const run = native.loraMergeAsync(this.weight._live('weight'), this.loraA._live('loraA'), this.loraB._live('loraB'),
+      this.outFeatures, this.inFeatures, this.rank, this.scaling);
+    this._merging = run.then(() => {
+      this._merged = true;
+    }).finally(() => {
+      this._merging = null;
+    });
+    return this._merging;
+  }
+
+  private checkIdle(what: string): void {
+    if (this._merging)
+      throw new LoraError('ERR_LORA_BUSY', `Expected no mergeAsync() in flight for LoraLinear.${what}; await it first`);
   }
 
   protected override onParameterReplaced(name: string, t: Tensor): void {

@@ -1,6 +1,7 @@
 // The only file that touches the compiled addon: loads it (node-gyp-build picks build/Release,
-// build/Debug or prebuilds/<platform>-<arch>/) and describes its functions for TypeScript. It
-// validates nothing: callers in lib/ check arguments first.
+// build/Debug or prebuilds/<platform>-<arch>/; LORA_NATIVE_ADDON names a .node file instead) and
+// describes its functions for TypeScript. It validates nothing: callers in lib/ check arguments
+// first. It never downloads: when nothing loads it throws one ERR_LORA_LOAD saying what to do.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 
@@ -32,6 +33,8 @@ export interface NativeFeatures {
   isa: string;
   threads: number;
   addonDir: string;
+  addonPath: string;
+  binary: 'prebuild' | 'build';
 }
 
 export interface NativeMemory {
@@ -86,6 +89,8 @@ export interface Binding {
   softmax(out: S, input: S, rows: number, cols: number, log: boolean): void;
   softmaxBackward(dx: S, dy: S, y: S, rows: number, cols: number, log: boolean): void;
   dropout(out: S, input: S, p: number, seed: number): void;
+  loraMergeAsync(W: S, A: S, B: S, OC: number, C: number, R: number, s: number): Promise<void>;
+  toHostAsync(s: S): Promise<ArrayBuffer>;
   [more: string]: unknown;
 }
 
@@ -100,18 +105,115 @@ function packageRoot(): string {
   return path.join(__dirname, '..');
 }
 
+const PLATFORM = `${process.platform}-${process.arch}`;
+
+function exists(p: string): boolean {
+  try {
+    return fs.statSync(p).isFile();
+  } catch {
+    return false;
+  }
+}
+
+function nodeFiles(dir: string): string[] {
+  try {
+    return fs.readdirSync(dir).filter((f) => f.endsWith('.node')).sort().map((f) => path.join(dir, f));
+  } catch {
+    return [];
+  }
+}
+
+// Every binary node-gyp-build could pick, in its order: local builds, then the prebuild.
+function candidates(root: string): string[] {
+  return [
+    ...nodeFiles(path.join(root, 'build', 'Release')),
+    ...nodeFiles(path.join(root, 'build', 'Debug')),
+    ...nodeFiles(path.join(root, 'prebuilds', PLATFORM)),
+  ];
+}
+
+function onPath(names: string[]): string | undefined {
+  for (const dir of (process.env.PATH ?? '').split(path.delimiter)) {
+    for (const n of names) if (dir && exists(path.join(dir, n))) return path.join(dir, n);
+  }
+  return undefined;
+}
+
+function glibcVersion(): string | undefined {
+  try {
+    const header = (process.report?.getReport() as { header?: { glibcVersionRuntime?: string } } | undefined)?.header;
+    return header?.glibcVersionRuntime;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * The one message for a failed load: each binary tried and why it failed, then what to do.
+ * Exported for tests.
+ */
+export function loadFailureMessage(root: string, failures: { file: string; reason: string }[]): string {
+  const lines = [`lora-native could not load its native addon (package folder ${root}, platform ${PLATFORM}, Node ${process.version}).`];
+  if (failures.length === 0) lines.push(`No compiled addon (build/Release) and no prebuilt binary (prebuilds/${PLATFORM}) was found.`);
+  for (const f of failures) lines.push(`  ${f.file}: ${f.reason.split('\n')[0]}`);
+  const all = failures.map((f) => f.reason).join('\n');
+  const todo: string[] = [];
+  const glibcNeeded = /GLIBC_([0-9.]+)' not found/.exec(all);
+  if (glibcNeeded) {
+    todo.push(`The prebuilt binary needs glibc ${glibcNeeded[1]} or newer; this system has ${glibcVersion() ?? 'an older one'}. ` +
+      'Compile it from source instead (see below).');
+  } else if (/GLIBCXX_[0-9.]+' not found|CXXABI_[0-9.]+' not found/.test(all)) {
+    todo.push('The prebuilt binary needs a newer C++ runtime (libstdc++) than this system has. Compile it from source instead (see below).');
+  } else if (/invalid ELF header|wrong ELF class|Exec format error/.test(all)) {
+    todo.push(`A binary here was built for another platform or architecture than ${PLATFORM}. Compile it from source (see below).`);
+  }
+  if (PLATFORM !== 'linux-x64')
+    todo.push(`lora-native ships prebuilt binaries for linux-x64 only; on ${PLATFORM} it must compile from source at install time.`);
+  const missing = [
+    onPath(['c++', 'g++', 'clang++']) ? '' : 'a C++17 compiler (g++ or clang++)',
+    onPath(['make']) ? '' : 'make',
+    onPath(['python3', 'python']) ? '' : 'python3',
+  ].filter(Boolean);
+  const rebuild = `run \`npm rebuild lora-native\` in your project (it compiles with node-gyp, offline when npm has nodedir set or Node's headers cached)`;
+  if (missing.length) todo.push(`To compile from source, install ${missing.join(', ')} (this system lacks ${missing.length === 1 ? 'it' : 'them'}), then ${rebuild}.`);
+  else todo.push(`To compile from source, ${rebuild}. If the install ran with --ignore-scripts, that is why nothing was compiled.`);
+  todo.push('LORA_NATIVE_ADDON=/path/to/lora_native.node loads a specific binary. lora-native never downloads binaries.');
+  return [...lines, ...todo].join('\n');
+}
+
 function load(): Binding {
   const root = packageRoot();
+  const failures: { file: string; reason: string }[] = [];
+  const attempt = (file: string): Binding | undefined => {
+    try {
+      // eslint-disable-next-line @typescript-eslint/no-require-imports
+      return require(file) as Binding;
+    } catch (err) {
+      failures.push({ file, reason: err instanceof Error ? err.message : String(err) });
+      return undefined;
+    }
+  };
+  const override = process.env.LORA_NATIVE_ADDON;
+  if (override) {
+    const b = attempt(path.resolve(override));
+    if (b) return b;
+    throw new LoraError('ERR_LORA_LOAD', loadFailureMessage(root, failures) + '\n(LORA_NATIVE_ADDON is set, so no other binary was tried.)');
+  }
+  let first: string | undefined;
   try {
     // eslint-disable-next-line @typescript-eslint/no-require-imports
-    const nodeGypBuild = require('node-gyp-build') as (dir: string) => unknown;
-    return nodeGypBuild(root) as Binding;
-  } catch (err) {
-    const reason = err instanceof Error ? err.message : String(err);
-    throw new LoraError('ERR_LORA_LOAD',
-      `lora-native could not load its native addon from ${root}: ${reason}. ` +
-      'Reinstall the package (npm rebuild lora-native) to compile it from source; that needs python3, make and a C++17 compiler.');
+    const nodeGypBuild = require('node-gyp-build') as { resolve(dir: string): string };
+    first = nodeGypBuild.resolve(root);
+  } catch {
+    // nothing matched; candidates() below finds the same nothing and the message says so
   }
+  // node-gyp-build's pick first; when it fails to load (a stale local build, a prebuild for a newer
+  // glibc), every other binary in turn.
+  for (const file of [...(first ? [first] : []), ...candidates(root).filter((f) => f !== first)]) {
+    const b = attempt(file);
+    if (b) return b;
+  }
+  throw new LoraError('ERR_LORA_LOAD', loadFailureMessage(root, failures));
 }
 
 export const native: Binding = load();

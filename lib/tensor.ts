@@ -196,16 +196,21 @@ export class Tensor {
 
   /** A copy of the data as float32 (bf16/f16 are widened; int32 converted). */
   toFloat32Array(): Float32Array {
+    return widen(this.dtype, native.toHost(this._live()));
+  }
+
+  /**
+   * Resolves a copy of the data as float32, like toFloat32Array(), read on a worker thread so the
+   * event loop keeps turning while a large tensor (or a GPU tensor) is copied out. The tensor may
+   * be disposed while the read is in flight: its memory is freed when the read completes.
+   *
+   * @example const values = await logits.data();
+   * @throws ERR_LORA_DISPOSED (synchronously) when the tensor was already disposed.
+   */
+  data(): Promise<Float32Array> {
     const s = this._live();
-    const bytes = native.toHost(s);
-    if (this.dtype === 'float32') return new Float32Array(bytes);
-    if (this.dtype === 'int32') return Float32Array.from(new Int32Array(bytes));
-    const bits = new Uint16Array(bytes);
-    const out = new Float32Array(bits.length);
-    const u32 = new Uint32Array(out.buffer);
-    if (this.dtype === 'bfloat16') for (let i = 0; i < bits.length; i++) u32[i] = bits[i]! << 16;
-    else for (let i = 0; i < bits.length; i++) out[i] = halfToFloat(bits[i]!);
-    return out;
+    const dtype = this.dtype;
+    return native.toHostAsync(s).then((bytes) => widen(dtype, bytes));
   }
 
   /** A copy of the raw stored bytes (bf16 bits for bfloat16, and so on). */
@@ -345,6 +350,17 @@ function sameShape(a: readonly number[], b: readonly number[]): boolean {
 }
 
 export { sameShape };
+
+function widen(dtype: DType, bytes: ArrayBuffer): Float32Array {
+  if (dtype === 'float32') return new Float32Array(bytes);
+  if (dtype === 'int32') return Float32Array.from(new Int32Array(bytes));
+  const bits = new Uint16Array(bytes);
+  const out = new Float32Array(bits.length);
+  const u32 = new Uint32Array(out.buffer);
+  if (dtype === 'bfloat16') for (let i = 0; i < bits.length; i++) u32[i] = bits[i]! << 16;
+  else for (let i = 0; i < bits.length; i++) out[i] = halfToFloat(bits[i]!);
+  return out;
+}
 
 function halfToFloat(h: number): number {
   const s = h & 0x8000 ? -1 : 1;

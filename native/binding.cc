@@ -2,6 +2,11 @@
 // disposed flag, device, sizes against the allocation) once, and calls a lora::Backend. It does no
 // arithmetic of its own. TypeScript (lib/) validates arguments first and owns user-facing
 // messages; the checks here are the last line of defence and throw LoraError with a code too.
+//
+// Threads: the CPU backend's allocator and thread pool serve one caller at a time, so every
+// binding call and every async op (loraMergeAsync, toHostAsync) holds the addon's mutex while it
+// touches a backend. An async op holds a reference to the memory it uses: dispose() during the op
+// marks the tensor disposed at once and the memory is freed when the op completes.
 #include <napi.h>
 
 #include <dlfcn.h>
@@ -10,6 +15,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -36,6 +42,10 @@ struct AddonState {
   std::string addon_dir;
   int64_t live_storages[2] = {0, 0};
   int64_t live_bytes[2] = {0, 0};
+  std::string addon_path;  // the .node file itself
+  // Held by every binding call and async op while it uses a backend; recursive because a
+  // finalizer may free memory during a call that already holds it.
+  std::recursive_mutex mu;
   ~AddonState() { lora::unload_cuda(&cuda); }
 };
 
@@ -48,15 +58,25 @@ struct InstanceData {
 // Distinguishes our Storage objects from anything else a caller might pass.
 const napi_type_tag kStorageTag = {0x6c6f72616e617469ull, 0x7665535452474531ull};
 
-[[noreturn]] void throw_lora(Napi::Env env, const char* code, const std::string& message) {
+Napi::Value make_lora_error(Napi::Env env, const char* code, const std::string& message) {
   auto* data = env.GetInstanceData<InstanceData>();
-  if (data && !data->error_ctor.IsEmpty()) {
-    Napi::Value err = data->error_ctor.New({Napi::String::New(env, code), Napi::String::New(env, message)});
-    throw Napi::Error(env, err);
-  }
+  if (data && !data->error_ctor.IsEmpty())
+    return data->error_ctor.New({Napi::String::New(env, code), Napi::String::New(env, message)});
   Napi::Error e = Napi::Error::New(env, message);
   e.Set("code", Napi::String::New(env, code));
-  throw e;
+  return e.Value();
+}
+
+[[noreturn]] void throw_lora(Napi::Env env, const char* code, const std::string& message) {
+  throw Napi::Error(env, make_lora_error(env, code, message));
+}
+
+// The JS error code for a backend status.
+const char* status_code(Status s) {
+  return s == Status::OutOfMemory ? "ERR_LORA_OUT_OF_MEMORY"
+         : s == Status::DeviceError || s == Status::Unusable ? "ERR_LORA_CUDA"
+         : s == Status::Unsupported ? "ERR_LORA_UNSUPPORTED"
+                                    : "ERR_LORA_INTERNAL";
 }
 
 void check_status(Napi::Env env, Status s, Backend* backend, const char* op) {
@@ -64,11 +84,7 @@ void check_status(Napi::Env env, Status s, Backend* backend, const char* op) {
   std::string msg = std::string(op) + " failed on " + backend->name() + ": " + lora::status_name(s);
   const char* detail = backend->last_error();
   if (detail && *detail) msg += std::string(" (") + detail + ")";
-  const char* code = s == Status::OutOfMemory ? "ERR_LORA_OUT_OF_MEMORY"
-                     : s == Status::DeviceError || s == Status::Unusable ? "ERR_LORA_CUDA"
-                     : s == Status::Unsupported ? "ERR_LORA_UNSUPPORTED"
-                                                : "ERR_LORA_INTERNAL";
-  throw_lora(env, code, msg);
+  throw_lora(env, status_code(s), msg);
 }
 
 Backend* backend_for(Napi::Env env, AddonState& st, int32_t device) {
@@ -80,6 +96,29 @@ Backend* backend_for(Napi::Env env, AddonState& st, int32_t device) {
   }
   throw_lora(env, "ERR_LORA_DEVICE", "unknown device id " + std::to_string(device));
 }
+
+// One allocation. Shared between its Storage and any async op using it; the last owner frees it
+// (under the addon's mutex: an async op may be using the allocator on another thread).
+struct Block {
+  std::shared_ptr<AddonState> state;
+  Backend* backend;
+  int32_t device;
+  size_t bytes;
+  void* ptr;
+  Block(std::shared_ptr<AddonState> st, Backend* b, int32_t dev, size_t n, void* p)
+      : state(std::move(st)), backend(b), device(dev), bytes(n), ptr(p) {
+    state->live_storages[device] += 1;
+    state->live_bytes[device] += static_cast<int64_t>(bytes);
+  }
+  ~Block() {
+    std::lock_guard<std::recursive_mutex> lock(state->mu);
+    backend->free(ptr, bytes);
+    state->live_storages[device] -= 1;
+    state->live_bytes[device] -= static_cast<int64_t>(bytes);
+  }
+  Block(const Block&) = delete;
+  Block& operator=(const Block&) = delete;
+};
 
 // Native memory behind one tensor. JS never sees the pointer; data moves only by copy.
 class Storage : public Napi::ObjectWrap<Storage> {
@@ -102,26 +141,20 @@ class Storage : public Napi::ObjectWrap<Storage> {
 
   void init(std::shared_ptr<AddonState> state, Backend* backend, int32_t device, DType dtype,
             int64_t numel, void* ptr) {
-    state_ = std::move(state);
     backend_ = backend;
     device_ = device;
     dtype_ = dtype;
     numel_ = numel;
     ptr_ = ptr;
-    state_->live_storages[device_] += 1;
-    state_->live_bytes[device_] += static_cast<int64_t>(bytes());
+    block_ = std::make_shared<Block>(std::move(state), backend, device, bytes(), ptr);
   }
 
-  // Frees the memory (idempotent). Finalizers call this too: it touches no JS.
+  // Drops this storage's hold on the memory (idempotent): freed now, or when the last async op
+  // using it completes. Finalizers call this too: it touches no JS.
   void release() {
-    if (!ptr_ && disposed_) return;
-    if (state_ && !disposed_) {
-      backend_->free(ptr_, bytes());
-      state_->live_storages[device_] -= 1;
-      state_->live_bytes[device_] -= static_cast<int64_t>(bytes());
-    }
     ptr_ = nullptr;
     disposed_ = true;
+    block_.reset();
   }
 
   size_t bytes() const { return static_cast<size_t>(numel_) * lora::dtype_size(dtype_); }
@@ -130,7 +163,7 @@ class Storage : public Napi::ObjectWrap<Storage> {
   Napi::Value GetDevice(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), device_); }
   Napi::Value GetDisposed(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), disposed_); }
 
-  std::shared_ptr<AddonState> state_;
+  std::shared_ptr<Block> block_;
   Backend* backend_ = nullptr;
   int32_t device_ = kCpu;
   DType dtype_ = DType::F32;
@@ -251,6 +284,18 @@ int32_t device_arg(const Napi::CallbackInfo& info, size_t i) {
   return static_cast<int32_t>(d);
 }
 
+// Sizes come from JS as integers up to 2^53; their products and extents saturate at INT64_MAX
+// (which no allocation holds, so need() rejects it) instead of wrapping past a size check.
+int64_t mul_sat(int64_t a, int64_t b) {
+  int64_t r;
+  return __builtin_mul_overflow(a, b, &r) ? INT64_MAX : r;
+}
+
+int64_t add_sat(int64_t a, int64_t b) {
+  int64_t r;
+  return __builtin_add_overflow(a, b, &r) ? INT64_MAX : r;
+}
+
 // Reads a JS array of non-negative integers (dims or strides) into a Layout.
 Layout layout_arg(const Napi::CallbackInfo& info, size_t shape_i, size_t stride_i, const char* name) {
   Napi::Env env = info.Env();
@@ -275,7 +320,7 @@ Layout layout_arg(const Napi::CallbackInfo& info, size_t shape_i, size_t stride_
 
 int64_t layout_numel(const Layout& l) {
   int64_t n = 1;
-  for (int k = 0; k < l.ndim; ++k) n *= l.shape[k];
+  for (int k = 0; k < l.ndim; ++k) n = mul_sat(n, l.shape[k]);
   return n;
 }
 
@@ -284,9 +329,9 @@ int64_t layout_extent(const Layout& l, int64_t offset) {
   int64_t last = offset;
   for (int k = 0; k < l.ndim; ++k) {
     if (l.shape[k] == 0) return 0;
-    last += (l.shape[k] - 1) * l.stride[k];
+    last = add_sat(last, mul_sat(l.shape[k] - 1, l.stride[k]));
   }
-  return last + 1;
+  return add_sat(last, 1);
 }
 
 // ---- memory and data movement ---------------------------------------------------------------
@@ -301,15 +346,22 @@ Napi::Value FromHost(const Napi::CallbackInfo& info) {
   int32_t device = device_arg(info, 0);
   DType dtype = dtype_arg(info, 1);
   if (!info[2].IsTypedArray()) throw_lora(env, "ERR_LORA_TYPE", "Expected a typed array of data");
-  Napi::TypedArray arr = info[2].As<Napi::TypedArray>();
-  if (arr.ArrayBuffer().ByteLength() == 0 && arr.ByteLength() != 0)
-    throw_lora(env, "ERR_LORA_TYPE", "the data's buffer is detached");
-  const size_t bytes = arr.ByteLength();
+  // The C API gives the data pointer for ArrayBuffer- and SharedArrayBuffer-backed arrays alike
+  // (Napi::TypedArray::ArrayBuffer() throws a plain Error for a SharedArrayBuffer); a detached
+  // array reports no data.
+  napi_typedarray_type type;
+  size_t length = 0, offset = 0;
+  void* data = nullptr;
+  napi_value ab;
+  if (napi_get_typedarray_info(env, info[2], &type, &length, &data, &ab, &offset) != napi_ok)
+    throw_lora(env, "ERR_LORA_TYPE", "Expected a typed array of data");
+  const size_t bytes = info[2].As<Napi::TypedArray>().ByteLength();
+  if (!data && bytes != 0) throw_lora(env, "ERR_LORA_TYPE", "the data's buffer is detached");
   const size_t es = lora::dtype_size(dtype);
   if (bytes % es) throw_lora(env, "ERR_LORA_SHAPE", "data length is not a whole number of elements");
   Napi::Object obj = make_storage(env, device, dtype, static_cast<int64_t>(bytes / es));
   Storage* s = Storage::Unwrap(obj);
-  const uint8_t* src = static_cast<const uint8_t*>(arr.ArrayBuffer().Data()) + arr.ByteOffset();
+  const uint8_t* src = static_cast<const uint8_t*>(data);
   check_status(env, s->backend_->upload(s->ptr_, src, bytes), s->backend_, "upload");
   return obj;
 }
@@ -425,6 +477,8 @@ Napi::Value Features(const Napi::CallbackInfo& info) {
   o.Set("isa", lora::cpu_isa_name());
   o.Set("threads", st.cpu->pool().size());
   o.Set("addonDir", st.addon_dir);
+  o.Set("addonPath", st.addon_path);
+  o.Set("binary", st.addon_path.find("/prebuilds/") != std::string::npos ? "prebuild" : "build");
   return o;
 }
 
@@ -439,14 +493,14 @@ Napi::Value LoraForward(const Napi::CallbackInfo& info) {
   float s = float_arg(info, 11, "scaling"), p = float_arg(info, 12, "dropout");
   uint64_t seed = seed_arg(info, 13);
   Backend* be = same_backend(info, {y, h, x, W, b, A, B});
-  need(info, y, DType::F32, N * OC, "y");
-  need(info, h, DType::F32, N * R, "h");
-  need(info, x, DType::F32, N * C, "x");
+  need(info, y, DType::F32, mul_sat(N, OC), "y");
+  need(info, h, DType::F32, mul_sat(N, R), "h");
+  need(info, x, DType::F32, mul_sat(N, C), "x");
   if (W->dtype_ != DType::F32 && W->dtype_ != DType::BF16) throw_lora(info.Env(), "ERR_LORA_DTYPE", "weight must be float32 or bfloat16");
-  need(info, W, W->dtype_, OC * C, "weight");
+  need(info, W, W->dtype_, mul_sat(OC, C), "weight");
   need(info, b, DType::F32, OC, "bias");
-  need(info, A, DType::F32, R * C, "loraA");
-  need(info, B, DType::F32, OC * R, "loraB");
+  need(info, A, DType::F32, mul_sat(R, C), "loraA");
+  need(info, B, DType::F32, mul_sat(OC, R), "loraB");
   if (!(p >= 0.0f && p < 1.0f)) throw_lora(info.Env(), "ERR_LORA_RANGE", "dropout must be in [0, 1)");
   check_status(info.Env(),
                be->lora_forward(ptr<float>(y), ptr<float>(h), ptr<float>(x), W->ptr_, W->dtype_, ptr<float>(b),
@@ -465,16 +519,16 @@ Napi::Value LoraBackward(const Napi::CallbackInfo& info) {
   float s = float_arg(info, 13, "scaling"), p = float_arg(info, 14, "dropout");
   uint64_t seed = seed_arg(info, 15);
   Backend* be = same_backend(info, {dx, dA, dB, dy, x, h, W, A, B});
-  need(info, dx, DType::F32, N * C, "dx");
-  need(info, dA, DType::F32, R * C, "dA");
-  need(info, dB, DType::F32, OC * R, "dB");
-  need(info, dy, DType::F32, N * OC, "dy");
-  need(info, x, DType::F32, N * C, "x");
-  need(info, h, DType::F32, N * R, "h");
+  need(info, dx, DType::F32, mul_sat(N, C), "dx");
+  need(info, dA, DType::F32, mul_sat(R, C), "dA");
+  need(info, dB, DType::F32, mul_sat(OC, R), "dB");
+  need(info, dy, DType::F32, mul_sat(N, OC), "dy");
+  need(info, x, DType::F32, mul_sat(N, C), "x");
+  need(info, h, DType::F32, mul_sat(N, R), "h");
   if (W->dtype_ != DType::F32 && W->dtype_ != DType::BF16) throw_lora(info.Env(), "ERR_LORA_DTYPE", "weight must be float32 or bfloat16");
-  need(info, W, W->dtype_, OC * C, "weight");
-  need(info, A, DType::F32, R * C, "loraA");
-  need(info, B, DType::F32, OC * R, "loraB");
+  need(info, W, W->dtype_, mul_sat(OC, C), "weight");
+  need(info, A, DType::F32, mul_sat(R, C), "loraA");
+  need(info, B, DType::F32, mul_sat(OC, R), "loraB");
   if (!(p >= 0.0f && p < 1.0f)) throw_lora(info.Env(), "ERR_LORA_RANGE", "dropout must be in [0, 1)");
   check_status(info.Env(),
                be->lora_backward(ptr<float>(dx), ptr<float>(dA), ptr<float>(dB), ptr<float>(dy), ptr<float>(x),
@@ -490,9 +544,9 @@ Napi::Value LoraMerge(const Napi::CallbackInfo& info) {
   float s = float_arg(info, 6, "scaling");
   Backend* be = same_backend(info, {W, A, B});
   if (W->dtype_ != DType::F32 && W->dtype_ != DType::BF16) throw_lora(info.Env(), "ERR_LORA_DTYPE", "weight must be float32 or bfloat16");
-  need(info, W, W->dtype_, OC * C, "weight");
-  need(info, A, DType::F32, R * C, "loraA");
-  need(info, B, DType::F32, OC * R, "loraB");
+  need(info, W, W->dtype_, mul_sat(OC, C), "weight");
+  need(info, A, DType::F32, mul_sat(R, C), "loraA");
+  need(info, B, DType::F32, mul_sat(OC, R), "loraB");
   check_status(info.Env(), be->lora_merge(W->ptr_, W->dtype_, ptr<float>(A), ptr<float>(B), OC, C, R, s), be, "lora_merge");
   return info.Env().Undefined();
 }
@@ -583,7 +637,7 @@ Napi::Value SgdStep(const Napi::CallbackInfo& info) {
 // The furthest element (exclusive) a batched row-major matrix op touches.
 int64_t matrix_extent(int64_t rows, int64_t cols, int64_t ld, int64_t batch, int64_t stride) {
   if (rows == 0 || cols == 0 || batch == 0) return 0;
-  return (batch - 1) * stride + (rows - 1) * ld + cols;
+  return add_sat(add_sat(mul_sat(batch - 1, stride), mul_sat(rows - 1, ld)), cols);
 }
 
 // gemm(C, A, B, M, N, K, transA, transB, lda, ldb, ldc, alpha, beta, batch, strideA, strideB, strideC)
@@ -688,8 +742,8 @@ Napi::Value Reduce(const Napi::CallbackInfo& info) {
   Storage *out = storage_arg(info, 1, "out"), *in = storage_arg(info, 2, "in");
   int64_t outer = size_arg(info, 3, "outer"), dim = size_arg(info, 4, "dim"), inner = size_arg(info, 5, "inner");
   Backend* be = same_backend(info, {out, in});
-  need(info, out, DType::F32, outer * inner, "out");
-  need(info, in, DType::F32, outer * dim * inner, "in");
+  need(info, out, DType::F32, mul_sat(outer, inner), "out");
+  need(info, in, DType::F32, mul_sat(mul_sat(outer, dim), inner), "in");
   check_status(info.Env(), be->reduce(static_cast<lora::ReduceOp>(op), ptr<float>(out), ptr<float>(in), outer, dim, inner), be,
                "reduce");
   return info.Env().Undefined();
@@ -712,8 +766,8 @@ Napi::Value Softmax(const Napi::CallbackInfo& info) {
   Storage *out = storage_arg(info, 0, "out"), *in = storage_arg(info, 1, "in");
   int64_t rows = size_arg(info, 2, "rows"), cols = size_arg(info, 3, "cols");
   Backend* be = same_backend(info, {out, in});
-  need(info, out, DType::F32, rows * cols, "out");
-  need(info, in, DType::F32, rows * cols, "in");
+  need(info, out, DType::F32, mul_sat(rows, cols), "out");
+  need(info, in, DType::F32, mul_sat(rows, cols), "in");
   check_status(info.Env(), be->softmax(ptr<float>(out), ptr<float>(in), rows, cols, bool_arg(info, 4, "log")), be, "softmax");
   return info.Env().Undefined();
 }
@@ -723,9 +777,9 @@ Napi::Value SoftmaxBackward(const Napi::CallbackInfo& info) {
   Storage *dx = storage_arg(info, 0, "dx"), *dy = storage_arg(info, 1, "dy"), *y = storage_arg(info, 2, "y");
   int64_t rows = size_arg(info, 3, "rows"), cols = size_arg(info, 4, "cols");
   Backend* be = same_backend(info, {dx, dy, y});
-  need(info, dx, DType::F32, rows * cols, "dx");
-  need(info, dy, DType::F32, rows * cols, "dy");
-  need(info, y, DType::F32, rows * cols, "y");
+  need(info, dx, DType::F32, mul_sat(rows, cols), "dx");
+  need(info, dy, DType::F32, mul_sat(rows, cols), "dy");
+  need(info, y, DType::F32, mul_sat(rows, cols), "y");
   check_status(info.Env(),
                be->softmax_backward(ptr<float>(dx), ptr<float>(dy), ptr<float>(y), rows, cols, bool_arg(info, 5, "log")), be,
                "softmax_backward");
@@ -760,10 +814,10 @@ Napi::Value LayerNorm(const Napi::CallbackInfo& info) {
           *x = storage_arg(info, 3, "x"), *w = optional_storage_arg(info, 4, "weight"), *b = optional_storage_arg(info, 5, "bias");
   int64_t N = size_arg(info, 6, "N"), C = size_arg(info, 7, "C");
   Backend* be = same_backend(info, {y, mean, rstd, x, w, b});
-  need(info, y, DType::F32, N * C, "y");
+  need(info, y, DType::F32, mul_sat(N, C), "y");
   need(info, mean, DType::F32, N, "mean");
   need(info, rstd, DType::F32, N, "rstd");
-  need(info, x, DType::F32, N * C, "x");
+  need(info, x, DType::F32, mul_sat(N, C), "x");
   need(info, w, DType::F32, C, "weight");
   need(info, b, DType::F32, C, "bias");
   check_status(info.Env(), be->layer_norm(ptr<float>(y), ptr<float>(mean), ptr<float>(rstd), ptr<float>(x), ptr<float>(w),
@@ -779,11 +833,11 @@ Napi::Value LayerNormBackward(const Napi::CallbackInfo& info) {
           *mean = storage_arg(info, 6, "mean"), *rstd = storage_arg(info, 7, "rstd");
   int64_t N = size_arg(info, 8, "N"), C = size_arg(info, 9, "C");
   Backend* be = same_backend(info, {dx, dw, db, dy, x, w, mean, rstd});
-  need(info, dx, DType::F32, N * C, "dx");
+  need(info, dx, DType::F32, mul_sat(N, C), "dx");
   need(info, dw, DType::F32, C, "dw");
   need(info, db, DType::F32, C, "db");
-  need(info, dy, DType::F32, N * C, "dy");
-  need(info, x, DType::F32, N * C, "x");
+  need(info, dy, DType::F32, mul_sat(N, C), "dy");
+  need(info, x, DType::F32, mul_sat(N, C), "x");
   need(info, w, DType::F32, C, "weight");
   need(info, mean, DType::F32, N, "mean");
   need(info, rstd, DType::F32, N, "rstd");
@@ -800,9 +854,9 @@ Napi::Value RmsNorm(const Napi::CallbackInfo& info) {
           *w = optional_storage_arg(info, 3, "weight");
   int64_t N = size_arg(info, 4, "N"), C = size_arg(info, 5, "C");
   Backend* be = same_backend(info, {y, rstd, x, w});
-  need(info, y, DType::F32, N * C, "y");
+  need(info, y, DType::F32, mul_sat(N, C), "y");
   need(info, rstd, DType::F32, N, "rstd");
-  need(info, x, DType::F32, N * C, "x");
+  need(info, x, DType::F32, mul_sat(N, C), "x");
   need(info, w, DType::F32, C, "weight");
   check_status(info.Env(), be->rms_norm(ptr<float>(y), ptr<float>(rstd), ptr<float>(x), ptr<float>(w), N, C, float_arg(info, 6, "eps")),
                be, "rms_norm");
@@ -815,10 +869,10 @@ Napi::Value RmsNormBackward(const Napi::CallbackInfo& info) {
           *x = storage_arg(info, 3, "x"), *w = optional_storage_arg(info, 4, "weight"), *rstd = storage_arg(info, 5, "rstd");
   int64_t N = size_arg(info, 6, "N"), C = size_arg(info, 7, "C");
   Backend* be = same_backend(info, {dx, dw, dy, x, w, rstd});
-  need(info, dx, DType::F32, N * C, "dx");
+  need(info, dx, DType::F32, mul_sat(N, C), "dx");
   need(info, dw, DType::F32, C, "dw");
-  need(info, dy, DType::F32, N * C, "dy");
-  need(info, x, DType::F32, N * C, "x");
+  need(info, dy, DType::F32, mul_sat(N, C), "dy");
+  need(info, x, DType::F32, mul_sat(N, C), "x");
   need(info, w, DType::F32, C, "weight");
   need(info, rstd, DType::F32, N, "rstd");
   check_status(info.Env(),
@@ -832,8 +886,8 @@ Napi::Value Embedding(const Napi::CallbackInfo& info) {
   Storage *out = storage_arg(info, 0, "out"), *table = storage_arg(info, 1, "table"), *ids = storage_arg(info, 2, "ids");
   int64_t N = size_arg(info, 3, "N"), V = size_arg(info, 4, "V"), C = size_arg(info, 5, "C");
   Backend* be = same_backend(info, {out, table, ids});
-  need(info, out, DType::F32, N * C, "out");
-  need(info, table, DType::F32, V * C, "table");
+  need(info, out, DType::F32, mul_sat(N, C), "out");
+  need(info, table, DType::F32, mul_sat(V, C), "table");
   need(info, ids, DType::I32, N, "ids");
   check_ids_status(info.Env(), be->embedding(ptr<float>(out), ptr<float>(table), ptr<int32_t>(ids), N, V, C), be, "embedding",
                    "id", V);
@@ -845,8 +899,8 @@ Napi::Value EmbeddingBackward(const Napi::CallbackInfo& info) {
   Storage *dtable = storage_arg(info, 0, "dtable"), *dout = storage_arg(info, 1, "dout"), *ids = storage_arg(info, 2, "ids");
   int64_t N = size_arg(info, 3, "N"), V = size_arg(info, 4, "V"), C = size_arg(info, 5, "C");
   Backend* be = same_backend(info, {dtable, dout, ids});
-  need(info, dtable, DType::F32, V * C, "dtable");
-  need(info, dout, DType::F32, N * C, "dout");
+  need(info, dtable, DType::F32, mul_sat(V, C), "dtable");
+  need(info, dout, DType::F32, mul_sat(N, C), "dout");
   need(info, ids, DType::I32, N, "ids");
   check_ids_status(info.Env(), be->embedding_backward(ptr<float>(dtable), ptr<float>(dout), ptr<int32_t>(ids), N, V, C), be,
                    "embedding_backward", "id", V);
@@ -870,7 +924,7 @@ Napi::Value CrossEntropy(const Napi::CallbackInfo& info) {
   Backend* be = same_backend(info, {loss, lse, logits, targets});
   need(info, loss, DType::F32, N, "loss");
   need(info, lse, DType::F32, N, "lse");
-  need(info, logits, DType::F32, N * V, "logits");
+  need(info, logits, DType::F32, mul_sat(N, V), "logits");
   need(info, targets, DType::I32, N, "targets");
   check_ids_status(info.Env(),
                    be->cross_entropy(ptr<float>(loss), ptr<float>(lse), ptr<float>(logits), ptr<int32_t>(targets), N, V, ignore, eps),
@@ -887,9 +941,9 @@ Napi::Value CrossEntropyBackward(const Napi::CallbackInfo& info) {
   float eps = float_arg(info, 8, "labelSmoothing");
   if (!(eps >= 0.0f && eps <= 1.0f)) throw_lora(info.Env(), "ERR_LORA_RANGE", "labelSmoothing must be in [0, 1]");
   Backend* be = same_backend(info, {dlogits, dloss, logits, lse, targets});
-  need(info, dlogits, DType::F32, N * V, "dlogits");
+  need(info, dlogits, DType::F32, mul_sat(N, V), "dlogits");
   need(info, dloss, DType::F32, N, "dloss");
-  need(info, logits, DType::F32, N * V, "logits");
+  need(info, logits, DType::F32, mul_sat(N, V), "logits");
   need(info, lse, DType::F32, N, "lse");
   need(info, targets, DType::I32, N, "targets");
   check_ids_status(info.Env(),
@@ -905,9 +959,9 @@ Napi::Value Attention(const Napi::CallbackInfo& info) {
           *k = storage_arg(info, 3, "k"), *v = storage_arg(info, 4, "v");
   int64_t Bt = size_arg(info, 5, "Bt"), T = size_arg(info, 6, "T"), H = size_arg(info, 7, "H"), D = size_arg(info, 8, "D");
   Backend* be = same_backend(info, {out, lse, q, k, v});
-  const int64_t n = Bt * T * H * D;
+  const int64_t n = mul_sat(mul_sat(mul_sat(Bt, T), H), D);
   need(info, out, DType::F32, n, "out");
-  need(info, lse, DType::F32, Bt * H * T, "lse");
+  need(info, lse, DType::F32, mul_sat(mul_sat(Bt, H), T), "lse");
   need(info, q, DType::F32, n, "q");
   need(info, k, DType::F32, n, "k");
   need(info, v, DType::F32, n, "v");
@@ -925,9 +979,9 @@ Napi::Value AttentionBackward(const Napi::CallbackInfo& info) {
           *v = storage_arg(info, 6, "v"), *out = storage_arg(info, 7, "out"), *lse = storage_arg(info, 8, "lse");
   int64_t Bt = size_arg(info, 9, "Bt"), T = size_arg(info, 10, "T"), H = size_arg(info, 11, "H"), D = size_arg(info, 12, "D");
   Backend* be = same_backend(info, {dq, dk, dv, dout, q, k, v, out, lse});
-  const int64_t n = Bt * T * H * D;
+  const int64_t n = mul_sat(mul_sat(mul_sat(Bt, T), H), D);
   for (Storage* s : {dq, dk, dv, dout, q, k, v, out}) need(info, s, DType::F32, n, "an attention tensor");
-  need(info, lse, DType::F32, Bt * H * T, "lse");
+  need(info, lse, DType::F32, mul_sat(mul_sat(Bt, H), T), "lse");
   check_status(info.Env(),
                be->attention_backward(ptr<float>(dq), ptr<float>(dk), ptr<float>(dv), ptr<float>(dout), ptr<float>(q), ptr<float>(k),
                                       ptr<float>(v), ptr<float>(out), ptr<float>(lse), Bt, T, H, D, float_arg(info, 13, "scale"),
@@ -943,13 +997,141 @@ Napi::Value SetErrorClass(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
-// The folder this .node file was loaded from (where liblora_cuda.so sits beside it).
-std::string own_directory() {
+// ---- async ops ------------------------------------------------------------------------------
+// A kernel run on libuv's thread pool, settling a promise. The worker holds the Blocks it uses,
+// so dispose() (or the garbage collector) during the op cannot free memory under it. Execute()
+// runs under the addon's mutex; kernels may throw std::bad_alloc, which becomes a status.
+class KernelWorker : public Napi::AsyncWorker {
+ public:
+  KernelWorker(Napi::Env env, const char* op, Backend* backend, std::vector<std::shared_ptr<Block>> blocks)
+      : Napi::AsyncWorker(env, op),
+        deferred_(Napi::Promise::Deferred::New(env)),
+        op_(op),
+        backend_(backend),
+        state_(data_of(env).state),
+        blocks_(std::move(blocks)) {}
+
+  Napi::Promise promise() { return deferred_.Promise(); }
+
+  void Execute() override {
+    std::lock_guard<std::recursive_mutex> lock(state_->mu);
+    try {
+      status_ = run();
+      if (status_ != Status::Ok) {
+        const char* d = backend_->last_error();
+        detail_ = d ? d : "";
+      }
+    } catch (const std::bad_alloc&) {
+      status_ = Status::OutOfMemory;
+    } catch (const std::exception& e) {
+      status_ = Status::InvalidArgument;
+      detail_ = e.what();
+    }
+  }
+
+  void OnOK() override {
+    Napi::Env env = Env();
+    if (status_ == Status::Ok) {
+      deferred_.Resolve(result(env));
+      return;
+    }
+    std::string msg = std::string(op_) + " failed on " + backend_->name() + ": " + lora::status_name(status_);
+    if (!detail_.empty()) msg += " (" + detail_ + ")";
+    deferred_.Reject(make_lora_error(env, status_code(status_), msg));
+  }
+
+  void OnError(const Napi::Error& e) override { deferred_.Reject(e.Value()); }
+
+ protected:
+  virtual Status run() = 0;
+  virtual Napi::Value result(Napi::Env env) { return env.Undefined(); }
+
+  Napi::Promise::Deferred deferred_;
+  const char* op_;
+  Backend* backend_;
+  std::shared_ptr<AddonState> state_;
+  std::vector<std::shared_ptr<Block>> blocks_;
+  Status status_ = Status::Ok;
+  std::string detail_;
+};
+
+// loraMergeAsync(W, A, B, OC, C, R, s): loraMerge off the main thread; resolves undefined.
+Napi::Value LoraMergeAsync(const Napi::CallbackInfo& info) {
+  Storage *W = storage_arg(info, 0, "weight"), *A = storage_arg(info, 1, "loraA"), *B = storage_arg(info, 2, "loraB");
+  int64_t OC = size_arg(info, 3, "OC"), C = size_arg(info, 4, "C"), R = size_arg(info, 5, "R");
+  float s = float_arg(info, 6, "scaling");
+  Backend* be = same_backend(info, {W, A, B});
+  if (W->dtype_ != DType::F32 && W->dtype_ != DType::BF16) throw_lora(info.Env(), "ERR_LORA_DTYPE", "weight must be float32 or bfloat16");
+  need(info, W, W->dtype_, mul_sat(OC, C), "weight");
+  need(info, A, DType::F32, mul_sat(R, C), "loraA");
+  need(info, B, DType::F32, mul_sat(OC, R), "loraB");
+  struct Merge : KernelWorker {
+    using KernelWorker::KernelWorker;
+    void* W;
+    DType wt;
+    const float *A, *B;
+    int64_t OC, C, R;
+    float s;
+    Status run() override { return backend_->lora_merge(W, wt, A, B, OC, C, R, s); }
+  };
+  auto* w = new Merge(info.Env(), "lora_merge", be, {W->block_, A->block_, B->block_});
+  w->W = W->ptr_;
+  w->wt = W->dtype_;
+  w->A = ptr<float>(A);
+  w->B = ptr<float>(B);
+  w->OC = OC;
+  w->C = C;
+  w->R = R;
+  w->s = s;
+  Napi::Promise p = w->promise();
+  w->Queue();
+  return p;
+}
+
+// toHostAsync(storage): toHost off the main thread; resolves a new ArrayBuffer with a copy.
+Napi::Value ToHostAsync(const Napi::CallbackInfo& info) {
+  Storage* s = storage_arg(info, 0, "tensor");
+  struct Download : KernelWorker {
+    using KernelWorker::KernelWorker;
+    Napi::Reference<Napi::ArrayBuffer> buf;
+    void* dst = nullptr;
+    const void* src = nullptr;
+    size_t bytes = 0;
+    Status run() override { return backend_->download(dst, src, bytes); }
+    Napi::Value result(Napi::Env) override { return buf.Value(); }
+  };
+  // The buffer is made here, on the main thread, and is unreachable from JS until the promise
+  // settles, so the worker thread may fill its memory.
+  Napi::ArrayBuffer buf = Napi::ArrayBuffer::New(info.Env(), s->bytes());
+  auto* w = new Download(info.Env(), "download", s->backend_, {s->block_});
+  w->buf = Napi::Persistent(buf);
+  w->dst = buf.Data();
+  w->src = s->ptr_;
+  w->bytes = s->bytes();
+  Napi::Promise p = w->promise();
+  w->Queue();
+  return p;
+}
+
+// The path of this .node file (liblora_cuda.so sits beside it).
+std::string own_path() {
   Dl_info dl{};
-  if (dladdr(reinterpret_cast<void*>(&own_directory), &dl) == 0 || !dl.dli_fname) return ".";
-  std::string path = dl.dli_fname;
+  if (dladdr(reinterpret_cast<void*>(&own_path), &dl) == 0 || !dl.dli_fname) return "";
+  return dl.dli_fname;
+}
+
+std::string directory_of(const std::string& path) {
   size_t slash = path.rfind('/');
   return slash == std::string::npos ? "." : path.substr(0, slash);
+}
+
+// Every exported function runs under the addon's mutex (see the top of this file).
+using Entry = std::pair<const char*, Napi::Function::Callback>;
+
+Napi::Value Locked(const Napi::CallbackInfo& info) {
+  const Entry* e = static_cast<const Entry*>(info.Data());
+  std::lock_guard<std::recursive_mutex> lock(data_of(info.Env()).state->mu);
+  return e->second(info);
 }
 
 int default_threads() {
@@ -966,13 +1148,14 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   auto* data = new InstanceData();
   data->state = std::make_shared<AddonState>();
   data->state->cpu = lora::make_cpu_backend(default_threads());
-  data->state->addon_dir = own_directory();
+  data->state->addon_path = own_path();
+  data->state->addon_dir = directory_of(data->state->addon_path);
   Napi::Function ctor = Storage::Define(env);
   data->storage_ctor = Napi::Persistent(ctor);
   env.SetInstanceData<InstanceData>(data);  // deleted (and the state released) at env teardown
 
   exports.Set("Storage", ctor);
-  const std::pair<const char*, Napi::Function::Callback> fns[] = {
+  static const Entry fns[] = {
       {"setErrorClass", SetErrorClass}, {"alloc", Alloc}, {"fromHost", FromHost}, {"toHost", ToHost},
       {"copyInto", CopyInto}, {"toDevice", ToDevice}, {"convert", Convert}, {"dispose", Dispose},
       {"fill", Fill}, {"memory", Memory}, {"releaseCached", ReleaseCached}, {"setNumThreads", SetNumThreads},
@@ -984,9 +1167,10 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
       {"layerNorm", LayerNorm}, {"layerNormBackward", LayerNormBackward}, {"rmsNorm", RmsNorm},
       {"rmsNormBackward", RmsNormBackward}, {"embedding", Embedding}, {"embeddingBackward", EmbeddingBackward},
       {"crossEntropy", CrossEntropy}, {"crossEntropyBackward", CrossEntropyBackward}, {"attention", Attention},
-      {"attentionBackward", AttentionBackward},
+      {"attentionBackward", AttentionBackward}, {"loraMergeAsync", LoraMergeAsync}, {"toHostAsync", ToHostAsync},
   };
-  for (const auto& f : fns) exports.Set(f.first, Napi::Function::New(env, f.second, f.first));
+  for (const auto& f : fns)
+    exports.Set(f.first, Napi::Function::New(env, Locked, f.first, const_cast<void*>(static_cast<const void*>(&f))));
   return exports;
 }
 
