@@ -1,0 +1,439 @@
+// The CPU GEMM engine behind lora::sgemm and lora::gemm_ex: BLIS-style cache blocking over packed
+// panels, register-tiled micro-kernels chosen at run time per ISA (gemm_avx512.cc, gemm_avx2.cc,
+// gemm_generic.cc), a streaming path for M <= 8 (decode), and the fused epilogue the LoRA kernels
+// use. Threads split C into independent rectangles. It is not a general BLAS (no complex, no
+// double) and keeps no state between calls except per-thread packing buffers.
+#include "gemm.h"
+
+#include <cstdlib>
+#include <cstring>
+
+#include "../rng.h"
+#include "gemm_fused.h"
+
+namespace lora {
+
+// ---- ISA dispatch -------------------------------------------------------------------------------
+
+namespace {
+
+CpuIsa detect_isa() {
+  CpuIsa best = CpuIsa::Generic;
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (isa_table_avx2() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    best = CpuIsa::Avx2;
+  if (isa_table_avx512() && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq"))
+    best = CpuIsa::Avx512;
+#endif
+  CpuIsa want = best;
+  if (const char* env = std::getenv("LORA_NATIVE_ISA")) {
+    if (!std::strcmp(env, "generic")) want = CpuIsa::Generic;
+    else if (!std::strcmp(env, "avx2")) want = CpuIsa::Avx2;
+    else if (!std::strcmp(env, "avx512")) want = CpuIsa::Avx512;
+  }
+  return want < best ? want : best;  // only ever lower than what the CPU supports
+}
+
+bool detect_bf16_dot(CpuIsa isa) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (isa != CpuIsa::Avx512) return false;
+  if (const char* env = std::getenv("LORA_NATIVE_BF16_DOT"))
+    if (!std::strcmp(env, "0")) return false;
+  return __builtin_cpu_supports("avx512bf16");
+#else
+  (void)isa;
+  return false;
+#endif
+}
+
+const IsaTable& pick_table(CpuIsa isa) {
+  if (isa == CpuIsa::Avx512) return *isa_table_avx512();
+  if (isa == CpuIsa::Avx2) return *isa_table_avx2();
+  return *isa_table_generic();
+}
+
+}  // namespace
+
+CpuIsa cpu_isa() {
+  static const CpuIsa isa = detect_isa();
+  return isa;
+}
+const char* cpu_isa_name() { return isa_table().name; }
+bool cpu_has_bf16_dot() {
+  static const bool has = detect_bf16_dot(cpu_isa());
+  return has;
+}
+const IsaTable& isa_table() {
+  static const IsaTable& t = pick_table(cpu_isa());
+  return t;
+}
+
+// ---- blocking -----------------------------------------------------------------------------------
+
+namespace {
+
+// Block sizes, measured at 2048^3 on Zen 5 (whose 512-bit FMAs issue at one per cycle, so the
+// kernel is not load-bound and a long k loop matters more than L1 residency). Overridable with -D
+// for experiments in native/dev/.
+#ifndef LN_KC
+#define LN_KC 1024
+#define LN_MC 144
+#define LN_NC 4096
+#endif
+// KC: long k loops halve the C tile loads/stores per flop; a (KC, 32) B micro-panel (128 KB) and the
+// A block stream from L2. 256 ran at 80% of peak, 1024 at 87-89%.
+constexpr int64_t kKc = LN_KC;
+// MC: the packed (MC, KC) block of A (576 KB) fits Zen 5's 1 MB L2 beside a B micro-panel; a
+// multiple of 24 (every kernel's mr divides it).
+constexpr int64_t kMc = LN_MC;
+// NC: the packed (KC, NC) block of B (16 MB) stays in L3 (32 MB) while every A block sweeps it.
+constexpr int64_t kNc = LN_NC;
+// Below this many multiply-adds a second thread costs more to wake than it saves.
+constexpr int64_t kParallelMinFlops = 1 << 18;
+// M up to this uses the streaming path (no packing of B: each B element is used M times only);
+// also its row chunk when op(B) is narrow (kNarrowN columns or fewer).
+constexpr int64_t kSmallM = 8;
+constexpr int64_t kNarrowN = 32;
+// k block of the streaming path: 8 rows x 1024 floats of A (32 KB) stay in the 48 KB L1d.
+constexpr int64_t kSmallKc = 1024;
+// k block when B is read in place: that many stored rows are streamed side by side (the hardware
+// prefetchers follow a few dozen streams); 1024 rows at once ran 4x slower.
+#ifndef LN_DKC
+#define LN_DKC 32
+#endif
+constexpr int64_t kDirectKc = LN_DKC;
+
+// Per-thread packing buffers, 64-byte aligned, grown on demand and kept for the next call.
+struct PackBuffer {
+  float* p = nullptr;
+  size_t cap = 0;
+  ~PackBuffer() { std::free(p); }
+  float* get(size_t floats) {
+    if (floats > cap) {
+      std::free(p);
+      cap = (floats + 4095) & ~size_t(4095);
+      p = static_cast<float*>(std::aligned_alloc(64, cap * sizeof(float)));
+    }
+    return p;
+  }
+};
+struct ThreadBuffers {
+  PackBuffer a, b, a2, b2, small;
+};
+ThreadBuffers& buffers() {
+  static thread_local ThreadBuffers bufs;
+  return bufs;
+}
+
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+inline float bf16_to_f32(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+void scale_rect(float* C, int64_t ldc, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float beta) {
+  for (int64_t i = m0; i < m1; ++i) {
+    float* c = C + i * ldc;
+    if (beta == 0.0f)
+      for (int64_t j = n0; j < n1; ++j) c[j] = 0.0f;
+    else
+      for (int64_t j = n0; j < n1; ++j) c[j] *= beta;
+  }
+}
+
+// c[valid part] = (accumulate ? c : 0) + tile  (+ mask ⊙ tile2 + bias when given)
+void write_tile(float* c, int64_t ldc, const float* tile, int nr, int64_t rows, int64_t cols,
+                bool accumulate) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* cr = c + i * ldc;
+    const float* t = tile + i * nr;
+    if (accumulate)
+      for (int64_t j = 0; j < cols; ++j) cr[j] += t[j];
+    else
+      for (int64_t j = 0; j < cols; ++j) cr[j] = t[j];
+  }
+}
+
+// The masked epilogue (dx with dropout): c += mask(r, col) ⊙ tile2 (+ bias).
+void add_masked(float* c, int64_t ldc, const float* tile2, int nr, int64_t rows, int64_t cols,
+                int64_t r0, int64_t c0, const DropoutMask& d, const float* bias) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* cr = c + i * ldc;
+    const float* t = tile2 + i * nr;
+    for (int64_t j = 0; j < cols; ++j) {
+      const uint64_t idx = static_cast<uint64_t>((r0 + i) * d.ld + c0 + j);
+      float v = dropout_keep(d.seed, idx, d.p) ? t[j] * d.scale : 0.0f;
+      if (bias) v += bias[c0 + j];
+      cr[j] += v;
+    }
+  }
+}
+
+// The epilogue operands packed: op(A2) rows [i0, i0+mc) with a trailing column of ones, and
+// op(B2) cols [j0, j0+nc) with a trailing row of bias, so bias rides in the same micro-kernel call.
+int64_t epi_k(const GemmArgs& g) { return g.K2 + ((g.bias && !g.drop2) ? 1 : 0); }
+
+void pack_a2(const IsaTable& t, float* dst, const GemmArgs& g, int64_t i0, int64_t mc, int mr) {
+  const int64_t ke = epi_k(g);
+  for (int64_t ip = 0; ip < mc; ip += mr) {
+    float* d = dst + (ip / mr) * mr * ke;
+    const int64_t rows = imin(mr, mc - ip);
+    if (g.K2 > 0) t.pack_a(d, g.A2, g.lda2, g.trans_a2, i0 + ip, rows, 0, g.K2, mr, g.alpha2, nullptr);
+    if (ke > g.K2)
+      for (int i = 0; i < mr; ++i) d[g.K2 * mr + i] = i < rows ? 1.0f : 0.0f;
+  }
+}
+
+void pack_b2(const IsaTable& t, float* dst, const GemmArgs& g, int64_t j0, int64_t nc, int nr) {
+  const int64_t ke = epi_k(g);
+  for (int64_t jp = 0; jp < nc; jp += nr) {
+    float* d = dst + (jp / nr) * nr * ke;
+    const int64_t cols = imin(nr, nc - jp);
+    if (g.K2 > 0) t.pack_b(d, g.B2, false, g.ldb2, g.trans_b2, 0, g.K2, j0 + jp, cols, nr, nullptr);
+    if (ke > g.K2)
+      for (int j = 0; j < nr; ++j) d[g.K2 * nr + j] = j < cols ? g.bias[j0 + jp + j] : 0.0f;
+  }
+}
+
+// The streaming path over the C rectangle [m0, m1) x [n0, n1), 8 rows of C at a time: B is read
+// straight from its storage (no packing), k in blocks so the 8 rows of A stay in L1.
+void run_small(const IsaTable& t, const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0,
+               int64_t n1) {
+  const int64_t n = n1 - n0, K = g.alpha == 0.0f ? 0 : g.K;
+  const bool direct = !g.trans_a && g.alpha == 1.0f && !g.drop_a;
+  ThreadBuffers& bufs = buffers();
+  const bool accumulate = g.beta != 0.0f;
+  if (g.beta != 0.0f && g.beta != 1.0f) scale_rect(g.C, g.ldc, m0, m1, n0, n1, g.beta);
+  // Narrow op(B) stored (n, k), many rows of A: transpose B once into (k, n) so the kernel
+  // broadcasts A (dot products along k cost a horizontal sum each and ran 3x slower).
+  const void* B = g.B;
+  bool trans_b = g.trans_b, b_bf16 = g.b_bf16;
+  int64_t ldb = g.ldb, bn0 = n0;
+  if (trans_b && m1 - m0 > kSmallM && K > 0) {
+    float* bt = bufs.b.get(static_cast<size_t>(K * n));
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t off = (n0 + j) * g.ldb + k;
+        bt[k * n + j] = b_bf16 ? bf16_to_f32(static_cast<const uint16_t*>(g.B)[off])
+                               : static_cast<const float*>(g.B)[off];
+      }
+    B = bt;
+    trans_b = b_bf16 = false;
+    ldb = n;
+    bn0 = 0;
+  }
+  auto b_ptr = [&](int64_t k) -> const void* {
+    const int64_t off = trans_b ? bn0 * ldb + k : k * ldb + bn0;
+    return b_bf16 ? static_cast<const void*>(static_cast<const uint16_t*>(B) + off)
+                  : static_cast<const void*>(static_cast<const float*>(B) + off);
+  };
+  for (int64_t i0 = m0; i0 < m1; i0 += kSmallM) {
+    const int m = static_cast<int>(imin(kSmallM, m1 - i0));
+    float* c = g.C + i0 * g.ldc + n0;
+    for (int64_t kb = 0; kb < imax(K, 1); kb += kSmallKc) {
+      const int64_t kl = imin(kSmallKc, K - kb);
+      if (kl == 0 && accumulate) break;
+      const float* a = g.A + i0 * g.lda + kb;
+      int64_t lda = g.lda;
+      if (!direct && kl > 0) {
+        float* buf = bufs.small.get(static_cast<size_t>(kSmallM * kl));
+        for (int i = 0; i < m; ++i)
+          for (int64_t k = 0; k < kl; ++k) {
+            const int64_t r = g.trans_a ? kb + k : i0 + i, cc = g.trans_a ? i0 + i : kb + k;
+            float v = g.A[r * g.lda + cc];
+            if (g.drop_a)
+              v = dropout_keep(g.drop_a->seed, static_cast<uint64_t>(r * g.drop_a->ld + cc), g.drop_a->p)
+                      ? v * g.drop_a->scale : 0.0f;
+            buf[i * kl + k] = g.alpha * v;
+          }
+        a = buf;
+        lda = kl;
+      }
+      t.small_m(m, n, kl, a, lda, b_ptr(kb), b_bf16, ldb, trans_b, c, g.ldc, accumulate || kb > 0);
+      if (kl == 0) break;
+    }
+    if (g.K2 > 0 || g.bias) {
+      float* a2 = bufs.a2.get(static_cast<size_t>(imax(1, kSmallM * g.K2)));
+      for (int i = 0; i < m; ++i)
+        for (int64_t k = 0; k < g.K2; ++k)
+          a2[i * g.K2 + k] = g.alpha2 * (g.trans_a2 ? g.A2[k * g.lda2 + i0 + i]
+                                                    : g.A2[(i0 + i) * g.lda2 + k]);
+      const float* b2 = g.B2 ? (g.trans_b2 ? g.B2 + n0 * g.ldb2 : g.B2 + n0) : nullptr;
+      if (!g.drop2) {
+        if (g.K2 > 0) t.small_m(m, n, g.K2, a2, g.K2, b2, false, g.ldb2, g.trans_b2, c, g.ldc, 1);
+        if (g.bias)
+          for (int i = 0; i < m; ++i)
+            for (int64_t j = 0; j < n; ++j) c[i * g.ldc + j] += g.bias[n0 + j];
+      } else {
+        float* tmp = bufs.b2.get(static_cast<size_t>(kSmallM * n));
+        t.small_m(m, n, g.K2, a2, g.K2, b2, false, g.ldb2, g.trans_b2, tmp, n, 0);
+        add_masked(c, g.ldc, tmp, static_cast<int>(n), m, n, i0, n0, *g.drop2, g.bias);
+      }
+    }
+  }
+}
+
+// The blocked path over the C rectangle [m0, m1) x [n0, n1).
+void run_blocked(const IsaTable& t, const GemmKernel& kern, bool bf16_dot, const GemmArgs& g,
+                 int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  const int mr = kern.mr, nr = kern.nr;
+  const int64_t K = g.alpha == 0.0f ? 0 : g.K;
+  // Few rows of C: each element of B is used only (m1-m0) times, so packing it would cost as
+  // much memory traffic as the product; a stored-row-major fp32 B is read in place instead.
+  const bool direct_b = !bf16_dot && !g.trans_b && !g.b_bf16 && !g.drop_b && m1 - m0 <= 2 * mr;
+  // bf16 panels hold twice the k per byte; B read in place streams kDirectKc rows at once
+  const int64_t kc_max = direct_b ? kDirectKc : bf16_dot ? 2 * kKc : kKc;
+  const int64_t nc_max = kNc / nr * nr, mc_max = kMc / mr * mr;
+  const int64_t ke = epi_k(g);
+  const bool has_epi = ke > 0 || g.drop2;
+  ThreadBuffers& bufs = buffers();
+  if (g.beta != 0.0f && g.beta != 1.0f) scale_rect(g.C, g.ldc, m0, m1, n0, n1, g.beta);
+  alignas(64) float tile[32 * 64];
+  alignas(64) float tile2[32 * 64];
+
+  for (int64_t jc = n0; jc < n1; jc += nc_max) {
+    const int64_t nc = imin(nc_max, n1 - jc), ncp = round_up(nc, nr);
+    float* b2buf = nullptr;
+    if (has_epi && g.K2 + ke > 0) {
+      b2buf = bufs.b2.get(static_cast<size_t>(ncp * imax(ke, g.K2)));
+      if (g.drop2) t.pack_b(b2buf, g.B2, false, g.ldb2, g.trans_b2, 0, g.K2, jc, nc, nr, nullptr);
+      else pack_b2(t, b2buf, g, jc, nc, nr);
+    }
+    for (int64_t pc = 0; pc < imax(K, 1); pc += kc_max) {
+      const int64_t kc = imin(kc_max, K - pc), kstep = bf16_dot ? (kc + 1) / 2 : kc;
+      const bool first = pc == 0, last = pc + kc_max >= K;
+      const bool accumulate = !first || g.beta != 0.0f;
+      float* bbuf = bufs.b.get(static_cast<size_t>(ncp * imax(kc, 1)));
+      if (direct_b) {
+        // only a partial last panel is packed; whole panels are read in place
+        if (nc % nr) {
+          const int64_t jl = nc / nr * nr;
+          t.pack_b(bbuf + jl * kc, g.B, false, g.ldb, false, pc, kc, jc + jl, nc - jl, nr, nullptr);
+        }
+      } else if (bf16_dot)
+        t.pack_b_bf16(reinterpret_cast<uint16_t*>(bbuf), static_cast<const uint16_t*>(g.B), g.ldb,
+                      g.trans_b, pc, kc, jc, nc, nr);
+      else
+        t.pack_b(bbuf, g.B, g.b_bf16, g.ldb, g.trans_b, pc, kc, jc, nc, nr, g.drop_b);
+      for (int64_t ic = m0; ic < m1; ic += mc_max) {
+        const int64_t mc = imin(mc_max, m1 - ic), mcp = round_up(mc, mr);
+        float* abuf = bufs.a.get(static_cast<size_t>(mcp * imax(kc, 1)));
+        if (bf16_dot)
+          t.pack_a_bf16(reinterpret_cast<uint16_t*>(abuf), g.A, g.lda, g.trans_a, ic, mc, pc, kc, mr,
+                        g.alpha);
+        else
+          t.pack_a(abuf, g.A, g.lda, g.trans_a, ic, mc, pc, kc, mr, g.alpha, g.drop_a);
+        float* a2buf = nullptr;
+        const bool epi_now = last && has_epi;
+        if (epi_now && g.K2 + ke > 0) {
+          a2buf = bufs.a2.get(static_cast<size_t>(mcp * imax(ke, g.K2)));
+          if (g.drop2)
+            t.pack_a(a2buf, g.A2, g.lda2, g.trans_a2, ic, mc, 0, g.K2, mr, g.alpha2, nullptr);
+          else
+            pack_a2(t, a2buf, g, ic, mc, mr);
+        }
+        const int64_t kx = g.drop2 ? g.K2 : ke;  // k of the epilogue product
+        for (int64_t jr = 0; jr < nc; jr += nr) {
+          const int64_t cols = imin(nr, nc - jr);
+          const bool in_place = direct_b && cols == nr;
+          const float* bp = in_place ? static_cast<const float*>(g.B) + pc * g.ldb + jc + jr
+                                     : bbuf + jr * kstep;
+          const int64_t ldbp = in_place ? g.ldb : nr;
+          const float* b2p = b2buf ? b2buf + jr * kx : nullptr;
+          for (int64_t ir = 0; ir < mc; ir += mr) {
+            const int64_t rows = imin(mr, mc - ir);
+            const float* ap = abuf + ir * kstep;
+            float* c = g.C + (ic + ir) * g.ldc + jc + jr;
+            const bool full = rows == mr && cols == nr;
+            float* dst = full ? c : tile;
+            const int64_t ldd = full ? g.ldc : nr;
+            const int acc_dst = full && accumulate;
+            kern.run(kstep, ap, bp, ldbp, dst, ldd, acc_dst);
+            if (epi_now && !g.drop2 && kx > 0) {
+              // the fp32 kernel with the same tile shape adds alpha2·A2·B2 (+ bias) in L1
+              const GemmKernel& k32 = bf16_dot ? t.wide : kern;
+              k32.run(kx, a2buf + ir * kx, b2p, nr, dst, ldd, 1);
+            }
+            if (!full) write_tile(c, g.ldc, tile, nr, rows, cols, accumulate);
+            if (epi_now && g.drop2) {
+              const GemmKernel& k32 = bf16_dot ? t.wide : kern;
+              k32.run(g.K2, a2buf + ir * g.K2, b2p, nr, tile2, nr, 0);
+              add_masked(c, g.ldc, tile2, nr, rows, cols, ic + ir, jc + jr, *g.drop2, g.bias);
+            }
+          }
+        }
+      }
+      if (K == 0) break;
+    }
+  }
+}
+
+}  // namespace
+
+void gemm_ex(ThreadPool& pool, const GemmArgs& g) {
+  if (g.M <= 0 || g.N <= 0) return;
+  const IsaTable& t = isa_table();
+  const bool small = (g.M <= kSmallM || (g.N <= kNarrowN && !g.trans_a)) && !g.drop_b;
+  const bool bf16_dot = !small && g.b_bf16 && g.allow_bf16_dot && cpu_has_bf16_dot() &&
+                        t.bf16_kernel.run && !g.drop_a && !g.drop_b && g.alpha != 0.0f;
+
+  // The tile shape with the least padding (the wide kernel on ties and for bf16).
+  const GemmKernel* kern = bf16_dot ? &t.bf16_kernel : &t.wide;
+  if (!small && !bf16_dot) {
+    auto padded = [&](const GemmKernel& k) { return round_up(g.M, k.mr) * round_up(g.N, k.nr); };
+    int64_t best = padded(t.wide);
+    // the narrow and short shapes run at ~85-90% of the wide one's speed
+    if (padded(t.narrow) * 10 < best * 9) { kern = &t.narrow; best = padded(t.narrow); }
+    if (padded(t.short_m) * 10 < best * 9) kern = &t.short_m;
+  }
+  const int64_t work = g.M * g.N * (g.K + g.K2 + 1);
+  auto body = [&](int tid, int nt) {
+    const bool split_n = small ? g.M <= kSmallM : (g.N >= g.M * 2 || g.M < kern->mr * nt);
+    if (split_n) {
+      const int64_t unit = small ? 16 : kern->nr;
+      const int64_t units = (g.N + unit - 1) / unit, per = (units + nt - 1) / nt;
+      const int64_t n0 = imin(g.N, tid * per * unit), n1 = imin(g.N, n0 + per * unit);
+      if (n0 >= n1) return;
+      if (small) run_small(t, g, 0, g.M, n0, n1);
+      else run_blocked(t, *kern, bf16_dot, g, 0, g.M, n0, n1);
+    } else {
+      const int64_t unit = small ? kSmallM : kern->mr;
+      const int64_t units = (g.M + unit - 1) / unit, per = (units + nt - 1) / nt;
+      const int64_t m0 = imin(g.M, tid * per * unit), m1 = imin(g.M, m0 + per * unit);
+      if (m0 >= m1) return;
+      if (small) run_small(t, g, m0, m1, 0, g.N);
+      else run_blocked(t, *kern, bf16_dot, g, m0, m1, 0, g.N);
+    }
+  };
+  if (work < kParallelMinFlops || pool.size() == 1) body(0, 1);
+  else pool.run(body);
+}
+
+void sgemm(ThreadPool& pool, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+           float alpha, const float* A, int64_t lda, const float* B, int64_t ldb, float beta,
+           float* C, int64_t ldc) {
+  GemmArgs g;
+  g.trans_a = trans_a;
+  g.trans_b = trans_b;
+  g.M = M;
+  g.N = N;
+  g.K = K;
+  g.alpha = alpha;
+  g.A = A;
+  g.lda = lda;
+  g.B = B;
+  g.ldb = ldb;
+  g.beta = beta;
+  g.C = C;
+  g.ldc = ldc;
+  gemm_ex(pool, g);
+}
+
+}  // namespace lora

@@ -1,0 +1,142 @@
+// The AVX-512 level of the GEMM engine: the shared leaf routines (gemm_kernels_impl.h) compiled for
+// AVX-512F/BW/VL/DQ, plus the avx512_bf16 dot-product kernel. Chosen at run time by gemm.cc; this
+// file never runs on a CPU without AVX-512, and nothing in it is visible outside it but the table.
+#include <cstdint>
+#include <immintrin.h>
+
+#include "../rng.h"
+#include "gemm_isa.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,avx2,bmi2")
+
+#define LN_VL 16
+#define LN_FMA(a, b, c) _mm512_fmadd_ps((a), (b), (c))
+#define LN_SPLAT(x) _mm512_set1_ps(x)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive in _mm512_reduce_add_ps
+#define LN_HSUM(v) _mm512_reduce_add_ps(v)
+#include "gemm_kernels_impl.h"
+
+namespace {
+
+// 12 x 32: 24 zmm accumulators + 2 for b + 1 broadcast (of 32); 2 loads of b per 24 FMAs keeps
+// both FMA pipes fed, and 12 rows amortise the b loads over the 4-cycle FMA latency.
+constexpr int kWideMr = 12, kWideNv = 2;
+// 24 x 16: for op(B) only 16 wide (rank 16), so no column padding.
+constexpr int kNarrowMr = 24, kNarrowNv = 1;
+// 8 x 48: for C only 8/16 rows (dA at rank 8/16), 24 accumulators.
+constexpr int kShortMr = 8, kShortNv = 3;
+
+// bf16 pairs: c(mr, 32) (+)= a·b with a (k2, MR, 2) and b (k2, 32, 2) in bf16, fp32 accumulation.
+template <int MR>
+void bf16_kernel(int64_t k2, const float* af, const float* bf, int64_t /*ldb: always packed*/,
+                 float* __restrict c, int64_t ldc, int accumulate) {
+  const uint16_t* a = reinterpret_cast<const uint16_t*>(af);
+  const uint16_t* b = reinterpret_cast<const uint16_t*>(bf);
+  __m512 acc[MR][2];
+#pragma GCC unroll 32
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < k2; ++p) {
+    const __m512bh b0 = (__m512bh)_mm512_load_si512(b);
+    const __m512bh b1 = (__m512bh)_mm512_load_si512(b + 32);
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i) {
+      uint32_t pair;
+      __builtin_memcpy(&pair, a + 2 * i, 4);
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], av, b0);
+      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], av, b1);
+    }
+    a += 2 * MR;
+    b += 64;
+  }
+#pragma GCC unroll 32
+  for (int i = 0; i < MR; ++i) {
+    float* r = c + i * ldc;
+    if (accumulate) {
+      _mm512_storeu_ps(r, _mm512_add_ps(_mm512_loadu_ps(r), acc[i][0]));
+      _mm512_storeu_ps(r + 16, _mm512_add_ps(_mm512_loadu_ps(r + 16), acc[i][1]));
+    } else {
+      _mm512_storeu_ps(r, acc[i][0]);
+      _mm512_storeu_ps(r + 16, acc[i][1]);
+    }
+  }
+}
+
+inline uint16_t to_bf16(float f) {
+  uint32_t bits;
+  __builtin_memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+// (k2, mr, 2): element (i, k) at [(k/2)*mr*2 + i*2 + k%2]; odd kc pads with a zero k.
+void pack_a_bf16(uint16_t* __restrict dst, const float* __restrict a, int64_t lda, bool trans,
+                 int64_t i0, int64_t mc, int64_t k0, int64_t kc, int mr, float alpha) {
+  const int64_t kc2 = (kc + 1) / 2;
+  for (int64_t ip = 0; ip < mc; ip += mr) {
+    const int64_t rows = imin(mr, mc - ip);
+    for (int64_t i = 0; i < mr; ++i) {
+      for (int64_t k = 0; k < 2 * kc2; ++k) {
+        float v = 0.0f;
+        if (i < rows && k < kc) {
+          const int64_t r = i0 + ip + i, q = k0 + k;
+          v = alpha * (trans ? a[q * lda + r] : a[r * lda + q]);
+        }
+        dst[(k >> 1) * mr * 2 + i * 2 + (k & 1)] = to_bf16(v);
+      }
+    }
+    dst += mr * 2 * kc2;
+  }
+}
+
+void pack_b_bf16(uint16_t* __restrict dst, const uint16_t* __restrict b, int64_t ldb, bool trans,
+                 int64_t k0, int64_t kc, int64_t j0, int64_t nc, int nr) {
+  const int64_t kc2 = (kc + 1) / 2;
+  for (int64_t jp = 0; jp < nc; jp += nr) {
+    const int64_t cols = imin(nr, nc - jp);
+    if (trans) {
+      for (int64_t j = 0; j < nr; ++j) {
+        const uint16_t* src = b + (j0 + jp + j) * ldb + k0;
+        for (int64_t k = 0; k < 2 * kc2; ++k)
+          dst[(k >> 1) * nr * 2 + j * 2 + (k & 1)] = (j < cols && k < kc) ? src[k] : 0;
+      }
+    } else {
+      for (int64_t k = 0; k < 2 * kc2; ++k) {
+        const uint16_t* src = b + (k0 + k) * ldb + j0 + jp;
+        for (int64_t j = 0; j < nr; ++j)
+          dst[(k >> 1) * nr * 2 + j * 2 + (k & 1)] = (j < cols && k < kc) ? src[j] : 0;
+      }
+    }
+    dst += nr * 2 * kc2;
+  }
+}
+
+const lora::IsaTable kTable = {
+    "avx512",
+    {kWideMr, kWideNv * LN_VL, micro_kernel<kWideMr, kWideNv>},
+    {kNarrowMr, kNarrowNv * LN_VL, micro_kernel<kNarrowMr, kNarrowNv>},
+    {kShortMr, kShortNv * LN_VL, micro_kernel<kShortMr, kShortNv>},
+    pack_a,
+    pack_b,
+    small_m,
+    {kWideMr, 32, bf16_kernel<kWideMr>},
+    pack_a_bf16,
+    pack_b_bf16,
+};
+
+}  // namespace
+
+#pragma GCC pop_options
+
+namespace lora {
+const IsaTable* isa_table_avx512() { return &kTable; }
+}  // namespace lora
+
+#else
+namespace lora {
+const IsaTable* isa_table_avx512() { return nullptr; }
+}  // namespace lora
+#endif

@@ -1,0 +1,47 @@
+// The GEMM engine's extended entry point, for kernels that fuse work into the GEMM: dropout applied
+// while packing an operand, bf16 B widened (or bf16-dotted) on the fly, and an epilogue product
+// alpha2·op(A2)·op(B2) (+ bias) accumulated into each C tile while it is still in L1, so a fused
+// LoRA output is finished in one pass. lora::sgemm (gemm.h) is the plain case of this call.
+#pragma once
+
+#include <cstdint>
+
+#include "gemm_isa.h"
+#include "thread_pool.h"
+
+namespace lora {
+
+struct GemmArgs {
+  bool trans_a = false, trans_b = false;
+  int64_t M = 0, N = 0, K = 0;
+  float alpha = 1.0f;
+  const float* A = nullptr;  // op(A) (M, K)
+  int64_t lda = 0;
+  const void* B = nullptr;   // op(B) (K, N), fp32 or (b_bf16) bf16 bits
+  bool b_bf16 = false;
+  int64_t ldb = 0;
+  float beta = 0.0f;         // beta == 0 never reads C
+  float* C = nullptr;        // (M, N)
+  int64_t ldc = 0;
+  const DropoutMask* drop_a = nullptr;  // mask op(A) by A's stored coordinates
+  const DropoutMask* drop_b = nullptr;  // mask op(B) by B's stored coordinates
+
+  // Epilogue: C += alpha2·op(A2)·op(B2) + bias, with op(A2) (M, K2) and op(B2) (K2, N), added in
+  // the last K block. drop2 masks that product by C's coordinates (r*drop2->ld + c) instead.
+  const float* A2 = nullptr;
+  int64_t lda2 = 0;
+  bool trans_a2 = false;
+  const float* B2 = nullptr;
+  int64_t ldb2 = 0;
+  bool trans_b2 = false;
+  int64_t K2 = 0;
+  float alpha2 = 1.0f;
+  const DropoutMask* drop2 = nullptr;
+  const float* bias = nullptr;  // (N)
+  // bf16 B: allow rounding A to bf16 for the avx512_bf16 dot product (fp32 accumulation).
+  bool allow_bf16_dot = true;
+};
+
+void gemm_ex(ThreadPool& pool, const GemmArgs& args);
+
+}  // namespace lora

@@ -1,0 +1,75 @@
+// The per-ISA leaf routines of the CPU GEMM engine (micro-kernels, packing, the small-M path) as a
+// table of function pointers, one table per instruction-set level, plus the runtime dispatch that
+// picks one. The driver in gemm.cc (blocking, threading, epilogues) is ISA-neutral and calls only
+// through this table. Not a public header: the binding needs only cpu_isa_name().
+#pragma once
+
+#include <cstdint>
+
+namespace lora {
+
+enum class CpuIsa : int32_t { Generic = 0, Avx2 = 1, Avx512 = 2 };
+
+// The level in use: the best the CPU supports, lowered by LORA_NATIVE_ISA=avx512|avx2|generic
+// (a level above what the CPU supports falls back to the best supported one). Read once.
+CpuIsa cpu_isa();
+// "avx512", "avx2" or "generic": the level actually used, for the binding to report.
+const char* cpu_isa_name();
+// True when the avx512 level is in use and the CPU has avx512_bf16 (bf16 dot products).
+bool cpu_has_bf16_dot();
+
+// Dropout applied while packing or in an epilogue: element (r, c) of the stored x (N, C) is kept
+// when dropout_keep(seed, r*ld + c, p), and then scaled by 1/(1-p).
+struct DropoutMask {
+  float p;
+  float scale;
+  uint64_t seed;
+  int64_t ld;
+};
+
+struct GemmKernel {
+  int mr, nr;
+  // c(mr, nr) = (accumulate ? c : 0) + a·b over k steps; a is a packed (k, mr) micro-panel, b
+  // a (k, nr) one with row stride ldb (nr when packed; the stored matrix's stride when B is read
+  // in place). c has row stride ldc.
+  void (*run)(int64_t k, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc,
+              int accumulate);
+};
+
+struct IsaTable {
+  const char* name;
+  GemmKernel wide;    // the main kernel (most shapes)
+  GemmKernel narrow;  // for op(B) with few columns (h = x·Aᵀ at small rank)
+  GemmKernel short_m; // for few rows of C (dA at small rank)
+
+  // Packs rows [i0, i0+mc) x cols [k0, k0+kc) of op(A) into ceil(mc/mr) (kc, mr) micro-panels,
+  // scaled by alpha; rows past mc are zero. op(A)[i][k] = trans ? a[k*lda+i] : a[i*lda+k].
+  // drop (or nullptr) masks by the stored coordinates of a.
+  void (*pack_a)(float* dst, const float* a, int64_t lda, bool trans, int64_t i0, int64_t mc,
+                 int64_t k0, int64_t kc, int mr, float alpha, const DropoutMask* drop);
+  // Packs rows [k0, k0+kc) x cols [j0, j0+nc) of op(B) into ceil(nc/nr) (kc, nr) micro-panels;
+  // op(B)[k][j] = trans ? b[j*ldb+k] : b[k*ldb+j]; bf16 set means b holds bf16 bits.
+  void (*pack_b)(float* dst, const void* b, bool bf16, int64_t ldb, bool trans, int64_t k0,
+                 int64_t kc, int64_t j0, int64_t nc, int nr, const DropoutMask* drop);
+
+  // Small-M path, memory bound on B: c(m, n) = (accumulate ? c : 0) + a(m, k)·op(B) with a's
+  // rows contiguous (row stride lda), m <= 8. trans_b: B stored (n, k) with row stride ldb
+  // (y = x·Wᵀ); else (k, n). Also serves any M in chunks of 8 rows when op(B) is narrow.
+  void (*small_m)(int m, int64_t n, int64_t k, const float* a, int64_t lda, const void* b, bool bf16,
+                  int64_t ldb, bool trans_b, float* c, int64_t ldc, int accumulate);
+
+  // bf16 dot-product kernel (avx512_bf16 only, else nullptr): c(mr, nr) (+)= a·b over k2 pairs of
+  // k, with a packed as (k2, mr, 2) bf16 and b as (k2, nr, 2) bf16.
+  GemmKernel bf16_kernel;
+  void (*pack_a_bf16)(uint16_t* dst, const float* a, int64_t lda, bool trans, int64_t i0,
+                      int64_t mc, int64_t k0, int64_t kc, int mr, float alpha);
+  void (*pack_b_bf16)(uint16_t* dst, const uint16_t* b, int64_t ldb, bool trans, int64_t k0,
+                      int64_t kc, int64_t j0, int64_t nc, int nr);
+};
+
+const IsaTable* isa_table_generic();
+const IsaTable* isa_table_avx2();    // nullptr when the compiler could not build it
+const IsaTable* isa_table_avx512();  // nullptr when the compiler could not build it
+const IsaTable& isa_table();          // the table in use
+
+}  // namespace lora

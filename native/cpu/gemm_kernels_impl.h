@@ -1,0 +1,327 @@
+// The GEMM leaf routines written once with GCC vector extensions and compiled once per ISA level:
+// gemm_avx512.cc, gemm_avx2.cc and gemm_generic.cc each set `#pragma GCC target`, define the macros
+// below and include this file. Everything here has internal linkage (an anonymous namespace, no
+// standard-library templates), so no AVX-512 code can leak into another translation unit through a
+// shared inline symbol. Not a public header; no driver logic (blocking, threads) lives here.
+//
+// Expects: LN_VL (floats per vector), LN_FMA(a, b, c) (= a*b + c), LN_SPLAT(x) (broadcast),
+// LN_HSUM(v) (sum of the lanes, as a tree: a serial chain costs ~50 cycles per sum).
+
+#include <cstdint>
+
+#include "../rng.h"
+#include "gemm_isa.h"
+
+namespace {
+
+typedef float vf __attribute__((vector_size(LN_VL * 4)));
+typedef float vfu __attribute__((vector_size(LN_VL * 4), aligned(4)));
+typedef uint16_t vhu __attribute__((vector_size(LN_VL * 2), aligned(2)));
+typedef uint32_t vu __attribute__((vector_size(LN_VL * 4)));
+
+inline vf splat(float x) { return LN_SPLAT(x); }
+inline vf loadu(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+inline void storeu(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+inline vf load_bf16(const uint16_t* p) {
+  vu w = __builtin_convertvector(*reinterpret_cast<const vhu*>(p), vu) << 16;
+  return (vf)w;  // same-size vector cast: a bit reinterpretation
+}
+inline float bf16f(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
+inline float hsum(vf v) { return LN_HSUM(v); }
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// The register-tiled micro-kernel: MR rows x NV vectors of accumulators, one broadcast of a per
+// row and NV loads of b per k step. Everything unrolled so the accumulators stay in registers.
+template <int MR, int NV>
+void micro_kernel(int64_t k, const float* __restrict a, const float* __restrict b, int64_t ldb,
+                  float* __restrict c, int64_t ldc, int accumulate) {
+  vf acc[MR][NV];
+#pragma GCC unroll 32
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) acc[i][j] = vf{};
+  for (int64_t p = 0; p < k; ++p) {
+    vf bv[NV];
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) bv[j] = loadu(b + j * LN_VL);
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i) {
+      const vf av = splat(a[i]);
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) acc[i][j] = LN_FMA(av, bv[j], acc[i][j]);
+    }
+    a += MR;
+    b += ldb;
+  }
+  if (accumulate) {
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) storeu(c + i * ldc + j * LN_VL, loadu(c + i * ldc + j * LN_VL) + acc[i][j]);
+  } else {
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) storeu(c + i * ldc + j * LN_VL, acc[i][j]);
+  }
+}
+
+inline float masked(float v, const lora::DropoutMask* d, int64_t r, int64_t c) {
+  return lora::dropout_keep(d->seed, static_cast<uint64_t>(r * d->ld + c), d->p) ? v * d->scale
+                                                                                 : 0.0f;
+}
+
+void pack_a(float* __restrict dst, const float* __restrict a, int64_t lda, bool trans, int64_t i0,
+            int64_t mc, int64_t k0, int64_t kc, int mr, float alpha,
+            const lora::DropoutMask* drop) {
+  if (trans) {
+    // op(A)[i][k] = a[k*lda + i]: walk the stored rows (k) once each, filling every panel, so
+    // each stored row is read contiguously (a panel-at-a-time walk touched a new page per k).
+    const int64_t panels = (mc + mr - 1) / mr;
+    for (int64_t k = 0; k < kc; ++k) {
+      const float* src = a + (k0 + k) * lda + i0;
+      for (int64_t p = 0; p < panels; ++p) {
+        const int64_t ip = p * mr, rows = imin(mr, mc - ip);
+        float* d = dst + p * mr * kc + k * mr;
+        if (drop) {
+          for (int64_t i = 0; i < rows; ++i) d[i] = alpha * masked(src[ip + i], drop, k0 + k, i0 + ip + i);
+        } else {
+          for (int64_t i = 0; i < rows; ++i) d[i] = alpha * src[ip + i];
+        }
+        for (int64_t i = rows; i < mr; ++i) d[i] = 0.0f;
+      }
+    }
+    return;
+  }
+  for (int64_t ip = 0; ip < mc; ip += mr) {
+    const int64_t rows = imin(mr, mc - ip);
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t r = i0 + ip + i;
+      const float* src = a + r * lda + k0;
+      if (drop) {
+        for (int64_t k = 0; k < kc; ++k) dst[k * mr + i] = alpha * masked(src[k], drop, r, k0 + k);
+      } else {
+        for (int64_t k = 0; k < kc; ++k) dst[k * mr + i] = alpha * src[k];
+      }
+    }
+    for (int64_t i = rows; i < mr; ++i)
+      for (int64_t k = 0; k < kc; ++k) dst[k * mr + i] = 0.0f;
+    dst += mr * kc;
+  }
+}
+
+template <typename T>
+inline float to_f32(T v);
+template <>
+inline float to_f32<float>(float v) { return v; }
+template <>
+inline float to_f32<uint16_t>(uint16_t v) { return bf16f(v); }
+
+template <typename T>
+void pack_b_t(float* __restrict dst, const T* __restrict b, int64_t ldb, bool trans, int64_t k0,
+              int64_t kc, int64_t j0, int64_t nc, int nr, const lora::DropoutMask* drop) {
+  if (!trans) {
+    // op(B)[k][j] = b[k*ldb + j]: each stored row once, contiguous, scattered over the panels.
+    const int64_t panels = (nc + nr - 1) / nr;
+    for (int64_t k = 0; k < kc; ++k) {
+      const T* src = b + (k0 + k) * ldb + j0;
+      for (int64_t q = 0; q < panels; ++q) {
+        const int64_t jp = q * nr, cols = imin(nr, nc - jp);
+        float* d = dst + q * nr * kc + k * nr;
+        if (drop) {
+          for (int64_t j = 0; j < cols; ++j) d[j] = masked(to_f32(src[jp + j]), drop, k0 + k, j0 + jp + j);
+        } else if (cols == nr) {
+          for (int64_t j = 0; j < nr; ++j) d[j] = to_f32(src[jp + j]);
+        } else {
+          for (int64_t j = 0; j < cols; ++j) d[j] = to_f32(src[jp + j]);
+        }
+        for (int64_t j = cols; j < nr; ++j) d[j] = 0.0f;
+      }
+    }
+    return;
+  }
+  for (int64_t jp = 0; jp < nc; jp += nr) {
+    const int64_t cols = imin(nr, nc - jp);
+    // op(B)[k][j] = b[j*ldb + k]: 16 k at a time across the panel's rows, so the writes of one
+    // chunk stay within 16 lines of the panel.
+    for (int64_t kk = 0; kk < kc; kk += 16) {
+      const int64_t kl = imin(16, kc - kk);
+      for (int64_t j = 0; j < cols; ++j) {
+        const int64_t r = j0 + jp + j;
+        const T* src = b + r * ldb + k0 + kk;
+        float* d = dst + kk * nr + j;
+        if (drop) {
+          for (int64_t k = 0; k < kl; ++k) d[k * nr] = masked(to_f32(src[k]), drop, r, k0 + kk + k);
+        } else {
+          for (int64_t k = 0; k < kl; ++k) d[k * nr] = to_f32(src[k]);
+        }
+      }
+      for (int64_t j = cols; j < nr; ++j)
+        for (int64_t k = 0; k < kl; ++k) dst[(kk + k) * nr + j] = 0.0f;
+    }
+    dst += nr * kc;
+  }
+}
+
+void pack_b(float* dst, const void* b, bool bf16, int64_t ldb, bool trans, int64_t k0, int64_t kc,
+            int64_t j0, int64_t nc, int nr, const lora::DropoutMask* drop) {
+  if (bf16)
+    pack_b_t(dst, static_cast<const uint16_t*>(b), ldb, trans, k0, kc, j0, nc, nr, drop);
+  else
+    pack_b_t(dst, static_cast<const float*>(b), ldb, trans, k0, kc, j0, nc, nr, drop);
+}
+
+// ---- small-M path: c(M, n) = a(M, k)·op(B), streaming B once ----------------------------------
+
+template <typename T>
+inline vf loadv(const T* p);
+template <>
+inline vf loadv<float>(const float* p) { return loadu(p); }
+template <>
+inline vf loadv<uint16_t>(const uint16_t* p) { return load_bf16(p); }
+
+// B stored (n, k): each output is a dot product along a stored row; G rows of B at a time share
+// the loads of a.
+template <int M, int G, typename T>
+void small_m_nt(int64_t n, int64_t k, const float* __restrict a, int64_t lda, const T* __restrict b, int64_t ldb,
+                float* __restrict c, int64_t ldc, int accumulate) {
+  const int64_t kv = k - k % LN_VL;
+  int64_t j = 0;
+  for (; j + G <= n; j += G) {
+    vf acc[M][G];
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m)
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) acc[m][g] = vf{};
+    for (int64_t p = 0; p < kv; p += LN_VL) {
+      vf bv[G];
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) bv[g] = loadv<T>(b + (j + g) * ldb + p);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        const vf av = loadu(a + m * lda + p);
+#pragma GCC unroll 4
+        for (int g = 0; g < G; ++g) acc[m][g] = LN_FMA(av, bv[g], acc[m][g]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m)
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) {
+        float s = hsum(acc[m][g]);
+        for (int64_t p = kv; p < k; ++p) s += a[m * lda + p] * to_f32(b[(j + g) * ldb + p]);
+        float* out = c + m * ldc + j + g;
+        *out = accumulate ? *out + s : s;
+      }
+  }
+  for (; j < n; ++j) {
+    for (int m = 0; m < M; ++m) {
+      vf acc = vf{};
+      for (int64_t p = 0; p < kv; p += LN_VL) acc = LN_FMA(loadu(a + m * lda + p), loadv<T>(b + j * ldb + p), acc);
+      float s = hsum(acc);
+      for (int64_t p = kv; p < k; ++p) s += a[m * lda + p] * to_f32(b[j * ldb + p]);
+      float* out = c + m * ldc + j;
+      *out = accumulate ? *out + s : s;
+    }
+  }
+}
+
+// B stored (k, n): a block of NB vectors of columns at a time, all k, M rows of accumulators.
+template <int M, int NB, typename T>
+void small_m_nn(int64_t n, int64_t k, const float* __restrict a, int64_t lda, const T* __restrict b, int64_t ldb,
+                float* __restrict c, int64_t ldc, int accumulate) {
+  int64_t j = 0;
+  for (; j + NB * LN_VL <= n; j += NB * LN_VL) {
+    vf acc[M][NB];
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m)
+#pragma GCC unroll 4
+      for (int q = 0; q < NB; ++q) acc[m][q] = vf{};
+    for (int64_t p = 0; p < k; ++p) {
+      vf bv[NB];
+#pragma GCC unroll 4
+      for (int q = 0; q < NB; ++q) bv[q] = loadv<T>(b + p * ldb + j + q * LN_VL);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        const vf av = splat(a[m * lda + p]);
+#pragma GCC unroll 4
+        for (int q = 0; q < NB; ++q) acc[m][q] = LN_FMA(av, bv[q], acc[m][q]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m)
+#pragma GCC unroll 4
+      for (int q = 0; q < NB; ++q) {
+        float* out = c + m * ldc + j + q * LN_VL;
+        storeu(out, accumulate ? loadu(out) + acc[m][q] : acc[m][q]);
+      }
+  }
+  for (; j + LN_VL <= n; j += LN_VL) {  // leftover whole vectors, one at a time
+    vf acc[M];
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) acc[m] = vf{};
+    for (int64_t p = 0; p < k; ++p) {
+      const vf bv = loadv<T>(b + p * ldb + j);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) acc[m] = LN_FMA(splat(a[m * lda + p]), bv, acc[m]);
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      float* out = c + m * ldc + j;
+      storeu(out, accumulate ? loadu(out) + acc[m] : acc[m]);
+    }
+  }
+  if (j < n) {
+    const int64_t w = n - j;
+    for (int m = 0; m < M; ++m)
+      for (int64_t q = 0; q < w; ++q) {
+        float* out = c + m * ldc + j + q;
+        if (!accumulate) *out = 0.0f;
+      }
+    for (int64_t p = 0; p < k; ++p)
+      for (int m = 0; m < M; ++m) {
+        const float av = a[m * lda + p];
+        for (int64_t q = 0; q < w; ++q) c[m * ldc + j + q] += av * to_f32(b[p * ldb + j + q]);
+      }
+  }
+}
+
+template <int M, typename T>
+void small_m_dispatch(int64_t n, int64_t k, const float* a, int64_t lda, const T* b, int64_t ldb, bool trans_b,
+                      float* c, int64_t ldc, int accumulate) {
+  if (trans_b) {
+    small_m_nt<M, (M <= 2 ? 4 : 2), T>(n, k, a, lda, b, ldb, c, ldc, accumulate);
+  } else {
+    small_m_nn<M, (M <= 4 ? 4 : 2), T>(n, k, a, lda, b, ldb, c, ldc, accumulate);
+  }
+}
+
+template <typename T>
+void small_m_t(int m, int64_t n, int64_t k, const float* a, int64_t lda, const T* b, int64_t ldb, bool trans_b,
+               float* c, int64_t ldc, int accumulate) {
+  switch (m) {
+    case 1: return small_m_dispatch<1, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
+    case 2: return small_m_dispatch<2, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
+    case 3: return small_m_dispatch<3, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
+    case 4: return small_m_dispatch<4, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
+    case 5: return small_m_dispatch<5, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
+    case 6: return small_m_dispatch<6, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
+    case 7: return small_m_dispatch<7, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
+    default: return small_m_dispatch<8, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
+  }
+}
+
+void small_m(int m, int64_t n, int64_t k, const float* a, int64_t lda, const void* b, bool bf16, int64_t ldb,
+             bool trans_b, float* c, int64_t ldc, int accumulate) {
+  if (bf16)
+    small_m_t(m, n, k, a, lda, static_cast<const uint16_t*>(b), ldb, trans_b, c, ldc, accumulate);
+  else
+    small_m_t(m, n, k, a, lda, static_cast<const float*>(b), ldb, trans_b, c, ldc, accumulate);
+}
+
+}  // namespace
