@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstdio>
 #include <cstring>
+#include <atomic>
 #include <mutex>
 #include <new>
 #include <string>
@@ -71,7 +72,7 @@ class CudaBackend final : public Backend {
   }
 
   const char* name() const override { return "cuda"; }
-  const char* last_error() const override { return error_.c_str(); }
+  const char* last_error() const override { return error_; }
 
   // ---- memory ------------------------------------------------------------------------------
   void* alloc(size_t bytes) override {
@@ -427,6 +428,96 @@ class CudaBackend final : public Backend {
     return check(launch_dropout(stream_, out, in, n, p, seed), "dropout");
   }
 
+  // ---- normalisation, embedding, cross-entropy, attention (nn.cu) ---------------------------
+  Status layer_norm(float* y, float* mean, float* rstd, const float* x, const float* w,
+                    const float* b, int64_t N, int64_t C, float eps) override {
+    if (unusable_) return Status::Unusable;
+    if (N < 0 || C <= 0) return N == 0 ? Status::Ok : Status::InvalidArgument;
+    return check(launch_layer_norm(stream_, y, mean, rstd, x, w, b, N, C, eps, false), "layer_norm");
+  }
+  Status layer_norm_backward(float* dx, float* dw, float* db, const float* dy, const float* x,
+                             const float* w, const float* mean, const float* rstd, int64_t N,
+                             int64_t C) override {
+    if (unusable_) return Status::Unusable;
+    if (N < 0 || C < 0) return Status::InvalidArgument;
+    return check(launch_layer_norm_backward(stream_, dx, dw, db, dy, x, w, mean, rstd, N, C, false),
+                 "layer_norm_backward");
+  }
+  Status rms_norm(float* y, float* rstd, const float* x, const float* w, int64_t N, int64_t C,
+                  float eps) override {
+    if (unusable_) return Status::Unusable;
+    if (N < 0 || C <= 0) return N == 0 ? Status::Ok : Status::InvalidArgument;
+    return check(launch_layer_norm(stream_, y, nullptr, rstd, x, w, nullptr, N, C, eps, true), "rms_norm");
+  }
+  Status rms_norm_backward(float* dx, float* dw, const float* dy, const float* x, const float* w,
+                           const float* rstd, int64_t N, int64_t C) override {
+    if (unusable_) return Status::Unusable;
+    if (N < 0 || C < 0) return Status::InvalidArgument;
+    return check(launch_layer_norm_backward(stream_, dx, dw, nullptr, dy, x, w, nullptr, rstd, N, C, true),
+                 "rms_norm_backward");
+  }
+  Status embedding(float* out, const float* table, const int32_t* ids, int64_t N, int64_t V,
+                   int64_t C) override {
+    if (unusable_) return Status::Unusable;
+    if (N < 0 || V < 0 || C < 0) return Status::InvalidArgument;
+    Status st = ids_valid(ids, N, V, false, 0, "embedding");
+    if (st != Status::Ok) return st;
+    return check(launch_embedding(stream_, out, table, ids, N, C, false), "embedding");
+  }
+  Status embedding_backward(float* dtable, const float* dout, const int32_t* ids, int64_t N,
+                            int64_t V, int64_t C) override {
+    if (unusable_) return Status::Unusable;
+    if (N < 0 || V < 0 || C < 0) return Status::InvalidArgument;
+    Status st = ids_valid(ids, N, V, false, 0, "embedding_backward");
+    if (st != Status::Ok) return st;
+    return check(launch_embedding(stream_, dtable, dout, ids, N, C, true), "embedding_backward");
+  }
+  Status cross_entropy(float* loss, float* lse, const float* logits, const int32_t* targets,
+                       int64_t N, int64_t V, int32_t ignore_index, float smoothing) override {
+    if (unusable_) return Status::Unusable;
+    if (N < 0 || V <= 0) return N == 0 ? Status::Ok : Status::InvalidArgument;
+    Status st = ids_valid(targets, N, V, true, ignore_index, "cross_entropy");
+    if (st != Status::Ok) return st;
+    return check(launch_cross_entropy(stream_, loss, lse, logits, targets, N, V, ignore_index, smoothing),
+                 "cross_entropy");
+  }
+  Status cross_entropy_backward(float* dlogits, const float* dloss, const float* logits,
+                                const float* lse, const int32_t* targets, int64_t N, int64_t V,
+                                int32_t ignore_index, float smoothing) override {
+    if (unusable_) return Status::Unusable;
+    if (N < 0 || V < 0) return Status::InvalidArgument;
+    Status st = ids_valid(targets, N, V, true, ignore_index, "cross_entropy_backward");
+    if (st != Status::Ok) return st;
+    return check(launch_cross_entropy_backward(stream_, dlogits, dloss, logits, lse, targets, N, V,
+                                               ignore_index, smoothing),
+                 "cross_entropy_backward");
+  }
+  Status attention(float* out, float* lse, const float* q, const float* k, const float* v,
+                   int64_t Bt, int64_t T, int64_t H, int64_t D, float scale, bool causal) override {
+    if (unusable_) return Status::Unusable;
+    if (Bt < 0 || T < 0 || H < 0 || D < 0) return Status::InvalidArgument;
+    if (Bt * T * H == 0) return Status::Ok;
+    if (attention_smem(T, D) == 0) return Status::Unsupported;  // one row must fit shared memory
+    return check(launch_attention(stream_, out, lse, q, k, v, Bt, T, H, D, scale, causal), "attention");
+  }
+  Status attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* q,
+                            const float* k, const float* v, const float* out, const float* lse,
+                            int64_t Bt, int64_t T, int64_t H, int64_t D, float scale,
+                            bool causal) override {
+    if (unusable_) return Status::Unusable;
+    if (Bt < 0 || T < 0 || H < 0 || D < 0) return Status::InvalidArgument;
+    if (Bt * T * H == 0) return Status::Ok;
+    if (attention_smem(T, D) == 0) return Status::Unsupported;
+    const size_t bytes = static_cast<size_t>(Bt * H * T) * sizeof(float);
+    float* delta = static_cast<float*>(alloc(bytes));
+    if (delta == nullptr) return unusable_ ? Status::Unusable : Status::OutOfMemory;
+    Status st = check(launch_attention_backward(stream_, dq, dk, dv, delta, dout, q, k, v, out, lse,
+                                                Bt, T, H, D, scale, causal),
+                      "attention_backward");
+    free(delta, bytes);
+    return st;
+  }
+
  private:
   // Device copies of an optimizer's pointer tables and its chunk list.
   struct Tables {
@@ -476,6 +567,20 @@ class CudaBackend final : public Backend {
                  what);
     free(x16, bytes);  // stream order keeps it alive for the kernel
     return st;
+  }
+
+  // Checks ids on the device before a kernel writes anything (the contract): one flag, one sync.
+  Status ids_valid(const int32_t* ids, int64_t N, int64_t V, bool allow_ignore, int32_t ignore,
+                   const char* what) {
+    if (N == 0) return Status::Ok;
+    int* flag = static_cast<int*>(alloc(sizeof(int)));
+    if (flag == nullptr) return unusable_ ? Status::Unusable : Status::OutOfMemory;
+    int bad = 0;
+    Status st = check(launch_ids_check(stream_, flag, ids, N, V, allow_ignore, ignore), what);
+    if (st == Status::Ok) st = download(&bad, flag, sizeof(int));
+    free(flag, sizeof(int));
+    if (st != Status::Ok) return st;
+    return bad ? Status::InvalidArgument : Status::Ok;
   }
 
   // Packs up to four pointer tables, n and the chunk list into pinned memory, copies them to the
@@ -571,21 +676,30 @@ class CudaBackend final : public Backend {
                     "CUDA error in %s: %s (%s). The GPU context is unusable after this error; "
                     "restart the process to use CUDA again.",
                     what, cudaGetErrorString(e), cudaGetErrorName(e));
-      error_ = buf;
+      set_error_text(buf);
       return Status::Unusable;
     }
     std::snprintf(buf, sizeof buf, "CUDA error in %s: %s (%s)", what, cudaGetErrorString(e),
                   cudaGetErrorName(e));
-    error_ = buf;
+    set_error_text(buf);
     return e == cudaErrorMemoryAllocation ? Status::OutOfMemory : Status::DeviceError;
+  }
+
+  // Methods may run on libuv worker threads (the async binding calls) as well as the JS thread:
+  // the stream is shared (the CUDA runtime is thread-safe), the error text is a fixed buffer
+  // written under a lock, so a reader never sees freed memory.
+  void set_error_text(const char* text) {
+    std::lock_guard<std::mutex> lock(error_mu_);
+    std::snprintf(error_, sizeof error_, "%s", text);
   }
 
   int device_;
   cudaStream_t stream_;
   int sm_count_;
   bool tc_pipelined_ = true;
-  volatile bool unusable_ = false;
-  std::string error_;
+  std::atomic<bool> unusable_{false};
+  std::mutex error_mu_;
+  char error_[512] = {0};
 
   mutable std::mutex mu_;  // allocator state
   std::unordered_map<size_t, std::vector<void*>> free_;

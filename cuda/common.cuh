@@ -132,6 +132,37 @@ cudaError_t launch_softmax(cudaStream_t stream, float* out, const float* in, int
 cudaError_t launch_softmax_backward(cudaStream_t stream, float* dx, const float* dy,
                                     const float* y, int64_t rows, int64_t cols, bool log);
 
+// nn.cu (rms: the rms_norm variant, mean/b unused)
+cudaError_t launch_layer_norm(cudaStream_t stream, float* y, float* mean, float* rstd,
+                              const float* x, const float* w, const float* b, int64_t N, int64_t C,
+                              float eps, bool rms);
+cudaError_t launch_layer_norm_backward(cudaStream_t stream, float* dx, float* dw, float* db,
+                                       const float* dy, const float* x, const float* w,
+                                       const float* mean, const float* rstd, int64_t N, int64_t C,
+                                       bool rms);
+// *bad (device int) = 1 when an id is outside [0, V) (ignore allowed when allow_ignore).
+cudaError_t launch_ids_check(cudaStream_t stream, int* bad, const int32_t* ids, int64_t N, int64_t V,
+                             bool allow_ignore, int32_t ignore);
+// forward: out (N, C) = table[ids]; backward: out = dtable (V, C) += table-shaped dout rows.
+cudaError_t launch_embedding(cudaStream_t stream, float* out, const float* table, const int32_t* ids,
+                             int64_t N, int64_t C, bool backward);
+cudaError_t launch_cross_entropy(cudaStream_t stream, float* loss, float* lse, const float* logits,
+                                 const int32_t* targets, int64_t N, int64_t V, int32_t ignore_index,
+                                 float smoothing);
+cudaError_t launch_cross_entropy_backward(cudaStream_t stream, float* dlogits, const float* dloss,
+                                          const float* logits, const float* lse,
+                                          const int32_t* targets, int64_t N, int64_t V,
+                                          int32_t ignore_index, float smoothing);
+size_t attention_smem(int64_t T, int64_t D);  // 0: too long for one block's shared memory
+cudaError_t launch_attention(cudaStream_t stream, float* out, float* lse, const float* q,
+                             const float* k, const float* v, int64_t Bt, int64_t T, int64_t H,
+                             int64_t D, float scale, bool causal);
+cudaError_t launch_attention_backward(cudaStream_t stream, float* dq, float* dk, float* dv,
+                                      float* delta /* (Bt, H, T) workspace */, const float* dout,
+                                      const float* q, const float* k, const float* v,
+                                      const float* out, const float* lse, int64_t Bt, int64_t T,
+                                      int64_t H, int64_t D, float scale, bool causal);
+
 // ---- helpers ---------------------------------------------------------------------------------
 constexpr int kThreads = 256;  // elementwise block size: 8 warps, good occupancy on sm_80..sm_90
 

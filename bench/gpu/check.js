@@ -15,6 +15,7 @@ const results = [];
 const FP32_TOL = { abs: 1e-6, rel_rms: 2e-6, rtol: 1e-4 };
 const BF16_TOL = { abs: 1e-6, rel_rms: 2e-2, rtol: 2e-2 };  // x is rounded to bf16 (8 bits)
 const EXACT = { abs: 0, rel_rms: 0, rtol: 0 };
+const NN_TOL = { abs: 1e-6, rel_rms: 1e-5, rtol: 1e-4 };  // long fp32 sums in another order
 
 // LORA_CHECK_ONLY=prefix runs only the cases whose name starts with it (e.g. lora_).
 const only = process.env.LORA_CHECK_ONLY || '';
@@ -247,6 +248,76 @@ for (const [N, C, OC, R] of loraShapes) {
       return [W];
     }, wdt === F32 ? FP32_TOL : { abs: 1e-6, rel_rms: 0, rtol: 1 / 128 });  // one bf16 ulp: sum order
   }
+}
+
+// ---- normalisation, embedding, cross-entropy, attention ----------------------------------------
+const I32 = 3;
+const putIds = (dev, ids) => native.fromHost(dev, I32, Int32Array.from(ids));
+for (const [N, C] of [[1, 1], [37, 129], [300, 1000], [2, 5000]]) {
+  const x = data(N * C, 3), w = data(C), b = data(C), dy = data(N * C), dw0 = data(C), db0 = data(C);
+  for (const affine of [true, false]) {
+    check(`layer_norm (${N}, ${C})${affine ? '' : ' no affine'} + backward`, (dev, own) => {
+      const Y = own(native.alloc(dev, F32, N * C)), M = own(native.alloc(dev, F32, N)), RS = own(native.alloc(dev, F32, N));
+      const X = own(put(dev, x)), W = affine ? own(put(dev, w)) : null, B = affine ? own(put(dev, b)) : null;
+      native.layerNorm(Y, M, RS, X, W, B, N, C, 1e-5);
+      const DX = own(native.alloc(dev, F32, N * C)), DW = own(put(dev, dw0)), DB = own(put(dev, db0));
+      native.layerNormBackward(DX, DW, DB, own(put(dev, dy)), X, W, M, RS, N, C);
+      return [Y, M, RS, DX, DW, DB];
+    }, NN_TOL);
+    check(`rms_norm (${N}, ${C})${affine ? '' : ' no affine'} + backward`, (dev, own) => {
+      const Y = own(native.alloc(dev, F32, N * C)), RS = own(native.alloc(dev, F32, N));
+      const X = own(put(dev, x)), W = affine ? own(put(dev, w)) : null;
+      native.rmsNorm(Y, RS, X, W, N, C, 1e-6);
+      const DX = own(native.alloc(dev, F32, N * C)), DW = own(put(dev, dw0));
+      native.rmsNormBackward(DX, DW, own(put(dev, dy)), X, W, RS, N, C);
+      return [Y, RS, DX, DW];
+    }, NN_TOL);
+  }
+}
+{
+  const V = 1000, C = 77, N = 513;
+  const table = data(V * C), dout = data(N * C), dt0 = data(V * C);
+  const ids = Array.from({ length: N }, (_, i) => (i * 7919) % 50);  // repeats: atomics in the backward
+  check(`embedding (${N} ids of ${V}, ${C}) + backward`, (dev, own) => {
+    const O = own(native.alloc(dev, F32, N * C)), T = own(put(dev, table)), I = own(putIds(dev, ids));
+    native.embedding(O, T, I, N, V, C);
+    const DT = own(put(dev, dt0));
+    native.embeddingBackward(DT, own(put(dev, dout)), I, N, V, C);
+    return [O, DT];
+  }, NN_TOL);
+  check('embedding rejects an id out of range (ERR from both backends)', (dev, own) => {
+    const O = own(native.alloc(dev, F32, 2 * C)), T = own(put(dev, table)), I = own(putIds(dev, [3, V]));
+    try {
+      native.embedding(O, T, I, 2, V, C);
+    } catch (e) {
+      return [own(put(dev, new Float32Array([1])))];
+    }
+    return [own(put(dev, new Float32Array([0])))];
+  }, EXACT);
+}
+for (const [N, V, smoothing] of [[1, 2, 0], [37, 1000, 0.1], [8, 50257, 0]]) {
+  const z = data(N * V, 4), dl = data(N);
+  const targets = Array.from({ length: N }, (_, i) => (i % 5 === 3 ? -100 : (i * 31) % V));
+  check(`cross_entropy (${N}, ${V}) smoothing ${smoothing} + backward`, (dev, own) => {
+    const L = own(native.alloc(dev, F32, N)), LSE = own(native.alloc(dev, F32, N)), Z = own(put(dev, z));
+    const Tg = own(putIds(dev, targets));
+    native.crossEntropy(L, LSE, Z, Tg, N, V, -100, smoothing);
+    const DZ = own(native.alloc(dev, F32, N * V));
+    native.crossEntropyBackward(DZ, own(put(dev, dl)), Z, LSE, Tg, N, V, -100, smoothing);
+    return [L, LSE, DZ];
+  }, NN_TOL);
+}
+for (const [Bt, T, H, D, causal] of [[1, 1, 1, 1, true], [2, 37, 3, 16, true], [1, 130, 2, 64, false], [2, 300, 4, 32, true]]) {
+  const n = Bt * T * H * D;
+  const q = data(n), k = data(n), v = data(n), dout = data(n);
+  check(`attention (${Bt}, ${T}, ${H}, ${D})${causal ? ' causal' : ''} + backward`, (dev, own) => {
+    const O = own(native.alloc(dev, F32, n)), LSE = own(native.alloc(dev, F32, Bt * H * T));
+    const Q = own(put(dev, q)), K = own(put(dev, k)), Vv = own(put(dev, v));
+    native.attention(O, LSE, Q, K, Vv, Bt, T, H, D, 1 / Math.sqrt(D), causal);
+    const DQ = own(native.alloc(dev, F32, n)), DK = own(native.alloc(dev, F32, n)), DV = own(native.alloc(dev, F32, n));
+    native.attentionBackward(DQ, DK, DV, own(put(dev, dout)), Q, K, Vv, O, LSE, Bt, T, H, D, 1 / Math.sqrt(D), causal);
+    return [O, LSE, DQ, DK, DV];
+  }, NN_TOL);
 }
 
 // ---- optimizers ---------------------------------------------------------------------------------

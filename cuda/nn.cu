@@ -1,0 +1,492 @@
+// Model-building kernels on CUDA, with the same math as native/cpu/nn_kernels.cc: layer_norm and
+// rms_norm (+ backward, dw/db accumulated by column with atomics), embedding (+ backward with
+// atomics for repeated ids), cross_entropy with label smoothing (+ backward), and exact
+// scaled-dot-product attention (+ backward) with one block per query (or key) row. Row
+// statistics accumulate in double like the CPU. Attention is O(T²·D) without tiling: correct for
+// any shape that fits shared memory, not FlashAttention.
+#include "common.cuh"
+
+namespace lora {
+namespace cuda {
+namespace {
+
+constexpr int kNnThreads = 256;  // one block per row: 8 warps stream the row
+constexpr int kColRows = 64;     // rows per block in the column-reduction kernels (dw, db)
+
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* scratch /* [32] */) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  __syncthreads();  // scratch may still be read from a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  T s = 0;
+  for (int w = 0; w < warps; ++w) s += scratch[w];
+  return s;
+}
+
+__device__ __forceinline__ float block_max(float v, float* scratch /* [32] */) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float m = -INFINITY;
+  for (int w = 0; w < warps; ++w) m = fmaxf(m, scratch[w]);
+  return m;
+}
+
+// y = (x - μ)·rstd·w + b over each row (rms: y = x·rstd·w), μ and rstd kept.
+template <bool RMS>
+__global__ void __launch_bounds__(kNnThreads)
+    norm_kernel(float* __restrict__ y,        // (N, C)
+                float* __restrict__ mean,     // (N), layer norm only
+                float* __restrict__ rstd,     // (N)
+                const float* __restrict__ x,  // (N, C)
+                const float* __restrict__ w,  // (C) or nullptr
+                const float* __restrict__ b,  // (C) or nullptr, layer norm only
+                int64_t C, float eps) {
+  __shared__ double scratch[32];
+  const int64_t r = blockIdx.x;
+  const float* xr = x + r * C;
+  double mu = 0.0;
+  if (!RMS) {
+    double s = 0.0;
+    for (int64_t j = threadIdx.x; j < C; j += blockDim.x) s += xr[j];
+    mu = block_sum(s, scratch) / static_cast<double>(C);
+  }
+  double ss = 0.0;
+  for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
+    const double d = RMS ? static_cast<double>(xr[j]) : xr[j] - mu;
+    ss += d * d;
+  }
+  ss = block_sum(ss, scratch);
+  const float rs = static_cast<float>(1.0 / sqrt(ss / static_cast<double>(C) + static_cast<double>(eps)));
+  const float m = static_cast<float>(mu);
+  float* yr = y + r * C;
+  for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
+    float v = RMS ? xr[j] * rs : (xr[j] - m) * rs;
+    if (w) v *= w[j];
+    if (!RMS && b) v += b[j];
+    yr[j] = v;
+  }
+  if (threadIdx.x == 0) {
+    if (!RMS) mean[r] = m;
+    rstd[r] = rs;
+  }
+}
+
+// layer norm: x̂ = (x - μ)·rstd; g = dy⊙w;  dx = rstd·(g - mean(g) - x̂·mean(g⊙x̂))
+// rms norm:   x̂ = x·rstd;       g = dy⊙w;  dx = rstd·(g - x̂·mean(g⊙x̂))
+template <bool RMS>
+__global__ void __launch_bounds__(kNnThreads)
+    norm_backward_dx_kernel(float* __restrict__ dx,         // (N, C)
+                            const float* __restrict__ dy,   // (N, C)
+                            const float* __restrict__ x,    // (N, C)
+                            const float* __restrict__ w,    // (C) or nullptr
+                            const float* __restrict__ mean, // (N), layer norm only
+                            const float* __restrict__ rstd, // (N)
+                            int64_t C) {
+  __shared__ double scratch[32];
+  const int64_t r = blockIdx.x;
+  const float* xr = x + r * C;
+  const float* g = dy + r * C;
+  const float m = RMS ? 0.0f : mean[r], rs = rstd[r];
+  double sg = 0.0, sgx = 0.0;
+  for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
+    const float xh = (xr[j] - m) * rs;
+    const float gj = w ? g[j] * w[j] : g[j];
+    sg += gj;
+    sgx += static_cast<double>(gj) * xh;
+  }
+  if (!RMS) sg = block_sum(sg, scratch);
+  sgx = block_sum(sgx, scratch);
+  const float mg = RMS ? 0.0f : static_cast<float>(sg / static_cast<double>(C));
+  const float mgx = static_cast<float>(sgx / static_cast<double>(C));
+  float* d = dx + r * C;
+  for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
+    const float xh = (xr[j] - m) * rs;
+    const float gj = w ? g[j] * w[j] : g[j];
+    d[j] = rs * (gj - mg - xh * mgx);
+  }
+}
+
+// dw += Σ_rows dy⊙x̂;  db += Σ_rows dy   (a block per kColRows rows x 256 columns, atomics)
+template <bool RMS>
+__global__ void norm_backward_params_kernel(float* __restrict__ dw,          // (C), += or nullptr
+                                            float* __restrict__ db,          // (C), += or nullptr
+                                            const float* __restrict__ dy,    // (N, C)
+                                            const float* __restrict__ x,     // (N, C)
+                                            const float* __restrict__ mean,  // (N), layer norm only
+                                            const float* __restrict__ rstd,  // (N)
+                                            int64_t N, int64_t C) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= C) return;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kColRows;
+  const int64_t r1 = min(N, r0 + kColRows);
+  double pw = 0.0, pb = 0.0;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float g = dy[r * C + j];
+    const float xh = RMS ? x[r * C + j] * rstd[r] : (x[r * C + j] - mean[r]) * rstd[r];
+    pw += static_cast<double>(g) * xh;
+    pb += g;
+  }
+  if (dw) atomicAdd(dw + j, static_cast<float>(pw));
+  if (!RMS && db) atomicAdd(db + j, static_cast<float>(pb));
+}
+
+// *bad = 1 when any id is outside [0, V) (ids equal to `ignore` are allowed when allow_ignore).
+__global__ void ids_check_kernel(int* __restrict__ bad, const int32_t* __restrict__ ids, int64_t N,
+                                 int64_t V, bool allow_ignore, int32_t ignore) {
+  for (int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; n < N;
+       n += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int32_t t = ids[n];
+    if (allow_ignore && t == ignore) continue;
+    if (t < 0 || t >= V) *bad = 1;
+  }
+}
+
+// out[n] = table[ids[n]]
+__global__ void embedding_kernel(float* __restrict__ out,          // (N, C)
+                                 const float* __restrict__ table,  // (V, C)
+                                 const int32_t* __restrict__ ids,  // (N)
+                                 int64_t N, int64_t C) {
+  const int64_t total = N * C;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t n = i / C, c = i % C;
+    out[i] = table[static_cast<int64_t>(ids[n]) * C + c];
+  }
+}
+
+// dtable[ids[n]] += dout[n]   (atomics: ids repeat)
+__global__ void embedding_backward_kernel(float* __restrict__ dtable,      // (V, C), +=
+                                          const float* __restrict__ dout,  // (N, C)
+                                          const int32_t* __restrict__ ids, // (N)
+                                          int64_t N, int64_t C) {
+  const int64_t total = N * C;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t n = i / C, c = i % C;
+    atomicAdd(dtable + static_cast<int64_t>(ids[n]) * C + c, dout[i]);
+  }
+}
+
+// lse = log Σ exp(z);  q = (1-ε)·onehot(t) + ε/V;  loss = lse - Σ q⊙z  (0 where t == ignore)
+__global__ void __launch_bounds__(kNnThreads)
+    cross_entropy_kernel(float* __restrict__ loss,            // (N)
+                         float* __restrict__ lse,             // (N)
+                         const float* __restrict__ logits,    // (N, V)
+                         const int32_t* __restrict__ targets, // (N)
+                         int64_t V, int32_t ignore_index, float smoothing) {
+  __shared__ float fscratch[32];
+  __shared__ double dscratch[32];
+  const int64_t r = blockIdx.x;
+  const float* z = logits + r * V;
+  float mx = -INFINITY;
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) mx = fmaxf(mx, z[j]);
+  mx = block_max(mx, fscratch);
+  double s = 0.0, sz = 0.0;
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
+    s += exp(static_cast<double>(z[j]) - mx);
+    sz += z[j];
+  }
+  s = block_sum(s, dscratch);
+  sz = block_sum(sz, dscratch);
+  if (threadIdx.x != 0) return;
+  const double l = static_cast<double>(mx) + log(s);
+  lse[r] = static_cast<float>(l);
+  const int32_t t = targets[r];
+  loss[r] = t == ignore_index ? 0.0f
+                              : static_cast<float>(l - (1.0 - smoothing) * z[t] -
+                                                   smoothing * sz / static_cast<double>(V));
+}
+
+// dlogits = dloss[n]·(softmax(z) - q)  (0 for ignored rows)
+__global__ void cross_entropy_backward_kernel(float* __restrict__ dlogits,         // (N, V)
+                                              const float* __restrict__ dloss,     // (N)
+                                              const float* __restrict__ logits,    // (N, V)
+                                              const float* __restrict__ lse,       // (N)
+                                              const int32_t* __restrict__ targets, // (N)
+                                              int64_t V, int32_t ignore_index, float smoothing) {
+  const int64_t r = blockIdx.y;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= V) return;
+  const int32_t t = targets[r];
+  float* d = dlogits + r * V;
+  if (t == ignore_index) {
+    d[j] = 0.0f;
+    return;
+  }
+  const float g = dloss[r], u = smoothing / static_cast<float>(V);
+  float v = g * (expf(logits[r * V + j] - lse[r]) - u);
+  if (j == t) v -= g * (1.0f - smoothing);
+  d[j] = v;
+}
+
+// One block per (b, h, query i): s_j = scale·q_i·k_j (j <= i when causal); p = softmax(s);
+// out_i = Σ_j p_j·v_j; lse_i = max + log Σ exp.
+__global__ void __launch_bounds__(kNnThreads)
+    attention_kernel(float* __restrict__ out,      // (Bt, T, H, D)
+                     float* __restrict__ lse,      // (Bt, H, T)
+                     const float* __restrict__ q,  // (Bt, T, H, D)
+                     const float* __restrict__ k,  // (Bt, T, H, D)
+                     const float* __restrict__ v,  // (Bt, T, H, D)
+                     int64_t T, int64_t H, int64_t D, float scale, bool causal) {
+  extern __shared__ float att_smem[];  // [D] q_i, then [T] scores
+  __shared__ float fscratch[32];
+  __shared__ double dscratch[32];
+  float* qi = att_smem;
+  float* p = att_smem + D;
+  const int64_t row = blockIdx.x;  // (b, h, i) with i fastest
+  const int64_t i = row % T, h = (row / T) % H, b = row / (T * H);
+  const int64_t C = H * D;
+  const int64_t jn = causal ? i + 1 : T;
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) qi[d] = q[(b * T + i) * C + h * D + d];
+  __syncthreads();
+  float mx = -INFINITY;
+  for (int64_t j = threadIdx.x; j < jn; j += blockDim.x) {
+    const float* kj = k + (b * T + j) * C + h * D;
+    float s = 0.0f;
+    for (int64_t d = 0; d < D; ++d) s += qi[d] * kj[d];
+    s *= scale;
+    p[j] = s;
+    mx = fmaxf(mx, s);
+  }
+  mx = block_max(mx, fscratch);
+  double sum = 0.0;
+  for (int64_t j = threadIdx.x; j < jn; j += blockDim.x) {
+    const float e = expf(p[j] - mx);
+    p[j] = e;
+    sum += e;
+  }
+  sum = block_sum(sum, dscratch);  // its barriers also publish p[]
+  const float inv = static_cast<float>(1.0 / sum);
+  float* oi = out + (b * T + i) * C + h * D;
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    float acc = 0.0f;
+    for (int64_t j = 0; j < jn; ++j) acc += p[j] * v[(b * T + j) * C + h * D + d];
+    oi[d] = acc * inv;
+  }
+  if (threadIdx.x == 0) lse[(b * H + h) * T + i] = mx + static_cast<float>(log(sum));
+}
+
+// δ_i = dout_i·out_i, one thread per (b, h, i).
+__global__ void attention_delta_kernel(float* __restrict__ delta,       // (Bt, H, T)
+                                       const float* __restrict__ dout,  // (Bt, T, H, D)
+                                       const float* __restrict__ out,   // (Bt, T, H, D)
+                                       int64_t Bt, int64_t T, int64_t H, int64_t D) {
+  const int64_t rows = Bt * H * T;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = row % T, h = (row / T) % H, b = row / (T * H);
+    const int64_t off = (b * T + i) * H * D + h * D;
+    float s = 0.0f;
+    for (int64_t d = 0; d < D; ++d) s += dout[off + d] * out[off + d];
+    delta[row] = s;
+  }
+}
+
+// p_ij = exp(scale·q_i·k_j - lse_i); ds_ij = p_ij·(dout_i·v_j - δ_i)·scale.
+// by_query: one block per query i computes dq_i = Σ_j ds_ij·k_j; otherwise one block per key j
+// computes dv_j = Σ_i p_ij·dout_i and dk_j = Σ_i ds_ij·q_i (no atomics either way).
+template <bool BY_QUERY>
+__global__ void __launch_bounds__(kNnThreads)
+    attention_backward_kernel(float* __restrict__ dq,          // (Bt, T, H, D), BY_QUERY
+                              float* __restrict__ dk,          // (Bt, T, H, D), !BY_QUERY
+                              float* __restrict__ dv,          // (Bt, T, H, D), !BY_QUERY
+                              const float* __restrict__ dout,  // (Bt, T, H, D)
+                              const float* __restrict__ q,     // (Bt, T, H, D)
+                              const float* __restrict__ k,     // (Bt, T, H, D)
+                              const float* __restrict__ v,     // (Bt, T, H, D)
+                              const float* __restrict__ lse,   // (Bt, H, T)
+                              const float* __restrict__ delta, // (Bt, H, T)
+                              int64_t T, int64_t H, int64_t D, float scale, bool causal) {
+  extern __shared__ float att_smem[];  // [T] p, [T] ds
+  float* p = att_smem;
+  float* ds = att_smem + T;
+  const int64_t row = blockIdx.x;
+  const int64_t me = row % T, h = (row / T) % H, b = row / (T * H);
+  const int64_t C = H * D;
+  auto off = [&](int64_t t) { return (b * T + t) * C + h * D; };
+  // The partners of `me`: keys j <= i for a query i; queries i >= j for a key j (causal).
+  const int64_t lo = BY_QUERY || !causal ? 0 : me;
+  const int64_t hi = BY_QUERY && causal ? me + 1 : T;
+  for (int64_t o = lo + threadIdx.x; o < hi; o += blockDim.x) {
+    const int64_t i = BY_QUERY ? me : o, j = BY_QUERY ? o : me;
+    const float* qi = q + off(i);
+    const float* kj = k + off(j);
+    const float* gi = dout + off(i);
+    const float* vj = v + off(j);
+    float s = 0.0f, dp = 0.0f;
+    for (int64_t d = 0; d < D; ++d) {
+      s += qi[d] * kj[d];
+      dp += gi[d] * vj[d];
+    }
+    const int64_t stat = (b * H + h) * T + i;
+    const float pij = expf(s * scale - lse[stat]);
+    p[o] = pij;
+    ds[o] = pij * (dp - delta[stat]) * scale;
+  }
+  __syncthreads();
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    if (BY_QUERY) {
+      float acc = 0.0f;
+      for (int64_t j = lo; j < hi; ++j) acc += ds[j] * k[off(j) + d];
+      dq[off(me) + d] = acc;
+    } else {
+      float av = 0.0f, ak = 0.0f;
+      for (int64_t i = lo; i < hi; ++i) {
+        av += p[i] * dout[off(i) + d];
+        ak += ds[i] * q[off(i) + d];
+      }
+      dv[off(me) + d] = av;
+      dk[off(me) + d] = ak;
+    }
+  }
+}
+
+cudaError_t set_smem(const void* kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;  // the default limit needs no opt-in
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(bytes));
+}
+
+}  // namespace
+
+cudaError_t launch_layer_norm(cudaStream_t stream, float* y, float* mean, float* rstd,
+                              const float* x, const float* w, const float* b, int64_t N, int64_t C,
+                              float eps, bool rms) {
+  if (N <= 0) return cudaSuccess;
+  if (N > 0x7fffffff) return cudaErrorInvalidValue;
+  if (rms)
+    norm_kernel<true><<<static_cast<unsigned>(N), kNnThreads, 0, stream>>>(y, nullptr, rstd, x, w,
+                                                                            nullptr, C, eps);
+  else
+    norm_kernel<false><<<static_cast<unsigned>(N), kNnThreads, 0, stream>>>(y, mean, rstd, x, w, b,
+                                                                             C, eps);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_layer_norm_backward(cudaStream_t stream, float* dx, float* dw, float* db,
+                                       const float* dy, const float* x, const float* w,
+                                       const float* mean, const float* rstd, int64_t N, int64_t C,
+                                       bool rms) {
+  if (N <= 0 || C <= 0) return cudaSuccess;
+  if (N > 0x7fffffff) return cudaErrorInvalidValue;
+  if (rms)
+    norm_backward_dx_kernel<true><<<static_cast<unsigned>(N), kNnThreads, 0, stream>>>(dx, dy, x, w,
+                                                                                        nullptr, rstd, C);
+  else
+    norm_backward_dx_kernel<false><<<static_cast<unsigned>(N), kNnThreads, 0, stream>>>(dx, dy, x, w,
+                                                                                         mean, rstd, C);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess || (dw == nullptr && db == nullptr)) return e;
+  const int64_t gy = (N + kColRows - 1) / kColRows;
+  if (gy > 65535) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>((C + kNnThreads - 1) / kNnThreads), static_cast<unsigned>(gy));
+  if (rms)
+    norm_backward_params_kernel<true><<<grid, kNnThreads, 0, stream>>>(dw, nullptr, dy, x, nullptr, rstd, N, C);
+  else
+    norm_backward_params_kernel<false><<<grid, kNnThreads, 0, stream>>>(dw, db, dy, x, mean, rstd, N, C);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_ids_check(cudaStream_t stream, int* bad, const int32_t* ids, int64_t N, int64_t V,
+                             bool allow_ignore, int32_t ignore) {
+  cudaError_t e = cudaMemsetAsync(bad, 0, sizeof(int), stream);
+  if (e != cudaSuccess || N <= 0) return e;
+  ids_check_kernel<<<grid_for(N), kThreads, 0, stream>>>(bad, ids, N, V, allow_ignore, ignore);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_embedding(cudaStream_t stream, float* out, const float* table, const int32_t* ids,
+                             int64_t N, int64_t C, bool backward) {
+  if (N <= 0 || C <= 0) return cudaSuccess;
+  if (backward)
+    embedding_backward_kernel<<<grid_for(N * C), kThreads, 0, stream>>>(out, table, ids, N, C);
+  else
+    embedding_kernel<<<grid_for(N * C), kThreads, 0, stream>>>(out, table, ids, N, C);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_cross_entropy(cudaStream_t stream, float* loss, float* lse, const float* logits,
+                                 const int32_t* targets, int64_t N, int64_t V, int32_t ignore_index,
+                                 float smoothing) {
+  if (N <= 0) return cudaSuccess;
+  if (N > 0x7fffffff) return cudaErrorInvalidValue;
+  cross_entropy_kernel<<<static_cast<unsigned>(N), kNnThreads, 0, stream>>>(loss, lse, logits, targets,
+                                                                            V, ignore_index, smoothing);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_cross_entropy_backward(cudaStream_t stream, float* dlogits, const float* dloss,
+                                          const float* logits, const float* lse,
+                                          const int32_t* targets, int64_t N, int64_t V,
+                                          int32_t ignore_index, float smoothing) {
+  if (N <= 0 || V <= 0) return cudaSuccess;
+  if (N > 65535) {  // gridDim.y limit: walk the rows in slices
+    for (int64_t r0 = 0; r0 < N; r0 += 65535) {
+      const int64_t n = N - r0 < 65535 ? N - r0 : 65535;
+      const cudaError_t e = launch_cross_entropy_backward(stream, dlogits + r0 * V, dloss + r0,
+                                                          logits + r0 * V, lse + r0, targets + r0,
+                                                          n, V, ignore_index, smoothing);
+      if (e != cudaSuccess) return e;
+    }
+    return cudaSuccess;
+  }
+  const dim3 grid(static_cast<unsigned>((V + kNnThreads - 1) / kNnThreads), static_cast<unsigned>(N));
+  cross_entropy_backward_kernel<<<grid, kNnThreads, 0, stream>>>(dlogits, dloss, logits, lse, targets, V,
+                                                                 ignore_index, smoothing);
+  return cudaGetLastError();
+}
+
+// Shared memory the attention kernels need, or 0 when T/D exceed what one block can hold.
+size_t attention_smem(int64_t T, int64_t D) {
+  const size_t fwd = static_cast<size_t>(T + D) * sizeof(float);
+  const size_t bwd = static_cast<size_t>(2 * T) * sizeof(float);
+  const size_t need = fwd > bwd ? fwd : bwd;
+  return need <= 200 * 1024 ? need : 0;  // 200 KiB: under sm_90's 227 KiB opt-in, over sm_86's 99
+}
+
+cudaError_t launch_attention(cudaStream_t stream, float* out, float* lse, const float* q,
+                             const float* k, const float* v, int64_t Bt, int64_t T, int64_t H,
+                             int64_t D, float scale, bool causal) {
+  const int64_t rows = Bt * H * T;
+  if (rows <= 0) return cudaSuccess;
+  if (rows > 0x7fffffff) return cudaErrorInvalidValue;
+  const size_t smem = static_cast<size_t>(T + D) * sizeof(float);
+  cudaError_t e = set_smem(reinterpret_cast<const void*>(attention_kernel), smem);
+  if (e != cudaSuccess) return e;
+  attention_kernel<<<static_cast<unsigned>(rows), kNnThreads, smem, stream>>>(out, lse, q, k, v, T, H, D,
+                                                                              scale, causal);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_attention_backward(cudaStream_t stream, float* dq, float* dk, float* dv,
+                                      float* delta, const float* dout, const float* q,
+                                      const float* k, const float* v, const float* out,
+                                      const float* lse, int64_t Bt, int64_t T, int64_t H, int64_t D,
+                                      float scale, bool causal) {
+  const int64_t rows = Bt * H * T;
+  if (rows <= 0) return cudaSuccess;
+  if (rows > 0x7fffffff) return cudaErrorInvalidValue;
+  attention_delta_kernel<<<grid_for(rows), kThreads, 0, stream>>>(delta, dout, out, Bt, T, H, D);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  const size_t smem = static_cast<size_t>(2 * T) * sizeof(float);
+  if ((e = set_smem(reinterpret_cast<const void*>(attention_backward_kernel<true>), smem)) != cudaSuccess ||
+      (e = set_smem(reinterpret_cast<const void*>(attention_backward_kernel<false>), smem)) != cudaSuccess)
+    return e;
+  attention_backward_kernel<true><<<static_cast<unsigned>(rows), kNnThreads, smem, stream>>>(
+      dq, nullptr, nullptr, dout, q, k, v, lse, delta, T, H, D, scale, causal);
+  if ((e = cudaGetLastError()) != cudaSuccess) return e;
+  attention_backward_kernel<false><<<static_cast<unsigned>(rows), kNnThreads, smem, stream>>>(
+      nullptr, dk, dv, dout, q, k, v, lse, delta, T, H, D, scale, causal);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace lora
