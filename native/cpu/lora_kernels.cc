@@ -1,30 +1,38 @@
-// CPU LoRA kernels composed from sgemm calls: correct and simple. The fused versions (h from the
-// same packed x panels as x·Wᵀ, epilogue bias + s·h·Bᵀ, in-kernel dropout) replace these bodies
-// behind the same signatures.
+// The CPU LoRA kernels behind CpuBackend, fused into the GEMM engine (gemm_fused.h): the adapter's
+// product rides in the base GEMM's tile epilogue, dropout masks are regenerated from the counter
+// RNG inside packing/epilogues (never stored), and no temporary is the size of W or of x. They are
+// not a general autograd: W and b are frozen here.
+//
+//   h = x̃·Aᵀ;  y = x·Wᵀ + b + s·h·Bᵀ           (x̃ = dropout(x), mask index row*C + col of x)
+//   dB += s·dyᵀ·h;  dh = s·dy·B;  dA += dhᵀ·x̃;  dx = dy·W + dropout'(dh·A)
 #include "lora_kernels.h"
 
+#include <cstring>
 #include <vector>
 
 #include "../half.h"
 #include "../rng.h"
 #include "gemm.h"
+#include "gemm_fused.h"
 
 namespace lora {
 namespace {
 
-// Dense fp32 copy of W (only for BF16 storage; F32 is used in place).
-const float* weight_f32(const void* W, DType w_dtype, int64_t n, std::vector<float>& scratch) {
-  if (w_dtype == DType::F32) return static_cast<const float*>(W);
-  scratch.resize(static_cast<size_t>(n));
-  const uint16_t* w = static_cast<const uint16_t*>(W);
-  for (int64_t i = 0; i < n; ++i) scratch[i] = bf16_to_float(w[i]);
-  return scratch.data();
+bool supported(DType t) { return t == DType::F32 || t == DType::BF16; }
+
+DropoutMask make_mask(float p, uint64_t seed, int64_t ld) {
+  DropoutMask d;
+  d.p = p;
+  d.scale = 1.0f / (1.0f - p);
+  d.seed = seed;
+  d.ld = ld;
+  return d;
 }
 
-// x̃ = dropout(x) with the counter RNG; index = row*C + col.
-void apply_dropout(float* out, const float* in, int64_t n, float p, uint64_t seed) {
-  const float scale = 1.0f / (1.0f - p);
-  for (int64_t i = 0; i < n; ++i) out[i] = dropout_keep(seed, i, p) ? in[i] * scale : 0.0f;
+// Per-thread scratch reused across calls (dh, dBᵀ, merge row blocks are small: N·R, R·OC, 64·C).
+float* scratch(std::vector<float>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
 }
 
 }  // namespace
@@ -33,57 +41,84 @@ Status cpu_lora_forward(ThreadPool& pool, float* y, float* h, const float* x, co
                         DType w_dtype, const float* b, const float* A, const float* B, int64_t N,
                         int64_t C, int64_t OC, int64_t R, float s, float dropout_p,
                         uint64_t seed) {
-  if (w_dtype != DType::F32 && w_dtype != DType::BF16) return Status::Unsupported;
-  std::vector<float> wbuf, xbuf;
-  const float* w = weight_f32(W, w_dtype, OC * C, wbuf);
-  const float* xd = x;
-  if (dropout_p > 0.0f) {
-    xbuf.resize(static_cast<size_t>(N * C));
-    apply_dropout(xbuf.data(), x, N * C, dropout_p, seed);
-    xd = xbuf.data();
-  }
-  sgemm(pool, false, true, N, R, C, 1.0f, xd, C, A, C, 0.0f, h, R);       // h = x̃·Aᵀ
-  sgemm(pool, false, true, N, OC, C, 1.0f, x, C, w, C, 0.0f, y, OC);      // y = x·Wᵀ
-  sgemm(pool, false, true, N, OC, R, s, h, R, B, R, 1.0f, y, OC);         // y += s·h·Bᵀ
-  if (b) {
-    for (int64_t i = 0; i < N; ++i)
-      for (int64_t o = 0; o < OC; ++o) y[i * OC + o] += b[o];
-  }
+  if (!supported(w_dtype)) return Status::Unsupported;
+  const DropoutMask mask = make_mask(dropout_p, seed, C);
+  const bool drop = dropout_p > 0.0f;
+
+  // h = x̃·Aᵀ: rows of x streamed 8 at a time against the (R, C) A (narrow path), mask on the fly.
+  GemmArgs hg;
+  hg.trans_b = true;
+  hg.M = N; hg.N = R; hg.K = C;
+  hg.A = x; hg.lda = C;
+  hg.B = A; hg.ldb = C;
+  hg.C = h; hg.ldc = R;
+  hg.drop_a = drop ? &mask : nullptr;
+  gemm_ex(pool, hg);
+
+  // y = x·Wᵀ with b + s·h·Bᵀ accumulated into each tile in the last k block (y written once).
+  GemmArgs yg;
+  yg.trans_b = true;
+  yg.M = N; yg.N = OC; yg.K = C;
+  yg.A = x; yg.lda = C;
+  yg.B = W; yg.b_bf16 = w_dtype == DType::BF16; yg.ldb = C;
+  yg.C = y; yg.ldc = OC;
+  yg.A2 = h; yg.lda2 = R;
+  yg.B2 = B; yg.ldb2 = R; yg.trans_b2 = true;  // op(B2) = Bᵀ (R, OC)
+  yg.K2 = R; yg.alpha2 = s;
+  yg.bias = b;
+  gemm_ex(pool, yg);
   return Status::Ok;
 }
 
-// h = x̃·Aᵀ; y = x·Wᵀ + b + s·h·Bᵀ
-// dB += s·dyᵀ·h;  dh = s·dy·B;  dA += dhᵀ·x̃;  dx = dy·W + dropout'(dh·A)
 Status cpu_lora_backward(ThreadPool& pool, float* dx, float* dA, float* dB, const float* dy,
                          const float* x, const float* h, const void* W, DType w_dtype,
                          const float* A, const float* B, int64_t N, int64_t C, int64_t OC,
                          int64_t R, float s, float dropout_p, uint64_t seed) {
-  if (w_dtype != DType::F32 && w_dtype != DType::BF16) return Status::Unsupported;
-  if (dB) sgemm(pool, true, false, OC, R, N, s, dy, OC, h, R, 1.0f, dB, R);
-  std::vector<float> dh(static_cast<size_t>(N * R));
-  sgemm(pool, false, false, N, R, OC, s, dy, OC, B, R, 0.0f, dh.data(), R);
-  std::vector<float> xbuf;
-  if (dA) {
-    const float* xd = x;
-    if (dropout_p > 0.0f) {
-      xbuf.resize(static_cast<size_t>(N * C));
-      apply_dropout(xbuf.data(), x, N * C, dropout_p, seed);
-      xd = xbuf.data();
-    }
-    sgemm(pool, true, false, R, C, N, 1.0f, dh.data(), R, xd, C, 1.0f, dA, C);
+  if (!supported(w_dtype)) return Status::Unsupported;
+  const DropoutMask mask = make_mask(dropout_p, seed, C);
+  const bool drop = dropout_p > 0.0f;
+  static thread_local std::vector<float> dh_buf, dbt_buf;
+
+  // dB += s·dyᵀ·h, computed as dBᵀ (R, OC) = s·hᵀ·dy so dy (N, OC) is read in place, row by row,
+  // instead of packed transposed; then added into dB (OC, R) (R·OC floats, not W-sized).
+  if (dB && R > 0 && OC > 0) {
+    float* dbt = scratch(dbt_buf, static_cast<size_t>(R * OC));
+    sgemm(pool, true, false, R, OC, N, s, h, R, dy, OC, 0.0f, dbt, OC);
+    for (int64_t o = 0; o < OC; ++o)
+      for (int64_t r = 0; r < R; ++r) dB[o * R + r] += dbt[r * OC + o];
   }
+  if (!dA && !dx) return Status::Ok;
+
+  // dh = s·dy·B (N, R): narrow path, B (OC, R) read in place.
+  float* dh = scratch(dh_buf, static_cast<size_t>(N * R > 0 ? N * R : 1));
+  sgemm(pool, false, false, N, R, OC, s, dy, OC, B, R, 0.0f, dh, R);
+
+  // dA += dhᵀ·x̃: x read in place (rank rows of C), or packed with its mask regenerated.
+  if (dA) {
+    GemmArgs ag;
+    ag.trans_a = true;
+    ag.M = R; ag.N = C; ag.K = N;
+    ag.A = dh; ag.lda = R;
+    ag.B = x; ag.ldb = C;
+    ag.beta = 1.0f;
+    ag.C = dA; ag.ldc = C;
+    ag.drop_b = drop ? &mask : nullptr;
+    gemm_ex(pool, ag);
+  }
+
+  // dx = dy·W + dropout'(dh·A): the adapter term accumulated in the tile epilogue (masked there
+  // when dropout is on), so dx is written once.
   if (dx) {
-    std::vector<float> wbuf;
-    const float* w = weight_f32(W, w_dtype, OC * C, wbuf);
-    sgemm(pool, false, false, N, C, OC, 1.0f, dy, OC, w, C, 0.0f, dx, C);
-    if (dropout_p > 0.0f) {
-      std::vector<float> t(static_cast<size_t>(N * C));
-      sgemm(pool, false, false, N, C, R, 1.0f, dh.data(), R, A, C, 0.0f, t.data(), C);
-      apply_dropout(t.data(), t.data(), N * C, dropout_p, seed);
-      for (int64_t i = 0; i < N * C; ++i) dx[i] += t[i];
-    } else {
-      sgemm(pool, false, false, N, C, R, 1.0f, dh.data(), R, A, C, 1.0f, dx, C);
-    }
+    GemmArgs xg;
+    xg.M = N; xg.N = C; xg.K = OC;
+    xg.A = dy; xg.lda = OC;
+    xg.B = W; xg.b_bf16 = w_dtype == DType::BF16; xg.ldb = C;
+    xg.C = dx; xg.ldc = C;
+    xg.A2 = dh; xg.lda2 = R;
+    xg.B2 = A; xg.ldb2 = C;  // op(B2) = A (R, C)
+    xg.K2 = R;
+    xg.drop2 = drop ? &mask : nullptr;
+    gemm_ex(pool, xg);
   }
   return Status::Ok;
 }
@@ -95,12 +130,21 @@ Status cpu_lora_merge(ThreadPool& pool, void* W, DType w_dtype, const float* A, 
     return Status::Ok;
   }
   if (w_dtype != DType::BF16) return Status::Unsupported;
-  std::vector<float> w;
-  const float* wf = weight_f32(W, w_dtype, OC * C, w);
-  std::vector<float> merged(wf, wf + OC * C);
-  sgemm(pool, false, false, OC, C, R, s, B, R, A, C, 1.0f, merged.data(), C);
-  uint16_t* out = static_cast<uint16_t*>(W);
-  for (int64_t i = 0; i < OC * C; ++i) out[i] = float_to_bf16(merged[i]);
+  // BF16: blocks of rows widened to fp32, W_block += s·B_block·A, rounded once (nearest-even).
+  constexpr int64_t kRows = 32;  // 32 rows x C floats of scratch per thread (128 KB at C = 1024)
+  uint16_t* w = static_cast<uint16_t*>(W);
+  const int64_t blocks = (OC + kRows - 1) / kRows;
+  pool.parallel_for(blocks, 1, [&](int64_t b0, int64_t b1) {
+    static thread_local std::vector<float> buf;
+    float* t = scratch(buf, static_cast<size_t>(kRows * C > 0 ? kRows * C : 1));
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * kRows, rows = OC - r0 < kRows ? OC - r0 : kRows;
+      uint16_t* wb = w + r0 * C;
+      for (int64_t i = 0; i < rows * C; ++i) t[i] = bf16_to_float(wb[i]);
+      sgemm(pool, false, false, rows, C, R, s, B + r0 * R, R, A, C, 1.0f, t, C);
+      for (int64_t i = 0; i < rows * C; ++i) wb[i] = float_to_bf16(t[i]);
+    }
+  });
   return Status::Ok;
 }
 
