@@ -1,7 +1,7 @@
 // `npm run demo`: the point of LoRA on a real (small) training run, on the CPU, with no downloads.
 // 1. pretrain a character-level transformer on task A, generated here: "abc=cba." (reverse);
 // 2. task B, which it does badly: "abc>fed." (reverse, then shift each letter by 3, a..h wrapping);
-// 3. adapt to B with LoRA (rank 8 on attention and MLP projections) and, from the same starting
+// 3. adapt to B with LoRA (rank 4 on attention and MLP projections) and, from the same starting
 //    point, with full fine-tuning, for the same number of steps;
 // 4. print trainable parameters, task-B accuracy/loss before and after, task-A accuracy after
 //    (forgetting), time and adapter size vs model size; write SVG loss curves, the PEFT adapter and
@@ -18,7 +18,8 @@ const args = process.argv.slice(2);
 const quick = args.includes('--quick');
 const outIdx = args.indexOf('--out');
 const OUT = outIdx >= 0 ? args[outIdx + 1]! : 'demo-output';
-const STEPS = quick ? { pretrain: 60, adapt: 30 } : { pretrain: 1200, adapt: 400 };
+const STEPS = quick ? { pretrain: 60, adapt: 30 } : { pretrain: 800, adapt: 300 };
+const RANK = 4;
 
 // ---- the tasks -------------------------------------------------------------------------------
 
@@ -129,15 +130,16 @@ function generate(model: Module, prompt: string): string {
 
 // ---- output helpers --------------------------------------------------------------------------
 
-function svgCurves(series: { name: string; color: string; values: number[] }[], title: string): string {
+/** Loss curves on one plot; a series may start at an x offset (the adaptation runs start where pretraining ended). */
+function svgCurves(series: { name: string; color: string; values: number[]; offset?: number }[], title: string): string {
   const W = 720, H = 360, m = { l: 56, r: 16, t: 32, b: 40 };
-  const maxLen = Math.max(...series.map((s) => s.values.length));
+  const maxLen = Math.max(...series.map((s) => (s.offset ?? 0) + s.values.length));
   const all = series.flatMap((s) => s.values).filter((v) => Number.isFinite(v) && v > 0);
   const lo = Math.log10(Math.min(...all)), hi = Math.log10(Math.max(...all));
   const x = (i: number) => m.l + ((W - m.l - m.r) * i) / Math.max(1, maxLen - 1);
   const y = (v: number) => m.t + ((H - m.t - m.b) * (hi - Math.log10(Math.max(v, 1e-12)))) / Math.max(1e-9, hi - lo);
   const smooth = (v: number[]) => v.map((_, i) => { const w = v.slice(Math.max(0, i - 9), i + 1); return w.reduce((a, b) => a + b, 0) / w.length; });
-  const lines = series.map((s) => `<polyline fill="none" stroke="${s.color}" stroke-width="1.5" points="${smooth(s.values).map((v, i) => `${x(i).toFixed(1)},${y(v).toFixed(1)}`).join(' ')}"/>`);
+  const lines = series.map((s) => `<polyline fill="none" stroke="${s.color}" stroke-width="1.5" points="${smooth(s.values).map((v, i) => `${x(i + (s.offset ?? 0)).toFixed(1)},${y(v).toFixed(1)}`).join(' ')}"/>`);
   const ticks: string[] = [];
   for (let e = Math.floor(lo); e <= Math.ceil(hi); e++) {
     const yy = y(10 ** e);
@@ -220,30 +222,46 @@ async function main(): Promise<void> {
   };
 
   const loraModel = copyOfBase();
-  applyLora(loraModel, { targetModules: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'up_proj', 'down_proj'], rank: 8, alpha: 16, seed: 5 });
+  applyLora(loraModel, { targetModules: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'up_proj', 'down_proj'], rank: RANK, alpha: 2 * RANK, seed: 5 });
   const loraCount = trainableParameters(loraModel);
   const loraRes = await adapt(loraModel, 4e-3, true);
-  console.log(`2. LoRA (rank 8, ${loraCount.trainable} trainable parameters): ${STEPS.adapt} steps in ${loraRes.seconds.toFixed(1)} s`);
+  console.log(`2. LoRA (rank ${RANK}, ${loraCount.trainable} trainable parameters): ${STEPS.adapt} steps in ${loraRes.seconds.toFixed(1)} s`);
   const adapterDir = path.join(OUT, 'lora-adapter');
   saveLoraAdapter(loraModel, adapterDir);
   const afterLora = samplePrompts.map((p) => generate(loraModel, p));
+
+  // the frozen base inside the LoRA model: unchanged, so removing the adapter restores task A
+  const baseState = base.stateDict();
+  const loraState = loraModel.stateDict();
+  const maxChange = (state: Record<string, Tensor>) => Math.max(...Object.keys(baseState).map((k) => {
+    const a = baseState[k]!.toFloat32Array(), b = state[k]!.toFloat32Array();
+    return a.reduce((m, v, i) => Math.max(m, Math.abs(v - b[i]!)), 0);
+  }));
+  const loraBaseChange = maxChange(loraState);
+  const unadapted = new TransformerLM(modelCfg);
+  unadapted.loadStateDict(Object.fromEntries(Object.keys(baseState).map((k) => [k, loraState[k]!])));
+  const loraOffA = evaluate(unadapted, testA);
+  unadapted.dispose();
 
   const fullModel = copyOfBase();
   const fullCount = trainableParameters(fullModel);
   const fullRes = await adapt(fullModel, 1e-3, false);
   console.log(`3. full fine-tuning (${fullCount.trainable} trainable parameters): ${STEPS.adapt} steps in ${fullRes.seconds.toFixed(1)} s`);
   const afterFull = samplePrompts.map((p) => generate(fullModel, p));
+  const fullBaseChange = maxChange(fullModel.stateDict());
   const fullFile = path.join(OUT, 'full-finetuned.safetensors');
   saveSafetensors(fullFile, fullModel.stateDict(), { metadata: { format: 'pt' } });
 
   // 4. the table
   const modelBytes = dirBytes(modelFile);
   const rows = [
-    ['', 'LoRA r=8', 'full fine-tune'],
+    ['', `LoRA r=${RANK}`, 'full fine-tune'],
     ['trainable params', `${loraCount.trainable} (${pct(loraCount.share)})`, `${fullCount.trainable} (${pct(fullCount.share)})`],
     ['task B acc before -> after', `${pct(baseB.acc)} -> ${pct(loraRes.b.acc)}`, `${pct(baseB.acc)} -> ${pct(fullRes.b.acc)}`],
     ['task B loss before -> after', `${baseB.loss.toFixed(3)} -> ${loraRes.b.loss.toFixed(3)}`, `${baseB.loss.toFixed(3)} -> ${fullRes.b.loss.toFixed(3)}`],
     ['task A acc after (was ' + pct(baseA.acc) + ')', pct(loraRes.a.acc), pct(fullRes.a.acc)],
+    ['base weights: max abs change', loraBaseChange.toExponential(1), fullBaseChange.toExponential(1)],
+    ['task A acc, adapter removed', pct(loraOffA.acc), 'n/a (weights overwritten)'],
     ['train time (' + STEPS.adapt + ' steps)', `${loraRes.seconds.toFixed(1)} s`, `${fullRes.seconds.toFixed(1)} s`],
     ['saved size (model ' + kb(modelBytes) + ')', `${kb(dirBytes(adapterDir))} adapter`, `${kb(dirBytes(fullFile))} full copy`],
   ];
@@ -260,13 +278,13 @@ async function main(): Promise<void> {
 
   fs.writeFileSync(path.join(OUT, 'loss_curves.svg'), svgCurves([
     { name: 'pretraining (task A)', color: '#888', values: pre.losses },
-    { name: 'LoRA on task B', color: '#d62728', values: loraRes.losses },
-    { name: 'full fine-tune on task B', color: '#1f77b4', values: fullRes.losses },
+    { name: 'LoRA on task B', color: '#d62728', values: loraRes.losses, offset: pre.losses.length },
+    { name: 'full fine-tune on task B', color: '#1f77b4', values: fullRes.losses, offset: pre.losses.length },
   ], 'lora-native demo: training loss'));
   fs.writeFileSync(path.join(OUT, 'results.json'), JSON.stringify({
     quick, steps: STEPS, model: modelCfg, pretrain: { seconds: preSeconds, taskA: baseA, taskB: baseB },
-    lora: { params: loraCount, seconds: loraRes.seconds, taskA: loraRes.a, taskB: loraRes.b, adapterBytes: dirBytes(adapterDir) },
-    full: { params: fullCount, seconds: fullRes.seconds, taskA: fullRes.a, taskB: fullRes.b, bytes: dirBytes(fullFile) },
+    lora: { params: loraCount, seconds: loraRes.seconds, taskA: loraRes.a, taskB: loraRes.b, adapterBytes: dirBytes(adapterDir), baseChange: loraBaseChange, taskAAdapterRemoved: loraOffA },
+    full: { params: fullCount, seconds: fullRes.seconds, taskA: fullRes.a, taskB: fullRes.b, bytes: dirBytes(fullFile), baseChange: fullBaseChange },
     modelBytes, losses: { pretrain: pre.losses, lora: loraRes.losses, full: fullRes.losses },
     samples: samplePrompts.map((p, i) => ({ prompt: p, before: before[i], lora: afterLora[i], full: afterFull[i] })),
   }, null, 2) + '\n');
