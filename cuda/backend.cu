@@ -58,6 +58,7 @@ class CudaBackend final : public Backend {
  public:
   CudaBackend(int device, cudaStream_t stream, int sm_count)
       : device_(device), stream_(stream), sm_count_(sm_count) {
+    cudaDeviceGetAttribute(&max_smem_optin_, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
     const char* tc = std::getenv("LORA_CUDA_TC");  // "staged": benchmark the other GEMM variant
     tc_pipelined_ = !(tc != nullptr && std::strcmp(tc, "staged") == 0);
   }
@@ -497,7 +498,7 @@ class CudaBackend final : public Backend {
     if (unusable_) return Status::Unusable;
     if (Bt < 0 || T < 0 || H < 0 || D < 0) return Status::InvalidArgument;
     if (Bt * T * H == 0) return Status::Ok;
-    if (attention_smem(T, D) == 0) return Status::Unsupported;  // one row must fit shared memory
+    if (!attention_fits(T, D)) return Status::Unsupported;  // one row must fit shared memory
     return check(launch_attention(stream_, out, lse, q, k, v, Bt, T, H, D, scale, causal), "attention");
   }
   Status attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* q,
@@ -507,7 +508,7 @@ class CudaBackend final : public Backend {
     if (unusable_) return Status::Unusable;
     if (Bt < 0 || T < 0 || H < 0 || D < 0) return Status::InvalidArgument;
     if (Bt * T * H == 0) return Status::Ok;
-    if (attention_smem(T, D) == 0) return Status::Unsupported;
+    if (!attention_fits(T, D)) return Status::Unsupported;
     const size_t bytes = static_cast<size_t>(Bt * H * T) * sizeof(float);
     float* delta = static_cast<float*>(alloc(bytes));
     if (delta == nullptr) return unusable_ ? Status::Unusable : Status::OutOfMemory;
@@ -567,6 +568,11 @@ class CudaBackend final : public Backend {
                  what);
     free(x16, bytes);  // stream order keeps it alive for the kernel
     return st;
+  }
+
+  bool attention_fits(int64_t T, int64_t D) const {
+    const size_t need = attention_smem(T, D);
+    return need != 0 && need <= static_cast<size_t>(max_smem_optin_);
   }
 
   // Checks ids on the device before a kernel writes anything (the contract): one flag, one sync.
@@ -697,6 +703,7 @@ class CudaBackend final : public Backend {
   cudaStream_t stream_;
   int sm_count_;
   bool tc_pipelined_ = true;
+  int max_smem_optin_ = 48 * 1024;  // bytes of shared memory one block may opt into
   std::atomic<bool> unusable_{false};
   std::mutex error_mu_;
   char error_[512] = {0};

@@ -11,8 +11,8 @@ namespace {
 constexpr int kBK = 8;  // K per shared-memory stage: 8 keeps 2 stages of 128-wide tiles < 10 KiB
 
 // C (M, Nn) = alpha·op(A)·op(B) [+ LoRA epilogue] (+ beta·C | atomic +=), for blockIdx.z's batch
-// entry and K slice. Each thread owns a TM x TN micro-tile strided by (BM/TM, BN/TN), so a warp's
-// stores are contiguous.
+// entry and K slice. Each thread owns a TM x TN micro-tile of float4 groups (row_of/col_of), read
+// from shared memory 128 bits at a time.
 template <int BM, int BN, int TM, int TN, bool TA, bool TB>
 __global__ void __launch_bounds__((BM / TM) * (BN / TN))
     gemm_simt_kernel(const GemmArgs g, const int64_t batch_offset) {
@@ -22,8 +22,8 @@ __global__ void __launch_bounds__((BM / TM) * (BN / TN))
   constexpr int EA = BM * kBK / NT;
   constexpr int EB = BN * kBK / NT;
   static_assert(BM * kBK % NT == 0 && BN * kBK % NT == 0, "tile loads must divide evenly");
-  __shared__ float As[2][kBK][BM + 4];  // +4: transposed stores hit 32 distinct banks
-  __shared__ float Bs[2][kBK][BN + 4];
+  __shared__ __align__(16) float As[2][kBK][BM + 4];  // +4: transposed stores hit 32 distinct banks
+  __shared__ __align__(16) float Bs[2][kBK][BN + 4];
 
   const int tid = threadIdx.x;
   const int tx = tid % TX, ty = tid / TX;
@@ -80,6 +80,12 @@ __global__ void __launch_bounds__((BM / TM) * (BN / TN))
     }
   };
 
+  // Thread (tx, ty) owns rows row_of(0..TM) and columns col_of(0..TN): groups of 4 adjacent
+  // rows/columns (one float4 in shared memory), the groups BM/(TM/4) (BN/(TN/4)) apart.
+  auto row_of = [&](int i) { return (i / 4) * (BM / (TM / 4)) + ty * 4 + (i % 4); };
+  auto col_of = [&](int j) { return (j / 4) * (BN / (TN / 4)) + tx * 4 + (j % 4); };
+  static_assert(TM % 4 == 0 && TN % 4 == 0, "micro-tiles are made of float4 groups");
+
   float acc[TM][TN];
 #pragma unroll
   for (int i = 0; i < TM; ++i)
@@ -89,11 +95,14 @@ __global__ void __launch_bounds__((BM / TM) * (BN / TN))
   auto multiply = [&](int buf, float (&c)[TM][TN]) {
 #pragma unroll
     for (int kk = 0; kk < kBK; ++kk) {
-      float a[TM], b[TN];
+      __align__(16) float a[TM];
+      __align__(16) float b[TN];
 #pragma unroll
-      for (int i = 0; i < TM; ++i) a[i] = As[buf][kk][ty + i * TY];
+      for (int i = 0; i < TM; i += 4)  // 128-bit shared loads: 4 rows / columns at a time
+        *reinterpret_cast<float4*>(a + i) = *reinterpret_cast<const float4*>(&As[buf][kk][row_of(i)]);
 #pragma unroll
-      for (int j = 0; j < TN; ++j) b[j] = Bs[buf][kk][tx + j * TX];
+      for (int j = 0; j < TN; j += 4)
+        *reinterpret_cast<float4*>(b + j) = *reinterpret_cast<const float4*>(&Bs[buf][kk][col_of(j)]);
 #pragma unroll
       for (int i = 0; i < TM; ++i)
 #pragma unroll
@@ -144,11 +153,11 @@ __global__ void __launch_bounds__((BM / TM) * (BN / TN))
 
 #pragma unroll
   for (int i = 0; i < TM; ++i) {
-    const int64_t m = m0 + ty + i * TY;
+    const int64_t m = m0 + row_of(i);
     if (m >= g.M) continue;
 #pragma unroll
     for (int j = 0; j < TN; ++j) {
-      const int64_t n = n0 + tx + j * TX;
+      const int64_t n = n0 + col_of(j);
       if (n >= g.Nn) continue;
       float v = g.alpha * acc[i][j];
       if (lo.L != nullptr) {
