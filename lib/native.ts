@@ -154,7 +154,9 @@ function glibcVersion(): string | undefined {
  */
 export function loadFailureMessage(root: string, failures: { file: string; reason: string }[]): string {
   const lines = [`lora-native could not load its native addon (package folder ${root}, platform ${PLATFORM}, Node ${process.version}).`];
-  if (failures.length === 0) lines.push(`No compiled addon (build/Release) and no prebuilt binary (prebuilds/${PLATFORM}) was found.`);
+  if (failures.length === 0)
+    lines.push(`No compiled addon (build/Release) and no prebuilt binary (prebuilds/${PLATFORM}) was found; ` +
+      'the install step that compiles it did not run or failed (npm install --ignore-scripts skips it).');
   for (const f of failures) lines.push(`  ${f.file}: ${f.reason.split('\n')[0]}`);
   const all = failures.map((f) => f.reason).join('\n');
   const todo: string[] = [];
@@ -176,7 +178,7 @@ export function loadFailureMessage(root: string, failures: { file: string; reaso
   ].filter(Boolean);
   const rebuild = `run \`npm rebuild lora-native\` in your project (it compiles with node-gyp, offline when npm has nodedir set or Node's headers cached)`;
   if (missing.length) todo.push(`To compile from source, install ${missing.join(', ')} (this system lacks ${missing.length === 1 ? 'it' : 'them'}), then ${rebuild}.`);
-  else todo.push(`To compile from source, ${rebuild}. If the install ran with --ignore-scripts, that is why nothing was compiled.`);
+  else todo.push(`To compile from source, ${rebuild}.`);
   todo.push('LORA_NATIVE_ADDON=/path/to/lora_native.node loads a specific binary. lora-native never downloads binaries.');
   return [...lines, ...todo].join('\n');
 }
