@@ -4,19 +4,19 @@
 import t from 'tap';
 import {
   attention, concat, crossEntropy, dropout, embedding, gelu, layerNorm, logSoftmax, memory, mse, rmsNorm, slice,
-  softmax, tensor, Tensor, LoraError,
+  softmax, tensor, Tensor, LoraError, features,
 } from '../lib/index';
 import * as R from './ref/nn_ops_ref';
 
 type F64 = Float64Array;
 
 /** Runs op on float32 copies of inputs, back-propagates G, returns y and every input's gradient. */
-function run(op: (...xs: Tensor[]) => Tensor, inputs: [F64, number[]][], G: F64 | null, extra: Tensor[] = []): { y: F64; grads: F64[] } {
-  const xs = inputs.map(([d, s]) => tensor(Float32Array.from(d), s, { requiresGrad: true }));
-  const y = op(...xs, ...extra);
+function run(op: (...xs: Tensor[]) => Tensor, inputs: [F64, number[]][], G: F64 | null, device: 'cpu' | 'cuda' = 'cpu'): { y: F64; grads: F64[] } {
+  const xs = inputs.map(([d, s]) => tensor(Float32Array.from(d), s, { requiresGrad: true, device }));
+  const y = op(...xs);
   const out = { y: Float64Array.from(y.toFloat32Array()), grads: [] as F64[] };
   if (G) {
-    const g = tensor(Float32Array.from(G), y.shape);
+    const g = tensor(Float32Array.from(G), y.shape, { device });
     y.backward(g);
     g.dispose();
     out.grads = xs.map((x) => (x.grad ? Float64Array.from(x.grad.toFloat32Array()) : new Float64Array(x.size)));
@@ -255,6 +255,52 @@ t.test('every error is a LoraError', (tt) => {
     tt.equal((e as Error).message, "Expected one of 'none', 'tanh' for approximate but received \"fast\" (string)");
   }
   x.dispose();
+  tt.end();
+});
+
+// The same references on the CUDA backend (its kernels live in cuda/nn.cu); skipped without a GPU.
+const cuda = features().cuda;
+t.test('CUDA backend against the same references', { skip: cuda ? false : `no CUDA here (${features().reason ?? 'unavailable'})` }, (tt) => {
+  const N = 6, C = 19, V = 11;
+  const x = R.f32(R.randArray(N * C, 31, 2));
+  const w = R.f32(R.randArray(C, 32)), b = R.f32(R.randArray(C, 33));
+  const G = R.randArray(N * C, 34);
+  const ln = run((a, ww, bb) => layerNorm(a!, ww!, bb!), [[x, [N, C]], [w, [C]], [b, [C]]], G, 'cuda');
+  const lb = R.layerNormBackwardRef(x, w, N, C, 1e-5, G);
+  close(tt, ln.y, R.layerNormRef(x, w, b, N, C, 1e-5), 'layerNorm forward');
+  close(tt, ln.grads[0]!, lb.dx, 'layerNorm dx');
+  close(tt, ln.grads[1]!, lb.dw, 'layerNorm dw');
+  const rm = run((a, ww) => rmsNorm(a!, ww!), [[x, [N, C]], [w, [C]]], G, 'cuda');
+  close(tt, rm.y, R.rmsNormRef(x, w, N, C, 1e-6), 'rmsNorm forward');
+  close(tt, rm.grads[0]!, R.rmsNormBackwardRef(x, w, N, C, 1e-6, G).dx, 'rmsNorm dx');
+  const z = R.f32(R.randArray(N * V, 35, 2));
+  const targets = Int32Array.from([3, -100, 0, 10, 7, 7]);
+  const tg = tensor(Float32Array.from(targets), [N], { dtype: 'int32', device: 'cuda' });
+  const ce = run((a) => crossEntropy(a!, tg, { labelSmoothing: 0.1 }), [[z, [N, V]]], Float64Array.of(1.3), 'cuda');
+  tg.dispose();
+  close(tt, ce.y, R.crossEntropyRef(z, targets, V, -100, 0.1, 'mean'), 'crossEntropy forward');
+  close(tt, ce.grads[0]!, R.crossEntropyBackwardRef(z, targets, V, -100, 0.1, 'mean', Float64Array.of(1.3)), 'crossEntropy backward');
+  const table = R.f32(R.randArray(7 * 5, 36));
+  const ids = Int32Array.from([6, 0, 3, 3, 1, 6]);
+  const idt = tensor(Float32Array.from(ids), [6], { dtype: 'int32', device: 'cuda' });
+  const Ge = R.randArray(6 * 5, 37);
+  const em = run((tb) => embedding(idt, tb!), [[table, [7, 5]]], Ge, 'cuda');
+  idt.dispose();
+  close(tt, em.y, R.embeddingRef(table, ids, 5), 'embedding forward');
+  close(tt, em.grads[0]!, R.embeddingBackwardRef(ids, 7, 5, Ge), 'embedding backward');
+  const Bt = 2, T = 5, H = 3, D = 7, n = Bt * T * H * D;
+  const q = R.f32(R.randArray(n, 38)), k = R.f32(R.randArray(n, 39)), v = R.f32(R.randArray(n, 40));
+  const Ga = R.randArray(n, 41);
+  const at = run((a, bb, c) => attention(a!, bb!, c!), [[q, [Bt, T, H, D]], [k, [Bt, T, H, D]], [v, [Bt, T, H, D]]], Ga, 'cuda');
+  const ab = R.attentionBackwardRef(q, k, v, Bt, T, H, D, 1 / Math.sqrt(D), true, Ga);
+  close(tt, at.y, R.attentionRef(q, k, v, Bt, T, H, D, 1 / Math.sqrt(D), true), 'attention forward');
+  close(tt, at.grads[0]!, ab.dq, 'attention dq');
+  close(tt, at.grads[1]!, ab.dk, 'attention dk');
+  close(tt, at.grads[2]!, ab.dv, 'attention dv');
+  const sm = run((a) => logSoftmax(a!), [[z, [N, V]]], null, 'cuda');
+  close(tt, sm.y, R.softmaxRef(z, N, V, true), 'logSoftmax forward');
+  const dr = run((a) => dropout(a!, 0.3, { seed: 77 }), [[x, [N, C]]], null, 'cuda');
+  close(tt, dr.y, R.dropoutRef(x, 0.3, 77), 'dropout: the same counter-RNG mask as the CPU');
   tt.end();
 });
 
