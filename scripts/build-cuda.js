@@ -4,7 +4,7 @@
 // cmake) it prints one line saying why the CUDA backend was skipped and exits 0. It never
 // downloads anything. A compile error exits 1 (CI must see it); LORA_NATIVE_SKIP_CUDA=1 skips.
 //
-// Environment: CUDACXX (nvcc path), LORA_CUDA_ARCHS (CMake CUDA architectures, e.g. "90-real"),
+// Environment: CUDACXX (nvcc path), LORA_CUDA_ARCHS (CUDA architectures, e.g. "90-real"),
 // LORA_CUDA_JOBS (parallel compile jobs, default 2), LORA_NATIVE_SKIP_CUDA=1.
 'use strict';
 
@@ -83,7 +83,7 @@ function main() {
   const configure = ['-S', path.join(root, 'cuda'), '-B', buildDir,
     '-G', ninja ? 'Ninja' : 'Unix Makefiles',
     `-DCMAKE_CUDA_COMPILER=${nvcc}`, '-DCMAKE_BUILD_TYPE=Release'];
-  if (process.env.LORA_CUDA_ARCHS) configure.push(`-DCMAKE_CUDA_ARCHITECTURES=${process.env.LORA_CUDA_ARCHS}`);
+  if (process.env.LORA_CUDA_ARCHS) configure.push(`-DLORA_CUDA_ARCHITECTURES=${process.env.LORA_CUDA_ARCHS}`);
 
   const started = Date.now();
   say(`building the CUDA backend with ${nvcc} (${jobs} jobs; a few minutes)...`);

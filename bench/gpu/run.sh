@@ -36,7 +36,7 @@ if [ ! -f build/Release/liblora_cuda.so ] || [ -n "${LORA_REBUILD_CUDA:-}" ]; th
     log "building liblora_cuda.so here with $NVCC (sm_90 only)"
     GEN=$(command -v ninja >/dev/null && echo Ninja || echo "Unix Makefiles")
     if timeout 300 cmake -S cuda -B build/cuda-device -G "$GEN" -DCMAKE_CUDA_COMPILER="$NVCC" \
-         -DCMAKE_CUDA_ARCHITECTURES=90-real > "$OUT/cuda-build.log" 2>&1 &&
+         -DLORA_CUDA_ARCHITECTURES=90-real > "$OUT/cuda-build.log" 2>&1 &&
        timeout 300 cmake --build build/cuda-device -j "$(nproc)" >> "$OUT/cuda-build.log" 2>&1; then
       cp build/cuda-device/liblora_cuda.so build/Release/liblora_cuda.so
     else
