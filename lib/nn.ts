@@ -307,8 +307,11 @@ export class TransformerBlock extends Module {
 
   forward(x: Tensor): Tensor {
     const m = (n: string) => this.getModule(n)!;
-    const h = add(x, m('drop').forward(m('attn').forward(m('ln_1').forward(x))));
-    return add(h, m('drop').forward(m('mlp').forward(m('ln_2').forward(h))));
+    const drop = m('drop') as Dropout;
+    // skip the identity copy dropout makes when it is off
+    const d = (t: Tensor) => (drop.training && drop.p > 0 ? drop.forward(t) : t);
+    const h = add(x, d(m('attn').forward(m('ln_1').forward(x))));
+    return add(h, d(m('mlp').forward(m('ln_2').forward(h))));
   }
 }
 
