@@ -491,18 +491,28 @@ export function attention(q: Tensor, k: Tensor, v: Tensor, options?: AttentionOp
 
 /** @internal used by clipGradNorm: Σ g² over tensors, on the host, in float64. */
 export function sumOfSquares(ts: readonly Tensor[]): number {
-  let total = 0;
-  for (const t of ts) {
-    if (t.size === 0) continue;
-    const sq = empty(t.shape, t.device);
-    native.binary(BINARY_OP.mul, sq._storage, t._storage, t._storage, [t.size], [1], [1]);
-    const s = empty([], t.device);
-    native.reduce(REDUCE_OP.sum, s._storage, sq._storage, 1, t.size, 1);
-    total += s.item();
-    sq.dispose();
-    s.dispose();
+  // one running total per device, read back once (one synchronisation per device, not per tensor)
+  const totals = new Map<string, Tensor>();
+  try {
+    for (const t of ts) {
+      if (t.size === 0) continue;
+      const sq = empty(t.shape, t.device);
+      native.binary(BINARY_OP.mul, sq._storage, t._live('a gradient'), t._storage, [t.size], [1], [1]);
+      const s = empty([], t.device);
+      native.reduce(REDUCE_OP.sum, s._storage, sq._storage, 1, t.size, 1);
+      sq.dispose();
+      const acc = totals.get(t.device);
+      if (acc) {
+        native.axpy(acc._storage, s._storage, 1);
+        s.dispose();
+      } else totals.set(t.device, s);
+    }
+    let total = 0;
+    for (const acc of totals.values()) total += acc.item();
+    return total;
+  } finally {
+    for (const acc of totals.values()) acc.dispose();
   }
-  return total;
 }
 
 /** @internal scales a tensor in place (gradient clipping); not recorded. */
