@@ -74,7 +74,12 @@ export function describe(v: unknown): string {
   if (typeof v === 'number' || typeof v === 'boolean' || typeof v === 'bigint') return `${String(v)} (${typeof v})`;
   if (typeof v === 'function') return `a function (${v.name || 'anonymous'})`;
   if (Array.isArray(v)) {
-    const s = JSON.stringify(v.length > 8 ? [...v.slice(0, 8), '…'] : v);
+    let s: string | undefined;
+    try {
+      s = JSON.stringify(v.length > 8 ? [...v.slice(0, 8), '…'] : v);
+    } catch {
+      s = undefined; // nested too deep to print (RangeError) or holding a BigInt
+    }
     return `${s && s.length < 80 ? s : 'an array'} (array of ${v.length})`;
   }
   if (ArrayBuffer.isView(v)) return `a ${v.constructor.name} of ${(v as unknown as { length: number }).length}`;

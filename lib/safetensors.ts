@@ -72,7 +72,12 @@ function ioError(file: string, err: unknown, what: string): LoraError {
 function readExactly(fd: number, buf: Uint8Array, position: number, file: string): void {
   let done = 0;
   while (done < buf.length) {
-    const n = fs.readSync(fd, buf, done, buf.length - done, position + done);
+    let n: number;
+    try {
+      n = fs.readSync(fd, buf, done, buf.length - done, position + done);
+    } catch (err) {
+      throw ioError(file, err, 'read');
+    }
     if (n === 0) throw formatError(file, `unexpected end of file at byte ${position + done}`);
     done += n;
   }
@@ -143,12 +148,14 @@ export function parseSafetensorsHeader(file: string, json: string, fileSize: num
 }
 
 function readHeaderFd(fd: number, file: string): SafetensorsHeader {
-  let fileSize: number;
+  let st: fs.Stats;
   try {
-    fileSize = fs.fstatSync(fd).size;
+    st = fs.fstatSync(fd);
   } catch (err) {
     throw ioError(file, err, 'stat');
   }
+  if (!st.isFile()) throw new LoraError('ERR_LORA_IO', `Could not read ${file}: not a regular file`);
+  const fileSize = st.size;
   if (fileSize < 8) throw formatError(file, fileSize === 0 ? 'the file is empty' : `the file is ${fileSize} bytes, shorter than the 8-byte header length`);
   const lenBuf = Buffer.alloc(8);
   readExactly(fd, lenBuf, 0, file);
