@@ -126,6 +126,15 @@ int cuGetErrorString(int r, const char** s) { *s = r == 100 ? "no CUDA-capable d
       { name: 'Fake GPU 1', computeCapability: '9.0', memory: 80 * 2 ** 30 },
     ]);
     t.match(two.reason, /^the CUDA backend library could not be loaded/, 'only the library is missing');
+
+    // With the real liblora_cuda.so, its static CUDA runtime meets the fake driver and refuses:
+    // lora_cuda_create's failure comes back as the reason (no crash, no exit).
+    if (fs.existsSync(path.join(f.addonDir, 'liblora_cuda.so'))) {
+      const real = childFeatures({ ...env, FAKE_CU_COUNT: '1', LORA_NATIVE_CUDA_LIB: '' });
+      t.equal(real.cuda, false);
+      t.equal(real.devices.length, 1);
+      t.match(real.reason, /^the CUDA backend failed to start: cudaGetDeviceCount failed: .*\(cudaError\w+\)/);
+    }
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }
