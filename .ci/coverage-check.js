@@ -5,7 +5,7 @@ const fs = require('node:fs');
 
 const THRESHOLDS = { lines: 80, statements: 80, functions: 70, branches: 65 };
 
-const file = process.argv[2] || 'coverage/coverage-summary.json';
+const file = process.argv[2] || '.tap/report/coverage-summary.json';
 const total = JSON.parse(fs.readFileSync(file, 'utf8')).total;
 let ok = true;
 for (const [metric, min] of Object.entries(THRESHOLDS)) {
