@@ -398,7 +398,14 @@ class CudaBackend final : public Backend {
                 int64_t inner) override {
     if (unusable_) return Status::Unusable;
     if (outer < 0 || dim < 0 || inner < 0) return Status::InvalidArgument;
-    return check(launch_reduce(stream_, op, out, in, outer, dim, inner), "reduce");
+    const int64_t splits = reduce_splits(outer, dim, inner, sm_count_);
+    if (splits <= 1) return check(launch_reduce(stream_, op, out, in, outer, dim, inner, nullptr, 1), "reduce");
+    const size_t bytes = static_cast<size_t>(outer * inner * splits) * sizeof(double);
+    double* partial = static_cast<double*>(alloc(bytes));
+    if (partial == nullptr) return unusable_ ? Status::Unusable : Status::OutOfMemory;
+    Status st = check(launch_reduce(stream_, op, out, in, outer, dim, inner, partial, splits), "reduce");
+    free(partial, bytes);
+    return st;
   }
 
   Status copy_strided(float* dst, const Layout& dst_layout, const float* src,

@@ -125,8 +125,12 @@ cudaError_t launch_dropout(cudaStream_t stream, float* out, const float* in, int
                            uint64_t seed);
 
 // reduce.cu
+// reduce_splits: how many slices to cut `dim` into (1: one pass). With splits > 1, `partial`
+// is a workspace of outer·inner·splits doubles.
+int64_t reduce_splits(int64_t outer, int64_t dim, int64_t inner, int sm_count);
 cudaError_t launch_reduce(cudaStream_t stream, ReduceOp op, float* out, const float* in,
-                          int64_t outer, int64_t dim, int64_t inner);
+                          int64_t outer, int64_t dim, int64_t inner, double* partial,
+                          int64_t splits);
 cudaError_t launch_softmax(cudaStream_t stream, float* out, const float* in, int64_t rows,
                            int64_t cols, bool log);
 cudaError_t launch_softmax_backward(cudaStream_t stream, float* dx, const float* dy,

@@ -1,7 +1,8 @@
 // Reductions and row-wise softmax on CUDA: reduce (Sum in double accumulators, as the CPU does,
 // Max/Min with NaN propagation) over the middle axis of (outer, dim, inner), and softmax /
 // log-softmax with their backward over the last axis. One block per row, or one thread per
-// output column when the reduced axis is strided. Not a general segmented-reduction library.
+// output column when the reduced axis is strided; when that leaves the GPU idle (a loss over a
+// whole tensor, a bias gradient over many rows) the axis is split and reduced in two passes.
 #include <cfloat>
 
 #include "common.cuh"
@@ -66,6 +67,48 @@ __global__ void reduce_strided_kernel(float* __restrict__ out,       // (outer, 
   }
 }
 
+// Split-dim first pass, reduced axis contiguous: block (s, o) reduces in[o][s·chunk ..) into
+// partial[o][s] (double, so a Sum keeps its accumulator precision across passes).
+__global__ void reduce_rows_partial_kernel(double* __restrict__ partial,   // (outer, S)
+                                           const float* __restrict__ in,   // (outer, dim)
+                                           ReduceOp op, int64_t dim, int64_t chunk) {
+  __shared__ double scratch[32];
+  const int64_t o = blockIdx.y, sidx = blockIdx.x, S = gridDim.x;
+  const float* row = in + o * dim;
+  const int64_t d1 = min(dim, (sidx + 1) * chunk);
+  double acc = reduce_init(op);
+  for (int64_t d = sidx * chunk + threadIdx.x; d < d1; d += blockDim.x) acc = combine(op, acc, row[d]);
+  acc = block_all_reduce(acc, [op](double a, double b) { return combine(op, a, b); }, scratch);
+  if (threadIdx.x == 0) partial[o * S + sidx] = acc;
+}
+
+// Split-dim first pass, strided axis: thread (o, i) of slice s reduces its chunk of d.
+__global__ void reduce_strided_partial_kernel(double* __restrict__ partial,  // (outer, inner, S)
+                                              const float* __restrict__ in,  // (outer, dim, inner)
+                                              ReduceOp op, int64_t dim, int64_t inner,
+                                              int64_t chunk) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= inner) return;
+  const int64_t o = blockIdx.y, sidx = blockIdx.z, S = gridDim.z;
+  const float* p = in + o * dim * inner + i;
+  const int64_t d1 = min(dim, (sidx + 1) * chunk);
+  double acc = reduce_init(op);
+  for (int64_t d = sidx * chunk; d < d1; ++d) acc = combine(op, acc, p[d * inner]);
+  partial[(o * inner + i) * S + sidx] = acc;
+}
+
+// Second pass: out[t] = reduce of partial[t][0..S).
+__global__ void reduce_partials_kernel(float* __restrict__ out,             // (outer·inner)
+                                       const double* __restrict__ partial,  // (outer·inner, S)
+                                       ReduceOp op, int64_t total, int64_t S) {
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    double acc = reduce_init(op);
+    for (int64_t s = 0; s < S; ++s) acc = combine(op, acc, partial[t * S + s]);
+    out[t] = static_cast<float>(acc);
+  }
+}
+
 // Softmax (or log-softmax) of each row, three passes over the row (max, sum, write).
 __global__ void softmax_kernel(float* __restrict__ out,       // (rows, cols)
                                const float* __restrict__ in,  // (rows, cols)
@@ -106,12 +149,41 @@ __global__ void softmax_backward_kernel(float* __restrict__ dx,        // (rows,
 
 }  // namespace
 
+int64_t reduce_splits(int64_t outer, int64_t dim, int64_t inner, int sm_count) {
+  if (dim < 4096) return 1;  // short axes: one pass is already cheap
+  const int64_t blocks = inner == 1 ? outer : outer * ((inner + kThreads - 1) / kThreads);
+  const int64_t want = 4 * static_cast<int64_t>(sm_count);  // enough blocks to pull full bandwidth
+  if (blocks >= want) return 1;
+  int64_t s = (want + blocks - 1) / blocks;
+  s = s < dim / 1024 ? s : dim / 1024;  // keep >= 1024 elements per slice
+  s = s < 256 ? s : 256;                // bound the partial buffer and the second pass
+  if (outer > 65535 || (inner > 1 && s > 65535)) return 1;  // grid dimension limits
+  return s < 1 ? 1 : s;
+}
+
 cudaError_t launch_reduce(cudaStream_t stream, ReduceOp op, float* out, const float* in,
-                          int64_t outer, int64_t dim, int64_t inner) {
+                          int64_t outer, int64_t dim, int64_t inner, double* partial,
+                          int64_t splits) {
   if (outer <= 0 || inner <= 0) return cudaSuccess;
   if (dim <= 0) return launch_fill(stream, out, op == ReduceOp::Sum ? 0.0f
                                                : (op == ReduceOp::Max ? -INFINITY : INFINITY),
                                    outer * inner);
+  if (partial != nullptr && splits > 1) {
+    const int64_t chunk = (dim + splits - 1) / splits;
+    if (inner == 1) {
+      reduce_rows_partial_kernel<<<dim3(static_cast<unsigned>(splits), static_cast<unsigned>(outer)),
+                                   kRowThreads, 0, stream>>>(partial, in, op, dim, chunk);
+    } else {
+      const dim3 grid(static_cast<unsigned>((inner + kThreads - 1) / kThreads),
+                      static_cast<unsigned>(outer), static_cast<unsigned>(splits));
+      reduce_strided_partial_kernel<<<grid, kThreads, 0, stream>>>(partial, in, op, dim, inner, chunk);
+    }
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+    reduce_partials_kernel<<<grid_for(outer * inner), kThreads, 0, stream>>>(out, partial, op,
+                                                                            outer * inner, splits);
+    return cudaGetLastError();
+  }
   if (inner == 1 && outer <= 0x7fffffff) {
     reduce_rows_kernel<<<static_cast<unsigned>(outer), kRowThreads, 0, stream>>>(out, in, op, dim);
   } else {

@@ -175,7 +175,7 @@ const UNARY = ['neg', 'exp', 'log', 'sqrt', 'rsqrt', 'abs', 'square', 'recip', '
     }, EXACT);
   }
 }
-for (const [outer, dim, inner] of [[3, 1000, 1], [5, 7, 13], [1, 300001, 1], [2, 1, 5], [64, 129, 1], [1, 5000, 3]]) {
+for (const [outer, dim, inner] of [[3, 1000, 1], [5, 7, 13], [1, 300001, 1], [2, 1, 5], [64, 129, 1], [1, 5000, 3], [2, 10000, 300], [3, 70000, 1]]) {
   const x = data(outer * dim * inner);
   ['sum', 'max', 'min'].forEach((op, id) => {
     check(`reduce ${op} (${outer}, ${dim}, ${inner})`, (dev, own) => {
