@@ -1,0 +1,70 @@
+// Shared pieces of the CPU benchmark suite (npm run bench): the issue's shapes, a timer that warms
+// up and reports median/min, and tensor helpers over the binding. Not a test: numbers only.
+import { native, DTYPE_ID } from '../lib/native';
+
+// (N, C, OC, R): rows, in-features, out-features, rank (issue 3).
+export interface Shape { N: number; C: number; OC: number; R: number }
+export const SHAPES: Shape[] = [
+  { N: 512, C: 1024, OC: 1024, R: 8 },
+  { N: 2048, C: 2048, OC: 2048, R: 16 },
+  { N: 1024, C: 4096, OC: 4096, R: 64 },
+  { N: 1, C: 4096, OC: 4096, R: 16 },
+  { N: 16, C: 4096, OC: 4096, R: 16 },
+];
+// --quick drops the largest shape (about a third of the full run's time).
+export const QUICK_SHAPES = SHAPES.filter((s) => s.C * s.OC * s.N < 1024 * 4096 * 4096);
+export const shapeKey = (s: Shape) => `${s.N}x${s.C}x${s.OC}r${s.R}`;
+
+export type DType = 'fp32' | 'bf16';
+export interface Work { flops?: number; bytes?: number }
+// A case: an untimed setup that returns the timed variants (ours first) and the work they do.
+export interface Case {
+  name: string;
+  dtypes: DType[];
+  setup(shape: Shape, dtype: DType): { variants: Record<string, () => void>; work: Work; dispose(): void };
+}
+
+export interface Timing { medianMs: number; minMs: number; reps: number }
+
+// Warm up, then time until both `reps` runs and `minSeconds` have passed (at most 200 runs).
+export function time(fn: () => void, reps: number, warmup: number, minSeconds = 0.3): Timing {
+  for (let i = 0; i < warmup; i++) fn();
+  const ts: number[] = [];
+  const start = performance.now();
+  while (ts.length < reps || (performance.now() - start < minSeconds * 1e3 && ts.length < 200)) {
+    const t0 = performance.now();
+    fn();
+    ts.push(performance.now() - t0);
+  }
+  ts.sort((a, b) => a - b);
+  return { medianMs: ts[ts.length >> 1], minMs: ts[0], reps: ts.length };
+}
+
+// Deterministic pseudo-random fill (values in [-0.5, 0.5) * scale).
+export function randomF32(n: number, seed: number, scale = 1): Float32Array {
+  const a = new Float32Array(n);
+  let x = seed >>> 0 || 1;
+  for (let i = 0; i < n; i++) {
+    x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0;
+    a[i] = ((x / 4294967296) - 0.5) * scale;
+  }
+  return a;
+}
+
+export type S = ReturnType<typeof native.alloc>;
+export function f32(data: Float32Array): S { return native.fromHost(0, DTYPE_ID.float32, data); }
+export function zeros(n: number): S {
+  const t = native.alloc(0, DTYPE_ID.float32, n);
+  native.fill(t, 0);
+  return t;
+}
+// W in the requested storage dtype (bf16 converted by the backend, round-to-nearest-even).
+export function weight(data: Float32Array, dtype: DType): S {
+  const w32 = f32(data);
+  if (dtype === 'fp32') return w32;
+  const w = native.alloc(0, DTYPE_ID.bfloat16, data.length);
+  native.convert(w, w32);
+  native.dispose(w32);
+  return w;
+}
+export { native };

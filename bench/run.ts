@@ -1,0 +1,157 @@
+// npm run bench [-- --quick] [--cases=gemm,lora_forward] [--threads=1,2] [--no-baselines]
+// The CPU benchmark suite of issue 3: every case (bench/cases/<op>.ts) at every shape, thread count
+// and weight dtype in its own child process; the machine's ceilings measured first (FMA peak and
+// memory bandwidth, bench/native/probe.c); OpenBLAS and PyTorch baselines over the same work when
+// installed (skipped with the reason otherwise). Writes bench/results/<date>.json and prints a
+// markdown table. Times are wall clock (median and min of the runs after warm-up) and exclude
+// first-touch costs (buffers are allocated and touched in the untimed setup).
+import { spawnSync } from 'child_process';
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import { QUICK_SHAPES, SHAPES, Shape, shapeKey } from './common';
+
+const args = process.argv.slice(2);
+const flag = (n: string) => args.includes(`--${n}`);
+const opt = (n: string) => args.find((a) => a.startsWith(`--${n}=`))?.split('=')[1];
+const quick = flag('quick');
+const CASES = (opt('cases') ?? 'gemm,lora_forward,lora_step,lora_merge,adamw').split(',');
+const THREADS = (opt('threads') ?? '1,2').split(',').map(Number);
+const shapes: Shape[] = quick ? QUICK_SHAPES : SHAPES;
+const reps = quick ? 3 : 7, warmup = quick ? 1 : 2;
+const srcDir = path.join(__dirname, '..', '..', 'bench');  // dist/bench -> bench
+const work = fs.mkdtempSync(path.join(os.tmpdir(), 'lora-bench-'));
+
+function run(cmd: string, argv: string[], timeoutMs = 600_000): { ok: boolean; out: string; err: string } {
+  const r = spawnSync(cmd, argv, { encoding: 'utf8', timeout: timeoutMs, env: process.env });
+  return { ok: r.status === 0, out: r.stdout ?? '', err: (r.stderr ?? '') + (r.error ? String(r.error) : '') };
+}
+function lastJson(out: string): any {
+  const line = out.trim().split('\n').filter((l) => l.startsWith('{')).pop();
+  return line ? JSON.parse(line) : undefined;
+}
+
+// ---- ceilings and baselines -------------------------------------------------------------------
+const skipped: Record<string, string> = {};
+const cc = ['cc', 'gcc', 'clang'].find((c) => run(c, ['--version']).ok);
+let probe: string | undefined, openblas: string | undefined;
+if (!cc) {
+  skipped.probe = skipped.openblas = 'no C compiler (cc/gcc/clang) on PATH';
+} else {
+  probe = path.join(work, 'probe');
+  const p = run(cc, ['-O3', '-pthread', path.join(srcDir, 'native', 'probe.c'), '-o', probe]);
+  if (!p.ok) { skipped.probe = `probe did not compile: ${p.err.split('\n')[0]}`; probe = undefined; }
+  if (!flag('no-baselines')) {
+    openblas = path.join(work, 'openblas_bench');
+    const o = run(cc, ['-O2', path.join(srcDir, 'native', 'openblas_bench.c'), '-lopenblas', '-o', openblas]);
+    if (!o.ok) {
+      skipped.openblas = `OpenBLAS not found (apt-get install libopenblas-dev): ${o.err.split('\n')[0]}`;
+      openblas = undefined;
+    }
+  }
+}
+let python: string | undefined, torchVersion: string | undefined;
+if (flag('no-baselines')) {
+  skipped.openblas = skipped.pytorch = '--no-baselines';
+} else {
+  for (const py of ['/usr/bin/python3', 'python3']) {
+    const r = run(py, ['-c', 'import torch; print(torch.__version__)']);
+    if (r.ok) { python = py; torchVersion = r.out.trim(); break; }
+  }
+  if (!python) skipped.pytorch = 'no python3 with torch (apt-get install python3-torch)';
+}
+
+const ceilings: Record<number, { fmaPeakGflops1: number; readGBs: number; updateGBs: number }> = {};
+for (const t of THREADS) {
+  ceilings[t] = probe ? lastJson(run(probe, [String(t)]).out) : { fmaPeakGflops1: NaN, readGBs: NaN, updateGBs: NaN };
+}
+process.stderr.write(`ceilings: ${JSON.stringify(ceilings)}\nbaselines: openblas=${!!openblas} pytorch=${torchVersion ?? 'no'}` +
+  `${Object.keys(skipped).length ? ` skipped: ${JSON.stringify(skipped)}` : ''}\n`);
+
+// ---- the runs ---------------------------------------------------------------------------------
+interface Row {
+  case: string; shape: Shape; threads: number; dtype: string; isa?: string;
+  work: { flops?: number; bytes?: number };
+  variants: Record<string, { medianMs: number; minMs: number; reps: number }>;
+  error?: string;
+}
+const rows: Row[] = [];
+const dtypesOf: Record<string, string[]> = { adamw: ['fp32'] };
+for (const name of CASES) {
+  for (const shape of shapes) {
+    if (name === 'adamw' && shapes.some((s) => s !== shape && s.C === shape.C && s.OC === shape.OC && shapes.indexOf(s) < shapes.indexOf(shape))) continue;
+    for (const threads of THREADS) {
+      for (const dtype of dtypesOf[name] ?? ['fp32', 'bf16']) {
+        const dims = [shape.N, shape.C, shape.OC, shape.R].map(String);
+        const r = run(process.execPath, [path.join(__dirname, 'child.js'), name, ...dims, String(threads), dtype, String(reps), String(warmup)]);
+        const row: Row = lastJson(r.out) ?? { case: name, shape, threads, dtype, work: {}, variants: {}, error: r.err.slice(-400) };
+        if (openblas && dtype === 'fp32' && name !== 'adamw') {
+          const o = lastJson(run(openblas, [name, ...dims, String(threads), String(reps), String(warmup)]).out);
+          if (o) row.variants.openblas = o;
+        }
+        if (python) {
+          const p = lastJson(run(python, [path.join(srcDir, 'torch_bench.py'), name, ...dims, String(threads), dtype, String(reps), String(warmup)]).out);
+          if (p) row.variants.pytorch = { medianMs: p.medianMs, minMs: p.minMs, reps: p.reps };
+        }
+        rows.push(row);
+        process.stderr.write(`${name} ${shapeKey(shape)} t${threads} ${dtype}: ${Object.entries(row.variants).map(([k, v]) => `${k} ${v.medianMs.toFixed(2)}ms`).join(', ')}${row.error ? ` ERROR ${row.error}` : ''}\n`);
+      }
+    }
+  }
+}
+
+// ---- report -----------------------------------------------------------------------------------
+const find = (c: string, s: Shape, t: number, d: string) =>
+  rows.find((r) => r.case === c && shapeKey(r.shape) === shapeKey(s) && r.threads === t && r.dtype === d);
+const fmt = (x: number, d = 1) => (Number.isFinite(x) ? x.toFixed(d) : '-');
+const lines: string[] = [];
+lines.push(`| case | N×C×OC r | thr | W | ours ms (min) | rate | % ceiling | unfused | OpenBLAS | PyTorch | ratio |`);
+lines.push(`|---|---|---|---|---|---|---|---|---|---|---|`);
+for (const r of rows) {
+  const ours = r.variants.ours;
+  if (!ours) { lines.push(`| ${r.case} | ${shapeKey(r.shape)} | ${r.threads} | ${r.dtype} | error | | | | | | |`); continue; }
+  const c = ceilings[r.threads];
+  const memBound = r.case === 'lora_merge' || r.case === 'adamw' || (r.shape.N <= 16 && r.case !== 'lora_step');
+  let rate: string, pct: string;
+  if (memBound) {
+    const bytes = r.work.bytes ?? (r.shape.OC * r.shape.C * (r.dtype === 'bf16' ? 2 : 4));
+    const gbs = bytes / ours.medianMs / 1e6;
+    const ceil = r.case === 'lora_merge' || r.case === 'adamw' ? c.updateGBs : c.readGBs;
+    rate = `${fmt(gbs)} GB/s`;
+    pct = `${fmt((100 * gbs) / ceil, 0)}% of ${fmt(ceil)} GB/s`;
+  } else {
+    const gf = (r.work.flops ?? 0) / ours.medianMs / 1e6;
+    const ceil = c.fmaPeakGflops1 * r.threads;
+    rate = `${fmt(gf)} GFLOP/s`;
+    pct = `${fmt((100 * gf) / ceil, 0)}% of ${fmt(ceil, 0)}`;
+  }
+  const cell = (k: string) => (r.variants[k] ? `${fmt(r.variants[k].medianMs, 2)}` : '-');
+  let ratio = '';
+  if (r.case === 'lora_forward') {
+    const g = find('gemm', r.shape, r.threads, r.dtype)?.variants.ours;
+    if (g) ratio = `${fmt(ours.medianMs / g.medianMs, 3)}x gemm`;
+  } else if (r.case === 'lora_step' && r.variants.frozen_linear) {
+    ratio = `${fmt(ours.medianMs / r.variants.frozen_linear.medianMs, 3)}x frozen`;
+    if (r.variants.pytorch) ratio += `; torch/ours ${fmt(r.variants.pytorch.medianMs / ours.medianMs, 2)}x`;
+  } else if (r.variants.pytorch) {
+    ratio = `torch/ours ${fmt(r.variants.pytorch.medianMs / ours.medianMs, 2)}x`;
+  }
+  if (r.variants.ours_dropout) ratio += `${ratio ? '; ' : ''}p=0.1: ${fmt(r.variants.ours_dropout.medianMs, 2)} ms`;
+  lines.push(`| ${r.case} | ${shapeKey(r.shape)} | ${r.threads} | ${r.dtype} | ${fmt(ours.medianMs, 2)} (${fmt(ours.minMs, 2)}) | ${rate} | ${pct} | ${cell('unfused')} | ${cell('openblas')} | ${cell('pytorch')} | ${ratio} |`);
+}
+const isa = rows.find((r) => r.isa)?.isa;
+const header = [
+  `lora-native CPU bench ${new Date().toISOString()} — ${os.cpus()[0]?.model ?? 'cpu'}, ${os.cpus().length} cores, ISA ${isa}${quick ? ' (--quick)' : ''}`,
+  `ceilings (measured): ${THREADS.map((t) => `${t} thr: FMA ${fmt(ceilings[t].fmaPeakGflops1 * t, 0)} GFLOP/s, read ${fmt(ceilings[t].readGBs)} GB/s, update ${fmt(ceilings[t].updateGBs)} GB/s`).join('; ')}`,
+  `baselines: OpenBLAS ${openblas ? 'found' : `skipped (${skipped.openblas})`}; PyTorch ${python ? torchVersion : `skipped (${skipped.pytorch})`}`,
+  `times are medians in ms; rates from the median; memory-bound rows (merge, adamw, N <= 16) in GB/s of the weight traffic.`,
+];
+const md = header.join('\n') + '\n\n' + lines.join('\n') + '\n';
+const outDir = path.join(srcDir, 'results');
+fs.mkdirSync(outDir, { recursive: true });
+const stamp = new Date().toISOString().replace(/[:]/g, '-').replace(/\..*/, '');
+const file = path.join(outDir, `${stamp}.json`);
+fs.writeFileSync(file, JSON.stringify({ date: new Date().toISOString(), quick, isa, cpu: os.cpus()[0]?.model, ceilings, skipped, torchVersion, rows, markdown: md }, null, 1));
+fs.writeFileSync(path.join(outDir, `${stamp}.md`), md);
+fs.rmSync(work, { recursive: true, force: true });
+process.stdout.write(md + `\nresults: ${path.relative(process.cwd(), file)}\n`);
