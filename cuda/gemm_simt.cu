@@ -208,14 +208,20 @@ cudaError_t launch_gemm_simt(cudaStream_t stream, GemmArgs args, bool trans_a, b
     }
   }
   // Tile shape: few output columns (h, dh, dB: R columns) or few rows (dA: R rows) get narrow
-  // tiles so rank-16 problems do not waste 7/8 of a 128-wide tile.
-  enum { kSquare, kFewCols, kFewRows } shape = kSquare;
+  // tiles (16 or 32 wide) so rank-8/16 problems do not waste most of a 128-wide tile.
+  enum { kSquare, kCols16, kCols32, kRows16, kRows32 } shape = kSquare;
   int64_t bm = 128, bn = 128;
-  if (args.Nn <= 64 && args.M > 64) {
-    shape = kFewCols;
+  if (args.Nn <= 16 && args.M > 64) {
+    shape = kCols16;
+    bn = 16;
+  } else if (args.Nn <= 64 && args.M > 64) {
+    shape = kCols32;
     bn = 32;
+  } else if (args.M <= 16 && args.Nn > 64) {
+    shape = kRows16;
+    bm = 16;
   } else if (args.M <= 64 && args.Nn > 64) {
-    shape = kFewRows;
+    shape = kRows32;
     bm = 32;
   }
   const int64_t tiles = ((args.M + bm - 1) / bm) * ((args.Nn + bn - 1) / bn);
@@ -263,8 +269,10 @@ cudaError_t launch_gemm_simt(cudaStream_t stream, GemmArgs args, bool trans_a, b
     const int64_t count = args.batch - b0 < max_z ? args.batch - b0 : max_z;
     cudaError_t e;
     switch (shape) {
-      case kFewCols: e = launch_tiles<128, 32, 4, 4>(stream, args, trans_a, trans_b, b0, count); break;
-      case kFewRows: e = launch_tiles<32, 128, 4, 4>(stream, args, trans_a, trans_b, b0, count); break;
+      case kCols16: e = launch_tiles<128, 16, 4, 4>(stream, args, trans_a, trans_b, b0, count); break;
+      case kCols32: e = launch_tiles<128, 32, 4, 4>(stream, args, trans_a, trans_b, b0, count); break;
+      case kRows16: e = launch_tiles<16, 128, 4, 4>(stream, args, trans_a, trans_b, b0, count); break;
+      case kRows32: e = launch_tiles<32, 128, 4, 4>(stream, args, trans_a, trans_b, b0, count); break;
       default: e = launch_tiles<128, 128, 8, 8>(stream, args, trans_a, trans_b, b0, count); break;
     }
     if (e != cudaSuccess) return e;

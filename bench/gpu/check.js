@@ -54,7 +54,7 @@ const data = (n, scale = 1, positive = false) => randomF32(n, seed++, scale, pos
 // ---- gemm: transposes, strides (ld > cols), batches, beta, split-K shapes -----------------------
 const gemmShapes = [
   [1, 1, 1], [7, 13, 5], [129, 67, 33], [300, 257, 1000], [2000, 16, 3000], [16, 1500, 4000],
-  [64, 64, 0], [33, 200, 7],
+  [64, 64, 0], [33, 200, 7], [500, 40, 300], [40, 500, 9000],
 ];
 for (const [M, N, K] of gemmShapes) {
   for (const ta of [false, true]) {
