@@ -44,7 +44,7 @@ function finiteOne(s: NativeStorage): boolean {
  */
 export function allFinite(tensors: Tensor | Iterable<Tensor | null | undefined>): boolean {
   if (tensors instanceof Tensor) return finiteOne(tensors._live('tensors'));
-  if (tensors === null || typeof tensors !== 'object' || typeof (tensors as Iterable<unknown>)[Symbol.iterator] !== 'function')
+  if (tensors === null || typeof tensors !== 'object' || ArrayBuffer.isView(tensors) || typeof (tensors as Iterable<unknown>)[Symbol.iterator] !== 'function')
     throw typeError('tensors', 'a Tensor or an iterable of Tensors', tensors);
   const list: NativeStorage[] = [];
   let i = 0;
@@ -64,5 +64,6 @@ export function allFinite(tensors: Tensor | Iterable<Tensor | null | undefined>)
  * @example assertAllFinite(grads, 'gradients at step 12');
  */
 export function assertAllFinite(tensors: Tensor | Iterable<Tensor | null | undefined>, what = 'tensors'): void {
-  if (!allFinite(tensors)) throw new LoraError('ERR_LORA_NON_FINITE', `Expected finite values in ${what} but found NaN or Infinity`);
+  if (!allFinite(tensors))
+    throw new LoraError('ERR_LORA_NON_FINITE', `Expected finite values in ${typeof what === 'string' ? what : 'tensors'} but found NaN or Infinity`);
 }

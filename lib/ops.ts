@@ -5,7 +5,7 @@
 import { expectBoolean, expectInteger, LoraError, typeError } from './errors';
 import { BINARY_OP, native, REDUCE_OP, UNARY_OP } from './native';
 import {
-  contiguousStrides, empty, expectTensor, numelOf, record, sameShape, saveFor, shapeString, Tensor,
+  checkShape, contiguousStrides, empty, expectTensor, numelOf, record, sameShape, saveFor, shapeString, Tensor,
 } from './tensor';
 
 type Operand = Tensor | number;
@@ -25,6 +25,8 @@ function floatOnly(op: string, ...ts: Tensor[]): void {
 
 /** The shape two shapes broadcast to (NumPy rules), or ERR_LORA_SHAPE. */
 export function broadcastShapes(op: string, a: readonly number[], b: readonly number[]): number[] {
+  checkShape('a', a);
+  checkShape('b', b);
   const n = Math.max(a.length, b.length);
   const out = new Array<number>(n);
   for (let i = 0; i < n; i++) {
@@ -236,7 +238,7 @@ export type UnaryName = keyof typeof UNARY_OP;
 
 /** f(x) elementwise for a named function ('relu', 'exp', 'geluTanh', ...). */
 export function unary(name: UnaryName, x: Tensor): Tensor {
-  const op = UNARY_OP[name];
+  const op = typeof name === 'string' && Object.prototype.hasOwnProperty.call(UNARY_OP, name) ? UNARY_OP[name] : undefined;
   if (op === undefined) throw typeError('name', `one of ${Object.keys(UNARY_OP).join(', ')}`, name);
   expectTensor('x', x);
   floatOnly(name, x);

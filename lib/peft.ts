@@ -64,6 +64,8 @@ const PREFIX = 'base_model.model.';
  * @example matchPatternKey(['q_proj'], 'model.layers.0.self_attn.q_proj') // 'q_proj'
  */
 export function matchPatternKey(keys: readonly string[], moduleName: string): string | undefined {
+  if (!Array.isArray(keys) || !keys.every((k) => typeof k === 'string')) throw typeError('keys', 'an array of strings', keys);
+  if (typeof moduleName !== 'string') throw typeError('moduleName', 'a string', moduleName);
   for (const key of keys) {
     let re: RegExp;
     try {
@@ -79,6 +81,7 @@ export function matchPatternKey(keys: readonly string[], moduleName: string): st
 
 /** Rank, alpha and scaling PEFT gives a module under a config. */
 export function moduleScaling(config: PeftConfig, moduleName: string): { rank: number; alpha: number; scaling: number } {
+  if (!config || typeof config !== 'object') throw typeError('config', 'a PEFT config object', config);
   const rp = config.rank_pattern ?? {};
   const ap = config.alpha_pattern ?? {};
   const rk = matchPatternKey(Object.keys(rp), moduleName);
@@ -104,6 +107,8 @@ function layerIndex(name: string, patterns: string[] | string | null | undefined
  * exclude_modules, limited to layers_to_transform.
  */
 export function targetsModule(config: PeftConfig, moduleName: string): boolean {
+  if (!config || typeof config !== 'object') throw typeError('config', 'a PEFT config object', config);
+  if (typeof moduleName !== 'string') throw typeError('moduleName', 'a string', moduleName);
   const matches = (spec: string[] | string | null | undefined): boolean => {
     if (spec == null) return false;
     if (typeof spec === 'string') {

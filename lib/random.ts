@@ -1,5 +1,6 @@
 // Seeded pseudo-random numbers for initialisation, randn and dropout seeds: splitmix64 in BigInt-free
 // 32-bit halves (fast, reproducible across platforms). Not for cryptography.
+import { expectInteger } from './errors';
 
 /** A seeded generator. Same seed, same sequence, on every machine. */
 export class Rng {
@@ -8,6 +9,7 @@ export class Rng {
   private spare: number | null = null;
 
   constructor(seed: number) {
+    expectInteger('seed', seed, 0, Number.MAX_SAFE_INTEGER);
     this.hi = (Math.floor(seed / 4294967296) ^ 0x9e3779b9) >>> 0;
     this.lo = (seed >>> 0) ^ 0x7f4a7c15;
   }

@@ -79,6 +79,7 @@ export function tidy<T>(fn: () => T): T {
 
 /** Runs fn with gradient recording switched off (evaluation, parameter updates). */
 export function noGrad<T>(fn: () => T): T {
+  if (typeof fn !== 'function') throw typeError('fn', 'a function', fn);
   const prev = gradEnabled;
   gradEnabled = false;
   try {
@@ -189,6 +190,7 @@ export class Tensor {
 
   /** @internal throws ERR_LORA_DISPOSED when this tensor was disposed */
   _live(name = 'tensor'): NativeStorage {
+    if (!this._storage) throw typeError(name, 'a Tensor made by tensor(), zeros(), ...', this); // a forged object
     if (this._storage.disposed)
       throw new LoraError('ERR_LORA_DISPOSED', `Expected a live tensor for ${name} but received a disposed tensor of shape ${shapeString(this.shape)}`);
     return this._storage;

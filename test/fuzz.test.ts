@@ -3,7 +3,7 @@
 // embeddings); mutations are bit flips, byte inserts/deletes, truncations, header-length edits and
 // structured header/config JSON edits (offsets, dtypes, shapes, names, lengths). Every input must
 // load or throw a LoraError; loads may not allocate more than the file justifies, nothing may
-// leak, and no input may take long. Seed: LORA_FUZZ_SEED (else the clock; printed). A failing
+// leak, and no input may take long. Seed: LORA_FUZZ_SEED (printed). A failing
 // input is kept under $TMPDIR/lora-fuzz-failures/ for replay.
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -13,7 +13,8 @@ import t, { Test } from 'tap';
 
 import { LoraError, loadPeftAdapter, loadModel, loadSafetensors, memory, saveSafetensors, tensor, Tensor } from '../lib/index';
 
-const SEED = Number(process.env.LORA_FUZZ_SEED ?? (Date.now() % 1_000_000_007));
+// Fixed by default so that CI is deterministic; set LORA_FUZZ_SEED to explore other sequences.
+const SEED = Number(process.env.LORA_FUZZ_SEED ?? 20261129);
 // Time budgets (ms) per target; at least MIN_INPUTS each whatever the machine's speed.
 const BUDGET = { safetensors: 9000, peft: 6000, index: 1500 };
 const MIN_INPUTS = { safetensors: 12000, peft: 6000, index: 1000 };
