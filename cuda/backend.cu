@@ -61,6 +61,8 @@ class CudaBackend final : public Backend {
     cudaDeviceGetAttribute(&max_smem_optin_, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
     const char* tc = std::getenv("LORA_CUDA_TC");  // "staged": benchmark the other GEMM variant
     tc_pipelined_ = !(tc != nullptr && std::strcmp(tc, "staged") == 0);
+    const char* sk = std::getenv("LORA_CUDA_SKINNY");  // "simt": adapter GEMMs on CUDA cores
+    skinny_tc_ = !(sk != nullptr && std::strcmp(sk, "simt") == 0);
   }
 
   ~CudaBackend() override {
@@ -178,7 +180,7 @@ class CudaBackend final : public Backend {
       hg.Bm = A; hg.ldb = C;
       hg.M = N; hg.Nn = R; hg.K = C;
       hg.drop_a = make_dropout(dropout_p, seed, C);
-      Status st = check(launch_gemm_simt(stream_, hg, false, true, sm_count_), "lora_forward (h)");
+      Status st = adapter_gemm(hg, false, true, "lora_forward (h)");
       if (st != Status::Ok) return st;
     }
     LoraEpilogue epi;
@@ -219,7 +221,7 @@ class CudaBackend final : public Backend {
       g.Bm = h; g.ldb = R;
       g.M = OC; g.Nn = R; g.K = N;
       g.alpha = s; g.beta = 1.0f;
-      st = check(launch_gemm_simt(stream_, g, true, false, sm_count_), "lora_backward (dB)");
+      st = adapter_gemm(g, true, false, "lora_backward (dB)");
       if (st != Status::Ok) return st;
     }
     float* dh = nullptr;
@@ -233,9 +235,19 @@ class CudaBackend final : public Backend {
       g.Bm = B; g.ldb = R;
       g.M = N; g.Nn = R; g.K = OC;
       g.alpha = s;
-      st = check(launch_gemm_simt(stream_, g, false, false, sm_count_), "lora_backward (dh)");
+      st = adapter_gemm(g, false, false, "lora_backward (dh)");
     }
-    if (st == Status::Ok && dA != nullptr && dh != nullptr) {
+    if (st == Status::Ok && dA != nullptr && dh != nullptr && skinny_tc_ && R <= 64) {
+      // dAᵀ (C, R) = x̃ᵀ·dh on the tensor-core path, stored transposed into dA (R, C).
+      GemmArgs g;
+      g.Cm = dA; g.ldc = C;
+      g.Am = x; g.lda = C;    // x̃ᵀ: stored (N, C), used transposed
+      g.Bm = dh; g.ldb = R;
+      g.M = C; g.Nn = R; g.K = N;
+      g.beta = 1.0f;
+      g.drop_a = make_dropout(dropout_p, seed, C);
+      st = check(launch_gemm_skinny(stream_, g, true, false, true, sm_count_), "lora_backward (dA)");
+    } else if (st == Status::Ok && dA != nullptr && dh != nullptr) {
       GemmArgs g;
       g.Cm = dA; g.ldc = C;
       g.Am = dh; g.lda = R;  // dhᵀ: stored (N, R), used transposed
@@ -554,6 +566,13 @@ class CudaBackend final : public Backend {
     return true;
   }
 
+  // The adapter GEMMs (h, dh, dB: at most 64 columns) on tensor cores in 3xTF32, or on the fp32
+  // SIMT engine for wider ranks or with LORA_CUDA_SKINNY=simt.
+  Status adapter_gemm(const GemmArgs& g, bool trans_a, bool trans_b, const char* what) {
+    if (skinny_tc_ && g.Nn <= 64) return check(launch_gemm_skinny(stream_, g, trans_a, trans_b, false, sm_count_), what);
+    return check(launch_gemm_simt(stream_, g, trans_a, trans_b, sm_count_), what);
+  }
+
   // out (M, Nn) = X (M, K, contiguous) · op(W) + epi on tensor cores. When the shape allows, X is
   // rounded to W's type once into a workspace and the cp.async pipeline runs; else the
   // register-staged kernel rounds it tile by tile. LORA_CUDA_TC=staged forces the latter.
@@ -710,6 +729,7 @@ class CudaBackend final : public Backend {
   cudaStream_t stream_;
   int sm_count_;
   bool tc_pipelined_ = true;
+  bool skinny_tc_ = true;
   int max_smem_optin_ = 48 * 1024;  // bytes of shared memory one block may opt into
   std::atomic<bool> unusable_{false};
   std::mutex error_mu_;

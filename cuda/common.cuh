@@ -72,6 +72,10 @@ struct GemmArgs {
 // rows) and a split-K factor when the grid would leave SMs idle.
 cudaError_t launch_gemm_simt(cudaStream_t stream, GemmArgs args, bool trans_a, bool trans_b,
                              int sm_count);
+// gemm_skinny.cu: the adapter GEMMs (Nn <= 64 wide, batch 1, no epilogue) on tensor cores in
+// 3xTF32; out_trans stores element (m, n) at n*ldc + m. TT is not supported.
+cudaError_t launch_gemm_skinny(cudaStream_t stream, GemmArgs args, bool trans_a, bool trans_b,
+                               bool out_trans, int sm_count);
 // gemm_tc.cu: out (M, Nn) = X (M, K) · op(W) + LoraEpilogue on tensor cores. W is BF16 or F16
 // stored either (Nn, K) (w_nk = true: the forward's x·Wᵀ) or (K, Nn) (the backward's dy·W); fp32
 // accumulation. X is fp32, rounded to W's type on the way: when X16 (M, K) is given (X already

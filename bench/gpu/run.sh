@@ -54,30 +54,31 @@ if [ $FEAT_RC -ne 0 ]; then log "FAIL: CUDA backend did not load (reason above)"
 
 # ---- correctness ----------------------------------------------------------------------------
 log "check.js: every CUDA op vs the CPU backend"
-timeout 200 "$NODE" bench/gpu/check.js > "$OUT/check.log" 2>&1
+timeout 140 "$NODE" bench/gpu/check.js > "$OUT/check.log" 2>&1
 CHECK_RC=$?
 grep -E '^FAIL|^check:' "$OUT/check.log" | tail -40 | tee -a "$OUT/run.log"
 [ $CHECK_RC -eq 124 ] && log "check.js TIMED OUT (partial log in check.log)"
-log "check.js lora_ cases again with the register-staged bf16 GEMM (LORA_CUDA_TC=staged)"
-LORA_CUDA_TC=staged LORA_CHECK_ONLY=lora_ timeout 60 "$NODE" bench/gpu/check.js > "$OUT/check_staged.log" 2>&1
+log "check.js lora_ cases again with the alternates (LORA_CUDA_TC=staged LORA_CUDA_SKINNY=simt)"
+LORA_CUDA_TC=staged LORA_CUDA_SKINNY=simt LORA_CHECK_ONLY=lora_ timeout 40 "$NODE" bench/gpu/check.js \
+  > "$OUT/check_alt.log" 2>&1
 STAGED_RC=$?
-grep -E '^FAIL|^check:' "$OUT/check_staged.log" | tail -20 | tee -a "$OUT/run.log"
+grep -E '^FAIL|^check:' "$OUT/check_alt.log" | tail -20 | tee -a "$OUT/run.log"
 [ $STAGED_RC -ne 0 ] && CHECK_RC=$STAGED_RC
 
 # ---- timings --------------------------------------------------------------------------------
 log "bench.js: lora-native timings"
-timeout 150 "$NODE" bench/gpu/bench.js --out "$OUT/ours.json" $QUICK > "$OUT/bench_ours.log" 2>&1
+timeout 110 "$NODE" bench/gpu/bench.js --out "$OUT/ours.json" $QUICK > "$OUT/bench_ours.log" 2>&1
 BENCH_RC=$?
 [ $BENCH_RC -ne 0 ] && { tail -20 "$OUT/bench_ours.log"; log "bench.js exited $BENCH_RC"; }
-log "bench.js again with LORA_CUDA_TC=staged (the other bf16 GEMM variant)"
-LORA_CUDA_TC=staged timeout 90 "$NODE" bench/gpu/bench.js --out "$OUT/ours_staged.json" $QUICK > "$OUT/bench_ours_staged.log" 2>&1 ||
-  log "staged-variant bench exited $? (see bench_ours_staged.log)"
+log "bench.js --alt: register-staged bf16 GEMM and SIMT adapter GEMMs, for comparison"
+LORA_CUDA_TC=staged LORA_CUDA_SKINNY=simt timeout 50 "$NODE" bench/gpu/bench.js --alt --out "$OUT/ours_alt.json" $QUICK \
+  > "$OUT/bench_ours_alt.log" 2>&1 || log "alt-variant bench exited $? (see bench_ours_alt.log)"
 log "bench_torch.py: PyTorch + PEFT timings"
-timeout 150 python3 bench/gpu/bench_torch.py --out "$OUT/torch.json" $QUICK > "$OUT/bench_torch.log" 2>&1
+timeout 110 python3 bench/gpu/bench_torch.py --out "$OUT/torch.json" $QUICK > "$OUT/bench_torch.log" 2>&1
 TORCH_RC=$?
 [ $TORCH_RC -ne 0 ] && { tail -20 "$OUT/bench_torch.log"; log "bench_torch.py exited $TORCH_RC"; }
 
-python3 bench/gpu/table.py "$OUT/ours.json" "$OUT/torch.json" "$OUT/check.log" "$OUT/ours_staged.json" > "$OUT/table.md" 2>&1
+python3 bench/gpu/table.py "$OUT/ours.json" "$OUT/torch.json" "$OUT/check.log" "$OUT/ours_alt.json" > "$OUT/table.md" 2>&1
 log "done (check rc $CHECK_RC, bench rc $BENCH_RC, torch rc $TORCH_RC); logs in $OUT"
 echo
 cat "$OUT/table.md"

@@ -56,8 +56,8 @@ for shape in shapes:
     for dtype in ("bf16", "f32"):
         rows = [
             ("base GEMM (x·Wᵀ) vs bare matmul", "base_gemm", "matmul_ceiling"),
-            ("  same, register-staged GEMM variant", "base_gemm_staged", "matmul_ceiling"),
-            ("  training step, register-staged variant", "train_step_staged", "train_step"),
+            ("  same, register-staged GEMM variant", "base_gemm_alt", "matmul_ceiling"),
+            ("  training step, staged GEMM + SIMT adapter GEMMs", "train_step_alt", "train_step"),
             ("lora_forward", "forward", "forward"),
             ("training step (fwd+bwd)", "train_step", "train_step"),
             ("training step, dropout 0.1", "train_step_dropout0.1", None),
@@ -69,7 +69,7 @@ for shape in shapes:
         for label, op_ours, op_torch in rows:
             a = find(ours, shape, dtype, op_ours)
             b = find(torch_recs, shape, dtype, op_torch) if op_torch else None
-            if (not a and not b) or (op_ours.endswith("_staged") and not a):
+            if (not a and not b) or (op_ours.endswith("_alt") and not a):
                 continue
             ratio = f"{b['ms'] / a['ms']:.2f}" if a and b and a["ms"] > 0 else ""
             note = []
