@@ -95,16 +95,25 @@ constexpr int64_t kNc = LN_NC;
 constexpr int64_t kParallelMinFlops = 1 << 18;
 // M up to this uses the streaming path (no packing of B: each B element is used M times only);
 // also its row chunk when op(B) is narrow (kNarrowN columns or fewer).
+#ifndef LN_SMALLM
+#define LN_SMALLM 8
+#endif
 constexpr int64_t kSmallM = 8;
+constexpr int64_t kSmallMax = LN_SMALLM;
 constexpr int64_t kNarrowN = 32;
 // k block of the streaming path: 8 rows x 1024 floats of A (32 KB) stay in the 48 KB L1d.
-constexpr int64_t kSmallKc = 1024;
+#ifndef LN_SKC
+#define LN_SKC 1024
+#endif
+constexpr int64_t kSmallKc = LN_SKC;
 // k block when B is read in place: that many stored rows are streamed side by side (the hardware
 // prefetchers follow a few dozen streams); 1024 rows at once ran 4x slower.
 #ifndef LN_DKC
 #define LN_DKC 32
 #endif
 constexpr int64_t kDirectKc = LN_DKC;
+// Below this k per C tile, C's loads and stores outweigh the FMAs: walk C row-major.
+constexpr int64_t kShortK = 64;
 
 // Per-thread packing buffers, 64-byte aligned, grown on demand and kept for the next call.
 struct PackBuffer {
@@ -216,7 +225,7 @@ void run_small(const IsaTable& t, const GemmArgs& g, int64_t m0, int64_t m1, int
   const void* B = g.B;
   bool trans_b = g.trans_b, b_bf16 = g.b_bf16;
   int64_t ldb = g.ldb, bn0 = n0;
-  if (trans_b && m1 - m0 > kSmallM && K > 0) {
+  if (trans_b && m1 - m0 > kSmallM && n <= kNarrowN && K > 0) {
     float* bt = bufs.b.get(static_cast<size_t>(K * n));
     for (int64_t j = 0; j < n; ++j)
       for (int64_t k = 0; k < K; ++k) {
@@ -340,34 +349,43 @@ void run_blocked(const IsaTable& t, const GemmKernel& kern, bool bf16_dot, const
             pack_a2(t, a2buf, g, ic, mc, mr);
         }
         const int64_t kx = g.drop2 ? g.K2 : ke;  // k of the epilogue product
-        for (int64_t jr = 0; jr < nc; jr += nr) {
+        // One micro-tile (jr, ir) of this block, with its epilogue.
+        auto tile_at = [&](int64_t jr, int64_t ir) {
           const int64_t cols = imin(nr, nc - jr);
           const bool in_place = direct_b && cols == nr;
           const float* bp = in_place ? static_cast<const float*>(g.B) + pc * g.ldb + jc + jr
                                      : bbuf + jr * kstep;
           const int64_t ldbp = in_place ? g.ldb : nr;
           const float* b2p = b2buf ? b2buf + jr * kx : nullptr;
-          for (int64_t ir = 0; ir < mc; ir += mr) {
-            const int64_t rows = imin(mr, mc - ir);
-            const float* ap = abuf + ir * kstep;
-            float* c = g.C + (ic + ir) * g.ldc + jc + jr;
-            const bool full = rows == mr && cols == nr;
-            float* dst = full ? c : tile;
-            const int64_t ldd = full ? g.ldc : nr;
-            const int acc_dst = full && accumulate;
-            kern.run(kstep, ap, bp, ldbp, dst, ldd, acc_dst);
-            if (epi_now && !g.drop2 && kx > 0) {
-              // the fp32 kernel with the same tile shape adds alpha2·A2·B2 (+ bias) in L1
-              const GemmKernel& k32 = bf16_dot ? t.wide : kern;
-              k32.run(kx, a2buf + ir * kx, b2p, nr, dst, ldd, 1);
-            }
-            if (!full) write_tile(c, g.ldc, tile, nr, rows, cols, accumulate);
-            if (epi_now && g.drop2) {
-              const GemmKernel& k32 = bf16_dot ? t.wide : kern;
-              k32.run(g.K2, a2buf + ir * g.K2, b2p, nr, tile2, nr, 0);
-              add_masked(c, g.ldc, tile2, nr, rows, cols, ic + ir, jc + jr, *g.drop2, g.bias);
-            }
+          const int64_t rows = imin(mr, mc - ir);
+          const float* ap = abuf + ir * kstep;
+          float* c = g.C + (ic + ir) * g.ldc + jc + jr;
+          const bool full = rows == mr && cols == nr;
+          float* dst = full ? c : tile;
+          const int64_t ldd = full ? g.ldc : nr;
+          const int acc_dst = full && accumulate;
+          kern.run(kstep, ap, bp, ldbp, dst, ldd, acc_dst);
+          if (epi_now && !g.drop2 && kx > 0) {
+            // the fp32 kernel with the same tile shape adds alpha2·A2·B2 (+ bias) in L1
+            const GemmKernel& k32 = bf16_dot ? t.wide : kern;
+            k32.run(kx, a2buf + ir * kx, b2p, nr, dst, ldd, 1);
           }
+          if (!full) write_tile(c, g.ldc, tile, nr, rows, cols, accumulate);
+          if (epi_now && g.drop2) {
+            const GemmKernel& k32 = bf16_dot ? t.wide : kern;
+            k32.run(g.K2, a2buf + ir * g.K2, b2p, nr, tile2, nr, 0);
+            add_masked(c, g.ldc, tile2, nr, rows, cols, ic + ir, jc + jr, *g.drop2, g.bias);
+          }
+        };
+        if (kstep + kx < kShortK) {
+          // Short k (merge, h·Bᵀ): the C traffic dominates, so sweep C row panel by row panel,
+          // left to right, which the prefetchers follow (column strips of 144 rows they did not).
+          for (int64_t ir = 0; ir < mc; ir += mr)
+            for (int64_t jr = 0; jr < nc; jr += nr) tile_at(jr, ir);
+        } else {
+          // B micro-panel reused across the A block (the BLIS order).
+          for (int64_t jr = 0; jr < nc; jr += nr)
+            for (int64_t ir = 0; ir < mc; ir += mr) tile_at(jr, ir);
         }
       }
       if (K == 0) break;
@@ -380,7 +398,7 @@ void run_blocked(const IsaTable& t, const GemmKernel& kern, bool bf16_dot, const
 void gemm_ex(ThreadPool& pool, const GemmArgs& g) {
   if (g.M <= 0 || g.N <= 0) return;
   const IsaTable& t = isa_table();
-  const bool small = (g.M <= kSmallM || (g.N <= kNarrowN && !g.trans_a)) && !g.drop_b;
+  const bool small = (g.M <= kSmallMax || (g.N <= kNarrowN && !g.trans_a)) && !g.drop_b;
   const bool bf16_dot = !small && g.b_bf16 && g.allow_bf16_dot && cpu_has_bf16_dot() &&
                         t.bf16_kernel.run && !g.drop_a && !g.drop_b && g.alpha != 0.0f;
 
@@ -395,7 +413,7 @@ void gemm_ex(ThreadPool& pool, const GemmArgs& g) {
   }
   const int64_t work = g.M * g.N * (g.K + g.K2 + 1);
   auto body = [&](int tid, int nt) {
-    const bool split_n = small ? g.M <= kSmallM : (g.N >= g.M * 2 || g.M < kern->mr * nt);
+    const bool split_n = small ? g.M <= kSmallMax : (g.N >= g.M * 2 || g.M < kern->mr * nt);
     if (split_n) {
       const int64_t unit = small ? 16 : kern->nr;
       const int64_t units = (g.N + unit - 1) / unit, per = (units + nt - 1) / nt;

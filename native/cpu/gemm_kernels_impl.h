@@ -198,10 +198,16 @@ void small_m_nt(int64_t n, int64_t k, const float* __restrict a, int64_t lda, co
     for (int m = 0; m < M; ++m)
 #pragma GCC unroll 4
       for (int g = 0; g < G; ++g) acc[m][g] = vf{};
+    // The next group's rows start a new stream each (a fresh page per k block): prefetch them
+    // one group ahead, or every group waits on DRAM latency (39% of cycles on the loads of B).
+    const T* next = b + (j + G < n ? j + G : j) * ldb;
     for (int64_t p = 0; p < kv; p += LN_VL) {
       vf bv[G];
 #pragma GCC unroll 4
-      for (int g = 0; g < G; ++g) bv[g] = loadv<T>(b + (j + g) * ldb + p);
+      for (int g = 0; g < G; ++g) {
+        if ((p * sizeof(T)) % 64 == 0) __builtin_prefetch(next + g * ldb + p);
+        bv[g] = loadv<T>(b + (j + g) * ldb + p);
+      }
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) {
         const vf av = loadu(a + m * lda + p);
