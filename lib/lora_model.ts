@@ -68,6 +68,17 @@ function data64(t: Tensor): Float64Array {
  * Returns a float32 tensor (OC) with no gradient.
  */
 export function doraWeightNorm(W: Tensor, A: Tensor, B: Tensor, s: number, fanInFanOut = false): Tensor {
+  for (const [name, v] of [['W', W], ['A', A], ['B', B]] as const) {
+    if (!(v instanceof Tensor)) throw typeError(name, 'a Tensor', v);
+    v._live(name);
+    if (v.ndim !== 2) throw new LoraError('ERR_LORA_SHAPE', `Expected a 2-D ${name} for doraWeightNorm() but received ${shapeString(v.shape)}`);
+  }
+  expectNumber('s', s);
+  expectBoolean('fanInFanOut', fanInFanOut);
+  const rows = fanInFanOut ? W.shape[1]! : W.shape[0]!;
+  const cols = fanInFanOut ? W.shape[0]! : W.shape[1]!;
+  if (A.shape[1] !== cols || B.shape[0] !== rows || B.shape[1] !== A.shape[0])
+    throw new LoraError('ERR_LORA_SHAPE', `Expected A [R, ${cols}] and B [${rows}, R] for doraWeightNorm() but received ${shapeString(A.shape)} and ${shapeString(B.shape)}`);
   return noGrad(() => tidy(() => {
     const w = f32(W);
     const a = f32(A);

@@ -195,3 +195,9 @@ export abstract class Module {
 
   abstract forward(...args: Tensor[]): Tensor;
 }
+
+/** @internal checks that v is a Module (for functions that take a model). */
+export function expectModule(name: string, v: unknown): Module {
+  if (!(v instanceof Module)) throw typeError(name, 'a Module', v);
+  return v;
+}

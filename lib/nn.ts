@@ -5,7 +5,7 @@
 // zoo: no KV cache, no rotary embeddings, no weight tying.
 import { checkOptions, expectBoolean, expectInteger, expectNumber, expectOneOf, LoraError, typeError } from './errors';
 import { LoraLinear } from './lora';
-import { Module } from './module';
+import { expectModule, Module } from './module';
 import { attention, dropout, embedding, gelu, layerNorm, rmsNorm } from './nn_ops';
 import { add, linear, reshape, unary, UnaryName } from './ops';
 import { loadPeftAdapter, PeftAdapter, PeftConfig, PeftModule, savePeftAdapter } from './peft';
@@ -255,6 +255,12 @@ export interface TransformerOptions extends InitOptions {
   norm?: 'layer' | 'rms';
 }
 
+// The building blocks take a generator and a device from their parent; check them when called directly.
+function checkParts(rng: unknown, device: unknown): void {
+  if (!(rng instanceof Rng)) throw typeError('rng', 'an Rng', rng);
+  checkDevice('device', device);
+}
+
 function makeNorm(kind: 'layer' | 'rms', dim: number, device: Device): Module {
   return kind === 'rms' ? new RMSNorm(dim, { device }) : new LayerNorm(dim, { device });
 }
@@ -266,6 +272,10 @@ export class CausalSelfAttention extends Module {
 
   constructor(dModel: number, nHeads: number, rng: Rng, device: Device) {
     super();
+    checkParts(rng, device);
+    expectInteger('dModel', dModel, 1, 65536);
+    expectInteger('nHeads', nHeads, 1, dModel);
+    if (dModel % nHeads !== 0) throw new LoraError('ERR_LORA_OPTION', `Expected dModel (${dModel}) to be a multiple of nHeads (${nHeads})`);
     this.dModel = dModel;
     this.nHeads = nHeads;
     for (const name of ['q_proj', 'k_proj', 'v_proj', 'o_proj'])
@@ -285,6 +295,9 @@ export class CausalSelfAttention extends Module {
 export class TransformerMLP extends Module {
   constructor(dModel: number, hidden: number, rng: Rng, device: Device) {
     super();
+    checkParts(rng, device);
+    expectInteger('dModel', dModel, 1, 65536);
+    expectInteger('hidden', hidden, 1, 2 ** 20);
     this.registerModule('up_proj', new Linear(dModel, hidden, { seed: rng.seed(), device }));
     this.registerModule('down_proj', new Linear(hidden, dModel, { seed: rng.seed(), device }));
   }
@@ -298,6 +311,11 @@ export class TransformerMLP extends Module {
 export class TransformerBlock extends Module {
   constructor(o: Required<Pick<TransformerOptions, 'dModel' | 'nHeads' | 'mlpRatio' | 'dropout' | 'norm'>>, rng: Rng, device: Device) {
     super();
+    checkParts(rng, device);
+    if (o === null || typeof o !== 'object') throw typeError('TransformerBlock options', 'an object with dModel, nHeads, mlpRatio, dropout and norm', o);
+    expectNumber('mlpRatio', o.mlpRatio, 0.01, 64);
+    expectNumber('dropout', o.dropout, 0, 0.99);
+    expectOneOf('norm', o.norm, ['layer', 'rms'] as const);
     this.registerModule('ln_1', makeNorm(o.norm, o.dModel, device));
     this.registerModule('attn', new CausalSelfAttention(o.dModel, o.nHeads, rng, device));
     this.registerModule('ln_2', makeNorm(o.norm, o.dModel, device));
@@ -424,6 +442,7 @@ function matchesTarget(path: string, target: ApplyLoraOptions['targetModules']):
  * @throws ERR_LORA_OPTION when no Linear matches targetModules, or the model already has adapters.
  */
 export function applyLora(model: Module, options: ApplyLoraOptions): LoraInfo {
+  expectModule('model', model);
   if (!(model instanceof Module)) throw typeError('model', 'a Module', model);
   const o = checkOptions<ApplyLoraOptions>('applyLora()', options, ['targetModules', 'rank', 'alpha', 'dropout', 'useRslora', 'seed']);
   const target = o.targetModules;
@@ -462,6 +481,7 @@ export function applyLora(model: Module, options: ApplyLoraOptions): LoraInfo {
 
 /** The adapted LoraLinear layers of a model, by module path. */
 export function loraLayers(model: Module): Map<string, LoraLinear> {
+  expectModule('model', model);
   return new Map(model.namedModules().filter((e): e is [string, LoraLinear] => e[1] instanceof LoraLinear));
 }
 
@@ -471,6 +491,7 @@ export function loraLayers(model: Module): Map<string, LoraLinear> {
  * @throws ERR_LORA_STATE when the model has no LoraLinear layers.
  */
 export function peftAdapterOf(model: Module): PeftAdapter {
+  expectModule('model', model);
   const layers = loraLayers(model);
   if (layers.size === 0) throw new LoraError('ERR_LORA_STATE', 'Expected a model with LoRA layers (call applyLora first) but it has none');
   const info = loraInfo.get(model);
@@ -495,6 +516,7 @@ export function peftAdapterOf(model: Module): PeftAdapter {
  * @example saveLoraAdapter(model, 'out/adapter')
  */
 export function saveLoraAdapter(model: Module, dir: string): void {
+  expectModule('model', model);
   savePeftAdapter(dir, peftAdapterOf(model));
 }
 
@@ -504,6 +526,7 @@ export function saveLoraAdapter(model: Module, dir: string): void {
  * @throws ERR_LORA_STATE when a module of the adapter is not a LoraLinear of the model.
  */
 export function loadLoraAdapter(model: Module, dir: string): string[] {
+  expectModule('model', model);
   const layers = loraLayers(model);
   const adapter = loadPeftAdapter(dir);
   try {
@@ -535,6 +558,7 @@ export interface ParameterCount {
  * @example const { trainable, total, share } = trainableParameters(model);
  */
 export function trainableParameters(model: Module): ParameterCount {
+  expectModule('model', model);
   if (!(model instanceof Module)) throw typeError('model', 'a Module', model);
   const seen = new Set<Tensor>();
   let trainable = 0;

@@ -98,7 +98,7 @@ export function slice(x: Tensor, axis: number, start: number, end?: number): Ten
  */
 export function concat(tensors: readonly Tensor[], axis = 0): Tensor {
   if (!Array.isArray(tensors) || tensors.length === 0) throw typeError('tensors', 'a non-empty array of Tensors', tensors);
-  tensors.forEach((t, i) => expectTensor(`tensors[${i}]`, t));
+  for (let i = 0; i < tensors.length; i++) expectTensor(`tensors[${i}]`, tensors[i]); // a for loop: forEach skips holes
   floatOnly('concat', ...tensors);
   sameDevice('concat', ...tensors);
   const first = tensors[0]!;

@@ -8,14 +8,14 @@ import * as path from 'node:path';
 
 import { checkOptions, expectBoolean, expectInteger, expectNumber, expectOneOf, LoraError, typeError } from './errors';
 import { LoraLinear } from './lora';
-import { Module } from './module';
+import { expectModule, Module } from './module';
 import { Dropout, loraLayers, saveLoraAdapter } from './nn';
 import { scaleInPlace, sumOfSquares } from './nn_ops';
 import { mul } from './ops';
 import { AdamW, Optimizer, ParamGroup, SGD } from './optim';
 import { loadSafetensors, saveSafetensors } from './safetensors';
 import { defaultRng, Rng } from './random';
-import { noGrad, Tensor, tidy } from './tensor';
+import { expectTensor, noGrad, Tensor, tidy } from './tensor';
 
 /** lr multiplier per optimizer step: a name, a shape with warm-up, or your own function. */
 export type Schedule =
@@ -128,6 +128,9 @@ export const CHECKPOINT_FILE = 'checkpoint.safetensors';
  * @example lrMultiplier({ type: 'cosine', warmupSteps: 10 }, 50, 100)
  */
 export function lrMultiplier(schedule: Schedule, step: number, total: number): number {
+  expectInteger('step', step, 0, Number.MAX_SAFE_INTEGER);
+  expectInteger('total', total, 0, Number.MAX_SAFE_INTEGER);
+  if (typeof schedule !== 'function') schedule = checkSchedule(schedule);
   if (typeof schedule === 'function') {
     const v = schedule(step, total);
     return expectNumber('schedule(step)', v, 0);
@@ -161,6 +164,11 @@ function checkSchedule(v: unknown): Schedule {
  * and lora_B at lr × loraPlusRatio (LoRA+). Only parameters with requiresGrad are included.
  */
 export function parameterGroups(model: Module, spec: OptimizerSpec, loraPlusRatio = 1): ParamGroup[] {
+  expectModule('model', model);
+  if (spec === null || typeof spec !== 'object') throw typeError('optimizer', 'an object with lr', spec);
+  expectNumber('optimizer.lr', spec.lr, 0);
+  if (spec.weightDecay !== undefined) expectNumber('optimizer.weightDecay', spec.weightDecay, 0);
+  expectNumber('loraPlusRatio', loraPlusRatio, 0);
   const wd = spec.weightDecay ?? 0.01;
   const groups = new Map<string, ParamGroup>();
   for (const [name, t] of model.namedParameters()) {
@@ -183,6 +191,8 @@ export function parameterGroups(model: Module, spec: OptimizerSpec, loraPlusRati
  */
 export function clipGradNorm(params: readonly Tensor[], maxNorm: number): number {
   expectNumber('maxNorm', maxNorm, 0);
+  if (!Array.isArray(params)) throw typeError('params', 'an array of Tensors', params);
+  params.forEach((p, i) => expectTensor(`params[${i}]`, p));
   const grads = params.map((p) => p.grad).filter((g): g is Tensor => g !== null);
   const norm = Math.sqrt(sumOfSquares(grads));
   if (Number.isFinite(norm) && norm > maxNorm) {

@@ -14,27 +14,10 @@ import t from 'tap';
 // Fixed by default so that CI is deterministic; set HOSTILE_SEED to explore other sequences.
 const SEED = Number(process.env.HOSTILE_SEED ?? 1);
 
-// Public names that still throw plain TypeErrors for some wrong-typed arguments (no native crash:
-// JavaScript errors from reading properties of the wrong type). Owners: nn.ts, train.ts,
-// lora_model.ts, nn_ops.ts. Remove a name once its checks land; the test then holds it to the rule.
-const KNOWN_GAPS: Record<string, string> = {
-  'new CausalSelfAttention': 'lib/nn.ts: check the options object and rng',
-  'new TransformerMLP': 'lib/nn.ts: check the options object and rng',
-  'new TransformerBlock': 'lib/nn.ts: check the options object',
-  'new TransformerLM': 'lib/nn.ts: check the options object',
-  loraLayers: 'lib/nn.ts: expect a Module',
-  peftAdapterOf: 'lib/nn.ts: expect a Module',
-  saveLoraAdapter: 'lib/nn.ts: expect a Module',
-  loadLoraAdapter: 'lib/nn.ts: expect a Module',
-  applyLora: 'lib/nn.ts: expect a Module',
-  trainableParameters: 'lib/nn.ts: expect a Module',
-  clipGradNorm: 'lib/train.ts: expect an array of Tensors',
-  lrMultiplier: 'lib/train.ts: check the schedule object and step',
-  parameterGroups: 'lib/train.ts: expect a Module and an options object',
-  doraWeightNorm: 'lib/lora_model.ts: expect Tensors',
-  concat: 'lib/nn_ops.ts: expect an array of Tensors',
-  'new MLP': 'lib/nn.ts: check layer sizes (2^21 x 2^21 throws RangeError from Float32Array)',
-};
+// Public names whose owners still have to add argument checks: reported as todo, not failures.
+// Empty: every public function holds to the rule. Add a name (with the file to fix) only for a gap
+// that is found and cannot be fixed at once.
+const KNOWN_GAPS: Record<string, string> = {};
 // Not API surface: error classes (constructing one with a Symbol message is JavaScript's business),
 // checkpoint internals (setState) and protected hooks.
 const NOT_API = /^(new Lora(Type|Range)?Error|[A-Za-z]+#(setState|getState|onParameterReplaced))$/;
