@@ -341,6 +341,58 @@ for (const [Bt, T, H, D, causal] of [[1, 1, 1, 1, true], [2, 37, 3, 16, true], [
   }
 }
 
+// ---- the public API on cuda (lib/ over the binding): modules, autograd, optimizer --------------
+// Skipped in the CPU dry run (it needs the 'cuda' device itself).
+if (process.env.LORA_CHECK_SELF !== '1' && 'api_'.startsWith(only.slice(0, 4))) {
+  const path = require('path');
+  const lib = require(path.join(common.root, 'dist', 'lib', 'index.js'));
+  for (const [N, C, OC, R, p, bf16] of [[37, 61, 45, 3, 0, false], [130, 256, 200, 16, 0.1, false], [64, 512, 384, 8, 0, true]]) {
+    const name = `api_ LoraLinear (${N}, ${C}, ${OC}, ${R}) dropout ${p}${bf16 ? ' bf16 W' : ''}: forward, backward, AdamW step`;
+    const t0 = Date.now();
+    let ok = true;
+    let line = '';
+    try {
+      const x = data(N * C), gy = data(N * OC), b0 = data(OC * R, 0.1);
+      const run = (device) => {
+        const layer = new lib.LoraLinear({ inFeatures: C, outFeatures: OC, rank: R, alpha: 2 * R, dropout: p, seed: 5 });
+        layer.loraB.assign(b0);
+        if (bf16) {
+          const w = layer.weight;
+          layer.weight = w.toDtype('bfloat16');
+          w.dispose();
+        }
+        if (device === 'cuda') layer.to('cuda');
+        const opt = new lib.AdamW(layer.parameters(), { lr: 1e-2 });
+        const xt = lib.tensor(x, [N, C], { device }), gt = lib.tensor(gy, [N, OC], { device });
+        const y = layer.forward(xt);
+        const loss = lib.sum(lib.mul(y, gt));
+        loss.backward();
+        const out = [y.toFloat32Array(), layer.loraA.grad.toFloat32Array(), layer.loraB.grad.toFloat32Array()];
+        opt.step();
+        out.push(layer.loraA.toFloat32Array());
+        for (const t of [xt, gt, y, loss]) t.dispose();
+        opt.dispose();
+        layer.dispose();
+        return out;
+      };
+      const ref = run('cpu'), got = run('cuda');
+      const parts = [];
+      ref.forEach((r, i) => {
+        const tol = bf16 && i === 0 ? BF16_TOL : { abs: 1e-6, rel_rms: 1e-5, rtol: 1e-4 };
+        const c = compare(got[i], r, tol.abs + tol.rel_rms * rms(r), tol.rtol);
+        ok = ok && c.ok;
+        parts.push(`${['y', 'dA', 'dB', 'A after step'][i]} ${c.text}`);
+      });
+      line = parts.join('; ');
+    } catch (e) {
+      ok = false;
+      line = `threw ${e && e.code ? `${e.code}: ` : ''}${e && e.message ? e.message : e}`;
+    }
+    results.push({ name, ok });
+    console.log(`${ok ? 'ok  ' : 'FAIL'} ${name} (${Date.now() - t0} ms): ${line}`);
+  }
+}
+
 const failed = results.filter((r) => !r.ok);
 console.log(`\ncheck: ${results.length - failed.length} passed, ${failed.length} failed`);
 if (failed.length) console.log(`failed: ${failed.map((f) => f.name).join(' | ')}`);
