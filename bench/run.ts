@@ -21,6 +21,8 @@ const shapes: Shape[] = quick ? QUICK_SHAPES : SHAPES;
 const reps = quick ? 3 : 7, warmup = quick ? 1 : 2;
 const srcDir = path.join(__dirname, '..', '..', 'bench');  // dist/bench -> bench
 const work = fs.mkdtempSync(path.join(os.tmpdir(), 'lora-bench-'));
+// The load average around the run: other processes on these cores make every figure slower.
+const loadBefore = os.loadavg();
 
 function run(cmd: string, argv: string[], timeoutMs = 600_000): { ok: boolean; out: string; err: string } {
   const r = spawnSync(cmd, argv, { encoding: 'utf8', timeout: timeoutMs, env: process.env });
@@ -145,13 +147,14 @@ const header = [
   `ceilings (measured): ${THREADS.map((t) => `${t} thr: FMA ${fmt(ceilings[t].fmaPeakGflops1 * t, 0)} GFLOP/s, read ${fmt(ceilings[t].readGBs)} GB/s, update ${fmt(ceilings[t].updateGBs)} GB/s`).join('; ')}`,
   `baselines: OpenBLAS ${openblas ? 'found' : `skipped (${skipped.openblas})`}; PyTorch ${python ? torchVersion : `skipped (${skipped.pytorch})`}`,
   `times are medians in ms; rates from the median; memory-bound rows (merge, adamw, N <= 16) in GB/s of the weight traffic.`,
+  `load average (1 min) before/after the run: ${loadBefore[0]!.toFixed(1)} / ${os.loadavg()[0]!.toFixed(1)} on ${os.cpus().length} cores${os.loadavg()[0]! > os.cpus().length * 0.75 ? ' — the machine was busy; figures are pessimistic' : ''}`,
 ];
 const md = header.join('\n') + '\n\n' + lines.join('\n') + '\n';
 const outDir = path.join(srcDir, 'results');
 fs.mkdirSync(outDir, { recursive: true });
 const stamp = new Date().toISOString().replace(/[:]/g, '-').replace(/\..*/, '');
 const file = path.join(outDir, `${stamp}.json`);
-fs.writeFileSync(file, JSON.stringify({ date: new Date().toISOString(), quick, isa, cpu: os.cpus()[0]?.model, ceilings, skipped, torchVersion, rows, markdown: md }, null, 1));
+fs.writeFileSync(file, JSON.stringify({ date: new Date().toISOString(), loadavg: { before: loadBefore, after: os.loadavg() }, quick, isa, cpu: os.cpus()[0]?.model, ceilings, skipped, torchVersion, rows, markdown: md }, null, 1));
 fs.writeFileSync(path.join(outDir, `${stamp}.md`), md);
 fs.rmSync(work, { recursive: true, force: true });
 process.stdout.write(md + `\nresults: ${path.relative(process.cwd(), file)}\n`);

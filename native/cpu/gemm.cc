@@ -95,17 +95,15 @@ constexpr int64_t kNc = LN_NC;
 constexpr int64_t kParallelMinFlops = 1 << 18;
 // M up to this uses the streaming path (no packing of B: each B element is used M times only);
 // also its row chunk when op(B) is narrow (kNarrowN columns or fewer).
-#ifndef LN_SMALLM
-#define LN_SMALLM 8
-#endif
-constexpr int64_t kSmallM = 8;
-constexpr int64_t kSmallMax = LN_SMALLM;
+// (decode: up to 16 rows, in calls of IsaTable::small_rows, with W streamed from memory once)
+constexpr int64_t kSmallM = 16;
+constexpr int64_t kSmallMax = kSmallM;
 constexpr int64_t kNarrowN = 32;
 // k block of the streaming path: 8 rows x 1024 floats of A (32 KB) stay in the 48 KB L1d.
-#ifndef LN_SKC
-#define LN_SKC 1024
-#endif
-constexpr int64_t kSmallKc = LN_SKC;
+constexpr int64_t kSmallKc = 1024;
+// Column block of B when decode rows take two kernel calls: 32 rows of a 4096-wide W (512 KB)
+// stay in L2 between the calls.
+constexpr int64_t kDecodeN = 32;
 // k block when B is read in place: that many stored rows are streamed side by side (the hardware
 // prefetchers follow a few dozen streams); 1024 rows at once ran 4x slower.
 #ifndef LN_DKC
@@ -225,7 +223,7 @@ void run_small(const IsaTable& t, const GemmArgs& g, int64_t m0, int64_t m1, int
   const void* B = g.B;
   bool trans_b = g.trans_b, b_bf16 = g.b_bf16;
   int64_t ldb = g.ldb, bn0 = n0;
-  if (trans_b && m1 - m0 > kSmallM && n <= kNarrowN && K > 0) {
+  if (trans_b && m1 - m0 > t.small_rows && n <= kNarrowN && K > 0) {
     float* bt = bufs.b.get(static_cast<size_t>(K * n));
     for (int64_t j = 0; j < n; ++j)
       for (int64_t k = 0; k < K; ++k) {
@@ -238,14 +236,15 @@ void run_small(const IsaTable& t, const GemmArgs& g, int64_t m0, int64_t m1, int
     ldb = n;
     bn0 = 0;
   }
-  auto b_ptr = [&](int64_t k) -> const void* {
-    const int64_t off = trans_b ? bn0 * ldb + k : k * ldb + bn0;
+  auto b_ptr = [&](int64_t k, int64_t j) -> const void* {
+    const int64_t off = trans_b ? (bn0 + j) * ldb + k : k * ldb + bn0 + j;
     return b_bf16 ? static_cast<const void*>(static_cast<const uint16_t*>(B) + off)
                   : static_cast<const void*>(static_cast<const float*>(B) + off);
   };
-  for (int64_t i0 = m0; i0 < m1; i0 += kSmallM) {
-    const int m = static_cast<int>(imin(kSmallM, m1 - i0));
-    float* c = g.C + i0 * g.ldc + n0;
+  // Rows [i0, i0+m) of C, columns [j0, j1) of this rectangle.
+  auto chunk = [&](int64_t i0, int m, int64_t j0, int64_t j1) {
+    const int64_t nj = j1 - j0;
+    float* c = g.C + i0 * g.ldc + n0 + j0;
     for (int64_t kb = 0; kb < imax(K, 1); kb += kSmallKc) {
       const int64_t kl = imin(kSmallKc, K - kb);
       if (kl == 0 && accumulate) break;
@@ -265,7 +264,7 @@ void run_small(const IsaTable& t, const GemmArgs& g, int64_t m0, int64_t m1, int
         a = buf;
         lda = kl;
       }
-      t.small_m(m, n, kl, a, lda, b_ptr(kb), b_bf16, ldb, trans_b, c, g.ldc, accumulate || kb > 0);
+      t.small_m(m, nj, kl, a, lda, b_ptr(kb, j0), b_bf16, ldb, trans_b, c, g.ldc, accumulate || kb > 0);
       if (kl == 0) break;
     }
     if (g.K2 > 0 || g.bias) {
@@ -274,19 +273,28 @@ void run_small(const IsaTable& t, const GemmArgs& g, int64_t m0, int64_t m1, int
         for (int64_t k = 0; k < g.K2; ++k)
           a2[i * g.K2 + k] = g.alpha2 * (g.trans_a2 ? g.A2[k * g.lda2 + i0 + i]
                                                     : g.A2[(i0 + i) * g.lda2 + k]);
-      const float* b2 = g.B2 ? (g.trans_b2 ? g.B2 + n0 * g.ldb2 : g.B2 + n0) : nullptr;
+      const int64_t cn0 = n0 + j0;
+      const float* b2 = g.B2 ? (g.trans_b2 ? g.B2 + cn0 * g.ldb2 : g.B2 + cn0) : nullptr;
       if (!g.drop2) {
-        if (g.K2 > 0) t.small_m(m, n, g.K2, a2, g.K2, b2, false, g.ldb2, g.trans_b2, c, g.ldc, 1);
+        if (g.K2 > 0) t.small_m(m, nj, g.K2, a2, g.K2, b2, false, g.ldb2, g.trans_b2, c, g.ldc, 1);
         if (g.bias)
           for (int i = 0; i < m; ++i)
-            for (int64_t j = 0; j < n; ++j) c[i * g.ldc + j] += g.bias[n0 + j];
+            for (int64_t j = 0; j < nj; ++j) c[i * g.ldc + j] += g.bias[cn0 + j];
       } else {
-        float* tmp = bufs.b2.get(static_cast<size_t>(kSmallM * n));
-        t.small_m(m, n, g.K2, a2, g.K2, b2, false, g.ldb2, g.trans_b2, tmp, n, 0);
-        add_masked(c, g.ldc, tmp, static_cast<int>(n), m, n, i0, n0, *g.drop2, g.bias);
+        float* tmp = bufs.b2.get(static_cast<size_t>(kSmallM * nj));
+        t.small_m(m, nj, g.K2, a2, g.K2, b2, false, g.ldb2, g.trans_b2, tmp, nj, 0);
+        add_masked(c, g.ldc, tmp, static_cast<int>(nj), m, nj, i0, cn0, *g.drop2, g.bias);
       }
     }
-  }
+  };
+  const int64_t rows_max = t.small_rows;
+  // Decode with more rows than one kernel call takes (M <= 16, two calls): blocks of kDecodeN
+  // columns, every row chunk per block, so the second chunk finds that block of B in L2 and B
+  // comes from memory once.
+  const int64_t nblk = m1 - m0 > rows_max && m1 - m0 <= kSmallMax ? kDecodeN : n;
+  for (int64_t j0 = 0; j0 < n; j0 += nblk)
+    for (int64_t i0 = m0; i0 < m1; i0 += rows_max)
+      chunk(i0, static_cast<int>(imin(rows_max, m1 - i0)), j0, imin(n, j0 + nblk));
 }
 
 // The blocked path over the C rectangle [m0, m1) x [n0, n1).
@@ -398,7 +406,9 @@ void run_blocked(const IsaTable& t, const GemmKernel& kern, bool bf16_dot, const
 void gemm_ex(ThreadPool& pool, const GemmArgs& g) {
   if (g.M <= 0 || g.N <= 0) return;
   const IsaTable& t = isa_table();
-  const bool small = (g.M <= kSmallMax || (g.N <= kNarrowN && !g.trans_a)) && !g.drop_b;
+  // streaming: decode (M <= 8; M <= 16 for x·Wᵀ, whose W rows are read once), or narrow op(B)
+  const bool small = (g.M <= 8 || (g.M <= kSmallMax && g.trans_b) || (g.N <= kNarrowN && !g.trans_a)) &&
+                     !g.drop_b;
   const bool bf16_dot = !small && g.b_bf16 && g.allow_bf16_dot && cpu_has_bf16_dot() &&
                         t.bf16_kernel.run && !g.drop_a && !g.drop_b && g.alpha != 0.0f;
 
@@ -413,7 +423,7 @@ void gemm_ex(ThreadPool& pool, const GemmArgs& g) {
   }
   const int64_t work = g.M * g.N * (g.K + g.K2 + 1);
   auto body = [&](int tid, int nt) {
-    const bool split_n = small ? g.M <= kSmallMax : (g.N >= g.M * 2 || g.M < kern->mr * nt);
+    const bool split_n = small ? g.M <= kSmallMax && g.N > kNarrowN : (g.N >= g.M * 2 || g.M < kern->mr * nt);
     if (split_n) {
       const int64_t unit = small ? 16 : kern->nr;
       const int64_t units = (g.N + unit - 1) / unit, per = (units + nt - 1) / nt;

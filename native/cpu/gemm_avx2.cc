@@ -38,6 +38,7 @@ const lora::IsaTable kTable = {
     {kShortMr, kShortNv * LN_VL, micro_kernel<kShortMr, kShortNv>},
     pack_a,
     pack_b,
+    8,  // small_rows: 8-16 accumulators of 16 registers
     small_m,
     {0, 0, nullptr},
     nullptr,

@@ -121,6 +121,7 @@ const lora::IsaTable kTable = {
     {kShortMr, kShortNv * LN_VL, micro_kernel<kShortMr, kShortNv>},
     pack_a,
     pack_b,
+    8,  // small_rows: 8 rows x 2 W rows; 16 rows x 1 needed 17 loads per 16 FMAs (load-bound)
     small_m,
     {kWideMr, 32, bf16_kernel<kWideMr>},
     pack_a_bf16,

@@ -53,8 +53,9 @@ struct IsaTable {
                  int64_t kc, int64_t j0, int64_t nc, int nr, const DropoutMask* drop);
 
   // Small-M path, memory bound on B: c(m, n) = (accumulate ? c : 0) + a(m, k)·op(B) with a's
-  // rows contiguous (row stride lda), m <= 8. trans_b: B stored (n, k) with row stride ldb
+  // rows contiguous (row stride lda), m <= 16. trans_b: B stored (n, k) with row stride ldb
   // (y = x·Wᵀ); else (k, n). Also serves any M in chunks of 8 rows when op(B) is narrow.
+  int small_rows;  // the most rows (m) small_m takes: its m x G accumulators fit the registers
   void (*small_m)(int m, int64_t n, int64_t k, const float* a, int64_t lda, const void* b, bool bf16,
                   int64_t ldb, bool trans_b, float* c, int64_t ldc, int accumulate);
 

@@ -300,10 +300,11 @@ void small_m_nn(int64_t n, int64_t k, const float* __restrict a, int64_t lda, co
 template <int M, typename T>
 void small_m_dispatch(int64_t n, int64_t k, const float* a, int64_t lda, const T* b, int64_t ldb, bool trans_b,
                       float* c, int64_t ldc, int accumulate) {
+  // M x G (M x NB vectors) accumulators stay within 16 of the 32 (or 16) vector registers
   if (trans_b) {
-    small_m_nt<M, (M <= 2 ? 4 : 2), T>(n, k, a, lda, b, ldb, c, ldc, accumulate);
+    small_m_nt<M, (M <= 2 ? 4 : M <= 8 ? 2 : 1), T>(n, k, a, lda, b, ldb, c, ldc, accumulate);
   } else {
-    small_m_nn<M, (M <= 4 ? 4 : 2), T>(n, k, a, lda, b, ldb, c, ldc, accumulate);
+    small_m_nn<M, (M <= 4 ? 4 : M <= 8 ? 2 : 1), T>(n, k, a, lda, b, ldb, c, ldc, accumulate);
   }
 }
 
@@ -318,7 +319,15 @@ void small_m_t(int m, int64_t n, int64_t k, const float* a, int64_t lda, const T
     case 5: return small_m_dispatch<5, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
     case 6: return small_m_dispatch<6, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
     case 7: return small_m_dispatch<7, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
-    default: return small_m_dispatch<8, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
+    case 8: return small_m_dispatch<8, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
+    case 9: return small_m_dispatch<9, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
+    case 10: return small_m_dispatch<10, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
+    case 11: return small_m_dispatch<11, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
+    case 12: return small_m_dispatch<12, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
+    case 13: return small_m_dispatch<13, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
+    case 14: return small_m_dispatch<14, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
+    case 15: return small_m_dispatch<15, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
+    default: return small_m_dispatch<16, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
   }
 }
 
