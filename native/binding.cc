@@ -264,7 +264,8 @@ Napi::Object make_storage(Napi::Env env, int32_t device, DType dtype, int64_t nu
   void* p = backend->alloc(bytes == 0 ? 1 : bytes);
   if (!p)
     throw_lora(env, "ERR_LORA_OUT_OF_MEMORY",
-               "could not allocate " + std::to_string(bytes) + " bytes on " + backend->name());
+               "could not allocate " + std::to_string(bytes) + " bytes on " + backend->name() +
+                   (backend->last_error()[0] ? std::string(" (") + backend->last_error() + ")" : std::string()));
   Napi::Object obj = d.storage_ctor.New({Napi::External<void>::New(env, nullptr)});
   obj.TypeTag(&kStorageTag);
   Storage* s = Storage::Unwrap(obj);
