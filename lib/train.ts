@@ -11,6 +11,7 @@ import { LoraLinear } from './lora';
 import { expectModule, Module } from './module';
 import { Dropout, loraLayers, saveLoraAdapter } from './nn';
 import { scaleInPlace, sumOfSquares } from './nn_ops';
+import { allFinite } from './numerics';
 import { mul } from './ops';
 import { AdamW, Optimizer, ParamGroup, SGD } from './optim';
 import { loadSafetensors, saveSafetensors } from './safetensors';
@@ -499,8 +500,10 @@ export async function train<B = unknown[]>(options: TrainOptions<B>): Promise<Tr
       }
       let gradNorm = NaN;
       if (finite) {
-        gradNorm = clip !== null ? clipGradNorm(opt.params, clip) : Math.sqrt(sumOfSquares(opt.params.map((p) => p.grad).filter((g): g is Tensor => g !== null)));
-        if (!Number.isFinite(gradNorm)) finite = false;
+        // an exact NaN/Inf scan first (a finite but huge norm is not an error); only then the norm
+        const grads = opt.params.map((p) => p.grad).filter((g): g is Tensor => g !== null);
+        if (!allFinite(grads)) finite = false;
+        else gradNorm = clip !== null ? clipGradNorm(opt.params, clip) : Math.sqrt(sumOfSquares(grads));
       }
       const loss = lossSum / accum;
       step += 1;
