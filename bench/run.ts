@@ -24,8 +24,8 @@ const work = fs.mkdtempSync(path.join(os.tmpdir(), 'lora-bench-'));
 // The load average around the run: other processes on these cores make every figure slower.
 const loadBefore = os.loadavg();
 
-function run(cmd: string, argv: string[], timeoutMs = 600_000): { ok: boolean; out: string; err: string } {
-  const r = spawnSync(cmd, argv, { encoding: 'utf8', timeout: timeoutMs, env: process.env });
+function run(cmd: string, argv: string[], timeoutMs = 600_000, env: NodeJS.ProcessEnv = process.env): { ok: boolean; out: string; err: string } {
+  const r = spawnSync(cmd, argv, { encoding: 'utf8', timeout: timeoutMs, env });
   return { ok: r.status === 0, out: r.stdout ?? '', err: (r.stderr ?? '') + (r.error ? String(r.error) : '') };
 }
 function lastJson(out: string): any {
@@ -67,6 +67,9 @@ const ceilings: Record<number, { fmaPeakGflops1: number; readGBs: number; update
 for (const t of THREADS) {
   ceilings[t] = probe ? lastJson(run(probe, [String(t)]).out) : { fmaPeakGflops1: NaN, readGBs: NaN, updateGBs: NaN };
 }
+// One core's FMA peak is the best any probe saw (a probe that shared its core reads low).
+const corePeak = Math.max(...THREADS.map((t) => ceilings[t].fmaPeakGflops1));
+for (const t of THREADS) ceilings[t].fmaPeakGflops1 = corePeak;
 process.stderr.write(`ceilings: ${JSON.stringify(ceilings)}\nbaselines: openblas=${!!openblas} pytorch=${torchVersion ?? 'no'}` +
   `${Object.keys(skipped).length ? ` skipped: ${JSON.stringify(skipped)}` : ''}\n`);
 
@@ -92,7 +95,9 @@ for (const name of CASES) {
           if (o) row.variants.openblas = o;
         }
         if (python) {
-          const p = lastJson(run(python, [path.join(srcDir, 'torch_bench.py'), name, ...dims, String(threads), dtype, String(reps), String(warmup)]).out);
+          // torch.set_num_threads does not reach the BLAS that Debian's torch calls: pin it too
+          const tenv = { ...process.env, OMP_NUM_THREADS: String(threads), OPENBLAS_NUM_THREADS: String(threads), MKL_NUM_THREADS: String(threads) };
+          const p = lastJson(run(python, [path.join(srcDir, 'torch_bench.py'), name, ...dims, String(threads), dtype, String(reps), String(warmup)], 600_000, tenv).out);
           if (p) row.variants.pytorch = { medianMs: p.medianMs, minMs: p.minMs, reps: p.reps };
         }
         rows.push(row);
@@ -139,6 +144,10 @@ for (const r of rows) {
     ratio = `torch/ours ${fmt(r.variants.pytorch.medianMs / ours.medianMs, 2)}x`;
   }
   if (r.variants.ours_dropout) ratio += `${ratio ? '; ' : ''}p=0.1: ${fmt(r.variants.ours_dropout.medianMs, 2)} ms`;
+  if (r.dtype === 'bf16') {
+    const f = find(r.case, r.shape, r.threads, 'fp32')?.variants.ours;
+    if (f) ratio += `${ratio ? '; ' : ''}${fmt(f.medianMs / ours.medianMs, 2)}x fp32 speed`;
+  }
   lines.push(`| ${r.case} | ${shapeKey(r.shape)} | ${r.threads} | ${r.dtype} | ${fmt(ours.medianMs, 2)} (${fmt(ours.minMs, 2)}) | ${rate} | ${pct} | ${cell('unfused')} | ${cell('openblas')} | ${cell('pytorch')} | ${ratio} |`);
 }
 const isa = rows.find((r) => r.isa)?.isa;
@@ -146,7 +155,7 @@ const header = [
   `lora-native CPU bench ${new Date().toISOString()} — ${os.cpus()[0]?.model ?? 'cpu'}, ${os.cpus().length} cores, ISA ${isa}${quick ? ' (--quick)' : ''}`,
   `ceilings (measured): ${THREADS.map((t) => `${t} thr: FMA ${fmt(ceilings[t].fmaPeakGflops1 * t, 0)} GFLOP/s, read ${fmt(ceilings[t].readGBs)} GB/s, update ${fmt(ceilings[t].updateGBs)} GB/s`).join('; ')}`,
   `baselines: OpenBLAS ${openblas ? 'found' : `skipped (${skipped.openblas})`}; PyTorch ${python ? torchVersion : `skipped (${skipped.pytorch})`}`,
-  `times are medians in ms; rates from the median; memory-bound rows (merge, adamw, N <= 16) in GB/s of the weight traffic.`,
+  `times are medians in ms; rates from the median; memory-bound rows (merge, adamw, N <= 16) in GB/s of the weight traffic; bf16 rows are shown against the fp32 FMA peak (the bf16 dot product does twice the flops per instruction).`,
   `load average (1 min) before/after the run: ${loadBefore[0]!.toFixed(1)} / ${os.loadavg()[0]!.toFixed(1)} on ${os.cpus().length} cores${os.loadavg()[0]! > os.cpus().length * 0.75 ? ' — the machine was busy; figures are pessimistic' : ''}`,
 ];
 const md = header.join('\n') + '\n\n' + lines.join('\n') + '\n';

@@ -52,7 +52,7 @@ static double peak(int *width) {
   *width = w;
   if (!w) return 0;
   double best = 1e30;
-  for (int r = 0; r < 5; ++r) {
+  for (int r = 0; r < 10; ++r) {
     double t0 = thread_now();
     sink = w == 16 ? fma512(iters) : fma256(iters);
     double t = thread_now() - t0;

@@ -112,6 +112,9 @@ constexpr int64_t kDecodeN = 32;
 constexpr int64_t kDirectKc = LN_DKC;
 // Below this k per C tile, C's loads and stores outweigh the FMAs: walk C row-major.
 constexpr int64_t kShortK = 64;
+// Fewer rows than this widen bf16 B to fp32 while packing instead of dotting pairs (M = 16 ran
+// 2x slower through the pair packing).
+constexpr int64_t kBf16DotMinM = 64;
 
 // Per-thread packing buffers, 64-byte aligned, grown on demand and kept for the next call.
 struct PackBuffer {
@@ -409,7 +412,8 @@ void gemm_ex(ThreadPool& pool, const GemmArgs& g) {
   // streaming: decode (M <= 8; M <= 16 for x·Wᵀ, whose W rows are read once), or narrow op(B)
   const bool small = (g.M <= 8 || (g.M <= kSmallMax && g.trans_b) || (g.N <= kNarrowN && !g.trans_a)) &&
                      !g.drop_b;
-  const bool bf16_dot = !small && g.b_bf16 && g.allow_bf16_dot && cpu_has_bf16_dot() &&
+  // (the pairwise bf16 packing of B is scalar: worth it only over enough rows of A)
+  const bool bf16_dot = !small && g.M >= kBf16DotMinM && g.b_bf16 && g.allow_bf16_dot && cpu_has_bf16_dot() &&
                         t.bf16_kernel.run && !g.drop_a && !g.drop_b && g.alpha != 0.0f;
 
   // The tile shape with the least padding (the wide kernel on ties and for bf16).
