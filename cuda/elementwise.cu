@@ -3,77 +3,11 @@
 // copy_strided, dtype conversion and dropout. Grid-stride loops; memory-bound by design, with a
 // contiguous fast path where strides allow. No fusion across ops here.
 #include "common.cuh"
+#include "../native/elementwise_math.h"
 
 namespace lora {
 namespace cuda {
 namespace {
-
-constexpr float kSqrt2OverPi = 0.7978845608028654f;  // sqrt(2/π), GELU tanh approximation
-constexpr float kGeluCoef = 0.044715f;               // GELU tanh approximation's cubic term
-constexpr float kInvSqrt2 = 0.7071067811865476f;     // 1/sqrt(2), exact GELU
-constexpr float kInvSqrt2Pi = 0.3989422804014327f;   // 1/sqrt(2π), the normal density
-
-__device__ __forceinline__ float binary_op(BinaryOp op, float a, float b) {
-  switch (op) {
-    case BinaryOp::Add: return a + b;
-    case BinaryOp::Sub: return a - b;
-    case BinaryOp::Mul: return a * b;
-    case BinaryOp::Div: return a / b;
-    case BinaryOp::Max: return (a != a || a > b) ? a : b;  // NaN propagates, as on the CPU
-    case BinaryOp::Min: return (a != a || a < b) ? a : b;
-  }
-  return 0.0f;
-}
-
-__device__ __forceinline__ float unary_op(UnaryOp op, float x) {
-  switch (op) {
-    case UnaryOp::Neg: return -x;
-    case UnaryOp::Exp: return expf(x);
-    case UnaryOp::Log: return logf(x);
-    case UnaryOp::Sqrt: return sqrtf(x);
-    case UnaryOp::Rsqrt: return 1.0f / sqrtf(x);
-    case UnaryOp::Abs: return fabsf(x);
-    case UnaryOp::Square: return x * x;
-    case UnaryOp::Recip: return 1.0f / x;
-    case UnaryOp::Relu: return x > 0.0f ? x : 0.0f;
-    case UnaryOp::GeluTanh:
-      return 0.5f * x * (1.0f + tanhf(kSqrt2OverPi * (x + kGeluCoef * x * x * x)));
-    case UnaryOp::GeluErf: return 0.5f * x * (1.0f + erff(x * kInvSqrt2));
-    case UnaryOp::Silu: return x / (1.0f + expf(-x));
-    case UnaryOp::Tanh: return tanhf(x);
-    case UnaryOp::Sigmoid: return 1.0f / (1.0f + expf(-x));
-  }
-  return 0.0f;
-}
-
-// f'(x), given x and y = f(x).
-__device__ __forceinline__ float unary_grad(UnaryOp op, float x, float y) {
-  switch (op) {
-    case UnaryOp::Neg: return -1.0f;
-    case UnaryOp::Exp: return y;
-    case UnaryOp::Log: return 1.0f / x;
-    case UnaryOp::Sqrt: return 0.5f / y;
-    case UnaryOp::Rsqrt: return -0.5f * y * y * y;
-    case UnaryOp::Abs: return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f);
-    case UnaryOp::Square: return 2.0f * x;
-    case UnaryOp::Recip: return -y * y;
-    case UnaryOp::Relu: return x > 0.0f ? 1.0f : 0.0f;
-    case UnaryOp::GeluTanh: {
-      const float t = tanhf(kSqrt2OverPi * (x + kGeluCoef * x * x * x));
-      const float du = kSqrt2OverPi * (1.0f + 3.0f * kGeluCoef * x * x);
-      return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du;
-    }
-    case UnaryOp::GeluErf:
-      return 0.5f * (1.0f + erff(x * kInvSqrt2)) + x * kInvSqrt2Pi * expf(-0.5f * x * x);
-    case UnaryOp::Silu: {
-      const float sg = 1.0f / (1.0f + expf(-x));
-      return sg * (1.0f + x * (1.0f - sg));
-    }
-    case UnaryOp::Tanh: return 1.0f - y * y;
-    case UnaryOp::Sigmoid: return y * (1.0f - y);
-  }
-  return 0.0f;
-}
 
 #define GRID_STRIDE(i, n)                                                             \
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); \
@@ -111,26 +45,26 @@ __global__ void binary_contiguous_kernel(float* __restrict__ out,      // (n)
                                          const float* __restrict__ a,  // (n)
                                          const float* __restrict__ b,  // (n)
                                          BinaryOp op, int64_t n) {
-  GRID_STRIDE(i, n) out[i] = binary_op(op, a[i], b[i]);
+  GRID_STRIDE(i, n) out[i] = binary_apply(op, a[i], b[i]);
 }
 
 __global__ void binary_strided_kernel(float* __restrict__ out,      // (numel(a_layout.shape))
                                       const float* __restrict__ a,  // through a_layout
                                       const float* __restrict__ b,  // through b_layout
                                       BinaryOp op, const Layout al, const Layout bl, int64_t n) {
-  GRID_STRIDE(i, n) out[i] = binary_op(op, a[strided_offset(i, al)], b[strided_offset(i, bl)]);
+  GRID_STRIDE(i, n) out[i] = binary_apply(op, a[strided_offset(i, al)], b[strided_offset(i, bl)]);
 }
 
 __global__ void binary_scalar_kernel(float* __restrict__ out,      // (n)
                                      const float* __restrict__ a,  // (n)
                                      BinaryOp op, float scalar, bool scalar_first, int64_t n) {
-  GRID_STRIDE(i, n) out[i] = scalar_first ? binary_op(op, scalar, a[i]) : binary_op(op, a[i], scalar);
+  GRID_STRIDE(i, n) out[i] = scalar_first ? binary_apply(op, scalar, a[i]) : binary_apply(op, a[i], scalar);
 }
 
 __global__ void unary_kernel(float* __restrict__ out,       // (n)
                              const float* __restrict__ in,  // (n)
                              UnaryOp op, int64_t n) {
-  GRID_STRIDE(i, n) out[i] = unary_op(op, in[i]);
+  GRID_STRIDE(i, n) out[i] = unary_apply(op, in[i]);
 }
 
 // dx = dy · f'(x), with y = f(x) for the ops whose derivative reads it.

@@ -11,6 +11,7 @@
 #include <map>
 #include <vector>
 
+#include "../elementwise_math.h"
 #include "../half.h"
 #include "../rng.h"
 #include "gemm.h"
@@ -80,73 +81,6 @@ class CachingAllocator {
   std::map<size_t, std::vector<void*>> free_;
   size_t cached_ = 0, live_ = 0;
 };
-
-inline float apply_binary(BinaryOp op, float a, float b) {
-  switch (op) {
-    case BinaryOp::Add: return a + b;
-    case BinaryOp::Sub: return a - b;
-    case BinaryOp::Mul: return a * b;
-    case BinaryOp::Div: return a / b;
-    case BinaryOp::Max: return (a != a || a > b) ? a : b;  // NaN propagates
-    case BinaryOp::Min: return (a != a || a < b) ? a : b;
-  }
-  return 0.0f;
-}
-
-constexpr float kSqrt2OverPi = 0.7978845608028654f;
-constexpr float kGeluCoef = 0.044715f;
-
-inline float apply_unary(UnaryOp op, float x) {
-  switch (op) {
-    case UnaryOp::Neg: return -x;
-    case UnaryOp::Exp: return std::exp(x);
-    case UnaryOp::Log: return std::log(x);
-    case UnaryOp::Sqrt: return std::sqrt(x);
-    case UnaryOp::Rsqrt: return 1.0f / std::sqrt(x);
-    case UnaryOp::Abs: return std::fabs(x);
-    case UnaryOp::Square: return x * x;
-    case UnaryOp::Recip: return 1.0f / x;
-    case UnaryOp::Relu: return x > 0.0f ? x : 0.0f;
-    case UnaryOp::GeluTanh:
-      return 0.5f * x * (1.0f + std::tanh(kSqrt2OverPi * (x + kGeluCoef * x * x * x)));
-    case UnaryOp::GeluErf: return 0.5f * x * (1.0f + std::erf(x * 0.7071067811865476f));
-    case UnaryOp::Silu: return x / (1.0f + std::exp(-x));
-    case UnaryOp::Tanh: return std::tanh(x);
-    case UnaryOp::Sigmoid: return 1.0f / (1.0f + std::exp(-x));
-  }
-  return 0.0f;
-}
-
-// d f(x) / dx, given x and y = f(x).
-inline float unary_derivative(UnaryOp op, float x, float y) {
-  switch (op) {
-    case UnaryOp::Neg: return -1.0f;
-    case UnaryOp::Exp: return y;
-    case UnaryOp::Log: return 1.0f / x;
-    case UnaryOp::Sqrt: return 0.5f / y;
-    case UnaryOp::Rsqrt: return -0.5f * y * y * y;
-    case UnaryOp::Abs: return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f);
-    case UnaryOp::Square: return 2.0f * x;
-    case UnaryOp::Recip: return -y * y;
-    case UnaryOp::Relu: return x > 0.0f ? 1.0f : 0.0f;
-    case UnaryOp::GeluTanh: {
-      const float u = kSqrt2OverPi * (x + kGeluCoef * x * x * x);
-      const float t = std::tanh(u);
-      const float du = kSqrt2OverPi * (1.0f + 3.0f * kGeluCoef * x * x);
-      return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du;
-    }
-    case UnaryOp::GeluErf:
-      return 0.5f * (1.0f + std::erf(x * 0.7071067811865476f)) +
-             x * 0.3989422804014327f * std::exp(-0.5f * x * x);
-    case UnaryOp::Silu: {
-      const float sg = 1.0f / (1.0f + std::exp(-x));
-      return sg * (1.0f + x * (1.0f - sg));
-    }
-    case UnaryOp::Tanh: return 1.0f - y * y;
-    case UnaryOp::Sigmoid: return y * (1.0f - y);
-  }
-  return 0.0f;
-}
 
 int64_t layout_numel(const Layout& l) {
   int64_t n = 1;
@@ -306,7 +240,7 @@ class CpuBackend final : public CpuBackendBase {
     const int64_t n = layout_numel(al);
     if (is_contiguous(al) && is_contiguous(bl)) {
       pool_.parallel_for(n, kGrain, [&](int64_t s, int64_t e) {
-        for (int64_t i = s; i < e; ++i) out[i] = apply_binary(op, a[i], b[i]);
+        for (int64_t i = s; i < e; ++i) out[i] = binary_apply(op, a[i], b[i]);
       });
       return Status::Ok;
     }
@@ -320,7 +254,7 @@ class CpuBackend final : public CpuBackendBase {
                            const float* br = b + strided_offset(r * inner, bl);
                            float* o = out + r * inner;
                            for (int64_t j = 0; j < inner; ++j)
-                             o[j] = apply_binary(op, ar[j * as], br[j * bs]);
+                             o[j] = binary_apply(op, ar[j * as], br[j * bs]);
                          }
                        });
     return Status::Ok;
@@ -330,16 +264,16 @@ class CpuBackend final : public CpuBackendBase {
                        int64_t n) override {
     pool_.parallel_for(n, kGrain, [&](int64_t s, int64_t e) {
       if (scalar_first)
-        for (int64_t i = s; i < e; ++i) out[i] = apply_binary(op, scalar, a[i]);
+        for (int64_t i = s; i < e; ++i) out[i] = binary_apply(op, scalar, a[i]);
       else
-        for (int64_t i = s; i < e; ++i) out[i] = apply_binary(op, a[i], scalar);
+        for (int64_t i = s; i < e; ++i) out[i] = binary_apply(op, a[i], scalar);
     });
     return Status::Ok;
   }
 
   Status unary(UnaryOp op, float* out, const float* in, int64_t n) override {
     pool_.parallel_for(n, kGrain, [&](int64_t s, int64_t e) {
-      for (int64_t i = s; i < e; ++i) out[i] = apply_unary(op, in[i]);
+      for (int64_t i = s; i < e; ++i) out[i] = unary_apply(op, in[i]);
     });
     return Status::Ok;
   }
@@ -348,7 +282,7 @@ class CpuBackend final : public CpuBackendBase {
                         int64_t n) override {
     pool_.parallel_for(n, kGrain, [&](int64_t s, int64_t e) {
       for (int64_t i = s; i < e; ++i)
-        dx[i] = dy[i] * unary_derivative(op, x ? x[i] : 0.0f, y ? y[i] : 0.0f);
+        dx[i] = dy[i] * unary_grad(op, x ? x[i] : 0.0f, y ? y[i] : 0.0f);
     });
     return Status::Ok;
   }
@@ -381,7 +315,7 @@ class CpuBackend final : public CpuBackendBase {
                              std::fill(dst, dst + inner, init);
                              for (int64_t d = 0; d < dim; ++d)
                                for (int64_t i = 0; i < inner; ++i)
-                                 dst[i] = apply_binary(combine, dst[i], src[d * inner + i]);
+                                 dst[i] = binary_apply(combine, dst[i], src[d * inner + i]);
                            }
                          }
                        });
