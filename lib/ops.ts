@@ -57,15 +57,23 @@ export function sumTo(g: Tensor, shape: readonly number[]): Tensor {
   const off = g.shape.length - shape.length;
   const axes: number[] = [];
   for (let i = 0; i < g.shape.length; i++) if (i < off || (shape[i - off] === 1 && g.shape[i] !== 1)) axes.push(i);
-  let cur = g;
+  return reduceRaw(g, axes, REDUCE_OP.sum, shape);
+}
+
+/**
+ * Reduces x over `axes` (sorted) with a native reduce op into a new tensor of `outShape` (the
+ * reduced shape, with or without kept dims). No autograd.
+ */
+function reduceRaw(x: Tensor, axes: readonly number[], op: number, outShape: readonly number[]): Tensor {
+  let cur = x;
   for (let k = axes.length - 1; k >= 0; k--) {
-    const next = reduceAxis(cur, axes[k]!, REDUCE_OP.sum);
-    if (cur !== g) cur.dispose();
+    const next = reduceAxis(cur, axes[k]!, op);
+    if (cur !== x) cur.dispose();
     cur = next;
   }
-  const out = empty(shape, g.device);
+  const out = empty(outShape, x.device);
   native.copyInto(out._storage, cur._storage);
-  if (cur !== g) cur.dispose();
+  if (cur !== x) cur.dispose();
   return out;
 }
 
@@ -371,19 +379,7 @@ export function sum(x: Tensor, axis?: number | readonly number[], keepDims = fal
   floatOnly('sum', x);
   expectBoolean('keepDims', keepDims);
   const axes = reduceAxes(x, axis);
-  let cur: Tensor = x;
-  for (let k = axes.length - 1; k >= 0; k--) {
-    const next = reduceAxis(cur, axes[k]!, REDUCE_OP.sum);
-    if (cur !== x) cur.dispose();
-    cur = next;
-  }
-  const outShape = reducedShape(x.shape, axes, keepDims);
-  const out = empty(outShape, x.device);
-  if (cur === x) native.copyInto(out._storage, x._storage);
-  else {
-    native.copyInto(out._storage, cur._storage);
-    cur.dispose();
-  }
+  const out = reduceRaw(x, axes, REDUCE_OP.sum, reducedShape(x.shape, axes, keepDims));
   const keptShape = reducedShape(x.shape, axes, true);
   return record(out, {
     name: 'sum', inputs: [x],
@@ -413,15 +409,7 @@ export function max(x: Tensor, axis?: number | readonly number[], keepDims = fal
   floatOnly('max', x);
   expectBoolean('keepDims', keepDims);
   const axes = reduceAxes(x, axis);
-  let cur: Tensor = x;
-  for (let k = axes.length - 1; k >= 0; k--) {
-    const next = reduceAxis(cur, axes[k]!, REDUCE_OP.max);
-    if (cur !== x) cur.dispose();
-    cur = next;
-  }
-  const out = empty(reducedShape(x.shape, axes, keepDims), x.device);
-  native.copyInto(out._storage, cur._storage);
-  if (cur !== x) cur.dispose();
+  const out = reduceRaw(x, axes, REDUCE_OP.max, reducedShape(x.shape, axes, keepDims));
   const keptShape = reducedShape(x.shape, axes, true);
   return record(out, {
     name: 'max', inputs: [x],
@@ -432,15 +420,18 @@ export function max(x: Tensor, axis?: number | readonly number[], keepDims = fal
       const d = rawBinary(BINARY_OP.sub, x, me);
       const eq = empty(x.shape, x.device);
       native.unary(UNARY_OP.abs, eq._storage, d._storage);
-      // eq = 1 where |x - max| == 0: 1 - min(|d|·∞, 1) via min(1, |d|·3e38)
-      const big = rawScalar(BINARY_OP.mul, eq, 3e38, false);
-      const capped = rawScalar(BINARY_OP.min, big, 1, false);
-      const mask = rawScalar(BINARY_OP.sub, capped, 1, true);
+      // step(|d|) = min(1, min(1, |d|·2^126)·2^126): exactly 1 for every |d| > 0 (the smallest
+      // subnormal, 2^-149, reaches 2^103 after two scalings) and 0 for d = 0; mask = 1 - step
+      const s1 = rawScalar(BINARY_OP.mul, eq, 2 ** 126, false);
+      const c1 = rawScalar(BINARY_OP.min, s1, 1, false);
+      const s2 = rawScalar(BINARY_OP.mul, c1, 2 ** 126, false);
+      const c2 = rawScalar(BINARY_OP.min, s2, 1, false);
+      const mask = rawScalar(BINARY_OP.sub, c2, 1, true);
       const cnt = sumTo(mask, keptShape);
       const gk = reshapeRaw(g, keptShape);
       const share = rawBinary(BINARY_OP.div, gk, cnt);
       const res = rawBinary(BINARY_OP.mul, mask, share);
-      for (const t of [mk, me, d, eq, big, capped, mask, cnt, gk, share]) t.dispose();
+      for (const t of [mk, me, d, eq, s1, c1, s2, c2, mask, cnt, gk, share]) t.dispose();
       return [res];
     },
   });

@@ -240,6 +240,12 @@ t.test('reductions and shape ops', async (t) => {
       return { data: out, shape: [3, 5] };
     };
     checkOp(tt, 'max axis 1', [a], (x) => max(x, 1), maxRef);
+    tidy(() => {
+      // ties share the gradient; a subnormal gap (1e-44 vs 0) is still not a tie
+      const x = tensor([2, 5, 5, 1e-44, 0, -3], [2, 3], { requiresGrad: true });
+      sum(max(x, 1)).backward();
+      tt.same(x.grad!.toFloat32Array(), new Float32Array([0, 0.5, 0.5, 1, 0, 0]), 'max gradient: ties split, subnormal gaps exact');
+    });
   });
   await leakChecked(t, 'reshape, permute, transpose', (tt) => {
     const a = arr([2, 3, 4], 12);
