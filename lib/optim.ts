@@ -85,6 +85,27 @@ export abstract class Optimizer {
   /** Frees the optimizer state. */
   abstract dispose(): void;
 
+  /**
+   * Advances the step count of every parameter of a group that has a gradient (creating its state
+   * on first use) and groups them by count: one native call per distinct count, usually one.
+   */
+  protected advance<S extends { step: number }>(g: Group, state: Map<Tensor, S>, init: (p: Tensor) => S): Map<number, Tensor[]> {
+    const byStep = new Map<number, Tensor[]>();
+    for (const p of g.params) {
+      if (!this.liveGrad(p)) continue;
+      let st = state.get(p);
+      if (!st) {
+        st = init(p);
+        state.set(p, st);
+      }
+      st.step += 1;
+      const list = byStep.get(st.step) ?? [];
+      list.push(p);
+      byStep.set(st.step, list);
+    }
+    return byStep;
+  }
+
   protected liveGrad(p: Tensor): Tensor | null {
     if (!p.grad) return null;
     p._live('a parameter');
@@ -132,21 +153,7 @@ export class AdamW extends Optimizer {
 
   step(): void {
     for (const g of this.groups) {
-      // parameters advance their own step counts (a parameter without a gradient is skipped);
-      // one native call per distinct count, usually exactly one
-      const byStep = new Map<number, Tensor[]>();
-      for (const p of g.params) {
-        if (!this.liveGrad(p)) continue;
-        let st = this.state.get(p);
-        if (!st) {
-          st = { m: keep(zeros(p.shape, { device: p.device })), v: keep(zeros(p.shape, { device: p.device })), step: 0 };
-          this.state.set(p, st);
-        }
-        st.step += 1;
-        const list = byStep.get(st.step) ?? [];
-        list.push(p);
-        byStep.set(st.step, list);
-      }
+      const byStep = this.advance(g, this.state, (p) => ({ m: keep(zeros(p.shape, { device: p.device })), v: keep(zeros(p.shape, { device: p.device })), step: 0 }));
       for (const [step, ps] of byStep) {
         native.adamwStep(
           ps.map((p) => p._storage), ps.map((p) => p.grad!._storage),
@@ -211,19 +218,7 @@ export class SGD extends Optimizer {
 
   step(): void {
     for (const g of this.groups) {
-      const byStep = new Map<number, Tensor[]>();
-      for (const p of g.params) {
-        if (!this.liveGrad(p)) continue;
-        let st = this.state.get(p);
-        if (!st) {
-          st = { buf: this.momentum !== 0 ? keep(zeros(p.shape, { device: p.device })) : null, step: 0 };
-          this.state.set(p, st);
-        }
-        st.step += 1;
-        const list = byStep.get(st.step) ?? [];
-        list.push(p);
-        byStep.set(st.step, list);
-      }
+      const byStep = this.advance(g, this.state, (p) => ({ buf: this.momentum !== 0 ? keep(zeros(p.shape, { device: p.device })) : null, step: 0 }));
       for (const [step, ps] of byStep) {
         native.sgdStep(
           ps.map((p) => p._storage), ps.map((p) => p.grad!._storage),
