@@ -29,7 +29,9 @@ class ThreadPool {
     stop_workers();
     size_ = threads;
     stopping_ = false;
-    for (int t = 1; t < size_; ++t) workers_.emplace_back([this, t] { worker_loop(t); });
+    // New workers start at the current generation: a job that already ran is not theirs to run.
+    const uint64_t gen = generation_;
+    for (int t = 1; t < size_; ++t) workers_.emplace_back([this, t, gen] { worker_loop(t, gen); });
   }
 
   // fn(tid, nthreads) on every thread; nested calls from inside a job run serially.
@@ -69,8 +71,7 @@ class ThreadPool {
   }
 
  private:
-  void worker_loop(int tid) {
-    uint64_t seen = 0;
+  void worker_loop(int tid, uint64_t seen) {
     for (;;) {
       const std::function<void(int, int)>* job;
       {
