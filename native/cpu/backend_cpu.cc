@@ -82,6 +82,26 @@ class CachingAllocator {
   size_t cached_ = 0, live_ = 0;
 };
 
+struct AdamwScalars {
+  float beta1, beta2, eps, step_size, inv_bc2_sqrt, decay;
+};
+
+// One AdamW update over a contiguous range. Memory-bound (28 bytes per element): compiled for
+// AVX-512, AVX2 and baseline x86-64 and picked at load time (GCC function multi-versioning), with
+// errno-free sqrt so that the loop vectorises.
+__attribute__((target_clones("avx512f", "avx2", "default"), optimize("no-math-errno")))
+void adamw_range(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
+                 float* __restrict__ v, int64_t n, const AdamwScalars k) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float gi = g[i];
+    const float mi = k.beta1 * m[i] + (1.0f - k.beta1) * gi;
+    const float vi = k.beta2 * v[i] + (1.0f - k.beta2) * gi * gi;
+    m[i] = mi;
+    v[i] = vi;
+    p[i] = p[i] * k.decay - k.step_size * mi / (std::sqrt(vi) * k.inv_bc2_sqrt + k.eps);
+  }
+}
+
 int64_t layout_numel(const Layout& l) {
   int64_t n = 1;
   for (int d = 0; d < l.ndim; ++d) n *= l.shape[d];
@@ -183,20 +203,13 @@ class CpuBackend final : public CpuBackendBase {
     const float step_size = static_cast<float>(lr / bc1);
     const float bc2_sqrt = static_cast<float>(std::sqrt(bc2));
     const float decay = 1.0f - lr * weight_decay;
+    const AdamwScalars k{beta1, beta2, eps, step_size, 1.0f / bc2_sqrt, decay};
     for (int32_t t = 0; t < count; ++t) {
       float* pp = p[t];
       const float* gg = g[t];
       float *mm = m[t], *vv = v[t];
       pool_.parallel_for(n[t], kGrain, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) {
-          const float gi = gg[i];
-          const float param = pp[i] * decay;
-          const float mi = beta1 * mm[i] + (1.0f - beta1) * gi;
-          const float vi = beta2 * vv[i] + (1.0f - beta2) * gi * gi;
-          mm[i] = mi;
-          vv[i] = vi;
-          pp[i] = param - step_size * mi / (std::sqrt(vi) / bc2_sqrt + eps);
-        }
+        adamw_range(pp + b, gg + b, mm + b, vv + b, e - b, k);
       });
     }
     return Status::Ok;
