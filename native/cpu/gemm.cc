@@ -1,8 +1,9 @@
 // The CPU GEMM engine behind lora::sgemm and lora::gemm_ex: BLIS-style cache blocking over packed
 // panels, register-tiled micro-kernels chosen at run time per ISA (gemm_avx512.cc, gemm_avx2.cc,
-// gemm_generic.cc), a streaming path for M <= 8 (decode), and the fused epilogue the LoRA kernels
-// use. Threads split C into independent rectangles. It is not a general BLAS (no complex, no
-// double) and keeps no state between calls except per-thread packing buffers.
+// gemm_generic.cc), a streaming path for M <= 8 (decode), and the fusions the LoRA kernels use: an
+// epilogue product per C tile and a narrow side product H from the same packed A blocks. Threads
+// split C into independent rectangles. It is not a general BLAS (no complex, no double) and keeps
+// no state between calls except per-thread packing buffers.
 #include "gemm.h"
 
 #include <cstdlib>
@@ -131,7 +132,7 @@ struct PackBuffer {
   }
 };
 struct ThreadBuffers {
-  PackBuffer a, b, a2, b2, small;
+  PackBuffer a, b, a2, b2, small, h, hb, ah;
 };
 ThreadBuffers& buffers() {
   static thread_local ThreadBuffers bufs;
@@ -301,9 +302,30 @@ void run_small(const IsaTable& t, const GemmArgs& g, int64_t m0, int64_t m1, int
 }
 
 // The blocked path over the C rectangle [m0, m1) x [n0, n1).
-void run_blocked(const IsaTable& t, const GemmKernel& kern, bool bf16_dot, const GemmArgs& g,
+void run_blocked(const IsaTable& t, const GemmKernel& kern, bool bf16_dot, const GemmArgs& args,
                  int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   const int mr = kern.mr, nr = kern.nr;
+  GemmArgs g = args;
+  ThreadBuffers& bufs = buffers();
+  // The side product H from the packed A blocks (gemm_ex sends it here only when those hold
+  // op(A) unscaled and unmasked, in fp32). The thread whose rectangle starts at column 0 writes
+  // g.H; the others (column splits share rows) keep their own copy of their rows for the epilogue.
+  const bool fuse_h = g.H != nullptr;
+  const int nr1 = kern.nr1;
+  float* hrows = g.H;
+  int64_t ldh = g.ldh;
+  if (fuse_h) {
+    if (n0 != 0) {
+      hrows = bufs.h.get(static_cast<size_t>(m1 * g.NH));
+      ldh = g.NH;
+    }
+    for (int64_t i = m0; i < m1; ++i)
+      for (int64_t j = 0; j < g.NH; ++j) hrows[i * ldh + j] = 0.0f;
+    if (g.A2 == g.H) {  // the epilogue reads the H this thread finishes
+      g.A2 = hrows;
+      g.lda2 = ldh;
+    }
+  }
   const int64_t K = g.alpha == 0.0f ? 0 : g.K;
   // Few rows of C: each element of B is used only (m1-m0) times, so packing it would cost as
   // much memory traffic as the product; a stored-row-major fp32 B is read in place instead.
@@ -313,7 +335,6 @@ void run_blocked(const IsaTable& t, const GemmKernel& kern, bool bf16_dot, const
   const int64_t nc_max = kNc / nr * nr, mc_max = kMc / mr * mr;
   const int64_t ke = epi_k(g);
   const bool has_epi = ke > 0 || g.drop2;
-  ThreadBuffers& bufs = buffers();
   if (g.beta != 0.0f && g.beta != 1.0f) scale_rect(g.C, g.ldc, m0, m1, n0, n1, g.beta);
   alignas(64) float tile[32 * 64];
   alignas(64) float tile2[32 * 64];
@@ -331,6 +352,15 @@ void run_blocked(const IsaTable& t, const GemmKernel& kern, bool bf16_dot, const
       const bool first = pc == 0, last = pc + kc_max >= K;
       const bool accumulate = !first || g.beta != 0.0f;
       float* bbuf = bufs.b.get(static_cast<size_t>(ncp * imax(kc, 1)));
+      const bool h_now = fuse_h && jc == n0 && kc > 0;  // H over this k block, once per thread
+      float* hbbuf = nullptr;
+      if (h_now) {
+        const int64_t nhp = round_up(g.NH, nr1);
+        hbbuf = bufs.hb.get(static_cast<size_t>(nhp * kc));
+        t.pack_b(hbbuf, g.HB, false, g.ldhb, g.trans_hb, pc, kc, 0, g.NH, nr1, nullptr);
+        if (g.alpha_h != 1.0f)
+          for (int64_t i = 0; i < nhp * kc; ++i) hbbuf[i] *= g.alpha_h;
+      }
       if (direct_b) {
         // only a partial last panel is packed; whole panels are read in place
         if (nc % nr) {
@@ -350,6 +380,29 @@ void run_blocked(const IsaTable& t, const GemmKernel& kern, bool bf16_dot, const
                         g.alpha);
         else
           t.pack_a(abuf, g.A, g.lda, g.trans_a, ic, mc, pc, kc, mr, g.alpha, g.drop_a);
+        if (h_now) {
+          // H rows [ic, ic+mc) += this block of A (masked copy when drop_h: the x block is still
+          // in L2) times the packed op(HB) panels, before the epilogue below needs them.
+          const float* ah = abuf;
+          if (g.drop_h) {
+            float* m = bufs.ah.get(static_cast<size_t>(mcp * kc));
+            t.pack_a(m, g.A, g.lda, false, ic, mc, pc, kc, mr, 1.0f, g.drop_h);
+            ah = m;
+          }
+          for (int64_t ir = 0; ir < mc; ir += mr) {
+            const int64_t rows = imin(mr, mc - ir);
+            for (int64_t q = 0; q < g.NH; q += nr1) {
+              const int64_t cols = imin(nr1, g.NH - q);
+              float* hc = hrows + (ic + ir) * ldh + q;
+              if (rows == mr && cols == nr1) {
+                kern.run1(kc, ah + ir * kc, hbbuf + q * kc, nr1, hc, ldh, 1);
+              } else {
+                kern.run1(kc, ah + ir * kc, hbbuf + q * kc, nr1, tile, nr1, 0);
+                write_tile(hc, ldh, tile, nr1, rows, cols, true);
+              }
+            }
+          }
+        }
         float* a2buf = nullptr;
         const bool epi_now = last && has_epi;
         if (epi_now && g.K2 + ke > 0) {
@@ -404,10 +457,34 @@ void run_blocked(const IsaTable& t, const GemmKernel& kern, bool bf16_dot, const
   }
 }
 
+// The side product H as its own pass, then the GEMM without it: for the paths whose packed A
+// cannot serve it (streaming, bf16 pairs, transposed, scaled or masked A) and for N = 0.
+void side_product_apart(ThreadPool& pool, const GemmArgs& g) {
+  GemmArgs hg;
+  hg.trans_a = g.trans_a;
+  hg.M = g.M; hg.N = g.NH; hg.K = g.K;
+  hg.alpha = g.alpha_h;
+  hg.A = g.A; hg.lda = g.lda;
+  hg.B = g.HB; hg.ldb = g.ldhb; hg.trans_b = g.trans_hb;
+  hg.C = g.H; hg.ldc = g.ldh;
+  hg.drop_a = g.drop_h;
+  gemm_ex(pool, hg);
+  GemmArgs rest = g;
+  rest.H = nullptr;
+  gemm_ex(pool, rest);
+}
+
 }  // namespace
 
 void gemm_ex(ThreadPool& pool, const GemmArgs& g) {
-  if (g.M <= 0 || g.N <= 0) return;
+  if (g.M <= 0) return;
+  if (g.H && g.NH <= 0) {
+    GemmArgs rest = g;
+    rest.H = nullptr;
+    return gemm_ex(pool, rest);
+  }
+  if (g.H && g.N <= 0) return side_product_apart(pool, g);
+  if (g.N <= 0) return;
   const IsaTable& t = isa_table();
   // streaming: decode (M <= 8; M <= 16 for x·Wᵀ, whose W rows are read once), or narrow op(B)
   const bool small = (g.M <= 8 || (g.M <= kSmallMax && g.trans_b) || (g.N <= kNarrowN && !g.trans_a)) &&
@@ -415,6 +492,9 @@ void gemm_ex(ThreadPool& pool, const GemmArgs& g) {
   // (the pairwise bf16 packing of B is scalar: worth it only over enough rows of A)
   const bool bf16_dot = !small && g.M >= kBf16DotMinM && g.b_bf16 && g.allow_bf16_dot && cpu_has_bf16_dot() &&
                         t.bf16_kernel.run && !g.drop_a && !g.drop_b && g.alpha != 0.0f;
+
+  if (g.H && (small || bf16_dot || g.trans_a || g.alpha != 1.0f || g.drop_a))
+    return side_product_apart(pool, g);
 
   // The tile shape with the least padding (the wide kernel on ties and for bf16).
   const GemmKernel* kern = bf16_dot ? &t.bf16_kernel : &t.wide;
@@ -425,9 +505,16 @@ void gemm_ex(ThreadPool& pool, const GemmArgs& g) {
     if (padded(t.narrow) * 10 < best * 9) { kern = &t.narrow; best = padded(t.narrow); }
     if (padded(t.short_m) * 10 < best * 9) kern = &t.short_m;
   }
-  const int64_t work = g.M * g.N * (g.K + g.K2 + 1);
+  const int64_t work = g.M * (g.N * (g.K + g.K2 + 1) + (g.H ? g.NH * g.K : 0));
+  const bool serial = work < kParallelMinFlops || pool.size() == 1;
+  auto splits_n = [&](int nt) {
+    return small ? g.M <= kSmallMax && g.N > kNarrowN : (g.N >= g.M * 2 || g.M < kern->mr * nt);
+  };
+  // Column splits give every thread all rows, so each computes H for all of them: cheap for the
+  // product, but a dropout mask regenerated per thread cost more than the separate pass saves.
+  if (g.H && g.drop_h && !serial && splits_n(pool.size())) return side_product_apart(pool, g);
   auto body = [&](int tid, int nt) {
-    const bool split_n = small ? g.M <= kSmallMax && g.N > kNarrowN : (g.N >= g.M * 2 || g.M < kern->mr * nt);
+    const bool split_n = splits_n(nt);
     if (split_n) {
       const int64_t unit = small ? 16 : kern->nr;
       const int64_t units = (g.N + unit - 1) / unit, per = (units + nt - 1) / nt;
@@ -444,7 +531,7 @@ void gemm_ex(ThreadPool& pool, const GemmArgs& g) {
       else run_blocked(t, *kern, bf16_dot, g, m0, m1, 0, g.N);
     }
   };
-  if (work < kParallelMinFlops || pool.size() == 1) body(0, 1);
+  if (serial) body(0, 1);
   else pool.run(body);
 }
 

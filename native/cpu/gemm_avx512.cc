@@ -116,14 +116,14 @@ void pack_b_bf16(uint16_t* __restrict dst, const uint16_t* __restrict b, int64_t
 
 const lora::IsaTable kTable = {
     "avx512",
-    {kWideMr, kWideNv * LN_VL, micro_kernel<kWideMr, kWideNv>},
-    {kNarrowMr, kNarrowNv * LN_VL, micro_kernel<kNarrowMr, kNarrowNv>},
-    {kShortMr, kShortNv * LN_VL, micro_kernel<kShortMr, kShortNv>},
+    {kWideMr, kWideNv * LN_VL, micro_kernel<kWideMr, kWideNv>, LN_VL, micro_kernel<kWideMr, 1>},
+    {kNarrowMr, kNarrowNv * LN_VL, micro_kernel<kNarrowMr, kNarrowNv>, LN_VL, micro_kernel<kNarrowMr, 1>},
+    {kShortMr, kShortNv * LN_VL, micro_kernel<kShortMr, kShortNv>, LN_VL, micro_kernel<kShortMr, 1>},
     pack_a,
     pack_b,
     8,  // small_rows: 8 rows x 2 W rows; 16 rows x 1 needed 17 loads per 16 FMAs (load-bound)
     small_m,
-    {kWideMr, 32, bf16_kernel<kWideMr>},
+    {kWideMr, 32, bf16_kernel<kWideMr>, 0, nullptr},
     pack_a_bf16,
     pack_b_bf16,
 };

@@ -38,6 +38,21 @@ struct GemmArgs {
   float alpha2 = 1.0f;
   const DropoutMask* drop2 = nullptr;
   const float* bias = nullptr;  // (N)
+
+  // Side product from the same packed A panels: H (M, NH) = alpha_h·op(A)·op(HB) with op(HB)
+  // (K, NH), op(HB)[k][j] = trans_hb ? HB[j*ldhb+k] : HB[k*ldhb+j]; drop_h masks op(A) for this
+  // product only (by A's stored coordinates). H is finished row block by row block before the
+  // epilogue of the last K block, so A2 may be H (y = x·Wᵀ + s·h·Bᵀ with h = x̃·Aᵀ in one pass
+  // over x; dx = dy·W + dh·A with dh = s·dy·B in one pass over dy). Requires !trans_a, alpha 1,
+  // no drop_a; H (M, NH) with row stride ldh is overwritten.
+  const float* HB = nullptr;
+  int64_t ldhb = 0;
+  bool trans_hb = false;
+  int64_t NH = 0;
+  float alpha_h = 1.0f;
+  float* H = nullptr;
+  int64_t ldh = 0;
+  const DropoutMask* drop_h = nullptr;
   // bf16 B: allow rounding A to bf16 for the avx512_bf16 dot product (fp32 accumulation).
   bool allow_bf16_dot = true;
 };

@@ -34,6 +34,11 @@ struct GemmKernel {
   // in place). c has row stride ldc.
   void (*run)(int64_t k, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc,
               int accumulate);
+  // The same mr with one vector of columns (nr1 wide), over the same packed a: the fused side
+  // product H += a·hb (h = x·Aᵀ, dh = s·dy·B) reads the A panels packed for this kernel.
+  int nr1;
+  void (*run1)(int64_t k, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc,
+               int accumulate);
 };
 
 struct IsaTable {

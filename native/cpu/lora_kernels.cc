@@ -62,17 +62,9 @@ Status cpu_lora_forward(ThreadPool& pool, float* y, float* h, const float* x, co
   const DropoutMask mask = make_mask(dropout_p, seed, C);
   const bool drop = dropout_p > 0.0f;
 
-  // h = x̃·Aᵀ: rows of x streamed 8 at a time against the (R, C) A (narrow path), mask on the fly.
-  GemmArgs hg;
-  hg.trans_b = true;
-  hg.M = N; hg.N = R; hg.K = C;
-  hg.A = x; hg.lda = C;
-  hg.B = A; hg.ldb = C;
-  hg.C = h; hg.ldc = R;
-  hg.drop_a = drop ? &mask : nullptr;
-  gemm_ex(pool, hg);
-
-  // y = x·Wᵀ with b + s·h·Bᵀ accumulated into each tile in the last k block (y written once).
+  // y = x·Wᵀ with b + s·h·Bᵀ accumulated into each tile in the last k block (y written once),
+  // and h = x̃·Aᵀ computed from the same packed blocks of x (a masked copy of each block under
+  // dropout), finished for a row block before its epilogue: x is read once.
   GemmArgs yg;
   yg.trans_b = true;
   yg.M = N; yg.N = OC; yg.K = C;
@@ -83,6 +75,10 @@ Status cpu_lora_forward(ThreadPool& pool, float* y, float* h, const float* x, co
   yg.B2 = B; yg.ldb2 = R; yg.trans_b2 = true;  // op(B2) = Bᵀ (R, OC)
   yg.K2 = R; yg.alpha2 = s;
   yg.bias = b;
+  yg.HB = A; yg.ldhb = C; yg.trans_hb = true;  // op(HB) = Aᵀ (C, R)
+  yg.NH = R;
+  yg.H = h; yg.ldh = R;
+  yg.drop_h = drop ? &mask : nullptr;
   gemm_ex(pool, yg);
   return Status::Ok;
 }
@@ -106,9 +102,29 @@ Status cpu_lora_backward(ThreadPool& pool, float* dx, float* dA, float* dB, cons
   }
   if (!dA && !dx) return Status::Ok;
 
-  // dh = s·dy·B (N, R): narrow path, B (OC, R) read in place.
+  // dh = s·dy·B (N, R): with dx, from the same packed blocks of dy as dy·W (one pass over dy);
+  // alone, the narrow path with B (OC, R) read in place.
   float* dh = scratch(dh_buf, static_cast<size_t>(N * R > 0 ? N * R : 1));
-  sgemm(pool, false, false, N, R, OC, s, dy, OC, B, R, 0.0f, dh, R);
+  if (!dx) sgemm(pool, false, false, N, R, OC, s, dy, OC, B, R, 0.0f, dh, R);
+
+  // dx = dy·W + dropout'(dh·A): the adapter term accumulated in the tile epilogue (masked there
+  // when dropout is on), so dx is written once; dh = s·dy·B rides along and is finished for each
+  // row block before that block's epilogue reads it.
+  if (dx) {
+    GemmArgs xg;
+    xg.M = N; xg.N = C; xg.K = OC;
+    xg.A = dy; xg.lda = OC;
+    xg.B = W; xg.b_bf16 = w_dtype == DType::BF16; xg.ldb = C;
+    xg.C = dx; xg.ldc = C;
+    xg.A2 = dh; xg.lda2 = R;
+    xg.B2 = A; xg.ldb2 = C;  // op(B2) = A (R, C)
+    xg.K2 = R;
+    xg.drop2 = drop ? &mask : nullptr;
+    xg.HB = B; xg.ldhb = R;  // op(HB) = B (OC, R)
+    xg.NH = R; xg.alpha_h = s;
+    xg.H = dh; xg.ldh = R;
+    gemm_ex(pool, xg);
+  }
 
   // dA += dhᵀ·x̃: x read in place (rank rows of C), or packed with its mask regenerated.
   if (dA) {
@@ -121,21 +137,6 @@ Status cpu_lora_backward(ThreadPool& pool, float* dx, float* dA, float* dB, cons
     ag.C = dA; ag.ldc = C;
     ag.drop_b = drop ? &mask : nullptr;
     gemm_ex(pool, ag);
-  }
-
-  // dx = dy·W + dropout'(dh·A): the adapter term accumulated in the tile epilogue (masked there
-  // when dropout is on), so dx is written once.
-  if (dx) {
-    GemmArgs xg;
-    xg.M = N; xg.N = C; xg.K = OC;
-    xg.A = dy; xg.lda = OC;
-    xg.B = W; xg.b_bf16 = w_dtype == DType::BF16; xg.ldb = C;
-    xg.C = dx; xg.ldc = C;
-    xg.A2 = dh; xg.lda2 = R;
-    xg.B2 = A; xg.ldb2 = C;  // op(B2) = A (R, C)
-    xg.K2 = R;
-    xg.drop2 = drop ? &mask : nullptr;
-    gemm_ex(pool, xg);
   }
   return Status::Ok;
 }
