@@ -1,5 +1,6 @@
-// Standalone harness for the CPU GEMM engine (native/cpu/gemm*.cc): random shapes/transposes/strides
-// against a float64 reference, then timings. Build and run:
+// Standalone harness for the CPU GEMM engine (native/cpu/gemm*.cc): random shapes/transposes/strides,
+// epilogue products and side products H (with dropout, and read back by the epilogue) against a
+// float64 reference, then timings. Build and run:
 //   g++ -O3 -std=gnu++17 -pthread -I.. native/dev/gemm_harness.cc native/cpu/gemm*.cc -o /tmp/gh
 //   /tmp/gh [check|time M N K ta tb threads reps]
 // Not part of the addon or the test suite; the shipped test is test/gemm.test.ts.
@@ -14,6 +15,7 @@
 #include "../cpu/gemm.h"
 #include "../cpu/gemm_fused.h"
 #include "../half.h"
+#include "../rng.h"
 
 using namespace lora;
 
@@ -43,8 +45,20 @@ static int check(int iters) {
     float alpha = (rng() % 5 == 0) ? 0.5f : 1.0f, beta = (float)(rng() % 3) * 0.5f;  // 0, .5, 1
     bool epi = rng() % 3 == 0;
     int64_t K2 = epi ? R(0, 20) : 0;
+    // The side product H = alpha_h·op(A)·op(HB) (dropout on op(A) for it alone), and sometimes the
+    // epilogue reading it as A2 (the LoRA forward/backward use).
+    const bool use_h = rng() % 3 == 0;
+    const int64_t NH = use_h ? ((rng() & 1) ? R(1, 20) : R(0, 70)) : 0, ldh = NH + R(0, 2);
+    const bool thb = rng() & 1, h_epi = use_h && epi && (rng() & 1);
+    const float alpha_h = (rng() & 1) ? 1.0f : 0.6f;
+    DropoutMask hmask{0.3f, 1.0f / 0.7f, rng(), lda};
+    const bool h_drop = use_h && rng() % 3 == 0;
+    if (h_epi) K2 = NH;
+    const int64_t ldhb = (thb ? K : NH) + R(0, 2), ld2 = K2 + 1;
     std::normal_distribution<float> nd;
-    std::vector<float> A((ta ? K : M) * lda + 1), B((tb ? N : K) * ldb + 1), C(M * ldc + 1), A2(M * (K2 + 1)), B2(N * (K2 + 1)), bias(N + 1);
+    std::vector<float> A((ta ? K : M) * lda + 1), B((tb ? N : K) * ldb + 1), C(M * ldc + 1), A2(M * ld2), B2(N * ld2), bias(N + 1);
+    std::vector<float> HB((thb ? NH : K) * ldhb + 1), H(M * ldh + 1, NAN);
+    for (auto& v : HB) v = nd(rng);
     for (auto& v : A) v = nd(rng);
     for (auto& v : B) v = nd(rng);
     for (auto& v : A2) v = nd(rng);
@@ -58,8 +72,30 @@ static int check(int iters) {
     g.trans_a = ta; g.trans_b = tb; g.M = M; g.N = N; g.K = K; g.alpha = alpha; g.A = A.data(); g.lda = lda;
     g.B = bf ? (const void*)Bh.data() : (const void*)B.data(); g.b_bf16 = bf; g.ldb = ldb; g.beta = beta; g.C = C.data(); g.ldc = ldc;
     bool use_bias = epi && (rng() & 1);
-    if (epi) { g.A2 = A2.data(); g.lda2 = K2 + 1; g.B2 = B2.data(); g.ldb2 = K2 + 1; g.trans_b2 = true; g.K2 = K2; g.alpha2 = 0.7f; if (use_bias) g.bias = bias.data(); }
+    if (epi) { g.A2 = A2.data(); g.lda2 = ld2; g.B2 = B2.data(); g.ldb2 = ld2; g.trans_b2 = true; g.K2 = K2; g.alpha2 = 0.7f; if (use_bias) g.bias = bias.data(); }
+    if (use_h) {
+      g.HB = HB.data(); g.ldhb = ldhb; g.trans_hb = thb; g.NH = NH; g.alpha_h = alpha_h;
+      g.H = H.data(); g.ldh = ldh; g.drop_h = h_drop ? &hmask : nullptr;
+      if (h_epi) { g.A2 = H.data(); g.lda2 = ldh; }
+    }
     gemm_ex((rng() & 1) ? pool2 : pool1, g);
+    // H against float64, then (h_epi) the reference epilogue reads the float64 H
+    std::vector<double> Hr(M * (NH + 1)), Hm(M * (NH + 1));
+    double hworst = 0;
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < NH; ++j) {
+        double s = 0, mag = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t st = ta ? k * lda + i : i * lda + k;
+          double a = A[st];
+          if (h_drop) a = dropout_keep(hmask.seed, (uint64_t)st, hmask.p) ? (double)(float)(A[st] * hmask.scale) : 0.0;
+          double hb = thb ? HB[j * ldhb + k] : HB[k * ldhb + j];
+          s += a * hb; mag += std::fabs(a * hb);
+        }
+        Hr[i * (NH + 1) + j] = alpha_h * s; Hm[i * (NH + 1) + j] = std::fabs(alpha_h) * mag;
+        double err = std::fabs(H[i * ldh + j] - alpha_h * s) / (std::fabs(alpha_h) * mag + 1e-30);
+        if (!(err <= hworst)) hworst = std::isnan(err) ? 1e30 : err;
+      }
     bool bfdot = bf && cpu_has_bf16_dot() && M > 8;
     double worst = 0; int64_t wi = -1, wj = -1; double wr = 0, wg = 0;
     for (int64_t i = 0; i < M; ++i)
@@ -73,7 +109,11 @@ static int check(int iters) {
         }
         s *= alpha; mag *= std::fabs(alpha);
         if (beta != 0) { s += beta * C0[i * ldc + j]; mag += std::fabs(beta * C0[i * ldc + j]); }
-        for (int64_t k = 0; k < K2; ++k) { double t = 0.7 * A2[i * (K2 + 1) + k] * B2[j * (K2 + 1) + k]; s += t; mag += std::fabs(t); }
+        for (int64_t k = 0; k < K2; ++k) {
+          const double a2 = h_epi ? Hr[i * (NH + 1) + k] : A2[i * ld2 + k];
+          const double a2m = h_epi ? Hm[i * (NH + 1) + k] : std::fabs(a2);
+          s += 0.7 * a2 * B2[j * ld2 + k]; mag += 0.7 * a2m * std::fabs(B2[j * ld2 + k]);
+        }
         if (use_bias) { s += bias[j]; mag += std::fabs(bias[j]); }
         double err = std::fabs(C[i * ldc + j] - s) / (mag + 1e-30);
         if (!(err <= worst)) { worst = std::isnan(err) ? 1e30 : err; wi = i; wj = j; wr = s; wg = C[i * ldc + j]; }
@@ -82,10 +122,10 @@ static int check(int iters) {
     for (int64_t i = 0; i < M; ++i) for (int64_t j = N; j < ldc && i * ldc + j < (int64_t)C.size(); ++j)
       if (!(std::isnan(C0[i * ldc + j]) && std::isnan(C[i * ldc + j])) && C[i * ldc + j] != C0[i * ldc + j]) { worst = 1e30; wi = i; wj = j; }
     double tol = bfdot ? 1e-2 : 2e-6;
-    if (worst > tol) {
+    if (worst > tol || hworst > 2e-6) {
       ++bad;
-      printf("FAIL it=%d M=%ld N=%ld K=%ld ta=%d tb=%d bf=%d alpha=%g beta=%g K2=%ld bias=%d: worst %g at (%ld,%ld) ref %g got %g\n",
-             it, M, N, K, ta, tb, bf, alpha, beta, K2, use_bias, worst, wi, wj, wr, wg);
+      printf("FAIL it=%d M=%ld N=%ld K=%ld ta=%d tb=%d bf=%d alpha=%g beta=%g K2=%ld bias=%d NH=%ld thb=%d h_epi=%d h_drop=%d: worst %g at (%ld,%ld) ref %g got %g; H worst %g\n",
+             it, M, N, K, ta, tb, bf, alpha, beta, K2, use_bias, NH, thb, h_epi, h_drop, worst, wi, wj, wr, wg, hworst);
     }
   }
   printf("isa=%s bf16dot=%d: %d/%d failed\n", cpu_isa_name(), cpu_has_bf16_dot(), bad, iters);
