@@ -4,10 +4,10 @@
 // s·B·A into W. Names map to the kernels' sizes: inFeatures = C, outFeatures = OC, rank = R.
 import { checkOptions, expectBoolean, expectInteger, expectNumber, LoraError, typeError } from './errors';
 import { native } from './native';
-import { Module } from './module';
+import { Module, uniformParameter } from './module';
 import { linear } from './ops';
 import { defaultRng, Rng } from './random';
-import { checkDevice, Device, empty, record, saveFor, shapeString, Tensor, tensor, zeros } from './tensor';
+import { checkDevice, Device, empty, record, saveFor, shapeString, Tensor, zeros } from './tensor';
 
 export interface LoraLinearOptions {
   /** C: size of each input row. */
@@ -36,14 +36,6 @@ export interface LoraLinearOptions {
 
 const OPTIONS = ['inFeatures', 'outFeatures', 'rank', 'alpha', 'dropout', 'bias', 'useRslora', 'weight', 'biasTensor', 'seed', 'device'] as const;
 const MAX_FEATURES = 2 ** 31 - 1;
-
-/** U(-bound, bound) values for a new parameter. */
-function uniformInit(shape: number[], bound: number, rng: Rng, device: Device): Tensor {
-  const n = shape.reduce((a, b) => a * b, 1);
-  const data = new Float32Array(n);
-  for (let i = 0; i < n; i++) data[i] = (2 * rng.uniform() - 1) * bound;
-  return tensor(data, shape, { device });
-}
 
 /**
  * A linear layer with a LoRA adapter.
@@ -107,7 +99,7 @@ export class LoraLinear extends Module {
       device = w.device;
       this.weight = w;
     } else {
-      this.weight = uniformInit([OC, C], bound, this.rng, device);
+      this.weight = uniformParameter([OC, C], bound, this.rng, device);
     }
     this.weight.requiresGrad = false;
     this.registerParameter('weight', this.weight);
@@ -121,13 +113,13 @@ export class LoraLinear extends Module {
       if (bt.device !== device) throw new LoraError('ERR_LORA_DEVICE', `Expected bias on ${device} but received a tensor on ${bt.device}`);
       b = bt;
     } else if (hasBias && o.biasTensor === undefined) {
-      b = uniformInit([OC], bound, this.rng, device);
+      b = uniformParameter([OC], bound, this.rng, device);
     }
     if (b) b.requiresGrad = false;
     this.bias = b;
     this.registerParameter('bias', b);
 
-    this.loraA = uniformInit([this.rank, C], bound, this.rng, device);
+    this.loraA = uniformParameter([this.rank, C], bound, this.rng, device);
     this.loraA.requiresGrad = true;
     this.registerParameter('loraA', this.loraA);
     this.loraB = zeros([OC, this.rank], { device, requiresGrad: true });
@@ -230,7 +222,4 @@ export class LoraLinear extends Module {
       throw new LoraError('ERR_LORA_BUSY', `Expected no mergeAsync() in flight for LoraLinear.${what}; await it first`);
   }
 
-  protected override onParameterReplaced(name: string, t: Tensor): void {
-    super.onParameterReplaced(name, t);
-  }
 }

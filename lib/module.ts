@@ -2,7 +2,8 @@
 // parameters(), namedParameters(), train()/eval(), to(device) and dispose() to every layer.
 // Parameters a module creates are kept out of tidy() scopes: they live until dispose().
 import { LoraError, typeError } from './errors';
-import { checkDevice, Device, keep, Tensor } from './tensor';
+import type { Rng } from './random';
+import { checkDevice, Device, keep, Tensor, tensor } from './tensor';
 
 export abstract class Module {
   /** Training mode (dropout active). New modules start in training mode, like PyTorch. */
@@ -200,4 +201,14 @@ export abstract class Module {
 export function expectModule(name: string, v: unknown): Module {
   if (!(v instanceof Module)) throw typeError(name, 'a Module', v);
   return v;
+}
+
+/**
+ * @internal A new parameter of U(-bound, bound) values drawn from rng (PyTorch's Kaiming-uniform
+ * initialisation with a = sqrt(5) is bound = 1/sqrt(fan_in)).
+ */
+export function uniformParameter(shape: number[], bound: number, rng: Rng, device: Device, requiresGrad = true): Tensor {
+  const data = new Float32Array(shape.reduce((a, b) => a * b, 1));
+  for (let i = 0; i < data.length; i++) data[i] = (2 * rng.uniform() - 1) * bound;
+  return tensor(data, shape, { device, requiresGrad });
 }

@@ -5,7 +5,7 @@
 // zoo: no KV cache, no rotary embeddings, no weight tying.
 import { checkOptions, expectBoolean, expectInteger, expectNumber, expectOneOf, LoraError, typeError } from './errors';
 import { LoraLinear } from './lora';
-import { expectModule, Module } from './module';
+import { expectModule, Module, uniformParameter } from './module';
 import { attention, dropout, embedding, gelu, layerNorm, rmsNorm } from './nn_ops';
 import { add, linear, reshape, unary, UnaryName } from './ops';
 import { loadPeftAdapter, PeftAdapter, PeftConfig, PeftModule, savePeftAdapter } from './peft';
@@ -25,12 +25,6 @@ function rngOf(seed: unknown): Rng {
 
 function deviceOf(d: unknown): Device {
   return d === undefined ? 'cpu' : checkDevice('device', d);
-}
-
-function uniform(shape: number[], bound: number, rng: Rng, device: Device, requiresGrad = true): Tensor {
-  const data = new Float32Array(shape.reduce((a, b) => a * b, 1));
-  for (let i = 0; i < data.length; i++) data[i] = (2 * rng.uniform() - 1) * bound;
-  return tensor(data, shape, { device, requiresGrad });
 }
 
 function normal(shape: number[], std: number, rng: Rng, device: Device): Tensor {
@@ -65,10 +59,10 @@ export class Linear extends Module {
     const rng = rngOf(o.seed);
     const device = deviceOf(o.device);
     const bound = 1 / Math.sqrt(this.inFeatures); // kaiming_uniform(a=√5) on fan-in, as PyTorch
-    this.weight = uniform([this.outFeatures, this.inFeatures], bound, rng, device);
+    this.weight = uniformParameter([this.outFeatures, this.inFeatures], bound, rng, device);
     this.registerParameter('weight', this.weight);
     const hasBias = o.bias === undefined ? true : expectBoolean('bias', o.bias);
-    this.bias = hasBias ? uniform([this.outFeatures], bound, rng, device) : null;
+    this.bias = hasBias ? uniformParameter([this.outFeatures], bound, rng, device) : null;
     this.registerParameter('bias', this.bias);
   }
 

@@ -370,17 +370,21 @@ function reducedShape(shape: readonly number[], axes: number[], keepDims: boolea
   return keepDims ? shape.map((d, i) => (axes.includes(i) ? 1 : d)) : shape.filter((_, i) => !axes.includes(i));
 }
 
+/** The checked forward of sum/max: the reduced output and the input's shape with reduced dims kept as 1. */
+function reduction(name: string, op: number, x: Tensor, axis: number | readonly number[] | undefined, keepDims: boolean): { out: Tensor; keptShape: number[] } {
+  expectTensor('x', x);
+  floatOnly(name, x);
+  expectBoolean('keepDims', keepDims);
+  const axes = reduceAxes(x, axis);
+  return { out: reduceRaw(x, axes, op, reducedShape(x.shape, axes, keepDims)), keptShape: reducedShape(x.shape, axes, true) };
+}
+
 /**
  * Sum over all elements (a scalar) or over the given axes.
  * @example sum(x); sum(x, 1); sum(x, [0, 1], true)
  */
 export function sum(x: Tensor, axis?: number | readonly number[], keepDims = false): Tensor {
-  expectTensor('x', x);
-  floatOnly('sum', x);
-  expectBoolean('keepDims', keepDims);
-  const axes = reduceAxes(x, axis);
-  const out = reduceRaw(x, axes, REDUCE_OP.sum, reducedShape(x.shape, axes, keepDims));
-  const keptShape = reducedShape(x.shape, axes, true);
+  const { out, keptShape } = reduction('sum', REDUCE_OP.sum, x, axis, keepDims);
   return record(out, {
     name: 'sum', inputs: [x],
     backward: (g) => {
@@ -405,12 +409,7 @@ export function mean(x: Tensor, axis?: number | readonly number[], keepDims = fa
 
 /** Maximum over all elements or over the given axes (the gradient goes to every maximal element). */
 export function max(x: Tensor, axis?: number | readonly number[], keepDims = false): Tensor {
-  expectTensor('x', x);
-  floatOnly('max', x);
-  expectBoolean('keepDims', keepDims);
-  const axes = reduceAxes(x, axis);
-  const out = reduceRaw(x, axes, REDUCE_OP.max, reducedShape(x.shape, axes, keepDims));
-  const keptShape = reducedShape(x.shape, axes, true);
+  const { out, keptShape } = reduction('max', REDUCE_OP.max, x, axis, keepDims);
   return record(out, {
     name: 'max', inputs: [x],
     backward: (g) => {

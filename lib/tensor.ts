@@ -347,11 +347,10 @@ export class Tensor {
   }
 }
 
-function sameShape(a: readonly number[], b: readonly number[]): boolean {
+export function sameShape(a: readonly number[], b: readonly number[]): boolean {
   return a.length === b.length && a.every((d, i) => d === b[i]);
 }
 
-export { sameShape };
 
 function widen(dtype: DType, bytes: ArrayBuffer): Float32Array {
   if (dtype === 'float32') return new Float32Array(bytes);
@@ -631,4 +630,3 @@ export function getNumThreads(): number {
   return native.getNumThreads();
 }
 
-export { describe };
