@@ -9,6 +9,11 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <utility>
+
+#ifdef LORA_CUDA_EMU
+#include "emu/emu.h"  // the kernels compiled as C++ for the CPU emulator (cuda/emu/)
+#endif
 
 #include "../native/backend.h"
 #include "../native/rng.h"
@@ -172,6 +177,20 @@ cudaError_t launch_attention_backward(cudaStream_t stream, float* dq, float* dk,
                                       int64_t H, int64_t D, float scale, bool causal);
 
 // ---- helpers ---------------------------------------------------------------------------------
+#ifndef LORA_CUDA_EMU
+// kernel<<<grid, block, smem, stream>>>(args...), written as a call so the emulator can supply its
+// own (cuda/emu/emu.h). Errors surface through cudaGetLastError() as with the <<<>>> syntax.
+template <typename... P, typename... A>
+inline void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                   A&&... args) {
+  kernel<<<grid, block, smem, stream>>>(std::forward<A>(args)...);
+}
+// The kernel's dynamic shared memory as `type* name`.
+#define LORA_DYNAMIC_SMEM(type, name) \
+  extern __shared__ __align__(16) unsigned char name##_bytes[]; \
+  type* name = reinterpret_cast<type*>(name##_bytes)
+#endif
+
 constexpr int kThreads = 256;  // elementwise block size: 8 warps, good occupancy on sm_80..sm_90
 
 // Blocks for a grid-stride loop over n elements (capped: each thread loops).

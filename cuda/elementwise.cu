@@ -133,13 +133,13 @@ template <typename TO>
 cudaError_t convert_from(cudaStream_t stream, TO* out, const void* in, DType in_dtype, int64_t n) {
   switch (in_dtype) {
     case DType::F32:
-      convert_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, static_cast<const float*>(in), n);
+      launch(convert_kernel<TO, float>, grid_for(n), kThreads, 0, stream, out, static_cast<const float*>(in), n);
       break;
     case DType::BF16:
-      convert_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, static_cast<const __nv_bfloat16*>(in), n);
+      launch(convert_kernel<TO, __nv_bfloat16>, grid_for(n), kThreads, 0, stream, out, static_cast<const __nv_bfloat16*>(in), n);
       break;
     case DType::F16:
-      convert_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, static_cast<const __half*>(in), n);
+      launch(convert_kernel<TO, __half>, grid_for(n), kThreads, 0, stream, out, static_cast<const __half*>(in), n);
       break;
     default: return cudaErrorInvalidValue;
   }
@@ -150,7 +150,7 @@ cudaError_t convert_from(cudaStream_t stream, TO* out, const void* in, DType in_
 
 cudaError_t launch_fill(cudaStream_t stream, float* out, float value, int64_t n) {
   if (n <= 0) return cudaSuccess;
-  fill_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, value, n);
+  launch(fill_kernel, grid_for(n), kThreads, 0, stream, out, value, n);
   return cudaGetLastError();
 }
 
@@ -158,7 +158,7 @@ cudaError_t launch_scale(cudaStream_t stream, float* Cm, int64_t ldc, int64_t M,
                          int64_t batch, int64_t stride_c, float beta) {
   const int64_t total = batch * M * Nn;
   if (total <= 0 || beta == 1.0f) return cudaSuccess;
-  scale_kernel<<<grid_for(total), kThreads, 0, stream>>>(Cm, ldc, M, Nn, batch, stride_c, beta);
+  launch(scale_kernel, grid_for(total), kThreads, 0, stream, Cm, ldc, M, Nn, batch, stride_c, beta);
   return cudaGetLastError();
 }
 
@@ -168,9 +168,9 @@ cudaError_t launch_binary(cudaStream_t stream, BinaryOp op, float* out, const fl
   if (n <= 0) return cudaSuccess;
   if (layout_contiguous(a_layout) && layout_contiguous(b_layout) &&
       layout_numel(b_layout) == n) {
-    binary_contiguous_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, a, b, op, n);
+    launch(binary_contiguous_kernel, grid_for(n), kThreads, 0, stream, out, a, b, op, n);
   } else {
-    binary_strided_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, a, b, op, a_layout, b_layout, n);
+    launch(binary_strided_kernel, grid_for(n), kThreads, 0, stream, out, a, b, op, a_layout, b_layout, n);
   }
   return cudaGetLastError();
 }
@@ -178,26 +178,26 @@ cudaError_t launch_binary(cudaStream_t stream, BinaryOp op, float* out, const fl
 cudaError_t launch_binary_scalar(cudaStream_t stream, BinaryOp op, float* out, const float* a,
                                  float scalar, bool scalar_first, int64_t n) {
   if (n <= 0) return cudaSuccess;
-  binary_scalar_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, a, op, scalar, scalar_first, n);
+  launch(binary_scalar_kernel, grid_for(n), kThreads, 0, stream, out, a, op, scalar, scalar_first, n);
   return cudaGetLastError();
 }
 
 cudaError_t launch_unary(cudaStream_t stream, UnaryOp op, float* out, const float* in, int64_t n) {
   if (n <= 0) return cudaSuccess;
-  unary_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, in, op, n);
+  launch(unary_kernel, grid_for(n), kThreads, 0, stream, out, in, op, n);
   return cudaGetLastError();
 }
 
 cudaError_t launch_unary_backward(cudaStream_t stream, UnaryOp op, float* dx, const float* dy,
                                   const float* x, const float* y, int64_t n) {
   if (n <= 0) return cudaSuccess;
-  unary_backward_kernel<<<grid_for(n), kThreads, 0, stream>>>(dx, dy, x, y, op, n);
+  launch(unary_backward_kernel, grid_for(n), kThreads, 0, stream, dx, dy, x, y, op, n);
   return cudaGetLastError();
 }
 
 cudaError_t launch_axpy(cudaStream_t stream, float* y, const float* x, float a, int64_t n) {
   if (n <= 0) return cudaSuccess;
-  axpy_kernel<<<grid_for(n), kThreads, 0, stream>>>(y, x, a, n);
+  launch(axpy_kernel, grid_for(n), kThreads, 0, stream, y, x, a, n);
   return cudaGetLastError();
 }
 
@@ -213,7 +213,7 @@ cudaError_t launch_copy_strided(cudaStream_t stream, float* dst, const Layout& d
   Layout dl = dst_layout;
   dl.ndim = src_layout.ndim;
   for (int d = 0; d < src_layout.ndim; ++d) dl.shape[d] = src_layout.shape[d];
-  copy_strided_kernel<<<grid_for(n), kThreads, 0, stream>>>(dst, src, dl, src_layout, n);
+  launch(copy_strided_kernel, grid_for(n), kThreads, 0, stream, dst, src, dl, src_layout, n);
   return cudaGetLastError();
 }
 
@@ -232,7 +232,7 @@ cudaError_t launch_dropout(cudaStream_t stream, float* out, const float* in, int
                            uint64_t seed) {
   if (n <= 0) return cudaSuccess;
   const float scale = 1.0f / (1.0f - p);  // as the CPU computes it
-  dropout_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, in, p, scale, seed, n);
+  launch(dropout_kernel, grid_for(n), kThreads, 0, stream, out, in, p, scale, seed, n);
   return cudaGetLastError();
 }
 

@@ -186,13 +186,13 @@ cudaError_t launch_tiles(cudaStream_t stream, const GemmArgs& args, bool trans_a
                   static_cast<unsigned>(batch_count * args.split_k));
   const dim3 block((BM / TM) * (BN / TN));
   if (!trans_a && !trans_b)
-    gemm_simt_kernel<BM, BN, TM, TN, false, false><<<grid, block, 0, stream>>>(args, batch_offset);
+    launch(gemm_simt_kernel<BM, BN, TM, TN, false, false>, grid, block, 0, stream, args, batch_offset);
   else if (!trans_a && trans_b)
-    gemm_simt_kernel<BM, BN, TM, TN, false, true><<<grid, block, 0, stream>>>(args, batch_offset);
+    launch(gemm_simt_kernel<BM, BN, TM, TN, false, true>, grid, block, 0, stream, args, batch_offset);
   else if (trans_a && !trans_b)
-    gemm_simt_kernel<BM, BN, TM, TN, true, false><<<grid, block, 0, stream>>>(args, batch_offset);
+    launch(gemm_simt_kernel<BM, BN, TM, TN, true, false>, grid, block, 0, stream, args, batch_offset);
   else
-    gemm_simt_kernel<BM, BN, TM, TN, true, true><<<grid, block, 0, stream>>>(args, batch_offset);
+    launch(gemm_simt_kernel<BM, BN, TM, TN, true, true>, grid, block, 0, stream, args, batch_offset);
   return cudaGetLastError();
 }
 

@@ -14,9 +14,13 @@ constexpr int kSkPad = kSkBK + 4;  // 80-byte rows: fragment reads of 8 rows x 4
 constexpr int kSkThreads = 256;    // 8 warps: 4 along M x 2 along N
 
 __device__ __forceinline__ uint32_t to_tf32(float x) {
+#ifdef LORA_CUDA_EMU
+  return ::lora_emu::cvt_rna_tf32(x);
+#else
   uint32_t u;
   asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(u) : "f"(x));
   return u;
+#endif
 }
 
 // x = hi + lo with both halves tf32.
@@ -26,11 +30,15 @@ __device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) 
 }
 
 __device__ __forceinline__ void mma_tf32(float* c, const uint32_t* a, const uint32_t* b) {
+#ifdef LORA_CUDA_EMU
+  ::lora_emu::mma_m16n8k8_tf32(c, a, b);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 
 // out (M, Nn) = alpha·op(A)·op(B) (+ beta·out | atomic +=) for this block's K slice; out_trans
@@ -165,11 +173,11 @@ template <int BN>
 cudaError_t launch_bn(cudaStream_t stream, const GemmArgs& g, bool trans_a, bool trans_b,
                       bool out_trans, dim3 grid) {
   if (!trans_a && trans_b)
-    gemm_skinny_kernel<BN, false, true><<<grid, kSkThreads, 0, stream>>>(g, out_trans);
+    launch(gemm_skinny_kernel<BN, false, true>, grid, kSkThreads, 0, stream, g, out_trans);
   else if (trans_a && !trans_b)
-    gemm_skinny_kernel<BN, true, false><<<grid, kSkThreads, 0, stream>>>(g, out_trans);
+    launch(gemm_skinny_kernel<BN, true, false>, grid, kSkThreads, 0, stream, g, out_trans);
   else if (!trans_a && !trans_b)
-    gemm_skinny_kernel<BN, false, false><<<grid, kSkThreads, 0, stream>>>(g, out_trans);
+    launch(gemm_skinny_kernel<BN, false, false>, grid, kSkThreads, 0, stream, g, out_trans);
   else
     return cudaErrorInvalidValue;  // TT is not an adapter shape
   return cudaGetLastError();

@@ -27,11 +27,15 @@ template <> struct Mma<__nv_bfloat16> {
     return *reinterpret_cast<uint32_t*>(&v);
   }
   static __device__ __forceinline__ void run(float* c, const uint32_t* a, const uint32_t* b) {
+#ifdef LORA_CUDA_EMU
+    ::lora_emu::mma_m16n8k16(c, a, b, ::lora_emu::MmaType::BF16);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
   }
 };
 template <> struct Mma<__half> {
@@ -40,25 +44,37 @@ template <> struct Mma<__half> {
     return *reinterpret_cast<uint32_t*>(&v);
   }
   static __device__ __forceinline__ void run(float* c, const uint32_t* a, const uint32_t* b) {
+#ifdef LORA_CUDA_EMU
+    ::lora_emu::mma_m16n8k16(c, a, b, ::lora_emu::MmaType::F16);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
   }
 };
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const void* p) {
+#ifdef LORA_CUDA_EMU
+  ::lora_emu::ldmatrix_x4(r, p, false);
+#else
   const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(a));
+#endif
 }
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* p) {
+#ifdef LORA_CUDA_EMU
+  ::lora_emu::ldmatrix_x4(r, p, true);
+#else
   const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(a));
+#endif
 }
 
 // Grouped rasterisation of a 1-D grid: kGroupM row-tiles walk the column tiles together, so
@@ -326,6 +342,13 @@ template <bool W_NK> __host__ __device__ constexpr int stage_b() { return W_NK ?
 template <bool W_NK> __host__ __device__ constexpr int pipelined_smem() { return kStages * (kStageA + stage_b<W_NK>()) * 2; }
 static_assert(pipelined_smem<true>() >= 2 * 128 * kRPad * 4, "epilogue staging must fit");
 
+#ifdef LORA_CUDA_EMU
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool pred) {
+  ::lora_emu::cp_async16(dst, src, pred);
+}
+__device__ __forceinline__ void cp_async_commit() { ::lora_emu::cp_async_commit(); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { ::lora_emu::cp_async_wait(N); }
+#else
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool pred) {
   const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
   const int bytes = pred ? 16 : 0;  // 0: zero-fill the 16 bytes, read nothing
@@ -335,6 +358,7 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
+#endif
 
 // out (M, Nn) = X16 (M, K) · op(W) + LoRA epilogue; K % 8 == 0 (and Nn % 8 == 0 for (K, Nn) W),
 // rows 16-byte aligned.
@@ -345,7 +369,7 @@ __global__ void __launch_bounds__(kTcThreads, LORA_TC_MIN_BLOCKS)
                              const TW* __restrict__ W,  // (Nn, K) or (K, Nn), row stride ldw
                              int64_t ldo, int64_t ldx, int64_t ldw, int64_t M, int64_t Nn,
                              int64_t K, const LoraEpilogue epi) {
-  extern __shared__ __align__(16) unsigned char dsmem[];
+  LORA_DYNAMIC_SMEM(unsigned char, dsmem);
   TW* As = reinterpret_cast<TW*>(dsmem);  // [kStages][kBM][kPadK]
   TW* Bs = As + kStages * kStageA;        // [kStages][kBN][kPadK] or [kStages][kBK][kPadN]
   constexpr int kStageB = stage_b<W_NK>();
@@ -423,14 +447,14 @@ cudaError_t launch_typed(cudaStream_t stream, float* out, int64_t ldo, const flo
       cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            pipelined_smem<true>());
       if (e != cudaSuccess) return e;
-      kernel<<<grid, kTcThreads, pipelined_smem<true>(), stream>>>(out, x16, W, ldo, K, ldw, M, Nn,
+      launch(kernel, grid, kTcThreads, pipelined_smem<true>(), stream, out, x16, W, ldo, K, ldw, M, Nn,
                                                                    K, epi);
     } else {
       auto kernel = gemm_tc_pipelined_kernel<TW, false>;
       cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            pipelined_smem<false>());
       if (e != cudaSuccess) return e;
-      kernel<<<grid, kTcThreads, pipelined_smem<false>(), stream>>>(out, x16, W, ldo, K, ldw, M,
+      launch(kernel, grid, kTcThreads, pipelined_smem<false>(), stream, out, x16, W, ldo, K, ldw, M,
                                                                     Nn, K, epi);
     }
     return cudaGetLastError();
@@ -438,10 +462,10 @@ cudaError_t launch_typed(cudaStream_t stream, float* out, int64_t ldo, const flo
   const bool x_vec = ldx % 4 == 0 && reinterpret_cast<uintptr_t>(X) % 16 == 0;
   const bool w_vec = ldw % 8 == 0 && reinterpret_cast<uintptr_t>(W) % 16 == 0;
   if (w_nk)
-    gemm_tc_kernel<TW, true><<<grid, kTcThreads, 0, stream>>>(out, X, W, ldo, ldx, ldw, M, Nn, K,
+    launch(gemm_tc_kernel<TW, true>, grid, kTcThreads, 0, stream, out, X, W, ldo, ldx, ldw, M, Nn, K,
                                                               x_vec, w_vec, epi);
   else
-    gemm_tc_kernel<TW, false><<<grid, kTcThreads, 0, stream>>>(out, X, W, ldo, ldx, ldw, M, Nn, K,
+    launch(gemm_tc_kernel<TW, false>, grid, kTcThreads, 0, stream, out, X, W, ldo, ldx, ldw, M, Nn, K,
                                                                x_vec, w_vec, epi);
   return cudaGetLastError();
 }

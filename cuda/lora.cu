@@ -131,13 +131,13 @@ cudaError_t launch_lora_merge(cudaStream_t stream, void* W, DType w_dtype, const
   const bool vec = C % 4 == 0 && reinterpret_cast<uintptr_t>(W) % (4 * dtype_size(w_dtype)) == 0;
   switch (w_dtype) {
     case DType::F32:
-      lora_merge_kernel<<<grid, kMergeThreads, 0, stream>>>(static_cast<float*>(W), A, B, OC, C, R, s, vec);
+      launch(lora_merge_kernel<float>, grid, kMergeThreads, 0, stream, static_cast<float*>(W), A, B, OC, C, R, s, vec);
       break;
     case DType::BF16:
-      lora_merge_kernel<<<grid, kMergeThreads, 0, stream>>>(static_cast<__nv_bfloat16*>(W), A, B, OC, C, R, s, vec);
+      launch(lora_merge_kernel<__nv_bfloat16>, grid, kMergeThreads, 0, stream, static_cast<__nv_bfloat16*>(W), A, B, OC, C, R, s, vec);
       break;
     case DType::F16:
-      lora_merge_kernel<<<grid, kMergeThreads, 0, stream>>>(static_cast<__half*>(W), A, B, OC, C, R, s, vec);
+      launch(lora_merge_kernel<__half>, grid, kMergeThreads, 0, stream, static_cast<__half*>(W), A, B, OC, C, R, s, vec);
       break;
     default: return cudaErrorInvalidValue;
   }

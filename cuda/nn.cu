@@ -235,7 +235,7 @@ __global__ void __launch_bounds__(kNnThreads)
                      const float* __restrict__ k,  // (Bt, T, H, D)
                      const float* __restrict__ v,  // (Bt, T, H, D)
                      int64_t T, int64_t H, int64_t D, float scale, bool causal) {
-  extern __shared__ float att_smem[];  // [D] q_i, then [T] scores
+  LORA_DYNAMIC_SMEM(float, att_smem);  // [D] q_i, then [T] scores
   __shared__ float fscratch[32];
   __shared__ double dscratch[32];
   float* qi = att_smem;
@@ -304,7 +304,7 @@ __global__ void __launch_bounds__(kNnThreads)
                               const float* __restrict__ lse,   // (Bt, H, T)
                               const float* __restrict__ delta, // (Bt, H, T)
                               int64_t T, int64_t H, int64_t D, float scale, bool causal) {
-  extern __shared__ float att_smem[];  // [T] p, [T] ds
+  LORA_DYNAMIC_SMEM(float, att_smem);  // [T] p, [T] ds
   float* p = att_smem;
   float* ds = att_smem + T;
   const int64_t row = blockIdx.x;
@@ -362,10 +362,10 @@ cudaError_t launch_layer_norm(cudaStream_t stream, float* y, float* mean, float*
   if (N <= 0) return cudaSuccess;
   if (N > 0x7fffffff) return cudaErrorInvalidValue;
   if (rms)
-    norm_kernel<true><<<static_cast<unsigned>(N), kNnThreads, 0, stream>>>(y, nullptr, rstd, x, w,
+    launch(norm_kernel<true>, static_cast<unsigned>(N), kNnThreads, 0, stream, y, nullptr, rstd, x, w,
                                                                             nullptr, C, eps);
   else
-    norm_kernel<false><<<static_cast<unsigned>(N), kNnThreads, 0, stream>>>(y, mean, rstd, x, w, b,
+    launch(norm_kernel<false>, static_cast<unsigned>(N), kNnThreads, 0, stream, y, mean, rstd, x, w, b,
                                                                              C, eps);
   return cudaGetLastError();
 }
@@ -377,10 +377,10 @@ cudaError_t launch_layer_norm_backward(cudaStream_t stream, float* dx, float* dw
   if (N <= 0 || C <= 0) return cudaSuccess;
   if (N > 0x7fffffff) return cudaErrorInvalidValue;
   if (rms)
-    norm_backward_dx_kernel<true><<<static_cast<unsigned>(N), kNnThreads, 0, stream>>>(dx, dy, x, w,
+    launch(norm_backward_dx_kernel<true>, static_cast<unsigned>(N), kNnThreads, 0, stream, dx, dy, x, w,
                                                                                         nullptr, rstd, C);
   else
-    norm_backward_dx_kernel<false><<<static_cast<unsigned>(N), kNnThreads, 0, stream>>>(dx, dy, x, w,
+    launch(norm_backward_dx_kernel<false>, static_cast<unsigned>(N), kNnThreads, 0, stream, dx, dy, x, w,
                                                                                          mean, rstd, C);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess || (dw == nullptr && db == nullptr)) return e;
@@ -388,9 +388,9 @@ cudaError_t launch_layer_norm_backward(cudaStream_t stream, float* dx, float* dw
   if (gy > 65535) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>((C + kNnThreads - 1) / kNnThreads), static_cast<unsigned>(gy));
   if (rms)
-    norm_backward_params_kernel<true><<<grid, kNnThreads, 0, stream>>>(dw, nullptr, dy, x, nullptr, rstd, N, C);
+    launch(norm_backward_params_kernel<true>, grid, kNnThreads, 0, stream, dw, nullptr, dy, x, nullptr, rstd, N, C);
   else
-    norm_backward_params_kernel<false><<<grid, kNnThreads, 0, stream>>>(dw, db, dy, x, mean, rstd, N, C);
+    launch(norm_backward_params_kernel<false>, grid, kNnThreads, 0, stream, dw, db, dy, x, mean, rstd, N, C);
   return cudaGetLastError();
 }
 
@@ -398,7 +398,7 @@ cudaError_t launch_ids_check(cudaStream_t stream, int* bad, const int32_t* ids, 
                              bool allow_ignore, int32_t ignore) {
   cudaError_t e = cudaMemsetAsync(bad, 0, sizeof(int), stream);
   if (e != cudaSuccess || N <= 0) return e;
-  ids_check_kernel<<<grid_for(N), kThreads, 0, stream>>>(bad, ids, N, V, allow_ignore, ignore);
+  launch(ids_check_kernel, grid_for(N), kThreads, 0, stream, bad, ids, N, V, allow_ignore, ignore);
   return cudaGetLastError();
 }
 
@@ -406,9 +406,9 @@ cudaError_t launch_embedding(cudaStream_t stream, float* out, const float* table
                              int64_t N, int64_t C, bool backward) {
   if (N <= 0 || C <= 0) return cudaSuccess;
   if (backward)
-    embedding_backward_kernel<<<grid_for(N * C), kThreads, 0, stream>>>(out, table, ids, N, C);
+    launch(embedding_backward_kernel, grid_for(N * C), kThreads, 0, stream, out, table, ids, N, C);
   else
-    embedding_kernel<<<grid_for(N * C), kThreads, 0, stream>>>(out, table, ids, N, C);
+    launch(embedding_kernel, grid_for(N * C), kThreads, 0, stream, out, table, ids, N, C);
   return cudaGetLastError();
 }
 
@@ -417,7 +417,7 @@ cudaError_t launch_cross_entropy(cudaStream_t stream, float* loss, float* lse, c
                                  float smoothing) {
   if (N <= 0) return cudaSuccess;
   if (N > 0x7fffffff) return cudaErrorInvalidValue;
-  cross_entropy_kernel<<<static_cast<unsigned>(N), kNnThreads, 0, stream>>>(loss, lse, logits, targets,
+  launch(cross_entropy_kernel, static_cast<unsigned>(N), kNnThreads, 0, stream, loss, lse, logits, targets,
                                                                             V, ignore_index, smoothing);
   return cudaGetLastError();
 }
@@ -438,7 +438,7 @@ cudaError_t launch_cross_entropy_backward(cudaStream_t stream, float* dlogits, c
     return cudaSuccess;
   }
   const dim3 grid(static_cast<unsigned>((V + kNnThreads - 1) / kNnThreads), static_cast<unsigned>(N));
-  cross_entropy_backward_kernel<<<grid, kNnThreads, 0, stream>>>(dlogits, dloss, logits, lse, targets, V,
+  launch(cross_entropy_backward_kernel, grid, kNnThreads, 0, stream, dlogits, dloss, logits, lse, targets, V,
                                                                  ignore_index, smoothing);
   return cudaGetLastError();
 }
@@ -460,7 +460,7 @@ cudaError_t launch_attention(cudaStream_t stream, float* out, float* lse, const 
   const size_t smem = static_cast<size_t>(T + D) * sizeof(float);
   cudaError_t e = set_smem(reinterpret_cast<const void*>(attention_kernel), smem);
   if (e != cudaSuccess) return e;
-  attention_kernel<<<static_cast<unsigned>(rows), kNnThreads, smem, stream>>>(out, lse, q, k, v, T, H, D,
+  launch(attention_kernel, static_cast<unsigned>(rows), kNnThreads, smem, stream, out, lse, q, k, v, T, H, D,
                                                                               scale, causal);
   return cudaGetLastError();
 }
@@ -473,17 +473,17 @@ cudaError_t launch_attention_backward(cudaStream_t stream, float* dq, float* dk,
   const int64_t rows = Bt * H * T;
   if (rows <= 0) return cudaSuccess;
   if (rows > 0x7fffffff) return cudaErrorInvalidValue;
-  attention_delta_kernel<<<grid_for(rows), kThreads, 0, stream>>>(delta, dout, out, Bt, T, H, D);
+  launch(attention_delta_kernel, grid_for(rows), kThreads, 0, stream, delta, dout, out, Bt, T, H, D);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
   const size_t smem = static_cast<size_t>(2 * T) * sizeof(float);
   if ((e = set_smem(reinterpret_cast<const void*>(attention_backward_kernel<true>), smem)) != cudaSuccess ||
       (e = set_smem(reinterpret_cast<const void*>(attention_backward_kernel<false>), smem)) != cudaSuccess)
     return e;
-  attention_backward_kernel<true><<<static_cast<unsigned>(rows), kNnThreads, smem, stream>>>(
+  launch(attention_backward_kernel<true>, static_cast<unsigned>(rows), kNnThreads, smem, stream,
       dq, nullptr, nullptr, dout, q, k, v, lse, delta, T, H, D, scale, causal);
   if ((e = cudaGetLastError()) != cudaSuccess) return e;
-  attention_backward_kernel<false><<<static_cast<unsigned>(rows), kNnThreads, smem, stream>>>(
+  launch(attention_backward_kernel<false>, static_cast<unsigned>(rows), kNnThreads, smem, stream,
       nullptr, dk, dv, dout, q, k, v, lse, delta, T, H, D, scale, causal);
   return cudaGetLastError();
 }

@@ -74,7 +74,7 @@ cudaError_t launch_adamw_step(cudaStream_t stream, int64_t chunks, const int32_t
                               float* const* m, float* const* v, const int64_t* n, AdamWArgs a) {
   if (chunks <= 0) return cudaSuccess;
   if (chunks > 0x7fffffff) return cudaErrorInvalidValue;
-  adamw_step_kernel<<<static_cast<unsigned>(chunks), kOptimThreads, 0, stream>>>(
+  launch(adamw_step_kernel, static_cast<unsigned>(chunks), kOptimThreads, 0, stream,
       chunk_tensor, chunk_start, p, g, m, v, n, a);
   return cudaGetLastError();
 }
@@ -84,7 +84,7 @@ cudaError_t launch_sgd_step(cudaStream_t stream, int64_t chunks, const int32_t* 
                             float* const* buf, const int64_t* n, SgdArgs a) {
   if (chunks <= 0) return cudaSuccess;
   if (chunks > 0x7fffffff) return cudaErrorInvalidValue;
-  sgd_step_kernel<<<static_cast<unsigned>(chunks), kOptimThreads, 0, stream>>>(
+  launch(sgd_step_kernel, static_cast<unsigned>(chunks), kOptimThreads, 0, stream,
       chunk_tensor, chunk_start, p, g, buf, n, a);
   return cudaGetLastError();
 }

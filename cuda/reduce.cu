@@ -171,23 +171,22 @@ cudaError_t launch_reduce(cudaStream_t stream, ReduceOp op, float* out, const fl
   if (partial != nullptr && splits > 1) {
     const int64_t chunk = (dim + splits - 1) / splits;
     if (inner == 1) {
-      reduce_rows_partial_kernel<<<dim3(static_cast<unsigned>(splits), static_cast<unsigned>(outer)),
-                                   kRowThreads, 0, stream>>>(partial, in, op, dim, chunk);
+      launch(reduce_rows_partial_kernel, dim3(static_cast<unsigned>(splits), static_cast<unsigned>(outer)), kRowThreads, 0, stream, partial, in, op, dim, chunk);
     } else {
       const dim3 grid(static_cast<unsigned>((inner + kThreads - 1) / kThreads),
                       static_cast<unsigned>(outer), static_cast<unsigned>(splits));
-      reduce_strided_partial_kernel<<<grid, kThreads, 0, stream>>>(partial, in, op, dim, inner, chunk);
+      launch(reduce_strided_partial_kernel, grid, kThreads, 0, stream, partial, in, op, dim, inner, chunk);
     }
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
-    reduce_partials_kernel<<<grid_for(outer * inner), kThreads, 0, stream>>>(out, partial, op,
+    launch(reduce_partials_kernel, grid_for(outer * inner), kThreads, 0, stream, out, partial, op,
                                                                             outer * inner, splits);
     return cudaGetLastError();
   }
   if (inner == 1 && outer <= 0x7fffffff) {
-    reduce_rows_kernel<<<static_cast<unsigned>(outer), kRowThreads, 0, stream>>>(out, in, op, dim);
+    launch(reduce_rows_kernel, static_cast<unsigned>(outer), kRowThreads, 0, stream, out, in, op, dim);
   } else {
-    reduce_strided_kernel<<<grid_for(outer * inner), kThreads, 0, stream>>>(out, in, op, outer,
+    launch(reduce_strided_kernel, grid_for(outer * inner), kThreads, 0, stream, out, in, op, outer,
                                                                            dim, inner);
   }
   return cudaGetLastError();
@@ -197,7 +196,7 @@ cudaError_t launch_softmax(cudaStream_t stream, float* out, const float* in, int
                            int64_t cols, bool log) {
   if (rows <= 0 || cols <= 0) return cudaSuccess;
   if (rows > 0x7fffffff) return cudaErrorInvalidValue;
-  softmax_kernel<<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(out, in, cols, log);
+  launch(softmax_kernel, static_cast<unsigned>(rows), kRowThreads, 0, stream, out, in, cols, log);
   return cudaGetLastError();
 }
 
@@ -205,7 +204,7 @@ cudaError_t launch_softmax_backward(cudaStream_t stream, float* dx, const float*
                                     const float* y, int64_t rows, int64_t cols, bool log) {
   if (rows <= 0 || cols <= 0) return cudaSuccess;
   if (rows > 0x7fffffff) return cudaErrorInvalidValue;
-  softmax_backward_kernel<<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(dx, dy, y, cols,
+  launch(softmax_backward_kernel, static_cast<unsigned>(rows), kRowThreads, 0, stream, dx, dy, y, cols,
                                                                                     log);
   return cudaGetLastError();
 }

@@ -35,6 +35,11 @@ export interface Features {
   addonDir: string;
   /** Path of the CUDA library tried. */
   cudaLibrary: string;
+  /**
+   * True when that library is the CPU emulator of the CUDA kernels (a test tool, see
+   * cuda/emu/): `cuda` works, slowly, with no GPU.
+   */
+  cudaEmulated?: boolean;
   /** Path of the loaded native addon (.node file). */
   addonPath: string;
   /** 'prebuild' when the addon came from prebuilds/<platform>-<arch>/, 'build' when compiled locally. */

@@ -11,11 +11,26 @@ export abstract class Module {
   protected readonly _parameters = new Map<string, Tensor | null>();
   protected readonly _modules = new Map<string, Module>();
 
-  /** Registers a parameter under a name (null for an absent optional one, like a bias). */
+  /**
+   * Registers a parameter under a name (null for an absent optional one, like a bias). The
+   * field of that name becomes a view of the registry, so `layer.weight = other` replaces the
+   * parameter everywhere (parameters(), to(), stateDict()); the old tensor is not disposed.
+   */
   protected registerParameter(name: string, t: Tensor | null): Tensor | null {
     if (t !== null && !(t instanceof Tensor)) throw typeError(name, 'a Tensor or null', t);
     if (t) keep(t);
     this._parameters.set(name, t);
+    const params = this._parameters;
+    Object.defineProperty(this, name, {
+      configurable: true,
+      enumerable: true,
+      get: () => params.get(name),
+      set: (v: unknown) => {
+        if (v !== null && !(v instanceof Tensor)) throw typeError(name, 'a Tensor or null', v);
+        if (v) keep(v);
+        params.set(name, v);
+      },
+    });
     return t;
   }
 
@@ -70,15 +85,9 @@ export abstract class Module {
       moved.requiresGrad = t.requiresGrad;
       t.dispose();
       this._parameters.set(name, moved);
-      this.onParameterReplaced(name, moved);
     }
     for (const m of this._modules.values()) m.to(d);
     return this;
-  }
-
-  /** Subclasses that mirror parameters in fields update them here. */
-  protected onParameterReplaced(name: string, t: Tensor): void {
-    (this as unknown as Record<string, unknown>)[name] = t;
   }
 
   /** Frees every parameter (and gradient) of this module and its children. */

@@ -29,6 +29,7 @@ export interface NativeFeatures {
   cuda: boolean;
   reason?: string;
   cudaLibrary: string;
+  cudaEmulated?: boolean;
   devices: { name: string; computeCapability: string; memory: number }[];
   isa: string;
   threads: number;

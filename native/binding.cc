@@ -465,6 +465,7 @@ Napi::Value Features(const Napi::CallbackInfo& info) {
   o.Set("cuda", st.cuda.backend != nullptr);
   if (!st.cuda.backend) o.Set("reason", st.cuda.reason);
   o.Set("cudaLibrary", st.cuda.library_path);
+  if (st.cuda.emulated) o.Set("cudaEmulated", true);
   Napi::Array devs = Napi::Array::New(env, st.cuda.devices.size());
   for (size_t i = 0; i < st.cuda.devices.size(); ++i) {
     const auto& d = st.cuda.devices[i];

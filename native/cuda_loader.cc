@@ -1,6 +1,6 @@
 // Finds and loads the CUDA backend at run time (native/cuda_loader.h). Compiled into the CPU
-// addon with no CUDA headers: the driver is probed through dlopen("libcuda.so.1") and a few
-// driver-API prototypes declared here, and liblora_cuda.so is dlopen()ed from beside the addon.
+// addon with no CUDA headers: liblora_cuda.so is dlopen()ed from beside the addon, and the driver
+// is probed through dlopen("libcuda.so.1") and a few driver-API prototypes declared here.
 // Every failure is collected into one reason; nothing here aborts, prints or throws.
 #include "cuda_loader.h"
 
@@ -27,6 +27,8 @@ using cuDeviceTotalMem_t = CUresult (*)(size_t*, CUdevice);
 using cuGetErrorString_t = CUresult (*)(CUresult, const char**);
 
 using lora_cuda_create_t = Backend* (*)(char*, size_t);
+// Exported only by the CPU emulator build (cuda/emu/): the device it stands for.
+using lora_cuda_emulator_t = int (*)(char* name, size_t name_len, int* major, int* minor, size_t* memory);
 
 std::string dl_error() {
   const char* e = dlerror();
@@ -83,9 +85,7 @@ void load_cuda(const std::string& addon_dir, CudaState* state) {
   state->tried = true;
   state->backend = nullptr;
   state->devices.clear();
-
-  // Both checks run even when the first fails, so one message says everything that is missing.
-  const std::string driver_reason = probe_driver(state);
+  state->emulated = false;
 
   const char* override_path = std::getenv("LORA_NATIVE_CUDA_LIB");
   state->library_path = (override_path && *override_path)
@@ -93,6 +93,7 @@ void load_cuda(const std::string& addon_dir, CudaState* state) {
                             : (addon_dir.empty() ? std::string(".") : addon_dir) + "/liblora_cuda.so";
   std::string library_reason;
   lora_cuda_create_t create = nullptr;
+  lora_cuda_emulator_t emulator = nullptr;
   // RTLD_LOCAL: its symbols (static cudart included) never meet anyone else's. Never dlclose()d:
   // static cudart registers exit handlers that must still find their code.
   void* lib = dlopen(state->library_path.c_str(), RTLD_NOW | RTLD_LOCAL);
@@ -106,6 +107,21 @@ void load_cuda(const std::string& addon_dir, CudaState* state) {
     if (create == nullptr)
       library_reason = state->library_path + " is not a lora-native CUDA backend (no lora_cuda_create: " +
                        dl_error() + ")";
+    emulator = symbol<lora_cuda_emulator_t>(lib, "lora_cuda_emulator");
+  }
+
+  // Both checks run even when one fails, so one message says everything that is missing. The
+  // emulator (cuda/emu/, a test tool) runs on the CPU: no driver to probe.
+  std::string driver_reason;
+  if (emulator != nullptr) {
+    CudaDeviceInfo info;
+    char name[256] = {0};
+    emulator(name, sizeof name, &info.major, &info.minor, &info.memory);
+    info.name = name;
+    state->devices.push_back(info);
+    state->emulated = true;
+  } else {
+    driver_reason = probe_driver(state);
   }
 
   if (!driver_reason.empty() || !library_reason.empty()) {

@@ -1,7 +1,9 @@
-// Finds and loads the CUDA backend at run time. The CPU addon never links CUDA: it dlopen()s the
-// driver (libcuda.so.1) to see whether a GPU can be used at all, and only then dlopen()s
-// liblora_cuda.so from beside the addon. Every failure is kept as a reason string for features()
-// and for the ERR_LORA_NO_CUDA error; nothing here aborts or prints.
+// Finds and loads the CUDA backend at run time. The CPU addon never links CUDA: it dlopen()s
+// liblora_cuda.so from beside the addon and the driver (libcuda.so.1) to see whether a GPU can be
+// used at all, and creates the backend only when both are there. A library exporting
+// lora_cuda_emulator (the CPU emulator of the kernels, cuda/emu/, chosen with LORA_NATIVE_CUDA_LIB)
+// needs no driver. Every failure is kept as a reason string for features() and for the
+// ERR_LORA_NO_CUDA error; nothing here aborts or prints.
 #pragma once
 
 #include <cstddef>
@@ -24,6 +26,7 @@ struct CudaState {
   std::string reason;          // why backend is null ("" when loaded)
   std::string library_path;    // the liblora_cuda.so that was (or would have been) loaded
   std::vector<CudaDeviceInfo> devices;
+  bool emulated = false;       // the library is the CPU emulator of the CUDA kernels (cuda/emu/)
 };
 
 // Loads once per state; addon_dir is the folder holding the .node file. Later calls return at once.

@@ -76,6 +76,30 @@ t.test('stateDict, loadStateDict, freeze', (tt) => {
   tt.end();
 });
 
+t.test('assigning a parameter field replaces the registered parameter', (tt) => {
+  const layer = new LoraLinear({ inFeatures: 5, outFeatures: 3, rank: 2, alpha: 4, seed: 3 });
+  const old = layer.weight;
+  const w16 = old.toDtype('bfloat16');
+  layer.weight = w16;
+  old.dispose();
+  tt.equal(layer.weight, w16, 'the field reads the new tensor');
+  tt.equal(layer.stateDict()['weight'], w16, 'stateDict() sees it');
+  tt.ok(layer.namedParameters().some(([n, p]) => n === 'weight' && p === w16), 'namedParameters() sees it');
+  const x = tensor([0.5, -1, 2, 0.25, 3, 1, 1, -2, 0, 0.75], [2, 5]);
+  tt.equal(values(() => layer.forward(x)).length, 6, 'forward runs on the new weight');
+  tt.throws(() => { (layer as unknown as { weight: unknown }).weight = 'w'; }, { code: 'ERR_LORA_TYPE', message: 'Expected a Tensor or null for weight but received "w" (string)' });
+  tt.equal(layer.weight, w16, 'a rejected assignment changes nothing');
+  const lin = new Linear(5, 3, { seed: 1 });
+  const oldBias = lin.bias!;
+  lin.bias = null;
+  oldBias.dispose();
+  tt.same(lin.namedParameters().map(([n]) => n), ['weight'], 'a bias set to null is gone');
+  tt.same(values(() => lin.forward(x)), values(() => linear(x, lin.weight)), 'and forward has no bias');
+  for (const m of [layer, lin]) m.dispose();
+  x.dispose();
+  tt.end();
+});
+
 t.test('TransformerLM: names, shapes, causality', (tt) => {
   const lm = new TransformerLM({ ...small, seed: 1 });
   const names = lm.namedParameters().map(([n]) => n);
