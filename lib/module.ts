@@ -3,7 +3,7 @@
 // Parameters a module creates are kept out of tidy() scopes: they live until dispose().
 import { LoraError, typeError } from './errors';
 import type { Rng } from './random';
-import { checkDevice, Device, keep, Tensor, tensor } from './tensor';
+import { checkDevice, Device, keep, noGrad, Tensor, tensor } from './tensor';
 
 export abstract class Module {
   /** Training mode (dropout active). New modules start in training mode, like PyTorch. */
@@ -81,7 +81,7 @@ export abstract class Module {
     const d = checkDevice('device', device);
     for (const [name, t] of this._parameters) {
       if (!t || t.device === d) continue;
-      const moved = keep(t.detach().to(d));
+      const moved = keep(noGrad(() => t.to(d)));  // a new leaf on the device, no history
       moved.requiresGrad = t.requiresGrad;
       t.dispose();
       this._parameters.set(name, moved);

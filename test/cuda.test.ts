@@ -34,7 +34,7 @@ function childFeatures(env: Record<string, string>): { cuda: boolean; reason?: s
 t.test('features() describes CUDA availability', async (t) => {
   t.type(f.cuda, 'boolean');
   t.ok(Array.isArray(f.devices), 'devices is an array');
-  t.match(f.cudaLibrary, /liblora_cuda\.so$/, 'names the library it tried');
+  t.match(f.cudaLibrary, f.cudaEmulated ? /liblora_cuda_emu\.so$/ : /liblora_cuda\.so$/, 'names the library it tried');
   if (f.cuda) {
     t.equal(f.reason, undefined, 'no reason when CUDA works');
     t.ok(f.devices.length >= 1, 'at least one device');
@@ -108,7 +108,8 @@ int cuDeviceTotalMem_v2(size_t* b, int d) { (void)d; *b = (size_t)80 << 30; retu
 int cuGetErrorString(int r, const char** s) { *s = r == 100 ? "no CUDA-capable device is detected" : "fake error"; return 0; }
 `);
     execFileSync(cc!, ['-shared', '-fPIC', '-o', path.join(dir, 'libcuda.so.1'), src]);
-    const env = { LD_LIBRARY_PATH: `${dir}${process.env.LD_LIBRARY_PATH ? `:${process.env.LD_LIBRARY_PATH}` : ''}` };
+    // LORA_NATIVE_CUDA_LIB '': the library beside the addon, even when this run uses the emulator.
+    const env = { LD_LIBRARY_PATH: `${dir}${process.env.LD_LIBRARY_PATH ? `:${process.env.LD_LIBRARY_PATH}` : ''}`, LORA_NATIVE_CUDA_LIB: '' };
 
     const noDevice = childFeatures({ ...env, FAKE_CU_INIT: '100' });
     t.equal(noDevice.cuda, false);
@@ -154,10 +155,14 @@ function pair(n: number, shape: number[], seed: number, scale = 1): [Tensor, Ten
 
 t.test('CUDA matches the CPU', { skip: noCuda }, async (t) => {
   await leakChecked(t, 'round trip cpu -> cuda -> cpu is exact', (t) => {
-    const [a] = pair(1001, [7, 11, 13], 1);
+    const [a, onDevice] = pair(1001, [7, 11, 13], 1);
+    t.same(Array.from(onDevice.toFloat32Array()), Array.from(a.toFloat32Array()), 'tensor(..., {device: cuda}) holds the data');
+    onDevice.dispose();
     const back = tidy(() => a.to('cuda').to('cpu'));
     t.same(Array.from(back.toFloat32Array()), Array.from(a.toFloat32Array()));
-    t.equal(a.to('cuda').device, 'cuda');
+    const moved = a.to('cuda');
+    t.equal(moved.device, 'cuda');
+    moved.dispose();
     a.dispose();
     back.dispose();
   });
