@@ -6,6 +6,10 @@
 //
 // Environment: CUDACXX (nvcc path), LORA_CUDA_ARCHS (CUDA architectures, e.g. "90-real"),
 // LORA_CUDA_JOBS (parallel compile jobs, default 2), LORA_NATIVE_SKIP_CUDA=1.
+//
+// `--emulator` builds instead the CPU emulator of the same kernels (cuda/emu/ ->
+// build-cuda-emu/liblora_cuda_emu.so and its self-test), a test tool: `npm test` runs the CUDA
+// tests on it (pretest). It needs cmake, g++ and the CUDA headers, not nvcc's device compiler.
 'use strict';
 
 const fs = require('fs');
@@ -55,7 +59,59 @@ function run(cmd, args) {
   return { ok: r.status === 0, output: `${r.stdout || ''}${r.stderr || ''}`, error: r.error };
 }
 
+// The folder holding cuda_runtime.h: beside nvcc, under CUDA_PATH, or the usual install folder.
+function findCudaHeaders(nvcc) {
+  const candidates = [];
+  if (process.env.CUDA_PATH) candidates.push(path.join(process.env.CUDA_PATH, 'include'));
+  if (nvcc) {
+    const bin = path.dirname(fs.realpathSync(nvcc));
+    candidates.push(path.join(bin, '..', 'include'), path.join(bin, '..', 'targets', 'x86_64-linux', 'include'));
+  }
+  candidates.push('/usr/local/cuda/include');
+  return candidates.find((dir) => fs.existsSync(path.join(dir, 'cuda_runtime.h'))) || null;
+}
+
+// Configures and builds one CMake project; prints the tail of the log and returns false on failure.
+function cmakeBuild(cmake, what, configure, buildDir, jobs) {
+  for (const [step, args] of [['configure', configure], ['build', ['--build', buildDir, '-j', jobs]]]) {
+    const r = run(cmake, args);
+    if (!r.ok) {
+      process.stderr.write(r.output.split('\n').slice(-60).join('\n') + '\n');
+      const log = path.join(buildDir, `${step}.log`);
+      try {
+        fs.mkdirSync(buildDir, { recursive: true });
+        fs.writeFileSync(log, r.output);
+      } catch { /* the message below is what matters */ }
+      say(`${what} ${step} failed${r.error ? ` (${r.error.message})` : ''}; full log: ${log}.`);
+      return false;
+    }
+  }
+  return true;
+}
+
+function buildEmulator() {
+  if (process.env.LORA_NATIVE_SKIP_CUDA_EMU === '1') {
+    say('CUDA emulator skipped (LORA_NATIVE_SKIP_CUDA_EMU=1).');
+    return 0;
+  }
+  const cmake = onPath('cmake');
+  const headers = findCudaHeaders(findNvcc());
+  if (!cmake || !headers || process.platform !== 'linux' || process.arch !== 'x64') {
+    say(`CUDA emulator skipped: ${!cmake ? 'cmake not found on PATH' : !headers ? 'no CUDA headers (cuda_runtime.h) found' : 'linux-x64 only'}; the CUDA tests will say so.`);
+    return 0;
+  }
+  const buildDir = path.join(root, 'build-cuda-emu');
+  const configure = ['-S', path.join(root, 'cuda', 'emu'), '-B', buildDir, '-G', onPath('ninja') ? 'Ninja' : 'Unix Makefiles',
+    '-DCMAKE_BUILD_TYPE=Release', `-DLORA_CUDA_INCLUDE=${headers}`];
+  const started = Date.now();
+  if (!cmakeBuild(cmake, 'CUDA emulator', configure, buildDir, String(Math.max(1, Number(process.env.LORA_CUDA_JOBS) || 2)))) return 1;
+  const seconds = (Date.now() - started) / 1000;
+  if (seconds >= 2) say(`CUDA emulator built in ${seconds.toFixed(0)} s: ${path.relative(root, path.join(buildDir, 'liblora_cuda_emu.so'))}`);
+  return 0;
+}
+
 function main() {
+  if (process.argv.includes('--emulator')) return buildEmulator();
   if (process.env.LORA_NATIVE_SKIP_CUDA === '1') {
     say('CUDA backend skipped (LORA_NATIVE_SKIP_CUDA=1).');
     return 0;
@@ -87,19 +143,9 @@ function main() {
 
   const started = Date.now();
   say(`building the CUDA backend with ${nvcc} (${jobs} jobs; a few minutes)...`);
-  for (const [what, args] of [['configure', configure], ['build', ['--build', buildDir, '-j', jobs]]]) {
-    const r = run(cmake, args);
-    if (!r.ok) {
-      process.stderr.write(r.output.split('\n').slice(-60).join('\n') + '\n');
-      const log = path.join(buildDir, `${what}.log`);
-      try {
-        fs.mkdirSync(buildDir, { recursive: true });
-        fs.writeFileSync(log, r.output);
-      } catch { /* the message below is what matters */ }
-      say(`CUDA backend ${what} failed${r.error ? ` (${r.error.message})` : ''}; full log: ${log}. ` +
-        'Set LORA_NATIVE_SKIP_CUDA=1 to install without it.');
-      return 1;
-    }
+  if (!cmakeBuild(cmake, 'CUDA backend', configure, buildDir, jobs)) {
+    say('Set LORA_NATIVE_SKIP_CUDA=1 to install without the CUDA backend.');
+    return 1;
   }
   const built = path.join(buildDir, 'liblora_cuda.so');
   const destDir = addonDir();

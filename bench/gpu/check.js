@@ -16,6 +16,10 @@ const FP32_TOL = { abs: 1e-6, rel_rms: 2e-6, rtol: 1e-4 };
 const BF16_TOL = { abs: 1e-6, rel_rms: 2e-2, rtol: 2e-2 };  // x is rounded to bf16 (8 bits)
 const EXACT = { abs: 0, rel_rms: 0, rtol: 0 };
 const NN_TOL = { abs: 1e-6, rel_rms: 1e-5, rtol: 1e-4 };  // long fp32 sums in another order
+// fp32 results of K-term sums taken in another order (tiles, split-K atomics): the rounding error
+// grows like sqrt(K) units of 2^-24 of the result's rms; 4 of them bound the worst of ~10^5
+// elements. (A run on the emulator failed one element in 65536 at K = 2752 with the fixed 2e-6.)
+const fp32Tol = (K) => ({ ...FP32_TOL, rel_rms: Math.max(FP32_TOL.rel_rms, 4 * 2 ** -24 * Math.sqrt(K)) });
 
 // LORA_CHECK_ONLY=prefix runs only the cases whose name starts with it (e.g. lora_).
 const only = process.env.LORA_CHECK_ONLY || '';
@@ -223,7 +227,7 @@ for (const [N, C, OC, R] of loraShapes) {
   const x = data(N * C), w = data(OC * C, 1 / Math.sqrt(C)), bias = data(OC), A = data(R * C, 1 / Math.sqrt(C)),
     B = data(OC * R), dy = data(N * OC), dA0 = data(R * C), dB0 = data(OC * R);
   for (const wdt of [F32, BF16]) {
-    const tol = wdt === F32 ? FP32_TOL : BF16_TOL;
+    const tol = wdt === F32 ? fp32Tol(Math.max(N, C, OC)) : BF16_TOL;
     for (const p of R > 0 ? [0, 0.2] : [0]) {
       const tag = `(${N}, ${C}, ${OC}, ${R}) W ${wdt === F32 ? 'f32' : 'bf16'} dropout ${p}`;
       const s = 2.0;

@@ -1,0 +1,72 @@
+// The CUDA backend's kernels, run on the CPU emulator of cuda/emu/ (built by `npm test`'s pretest:
+// `node scripts/build-cuda.js --emulator`). Our machines have no GPU; this is how every CUDA
+// kernel runs in CI: the emulator's own checks, every CUDA op against the CPU backend through
+// bench/gpu/check.js (the script the GPU machine runs), the same with the alternate GEMM kernels
+// and with an H200's 132 SMs (which changes grid and split-K choices), and test/cuda.test.ts's
+// CUDA cases. What it cannot show (speed, the hardware's exact rounding, memory ordering between
+// blocks) waits for bench/gpu/run.sh on a GPU.
+import { spawnSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+
+import t from 'tap';
+
+const root = path.resolve(__dirname, '..');
+const emuDir = path.join(root, 'build-cuda-emu');
+const emuLib = path.join(emuDir, 'liblora_cuda_emu.so');
+const selftest = path.join(emuDir, 'lora_cuda_emu_selftest');
+const notBuilt = fs.existsSync(emuLib) && fs.existsSync(selftest)
+  ? false
+  : 'the CUDA emulator is not built (npm run build:cuda-emu; it needs cmake, g++ and the CUDA headers)';
+const noDist = fs.existsSync(path.join(root, 'dist', 'lib', 'native.js')) ? false : 'bench/gpu/check.js needs dist/ (npm run build:ts)';
+
+function run(cmd: string, args: string[], env: Record<string, string> = {}, timeout = 240_000) {
+  const r = spawnSync(cmd, args, {
+    cwd: root, encoding: 'utf8', timeout, maxBuffer: 64 << 20,
+    env: { ...process.env, LORA_NATIVE_CUDA_LIB: emuLib, ...env },
+  });
+  return { status: r.status, signal: r.signal, out: `${r.stdout ?? ''}${r.stderr ?? ''}` };
+}
+
+t.test('the emulator checks itself', { skip: notBuilt }, async (t) => {
+  const list = run(selftest, []);
+  const cases = (list.out.match(/cases: (.*)/)?.[1] ?? '').trim().split(/\s+/).filter(Boolean);
+  t.ok(cases.length >= 8, `self-test cases: ${cases.join(', ')}`);
+  for (const c of cases) {
+    const r = run(selftest, [c], {}, 60_000);
+    t.equal(r.status, 0, `${c}: ${r.out.trim().split('\n').filter((l) => l.startsWith('FAIL')).slice(0, 5).join('; ') || 'exit 0'}`);
+    t.match(r.out, new RegExp(`^ok ${c}$`, 'm'), `${c} reports ok`);
+  }
+});
+
+// Runs bench/gpu/check.js on the emulator; every case must pass.
+function checkAll(t: Tap.Test, label: string, env: Record<string, string>, minCases: number): void {
+  const r = run(process.execPath, [path.join('bench', 'gpu', 'check.js')], env);
+  const summary = r.out.match(/^check: (\d+) passed, (\d+) failed$/m);
+  const fails = r.out.split('\n').filter((l) => l.startsWith('FAIL')).slice(0, 8);
+  t.ok(summary, `${label}: check.js printed its summary (exit ${r.status}${r.signal ? `, ${r.signal}` : ''})`);
+  t.equal(Number(summary?.[2] ?? -1), 0, `${label}: no case failed${fails.length ? `:\n${fails.join('\n')}` : ''}`);
+  t.ok(Number(summary?.[1] ?? 0) >= minCases, `${label}: ${summary?.[1]} cases passed (at least ${minCases})`);
+  t.equal(r.status, 0, `${label}: exit 0`);
+  t.notMatch(r.out, /kernel failed/, `${label}: no kernel fault, deadlock or illegal address`);
+}
+
+t.test('every CUDA op matches the CPU backend on the emulator', { skip: notBuilt || noDist }, async (t) => {
+  checkAll(t, 'all ops', {}, 250);
+  checkAll(t, 'LoRA ops, register-staged GEMM + SIMT adapter GEMMs', { LORA_CHECK_ONLY: 'lora_', LORA_CUDA_TC: 'staged', LORA_CUDA_SKINNY: 'simt' }, 40);
+  checkAll(t, 'LoRA ops with 132 SMs (an H200\'s grid and split-K choices)', { LORA_CHECK_ONLY: 'lora_', LORA_CUDA_EMU_SMS: '132' }, 40);
+});
+
+t.test('test/cuda.test.ts passes on the emulator, its CUDA cases run', { skip: notBuilt }, async (t) => {
+  const hooks = process.execArgv.filter((a) => a.includes('@tapjs/typescript'));
+  if (!hooks.length) {
+    t.skip('needs tap\'s TypeScript hook (run under tap)');
+    return;
+  }
+  const r = run(process.execPath, [...hooks, path.join('test', 'cuda.test.ts')]);
+  const failed = r.out.split('\n').filter((l) => /^\s*not ok/.test(l)).slice(0, 8);
+  t.equal(r.status, 0, `exit 0${failed.length ? `; failed:\n${failed.join('\n')}` : ''}`);
+  t.notMatch(r.out, /# SKIP CUDA unavailable/, 'the GPU cases ran (no "CUDA unavailable" skip)');
+  t.match(r.out, /ok \d+ - CUDA matches the CPU/, 'the CUDA-vs-CPU block passed');
+  t.match(r.out, /ok \d+ - LoraLinear \(33, 64, 257, 8\) dropout 0 bf16 weight/, 'including the bf16 tensor-core path');
+});
