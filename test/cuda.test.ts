@@ -10,8 +10,8 @@ import * as path from 'node:path';
 import t from 'tap';
 
 import {
-  add, AdamW, features, LoraError, LoraLinear, matmul, mul, randn, relu, sigmoid, silu, sum, tanh, tensor, Tensor,
-  tidy, exp, max, mean,
+  add, AdamW, applyLora, crossEntropy, features, loadLoraAdapter, LoraError, LoraLinear, matmul, mul, randn, relu, reshape,
+  saveLoraAdapter, sigmoid, silu, sum, tanh, tensor, Tensor, tidy, exp, max, mean, train, TransformerLM,
 } from '../lib/index';
 import { assertClose, assertLoraError, leakChecked, randomData } from './helpers';
 
@@ -240,6 +240,50 @@ t.test('CUDA matches the CPU', { skip: noCuda }, async (t) => {
       gpu.dispose();
     });
   }
+
+  await leakChecked(t, 'a small TransformerLM with LoRA trains on cuda as on the CPU, and its adapter round-trips', async (t) => {
+    // Embedding, attention, layer norm, GELU MLP, cross-entropy with label smoothing, LoRA dropout,
+    // accumulation, clipping, AdamW with a cosine schedule: the whole training path on the device.
+    const B = 3, T = 9, V = 13;
+    const run = async (device: 'cpu' | 'cuda') => {
+      const model = new TransformerLM({ vocabSize: V, dModel: 32, nHeads: 4, nLayers: 2, maxSeqLen: 16, seed: 7 });
+      applyLora(model, { targetModules: 'all-linear', rank: 4, alpha: 8, dropout: 0.1, seed: 3 });
+      model.to(device);
+      const losses: number[] = [];
+      await train({
+        model, steps: 4, gradientAccumulation: 2, clipGradNorm: 0.5, schedule: 'cosine', progress: 'none',
+        optimizer: { lr: 3e-3, weightDecay: 0.01 },
+        data: (i: number) => i,
+        loss: (m, i) => {
+          const ids = tensor(Float32Array.from({ length: B * T }, (_, j) => (j * 7 + i * 3) % V), [B, T], { dtype: 'int32', device });
+          const tg = tensor(Float32Array.from({ length: B * T }, (_, j) => (j % 5 === 0 ? -100 : (j * 5 + i) % V)), [B * T], { dtype: 'int32', device });
+          return crossEntropy(reshape(m.forward(ids), [B * T, V]), tg, { ignoreIndex: -100, labelSmoothing: 0.1 });
+        },
+        onStep: (s) => { losses.push(s.loss); },
+      });
+      return { model, losses };
+    };
+    const cpu = await run('cpu'), gpu = await run('cuda');
+    t.equal(gpu.model.namedParameters().every(([, p]) => p.device === 'cuda'), true, 'every parameter on cuda');
+    assertClose(t, Float32Array.from(gpu.losses), Float32Array.from(cpu.losses), { atol: 1e-4, rtol: 1e-4 }, 'losses of 4 steps');
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lora-native-cuda-adapter-'));
+    try {
+      saveLoraAdapter(gpu.model, dir);
+      const fresh = new TransformerLM({ vocabSize: V, dModel: 32, nHeads: 4, nLayers: 2, maxSeqLen: 16, seed: 7 });
+      applyLora(fresh, { targetModules: 'all-linear', rank: 4, alpha: 8, seed: 99 });
+      loadLoraAdapter(fresh, dir);
+      const ids = tensor([1, 2, 3, 4, 5, 6], [1, 6], { dtype: 'int32' });
+      const onGpu = tidy(() => { gpu.model.eval(); return gpu.model.forward(ids.to('cuda')).toFloat32Array(); });
+      const reloaded = tidy(() => { fresh.eval(); return fresh.forward(ids).toFloat32Array(); });
+      assertClose(t, onGpu, reloaded, FP32, 'the adapter saved from cuda gives the same logits on the CPU');
+      ids.dispose();
+      fresh.dispose();
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+    cpu.model.dispose();
+    gpu.model.dispose();
+  });
 
   await leakChecked(t, 'randn on cuda has the requested shape and device', (t) => {
     const r = randn([17, 33], { device: 'cuda' });
