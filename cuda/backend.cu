@@ -76,6 +76,7 @@ class CudaBackend final : public Backend {
 
   const char* name() const override { return "cuda"; }
   const char* last_error() const override { return error_; }
+  bool unusable() const override { return unusable_; }
 
   // ---- memory ------------------------------------------------------------------------------
   void* alloc(size_t bytes) override {

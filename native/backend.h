@@ -53,6 +53,8 @@ class Backend {
   virtual const char* name() const = 0;
   // Text of the most recent DeviceError / Unusable status ("" if none).
   virtual const char* last_error() const { return ""; }
+  // True after a sticky device error: every call fails from then on (alloc returns nullptr).
+  virtual bool unusable() const { return false; }
 
   // ---- memory ------------------------------------------------------------------------------
   // alloc returns nullptr on failure. Memory is not zeroed. free takes the size alloc was given

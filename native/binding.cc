@@ -262,6 +262,7 @@ Napi::Object make_storage(Napi::Env env, int32_t device, DType dtype, int64_t nu
   Backend* backend = backend_for(env, *d.state, device);
   const size_t bytes = static_cast<size_t>(numel) * lora::dtype_size(dtype);
   void* p = backend->alloc(bytes == 0 ? 1 : bytes);
+  if (!p && backend->unusable()) check_status(env, Status::Unusable, backend, "alloc");
   if (!p)
     throw_lora(env, "ERR_LORA_OUT_OF_MEMORY",
                "could not allocate " + std::to_string(bytes) + " bytes on " + backend->name() +

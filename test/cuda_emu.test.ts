@@ -70,3 +70,46 @@ t.test('test/cuda.test.ts passes on the emulator, its CUDA cases run', { skip: n
   t.match(r.out, /ok \d+ - CUDA matches the CPU/, 'the CUDA-vs-CPU block passed');
   t.match(r.out, /ok \d+ - LoraLinear \(33, 64, 257, 8\) dropout 0 bf16 weight/, 'including the bf16 tensor-core path');
 });
+
+// A script run in a child with the emulator and extra environment; prints one JSON line. Uses
+// lib/ through tap's TypeScript hook when there is one, else dist/.
+function child(script: string, env: Record<string, string>): { status: number | null; json: Record<string, unknown> | null; out: string } {
+  const hooks = process.execArgv.filter((a) => a.includes('@tapjs/typescript'));
+  const target = hooks.length ? path.join(root, 'lib', 'index') : path.join(root, 'dist', 'lib', 'index.js');
+  const r = run(process.execPath, [...hooks, '-e', `const L = require(${JSON.stringify(target)});\n${script}`], env, 60_000);
+  const last = r.out.trim().split('\n').filter((l) => l.startsWith('{')).pop();
+  return { status: r.status, json: last ? JSON.parse(last) : null, out: r.out };
+}
+
+const attempt = `const attempt = (fn) => { try { fn(); return 'ok'; } catch (e) { return e.code + ': ' + e.message; } };`;
+
+t.test('a device fault makes the CUDA backend refuse further work, with the reason; the CPU goes on', { skip: notBuilt }, async (t) => {
+  // Launch 0 is the backend's smoke test; launch 1 is the first add, made to fault.
+  const r = child(`${attempt}
+    const a = L.tensor([1, 2, 3], [3], { device: 'cuda' });
+    const first = attempt(() => L.add(a, a)), second = attempt(() => L.mul(a, a)), fresh = attempt(() => L.ones([2], { device: 'cuda' }));
+    const read = attempt(() => a.toFloat32Array()), dispose = attempt(() => a.dispose());
+    const cpu = Array.from(L.add(L.tensor([1], [1]), L.tensor([2], [1])).toFloat32Array());
+    console.log(JSON.stringify({ first, second, fresh, read, dispose, cpu }));`, { LORA_CUDA_EMU_FAULT_AT: '1' });
+  t.ok(r.json, r.json ? 'the child reported' : `the child printed no report (exit ${r.status}): ${r.out.slice(-300)}`);
+  const j = r.json ?? {};
+  const unusable = /^ERR_LORA_CUDA: .*backend unusable after an earlier device error \(CUDA error in binary: an illegal memory access was encountered \(cudaErrorIllegalAddress\)\. The GPU context is unusable after this error; restart the process to use CUDA again\.\)$/;
+  t.match(j.first, /^ERR_LORA_CUDA: binary failed on cuda: /, 'the faulting op throws ERR_LORA_CUDA');
+  t.match(j.first, unusable, 'naming the CUDA error and what to do');
+  t.match(j.second, unusable, 'the next op is refused with the same reason');
+  t.match(j.fresh, /^ERR_LORA_CUDA: alloc failed on cuda: backend unusable/, 'a new allocation is refused as unusable, not as out of memory');
+  t.match(j.read, /^ERR_LORA_CUDA: download failed on cuda: backend unusable/, 'reading a tensor back is refused');
+  t.equal(j.dispose, 'ok', 'disposing still works');
+  t.same(j.cpu, [3], 'the CPU backend is unaffected');
+  t.equal(r.status, 0, 'the process exits normally');
+});
+
+t.test('running out of device memory is ERR_LORA_OUT_OF_MEMORY and not sticky', { skip: notBuilt }, async (t) => {
+  const r = child(`${attempt}
+    const big = attempt(() => L.zeros([64, 1024, 1024], { device: 'cuda' }));
+    const after = Array.from(L.ones([4], { device: 'cuda' }).toFloat32Array());
+    console.log(JSON.stringify({ big, after }));`, { LORA_CUDA_EMU_MEMORY_MB: '64' });
+  const j = r.json ?? {};
+  t.match(j.big, /^ERR_LORA_OUT_OF_MEMORY: could not allocate 268435456 bytes on cuda \(CUDA error in alloc: out of memory \(cudaErrorMemoryAllocation\)\)$/, '256 MiB on a 64 MiB device');
+  t.same(j.after, [1, 1, 1, 1], 'small allocations and kernels still work afterwards');
+});

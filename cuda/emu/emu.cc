@@ -704,7 +704,15 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, cudaStream
   job.body = &body;
   job.blocks = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
   job.launch_number = g_launches.fetch_add(1);
-  if (job.blocks == 1) run_blocks(&job);  // no hand-off for the common tiny launch
+  // LORA_CUDA_EMU_FAULT_AT=n: launch number n (from 0) faults as an out-of-bounds access would,
+  // so tests can drive the backend's handling of a lost GPU context.
+  static const long fault_at = [] {
+    const char* e = std::getenv("LORA_CUDA_EMU_FAULT_AT");
+    return e && *e ? std::atol(e) : -1L;
+  }();
+  if (fault_at >= 0 && static_cast<long>(job.launch_number) == fault_at)
+    job.fail(cudaErrorIllegalAddress, "an injected fault (LORA_CUDA_EMU_FAULT_AT=" + std::to_string(fault_at) + ")");
+  else if (job.blocks == 1) run_blocks(&job);  // no hand-off for the common tiny launch
   else pool().run(&job);
   if (job.error != cudaSuccess) {
     std::fprintf(stderr, "lora-native CUDA emulator: kernel failed: %s\n", job.message.c_str());

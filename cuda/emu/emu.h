@@ -16,6 +16,9 @@
 //   launch configuration or a fault in a kernel becomes a CUDA error as on a GPU (sticky when
 //   the GPU's would be).
 // Not modelled: timing, memory ordering between blocks beyond atomics, bank conflicts.
+// Environment: LORA_CUDA_EMU_SMS (SM count reported, default 8), LORA_CUDA_EMU_MEMORY_MB (device
+// memory, default 4096), LORA_CUDA_EMU_THREADS (host threads running blocks), LORA_CUDA_EMU_FAULT_AT
+// (make launch number n fail with an illegal address, for tests of the error paths).
 #pragma once
 
 #include <cuda_bf16.h>
