@@ -555,4 +555,27 @@ void sgemm(ThreadPool& pool, bool trans_a, bool trans_b, int64_t M, int64_t N, i
   gemm_ex(pool, g);
 }
 
+void sgemm_bf16(ThreadPool& pool, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+                float alpha, const float* A, int64_t lda, const uint16_t* B, int64_t ldb,
+                float beta, float* C, int64_t ldc) {
+  GemmArgs g;
+  g.trans_a = trans_a;
+  g.trans_b = trans_b;
+  g.M = M;
+  g.N = N;
+  g.K = K;
+  g.alpha = alpha;
+  g.A = A;
+  g.lda = lda;
+  g.B = B;
+  g.b_bf16 = true;
+  g.ldb = ldb;
+  g.beta = beta;
+  g.C = C;
+  g.ldc = ldc;
+  // linear() promises fp32 products of its input (the bf16 pair dot would round A to 8 bits)
+  g.allow_bf16_dot = false;
+  gemm_ex(pool, g);
+}
+
 }  // namespace lora

@@ -13,4 +13,11 @@ void sgemm(ThreadPool& pool, bool trans_a, bool trans_b, int64_t M, int64_t N, i
            float alpha, const float* A, int64_t lda, const float* B, int64_t ldb, float beta,
            float* C, int64_t ldc);
 
+// The same with B holding bf16 bits (a frozen bf16 weight), widened to fp32 while packing (or
+// streamed and widened in registers for few rows): A is never rounded, accumulation is fp32, and
+// the result is that of sgemm on the widened B.
+void sgemm_bf16(ThreadPool& pool, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+                float alpha, const float* A, int64_t lda, const uint16_t* B, int64_t ldb,
+                float beta, float* C, int64_t ldc);
+
 }  // namespace lora
