@@ -9,7 +9,7 @@ import { spawnSync } from 'child_process';
 import * as fs from 'fs';
 import t from 'tap';
 
-import { features, getNumThreads, linear, LoraError, setNumThreads, Tensor, tensor, tidy } from '../lib/index';
+import { features, getNumThreads, linear, LoraError, LoraLinear, setNumThreads, tensor, tidy } from '../lib/index';
 import { DTYPE_ID, native } from '../lib/native';
 import { Rng } from '../lib/random';
 import { assertClose, assertLoraError, leakChecked } from './helpers';
@@ -143,6 +143,69 @@ function linearBf16Cases(rng: Rng): string[] {
   return failures;
 }
 
+// Merge into a bf16 W: W' = round(W + s·B·A) with the sum in fp32 and one rounding to nearest-even.
+// The kernel's fp32 value lies within `bound` of the float64 v = W + s·B·A (R products and sums,
+// each rounded once or twice: (2R + 4)·2^-24·Σ|terms|), and rounding is monotone, so W' must lie
+// between round(v - bound) and round(v + bound): one step off round(v) only where v is that close
+// to a tie. Rounding anything twice (s·B·A to bf16 first, say) lands outside. Returns the worst
+// finding and how many elements equal round(v).
+function checkMergedBf16(got: Float32Array, W: Float32Array, A: Float32Array, B: Float32Array, OC: number, C: number, R: number, s: number): { bad: string | null; exact: number } {
+  let exact = 0;
+  for (let o = 0; o < OC; o++) {
+    for (let c = 0; c < C; c++) {
+      let v = W[o * C + c]!, mag = Math.abs(v);
+      for (let r = 0; r < R; r++) {
+        const p = s * B[o * R + r]! * A[r * C + c]!;
+        v += p;
+        mag += Math.abs(p);
+      }
+      const bound = (2 * R + 4) * 2 ** -24 * mag;
+      const lo = bf16Round(Math.fround(v - bound)), hi = bf16Round(Math.fround(v + bound)), g = got[o * C + c]!;
+      if (!(g >= lo && g <= hi)) return { bad: `W'(${o},${c}) = ${g}, float64 ${v} rounds to [${lo}, ${hi}]`, exact };
+      if (g === bf16Round(Math.fround(v))) exact++;
+    }
+  }
+  return { bad: null, exact };
+}
+
+// Random merges and unmerges into bf16 weights at awkward shapes and thread counts; every tile shape
+// of the level's kernel (full, row edge, column edge, both), several column blocks at large R.
+function mergeBf16Cases(rng: Rng): string[] {
+  const failures: string[] = [];
+  const pick = <T>(xs: readonly T[]) => xs[rng.nextU32() % xs.length]!;
+  const shapes: [number, number, number][] = [[1, 1, 1], [257, 520, 16], [129, 257, 300], [40, 4100, 8]];
+  for (let i = 0; i < 24; i++) shapes.push([pick([1, 3, 12, 13, 17, 24, 33, 129]), pick([1, 3, 16, 17, 32, 33, 100, 129, 300]), pick([1, 3, 8, 16, 40])]);
+  // Exact ties, full tiles and edges: W + 2^-8 (half a bf16 step at 1) with every sum exact, so
+  // nearest-even decides: 1 -> 1, 1+2^-7 -> 1+2^-6, -(1+2^-7) -> -1 (and -1 -> -(1-2^-8), exact).
+  {
+    const OC = 25, C = 67, W = new Float32Array(OC * C), want = new Float32Array(OC * C);
+    const cases = [[1, 1], [1 + 2 ** -7, 1 + 2 ** -6], [-(1 + 2 ** -7), -1], [-1, -(1 - 2 ** -8)]];
+    for (let i = 0; i < W.length; i++) [W[i], want[i]] = cases[i % 4]!;
+    const tW = bf16Tensor(W), tA = native.fromHost(0, DTYPE_ID.float32, new Float32Array(C).fill(1));
+    const tB = native.fromHost(0, DTYPE_ID.float32, new Float32Array(OC).fill(2 ** -8));
+    native.loraMerge(tW, tA, tB, OC, C, 1, 1);
+    const got = bf16ToF32(tW), i = got.findIndex((g, q) => g !== want[q]);
+    if (i >= 0) failures.push(`merge ties to even: W'[${i}] = ${got[i]} for W = ${W[i]} + 2^-8, want ${want[i]}`);
+    [tW, tA, tB].forEach((q) => native.dispose(q));
+  }
+  for (const [OC, C, R] of shapes) {
+    setNumThreads(1 + (rng.nextU32() % 3));
+    const s = pick([1.5, -0.75, 2, 1 / 3]);
+    const W = f32(OC * C, rng).map(bf16Round), A = f32(R * C, rng), B = f32(OC * R, rng);
+    const tW = bf16Tensor(W), tA = native.fromHost(0, DTYPE_ID.float32, A), tB = native.fromHost(0, DTYPE_ID.float32, B);
+    const what = `merge OC=${OC} C=${C} R=${R} s=${s} threads=${getNumThreads()}`;
+    native.loraMerge(tW, tA, tB, OC, C, R, s);
+    const merged = bf16ToF32(tW);
+    const m = checkMergedBf16(merged, W, A, B, OC, C, R, s);
+    if (m.bad) failures.push(`${what}: ${m.bad}`);
+    native.loraMerge(tW, tA, tB, OC, C, R, -s);
+    const u = checkMergedBf16(bf16ToF32(tW), merged, A, B, OC, C, R, -s);
+    if (u.bad) failures.push(`un${what}: ${u.bad}`);
+    [tW, tA, tB].forEach((q) => native.dispose(q));
+  }
+  return failures;
+}
+
 if (CHILD) {
   // One ISA level: the random sweep, then exit status says whether every case passed.
   const rng = new Rng(Number(process.env.LORA_GEMM_TEST_SEED ?? 1));
@@ -159,7 +222,7 @@ if (CHILD) {
     const f = randomGemm(rng, i, 1 + (rng.nextU32() % 3), true);
     if (f) failures.push(f);
   }
-  failures.push(...linearBf16Cases(rng));
+  failures.push(...linearBf16Cases(rng), ...mergeBf16Cases(rng));
   setNumThreads(before);
   // straight to fd 1: tap owns process.stdout in this file
   fs.writeSync(1, JSON.stringify({ isa: features().isa, cases: 2 * n, failures: failures.slice(0, 10), failed: failures.length }) + '\n');
@@ -178,7 +241,7 @@ if (CHILD) {
       if (!res) continue;
       // the level actually used is never above the one asked for, and a supported level is honoured
       t.ok(LEVELS.indexOf(res.isa) >= LEVELS.indexOf(level), `${level}: ran at ${res.isa}`);
-      t.equal(res.failed, 0, `${level} (${res.isa}): ${res.cases} random GEMMs (half with a bf16 B) and linear() with a bf16 weight within 1e-5·Σ|a·b|${res.failed ? ': ' + res.failures.join(' | ') : ''}`);
+      t.equal(res.failed, 0, `${level} (${res.isa}): ${res.cases} random GEMMs (half with a bf16 B) and linear() with a bf16 weight within 1e-5·Σ|a·b|, bf16 merges and unmerges rounded once${res.failed ? ': ' + res.failures.join(' | ') : ''}`);
       t.equal(r.status, 0, `${level}: child exit status`);
     }
     t.end();
@@ -254,28 +317,68 @@ if (CHILD) {
     t.end();
   });
 
-  // Merge into bf16: fp32 math, rounded once to nearest-even. The float64 result rounded to bf16
-  // may differ from the kernel's by one bf16 step where fp32 rounding crosses a tie, never more.
-  t.test('bf16 base: merge rounds once (within one bf16 step of round(W + s·B·A))', (t) => {
-    const rng = new Rng(5);
-    const OC = 70, C = 45, R = 6, s = 1.5;
-    const W = f32(OC * C, rng), A = f32(R * C, rng), B = f32(OC * R, rng);
-    const tW = bf16Tensor(W), tA = native.fromHost(0, DTYPE_ID.float32, A), tB = native.fromHost(0, DTYPE_ID.float32, B);
-    native.loraMerge(tW, tA, tB, OC, C, R, s);
-    const got = bf16ToF32(tW);
-    let bad = 0, exact = 0;
-    for (let o = 0; o < OC; o++) {
-      for (let c = 0; c < C; c++) {
-        let v = bf16Round(W[o * C + c]!);
-        for (let r = 0; r < R; r++) v += s * B[o * R + r]! * A[r * C + c]!;
-        const ref = bf16Round(v), g = got[o * C + c]!;
-        if (g === ref) exact++;
-        else if (Math.abs(g - ref) > Math.abs(ref) * 2 ** -7 + 1e-30) bad++;
-      }
+  // Merge into bf16 on the default level, through the binding and through LoraLinear: rounded once
+  // (checkMergedBf16), unmerge the same way from the merged values; special values of W.
+  t.test('bf16 base: merge and unmerge round once (between round(v ∓ fp32 error) of float64 v)', (t) => {
+    const before = getNumThreads();
+    for (const [OC, C, R, s, threads] of [[70, 45, 6, 1.5, 1], [129, 300, 16, -0.5, 2], [13, 17, 3, 2, 2], [1, 129, 1, 0.25, 1]] as const) {
+      setNumThreads(threads);
+      const rng = new Rng(OC + C);
+      const W = f32(OC * C, rng).map(bf16Round), A = f32(R * C, rng), B = f32(OC * R, rng);
+      const tW = bf16Tensor(W), tA = native.fromHost(0, DTYPE_ID.float32, A), tB = native.fromHost(0, DTYPE_ID.float32, B);
+      native.loraMerge(tW, tA, tB, OC, C, R, s);
+      const merged = bf16ToF32(tW);
+      const m = checkMergedBf16(merged, W, A, B, OC, C, R, s);
+      t.equal(m.bad, null, `merge OC=${OC} C=${C} R=${R} threads=${threads}: rounded once (${m.exact} of ${OC * C} equal to round(v))`);
+      native.loraMerge(tW, tA, tB, OC, C, R, -s);
+      const u = checkMergedBf16(bf16ToF32(tW), merged, A, B, OC, C, R, -s);
+      t.equal(u.bad, null, `unmerge: rounded once (${u.exact} of ${OC * C} equal to round(v))`);
+      [tW, tA, tB].forEach((q) => native.dispose(q));
     }
-    t.equal(bad, 0, `every element within one bf16 step (${exact} of ${OC * C} bit-identical)`);
-    [tW, tA, tB].forEach((q) => native.dispose(q));
+    setNumThreads(before);
+
+    // NaN stays NaN, ±inf stays, the largest bf16 overflows to inf by rounding, and s = 0 touches
+    // nothing (not even with NaN in A); the rest of the row is rounded as usual.
+    const C = 40, R = 2;
+    const W = f32(2 * C, new Rng(9)).map(bf16Round);
+    W[0] = NaN; W[1] = Infinity; W[2] = -Infinity; W[3] = 3.3895313892515355e38; W[41] = -3.3895313892515355e38;
+    // row 0 gets s·B·A = 1e36 (above half a bf16 step of the largest bf16, 6.6e35), row 1 gets 1e38
+    const A = new Float32Array(R * C).fill(0.5), B = new Float32Array([1e36, 1e36, 1e38, 1e38]);
+    const tW = bf16Tensor(W), tA = native.fromHost(0, DTYPE_ID.float32, A), tB = native.fromHost(0, DTYPE_ID.float32, B);
+    const tNaN = native.fromHost(0, DTYPE_ID.float32, new Float32Array(R * C).fill(NaN));
+    const bits = () => Array.from(new Uint16Array(native.toHost(tW)));
+    const start = bits();
+    native.loraMerge(tW, tNaN, tB, 2, C, R, 0);
+    t.same(bits(), start, 's = 0 leaves every bit of W as it was (A is NaN and not read)');
+    native.loraMerge(tW, tA, tB, 2, C, R, 1);
+    const got = bf16ToF32(tW);
+    t.ok(Number.isNaN(got[0]), 'NaN stays NaN');
+    t.same([got[1], got[2], got[3]], [Infinity, -Infinity, Infinity], '+inf and -inf stay; the largest bf16 + 1e36 (finite in fp32) rounds to +inf');
+    t.ok(Math.abs(got[41]! - (-3.3895313892515355e38 + 1e38)) < 1.33e36, `the most negative bf16 + 1e38 is ${got[41]}, within a bf16 step of float64`);
+    [tW, tA, tB, tNaN].forEach((q) => native.dispose(q));
     t.end();
+  });
+
+  void leakChecked(t, 'LoraLinear with a bf16 weight: merge() and unmerge() round once; the merged forward is linear()', (t) => {
+    const rng = new Rng(21);
+    const C = 33, OC = 17, R = 4, N = 3;
+    const Wh = f32(OC * C, rng).map(bf16Round), Bh = f32(OC * R, rng), xh = f32(N * C, rng);
+    tidy(() => {
+      const layer = new LoraLinear({ inFeatures: C, outFeatures: OC, rank: R, alpha: 6, weight: tensor(Wh, [OC, C]).toDtype('bfloat16'), bias: false, seed: 2 });
+      native.copyInto(layer.loraB._storage, tensor(Bh, [OC, R])._storage);  // a trained adapter
+      const A = layer.loraA.toFloat32Array(), x = tensor(xh, [N, C]);
+      const unmergedY = layer.forward(x).toFloat32Array();
+      layer.merge();
+      const merged = layer.weight.toFloat32Array();
+      const m = checkMergedBf16(merged, Wh, A, Bh, OC, C, R, layer.scaling);
+      t.equal(m.bad, null, `merge() rounded once (${m.exact} of ${OC * C} equal to round(v))`);
+      t.same(Array.from(layer.forward(x).toFloat32Array()), Array.from(linear(x, layer.weight).toFloat32Array()), 'merged forward is linear() over the merged bf16 weight');
+      assertClose(t, layer.forward(x).toFloat32Array(), unmergedY, { atol: 2e-2, rtol: 2e-2 }, 'merged forward within bf16 rounding of the unmerged one');
+      layer.unmerge();
+      const u = checkMergedBf16(layer.weight.toFloat32Array(), merged, A, Bh, OC, C, R, -layer.scaling);
+      t.equal(u.bad, null, `unmerge() rounded once (${u.exact} of ${OC * C} equal to round(v))`);
+      layer.dispose();
+    });
   });
 
   // linear() over a bf16 weight on the default level, with the reporting of assertClose: forward,

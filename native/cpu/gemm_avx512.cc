@@ -125,7 +125,7 @@ const lora::IsaTable kTable = {
     small_m,
     {kWideMr, 32, bf16_kernel<kWideMr>, 0, nullptr},
     pack_a_bf16,
-    pack_b_bf16,
+    pack_b_bf16,    micro_kernel_bf16_out<kWideMr, kWideNv>,
 };
 
 }  // namespace
