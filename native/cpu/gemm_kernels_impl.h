@@ -5,7 +5,9 @@
 // shared inline symbol. Not a public header; no driver logic (blocking, threads) lives here.
 //
 // Expects: LN_VL (floats per vector), LN_FMA(a, b, c) (= a*b + c), LN_SPLAT(x) (broadcast),
-// LN_HSUM(v) (sum of the lanes, as a tree: a serial chain costs ~50 cycles per sum).
+// LN_HSUM(v) (sum of the lanes, as a tree: a serial chain costs ~50 cycles per sum). Optional:
+// LN_WIDEN_U16(p) (LN_VL uint16 at p zero-extended to a vector of uint32) and LN_STORE_U16(p, v)
+// (the low 16 bits of each uint32 lane stored at p), where the generic conversions compile poorly.
 
 #include <cstdint>
 
@@ -24,7 +26,11 @@ inline vf splat(float x) { return LN_SPLAT(x); }
 inline vf loadu(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 inline void storeu(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 inline vf load_bf16(const uint16_t* p) {
-  vu w = __builtin_convertvector(*reinterpret_cast<const vhu*>(p), vu) << 16;
+#ifdef LN_WIDEN_U16
+  const vu w = (vu)LN_WIDEN_U16(p) << 16;
+#else
+  const vu w = __builtin_convertvector(*reinterpret_cast<const vhu*>(p), vu) << 16;
+#endif
   return (vf)w;  // same-size vector cast: a bit reinterpretation
 }
 // fp32 -> bf16, nearest-even, NaN kept quiet: half.h's float_to_bf16 on every lane.
@@ -33,7 +39,11 @@ inline void store_bf16(uint16_t* p, vf v) {
   const vu rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
   const vu quiet_nan = (bits >> 16) | 0x40u;
   const vu out = (bits & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded;
+#ifdef LN_STORE_U16
+  LN_STORE_U16(p, out);
+#else
   *reinterpret_cast<vhu*>(p) = __builtin_convertvector(out, vh);
+#endif
 }
 inline float bf16f(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
