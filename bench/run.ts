@@ -15,7 +15,7 @@ const args = process.argv.slice(2);
 const flag = (n: string) => args.includes(`--${n}`);
 const opt = (n: string) => args.find((a) => a.startsWith(`--${n}=`))?.split('=')[1];
 const quick = flag('quick');
-const CASES = (opt('cases') ?? 'gemm,lora_forward,lora_step,lora_merge,adamw').split(',');
+const CASES = (opt('cases') ?? 'gemm,linear,lora_forward,lora_step,lora_merge,adamw').split(',');
 const THREADS = (opt('threads') ?? '1,2').split(',').map(Number);
 const shapes: Shape[] = quick ? QUICK_SHAPES : SHAPES;
 const reps = quick ? 3 : 7, warmup = quick ? 1 : 2;
@@ -134,7 +134,12 @@ for (const r of rows) {
   }
   const cell = (k: string) => (r.variants[k] ? `${fmt(r.variants[k].medianMs, 2)}` : '-');
   let ratio = '';
-  if (r.case === 'lora_forward') {
+  if (r.case === 'linear') {
+    const st = r.variants.ours_step, uf = r.variants.unfused, us = r.variants.unfused_step;
+    if (st) ratio = `fwd+dx ${fmt(st.medianMs, 2)} ms`;
+    if (uf) ratio += `; unfused/ours ${fmt(uf.medianMs / ours.medianMs, 2)}x`;
+    if (us && st) ratio += ` (fwd+dx ${fmt(us.medianMs / st.medianMs, 2)}x)`;
+  } else if (r.case === 'lora_forward') {
     const g = find('gemm', r.shape, r.threads, r.dtype)?.variants.ours;
     if (g) ratio = `${fmt(ours.medianMs / g.medianMs, 3)}x gemm`;
   } else if (r.case === 'lora_step' && r.variants.frozen_linear) {

@@ -32,6 +32,9 @@ def run():
     if op == 'gemm':
         with torch.no_grad():
             lin(x)
+    elif op == 'linear':
+        with torch.no_grad():
+            lin(x)
     elif op == 'lora_forward':
         with torch.no_grad():
             lin(x) + s * F.linear(F.linear(x, A), B)

@@ -524,9 +524,37 @@ export function matmul(a: Tensor, b: Tensor): Tensor {
   });
 }
 
+// Devices whose backend answered ERR_LORA_UNSUPPORTED to a gemm with a bf16 weight operand: there
+// linear() widens the weight to fp32 for each product instead (once found, for the process).
+const bf16GemmUnsupported = new Set<string>();
+
+/**
+ * C = op(A)·op(weight) (+ C when accumulate) for the products of linear(): a bf16 weight is read
+ * as is by backends with a bf16-weight GEMM (fp32 products and accumulation), else widened first.
+ */
+function gemmWeight(c: Tensor, a: Tensor, weight: Tensor, M: number, N: number, K: number, transB: boolean, lda: number,
+  ldb: number, ldc: number, accumulate: boolean): void {
+  if (weight.dtype === 'bfloat16' && !bf16GemmUnsupported.has(weight.device)) {
+    try {
+      native.gemm(c._storage, a._storage, weight._storage, M, N, K, false, transB, lda, ldb, ldc, 1, accumulate ? 1 : 0, 1, 0, 0, 0);
+      return;
+    } catch (err) {
+      if (!(err instanceof LoraError && err.code === 'ERR_LORA_UNSUPPORTED')) throw err;
+      bf16GemmUnsupported.add(weight.device);
+    }
+  }
+  const w = weight.dtype === 'float32' ? weight : weight.toDtype('float32');
+  try {
+    native.gemm(c._storage, a._storage, w._storage, M, N, K, false, transB, lda, ldb, ldc, 1, accumulate ? 1 : 0, 1, 0, 0, 0);
+  } finally {
+    if (w !== weight) w.dispose();
+  }
+}
+
 /**
  * y = x·Wᵀ + b for x (..., inFeatures), weight (outFeatures, inFeatures), bias (outFeatures) or
- * null: the frozen base of a LoRA layer and the Linear module's op.
+ * null: the frozen base of a LoRA layer and the Linear module's op. A bfloat16 weight is read as
+ * stored (no fp32 copy) where the backend can: products and sums stay fp32.
  */
 export function linear(x: Tensor, weight: Tensor, bias: Tensor | null = null): Tensor {
   expectTensor('x', x);
@@ -544,13 +572,11 @@ export function linear(x: Tensor, weight: Tensor, bias: Tensor | null = null): T
   if (bias && (bias.ndim !== 1 || bias.shape[0] !== OC))
     throw new LoraError('ERR_LORA_SHAPE', `Expected bias of shape [${OC}] but received ${shapeString(bias.shape)}`);
   const N = numelOf(x.shape.slice(0, -1));
-  const w32 = weight.dtype === 'float32' ? weight : weight.toDtype('float32');
   const out = empty([...x.shape.slice(0, -1), OC], x.device);
   if (out.size > 0) {
     if (bias) native.copyStrided(out._storage, 0, [OC, 1], bias._storage, 0, [0, 1], [N, OC]);
-    native.gemm(out._storage, x._storage, w32._storage, N, OC, C, false, true, C, C, OC, 1, bias ? 1 : 0, 1, 0, 0, 0);
+    gemmWeight(out, x, weight, N, OC, C, true, C, C, OC, bias !== null);
   }
-  if (w32 !== weight) w32.dispose();
   return record(out, {
     name: 'linear', inputs: ts,
     backward: (g) => {
@@ -559,9 +585,7 @@ export function linear(x: Tensor, weight: Tensor, bias: Tensor | null = null): T
       let gb: Tensor | null = null;
       if (x.requiresGrad) {
         gx = empty(x.shape, x.device);
-        const w = weight.dtype === 'float32' ? weight : weight.toDtype('float32');
-        if (gx.size > 0) native.gemm(gx._storage, g._storage, w._storage, N, C, OC, false, false, OC, C, C, 1, 0, 1, 0, 0, 0);
-        if (w !== weight) w.dispose();
+        if (gx.size > 0) gemmWeight(gx, g, weight, N, C, OC, false, OC, C, C, false);
       }
       if (weight.requiresGrad) {
         gw = empty(weight.shape, weight.device);

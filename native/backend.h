@@ -133,6 +133,18 @@ class Backend {
                       int64_t K, bool trans_a, bool trans_b, int64_t lda, int64_t ldb,
                       int64_t ldc, float alpha, float beta, int64_t batch, int64_t stride_a,
                       int64_t stride_b, int64_t stride_c) = 0;
+  // The same with B stored as bf16 bits (a frozen bf16 weight: y = x·Wᵀ, dx = dy·W read W in
+  // place), A and C fp32, fp32 accumulation, A never rounded. Optional: a backend without it
+  // returns Unsupported and the caller widens B to fp32 for gemm instead.
+  virtual Status gemm_bf16(float* Cm, const float* Am, const uint16_t* Bm, int64_t M, int64_t Nn,
+                           int64_t K, bool trans_a, bool trans_b, int64_t lda, int64_t ldb,
+                           int64_t ldc, float alpha, float beta, int64_t batch, int64_t stride_a,
+                           int64_t stride_b, int64_t stride_c) {
+    (void)Cm; (void)Am; (void)Bm; (void)M; (void)Nn; (void)K; (void)trans_a; (void)trans_b;
+    (void)lda; (void)ldb; (void)ldc; (void)alpha; (void)beta; (void)batch; (void)stride_a;
+    (void)stride_b; (void)stride_c;
+    return Status::Unsupported;
+  }
   // out (contiguous, layout.shape) = a op b, each read through its own strides (broadcasting).
   virtual Status binary(BinaryOp op, float* out, const float* a, const float* b,
                         const Layout& a_layout, const Layout& b_layout) = 0;

@@ -644,6 +644,8 @@ int64_t matrix_extent(int64_t rows, int64_t cols, int64_t ld, int64_t batch, int
 }
 
 // gemm(C, A, B, M, N, K, transA, transB, lda, ldb, ldc, alpha, beta, batch, strideA, strideB, strideC)
+// B may be bfloat16 (a frozen weight): Backend::gemm_bf16, ERR_LORA_UNSUPPORTED where the backend
+// lacks it (lib/ops.ts then widens B itself).
 Napi::Value Gemm(const Napi::CallbackInfo& info) {
   Storage *Cs = storage_arg(info, 0, "out"), *As = storage_arg(info, 1, "a"), *Bs = storage_arg(info, 2, "b");
   int64_t M = size_arg(info, 3, "M"), N = size_arg(info, 4, "N"), K = size_arg(info, 5, "K");
@@ -657,11 +659,17 @@ Napi::Value Gemm(const Napi::CallbackInfo& info) {
   const int64_t ar = ta ? K : M, ac = ta ? M : K, br = tb ? N : K, bc = tb ? K : N;
   if (lda < ac || ldb < bc || ldc < N) throw_lora(info.Env(), "ERR_LORA_SHAPE", "gemm leading dimension too small");
   need(info, As, DType::F32, matrix_extent(ar, ac, lda, batch, sa), "a");
-  need(info, Bs, DType::F32, matrix_extent(br, bc, ldb, batch, sb), "b");
+  const bool b_bf16 = Bs && Bs->dtype_ == DType::BF16;
+  need(info, Bs, b_bf16 ? DType::BF16 : DType::F32, matrix_extent(br, bc, ldb, batch, sb), "b");
   need(info, Cs, DType::F32, matrix_extent(M, N, ldc, batch, sc), "out");
-  check_status(info.Env(), be->gemm(ptr<float>(Cs), ptr<float>(As), ptr<float>(Bs), M, N, K, ta, tb, lda, ldb, ldc, alpha, beta,
-                                    batch, sa, sb, sc),
-               be, "gemm");
+  if (b_bf16)
+    check_status(info.Env(), be->gemm_bf16(ptr<float>(Cs), ptr<float>(As), ptr<uint16_t>(Bs), M, N, K, ta, tb, lda, ldb, ldc,
+                                           alpha, beta, batch, sa, sb, sc),
+                 be, "gemm_bf16");
+  else
+    check_status(info.Env(), be->gemm(ptr<float>(Cs), ptr<float>(As), ptr<float>(Bs), M, N, K, ta, tb, lda, ldb, ldc, alpha, beta,
+                                      batch, sa, sb, sc),
+                 be, "gemm");
   return info.Env().Undefined();
 }
 

@@ -1,15 +1,18 @@
 // The CPU GEMM engine (native/cpu/gemm*.cc) against a float64 reference: hundreds of random shapes,
 // row strides, transposes, alpha/beta and thread counts, including 0- and 1-sized dims, at every ISA
-// level (LORA_NATIVE_ISA, one child process per level since the level is chosen once per process);
-// plus the bf16 frozen base (forward, backward, merge) with its stated tolerance. Not a test of
-// the LoRA math itself (test/lora_forward.test.ts), only of the engine under it.
+// level (LORA_NATIVE_ISA, one child process per level since the level is chosen once per process),
+// the same with a bf16 B (the gemm_bf16 op: W read as stored, fp32 products) and linear() with a
+// bf16 weight at every level; plus the bf16 frozen base (forward, backward, merge) with its stated
+// tolerance, and linear()'s fallback where a backend has no bf16 GEMM. Not a test of the LoRA math
+// itself (test/lora_forward.test.ts), only of the engine under it.
 import { spawnSync } from 'child_process';
 import * as fs from 'fs';
 import t from 'tap';
 
-import { features, getNumThreads, setNumThreads } from '../lib/index';
+import { features, getNumThreads, linear, LoraError, LoraLinear, setNumThreads, tensor, tidy } from '../lib/index';
 import { DTYPE_ID, native } from '../lib/native';
 import { Rng } from '../lib/random';
+import { assertClose, assertLoraError, leakChecked } from './helpers';
 
 const LEVELS = ['avx512', 'avx2', 'generic'];
 const CHILD = process.env.LORA_GEMM_TEST_CHILD === '1';
@@ -39,7 +42,9 @@ function bf16ToF32(s: ReturnType<typeof native.alloc>): Float32Array {
 // One random GEMM against float64: C = alpha·op(A)·op(B) + beta·C, checked elementwise with
 // |c - r| <= 1e-5·Σ|terms| + 1e-30 (fp32 accumulation error bound with headroom), padding
 // columns of C (between N and ldc) untouched, and beta = 0 never reading C (it holds NaN).
-function randomGemm(rng: Rng, i: number, threads: number): string | null {
+// With bf16, B is stored as bf16 (gemm_bf16) and the reference reads the same bf16 values: widened
+// exactly and never rounding A, the bound is fp32's.
+function randomGemm(rng: Rng, i: number, threads: number, bf16 = false): string | null {
   const dim = () => {
     const r = rng.uniform();
     return r < 0.12 ? Math.floor(rng.uniform() * 2) : r < 0.5 ? 2 + Math.floor(rng.uniform() * 18) : r < 0.9 ? 20 + Math.floor(rng.uniform() * 80) : 100 + Math.floor(rng.uniform() * 200);
@@ -52,16 +57,17 @@ function randomGemm(rng: Rng, i: number, threads: number): string | null {
   const alpha = [1, 0.5, -2, 0][Math.floor(rng.uniform() * 4)]!;
   const beta = [0, 1, 0.5][Math.floor(rng.uniform() * 3)]!;
   const Ah = f32(Math.max(1, (ta ? K : M) * lda), rng), Bh = f32(Math.max(1, (tb ? N : K) * ldb), rng);
+  if (bf16) Bh.forEach((v, q) => { Bh[q] = bf16Round(v); });
   const Ch = f32(Math.max(1, M * ldc), rng);
   if (beta === 0) for (let q = 0; q < Ch.length; q++) if ((q % ldc) < N) Ch[q] = NaN;
-  const A = native.fromHost(0, DTYPE_ID.float32, Ah), B = native.fromHost(0, DTYPE_ID.float32, Bh);
+  const A = native.fromHost(0, DTYPE_ID.float32, Ah), B = bf16 ? bf16Tensor(Bh) : native.fromHost(0, DTYPE_ID.float32, Bh);
   const C = native.fromHost(0, DTYPE_ID.float32, Ch);
   setNumThreads(threads);
   if (process.env.LORA_GEMM_TEST_TRACE) fs.writeSync(2, `#${i} M=${M} N=${N} K=${K} ta=${ta} tb=${tb} lda=${lda} ldb=${ldb} ldc=${ldc} alpha=${alpha} beta=${beta} threads=${threads}\n`);
   native.gemm(C, A, B, M, N, K, ta, tb, lda, ldb, ldc, alpha, beta, 1, 0, 0, 0);
   const got = toF32(C);
   [A, B, C].forEach((s) => native.dispose(s));
-  const what = `#${i} M=${M} N=${N} K=${K} ta=${ta} tb=${tb} lda=${lda} ldb=${ldb} ldc=${ldc} alpha=${alpha} beta=${beta} threads=${threads}`;
+  const what = `#${i}${bf16 ? ' bf16 B' : ''} M=${M} N=${N} K=${K} ta=${ta} tb=${tb} lda=${lda} ldb=${ldb} ldc=${ldc} alpha=${alpha} beta=${beta} threads=${threads}`;
   for (let r = 0; r < M; r++) {
     for (let c = 0; c < ldc; c++) {
       const g = got[r * ldc + c]!;
@@ -86,6 +92,120 @@ function randomGemm(rng: Rng, i: number, threads: number): string | null {
   return null;
 }
 
+// linear() with a bf16 weight against float64 over the same bf16 values: y = x·Wᵀ + b, then with
+// the loss sum(y ⊙ G) the exact gradients dx = G·W and db = Σ_rows G. fp32 error bound per element:
+// 1e-5·Σ|terms| + 1e-6. Shapes awkward for every kernel's tile (1, 3, 17, 129 ...).
+function linearBf16Cases(rng: Rng): string[] {
+  const failures: string[] = [];
+  const shapes: [number[], number, number][] = [
+    [[1, 1], 1, 1], [[1, 17], 17, 3], [[3, 129], 129, 17], [[17, 3], 3, 129], [[2, 5, 33], 33, 65], [[129, 40], 40, 9],
+    [[8, 300], 300, 70], [[16, 64], 64, 257], [[65, 130], 130, 48],
+  ];
+  for (const [xShape, C, OC] of shapes) {
+    const N = xShape.slice(0, -1).reduce((a, b) => a * b, 1);
+    setNumThreads(1 + (rng.nextU32() % 3));
+    const xh = f32(N * C, rng), Wh = f32(OC * C, rng, 0.5).map(bf16Round), bh = f32(OC, rng), Gh = f32(N * OC, rng);
+    const what = `linear x ${JSON.stringify(xShape)} W [${OC}, ${C}] bf16 threads=${getNumThreads()}`;
+    tidy(() => {
+      const x = tensor(xh, xShape, { requiresGrad: true }), b = tensor(bh, [OC], { requiresGrad: true });
+      const W = tensor(Wh, [OC, C]).toDtype('bfloat16');
+      const y = linear(x, W, b);
+      y.backward(tensor(Gh, [...xShape.slice(0, -1), OC]));
+      const check = (name: string, got: Float32Array, ref: (i: number) => [number, number]) => {
+        for (let i = 0; i < got.length; i++) {
+          const [r, mag] = ref(i);
+          if (!(Math.abs(got[i]! - r) <= 1e-5 * mag + 1e-6)) {
+            failures.push(`${what}: ${name}[${i}] = ${got[i]}, float64 ${r}`);
+            return;
+          }
+        }
+      };
+      check('y', y.toFloat32Array(), (i) => {
+        const n = Math.floor(i / OC), o = i % OC;
+        let s = bh[o]!, mag = Math.abs(bh[o]!);
+        for (let k = 0; k < C; k++) { const p = xh[n * C + k]! * Wh[o * C + k]!; s += p; mag += Math.abs(p); }
+        return [s, mag];
+      });
+      check('dx', x.grad!.toFloat32Array(), (i) => {
+        const n = Math.floor(i / C), k = i % C;
+        let s = 0, mag = 0;
+        for (let o = 0; o < OC; o++) { const p = Gh[n * OC + o]! * Wh[o * C + k]!; s += p; mag += Math.abs(p); }
+        return [s, mag];
+      });
+      check('db', b.grad!.toFloat32Array(), (o) => {
+        let s = 0, mag = 0;
+        for (let n = 0; n < N; n++) { s += Gh[n * OC + o]!; mag += Math.abs(Gh[n * OC + o]!); }
+        return [s, mag];
+      });
+      for (const v of [x, b]) v.grad!.dispose();
+    });
+  }
+  return failures;
+}
+
+// Merge into a bf16 W: W' = round(W + s·B·A) with the sum in fp32 and one rounding to nearest-even.
+// The kernel's fp32 value lies within `bound` of the float64 v = W + s·B·A (R products and sums,
+// each rounded once or twice: (2R + 4)·2^-24·Σ|terms|), and rounding is monotone, so W' must lie
+// between round(v - bound) and round(v + bound): one step off round(v) only where v is that close
+// to a tie. Rounding anything twice (s·B·A to bf16 first, say) lands outside. Returns the worst
+// finding and how many elements equal round(v).
+function checkMergedBf16(got: Float32Array, W: Float32Array, A: Float32Array, B: Float32Array, OC: number, C: number, R: number, s: number): { bad: string | null; exact: number } {
+  let exact = 0;
+  for (let o = 0; o < OC; o++) {
+    for (let c = 0; c < C; c++) {
+      let v = W[o * C + c]!, mag = Math.abs(v);
+      for (let r = 0; r < R; r++) {
+        const p = s * B[o * R + r]! * A[r * C + c]!;
+        v += p;
+        mag += Math.abs(p);
+      }
+      const bound = (2 * R + 4) * 2 ** -24 * mag;
+      const lo = bf16Round(Math.fround(v - bound)), hi = bf16Round(Math.fround(v + bound)), g = got[o * C + c]!;
+      if (!(g >= lo && g <= hi)) return { bad: `W'(${o},${c}) = ${g}, float64 ${v} rounds to [${lo}, ${hi}]`, exact };
+      if (g === bf16Round(Math.fround(v))) exact++;
+    }
+  }
+  return { bad: null, exact };
+}
+
+// Random merges and unmerges into bf16 weights at awkward shapes and thread counts; every tile shape
+// of the level's kernel (full, row edge, column edge, both), several column blocks at large R.
+function mergeBf16Cases(rng: Rng): string[] {
+  const failures: string[] = [];
+  const pick = <T>(xs: readonly T[]) => xs[rng.nextU32() % xs.length]!;
+  const shapes: [number, number, number][] = [[1, 1, 1], [257, 520, 16], [129, 257, 300], [40, 4100, 8]];
+  for (let i = 0; i < 24; i++) shapes.push([pick([1, 3, 12, 13, 17, 24, 33, 129]), pick([1, 3, 16, 17, 32, 33, 100, 129, 300]), pick([1, 3, 8, 16, 40])]);
+  // Exact ties, full tiles and edges: W + 2^-8 (half a bf16 step at 1) with every sum exact, so
+  // nearest-even decides: 1 -> 1, 1+2^-7 -> 1+2^-6, -(1+2^-7) -> -1 (and -1 -> -(1-2^-8), exact).
+  {
+    const OC = 25, C = 67, W = new Float32Array(OC * C), want = new Float32Array(OC * C);
+    const cases = [[1, 1], [1 + 2 ** -7, 1 + 2 ** -6], [-(1 + 2 ** -7), -1], [-1, -(1 - 2 ** -8)]];
+    for (let i = 0; i < W.length; i++) [W[i], want[i]] = cases[i % 4]!;
+    const tW = bf16Tensor(W), tA = native.fromHost(0, DTYPE_ID.float32, new Float32Array(C).fill(1));
+    const tB = native.fromHost(0, DTYPE_ID.float32, new Float32Array(OC).fill(2 ** -8));
+    native.loraMerge(tW, tA, tB, OC, C, 1, 1);
+    const got = bf16ToF32(tW), i = got.findIndex((g, q) => g !== want[q]);
+    if (i >= 0) failures.push(`merge ties to even: W'[${i}] = ${got[i]} for W = ${W[i]} + 2^-8, want ${want[i]}`);
+    [tW, tA, tB].forEach((q) => native.dispose(q));
+  }
+  for (const [OC, C, R] of shapes) {
+    setNumThreads(1 + (rng.nextU32() % 3));
+    const s = pick([1.5, -0.75, 2, 1 / 3]);
+    const W = f32(OC * C, rng).map(bf16Round), A = f32(R * C, rng), B = f32(OC * R, rng);
+    const tW = bf16Tensor(W), tA = native.fromHost(0, DTYPE_ID.float32, A), tB = native.fromHost(0, DTYPE_ID.float32, B);
+    const what = `merge OC=${OC} C=${C} R=${R} s=${s} threads=${getNumThreads()}`;
+    native.loraMerge(tW, tA, tB, OC, C, R, s);
+    const merged = bf16ToF32(tW);
+    const m = checkMergedBf16(merged, W, A, B, OC, C, R, s);
+    if (m.bad) failures.push(`${what}: ${m.bad}`);
+    native.loraMerge(tW, tA, tB, OC, C, R, -s);
+    const u = checkMergedBf16(bf16ToF32(tW), merged, A, B, OC, C, R, -s);
+    if (u.bad) failures.push(`un${what}: ${u.bad}`);
+    [tW, tA, tB].forEach((q) => native.dispose(q));
+  }
+  return failures;
+}
+
 if (CHILD) {
   // One ISA level: the random sweep, then exit status says whether every case passed.
   const rng = new Rng(Number(process.env.LORA_GEMM_TEST_SEED ?? 1));
@@ -97,9 +217,15 @@ if (CHILD) {
     const f = randomGemm(rng, i, 1 + (rng.nextU32() % 3));
     if (f) failures.push(f);
   }
+  // then as many with a bf16 B, and linear() over a bf16 weight
+  for (let i = 0; i < n; i++) {
+    const f = randomGemm(rng, i, 1 + (rng.nextU32() % 3), true);
+    if (f) failures.push(f);
+  }
+  failures.push(...linearBf16Cases(rng), ...mergeBf16Cases(rng));
   setNumThreads(before);
   // straight to fd 1: tap owns process.stdout in this file
-  fs.writeSync(1, JSON.stringify({ isa: features().isa, cases: n, failures: failures.slice(0, 10), failed: failures.length }) + '\n');
+  fs.writeSync(1, JSON.stringify({ isa: features().isa, cases: 2 * n, failures: failures.slice(0, 10), failed: failures.length }) + '\n');
   process.exit(failures.length ? 1 : 0);
 } else {
   t.test('random GEMMs against float64 at every ISA level', (t) => {
@@ -115,7 +241,7 @@ if (CHILD) {
       if (!res) continue;
       // the level actually used is never above the one asked for, and a supported level is honoured
       t.ok(LEVELS.indexOf(res.isa) >= LEVELS.indexOf(level), `${level}: ran at ${res.isa}`);
-      t.equal(res.failed, 0, `${level} (${res.isa}): ${res.cases} random GEMMs within 1e-5·Σ|a·b|${res.failed ? ': ' + res.failures.join(' | ') : ''}`);
+      t.equal(res.failed, 0, `${level} (${res.isa}): ${res.cases} random GEMMs (half with a bf16 B) and linear() with a bf16 weight within 1e-5·Σ|a·b|, bf16 merges and unmerges rounded once${res.failed ? ': ' + res.failures.join(' | ') : ''}`);
       t.equal(r.status, 0, `${level}: child exit status`);
     }
     t.end();
@@ -191,27 +317,169 @@ if (CHILD) {
     t.end();
   });
 
-  // Merge into bf16: fp32 math, rounded once to nearest-even. The float64 result rounded to bf16
-  // may differ from the kernel's by one bf16 step where fp32 rounding crosses a tie, never more.
-  t.test('bf16 base: merge rounds once (within one bf16 step of round(W + s·B·A))', (t) => {
-    const rng = new Rng(5);
-    const OC = 70, C = 45, R = 6, s = 1.5;
-    const W = f32(OC * C, rng), A = f32(R * C, rng), B = f32(OC * R, rng);
-    const tW = bf16Tensor(W), tA = native.fromHost(0, DTYPE_ID.float32, A), tB = native.fromHost(0, DTYPE_ID.float32, B);
-    native.loraMerge(tW, tA, tB, OC, C, R, s);
-    const got = bf16ToF32(tW);
-    let bad = 0, exact = 0;
-    for (let o = 0; o < OC; o++) {
-      for (let c = 0; c < C; c++) {
-        let v = bf16Round(W[o * C + c]!);
-        for (let r = 0; r < R; r++) v += s * B[o * R + r]! * A[r * C + c]!;
-        const ref = bf16Round(v), g = got[o * C + c]!;
-        if (g === ref) exact++;
-        else if (Math.abs(g - ref) > Math.abs(ref) * 2 ** -7 + 1e-30) bad++;
-      }
+  // Merge into bf16 on the default level, through the binding and through LoraLinear: rounded once
+  // (checkMergedBf16), unmerge the same way from the merged values; special values of W.
+  t.test('bf16 base: merge and unmerge round once (between round(v ∓ fp32 error) of float64 v)', (t) => {
+    const before = getNumThreads();
+    for (const [OC, C, R, s, threads] of [[70, 45, 6, 1.5, 1], [129, 300, 16, -0.5, 2], [13, 17, 3, 2, 2], [1, 129, 1, 0.25, 1]] as const) {
+      setNumThreads(threads);
+      const rng = new Rng(OC + C);
+      const W = f32(OC * C, rng).map(bf16Round), A = f32(R * C, rng), B = f32(OC * R, rng);
+      const tW = bf16Tensor(W), tA = native.fromHost(0, DTYPE_ID.float32, A), tB = native.fromHost(0, DTYPE_ID.float32, B);
+      native.loraMerge(tW, tA, tB, OC, C, R, s);
+      const merged = bf16ToF32(tW);
+      const m = checkMergedBf16(merged, W, A, B, OC, C, R, s);
+      t.equal(m.bad, null, `merge OC=${OC} C=${C} R=${R} threads=${threads}: rounded once (${m.exact} of ${OC * C} equal to round(v))`);
+      native.loraMerge(tW, tA, tB, OC, C, R, -s);
+      const u = checkMergedBf16(bf16ToF32(tW), merged, A, B, OC, C, R, -s);
+      t.equal(u.bad, null, `unmerge: rounded once (${u.exact} of ${OC * C} equal to round(v))`);
+      [tW, tA, tB].forEach((q) => native.dispose(q));
     }
-    t.equal(bad, 0, `every element within one bf16 step (${exact} of ${OC * C} bit-identical)`);
-    [tW, tA, tB].forEach((q) => native.dispose(q));
+    setNumThreads(before);
+
+    // NaN stays NaN, ±inf stays, the largest bf16 overflows to inf by rounding, and s = 0 touches
+    // nothing (not even with NaN in A); the rest of the row is rounded as usual.
+    const C = 40, R = 2;
+    const W = f32(2 * C, new Rng(9)).map(bf16Round);
+    W[0] = NaN; W[1] = Infinity; W[2] = -Infinity; W[3] = 3.3895313892515355e38; W[41] = -3.3895313892515355e38;
+    // row 0 gets s·B·A = 1e36 (above half a bf16 step of the largest bf16, 6.6e35), row 1 gets 1e38
+    const A = new Float32Array(R * C).fill(0.5), B = new Float32Array([1e36, 1e36, 1e38, 1e38]);
+    const tW = bf16Tensor(W), tA = native.fromHost(0, DTYPE_ID.float32, A), tB = native.fromHost(0, DTYPE_ID.float32, B);
+    const tNaN = native.fromHost(0, DTYPE_ID.float32, new Float32Array(R * C).fill(NaN));
+    const bits = () => Array.from(new Uint16Array(native.toHost(tW)));
+    const start = bits();
+    native.loraMerge(tW, tNaN, tB, 2, C, R, 0);
+    t.same(bits(), start, 's = 0 leaves every bit of W as it was (A is NaN and not read)');
+    native.loraMerge(tW, tA, tB, 2, C, R, 1);
+    const got = bf16ToF32(tW);
+    t.ok(Number.isNaN(got[0]), 'NaN stays NaN');
+    t.same([got[1], got[2], got[3]], [Infinity, -Infinity, Infinity], '+inf and -inf stay; the largest bf16 + 1e36 (finite in fp32) rounds to +inf');
+    t.ok(Math.abs(got[41]! - (-3.3895313892515355e38 + 1e38)) < 1.33e36, `the most negative bf16 + 1e38 is ${got[41]}, within a bf16 step of float64`);
+    [tW, tA, tB, tNaN].forEach((q) => native.dispose(q));
     t.end();
+  });
+
+  void leakChecked(t, 'LoraLinear with a bf16 weight: merge() and unmerge() round once; the merged forward is linear()', (t) => {
+    const rng = new Rng(21);
+    const C = 33, OC = 17, R = 4, N = 3;
+    const Wh = f32(OC * C, rng).map(bf16Round), Bh = f32(OC * R, rng), xh = f32(N * C, rng);
+    tidy(() => {
+      const layer = new LoraLinear({ inFeatures: C, outFeatures: OC, rank: R, alpha: 6, weight: tensor(Wh, [OC, C]).toDtype('bfloat16'), bias: false, seed: 2 });
+      native.copyInto(layer.loraB._storage, tensor(Bh, [OC, R])._storage);  // a trained adapter
+      const A = layer.loraA.toFloat32Array(), x = tensor(xh, [N, C]);
+      const unmergedY = layer.forward(x).toFloat32Array();
+      layer.merge();
+      const merged = layer.weight.toFloat32Array();
+      const m = checkMergedBf16(merged, Wh, A, Bh, OC, C, R, layer.scaling);
+      t.equal(m.bad, null, `merge() rounded once (${m.exact} of ${OC * C} equal to round(v))`);
+      t.same(Array.from(layer.forward(x).toFloat32Array()), Array.from(linear(x, layer.weight).toFloat32Array()), 'merged forward is linear() over the merged bf16 weight');
+      assertClose(t, layer.forward(x).toFloat32Array(), unmergedY, { atol: 2e-2, rtol: 2e-2 }, 'merged forward within bf16 rounding of the unmerged one');
+      layer.unmerge();
+      const u = checkMergedBf16(layer.weight.toFloat32Array(), merged, A, Bh, OC, C, R, -layer.scaling);
+      t.equal(u.bad, null, `unmerge() rounded once (${u.exact} of ${OC * C} equal to round(v))`);
+      layer.dispose();
+    });
+  });
+
+  // linear() over a bf16 weight on the default level, with the reporting of assertClose: forward,
+  // dx and dbias against float64 over the bf16 values, and no fp32 copy of W made on the way. A
+  // bf16 weight forced to requiresGrad keeps getting an fp32 gradient Gᵀ·x (as before the bf16 GEMM).
+  void leakChecked(t, 'linear() with a bf16 weight: read as stored, forward and gradients against float64', (t) => {
+    const rng = new Rng(11);
+    const convert = native.convert;
+    let converts = 0;
+    native.convert = (dst, src) => { converts++; convert(dst, src); };
+    try {
+      for (const [N, C, OC] of [[1, 129, 17], [3, 17, 129], [17, 3, 1], [129, 65, 33]] as const) {
+        tidy(() => {
+          const xh = f32(N * C, rng), Wh = f32(OC * C, rng, 0.5).map(bf16Round), bh = f32(OC, rng), Gh = f32(N * OC, rng);
+          const W = tensor(Wh, [OC, C]).toDtype('bfloat16');
+          W.requiresGrad = true;
+          const x = tensor(xh, [N, C], { requiresGrad: true }), b = tensor(bh, [OC], { requiresGrad: true });
+          converts = 0;
+          const y = linear(x, W, b);
+          y.backward(tensor(Gh, [N, OC]));
+          t.equal(converts, 0, `[${N}, ${C}] x [${OC}, ${C}]: no dtype conversion in forward or backward`);
+          const yRef = new Float64Array(N * OC), dxRef = new Float64Array(N * C), dWRef = new Float64Array(OC * C), dbRef = new Float64Array(OC);
+          for (let n = 0; n < N; n++)
+            for (let o = 0; o < OC; o++) {
+              let acc = bh[o]!;
+              for (let k = 0; k < C; k++) {
+                acc += xh[n * C + k]! * Wh[o * C + k]!;
+                dxRef[n * C + k] += Gh[n * OC + o]! * Wh[o * C + k]!;
+                dWRef[o * C + k] += Gh[n * OC + o]! * xh[n * C + k]!;
+              }
+              yRef[n * OC + o] = acc;
+              dbRef[o] += Gh[n * OC + o]!;
+            }
+          const tol = { atol: 1e-5, rtol: 1e-5 };
+          assertClose(t, y.toFloat32Array(), yRef, tol, `[${N}, ${C}] x [${OC}, ${C}] forward`);
+          assertClose(t, x.grad!.toFloat32Array(), dxRef, tol, `[${N}, ${C}] x [${OC}, ${C}] dx`);
+          assertClose(t, b.grad!.toFloat32Array(), dbRef, tol, `[${N}, ${C}] x [${OC}, ${C}] dbias`);
+          t.equal(W.grad!.dtype, 'float32', 'a bf16 weight forced to requiresGrad gets an fp32 gradient');
+          assertClose(t, W.grad!.toFloat32Array(), dWRef, tol, `[${N}, ${C}] x [${OC}, ${C}] dW`);
+          for (const v of [x, b, W]) v.grad!.dispose();
+        });
+      }
+    } finally {
+      native.convert = convert;
+    }
+  });
+
+  void leakChecked(t, 'gemm with a bf16 b and linear(): bad input', (t) => {
+    const a = native.fromHost(0, DTYPE_ID.float32, new Float32Array(6)), c = native.alloc(0, DTYPE_ID.float32, 4);
+    const h = native.alloc(0, DTYPE_ID.float16, 6), small = bf16Tensor(new Float32Array(5));
+    try {
+      assertLoraError(t, () => native.gemm(c, a, h, 2, 2, 3, false, true, 3, 3, 2, 1, 0, 1, 0, 0, 0), LoraError, 'ERR_LORA_DTYPE', /^b has the wrong dtype$/, 'float16 b');
+      assertLoraError(t, () => native.gemm(c, a, small, 2, 2, 3, false, true, 3, 3, 2, 1, 0, 1, 0, 0, 0), LoraError, 'ERR_LORA_SHAPE', /^b holds 5 elements but the op needs 6$/, 'bf16 b too small');
+      assertLoraError(t, () => native.gemm(c, a, small, 2, 2, 3, false, true, 3, 2, 2, 1, 0, 1, 0, 0, 0), LoraError, 'ERR_LORA_SHAPE', /^gemm leading dimension too small$/, 'bf16 b ldb too small');
+      tidy(() => {
+        const x = tensor(new Float32Array(6), [2, 3]);
+        const W16 = tensor(new Float32Array(6), [2, 3]).toDtype('float16');
+        assertLoraError(t, () => linear(x, W16), LoraError, 'ERR_LORA_DTYPE', /^Expected a float32 or bfloat16 weight for linear\(\) but received float16$/, 'float16 weight');
+        const Wb = tensor(new Float32Array(8), [2, 4]).toDtype('bfloat16');
+        assertLoraError(t, () => linear(x, Wb), LoraError, 'ERR_LORA_SHAPE', /^Expected x of shape \[\.\.\., 4\] for linear\(\) but received \[2, 3\]$/, 'bf16 weight, wrong in-features');
+      });
+    } finally {
+      [a, c, h, small].forEach((q) => native.dispose(q));
+    }
+  });
+
+  // Last in this file: it leaves linear() on the widening path for the cpu device in this process.
+  // A backend without gemm_bf16 (a CUDA build that lacks it) answers ERR_LORA_UNSUPPORTED; linear()
+  // then widens W and gives the same values, asking the backend once only.
+  void leakChecked(t, 'linear() falls back to widening W where the backend has no bf16 GEMM', (t) => {
+    const rng = new Rng(3);
+    const N = 5, C = 33, OC = 17;
+    const xh = f32(N * C, rng), Wh = f32(OC * C, rng), Gh = f32(N * OC, rng);
+    const run = () => tidy(() => {
+      const x = tensor(xh, [N, C], { requiresGrad: true });
+      const y = linear(x, tensor(Wh, [OC, C]).toDtype('bfloat16'));
+      y.backward(tensor(Gh, [N, OC]));
+      const out = [y.toFloat32Array(), x.grad!.toFloat32Array()];
+      x.grad!.dispose();
+      return out;
+    });
+    const [yDirect, dxDirect] = run();
+    const gemm = native.gemm;
+    let refused = 0;
+    native.gemm = (c, a, b, ...rest) => {
+      if (b.dtype === DTYPE_ID.bfloat16) {
+        refused++;
+        throw new LoraError('ERR_LORA_UNSUPPORTED', 'gemm_bf16 failed on cpu: not supported by this backend');
+      }
+      gemm(c, a, b, ...rest);
+    };
+    try {
+      const [y1, dx1] = run();
+      const [y2, dx2] = run();
+      t.equal(refused, 1, 'the backend is asked once, then W is widened without asking');
+      const tol = { atol: 1e-6, rtol: 1e-6 };
+      assertClose(t, y1!, yDirect!, tol, 'forward: the values of the bf16 GEMM');
+      assertClose(t, dx1!, dxDirect!, tol, 'dx: the values of the bf16 GEMM');
+      t.same([Array.from(y2!), Array.from(dx2!)], [Array.from(y1!), Array.from(dx1!)], 'the second call widens too');
+    } finally {
+      native.gemm = gemm;
+    }
   });
 }

@@ -1,6 +1,8 @@
 // lora_merge: W += s·B·A in place (fp32, or bf16 with fp32 math rounded once); memory bound on W
-// (read + write). Merge then unmerge per timed run keeps W from drifting.
-import { Case, f32, native, randomF32, weight } from '../common';
+// (read + write). Merge then unmerge per timed run keeps W from drifting. For a bf16 W, unfused is
+// the plain composition with the same rounding: widen W into a reused fp32 buffer, the fp32 merge,
+// narrow back (three passes over W).
+import { Case, f32, native, randomF32, weight, zeros } from '../common';
 
 const loraMerge: Case = {
   name: 'lora_merge',
@@ -15,11 +17,19 @@ const loraMerge: Case = {
         sign = -sign;
       },
     };
+    const W32 = dtype === 'bf16' ? zeros(OC * C) : null;
+    if (W32)
+      variants.unfused = () => {
+        native.convert(W32, W);
+        native.loraMerge(W32, A, B, OC, C, R, sign);
+        native.convert(W, W32);
+        sign = -sign;
+      };
     const el = dtype === 'fp32' ? 4 : 2;
     return {
       variants,
       work: { bytes: 2 * OC * C * el, flops: 2 * OC * C * R },
-      dispose: () => [W, A, B].forEach((t) => native.dispose(t)),
+      dispose: () => [W, A, B, ...(W32 ? [W32] : [])].forEach((t) => native.dispose(t)),
     };
   },
 };

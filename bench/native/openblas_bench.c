@@ -43,6 +43,9 @@ int main(int argc, char **argv) {
     double t0 = now_ms();
     if (!strcmp(op, "gemm")) {
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, OC, C, 1, x, C, W, C, 0, y, OC);
+    } else if (!strcmp(op, "linear")) {
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, OC, C, 1, x, C, W, C, 0, y, OC);
+      cblas_sger(CblasRowMajor, N, OC, 1, ones, 1, b, 1, y, OC);  /* + bias */
     } else if (!strcmp(op, "lora_forward") || !strcmp(op, "lora_step")) {
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, R, C, 1, x, C, A, C, 0, h, R);
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, OC, C, 1, x, C, W, C, 0, y, OC);

@@ -248,6 +248,16 @@ class CpuBackend final : public CpuBackendBase {
     return Status::Ok;
   }
 
+  Status gemm_bf16(float* Cm, const float* Am, const uint16_t* Bm, int64_t M, int64_t Nn,
+                   int64_t K, bool trans_a, bool trans_b, int64_t lda, int64_t ldb, int64_t ldc,
+                   float alpha, float beta, int64_t batch, int64_t stride_a, int64_t stride_b,
+                   int64_t stride_c) override {
+    for (int64_t i = 0; i < batch; ++i)
+      sgemm_bf16(pool_, trans_a, trans_b, M, Nn, K, alpha, Am + i * stride_a, lda,
+                 Bm + i * stride_b, ldb, beta, Cm + i * stride_c, ldc);
+    return Status::Ok;
+  }
+
   Status binary(BinaryOp op, float* out, const float* a, const float* b, const Layout& al,
                 const Layout& bl) override {
     const int64_t n = layout_numel(al);

@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "../half.h"
 #include "../rng.h"
 #include "gemm_fused.h"
 
@@ -116,6 +117,9 @@ constexpr int64_t kShortK = 64;
 // Fewer rows than this widen bf16 B to fp32 while packing instead of dotting pairs (M = 16 ran
 // 2x slower through the pair packing).
 constexpr int64_t kBf16DotMinM = 64;
+// Floats of packed B per column block of the bf16 update (256 KB): with the A panel it stays in
+// L2 while every row panel of C sweeps it.
+constexpr int64_t kUpdateBlockFloats = 1 << 16;
 
 // Per-thread packing buffers, 64-byte aligned, grown on demand and kept for the next call.
 struct PackBuffer {
@@ -552,6 +556,96 @@ void sgemm(ThreadPool& pool, bool trans_a, bool trans_b, int64_t M, int64_t N, i
   g.beta = beta;
   g.C = C;
   g.ldc = ldc;
+  gemm_ex(pool, g);
+}
+
+namespace {
+
+// The bf16 update over the C rectangle [m0, m1) x [n0, n1): op(B) packed a column block at a time,
+// alpha·A packed one row panel at a time, each tile of C widened, updated and rounded in registers.
+void update_bf16_rect(const IsaTable& t, int64_t K, float alpha, const float* A, int64_t lda,
+                      const float* B, int64_t ldb, uint16_t* C, int64_t ldc, int64_t m0, int64_t m1,
+                      int64_t n0, int64_t n1) {
+  const GemmKernel& kern = t.wide;
+  const int mr = kern.mr, nr = kern.nr;
+  ThreadBuffers& bufs = buffers();
+  const int64_t ncb = imax(nr, kUpdateBlockFloats / K / nr * nr);
+  alignas(64) float tile[32 * 64];
+  for (int64_t jc = n0; jc < n1; jc += ncb) {
+    const int64_t nc = imin(ncb, n1 - jc);
+    float* bbuf = bufs.b.get(static_cast<size_t>(round_up(nc, nr) * K));
+    t.pack_b(bbuf, B, false, ldb, false, 0, K, jc, nc, nr, nullptr);
+    float* abuf = bufs.a.get(static_cast<size_t>(mr * K));
+    for (int64_t i0 = m0; i0 < m1; i0 += mr) {
+      const int64_t rows = imin(mr, m1 - i0);
+      t.pack_a(abuf, A, lda, false, i0, rows, 0, K, mr, alpha, nullptr);
+      for (int64_t jr = 0; jr < nc; jr += nr) {
+        const int64_t cols = imin(nr, nc - jr);
+        uint16_t* c = C + i0 * ldc + jc + jr;
+        const float* bp = bbuf + jr * K;
+        if (rows == mr && cols == nr) {
+          t.wide_bf16_out(K, abuf, bp, nr, c, ldc);
+          continue;
+        }
+        // an edge tile: the same sum through an fp32 tile, rounded by the same rule
+        for (int i = 0; i < mr; ++i)
+          for (int j = 0; j < nr; ++j) tile[i * nr + j] = i < rows && j < cols ? bf16_to_f32(c[i * ldc + j]) : 0.0f;
+        kern.run(K, abuf, bp, nr, tile, nr, 1);
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t j = 0; j < cols; ++j) c[i * ldc + j] = float_to_bf16(tile[i * nr + j]);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void sgemm_bf16_update(ThreadPool& pool, int64_t M, int64_t N, int64_t K, float alpha,
+                       const float* A, int64_t lda, const float* B, int64_t ldb, uint16_t* C,
+                       int64_t ldc) {
+  // alpha·A·B is then exactly zero and C + 0 rounds to C: nothing to write (as sgemm's alpha == 0
+  // reads neither A nor B)
+  if (M <= 0 || N <= 0 || K <= 0 || alpha == 0.0f) return;
+  const IsaTable& t = isa_table();
+  const int mr = t.wide.mr, nr = t.wide.nr;
+  // memory bound at small K: count each element of C as a few multiply-adds of work
+  const int64_t work = M * N * (K + 4);
+  if (work < kParallelMinFlops || pool.size() == 1)
+    return update_bf16_rect(t, K, alpha, A, lda, B, ldb, C, ldc, 0, M, 0, N);
+  pool.run([&](int tid, int nt) {
+    // rows split in row panels, as the fp32 path splits C; columns where rows are too few
+    if (N >= M * 2 || M < mr * nt) {
+      const int64_t units = (N + nr - 1) / nr, per = (units + nt - 1) / nt;
+      const int64_t n0 = imin(N, tid * per * nr), n1 = imin(N, n0 + per * nr);
+      if (n0 < n1) update_bf16_rect(t, K, alpha, A, lda, B, ldb, C, ldc, 0, M, n0, n1);
+    } else {
+      const int64_t units = (M + mr - 1) / mr, per = (units + nt - 1) / nt;
+      const int64_t m0 = imin(M, tid * per * mr), m1 = imin(M, m0 + per * mr);
+      if (m0 < m1) update_bf16_rect(t, K, alpha, A, lda, B, ldb, C, ldc, m0, m1, 0, N);
+    }
+  });
+}
+
+void sgemm_bf16(ThreadPool& pool, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+                float alpha, const float* A, int64_t lda, const uint16_t* B, int64_t ldb,
+                float beta, float* C, int64_t ldc) {
+  GemmArgs g;
+  g.trans_a = trans_a;
+  g.trans_b = trans_b;
+  g.M = M;
+  g.N = N;
+  g.K = K;
+  g.alpha = alpha;
+  g.A = A;
+  g.lda = lda;
+  g.B = B;
+  g.b_bf16 = true;
+  g.ldb = ldb;
+  g.beta = beta;
+  g.C = C;
+  g.ldc = ldc;
+  // linear() promises fp32 products of its input (the bf16 pair dot would round A to 8 bits)
+  g.allow_bf16_dot = false;
   gemm_ex(pool, g);
 }
 

@@ -13,4 +13,19 @@ void sgemm(ThreadPool& pool, bool trans_a, bool trans_b, int64_t M, int64_t N, i
            float alpha, const float* A, int64_t lda, const float* B, int64_t ldb, float beta,
            float* C, int64_t ldc);
 
+// The same with B holding bf16 bits (a frozen bf16 weight), widened to fp32 while packing (or
+// streamed and widened in registers for few rows): A is never rounded, accumulation is fp32, and
+// the result is that of sgemm on the widened B.
+void sgemm_bf16(ThreadPool& pool, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+                float alpha, const float* A, int64_t lda, const uint16_t* B, int64_t ldb,
+                float beta, float* C, int64_t ldc);
+
+// C (M, N) of bf16 bits = round(C + alpha·A·B) for A (M, K) and B (K, N) fp32, row-major: each
+// tile of C widened, updated in fp32 and rounded once to nearest-even in the micro-kernel's
+// epilogue (merging an adapter into a bf16 weight in one pass over W). alpha == 0 or K == 0 leaves
+// C untouched.
+void sgemm_bf16_update(ThreadPool& pool, int64_t M, int64_t N, int64_t K, float alpha,
+                       const float* A, int64_t lda, const float* B, int64_t ldb, uint16_t* C,
+                       int64_t ldc);
+
 }  // namespace lora

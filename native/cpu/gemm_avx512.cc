@@ -16,6 +16,11 @@
 #define LN_SPLAT(x) _mm512_set1_ps(x)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive in _mm512_reduce_add_ps
 #define LN_HSUM(v) _mm512_reduce_add_ps(v)
+// one vpmovzxwd / vpmovdw each (GCC 12 splits the generic conversions into 256-bit halves and
+// word permutes: 5 instructions to widen 16 bf16 and 4 to narrow them)
+#pragma GCC diagnostic ignored "-Wuninitialized"  // GCC 12 false positive in _mm512_undefined_* of these
+#define LN_WIDEN_U16(p) _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))
+#define LN_STORE_U16(p, v) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16((__m512i)(v)))
 #include "gemm_kernels_impl.h"
 
 namespace {
@@ -125,7 +130,7 @@ const lora::IsaTable kTable = {
     small_m,
     {kWideMr, 32, bf16_kernel<kWideMr>, 0, nullptr},
     pack_a_bf16,
-    pack_b_bf16,
+    pack_b_bf16,    micro_kernel_bf16_out<kWideMr, kWideNv>,
 };
 
 }  // namespace

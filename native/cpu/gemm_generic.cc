@@ -29,7 +29,7 @@ const lora::IsaTable kTable = {
     small_m,
     {0, 0, nullptr, 0, nullptr},
     nullptr,
-    nullptr,
+    nullptr,    micro_kernel_bf16_out<kWideMr, kWideNv>,
 };
 
 }  // namespace

@@ -71,6 +71,11 @@ struct IsaTable {
                       int64_t mc, int64_t k0, int64_t kc, int mr, float alpha);
   void (*pack_b_bf16)(uint16_t* dst, const uint16_t* b, int64_t ldb, bool trans, int64_t k0,
                       int64_t kc, int64_t j0, int64_t nc, int nr);
+
+  // The wide kernel with a bf16-output epilogue: c(mr, nr) = round_bf16(c + a·b) with c bf16 bits
+  // (row stride ldc), a and b packed as for `wide`; fp32 sum, rounded once to nearest-even.
+  void (*wide_bf16_out)(int64_t k, const float* a, const float* b, int64_t ldb, uint16_t* c,
+                        int64_t ldc);
 };
 
 const IsaTable* isa_table_generic();

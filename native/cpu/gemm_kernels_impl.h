@@ -5,7 +5,9 @@
 // shared inline symbol. Not a public header; no driver logic (blocking, threads) lives here.
 //
 // Expects: LN_VL (floats per vector), LN_FMA(a, b, c) (= a*b + c), LN_SPLAT(x) (broadcast),
-// LN_HSUM(v) (sum of the lanes, as a tree: a serial chain costs ~50 cycles per sum).
+// LN_HSUM(v) (sum of the lanes, as a tree: a serial chain costs ~50 cycles per sum). Optional:
+// LN_WIDEN_U16(p) (LN_VL uint16 at p zero-extended to a vector of uint32) and LN_STORE_U16(p, v)
+// (the low 16 bits of each uint32 lane stored at p), where the generic conversions compile poorly.
 
 #include <cstdint>
 
@@ -18,13 +20,30 @@ typedef float vf __attribute__((vector_size(LN_VL * 4)));
 typedef float vfu __attribute__((vector_size(LN_VL * 4), aligned(4)));
 typedef uint16_t vhu __attribute__((vector_size(LN_VL * 2), aligned(2)));
 typedef uint32_t vu __attribute__((vector_size(LN_VL * 4)));
+typedef uint16_t vh __attribute__((vector_size(LN_VL * 2)));
 
 inline vf splat(float x) { return LN_SPLAT(x); }
 inline vf loadu(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 inline void storeu(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 inline vf load_bf16(const uint16_t* p) {
-  vu w = __builtin_convertvector(*reinterpret_cast<const vhu*>(p), vu) << 16;
+#ifdef LN_WIDEN_U16
+  const vu w = (vu)LN_WIDEN_U16(p) << 16;
+#else
+  const vu w = __builtin_convertvector(*reinterpret_cast<const vhu*>(p), vu) << 16;
+#endif
   return (vf)w;  // same-size vector cast: a bit reinterpretation
+}
+// fp32 -> bf16, nearest-even, NaN kept quiet: half.h's float_to_bf16 on every lane.
+inline void store_bf16(uint16_t* p, vf v) {
+  const vu bits = (vu)v;
+  const vu rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  const vu quiet_nan = (bits >> 16) | 0x40u;
+  const vu out = (bits & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded;
+#ifdef LN_STORE_U16
+  LN_STORE_U16(p, out);
+#else
+  *reinterpret_cast<vhu*>(p) = __builtin_convertvector(out, vh);
+#endif
 }
 inline float bf16f(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -37,9 +56,12 @@ inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // The register-tiled micro-kernel: MR rows x NV vectors of accumulators, one broadcast of a per
 // row and NV loads of b per k step. Everything unrolled so the accumulators stay in registers.
-template <int MR, int NV>
-void micro_kernel(int64_t k, const float* __restrict a, const float* __restrict b, int64_t ldb,
-                  float* __restrict c, int64_t ldc, int accumulate) {
+// BF16_OUT: c holds bf16 bits and becomes round(c + a·b) (the epilogue of a merge into a bf16
+// weight: one read and one write of c, one rounding); otherwise c is fp32 as below.
+template <int MR, int NV, bool BF16_OUT>
+__attribute__((always_inline)) inline void micro_tile(int64_t k, const float* __restrict a,
+                                                      const float* __restrict b, int64_t ldb,
+                                                      void* __restrict cv, int64_t ldc, int accumulate) {
   vf acc[MR][NV];
 #pragma GCC unroll 32
   for (int i = 0; i < MR; ++i)
@@ -58,6 +80,16 @@ void micro_kernel(int64_t k, const float* __restrict a, const float* __restrict 
     a += MR;
     b += ldb;
   }
+  if constexpr (BF16_OUT) {
+    uint16_t* __restrict c = static_cast<uint16_t*>(cv);
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j)
+        store_bf16(c + i * ldc + j * LN_VL, load_bf16(c + i * ldc + j * LN_VL) + acc[i][j]);
+    return;
+  }
+  float* __restrict c = static_cast<float*>(cv);
   if (accumulate) {
 #pragma GCC unroll 32
     for (int i = 0; i < MR; ++i)
@@ -69,6 +101,17 @@ void micro_kernel(int64_t k, const float* __restrict a, const float* __restrict 
 #pragma GCC unroll 8
       for (int j = 0; j < NV; ++j) storeu(c + i * ldc + j * LN_VL, acc[i][j]);
   }
+}
+
+template <int MR, int NV>
+void micro_kernel(int64_t k, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc,
+                  int accumulate) {
+  micro_tile<MR, NV, false>(k, a, b, ldb, c, ldc, accumulate);
+}
+template <int MR, int NV>
+void micro_kernel_bf16_out(int64_t k, const float* a, const float* b, int64_t ldb, uint16_t* c,
+                           int64_t ldc) {
+  micro_tile<MR, NV, true>(k, a, b, ldb, c, ldc, 1);
 }
 
 inline float masked(float v, const lora::DropoutMask* d, int64_t r, int64_t c) {

@@ -10,7 +10,6 @@
 #include <cstring>
 #include <vector>
 
-#include "../half.h"
 #include "../rng.h"
 #include "gemm.h"
 #include "gemm_fused.h"
@@ -29,27 +28,10 @@ DropoutMask make_mask(float p, uint64_t seed, int64_t ld) {
   return d;
 }
 
-// Per-thread scratch reused across calls (dh, dBᵀ, merge row blocks are small: N·R, R·OC, 64·C).
+// Per-thread scratch reused across calls (dh and dBᵀ are small: N·R, R·OC).
 float* scratch(std::vector<float>& v, size_t n) {
   if (v.size() < n) v.resize(n);
   return v.data();
-}
-
-// bf16 <-> fp32 over whole blocks, branch-free so the compiler vectorises them (half.h's scalar
-// versions ran the bf16 merge at ~10% of the memory bandwidth). Same rounding: nearest-even, NaN
-// kept quiet.
-void widen_bf16(float* __restrict out, const uint16_t* __restrict in, int64_t n) {
-  uint32_t* o = reinterpret_cast<uint32_t*>(out);
-  for (int64_t i = 0; i < n; ++i) o[i] = static_cast<uint32_t>(in[i]) << 16;
-}
-void narrow_bf16(uint16_t* __restrict out, const float* __restrict in, int64_t n) {
-  const uint32_t* b = reinterpret_cast<const uint32_t*>(in);
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t bits = b[i];
-    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-    const uint32_t nan = (bits >> 16) | 0x40u;
-    out[i] = static_cast<uint16_t>((bits & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
-  }
 }
 
 }  // namespace
@@ -148,23 +130,9 @@ Status cpu_lora_merge(ThreadPool& pool, void* W, DType w_dtype, const float* A, 
     return Status::Ok;
   }
   if (w_dtype != DType::BF16) return Status::Unsupported;
-  // BF16: blocks of rows widened to fp32, W_block += s·B_block·A, rounded once (nearest-even).
-  // 32 rows x C floats of scratch per thread (512 KB at C = 4096) stay in L2 between widening,
-  // the GEMM and narrowing; 128 rows spilled to memory and ran slower.
-  constexpr int64_t kRows = 32;
-  uint16_t* w = static_cast<uint16_t*>(W);
-  const int64_t blocks = (OC + kRows - 1) / kRows;
-  pool.parallel_for(blocks, 1, [&](int64_t b0, int64_t b1) {
-    static thread_local std::vector<float> buf;
-    float* t = scratch(buf, static_cast<size_t>(kRows * C > 0 ? kRows * C : 1));
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t r0 = blk * kRows, rows = OC - r0 < kRows ? OC - r0 : kRows;
-      uint16_t* wb = w + r0 * C;
-      widen_bf16(t, wb, rows * C);
-      sgemm(pool, false, false, rows, C, R, s, B + r0 * R, R, A, C, 1.0f, t, C);
-      narrow_bf16(wb, t, rows * C);
-    }
-  });
+  // BF16: W tile by tile widened, += s·B·A in fp32 and rounded once (nearest-even) in the GEMM
+  // micro-kernel's epilogue, so W is read and written once.
+  sgemm_bf16_update(pool, OC, C, R, s, B, R, A, C, static_cast<uint16_t*>(W), C);
   return Status::Ok;
 }
 
