@@ -760,6 +760,10 @@ std::string cuda_failure(const char* what, cudaError_t e) {
 }  // namespace cuda
 }  // namespace lora
 
+// The interface version this library was built against (native/backend.h); the addon's loader
+// refuses a library whose version differs from its own.
+extern "C" __attribute__((visibility("default"))) int32_t lora_cuda_abi() { return lora::kBackendAbiVersion; }
+
 // Creates the backend on device 0, or returns nullptr with the reason in err. Checks that this
 // library's kernels can run there (compute capability 8.0 or newer) by running one.
 extern "C" __attribute__((visibility("default"))) lora::Backend* lora_cuda_create(char* err,

@@ -14,6 +14,12 @@
 
 namespace lora {
 
+// The version of this interface. liblora_cuda.so is a separate library built against this file, and
+// the addon refuses one built against another version (a different vtable would call the wrong
+// methods). Bump it with every change to this file's code; test/build.test.ts keeps a digest of
+// the file (comments and blank space aside) for each version and fails when they drift apart.
+constexpr int32_t kBackendAbiVersion = 2;
+
 enum class Status : int32_t {
   Ok = 0,
   OutOfMemory = 1,      // allocation failed

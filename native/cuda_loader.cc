@@ -27,6 +27,7 @@ using cuDeviceTotalMem_t = CUresult (*)(size_t*, CUdevice);
 using cuGetErrorString_t = CUresult (*)(CUresult, const char**);
 
 using lora_cuda_create_t = Backend* (*)(char*, size_t);
+using lora_cuda_abi_t = int32_t (*)();
 // Exported only by the CPU emulator build (cuda/emu/): the device it stands for.
 using lora_cuda_emulator_t = int (*)(char* name, size_t name_len, int* major, int* minor, size_t* memory);
 
@@ -104,9 +105,17 @@ void load_cuda(const std::string& addon_dir, CudaState* state) {
   } else {
     dlerror();
     create = symbol<lora_cuda_create_t>(lib, "lora_cuda_create");
-    if (create == nullptr)
+    const auto abi = symbol<lora_cuda_abi_t>(lib, "lora_cuda_abi");
+    if (create == nullptr) {
       library_reason = state->library_path + " is not a lora-native CUDA backend (no lora_cuda_create: " +
                        dl_error() + ")";
+    } else if (abi == nullptr || abi() != kBackendAbiVersion) {
+      // Another version of the interface: its virtual methods would not line up with ours.
+      library_reason = state->library_path + " was built for backend interface version " +
+                       (abi ? std::to_string(abi()) : std::string("1")) + " but this addon needs version " +
+                       std::to_string(kBackendAbiVersion) + "; rebuild it (`node scripts/build-cuda.js`)";
+      create = nullptr;
+    }
     emulator = symbol<lora_cuda_emulator_t>(lib, "lora_cuda_emulator");
   }
 

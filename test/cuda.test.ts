@@ -128,6 +128,14 @@ int cuGetErrorString(int r, const char** s) { *s = r == 100 ? "no CUDA-capable d
     ]);
     t.match(two.reason, /^the CUDA backend library could not be loaded/, 'only the library is missing');
 
+    // A backend library built against another version of native/backend.h is refused before use.
+    const stale = path.join(dir, 'stale.c');
+    fs.writeFileSync(stale, 'void* lora_cuda_create(char* e, unsigned long n) { (void)e; (void)n; return 0; }\nint lora_cuda_abi(void) { return 1; }\n');
+    execFileSync(cc!, ['-shared', '-fPIC', '-o', path.join(dir, 'libstale.so'), stale]);
+    const old = childFeatures({ ...env, FAKE_CU_COUNT: '1', LORA_NATIVE_CUDA_LIB: path.join(dir, 'libstale.so') });
+    t.equal(old.cuda, false);
+    t.match(old.reason, /libstale\.so was built for backend interface version 1 but this addon needs version \d+; rebuild it/, 'a stale library is named as such');
+
     // With the real liblora_cuda.so, its static CUDA runtime meets the fake driver and refuses:
     // lora_cuda_create's failure comes back as the reason (no crash, no exit).
     if (fs.existsSync(path.join(f.addonDir, 'liblora_cuda.so'))) {
