@@ -373,6 +373,22 @@ class CudaBackend final : public Backend {
     return check(launch_gemm_simt(stream_, g, trans_a, trans_b, sm_count_), "gemm");
   }
 
+  // The same with B as bf16 (linear() on a frozen bf16 weight): read in place, widened exactly.
+  Status gemm_bf16(float* Cm, const float* Am, const uint16_t* Bm, int64_t M, int64_t Nn, int64_t K,
+                   bool trans_a, bool trans_b, int64_t lda, int64_t ldb, int64_t ldc, float alpha,
+                   float beta, int64_t batch, int64_t stride_a, int64_t stride_b,
+                   int64_t stride_c) override {
+    if (unusable_) return Status::Unusable;
+    if (M < 0 || Nn < 0 || K < 0 || batch < 0) return Status::InvalidArgument;
+    GemmArgs g;
+    g.Cm = Cm; g.Am = Am; g.Bm16 = Bm;
+    g.M = M; g.Nn = Nn; g.K = K;
+    g.lda = lda; g.ldb = ldb; g.ldc = ldc;
+    g.alpha = alpha; g.beta = beta;
+    g.batch = batch; g.stride_a = stride_a; g.stride_b = stride_b; g.stride_c = stride_c;
+    return check(launch_gemm_simt(stream_, g, trans_a, trans_b, sm_count_), "gemm_bf16");
+  }
+
   Status binary(BinaryOp op, float* out, const float* a, const float* b, const Layout& a_layout,
                 const Layout& b_layout) override {
     if (unusable_) return Status::Unusable;

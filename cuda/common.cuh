@@ -62,6 +62,7 @@ struct GemmArgs {
   float* Cm = nullptr;        // (M, Nn), row stride ldc
   const float* Am = nullptr;  // op(A) (M, K): stored (M, K) or, transposed, (K, M); row stride lda
   const float* Bm = nullptr;  // op(B) (K, Nn): stored (K, Nn) or, transposed, (Nn, K); row stride ldb
+  const uint16_t* Bm16 = nullptr;  // instead of Bm: B stored as bf16 bits, widened as it is loaded
   int64_t M = 0, Nn = 0, K = 0;
   int64_t lda = 0, ldb = 0, ldc = 0;
   int64_t stride_a = 0, stride_b = 0, stride_c = 0, batch = 1;
@@ -73,8 +74,8 @@ struct GemmArgs {
 };
 
 // ---- launchers -------------------------------------------------------------------------------
-// gemm_simt.cu: fp32 FMA GEMM. Picks a tile shape for the problem (square, few columns, few
-// rows) and a split-K factor when the grid would leave SMs idle.
+// gemm_simt.cu: fp32 FMA GEMM (B fp32, or bf16 through Bm16). Picks a tile shape for the problem
+// (square, few columns, few rows) and a split-K factor when the grid would leave SMs idle.
 cudaError_t launch_gemm_simt(cudaStream_t stream, GemmArgs args, bool trans_a, bool trans_b,
                              int sm_count);
 // gemm_skinny.cu: the adapter GEMMs (Nn <= 64 wide, batch 1, no epilogue) on tensor cores in

@@ -1,5 +1,6 @@
-// The fp32 GEMM on CUDA cores (plain FMA, no TF32): every gemm() call, every fp32-weight LoRA
-// GEMM and the skinny adapter GEMMs (h, dh, dA, dB) run here. Register-tiled with a two-stage
+// The fp32 GEMM on CUDA cores (plain FMA, no TF32): every gemm() call (a bf16 B, a frozen
+// weight, is widened exactly as it is loaded), every fp32-weight LoRA GEMM and, with
+// LORA_CUDA_SKINNY=simt, the adapter GEMMs (h, dh, dA, dB) run here. Register-tiled with a two-stage
 // shared-memory pipeline, three tile shapes, split-K with atomics for long-K small outputs.
 // It is not the bf16 tensor-core path (gemm_tc.cu) and makes no attempt at cuBLAS-level speed.
 #include "common.cuh"
@@ -30,7 +31,8 @@ __global__ void __launch_bounds__((BM / TM) * (BN / TN))
   const int64_t bz = batch_offset + blockIdx.z / g.split_k;
   const int64_t sk = blockIdx.z % g.split_k;
   const float* __restrict__ A = g.Am + bz * g.stride_a;
-  const float* __restrict__ B = g.Bm + bz * g.stride_b;
+  const float* __restrict__ B = g.Bm16 ? nullptr : g.Bm + bz * g.stride_b;
+  const uint16_t* __restrict__ B16 = g.Bm16 ? g.Bm16 + bz * g.stride_b : nullptr;
   float* __restrict__ Cm = g.Cm + bz * g.stride_c;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * BM;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * BN;
@@ -61,7 +63,8 @@ __global__ void __launch_bounds__((BM / TM) * (BN / TN))
       const int64_t n = n0 + nl, k = k0 + kl;
       float v = 0.0f;
       if (n < g.Nn && k < k_end) {
-        v = TB ? B[n * g.ldb + k] : B[k * g.ldb + n];
+        const int64_t at = TB ? n * g.ldb + k : k * g.ldb + n;
+        v = B16 ? __uint_as_float(static_cast<uint32_t>(B16[at]) << 16) : B[at];  // bf16: exact widening
         if (g.drop_b.p > 0.0f) v = apply_dropout(g.drop_b, v, TB ? n : k, TB ? k : n);
       }
       rb[e] = v;
@@ -233,7 +236,8 @@ cudaError_t launch_gemm_simt(cudaStream_t stream, GemmArgs args, bool trans_a, b
     GemmArgs one = args;
     for (int64_t b = 0; b < args.batch; ++b) {
       one.Am = args.Am + b * args.stride_a;
-      one.Bm = args.Bm + b * args.stride_b;
+      if (args.Bm16) one.Bm16 = args.Bm16 + b * args.stride_b;
+      else one.Bm = args.Bm + b * args.stride_b;
       one.batch = 1;
       const cudaError_t e = launch_gemm_simt(stream, one, trans_a, trans_b, sm_count);
       if (e != cudaSuccess) return e;

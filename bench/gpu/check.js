@@ -78,6 +78,19 @@ for (const [M, N, K] of gemmShapes) {
     }
   }
 }
+
+// gemm with a bf16 B (linear() on a frozen bf16 weight: y = x·Wᵀ, dx = dy·W), B widened exactly.
+for (const [M, N, K] of [[1, 1, 1], [7, 13, 5], [129, 67, 33], [16, 1500, 4000], [300, 257, 1000]]) {
+  for (const tb of [true, false]) {
+    const ldb = tb ? K : N, ldc = N;
+    const a = data(M * K), b = data(N * K, 1 / Math.sqrt(K)), c0 = data(M * N);
+    check(`gemm_bf16 M${M} N${N} K${K} N${tb ? 'T' : 'N'}`, (dev, own) => {
+      const A = own(put(dev, a)), B = own(put(dev, b, BF16)), C = own(put(dev, c0));
+      native.gemm(C, A, B, M, N, K, false, tb, K, ldb, ldc, 1, 0.5, 1, 0, 0, 0);
+      return [C];
+    }, { ...FP32_TOL, abs: 1e-5 * Math.sqrt(K + 1) });
+  }
+}
 {  // a broadcast output accumulating over the batch (stride_c = 0, beta = 1)
   const M = 37, N = 45, K = 300, batch = 4;
   const a = data(batch * M * K), b = data(K * N), c0 = data(M * N);
