@@ -5,7 +5,8 @@
 //    point, with full fine-tuning, for the same number of steps;
 // 4. print trainable parameters, task-B accuracy/loss before and after, task-A accuracy after
 //    (forgetting), time and adapter size vs model size; write SVG loss curves, the PEFT adapter and
-//    samples to demo-output/. Every number comes from this run. `--quick` runs a short version.
+//    samples to demo-output/. Every number comes from this run. `--quick` runs a short version;
+//    `--device cuda` runs it on the GPU.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 
@@ -13,9 +14,12 @@ import {
   applyLora, crossEntropy, memory, Module, noGrad, reshape, saveLoraAdapter, saveSafetensors, tensor, Tensor, tidy,
   train, trainableParameters, TransformerLM,
 } from '../lib/index';
+import type { Device } from '../lib/index';
 
 const args = process.argv.slice(2);
 const quick = args.includes('--quick');
+const devIdx = args.indexOf('--device');
+const DEVICE = (devIdx >= 0 ? args[devIdx + 1] : 'cpu') as Device;
 const outIdx = args.indexOf('--out');
 const OUT = outIdx >= 0 ? args[outIdx + 1]! : 'demo-output';
 const STEPS = quick ? { pretrain: 60, adapt: 30 } : { pretrain: 800, adapt: 300 };
@@ -64,7 +68,10 @@ function batchTensors(lines: readonly string[]): { ids: Tensor; targets: Tensor 
       if (i >= sep) tg[b * L + i] = id(line[i + 1]!);
     }
   });
-  return { ids: tensor(ids, [lines.length, L], { dtype: 'int32' }), targets: tensor(tg, [lines.length * L], { dtype: 'int32' }) };
+  return {
+    ids: tensor(ids, [lines.length, L], { dtype: 'int32', device: DEVICE }),
+    targets: tensor(tg, [lines.length * L], { dtype: 'int32', device: DEVICE }),
+  };
 }
 
 function lossOf(model: Module, lines: readonly string[]): Tensor {
@@ -114,7 +121,7 @@ function generate(model: Module, prompt: string): string {
   noGrad(() => {
     while (text.length < T && !text.endsWith('.')) {
       const next = tidy(() => {
-        const ids = tensor(Float32Array.from([...text].map(id)), [1, text.length], { dtype: 'int32' });
+        const ids = tensor(Float32Array.from([...text].map(id)), [1, text.length], { dtype: 'int32', device: DEVICE });
         const z = model.forward(ids).toFloat32Array();
         const row = z.subarray((text.length - 1) * VOCAB.length);
         let best = 0;
@@ -179,10 +186,10 @@ async function main(): Promise<void> {
   const testWords = words(500, 3);
   const testA = testWords.map((w) => example('A', w));
   const testB = testWords.map((w) => example('B', w));
-  const modelCfg = { vocabSize: VOCAB.length, dModel: 64, nHeads: 4, nLayers: 2, maxSeqLen: T, seed: 7 };
+  const modelCfg = { vocabSize: VOCAB.length, dModel: 64, nHeads: 4, nLayers: 2, maxSeqLen: T, seed: 7, device: DEVICE };
   const progress = process.stderr.isTTY ? 'bar' as const : 'none' as const;
 
-  console.log(`lora-native demo: char-level transformer (${modelCfg.nLayers} layers, d=${modelCfg.dModel}, ${modelCfg.nHeads} heads), tasks generated here`);
+  console.log(`lora-native demo: char-level transformer (${modelCfg.nLayers} layers, d=${modelCfg.dModel}, ${modelCfg.nHeads} heads) on ${DEVICE}, tasks generated here`);
   console.log(`  task A: ${testA[0]}   task B: ${testB[0]}   (loss and accuracy on the answer part only)\n`);
 
   // 1. pretrain on A

@@ -135,3 +135,28 @@ t.test('failures: one line on stderr, non-zero exit, nothing written', { skip },
   t.same(fs.readdirSync(dir).filter((f) => f.includes('.tmp')), [], 'no temp files');
   t.end();
 });
+
+// bench/gpu/peft_interop.{py,js} run on the GPU machine, where PEFT is; here (no torch) their
+// lora-native half and the numpy comparison run on a folder laid out as `make` lays it out, with
+// lora-native's own merge standing in for PEFT's, so the scripts cannot rot unseen.
+const numpy = spawnSync('python3', ['-c', 'import numpy'], { encoding: 'utf8' }).status === 0;
+t.test('the PEFT interop scripts of the GPU check run', { skip: skip || (numpy ? false : 'python3 with numpy is needed') }, (t) => {
+  const d = path.join(dir, 'interop');
+  fs.mkdirSync(path.join(d, 'adapters'), { recursive: true });
+  fs.copyFileSync(path.join(dir, 'model.safetensors'), path.join(d, 'base.safetensors'));
+  fs.cpSync(path.join(dir, 'a'), path.join(d, 'adapters', 'plain'), { recursive: true });
+  const node = spawnSync(process.execPath, [path.join(root, 'bench', 'gpu', 'peft_interop.js'), d], { encoding: 'utf8' });
+  t.equal(node.status, 0, `peft_interop.js: ${node.stdout.trim().split('\n').join('; ')}`);
+  t.ok(fs.existsSync(path.join(d, 'ours_merged', 'plain.safetensors')), 'merged with the CLI');
+  t.ok(fs.existsSync(path.join(d, 'roundtrip', 'plain', 'adapter_config.json')), 're-saved');
+  fs.mkdirSync(path.join(d, 'peft_merged'));
+  fs.mkdirSync(path.join(d, 'rt_peft_merged'));
+  fs.copyFileSync(path.join(d, 'ours_merged', 'plain.safetensors'), path.join(d, 'peft_merged', 'plain.safetensors'));
+  t.equal(run('merge', '--base', path.join(d, 'base.safetensors'), '--adapter', path.join(d, 'roundtrip', 'plain'),
+    '--out', path.join(d, 'rt_peft_merged', 'plain.safetensors')).code, 0, 'the re-saved adapter merges');
+  const cmp = spawnSync('python3', [path.join(root, 'bench', 'gpu', 'peft_interop.py'), 'compare', d], { encoding: 'utf8' });
+  t.match(cmp.stdout, /^\| plain \| 0\.0e\+00 \| 0\.0e\+00 \| yes \|$/m, 'compare reads both files and finds them equal');
+  t.match(cmp.stdout, /^\| dora \| – \| – \| NO \(PEFT made nothing\) \|$/m, 'and reports the cases PEFT did not make');
+  t.equal(cmp.status, 1, 'exit 1 while any case is missing');
+  t.end();
+});

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check in one command, for the device machine (H200, no registries, maybe no node):
-# correctness of every CUDA op against the CPU backend (check.js), then lora-native timings
+# correctness of every CUDA op against the CPU backend (check.js), PEFT interop (peft_interop.py:
+# adapters PEFT makes, merged and re-saved by lora-native, read back by PEFT), then lora-native timings
 # (bench.js) beside PyTorch + PEFT (bench_torch.py), then one markdown table (table.py).
 # Full logs go under $OUT; the table is printed last. Budget: < 8 minutes (each phase has a timeout).
 # Needs, carried from the build machine: build/Release/{lora_native.node,liblora_cuda.so}, dist/,
@@ -65,6 +66,18 @@ STAGED_RC=$?
 grep -E '^FAIL|^check:' "$OUT/check_alt.log" | tail -20 | tee -a "$OUT/run.log"
 [ $STAGED_RC -ne 0 ] && CHECK_RC=$STAGED_RC
 
+# ---- PEFT interop (CPU work; torch + peft exist only on the device machine) -------------------
+log "peft_interop: adapters made by PEFT, merged and re-saved by lora-native, read back by PEFT"
+PI="${TMPDIR:-/tmp}/lora-native-peft-interop"  # many small files: kept out of $OUT
+rm -rf "$PI"
+{ timeout 60 python3 bench/gpu/peft_interop.py make "$PI" &&
+  timeout 60 "$NODE" bench/gpu/peft_interop.js "$PI" &&
+  timeout 60 python3 bench/gpu/peft_interop.py reload "$PI"; } > "$OUT/peft_interop.log" 2>&1
+timeout 30 python3 bench/gpu/peft_interop.py compare "$PI" > "$OUT/peft_interop.md" 2>&1
+PEFT_RC=$?
+tail -3 "$OUT/peft_interop.log" | tee -a "$OUT/run.log"
+cat "$OUT/peft_interop.md" | tee -a "$OUT/run.log"
+
 # ---- timings --------------------------------------------------------------------------------
 log "bench.js: lora-native timings"
 timeout 110 "$NODE" bench/gpu/bench.js --out "$OUT/ours.json" $QUICK > "$OUT/bench_ours.log" 2>&1
@@ -79,7 +92,9 @@ TORCH_RC=$?
 [ $TORCH_RC -ne 0 ] && { tail -20 "$OUT/bench_torch.log"; log "bench_torch.py exited $TORCH_RC"; }
 
 python3 bench/gpu/table.py "$OUT/ours.json" "$OUT/torch.json" "$OUT/check.log" "$OUT/ours_alt.json" > "$OUT/table.md" 2>&1
-log "done (check rc $CHECK_RC, bench rc $BENCH_RC, torch rc $TORCH_RC); logs in $OUT"
+log "done (check rc $CHECK_RC, peft interop rc $PEFT_RC, bench rc $BENCH_RC, torch rc $TORCH_RC); logs in $OUT"
 echo
 cat "$OUT/table.md"
-[ $CHECK_RC -eq 0 ] && [ $BENCH_RC -eq 0 ]
+echo
+cat "$OUT/peft_interop.md"
+[ $CHECK_RC -eq 0 ] && [ $PEFT_RC -eq 0 ] && [ $BENCH_RC -eq 0 ]
