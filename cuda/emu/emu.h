@@ -15,6 +15,7 @@
 //   wrote gives NaN. A deadlock (threads of a block waiting at different barriers), an invalid
 //   launch configuration or a fault in a kernel becomes a CUDA error as on a GPU (sticky when
 //   the GPU's would be).
+// Built with -ffp-contract=fast (and -march=native): a·b + c contracts to an FMA as nvcc does.
 // Not modelled: timing, memory ordering between blocks beyond atomics, bank conflicts.
 // Environment: LORA_CUDA_EMU_SMS (SM count reported, default 8), LORA_CUDA_EMU_MEMORY_MB (device
 // memory, default 4096), LORA_CUDA_EMU_THREADS (host threads running blocks), LORA_CUDA_EMU_FAULT_AT
