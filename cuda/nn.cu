@@ -384,14 +384,22 @@ cudaError_t launch_layer_norm_backward(cudaStream_t stream, float* dx, float* dw
                                                                                          mean, rstd, C);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess || (dw == nullptr && db == nullptr)) return e;
-  const int64_t gy = (N + kColRows - 1) / kColRows;
-  if (gy > 65535) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>((C + kNnThreads - 1) / kNnThreads), static_cast<unsigned>(gy));
-  if (rms)
-    launch(norm_backward_params_kernel<true>, grid, kNnThreads, 0, stream, dw, nullptr, dy, x, nullptr, rstd, N, C);
-  else
-    launch(norm_backward_params_kernel<false>, grid, kNnThreads, 0, stream, dw, db, dy, x, mean, rstd, N, C);
-  return cudaGetLastError();
+  // dw, db accumulate (atomics), so rows beyond one grid's gridDim.y limit go in further slices.
+  constexpr int64_t kSliceRows = 65535 * static_cast<int64_t>(kColRows);
+  for (int64_t r0 = 0; r0 < N; r0 += kSliceRows) {
+    const int64_t n = N - r0 < kSliceRows ? N - r0 : kSliceRows;
+    const int64_t gy = (n + kColRows - 1) / kColRows;
+    const dim3 grid(static_cast<unsigned>((C + kNnThreads - 1) / kNnThreads), static_cast<unsigned>(gy));
+    const float* dys = dy + r0 * C;
+    const float* xs = x + r0 * C;
+    if (rms)
+      launch(norm_backward_params_kernel<true>, grid, kNnThreads, 0, stream, dw, nullptr, dys, xs, nullptr, rstd + r0, n, C);
+    else
+      launch(norm_backward_params_kernel<false>, grid, kNnThreads, 0, stream, dw, db, dys, xs, mean + r0, rstd + r0, n, C);
+    e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
 }
 
 cudaError_t launch_ids_check(cudaStream_t stream, int* bad, const int32_t* ids, int64_t N, int64_t V,
