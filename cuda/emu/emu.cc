@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <map>
+#include <stdexcept>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -468,10 +469,8 @@ void install_fault_handler() {
 
 Fiber* in_thread(const char* what) {
   Worker* w = tl_worker;
-  if (w == nullptr || w->current == nullptr || !tl_in_kernel) {
-    std::fprintf(stderr, "lora-native CUDA emulator: %s called outside a kernel\n", what);
-    std::abort();  // a bug in the emulator's callers, never reachable from user input
-  }
+  if (w == nullptr || w->current == nullptr || !tl_in_kernel)  // host code misusing the emulator
+    throw std::logic_error(std::string("lora-native CUDA emulator: ") + what + " called outside a kernel");
   return w->current;
 }
 
