@@ -788,6 +788,20 @@ extern "C" __attribute__((visibility("default"))) lora::Backend* lora_cuda_creat
   try {
     int count = 0;
     cudaError_t e = cudaGetDeviceCount(&count);
+    if (e == cudaErrorInsufficientDriver) {  // the likeliest failure on a GPU machine: say what to do
+      int driver = 0;
+      const bool known = cudaDriverGetVersion(&driver) == cudaSuccess && driver > 0;
+      const std::string built = "CUDA " + std::to_string(CUDART_VERSION / 1000) + "." +
+                                std::to_string(CUDART_VERSION % 1000 / 10);
+      set_error(err, err_len,
+                (known ? "the NVIDIA driver supports CUDA " + std::to_string(driver / 1000) + "." +
+                             std::to_string(driver % 1000 / 10) + " but liblora_cuda.so was built with " + built
+                       : "the NVIDIA driver is too old for liblora_cuda.so, which was built with " + built) +
+                    " (CUDA 13 needs a driver of the R580 series or newer). Update the driver, or "
+                    "rebuild liblora_cuda.so with the CUDA toolkit your driver supports "
+                    "(`node scripts/build-cuda.js`) (" + cuda_failure("cudaGetDeviceCount", e) + ")");
+      return nullptr;
+    }
     if (e != cudaSuccess) {
       set_error(err, err_len, cuda_failure("cudaGetDeviceCount failed", e));
       return nullptr;

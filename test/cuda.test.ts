@@ -142,7 +142,9 @@ int cuGetErrorString(int r, const char** s) { *s = r == 100 ? "no CUDA-capable d
       const real = childFeatures({ ...env, FAKE_CU_COUNT: '1', LORA_NATIVE_CUDA_LIB: '' });
       t.equal(real.cuda, false);
       t.equal(real.devices.length, 1);
-      t.match(real.reason, /^the CUDA backend failed to start: cudaGetDeviceCount failed: .*\(cudaError\w+\)/);
+      // The fake driver has no cuDriverGetVersion, so the static runtime finds it too old: the
+      // reason says what to do about it.
+      t.match(real.reason, /^the CUDA backend failed to start: the NVIDIA driver (supports CUDA \d+\.\d+ but liblora_cuda\.so was built with|is too old for liblora_cuda\.so, which was built with) CUDA \d+\.\d+ \(CUDA 13 needs a driver of the R580 series or newer\)\. Update the driver, or rebuild liblora_cuda\.so .*\(cudaGetDeviceCount: CUDA driver version is insufficient for CUDA runtime version \(cudaErrorInsufficientDriver\)\)$/);
     }
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
