@@ -53,6 +53,8 @@ type S = NativeStorage;
 type OptS = NativeStorage | null;
 
 export interface Binding {
+  /** The class of every storage the addon makes (type-tagged on the native side as well). */
+  Storage: abstract new (...args: never[]) => NativeStorage;
   setErrorClass(ctor: unknown): void;
   alloc(device: number, dtype: number, numel: number): S;
   fromHost(device: number, dtype: number, data: ArrayBufferView): S;

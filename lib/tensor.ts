@@ -190,7 +190,8 @@ export class Tensor {
 
   /** @internal throws ERR_LORA_DISPOSED when this tensor was disposed */
   _live(name = 'tensor'): NativeStorage {
-    if (!this._storage) throw typeError(name, 'a Tensor made by tensor(), zeros(), ...', this); // a forged object
+    // A forged object: checked here, before an op allocates its output, so nothing is left behind.
+    if (!(this._storage instanceof native.Storage)) throw typeError(name, 'a Tensor made by tensor(), zeros(), ...', this);
     if (this._storage.disposed)
       throw new LoraError('ERR_LORA_DISPOSED', `Expected a live tensor for ${name} but received a disposed tensor of shape ${shapeString(this.shape)}`);
     return this._storage;
