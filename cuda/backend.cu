@@ -362,15 +362,9 @@ class CudaBackend final : public Backend {
               bool trans_a, bool trans_b, int64_t lda, int64_t ldb, int64_t ldc, float alpha,
               float beta, int64_t batch, int64_t stride_a, int64_t stride_b,
               int64_t stride_c) override {
-    if (unusable_) return Status::Unusable;
-    if (M < 0 || Nn < 0 || K < 0 || batch < 0) return Status::InvalidArgument;
-    GemmArgs g;
-    g.Cm = Cm; g.Am = Am; g.Bm = Bm;
-    g.M = M; g.Nn = Nn; g.K = K;
-    g.lda = lda; g.ldb = ldb; g.ldc = ldc;
-    g.alpha = alpha; g.beta = beta;
-    g.batch = batch; g.stride_a = stride_a; g.stride_b = stride_b; g.stride_c = stride_c;
-    return check(launch_gemm_simt(stream_, g, trans_a, trans_b, sm_count_), "gemm");
+    GemmArgs g = plain_gemm(Cm, Am, M, Nn, K, lda, ldb, ldc, alpha, beta, batch, stride_a, stride_b, stride_c);
+    g.Bm = Bm;
+    return simt_gemm(g, trans_a, trans_b, "gemm");
   }
 
   // The same with B as bf16 (linear() on a frozen bf16 weight): read in place, widened exactly.
@@ -378,15 +372,9 @@ class CudaBackend final : public Backend {
                    bool trans_a, bool trans_b, int64_t lda, int64_t ldb, int64_t ldc, float alpha,
                    float beta, int64_t batch, int64_t stride_a, int64_t stride_b,
                    int64_t stride_c) override {
-    if (unusable_) return Status::Unusable;
-    if (M < 0 || Nn < 0 || K < 0 || batch < 0) return Status::InvalidArgument;
-    GemmArgs g;
-    g.Cm = Cm; g.Am = Am; g.Bm16 = Bm;
-    g.M = M; g.Nn = Nn; g.K = K;
-    g.lda = lda; g.ldb = ldb; g.ldc = ldc;
-    g.alpha = alpha; g.beta = beta;
-    g.batch = batch; g.stride_a = stride_a; g.stride_b = stride_b; g.stride_c = stride_c;
-    return check(launch_gemm_simt(stream_, g, trans_a, trans_b, sm_count_), "gemm_bf16");
+    GemmArgs g = plain_gemm(Cm, Am, M, Nn, K, lda, ldb, ldc, alpha, beta, batch, stride_a, stride_b, stride_c);
+    g.Bm16 = Bm;
+    return simt_gemm(g, trans_a, trans_b, "gemm_bf16");
   }
 
   Status binary(BinaryOp op, float* out, const float* a, const float* b, const Layout& a_layout,
@@ -574,6 +562,25 @@ class CudaBackend final : public Backend {
       d.ld = ld;
     }
     return d;
+  }
+
+  // The GemmArgs of a plain C = alpha·op(A)·op(B) + beta·C (B set by the caller).
+  static GemmArgs plain_gemm(float* Cm, const float* Am, int64_t M, int64_t Nn, int64_t K, int64_t lda,
+                             int64_t ldb, int64_t ldc, float alpha, float beta, int64_t batch,
+                             int64_t stride_a, int64_t stride_b, int64_t stride_c) {
+    GemmArgs g;
+    g.Cm = Cm; g.Am = Am;
+    g.M = M; g.Nn = Nn; g.K = K;
+    g.lda = lda; g.ldb = ldb; g.ldc = ldc;
+    g.alpha = alpha; g.beta = beta;
+    g.batch = batch; g.stride_a = stride_a; g.stride_b = stride_b; g.stride_c = stride_c;
+    return g;
+  }
+
+  Status simt_gemm(const GemmArgs& g, bool trans_a, bool trans_b, const char* what) {
+    if (unusable_) return Status::Unusable;
+    if (g.M < 0 || g.Nn < 0 || g.K < 0 || g.batch < 0) return Status::InvalidArgument;
+    return check(launch_gemm_simt(stream_, g, trans_a, trans_b, sm_count_), what);
   }
 
   static bool valid(const Layout& l) {

@@ -533,62 +533,63 @@ void* dynamic_smem() {
   return tl_worker->smem;
 }
 
-void mma_m16n8k16(float* c, const uint32_t* a, const uint32_t* b, MmaType type) {
-  // Per the PTX ISA (mma.m16n8k16, .bf16/.f16): with g = lane / 4 and t = lane % 4,
-  //   A (16x16, row):  a[i] holds (row g + 8·(i & 1), cols 2t + 8·(i >> 1) + {0, 1})
-  //   B (16x8, col):   b[i] holds (rows 2t + 8·i + {0, 1}, col g)
-  //   C/D (16x8):      c[q] is (row g + 8·(q >> 1), col 2t + (q & 1))
-  // the lower-numbered column/row in the low 16 bits of each register.
+namespace {
+
+// One warp-wide mma: gathers every lane's A (4 registers) and B (2) fragments, then this lane's D
+// = A·B + C for its four outputs, c[q] at (row g + 8·(q >> 1), col 2t + (q & 1)) with g = lane / 4,
+// t = lane % 4 (the C/D layout of both shapes). elem_a(table, row, k) and elem_b(table, k, col)
+// read an element out of the gathered registers.
+template <typename ElemA, typename ElemB>
+void warp_mma(float* c, const uint32_t* a, const uint32_t* b, int K, ElemA elem_a, ElemB elem_b) {
   if (tl_worker->warps[tl_worker->current->warp].size != 32)
     fault(cudaErrorIllegalInstruction, "mma.sync in a partial warp");
-  uint32_t mine[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+  const uint32_t mine[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
   const unsigned char(*table)[32] = gather(mine, sizeof mine);
-  auto reg = [&](int lane, int r) {
-    uint32_t v;
-    std::memcpy(&v, table[lane] + 4 * r, 4);
-    return v;
-  };
-  auto A = [&](int row, int k) {
-    const int lane = (row & 7) * 4 + ((k & 7) >> 1);
-    const int r = (row >> 3) + 2 * (k >> 3);
-    return b16_to_float(half_bits(reg(lane, r), k & 1), type);
-  };
-  auto B = [&](int k, int col) {
-    const int lane = col * 4 + ((k & 7) >> 1);
-    return b16_to_float(half_bits(reg(lane, 4 + (k >> 3)), k & 1), type);
-  };
   const int lane = tl_worker->current->lane, g = lane >> 2, t = lane & 3;
   for (int q = 0; q < 4; ++q) {
     const int row = g + 8 * (q >> 1), col = 2 * t + (q & 1);
     double sum = 0.0;
-    for (int k = 0; k < 16; ++k) sum += static_cast<double>(A(row, k)) * B(k, col);
+    for (int k = 0; k < K; ++k) sum += static_cast<double>(elem_a(table, row, k)) * elem_b(table, k, col);
     c[q] = static_cast<float>(c[q] + sum);
   }
+}
+
+// Register r (0-3: A, 4-5: B) of `lane` in a gathered table.
+uint32_t fragment(const unsigned char (*table)[32], int lane, int r) {
+  uint32_t v;
+  std::memcpy(&v, table[lane] + 4 * r, 4);
+  return v;
+}
+
+}  // namespace
+
+void mma_m16n8k16(float* c, const uint32_t* a, const uint32_t* b, MmaType type) {
+  // Per the PTX ISA (mma.m16n8k16, .bf16/.f16): with g = lane / 4 and t = lane % 4,
+  //   A (16x16, row):  a[i] holds (row g + 8·(i & 1), cols 2t + 8·(i >> 1) + {0, 1})
+  //   B (16x8, col):   b[i] holds (rows 2t + 8·i + {0, 1}, col g)
+  // the lower-numbered column/row in the low 16 bits of each register.
+  warp_mma(c, a, b, 16,
+           [type](const unsigned char (*table)[32], int row, int k) {
+             const uint32_t reg = fragment(table, (row & 7) * 4 + ((k & 7) >> 1), (row >> 3) + 2 * (k >> 3));
+             return b16_to_float(half_bits(reg, k & 1), type);
+           },
+           [type](const unsigned char (*table)[32], int k, int col) {
+             const uint32_t reg = fragment(table, col * 4 + ((k & 7) >> 1), 4 + (k >> 3));
+             return b16_to_float(half_bits(reg, k & 1), type);
+           });
 }
 
 void mma_m16n8k8_tf32(float* c, const uint32_t* a, const uint32_t* b) {
   // Per the PTX ISA (mma.m16n8k8, .tf32): g = lane / 4, t = lane % 4,
   //   A (16x8, row): a[i] is (row g + 8·(i & 1), col t + 4·(i >> 1))
   //   B (8x8, col):  b[i] is (row t + 4·i, col g)
-  //   C/D as for m16n8k16.
-  if (tl_worker->warps[tl_worker->current->warp].size != 32)
-    fault(cudaErrorIllegalInstruction, "mma.sync in a partial warp");
-  uint32_t mine[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
-  const unsigned char(*table)[32] = gather(mine, sizeof mine);
-  auto reg = [&](int lane, int r) {
-    uint32_t v;
-    std::memcpy(&v, table[lane] + 4 * r, 4);
-    return v;
-  };
-  auto A = [&](int row, int k) { return tf32_value(reg((row & 7) * 4 + (k & 3), (row >> 3) + 2 * (k >> 2))); };
-  auto B = [&](int k, int col) { return tf32_value(reg(col * 4 + (k & 3), 4 + (k >> 2))); };
-  const int lane = tl_worker->current->lane, g = lane >> 2, t = lane & 3;
-  for (int q = 0; q < 4; ++q) {
-    const int row = g + 8 * (q >> 1), col = 2 * t + (q & 1);
-    double sum = 0.0;
-    for (int k = 0; k < 8; ++k) sum += static_cast<double>(A(row, k)) * B(k, col);
-    c[q] = static_cast<float>(c[q] + sum);
-  }
+  warp_mma(c, a, b, 8,
+           [](const unsigned char (*table)[32], int row, int k) {
+             return tf32_value(fragment(table, (row & 7) * 4 + (k & 3), (row >> 3) + 2 * (k >> 2)));
+           },
+           [](const unsigned char (*table)[32], int k, int col) {
+             return tf32_value(fragment(table, col * 4 + (k & 3), 4 + (k >> 2)));
+           });
 }
 
 uint32_t cvt_rna_tf32(float x) {
