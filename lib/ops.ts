@@ -525,7 +525,9 @@ export function matmul(a: Tensor, b: Tensor): Tensor {
 }
 
 // Devices whose backend answered ERR_LORA_UNSUPPORTED to a gemm with a bf16 weight operand: there
-// linear() widens the weight to fp32 for each product instead (once found, for the process).
+// linear() widens the weight to fp32 for each product instead (once found, for the process). Both
+// backends we build implement it (the loader refuses an older CUDA library); this keeps linear()
+// working on a backend that leaves the optional op out.
 const bf16GemmUnsupported = new Set<string>();
 
 /**

@@ -446,7 +446,7 @@ if (CHILD) {
   });
 
   // Last in this file: it leaves linear() on the widening path for the cpu device in this process.
-  // A backend without gemm_bf16 (a CUDA build that lacks it) answers ERR_LORA_UNSUPPORTED; linear()
+  // A backend without the optional gemm_bf16 answers ERR_LORA_UNSUPPORTED (simulated here); linear()
   // then widens W and gives the same values, asking the backend once only.
   void leakChecked(t, 'linear() falls back to widening W where the backend has no bf16 GEMM', (t) => {
     const rng = new Rng(3);

@@ -152,6 +152,13 @@ inline float bf16_to_f32(uint16_t v) {
 }
 inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+// Thread tid's share of [0, total) among nt threads, in whole units of `unit` (the last one ragged):
+// [*begin, *end), empty when there is nothing left for it.
+inline void thread_share(int64_t total, int64_t unit, int tid, int nt, int64_t* begin, int64_t* end) {
+  const int64_t per = ((total + unit - 1) / unit + nt - 1) / nt * unit;
+  *begin = imin(total, tid * per);
+  *end = imin(total, *begin + per);
+}
 
 void scale_rect(float* C, int64_t ldc, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float beta) {
   for (int64_t i = m0; i < m1; ++i) {
@@ -520,16 +527,14 @@ void gemm_ex(ThreadPool& pool, const GemmArgs& g) {
   auto body = [&](int tid, int nt) {
     const bool split_n = splits_n(nt);
     if (split_n) {
-      const int64_t unit = small ? 16 : kern->nr;
-      const int64_t units = (g.N + unit - 1) / unit, per = (units + nt - 1) / nt;
-      const int64_t n0 = imin(g.N, tid * per * unit), n1 = imin(g.N, n0 + per * unit);
+      int64_t n0, n1;
+      thread_share(g.N, small ? 16 : kern->nr, tid, nt, &n0, &n1);
       if (n0 >= n1) return;
       if (small) run_small(t, g, 0, g.M, n0, n1);
       else run_blocked(t, *kern, bf16_dot, g, 0, g.M, n0, n1);
     } else {
-      const int64_t unit = small ? kSmallM : kern->mr;
-      const int64_t units = (g.M + unit - 1) / unit, per = (units + nt - 1) / nt;
-      const int64_t m0 = imin(g.M, tid * per * unit), m1 = imin(g.M, m0 + per * unit);
+      int64_t m0, m1;
+      thread_share(g.M, small ? kSmallM : kern->mr, tid, nt, &m0, &m1);
       if (m0 >= m1) return;
       if (small) run_small(t, g, m0, m1, 0, g.N);
       else run_blocked(t, *kern, bf16_dot, g, m0, m1, 0, g.N);
@@ -539,9 +544,12 @@ void gemm_ex(ThreadPool& pool, const GemmArgs& g) {
   else pool.run(body);
 }
 
-void sgemm(ThreadPool& pool, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
-           float alpha, const float* A, int64_t lda, const float* B, int64_t ldb, float beta,
-           float* C, int64_t ldc) {
+namespace {
+
+// The GemmArgs of a plain C = alpha·op(A)·op(B) + beta·C, B fp32 or bf16 bits.
+GemmArgs plain_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+                    const float* A, int64_t lda, const void* B, bool b_bf16, int64_t ldb, float beta,
+                    float* C, int64_t ldc) {
   GemmArgs g;
   g.trans_a = trans_a;
   g.trans_b = trans_b;
@@ -552,11 +560,20 @@ void sgemm(ThreadPool& pool, bool trans_a, bool trans_b, int64_t M, int64_t N, i
   g.A = A;
   g.lda = lda;
   g.B = B;
+  g.b_bf16 = b_bf16;
   g.ldb = ldb;
   g.beta = beta;
   g.C = C;
   g.ldc = ldc;
-  gemm_ex(pool, g);
+  return g;
+}
+
+}  // namespace
+
+void sgemm(ThreadPool& pool, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+           float alpha, const float* A, int64_t lda, const float* B, int64_t ldb, float beta,
+           float* C, int64_t ldc) {
+  gemm_ex(pool, plain_gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, false, ldb, beta, C, ldc));
 }
 
 namespace {
@@ -614,14 +631,13 @@ void sgemm_bf16_update(ThreadPool& pool, int64_t M, int64_t N, int64_t K, float 
     return update_bf16_rect(t, K, alpha, A, lda, B, ldb, C, ldc, 0, M, 0, N);
   pool.run([&](int tid, int nt) {
     // rows split in row panels, as the fp32 path splits C; columns where rows are too few
+    int64_t b, e;
     if (N >= M * 2 || M < mr * nt) {
-      const int64_t units = (N + nr - 1) / nr, per = (units + nt - 1) / nt;
-      const int64_t n0 = imin(N, tid * per * nr), n1 = imin(N, n0 + per * nr);
-      if (n0 < n1) update_bf16_rect(t, K, alpha, A, lda, B, ldb, C, ldc, 0, M, n0, n1);
+      thread_share(N, nr, tid, nt, &b, &e);
+      if (b < e) update_bf16_rect(t, K, alpha, A, lda, B, ldb, C, ldc, 0, M, b, e);
     } else {
-      const int64_t units = (M + mr - 1) / mr, per = (units + nt - 1) / nt;
-      const int64_t m0 = imin(M, tid * per * mr), m1 = imin(M, m0 + per * mr);
-      if (m0 < m1) update_bf16_rect(t, K, alpha, A, lda, B, ldb, C, ldc, m0, m1, 0, N);
+      thread_share(M, mr, tid, nt, &b, &e);
+      if (b < e) update_bf16_rect(t, K, alpha, A, lda, B, ldb, C, ldc, b, e, 0, N);
     }
   });
 }
@@ -629,21 +645,7 @@ void sgemm_bf16_update(ThreadPool& pool, int64_t M, int64_t N, int64_t K, float 
 void sgemm_bf16(ThreadPool& pool, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
                 float alpha, const float* A, int64_t lda, const uint16_t* B, int64_t ldb,
                 float beta, float* C, int64_t ldc) {
-  GemmArgs g;
-  g.trans_a = trans_a;
-  g.trans_b = trans_b;
-  g.M = M;
-  g.N = N;
-  g.K = K;
-  g.alpha = alpha;
-  g.A = A;
-  g.lda = lda;
-  g.B = B;
-  g.b_bf16 = true;
-  g.ldb = ldb;
-  g.beta = beta;
-  g.C = C;
-  g.ldc = ldc;
+  GemmArgs g = plain_gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, true, ldb, beta, C, ldc);
   // linear() promises fp32 products of its input (the bf16 pair dot would round A to 8 bits)
   g.allow_bf16_dot = false;
   gemm_ex(pool, g);
