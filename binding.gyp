@@ -3,9 +3,7 @@
     {
       "target_name": "lora_native",
       "sources": [
-        "native/binding.cc",
-        "native/cuda_loader.cc",
-        "<!@(node -e \"console.log(require('fs').readdirSync('native/cpu').filter(f=>f.endsWith('.cc')).map(f=>'native/cpu/'+f).join(' '))\")"
+        "<!@(node -e \"for (const d of ['native/binding', 'native/cpu']) console.log(require('fs').readdirSync(d).filter(f=>f.endsWith('.cc')).map(f=>d+'/'+f).join(' '))\")"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NAPI_CPP_EXCEPTIONS"],

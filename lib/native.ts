@@ -1,11 +1,15 @@
-// The only file that touches the compiled addon: loads it (node-gyp-build picks build/Release,
-// build/Debug or prebuilds/<platform>-<arch>/; LORA_NATIVE_ADDON names a .node file instead) and
-// describes its functions for TypeScript. It validates nothing: callers in lib/ check arguments
-// first. It never downloads: when nothing loads it throws one ERR_LORA_LOAD saying what to do.
+// The only file that loads the compiled addon (node-gyp-build picks build/Release, build/Debug or
+// prebuilds/<platform>-<arch>/; LORA_NATIVE_ADDON names a .node file instead), typed by
+// lib/binding_types.ts (generated from the addon's own description). It validates nothing: callers
+// in lib/ check arguments first. It never downloads: when nothing loads it throws one
+// ERR_LORA_LOAD saying what to do.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 
+import type { Binding } from './binding_types';
 import { LoraError } from './errors';
+
+export type { Binding } from './binding_types';
 
 /** A block of native memory on one device. Opaque to JavaScript. */
 export interface NativeStorage {
@@ -15,7 +19,10 @@ export interface NativeStorage {
   readonly disposed: boolean;
 }
 
-/** Ids shared with native/backend.h. */
+/**
+ * Ids shared with native/backend/backend.h (the addon's enums() lists the same names in the same
+ * order; test/binding.test.ts checks them).
+ */
 export const DTYPE_ID = { float32: 0, bfloat16: 1, float16: 2, int32: 3 } as const;
 export const DEVICE_ID = { cpu: 0, cuda: 1 } as const;
 export const BINARY_OP = { add: 0, sub: 1, mul: 2, div: 3, max: 4, min: 5 } as const;
@@ -24,6 +31,14 @@ export const UNARY_OP = {
   relu: 8, geluTanh: 9, geluErf: 10, silu: 11, tanh: 12, sigmoid: 13,
 } as const;
 export const REDUCE_OP = { sum: 0, max: 1, min: 2 } as const;
+/** The kernel entries of the backend table, for native.supports(device, op, dtype). */
+export const OP = {
+  convert: 0, loraForward: 1, loraBackward: 2, loraMerge: 3, adamwStep: 4, sgdStep: 5, gemm: 6, binary: 7,
+  binaryScalar: 8, unary: 9, unaryBackward: 10, axpy: 11, reduce: 12, copyStrided: 13, softmax: 14,
+  softmaxBackward: 15, dropout: 16, layerNorm: 17, layerNormBackward: 18, rmsNorm: 19, rmsNormBackward: 20,
+  embedding: 21, embeddingBackward: 22, crossEntropy: 23, crossEntropyBackward: 24, attention: 25,
+  attentionBackward: 26,
+} as const;
 
 export interface NativeFeatures {
   cuda: boolean;
@@ -49,52 +64,24 @@ export interface NativeMemory {
   cudaCachedBytes: number;
 }
 
-type S = NativeStorage;
-type OptS = NativeStorage | null;
+/** One exported function of the addon, as describe() lists it. */
+export interface BindingFunction {
+  name: string;
+  /** Its TypeScript signature, e.g. "(s: S): ArrayBuffer". */
+  signature: string;
+  /** For a kernel: the name of the op id it serves. */
+  op?: string;
+}
 
-export interface Binding {
-  /** The class of every storage the addon makes (type-tagged on the native side as well). */
-  Storage: abstract new (...args: never[]) => NativeStorage;
-  setErrorClass(ctor: unknown): void;
-  alloc(device: number, dtype: number, numel: number): S;
-  fromHost(device: number, dtype: number, data: ArrayBufferView): S;
-  toHost(s: S): ArrayBuffer;
-  copyInto(dst: S, src: S): void;
-  toDevice(s: S, device: number): S;
-  convert(dst: S, src: S): void;
-  dispose(s: S): void;
-  fill(s: S, value: number): void;
-  memory(): NativeMemory;
-  releaseCached(): void;
-  setNumThreads(n: number): void;
-  getNumThreads(): number;
-  features(): NativeFeatures;
-  loraForward(y: S, h: S, x: S, W: S, b: OptS, A: S, B: S, N: number, C: number, OC: number, R: number,
-    s: number, dropout: number, seed: number): void;
-  loraBackward(dx: OptS, dA: OptS, dB: OptS, dy: S, x: S, h: S, W: S, A: S, B: S, N: number, C: number,
-    OC: number, R: number, s: number, dropout: number, seed: number): void;
-  loraMerge(W: S, A: S, B: S, OC: number, C: number, R: number, s: number): void;
-  adamwStep(p: S[], g: S[], m: S[], v: S[], lr: number, beta1: number, beta2: number, eps: number,
-    weightDecay: number, step: number): void;
-  sgdStep(p: S[], g: S[], buf: S[] | null, lr: number, momentum: number, dampening: number,
-    weightDecay: number, nesterov: boolean, step: number): void;
-  gemm(c: S, a: S, b: S, M: number, N: number, K: number, transA: boolean, transB: boolean, lda: number,
-    ldb: number, ldc: number, alpha: number, beta: number, batch: number, strideA: number, strideB: number,
-    strideC: number): void;
-  binary(op: number, out: S, a: S, b: S, shape: number[], aStrides: number[], bStrides: number[]): void;
-  binaryScalar(op: number, out: S, a: S, scalar: number, scalarFirst: boolean): void;
-  unary(op: number, out: S, input: S): void;
-  unaryBackward(op: number, dx: S, dy: S, x: OptS, y: OptS): void;
-  axpy(y: S, x: S, a: number): void;
-  reduce(op: number, out: S, input: S, outer: number, dim: number, inner: number): void;
-  copyStrided(dst: S, dstOffset: number, dstStrides: number[], src: S, srcOffset: number, srcStrides: number[],
-    shape: number[]): void;
-  softmax(out: S, input: S, rows: number, cols: number, log: boolean): void;
-  softmaxBackward(dx: S, dy: S, y: S, rows: number, cols: number, log: boolean): void;
-  dropout(out: S, input: S, p: number, seed: number): void;
-  loraMergeAsync(W: S, A: S, B: S, OC: number, C: number, R: number, s: number): Promise<void>;
-  toHostAsync(s: S): Promise<ArrayBuffer>;
-  [more: string]: unknown;
+/** The addon's enums by name, index = id (see the constants above). */
+export interface BindingEnums {
+  abiVersion: number;
+  dtype: string[];
+  device: string[];
+  unary: string[];
+  binary: string[];
+  reduce: string[];
+  op: string[];
 }
 
 // The package root: the nearest folder above this file with a package.json (lib/ when run from

@@ -3,33 +3,13 @@
 // each validates, runs native kernels (the norms, embedding, cross-entropy and attention have
 // their own) and records a GradNode written from the math. Nothing here keeps state.
 import { checkOptions, expectBoolean, expectInteger, expectNumber, expectOneOf, LoraError, typeError } from './errors';
-import { BINARY_OP, native, NativeStorage, REDUCE_OP } from './native';
+import { BINARY_OP, native, REDUCE_OP } from './native';
 import { mul, permute, sub, square, mean as meanOp, sum as sumOp, unary } from './ops';
 import { defaultRng } from './random';
 import {
   contiguousStrides, empty, expectTensor, record, saveFor, shapeString, Tensor, zeros,
 } from './tensor';
 
-type S = NativeStorage;
-type OptS = NativeStorage | null;
-
-// The binding functions of native/cpu/nn_kernels.cc, typed here (lib/native.ts describes the
-// foundation's functions and leaves the rest open).
-interface NnBinding {
-  layerNorm(y: S, mean: S, rstd: S, x: S, w: OptS, b: OptS, N: number, C: number, eps: number): void;
-  layerNormBackward(dx: S, dw: OptS, db: OptS, dy: S, x: S, w: OptS, mean: S, rstd: S, N: number, C: number): void;
-  rmsNorm(y: S, rstd: S, x: S, w: OptS, N: number, C: number, eps: number): void;
-  rmsNormBackward(dx: S, dw: OptS, dy: S, x: S, w: OptS, rstd: S, N: number, C: number): void;
-  embedding(out: S, table: S, ids: S, N: number, V: number, C: number): void;
-  embeddingBackward(dtable: S, dout: S, ids: S, N: number, V: number, C: number): void;
-  crossEntropy(loss: S, lse: S, logits: S, targets: S, N: number, V: number, ignoreIndex: number, smoothing: number): void;
-  crossEntropyBackward(dlogits: S, dloss: S, logits: S, lse: S, targets: S, N: number, V: number, ignoreIndex: number,
-    smoothing: number): void;
-  attention(out: S, lse: S, q: S, k: S, v: S, Bt: number, T: number, H: number, D: number, scale: number, causal: boolean): void;
-  attentionBackward(dq: S, dk: S, dv: S, dout: S, q: S, k: S, v: S, out: S, lse: S, Bt: number, T: number, H: number,
-    D: number, scale: number, causal: boolean): void;
-}
-const nn = native as unknown as NnBinding;
 
 function floatOnly(op: string, ...ts: Tensor[]): void {
   for (const t of ts)
@@ -240,7 +220,7 @@ export function crossEntropy(logits: Tensor, targets: Tensor, options?: CrossEnt
   const rowLoss = empty(targets.shape, logits.device);
   const lse = empty([N], logits.device);
   try {
-    if (N > 0) nn.crossEntropy(rowLoss._storage, lse._storage, logits._storage, targets._storage, N, V, ignoreIndex, eps);
+    if (N > 0) native.crossEntropy(rowLoss._storage, lse._storage, logits._storage, targets._storage, N, V, ignoreIndex, eps);
   } catch (err) {
     rowLoss.dispose();
     lse.dispose();
@@ -249,7 +229,7 @@ export function crossEntropy(logits: Tensor, targets: Tensor, options?: CrossEnt
   const backwardRows = (dloss: Tensor): Tensor => {
     const d = empty(logits.shape, logits.device);
     if (N > 0)
-      nn.crossEntropyBackward(d._storage, dloss._storage, logits._live('logits of crossEntropy'), lse._live('saved log-sum-exp'),
+      native.crossEntropyBackward(d._storage, dloss._storage, logits._live('logits of crossEntropy'), lse._live('saved log-sum-exp'),
         targets._live('targets of crossEntropy'), N, V, ignoreIndex, eps);
     return d;
   };
@@ -327,7 +307,7 @@ export function layerNorm(x: Tensor, weight: Tensor | null = null, bias: Tensor 
   const y = empty(x.shape, x.device);
   const mu = empty([N], x.device);
   const rstd = empty([N], x.device);
-  if (y.size > 0) nn.layerNorm(y._storage, mu._storage, rstd._storage, x._storage, weight?._storage ?? null, bias?._storage ?? null, N, C, eps);
+  if (y.size > 0) native.layerNorm(y._storage, mu._storage, rstd._storage, x._storage, weight?._storage ?? null, bias?._storage ?? null, N, C, eps);
   const inputs = [x, ...(weight ? [weight] : []), ...(bias ? [bias] : [])];
   const out = record(y, {
     name: 'layerNorm', inputs,
@@ -336,7 +316,7 @@ export function layerNorm(x: Tensor, weight: Tensor | null = null, bias: Tensor 
       const dw = weight && weight.requiresGrad ? zeros([C], { device: x.device }) : null;
       const db = bias && bias.requiresGrad ? zeros([C], { device: x.device }) : null;
       if (dx.size > 0)
-        nn.layerNormBackward(dx._storage, dw?._storage ?? null, db?._storage ?? null, g._storage, x._live('input of layerNorm'),
+        native.layerNormBackward(dx._storage, dw?._storage ?? null, db?._storage ?? null, g._storage, x._live('input of layerNorm'),
           weight ? weight._live('weight') : null, mu._live('saved mean'), rstd._live('saved rstd'), N, C);
       return [x.requiresGrad ? dx : (dx.dispose(), null), ...(weight ? [dw] : []), ...(bias ? [db] : [])];
     },
@@ -358,14 +338,14 @@ export function rmsNorm(x: Tensor, weight: Tensor | null = null, eps = 1e-6): Te
   const N = C === 0 ? 0 : x.size / C;
   const y = empty(x.shape, x.device);
   const rstd = empty([N], x.device);
-  if (y.size > 0) nn.rmsNorm(y._storage, rstd._storage, x._storage, weight?._storage ?? null, N, C, eps);
+  if (y.size > 0) native.rmsNorm(y._storage, rstd._storage, x._storage, weight?._storage ?? null, N, C, eps);
   const out = record(y, {
     name: 'rmsNorm', inputs: weight ? [x, weight] : [x],
     backward: (g) => {
       const dx = empty(x.shape, x.device);
       const dw = weight && weight.requiresGrad ? zeros([C], { device: x.device }) : null;
       if (dx.size > 0)
-        nn.rmsNormBackward(dx._storage, dw?._storage ?? null, g._storage, x._live('input of rmsNorm'),
+        native.rmsNormBackward(dx._storage, dw?._storage ?? null, g._storage, x._live('input of rmsNorm'),
           weight ? weight._live('weight') : null, rstd._live('saved rstd'), N, C);
       return weight ? [x.requiresGrad ? dx : (dx.dispose(), null), dw] : [dx];
     },
@@ -392,7 +372,7 @@ export function embedding(ids: Tensor, table: Tensor): Tensor {
   const N = ids.size;
   const out = empty([...ids.shape, C], table.device);
   try {
-    if (out.size > 0) nn.embedding(out._storage, table._storage, ids._storage, N, V, C);
+    if (out.size > 0) native.embedding(out._storage, table._storage, ids._storage, N, V, C);
   } catch (err) {
     out.dispose();
     throw err;
@@ -401,7 +381,7 @@ export function embedding(ids: Tensor, table: Tensor): Tensor {
     name: 'embedding', inputs: [table],
     backward: (g) => {
       const d = zeros(table.shape, { device: table.device });
-      if (g.size > 0) nn.embeddingBackward(d._storage, g._storage, ids._live('ids of embedding'), N, V, C);
+      if (g.size > 0) native.embeddingBackward(d._storage, g._storage, ids._live('ids of embedding'), N, V, C);
       return [d];
     },
   });
@@ -473,7 +453,7 @@ export function attention(q: Tensor, k: Tensor, v: Tensor, options?: AttentionOp
   const scale = o.scale === undefined ? 1 / Math.sqrt(Math.max(D, 1)) : expectNumber('scale', o.scale);
   const out = empty(q.shape, q.device);
   const lse = empty([Bt, H, T], q.device);
-  if (out.size > 0) nn.attention(out._storage, lse._storage, q._storage, k._storage, v._storage, Bt, T, H, D, scale, causal);
+  if (out.size > 0) native.attention(out._storage, lse._storage, q._storage, k._storage, v._storage, Bt, T, H, D, scale, causal);
   const res = record(out, {
     name: 'attention', inputs: [q, k, v],
     backward: (g) => {
@@ -481,7 +461,7 @@ export function attention(q: Tensor, k: Tensor, v: Tensor, options?: AttentionOp
       const dk = empty(q.shape, q.device);
       const dv = empty(q.shape, q.device);
       if (dq.size > 0)
-        nn.attentionBackward(dq._storage, dk._storage, dv._storage, g._storage, q._live('q'), k._live('k'), v._live('v'),
+        native.attentionBackward(dq._storage, dk._storage, dv._storage, g._storage, q._live('q'), k._live('k'), v._live('v'),
           out._live('output of attention'), lse._live('saved log-sum-exp'), Bt, T, H, D, scale, causal);
       return [dq, dk, dv];
     },

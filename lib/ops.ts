@@ -3,7 +3,7 @@
 // native kernels and records a GradNode whose backward is written from the math. Ops never
 // modify their inputs.
 import { expectBoolean, expectInteger, LoraError, typeError } from './errors';
-import { BINARY_OP, native, REDUCE_OP, UNARY_OP } from './native';
+import { BINARY_OP, DEVICE_ID, DTYPE_ID, native, OP, REDUCE_OP, UNARY_OP } from './native';
 import {
   checkShape, contiguousStrides, empty, expectTensor, numelOf, record, sameShape, saveFor, shapeString, Tensor,
 } from './tensor';
@@ -524,28 +524,15 @@ export function matmul(a: Tensor, b: Tensor): Tensor {
   });
 }
 
-// Devices whose backend answered ERR_LORA_UNSUPPORTED to a gemm with a bf16 weight operand: there
-// linear() widens the weight to fp32 for each product instead (once found, for the process). Both
-// backends we build implement it (the loader refuses an older CUDA library); this keeps linear()
-// working on a backend that leaves the optional op out.
-const bf16GemmUnsupported = new Set<string>();
-
 /**
  * C = op(A)·op(weight) (+ C when accumulate) for the products of linear(): a bf16 weight is read
  * as is by backends with a bf16-weight GEMM (fp32 products and accumulation), else widened first.
  */
 function gemmWeight(c: Tensor, a: Tensor, weight: Tensor, M: number, N: number, K: number, transB: boolean, lda: number,
   ldb: number, ldc: number, accumulate: boolean): void {
-  if (weight.dtype === 'bfloat16' && !bf16GemmUnsupported.has(weight.device)) {
-    try {
-      native.gemm(c._storage, a._storage, weight._storage, M, N, K, false, transB, lda, ldb, ldc, 1, accumulate ? 1 : 0, 1, 0, 0, 0);
-      return;
-    } catch (err) {
-      if (!(err instanceof LoraError && err.code === 'ERR_LORA_UNSUPPORTED')) throw err;
-      bf16GemmUnsupported.add(weight.device);
-    }
-  }
-  const w = weight.dtype === 'float32' ? weight : weight.toDtype('float32');
+  const inPlace = weight.dtype === 'float32' ||
+    (weight.dtype === 'bfloat16' && native.supports(DEVICE_ID[weight.device], OP.gemm, DTYPE_ID.bfloat16));
+  const w = inPlace ? weight : weight.toDtype('float32');
   try {
     native.gemm(c._storage, a._storage, w._storage, M, N, K, false, transB, lda, ldb, ldc, 1, accumulate ? 1 : 0, 1, 0, 0, 0);
   } finally {

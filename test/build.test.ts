@@ -40,23 +40,3 @@ t.test('both builds export the same functions and compute the same', async (t) =
   t.same(gyp.product, [-2, 4, -2, 13], 'node-gyp build multiplies correctly');
   t.same(cmake.product, gyp.product, 'cmake-js build gives the same product');
 });
-
-// liblora_cuda.so is built separately against native/backend.h; the loader accepts it only when its
-// kBackendAbiVersion equals the addon's. This keeps the version honest: each version maps to the
-// digest of backend.h's code (comments and blank space aside). Changing the file without bumping
-// the version (and adding its digest here) fails.
-const BACKEND_DIGESTS: Record<number, string> = {
-  2: '7534d377c86b3ac977e6848fd00d9e8d8beb5527c211fe9168feac765bfc7e26',
-};
-
-t.test('native/backend.h: the interface version moves with the interface', async (t) => {
-  const src = fs.readFileSync(path.join(root, 'native', 'backend.h'), 'utf8');
-  const version = Number(src.match(/kBackendAbiVersion = (\d+);/)?.[1]);
-  t.ok(Number.isInteger(version), `kBackendAbiVersion is ${version}`);
-  const code = src.replace(/\/\*[\s\S]*?\*\//g, '').replace(/\/\/.*$/gm, '').replace(/^.*kBackendAbiVersion = \d+;.*$/m, '')
-    .replace(/\s+/g, ' ').trim();
-  const digest = (await import('node:crypto')).createHash('sha256').update(code).digest('hex');
-  t.equal(digest, BACKEND_DIGESTS[version], digest === BACKEND_DIGESTS[version]
-    ? `backend.h matches the digest of version ${version}`
-    : `backend.h changed: bump kBackendAbiVersion to ${version + 1} and add ${version + 1}: '${digest}' to BACKEND_DIGESTS`);
-});

@@ -10,7 +10,7 @@ import * as fs from 'fs';
 import t from 'tap';
 
 import { features, getNumThreads, linear, LoraError, LoraLinear, setNumThreads, tensor, tidy } from '../lib/index';
-import { DTYPE_ID, native } from '../lib/native';
+import { DTYPE_ID, native, OP } from '../lib/native';
 import { Rng } from '../lib/random';
 import { assertClose, assertLoraError, leakChecked } from './helpers';
 
@@ -430,7 +430,7 @@ if (CHILD) {
     const a = native.fromHost(0, DTYPE_ID.float32, new Float32Array(6)), c = native.alloc(0, DTYPE_ID.float32, 4);
     const h = native.alloc(0, DTYPE_ID.float16, 6), small = bf16Tensor(new Float32Array(5));
     try {
-      assertLoraError(t, () => native.gemm(c, a, h, 2, 2, 3, false, true, 3, 3, 2, 1, 0, 1, 0, 0, 0), LoraError, 'ERR_LORA_DTYPE', /^b has the wrong dtype$/, 'float16 b');
+      assertLoraError(t, () => native.gemm(c, a, h, 2, 2, 3, false, true, 3, 3, 2, 1, 0, 1, 0, 0, 0), LoraError, 'ERR_LORA_DTYPE', /^Expected b as float32 or bfloat16 but received float16$/, 'float16 b');
       assertLoraError(t, () => native.gemm(c, a, small, 2, 2, 3, false, true, 3, 3, 2, 1, 0, 1, 0, 0, 0), LoraError, 'ERR_LORA_SHAPE', /^b holds 5 elements but the op needs 6$/, 'bf16 b too small');
       assertLoraError(t, () => native.gemm(c, a, small, 2, 2, 3, false, true, 3, 2, 2, 1, 0, 1, 0, 0, 0), LoraError, 'ERR_LORA_SHAPE', /^gemm leading dimension too small$/, 'bf16 b ldb too small');
       tidy(() => {
@@ -445,9 +445,8 @@ if (CHILD) {
     }
   });
 
-  // Last in this file: it leaves linear() on the widening path for the cpu device in this process.
-  // A backend without the optional gemm_bf16 answers ERR_LORA_UNSUPPORTED (simulated here); linear()
-  // then widens W and gives the same values, asking the backend once only.
+  // A backend without the optional gemm_bf16 entry says so through supports() (simulated here);
+  // linear() then widens W and gives the same values.
   void leakChecked(t, 'linear() falls back to widening W where the backend has no bf16 GEMM', (t) => {
     const rng = new Rng(3);
     const N = 5, C = 33, OC = 17;
@@ -461,24 +460,31 @@ if (CHILD) {
       return out;
     });
     const [yDirect, dxDirect] = run();
-    const gemm = native.gemm;
-    let refused = 0;
-    native.gemm = (c, a, b, ...rest) => {
-      if (b.dtype === DTYPE_ID.bfloat16) {
-        refused++;
-        throw new LoraError('ERR_LORA_UNSUPPORTED', 'gemm_bf16 failed on cpu: not supported by this backend');
+    const { supports, gemm } = native;
+    let asked = 0;
+    let bf16Products = 0;
+    native.supports = (device, op, dtype) => {
+      if (op === OP.gemm && dtype === DTYPE_ID.bfloat16) {
+        asked++;
+        return false;
       }
+      return supports(device, op, dtype);
+    };
+    native.gemm = (c, a, b, ...rest) => {
+      if (b.dtype === DTYPE_ID.bfloat16) bf16Products++;
       gemm(c, a, b, ...rest);
     };
     try {
       const [y1, dx1] = run();
       const [y2, dx2] = run();
-      t.equal(refused, 1, 'the backend is asked once, then W is widened without asking');
+      t.ok(asked >= 2, `linear() asked supports() (${asked} times)`);
+      t.equal(bf16Products, 0, 'and never handed the backend a bf16 operand');
       const tol = { atol: 1e-6, rtol: 1e-6 };
       assertClose(t, y1!, yDirect!, tol, 'forward: the values of the bf16 GEMM');
       assertClose(t, dx1!, dxDirect!, tol, 'dx: the values of the bf16 GEMM');
       t.same([Array.from(y2!), Array.from(dx2!)], [Array.from(y1!), Array.from(dx1!)], 'the second call widens too');
     } finally {
+      native.supports = supports;
       native.gemm = gemm;
     }
   });

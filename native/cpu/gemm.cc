@@ -9,8 +9,8 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "../half.h"
-#include "../rng.h"
+#include "../backend/half.h"
+#include "../backend/rng.h"
 #include "gemm_fused.h"
 
 namespace lora {

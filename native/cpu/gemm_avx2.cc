@@ -4,7 +4,7 @@
 #include <cstdint>
 #include <immintrin.h>
 
-#include "../rng.h"
+#include "../backend/rng.h"
 #include "gemm_isa.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)

@@ -2,7 +2,7 @@
 // 4-wide vector extensions (SSE2 on x86-64, NEON elsewhere), no FMA. The fallback every CPU runs.
 #include <cstdint>
 
-#include "../rng.h"
+#include "../backend/rng.h"
 #include "gemm_isa.h"
 
 #define LN_VL 4

@@ -11,7 +11,7 @@
 
 #include <cstdint>
 
-#include "../rng.h"
+#include "../backend/rng.h"
 #include "gemm_isa.h"
 
 namespace {

@@ -1,23 +1,22 @@
-// The CPU LoRA kernels behind CpuBackend, fused into the GEMM engine (gemm_fused.h): the adapter's
+// The CPU LoRA kernels (lora_forward, lora_backward, lora_merge of native/backend/backend.h), fused into the GEMM engine (gemm_fused.h): the adapter's
 // product rides in the base GEMM's tile epilogue, dropout masks are regenerated from the counter
 // RNG inside packing/epilogues (never stored), and no temporary is the size of W or of x. They are
 // not a general autograd: W and b are frozen here.
 //
 //   h = x̃·Aᵀ;  y = x·Wᵀ + b + s·h·Bᵀ           (x̃ = dropout(x), mask index row*C + col of x)
 //   dB += s·dyᵀ·h;  dh = s·dy·B;  dA += dhᵀ·x̃;  dx = dy·W + dropout'(dh·A)
-#include "lora_kernels.h"
-
 #include <cstring>
 #include <vector>
 
-#include "../rng.h"
+#include "../backend/rng.h"
+#include "cpu.h"
 #include "gemm.h"
 #include "gemm_fused.h"
 
 namespace lora {
 namespace {
 
-bool supported(DType t) { return t == DType::F32 || t == DType::BF16; }
+bool supported(lora_dtype t) { return t == LORA_F32 || t == LORA_BF16; }
 
 DropoutMask make_mask(float p, uint64_t seed, int64_t ld) {
   DropoutMask d;
@@ -34,13 +33,12 @@ float* scratch(std::vector<float>& v, size_t n) {
   return v.data();
 }
 
-}  // namespace
-
-Status cpu_lora_forward(ThreadPool& pool, float* y, float* h, const float* x, const void* W,
-                        DType w_dtype, const float* b, const float* A, const float* B, int64_t N,
-                        int64_t C, int64_t OC, int64_t R, float s, float dropout_p,
-                        uint64_t seed) {
-  if (!supported(w_dtype)) return Status::Unsupported;
+lora_status lora_forward(lora_backend* be, float* y, float* h, const float* x, const void* W,
+                         lora_dtype w_dtype, const float* b, const float* A, const float* B,
+                         int64_t N, int64_t C, int64_t OC, int64_t R, float s, float dropout_p,
+                         uint64_t seed) {
+  if (!supported(w_dtype)) return LORA_UNSUPPORTED;
+  ThreadPool& pool = cpu_pool(be);
   const DropoutMask mask = make_mask(dropout_p, seed, C);
   const bool drop = dropout_p > 0.0f;
 
@@ -51,7 +49,7 @@ Status cpu_lora_forward(ThreadPool& pool, float* y, float* h, const float* x, co
   yg.trans_b = true;
   yg.M = N; yg.N = OC; yg.K = C;
   yg.A = x; yg.lda = C;
-  yg.B = W; yg.b_bf16 = w_dtype == DType::BF16; yg.ldb = C;
+  yg.B = W; yg.b_bf16 = w_dtype == LORA_BF16; yg.ldb = C;
   yg.C = y; yg.ldc = OC;
   yg.A2 = h; yg.lda2 = R;
   yg.B2 = B; yg.ldb2 = R; yg.trans_b2 = true;  // op(B2) = Bᵀ (R, OC)
@@ -62,14 +60,15 @@ Status cpu_lora_forward(ThreadPool& pool, float* y, float* h, const float* x, co
   yg.H = h; yg.ldh = R;
   yg.drop_h = drop ? &mask : nullptr;
   gemm_ex(pool, yg);
-  return Status::Ok;
+  return LORA_OK;
 }
 
-Status cpu_lora_backward(ThreadPool& pool, float* dx, float* dA, float* dB, const float* dy,
-                         const float* x, const float* h, const void* W, DType w_dtype,
-                         const float* A, const float* B, int64_t N, int64_t C, int64_t OC,
-                         int64_t R, float s, float dropout_p, uint64_t seed) {
-  if (!supported(w_dtype)) return Status::Unsupported;
+lora_status lora_backward(lora_backend* be, float* dx, float* dA, float* dB, const float* dy,
+                          const float* x, const float* h, const void* W, lora_dtype w_dtype,
+                          const float* A, const float* B, int64_t N, int64_t C, int64_t OC,
+                          int64_t R, float s, float dropout_p, uint64_t seed) {
+  if (!supported(w_dtype)) return LORA_UNSUPPORTED;
+  ThreadPool& pool = cpu_pool(be);
   const DropoutMask mask = make_mask(dropout_p, seed, C);
   const bool drop = dropout_p > 0.0f;
   static thread_local std::vector<float> dh_buf, dbt_buf;
@@ -82,7 +81,7 @@ Status cpu_lora_backward(ThreadPool& pool, float* dx, float* dA, float* dB, cons
     for (int64_t o = 0; o < OC; ++o)
       for (int64_t r = 0; r < R; ++r) dB[o * R + r] += dbt[r * OC + o];
   }
-  if (!dA && !dx) return Status::Ok;
+  if (!dA && !dx) return LORA_OK;
 
   // dh = s·dy·B (N, R): with dx, from the same packed blocks of dy as dy·W (one pass over dy);
   // alone, the narrow path with B (OC, R) read in place.
@@ -96,7 +95,7 @@ Status cpu_lora_backward(ThreadPool& pool, float* dx, float* dA, float* dB, cons
     GemmArgs xg;
     xg.M = N; xg.N = C; xg.K = OC;
     xg.A = dy; xg.lda = OC;
-    xg.B = W; xg.b_bf16 = w_dtype == DType::BF16; xg.ldb = C;
+    xg.B = W; xg.b_bf16 = w_dtype == LORA_BF16; xg.ldb = C;
     xg.C = dx; xg.ldc = C;
     xg.A2 = dh; xg.lda2 = R;
     xg.B2 = A; xg.ldb2 = C;  // op(B2) = A (R, C)
@@ -120,20 +119,29 @@ Status cpu_lora_backward(ThreadPool& pool, float* dx, float* dA, float* dB, cons
     ag.drop_b = drop ? &mask : nullptr;
     gemm_ex(pool, ag);
   }
-  return Status::Ok;
+  return LORA_OK;
 }
 
-Status cpu_lora_merge(ThreadPool& pool, void* W, DType w_dtype, const float* A, const float* B,
-                      int64_t OC, int64_t C, int64_t R, float s) {
-  if (w_dtype == DType::F32) {
+lora_status lora_merge(lora_backend* be, void* W, lora_dtype w_dtype, const float* A,
+                       const float* B, int64_t OC, int64_t C, int64_t R, float s) {
+  ThreadPool& pool = cpu_pool(be);
+  if (w_dtype == LORA_F32) {
     sgemm(pool, false, false, OC, C, R, s, B, R, A, C, 1.0f, static_cast<float*>(W), C);
-    return Status::Ok;
+    return LORA_OK;
   }
-  if (w_dtype != DType::BF16) return Status::Unsupported;
+  if (w_dtype != LORA_BF16) return LORA_UNSUPPORTED;
   // BF16: W tile by tile widened, += s·B·A in fp32 and rounded once (nearest-even) in the GEMM
   // micro-kernel's epilogue, so W is read and written once.
   sgemm_bf16_update(pool, OC, C, R, s, B, R, A, C, static_cast<uint16_t*>(W), C);
-  return Status::Ok;
+  return LORA_OK;
+}
+
+}  // namespace
+
+void cpu_register_lora(lora_backend& t) {
+  t.lora_forward = lora_forward;
+  t.lora_backward = lora_backward;
+  t.lora_merge = lora_merge;
 }
 
 }  // namespace lora

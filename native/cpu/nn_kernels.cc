@@ -1,12 +1,12 @@
-// CPU kernels for normalisation, embedding, cross-entropy and attention (see nn_kernels.h and the
-// math in native/backend.h). Each parallelises over independent rows; reductions across rows
+// CPU kernels for normalisation, embedding, cross-entropy, attention and RoPE (the math is in
+// native/backend/backend.h). Each parallelises over independent rows; reductions across rows
 // (dw, db of the norms) use one partial buffer per thread, summed at the end, so results do not
 // depend on timing. Attention's backward runs one (batch, head) per task so dk/dv need no atomics.
-#include "nn_kernels.h"
-
 #include <algorithm>
 #include <cmath>
 #include <vector>
+
+#include "cpu.h"
 
 namespace lora {
 namespace {
@@ -48,10 +48,9 @@ bool ids_in_range(const int32_t* ids, int64_t N, int64_t V, bool allow_ignore, i
   return true;
 }
 
-}  // namespace
-
-Status cpu_layer_norm(ThreadPool& pool, float* y, float* mean, float* rstd, const float* x,
-                      const float* w, const float* b, int64_t N, int64_t C, float eps) {
+lora_status layer_norm(lora_backend* be, float* y, float* mean, float* rstd, const float* x,
+                       const float* w, const float* b, int64_t N, int64_t C, float eps) {
+  ThreadPool& pool = cpu_pool(be);
   pool.parallel_for(N, row_grain(C), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* xr = x + r * C;
@@ -73,12 +72,13 @@ Status cpu_layer_norm(ThreadPool& pool, float* y, float* mean, float* rstd, cons
       rstd[r] = rs;
     }
   });
-  return Status::Ok;
+  return LORA_OK;
 }
 
-Status cpu_layer_norm_backward(ThreadPool& pool, float* dx, float* dw, float* db, const float* dy,
-                               const float* x, const float* w, const float* mean,
-                               const float* rstd, int64_t N, int64_t C) {
+lora_status layer_norm_backward(lora_backend* be, float* dx, float* dw, float* db, const float* dy,
+                                const float* x, const float* w, const float* mean,
+                                const float* rstd, int64_t N, int64_t C) {
+  ThreadPool& pool = cpu_pool(be);
   float* acc[2] = {dw, db};
   rows_with_partials(pool, N, C, 2, acc, [&](int64_t r0, int64_t r1, std::vector<double>* part) {
     double* pw = part[0].data();
@@ -105,11 +105,12 @@ Status cpu_layer_norm_backward(ThreadPool& pool, float* dx, float* dw, float* db
       }
     }
   });
-  return Status::Ok;
+  return LORA_OK;
 }
 
-Status cpu_rms_norm(ThreadPool& pool, float* y, float* rstd, const float* x, const float* w,
-                    int64_t N, int64_t C, float eps) {
+lora_status rms_norm(lora_backend* be, float* y, float* rstd, const float* x, const float* w,
+                     int64_t N, int64_t C, float eps) {
+  ThreadPool& pool = cpu_pool(be);
   pool.parallel_for(N, row_grain(C), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* xr = x + r * C;
@@ -121,12 +122,13 @@ Status cpu_rms_norm(ThreadPool& pool, float* y, float* rstd, const float* x, con
       rstd[r] = rs;
     }
   });
-  return Status::Ok;
+  return LORA_OK;
 }
 
-Status cpu_rms_norm_backward(ThreadPool& pool, float* dx, float* dw, const float* dy,
-                             const float* x, const float* w, const float* rstd, int64_t N,
-                             int64_t C) {
+lora_status rms_norm_backward(lora_backend* be, float* dx, float* dw, const float* dy,
+                              const float* x, const float* w, const float* rstd, int64_t N,
+                              int64_t C) {
+  ThreadPool& pool = cpu_pool(be);
   float* acc[1] = {dw};
   rows_with_partials(pool, N, C, 1, acc, [&](int64_t r0, int64_t r1, std::vector<double>* part) {
     double* pw = part[0].data();
@@ -149,21 +151,23 @@ Status cpu_rms_norm_backward(ThreadPool& pool, float* dx, float* dw, const float
       }
     }
   });
-  return Status::Ok;
+  return LORA_OK;
 }
 
-Status cpu_embedding(ThreadPool& pool, float* out, const float* table, const int32_t* ids,
-                     int64_t N, int64_t V, int64_t C) {
-  if (!ids_in_range(ids, N, V, false, 0)) return Status::InvalidArgument;
+lora_status embedding(lora_backend* be, float* out, const float* table, const int32_t* ids,
+                      int64_t N, int64_t V, int64_t C) {
+  ThreadPool& pool = cpu_pool(be);
+  if (!ids_in_range(ids, N, V, false, 0)) return LORA_INVALID_ARGUMENT;
   pool.parallel_for(N, row_grain(C), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) std::copy(table + int64_t(ids[r]) * C, table + (int64_t(ids[r]) + 1) * C, out + r * C);
   });
-  return Status::Ok;
+  return LORA_OK;
 }
 
-Status cpu_embedding_backward(ThreadPool& pool, float* dtable, const float* dout,
-                              const int32_t* ids, int64_t N, int64_t V, int64_t C) {
-  if (!ids_in_range(ids, N, V, false, 0)) return Status::InvalidArgument;
+lora_status embedding_backward(lora_backend* be, float* dtable, const float* dout,
+                               const int32_t* ids, int64_t N, int64_t V, int64_t C) {
+  ThreadPool& pool = cpu_pool(be);
+  if (!ids_in_range(ids, N, V, false, 0)) return LORA_INVALID_ARGUMENT;
   // each thread owns a range of columns, so repeated ids never race
   pool.parallel_for(C, std::max<int64_t>(1, kRowGrain / std::max<int64_t>(N, 1)), [&](int64_t c0, int64_t c1) {
     for (int64_t r = 0; r < N; ++r) {
@@ -172,13 +176,14 @@ Status cpu_embedding_backward(ThreadPool& pool, float* dtable, const float* dout
       for (int64_t j = c0; j < c1; ++j) d[j] += g[j];
     }
   });
-  return Status::Ok;
+  return LORA_OK;
 }
 
-Status cpu_cross_entropy(ThreadPool& pool, float* loss, float* lse, const float* logits,
-                         const int32_t* targets, int64_t N, int64_t V, int32_t ignore_index,
-                         float smoothing) {
-  if (!ids_in_range(targets, N, V, true, ignore_index)) return Status::InvalidArgument;
+lora_status cross_entropy(lora_backend* be, float* loss, float* lse, const float* logits,
+                          const int32_t* targets, int64_t N, int64_t V, int32_t ignore_index,
+                          float smoothing) {
+  ThreadPool& pool = cpu_pool(be);
+  if (!ids_in_range(targets, N, V, true, ignore_index)) return LORA_INVALID_ARGUMENT;
   pool.parallel_for(N, row_grain(V), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* z = logits + r * V;
@@ -200,13 +205,14 @@ Status cpu_cross_entropy(ThreadPool& pool, float* loss, float* lse, const float*
       loss[r] = static_cast<float>(l - (1.0 - smoothing) * z[t] - smoothing * sz / double(V));
     }
   });
-  return Status::Ok;
+  return LORA_OK;
 }
 
-Status cpu_cross_entropy_backward(ThreadPool& pool, float* dlogits, const float* dloss,
-                                  const float* logits, const float* lse, const int32_t* targets,
-                                  int64_t N, int64_t V, int32_t ignore_index, float smoothing) {
-  if (!ids_in_range(targets, N, V, true, ignore_index)) return Status::InvalidArgument;
+lora_status cross_entropy_backward(lora_backend* be, float* dlogits, const float* dloss,
+                                   const float* logits, const float* lse, const int32_t* targets,
+                                   int64_t N, int64_t V, int32_t ignore_index, float smoothing) {
+  ThreadPool& pool = cpu_pool(be);
+  if (!ids_in_range(targets, N, V, true, ignore_index)) return LORA_INVALID_ARGUMENT;
   pool.parallel_for(N, row_grain(V), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       float* d = dlogits + r * V;
@@ -221,12 +227,13 @@ Status cpu_cross_entropy_backward(ThreadPool& pool, float* dlogits, const float*
       d[t] -= g * (1.0f - smoothing);
     }
   });
-  return Status::Ok;
+  return LORA_OK;
 }
 
-Status cpu_attention(ThreadPool& pool, float* out, float* lse, const float* q, const float* k,
-                     const float* v, int64_t Bt, int64_t T, int64_t H, int64_t D, float scale,
-                     bool causal) {
+lora_status attention(lora_backend* be, float* out, float* lse, const float* q, const float* k,
+                      const float* v, int64_t Bt, int64_t T, int64_t H, int64_t D, float scale,
+                      bool causal) {
+  ThreadPool& pool = cpu_pool(be);
   const int64_t C = H * D;
   const int64_t rows = Bt * H * T;  // one task per (batch, head, query)
   pool.parallel_for(rows, std::max<int64_t>(1, kRowGrain / std::max<int64_t>(T * D, 1)), [&](int64_t r0, int64_t r1) {
@@ -260,13 +267,14 @@ Status cpu_attention(ThreadPool& pool, float* out, float* lse, const float* q, c
       lse[(b * H + h) * T + i] = mx + static_cast<float>(std::log(sum));
     }
   });
-  return Status::Ok;
+  return LORA_OK;
 }
 
-Status cpu_attention_backward(ThreadPool& pool, float* dq, float* dk, float* dv,
-                              const float* dout, const float* q, const float* k, const float* v,
-                              const float* out, const float* lse, int64_t Bt, int64_t T,
-                              int64_t H, int64_t D, float scale, bool causal) {
+lora_status attention_backward(lora_backend* be, float* dq, float* dk, float* dv, const float* dout,
+                               const float* q, const float* k, const float* v, const float* out,
+                               const float* lse, int64_t Bt, int64_t T, int64_t H, int64_t D,
+                               float scale, bool causal) {
+  ThreadPool& pool = cpu_pool(be);
   const int64_t C = H * D;
   pool.parallel_for(Bt * H, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> ds(static_cast<size_t>(T));
@@ -312,7 +320,22 @@ Status cpu_attention_backward(ThreadPool& pool, float* dq, float* dk, float* dv,
       }
     }
   });
-  return Status::Ok;
+  return LORA_OK;
+}
+
+}  // namespace
+
+void cpu_register_nn(lora_backend& t) {
+  t.layer_norm = layer_norm;
+  t.layer_norm_backward = layer_norm_backward;
+  t.rms_norm = rms_norm;
+  t.rms_norm_backward = rms_norm_backward;
+  t.embedding = embedding;
+  t.embedding_backward = embedding_backward;
+  t.cross_entropy = cross_entropy;
+  t.cross_entropy_backward = cross_entropy_backward;
+  t.attention = attention;
+  t.attention_backward = attention_backward;
 }
 
 }  // namespace lora

@@ -14,8 +14,8 @@
 
 #include "../cpu/gemm.h"
 #include "../cpu/gemm_fused.h"
-#include "../half.h"
-#include "../rng.h"
+#include "../backend/half.h"
+#include "../backend/rng.h"
 
 using namespace lora;
 

@@ -5,10 +5,13 @@
 
 #include <cstdint>
 
+// Functions both backends compile: host and device code under nvcc, plain inline elsewhere.
+#if !defined(LORA_HD)
 #if defined(__CUDACC__)
 #define LORA_HD __host__ __device__ __forceinline__
 #else
 #define LORA_HD inline
+#endif
 #endif
 
 namespace lora {

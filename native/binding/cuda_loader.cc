@@ -1,4 +1,4 @@
-// Finds and loads the CUDA backend at run time (native/cuda_loader.h). Compiled into the CPU
+// Finds and loads the CUDA backend at run time (cuda_loader.h). Compiled into the CPU
 // addon with no CUDA headers: liblora_cuda.so is dlopen()ed from beside the addon, and the driver
 // is probed through dlopen("libcuda.so.1") and a few driver-API prototypes declared here.
 // Every failure is collected into one reason; nothing here aborts, prints or throws.
@@ -6,7 +6,9 @@
 
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 namespace lora {
@@ -26,8 +28,6 @@ using cuDeviceGetAttribute_t = CUresult (*)(int*, int, CUdevice);
 using cuDeviceTotalMem_t = CUresult (*)(size_t*, CUdevice);
 using cuGetErrorString_t = CUresult (*)(CUresult, const char**);
 
-using lora_cuda_create_t = Backend* (*)(char*, size_t);
-using lora_cuda_abi_t = int32_t (*)();
 // Exported only by the CPU emulator build (cuda/emu/): the device it stands for.
 using lora_cuda_emulator_t = int (*)(char* name, size_t name_len, int* major, int* minor, size_t* memory);
 
@@ -93,7 +93,7 @@ void load_cuda(const std::string& addon_dir, CudaState* state) {
                             ? std::string(override_path)
                             : (addon_dir.empty() ? std::string(".") : addon_dir) + "/liblora_cuda.so";
   std::string library_reason;
-  lora_cuda_create_t create = nullptr;
+  lora_cuda_backend_init_fn init = nullptr;
   lora_cuda_emulator_t emulator = nullptr;
   // RTLD_LOCAL: its symbols (static cudart included) never meet anyone else's. Never dlclose()d:
   // static cudart registers exit handlers that must still find their code.
@@ -104,17 +104,18 @@ void load_cuda(const std::string& addon_dir, CudaState* state) {
                      "or set LORA_NATIVE_CUDA_LIB to its path";
   } else {
     dlerror();
-    create = symbol<lora_cuda_create_t>(lib, "lora_cuda_create");
-    const auto abi = symbol<lora_cuda_abi_t>(lib, "lora_cuda_abi");
-    if (create == nullptr) {
-      library_reason = state->library_path + " is not a lora-native CUDA backend (no lora_cuda_create: " +
+    init = symbol<lora_cuda_backend_init_fn>(lib, "lora_cuda_backend_init");
+    const auto abi = symbol<lora_cuda_backend_abi_fn>(lib, "lora_cuda_backend_abi");
+    if (init == nullptr || abi == nullptr) {
+      library_reason = state->library_path + " is not a lora-native CUDA backend (no lora_cuda_backend_init/abi: " +
                        dl_error() + ")";
-    } else if (abi == nullptr || abi() != kBackendAbiVersion) {
-      // Another version of the interface: its virtual methods would not line up with ours.
+      init = nullptr;
+    } else if (abi() != LORA_BACKEND_ABI_VERSION) {
+      // Another version of the interface: its table would not line up with ours.
       library_reason = state->library_path + " was built for backend interface version " +
-                       (abi ? std::to_string(abi()) : std::string("1")) + " but this addon needs version " +
-                       std::to_string(kBackendAbiVersion) + "; rebuild it (`node scripts/build-cuda.js`)";
-      create = nullptr;
+                       std::to_string(abi()) + " but this addon needs version " +
+                       std::to_string(LORA_BACKEND_ABI_VERSION) + "; rebuild it (`node scripts/build-cuda.js`)";
+      init = nullptr;
     }
     emulator = symbol<lora_cuda_emulator_t>(lib, "lora_cuda_emulator");
   }
@@ -141,20 +142,39 @@ void load_cuda(const std::string& addon_dir, CudaState* state) {
   }
 
   char err[1024] = {0};
-  Backend* backend = create(err, sizeof err);
-  if (backend == nullptr) {
+  lora_backend* table = init(err, sizeof err);
+  if (table == nullptr) {
     state->reason = std::string("the CUDA backend failed to start: ") +
                     (err[0] ? err : "no reason given");
     return;
   }
-  state->backend = backend;
+  const bool complete = table->destroy && table->alloc && table->free && table->upload && table->download && table->copy;
+  if (table->abi_version != LORA_BACKEND_ABI_VERSION || table->struct_size < LORA_BACKEND_MIN_SIZE || !complete) {
+    state->reason = state->library_path + " filled in a backend table of version " +
+                    std::to_string(table->abi_version) + " and " + std::to_string(table->struct_size) +
+                    " bytes; this addon needs version " + std::to_string(LORA_BACKEND_ABI_VERSION) +
+                    " and at least " + std::to_string(LORA_BACKEND_MIN_SIZE) + " bytes with every memory entry";
+    if (table->destroy) table->destroy(table);
+    return;
+  }
+  // Our own copy at our size: entries past the library's table (an older library) stay null and
+  // read as unsupported. The library reaches its state through ctx, never through the table's
+  // address, so the copy serves as well as the original.
+  auto* copy = new lora_backend();
+  std::memcpy(static_cast<void*>(copy), table, std::min<size_t>(table->struct_size, sizeof(lora_backend)));
+  copy->struct_size = sizeof(lora_backend);
+  state->library_table = table;
+  state->backend = copy;
   state->reason.clear();
 }
 
 void unload_cuda(CudaState* state) {
-  if (state == nullptr) return;
-  delete state->backend;  // the virtual destructor runs inside liblora_cuda.so
+  if (state == nullptr || state->backend == nullptr) return;
+  lora_backend* table = state->library_table;
+  delete state->backend;
   state->backend = nullptr;
+  state->library_table = nullptr;
+  table->destroy(table);  // runs inside liblora_cuda.so: frees its state and its table
 }
 
 }  // namespace lora

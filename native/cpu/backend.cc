@@ -1,0 +1,142 @@
+// The CPU backend's table, memory and lifetime: a caching allocator so that training steps reuse
+// buffers instead of touching fresh pages (BUILD.md: first touch costs 7-50 µs per 4 KiB page
+// here), host copies, and the assembly of the kernel entries each file of native/cpu/ registers.
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <new>
+#include <vector>
+
+#include "cpu.h"
+
+namespace lora {
+namespace {
+
+constexpr size_t kAlign = 64;                       // a cache line; also AVX-512 alignment
+constexpr size_t kMaxCached = size_t(1) << 30;      // cache at most 1 GiB of freed blocks
+
+// Rounds a request up to its bucket: 64-byte steps below 1 MiB, then 1/8 steps of the power of
+// two above it, so a reused block wastes at most 12.5%.
+size_t bucket_size(size_t bytes) {
+  if (bytes == 0) bytes = 1;
+  if (bytes < (size_t(1) << 20)) return (bytes + kAlign - 1) & ~(kAlign - 1);
+  size_t p = size_t(1) << (63 - __builtin_clzll(bytes));
+  size_t step = p / 8;
+  return (bytes + step - 1) / step * step;
+}
+
+class CachingAllocator {
+ public:
+  ~CachingAllocator() { release(); }
+  void* alloc(size_t bytes) {
+    const size_t size = bucket_size(bytes);
+    auto it = free_.find(size);
+    if (it != free_.end() && !it->second.empty()) {
+      void* p = it->second.back();
+      it->second.pop_back();
+      cached_ -= size;
+      live_ += size;
+      return p;
+    }
+    void* p = std::aligned_alloc(kAlign, size);
+    if (!p) {
+      release();  // give the cache back and try once more
+      p = std::aligned_alloc(kAlign, size);
+      if (!p) return nullptr;
+    }
+    live_ += size;
+    return p;
+  }
+  void free(void* p, size_t bytes) {
+    if (!p) return;
+    const size_t size = bucket_size(bytes);
+    live_ -= size;
+    if (cached_ + size > kMaxCached) {
+      std::free(p);
+      return;
+    }
+    free_[size].push_back(p);
+    cached_ += size;
+  }
+  void release() {
+    for (auto& kv : free_)
+      for (void* p : kv.second) std::free(p);
+    free_.clear();
+    cached_ = 0;
+  }
+  size_t cached() const { return cached_; }
+  size_t live() const { return live_; }
+
+ private:
+  std::map<size_t, std::vector<void*>> free_;
+  size_t cached_ = 0, live_ = 0;
+};
+
+struct CpuContext {
+  explicit CpuContext(int threads) : pool(threads) {}
+  ThreadPool pool;
+  CachingAllocator alloc;
+};
+
+CpuContext& ctx(lora_backend* be) { return *static_cast<CpuContext*>(be->ctx); }
+
+void destroy(lora_backend* be) {
+  delete static_cast<CpuContext*>(be->ctx);
+  delete be;
+}
+
+const char* last_error(lora_backend*) { return ""; }
+bool unusable(lora_backend*) { return false; }
+
+// Every entry computes in fp32; the weight-reading ones (LoRA kernels, gemm's B) also read bf16.
+bool supports(lora_backend* be, int32_t op, int32_t dtype) {
+  switch (op) {
+    case LORA_OP_LORA_FORWARD: case LORA_OP_LORA_BACKWARD: case LORA_OP_LORA_MERGE:
+      return dtype == LORA_F32 || dtype == LORA_BF16;
+    case LORA_OP_GEMM: return dtype == LORA_F32 ? be->gemm != nullptr : dtype == LORA_BF16 && be->gemm_bf16 != nullptr;
+    case LORA_OP_CONVERT: return dtype != LORA_I32;
+    default: return op >= 0 && op < LORA_OP_COUNT && dtype == LORA_F32;
+  }
+}
+
+void* alloc(lora_backend* be, size_t bytes) { return ctx(be).alloc.alloc(bytes); }
+void free_block(lora_backend* be, void* ptr, size_t bytes) { ctx(be).alloc.free(ptr, bytes); }
+size_t cached_bytes(lora_backend* be) { return ctx(be).alloc.cached(); }
+void release_cached(lora_backend* be) { ctx(be).alloc.release(); }
+
+lora_status copy_bytes(lora_backend*, void* dst, const void* src, size_t bytes) {
+  if (bytes) std::memmove(dst, src, bytes);
+  return LORA_OK;
+}
+
+}  // namespace
+
+ThreadPool& cpu_pool(lora_backend* be) { return ctx(be).pool; }
+
+lora_backend* cpu_backend_create(int threads) {
+  auto* t = new lora_backend();  // value-initialised: every entry starts null
+  t->abi_version = LORA_BACKEND_ABI_VERSION;
+  t->struct_size = sizeof(lora_backend);
+  t->name = "cpu";
+  t->ctx = new CpuContext(threads);
+  t->destroy = destroy;
+  t->last_error = last_error;
+  t->unusable = unusable;
+  t->supports = supports;
+  t->alloc = alloc;
+  t->free = free_block;
+  t->upload = copy_bytes;  // host memory both sides: a copy
+  t->download = copy_bytes;
+  t->copy = copy_bytes;
+  t->cached_bytes = cached_bytes;
+  t->release_cached = release_cached;
+  cpu_register_elementwise(*t);
+  cpu_register_linalg(*t);
+  cpu_register_lora(*t);
+  cpu_register_optim(*t);
+  cpu_register_nn(*t);
+  return t;
+}
+
+}  // namespace lora

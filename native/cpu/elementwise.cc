@@ -1,0 +1,261 @@
+// The CPU elementwise, reduction, copy, softmax and dropout kernels: plain loops split over the
+// thread pool, the scalar formulas from native/backend/elementwise_math.h (shared with CUDA).
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../backend/elementwise_math.h"
+#include "../backend/half.h"
+#include "../backend/rng.h"
+#include "cpu.h"
+
+namespace lora {
+namespace {
+
+int64_t layout_numel(const lora_layout& l) {
+  int64_t n = 1;
+  for (int d = 0; d < l.ndim; ++d) n *= l.shape[d];
+  return n;
+}
+
+// Offset (in elements) of flat row-major index i of `shape` under `stride`.
+inline int64_t strided_offset(int64_t i, const lora_layout& l) {
+  int64_t off = 0;
+  for (int d = l.ndim - 1; d >= 0; --d) {
+    const int64_t q = i / l.shape[d];
+    off += (i - q * l.shape[d]) * l.stride[d];
+    i = q;
+  }
+  return off;
+}
+
+bool is_contiguous(const lora_layout& l) {
+  int64_t expect = 1;
+  for (int d = l.ndim - 1; d >= 0; --d) {
+    if (l.shape[d] != 1 && l.stride[d] != expect) return false;
+    expect *= l.shape[d];
+  }
+  return true;
+}
+
+
+lora_status fill(lora_backend* be, float* out, float value, int64_t n) {
+  ThreadPool& pool = cpu_pool(be);
+  pool.parallel_for(n, kGrain, [&](int64_t b, int64_t e) { std::fill(out + b, out + e, value); });
+  return LORA_OK;
+}
+
+lora_status convert(lora_backend* be, void* out, lora_dtype out_dtype, const void* in,
+                    lora_dtype in_dtype, int64_t n) {
+  ThreadPool& pool = cpu_pool(be);
+  if (out_dtype == LORA_I32 || in_dtype == LORA_I32) return LORA_UNSUPPORTED;
+  pool.parallel_for(n, kGrain, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      float v;
+      switch (in_dtype) {
+        case LORA_F32: v = static_cast<const float*>(in)[i]; break;
+        case LORA_BF16: v = bf16_to_float(static_cast<const uint16_t*>(in)[i]); break;
+        default: v = f16_to_float(static_cast<const uint16_t*>(in)[i]); break;
+      }
+      switch (out_dtype) {
+        case LORA_F32: static_cast<float*>(out)[i] = v; break;
+        case LORA_BF16: static_cast<uint16_t*>(out)[i] = float_to_bf16(v); break;
+        default: static_cast<uint16_t*>(out)[i] = float_to_f16(v); break;
+      }
+    }
+  });
+  return LORA_OK;
+}
+
+lora_status binary(lora_backend* be, lora_binary_op op, float* out, const float* a, const float* b,
+                   const lora_layout* a_layout, const lora_layout* b_layout) {
+  ThreadPool& pool = cpu_pool(be);
+  const lora_layout& al = *a_layout;
+  const lora_layout& bl = *b_layout;
+  const int64_t n = layout_numel(al);
+  if (is_contiguous(al) && is_contiguous(bl)) {
+    pool.parallel_for(n, kGrain, [&](int64_t s, int64_t e) {
+      for (int64_t i = s; i < e; ++i) out[i] = binary_apply(op, a[i], b[i]);
+    });
+    return LORA_OK;
+  }
+  const int64_t inner = al.ndim ? al.shape[al.ndim - 1] : 1;
+  const int64_t as = al.ndim ? al.stride[al.ndim - 1] : 0, bs = bl.ndim ? bl.stride[bl.ndim - 1] : 0;
+  const int64_t rows = inner ? n / inner : 0;
+  pool.parallel_for(rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(inner, 1)),
+                     [&](int64_t r0, int64_t r1) {
+                       for (int64_t r = r0; r < r1; ++r) {
+                         const float* ar = a + strided_offset(r * inner, al);
+                         const float* br = b + strided_offset(r * inner, bl);
+                         float* o = out + r * inner;
+                         for (int64_t j = 0; j < inner; ++j)
+                           o[j] = binary_apply(op, ar[j * as], br[j * bs]);
+                       }
+                     });
+  return LORA_OK;
+}
+
+lora_status binary_scalar(lora_backend* be, lora_binary_op op, float* out, const float* a,
+                          float scalar, bool scalar_first, int64_t n) {
+  ThreadPool& pool = cpu_pool(be);
+  pool.parallel_for(n, kGrain, [&](int64_t s, int64_t e) {
+    if (scalar_first)
+      for (int64_t i = s; i < e; ++i) out[i] = binary_apply(op, scalar, a[i]);
+    else
+      for (int64_t i = s; i < e; ++i) out[i] = binary_apply(op, a[i], scalar);
+  });
+  return LORA_OK;
+}
+
+lora_status unary(lora_backend* be, lora_unary_op op, float* out, const float* in, int64_t n) {
+  ThreadPool& pool = cpu_pool(be);
+  pool.parallel_for(n, kGrain, [&](int64_t s, int64_t e) {
+    for (int64_t i = s; i < e; ++i) out[i] = unary_apply(op, in[i]);
+  });
+  return LORA_OK;
+}
+
+lora_status unary_backward(lora_backend* be, lora_unary_op op, float* dx, const float* dy,
+                           const float* x, const float* y, int64_t n) {
+  ThreadPool& pool = cpu_pool(be);
+  pool.parallel_for(n, kGrain, [&](int64_t s, int64_t e) {
+    for (int64_t i = s; i < e; ++i)
+      dx[i] = dy[i] * unary_grad(op, x ? x[i] : 0.0f, y ? y[i] : 0.0f);
+  });
+  return LORA_OK;
+}
+
+lora_status axpy(lora_backend* be, float* y, const float* x, float a, int64_t n) {
+  ThreadPool& pool = cpu_pool(be);
+  pool.parallel_for(n, kGrain, [&](int64_t s, int64_t e) {
+    for (int64_t i = s; i < e; ++i) y[i] += a * x[i];
+  });
+  return LORA_OK;
+}
+
+lora_status reduce(lora_backend* be, lora_reduce_op op, float* out, const float* in, int64_t outer,
+                   int64_t dim, int64_t inner) {
+  ThreadPool& pool = cpu_pool(be);
+  const float init = op == LORA_REDUCE_SUM ? 0.0f : (op == LORA_REDUCE_MAX ? -INFINITY : INFINITY);
+  const lora_binary_op combine =
+      op == LORA_REDUCE_SUM ? LORA_BINARY_ADD : (op == LORA_REDUCE_MAX ? LORA_BINARY_MAX : LORA_BINARY_MIN);
+  pool.parallel_for(outer, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, dim * inner)),
+                     [&](int64_t o0, int64_t o1) {
+                       std::vector<double> acc;
+                       for (int64_t o = o0; o < o1; ++o) {
+                         float* dst = out + o * inner;
+                         const float* src = in + o * dim * inner;
+                         if (op == LORA_REDUCE_SUM) {
+                           // double accumulators: sums over long axes stay accurate
+                           acc.assign(static_cast<size_t>(inner), 0.0);
+                           for (int64_t d = 0; d < dim; ++d)
+                             for (int64_t i = 0; i < inner; ++i) acc[i] += src[d * inner + i];
+                           for (int64_t i = 0; i < inner; ++i) dst[i] = static_cast<float>(acc[i]);
+                         } else {
+                           std::fill(dst, dst + inner, init);
+                           for (int64_t d = 0; d < dim; ++d)
+                             for (int64_t i = 0; i < inner; ++i)
+                               dst[i] = binary_apply(combine, dst[i], src[d * inner + i]);
+                         }
+                       }
+                     });
+  return LORA_OK;
+}
+
+lora_status copy_strided(lora_backend* be, float* dst, const lora_layout* dst_layout,
+                         const float* src, const lora_layout* src_layout) {
+  ThreadPool& pool = cpu_pool(be);
+  const lora_layout& dl = *dst_layout;
+  const lora_layout& sl = *src_layout;
+  const int64_t n = layout_numel(sl);
+  const int64_t inner = sl.ndim ? sl.shape[sl.ndim - 1] : 1;
+  const int64_t ss = sl.ndim ? sl.stride[sl.ndim - 1] : 1, ds = dl.ndim ? dl.stride[dl.ndim - 1] : 1;
+  const int64_t rows = inner ? n / inner : 0;
+  pool.parallel_for(rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(inner, 1)),
+                     [&](int64_t r0, int64_t r1) {
+                       for (int64_t r = r0; r < r1; ++r) {
+                         const float* s = src + strided_offset(r * inner, sl);
+                         float* d = dst + strided_offset(r * inner, dl);
+                         for (int64_t j = 0; j < inner; ++j) d[j * ds] = s[j * ss];
+                       }
+                     });
+  return LORA_OK;
+}
+
+lora_status softmax(lora_backend* be, float* out, const float* in, int64_t rows, int64_t cols,
+                    bool log) {
+  ThreadPool& pool = cpu_pool(be);
+  pool.parallel_for(rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1)),
+                     [&](int64_t r0, int64_t r1) {
+                       for (int64_t r = r0; r < r1; ++r) {
+                         const float* x = in + r * cols;
+                         float* y = out + r * cols;
+                         float mx = -INFINITY;
+                         for (int64_t j = 0; j < cols; ++j) mx = std::max(mx, x[j]);
+                         double sum = 0.0;
+                         for (int64_t j = 0; j < cols; ++j) sum += std::exp(double(x[j] - mx));
+                         if (log) {
+                           const float lse = mx + static_cast<float>(std::log(sum));
+                           for (int64_t j = 0; j < cols; ++j) y[j] = x[j] - lse;
+                         } else {
+                           const float inv = static_cast<float>(1.0 / sum);
+                           for (int64_t j = 0; j < cols; ++j) y[j] = std::exp(x[j] - mx) * inv;
+                         }
+                       }
+                     });
+  return LORA_OK;
+}
+
+// softmax: dx = y ⊙ (dy - Σ dy⊙y);  log-softmax: dx = dy - exp(y)·Σ dy
+lora_status softmax_backward(lora_backend* be, float* dx, const float* dy, const float* y,
+                             int64_t rows, int64_t cols, bool log) {
+  ThreadPool& pool = cpu_pool(be);
+  pool.parallel_for(rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1)),
+                     [&](int64_t r0, int64_t r1) {
+                       for (int64_t r = r0; r < r1; ++r) {
+                         const float* g = dy + r * cols;
+                         const float* yy = y + r * cols;
+                         float* d = dx + r * cols;
+                         double dot = 0.0;
+                         if (log) {
+                           for (int64_t j = 0; j < cols; ++j) dot += g[j];
+                           for (int64_t j = 0; j < cols; ++j)
+                             d[j] = g[j] - std::exp(yy[j]) * static_cast<float>(dot);
+                         } else {
+                           for (int64_t j = 0; j < cols; ++j) dot += double(g[j]) * yy[j];
+                           for (int64_t j = 0; j < cols; ++j)
+                             d[j] = yy[j] * (g[j] - static_cast<float>(dot));
+                         }
+                       }
+                     });
+  return LORA_OK;
+}
+
+lora_status dropout(lora_backend* be, float* out, const float* in, int64_t n, float p,
+                    uint64_t seed) {
+  ThreadPool& pool = cpu_pool(be);
+  const float scale = 1.0f / (1.0f - p);
+  pool.parallel_for(n, kGrain, [&](int64_t s, int64_t e) {
+    for (int64_t i = s; i < e; ++i) out[i] = dropout_keep(seed, i, p) ? in[i] * scale : 0.0f;
+  });
+  return LORA_OK;
+}
+
+}  // namespace
+
+void cpu_register_elementwise(lora_backend& t) {
+  t.fill = fill;
+  t.convert = convert;
+  t.binary = binary;
+  t.binary_scalar = binary_scalar;
+  t.unary = unary;
+  t.unary_backward = unary_backward;
+  t.axpy = axpy;
+  t.reduce = reduce;
+  t.copy_strided = copy_strided;
+  t.softmax = softmax;
+  t.softmax_backward = softmax_backward;
+  t.dropout = dropout;
+}
+
+}  // namespace lora
