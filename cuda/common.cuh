@@ -1,22 +1,21 @@
-// Shared pieces of the CUDA backend: the launcher declarations every .cu file implements, the
-// operand/epilogue descriptors of the GEMM engines, and small device helpers. Launchers size the
-// grid, launch on the backend's one stream and return cudaGetLastError(); they never synchronize.
-// Nothing here knows about N-API or about lora::Backend's memory management.
+// Shared pieces of the CUDA backend: its state (Context, reached from every table entry through
+// be->ctx), the registration each .cu file does for its kernels' entries, the launcher declarations
+// the files share, the operand/epilogue descriptors of the GEMM engines, and small helpers. An op
+// lives in three layers in its own file (after ggml): the __global__ kernel, a launcher that sizes
+// the grid, launches on the backend's one stream and returns cudaGetLastError() (never
+// synchronizing), and the table entry that checks its arguments and turns errors into a status.
+// Nothing here knows about N-API; nothing reaches into native/ except native/backend/.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
+#include <atomic>
 #include <cstdint>
-#include <utility>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
 
-#ifdef LORA_CUDA_EMU
-#include "emu/emu.h"  // the kernels compiled as C++ for the CPU emulator (cuda/emu/)
-#endif
-
-#include "../native/backend.h"
-#include "../native/rng.h"
+#include "../native/backend/backend.h"
+#include "../native/backend/rng.h"
+#include "ptx.cuh"
 
 namespace lora {
 namespace cuda {
@@ -89,11 +88,11 @@ cudaError_t launch_gemm_skinny(cudaStream_t stream, GemmArgs args, bool trans_a,
 // rounded as it is staged in shared memory.
 bool gemm_tc_pipelined_ok(int64_t K, int64_t Nn, int64_t ldw, const void* W, bool w_nk);
 cudaError_t launch_gemm_tc(cudaStream_t stream, float* out, int64_t ldo, const float* X,
-                           int64_t ldx, const void* X16, const void* W, DType w_dtype, int64_t ldw,
+                           int64_t ldx, const void* X16, const void* W, lora_dtype w_dtype, int64_t ldw,
                            bool w_nk, int64_t M, int64_t Nn, int64_t K, const LoraEpilogue& epi);
 
 // lora.cu
-cudaError_t launch_lora_merge(cudaStream_t stream, void* W, DType w_dtype, const float* A,
+cudaError_t launch_lora_merge(cudaStream_t stream, void* W, lora_dtype w_dtype, const float* A,
                               const float* B, int64_t OC, int64_t C, int64_t R, float s);
 
 // optim.cu: the tables are device memory, `count` entries each; chunk_tensor/chunk_start list
@@ -119,18 +118,18 @@ cudaError_t launch_sgd_step(cudaStream_t stream, int64_t chunks, const int32_t* 
 cudaError_t launch_fill(cudaStream_t stream, float* out, float value, int64_t n);
 cudaError_t launch_scale(cudaStream_t stream, float* Cm, int64_t ldc, int64_t M, int64_t Nn,
                          int64_t batch, int64_t stride_c, float beta);
-cudaError_t launch_binary(cudaStream_t stream, BinaryOp op, float* out, const float* a,
-                          const float* b, const Layout& a_layout, const Layout& b_layout);
-cudaError_t launch_binary_scalar(cudaStream_t stream, BinaryOp op, float* out, const float* a,
+cudaError_t launch_binary(cudaStream_t stream, lora_binary_op op, float* out, const float* a,
+                          const float* b, const lora_layout& a_layout, const lora_layout& b_layout);
+cudaError_t launch_binary_scalar(cudaStream_t stream, lora_binary_op op, float* out, const float* a,
                                  float scalar, bool scalar_first, int64_t n);
-cudaError_t launch_unary(cudaStream_t stream, UnaryOp op, float* out, const float* in, int64_t n);
-cudaError_t launch_unary_backward(cudaStream_t stream, UnaryOp op, float* dx, const float* dy,
+cudaError_t launch_unary(cudaStream_t stream, lora_unary_op op, float* out, const float* in, int64_t n);
+cudaError_t launch_unary_backward(cudaStream_t stream, lora_unary_op op, float* dx, const float* dy,
                                   const float* x, const float* y, int64_t n);
 cudaError_t launch_axpy(cudaStream_t stream, float* y, const float* x, float a, int64_t n);
-cudaError_t launch_copy_strided(cudaStream_t stream, float* dst, const Layout& dst_layout,
-                                const float* src, const Layout& src_layout);
-cudaError_t launch_convert(cudaStream_t stream, void* out, DType out_dtype, const void* in,
-                           DType in_dtype, int64_t n);
+cudaError_t launch_copy_strided(cudaStream_t stream, float* dst, const lora_layout& dst_layout,
+                                const float* src, const lora_layout& src_layout);
+cudaError_t launch_convert(cudaStream_t stream, void* out, lora_dtype out_dtype, const void* in,
+                           lora_dtype in_dtype, int64_t n);
 cudaError_t launch_dropout(cudaStream_t stream, float* out, const float* in, int64_t n, float p,
                            uint64_t seed);
 
@@ -138,7 +137,7 @@ cudaError_t launch_dropout(cudaStream_t stream, float* out, const float* in, int
 // reduce_splits: how many slices to cut `dim` into (1: one pass). With splits > 1, `partial`
 // is a workspace of outer·inner·splits doubles.
 int64_t reduce_splits(int64_t outer, int64_t dim, int64_t inner, int sm_count);
-cudaError_t launch_reduce(cudaStream_t stream, ReduceOp op, float* out, const float* in,
+cudaError_t launch_reduce(cudaStream_t stream, lora_reduce_op op, float* out, const float* in,
                           int64_t outer, int64_t dim, int64_t inner, double* partial,
                           int64_t splits);
 cudaError_t launch_softmax(cudaStream_t stream, float* out, const float* in, int64_t rows,
@@ -177,21 +176,77 @@ cudaError_t launch_attention_backward(cudaStream_t stream, float* dq, float* dk,
                                       const float* out, const float* lse, int64_t Bt, int64_t T,
                                       int64_t H, int64_t D, float scale, bool causal);
 
-// ---- helpers ---------------------------------------------------------------------------------
-#ifndef LORA_CUDA_EMU
-// kernel<<<grid, block, smem, stream>>>(args...), written as a call so the emulator can supply its
-// own (cuda/emu/emu.h). Errors surface through cudaGetLastError() as with the <<<>>> syntax.
-template <typename... P, typename... A>
-inline void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                   A&&... args) {
-  kernel<<<grid, block, smem, stream>>>(std::forward<A>(args)...);
-}
-// The kernel's dynamic shared memory as `type* name`.
-#define LORA_DYNAMIC_SMEM(type, name) \
-  extern __shared__ __align__(16) unsigned char name##_bytes[]; \
-  type* name = reinterpret_cast<type*>(name##_bytes)
-#endif
+// ---- the backend's state -------------------------------------------------------------------
+// One device, one non-blocking stream, a size-bucketed caching allocator, the sticky error. Its
+// methods may run on libuv worker threads (the async binding calls) as well as the JS thread.
+class Context {
+ public:
+  Context(int device, cudaStream_t stream, int sm_count);
+  ~Context();
+  Context(const Context&) = delete;
+  Context& operator=(const Context&) = delete;
 
+  cudaStream_t stream() const { return stream_; }
+  int sm_count() const { return sm_count_; }
+  int max_smem_optin() const { return max_smem_optin_; }  // bytes of shared memory a block may opt into
+  bool tc_pipelined() const { return tc_pipelined_; }      // LORA_NATIVE_CUDA_TC != staged
+  bool skinny_tc() const { return skinny_tc_; }            // LORA_NATIVE_CUDA_SKINNY != simt
+  // True after a sticky CUDA error: every entry returns LORA_UNUSABLE from then on.
+  bool unusable() const { return unusable_; }
+  const char* last_error() const { return error_; }
+
+  // nullptr on failure (last_error() says why). free() takes the size alloc() was given.
+  void* alloc(size_t bytes);
+  void free(void* ptr, size_t bytes);
+  size_t cached_bytes() const;
+  void release_cached();
+  // The status of a failed workspace alloc().
+  lora_status no_memory() const { return unusable_ ? LORA_UNUSABLE : LORA_OUT_OF_MEMORY; }
+
+  // A CUDA error as a status, its text kept; sticky errors poison the backend.
+  lora_status check(cudaError_t e, const char* what);
+  lora_status note_error(cudaError_t e, const char* what);
+  lora_status download(void* host_dst, const void* src, size_t bytes);
+
+  // Pinned + device staging of the optimizers' pointer tables (optim.cu), reused across steps.
+  struct Staging {
+    std::mutex mu;
+    void* dev = nullptr;
+    void* host = nullptr;
+    size_t capacity = 0;
+    cudaEvent_t event = nullptr;
+  } staging;
+
+ private:
+  void release_locked();
+  void set_error_text(const char* text);
+
+  int device_;
+  cudaStream_t stream_;
+  int sm_count_;
+  int max_smem_optin_ = 48 * 1024;
+  bool tc_pipelined_ = true;
+  bool skinny_tc_ = true;
+  std::atomic<bool> unusable_{false};
+  std::mutex error_mu_;
+  char error_[512] = {0};
+  mutable std::mutex mu_;  // allocator state
+  std::unordered_map<size_t, std::vector<void*>> free_;
+  size_t cached_ = 0;
+};
+
+inline Context& ctx(lora_backend* be) { return *static_cast<Context*>(be->ctx); }
+
+// Each .cu file fills in the table entries of its kernels (backend.cu assembles the table).
+void register_elementwise(lora_backend& t);  // elementwise.cu
+void register_reduce(lora_backend& t);       // reduce.cu: reduce, softmax
+void register_gemm(lora_backend& t);         // gemm_simt.cu: gemm, gemm_bf16
+void register_lora(lora_backend& t);         // lora.cu
+void register_optim(lora_backend& t);        // optim.cu
+void register_nn(lora_backend& t);           // nn.cu
+void optim_release(Context& c);              // optim.cu: frees the staging buffers
+
+// ---- helpers ---------------------------------------------------------------------------------
 constexpr int kThreads = 256;  // elementwise block size: 8 warps, good occupancy on sm_80..sm_90
 
 // Blocks for a grid-stride loop over n elements (capped: each thread loops).

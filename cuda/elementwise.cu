@@ -1,9 +1,9 @@
-// Elementwise CUDA ops: fill, matrix scale, binary (broadcasting Layout strides), binary_scalar,
-// unary/unary_backward for every UnaryOp (the same formulas as the CPU backend), axpy,
+// Elementwise CUDA ops: fill, matrix scale, binary (broadcasting lora_layout strides), binary_scalar,
+// unary/unary_backward for every lora_unary_op (the same formulas as the CPU backend), axpy,
 // copy_strided, dtype conversion and dropout. Grid-stride loops; memory-bound by design, with a
 // contiguous fast path where strides allow. No fusion across ops here.
 #include "common.cuh"
-#include "../native/elementwise_math.h"
+#include "../native/backend/elementwise_math.h"
 
 namespace lora {
 namespace cuda {
@@ -31,7 +31,7 @@ __global__ void scale_kernel(float* __restrict__ Cm,  // batch x (M, Nn), row st
 }
 
 // Offset of element `linear` (row-major over layout.shape) through layout.stride.
-__device__ __forceinline__ int64_t strided_offset(int64_t linear, const Layout& l) {
+__device__ __forceinline__ int64_t strided_offset(int64_t linear, const lora_layout& l) {
   int64_t off = 0;
   for (int d = l.ndim - 1; d >= 0; --d) {
     const int64_t size = l.shape[d];
@@ -44,26 +44,26 @@ __device__ __forceinline__ int64_t strided_offset(int64_t linear, const Layout& 
 __global__ void binary_contiguous_kernel(float* __restrict__ out,      // (n)
                                          const float* __restrict__ a,  // (n)
                                          const float* __restrict__ b,  // (n)
-                                         BinaryOp op, int64_t n) {
+                                         lora_binary_op op, int64_t n) {
   GRID_STRIDE(i, n) out[i] = binary_apply(op, a[i], b[i]);
 }
 
 __global__ void binary_strided_kernel(float* __restrict__ out,      // (numel(a_layout.shape))
                                       const float* __restrict__ a,  // through a_layout
                                       const float* __restrict__ b,  // through b_layout
-                                      BinaryOp op, const Layout al, const Layout bl, int64_t n) {
+                                      lora_binary_op op, const lora_layout al, const lora_layout bl, int64_t n) {
   GRID_STRIDE(i, n) out[i] = binary_apply(op, a[strided_offset(i, al)], b[strided_offset(i, bl)]);
 }
 
 __global__ void binary_scalar_kernel(float* __restrict__ out,      // (n)
                                      const float* __restrict__ a,  // (n)
-                                     BinaryOp op, float scalar, bool scalar_first, int64_t n) {
+                                     lora_binary_op op, float scalar, bool scalar_first, int64_t n) {
   GRID_STRIDE(i, n) out[i] = scalar_first ? binary_apply(op, scalar, a[i]) : binary_apply(op, a[i], scalar);
 }
 
 __global__ void unary_kernel(float* __restrict__ out,       // (n)
                              const float* __restrict__ in,  // (n)
-                             UnaryOp op, int64_t n) {
+                             lora_unary_op op, int64_t n) {
   GRID_STRIDE(i, n) out[i] = unary_apply(op, in[i]);
 }
 
@@ -72,7 +72,7 @@ __global__ void unary_backward_kernel(float* __restrict__ dx,        // (n)
                                       const float* __restrict__ dy,  // (n)
                                       const float* __restrict__ x,   // (n) or nullptr
                                       const float* __restrict__ y,   // (n) or nullptr
-                                      UnaryOp op, int64_t n) {
+                                      lora_unary_op op, int64_t n) {
   GRID_STRIDE(i, n) {
     const float xv = x ? x[i] : 0.0f, yv = y ? y[i] : 0.0f;
     dx[i] = dy[i] * unary_grad(op, xv, yv);
@@ -87,7 +87,7 @@ __global__ void axpy_kernel(float* __restrict__ y,        // (n), +=
 
 __global__ void copy_strided_kernel(float* __restrict__ dst,        // through dl
                                     const float* __restrict__ src,  // through sl
-                                    const Layout dl, const Layout sl, int64_t n) {
+                                    const lora_layout dl, const lora_layout sl, int64_t n) {
   GRID_STRIDE(i, n) dst[strided_offset(i, dl)] = src[strided_offset(i, sl)];
 }
 
@@ -114,13 +114,13 @@ __global__ void dropout_kernel(float* __restrict__ out,       // (n)
   GRID_STRIDE(i, n) out[i] = dropout_keep(seed, static_cast<uint64_t>(i), p) ? in[i] * scale : 0.0f;
 }
 
-int64_t layout_numel(const Layout& l) {
+int64_t layout_numel(const lora_layout& l) {
   int64_t n = 1;
   for (int d = 0; d < l.ndim; ++d) n *= l.shape[d];
   return n;
 }
 
-bool layout_contiguous(const Layout& l) {
+bool layout_contiguous(const lora_layout& l) {
   int64_t expect = 1;
   for (int d = l.ndim - 1; d >= 0; --d) {
     if (l.shape[d] != 1 && l.stride[d] != expect) return false;
@@ -130,15 +130,15 @@ bool layout_contiguous(const Layout& l) {
 }
 
 template <typename TO>
-cudaError_t convert_from(cudaStream_t stream, TO* out, const void* in, DType in_dtype, int64_t n) {
+cudaError_t convert_from(cudaStream_t stream, TO* out, const void* in, lora_dtype in_dtype, int64_t n) {
   switch (in_dtype) {
-    case DType::F32:
+    case LORA_F32:
       launch(convert_kernel<TO, float>, grid_for(n), kThreads, 0, stream, out, static_cast<const float*>(in), n);
       break;
-    case DType::BF16:
+    case LORA_BF16:
       launch(convert_kernel<TO, __nv_bfloat16>, grid_for(n), kThreads, 0, stream, out, static_cast<const __nv_bfloat16*>(in), n);
       break;
-    case DType::F16:
+    case LORA_F16:
       launch(convert_kernel<TO, __half>, grid_for(n), kThreads, 0, stream, out, static_cast<const __half*>(in), n);
       break;
     default: return cudaErrorInvalidValue;
@@ -162,8 +162,8 @@ cudaError_t launch_scale(cudaStream_t stream, float* Cm, int64_t ldc, int64_t M,
   return cudaGetLastError();
 }
 
-cudaError_t launch_binary(cudaStream_t stream, BinaryOp op, float* out, const float* a,
-                          const float* b, const Layout& a_layout, const Layout& b_layout) {
+cudaError_t launch_binary(cudaStream_t stream, lora_binary_op op, float* out, const float* a,
+                          const float* b, const lora_layout& a_layout, const lora_layout& b_layout) {
   const int64_t n = layout_numel(a_layout);
   if (n <= 0) return cudaSuccess;
   if (layout_contiguous(a_layout) && layout_contiguous(b_layout) &&
@@ -175,20 +175,20 @@ cudaError_t launch_binary(cudaStream_t stream, BinaryOp op, float* out, const fl
   return cudaGetLastError();
 }
 
-cudaError_t launch_binary_scalar(cudaStream_t stream, BinaryOp op, float* out, const float* a,
+cudaError_t launch_binary_scalar(cudaStream_t stream, lora_binary_op op, float* out, const float* a,
                                  float scalar, bool scalar_first, int64_t n) {
   if (n <= 0) return cudaSuccess;
   launch(binary_scalar_kernel, grid_for(n), kThreads, 0, stream, out, a, op, scalar, scalar_first, n);
   return cudaGetLastError();
 }
 
-cudaError_t launch_unary(cudaStream_t stream, UnaryOp op, float* out, const float* in, int64_t n) {
+cudaError_t launch_unary(cudaStream_t stream, lora_unary_op op, float* out, const float* in, int64_t n) {
   if (n <= 0) return cudaSuccess;
   launch(unary_kernel, grid_for(n), kThreads, 0, stream, out, in, op, n);
   return cudaGetLastError();
 }
 
-cudaError_t launch_unary_backward(cudaStream_t stream, UnaryOp op, float* dx, const float* dy,
+cudaError_t launch_unary_backward(cudaStream_t stream, lora_unary_op op, float* dx, const float* dy,
                                   const float* x, const float* y, int64_t n) {
   if (n <= 0) return cudaSuccess;
   launch(unary_backward_kernel, grid_for(n), kThreads, 0, stream, dx, dy, x, y, op, n);
@@ -201,8 +201,8 @@ cudaError_t launch_axpy(cudaStream_t stream, float* y, const float* x, float a, 
   return cudaGetLastError();
 }
 
-cudaError_t launch_copy_strided(cudaStream_t stream, float* dst, const Layout& dst_layout,
-                                const float* src, const Layout& src_layout) {
+cudaError_t launch_copy_strided(cudaStream_t stream, float* dst, const lora_layout& dst_layout,
+                                const float* src, const lora_layout& src_layout) {
   const int64_t n = layout_numel(src_layout);
   if (n <= 0) return cudaSuccess;
   if (layout_contiguous(dst_layout) && layout_contiguous(src_layout)) {
@@ -210,20 +210,20 @@ cudaError_t launch_copy_strided(cudaStream_t stream, float* dst, const Layout& d
                            cudaMemcpyDeviceToDevice, stream);
   }
   // The destination's shape is the source's (the contract); walk both with the source's shape.
-  Layout dl = dst_layout;
+  lora_layout dl = dst_layout;
   dl.ndim = src_layout.ndim;
   for (int d = 0; d < src_layout.ndim; ++d) dl.shape[d] = src_layout.shape[d];
   launch(copy_strided_kernel, grid_for(n), kThreads, 0, stream, dst, src, dl, src_layout, n);
   return cudaGetLastError();
 }
 
-cudaError_t launch_convert(cudaStream_t stream, void* out, DType out_dtype, const void* in,
-                           DType in_dtype, int64_t n) {
+cudaError_t launch_convert(cudaStream_t stream, void* out, lora_dtype out_dtype, const void* in,
+                           lora_dtype in_dtype, int64_t n) {
   if (n <= 0) return cudaSuccess;
   switch (out_dtype) {
-    case DType::F32: return convert_from(stream, static_cast<float*>(out), in, in_dtype, n);
-    case DType::BF16: return convert_from(stream, static_cast<__nv_bfloat16*>(out), in, in_dtype, n);
-    case DType::F16: return convert_from(stream, static_cast<__half*>(out), in, in_dtype, n);
+    case LORA_F32: return convert_from(stream, static_cast<float*>(out), in, in_dtype, n);
+    case LORA_BF16: return convert_from(stream, static_cast<__nv_bfloat16*>(out), in, in_dtype, n);
+    case LORA_F16: return convert_from(stream, static_cast<__half*>(out), in, in_dtype, n);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -234,6 +234,107 @@ cudaError_t launch_dropout(cudaStream_t stream, float* out, const float* in, int
   const float scale = 1.0f / (1.0f - p);  // as the CPU computes it
   launch(dropout_kernel, grid_for(n), kThreads, 0, stream, out, in, p, scale, seed, n);
   return cudaGetLastError();
+}
+
+// ---- table entries ---------------------------------------------------------------------------
+namespace {
+
+bool valid(const lora_layout& l) {
+  if (l.ndim < 0 || l.ndim > LORA_MAX_DIMS) return false;
+  for (int d = 0; d < l.ndim; ++d)
+    if (l.shape[d] < 0) return false;
+  return true;
+}
+
+lora_status fill(lora_backend* be, float* out, float value, int64_t n) {
+  Context& c = ctx(be);
+  if (c.unusable()) return LORA_UNUSABLE;
+  if (n < 0) return LORA_INVALID_ARGUMENT;
+  return c.check(launch_fill(c.stream(), out, value, n), "fill");
+}
+
+lora_status convert(lora_backend* be, void* out, lora_dtype out_dtype, const void* in,
+                    lora_dtype in_dtype, int64_t n) {
+  Context& c = ctx(be);
+  if (c.unusable()) return LORA_UNUSABLE;
+  if (n < 0) return LORA_INVALID_ARGUMENT;
+  if (out_dtype == LORA_I32 || in_dtype == LORA_I32) return LORA_UNSUPPORTED;
+  return c.check(launch_convert(c.stream(), out, out_dtype, in, in_dtype, n), "convert");
+}
+
+lora_status binary(lora_backend* be, lora_binary_op op, float* out, const float* a, const float* b,
+                   const lora_layout* a_layout, const lora_layout* b_layout) {
+  Context& c = ctx(be);
+  if (c.unusable()) return LORA_UNUSABLE;
+  if (!valid(*a_layout) || !valid(*b_layout) || a_layout->ndim != b_layout->ndim)
+    return LORA_INVALID_ARGUMENT;
+  return c.check(launch_binary(c.stream(), op, out, a, b, *a_layout, *b_layout), "binary");
+}
+
+lora_status binary_scalar(lora_backend* be, lora_binary_op op, float* out, const float* a,
+                          float scalar, bool scalar_first, int64_t n) {
+  Context& c = ctx(be);
+  if (c.unusable()) return LORA_UNUSABLE;
+  if (n < 0) return LORA_INVALID_ARGUMENT;
+  return c.check(launch_binary_scalar(c.stream(), op, out, a, scalar, scalar_first, n), "binary_scalar");
+}
+
+lora_status unary(lora_backend* be, lora_unary_op op, float* out, const float* in, int64_t n) {
+  Context& c = ctx(be);
+  if (c.unusable()) return LORA_UNUSABLE;
+  if (n < 0) return LORA_INVALID_ARGUMENT;
+  return c.check(launch_unary(c.stream(), op, out, in, n), "unary");
+}
+
+lora_status unary_backward(lora_backend* be, lora_unary_op op, float* dx, const float* dy,
+                           const float* x, const float* y, int64_t n) {
+  Context& c = ctx(be);
+  if (c.unusable()) return LORA_UNUSABLE;
+  if (n < 0) return LORA_INVALID_ARGUMENT;
+  return c.check(launch_unary_backward(c.stream(), op, dx, dy, x, y, n), "unary_backward");
+}
+
+lora_status axpy(lora_backend* be, float* y, const float* x, float a, int64_t n) {
+  Context& c = ctx(be);
+  if (c.unusable()) return LORA_UNUSABLE;
+  if (n < 0) return LORA_INVALID_ARGUMENT;
+  return c.check(launch_axpy(c.stream(), y, x, a, n), "axpy");
+}
+
+lora_status copy_strided(lora_backend* be, float* dst, const lora_layout* dst_layout,
+                         const float* src, const lora_layout* src_layout) {
+  Context& c = ctx(be);
+  if (c.unusable()) return LORA_UNUSABLE;
+  if (!valid(*dst_layout) || !valid(*src_layout) || dst_layout->ndim != src_layout->ndim)
+    return LORA_INVALID_ARGUMENT;
+  return c.check(launch_copy_strided(c.stream(), dst, *dst_layout, src, *src_layout), "copy_strided");
+}
+
+lora_status dropout(lora_backend* be, float* out, const float* in, int64_t n, float p,
+                    uint64_t seed) {
+  Context& c = ctx(be);
+  if (c.unusable()) return LORA_UNUSABLE;
+  if (n < 0 || !(p >= 0.0f && p < 1.0f)) return LORA_INVALID_ARGUMENT;
+  if (p == 0.0f) {
+    if (n == 0 || out == in) return LORA_OK;
+    return c.check(cudaMemcpyAsync(out, in, static_cast<size_t>(n) * sizeof(float), cudaMemcpyDeviceToDevice, c.stream()),
+                   "dropout");
+  }
+  return c.check(launch_dropout(c.stream(), out, in, n, p, seed), "dropout");
+}
+
+}  // namespace
+
+void register_elementwise(lora_backend& t) {
+  t.fill = fill;
+  t.convert = convert;
+  t.binary = binary;
+  t.binary_scalar = binary_scalar;
+  t.unary = unary;
+  t.unary_backward = unary_backward;
+  t.axpy = axpy;
+  t.copy_strided = copy_strided;
+  t.dropout = dropout;
 }
 
 }  // namespace cuda

@@ -13,32 +13,10 @@ constexpr int kSkBK = 16;   // K per stage: two k8 mma steps
 constexpr int kSkPad = kSkBK + 4;  // 80-byte rows: fragment reads of 8 rows x 4 k hit 32 banks
 constexpr int kSkThreads = 256;    // 8 warps: 4 along M x 2 along N
 
-__device__ __forceinline__ uint32_t to_tf32(float x) {
-#ifdef LORA_CUDA_EMU
-  return ::lora_emu::cvt_rna_tf32(x);
-#else
-  uint32_t u;
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(u) : "f"(x));
-  return u;
-#endif
-}
-
 // x = hi + lo with both halves tf32.
 __device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
-  hi = to_tf32(x);
-  lo = to_tf32(x - __uint_as_float(hi));
-}
-
-__device__ __forceinline__ void mma_tf32(float* c, const uint32_t* a, const uint32_t* b) {
-#ifdef LORA_CUDA_EMU
-  ::lora_emu::mma_m16n8k8_tf32(c, a, b);
-#else
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
+  hi = cvt_rna_tf32(x);
+  lo = cvt_rna_tf32(x - __uint_as_float(hi));
 }
 
 // out (M, Nn) = alpha·op(A)·op(B) (+ beta·out | atomic +=) for this block's K slice; out_trans
@@ -142,9 +120,9 @@ __global__ void __launch_bounds__(kSkThreads)
         for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
           for (int ni = 0; ni < NI; ++ni) {
-            mma_tf32(acc[mi][ni], alo[mi], bhi[ni]);  // small terms first
-            mma_tf32(acc[mi][ni], ahi[mi], blo[ni]);
-            mma_tf32(acc[mi][ni], ahi[mi], bhi[ni]);
+            mma_m16n8k8_tf32(acc[mi][ni], alo[mi], bhi[ni]);  // small terms first
+            mma_m16n8k8_tf32(acc[mi][ni], ahi[mi], blo[ni]);
+            mma_m16n8k8_tf32(acc[mi][ni], ahi[mi], bhi[ni]);
           }
       }
       if (more) store_tiles(buf ^ 1);

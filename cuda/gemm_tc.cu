@@ -20,61 +20,15 @@ constexpr int kSmemBytes = 2 * kBM * kPadK * 2 + 2 * kBN * kPadK * 2;  // 40 KiB
 static_assert(2 * kBK * kPadN * 2 <= 2 * kBN * kPadK * 2, "(K, N) weight stages must fit");
 static_assert(2 * 128 * kRPad * 4 <= kSmemBytes, "epilogue staging must fit");
 
-template <typename TW> struct Mma;
-template <> struct Mma<__nv_bfloat16> {
-  static __device__ __forceinline__ uint32_t pack(float a, float b) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-  static __device__ __forceinline__ void run(float* c, const uint32_t* a, const uint32_t* b) {
-#ifdef LORA_CUDA_EMU
-    ::lora_emu::mma_m16n8k16(c, a, b, ::lora_emu::MmaType::BF16);
-#else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-  }
-};
-template <> struct Mma<__half> {
-  static __device__ __forceinline__ uint32_t pack(float a, float b) {
-    __half2 v = __floats2half2_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-  static __device__ __forceinline__ void run(float* c, const uint32_t* a, const uint32_t* b) {
-#ifdef LORA_CUDA_EMU
-    ::lora_emu::mma_m16n8k16(c, a, b, ::lora_emu::MmaType::F16);
-#else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-  }
-};
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const void* p) {
-#ifdef LORA_CUDA_EMU
-  ::lora_emu::ldmatrix_x4(r, p, false);
-#else
-  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(a));
-#endif
+// Packs two fp32 values into one b32 of W's 16-bit type (an mma operand pair).
+template <typename TW> __device__ __forceinline__ uint32_t pack2(float a, float b);
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&v);
 }
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* p) {
-#ifdef LORA_CUDA_EMU
-  ::lora_emu::ldmatrix_x4(r, p, true);
-#else
-  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(a));
-#endif
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
+  __half2 v = __floats2half2_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&v);
 }
 
 // Grouped rasterisation of a 1-D grid: kGroupM row-tiles walk the column tiles together, so
@@ -117,7 +71,7 @@ __device__ __forceinline__ void mma_k32(float (&acc)[4][4][4], const TW* as, con
 #pragma unroll
     for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
-      for (int ni = 0; ni < 4; ++ni) Mma<TW>::run(acc[mi][ni], af[mi], bf[ni]);
+      for (int ni = 0; ni < 4; ++ni) mma_m16n8k16<TW>(acc[mi][ni], af[mi], bf[ni]);
   }
 }
 
@@ -293,7 +247,7 @@ __global__ void __launch_bounds__(kTcThreads)  // 174 regs, no spills; (256, 2) 
     for (int i = 0; i < 4; ++i) {
       TW* p = As + buf * kBM * kPadK + (tid / 8 + 32 * i) * kPadK + (tid % 8) * 4;
       *reinterpret_cast<uint2*>(p) =
-          make_uint2(Mma<TW>::pack(xr[i].x, xr[i].y), Mma<TW>::pack(xr[i].z, xr[i].w));
+          make_uint2(pack2<TW>(xr[i].x, xr[i].y), pack2<TW>(xr[i].z, xr[i].w));
     }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -342,23 +296,6 @@ template <bool W_NK> __host__ __device__ constexpr int stage_b() { return W_NK ?
 template <bool W_NK> __host__ __device__ constexpr int pipelined_smem() { return kStages * (kStageA + stage_b<W_NK>()) * 2; }
 static_assert(pipelined_smem<true>() >= 2 * 128 * kRPad * 4, "epilogue staging must fit");
 
-#ifdef LORA_CUDA_EMU
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool pred) {
-  ::lora_emu::cp_async16(dst, src, pred);
-}
-__device__ __forceinline__ void cp_async_commit() { ::lora_emu::cp_async_commit(); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { ::lora_emu::cp_async_wait(N); }
-#else
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool pred) {
-  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  const int bytes = pred ? 16 : 0;  // 0: zero-fill the 16 bytes, read nothing
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-#endif
 
 // out (M, Nn) = X16 (M, K) · op(W) + LoRA epilogue; K % 8 == 0 (and Nn % 8 == 0 for (K, Nn) W),
 // rows 16-byte aligned.
@@ -478,13 +415,13 @@ bool gemm_tc_pipelined_ok(int64_t K, int64_t Nn, int64_t ldw, const void* W, boo
 }
 
 cudaError_t launch_gemm_tc(cudaStream_t stream, float* out, int64_t ldo, const float* X,
-                           int64_t ldx, const void* X16, const void* W, DType w_dtype, int64_t ldw,
+                           int64_t ldx, const void* X16, const void* W, lora_dtype w_dtype, int64_t ldw,
                            bool w_nk, int64_t M, int64_t Nn, int64_t K, const LoraEpilogue& epi) {
   if (M <= 0 || Nn <= 0) return cudaSuccess;
-  if (w_dtype == DType::BF16)
+  if (w_dtype == LORA_BF16)
     return launch_typed(stream, out, ldo, X, ldx, X16, static_cast<const __nv_bfloat16*>(W), ldw,
                         w_nk, M, Nn, K, epi);
-  if (w_dtype == DType::F16)
+  if (w_dtype == LORA_F16)
     return launch_typed(stream, out, ldo, X, ldx, X16, static_cast<const __half*>(W), ldw, w_nk, M,
                         Nn, K, epi);
   return cudaErrorInvalidValue;

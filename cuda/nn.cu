@@ -496,5 +496,153 @@ cudaError_t launch_attention_backward(cudaStream_t stream, float* dq, float* dk,
   return cudaGetLastError();
 }
 
+// ---- table entries ---------------------------------------------------------------------------
+namespace {
+
+bool attention_fits(Context& c, int64_t T, int64_t D) {
+  const size_t need = attention_smem(T, D);
+  return need != 0 && need <= static_cast<size_t>(c.max_smem_optin());
+}
+
+// Checks ids on the device before a kernel writes anything (the contract): one flag, one sync.
+lora_status ids_valid(Context& c, const int32_t* ids, int64_t N, int64_t V, bool allow_ignore,
+                      int32_t ignore, const char* what) {
+  if (N == 0) return LORA_OK;
+  int* flag = static_cast<int*>(c.alloc(sizeof(int)));
+  if (flag == nullptr) return c.no_memory();
+  int bad = 0;
+  lora_status st = c.check(launch_ids_check(c.stream(), flag, ids, N, V, allow_ignore, ignore), what);
+  if (st == LORA_OK) st = c.download(&bad, flag, sizeof(int));
+  c.free(flag, sizeof(int));
+  if (st != LORA_OK) return st;
+  return bad ? LORA_INVALID_ARGUMENT : LORA_OK;
+}
+
+lora_status layer_norm(lora_backend* be, float* y, float* mean, float* rstd, const float* x,
+                       const float* w, const float* b, int64_t N, int64_t C, float eps) {
+  Context& c = ctx(be);
+  if (c.unusable()) return LORA_UNUSABLE;
+  if (N < 0 || C <= 0) return N == 0 ? LORA_OK : LORA_INVALID_ARGUMENT;
+  return c.check(launch_layer_norm(c.stream(), y, mean, rstd, x, w, b, N, C, eps, false), "layer_norm");
+}
+
+lora_status layer_norm_backward(lora_backend* be, float* dx, float* dw, float* db, const float* dy,
+                                const float* x, const float* w, const float* mean,
+                                const float* rstd, int64_t N, int64_t C) {
+  Context& c = ctx(be);
+  if (c.unusable()) return LORA_UNUSABLE;
+  if (N < 0 || C < 0) return LORA_INVALID_ARGUMENT;
+  return c.check(launch_layer_norm_backward(c.stream(), dx, dw, db, dy, x, w, mean, rstd, N, C, false),
+               "layer_norm_backward");
+}
+
+lora_status rms_norm(lora_backend* be, float* y, float* rstd, const float* x, const float* w,
+                     int64_t N, int64_t C, float eps) {
+  Context& c = ctx(be);
+  if (c.unusable()) return LORA_UNUSABLE;
+  if (N < 0 || C <= 0) return N == 0 ? LORA_OK : LORA_INVALID_ARGUMENT;
+  return c.check(launch_layer_norm(c.stream(), y, nullptr, rstd, x, w, nullptr, N, C, eps, true), "rms_norm");
+}
+
+lora_status rms_norm_backward(lora_backend* be, float* dx, float* dw, const float* dy,
+                              const float* x, const float* w, const float* rstd, int64_t N,
+                              int64_t C) {
+  Context& c = ctx(be);
+  if (c.unusable()) return LORA_UNUSABLE;
+  if (N < 0 || C < 0) return LORA_INVALID_ARGUMENT;
+  return c.check(launch_layer_norm_backward(c.stream(), dx, dw, nullptr, dy, x, w, nullptr, rstd, N, C, true),
+               "rms_norm_backward");
+}
+
+lora_status embedding(lora_backend* be, float* out, const float* table, const int32_t* ids,
+                      int64_t N, int64_t V, int64_t C) {
+  Context& c = ctx(be);
+  if (c.unusable()) return LORA_UNUSABLE;
+  if (N < 0 || V < 0 || C < 0) return LORA_INVALID_ARGUMENT;
+  lora_status st = ids_valid(c, ids, N, V, false, 0, "embedding");
+  if (st != LORA_OK) return st;
+  return c.check(launch_embedding(c.stream(), out, table, ids, N, C, false), "embedding");
+}
+
+lora_status embedding_backward(lora_backend* be, float* dtable, const float* dout,
+                               const int32_t* ids, int64_t N, int64_t V, int64_t C) {
+  Context& c = ctx(be);
+  if (c.unusable()) return LORA_UNUSABLE;
+  if (N < 0 || V < 0 || C < 0) return LORA_INVALID_ARGUMENT;
+  lora_status st = ids_valid(c, ids, N, V, false, 0, "embedding_backward");
+  if (st != LORA_OK) return st;
+  return c.check(launch_embedding(c.stream(), dtable, dout, ids, N, C, true), "embedding_backward");
+}
+
+lora_status cross_entropy(lora_backend* be, float* loss, float* lse, const float* logits,
+                          const int32_t* targets, int64_t N, int64_t V, int32_t ignore_index,
+                          float smoothing) {
+  Context& c = ctx(be);
+  if (c.unusable()) return LORA_UNUSABLE;
+  if (N < 0 || V <= 0) return N == 0 ? LORA_OK : LORA_INVALID_ARGUMENT;
+  lora_status st = ids_valid(c, targets, N, V, true, ignore_index, "cross_entropy");
+  if (st != LORA_OK) return st;
+  return c.check(launch_cross_entropy(c.stream(), loss, lse, logits, targets, N, V, ignore_index, smoothing),
+               "cross_entropy");
+}
+
+lora_status cross_entropy_backward(lora_backend* be, float* dlogits, const float* dloss,
+                                   const float* logits, const float* lse, const int32_t* targets,
+                                   int64_t N, int64_t V, int32_t ignore_index, float smoothing) {
+  Context& c = ctx(be);
+  if (c.unusable()) return LORA_UNUSABLE;
+  if (N < 0 || V < 0) return LORA_INVALID_ARGUMENT;
+  lora_status st = ids_valid(c, targets, N, V, true, ignore_index, "cross_entropy_backward");
+  if (st != LORA_OK) return st;
+  return c.check(launch_cross_entropy_backward(c.stream(), dlogits, dloss, logits, lse, targets, N, V,
+                                             ignore_index, smoothing),
+               "cross_entropy_backward");
+}
+
+lora_status attention(lora_backend* be, float* out, float* lse, const float* q, const float* k,
+                      const float* v, int64_t Bt, int64_t T, int64_t H, int64_t D, float scale,
+                      bool causal) {
+  Context& c = ctx(be);
+  if (c.unusable()) return LORA_UNUSABLE;
+  if (Bt < 0 || T < 0 || H < 0 || D < 0) return LORA_INVALID_ARGUMENT;
+  if (Bt * T * H == 0) return LORA_OK;
+  if (!attention_fits(c, T, D)) return LORA_UNSUPPORTED;  // one row must fit shared memory
+  return c.check(launch_attention(c.stream(), out, lse, q, k, v, Bt, T, H, D, scale, causal), "attention");
+}
+
+lora_status attention_backward(lora_backend* be, float* dq, float* dk, float* dv, const float* dout,
+                               const float* q, const float* k, const float* v, const float* out,
+                               const float* lse, int64_t Bt, int64_t T, int64_t H, int64_t D,
+                               float scale, bool causal) {
+  Context& c = ctx(be);
+  if (c.unusable()) return LORA_UNUSABLE;
+  if (Bt < 0 || T < 0 || H < 0 || D < 0) return LORA_INVALID_ARGUMENT;
+  if (Bt * T * H == 0) return LORA_OK;
+  if (!attention_fits(c, T, D)) return LORA_UNSUPPORTED;
+  const size_t bytes = static_cast<size_t>(Bt * H * T) * sizeof(float);
+  float* delta = static_cast<float*>(c.alloc(bytes));
+  if (delta == nullptr) return c.no_memory();
+  lora_status st = c.check(launch_attention_backward(c.stream(), dq, dk, dv, delta, dout, q, k, v, out, lse,
+                                              Bt, T, H, D, scale, causal),
+                    "attention_backward");
+  c.free(delta, bytes);
+  return st;
+}
+
+}  // namespace
+
+void register_nn(lora_backend& t) {
+  t.layer_norm = layer_norm;
+  t.layer_norm_backward = layer_norm_backward;
+  t.rms_norm = rms_norm;
+  t.rms_norm_backward = rms_norm_backward;
+  t.embedding = embedding;
+  t.embedding_backward = embedding_backward;
+  t.cross_entropy = cross_entropy;
+  t.cross_entropy_backward = cross_entropy_backward;
+  t.attention = attention;
+  t.attention_backward = attention_backward;
+}
+
 }  // namespace cuda
 }  // namespace lora

@@ -13,17 +13,17 @@ namespace {
 
 constexpr int kRowThreads = 256;  // one block per row: 8 warps stream the row
 
-__device__ __forceinline__ double combine(ReduceOp op, double a, double b) {
+__device__ __forceinline__ double combine(lora_reduce_op op, double a, double b) {
   switch (op) {
-    case ReduceOp::Sum: return a + b;
-    case ReduceOp::Max: return (a != a || a > b) ? a : b;  // NaN propagates
-    case ReduceOp::Min: return (a != a || a < b) ? a : b;
+    case LORA_REDUCE_SUM: return a + b;
+    case LORA_REDUCE_MAX: return (a != a || a > b) ? a : b;  // NaN propagates
+    case LORA_REDUCE_MIN: return (a != a || a < b) ? a : b;
   }
   return a;
 }
 
-__device__ __forceinline__ double reduce_init(ReduceOp op) {
-  return op == ReduceOp::Sum ? 0.0 : (op == ReduceOp::Max ? -INFINITY : INFINITY);
+__device__ __forceinline__ double reduce_init(lora_reduce_op op) {
+  return op == LORA_REDUCE_SUM ? 0.0 : (op == LORA_REDUCE_MAX ? -INFINITY : INFINITY);
 }
 
 // Block-wide combine of v; every thread gets the result.
@@ -43,7 +43,7 @@ __device__ __forceinline__ T block_all_reduce(T v, F f, T* scratch /* [32] */) {
 // out[row] = reduce(in[row][0..dim)): the reduced axis is contiguous (inner == 1).
 __global__ void reduce_rows_kernel(float* __restrict__ out,       // (rows)
                                    const float* __restrict__ in,  // (rows, dim)
-                                   ReduceOp op, int64_t dim) {
+                                   lora_reduce_op op, int64_t dim) {
   __shared__ double scratch[32];
   const float* row = in + static_cast<int64_t>(blockIdx.x) * dim;
   double acc = reduce_init(op);
@@ -55,7 +55,7 @@ __global__ void reduce_rows_kernel(float* __restrict__ out,       // (rows)
 // out[o][i] = reduce over d of in[o][d][i]: one thread per (o, i), coalesced along i.
 __global__ void reduce_strided_kernel(float* __restrict__ out,       // (outer, inner)
                                       const float* __restrict__ in,  // (outer, dim, inner)
-                                      ReduceOp op, int64_t outer, int64_t dim, int64_t inner) {
+                                      lora_reduce_op op, int64_t outer, int64_t dim, int64_t inner) {
   const int64_t total = outer * inner;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -71,7 +71,7 @@ __global__ void reduce_strided_kernel(float* __restrict__ out,       // (outer, 
 // partial[o][s] (double, so a Sum keeps its accumulator precision across passes).
 __global__ void reduce_rows_partial_kernel(double* __restrict__ partial,   // (outer, S)
                                            const float* __restrict__ in,   // (outer, dim)
-                                           ReduceOp op, int64_t dim, int64_t chunk) {
+                                           lora_reduce_op op, int64_t dim, int64_t chunk) {
   __shared__ double scratch[32];
   const int64_t o = blockIdx.y, sidx = blockIdx.x, S = gridDim.x;
   const float* row = in + o * dim;
@@ -85,7 +85,7 @@ __global__ void reduce_rows_partial_kernel(double* __restrict__ partial,   // (o
 // Split-dim first pass, strided axis: thread (o, i) of slice s reduces its chunk of d.
 __global__ void reduce_strided_partial_kernel(double* __restrict__ partial,  // (outer, inner, S)
                                               const float* __restrict__ in,  // (outer, dim, inner)
-                                              ReduceOp op, int64_t dim, int64_t inner,
+                                              lora_reduce_op op, int64_t dim, int64_t inner,
                                               int64_t chunk) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= inner) return;
@@ -100,7 +100,7 @@ __global__ void reduce_strided_partial_kernel(double* __restrict__ partial,  // 
 // Second pass: out[t] = reduce of partial[t][0..S).
 __global__ void reduce_partials_kernel(float* __restrict__ out,             // (outer·inner)
                                        const double* __restrict__ partial,  // (outer·inner, S)
-                                       ReduceOp op, int64_t total, int64_t S) {
+                                       lora_reduce_op op, int64_t total, int64_t S) {
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     double acc = reduce_init(op);
@@ -161,12 +161,12 @@ int64_t reduce_splits(int64_t outer, int64_t dim, int64_t inner, int sm_count) {
   return s < 1 ? 1 : s;
 }
 
-cudaError_t launch_reduce(cudaStream_t stream, ReduceOp op, float* out, const float* in,
+cudaError_t launch_reduce(cudaStream_t stream, lora_reduce_op op, float* out, const float* in,
                           int64_t outer, int64_t dim, int64_t inner, double* partial,
                           int64_t splits) {
   if (outer <= 0 || inner <= 0) return cudaSuccess;
-  if (dim <= 0) return launch_fill(stream, out, op == ReduceOp::Sum ? 0.0f
-                                               : (op == ReduceOp::Max ? -INFINITY : INFINITY),
+  if (dim <= 0) return launch_fill(stream, out, op == LORA_REDUCE_SUM ? 0.0f
+                                               : (op == LORA_REDUCE_MAX ? -INFINITY : INFINITY),
                                    outer * inner);
   if (partial != nullptr && splits > 1) {
     const int64_t chunk = (dim + splits - 1) / splits;
@@ -207,6 +207,48 @@ cudaError_t launch_softmax_backward(cudaStream_t stream, float* dx, const float*
   launch(softmax_backward_kernel, static_cast<unsigned>(rows), kRowThreads, 0, stream, dx, dy, y, cols,
                                                                                     log);
   return cudaGetLastError();
+}
+
+// ---- table entries ---------------------------------------------------------------------------
+namespace {
+
+lora_status reduce(lora_backend* be, lora_reduce_op op, float* out, const float* in, int64_t outer,
+                   int64_t dim, int64_t inner) {
+  Context& c = ctx(be);
+  if (c.unusable()) return LORA_UNUSABLE;
+  if (outer < 0 || dim < 0 || inner < 0) return LORA_INVALID_ARGUMENT;
+  const int64_t splits = reduce_splits(outer, dim, inner, c.sm_count());
+  if (splits <= 1) return c.check(launch_reduce(c.stream(), op, out, in, outer, dim, inner, nullptr, 1), "reduce");
+  const size_t bytes = static_cast<size_t>(outer * inner * splits) * sizeof(double);
+  double* partial = static_cast<double*>(c.alloc(bytes));
+  if (partial == nullptr) return c.no_memory();
+  lora_status st = c.check(launch_reduce(c.stream(), op, out, in, outer, dim, inner, partial, splits), "reduce");
+  c.free(partial, bytes);
+  return st;
+}
+
+lora_status softmax(lora_backend* be, float* out, const float* in, int64_t rows, int64_t cols,
+                    bool log) {
+  Context& c = ctx(be);
+  if (c.unusable()) return LORA_UNUSABLE;
+  if (rows < 0 || cols < 0) return LORA_INVALID_ARGUMENT;
+  return c.check(launch_softmax(c.stream(), out, in, rows, cols, log), "softmax");
+}
+
+lora_status softmax_backward(lora_backend* be, float* dx, const float* dy, const float* y,
+                             int64_t rows, int64_t cols, bool log) {
+  Context& c = ctx(be);
+  if (c.unusable()) return LORA_UNUSABLE;
+  if (rows < 0 || cols < 0) return LORA_INVALID_ARGUMENT;
+  return c.check(launch_softmax_backward(c.stream(), dx, dy, y, rows, cols, log), "softmax_backward");
+}
+
+}  // namespace
+
+void register_reduce(lora_backend& t) {
+  t.reduce = reduce;
+  t.softmax = softmax;
+  t.softmax_backward = softmax_backward;
 }
 
 }  // namespace cuda

@@ -208,5 +208,21 @@ function load(): Binding {
   throw new LoraError('ERR_LORA_LOAD', loadFailureMessage(root, failures));
 }
 
+/**
+ * Environment knobs renamed to the LORA_NATIVE_* prefix. The native code still reads the old name
+ * when the new one is unset; README.md lists every knob.
+ */
+export const RENAMED_KNOBS: Readonly<Record<string, string>> = {
+  LORA_CUDA_TC: 'LORA_NATIVE_CUDA_TC',
+  LORA_CUDA_SKINNY: 'LORA_NATIVE_CUDA_SKINNY',
+  LORA_CUDA_EMU_SMS: 'LORA_NATIVE_CUDA_EMU_SMS',
+  LORA_CUDA_EMU_MEMORY_MB: 'LORA_NATIVE_CUDA_EMU_MEMORY_MB',
+  LORA_CUDA_EMU_THREADS: 'LORA_NATIVE_CUDA_EMU_THREADS',
+  LORA_CUDA_EMU_FAULT_AT: 'LORA_NATIVE_CUDA_EMU_FAULT_AT',
+};
+
+for (const [old, name] of Object.entries(RENAMED_KNOBS))
+  if (process.env[old] && !process.env[name]) process.emitWarning(`${old} is deprecated; set ${name} instead`, 'DeprecationWarning');
+
 export const native: Binding = load();
 native.setErrorClass(LoraError);

@@ -4,8 +4,9 @@
 // cmake) it prints one line saying why the CUDA backend was skipped and exits 0. It never
 // downloads anything. A compile error exits 1 (CI must see it); LORA_NATIVE_SKIP_CUDA=1 skips.
 //
-// Environment: CUDACXX (nvcc path), LORA_CUDA_ARCHS (CUDA architectures, e.g. "90-real"),
-// LORA_CUDA_JOBS (parallel compile jobs, default 2), LORA_NATIVE_SKIP_CUDA=1.
+// Environment: CUDACXX (nvcc path), LORA_NATIVE_CUDA_ARCHS (CUDA architectures, e.g. "90-real"),
+// LORA_NATIVE_CUDA_JOBS (parallel compile jobs, default 2), LORA_NATIVE_SKIP_CUDA=1. The older
+// names LORA_CUDA_ARCHS and LORA_CUDA_JOBS still work, with a warning.
 //
 // `--emulator` builds instead the CPU emulator of the same kernels (cuda/emu/ ->
 // build-cuda-emu/liblora_cuda_emu.so and its self-test), a test tool: `npm test` runs the CUDA
@@ -21,6 +22,18 @@ const root = path.resolve(__dirname, '..');
 function say(message) {
   console.log(`lora-native: ${message}`);
 }
+
+// A LORA_NATIVE_* knob, or its older name (with a warning) when only that is set.
+function knob(name, oldName) {
+  if (process.env[name]) return process.env[name];
+  if (process.env[oldName]) {
+    say(`${oldName} is deprecated; set ${name} instead.`);
+    return process.env[oldName];
+  }
+  return undefined;
+}
+
+const jobs = () => String(Math.max(1, Number(knob('LORA_NATIVE_CUDA_JOBS', 'LORA_CUDA_JOBS')) || 2));  // 2: CI machines have 2 cores
 
 function isExecutable(file) {
   try {
@@ -104,7 +117,7 @@ function buildEmulator() {
   const configure = ['-S', path.join(root, 'cuda', 'emu'), '-B', buildDir, '-G', onPath('ninja') ? 'Ninja' : 'Unix Makefiles',
     '-DCMAKE_BUILD_TYPE=Release', `-DLORA_CUDA_INCLUDE=${headers}`];
   const started = Date.now();
-  if (!cmakeBuild(cmake, 'CUDA emulator', configure, buildDir, String(Math.max(1, Number(process.env.LORA_CUDA_JOBS) || 2)))) return 1;
+  if (!cmakeBuild(cmake, 'CUDA emulator', configure, buildDir, jobs())) return 1;
   const seconds = (Date.now() - started) / 1000;
   if (seconds >= 2) say(`CUDA emulator built in ${seconds.toFixed(0)} s: ${path.relative(root, path.join(buildDir, 'liblora_cuda_emu.so'))}`);
   return 0;
@@ -135,15 +148,15 @@ function main() {
   }
   const ninja = onPath('ninja');
   const buildDir = path.join(root, 'build', 'cuda');
-  const jobs = String(Math.max(1, Number(process.env.LORA_CUDA_JOBS) || 2));  // 2: CI machines have 2 cores
   const configure = ['-S', path.join(root, 'cuda'), '-B', buildDir,
     '-G', ninja ? 'Ninja' : 'Unix Makefiles',
     `-DCMAKE_CUDA_COMPILER=${nvcc}`, '-DCMAKE_BUILD_TYPE=Release'];
-  if (process.env.LORA_CUDA_ARCHS) configure.push(`-DLORA_CUDA_ARCHITECTURES=${process.env.LORA_CUDA_ARCHS}`);
+  const archs = knob('LORA_NATIVE_CUDA_ARCHS', 'LORA_CUDA_ARCHS');
+  if (archs) configure.push(`-DLORA_NATIVE_CUDA_ARCHS=${archs}`);
 
   const started = Date.now();
-  say(`building the CUDA backend with ${nvcc} (${jobs} jobs; a few minutes)...`);
-  if (!cmakeBuild(cmake, 'CUDA backend', configure, buildDir, jobs)) {
+  say(`building the CUDA backend with ${nvcc} (${jobs()} jobs; a few minutes)...`);
+  if (!cmakeBuild(cmake, 'CUDA backend', configure, buildDir, jobs())) {
     say('Set LORA_NATIVE_SKIP_CUDA=1 to install without the CUDA backend.');
     return 1;
   }

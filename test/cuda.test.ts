@@ -82,10 +82,10 @@ t.test('LORA_NATIVE_CUDA_LIB pointing at a file that is not a library', { skip: 
 });
 
 t.test('LORA_NATIVE_CUDA_LIB pointing at a library that is not the CUDA backend', { skip: spawnSkip }, async (t) => {
-  const other = path.join(f.addonDir, 'lora_native.node');  // a real shared object without lora_cuda_create
+  const other = path.join(f.addonDir, 'lora_native.node');  // a real shared object without the CUDA backend's exports
   const c = childFeatures({ LORA_NATIVE_CUDA_LIB: other });
   t.equal(c.cuda, false);
-  t.match(c.reason, /is not a lora-native CUDA backend \(no lora_cuda_create/);
+  t.match(c.reason, /is not a lora-native CUDA backend \(no lora_cuda_backend_init\/abi/);
 });
 
 // A stand-in libcuda.so.1 (built here with cc) drives the driver-probe branches without a GPU.
@@ -128,9 +128,10 @@ int cuGetErrorString(int r, const char** s) { *s = r == 100 ? "no CUDA-capable d
     ]);
     t.match(two.reason, /^the CUDA backend library could not be loaded/, 'only the library is missing');
 
-    // A backend library built against another version of native/backend.h is refused before use.
+    // A backend library built against another version of native/backend/backend.h is refused
+    // before its constructor runs.
     const stale = path.join(dir, 'stale.c');
-    fs.writeFileSync(stale, 'void* lora_cuda_create(char* e, unsigned long n) { (void)e; (void)n; return 0; }\nint lora_cuda_abi(void) { return 1; }\n');
+    fs.writeFileSync(stale, 'void* lora_cuda_backend_init(char* e, unsigned long n) { (void)e; (void)n; return 0; }\nunsigned lora_cuda_backend_abi(void) { return 1; }\n');
     execFileSync(cc!, ['-shared', '-fPIC', '-o', path.join(dir, 'libstale.so'), stale]);
     const old = childFeatures({ ...env, FAKE_CU_COUNT: '1', LORA_NATIVE_CUDA_LIB: path.join(dir, 'libstale.so') });
     t.equal(old.cuda, false);

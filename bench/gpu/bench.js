@@ -14,7 +14,7 @@ const outFile = args.includes('--out') ? args[args.indexOf('--out') + 1] : 'ours
 const quick = args.includes('--quick');  // smaller shapes: a smoke run of this script
 const SHAPES = quick ? [[256, 256, 256, 16]] : [[4096, 4096, 4096, 16], [8192, 4096, 11008, 64]];
 const records = [];
-// --alt (run with LORA_CUDA_TC=staged LORA_CUDA_SKINNY=simt): the register-staged bf16 GEMM and
+// --alt (run with LORA_NATIVE_CUDA_TC=staged LORA_NATIVE_CUDA_SKINNY=simt): the register-staged bf16 GEMM and
 // the SIMT adapter GEMMs instead of the cp.async pipeline and 3xTF32; this run times only the
 // GEMM-bound ops and tags them '_alt', for the variant comparison in the table.
 const staged = args.includes('--alt');

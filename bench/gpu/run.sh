@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check in one command, for the device machine (H200, no registries, maybe no node):
-# correctness of every CUDA op against the CPU backend (check.js), PEFT interop (peft_interop.py:
+# correctness of every CUDA op against the float64 references (check.js: the parity suite of
+# test/parity/), PEFT interop (peft_interop.py:
 # adapters PEFT makes, merged and re-saved by lora-native, read back by PEFT), then lora-native timings
 # (bench.js) beside PyTorch + PEFT (bench_torch.py), then one markdown table (table.py).
 # Full logs go under $OUT; the table is printed last. Budget: < 8 minutes (each phase has a timeout).
@@ -10,7 +11,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-$PWD/bench/results/gpu}"
 mkdir -p "$OUT"
-QUICK="${LORA_BENCH_QUICK:+--quick}"
+QUICK="${LORA_NATIVE_BENCH_QUICK:+--quick}"
 START=$(date +%s)
 log() { echo "[run.sh +$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/run.log"; }
 
@@ -31,13 +32,13 @@ fi
 if [ ! -f dist/lib/native.js ] && [ ! -f dist/native.js ]; then
   log "FAIL: dist/ missing: run npm run build:ts here first and carry dist/"; exit 1
 fi
-if [ ! -f build/Release/liblora_cuda.so ] || [ -n "${LORA_REBUILD_CUDA:-}" ]; then
+if [ ! -f build/Release/liblora_cuda.so ] || [ -n "${LORA_NATIVE_REBUILD_CUDA:-}" ]; then
   NVCC="$(command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null || true)"
   if [ -n "$NVCC" ] && command -v cmake >/dev/null; then
     log "building liblora_cuda.so here with $NVCC (sm_90 only)"
     GEN=$(command -v ninja >/dev/null && echo Ninja || echo "Unix Makefiles")
     if timeout 300 cmake -S cuda -B build/cuda-device -G "$GEN" -DCMAKE_CUDA_COMPILER="$NVCC" \
-         -DLORA_CUDA_ARCHITECTURES=90-real > "$OUT/cuda-build.log" 2>&1 &&
+         -DLORA_NATIVE_CUDA_ARCHS=90-real > "$OUT/cuda-build.log" 2>&1 &&
        timeout 300 cmake --build build/cuda-device -j "$(nproc)" >> "$OUT/cuda-build.log" 2>&1; then
       cp build/cuda-device/liblora_cuda.so build/Release/liblora_cuda.so
     else
@@ -54,16 +55,16 @@ cat "$OUT/features.json" | tee -a "$OUT/run.log"
 if [ $FEAT_RC -ne 0 ]; then log "FAIL: CUDA backend did not load (reason above)"; exit 1; fi
 
 # ---- correctness ----------------------------------------------------------------------------
-log "check.js: every CUDA op vs the CPU backend"
+log "check.js: the parity suite on cuda (every op vs the float64 references)"
 timeout 140 "$NODE" bench/gpu/check.js > "$OUT/check.log" 2>&1
 CHECK_RC=$?
-grep -E '^FAIL|^check:' "$OUT/check.log" | tail -40 | tee -a "$OUT/run.log"
+grep -E '^FAIL|^parity' "$OUT/check.log" | tail -40 | tee -a "$OUT/run.log"
 [ $CHECK_RC -eq 124 ] && log "check.js TIMED OUT (partial log in check.log)"
-log "check.js lora_ cases again with the alternates (LORA_CUDA_TC=staged LORA_CUDA_SKINNY=simt)"
-LORA_CUDA_TC=staged LORA_CUDA_SKINNY=simt LORA_CHECK_ONLY=lora_ timeout 40 "$NODE" bench/gpu/check.js \
+log "check.js lora cases again with the alternates (LORA_NATIVE_CUDA_TC=staged LORA_NATIVE_CUDA_SKINNY=simt)"
+LORA_NATIVE_CUDA_TC=staged LORA_NATIVE_CUDA_SKINNY=simt LORA_NATIVE_PARITY_ONLY=lora timeout 40 "$NODE" bench/gpu/check.js \
   > "$OUT/check_alt.log" 2>&1
 STAGED_RC=$?
-grep -E '^FAIL|^check:' "$OUT/check_alt.log" | tail -20 | tee -a "$OUT/run.log"
+grep -E '^FAIL|^parity' "$OUT/check_alt.log" | tail -20 | tee -a "$OUT/run.log"
 [ $STAGED_RC -ne 0 ] && CHECK_RC=$STAGED_RC
 
 # ---- PEFT interop (CPU work; torch + peft exist only on the device machine) -------------------
@@ -84,7 +85,7 @@ timeout 110 "$NODE" bench/gpu/bench.js --out "$OUT/ours.json" $QUICK > "$OUT/ben
 BENCH_RC=$?
 [ $BENCH_RC -ne 0 ] && { tail -20 "$OUT/bench_ours.log"; log "bench.js exited $BENCH_RC"; }
 log "bench.js --alt: register-staged bf16 GEMM and SIMT adapter GEMMs, for comparison"
-LORA_CUDA_TC=staged LORA_CUDA_SKINNY=simt timeout 50 "$NODE" bench/gpu/bench.js --alt --out "$OUT/ours_alt.json" $QUICK \
+LORA_NATIVE_CUDA_TC=staged LORA_NATIVE_CUDA_SKINNY=simt timeout 50 "$NODE" bench/gpu/bench.js --alt --out "$OUT/ours_alt.json" $QUICK \
   > "$OUT/bench_ours_alt.log" 2>&1 || log "alt-variant bench exited $? (see bench_ours_alt.log)"
 log "bench_torch.py: PyTorch + PEFT timings"
 timeout 110 python3 bench/gpu/bench_torch.py --out "$OUT/torch.json" $QUICK > "$OUT/bench_torch.log" 2>&1

@@ -19,10 +19,10 @@ check_line = ""
 if len(sys.argv) > 3:
     try:
         with open(sys.argv[3]) as f:
-            lines = [ln for ln in f.read().splitlines() if ln.startswith("check:")]
-            check_line = lines[-1] if lines else "check: no summary (crashed or timed out?)"
+            lines = [ln for ln in f.read().splitlines() if ln.startswith("parity (")]
+            check_line = lines[-1] if lines else "parity: no summary (crashed or timed out?)"
     except Exception as e:
-        check_line = f"check: log unreadable ({e})"
+        check_line = f"parity: log unreadable ({e})"
 
 
 def find(recs, shape, dtype, op):
@@ -102,7 +102,7 @@ print("Timing: lora-native = wall clock over back-to-back calls ending in a stre
 print("PyTorch = CUDA events (median of 5). fp32 on both sides is plain FP32 (no TF32).")
 if check_line:
     print()
-    print(f"Correctness vs the CPU backend — {check_line}")
+    print(f"Correctness vs the float64 references — {check_line}")
 if targets:
     print()
     print("| target (bf16 unless noted) | met | measured |")

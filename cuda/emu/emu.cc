@@ -2,8 +2,10 @@
 // scheduler per host thread, warp collectives, the tensor-core instructions our kernels use, and
 // the subset of the CUDA runtime API that cuda/backend.cu calls. Built with the kernels into
 // liblora_cuda_emu.so, which the addon loads like liblora_cuda.so when LORA_NATIVE_CUDA_LIB names
-// it (native/cuda_loader.cc). A test tool: diagnostics go to stderr.
+// it (native/binding/cuda_loader.cc). A test tool: diagnostics go to stderr.
 #include "emu.h"
+
+#include "../../native/backend/env.h"
 
 #include <signal.h>
 #include <sys/mman.h>
@@ -378,7 +380,7 @@ class Pool {
  public:
   Pool() {
     unsigned n = std::thread::hardware_concurrency();
-    if (const char* e = std::getenv("LORA_CUDA_EMU_THREADS")) n = static_cast<unsigned>(std::atoi(e));
+    if (const char* e = ::lora::env_get("LORA_NATIVE_CUDA_EMU_THREADS", "LORA_CUDA_EMU_THREADS")) n = static_cast<unsigned>(std::atoi(e));
     n = std::max(1u, std::min(n, 8u));
     for (unsigned i = 1; i < n; ++i) threads_.emplace_back([this] { loop(); });
   }
@@ -704,14 +706,14 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, cudaStream
   job.body = &body;
   job.blocks = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
   job.launch_number = g_launches.fetch_add(1);
-  // LORA_CUDA_EMU_FAULT_AT=n: launch number n (from 0) faults as an out-of-bounds access would,
+  // LORA_NATIVE_CUDA_EMU_FAULT_AT=n: launch number n (from 0) faults as an out-of-bounds access would,
   // so tests can drive the backend's handling of a lost GPU context.
   static const long fault_at = [] {
-    const char* e = std::getenv("LORA_CUDA_EMU_FAULT_AT");
+    const char* e = ::lora::env_get("LORA_NATIVE_CUDA_EMU_FAULT_AT", "LORA_CUDA_EMU_FAULT_AT");
     return e && *e ? std::atol(e) : -1L;
   }();
   if (fault_at >= 0 && static_cast<long>(job.launch_number) == fault_at)
-    job.fail(cudaErrorIllegalAddress, "an injected fault (LORA_CUDA_EMU_FAULT_AT=" + std::to_string(fault_at) + ")");
+    job.fail(cudaErrorIllegalAddress, "an injected fault (LORA_NATIVE_CUDA_EMU_FAULT_AT=" + std::to_string(fault_at) + ")");
   else if (job.blocks == 1) run_blocks(&job);  // no hand-off for the common tiny launch
   else pool().run(&job);
   if (job.error != cudaSuccess) {
@@ -734,7 +736,7 @@ size_t g_used = 0;
 
 size_t memory_limit() {
   static const size_t limit = [] {
-    const char* e = std::getenv("LORA_CUDA_EMU_MEMORY_MB");
+    const char* e = ::lora::env_get("LORA_NATIVE_CUDA_EMU_MEMORY_MB", "LORA_CUDA_EMU_MEMORY_MB");
     const long mb = e ? std::atol(e) : 4096;
     return static_cast<size_t>(mb > 0 ? mb : 4096) << 20;
   }();
@@ -743,7 +745,7 @@ size_t memory_limit() {
 
 int sm_count() {
   static const int n = [] {
-    const char* e = std::getenv("LORA_CUDA_EMU_SMS");
+    const char* e = ::lora::env_get("LORA_NATIVE_CUDA_EMU_SMS", "LORA_CUDA_EMU_SMS");
     const int v = e ? std::atoi(e) : 8;
     return v > 0 ? v : 8;
   }();

@@ -1,6 +1,6 @@
 // The CUDA emulator: lets the kernels of cuda/ run on the CPU, unchanged, so that every CUDA op
 // can be checked on a machine without a GPU (ours have none). The .cu files are compiled as C++
-// with LORA_CUDA_EMU defined; common.cuh then includes this header instead of relying on nvcc.
+// with LORA_CUDA_EMU defined; cuda/ptx.cuh then includes this header instead of relying on nvcc.
 //
 // The model, written from the CUDA programming guide and the PTX ISA (not from our kernels):
 // - A launch runs synchronously. Blocks are spread over a few host threads; inside a block every
@@ -17,9 +17,10 @@
 //   the GPU's would be).
 // Built with -ffp-contract=fast (and -march=native): a·b + c contracts to an FMA as nvcc does.
 // Not modelled: timing, memory ordering between blocks beyond atomics, bank conflicts.
-// Environment: LORA_CUDA_EMU_SMS (SM count reported, default 8), LORA_CUDA_EMU_MEMORY_MB (device
-// memory, default 4096), LORA_CUDA_EMU_THREADS (host threads running blocks), LORA_CUDA_EMU_FAULT_AT
-// (make launch number n fail with an illegal address, for tests of the error paths).
+// Environment: LORA_NATIVE_CUDA_EMU_SMS (SM count reported, default 8), LORA_NATIVE_CUDA_EMU_MEMORY_MB
+// (device memory, default 4096), LORA_NATIVE_CUDA_EMU_THREADS (host threads running blocks),
+// LORA_NATIVE_CUDA_EMU_FAULT_AT (make launch number n fail with an illegal address, for tests of the
+// error paths).
 #pragma once
 
 #include <cuda_bf16.h>

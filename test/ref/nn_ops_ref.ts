@@ -1,7 +1,10 @@
 // Float64 references for lib/nn_ops.ts, written from the math and independent of the kernels:
 // each op has a forward and, where it has one, a backward that returns the gradients of
 // sum(y ⊙ G). Also: a central finite-difference checker and the tolerance comparison the tests
-// share. Not a test file itself (test/nn_ops.test.ts uses it).
+// share, and the kernels' parity cases (at the end). Not a test file itself.
+import type { Input, ParityCase, Tol } from '../parity/suite';
+import { seeded } from './dtype_ref';
+
 export type F64 = Float64Array;
 
 // ---- comparison and finite differences -------------------------------------------------------
@@ -21,7 +24,7 @@ export function compare(a: ArrayLike<number>, r: ArrayLike<number>, atol: number
   let den = 0;
   for (let i = 0; i < r.length; i++) {
     const d = Math.abs(a[i]! - r[i]!);
-    const ratio = Number.isNaN(d) ? Infinity : d / (atol + rtol * Math.abs(r[i]!));
+    const ratio = d === 0 ? 0 : Number.isNaN(d) ? Infinity : d / (atol + rtol * Math.abs(r[i]!));
     num += d * d;
     den += r[i]! * r[i]!;
     if (worst < 0 || ratio > worstRatio) { worstRatio = ratio; worst = i; }
@@ -338,3 +341,171 @@ export function mseRef(a: F64, b: F64): F64 {
   for (let i = 0; i < a.length; i++) s += (a[i]! - b[i]!) ** 2;
   return Float64Array.of(s / a.length);
 }
+
+// ---- parity cases (test/parity/suite.ts runs them on every backend) ------------------------------
+
+/** Per row: the mean and 1/sqrt(var + eps) (layer norm) or 1/sqrt(mean(x²) + eps) (RMS norm). */
+function rowStats(x: F64, N: number, C: number, eps: number, rms: boolean): { mean: F64; rstd: F64 } {
+  const mean = new Float64Array(N), rstd = new Float64Array(N);
+  for (let r = 0; r < N; r++) {
+    const row = x.subarray(r * C, (r + 1) * C);
+    const mu = rms ? 0 : row.reduce((a, v) => a + v, 0) / C;
+    mean[r] = mu;
+    rstd[r] = 1 / Math.sqrt(row.reduce((a, v) => a + (v - mu) ** 2, 0) / C + eps);
+  }
+  return { mean, rstd };
+}
+
+/** log Σ_j exp(z_j) of each row. */
+function rowLse(z: F64, rows: number, cols: number): F64 {
+  const out = new Float64Array(rows);
+  for (let r = 0; r < rows; r++) {
+    let mx = -Infinity;
+    for (let j = 0; j < cols; j++) mx = Math.max(mx, z[r * cols + j]!);
+    let s = 0;
+    for (let j = 0; j < cols; j++) s += Math.exp(z[r * cols + j]! - mx);
+    out[r] = mx + Math.log(s);
+  }
+  return out;
+}
+
+/** lse of every attention row, laid out (B, H, T). */
+function attentionLse(q: F64, k: F64, B: number, T: number, H: number, D: number, scale: number, causal: boolean): F64 {
+  const lse = new Float64Array(B * H * T);
+  const at = (b: number, t: number, h: number) => ((b * T + t) * H + h) * D;
+  for (let b = 0; b < B; b++) for (let h = 0; h < H; h++) for (let i = 0; i < T; i++) {
+    const jn = causal ? i + 1 : T;
+    const s = new Float64Array(jn);
+    for (let j = 0; j < jn; j++) { let d = 0; for (let e = 0; e < D; e++) d += q[at(b, i, h) + e]! * k[at(b, j, h) + e]!; s[j] = scale * d; }
+    lse[(b * H + h) * T + i] = rowLse(s, 1, jn)[0]!;
+  }
+  return lse;
+}
+
+const NN_TOL: Tol = { atol: 1e-6, rms: 1e-5, rtol: 1e-4 };  // long fp32 sums in another order
+
+function nnCases(): ParityCase[] {
+  const cases: ParityCase[] = [];
+  let seed = 301;
+  const data = (n: number, scale = 1) => seeded(n, seed++, scale);
+  for (const [N, C] of [[1, 1], [37, 129], [300, 1000], [2, 5000]] as const) {
+    const x = data(N * C, 3), w = data(C), b = data(C), dy = data(N * C), dw0 = data(C), db0 = data(C);
+    for (const affine of [true, false]) {
+      const tag = `(${N}, ${C})${affine ? '' : ' no affine'}`;
+      const wt = affine ? w : null, bt = affine ? b : null;
+      const aff: Record<string, Input> = affine ? { w: { data: w }, b: { data: b } } : {};
+      cases.push({
+        name: `layerNorm ${tag}`, build: () => {
+          const { mean, rstd } = rowStats(x, N, C, 1e-5, false);
+          return {
+            inputs: { x: { data: x }, ...aff }, outputs: { y: N * C, mean: N, rstd: N },
+            calls: [['layerNorm', '$y', '$mean', '$rstd', '$x', affine ? '$w' : null, affine ? '$b' : null, N, C, 1e-5]],
+            expect: { y: layerNormRef(x, wt, bt, N, C, 1e-5), mean, rstd }, tol: NN_TOL,
+          };
+        },
+      });
+      cases.push({
+        name: `layerNormBackward ${tag}`, build: () => {
+          const { mean, rstd } = rowStats(x, N, C, 1e-5, false);
+          const g = layerNormBackwardRef(x, wt, N, C, 1e-5, dy);
+          return {
+            inputs: { x: { data: x }, dy: { data: dy }, mean: { data: mean }, rstd: { data: rstd }, ...aff },
+            outputs: { dx: N * C, dw: dw0, db: db0 },
+            calls: [['layerNormBackward', '$dx', '$dw', '$db', '$dy', '$x', affine ? '$w' : null, '$mean', '$rstd', N, C]],
+            expect: { dx: g.dx, dw: g.dw.map((v, i) => v + dw0[i]!), db: g.db.map((v, i) => v + db0[i]!) }, tol: NN_TOL,
+          };
+        },
+      });
+      cases.push({
+        name: `rmsNorm ${tag}`, build: () => ({
+          inputs: { x: { data: x }, ...aff }, outputs: { y: N * C, rstd: N },
+          calls: [['rmsNorm', '$y', '$rstd', '$x', affine ? '$w' : null, N, C, 1e-6]],
+          expect: { y: rmsNormRef(x, wt, N, C, 1e-6), rstd: rowStats(x, N, C, 1e-6, true).rstd }, tol: NN_TOL,
+        }),
+      });
+      cases.push({
+        name: `rmsNormBackward ${tag}`, build: () => {
+          const g = rmsNormBackwardRef(x, wt, N, C, 1e-6, dy);
+          return {
+            inputs: { x: { data: x }, dy: { data: dy }, rstd: { data: rowStats(x, N, C, 1e-6, true).rstd }, ...aff },
+            outputs: { dx: N * C, dw: dw0 },
+            calls: [['rmsNormBackward', '$dx', '$dw', '$dy', '$x', affine ? '$w' : null, '$rstd', N, C]],
+            expect: { dx: g.dx, dw: g.dw.map((v, i) => v + dw0[i]!) }, tol: NN_TOL,
+          };
+        },
+      });
+    }
+  }
+  {
+    const V = 1000, C = 77, N = 513;
+    const table = data(V * C), dout = data(N * C), dt0 = data(V * C);
+    const ids = Int32Array.from({ length: N }, (_, i) => (i * 7919) % 50);  // repeats: atomics in the backward
+    cases.push({
+      name: `embedding (${N} ids of ${V}, ${C})`, build: () => ({
+        inputs: { table: { data: table }, ids: { data: ids, dtype: 'int32' } }, outputs: { out: N * C },
+        calls: [['embedding', '$out', '$table', '$ids', N, V, C]], expect: { out: embeddingRef(table, ids, C) }, tol: { atol: 0, rtol: 0 },
+      }),
+    });
+    cases.push({
+      name: `embeddingBackward (${N} ids of ${V}, ${C})`, build: () => ({
+        inputs: { dout: { data: dout }, ids: { data: ids, dtype: 'int32' } }, outputs: { dtable: dt0 },
+        calls: [['embeddingBackward', '$dtable', '$dout', '$ids', N, V, C]],
+        expect: { dtable: embeddingBackwardRef(ids, V, C, dout).map((v, i) => v + dt0[i]!) }, tol: NN_TOL,
+      }),
+    });
+    cases.push({
+      name: 'embedding rejects an id out of range', build: () => ({
+        inputs: { table: { data: table }, ids: { data: [3, V], dtype: 'int32' } }, outputs: { out: 2 * C },
+        calls: [['embedding', '$out', '$table', '$ids', 2, V, C]], expect: {}, tol: NN_TOL, throws: 'ERR_LORA_RANGE',
+      }),
+    });
+  }
+  for (const [N, V, smoothing] of [[1, 2, 0], [37, 1000, 0.1], [8, 50257, 0]] as const) {
+    const z = data(N * V, 4), dl = data(N);
+    const targets = Int32Array.from({ length: N }, (_, i) => (i % 5 === 3 ? -100 : (i * 31) % V));
+    const tag = `(${N}, ${V}) smoothing ${smoothing}`;
+    cases.push({
+      name: `crossEntropy ${tag}`, build: () => ({
+        inputs: { z: { data: z }, t: { data: targets, dtype: 'int32' } }, outputs: { loss: N, lse: N },
+        calls: [['crossEntropy', '$loss', '$lse', '$z', '$t', N, V, -100, smoothing]],
+        expect: { loss: crossEntropyRef(z, targets, V, -100, smoothing, 'none'), lse: rowLse(z, N, V) }, tol: NN_TOL,
+      }),
+    });
+    cases.push({
+      name: `crossEntropyBackward ${tag}`, build: () => ({
+        inputs: { z: { data: z }, t: { data: targets, dtype: 'int32' }, lse: { data: rowLse(z, N, V) }, dl: { data: dl } },
+        outputs: { dz: N * V },
+        calls: [['crossEntropyBackward', '$dz', '$dl', '$z', '$lse', '$t', N, V, -100, smoothing]],
+        expect: { dz: crossEntropyBackwardRef(z, targets, V, -100, smoothing, 'none', dl) }, tol: NN_TOL,
+      }),
+    });
+  }
+  for (const [Bt, T, H, D, causal] of [[1, 1, 1, 1, true], [2, 37, 3, 16, true], [1, 130, 2, 64, false], [2, 300, 4, 32, true]] as const) {
+    const n = Bt * T * H * D, scale = 1 / Math.sqrt(D);
+    const q = data(n), k = data(n), v = data(n), dout = data(n);
+    const tag = `(${Bt}, ${T}, ${H}, ${D})${causal ? ' causal' : ''}`;
+    cases.push({
+      name: `attention ${tag}`, build: () => ({
+        inputs: { q: { data: q }, k: { data: k }, v: { data: v } }, outputs: { out: n, lse: Bt * H * T },
+        calls: [['attention', '$out', '$lse', '$q', '$k', '$v', Bt, T, H, D, scale, causal]],
+        expect: { out: attentionRef(q, k, v, Bt, T, H, D, scale, causal), lse: attentionLse(q, k, Bt, T, H, D, scale, causal) }, tol: NN_TOL,
+      }),
+    });
+    cases.push({
+      name: `attentionBackward ${tag}`, build: () => {
+        const g = attentionBackwardRef(q, k, v, Bt, T, H, D, scale, causal, dout);
+        return {
+          inputs: { q: { data: q }, k: { data: k }, v: { data: v }, dout: { data: dout }, out: { data: attentionRef(q, k, v, Bt, T, H, D, scale, causal) },
+            lse: { data: attentionLse(q, k, Bt, T, H, D, scale, causal) } },
+          outputs: { dq: n, dk: n, dv: n },
+          calls: [['attentionBackward', '$dq', '$dk', '$dv', '$dout', '$q', '$k', '$v', '$out', '$lse', Bt, T, H, D, scale, causal]],
+          expect: { dq: g.dq, dk: g.dk, dv: g.dv }, tol: NN_TOL,
+        };
+      },
+    });
+  }
+  return cases;
+}
+
+/** The parity cases of the normalisation, embedding, cross-entropy and attention kernels. */
+export const parityCases: ParityCase[] = nnCases();

@@ -1,4 +1,6 @@
 // Float64 references for the optimizers, from PyTorch's documented update rules.
+import type { Call, ParityCase, Tol } from '../parity/suite';
+import { seeded } from './dtype_ref';
 
 /** torch.optim.AdamW, one parameter tensor, `steps` steps with the given gradient function. */
 export function adamwRef(p0: Float64Array, grad: (p: Float64Array, step: number) => Float64Array, steps: number,
@@ -38,3 +40,43 @@ export function sgdRef(p0: Float64Array, grad: (p: Float64Array, step: number) =
   }
   return p;
 }
+
+// ---- parity cases (test/parity/suite.ts runs them on every backend) ------------------------------
+
+function optimCases(): ParityCase[] {
+  const sizes = [1, 1000, 16385, 70001];  // one launch each over 4 tensors, chunk edges included
+  const p0 = sizes.map((n, i) => seeded(n, 201 + i)), g = sizes.map((n, i) => seeded(n, 211 + i));
+  const names = sizes.map((_, i) => `p${i}`);
+  const grads = Object.fromEntries(sizes.map((_, i) => [`g${i}`, { data: g[i]! }]));
+  const tol: Tol = { atol: 1e-6, rtol: 1e-5 };
+  const adam = { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0.01 };
+  const cases: ParityCase[] = [{
+    name: 'adamwStep x3 over 4 tensors',
+    build: () => ({
+      inputs: grads,
+      outputs: Object.fromEntries(sizes.flatMap((n, i) => [[`p${i}`, p0[i]!], [`m${i}`, new Float64Array(n)], [`v${i}`, new Float64Array(n)]])),
+      calls: [1, 2, 3].map((step) => ['adamwStep', names.map((n) => `$${n}`), sizes.map((_, i) => `$g${i}`), sizes.map((_, i) => `$m${i}`),
+        sizes.map((_, i) => `$v${i}`), adam.lr, adam.beta1, adam.beta2, adam.eps, adam.weightDecay, step] as Call),
+      expect: Object.fromEntries(sizes.map((_, i) => [`p${i}`, adamwRef(p0[i]!, () => g[i]!, 3, adam)])),
+      tol,
+    }),
+  }];
+  for (const [momentum, nesterov] of [[0, false], [0.9, false], [0.9, true]] as const) {
+    const o = { lr: 0.1, momentum, dampening: 0.1, weightDecay: 0.01, nesterov };
+    cases.push({
+      name: `sgdStep x3 momentum ${momentum}${nesterov ? ' nesterov' : ''}`,
+      build: () => ({
+        inputs: grads,
+        outputs: Object.fromEntries(sizes.flatMap((n, i) => [[`p${i}`, p0[i]!], [`b${i}`, n]])),
+        calls: [1, 2, 3].map((step) => ['sgdStep', names.map((n) => `$${n}`), sizes.map((_, i) => `$g${i}`),
+          momentum ? sizes.map((_, i) => `$b${i}`) : null, o.lr, o.momentum, o.dampening, o.weightDecay, o.nesterov, step] as Call),
+        expect: Object.fromEntries(sizes.map((_, i) => [`p${i}`, sgdRef(p0[i]!, () => g[i]!, 3, o)])),
+        tol,
+      }),
+    });
+  }
+  return cases;
+}
+
+/** The parity cases of the optimizer kernels. */
+export const parityCases: ParityCase[] = optimCases();

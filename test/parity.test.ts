@@ -1,0 +1,73 @@
+// The backend-parity suite (test/parity/, cases beside their references in test/ref/) on every
+// device this machine has, each run in a process of its own: the CPU at its default ISA level
+// (every case) and at the lower levels it supports (the GEMM-based cases: the ISA level changes
+// only the GEMM engine), the CUDA emulator (every case; the LoRA cases again with the alternate
+// GEMM kernels and with an H200's 132 SMs, which change grid and split-K choices), and a GPU when
+// one is present. bench/gpu/check.js runs the same suite on the GPU machine.
+import { spawnSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+
+import t from 'tap';
+
+import { features } from '../lib/index';
+
+const root = path.resolve(__dirname, '..');
+const emuLib = path.join(root, 'build-cuda-emu', 'liblora_cuda_emu.so');
+const f = features();
+const hooks = process.execArgv.filter((a) => a.includes('@tapjs/typescript'));
+const script = hooks.length ? path.join(root, 'test', 'parity', 'run.ts') : path.join(root, 'dist', 'test', 'parity', 'run.js');
+
+interface Run {
+  label: string;
+  device: 'cpu' | 'cuda';
+  env: Record<string, string>;
+  minCases: number;
+  skip: string | false;
+  /** For an ISA level: the level the child must report (else this CPU lacks it). */
+  isa?: string;
+}
+
+const ISA_LEVELS = ['avx512', 'avx2', 'generic'];
+const best = ISA_LEVELS.indexOf(f.isa);
+const gpu = f.cuda && !f.cudaEmulated;
+const noEmu = fs.existsSync(emuLib) ? false : 'the CUDA emulator is not built (npm run build:cuda-emu; it needs cmake, g++ and the CUDA headers)';
+const emu = { LORA_NATIVE_CUDA_LIB: emuLib };
+const runs: Run[] = [
+  { label: `cpu (${f.isa}), every case`, device: 'cpu', env: {}, minCases: 280, skip: false },
+  ...ISA_LEVELS.slice(best + 1).map((isa): Run => ({
+    label: `cpu (${isa}), the GEMM-based cases`, device: 'cpu', env: { LORA_NATIVE_ISA: isa, LORA_NATIVE_PARITY_ONLY: 'gemm,lora' },
+    minCases: 120, skip: false, isa,
+  })),
+  { label: 'cuda emulator, every case', device: 'cuda', env: emu, minCases: 280, skip: noEmu },
+  {
+    label: 'cuda emulator, LoRA cases on the register-staged GEMM and SIMT adapter GEMMs', device: 'cuda',
+    env: { ...emu, LORA_NATIVE_PARITY_ONLY: 'lora', LORA_NATIVE_CUDA_TC: 'staged', LORA_NATIVE_CUDA_SKINNY: 'simt' }, minCases: 40, skip: noEmu,
+  },
+  {
+    label: 'cuda emulator, LoRA cases with 132 SMs', device: 'cuda',
+    env: { ...emu, LORA_NATIVE_PARITY_ONLY: 'lora', LORA_NATIVE_CUDA_EMU_SMS: '132' }, minCases: 40, skip: noEmu,
+  },
+  { label: `cuda (${f.devices[0]?.name ?? 'no GPU'}), every case`, device: 'cuda', env: {}, minCases: 280, skip: gpu ? false : `no GPU here (${f.reason ?? 'CUDA is the emulator'})` },
+];
+
+for (const run of runs) {
+  t.test(run.label, { skip: run.skip }, async (t) => {
+    const r = spawnSync(process.execPath, [...hooks, script, run.device], {
+      cwd: root, encoding: 'utf8', timeout: 900_000, maxBuffer: 64 << 20,
+      env: { ...process.env, LORA_NATIVE_PARITY_ONLY: '', ...run.env },
+    });
+    const out = `${r.stdout ?? ''}${r.stderr ?? ''}`;
+    const summary = out.match(/^parity \((.*)\): (\d+) passed, (\d+) failed$/m);
+    if (run.isa && summary && !summary[1]!.endsWith(run.isa)) {
+      t.skip(`this CPU has no ${run.isa} (the run used ${summary[1]})`);
+      return;
+    }
+    const fails = out.split('\n').filter((l) => l.startsWith('FAIL')).slice(0, 10);
+    t.ok(summary, `printed its summary (exit ${r.status}${r.signal ? `, ${r.signal}` : ''})${summary ? '' : `: ${out.slice(-500)}`}`);
+    t.equal(Number(summary?.[3] ?? -1), 0, `no case failed${fails.length ? `:\n${fails.join('\n')}` : ''}`);
+    t.ok(Number(summary?.[2] ?? 0) >= run.minCases, `${summary?.[2]} cases passed (at least ${run.minCases})`);
+    t.equal(r.status, 0, 'exit 0');
+    t.notMatch(out, /kernel failed/, 'no kernel fault, deadlock or illegal address');
+  });
+}
