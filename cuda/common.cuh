@@ -91,90 +91,13 @@ cudaError_t launch_gemm_tc(cudaStream_t stream, float* out, int64_t ldo, const f
                            int64_t ldx, const void* X16, const void* W, lora_dtype w_dtype, int64_t ldw,
                            bool w_nk, int64_t M, int64_t Nn, int64_t K, const LoraEpilogue& epi);
 
-// lora.cu
-cudaError_t launch_lora_merge(cudaStream_t stream, void* W, lora_dtype w_dtype, const float* A,
-                              const float* B, int64_t OC, int64_t C, int64_t R, float s);
-
-// optim.cu: the tables are device memory, `count` entries each; chunk_tensor/chunk_start list
-// the (tensor, first element) of each block's chunk of kOptimChunk elements.
-constexpr int64_t kOptimChunk = 16384;  // elements per block: 64 KiB of fp32, enough to amortise
-struct AdamWArgs {
-  float lr, beta1, beta2, eps, weight_decay;
-  float step_size;              // lr / (1 - beta1^step), computed in double on the host
-  float bias_correction2_sqrt;  // sqrt(1 - beta2^step), likewise
-};
-struct SgdArgs {
-  float lr, momentum, dampening, weight_decay;
-  bool nesterov, first_step;
-};
-cudaError_t launch_adamw_step(cudaStream_t stream, int64_t chunks, const int32_t* chunk_tensor,
-                              const int64_t* chunk_start, float* const* p, const float* const* g,
-                              float* const* m, float* const* v, const int64_t* n, AdamWArgs a);
-cudaError_t launch_sgd_step(cudaStream_t stream, int64_t chunks, const int32_t* chunk_tensor,
-                            const int64_t* chunk_start, float* const* p, const float* const* g,
-                            float* const* buf, const int64_t* n, SgdArgs a);
-
 // elementwise.cu
 cudaError_t launch_fill(cudaStream_t stream, float* out, float value, int64_t n);
+// Cm (M, Nn) *= beta in each of `batch` matrices (a GEMM's beta before split-K atomics add in).
 cudaError_t launch_scale(cudaStream_t stream, float* Cm, int64_t ldc, int64_t M, int64_t Nn,
                          int64_t batch, int64_t stride_c, float beta);
-cudaError_t launch_binary(cudaStream_t stream, lora_binary_op op, float* out, const float* a,
-                          const float* b, const lora_layout& a_layout, const lora_layout& b_layout);
-cudaError_t launch_binary_scalar(cudaStream_t stream, lora_binary_op op, float* out, const float* a,
-                                 float scalar, bool scalar_first, int64_t n);
-cudaError_t launch_unary(cudaStream_t stream, lora_unary_op op, float* out, const float* in, int64_t n);
-cudaError_t launch_unary_backward(cudaStream_t stream, lora_unary_op op, float* dx, const float* dy,
-                                  const float* x, const float* y, int64_t n);
-cudaError_t launch_axpy(cudaStream_t stream, float* y, const float* x, float a, int64_t n);
-cudaError_t launch_copy_strided(cudaStream_t stream, float* dst, const lora_layout& dst_layout,
-                                const float* src, const lora_layout& src_layout);
 cudaError_t launch_convert(cudaStream_t stream, void* out, lora_dtype out_dtype, const void* in,
                            lora_dtype in_dtype, int64_t n);
-cudaError_t launch_dropout(cudaStream_t stream, float* out, const float* in, int64_t n, float p,
-                           uint64_t seed);
-
-// reduce.cu
-// reduce_splits: how many slices to cut `dim` into (1: one pass). With splits > 1, `partial`
-// is a workspace of outer·inner·splits doubles.
-int64_t reduce_splits(int64_t outer, int64_t dim, int64_t inner, int sm_count);
-cudaError_t launch_reduce(cudaStream_t stream, lora_reduce_op op, float* out, const float* in,
-                          int64_t outer, int64_t dim, int64_t inner, double* partial,
-                          int64_t splits);
-cudaError_t launch_softmax(cudaStream_t stream, float* out, const float* in, int64_t rows,
-                           int64_t cols, bool log);
-cudaError_t launch_softmax_backward(cudaStream_t stream, float* dx, const float* dy,
-                                    const float* y, int64_t rows, int64_t cols, bool log);
-
-// nn.cu (rms: the rms_norm variant, mean/b unused)
-cudaError_t launch_layer_norm(cudaStream_t stream, float* y, float* mean, float* rstd,
-                              const float* x, const float* w, const float* b, int64_t N, int64_t C,
-                              float eps, bool rms);
-cudaError_t launch_layer_norm_backward(cudaStream_t stream, float* dx, float* dw, float* db,
-                                       const float* dy, const float* x, const float* w,
-                                       const float* mean, const float* rstd, int64_t N, int64_t C,
-                                       bool rms);
-// *bad (device int) = 1 when an id is outside [0, V) (ignore allowed when allow_ignore).
-cudaError_t launch_ids_check(cudaStream_t stream, int* bad, const int32_t* ids, int64_t N, int64_t V,
-                             bool allow_ignore, int32_t ignore);
-// forward: out (N, C) = table[ids]; backward: out = dtable (V, C) += table-shaped dout rows.
-cudaError_t launch_embedding(cudaStream_t stream, float* out, const float* table, const int32_t* ids,
-                             int64_t N, int64_t C, bool backward);
-cudaError_t launch_cross_entropy(cudaStream_t stream, float* loss, float* lse, const float* logits,
-                                 const int32_t* targets, int64_t N, int64_t V, int32_t ignore_index,
-                                 float smoothing);
-cudaError_t launch_cross_entropy_backward(cudaStream_t stream, float* dlogits, const float* dloss,
-                                          const float* logits, const float* lse,
-                                          const int32_t* targets, int64_t N, int64_t V,
-                                          int32_t ignore_index, float smoothing);
-size_t attention_smem(int64_t T, int64_t D);  // 0: too long for one block's shared memory
-cudaError_t launch_attention(cudaStream_t stream, float* out, float* lse, const float* q,
-                             const float* k, const float* v, int64_t Bt, int64_t T, int64_t H,
-                             int64_t D, float scale, bool causal);
-cudaError_t launch_attention_backward(cudaStream_t stream, float* dq, float* dk, float* dv,
-                                      float* delta /* (Bt, H, T) workspace */, const float* dout,
-                                      const float* q, const float* k, const float* v,
-                                      const float* out, const float* lse, int64_t Bt, int64_t T,
-                                      int64_t H, int64_t D, float scale, bool causal);
 
 // ---- the backend's state -------------------------------------------------------------------
 // One device, one non-blocking stream, a size-bucketed caching allocator, the sticky error. Its

@@ -10,6 +10,16 @@ namespace lora {
 namespace cuda {
 namespace {
 
+constexpr int64_t kOptimChunk = 16384;  // elements per block: 64 KiB of fp32, enough to amortise
+struct AdamWArgs {
+  float lr, beta1, beta2, eps, weight_decay;
+  float step_size;              // lr / (1 - beta1^step), computed in double on the host
+  float bias_correction2_sqrt;  // sqrt(1 - beta2^step), likewise
+};
+struct SgdArgs {
+  float lr, momentum, dampening, weight_decay;
+  bool nesterov, first_step;
+};
 constexpr int kOptimThreads = 256;  // 64 elements per thread per chunk
 
 // p -= lr·wd·p; m = b1·m + (1-b1)·g; v = b2·v + (1-b2)·g²;
