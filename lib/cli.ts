@@ -6,7 +6,9 @@ import * as path from 'node:path';
 import { parseArgs, ParseArgsConfig } from 'node:util';
 
 import { LoraError } from './errors';
-import { combineAdapters, Combination, mergeError, mergeWeight, ModuleContribution, MergeReportEntry } from './lora_model';
+import { ModuleContribution } from './adapted';
+import { combineAdapters, Combination } from './combine';
+import { mergeError, MergeReportEntry, mergeWeight } from './merge';
 import { ADAPTER_CONFIG, loadPeftAdapter, PeftAdapter, PeftModule, savePeftAdapter } from './peft';
 import {
   decodeTensor, isFloatDtype, openModel, RawTensor, readTensorBytes, SAFETENSORS_DTYPE, SafetensorsDtype,

@@ -9,11 +9,8 @@ export {
   releaseCachedMemory, setNumThreads, getNumThreads,
 } from './tensor';
 export type { Device, DType, TensorOptions, RandomOptions, MemoryInfo, GradNode } from './tensor';
-export {
-  add, sub, mul, div, neg, matmul, linear, sum, mean, max, reshape, permute, transpose, unary,
-  exp, log, sqrt, relu, tanh, sigmoid, silu, square, abs, broadcastShapes,
-} from './ops';
-export type { UnaryName } from './ops';
+// Every op (lib/ops/: add ... loraLinear), with its option types.
+export * from './ops';
 export { Module } from './module';
 export { LoraLinear } from './lora';
 export type { LoraLinearOptions } from './lora';
@@ -59,12 +56,12 @@ export {
 export type { SafetensorsDtype, SafetensorsEntry, SafetensorsHeader, SafetensorsData, ModelIndex, RawTensor, TensorSource, LoadOptions, SaveOptions } from './safetensors';
 export { PeftAdapter, loadPeftAdapter, savePeftAdapter, matchPatternKey, moduleScaling, targetsModule } from './peft';
 export type { PeftConfig, PeftModule } from './peft';
-export { LoraModel, AdaptedLinear, combineAdapters, doraWeightNorm } from './lora_model';
-export type { MergeOptions, MergeResult, MergeReportEntry, Combination, CombineOptions, NewAdapterConfig } from './lora_model';
-export {
-  slice, concat, softmax, logSoftmax, gelu, crossEntropy, mse, layerNorm, rmsNorm, embedding, dropout, attention,
-} from './nn_ops';
-export type { GeluOptions, CrossEntropyOptions, MseOptions, Reduction, DropoutOptions, AttentionOptions } from './nn_ops';
+export { LoraModel, AdaptedLinear } from './lora_model';
+export type { NewAdapterConfig } from './lora_model';
+export { combineAdapters } from './combine';
+export type { Combination, CombineOptions } from './combine';
+export { doraWeightNorm } from './dora';
+export type { MergeOptions, MergeResult, MergeReportEntry } from './merge';
 export {
   Linear, Embedding, LayerNorm, RMSNorm, Dropout, Activation, Sequential, MLP, TransformerLM, TransformerBlock,
   CausalSelfAttention, TransformerMLP, applyLora, loraLayers, peftAdapterOf, saveLoraAdapter, loadLoraAdapter, trainableParameters,

@@ -1,13 +1,13 @@
 // LoraLinear: a frozen linear layer plus a trainable low-rank update, as PEFT's lora.Linear:
 //   y = x·Wᵀ + b + s·dropout(x)·Aᵀ·Bᵀ,   s = alpha/rank (or alpha/sqrt(rank) with rsLoRA).
-// Forward and backward each run one native kernel (lora_forward / lora_backward); merge() folds
-// s·B·A into W. Names map to the kernels' sizes: inFeatures = C, outFeatures = OC, rank = R.
+// The module holds the parameters and state; forward is the LoRA op (lib/ops/lora.ts: one native
+// kernel each way); merge() folds s·B·A into W. inFeatures = C, outFeatures = OC, rank = R.
 import { checkOptions, expectBoolean, expectInteger, expectNumber, LoraError, typeError } from './errors';
 import { native } from './native';
 import { Module, uniformParameter } from './module';
-import { linear } from './ops';
+import { linear, loraLinear } from './ops';
 import { defaultRng, Rng } from './random';
-import { checkDevice, Device, empty, record, saveFor, shapeString, Tensor, zeros } from './tensor';
+import { checkDevice, Device, shapeString, Tensor, zeros } from './tensor';
 
 export interface LoraLinearOptions {
   /** C: size of each input row. */
@@ -150,31 +150,8 @@ export class LoraLinear extends Module {
         throw new LoraError('ERR_LORA_DEVICE', `Expected x on ${t.device} (where the layer's ${name} is) but received a tensor on ${x.device}`);
     }
     if (this._merged) return linear(x, W, b);
-
-    const C = this.inFeatures;
-    const OC = this.outFeatures;
-    const R = this.rank;
-    const N = x.size / C;
-    const s = this.scaling;
     const p = this.training ? this.dropout : 0;
-    const seed = p > 0 ? this.rng.seed() : 0;
-    const y = empty([...x.shape.slice(0, -1), OC], x.device);
-    const h = empty([N, R], x.device);
-    native.loraForward(y._storage, h._storage, x._storage, W._storage, b ? b._storage : null, A._storage, B._storage, N, C, OC, R, s, p, seed);
-    const out = record(y, {
-      name: 'lora_forward',
-      inputs: [x, A, B],
-      backward: (g) => {
-        const dx = x.requiresGrad ? empty(x.shape, x.device) : null;
-        const dA = A.requiresGrad ? zeros(A.shape, { device: A.device }) : null;
-        const dB = B.requiresGrad ? zeros(B.shape, { device: B.device }) : null;
-        native.loraBackward(dx ? dx._storage : null, dA ? dA._storage : null, dB ? dB._storage : null, g._storage,
-          x._live('the input of a LoraLinear forward'), h._live('saved activations'), W._live('weight'), A._live('loraA'),
-          B._live('loraB'), N, C, OC, R, s, p, seed);
-        return [dx, dA, dB];
-      },
-    });
-    return saveFor(out, h);
+    return loraLinear(x, W, b, A, B, this.scaling, { dropout: p, seed: p > 0 ? this.rng.seed() : 0 });
   }
 
   /**
@@ -184,7 +161,7 @@ export class LoraLinear extends Module {
   merge(): void {
     this.checkIdle('merge()');
     if (this._merged) return;
-    native.loraMerge(this.weight._live('weight'), this.loraA._live('loraA'), this.loraB._live('loraB'), this.outFeatures, this.inFeatures, this.rank, this.scaling);
+    this.mergeDelta(this.scaling);
     this._merged = true;
   }
 
@@ -192,7 +169,7 @@ export class LoraLinear extends Module {
   unmerge(): void {
     this.checkIdle('unmerge()');
     if (!this._merged) return;
-    native.loraMerge(this.weight._live('weight'), this.loraA._live('loraA'), this.loraB._live('loraB'), this.outFeatures, this.inFeatures, this.rank, -this.scaling);
+    this.mergeDelta(-this.scaling);
     this._merged = false;
   }
 
@@ -207,14 +184,23 @@ export class LoraLinear extends Module {
   mergeAsync(): Promise<void> {
     if (this._merging) return this._merging;
     if (this._merged) return Promise.resolve();
-    const run = native.loraMergeAsync(this.weight._live('weight'), this.loraA._live('loraA'), this.loraB._live('loraB'),
-      this.outFeatures, this.inFeatures, this.rank, this.scaling);
+    const run = native.loraMergeAsync(...this.mergeArgs(this.scaling));
     this._merging = run.then(() => {
       this._merged = true;
     }).finally(() => {
       this._merging = null;
     });
     return this._merging;
+  }
+
+  // W += s·B·A with the binding's merge kernel.
+  private mergeArgs(s: number) {
+    return [this.weight._live('weight'), this.loraA._live('loraA'), this.loraB._live('loraB'), this.outFeatures, this.inFeatures,
+      this.rank, s] as const;
+  }
+
+  private mergeDelta(s: number): void {
+    native.loraMerge(...this.mergeArgs(s));
   }
 
   private checkIdle(what: string): void {

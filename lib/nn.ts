@@ -6,8 +6,7 @@
 import { checkOptions, expectBoolean, expectInteger, expectNumber, expectOneOf, LoraError, typeError } from './errors';
 import { LoraLinear } from './lora';
 import { expectModule, Module, uniformParameter } from './module';
-import { attention, dropout, embedding, gelu, layerNorm, rmsNorm } from './nn_ops';
-import { add, linear, reshape, unary, UnaryName } from './ops';
+import { add, attention, dropout, embedding, gelu, layerNorm, linear, reshape, rmsNorm, unary, UnaryName } from './ops';
 import { loadPeftAdapter, PeftAdapter, PeftConfig, PeftModule, savePeftAdapter } from './peft';
 import { defaultRng, Rng } from './random';
 import { checkDevice, Device, keep, ones, Tensor, tensor, zeros } from './tensor';

@@ -1,9 +1,10 @@
-// Finite-value checks for training loops: allFinite() tells whether every value of some tensors
-// (gradients, a loss) is finite, so a step that produced NaN or Inf can be thrown or skipped before
-// the optimizer writes it into the weights. It reads one float per tensor back, not the tensors.
+// Numerics for training loops: allFinite() tells whether every value of some tensors (gradients, a
+// loss) is finite, so a step that produced NaN or Inf can be thrown or skipped before the optimizer
+// writes it into the weights (it reads one float per tensor back, not the tensors); the sum of
+// squares and in-place scaling that gradient clipping needs.
 import { LoraError, typeError } from './errors';
 import { BINARY_OP, DTYPE_ID, native, NativeStorage, REDUCE_OP } from './native';
-import { Tensor } from './tensor';
+import { empty, Tensor } from './tensor';
 
 // sum(x · 0) is exactly 0 when every x is finite and NaN as soon as one is NaN or ±Inf (Inf · 0 is
 // NaN), and it cannot overflow, unlike sum(x) or sum(x²).
@@ -67,3 +68,35 @@ export function assertAllFinite(tensors: Tensor | Iterable<Tensor | null | undef
   if (!allFinite(tensors))
     throw new LoraError('ERR_LORA_NON_FINITE', `Expected finite values in ${typeof what === 'string' ? what : 'tensors'} but found NaN or Infinity`);
 }
+
+/** @internal clipGradNorm's Σ g² over tensors, summed per device and added on the host in float64. */
+export function sumOfSquares(ts: readonly Tensor[]): number {
+  // one running total per device, read back once (one synchronisation per device, not per tensor)
+  const totals = new Map<string, Tensor>();
+  try {
+    for (const t of ts) {
+      if (t.size === 0) continue;
+      const sq = empty(t.shape, t.device);
+      native.binary(BINARY_OP.mul, sq._storage, t._live('a gradient'), t._storage, [t.size], [1], [1]);
+      const s = empty([], t.device);
+      native.reduce(REDUCE_OP.sum, s._storage, sq._storage, 1, t.size, 1);
+      sq.dispose();
+      const acc = totals.get(t.device);
+      if (acc) {
+        native.axpy(acc._storage, s._storage, 1);
+        s.dispose();
+      } else totals.set(t.device, s);
+    }
+    let total = 0;
+    for (const acc of totals.values()) total += acc.item();
+    return total;
+  } finally {
+    for (const acc of totals.values()) acc.dispose();
+  }
+}
+
+/** @internal scales a tensor in place (gradient clipping); not recorded. */
+export function scaleInPlace(t: Tensor, factor: number): void {
+  if (t.size > 0) native.binaryScalar(BINARY_OP.mul, t._storage, t._live(), factor, false);
+}
+

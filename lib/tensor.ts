@@ -446,6 +446,11 @@ export function empty(shape: readonly number[], device: Device = 'cpu', dtype: D
   return new Tensor(CONSTRUCT, native.alloc(DEVICE_ID[device], DTYPE_ID[dtype], numelOf(shape)), shape);
 }
 
+/** @internal t itself when float32, else a float32 copy (the caller disposes it, or a tidy() does) */
+export function asFloat32(t: Tensor): Tensor {
+  return t.dtype === 'float32' ? t : t.toDtype('float32');
+}
+
 /** @internal wraps an op's output and records its GradNode when any input requires a gradient */
 export function record(out: Tensor, node: GradNode): Tensor {
   if (gradEnabled && node.inputs.some((t) => t.requiresGrad)) {

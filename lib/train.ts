@@ -10,8 +10,7 @@ import { checkOptions, expectBoolean, expectInteger, expectNumber, expectOneOf, 
 import { LoraLinear } from './lora';
 import { expectModule, Module } from './module';
 import { Dropout, loraLayers, saveLoraAdapter } from './nn';
-import { scaleInPlace, sumOfSquares } from './nn_ops';
-import { allFinite } from './numerics';
+import { allFinite, scaleInPlace, sumOfSquares } from './numerics';
 import { mul } from './ops';
 import { AdamW, Optimizer, ParamGroup, SGD } from './optim';
 import { loadSafetensors, saveSafetensors } from './safetensors';

@@ -3,7 +3,7 @@
 // embeddings); mutations are bit flips, byte inserts/deletes, truncations, header-length edits and
 // structured header/config JSON edits (offsets, dtypes, shapes, names, lengths). Every input must
 // load or throw a LoraError; loads may not allocate more than the file justifies, nothing may
-// leak, and no input may take long. Seed: LORA_FUZZ_SEED (printed). A failing
+// leak, and no input may take long. Seed: LORA_NATIVE_FUZZ_SEED (printed). A failing
 // input is kept under $TMPDIR/lora-fuzz-failures/ for replay.
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -13,8 +13,8 @@ import t, { Test } from 'tap';
 
 import { LoraError, loadPeftAdapter, loadModel, loadSafetensors, memory, saveSafetensors, tensor, Tensor } from '../lib/index';
 
-// Fixed by default so that CI is deterministic; set LORA_FUZZ_SEED to explore other sequences.
-const SEED = Number(process.env.LORA_FUZZ_SEED ?? 20261129);
+// Fixed by default so that CI is deterministic; set LORA_NATIVE_FUZZ_SEED to explore other sequences.
+const SEED = Number(process.env.LORA_NATIVE_FUZZ_SEED ?? 20261129);
 // Time budgets (ms) per target; at least MIN_INPUTS each whatever the machine's speed.
 const BUDGET = { safetensors: 9000, peft: 6000, index: 1500 };
 const MIN_INPUTS = { safetensors: 12000, peft: 6000, index: 1000 };
@@ -23,7 +23,7 @@ const SLOW_MS = 1000; // a single input taking this long is a hang candidate
 const shm = fs.existsSync('/dev/shm') ? '/dev/shm' : os.tmpdir();
 const dir = fs.mkdtempSync(path.join(shm, 'lora-fuzz-'));
 t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
-t.comment(`fuzz seed ${SEED} (LORA_FUZZ_SEED=${SEED} replays this run)`);
+t.comment(`fuzz seed ${SEED} (LORA_NATIVE_FUZZ_SEED=${SEED} replays this run)`);
 
 // ---- a small seeded generator ------------------------------------------------------------------
 

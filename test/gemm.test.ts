@@ -15,7 +15,7 @@ import { Rng } from '../lib/random';
 import { assertClose, assertLoraError, leakChecked } from './helpers';
 
 const LEVELS = ['avx512', 'avx2', 'generic'];
-const CHILD = process.env.LORA_GEMM_TEST_CHILD === '1';
+const CHILD = process.env.LORA_NATIVE_GEMM_TEST_CHILD === '1';
 
 function bf16Round(v: number): number {
   const f = new Float32Array([v]);
@@ -63,7 +63,7 @@ function randomGemm(rng: Rng, i: number, threads: number, bf16 = false): string 
   const A = native.fromHost(0, DTYPE_ID.float32, Ah), B = bf16 ? bf16Tensor(Bh) : native.fromHost(0, DTYPE_ID.float32, Bh);
   const C = native.fromHost(0, DTYPE_ID.float32, Ch);
   setNumThreads(threads);
-  if (process.env.LORA_GEMM_TEST_TRACE) fs.writeSync(2, `#${i} M=${M} N=${N} K=${K} ta=${ta} tb=${tb} lda=${lda} ldb=${ldb} ldc=${ldc} alpha=${alpha} beta=${beta} threads=${threads}\n`);
+  if (process.env.LORA_NATIVE_GEMM_TEST_TRACE) fs.writeSync(2, `#${i} M=${M} N=${N} K=${K} ta=${ta} tb=${tb} lda=${lda} ldb=${ldb} ldc=${ldc} alpha=${alpha} beta=${beta} threads=${threads}\n`);
   native.gemm(C, A, B, M, N, K, ta, tb, lda, ldb, ldc, alpha, beta, 1, 0, 0, 0);
   const got = toF32(C);
   [A, B, C].forEach((s) => native.dispose(s));
@@ -208,8 +208,8 @@ function mergeBf16Cases(rng: Rng): string[] {
 
 if (CHILD) {
   // One ISA level: the random sweep, then exit status says whether every case passed.
-  const rng = new Rng(Number(process.env.LORA_GEMM_TEST_SEED ?? 1));
-  const n = Number(process.env.LORA_GEMM_TEST_CASES ?? 300);
+  const rng = new Rng(Number(process.env.LORA_NATIVE_GEMM_TEST_SEED ?? 1));
+  const n = Number(process.env.LORA_NATIVE_GEMM_TEST_CASES ?? 300);
   const before = getNumThreads();
   const failures: string[] = [];
   // A random thread count per case: the pool is resized up and down between jobs as well.
@@ -231,7 +231,7 @@ if (CHILD) {
   t.test('random GEMMs against float64 at every ISA level', (t) => {
     for (const level of LEVELS) {
       const r = spawnSync(process.execPath, [...process.execArgv, __filename], {
-        env: { ...process.env, LORA_NATIVE_ISA: level, LORA_GEMM_TEST_CHILD: '1', LORA_GEMM_TEST_SEED: String(LEVELS.indexOf(level) + 1) },
+        env: { ...process.env, LORA_NATIVE_ISA: level, LORA_NATIVE_GEMM_TEST_CHILD: '1', LORA_NATIVE_GEMM_TEST_SEED: String(LEVELS.indexOf(level) + 1) },
         encoding: 'utf8',
         timeout: 120_000,
       });

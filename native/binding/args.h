@@ -231,9 +231,13 @@ struct Export {
 
 class Registry {
  public:
-  // A hand-written function.
+  // A hand-written function (for a kernel: the op it serves and whether a backend has it).
   void fn(const char* name, Callback callback, const char* ts_signature, int32_t op = -1,
           std::function<bool(const lora_backend*, int32_t)> has_entry = nullptr);
+  template <typename F>
+  void fn(const char* name, Callback callback, const char* ts_signature, lora_op op, F lora_backend::*entry) {
+    fn(name, callback, ts_signature, op, [entry](const lora_backend* be, int32_t) { return be->*entry != nullptr; });
+  }
 
   // A kernel from its spec: `name` synchronously and, when async_name is given, `async_name`
   // returning a Promise (the kernel runs on libuv's thread pool, holding its tensors' memory).

@@ -99,8 +99,7 @@ void register_io(Registry& r) {
   r.fn("toHostAsync", ToHostAsync, "(s: S): Promise<ArrayBuffer>");
   r.fn("copyInto", CopyInto, "(dst: S, src: S): void");
   r.fn("toDevice", ToDevice, "(s: S, device: number): S");
-  r.fn("convert", Convert, "(dst: S, src: S): void", LORA_OP_CONVERT,
-       [](const lora_backend* be, int32_t) { return be->convert != nullptr; });
+  r.fn("convert", Convert, "(dst: S, src: S): void", LORA_OP_CONVERT, &lora_backend::convert);
 }
 
 }  // namespace binding

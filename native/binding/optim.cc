@@ -97,11 +97,11 @@ void register_optim(Registry& r) {
   r.fn("adamwStep", AdamwStep,
        "(params: S[], grads: S[], expAvg: S[], expAvgSq: S[], lr: number, beta1: number, beta2: number, eps: number, "
        "weightDecay: number, step: number): void",
-       LORA_OP_ADAMW_STEP, [](const lora_backend* be, int32_t) { return be->adamw_step != nullptr; });
+       LORA_OP_ADAMW_STEP, &lora_backend::adamw_step);
   r.fn("sgdStep", SgdStep,
        "(params: S[], grads: S[], momentumBuffers: S[] | null, lr: number, momentum: number, dampening: number, "
        "weightDecay: number, nesterov: boolean, step: number): void",
-       LORA_OP_SGD_STEP, [](const lora_backend* be, int32_t) { return be->sgd_step != nullptr; });
+       LORA_OP_SGD_STEP, &lora_backend::sgd_step);
 }
 
 }  // namespace binding

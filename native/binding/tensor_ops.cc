@@ -89,11 +89,11 @@ void register_tensor_ops(Registry& r) {
        });
   r.fn("binary", Binary,
        "(op: number, out: S, a: S, b: S, shape: number[], aStrides: number[], bStrides: number[]): void",
-       LORA_OP_BINARY, [](const lora_backend* be, int32_t) { return be->binary != nullptr; });
+       LORA_OP_BINARY, &lora_backend::binary);
   r.fn("copyStrided", CopyStrided,
        "(dst: S, dstOffset: number, dstStrides: number[], src: S, srcOffset: number, srcStrides: number[], "
        "shape: number[]): void",
-       LORA_OP_COPY_STRIDED, [](const lora_backend* be, int32_t) { return be->copy_strided != nullptr; });
+       LORA_OP_COPY_STRIDED, &lora_backend::copy_strided);
 
   r.kernel("fill", -1, &lora_backend::fill, {tensor("tensor", kF32, ""), number("value"), numel_of("tensor")});
   r.kernel("binaryScalar", LORA_OP_BINARY_SCALAR, &lora_backend::binary_scalar,

@@ -1,0 +1,196 @@
+// The neural-network ops with their own kernels: layer and RMS normalisation, embedding lookup,
+// dropout and scaled dot-product attention. Each records a backward written from the math (the
+// kernels' backward entries); nothing here keeps state.
+import { checkOptions, expectBoolean, expectInteger, expectNumber, LoraError } from '../errors';
+import { native } from '../native';
+import { defaultRng } from '../random';
+import { empty, expectTensor, record, saveFor, shapeString, Tensor, zeros } from '../tensor';
+import { mul } from './elementwise';
+import { floatOnly, sameDevice } from './util';
+
+function checkAffine(op: string, x: Tensor, t: Tensor | null, name: string, C: number): void {
+  if (t === null) return;
+  expectTensor(name, t);
+  floatOnly(op, t);
+  sameDevice(op, x, t);
+  if (t.ndim !== 1 || t.shape[0] !== C)
+    throw new LoraError('ERR_LORA_SHAPE', `Expected ${name} of shape [${C}] for ${op}() but received ${shapeString(t.shape)}`);
+}
+
+/**
+ * Layer normalisation over the last dim: (x - mean)/sqrt(var + eps)·weight + bias (biased
+ * variance, like PyTorch). weight and bias may be null.
+ * @example layerNorm(x, gamma, beta, 1e-5)
+ * @throws ERR_LORA_SHAPE when weight/bias are not [C] for x of shape [..., C].
+ */
+export function layerNorm(x: Tensor, weight: Tensor | null = null, bias: Tensor | null = null, eps = 1e-5): Tensor {
+  expectTensor('x', x);
+  floatOnly('layerNorm', x);
+  if (x.ndim < 1) throw new LoraError('ERR_LORA_SHAPE', 'Expected a tensor with at least 1 dim for layerNorm() but received a scalar');
+  const C = x.shape[x.ndim - 1]!;
+  checkAffine('layerNorm', x, weight, 'weight', C);
+  checkAffine('layerNorm', x, bias, 'bias', C);
+  expectNumber('eps', eps, 0, Infinity, 'a finite number >= 0');
+  const N = C === 0 ? 0 : x.size / C;
+  const y = empty(x.shape, x.device);
+  const mu = empty([N], x.device);
+  const rstd = empty([N], x.device);
+  if (y.size > 0) native.layerNorm(y._storage, mu._storage, rstd._storage, x._storage, weight?._storage ?? null, bias?._storage ?? null, N, C, eps);
+  const inputs = [x, ...(weight ? [weight] : []), ...(bias ? [bias] : [])];
+  const out = record(y, {
+    name: 'layerNorm', inputs,
+    backward: (g) => {
+      const dx = empty(x.shape, x.device);
+      const dw = weight && weight.requiresGrad ? zeros([C], { device: x.device }) : null;
+      const db = bias && bias.requiresGrad ? zeros([C], { device: x.device }) : null;
+      if (dx.size > 0)
+        native.layerNormBackward(dx._storage, dw?._storage ?? null, db?._storage ?? null, g._storage, x._live('input of layerNorm'),
+          weight ? weight._live('weight') : null, mu._live('saved mean'), rstd._live('saved rstd'), N, C);
+      return [x.requiresGrad ? dx : (dx.dispose(), null), ...(weight ? [dw] : []), ...(bias ? [db] : [])];
+    },
+  });
+  return saveFor(out, mu, rstd);
+}
+
+/**
+ * RMS normalisation over the last dim: x / sqrt(mean(x²) + eps)·weight (weight may be null).
+ * @example rmsNorm(x, gamma, 1e-6)
+ */
+export function rmsNorm(x: Tensor, weight: Tensor | null = null, eps = 1e-6): Tensor {
+  expectTensor('x', x);
+  floatOnly('rmsNorm', x);
+  if (x.ndim < 1) throw new LoraError('ERR_LORA_SHAPE', 'Expected a tensor with at least 1 dim for rmsNorm() but received a scalar');
+  const C = x.shape[x.ndim - 1]!;
+  checkAffine('rmsNorm', x, weight, 'weight', C);
+  expectNumber('eps', eps, 0, Infinity, 'a finite number >= 0');
+  const N = C === 0 ? 0 : x.size / C;
+  const y = empty(x.shape, x.device);
+  const rstd = empty([N], x.device);
+  if (y.size > 0) native.rmsNorm(y._storage, rstd._storage, x._storage, weight?._storage ?? null, N, C, eps);
+  const out = record(y, {
+    name: 'rmsNorm', inputs: weight ? [x, weight] : [x],
+    backward: (g) => {
+      const dx = empty(x.shape, x.device);
+      const dw = weight && weight.requiresGrad ? zeros([C], { device: x.device }) : null;
+      if (dx.size > 0)
+        native.rmsNormBackward(dx._storage, dw?._storage ?? null, g._storage, x._live('input of rmsNorm'),
+          weight ? weight._live('weight') : null, rstd._live('saved rstd'), N, C);
+      return weight ? [x.requiresGrad ? dx : (dx.dispose(), null), dw] : [dx];
+    },
+  });
+  return saveFor(out, rstd);
+}
+
+/**
+ * Rows of a table (V, C) picked by int32 ids of any shape: out has shape [...ids.shape, C].
+ * The gradient scatters back into the table (repeated ids add up).
+ * @example embedding(tokenIds, weight)
+ * @throws ERR_LORA_DTYPE when ids are not int32; LoraRangeError for an id outside [0, V).
+ */
+export function embedding(ids: Tensor, table: Tensor): Tensor {
+  expectTensor('ids', ids);
+  expectTensor('table', table);
+  floatOnly('embedding', table);
+  sameDevice('embedding', ids, table);
+  if (ids.dtype !== 'int32') throw new LoraError('ERR_LORA_DTYPE', `Expected int32 ids for embedding() but received ${ids.dtype} (create them with { dtype: 'int32' })`);
+  if (table.ndim !== 2) throw new LoraError('ERR_LORA_SHAPE', `Expected a 2-D table [V, C] for embedding() but received ${shapeString(table.shape)}`);
+  const [V, C] = table.shape as [number, number];
+  const N = ids.size;
+  const out = empty([...ids.shape, C], table.device);
+  try {
+    if (out.size > 0) native.embedding(out._storage, table._storage, ids._storage, N, V, C);
+  } catch (err) {
+    out.dispose();
+    throw err;
+  }
+  return record(out, {
+    name: 'embedding', inputs: [table],
+    backward: (g) => {
+      const d = zeros(table.shape, { device: table.device });
+      if (g.size > 0) native.embeddingBackward(d._storage, g._storage, ids._live('ids of embedding'), N, V, C);
+      return [d];
+    },
+  });
+}
+
+export interface DropoutOptions {
+  /** Apply dropout (true, the default) or pass x through (evaluation). */
+  training?: boolean;
+  /** Seed of the counter RNG; default: drawn from the global generator (manualSeed). */
+  seed?: number;
+}
+
+/**
+ * Zeroes each element with probability p and scales the rest by 1/(1-p) (inverted dropout),
+ * with the mask from the counter RNG (the same mask on CPU and CUDA for the same seed).
+ * @example dropout(h, 0.1, { training: model.training })
+ * @throws LoraRangeError for p outside [0, 1).
+ */
+export function dropout(x: Tensor, p: number, options?: DropoutOptions): Tensor {
+  const o = checkOptions<DropoutOptions>('dropout()', options, ['training', 'seed']);
+  expectTensor('x', x);
+  floatOnly('dropout', x);
+  expectNumber('p', p, 0, 1, 'a number in [0, 1)');
+  if (p >= 1) throw new LoraError('ERR_LORA_RANGE', `Expected a number in [0, 1) for p but received ${p} (number)`);
+  const training = o.training === undefined ? true : expectBoolean('training', o.training);
+  if (!training || p === 0) return mul(x, 1);
+  const seed = o.seed === undefined ? defaultRng().seed() : expectInteger('seed', o.seed, 0, Number.MAX_SAFE_INTEGER);
+  const out = empty(x.shape, x.device);
+  if (out.size > 0) native.dropout(out._storage, x._storage, p, seed);
+  return record(out, {
+    name: 'dropout', inputs: [x],
+    backward: (g) => {
+      const d = empty(g.shape, g.device);
+      if (d.size > 0) native.dropout(d._storage, g._storage, p, seed);
+      return [d];
+    },
+  });
+}
+
+export interface AttentionOptions {
+  /** Each query sees keys at its own position and before (default true). */
+  causal?: boolean;
+  /** Score scale; default 1/sqrt(headDim). */
+  scale?: number;
+}
+
+/**
+ * Scaled dot-product attention, softmax(scale·q·kᵀ [+ causal mask])·v, for q, k, v of shape
+ * [batch, seq, heads, headDim] (the layout a [batch, seq, heads·headDim] projection reshapes
+ * to, so no transposes are needed). Output has the same shape. One native kernel forward and
+ * one backward; the probabilities are recomputed, not stored.
+ *
+ * @example
+ * const q = reshape(qProj.forward(x), [B, T, H, D]); // likewise k, v
+ * const y = attention(q, k, v, { causal: true });
+ * @throws ERR_LORA_SHAPE when q, k, v are not equal 4-D shapes.
+ */
+export function attention(q: Tensor, k: Tensor, v: Tensor, options?: AttentionOptions): Tensor {
+  const o = checkOptions<AttentionOptions>('attention()', options, ['causal', 'scale']);
+  expectTensor('q', q);
+  expectTensor('k', k);
+  expectTensor('v', v);
+  floatOnly('attention', q, k, v);
+  sameDevice('attention', q, k, v);
+  if (q.ndim !== 4 || !k.shape.every((d, i) => d === q.shape[i]) || !v.shape.every((d, i) => d === q.shape[i]) || k.ndim !== 4 || v.ndim !== 4)
+    throw new LoraError('ERR_LORA_SHAPE', `Expected q, k, v of one shape [batch, seq, heads, headDim] for attention() but received ${shapeString(q.shape)}, ${shapeString(k.shape)} and ${shapeString(v.shape)}`);
+  const [Bt, T, H, D] = q.shape as [number, number, number, number];
+  const causal = o.causal === undefined ? true : expectBoolean('causal', o.causal);
+  const scale = o.scale === undefined ? 1 / Math.sqrt(Math.max(D, 1)) : expectNumber('scale', o.scale);
+  const out = empty(q.shape, q.device);
+  const lse = empty([Bt, H, T], q.device);
+  if (out.size > 0) native.attention(out._storage, lse._storage, q._storage, k._storage, v._storage, Bt, T, H, D, scale, causal);
+  const res = record(out, {
+    name: 'attention', inputs: [q, k, v],
+    backward: (g) => {
+      const dq = empty(q.shape, q.device);
+      const dk = empty(q.shape, q.device);
+      const dv = empty(q.shape, q.device);
+      if (dq.size > 0)
+        native.attentionBackward(dq._storage, dk._storage, dv._storage, g._storage, q._live('q'), k._live('k'), v._live('v'),
+          out._live('output of attention'), lse._live('saved log-sum-exp'), Bt, T, H, D, scale, causal);
+      return [dq, dk, dv];
+    },
+  });
+  return saveFor(res, lse);
+}

@@ -1,0 +1,125 @@
+// Helpers the ops of lib/ops/ share: argument checks (one device, float32 only, an axis), and the
+// raw kernels without autograd that forward and backward passes are built from (broadcasting
+// binary ops, reductions over axes, sums back to a broadcast input's shape). Not exported from
+// lib/ops/index.ts: nothing here is an op a user calls.
+import { expectInteger, LoraError } from '../errors';
+import { BINARY_OP, native, REDUCE_OP } from '../native';
+import { checkShape, contiguousStrides, empty, numelOf, sameShape, shapeString, Tensor } from '../tensor';
+
+/** ERR_LORA_DEVICE unless every tensor lives on one device. */
+export function sameDevice(op: string, ...ts: Tensor[]): void {
+  const d = ts[0]!.device;
+  for (const t of ts)
+    if (t.device !== d)
+      throw new LoraError('ERR_LORA_DEVICE', `Expected every tensor of ${op}() on one device but received tensors on ${d} and ${t.device}`);
+}
+
+/** ERR_LORA_DTYPE unless every tensor is float32. */
+export function floatOnly(op: string, ...ts: Tensor[]): void {
+  for (const t of ts)
+    if (t.dtype !== 'float32')
+      throw new LoraError('ERR_LORA_DTYPE', `Expected float32 tensors for ${op}() but received ${t.dtype} (convert with toDtype('float32'))`);
+}
+
+/** An axis of an ndim-dimensional tensor, negative counting from the end, as 0..ndim-1. */
+export function normAxis(axis: unknown, ndim: number, name = 'axis'): number {
+  const a = expectInteger(name, axis, -Math.max(ndim, 1), Math.max(ndim - 1, 0));
+  return a < 0 ? a + ndim : a;
+}
+
+/** ERR_LORA_SHAPE unless x has shape [..., size]. */
+export function lastDim(op: string, x: Tensor, size: number, what: string): void {
+  if (x.ndim < 1 || x.shape[x.ndim - 1] !== size)
+    throw new LoraError('ERR_LORA_SHAPE', `Expected ${what} of shape [..., ${size}] for ${op}() but received ${shapeString(x.shape)}`);
+}
+
+/** The shape two shapes broadcast to (NumPy rules), or ERR_LORA_SHAPE. */
+export function broadcastShapes(op: string, a: readonly number[], b: readonly number[]): number[] {
+  checkShape('a', a);
+  checkShape('b', b);
+  const n = Math.max(a.length, b.length);
+  const out = new Array<number>(n);
+  for (let i = 0; i < n; i++) {
+    const da = a[a.length - n + i] ?? 1;
+    const db = b[b.length - n + i] ?? 1;
+    if (da !== db && da !== 1 && db !== 1)
+      throw new LoraError('ERR_LORA_SHAPE', `Expected shapes that broadcast for ${op}() but received ${shapeString(a)} and ${shapeString(b)}`);
+    out[i] = da === 1 ? db : da;
+  }
+  return out;
+}
+
+/** Strides that read `shape` (contiguous) as if it had `outShape` (0 on broadcast dims). */
+export function broadcastStrides(shape: readonly number[], outShape: readonly number[]): number[] {
+  const s = contiguousStrides(shape);
+  const off = outShape.length - shape.length;
+  return outShape.map((d, i) => (i < off || shape[i - off] === 1 ? 0 : s[i - off]!));
+}
+
+/** a op b with broadcasting, no autograd. */
+export function rawBinary(op: number, a: Tensor, b: Tensor): Tensor {
+  const shape = broadcastShapes(Object.keys(BINARY_OP)[op]!, a.shape, b.shape);
+  const out = empty(shape, a.device);
+  if (out.size > 0) native.binary(op, out._storage, a._storage, b._storage, shape, broadcastStrides(a.shape, shape), broadcastStrides(b.shape, shape));
+  return out;
+}
+
+/** a op s (or s op a), no autograd. */
+export function rawScalar(op: number, a: Tensor, s: number, scalarFirst: boolean): Tensor {
+  const out = empty(a.shape, a.device);
+  native.binaryScalar(op, out._storage, a._storage, s, scalarFirst);
+  return out;
+}
+
+/** The same values with another shape, no autograd. */
+export function reshapeRaw(g: Tensor, shape: readonly number[]): Tensor {
+  const out = empty(shape, g.device);
+  native.copyInto(out._storage, g._storage);
+  return out;
+}
+
+/** Reduces one axis with keepDims, no autograd. */
+function reduceAxis(t: Tensor, axis: number, op: number): Tensor {
+  const outer = numelOf(t.shape.slice(0, axis));
+  const dim = t.shape[axis]!;
+  const inner = numelOf(t.shape.slice(axis + 1));
+  const shape = t.shape.slice();
+  shape[axis] = 1;
+  const out = empty(shape, t.device);
+  native.reduce(op, out._storage, t._storage, outer, dim, inner);
+  return out;
+}
+
+/**
+ * Reduces x over `axes` (sorted) with a native reduce op into a new tensor of `outShape` (the
+ * reduced shape, with or without kept dims). No autograd.
+ */
+export function reduceRaw(x: Tensor, axes: readonly number[], op: number, outShape: readonly number[]): Tensor {
+  let cur = x;
+  for (let k = axes.length - 1; k >= 0; k--) {
+    const next = reduceAxis(cur, axes[k]!, op);
+    if (cur !== x) cur.dispose();
+    cur = next;
+  }
+  const out = empty(outShape, x.device);
+  native.copyInto(out._storage, cur._storage);
+  if (cur !== x) cur.dispose();
+  return out;
+}
+
+/** Sums g over the dims that broadcasting added to reach g.shape from `shape`. */
+export function sumTo(g: Tensor, shape: readonly number[]): Tensor {
+  if (sameShape(g.shape, shape)) return g.detach();
+  const off = g.shape.length - shape.length;
+  const axes: number[] = [];
+  for (let i = 0; i < g.shape.length; i++) if (i < off || (shape[i - off] === 1 && g.shape[i] !== 1)) axes.push(i);
+  return reduceRaw(g, axes, REDUCE_OP.sum, shape);
+}
+
+/** Repeats t along broadcast dims to fill `shape` (a contiguous copy; no autograd). */
+export function expandTo(t: Tensor, shape: readonly number[]): Tensor {
+  const out = empty(shape, t.device);
+  if (out.size === 0) return out;
+  native.copyStrided(out._storage, 0, contiguousStrides(shape), t._storage, 0, broadcastStrides(t.shape, shape), shape.slice());
+  return out;
+}
