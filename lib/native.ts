@@ -31,7 +31,10 @@ export const UNARY_OP = {
   relu: 8, geluTanh: 9, geluErf: 10, silu: 11, tanh: 12, sigmoid: 13,
 } as const;
 export const REDUCE_OP = { sum: 0, max: 1, min: 2 } as const;
-/** The kernel entries of the backend table, for native.supports(device, op, dtype). */
+/**
+ * Ids of kernel entries of the backend table, for native.supports(device, op, dtype): the ones
+ * lib/ asks about (enums().op lists every one, newer ones too).
+ */
 export const OP = {
   convert: 0, loraForward: 1, loraBackward: 2, loraMerge: 3, adamwStep: 4, sgdStep: 5, gemm: 6, binary: 7,
   binaryScalar: 8, unary: 9, unaryBackward: 10, axpy: 11, reduce: 12, copyStrided: 13, softmax: 14,

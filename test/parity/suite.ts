@@ -1,6 +1,7 @@
 // The backend-parity suite (after ggml's test-backend-ops): a table of cases per op, each a call
-// of the binding on seeded inputs at awkward shapes and dtypes, run on one device and compared
-// with the float64 references of test/ref/. The tables live beside their references (each
+// of the binding (or of the public op, for its autograd and its argument errors) on seeded inputs
+// at awkward shapes and dtypes, run on one device and compared with the float64 references of
+// test/ref/. The tables live beside their references (each
 // test/ref/*_ref.ts exports `parityCases`); this file only runs them. Plain Node (no tap): the
 // tap test (test/parity.test.ts) runs it once per device this machine has — CPU at each ISA level,
 // the CUDA emulator, a GPU — and bench/gpu/check.js runs it on the GPU machine.
@@ -30,6 +31,7 @@ export interface Input {
 export type Call = [keyof Binding, ...unknown[]];
 
 export interface Built {
+  /** Binding-level cases: the inputs uploaded to the device, as named storages. */
   inputs: Record<string, Input>;
   /** Outputs to allocate: an element count (filled with NaN first, so an element no kernel wrote shows) or initial values (accumulating outputs). */
   outputs: Record<string, number | ArrayLike<number>>;
@@ -37,8 +39,13 @@ export interface Built {
   /** The reference values of some outputs. */
   expect: Record<string, ArrayLike<number>>;
   tol: Tol | ((device: Device) => Tol);
-  /** Instead of values: the calls must throw a LoraError with this code. */
-  throws?: string;
+  /**
+   * Op-level cases: public-API code run on the device instead of `calls`, returning the outputs
+   * named in `expect` as arrays. It must free every tensor it makes (the runner counts them).
+   */
+  api?: (device: Device) => Record<string, ArrayLike<number>>;
+  /** Instead of values: the calls (or api) must throw a LoraError with this code (and message). */
+  throws?: string | { code: string; message: RegExp };
 }
 
 export interface ParityCase {
@@ -112,21 +119,30 @@ export function runCase(c: ParityCase, device: Device): Result {
       return Array.isArray(a) ? a.map(resolve) : a;
     };
     let threw: unknown = null;
+    let results: Record<string, ArrayLike<number>> = {};
+    const live = native.memory().numTensors;
     try {
-      for (const [fn, ...args] of b.calls) (native[fn] as (...a: unknown[]) => unknown)(...args.map(resolve));
+      if (b.api) results = b.api(device);
+      else for (const [fn, ...args] of b.calls) (native[fn] as (...a: unknown[]) => unknown)(...args.map(resolve));
     } catch (err) {
       if (b.throws === undefined) throw err;
       threw = err;
     }
-    if (b.throws !== undefined) {
+    const leaked = native.memory().numTensors - live;
+    if (b.api && leaked !== 0) {
+      ok = false;
+      line = `the op left ${leaked} tensors alive`;
+    } else if (b.throws !== undefined) {
+      const want = typeof b.throws === 'string' ? { code: b.throws, message: /./ } : b.throws;
       const code = (threw as { code?: string } | null)?.code;
-      ok = code === b.throws;
-      line = ok ? `threw ${code} as it should` : `expected ${b.throws}, got ${threw ? `${code}: ${(threw as Error).message}` : 'no error'}`;
+      const message = threw instanceof Error ? threw.message : '';
+      ok = code === want.code && want.message.test(message);
+      line = ok ? `threw ${code} as it should` : `expected ${want.code} ${want.message}, got ${threw ? `${code}: ${message}` : 'no error'}`;
     } else {
       const tol = typeof b.tol === 'function' ? b.tol(device) : b.tol;
       const parts: string[] = [];
       for (const [name, ref] of Object.entries(b.expect)) {
-        const got = download(storages.get(name)!);
+        const got = b.api ? results[name]! : download(storages.get(name)!);
         const m = compare(got, ref, tol.atol + (tol.rms ?? 0) * rms(ref), tol.rtol);
         ok = ok && m.ok;
         parts.push(`${name}: ${m.ok ? `max ratio ${m.message.split(' at ')[0]!.replace('worst ratio ', '')}` : m.message}`);
