@@ -496,6 +496,66 @@ cudaError_t launch_attention_backward(cudaStream_t stream, float* dq, float* dk,
   return cudaGetLastError();
 }
 
+// ---- RoPE (backend.h: rope, rope_backward) ------------------------------------------------------
+namespace {
+
+// One thread per slot of a row (one head of one token: D features, slots 0..D-R/2-1): slot
+// j < R/2 rotates the pair (j, j + R/2) by sign·θ_j; slot j >= R/2 copies the passed-through
+// feature j + R/2 (>= R) when y is not x. y may alias x (each element is read and written by
+// one thread), hence no __restrict__ on them.
+__global__ void rope_kernel(float* y,                                  // (rows, D)
+                            const float* x,                            // (rows, D)
+                            const int32_t* __restrict__ positions,     // (rows / H)
+                            const float* __restrict__ inv_freq,        // (half)
+                            int64_t rows, int64_t H, int64_t D, int64_t half, float a, float sign) {
+  const int64_t slots = D - half;
+  const int64_t total = rows * slots;
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < total;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = k / slots, j = k - row * slots;
+    const float* xr = x + row * D;
+    float* yr = y + row * D;
+    if (j < half) {
+      float s, c;
+      sincosf(static_cast<float>(positions[row / H]) * inv_freq[j], &s, &c);  // θ in fp32
+      c *= a;
+      s *= sign * a;
+      const float x1 = xr[j], x2 = xr[j + half];
+      yr[j] = x1 * c - x2 * s;
+      yr[j + half] = x2 * c + x1 * s;
+    } else if (yr != xr) {
+      yr[j + half] = xr[j + half];
+    }
+  }
+}
+
+lora_status rope_rotate(lora_backend* be, float* y, const float* x, const int32_t* positions,
+                        const float* inv_freq, int64_t Bt, int64_t T, int64_t H, int64_t D,
+                        int64_t R, float a, float sign, const char* what) {
+  Context& c = ctx(be);
+  if (c.unusable()) return LORA_UNUSABLE;
+  if (Bt < 0 || T < 0 || H < 0 || D < 0 || R < 0 || R > D || R % 2 != 0) return LORA_INVALID_ARGUMENT;
+  const int64_t total = Bt * T * H * (D - R / 2);
+  if (total == 0) return LORA_OK;
+  launch(rope_kernel, grid_for(total), kThreads, 0, c.stream(), y, x, positions, inv_freq, Bt * T * H, H, D,
+         R / 2, a, sign);
+  return c.check(cudaGetLastError(), what);
+}
+
+lora_status rope(lora_backend* be, float* y, const float* x, const int32_t* positions,
+                 const float* inv_freq, int64_t Bt, int64_t T, int64_t H, int64_t D, int64_t R,
+                 float a) {
+  return rope_rotate(be, y, x, positions, inv_freq, Bt, T, H, D, R, a, 1.0f, "rope");
+}
+
+lora_status rope_backward(lora_backend* be, float* dx, const float* dy, const int32_t* positions,
+                          const float* inv_freq, int64_t Bt, int64_t T, int64_t H, int64_t D,
+                          int64_t R, float a) {
+  return rope_rotate(be, dx, dy, positions, inv_freq, Bt, T, H, D, R, a, -1.0f, "rope_backward");
+}
+
+}  // namespace
+
 // ---- table entries ---------------------------------------------------------------------------
 namespace {
 
@@ -642,6 +702,8 @@ void register_nn(lora_backend& t) {
   t.cross_entropy_backward = cross_entropy_backward;
   t.attention = attention;
   t.attention_backward = attention_backward;
+  t.rope = rope;
+  t.rope_backward = rope_backward;
 }
 
 }  // namespace cuda

@@ -49,6 +49,8 @@ export interface Binding {
   crossEntropyBackward(dlogits: S, dloss: S, logits: S, lse: S, targets: S, N: number, V: number, ignoreIndex: number, labelSmoothing: number): void;
   attention(out: S, lse: S, q: S, k: S, v: S, Bt: number, T: number, H: number, D: number, scale: number, causal: boolean): void;
   attentionBackward(dq: S, dk: S, dv: S, dout: S, q: S, k: S, v: S, out: S, lse: S, Bt: number, T: number, H: number, D: number, scale: number, causal: boolean): void;
+  rope(y: S, x: S, positions: S, invFreq: S, Bt: number, T: number, H: number, D: number, R: number, scaling: number): void;
+  ropeBackward(dx: S, dy: S, positions: S, invFreq: S, Bt: number, T: number, H: number, D: number, R: number, scaling: number): void;
   supports(device: number, op: number, dtype: number): boolean;
   describe(): BindingFunction[];
   enums(): BindingEnums;

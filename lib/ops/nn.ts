@@ -1,6 +1,6 @@
 // The neural-network ops with their own kernels: layer and RMS normalisation, embedding lookup,
-// dropout and scaled dot-product attention. Each records a backward written from the math (the
-// kernels' backward entries); nothing here keeps state.
+// dropout, scaled dot-product attention and rotary position embedding. Each records a backward
+// written from the math (the kernels' backward entries); nothing here keeps state.
 import { checkOptions, expectBoolean, expectInteger, expectNumber, LoraError } from '../errors';
 import { native } from '../native';
 import { defaultRng } from '../random';
@@ -193,4 +193,59 @@ export function attention(q: Tensor, k: Tensor, v: Tensor, options?: AttentionOp
     },
   });
   return saveFor(res, lse);
+}
+
+export interface RopeOptions {
+  /** transformers' attention_scaling: cos and sin are multiplied by it. Default 1. */
+  attentionScaling?: number;
+}
+
+/**
+ * Rotary position embedding as transformers' `apply_rotary_pos_emb` with `rotate_half`: in each
+ * head, the pairs (i, i + R/2) of the first R = 2·invFreq.length features are rotated by
+ * θ = position·invFreq[i] (computed in float32, as transformers does), cos and sin scaled by
+ * attentionScaling; features R.. pass through (partial rotary, as Phi-3 and GPT-NeoX). x is
+ * [batch, seq, heads, headDim], the layout attention() takes; positions are int32
+ * [batch, seq], one per token (left-padded batches, cached decoding); invFreq is float32 [R/2],
+ * computed by the caller (so any RoPE scaling — linear, dynamic, llama3 — is a choice of
+ * invFreq). The backward rotates by -θ. positions and invFreq get no gradient.
+ *
+ * @example
+ * const D = 64;
+ * const invFreq = tensor(Array.from({ length: D / 2 }, (_, i) => 10000 ** (-2 * i / D)), [D / 2]);
+ * const positions = tensor([0, 1, 2, 3], [1, 4], { dtype: 'int32' });
+ * const qRot = rope(q, positions, invFreq);   // q: [1, 4, heads, 64]
+ * @throws ERR_LORA_SHAPE when x is not 4-D, positions not [batch, seq] or 2·invFreq.length > headDim;
+ *   ERR_LORA_DTYPE when positions are not int32 or x / invFreq not float32; ERR_LORA_DEVICE
+ *   across devices; LoraTypeError / LoraRangeError for attentionScaling.
+ */
+export function rope(x: Tensor, positions: Tensor, invFreq: Tensor, options?: RopeOptions): Tensor {
+  const o = checkOptions<RopeOptions>('rope()', options, ['attentionScaling']);
+  expectTensor('x', x);
+  expectTensor('positions', positions);
+  expectTensor('invFreq', invFreq);
+  floatOnly('rope', x, invFreq);
+  sameDevice('rope', x, positions, invFreq);
+  if (positions.dtype !== 'int32')
+    throw new LoraError('ERR_LORA_DTYPE', `Expected int32 positions for rope() but received ${positions.dtype} (create them with { dtype: 'int32' })`);
+  if (x.ndim !== 4)
+    throw new LoraError('ERR_LORA_SHAPE', `Expected x of shape [batch, seq, heads, headDim] for rope() but received ${shapeString(x.shape)}`);
+  const [Bt, T, H, D] = x.shape as [number, number, number, number];
+  if (positions.ndim !== 2 || positions.shape[0] !== Bt || positions.shape[1] !== T)
+    throw new LoraError('ERR_LORA_SHAPE', `Expected positions of shape [${Bt}, ${T}] for x of shape ${shapeString(x.shape)} but received ${shapeString(positions.shape)}`);
+  if (invFreq.ndim !== 1 || 2 * invFreq.size > D)
+    throw new LoraError('ERR_LORA_SHAPE', `Expected invFreq of shape [n] with 2·n <= ${D} (the rotary dim, at most headDim) but received ${shapeString(invFreq.shape)}`);
+  const R = 2 * invFreq.size;
+  const a = o.attentionScaling === undefined ? 1 : expectNumber('attentionScaling', o.attentionScaling);
+  const y = empty(x.shape, x.device);
+  if (y.size > 0) native.rope(y._storage, x._storage, positions._storage, invFreq._storage, Bt, T, H, D, R, a);
+  return record(y, {
+    name: 'rope', inputs: [x],
+    backward: (g) => {
+      const dx = empty(x.shape, x.device);
+      if (dx.size > 0)
+        native.ropeBackward(dx._storage, g._storage, positions._live('positions of rope'), invFreq._live('invFreq of rope'), Bt, T, H, D, R, a);
+      return [dx];
+    },
+  });
 }

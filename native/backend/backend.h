@@ -7,7 +7,7 @@
  * Dimensions, named once and used everywhere:
  *   N  rows (batch x sequence)       C  in-features        OC  out-features       R  rank
  *   V  vocabulary (rows of an embedding table, classes of a cross-entropy)
- *   attention: Bt batch, T sequence, H heads, D head dim, laid out (Bt, T, H, D)
+ *   attention and RoPE: Bt batch, T sequence, H heads, D head dim, laid out (Bt, T, H, D)
  * Every pointer is device memory of the backend that receives it; shapes are row-major and
  * contiguous unless a stride says otherwise. Gradients are d-prefixed; accumulating outputs say
  * "+=". Every kernel returns a lora_status; only the binding turns one into a JS exception.
@@ -64,7 +64,8 @@ typedef enum lora_op {
   LORA_OP_SOFTMAX, LORA_OP_SOFTMAX_BACKWARD, LORA_OP_DROPOUT, LORA_OP_LAYER_NORM,
   LORA_OP_LAYER_NORM_BACKWARD, LORA_OP_RMS_NORM, LORA_OP_RMS_NORM_BACKWARD, LORA_OP_EMBEDDING,
   LORA_OP_EMBEDDING_BACKWARD, LORA_OP_CROSS_ENTROPY, LORA_OP_CROSS_ENTROPY_BACKWARD,
-  LORA_OP_ATTENTION, LORA_OP_ATTENTION_BACKWARD, LORA_OP_COUNT
+  LORA_OP_ATTENTION, LORA_OP_ATTENTION_BACKWARD, LORA_OP_ROPE, LORA_OP_ROPE_BACKWARD,
+  LORA_OP_COUNT
 } lora_op;
 
 /* The names JavaScript uses for these ids (the addon exports them; test/binding.test.ts checks them
@@ -93,7 +94,7 @@ static inline const char* lora_op_name(int32_t op) {
       "binary", "binaryScalar", "unary", "unaryBackward", "axpy", "reduce", "copyStrided",
       "softmax", "softmaxBackward", "dropout", "layerNorm", "layerNormBackward", "rmsNorm",
       "rmsNormBackward", "embedding", "embeddingBackward", "crossEntropy", "crossEntropyBackward",
-      "attention", "attentionBackward"};
+      "attention", "attentionBackward", "rope", "ropeBackward"};
   return op >= 0 && op < LORA_OP_COUNT ? names[op] : "";
 }
 
@@ -334,6 +335,30 @@ struct lora_backend {
                                     const float* lse,   /* (Bt, H, T) */
                                     int64_t Bt, int64_t T, int64_t H, int64_t D, float scale,
                                     bool causal);
+
+  /* ---- rotary position embedding (transformers' rotate_half convention) ---------------------- */
+  /* Rotates the first R (= rotary dim, even, <= D) features of every head by the angle of the
+   * token's position; features R..D-1 pass through. Pairs are (i, i + R/2), not interleaved:
+   *   θ_i = pos[bt, t]·inv_freq[i] (in fp32), c = a·cos θ_i, s = a·sin θ_i   (i < R/2)
+   *   y_i = x_i·c - x_{i+R/2}·s;   y_{i+R/2} = x_{i+R/2}·c + x_i·s;   y_j = x_j (j >= R)
+   * a is transformers' attention_scaling (1 for plain RoPE). y may be x (in place). The layout is
+   * the one attention takes, (Bt, T, H, D) as a (Bt, T, H·D) projection reshapes to; transformers
+   * applies the same rotation to (B, H, T, D) after its transpose. Positions are per token, so
+   * left-padded batches and cached decoding (positions T0..T0+T-1) need nothing more. */
+  lora_status (*rope)(lora_backend* be,
+                      float* y,                  /* (Bt, T, H, D) */
+                      const float* x,            /* (Bt, T, H, D) */
+                      const int32_t* positions,  /* (Bt, T) */
+                      const float* inv_freq,     /* (R/2) */
+                      int64_t Bt, int64_t T, int64_t H, int64_t D, int64_t R, float a);
+  /* The rotation is orthogonal up to a, so the backward rotates by -θ:
+   *   dx_i = dy_i·c + dy_{i+R/2}·s;   dx_{i+R/2} = dy_{i+R/2}·c - dy_i·s;   dx_j = dy_j (j >= R) */
+  lora_status (*rope_backward)(lora_backend* be,
+                               float* dx,                 /* (Bt, T, H, D) */
+                               const float* dy,           /* (Bt, T, H, D) */
+                               const int32_t* positions,  /* (Bt, T) */
+                               const float* inv_freq,     /* (R/2) */
+                               int64_t Bt, int64_t T, int64_t H, int64_t D, int64_t R, float a);
 };
 
 /* A library's table must reach at least the end of the memory entries to be used at all. */

@@ -1,4 +1,4 @@
-// The binding of the normalisation, embedding, cross-entropy and attention kernels
+// The binding of the normalisation, embedding, cross-entropy, attention and RoPE kernels
 // (native/backend/backend.h). Kernels that index by int32 ids report an id out of range as an
 // invalid argument before writing anything; the binding names the ids in a range error.
 #include "args.h"
@@ -52,6 +52,13 @@ void register_nn(Registry& r) {
             tensor("dout", kF32, "Bt*T*H*D"), tensor("q", kF32, "Bt*T*H*D"), tensor("k", kF32, "Bt*T*H*D"),
             tensor("v", kF32, "Bt*T*H*D"), tensor("out", kF32, "Bt*T*H*D"), tensor("lse", kF32, "Bt*H*T"),
             size("Bt"), size("T"), size("H"), size("D"), number("scale"), flag("causal")});
+
+  r.kernel("rope", LORA_OP_ROPE, &lora_backend::rope,
+           {tensor("y", kF32, "Bt*T*H*D"), tensor("x", kF32, "Bt*T*H*D"), tensor("positions", kI32, "Bt*T"),
+            tensor("invFreq", kF32, "R/2"), size("Bt"), size("T"), size("H"), size("D"), size("R"), number("scaling")});
+  r.kernel("ropeBackward", LORA_OP_ROPE_BACKWARD, &lora_backend::rope_backward,
+           {tensor("dx", kF32, "Bt*T*H*D"), tensor("dy", kF32, "Bt*T*H*D"), tensor("positions", kI32, "Bt*T"),
+            tensor("invFreq", kF32, "R/2"), size("Bt"), size("T"), size("H"), size("D"), size("R"), number("scaling")});
 }
 
 }  // namespace binding

@@ -323,6 +323,50 @@ lora_status attention_backward(lora_backend* be, float* dq, float* dk, float* dv
   return LORA_OK;
 }
 
+// RoPE (rotate_half pairs (i, i + R/2) of each head's first R features) by +θ (forward, sign 1)
+// or -θ (backward, sign -1); the angles of a token are computed once for its H heads.
+lora_status rope_rotate(lora_backend* be, float* y, const float* x, const int32_t* positions,
+                        const float* inv_freq, int64_t Bt, int64_t T, int64_t H, int64_t D,
+                        int64_t R, float a, float sign) {
+  if (Bt < 0 || T < 0 || H < 0 || D < 0 || R < 0 || R > D || R % 2 != 0) return LORA_INVALID_ARGUMENT;
+  ThreadPool& pool = cpu_pool(be);
+  const int64_t half = R / 2;
+  pool.parallel_for(Bt * T, row_grain(H * D), [&](int64_t r0, int64_t r1) {
+    std::vector<float> c(static_cast<size_t>(half)), s(static_cast<size_t>(half));
+    for (int64_t r = r0; r < r1; ++r) {
+      const float p = static_cast<float>(positions[r]);
+      for (int64_t i = 0; i < half; ++i) {
+        const float theta = p * inv_freq[i];  // fp32, as transformers computes it
+        c[i] = a * std::cos(theta);
+        s[i] = sign * a * std::sin(theta);
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        const float* xr = x + (r * H + h) * D;
+        float* yr = y + (r * H + h) * D;
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = xr[i], x2 = xr[i + half];
+          yr[i] = x1 * c[i] - x2 * s[i];
+          yr[i + half] = x2 * c[i] + x1 * s[i];
+        }
+        if (yr != xr) std::copy(xr + R, xr + D, yr + R);
+      }
+    }
+  });
+  return LORA_OK;
+}
+
+lora_status rope(lora_backend* be, float* y, const float* x, const int32_t* positions,
+                 const float* inv_freq, int64_t Bt, int64_t T, int64_t H, int64_t D, int64_t R,
+                 float a) {
+  return rope_rotate(be, y, x, positions, inv_freq, Bt, T, H, D, R, a, 1.0f);
+}
+
+lora_status rope_backward(lora_backend* be, float* dx, const float* dy, const int32_t* positions,
+                          const float* inv_freq, int64_t Bt, int64_t T, int64_t H, int64_t D,
+                          int64_t R, float a) {
+  return rope_rotate(be, dx, dy, positions, inv_freq, Bt, T, H, D, R, a, -1.0f);
+}
+
 }  // namespace
 
 void cpu_register_nn(lora_backend& t) {
@@ -336,6 +380,8 @@ void cpu_register_nn(lora_backend& t) {
   t.cross_entropy_backward = cross_entropy_backward;
   t.attention = attention;
   t.attention_backward = attention_backward;
+  t.rope = rope;
+  t.rope_backward = rope_backward;
 }
 
 }  // namespace lora

@@ -1,8 +1,10 @@
 // Float64 references for lib/nn_ops.ts, written from the math and independent of the kernels:
 // each op has a forward and, where it has one, a backward that returns the gradients of
 // sum(y ⊙ G). Also: a central finite-difference checker and the tolerance comparison the tests
-// share, and the kernels' parity cases (at the end). Not a test file itself.
-import type { Input, ParityCase, Tol } from '../parity/suite';
+// share, and the kernels' parity cases (at the end; the RoPE ones also check rope() itself, its
+// autograd and its argument errors). Not a test file itself.
+import { rope, tensor, tidy, zeros } from '../../lib/index';
+import type { Device, Input, ParityCase, Tol } from '../parity/suite';
 import { seeded } from './dtype_ref';
 
 export type F64 = Float64Array;
@@ -342,6 +344,54 @@ export function mseRef(a: F64, b: F64): F64 {
   return Float64Array.of(s / a.length);
 }
 
+// ---- rotary position embedding ----------------------------------------------------------------
+
+/**
+ * transformers' apply_rotary_pos_emb with rotate_half on x (B, T, H, D): pairs (i, i + R/2) of
+ * the first R = 2·invFreq.length features rotated by θ = pos·invFreq[i], the rest passed through;
+ * cos and sin times a. θ is the float32 product, as transformers computes it (inv_freq @ positions
+ * in float32); everything after it is float64.
+ */
+export function ropeRef(x: F64, pos: ArrayLike<number>, invFreq: ArrayLike<number>, B: number, T: number, H: number, D: number, a: number): F64 {
+  const half = invFreq.length;
+  const y = Float64Array.from(x);
+  for (let bt = 0; bt < B * T; bt++)
+    for (let i = 0; i < half; i++) {
+      const theta = Math.fround(Math.fround(pos[bt]!) * Math.fround(invFreq[i]!));
+      const c = a * Math.cos(theta), sn = a * Math.sin(theta);
+      for (let h = 0; h < H; h++) {
+        const o = (bt * H + h) * D;
+        const x1 = x[o + i]!, x2 = x[o + i + half]!;
+        y[o + i] = x1 * c - x2 * sn;           // x·cos + rotate_half(x)·sin, first half
+        y[o + i + half] = x2 * c + x1 * sn;    // second half
+      }
+    }
+  return y;
+}
+
+/** The gradient of sum(rope(x) ⊙ G) for x: the transpose of each 2x2 rotation, applied to G. */
+export function ropeBackwardRef(G: F64, pos: ArrayLike<number>, invFreq: ArrayLike<number>, B: number, T: number, H: number, D: number, a: number): F64 {
+  const half = invFreq.length;
+  const dx = Float64Array.from(G);
+  for (let bt = 0; bt < B * T; bt++)
+    for (let i = 0; i < half; i++) {
+      const theta = Math.fround(Math.fround(pos[bt]!) * Math.fround(invFreq[i]!));
+      const c = a * Math.cos(theta), sn = a * Math.sin(theta);
+      for (let h = 0; h < H; h++) {
+        const o = (bt * H + h) * D;
+        const g1 = G[o + i]!, g2 = G[o + i + half]!;
+        dx[o + i] = c * g1 + sn * g2;
+        dx[o + i + half] = -sn * g1 + c * g2;
+      }
+    }
+  return dx;
+}
+
+/** RoPE's default inverse frequencies base^(-2i/R), i < R/2, as float32 values. */
+export function ropeInvFreq(R: number, base = 10000): F64 {
+  return Float64Array.from({ length: R / 2 }, (_, i) => Math.fround(base ** (-(2 * i) / R)));
+}
+
 // ---- parity cases (test/parity/suite.ts runs them on every backend) ------------------------------
 
 /** Per row: the mean and 1/sqrt(var + eps) (layer norm) or 1/sqrt(mean(x²) + eps) (RMS norm). */
@@ -504,8 +554,83 @@ function nnCases(): ParityCase[] {
       },
     });
   }
+  // RoPE: full and partial rotary dims, positions of left-padded batches and of cached decoding
+  // (a large offset: the float32 angle is the contract), attention scaling, in place.
+  const ROPE_TOL: Tol = { atol: 1e-6, rtol: 1e-5 };
+  for (const [Bt, T, H, D, R, a, offset] of [[1, 1, 1, 2, 2, 1, 0], [2, 5, 3, 16, 16, 1, 0], [2, 7, 3, 20, 8, 1.2, 0], [3, 37, 4, 64, 64, 1, 0],
+    [2, 9, 2, 96, 32, 1, 40000]] as const) {
+    const n = Bt * T * H * D;
+    const x = data(n), dy = data(n), invFreq = ropeInvFreq(R, 10000 + R);
+    // sequence b starts b·2 tokens late (left padding: those positions repeat 0)
+    const pos = Int32Array.from({ length: Bt * T }, (_, i) => offset + Math.max(0, (i % T) - 2 * Math.floor(i / T)));
+    const tag = `(${Bt}, ${T}, ${H}, ${D}) R ${R}${a !== 1 ? ` scaling ${a}` : ''}${offset ? ` from position ${offset}` : ''}`;
+    const inputs = { x: { data: x }, dy: { data: dy }, pos: { data: pos, dtype: 'int32' as const }, invFreq: { data: invFreq } };
+    cases.push({
+      name: `rope ${tag}`, build: () => ({
+        inputs, outputs: { y: n }, calls: [['rope', '$y', '$x', '$pos', '$invFreq', Bt, T, H, D, R, a]],
+        expect: { y: ropeRef(x, pos, invFreq, Bt, T, H, D, a) }, tol: ROPE_TOL,
+      }),
+    });
+    cases.push({
+      name: `rope in place ${tag}`, build: () => ({
+        inputs, outputs: {}, calls: [['rope', '$x', '$x', '$pos', '$invFreq', Bt, T, H, D, R, a]],
+        expect: { x: ropeRef(x, pos, invFreq, Bt, T, H, D, a) }, tol: ROPE_TOL,
+      }),
+    });
+    cases.push({
+      name: `ropeBackward ${tag}`, build: () => ({
+        inputs, outputs: { dx: n }, calls: [['ropeBackward', '$dx', '$dy', '$pos', '$invFreq', Bt, T, H, D, R, a]],
+        expect: { dx: ropeBackwardRef(dy, pos, invFreq, Bt, T, H, D, a) }, tol: ROPE_TOL,
+      }),
+    });
+    cases.push({
+      name: `rope() forward and backward through autograd ${tag}`, build: () => ({
+        inputs: {}, outputs: {}, calls: [], tol: ROPE_TOL,
+        expect: { y: ropeRef(x, pos, invFreq, Bt, T, H, D, a), dx: ropeBackwardRef(dy, pos, invFreq, Bt, T, H, D, a) },
+        api: (device) => tidy(() => {
+          const xt = tensor(Float32Array.from(x), [Bt, T, H, D], { device, requiresGrad: true });
+          const y = rope(xt, tensor(Array.from(pos), [Bt, T], { device, dtype: 'int32' }), tensor(Float32Array.from(invFreq), [R / 2], { device }),
+            a !== 1 ? { attentionScaling: a } : undefined);
+          y.backward(tensor(Float32Array.from(dy), [Bt, T, H, D], { device }));
+          const out = { y: y.toFloat32Array(), dx: xt.grad!.toFloat32Array() };
+          xt.grad!.dispose();
+          return out;
+        }),
+      }),
+    });
+  }
+  cases.push({
+    name: 'rope reference: its backward against central finite differences', build: () => {
+      const [B, T, H, D] = [2, 3, 2, 10], half = 3;
+      const x = data(B * T * H * D), G = data(B * T * H * D), pos = [5, 0, 1, 2, 3, 7], invFreq = ropeInvFreq(2 * half);
+      const fd = finiteDiff(([v]) => ropeRef(v!, pos, invFreq, B, T, H, D, 1.3), [x], G, 0);
+      return { inputs: {}, outputs: {}, calls: [], api: () => ({ dx: fd }), expect: { dx: ropeBackwardRef(G, pos, invFreq, B, T, H, D, 1.3) }, tol: { atol: 1e-8, rtol: 1e-7 } };
+    },
+  });
+  const ropeError = (what: string, code: string, message: RegExp, call: (device: Device) => void): ParityCase => ({
+    name: `rope() refuses ${what}`,
+    build: () => ({ inputs: {}, outputs: {}, calls: [], expect: {}, tol: ROPE_TOL, throws: { code, message }, api: (device) => { tidy(() => call(device)); return {}; } }),
+  });
+  const args = (device: Device) => ({
+    x: zeros([2, 3, 2, 8], { device }), pos: zeros([2, 3], { device, dtype: 'int32' }), f: zeros([4], { device }),
+  });
+  cases.push(
+    ropeError('float32 positions', 'ERR_LORA_DTYPE', /^Expected int32 positions for rope\(\) but received float32/, (d) => { const a = args(d); rope(a.x, zeros([2, 3], { device: d }), a.f); }),
+    ropeError('positions of another shape', 'ERR_LORA_SHAPE', /^Expected positions of shape \[2, 3\] for x of shape \[2, 3, 2, 8\] but received \[3, 2\]$/,
+      (d) => { const a = args(d); rope(a.x, zeros([3, 2], { device: d, dtype: 'int32' }), a.f); }),
+    ropeError('a rotary dim above headDim', 'ERR_LORA_SHAPE', /^Expected invFreq of shape \[n\] with 2·n <= 8 \(the rotary dim, at most headDim\) but received \[5\]$/,
+      (d) => { const a = args(d); rope(a.x, a.pos, zeros([5], { device: d })); }),
+    ropeError('x that is not 4-D', 'ERR_LORA_SHAPE', /^Expected x of shape \[batch, seq, heads, headDim\] for rope\(\) but received \[6, 16\]$/,
+      (d) => { const a = args(d); rope(zeros([6, 16], { device: d }), a.pos, a.f); }),
+    ropeError('a bfloat16 invFreq', 'ERR_LORA_DTYPE', /^Expected float32 tensors for rope\(\) but received bfloat16/,
+      (d) => { const a = args(d); rope(a.x, a.pos, a.f.toDtype('bfloat16')); }),
+    ropeError('an attentionScaling that is not a number', 'ERR_LORA_TYPE', /^Expected a finite number for attentionScaling but received "2" \(string\)$/,
+      (d) => { const a = args(d); rope(a.x, a.pos, a.f, { attentionScaling: '2' as unknown as number }); }),
+    ropeError('a misspelt option', 'ERR_LORA_OPTION', /^Unknown option 'attentionscaling' for rope\(\); did you mean 'attentionScaling'\?$/,
+      (d) => { const a = args(d); rope(a.x, a.pos, a.f, { attentionscaling: 2 } as never); }),
+  );
   return cases;
 }
 
-/** The parity cases of the normalisation, embedding, cross-entropy and attention kernels. */
+/** The parity cases of the normalisation, embedding, cross-entropy, attention and RoPE kernels. */
 export const parityCases: ParityCase[] = nnCases();
