@@ -29,7 +29,7 @@ function t32(a: Float64Array, shape: number[]): Tensor {
   return tensor(Float32Array.from(a), shape);
 }
 
-// The shapes the issue names: N in {1, 7, 33, 129}, C and OC in {1, 3, 17, 64, 257},
+// Awkward shapes: N in {1, 7, 33, 129}, C and OC in {1, 3, 17, 64, 257},
 // R in {1, 2, 8, min(C, OC)}; every value appears, with R clipped to min(C, OC).
 const SHAPES: [number, number, number, number][] = [
   [1, 1, 1, 1], [7, 3, 17, 2], [33, 17, 3, 3], [129, 64, 17, 8], [1, 257, 64, 8],

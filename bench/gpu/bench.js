@@ -1,4 +1,4 @@
-// Times lora-native's CUDA kernels at the shapes through the addon's binding: lora_forward,
+// Times lora-native's CUDA kernels at two LLM-sized shapes through the addon's binding: lora_forward,
 // the training step (forward + backward: dx, dA, dB), the base GEMM alone (R = 0), lora_merge,
 // AdamW (adapter-only and a weight-sized parameter set) and a device-to-device copy for the
 // bandwidth ceiling. Writes JSON records for table.py. Not a correctness check (check.js is).
