@@ -246,7 +246,7 @@ t.test('mergeAsync keeps the event loop turning during a large merge', async (t)
     started = performance.now();
     gaps.push(await maxTimerGap(() => layer.mergeAsync()));
     asyncMs = performance.now() - started;
-    if (gaps[gaps.length - 1]! < 50) break;
+    if (gaps[gaps.length - 1]! < 50 || attempt === 2) break;  // the last attempt stays merged
     layer.unmerge();
     layer.weight.assign(w0);
   }

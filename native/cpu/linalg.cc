@@ -1,36 +1,35 @@
 // The CPU matrix products of the kernel interface: gemm and gemm_bf16 over the GEMM engine
 // (gemm.h), one call per batch entry.
+#include <type_traits>
+
 #include "cpu.h"
 #include "gemm.h"
 
 namespace lora {
 namespace {
 
-lora_status gemm(lora_backend* be, float* Cm, const float* Am, const float* Bm, int64_t M,
-                 int64_t Nn, int64_t K, bool trans_a, bool trans_b, int64_t lda, int64_t ldb,
-                 int64_t ldc, float alpha, float beta, int64_t batch, int64_t stride_a,
-                 int64_t stride_b, int64_t stride_c) {
-  for (int64_t i = 0; i < batch; ++i)
-    sgemm(cpu_pool(be), trans_a, trans_b, M, Nn, K, alpha, Am + i * stride_a, lda,
-          Bm + i * stride_b, ldb, beta, Cm + i * stride_c, ldc);
-  return LORA_OK;
-}
-
-lora_status gemm_bf16(lora_backend* be, float* Cm, const float* Am, const uint16_t* Bm, int64_t M,
-                      int64_t Nn, int64_t K, bool trans_a, bool trans_b, int64_t lda,
-                      int64_t ldb, int64_t ldc, float alpha, float beta, int64_t batch,
-                      int64_t stride_a, int64_t stride_b, int64_t stride_c) {
-  for (int64_t i = 0; i < batch; ++i)
-    sgemm_bf16(cpu_pool(be), trans_a, trans_b, M, Nn, K, alpha, Am + i * stride_a, lda,
-               Bm + i * stride_b, ldb, beta, Cm + i * stride_c, ldc);
+// One engine call per batch entry; B fp32 (sgemm) or bf16 bits (sgemm_bf16).
+template <typename TB>
+lora_status gemm_batched(lora_backend* be, float* Cm, const float* Am, const TB* Bm, int64_t M,
+                         int64_t Nn, int64_t K, bool trans_a, bool trans_b, int64_t lda,
+                         int64_t ldb, int64_t ldc, float alpha, float beta, int64_t batch,
+                         int64_t stride_a, int64_t stride_b, int64_t stride_c) {
+  for (int64_t i = 0; i < batch; ++i) {
+    if constexpr (std::is_same_v<TB, float>)
+      sgemm(cpu_pool(be), trans_a, trans_b, M, Nn, K, alpha, Am + i * stride_a, lda,
+            Bm + i * stride_b, ldb, beta, Cm + i * stride_c, ldc);
+    else
+      sgemm_bf16(cpu_pool(be), trans_a, trans_b, M, Nn, K, alpha, Am + i * stride_a, lda,
+                 Bm + i * stride_b, ldb, beta, Cm + i * stride_c, ldc);
+  }
   return LORA_OK;
 }
 
 }  // namespace
 
 void cpu_register_linalg(lora_backend& t) {
-  t.gemm = gemm;
-  t.gemm_bf16 = gemm_bf16;
+  t.gemm = gemm_batched<float>;
+  t.gemm_bf16 = gemm_batched<uint16_t>;
 }
 
 }  // namespace lora

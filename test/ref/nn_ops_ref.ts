@@ -346,45 +346,36 @@ export function mseRef(a: F64, b: F64): F64 {
 
 // ---- rotary position embedding ----------------------------------------------------------------
 
-/**
- * transformers' apply_rotary_pos_emb with rotate_half on x (B, T, H, D): pairs (i, i + R/2) of
- * the first R = 2·invFreq.length features rotated by θ = pos·invFreq[i], the rest passed through;
- * cos and sin times a. θ is the float32 product, as transformers computes it (inv_freq @ positions
- * in float32); everything after it is float64.
- */
-export function ropeRef(x: F64, pos: ArrayLike<number>, invFreq: ArrayLike<number>, B: number, T: number, H: number, D: number, a: number): F64 {
+// Maps every rotated pair (v_i, v_{i+R/2}) of every head of v (B, T, H, D) through f with
+// c = a·cos θ_i, s = a·sin θ_i, θ_i = pos·invFreq[i] as the float32 product (transformers computes
+// inv_freq @ positions in float32); everything after θ is float64. Features R.. are copied.
+function ropePairs(v: F64, pos: ArrayLike<number>, invFreq: ArrayLike<number>, B: number, T: number, H: number, D: number, a: number,
+  f: (c: number, s: number, v1: number, v2: number) => [number, number]): F64 {
   const half = invFreq.length;
-  const y = Float64Array.from(x);
+  const out = Float64Array.from(v);
   for (let bt = 0; bt < B * T; bt++)
     for (let i = 0; i < half; i++) {
       const theta = Math.fround(Math.fround(pos[bt]!) * Math.fround(invFreq[i]!));
       const c = a * Math.cos(theta), sn = a * Math.sin(theta);
       for (let h = 0; h < H; h++) {
         const o = (bt * H + h) * D;
-        const x1 = x[o + i]!, x2 = x[o + i + half]!;
-        y[o + i] = x1 * c - x2 * sn;           // x·cos + rotate_half(x)·sin, first half
-        y[o + i + half] = x2 * c + x1 * sn;    // second half
+        [out[o + i], out[o + i + half]] = f(c, sn, v[o + i]!, v[o + i + half]!);
       }
     }
-  return y;
+  return out;
+}
+
+/**
+ * transformers' apply_rotary_pos_emb with rotate_half on x (B, T, H, D): x·cos + rotate_half(x)·sin
+ * on the first R = 2·invFreq.length features of each head, the rest passed through.
+ */
+export function ropeRef(x: F64, pos: ArrayLike<number>, invFreq: ArrayLike<number>, B: number, T: number, H: number, D: number, a: number): F64 {
+  return ropePairs(x, pos, invFreq, B, T, H, D, a, (c, s, x1, x2) => [x1 * c - x2 * s, x2 * c + x1 * s]);
 }
 
 /** The gradient of sum(rope(x) ⊙ G) for x: the transpose of each 2x2 rotation, applied to G. */
 export function ropeBackwardRef(G: F64, pos: ArrayLike<number>, invFreq: ArrayLike<number>, B: number, T: number, H: number, D: number, a: number): F64 {
-  const half = invFreq.length;
-  const dx = Float64Array.from(G);
-  for (let bt = 0; bt < B * T; bt++)
-    for (let i = 0; i < half; i++) {
-      const theta = Math.fround(Math.fround(pos[bt]!) * Math.fround(invFreq[i]!));
-      const c = a * Math.cos(theta), sn = a * Math.sin(theta);
-      for (let h = 0; h < H; h++) {
-        const o = (bt * H + h) * D;
-        const g1 = G[o + i]!, g2 = G[o + i + half]!;
-        dx[o + i] = c * g1 + sn * g2;
-        dx[o + i + half] = -sn * g1 + c * g2;
-      }
-    }
-  return dx;
+  return ropePairs(G, pos, invFreq, B, T, H, D, a, (c, s, g1, g2) => [c * g1 + s * g2, -s * g1 + c * g2]);
 }
 
 /** RoPE's default inverse frequencies base^(-2i/R), i < R/2, as float32 values. */
