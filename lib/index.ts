@@ -73,5 +73,5 @@ export type {
   LinearOptions, EmbeddingOptions, MLPOptions, ActivationName, TransformerOptions, ApplyLoraOptions, LoraInfo, ParameterCount,
 } from './nn';
 export { train, lrMultiplier, parameterGroups, clipGradNorm, CHECKPOINT_FILE } from './train';
-export type { TrainOptions, TrainResult, StepInfo, Schedule, OptimizerSpec } from './train';
+export type { TrainOptions, TrainResult, StepInfo, Schedule, OptimizerSpec, ResumeInfo } from './train';
 export { allFinite, assertAllFinite } from './numerics';
