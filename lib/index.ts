@@ -68,6 +68,7 @@ export type { GeluOptions, CrossEntropyOptions, MseOptions, Reduction, DropoutOp
 export {
   Linear, Embedding, LayerNorm, RMSNorm, Dropout, Activation, Sequential, MLP, TransformerLM, TransformerBlock,
   CausalSelfAttention, TransformerMLP, applyLora, loraLayers, peftAdapterOf, saveLoraAdapter, loadLoraAdapter, trainableParameters,
+  mergeAndUnload, unloadLora,
 } from './nn';
 export type {
   LinearOptions, EmbeddingOptions, MLPOptions, ActivationName, TransformerOptions, ApplyLoraOptions, LoraInfo, ParameterCount,

@@ -191,6 +191,7 @@ function checkSchedule(v: unknown): Schedule {
 export function parameterGroups(model: Module, spec: OptimizerSpec, loraPlusRatio = 1): ParamGroup[] {
   expectModule('model', model);
   if (spec === null || typeof spec !== 'object') throw typeError('optimizer', 'an object with lr', spec);
+  checkOptions<OptimizerSpec>('parameterGroups() optimizer', spec, ['lr', 'weightDecay', 'betas', 'eps']);
   expectNumber('optimizer.lr', spec.lr, 0);
   if (spec.weightDecay !== undefined) expectNumber('optimizer.weightDecay', spec.weightDecay, 0);
   expectNumber('loraPlusRatio', loraPlusRatio, 0);
