@@ -394,6 +394,8 @@ const tick = () => new Promise<void>((resolve) => setImmediate(resolve));
  * @throws LoraTypeError / LoraRangeError / ERR_LORA_OPTION for bad options; ERR_LORA_NON_FINITE
  *   with onNonFinite: 'throw'; ERR_LORA_STATE / ERR_LORA_FORMAT for a checkpoint of another setup.
  */
+export function train<E>(options: TrainOptions<E[]> & { data: readonly E[] }): Promise<TrainResult>;
+export function train<B = unknown[]>(options: TrainOptions<B>): Promise<TrainResult>;
 export async function train<B = unknown[]>(options: TrainOptions<B>): Promise<TrainResult> {
   const o = checkOptions<TrainOptions<B>>('train()', options, OPTIONS);
   if (!(o.model instanceof Module)) throw typeError('model', 'a Module', o.model);
