@@ -380,8 +380,9 @@ const tick = () => new Promise<void>((resolve) => setImmediate(resolve));
 /**
  * Trains a model. Each optimizer step runs `gradientAccumulation` micro-batches (each inside
  * tidy(), so intermediates are freed), averages their gradients, optionally clips the global norm,
- * sets the scheduled lr and steps the optimizer. Yields to the event loop between steps so an
- * AbortSignal (or a timer) can stop it.
+ * sets the scheduled lr and steps the optimizer. Yields to the event loop every 15 ms or so
+ * (between steps, skipped ones included), so an AbortSignal, timers and I/O run meanwhile. A
+ * resumed run reports where it resumed and which options changed (result.resumed).
  *
  * @example
  * applyLora(model, { targetModules: ['q_proj', 'v_proj'], rank: 8 });

@@ -3,7 +3,8 @@
 // clone's node_modules, so the test needs nothing but what `npm ci` installed (npm ci fills the
 // cache with tarballs, not the registry metadata an offline install of a bare tarball asks for).
 // Once with prebuilds/ and no compiler on PATH (shims that fail for cc/c++/g++/make), proving the
-// prebuild was loaded; once without prebuilds, compiled from source; once with nothing to load,
+// prebuild was loaded; once without prebuilds, the CPU addon compiled from source (the CUDA build
+// skipped; the tarball is checked to hold every file it reads); once with nothing to load,
 // checking the loader's message. Each install trains a layer.
 // Uses prebuilds/ from `npm run prebuilds` when present, else stages the local build as one.
 import { execFileSync, spawnSync, SpawnSyncReturns } from 'node:child_process';
@@ -121,8 +122,16 @@ t.test('npm pack: dist and prebuilds in, tests, benches and build trees out', (t
   }
   const packed = pack(root, fs.mkdtempSync(path.join(tmp, 'pack-')));
   const files = packed.files;
-  for (const f of ['package.json', 'dist/lib/index.js', 'dist/lib/index.d.ts', 'binding.gyp', 'native/binding.cc', 'README.md'])
+  for (const f of ['package.json', 'dist/lib/index.js', 'dist/lib/index.d.ts', 'binding.gyp', 'native/binding.cc', 'README.md', 'scripts/build-cuda.js', 'cuda/CMakeLists.txt'])
     t.ok(files.includes(f), `tarball has ${f}`);
+  // what a user's install compiles the CUDA backend from (the install below skips that build: npm ci
+  // runs it, and here it would only repeat minutes of nvcc): every file cuda/ includes or lists
+  const cudaDir = path.join(root, 'cuda');
+  const cudaSources = fs.readdirSync(cudaDir).filter((f) => /\.(cu|cuh|h|map)$/.test(f));
+  const missing = cudaSources.map((f) => `cuda/${f}`).filter((f) => !files.includes(f));
+  t.same(missing, [], `tarball has the ${cudaSources.length} files of cuda/ the CUDA build reads`);
+  const listed = [...fs.readFileSync(path.join(cudaDir, 'CMakeLists.txt'), 'utf8').matchAll(/^\s+(\w+\.cu)$/gm)].map((m) => m[1]!);
+  t.ok(listed.length > 0 && listed.every((f) => cudaSources.includes(f)), `cuda/CMakeLists.txt builds ${listed.length} sources, all in cuda/`);
   const unwanted = files.filter((f) => /^(test|bench|build|build-cmake|build-asan|coverage|\.tap|\.ci|scripts\/sanitize|dist\/(bench|examples|test)|native\/dev)\//.test(f) || f.endsWith('.tgz'));
   t.same(unwanted, [], 'no tests, benches, build trees or tarballs in the tarball');
 
@@ -174,7 +183,7 @@ t.test('install without prebuilds: compiled from source, offline', (t) => {
   if (!withoutPrebuilds) return t.end();
   const dir = app(tmp, 'app-source');
   const started = Date.now();
-  const r = npm(['install', '--offline', withoutPrebuilds, ...deps], dir);
+  const r = npm(['install', '--offline', withoutPrebuilds, ...deps], dir, cleanEnv({ LORA_NATIVE_SKIP_CUDA: '1' }));
   t.equal(r.status, 0, `npm install --offline compiled the addon in ${((Date.now() - started) / 1000).toFixed(1)} s${r.status ? `: ${r.stderr.slice(-3000)}` : ''}`);
   const installed = path.join(dir, 'node_modules', 'lora-native');
   t.ok(fs.existsSync(path.join(installed, 'build', 'Release', 'lora_native.node')), 'build/Release/lora_native.node exists');
