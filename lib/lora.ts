@@ -151,8 +151,8 @@ export class LoraLinear extends Module {
     this.checkIdle('loading an adapter');
     if (this._merged && (alpha !== this._alpha || useRslora !== this._useRslora))
       throw new LoraError('ERR_LORA_STATE', `Expected an unmerged LoraLinear for ${where} but it is merged; call unmerge() first`);
-    this._alpha = alpha;
-    this._useRslora = useRslora;
+    this._alpha = expectNumber('alpha', alpha, Number.MIN_VALUE, Infinity, 'a finite number > 0');
+    this._useRslora = expectBoolean('useRslora', useRslora);
   }
 
   /**
