@@ -75,3 +75,5 @@ export type {
 export { train, lrMultiplier, parameterGroups, clipGradNorm, CHECKPOINT_FILE } from './train';
 export type { TrainOptions, TrainResult, StepInfo, Schedule, OptimizerSpec } from './train';
 export { allFinite, assertAllFinite } from './numerics';
+export { Tokenizer, loadTokenizer } from './tokenizer';
+export type { ChatMessage, EncodeOptions, DecodeOptions, ChatTemplateOptions } from './tokenizer';
