@@ -77,3 +77,5 @@ export type { TrainOptions, TrainResult, StepInfo, Schedule, OptimizerSpec } fro
 export { allFinite, assertAllFinite } from './numerics';
 export { Tokenizer, loadTokenizer } from './tokenizer';
 export type { ChatMessage, EncodeOptions, DecodeOptions, ChatTemplateOptions } from './tokenizer';
+export { loadDataset, Dataset, IGNORE_INDEX } from './data';
+export type { LoadDatasetOptions, Batch, BatchOptions, DatasetSplits, DatasetFormat, DatasetTokenizer, SkippedLine } from './data';
