@@ -6,6 +6,8 @@ import * as path from 'node:path';
 import { parseArgs, ParseArgsConfig } from 'node:util';
 
 import { LoraError } from './errors';
+import { exportGgufAdapter } from './export/gguf';
+import { exportMlxAdapter } from './export/mlx';
 import { combineAdapters, Combination, mergeError, mergeWeight, ModuleContribution, MergeReportEntry } from './lora_model';
 import { ADAPTER_CONFIG, loadPeftAdapter, PeftAdapter, PeftModule, savePeftAdapter } from './peft';
 import {
@@ -22,6 +24,7 @@ const USAGE = `Usage:
   lora-native inspect <file | dir>
   lora-native combine --adapter <dir> --adapter <dir> [...] --weights w1,w2[,...]
                       --mode linear|cat|svd [--rank k] --out <dir>
+  lora-native export --adapter <peft dir> --model <base model dir> --to peft|gguf|mlx|merged --out <path>
   lora-native --help | --version`;
 
 const DTYPE_ARG: Record<string, DType> = { f32: 'float32', float32: 'float32', bf16: 'bfloat16', bfloat16: 'bfloat16', f16: 'float16', float16: 'float16' };
@@ -293,6 +296,56 @@ function combine(argv: string[], out: NodeJS.WriteStream): void {
   }
 }
 
+// ---- export ---------------------------------------------------------------------------------
+
+/** Files of a Hugging Face folder that travel with merged weights (config, generation, tokenizer). */
+const MODEL_SIDE_FILES = [
+  'config.json', 'generation_config.json', 'tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'tokenizer.model',
+  'vocab.json', 'merges.txt', 'added_tokens.json', 'chat_template.jinja', 'chat_template.json',
+];
+
+function exportAdapter(argv: string[], out: NodeJS.WriteStream, err: NodeJS.WriteStream): void {
+  const { values: v } = parse(argv, { adapter: { type: 'string' }, model: { type: 'string' }, to: { type: 'string' }, out: { type: 'string' } });
+  const adapterDir = need(v.adapter, '--adapter');
+  const modelDir = need(v.model, '--model');
+  const to = need(v.to, '--to');
+  const outPath = need(v.out, '--out');
+  if (!fs.existsSync(modelDir) || !fs.statSync(modelDir).isDirectory()) throw new LoraError('ERR_LORA_IO', `Could not find the model folder ${modelDir}`);
+  switch (to) {
+    case 'peft': {
+      const a = loadPeftAdapter(adapterDir);
+      try {
+        savePeftAdapter(outPath, a);
+      } finally {
+        a.dispose();
+      }
+      out.write(`wrote ${outPath}: PEFT adapter (${ADAPTER_CONFIG}, adapter_model.safetensors)\n`);
+      return;
+    }
+    case 'gguf': {
+      const r = exportGgufAdapter(adapterDir, { modelDir, out: outPath });
+      out.write(`wrote ${outPath}: GGUF LoRA adapter for llama.cpp (${r.architecture}, ${r.tensors} tensors, alpha ${r.alpha}` +
+        `${r.permuted.length ? `, ${r.permuted.length} q/k modules permuted` : ''}${r.rescaled.length ? `, ${r.rescaled.length} modules rescaled into lora_b` : ''})\n`);
+      return;
+    }
+    case 'mlx': {
+      const r = exportMlxAdapter(adapterDir, { modelDir, out: outPath });
+      out.write(`wrote ${outPath}: mlx-lm adapter (${r.fineTuneType}, ${r.modelType}, rank ${r.rank}, scale ${r.scale}, last ${r.numLayers} layers, keys ${r.keys.join(', ')})\n`);
+      return;
+    }
+    case 'merged': {
+      fs.mkdirSync(outPath, { recursive: true });
+      merge(['--base', modelDir, '--adapter', adapterDir, '--out', path.join(outPath, 'model.safetensors')], out, err);
+      const copied = MODEL_SIDE_FILES.filter((f) => fs.existsSync(path.join(modelDir, f)));
+      for (const f of copied) fs.copyFileSync(path.join(modelDir, f), path.join(outPath, f));
+      out.write(`copied ${copied.join(', ') || 'nothing else (no config or tokenizer files found)'} into ${outPath}\n`);
+      return;
+    }
+    default:
+      throw new UsageError(`--to must be peft, gguf, mlx or merged but is '${to}'`);
+  }
+}
+
 // ---- entry --------------------------------------------------------------------------------------
 
 /** Runs the command line; returns the exit code (0 ok, 1 failure, 2 usage). */
@@ -303,6 +356,7 @@ export function main(argv: string[], out: NodeJS.WriteStream = process.stdout, e
       case 'merge': merge(rest, out, err); return 0;
       case 'inspect': inspect(rest, out); return 0;
       case 'combine': combine(rest, out); return 0;
+      case 'export': exportAdapter(rest, out, err); return 0;
       case '--version': case '-v': {
         // eslint-disable-next-line @typescript-eslint/no-require-imports
         const pkg = JSON.parse(fs.readFileSync(path.join(__dirname, '..', '..', 'package.json'), 'utf8')) as { version: string };
