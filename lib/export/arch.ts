@@ -5,8 +5,8 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 
-import { describe, LoraError } from '../errors';
-import { PeftAdapter, PeftModule } from '../peft';
+import { checkOptions, describe, LoraError, typeError } from '../errors';
+import { loadPeftAdapter, PeftAdapter, PeftModule } from '../peft';
 
 export interface ArchInfo {
   /** config.json architectures[0]. */
@@ -138,4 +138,25 @@ export function mlxModulePath(base: BaseModelInfo, mod: string): string {
   if (!base.arch.gpt2) return mod;
   if (mod.startsWith('transformer.')) return `model.${mod.slice('transformer.'.length)}`;
   return /^(h\.|wte$|wpe$)/.test(mod) ? `model.${mod}` : mod;
+}
+
+/**
+ * The arguments every export shares: checks the options (modelDir, out and the extra `known`
+ * keys), reads the base model, and runs `fn` with the adapter: loaded from its folder and freed
+ * afterwards, or the caller's own PeftAdapter, left alive.
+ */
+export function withExportInputs<O extends { modelDir: string; out: string }, R>(
+  where: string, adapter: string | PeftAdapter, options: O, known: string[], outWhat: string, fn: (o: O, base: BaseModelInfo, a: PeftAdapter) => R,
+): R {
+  const o = checkOptions<O>(where, options, ['modelDir', 'out', ...known]) as O;
+  if (typeof o.modelDir !== 'string' || !o.modelDir) throw typeError('modelDir', 'a model folder path', o.modelDir);
+  if (typeof o.out !== 'string' || !o.out) throw typeError('out', outWhat, o.out);
+  if (typeof adapter !== 'string' && !(adapter instanceof PeftAdapter)) throw typeError('adapter', 'a PEFT adapter folder or a PeftAdapter', adapter);
+  const base = readBaseModel(o.modelDir);
+  const owned = typeof adapter === 'string' ? loadPeftAdapter(adapter) : null;
+  try {
+    return fn(o, base, owned ?? (adapter as PeftAdapter));
+  } finally {
+    owned?.dispose();
+  }
 }

@@ -5,9 +5,9 @@
 // does. Scalings llama.cpp cannot express (rsLoRA, rank/alpha patterns) are folded into lora_b.
 import * as path from 'node:path';
 
-import { checkOptions, LoraError, typeError } from '../errors';
-import { loadPeftAdapter, PeftAdapter } from '../peft';
-import { BaseModelInfo, exportableModules, ggufTensorName, readBaseModel, splitLayer } from './arch';
+import { LoraError, typeError } from '../errors';
+import { PeftAdapter } from '../peft';
+import { BaseModelInfo, exportableModules, ggufTensorName, splitLayer, withExportInputs } from './arch';
 import { GgufTensor, GgufValue, writeGguf } from './gguf_writer';
 
 /** gguf-py's GGML_QUANT_VERSION, written by every converter as general.quantization_version. */
@@ -89,15 +89,8 @@ function permuteHeads(base: BaseModelInfo, mod: string): number {
  *   ERR_LORA_FORMAT / ERR_LORA_IO for unreadable adapter or config files. Nothing is written then.
  */
 export function exportGgufAdapter(adapter: string | PeftAdapter, options: GgufExportOptions): GgufExportResult {
-  const o = checkOptions<GgufExportOptions>('exportGgufAdapter', options, ['modelDir', 'out', 'name']);
-  if (typeof o.modelDir !== 'string' || !o.modelDir) throw typeError('modelDir', 'a model folder path', o.modelDir);
-  if (typeof o.out !== 'string' || !o.out) throw typeError('out', 'a .gguf file path', o.out);
-  if (o.name !== undefined && typeof o.name !== 'string') throw typeError('name', 'a string', o.name);
-  if (typeof adapter !== 'string' && !(adapter instanceof PeftAdapter)) throw typeError('adapter', 'a PEFT adapter folder or a PeftAdapter', adapter);
-  const base = readBaseModel(o.modelDir);
-  const owned = typeof adapter === 'string' ? loadPeftAdapter(adapter) : null;
-  const a = owned ?? (adapter as PeftAdapter);
-  try {
+  return withExportInputs('exportGgufAdapter', adapter, options, ['name'], 'a .gguf file path', (o, base, a) => {
+    if (o.name !== undefined && typeof o.name !== 'string') throw typeError('name', 'a string', o.name);
     const target = 'GGUF (llama.cpp)';
     const modules = exportableModules(a, base, target, false);
     const alpha = a.config.lora_alpha ?? 8;
@@ -144,7 +137,5 @@ export function exportGgufAdapter(adapter: string | PeftAdapter, options: GgufEx
     meta.set('general.quantization_version', { type: 'uint32', value: GGML_QUANT_VERSION });
     writeGguf(o.out, meta, tensors);
     return { file: o.out, architecture: base.arch.gguf, alpha, tensors: tensors.length, rescaled, permuted };
-  } finally {
-    owned?.dispose();
-  }
+  });
 }

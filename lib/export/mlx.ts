@@ -7,10 +7,10 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 
-import { checkOptions, LoraError, typeError } from '../errors';
-import { loadPeftAdapter, PeftAdapter } from '../peft';
+import { LoraError } from '../errors';
+import { PeftAdapter } from '../peft';
 import { RawTensor, saveSafetensors, writeFileAtomic } from '../safetensors';
-import { exportableModules, mlxModulePath, readBaseModel, splitLayer } from './arch';
+import { exportableModules, mlxModulePath, splitLayer, withExportInputs } from './arch';
 
 export interface MlxExportOptions {
   /** The base model folder (config.json). */
@@ -50,14 +50,7 @@ function f32Raw(shape: number[], values: Float32Array): RawTensor {
  *   ERR_LORA_FORMAT / ERR_LORA_IO for unreadable inputs or an unwritable folder.
  */
 export function exportMlxAdapter(adapter: string | PeftAdapter, options: MlxExportOptions): MlxExportResult {
-  const o = checkOptions<MlxExportOptions>('exportMlxAdapter', options, ['modelDir', 'out']);
-  if (typeof o.modelDir !== 'string' || !o.modelDir) throw typeError('modelDir', 'a model folder path', o.modelDir);
-  if (typeof o.out !== 'string' || !o.out) throw typeError('out', 'a folder path', o.out);
-  if (typeof adapter !== 'string' && !(adapter instanceof PeftAdapter)) throw typeError('adapter', 'a PEFT adapter folder or a PeftAdapter', adapter);
-  const base = readBaseModel(o.modelDir);
-  const owned = typeof adapter === 'string' ? loadPeftAdapter(adapter) : null;
-  const a = owned ?? (adapter as PeftAdapter);
-  try {
+  return withExportInputs('exportMlxAdapter', adapter, options, [], 'a folder path', (o, base, a) => {
     const target = 'MLX (mlx-lm)';
     const modules = exportableModules(a, base, target, true);
     const dora = modules.filter(([, m]) => m.magnitude).length;
@@ -105,7 +98,5 @@ export function exportMlxAdapter(adapter: string | PeftAdapter, options: MlxExpo
     saveSafetensors(path.join(o.out, MLX_ADAPTER_WEIGHTS), tensors, { metadata: { format: 'mlx' }, sort: true });
     writeFileAtomic(path.join(o.out, MLX_ADAPTER_CONFIG), JSON.stringify(config, null, 4) + '\n');
     return { dir: o.out, modelType: base.arch.mlx, fineTuneType: dora ? 'dora' : 'lora', rank, scale, numLayers, keys: config.lora_parameters.keys };
-  } finally {
-    owned?.dispose();
-  }
+  });
 }
