@@ -140,6 +140,10 @@ export class Dataset {
   /** Length of row r in tokens. */
   rowLength(r: number): number {
     expectInteger('row', r, 0, this.numRows - 1);
+    return this.len(r);
+  }
+
+  private len(r: number): number {
     return this.offsets[r + 1]! - this.offsets[r]!;
   }
 
@@ -193,10 +197,10 @@ export class Dataset {
     const bins: number[][] = [];
     const WINDOW = 1024;
     for (let w = 0; w < order.length; w += WINDOW) {
-      const rows = order.slice(w, w + WINDOW).sort((a, b) => this.rowLength(b) - this.rowLength(a) || a - b);
+      const rows = order.slice(w, w + WINDOW).sort((a, b) => this.len(b) - this.len(a) || a - b);
       const open: { rows: number[]; free: number }[] = [];
       for (const r of rows) {
-        const len = this.rowLength(r);
+        const len = this.len(r);
         let best = -1;
         for (let k = 0; k < open.length; k++) if (open[k]!.free >= len && (best < 0 || open[k]!.free < open[best]!.free)) best = k;
         if (best < 0) open.push({ rows: [r], free: this.maxSeqLength - len });
@@ -237,7 +241,7 @@ export class Dataset {
   private makeBatch(seqs: number[][], multiple: number): Batch {
     const B = seqs.length;
     let longest = 1;
-    for (const rows of seqs) longest = Math.max(longest, rows.reduce((n, r) => n + this.rowLength(r), 0));
+    for (const rows of seqs) longest = Math.max(longest, rows.reduce((n, r) => n + this.len(r), 0));
     const T = Math.ceil(longest / multiple) * multiple;
     const inputIds = new Int32Array(B * T).fill(this.padId);
     const labels = new Int32Array(B * T).fill(IGNORE_INDEX);
