@@ -117,6 +117,9 @@ export class Dataset {
     file: string; format: DatasetFormat; maxSeqLength: number; packing: boolean; seed: number; ids: Int32Array; mask: Uint8Array;
     offsets: Float64Array; truncated: number; dropped: number; skipped: number; skippedLines: SkippedLine[]; padId: number;
   }) {
+    if (!init || typeof init !== 'object' || !(init.ids instanceof Int32Array) || !(init.mask instanceof Uint8Array) || !(init.offsets instanceof Float64Array) ||
+      init.offsets.length < 1 || init.mask.length !== init.ids.length || init.offsets[init.offsets.length - 1] !== init.ids.length)
+      throw typeError('Dataset', 'what loadDataset passes (create datasets with loadDataset)', init);
     this.file = init.file;
     this.format = init.format;
     this.maxSeqLength = init.maxSeqLength;

@@ -14,10 +14,14 @@ type TokenizersModule = typeof import('@huggingface/tokenizers', { with: { 'reso
 type JinjaModule = typeof import('@huggingface/jinja', { with: { 'resolution-mode': 'import' } });
 type HfTokenizer = InstanceType<TokenizersModule['Tokenizer']>;
 type HfTemplate = InstanceType<JinjaModule['Template']>;
+// Loaded on first use, so that `require('lora-native')` does not load them for programs that
+// never tokenize (and works from a copy of dist/ without node_modules beside it).
+let tokenizersModule: TokenizersModule | undefined;
+let jinjaModule: JinjaModule | undefined;
 // eslint-disable-next-line @typescript-eslint/no-require-imports
-const { Tokenizer: HfTokenizerClass } = require('@huggingface/tokenizers') as TokenizersModule;
+const tokenizers = (): TokenizersModule => (tokenizersModule ??= require('@huggingface/tokenizers') as TokenizersModule);
 // eslint-disable-next-line @typescript-eslint/no-require-imports
-const { Template } = require('@huggingface/jinja') as JinjaModule;
+const jinja = (): JinjaModule => (jinjaModule ??= require('@huggingface/jinja') as JinjaModule);
 
 /** One chat message, as chat templates receive it (extra fields such as tool_calls pass through). */
 export interface ChatMessage {
@@ -191,6 +195,9 @@ export class Tokenizer {
 
   /** @internal use loadTokenizer(dir). */
   constructor(dir: string, hf: HfTokenizer, config: Record<string, unknown>, templates: Map<string, TemplateSource>, eosIds: number[], configFile: string) {
+    if (typeof dir !== 'string' || !hf || typeof (hf as { get_added_tokens_decoder?: unknown }).get_added_tokens_decoder !== 'function' ||
+      !config || typeof config !== 'object' || !(templates instanceof Map) || !Array.isArray(eosIds) || typeof configFile !== 'string')
+      throw typeError('Tokenizer arguments', 'what loadTokenizer(dir) passes (create tokenizers with loadTokenizer)', dir);
     this.dir = dir;
     this.hf = hf;
     this.config = config;
@@ -300,7 +307,7 @@ export class Tokenizer {
     let tpl = this.compiled.get(name);
     if (!tpl) {
       try {
-        tpl = new Template(src.text);
+        tpl = new (jinja().Template)(src.text);
       } catch (err) {
         throw new LoraError('ERR_LORA_TEMPLATE', `The chat template '${name}' in ${src.file} does not parse: ${(err as Error).message}`);
       }
@@ -355,7 +362,7 @@ export function loadTokenizer(dir: string): Tokenizer {
   const config = readJson(cfgFile, false) ?? {};
   let hf: HfTokenizer;
   try {
-    hf = new HfTokenizerClass(tokJson, config);
+    hf = new (tokenizers().Tokenizer)(tokJson, config);
   } catch (err) {
     throw fmt(tokFile, `the tokenizer could not be built: ${(err as Error).message}`);
   }

@@ -308,6 +308,9 @@ t.test('writeGguf: every metadata type read back by @huggingface/gguf; a bad ten
   assertLoraError(t, () => writeGguf(bad, new Map(), [{ name: 'x', type: 'F32', shape: [2, 2], data: () => new Uint8Array(12) }]), LoraError, 'ERR_LORA_SHAPE',
     /GGUF tensor 'x' of shape \[2, 2\] F32 needs 16 bytes but its data has 12/, 'short data');
   assertLoraError(t, () => writeGguf(bad, new Map([['k', { type: 'uint8', value: 300 }]]), []), LoraError, 'ERR_LORA_TYPE', /GGUF metadata k: 300 is not a valid uint8/, 'value out of range');
+  assertLoraError(t, () => writeGguf(bad, {} as never, []), LoraTypeError, 'ERR_LORA_TYPE', /Expected a Map of key to \{ type, value \} for metadata but received an object/, 'metadata not a Map');
+  assertLoraError(t, () => writeGguf(bad, new Map([['k', { type: 'toString', value: 1 }]]) as never, []), LoraTypeError, 'ERR_LORA_TYPE', /for metadata 'k' but received an object/, 'unknown value type');
+  assertLoraError(t, () => writeGguf(bad, new Map(), [{ name: 'x', type: 'Q4_0', shape: [2], data: () => new Uint8Array(8) }] as never), LoraTypeError, 'ERR_LORA_TYPE', /for tensors\[0\] but received an object/, 'unknown tensor type');
   t.notOk(fs.existsSync(bad), 'nothing written');
   t.same(fs.readdirSync(tmp).filter((f) => f.includes('.tmp')), [], 'no temp files');
 });

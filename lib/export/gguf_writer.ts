@@ -6,7 +6,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 
-import { LoraError } from '../errors';
+import { LoraError, typeError } from '../errors';
 
 /** GGUF metadata value types (gguf-py's GGUFValueType). */
 export const GGUF_VALUE_TYPE = {
@@ -115,6 +115,19 @@ function padded(n: number, alignment: number): number {
  *   (nothing is left behind).
  */
 export function writeGguf(file: string, metadata: Map<string, GgufValue>, tensors: GgufTensor[]): void {
+  if (typeof file !== 'string' || !file) throw typeError('file', 'a .gguf file path', file);
+  if (!(metadata instanceof Map)) throw typeError('metadata', 'a Map of key to { type, value }', metadata);
+  for (const [key, v] of metadata) {
+    if (typeof key !== 'string') throw typeError('metadata key', 'a string', key);
+    if (!v || typeof v !== 'object' || !Object.hasOwn(GGUF_VALUE_TYPE, v.type) || (v.type === 'array' && (!Array.isArray(v.value) || !Object.hasOwn(GGUF_VALUE_TYPE, v.itemType) || (v.itemType as string) === 'array')))
+      throw typeError(`metadata '${key}'`, "{ type, value } with a GGUF value type ('uint32', 'string', 'array' with itemType, ...)", v);
+  }
+  if (!Array.isArray(tensors)) throw typeError('tensors', 'an array of { name, type, shape, data }', tensors);
+  tensors.forEach((t, i) => {
+    if (!t || typeof t !== 'object' || typeof t.name !== 'string' || !Object.hasOwn(GGML_TYPE, t.type) || typeof t.data !== 'function' ||
+      !Array.isArray(t.shape) || !t.shape.every((d) => Number.isInteger(d) && d >= 0))
+      throw typeError(`tensors[${i}]`, "{ name: string, type: 'F32' | 'F16' | 'BF16', shape: integer[], data: () => Uint8Array }", t);
+  });
   const alignment = Number(metadata.get('general.alignment')?.value ?? GGUF_DEFAULT_ALIGNMENT);
   const head = new Bytes();
   head.u32(GGUF_MAGIC);
