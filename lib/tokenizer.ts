@@ -12,8 +12,19 @@ import { checkOptions, describe, expectBoolean, LoraError, typeError } from './e
 // their type declarations describe ES modules, hence the resolution-mode on the type imports.
 type TokenizersModule = typeof import('@huggingface/tokenizers', { with: { 'resolution-mode': 'import' } });
 type JinjaModule = typeof import('@huggingface/jinja', { with: { 'resolution-mode': 'import' } });
-type HfTokenizer = InstanceType<TokenizersModule['Tokenizer']>;
 type HfTemplate = InstanceType<JinjaModule['Template']>;
+/**
+ * The part of @huggingface/tokenizers' Tokenizer this wrapper uses (declared here so that our
+ * .d.ts files do not need TypeScript >= 5.3's import attributes to name the ESM-typed package).
+ */
+interface HfTokenizer {
+  encode(text: string, options: { add_special_tokens: boolean }): { ids: number[] };
+  decode(ids: number[], options: { skip_special_tokens: boolean }): string;
+  token_to_id(token: string): number | undefined;
+  id_to_token(id: number): string | undefined;
+  get_added_tokens_decoder(): Map<number, { content: string; special: boolean }>;
+  get_vocab(withAddedTokens?: boolean): Map<string, number>;
+}
 // Loaded on first use, so that `require('lora-native')` does not load them for programs that
 // never tokenize (and works from a copy of dist/ without node_modules beside it).
 let tokenizersModule: TokenizersModule | undefined;
