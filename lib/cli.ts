@@ -6,6 +6,8 @@ import * as path from 'node:path';
 import { parseArgs, ParseArgsConfig } from 'node:util';
 
 import { LoraError } from './errors';
+import { exportGgufAdapter } from './export/gguf';
+import { exportMlxAdapter } from './export/mlx';
 import { combineAdapters, Combination, mergeError, mergeWeight, ModuleContribution, MergeReportEntry } from './lora_model';
 import { ADAPTER_CONFIG, loadPeftAdapter, PeftAdapter, PeftModule, savePeftAdapter } from './peft';
 import {
@@ -22,6 +24,7 @@ const USAGE = `Usage:
   lora-native inspect <file | dir>
   lora-native combine --adapter <dir> --adapter <dir> [...] --weights w1,w2[,...]
                       --mode linear|cat|svd [--rank k] --out <dir>
+  lora-native export --adapter <peft dir> --model <base model dir> --to peft|gguf|mlx|merged --out <path>
   lora-native --help | --version
 
 merge    merges the adapter into every tensor it adapts and writes all tensors to --out (its
@@ -34,7 +37,11 @@ inspect  lists tensors (dtype, shape, size) from the headers, or an adapter's mo
 combine  writes a new PEFT adapter folder --out (a new or empty folder) from weighted adapters
   --weights        one weight per --adapter, comma-separated
   --mode           linear (PEFT's rule, equal ranks), cat (exact) or svd (best rank --rank)
-  --rank k         rank of an svd combination (default: the largest source rank)`;
+  --rank k         rank of an svd combination (default: the largest source rank)
+export   converts a PEFT adapter for another tool; --model is the base model's folder (its
+         config.json gives the architecture and head counts)
+  --to             peft (a PEFT folder), gguf (a llama.cpp LoRA file), mlx (an mlx-lm adapter
+                   folder) or merged (a Hugging Face folder with the adapter merged in)`;
 
 // Every flag of every command: --help and README.md list each (test/cli.test.ts checks).
 export const FLAGS = {
@@ -46,6 +53,9 @@ export const FLAGS = {
   combine: {
     adapter: { type: 'string', multiple: true }, weights: { type: 'string' }, mode: { type: 'string' },
     rank: { type: 'string' }, out: { type: 'string' },
+  },
+  export: {
+    adapter: { type: 'string' }, model: { type: 'string' }, to: { type: 'string' }, out: { type: 'string' },
   },
 } as const satisfies Record<string, NonNullable<ParseArgsConfig['options']>>;
 
@@ -364,6 +374,47 @@ function combine(argv: string[], out: NodeJS.WriteStream): void {
   }
 }
 
+// ---- export ---------------------------------------------------------------------------------
+
+function exportAdapter(argv: string[], out: NodeJS.WriteStream, err: NodeJS.WriteStream): void {
+  const { values: v } = parse(argv, FLAGS.export);
+  const adapterDir = need(v.adapter, '--adapter');
+  const modelDir = need(v.model, '--model');
+  const to = need(v.to, '--to');
+  const outPath = need(v.out, '--out');
+  if (!fs.existsSync(modelDir) || !fs.statSync(modelDir).isDirectory()) throw new LoraError('ERR_LORA_IO', `Could not find the model folder ${modelDir}`);
+  switch (to) {
+    case 'peft': {
+      const a = loadPeftAdapter(adapterDir);
+      try {
+        savePeftAdapter(outPath, a);
+      } finally {
+        a.dispose();
+      }
+      out.write(`wrote ${outPath}: PEFT adapter (${ADAPTER_CONFIG}, adapter_model.safetensors)\n`);
+      return;
+    }
+    case 'gguf': {
+      const r = exportGgufAdapter(adapterDir, { modelDir, out: outPath });
+      out.write(`wrote ${outPath}: GGUF LoRA adapter for llama.cpp (${r.architecture}, ${r.tensors} tensors, alpha ${r.alpha}` +
+        `${r.permuted.length ? `, ${r.permuted.length} q/k modules permuted` : ''}${r.rescaled.length ? `, ${r.rescaled.length} modules rescaled into lora_b` : ''})\n`);
+      return;
+    }
+    case 'mlx': {
+      const r = exportMlxAdapter(adapterDir, { modelDir, out: outPath });
+      out.write(`wrote ${outPath}: mlx-lm adapter (${r.fineTuneType}, ${r.modelType}, rank ${r.rank}, scale ${r.scale}, last ${r.numLayers} layers, keys ${r.keys.join(', ')})\n`);
+      return;
+    }
+    case 'merged': {
+      // merge() creates the folder and copies the base's config and tokenizer files beside the weights
+      merge(['--base', modelDir, '--adapter', adapterDir, '--out', path.join(outPath, 'model.safetensors')], out, err);
+      return;
+    }
+    default:
+      throw new UsageError(`--to must be peft, gguf, mlx or merged but is '${to}'`);
+  }
+}
+
 // ---- entry --------------------------------------------------------------------------------------
 
 const quietOnEpipe = new WeakSet<NodeJS.WriteStream>();
@@ -384,6 +435,7 @@ export function main(argv: string[], out: NodeJS.WriteStream = process.stdout, e
       case 'merge': merge(rest, out, err); return 0;
       case 'inspect': inspect(rest, out); return 0;
       case 'combine': combine(rest, out); return 0;
+      case 'export': exportAdapter(rest, out, err); return 0;
       case '--version': case '-v': {
         // eslint-disable-next-line @typescript-eslint/no-require-imports
         const pkg = JSON.parse(fs.readFileSync(path.join(__dirname, '..', '..', 'package.json'), 'utf8')) as { version: string };

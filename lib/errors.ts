@@ -24,6 +24,7 @@ export type LoraErrorCode =
   | 'ERR_LORA_OUT_OF_MEMORY'
   | 'ERR_LORA_UNSUPPORTED'
   | 'ERR_LORA_BUSY'
+  | 'ERR_LORA_TEMPLATE'
   | 'ERR_LORA_INTERNAL';
 
 function isLoraCoded(v: unknown): boolean {

@@ -76,3 +76,13 @@ export type {
 export { train, lrMultiplier, parameterGroups, clipGradNorm, CHECKPOINT_FILE } from './train';
 export type { TrainOptions, TrainResult, StepInfo, Schedule, OptimizerSpec, ResumeInfo } from './train';
 export { allFinite, assertAllFinite } from './numerics';
+export { Tokenizer, loadTokenizer } from './tokenizer';
+export type { ChatMessage, EncodeOptions, DecodeOptions, ChatTemplateOptions } from './tokenizer';
+export { loadDataset, Dataset, IGNORE_INDEX } from './data';
+export type { LoadDatasetOptions, Batch, BatchOptions, DatasetSplits, DatasetFormat, DatasetTokenizer, SkippedLine } from './data';
+export { exportGgufAdapter } from './export/gguf';
+export type { GgufExportOptions, GgufExportResult } from './export/gguf';
+export { exportMlxAdapter } from './export/mlx';
+export type { MlxExportOptions, MlxExportResult } from './export/mlx';
+export { writeGguf } from './export/gguf_writer';
+export type { GgufValue, GgufTensor, GgufScalarType, GgufTensorType } from './export/gguf_writer';
