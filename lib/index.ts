@@ -75,3 +75,9 @@ export type {
 export { train, lrMultiplier, parameterGroups, clipGradNorm, CHECKPOINT_FILE } from './train';
 export type { TrainOptions, TrainResult, StepInfo, Schedule, OptimizerSpec } from './train';
 export { allFinite, assertAllFinite } from './numerics';
+export { CausalLM, causalLmLoss } from './models/causal_lm';
+export type { ForwardOptions, WeightDtype } from './models/causal_lm';
+export { KVCache } from './models/common';
+export type { GenerateOptions } from './models/generate';
+export { loadCausalLM, saveCausalLM, SUPPORTED_ARCHITECTURES } from './models/loader';
+export type { LoadCausalLMOptions, SaveCausalLMOptions } from './models/loader';

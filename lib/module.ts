@@ -203,7 +203,9 @@ export abstract class Module {
     return x;
   }
 
-  abstract forward(...args: Tensor[]): Tensor;
+  /** The layer's computation: tensors in (a model may take an options object after them), a tensor out. */
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any
+  abstract forward(...args: any[]): Tensor;
 }
 
 /** @internal checks that v is a Module (for functions that take a model). */

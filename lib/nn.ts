@@ -33,11 +33,29 @@ function normal(shape: number[], std: number, rng: Rng, device: Device): Tensor 
   return tensor(data, shape, { device, requiresGrad: true });
 }
 
+/** An existing tensor given to a layer: live and of the layer's shape. */
+function givenTensor(name: string, t: unknown, shape: number[]): Tensor {
+  if (!(t instanceof Tensor)) throw typeError(name, 'a Tensor', t);
+  t._live(name);
+  if (t.ndim !== shape.length || t.shape.some((d, i) => d !== shape[i]))
+    throw new LoraError('ERR_LORA_SHAPE', `Expected ${name} of shape [${shape.join(', ')}] but received [${t.shape.join(', ')}]`);
+  return t;
+}
+
 // ---- basic layers ----------------------------------------------------------------------------
 
 export interface LinearOptions extends InitOptions {
   /** Add a bias (default true). */
   bias?: boolean;
+  /** An existing weight (outFeatures, inFeatures) to use as is, instead of a new initialised one. */
+  weight?: Tensor;
+  /** An existing bias (outFeatures) to use as is, or null for none (overrides `bias`). */
+  biasTensor?: Tensor | null;
+  /**
+   * The checkpoint stores this layer's weight as [inFeatures, outFeatures] (GPT-2's Conv1D); the
+   * layer holds it as [out, in] like any Linear. applyLora records it as PEFT's fan_in_fan_out.
+   */
+  fanInFanOut?: boolean;
 }
 
 /**
@@ -48,21 +66,26 @@ export interface LinearOptions extends InitOptions {
 export class Linear extends Module {
   readonly inFeatures: number;
   readonly outFeatures: number;
+  /** True when the checkpoint stores the weight transposed, [in, out] (GPT-2's Conv1D). */
+  readonly fanInFanOut: boolean;
   weight: Tensor;
   bias: Tensor | null;
 
   constructor(inFeatures: number, outFeatures: number, options?: LinearOptions) {
     super();
-    const o = checkOptions<LinearOptions>('Linear', options, ['bias', 'seed', 'device']);
+    const o = checkOptions<LinearOptions>('Linear', options, ['bias', 'seed', 'device', 'weight', 'biasTensor', 'fanInFanOut']);
     this.inFeatures = expectInteger('inFeatures', inFeatures, 1, 2 ** 31 - 1);
     this.outFeatures = expectInteger('outFeatures', outFeatures, 1, 2 ** 31 - 1);
+    this.fanInFanOut = o.fanInFanOut === undefined ? false : expectBoolean('fanInFanOut', o.fanInFanOut);
     const rng = rngOf(o.seed);
     const device = deviceOf(o.device);
     const bound = 1 / Math.sqrt(this.inFeatures); // kaiming_uniform(a=√5) on fan-in, as PyTorch
-    this.weight = uniformParameter([this.outFeatures, this.inFeatures], bound, rng, device);
+    this.weight = o.weight === undefined ? uniformParameter([this.outFeatures, this.inFeatures], bound, rng, device)
+      : givenTensor('weight', o.weight, [this.outFeatures, this.inFeatures]);
     this.registerParameter('weight', this.weight);
     const hasBias = o.bias === undefined ? true : expectBoolean('bias', o.bias);
-    this.bias = hasBias ? uniformParameter([this.outFeatures], bound, rng, device) : null;
+    if (o.biasTensor !== undefined) this.bias = o.biasTensor === null ? null : givenTensor('biasTensor', o.biasTensor, [this.outFeatures]);
+    else this.bias = hasBias ? uniformParameter([this.outFeatures], bound, rng, device) : null;
     this.registerParameter('bias', this.bias);
   }
 
@@ -465,7 +488,7 @@ export function applyLora(model: Module, options: ApplyLoraOptions): LoraInfo {
   const config: PeftConfig = {
     peft_type: 'LORA', task_type: 'CAUSAL_LM', r: rank, lora_alpha: alpha, lora_dropout: p, use_rslora: useRslora,
     target_modules: target instanceof RegExp ? target.source : target === 'all-linear' ? 'all-linear' : [...target],
-    bias: 'none', fan_in_fan_out: false, init_lora_weights: true, base_model_name_or_path: null, modules_to_save: null,
+    bias: 'none', fan_in_fan_out: hits.some(([, m]) => (m as Linear).fanInFanOut), init_lora_weights: true, base_model_name_or_path: null, modules_to_save: null,
     rank_pattern: {}, alpha_pattern: {},
   };
   const info = { modules, config };
