@@ -3,7 +3,7 @@
 // so PEFT target_modules work with applyLora unchanged. forward() gives float32 logits with
 // transformers' semantics for attention masks, position ids and a KV cache; generate() lives in
 // generate.ts, loading and saving in loader.ts, the families in llama.ts ... gpt2.ts.
-import { checkOptions, LoraError, typeError } from '../errors';
+import { checkOptions, LoraError, rangeError, typeError } from '../errors';
 import { Module } from '../module';
 import { Linear } from '../nn';
 import { crossEntropy, slice } from '../nn_ops';
@@ -244,7 +244,7 @@ function readMask(t: Tensor, B: number, T: number, past: number): Int32Array {
   const data = intData('attentionMask', t);
   const ok = t.ndim === 2 && t.shape[0] === B && (t.shape[1] === T || t.shape[1] === past + T);
   if (!ok) throw new LoraError('ERR_LORA_SHAPE', `Expected attentionMask of shape [${B}, ${T}]${past ? ` or [${B}, ${past + T}]` : ''} but received ${shapeString(t.shape)}`);
-  for (const v of data) if (v !== 0 && v !== 1) throw new LoraError('ERR_LORA_RANGE', `Expected attentionMask values 0 or 1 but received ${v} (number)`);
+  for (const v of data) if (v !== 0 && v !== 1) throw rangeError('attentionMask', 'values 0 or 1', v);
   const W = t.shape[1]!;
   if (W === T) return data;
   const out = new Int32Array(B * T);

@@ -3,7 +3,7 @@
 // cache, then one token per step; greedy or sampled with transformers' logits processors
 // (repetition penalty, then temperature, top-k, top-p, min-p). Sampling runs on the host in
 // float64 from the step's logits, which are read on a worker thread so the event loop turns.
-import { checkOptions, expectInteger, expectNumber, LoraError, rangeError, typeError } from '../errors';
+import { checkOptions, expectInteger, expectNumber, LoraRangeError, rangeError, typeError } from '../errors';
 import { defaultRng, Rng } from '../random';
 import { noGrad, tensor } from '../tensor';
 import type { CausalLM } from './causal_lm';
@@ -169,7 +169,7 @@ export async function generate(model: CausalLM, promptIds: number[] | number[][]
   const limit = model.backbone.maxPositions;
   for (const [b, p] of prompts.entries())
     if (limit !== null && p.length + maxNew - 1 > limit)
-      throw new LoraError('ERR_LORA_RANGE', `Expected prompt + maxNewTokens within the model's ${limit} positions but prompt ${b} has ${p.length} tokens and maxNewTokens is ${maxNew}`);
+      throw new LoraRangeError(`Expected prompt + maxNewTokens within the model's ${limit} positions but prompt ${b} has ${p.length} tokens and maxNewTokens is ${maxNew}`);
 
   const total = L + maxNew;
   // every row, left-padded to a common length: what has been fed so far, with masks and positions

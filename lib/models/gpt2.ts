@@ -3,7 +3,7 @@
 // for q, k, v, an MLP c_fc -> gelu_new -> c_proj, and a head tied to wte by default. Its Conv1D
 // layers store weights as [in, out]; they are held as Linear [out, in] (fanInFanOut, so applyLora
 // records PEFT's fan_in_fan_out) and written back as [in, out] by saveCausalLM.
-import { LoraError } from '../errors';
+import { LoraError, rangeError } from '../errors';
 import { Module } from '../module';
 import { Sequential } from '../nn';
 import { slice } from '../nn_ops';
@@ -134,7 +134,7 @@ class Gpt2Model extends Module implements Backbone {
   hidden(ids: Tensor, ctx: ForwardContext): Tensor {
     for (const p of ctx.positions)
       if (p < 0 || p >= this.cfg.positions)
-        throw new LoraError('ERR_LORA_RANGE', `Expected positions between 0 and ${this.cfg.positions - 1} (GPT-2's n_positions learned positions) but received ${p}`);
+        throw rangeError('positionIds', `positions between 0 and ${this.cfg.positions - 1} (GPT-2's n_positions learned positions)`, p);
     const pos = ctx.own(tensor(Float32Array.from(ctx.positions), [ctx.B, ctx.T], { dtype: 'int32', device: ctx.device }));
     let x = add(child(this, 'wte').forward(ids), child(this, 'wpe').forward(pos));
     for (const [, block] of (child(this, 'h') as Sequential).namedChildren()) x = (block as Gpt2Block).run(x, ctx);
