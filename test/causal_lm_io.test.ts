@@ -8,7 +8,7 @@ import * as path from 'node:path';
 import t, { Test } from 'tap';
 
 import {
-  applyLora, CausalLM, loadCausalLM, loadSafetensors, LoraError, LoraRangeError, LoraTypeError, loraLayers, memory, noGrad,
+  applyLora, CausalLM, linear, loadCausalLM, loadSafetensors, LoraError, LoraLinear, LoraRangeError, LoraTypeError, loraLayers, memory, noGrad,
   readSafetensorsHeader, saveCausalLM, saveSafetensors, tensor, Tensor,
 } from '../lib/index';
 import { assertClose, assertLoraError } from './helpers';
@@ -112,7 +112,11 @@ t.test('what transformers accepts loads', async (t) => {
       w.set('lm_head.weight', w.get('model.embed_tokens.weight')!);
     },
   });
-  await rejects(t, () => loadCausalLM(c.dir), 'ERR_LORA_FORMAT', /Unexpected weight 'model\.layers\.0\.self_attn\.rotary_emb\.inv_freq'/, 'Qwen3 never had the rotary buffer');
+  const q = await loadCausalLM(c.dir);
+  t.equal(q.architecture, 'Qwen3ForCausalLM', 'model_type qwen3 -> Qwen3ForCausalLM');
+  c.weights.delete('lm_head.weight');
+  assertClose(t, logitsOf(q), causalLmRef('qwen3', c.config, c.weights, ROWS), { atol: 2e-4, rtol: 2e-4 }, 'the rotary buffer and the saved tied head are ignored');
+  q.dispose();
   const l = fresh('llama', { config: { architectures: undefined }, edit: (w) => w.set('model.layers.0.self_attn.rotary_emb.inv_freq', { shape: [4], data: new Float64Array(4) }) });
   const m = await loadCausalLM(l.dir);
   t.equal(m.architecture, 'LlamaForCausalLM', 'model_type llama -> LlamaForCausalLM');
@@ -223,6 +227,10 @@ t.test('argument errors', async (t) => {
   await rejects(t, () => m.generate([1], { topP: 0 }), 'ERR_LORA_RANGE', /^Expected a number in \(0, 1\] for topP but received 0 \(number\)$/, 'topP 0');
   await rejects(t, () => m.generate([1, 2, 3], { maxNewTokens: 30 }), 'ERR_LORA_RANGE', /^Expected prompt \+ maxNewTokens within the model's 24 positions but prompt 0 has 3 tokens and maxNewTokens is 30$/, 'past GPT-2\'s positions');
   t.throws(() => m.createCache(0, 3), LoraTypeError, 'createCache(0, ...)');
+  const w = tensor([1, 2, 3, 4, 5, 6], [2, 3], { dtype: 'int32' });
+  assertLoraError(t, () => linear(tensor([1, 2, 3], [1, 3]), w), LoraError, 'ERR_LORA_DTYPE', /^Expected a float32, bfloat16 or float16 weight for linear\(\) but received int32$/, 'an int32 weight for linear()');
+  assertLoraError(t, () => new LoraLinear({ inFeatures: 3, outFeatures: 2, rank: 1, weight: w }), LoraError, 'ERR_LORA_DTYPE', /^Expected a float32, bfloat16 or float16 weight but received int32$/, 'an int32 weight for LoraLinear');
+  w.dispose();
   ids.dispose();
   m.dispose();
 });

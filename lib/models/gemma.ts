@@ -5,12 +5,13 @@
 // transformers documents: "overwritten by hidden_activation"). Gemma 2/3 are other architectures.
 import type { Family } from './causal_lm';
 import { activation } from './common';
-import { LlamaModel, readDecoder } from './llama';
+import { LlamaModel, readDecoder, ROTARY_BUFFER } from './llama';
 
 /** GemmaForCausalLM. */
 export const gemmaFamily: Family = {
   architectures: { GemmaForCausalLM: 'gemma' },
   prefix: 'model',
+  ignore: ROTARY_BUFFER,
   build(cfg, _arch, w, dtypeRound) {
     const d = readDecoder(cfg, { headDim: 256, tie: true, theta: 10000, eps: 1e-6, act: 'gelu_pytorch_tanh', maxPositions: 8192 });
     d.act = activation(cfg, 'hidden_activation', cfg.str('hidden_activation', 'gelu_pytorch_tanh'));

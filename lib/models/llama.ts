@@ -210,12 +210,14 @@ export class LlamaModel extends Module implements Backbone {
   }
 }
 
+/** The rotary inv_freq buffer older checkpoints of the RoPE families saved (transformers recomputes it). */
+export const ROTARY_BUFFER = /(^|\.)rotary_emb\.inv_freq$/;
+
 /** LlamaForCausalLM and MistralForCausalLM. */
 export const llamaFamily: Family = {
   architectures: { LlamaForCausalLM: 'llama', MistralForCausalLM: 'mistral' },
   prefix: 'model',
-  // older Llama checkpoints saved the rotary buffer
-  ignore: /(^|\.)rotary_emb\.inv_freq$/,
+  ignore: ROTARY_BUFFER,
   build(cfg, arch, w, dtypeRound) {
     if (arch === 'MistralForCausalLM') {
       const d = readDecoder(cfg, { tie: false, theta: 10000, eps: 1e-6, act: 'silu', maxPositions: 4096 * 32 });

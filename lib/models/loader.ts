@@ -11,9 +11,9 @@ import { Linear, loraLayers } from '../nn';
 import { permute } from '../ops';
 import {
   decodeTensor, INDEX_FILE, isFloatDtype, ModelIndex, openModel, RawTensor, readTensorBytes, SAFETENSORS_DTYPE, SafetensorsEntry,
-  saveSafetensorsAsync, tensorDtypeFor, writeFileAtomic,
+  saveSafetensorsAsync, writeFileAtomic,
 } from '../safetensors';
-import { checkDevice, Device, empty, keep, noGrad, numelOf, shapeString, Tensor } from '../tensor';
+import { checkDevice, Device, empty, keep, noGrad, numelOf, releaseCachedMemory, shapeString, Tensor } from '../tensor';
 import { CausalLM, Family, WeightDtype } from './causal_lm';
 import { ConfigReader, WeightSource } from './common';
 import { gemmaFamily } from './gemma';
@@ -153,11 +153,13 @@ class CheckpointWeights implements WeightSource {
           fd = openForRead(job.entry.file);
           fds.set(job.entry.file, fd);
         }
-        const keepDtype = !job.transposed && tensorDtypeFor(job.entry.dtype) === job.target.dtype;
-        const decoded = decodeTensor(job.entry, readTensorBytes(job.entry, fd), keepDtype ? 'keep' : 'float32');
+        // decoded as stored; assign() converts to the target's dtype in native code (one pass)
+        const decoded = decodeTensor(job.entry, readTensorBytes(job.entry, fd), 'keep');
         const temps = [decoded];
         try {
           let src = decoded;
+          const needWide = job.transposed || (src.dtype !== job.target.dtype && src.dtype !== 'float32' && job.target.dtype !== 'float32');
+          if (needWide && src.dtype !== 'float32') temps.push(src = src.toDtype('float32'));
           if (job.transposed) temps.push(src = noGrad(() => permute(src, [1, 0])));
           if (src.device !== job.target.device) temps.push(src = src.to(job.target.device));
           job.target.assign(src);
@@ -234,6 +236,7 @@ export async function loadCausalLM(dir: string, options?: LoadCausalLMOptions): 
     if (extra.length)
       throw new LoraError('ERR_LORA_FORMAT', `Unexpected weight${extra.length > 1 ? 's' : ''} ${extra.slice(0, 5).map((e) => `'${e.name}' (in ${e.file})`).join(', ')}${extra.length > 5 ? ` and ${extra.length - 5} more` : ''}: ${arch} with this config.json has no such parameter`);
     await weights.fill();
+    releaseCachedMemory(); // the decoding temporaries: give their memory back rather than keep it for reuse
     const genFile = path.join(dir, 'generation_config.json');
     const generationConfig = fs.existsSync(genFile) ? readJsonFile(genFile, 'generation_config.json') : null;
     model = new CausalLM({ config: raw, architecture: arch, dtype, generationConfig, sourceDir: path.resolve(dir), prefix: family.prefix, backbone, head, tied: tie });

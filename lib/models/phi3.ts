@@ -10,7 +10,7 @@ import { mul, reshape } from '../ops';
 import { Tensor } from '../tensor';
 import type { Family } from './causal_lm';
 import { child, linearFrom, WeightSource } from './common';
-import { DecoderConfig, LayerParts, LlamaAttention, LlamaModel, readDecoder } from './llama';
+import { DecoderConfig, LayerParts, LlamaAttention, LlamaModel, readDecoder, ROTARY_BUFFER } from './llama';
 
 /** Attention whose q, k and v come from one qkv_proj. */
 class Phi3Attention extends LlamaAttention {
@@ -58,6 +58,7 @@ const phi3Parts: LayerParts = {
 export const phi3Family: Family = {
   architectures: { Phi3ForCausalLM: 'phi3' },
   prefix: 'model',
+  ignore: ROTARY_BUFFER,
   build(cfg, _arch, w) {
     const d = readDecoder(cfg, {
       tie: false, theta: 10000, eps: 1e-5, act: 'silu', maxPositions: 4096,

@@ -3,7 +3,7 @@
 // the layers from max_window_layers on when use_sliding_window is set (or as layer_types says).
 import type { Family } from './causal_lm';
 import { ConfigReader } from './common';
-import { DecoderConfig, LlamaModel, readDecoder } from './llama';
+import { DecoderConfig, LlamaModel, readDecoder, ROTARY_BUFFER } from './llama';
 
 /**
  * Per-layer windows as transformers' Qwen2/Qwen3 configs derive them: layer_types when given, else
@@ -26,7 +26,7 @@ export function qwenWindows(cfg: ConfigReader, d: DecoderConfig): void {
 export const qwen2Family: Family = {
   architectures: { Qwen2ForCausalLM: 'qwen2' },
   prefix: 'model',
-  ignore: /(^|\.)rotary_emb\.inv_freq$/,
+  ignore: ROTARY_BUFFER,
   build(cfg, _arch, w) {
     const d = readDecoder(cfg, { tie: false, theta: 10000, eps: 1e-6, act: 'silu', maxPositions: 32768 });
     d.qkvBias = true;
