@@ -9,7 +9,7 @@ import * as path from 'node:path';
 import t from 'tap';
 
 import {
-  applyLora, CausalLM, causalLmLoss, loadCausalLM, loraLayers, memory, noGrad, saveLoraAdapter, tensor, Tensor,
+  applyLora, CausalLM, causalLmLoss, loadCausalLM, loadLoraAdapter, loraLayers, memory, noGrad, saveLoraAdapter, tensor, Tensor,
 } from '../lib/index';
 import { pickToken } from '../lib/models/generate';
 import { Rng } from '../lib/random';
@@ -88,6 +88,8 @@ t.test('logits match the float64 references of transformers\' modeling code', as
     const V = model.vocabSize;
     const opts = { dtype: c.dtype };
     t.equal(model.dtype, c.dtype, `${c.name}: weights kept as ${c.dtype}`);
+    const head = (model.getModule('lm_head') as unknown as { weight: Tensor }).weight;
+    t.equal(head === model.backbone.inputEmbedding, model.tied, `${c.name}: ${model.tied ? 'the tied head shares the embedding tensor' : 'an untied head of its own'}`);
     assertClose(t, logitsOf(model, ROWS), causalLmRef(c.arch, ck.config, ck.weights, ROWS, opts), TOL, `${c.name}: logits`);
     // right padding: the last 3 tokens of row 1 are padding
     const right = [[1, 1, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0, 0, 0]];
@@ -292,6 +294,13 @@ t.test('LoRA on a loaded model: PEFT names, training gradients, adapter files', 
   const cfg = JSON.parse(fs.readFileSync(path.join(dir, 'adapter_config.json'), 'utf8'));
   t.same(cfg.target_modules, ['q_proj', 'v_proj'], 'adapter_config target_modules');
   t.equal(cfg.fan_in_fan_out, false, 'Linear layers: fan_in_fan_out false');
+  const trained = noGrad(() => { const y = model.forward(ids); const d = y.toFloat32Array(); y.dispose(); return d; });
+  const other = await loadCausalLM(path.join(tmp, `m${counter - 1}`));
+  applyLora(other, { targetModules: ['q_proj', 'v_proj'], rank: 4, alpha: 8, seed: 2 });
+  t.same(loadLoraAdapter(other, dir).length, 4, 'loadLoraAdapter fills the same four modules of a fresh load');
+  assertClose(t, noGrad(() => { const y = other.forward(ids); const d = y.toFloat32Array(); y.dispose(); return d; }), trained,
+    { atol: 1e-6, rtol: 1e-6 }, 'and gives the same logits');
+  other.dispose();
   for (const x of [ids, labels, loss]) x.dispose();
   model.dispose();
 
