@@ -275,6 +275,11 @@ export function applyRope(x: Tensor, cos: Tensor, sin: Tensor): Tensor {
  * ([batch, maxLength, kvHeads, headDim] float32 per layer), plus which positions hold real tokens.
  * Made by CausalLM.createCache(); forward({ cache }) appends to it. Inference only: no gradient
  * flows through cached keys and values. Free it with dispose().
+ *
+ * @example
+ * using cache = model.createCache(1, 64);
+ * const first = model.forward(promptIds, { cache });   // [1, T, vocab]
+ * const next = model.forward(nextId, { cache });       // [1, 1, vocab]: one token's work
  */
 export class KVCache {
   readonly batchSize: number;
