@@ -8,7 +8,7 @@ import * as path from 'node:path';
 import t, { Test } from 'tap';
 
 import {
-  applyLora, CausalLM, linear, loadCausalLM, loadSafetensors, LoraError, LoraLinear, LoraRangeError, LoraTypeError, loraLayers, memory, noGrad,
+  applyLora, CausalLM, linear, loadCausalLM, loadSafetensors, LoraError, LoraLinear, LoraRangeError, loraLayers, memory, noGrad,
   readSafetensorsHeader, saveCausalLM, saveSafetensors, tensor, Tensor,
 } from '../lib/index';
 import { assertClose, assertLoraError } from './helpers';
@@ -226,7 +226,8 @@ t.test('argument errors', async (t) => {
   await rejects(t, () => m.generate([[1], [2, 120]]), 'ERR_LORA_RANGE', /^Expected an integer between 0 and 96 for promptIds\[1\]\[1\] but received 120 \(number\)$/, 'token id out of range');
   await rejects(t, () => m.generate([1], { topP: 0 }), 'ERR_LORA_RANGE', /^Expected a number in \(0, 1\] for topP but received 0 \(number\)$/, 'topP 0');
   await rejects(t, () => m.generate([1, 2, 3], { maxNewTokens: 30 }), 'ERR_LORA_RANGE', /^Expected prompt \+ maxNewTokens within the model's 24 positions but prompt 0 has 3 tokens and maxNewTokens is 30$/, 'past GPT-2\'s positions');
-  t.throws(() => m.createCache(0, 3), LoraTypeError, 'createCache(0, ...)');
+  assertLoraError(t, () => m.createCache(0, 3), LoraRangeError, 'ERR_LORA_RANGE', /^Expected an integer between 1 and 2147483647 for batchSize but received 0 \(number\)$/, 'createCache(0, ...)');
+  assertLoraError(t, () => new (CausalLM as unknown as new (x: unknown) => unknown)({}), LoraError, 'ERR_LORA_TYPE', /^A CausalLM is made by loadCausalLM\(\), not new CausalLM\(\)$/, 'new CausalLM()');
   const w = tensor([1, 2, 3, 4, 5, 6], [2, 3], { dtype: 'int32' });
   assertLoraError(t, () => linear(tensor([1, 2, 3], [1, 3]), w), LoraError, 'ERR_LORA_DTYPE', /^Expected a float32, bfloat16 or float16 weight for linear\(\) but received int32$/, 'an int32 weight for linear()');
   assertLoraError(t, () => new LoraLinear({ inFeatures: 3, outFeatures: 2, rank: 1, weight: w }), LoraError, 'ERR_LORA_DTYPE', /^Expected a float32, bfloat16 or float16 weight but received int32$/, 'an int32 weight for LoraLinear');

@@ -50,6 +50,9 @@ export interface ForwardOptions {
   cache?: KVCache;
 }
 
+/** @internal the key loadCausalLM() passes to the constructor */
+export const CONSTRUCT_CAUSAL_LM = Symbol('lora-native.CausalLM');
+
 /** The dtype frozen weights are stored in. */
 export type WeightDtype = 'float32' | 'bfloat16' | 'float16';
 
@@ -83,10 +86,11 @@ export class CausalLM extends Module {
   readonly tied: boolean;
 
   /** @internal made by loadCausalLM() */
-  constructor(parts: {
+  constructor(key: symbol, parts: {
     config: Record<string, unknown>; architecture: string; dtype: WeightDtype; generationConfig: Record<string, unknown> | null;
     sourceDir: string | null; prefix: string; backbone: Backbone; head: Linear; tied: boolean;
   }) {
+    if (key !== CONSTRUCT_CAUSAL_LM) throw new LoraError('ERR_LORA_TYPE', 'A CausalLM is made by loadCausalLM(), not new CausalLM()');
     super();
     this.config = parts.config;
     this.architecture = parts.architecture;
@@ -160,8 +164,6 @@ export class CausalLM extends Module {
    * @example using cache = model.createCache(1, 128);
    */
   createCache(batchSize: number, maxLength: number): KVCache {
-    if (!Number.isInteger(batchSize) || batchSize < 1) throw typeError('batchSize', 'an integer >= 1', batchSize);
-    if (!Number.isInteger(maxLength) || maxLength < 1) throw typeError('maxLength', 'an integer >= 1', maxLength);
     const { layers, kvHeads, headDim } = this.backbone.cacheShape;
     return new KVCache(layers, batchSize, maxLength, kvHeads, headDim, this.device);
   }

@@ -5,13 +5,13 @@
 // the small frozen layers (embedding, RMS/layer norm) the families build from checkpoint tensors.
 // RoPE and masked attention are compositions of existing ops, each behind one function here
 // (applyRope, attend) so that a fused kernel can replace it in one place.
-import { describe, LoraError } from '../errors';
+import { describe, expectInteger, LoraError } from '../errors';
 import { native } from '../native';
 import { Module } from '../module';
 import { Linear } from '../nn';
 import { attention, concat, embedding, gelu, layerNorm, rmsNorm, slice, softmax } from '../nn_ops';
 import { add, matmul, mul, neg, permute, reshape, sigmoid, silu, tanh, relu } from '../ops';
-import { contiguousStrides, Device, keep, ones, Tensor, tensor, zeros } from '../tensor';
+import { checkDevice, contiguousStrides, Device, keep, ones, Tensor, tensor, zeros } from '../tensor';
 
 // ---- config.json fields -------------------------------------------------------------------------
 
@@ -295,6 +295,12 @@ export class KVCache {
 
   /** @internal */
   constructor(layers: number, batchSize: number, maxLength: number, kvHeads: number, headDim: number, device: Device) {
+    expectInteger('layers', layers, 0, 1 << 20);
+    expectInteger('batchSize', batchSize, 1, 2 ** 31 - 1);
+    expectInteger('maxLength', maxLength, 1, 2 ** 31 - 1);
+    expectInteger('kvHeads', kvHeads, 1, 1 << 20);
+    expectInteger('headDim', headDim, 1, 1 << 20);
+    checkDevice('device', device);
     this.batchSize = batchSize;
     this.maxLength = maxLength;
     this.keyMask = new Uint8Array(batchSize * maxLength);

@@ -14,7 +14,7 @@ import {
   saveSafetensorsAsync, writeFileAtomic,
 } from '../safetensors';
 import { checkDevice, Device, empty, keep, noGrad, numelOf, releaseCachedMemory, shapeString, Tensor } from '../tensor';
-import { CausalLM, Family, WeightDtype } from './causal_lm';
+import { CausalLM, CONSTRUCT_CAUSAL_LM, Family, WeightDtype } from './causal_lm';
 import { ConfigReader, WeightSource } from './common';
 import { gemmaFamily } from './gemma';
 import { gpt2Family } from './gpt2';
@@ -239,7 +239,7 @@ export async function loadCausalLM(dir: string, options?: LoadCausalLMOptions): 
     releaseCachedMemory(); // the decoding temporaries: give their memory back rather than keep it for reuse
     const genFile = path.join(dir, 'generation_config.json');
     const generationConfig = fs.existsSync(genFile) ? readJsonFile(genFile, 'generation_config.json') : null;
-    model = new CausalLM({ config: raw, architecture: arch, dtype, generationConfig, sourceDir: path.resolve(dir), prefix: family.prefix, backbone, head, tied: tie });
+    model = new CausalLM(CONSTRUCT_CAUSAL_LM, { config: raw, architecture: arch, dtype, generationConfig, sourceDir: path.resolve(dir), prefix: family.prefix, backbone, head, tied: tie });
     return model;
   } finally {
     if (!model) weights.dispose();
