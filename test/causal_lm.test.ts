@@ -289,6 +289,21 @@ t.test('LoRA on a loaded model: PEFT names, training gradients, adapter files', 
   const fd = (at(1e-2) - at(-1e-2)) / 2e-2;
   A.assign(base);
   t.ok(Math.abs(fd - grads[0]![5]!) < 2e-3 + 2e-2 * Math.abs(fd), `dL/dA[5] ${grads[0]![5]} ~ finite difference ${fd}`);
+  // a right-padded batch (how training batches come): the padding's token ids change no gradient
+  const gradsFor = (padId: number) => {
+    model.zeroGrad();
+    const mask = [[1, 1, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0, 0, 0]];
+    const rows = ROWS.map((r, b) => r.map((id, i) => (mask[b]![i] ? id : padId)));
+    const lab = ids2(rows.map((r, b) => r.map((id, i) => (mask[b]![i] ? id : -100))));
+    const x = ids2(rows);
+    const m = ids2(mask);
+    const l = causalLmLoss(model.forward(x, { attentionMask: m }), lab);
+    l.backward();
+    for (const z of [lab, x, m, l]) z.dispose();
+    return model.parameters().map((p) => Array.from(p.grad!.toFloat32Array()));
+  };
+  t.same(gradsFor(0), gradsFor(77), 'right padding: gradients do not depend on the padding tokens');
+  model.zeroGrad();
   const dir = path.join(tmp, 'adapter');
   saveLoraAdapter(model, dir);
   const cfg = JSON.parse(fs.readFileSync(path.join(dir, 'adapter_config.json'), 'utf8'));

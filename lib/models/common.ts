@@ -383,12 +383,12 @@ export class ForwardContext {
 
   /**
    * The additive mask [B, 1, 1, T, keyLength] (0 where a query sees a key: causal on cache
-   * positions, a real token, within the sliding window), or null when it is plain causal over T
-   * keys (then the fused causal kernel applies).
+   * positions, a real token, within the sliding window), or null when plain causal attention over
+   * T keys gives every real token the same result (then the fused causal kernel applies).
    */
   maskFor(window: number | null): Tensor | null {
     const S = this.keyLength;
-    const plain = !this.cache && !this.keyMask && (window === null || window >= this.T);
+    const plain = !this.cache && (!this.keyMask || this.rightPadded()) && (window === null || window >= this.T);
     if (plain) return null;
     return this.once(`mask:${window}`, () => {
       const { B, T, past } = this;
@@ -403,6 +403,21 @@ export class ForwardContext {
           }
         }
       return this.own(tensor(m, [B, 1, 1, T, S], { device: this.device }));
+    });
+  }
+
+  /**
+   * Whether every row is tokens then padding: causal attention then never lets a real token see a
+   * padding key, so the plain causal kernel gives real positions the masked result (training
+   * batches are padded so; only padding positions' own outputs differ, and nothing reads them).
+   */
+  private rightPadded(): boolean {
+    return this.once('rightPadded', () => {
+      const m = this.keyMask!;
+      const S = this.keyLength;
+      for (let b = 0; b < this.B; b++)
+        for (let s = 1; s < S; s++) if (m[b * S + s]! > m[b * S + s - 1]!) return false;
+      return true;
     });
   }
 
