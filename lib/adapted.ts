@@ -18,11 +18,11 @@ export interface ModuleContribution {
   fanInFanOut: boolean;
 }
 
-// The fused op takes a float32/bf16 weight stored (out, in) and float32 factors of the first
-// adapter; DoRA only for that first one (its scale multiplies the fused output).
+// The fused op takes a weight stored (out, in) and float32 factors of the first adapter; DoRA
+// only for that first one (its scale multiplies the fused output).
 function fusable(W: Tensor, contribs: readonly ModuleContribution[], fanInFanOut: boolean): boolean {
   const first = contribs[0]?.module;
-  return !fanInFanOut && first !== undefined && first.kind === 'linear' && (W.dtype === 'float32' || W.dtype === 'bfloat16') &&
+  return !fanInFanOut && first !== undefined && first.kind === 'linear' && W.dtype !== 'int32' &&
     first.loraA.dtype === 'float32' && first.loraB.dtype === 'float32' &&
     contribs.slice(1).every((c) => c.module.kind === 'linear' && !c.module.magnitude);
 }

@@ -4,7 +4,7 @@
 // with h = x̃·Aᵀ kept from the forward. LoraLinear and LoraModel's adapted modules both run it.
 // Sizes: inFeatures = C, outFeatures = OC, rank = R, N = rows of x.
 import { checkOptions, expectInteger, expectNumber, LoraError } from '../errors';
-import { native } from '../native';
+import { native, NativeStorage } from '../native';
 import { defaultRng } from '../random';
 import { empty, expectTensor, record, saveFor, shapeString, Tensor, zeros } from '../tensor';
 import { lastDim, sameDevice } from './util';
@@ -18,14 +18,15 @@ export interface LoraOpOptions {
 
 /**
  * The fused LoRA layer: y = x·Wᵀ + b + scaling·dropout(x)·Aᵀ·Bᵀ for x of shape [..., inFeatures],
- * weight [outFeatures, inFeatures] (float32 or bfloat16, frozen), bias [outFeatures] or null
+ * weight [outFeatures, inFeatures] (frozen; float32 or bfloat16 read in place, float16 widened to
+ * float32 for each kernel call), bias [outFeatures] or null
  * (frozen), loraA [rank, inFeatures] and loraB [outFeatures, rank]. One native kernel forward and
  * one backward; gradients flow to x, loraA and loraB.
  *
  * @example
  * const y = loraLinear(x, W, null, A, B, alpha / rank, { dropout: 0.05, seed: 7 });
- * @throws ERR_LORA_SHAPE for shapes that do not fit together; ERR_LORA_DTYPE for a weight other
- *   than float32/bfloat16 or other tensors not float32; ERR_LORA_DEVICE across devices;
+ * @throws ERR_LORA_SHAPE for shapes that do not fit together; ERR_LORA_DTYPE for an int32 weight
+ *   or other tensors not float32; ERR_LORA_DEVICE across devices;
  *   ERR_LORA_GRAD when weight or bias requires a gradient (they are frozen here);
  *   LoraRangeError for dropout outside [0, 1).
  */
@@ -39,8 +40,8 @@ export function loraLinear(x: Tensor, weight: Tensor, bias: Tensor | null, loraA
   if (p >= 1) throw new LoraError('ERR_LORA_RANGE', `Expected a number in [0, 1) for dropout but received ${p} (number)`);
   const seed = p === 0 ? 0 : o.seed === undefined ? defaultRng().seed() : expectInteger('seed', o.seed, 0, Number.MAX_SAFE_INTEGER);
   sameDevice('loraLinear', x, weight, loraA, loraB, ...(bias ? [bias] : []));
-  if (weight.dtype !== 'float32' && weight.dtype !== 'bfloat16')
-    throw new LoraError('ERR_LORA_DTYPE', `Expected a float32 or bfloat16 weight for loraLinear() but received ${weight.dtype}`);
+  if (weight.dtype === 'int32')
+    throw new LoraError('ERR_LORA_DTYPE', `Expected a float32, bfloat16 or float16 weight for loraLinear() but received ${weight.dtype}`);
   for (const [name, t] of [['x', x], ['loraA', loraA], ['loraB', loraB], ['bias', bias]] as const)
     if (t && t.dtype !== 'float32') throw new LoraError('ERR_LORA_DTYPE', `Expected a float32 ${name} for loraLinear() but received ${t.dtype}`);
   if (weight.ndim !== 2) throw new LoraError('ERR_LORA_SHAPE', `Expected a 2-D weight (outFeatures, inFeatures) but received ${shapeString(weight.shape)}`);
@@ -58,8 +59,8 @@ export function loraLinear(x: Tensor, weight: Tensor, bias: Tensor | null, loraA
   const N = x.size / C;
   const y = empty([...x.shape.slice(0, -1), OC], x.device);
   const h = empty([N, R], x.device);
-  native.loraForward(y._storage, h._storage, x._storage, weight._storage, bias ? bias._storage : null, loraA._storage, loraB._storage,
-    N, C, OC, R, s, p, seed);
+  withKernelWeight(weight, (w) => native.loraForward(y._storage, h._storage, x._storage, w, bias ? bias._storage : null, loraA._storage,
+    loraB._storage, N, C, OC, R, s, p, seed));
   const out = record(y, {
     name: 'lora_forward',
     inputs: [x, loraA, loraB],
@@ -67,11 +68,28 @@ export function loraLinear(x: Tensor, weight: Tensor, bias: Tensor | null, loraA
       const dx = x.requiresGrad ? empty(x.shape, x.device) : null;
       const dA = loraA.requiresGrad ? zeros(loraA.shape, { device: loraA.device }) : null;
       const dB = loraB.requiresGrad ? zeros(loraB.shape, { device: loraB.device }) : null;
-      native.loraBackward(dx ? dx._storage : null, dA ? dA._storage : null, dB ? dB._storage : null, g._storage,
-        x._live('the input of a LoRA layer'), h._live('saved activations'), weight._live('weight'), loraA._live('loraA'),
-        loraB._live('loraB'), N, C, OC, R, s, p, seed);
+      withKernelWeight(weight, (w) => native.loraBackward(dx ? dx._storage : null, dA ? dA._storage : null, dB ? dB._storage : null,
+        g._storage, x._live('the input of a LoRA layer'), h._live('saved activations'), w, loraA._live('loraA'), loraB._live('loraB'),
+        N, C, OC, R, s, p, seed));
       return [dx, dA, dB];
     },
   });
   return saveFor(out, h);
+}
+
+/**
+ * Calls a kernel with the storage of a frozen weight it can read: the weight itself (float32,
+ * bfloat16) or, for float16, a float32 copy made for this call.
+ */
+function withKernelWeight(W: Tensor, fn: (w: NativeStorage) => void): void {
+  if (W.dtype !== 'float16') {
+    fn(W._live('weight'));
+    return;
+  }
+  const wide = W.toDtype('float32');
+  try {
+    fn(wide._storage);
+  } finally {
+    wide.dispose();
+  }
 }
