@@ -48,7 +48,7 @@ export function loraForwardRef(a: LoraInputs): { y: Float64Array; h: Float64Arra
   for (let n = 0; n < N; n++)
     for (let o = 0; o < OC; o++) {
       let base = b ? b[o]! : 0;
-      for (let c = 0; c < C; c++) base += x[n * C + c]! * W[o * C + c]!;
+      for (let c = 0; c < C; c++) base += x[n * C + c]! * W[o * C + c]!;  // rows of x and W: contiguous
       let low = 0;
       for (let r = 0; r < R; r++) low += h[n * R + r]! * B[o * R + r]!;
       y[n * OC + o] = base + s * low;
@@ -61,11 +61,10 @@ export function loraBackwardRef(a: LoraInputs, dy: Float64Array): { dx: Float64A
   const h = loraHiddenRef(a);
   const xd = dropoutRef(x, p, seed);
   const dB = new Float64Array(OC * R);
-  for (let o = 0; o < OC; o++)
-    for (let r = 0; r < R; r++) {
-      let acc = 0;
-      for (let n = 0; n < N; n++) acc += dy[n * OC + o]! * h[n * R + r]!;
-      dB[o * R + r] = s * acc;
+  for (let n = 0; n < N; n++)
+    for (let o = 0; o < OC; o++) {
+      const g = s * dy[n * OC + o]!;
+      for (let r = 0; r < R; r++) dB[o * R + r] += g * h[n * R + r]!;
     }
   const dh = new Float64Array(N * R);
   for (let n = 0; n < N; n++)
@@ -75,22 +74,27 @@ export function loraBackwardRef(a: LoraInputs, dy: Float64Array): { dx: Float64A
       dh[n * R + r] = s * acc;
     }
   const dA = new Float64Array(R * C);
-  for (let r = 0; r < R; r++)
-    for (let c = 0; c < C; c++) {
-      let acc = 0;
-      for (let n = 0; n < N; n++) acc += dh[n * R + r]! * xd[n * C + c]!;
-      dA[r * C + c] = acc;
+  for (let n = 0; n < N; n++)
+    for (let r = 0; r < R; r++) {
+      const g = dh[n * R + r]!;
+      for (let c = 0; c < C; c++) dA[r * C + c] += g * xd[n * C + c]!;
     }
   const dx = new Float64Array(N * C);
-  for (let n = 0; n < N; n++)
+  const base = new Float64Array(C);
+  for (let n = 0; n < N; n++) {
+    // dy·W: row n accumulates dy[n, o]·W[o, :] over o (W read row by row)
+    base.fill(0);
+    for (let o = 0; o < OC; o++) {
+      const g = dy[n * OC + o]!;
+      for (let c = 0; c < C; c++) base[c] += g * W[o * C + c]!;
+    }
     for (let c = 0; c < C; c++) {
-      let base = 0;
-      for (let o = 0; o < OC; o++) base += dy[n * OC + o]! * W[o * C + c]!;
       let low = 0;
       for (let r = 0; r < R; r++) low += dh[n * R + r]! * A[r * C + c]!;
       const keep = p === 0 ? 1 : dropoutFactorRef(seed, n * C + c, p);
-      dx[n * C + c] = base + keep * low;
+      dx[n * C + c] = base[c]! + keep * low;
     }
+  }
   return { dx, dA, dB };
 }
 

@@ -120,18 +120,21 @@ export function gemmRef(g: {
   lda: number; ldb: number; ldc: number; alpha: number; beta: number; batch: number; sa: number; sb: number; sc: number;
 }): Float64Array {
   const out = Float64Array.from(g.c0);
-  for (let z = 0; z < g.batch; z++)
-    for (let i = 0; i < g.M; i++)
+  const arow = new Float64Array(g.K);
+  const bt = new Float64Array(g.N * g.K);  // op(B) transposed: row j is column j of op(B)
+  for (let z = 0; z < g.batch; z++) {
+    for (let j = 0; j < g.N; j++)
+      for (let k = 0; k < g.K; k++) bt[j * g.K + k] = g.b[z * g.sb + (g.tb ? j * g.ldb + k : k * g.ldb + j)]!;
+    for (let i = 0; i < g.M; i++) {
+      for (let k = 0; k < g.K; k++) arow[k] = g.a[z * g.sa + (g.ta ? k * g.lda + i : i * g.lda + k)]!;
       for (let j = 0; j < g.N; j++) {
         let acc = 0;
-        for (let k = 0; k < g.K; k++) {
-          const av = g.a[z * g.sa + (g.ta ? k * g.lda + i : i * g.lda + k)]!;
-          const bv = g.b[z * g.sb + (g.tb ? j * g.ldb + k : k * g.ldb + j)]!;
-          acc += av * bv;
-        }
+        for (let k = 0; k < g.K; k++) acc += arow[k]! * bt[j * g.K + k]!;
         const o = z * g.sc + i * g.ldc + j;
         out[o] = g.alpha * acc + (g.beta === 0 ? 0 : g.beta * g.c0[o]!);
       }
+    }
+  }
   return out;
 }
 
@@ -181,25 +184,33 @@ function opsCases(): ParityCase[] {
   let seed = 1;
   const data = (n: number, scale = 1, positive = false) => seeded(n, seed++, scale, positive);
 
-  // gemm: transposes, row strides longer than the rows, batches, beta, split-K shapes
+  // gemm: transposes, row strides longer than the rows, batches, beta, split-K shapes. One logical
+  // op(A), op(B) per shape, stored four ways (transposed or not, in padded rows whose padding holds
+  // other values), so the product is computed once and must come out of every layout.
   for (const [M, N, K] of [[1, 1, 1], [7, 13, 5], [129, 67, 33], [300, 257, 1000], [2000, 16, 3000], [16, 1500, 4000],
     [64, 64, 0], [33, 200, 7], [500, 40, 300], [40, 500, 9000]] as const) {
+    const batch = M * N * K < 2e6 ? 3 : 1;
+    const opA = data(batch * M * K), opB = data(batch * K * N);
+    let product: Float64Array | undefined;  // op(A)·op(B) per batch entry, (batch, M, N)
     for (const ta of [false, true]) for (const tb of [false, true]) {
-      const batch = M * N * K < 2e6 ? 3 : 1;
       const pad = 3;
       const lda = (ta ? M : K) + pad, ldb = (tb ? K : N) + pad, ldc = N + pad;
       const sa = (ta ? K : M) * lda + 5, sb = (tb ? N : K) * ldb + 7, sc = M * ldc + 2;
       const a = data(batch * sa), b = data(batch * sb), c0 = data(batch * sc);
-      let product: Float64Array | undefined;  // alpha·op(A)·op(B), shared by both betas
+      for (let z = 0; z < batch; z++) {
+        for (let i = 0; i < M; i++) for (let k = 0; k < K; k++) a[z * sa + (ta ? k * lda + i : i * lda + k)] = opA[(z * M + i) * K + k]!;
+        for (let k = 0; k < K; k++) for (let j = 0; j < N; j++) b[z * sb + (tb ? j * ldb + k : k * ldb + j)] = opB[(z * K + k) * N + j]!;
+      }
       for (const beta of [0, 1.5]) {
         cases.push({
           name: `gemm M${M} N${N} K${K} ${ta ? 'T' : 'N'}${tb ? 'T' : 'N'} batch${batch} beta${beta}`,
           build: () => {
-            product ??= gemmRef({ a, b, c0, M, N, K, ta, tb, lda, ldb, ldc, alpha: 0.75, beta: 0, batch, sa, sb, sc });
+            product ??= gemmRef({ a: opA, b: opB, c0: new Float64Array(batch * M * N), M, N, K, ta: false, tb: false, lda: K, ldb: N, ldc: N,
+              alpha: 1, beta: 0, batch, sa: M * K, sb: K * N, sc: M * N });
             const expect = Float64Array.from(c0);
             for (let z = 0; z < batch; z++) for (let i = 0; i < M; i++) for (let j = 0; j < N; j++) {
               const o = z * sc + i * ldc + j;
-              expect[o] = product[o]! + beta * c0[o]!;
+              expect[o] = 0.75 * product[(z * M + i) * N + j]! + beta * c0[o]!;
             }
             return {
               inputs: { A: { data: a }, B: { data: b } }, outputs: { C: c0 },
