@@ -1,8 +1,10 @@
 // The fp32 GEMM on CUDA cores (plain FMA, no TF32): every gemm() call (a bf16 B, a frozen
 // weight, is widened exactly as it is loaded), every fp32-weight LoRA GEMM and, with
-// LORA_CUDA_SKINNY=simt, the adapter GEMMs (h, dh, dA, dB) run here. Register-tiled with a two-stage
-// shared-memory pipeline, three tile shapes, split-K with atomics for long-K small outputs.
+// LORA_NATIVE_CUDA_SKINNY=simt, the adapter GEMMs (h, dh, dA, dB) run here. Register-tiled with a
+// two-stage shared-memory pipeline, three tile shapes, split-K with atomics for long-K small outputs.
 // It is not the bf16 tensor-core path (gemm_tc.cu) and makes no attempt at cuBLAS-level speed.
+#include <type_traits>
+
 #include "common.cuh"
 
 namespace lora {
@@ -287,51 +289,33 @@ cudaError_t launch_gemm_simt(cudaStream_t stream, GemmArgs args, bool trans_a, b
 // ---- table entries ---------------------------------------------------------------------------
 namespace {
 
-// The GemmArgs of a plain C = alpha·op(A)·op(B) + beta·C (B set by the caller).
-GemmArgs plain_gemm(float* Cm, const float* Am, int64_t M, int64_t Nn, int64_t K, int64_t lda,
-                    int64_t ldb, int64_t ldc, float alpha, float beta, int64_t batch,
-                    int64_t stride_a, int64_t stride_b, int64_t stride_c) {
+// C = alpha·op(A)·op(B) + beta·C for each batch entry on the SIMT engine; B fp32 (gemm) or bf16
+// bits (gemm_bf16: linear() on a frozen bf16 weight, read in place and widened exactly).
+template <typename TB>
+lora_status gemm_entry(lora_backend* be, float* Cm, const float* Am, const TB* Bm, int64_t M,
+                       int64_t Nn, int64_t K, bool trans_a, bool trans_b, int64_t lda, int64_t ldb,
+                       int64_t ldc, float alpha, float beta, int64_t batch, int64_t stride_a,
+                       int64_t stride_b, int64_t stride_c) {
+  Context& c = ctx(be);
+  if (c.unusable()) return LORA_UNUSABLE;
+  if (M < 0 || Nn < 0 || K < 0 || batch < 0) return LORA_INVALID_ARGUMENT;
   GemmArgs g;
   g.Cm = Cm; g.Am = Am;
+  if constexpr (std::is_same<TB, float>::value) g.Bm = Bm;
+  else g.Bm16 = Bm;
   g.M = M; g.Nn = Nn; g.K = K;
   g.lda = lda; g.ldb = ldb; g.ldc = ldc;
   g.alpha = alpha; g.beta = beta;
   g.batch = batch; g.stride_a = stride_a; g.stride_b = stride_b; g.stride_c = stride_c;
-  return g;
-}
-
-lora_status simt_gemm(Context& c, const GemmArgs& g, bool trans_a, bool trans_b, const char* what) {
-  if (c.unusable()) return LORA_UNUSABLE;
-  if (g.M < 0 || g.Nn < 0 || g.K < 0 || g.batch < 0) return LORA_INVALID_ARGUMENT;
-  return c.check(launch_gemm_simt(c.stream(), g, trans_a, trans_b, c.sm_count()), what);
-}
-
-lora_status gemm(lora_backend* be, float* Cm, const float* Am, const float* Bm, int64_t M,
-                 int64_t Nn, int64_t K, bool trans_a, bool trans_b, int64_t lda, int64_t ldb,
-                 int64_t ldc, float alpha, float beta, int64_t batch, int64_t stride_a,
-                 int64_t stride_b, int64_t stride_c) {
-  Context& c = ctx(be);
-  GemmArgs g = plain_gemm(Cm, Am, M, Nn, K, lda, ldb, ldc, alpha, beta, batch, stride_a, stride_b, stride_c);
-  g.Bm = Bm;
-  return simt_gemm(c, g, trans_a, trans_b, "gemm");
-}
-
-// The same with B as bf16 (linear() on a frozen bf16 weight): read in place, widened exactly.
-lora_status gemm_bf16(lora_backend* be, float* Cm, const float* Am, const uint16_t* Bm, int64_t M,
-                      int64_t Nn, int64_t K, bool trans_a, bool trans_b, int64_t lda, int64_t ldb,
-                      int64_t ldc, float alpha, float beta, int64_t batch, int64_t stride_a,
-                      int64_t stride_b, int64_t stride_c) {
-  Context& c = ctx(be);
-  GemmArgs g = plain_gemm(Cm, Am, M, Nn, K, lda, ldb, ldc, alpha, beta, batch, stride_a, stride_b, stride_c);
-  g.Bm16 = Bm;
-  return simt_gemm(c, g, trans_a, trans_b, "gemm_bf16");
+  return c.check(launch_gemm_simt(c.stream(), g, trans_a, trans_b, c.sm_count()),
+                 std::is_same<TB, float>::value ? "gemm" : "gemm_bf16");
 }
 
 }  // namespace
 
 void register_gemm(lora_backend& t) {
-  t.gemm = gemm;
-  t.gemm_bf16 = gemm_bf16;
+  t.gemm = gemm_entry<float>;
+  t.gemm_bf16 = gemm_entry<uint16_t>;
 }
 
 }  // namespace cuda

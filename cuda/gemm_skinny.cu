@@ -1,7 +1,7 @@
 // The LoRA adapter GEMMs (h = x̃·Aᵀ, dh = s·dy·B, dB += s·dyᵀ·h, dA += dhᵀ·x̃) on tensor cores:
 // outputs at most 64 wide (the rank), K long. 3xTF32 (a·b ≈ a_hi·b_hi + a_hi·b_lo + a_lo·b_hi with
 // tf32 halves) keeps fp32 accuracy on mma.sync m16n8k8, sm_80+. Split-K with atomics when the grid
-// is small. Not a general GEMM (gemm_simt.cu is); LORA_CUDA_SKINNY=simt routes these there.
+// is small. Not a general GEMM (gemm_simt.cu is); LORA_NATIVE_CUDA_SKINNY=simt routes these there.
 #include "common.cuh"
 
 namespace lora {

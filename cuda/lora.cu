@@ -160,7 +160,7 @@ OperandDropout make_dropout(float p, uint64_t seed, int64_t ld) {
 }
 
 // The adapter GEMMs (h, dh, dB: at most 64 columns) on tensor cores in 3xTF32, or on the fp32
-// SIMT engine for wider ranks or with LORA_CUDA_SKINNY=simt.
+// SIMT engine for wider ranks or with LORA_NATIVE_CUDA_SKINNY=simt.
 lora_status adapter_gemm(Context& c, const GemmArgs& g, bool trans_a, bool trans_b,
                          const char* what) {
   if (c.skinny_tc() && g.Nn <= 64) return c.check(launch_gemm_skinny(c.stream(), g, trans_a, trans_b, false, c.sm_count()), what);
@@ -169,7 +169,7 @@ lora_status adapter_gemm(Context& c, const GemmArgs& g, bool trans_a, bool trans
 
 // out (M, Nn) = X (M, K, contiguous) · op(W) + epi on tensor cores. When the shape allows, X is
 // rounded to W's type once into a workspace and the cp.async pipeline runs; else the
-// register-staged kernel rounds it tile by tile. LORA_CUDA_TC=staged forces the latter.
+// register-staged kernel rounds it tile by tile. LORA_NATIVE_CUDA_TC=staged forces the latter.
 lora_status base_gemm_tc(Context& c, float* out, int64_t ldo, const float* X, const void* W,
                          lora_dtype w_dtype, int64_t ldw, bool w_nk, int64_t M, int64_t Nn,
                          int64_t K, const LoraEpilogue& epi, const char* what) {
