@@ -122,16 +122,22 @@ t.test('npm pack: dist and prebuilds in, tests, benches and build trees out', (t
   }
   const packed = pack(root, fs.mkdtempSync(path.join(tmp, 'pack-')));
   const files = packed.files;
-  for (const f of ['package.json', 'dist/lib/index.js', 'dist/lib/index.d.ts', 'binding.gyp', 'native/binding.cc', 'README.md', 'scripts/build-cuda.js', 'cuda/CMakeLists.txt'])
+  for (const f of ['package.json', 'dist/lib/index.js', 'dist/lib/index.d.ts', 'binding.gyp', 'native/binding/addon.cc', 'README.md', 'scripts/build-cuda.js', 'cuda/CMakeLists.txt'])
     t.ok(files.includes(f), `tarball has ${f}`);
   // what a user's install compiles the CUDA backend from (the install below skips that build: npm ci
-  // runs it, and here it would only repeat minutes of nvcc): every file cuda/ includes or lists
+  // runs it, and here it would only repeat minutes of nvcc): cuda/CMakeLists.txt compiles every .cu
+  // file of cuda/ (a glob), so every file of cuda/ and every header they include must be packed
+  // (cuda/emu/ is the emulator build's, included only under LORA_CUDA_EMU)
   const cudaDir = path.join(root, 'cuda');
   const cudaSources = fs.readdirSync(cudaDir).filter((f) => /\.(cu|cuh|h|map)$/.test(f));
-  const missing = cudaSources.map((f) => `cuda/${f}`).filter((f) => !files.includes(f));
-  t.same(missing, [], `tarball has the ${cudaSources.length} files of cuda/ the CUDA build reads`);
-  const listed = [...fs.readFileSync(path.join(cudaDir, 'CMakeLists.txt'), 'utf8').matchAll(/^\s+(\w+\.cu)$/gm)].map((m) => m[1]!);
-  t.ok(listed.length > 0 && listed.every((f) => cudaSources.includes(f)), `cuda/CMakeLists.txt builds ${listed.length} sources, all in cuda/`);
+  t.ok(cudaSources.some((f) => f.endsWith('.cu')) && /file\(GLOB \w+ CONFIGURE_DEPENDS "\$\{CMAKE_CURRENT_SOURCE_DIR\}\/\*\.cu"\)/
+    .test(fs.readFileSync(path.join(cudaDir, 'CMakeLists.txt'), 'utf8')), 'cuda/CMakeLists.txt compiles the .cu files of cuda/');
+  const included = cudaSources.filter((f) => /\.cuh?$/.test(f)).flatMap((f) =>
+    [...fs.readFileSync(path.join(cudaDir, f), 'utf8').matchAll(/^#include "([^"]+)"/gm)].map((m) => path.posix.normalize(`cuda/${m[1]!}`)));
+  const needed = [...new Set([...cudaSources.map((f) => `cuda/${f}`), ...included])].filter((f) => !f.startsWith('cuda/emu/'));
+  t.ok(included.some((f) => f.startsWith('native/backend/')), 'cuda/ includes the kernel interface from native/backend/');
+  const missing = needed.filter((f) => !files.includes(f));
+  t.same(missing, [], `tarball has the ${needed.length} files the CUDA build reads`);
   const unwanted = files.filter((f) => /^(test|bench|build|build-cmake|build-asan|coverage|\.tap|\.ci|scripts\/sanitize|dist\/(bench|examples|test)|native\/dev)\//.test(f) || f.endsWith('.tgz'));
   t.same(unwanted, [], 'no tests, benches, build trees or tarballs in the tarball');
 
