@@ -53,10 +53,10 @@ export interface Features {
 export function features(): Features {
   return native.features();
 }
-export {
-  readSafetensorsHeader, loadSafetensors, saveSafetensors, saveSafetensorsAsync, openModel, loadModel,
-} from './safetensors';
-export type { SafetensorsDtype, SafetensorsEntry, SafetensorsHeader, SafetensorsData, ModelIndex, RawTensor, TensorSource, LoadOptions, SaveOptions } from './safetensors';
+export { readSafetensorsHeader, loadSafetensors, openModel, openModelReader, ModelReader, loadModel } from './safetensors';
+export type { SafetensorsDtype, SafetensorsEntry, SafetensorsHeader, SafetensorsData, ModelIndex, ByteSource, LoadOptions } from './safetensors';
+export { saveSafetensors, saveSafetensorsAsync } from './safetensors_write';
+export type { RawTensor, TensorSource, SaveOptions } from './safetensors_write';
 export { PeftAdapter, loadPeftAdapter, savePeftAdapter, matchPatternKey, moduleScaling, targetsModule } from './peft';
 export type { PeftConfig, PeftModule } from './peft';
 export { LoraModel, AdaptedLinear, combineAdapters, doraWeightNorm } from './lora_model';

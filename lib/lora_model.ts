@@ -5,6 +5,7 @@
 import { checkOptions, expectBoolean, expectInteger, expectNumber, expectOneOf, LoraError, typeError } from './errors';
 import { mat, matmulMat, Mat, qr, svd, transposeMat } from './linalg';
 import { native } from './native';
+import { allFinite } from './numerics';
 import { Module } from './module';
 import { embedding } from './nn_ops';
 import { add, linear, matmul, mul, sub, div, sum, square, transpose } from './ops';
@@ -239,7 +240,12 @@ function mergeTransposed(w: Tensor, A: Tensor, B: Tensor, R: number, s: number):
   }));
 }
 
-function checkFinite(name: string, t: Tensor, when: string): void {
+/**
+ * @internal Throws ERR_LORA_NON_FINITE naming the tensor and the first bad element unless every
+ * value of t is finite (checked natively first: no host copy of a good tensor).
+ */
+export function checkFinite(name: string, t: Tensor, when: string): void {
+  if (allFinite(t)) return;
   const d = t.toFloat32Array();
   for (let i = 0; i < d.length; i++)
     if (!Number.isFinite(d[i]!))

@@ -94,6 +94,10 @@ export interface Binding {
   dropout(out: S, input: S, p: number, seed: number): void;
   loraMergeAsync(W: S, A: S, B: S, OC: number, C: number, R: number, s: number): Promise<void>;
   toHostAsync(s: S): Promise<ArrayBuffer>;
+  /** Copies data's bytes into s at byteOffset (chunked file reads). */
+  writeBytes(s: S, byteOffset: number, data: ArrayBufferView): void;
+  /** Copies bytes of s from byteOffset into `into` (chunked file writes). */
+  readBytes(s: S, byteOffset: number, into: ArrayBufferView): void;
   [more: string]: unknown;
 }
 

@@ -1124,6 +1124,58 @@ Napi::Value ToHostAsync(const Napi::CallbackInfo& info) {
   return p;
 }
 
+// ---- byte ranges of a storage (chunked file I/O) ---------------------------------------------
+// writeBytes(storage, byteOffset, typedArray) copies the array's bytes into the storage at a byte
+// offset; readBytes(storage, byteOffset, typedArray) copies bytes from that offset into the array.
+// They let lib/safetensors.ts move a tensor through a small staging buffer in pieces: one
+// ArrayBuffer view holds at most 2^32 elements, and a file tensor may be larger than that.
+
+// The data pointer and byte length of a typed array argument (ArrayBuffer- or SharedArrayBuffer-
+// backed); a detached array has none.
+uint8_t* byte_range_arg(const Napi::CallbackInfo& info, size_t i, size_t* bytes) {
+  Napi::Env env = info.Env();
+  napi_typedarray_type type;
+  size_t length = 0, offset = 0;
+  void* data = nullptr;
+  napi_value ab;
+  if (!info[i].IsTypedArray() || napi_get_typedarray_info(env, info[i], &type, &length, &data, &ab, &offset) != napi_ok)
+    throw_lora(env, "ERR_LORA_TYPE", "Expected a typed array of bytes");
+  *bytes = info[i].As<Napi::TypedArray>().ByteLength();
+  if (!data && *bytes != 0) throw_lora(env, "ERR_LORA_TYPE", "the data's buffer is detached");
+  return static_cast<uint8_t*>(data);
+}
+
+// The storage's address at byteOffset, after checking that [byteOffset, byteOffset + bytes) lies
+// inside the allocation.
+uint8_t* storage_range(const Napi::CallbackInfo& info, Storage* s, int64_t byte_offset, size_t bytes) {
+  const size_t total = s->bytes();
+  if (static_cast<uint64_t>(byte_offset) > total || bytes > total - static_cast<size_t>(byte_offset))
+    throw_lora(info.Env(), "ERR_LORA_RANGE",
+               "byte range [" + std::to_string(byte_offset) + ", +" + std::to_string(bytes) + ") lies outside the " +
+                   std::to_string(total) + "-byte tensor");
+  return static_cast<uint8_t*>(s->ptr_) + byte_offset;
+}
+
+Napi::Value WriteBytes(const Napi::CallbackInfo& info) {
+  Storage* s = storage_arg(info, 0, "tensor");
+  int64_t at = size_arg(info, 1, "byteOffset");
+  size_t bytes = 0;
+  const uint8_t* src = byte_range_arg(info, 2, &bytes);
+  uint8_t* dst = storage_range(info, s, at, bytes);
+  if (bytes) check_status(info.Env(), s->backend_->upload(dst, src, bytes), s->backend_, "upload");
+  return info.Env().Undefined();
+}
+
+Napi::Value ReadBytes(const Napi::CallbackInfo& info) {
+  Storage* s = storage_arg(info, 0, "tensor");
+  int64_t at = size_arg(info, 1, "byteOffset");
+  size_t bytes = 0;
+  uint8_t* dst = byte_range_arg(info, 2, &bytes);
+  const uint8_t* src = storage_range(info, s, at, bytes);
+  if (bytes) check_status(info.Env(), s->backend_->download(dst, src, bytes), s->backend_, "download");
+  return info.Env().Undefined();
+}
+
 // The path of this .node file (liblora_cuda.so sits beside it).
 std::string own_path() {
   Dl_info dl{};
@@ -1179,6 +1231,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
       {"rmsNormBackward", RmsNormBackward}, {"embedding", Embedding}, {"embeddingBackward", EmbeddingBackward},
       {"crossEntropy", CrossEntropy}, {"crossEntropyBackward", CrossEntropyBackward}, {"attention", Attention},
       {"attentionBackward", AttentionBackward}, {"loraMergeAsync", LoraMergeAsync}, {"toHostAsync", ToHostAsync},
+      {"writeBytes", WriteBytes}, {"readBytes", ReadBytes},
   };
   for (const auto& f : fns)
     exports.Set(f.first, Napi::Function::New(env, Locked, f.first, const_cast<void*>(static_cast<const void*>(&f))));
