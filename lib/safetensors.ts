@@ -432,6 +432,8 @@ export class ModelReader implements ModelIndex {
 
   /** @internal use openModelReader() */
   constructor(index: ModelIndex, readers: Map<string, FileReader>) {
+    if (!index || typeof index !== 'object' || !Array.isArray(index.entries) || !(readers instanceof Map) || ![...readers.values()].every((r) => r instanceof FileReader))
+      throw typeError('index', 'a model opened by openModelReader()', index);
     this.source = index.source;
     this.entries = index.entries;
     this.metadata = index.metadata;
@@ -447,7 +449,9 @@ export class ModelReader implements ModelIndex {
 
   /** One tensor as a new CPU tensor (the caller owns it). @throws ERR_LORA_IO when its file changed. */
   readTensor(entry: SafetensorsEntry, mode: 'keep' | 'float32' = 'keep'): Tensor {
-    return readTensor(entry, this.reader(entry), mode);
+    const r = this.reader(entry);
+    if (mode !== 'keep' && mode !== 'float32') throw typeError('mode', "'keep' or 'float32'", mode);
+    return readTensor(entry, r, mode);
   }
 
   /** One tensor's stored bytes as a source the writer streams in chunks (its file checked after each). */

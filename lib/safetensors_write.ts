@@ -230,9 +230,24 @@ function fsyncDir(dir: string): void {
   } catch { /* some filesystems refuse fsync on directories; the rename is still atomic */ }
 }
 
+// After the rename: the temp name is gone, and the folder's entry is made durable.
+function renamed(tmp: string, file: string): void {
+  forgetTemp(tmp);
+  fsyncDir(path.dirname(file));
+}
+
 function unlinkQuietly(p: string): void {
   try { fs.unlinkSync(p); } catch { /* never created or already gone */ }
   forgetTemp(p);
+}
+
+// Both writers' start: arguments checked, the plan made, the folder found writable, a temp name.
+function prepare(file: unknown, tensors: unknown, opts: unknown): { p: Plan; tmp: string; at: { name: string } } {
+  if (typeof file !== 'string' || file === '') throw typeError('file', 'a path string', file);
+  const p = plan(tensors, opts);
+  if (p.signal?.aborted) throw aborted(file, p.signal);
+  checkWritableFolder(file);
+  return { p, tmp: tempName(file), at: { name: '' } };
 }
 
 /**
@@ -245,11 +260,7 @@ function unlinkQuietly(p: string): void {
  *   written) when the file cannot be written.
  */
 export function saveSafetensors(file: string, tensors: Map<string, TensorSource> | Record<string, TensorSource>, opts?: SaveOptions & WriteProgress): void {
-  if (typeof file !== 'string' || file === '') throw typeError('file', 'a path string', file);
-  const p = plan(tensors, opts);
-  if (p.signal?.aborted) throw aborted(file, p.signal);
-  checkWritableFolder(file);
-  const tmp = tempName(file);
+  const { p, tmp, at } = prepare(file, tensors, opts);
   let fd: number;
   try {
     fd = fs.openSync(tmp, 'wx', 0o644);
@@ -257,7 +268,6 @@ export function saveSafetensors(file: string, tensors: Map<string, TensorSource>
     throw ioError(file, err, 'write');
   }
   trackTemp(tmp);
-  const at = { name: '' };
   let ok = false;
   try {
     for (const piece of pieces(p, at)) if (piece !== TENSOR_END) writeAll(fd, piece.bytes, piece.position);
@@ -266,8 +276,7 @@ export function saveSafetensors(file: string, tensors: Map<string, TensorSource>
     fs.closeSync(fd);
     fd = -1;
     fs.renameSync(tmp, file);
-    forgetTemp(tmp);
-    fsyncDir(path.dirname(file));
+    renamed(tmp, file);
     ok = true;
   } catch (err) {
     throw failure(file, err, at);
@@ -283,13 +292,8 @@ export function saveSafetensors(file: string, tensors: Map<string, TensorSource>
  * still copied out synchronously, one chunk at a time. Same atomicity.
  */
 export async function saveSafetensorsAsync(file: string, tensors: Map<string, TensorSource> | Record<string, TensorSource>, opts?: SaveOptions & WriteProgress): Promise<void> {
-  if (typeof file !== 'string' || file === '') throw typeError('file', 'a path string', file);
-  const p = plan(tensors, opts);
-  if (p.signal?.aborted) throw aborted(file, p.signal);
-  checkWritableFolder(file);
-  const tmp = tempName(file);
+  const { p, tmp, at } = prepare(file, tensors, opts);
   let fh: fs.promises.FileHandle | null = null;
-  const at = { name: '' };
   let ok = false;
   try {
     try {
@@ -309,8 +313,7 @@ export async function saveSafetensorsAsync(file: string, tensors: Map<string, Te
     await fh.close();
     fh = null;
     await fs.promises.rename(tmp, file);
-    forgetTemp(tmp);
-    fsyncDir(path.dirname(file));
+    renamed(tmp, file);
     ok = true;
   } catch (err) {
     throw failure(file, err, at);
@@ -338,8 +341,7 @@ export function writeFileAtomic(file: string, data: string | Uint8Array): void {
       fs.closeSync(fd);
     }
     fs.renameSync(tmp, file);
-    forgetTemp(tmp);
-    fsyncDir(path.dirname(file));
+    renamed(tmp, file);
     ok = true;
   } catch (err) {
     throw ioError(file, err, 'write');

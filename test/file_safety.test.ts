@@ -123,6 +123,7 @@ void leakChecked(t, 'native byte ranges: bounds checked, and offsets past 4 GiB 
   native.readBytes(huge._storage, far, got);
   t.same(Array.from(got), [1, 2, 3, 4, 5, 6], `bytes at offset ${far} (past 2^32) round-trip`);
   assertLoraError(t, () => native.readBytes(huge._storage, far, new Uint8Array(7)), LoraError, 'ERR_LORA_RANGE', /lies outside the 4831838208-byte tensor/, 'one byte too far');
+  assertLoraError(t, () => huge.toBytes(), LoraError, 'ERR_LORA_UNSUPPORTED', /fits one typed array \(2\^32 elements\) for toBytes\(\) but it holds 4831838208 bytes; saveSafetensors\(\) writes larger ones in chunks/, 'toBytes() of 4.5 GiB: a clear error, not a bare RangeError');
   huge.dispose();
   native.releaseCached();
 });
