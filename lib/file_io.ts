@@ -99,9 +99,10 @@ export class FileReader {
   static open(file: string): FileReader {
     let fd: number;
     try {
-      fd = fs.openSync(file, 'r');
+      // non-blocking, so that a FIFO is refused below instead of waiting for a writer
+      fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK);
     } catch (err) {
-      throw ioError(file, err, 'open');
+      throw ioError(file, err, 'read');
     }
     try {
       const st = fs.fstatSync(fd, { bigint: true });
@@ -174,6 +175,23 @@ export class FileReader {
       try { fs.closeSync(this.fd); } catch { /* nothing left to release */ }
       this.fd = -1;
     }
+  }
+}
+
+/**
+ * A small text file (a config, an index) read whole through a FileReader, refused past `limit`
+ * bytes. @throws ERR_LORA_IO naming the file; ERR_LORA_FORMAT when it is too large.
+ */
+export function readTextFile(file: string, limit: number): string {
+  const r = FileReader.open(file);
+  try {
+    if (r.size > limit) throw new LoraError('ERR_LORA_FORMAT', `${file} is ${r.size} bytes; expected at most ${limit} for a JSON file`);
+    const buf = Buffer.alloc(r.size);
+    r.read(buf, 0);
+    r.verify();
+    return buf.toString('utf8');
+  } finally {
+    r.close();
   }
 }
 

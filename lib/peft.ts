@@ -8,7 +8,7 @@ import * as path from 'node:path';
 import { RE2JS } from 're2js';
 
 import { describe, LoraError, typeError } from './errors';
-import { makeFolder, parseJsonBounded } from './file_io';
+import { makeFolder, parseJsonBounded, readTextFile } from './file_io';
 import { loadSafetensors } from './safetensors';
 import { saveSafetensors, writeFileAtomic } from './safetensors_write';
 import { shapeString, Tensor } from './tensor';
@@ -385,12 +385,8 @@ export function adapterFromTensors(config: PeftConfig, tensors: Map<string, Tens
 export function loadPeftAdapter(dir: string): PeftAdapter {
   if (typeof dir !== 'string') throw typeError('dir', 'a folder path', dir);
   const cfgFile = path.join(dir, ADAPTER_CONFIG);
-  let text: string;
-  try {
-    text = fs.readFileSync(cfgFile, 'utf8');
-  } catch (err) {
-    throw new LoraError('ERR_LORA_IO', `Could not read ${cfgFile}: ${(err as Error).message}`);
-  }
+  // a config is a few KB; 16 MiB leaves room for rank_pattern listing every module of a huge model
+  const text = readTextFile(cfgFile, 16 * 1024 * 1024);
   const raw = parseJsonBounded(text, (problem) => fmt(cfgFile, problem));
   const config = checkConfig(cfgFile, raw);
   const wFile = path.join(dir, ADAPTER_WEIGHTS);

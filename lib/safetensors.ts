@@ -9,7 +9,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 
 import { checkOptions, describe, LoraError, typeError } from './errors';
-import { FileReader, ioChunkBytes, ioError, parseJsonBounded } from './file_io';
+import { FileReader, ioChunkBytes, ioError, parseJsonBounded, readTextFile } from './file_io';
 import { DTYPE_ID, native } from './native';
 import { DType, empty, numelOf, Tensor } from './tensor';
 
@@ -503,13 +503,7 @@ function resolveModelFile(p: string): string {
 // An index's shards, each resolved to its real path once: one file named several ways in the
 // weight_map ('s.safetensors', './s.safetensors', a symlink to it) is opened and read once.
 function readIndex(file: string, readers: Map<string, FileReader>): ModelIndex {
-  let text: string;
-  try {
-    text = fs.readFileSync(file, 'utf8');
-  } catch (err) {
-    throw ioError(file, err, 'read');
-  }
-  const json = parseJsonBounded(text, (problem) => indexError(file, problem));
+  const json = parseJsonBounded(readTextFile(file, MAX_HEADER_BYTES), (problem) => indexError(file, problem));
   if (!json || typeof json !== 'object' || Array.isArray(json)) throw indexError(file, 'not a JSON object');
   const wm = (json as Record<string, unknown>).weight_map;
   if (!wm || typeof wm !== 'object' || Array.isArray(wm)) throw indexError(file, 'weight_map is missing or not an object');

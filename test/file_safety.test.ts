@@ -3,6 +3,7 @@
 // chunked paths on small tensors, a file changed or replaced between its header and its data,
 // a tampered training checkpoint, sharded indexes that name one shard many ways, JSON nested too
 // deep, and errors that name the tensor. The CLI side is test/cli_safety.test.ts.
+import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -352,6 +353,20 @@ void leakChecked(t, 'JSON nested 200,000 deep is ERR_LORA_FORMAT in configs, ind
   const ok = `{"r": 4, "target_modules": ${'['.repeat(60)}"q"${']'.repeat(60)}}`;
   fs.writeFileSync(path.join(ad, 'adapter_config.json'), ok);
   t.throws(() => loadPeftAdapter(ad), { code: 'ERR_LORA_FORMAT', message: /target_modules must be a list/ }, '60 levels parse and meet the ordinary checks');
+});
+
+void leakChecked(t, 'a FIFO or a folder where a file belongs is refused at once, never waited on', (t) => {
+  const fifo = path.join(dir, 'pipe.safetensors');
+  const made = spawnSync('mkfifo', [fifo]);
+  if (made.status !== 0) t.comment('no mkfifo here: the FIFO case is skipped');
+  else {
+    assertLoraError(t, () => loadSafetensors(fifo), LoraError, 'ERR_LORA_IO', /pipe\.safetensors: not a regular file/, 'a FIFO as a model file');
+    const ad = path.join(dir, 'fifo-adapter');
+    fs.mkdirSync(ad);
+    spawnSync('mkfifo', [path.join(ad, 'adapter_config.json')]);
+    assertLoraError(t, () => loadPeftAdapter(ad), LoraError, 'ERR_LORA_IO', /adapter_config\.json: not a regular file/, 'a FIFO as an adapter config');
+  }
+  assertLoraError(t, () => loadSafetensors(dir), LoraError, 'ERR_LORA_IO', /not a regular file/, 'a folder');
 });
 
 void leakChecked(t, 'write errors name the tensor', (t) => {
