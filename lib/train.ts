@@ -356,6 +356,12 @@ function checkTrainerState(file: string, s: TrainerState, kind: 'adamw' | 'sgd')
   if (!Array.isArray(s.losses) || !s.losses.every((x) => x === null || typeof x === 'number')) throw stateError(file, 'trainer.losses', 'an array of numbers', s.losses);
   if (!Array.isArray(s.order) || !s.order.every(isCount)) throw stateError(file, 'trainer.order', 'an array of example indices', s.order);
   if (!Array.isArray(s.evalLosses)) throw stateError(file, 'trainer.evalLosses', 'an array', s.evalLosses);
+  // generator states: two 32-bit words (the low one may be stored signed) and a cached normal or null
+  const rngOk = (r: unknown) => Array.isArray(r) && r.length === 3 && r.slice(0, 2).every((w) => Number.isInteger(w) && Math.abs(w) < 2 ** 32) &&
+    (r[2] === null || (typeof r[2] === 'number' && Number.isFinite(r[2])));
+  for (const k of ['dataRng', 'globalRng'] as const) if (!rngOk(s[k])) throw stateError(file, `trainer.${k}`, 'a generator state', s[k]);
+  if (!s.moduleRngs || typeof s.moduleRngs !== 'object') throw stateError(file, 'trainer.moduleRngs', 'an object of generator states', s.moduleRngs);
+  for (const [name, r] of Object.entries(s.moduleRngs)) if (!rngOk(r)) throw stateError(file, `trainer.moduleRngs['${name}']`, 'a generator state', r);
   const o = s.optimizer;
   if (!o || typeof o !== 'object' || (o.kind !== 'adamw' && o.kind !== 'sgd')) throw stateError(file, 'trainer.optimizer.kind', "'adamw' or 'sgd'", o?.kind);
   if (o.kind !== kind) throw new LoraError('ERR_LORA_STATE', `Checkpoint ${file} holds ${o.kind} state but training uses ${kind}`);

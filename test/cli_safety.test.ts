@@ -50,8 +50,8 @@ t.test('a catastrophic pattern in adapter_config.json cannot hang the process', 
     [`${longX}.lora_A.weight`]: rand([2, 3], 3), [`${longX}.lora_B.weight`]: rand([4, 2], 4),
   });
   const started = Date.now();
-  const r = run(['inspect', d], 30_000);
-  t.equal(r.signal, null, `finished without being killed (${Date.now() - started} ms, limit 30 s)`);
+  const r = run(['inspect', d], 60_000);
+  t.equal(r.signal, null, `finished without being killed (${Date.now() - started} ms, limit 60 s)`);
   t.equal(r.code, 0, r.err);
   t.match(r.out, new RegExp(`${longA}\\s+linear\\s+2\\s+2\\s`), 'the pattern that cannot match leaves alpha at lora_alpha');
   t.match(r.out, new RegExp(`${longX}\\s+linear\\s+2\\s+4\\s`), 'the nested-quantifier pattern matches, in linear time, by PEFT\'s rule');

@@ -422,6 +422,7 @@ void leakChecked(t, 'a tampered checkpoint is refused naming the file and the fi
     ['NaN exp_avg_sq', withValue(sq, NaN), 'ERR_LORA_FORMAT', /exp_avg_sq holds NaN at element 1/],
     ['Inf parameter', withValue(param, Infinity), 'ERR_LORA_FORMAT', new RegExp(`${param.replace(/\./g, '\\.')} holds Infinity at element 1 \\(expected finite values\\)`)],
     ['negative step', trainer((s) => { s.step = -4; }), 'ERR_LORA_FORMAT', /expected a non-negative integer for trainer\.step but it holds -4/],
+    ['a corrupt generator state', trainer((s) => { s.dataRng = ['x', 1, null]; }), 'ERR_LORA_FORMAT', /expected a generator state for trainer\.dataRng but it holds/],
     ['negative optimizer step', trainer((s) => { const st = (s.optimizer as { steps: Record<string, number> }).steps; st[Object.keys(st)[0]!] = -1; }), 'ERR_LORA_FORMAT', /trainer\.optimizer\.steps\['.*'\] but it holds -1/],
     ['a transposed moment', (ts) => { const k = [...ts.keys()].find((n) => n.endsWith('.exp_avg'))!; const v = ts.get(k)!; ts.set(k, tensor(v.toFloat32Array(), [...v.shape].reverse())); }, 'ERR_LORA_SHAPE', /exp_avg of shape \[\d+, \d+\] but the model's is/],
   ];
