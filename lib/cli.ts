@@ -111,7 +111,7 @@ async function merge(argv: string[], out: NodeJS.WriteStream, err: NodeJS.WriteS
     forced = DTYPE_ARG[v.dtype as string];
     if (!forced) throw new UsageError(`--dtype must be f32, bf16 or f16 but is '${v.dtype}'`);
   }
-  checkWritableFolder(outFile);
+  checkWritableFolder(outFile, true);
   // Every base file stays open through one handle until the output is written: a base that
   // another job rewrites meanwhile is refused (ERR_LORA_IO), never mixed into the output.
   const model = openModelReader(basePath);
@@ -312,7 +312,7 @@ function combine(argv: string[], out: NodeJS.WriteStream): void {
     // a new folder appears whole or not at all: write a sibling temp folder, then rename it
     if (fs.existsSync(outDir)) savePeftAdapter(outDir, combined);
     else {
-      checkWritableFolder(outDir);
+      checkWritableFolder(outDir, true);
       const tmp = path.join(path.dirname(path.resolve(outDir)), `.${path.basename(outDir)}.${process.pid}.tmp`);
       try {
         savePeftAdapter(tmp, combined);

@@ -257,19 +257,25 @@ export function removeTempFiles(): number {
 }
 
 /**
- * Checks before an atomic write that the folder of `file` exists and is writable, so the error
- * names the user's path and says why (a read-only file system, a missing folder) instead of the
- * temp file's.
+ * Checks before an atomic write that the folder of `file` can take it: the folder (or, with
+ * `mayCreate`, where it is missing, the nearest folder above it that exists) is a writable folder.
+ * So the error names the user's path and says why (a read-only file system, a missing folder, a
+ * file in the way) instead of naming the temp file, and comes before any work.
  */
-export function checkWritableFolder(file: string): void {
-  const dir = path.dirname(path.resolve(file));
-  let st: fs.Stats;
-  try {
-    st = fs.statSync(dir);
-  } catch (err) {
-    throw ioError(file, err, 'write');
+export function checkWritableFolder(file: string, mayCreate = false): void {
+  let dir = path.dirname(path.resolve(file));
+  let st: fs.Stats | undefined;
+  for (;;) {
+    try {
+      st = fs.statSync(dir, { throwIfNoEntry: false });
+    } catch (err) {
+      throw ioError(file, err, 'write');
+    }
+    if (st || path.dirname(dir) === dir) break;
+    if (!mayCreate) throw new LoraError('ERR_LORA_IO', `Could not write ${file}: its folder ${dir} does not exist`);
+    dir = path.dirname(dir);
   }
-  if (!st.isDirectory()) throw new LoraError('ERR_LORA_IO', `Could not write ${file}: ${dir} is not a folder`);
+  if (!st?.isDirectory()) throw new LoraError('ERR_LORA_IO', `Could not write ${file}: ${dir} is not a folder`);
   try {
     fs.accessSync(dir, fs.constants.W_OK);
   } catch (err) {
