@@ -5,7 +5,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 
-import { RE2JS } from 're2js';
+import type { RE2JS } from 're2js';
 
 import { describe, LoraError, typeError } from './errors';
 import { makeFolder, parseJsonBounded, readTextFile } from './file_io';
@@ -70,6 +70,14 @@ const PREFIX = 'base_model.model.';
 // ERR_LORA_UNSUPPORTED; so are patterns longer than MAX_PATTERN_CHARS.
 
 const MAX_PATTERN_CHARS = 1000;
+
+// Loaded on the first pattern that is not a plain name (most configs have none), so that loading
+// the library does not load the engine.
+let engine: typeof RE2JS | undefined;
+function re2(): typeof RE2JS {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  return (engine ??= (require('re2js') as { RE2JS: typeof RE2JS }).RE2JS);
+}
 const MAX_CACHED = 1024;
 const compiled = new Map<string, RE2JS>();
 
@@ -86,7 +94,7 @@ function compilePattern(pattern: string, source: string, what: string): RE2JS {
     throw new LoraError('ERR_LORA_UNSUPPORTED', `Expected a pattern of at most ${MAX_PATTERN_CHARS} characters for ${what} but received ${pattern.length}`);
   let re: RE2JS;
   try {
-    re = RE2JS.compile(source);
+    re = re2().compile(source);
   } catch (err) {
     let backtracking = true;
     try { new RegExp(source); } catch { backtracking = false; }
