@@ -2,7 +2,7 @@
 //   y = x·Wᵀ + b + s·dropout(x)·Aᵀ·Bᵀ,   s = alpha/rank (or alpha/sqrt(rank) with rsLoRA).
 // Forward and backward each run one native kernel (lora_forward / lora_backward); merge() folds
 // s·B·A into W. Names map to the kernels' sizes: inFeatures = C, outFeatures = OC, rank = R.
-import { checkOptions, expectBoolean, expectInteger, expectNumber, LoraError, typeError } from './errors';
+import { checkOptions, PEFT_LORA_ALIASES, expectBoolean, expectInteger, expectNumber, LoraError, typeError } from './errors';
 import { native } from './native';
 import { Module, uniformParameter } from './module';
 import { linear } from './ops';
@@ -50,11 +50,9 @@ export class LoraLinear extends Module {
   readonly inFeatures: number;
   readonly outFeatures: number;
   readonly rank: number;
-  readonly alpha: number;
   readonly dropout: number;
-  readonly useRslora: boolean;
-  /** alpha / rank, or alpha / sqrt(rank) with rsLoRA. */
-  readonly scaling: number;
+  private _alpha: number;
+  private _useRslora: boolean;
   /** (outFeatures, inFeatures), frozen. */
   weight!: Tensor;
   /** (outFeatures), frozen; null without bias. */
@@ -69,19 +67,18 @@ export class LoraLinear extends Module {
 
   constructor(options: LoraLinearOptions) {
     super();
-    const o = checkOptions<LoraLinearOptions>('LoraLinear', options, OPTIONS);
+    const o = checkOptions<LoraLinearOptions>('LoraLinear', options, OPTIONS, PEFT_LORA_ALIASES);
     if (options === undefined) throw typeError('LoraLinear options', 'an object with inFeatures, outFeatures and rank', options);
     this.inFeatures = expectInteger('inFeatures', o.inFeatures, 1, MAX_FEATURES);
     this.outFeatures = expectInteger('outFeatures', o.outFeatures, 1, MAX_FEATURES);
     const maxRank = Math.min(this.inFeatures, this.outFeatures);
     this.rank = expectInteger('rank', o.rank, 1, maxRank);
-    this.alpha = o.alpha === undefined ? this.rank : expectNumber('alpha', o.alpha, 0, Infinity, 'a finite number > 0');
-    if (this.alpha === 0) throw new LoraError('ERR_LORA_RANGE', 'Expected a finite number > 0 for alpha but received 0 (number)');
+    this._alpha = o.alpha === undefined ? this.rank : expectNumber('alpha', o.alpha, 0, Infinity, 'a finite number > 0');
+    if (this._alpha === 0) throw new LoraError('ERR_LORA_RANGE', 'Expected a finite number > 0 for alpha but received 0 (number)');
     this.dropout = o.dropout === undefined ? 0 : expectNumber('dropout', o.dropout, 0, 1, 'a number in [0, 1)');
     if (this.dropout >= 1) throw new LoraError('ERR_LORA_RANGE', `Expected a number in [0, 1) for dropout but received ${this.dropout} (number)`);
-    this.useRslora = o.useRslora === undefined ? false : expectBoolean('useRslora', o.useRslora);
+    this._useRslora = o.useRslora === undefined ? false : expectBoolean('useRslora', o.useRslora);
     const hasBias = o.bias === undefined ? true : expectBoolean('bias', o.bias);
-    this.scaling = this.useRslora ? this.alpha / Math.sqrt(this.rank) : this.alpha / this.rank;
     this.rng = o.seed === undefined ? new Rng(defaultRng().seed()) : new Rng(expectInteger('seed', o.seed, 0, Number.MAX_SAFE_INTEGER));
     let device: Device = o.device === undefined ? (o.weight instanceof Tensor ? o.weight.device : 'cpu') : checkDevice('device', o.device);
 
@@ -129,6 +126,44 @@ export class LoraLinear extends Module {
   /** True while s·B·A is folded into the weight. */
   get merged(): boolean {
     return this._merged;
+  }
+
+  /** Scale numerator (PEFT's lora_alpha). */
+  get alpha(): number {
+    return this._alpha;
+  }
+
+  /** rsLoRA: scaling = alpha / sqrt(rank). */
+  get useRslora(): boolean {
+    return this._useRslora;
+  }
+
+  /** alpha / rank, or alpha / sqrt(rank) with rsLoRA. */
+  get scaling(): number {
+    return this._useRslora ? this._alpha / Math.sqrt(this.rank) : this._alpha / this.rank;
+  }
+
+  /**
+   * @internal Takes another alpha / rsLoRA setting (loadLoraAdapter adopts the file's).
+   * @throws ERR_LORA_STATE while merged (the folded-in update was made with the old scaling).
+   */
+  _setScaling(alpha: number, useRslora: boolean, where: string): void {
+    this.checkIdle('loading an adapter');
+    if (this._merged && (alpha !== this._alpha || useRslora !== this._useRslora))
+      throw new LoraError('ERR_LORA_STATE', `Expected an unmerged LoraLinear for ${where} but it is merged; call unmerge() first`);
+    this._alpha = expectNumber('alpha', alpha, Number.MIN_VALUE, Infinity, 'a finite number > 0');
+    this._useRslora = expectBoolean('useRslora', useRslora);
+  }
+
+  /**
+   * @internal W + scaling·B·A as a new tensor in the weight's dtype (fp32 math, one rounding); the
+   * layer is unchanged. After merge() the weight itself already is that.
+   */
+  _mergedWeight(): Tensor {
+    this.checkIdle('merge()');
+    const out = this.weight.toDtype(this.weight.dtype);
+    if (!this._merged) native.loraMerge(out._storage, this.loraA._live('loraA'), this.loraB._live('loraB'), this.outFeatures, this.inFeatures, this.rank, this.scaling);
+    return out;
   }
 
   /**

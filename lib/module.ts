@@ -1,7 +1,7 @@
 // Module: the base class of layers. It owns named parameters and child modules, and gives
 // parameters(), namedParameters(), train()/eval(), to(device) and dispose() to every layer.
 // Parameters a module creates are kept out of tidy() scopes: they live until dispose().
-import { LoraError, typeError } from './errors';
+import { checkOptions, expectBoolean, LoraError, typeError } from './errors';
 import type { Rng } from './random';
 import { checkDevice, Device, keep, noGrad, Tensor, tensor } from './tensor';
 
@@ -159,7 +159,8 @@ export abstract class Module {
   loadStateDict(state: Record<string, Tensor> | Map<string, Tensor>, options?: { strict?: boolean }): { missing: string[]; unexpected: string[] } {
     const entries = state instanceof Map ? state : new Map(Object.entries(state ?? {}));
     if (state === null || typeof state !== 'object') throw typeError('state', 'an object or Map of Tensors', state);
-    const strict = options?.strict ?? true;
+    const o = checkOptions<{ strict?: boolean }>('loadStateDict()', options, ['strict']);
+    const strict = o.strict === undefined ? true : expectBoolean('strict', o.strict);
     const own = new Map(this.namedParameters());
     const missing = [...own.keys()].filter((k) => !entries.has(k));
     const unexpected = [...entries.keys()].filter((k) => !own.has(k));
