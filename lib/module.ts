@@ -218,7 +218,14 @@ export function expectModule(name: string, v: unknown): Module {
  * initialisation with a = sqrt(5) is bound = 1/sqrt(fan_in)).
  */
 export function uniformParameter(shape: number[], bound: number, rng: Rng, device: Device, requiresGrad = true): Tensor {
-  const data = new Float32Array(shape.reduce((a, b) => a * b, 1));
+  const n = shape.reduce((a, b) => a * b, 1);
+  let data: Float32Array;
+  try {
+    data = new Float32Array(n);
+  } catch {
+    // past 2^32 elements, or more memory than there is: V8's bare RangeError, said with a code
+    throw new LoraError('ERR_LORA_OUT_OF_MEMORY', `Could not allocate ${n} float32 values to initialise a parameter of shape [${shape.join(', ')}] (one typed array holds at most 2^32)`);
+  }
   for (let i = 0; i < data.length; i++) data[i] = (2 * rng.uniform() - 1) * bound;
   return tensor(data, shape, { device, requiresGrad });
 }
