@@ -13,8 +13,9 @@ import { exportMlxAdapter } from './export/mlx';
 import { checkWritableFolder, makeFolder, removeTempFiles } from './file_io';
 import { checkFinite, combineAdapters, Combination, mergeError, mergeWeight, ModuleContribution, MergeReportEntry } from './lora_model';
 import { ADAPTER_CONFIG, loadPeftAdapter, PeftAdapter, PeftModule, savePeftAdapter } from './peft';
-import { isFloatDtype, openModel, openModelReader, SAFETENSORS_DTYPE, SafetensorsDtype, SafetensorsEntry, tensorDtypeFor } from './safetensors';
-import { RawTensor, saveSafetensorsAsync } from './safetensors_write';
+import {
+  isFloatDtype, openModel, openModelReader, RawTensor, SAFETENSORS_DTYPE, SafetensorsDtype, SafetensorsEntry, saveSafetensorsAsync, tensorDtypeFor,
+} from './safetensors';
 import { DType, Tensor, tensor } from './tensor';
 
 class UsageError extends Error {}

@@ -53,10 +53,12 @@ export interface Features {
 export function features(): Features {
   return native.features();
 }
-export { readSafetensorsHeader, loadSafetensors, openModel, openModelReader, ModelReader, loadModel } from './safetensors';
-export type { SafetensorsDtype, SafetensorsEntry, SafetensorsHeader, SafetensorsData, ModelIndex, ByteSource, LoadOptions } from './safetensors';
-export { saveSafetensors, saveSafetensorsAsync } from './safetensors_write';
-export type { RawTensor, TensorSource, SaveOptions } from './safetensors_write';
+export {
+  readSafetensorsHeader, loadSafetensors, saveSafetensors, saveSafetensorsAsync, openModel, openModelReader, ModelReader, loadModel,
+} from './safetensors';
+export type {
+  SafetensorsDtype, SafetensorsEntry, SafetensorsHeader, SafetensorsData, ModelIndex, ByteSource, RawTensor, TensorSource, LoadOptions, SaveOptions,
+} from './safetensors';
 export { PeftAdapter, loadPeftAdapter, savePeftAdapter, matchPatternKey, moduleScaling, targetsModule } from './peft';
 export type { PeftConfig, PeftModule } from './peft';
 export { LoraModel, AdaptedLinear, combineAdapters, doraWeightNorm } from './lora_model';
@@ -86,3 +88,9 @@ export { exportMlxAdapter } from './export/mlx';
 export type { MlxExportOptions, MlxExportResult } from './export/mlx';
 export { writeGguf } from './export/gguf_writer';
 export type { GgufValue, GgufTensor, GgufScalarType, GgufTensorType } from './export/gguf_writer';
+export { CausalLM, causalLmLoss } from './models/causal_lm';
+export type { ForwardOptions, WeightDtype } from './models/causal_lm';
+export { KVCache } from './models/common';
+export type { GenerateOptions } from './models/generate';
+export { loadCausalLM, saveCausalLM, SUPPORTED_ARCHITECTURES } from './models/loader';
+export type { LoadCausalLMOptions, SaveCausalLMOptions } from './models/loader';

@@ -3,7 +3,7 @@
 // Forward and backward each run one native kernel (lora_forward / lora_backward); merge() folds
 // s·B·A into W. Names map to the kernels' sizes: inFeatures = C, outFeatures = OC, rank = R.
 import { checkOptions, PEFT_LORA_ALIASES, expectBoolean, expectInteger, expectNumber, LoraError, typeError } from './errors';
-import { native } from './native';
+import { native, NativeStorage } from './native';
 import { Module, uniformParameter } from './module';
 import { linear } from './ops';
 import { defaultRng, Rng } from './random';
@@ -24,7 +24,10 @@ export interface LoraLinearOptions {
   bias?: boolean;
   /** rsLoRA: scaling = alpha / sqrt(rank); default false. */
   useRslora?: boolean;
-  /** An existing frozen weight (outFeatures, inFeatures), float32 or bfloat16, used as is. */
+  /**
+   * An existing frozen weight (outFeatures, inFeatures), used as is: float32 or bfloat16 (read in
+   * place by the kernels), or float16 (widened to float32 for each kernel call).
+   */
   weight?: Tensor;
   /** An existing frozen bias (outFeatures), used as is; null for none. */
   biasTensor?: Tensor | null;
@@ -91,8 +94,8 @@ export class LoraLinear extends Module {
       w._live('weight');
       if (w.ndim !== 2 || w.shape[0] !== OC || w.shape[1] !== C)
         throw new LoraError('ERR_LORA_SHAPE', `Expected weight of shape [${OC}, ${C}] but received ${shapeString(w.shape)}`);
-      if (w.dtype !== 'float32' && w.dtype !== 'bfloat16')
-        throw new LoraError('ERR_LORA_DTYPE', `Expected a float32 or bfloat16 weight but received ${w.dtype}`);
+      if (w.dtype === 'int32')
+        throw new LoraError('ERR_LORA_DTYPE', `Expected a float32, bfloat16 or float16 weight but received ${w.dtype}`);
       device = w.device;
       this.weight = w;
     } else {
@@ -195,7 +198,7 @@ export class LoraLinear extends Module {
     const seed = p > 0 ? this.rng.seed() : 0;
     const y = empty([...x.shape.slice(0, -1), OC], x.device);
     const h = empty([N, R], x.device);
-    native.loraForward(y._storage, h._storage, x._storage, W._storage, b ? b._storage : null, A._storage, B._storage, N, C, OC, R, s, p, seed);
+    withKernelWeight(W, (w) => native.loraForward(y._storage, h._storage, x._storage, w, b ? b._storage : null, A._storage, B._storage, N, C, OC, R, s, p, seed));
     const out = record(y, {
       name: 'lora_forward',
       inputs: [x, A, B],
@@ -203,9 +206,9 @@ export class LoraLinear extends Module {
         const dx = x.requiresGrad ? empty(x.shape, x.device) : null;
         const dA = A.requiresGrad ? zeros(A.shape, { device: A.device }) : null;
         const dB = B.requiresGrad ? zeros(B.shape, { device: B.device }) : null;
-        native.loraBackward(dx ? dx._storage : null, dA ? dA._storage : null, dB ? dB._storage : null, g._storage,
-          x._live('the input of a LoraLinear forward'), h._live('saved activations'), W._live('weight'), A._live('loraA'),
-          B._live('loraB'), N, C, OC, R, s, p, seed);
+        withKernelWeight(W, (w) => native.loraBackward(dx ? dx._storage : null, dA ? dA._storage : null, dB ? dB._storage : null,
+          g._storage, x._live('the input of a LoraLinear forward'), h._live('saved activations'), w, A._live('loraA'),
+          B._live('loraB'), N, C, OC, R, s, p, seed));
         return [dx, dA, dB];
       },
     });
@@ -219,7 +222,7 @@ export class LoraLinear extends Module {
   merge(): void {
     this.checkIdle('merge()');
     if (this._merged) return;
-    native.loraMerge(this.weight._live('weight'), this.loraA._live('loraA'), this.loraB._live('loraB'), this.outFeatures, this.inFeatures, this.rank, this.scaling);
+    mergeInto(this.weight, this.loraA._live('loraA'), this.loraB._live('loraB'), this.outFeatures, this.inFeatures, this.rank, this.scaling);
     this._merged = true;
   }
 
@@ -227,7 +230,7 @@ export class LoraLinear extends Module {
   unmerge(): void {
     this.checkIdle('unmerge()');
     if (!this._merged) return;
-    native.loraMerge(this.weight._live('weight'), this.loraA._live('loraA'), this.loraB._live('loraB'), this.outFeatures, this.inFeatures, this.rank, -this.scaling);
+    mergeInto(this.weight, this.loraA._live('loraA'), this.loraB._live('loraB'), this.outFeatures, this.inFeatures, this.rank, -this.scaling);
     this._merged = false;
   }
 
@@ -242,6 +245,10 @@ export class LoraLinear extends Module {
   mergeAsync(): Promise<void> {
     if (this._merging) return this._merging;
     if (this._merged) return Promise.resolve();
+    if (this.weight.dtype === 'float16') {
+      this.merge(); // no kernel merges into float16 in place: widen, merge, narrow (synchronously)
+      return Promise.resolve();
+    }
     const run = native.loraMergeAsync(this.weight._live('weight'), this.loraA._live('loraA'), this.loraB._live('loraB'),
       this.outFeatures, this.inFeatures, this.rank, this.scaling);
     this._merging = run.then(() => {
@@ -257,4 +264,36 @@ export class LoraLinear extends Module {
       throw new LoraError('ERR_LORA_BUSY', `Expected no mergeAsync() in flight for LoraLinear.${what}; await it first`);
   }
 
+}
+
+/**
+ * Calls a kernel with the storage of a frozen weight it can read: the weight itself (float32,
+ * bfloat16) or, for float16, a float32 copy made for this call.
+ */
+function withKernelWeight(W: Tensor, fn: (w: NativeStorage) => void): void {
+  if (W.dtype !== 'float16') {
+    fn(W._live('weight'));
+    return;
+  }
+  const wide = W.toDtype('float32');
+  try {
+    fn(wide._storage);
+  } finally {
+    wide.dispose();
+  }
+}
+
+/** W += s·B·A in place; a float16 W is widened, merged and rounded back once. */
+function mergeInto(W: Tensor, A: NativeStorage, B: NativeStorage, OC: number, C: number, R: number, s: number): void {
+  if (W.dtype !== 'float16') {
+    native.loraMerge(W._live('weight'), A, B, OC, C, R, s);
+    return;
+  }
+  const wide = W.toDtype('float32');
+  try {
+    native.loraMerge(wide._storage, A, B, OC, C, R, s);
+    W.assign(wide);
+  } finally {
+    wide.dispose();
+  }
 }

@@ -1,7 +1,7 @@
 // Module: the base class of layers. It owns named parameters and child modules, and gives
 // parameters(), namedParameters(), train()/eval(), to(device) and dispose() to every layer.
 // Parameters a module creates are kept out of tidy() scopes: they live until dispose().
-import { checkOptions, expectBoolean, LoraError, typeError } from './errors';
+import { checkOptions, expectBoolean, LoraError, rangeError, typeError } from './errors';
 import type { Rng } from './random';
 import { checkDevice, Device, keep, noGrad, Tensor, tensor } from './tensor';
 
@@ -204,7 +204,9 @@ export abstract class Module {
     return x;
   }
 
-  abstract forward(...args: Tensor[]): Tensor;
+  /** The layer's computation: tensors in (a model may take an options object after them), a tensor out. */
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any
+  abstract forward(...args: any[]): Tensor;
 }
 
 /** @internal checks that v is a Module (for functions that take a model). */
@@ -219,12 +221,14 @@ export function expectModule(name: string, v: unknown): Module {
  */
 export function uniformParameter(shape: number[], bound: number, rng: Rng, device: Device, requiresGrad = true): Tensor {
   const n = shape.reduce((a, b) => a * b, 1);
+  // the values are drawn in a JavaScript array first: its length limit (and the memory) bounds a new parameter
+  if (n > 2 ** 32) throw rangeError('shape', 'a parameter of at most 2^32 elements', shape);
   let data: Float32Array;
   try {
     data = new Float32Array(n);
   } catch {
-    // past 2^32 elements, or more memory than there is: V8's bare RangeError, said with a code
-    throw new LoraError('ERR_LORA_OUT_OF_MEMORY', `Could not allocate ${n} float32 values to initialise a parameter of shape [${shape.join(', ')}] (one typed array holds at most 2^32)`);
+    // more memory than there is: V8's bare RangeError, said with a code
+    throw new LoraError('ERR_LORA_OUT_OF_MEMORY', `Could not allocate ${n} float32 values to initialise a parameter of shape [${shape.join(', ')}]`);
   }
   for (let i = 0; i < data.length; i++) data[i] = (2 * rng.uniform() - 1) * bound;
   return tensor(data, shape, { device, requiresGrad });

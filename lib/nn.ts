@@ -38,12 +38,18 @@ function normal(shape: number[], std: number, rng: Rng, device: Device): Tensor 
 export interface LinearOptions extends InitOptions {
   /** Add a bias (default true). */
   bias?: boolean;
-  /** An existing weight (outFeatures, inFeatures) to use as is (float32 or bfloat16), not a new one. */
+  /** An existing weight (outFeatures, inFeatures) to use as is (float32, bfloat16 or float16), not a new one. */
   weight?: Tensor;
   /** An existing bias (outFeatures) to use as is; null for none. */
   biasTensor?: Tensor | null;
+  /**
+   * The checkpoint stores this layer's weight as [inFeatures, outFeatures] (GPT-2's Conv1D); the
+   * layer holds it as [out, in] like any Linear. applyLora records it as PEFT's fan_in_fan_out.
+   */
+  fanInFanOut?: boolean;
 }
 
+/** An existing tensor given to a layer: live, of the layer's shape and on its device. */
 function givenTensor(name: string, t: unknown, shape: number[], device: Device | undefined): Tensor {
   if (!(t instanceof Tensor)) throw typeError(name, 'a Tensor', t);
   t._live(name);
@@ -61,18 +67,21 @@ function givenTensor(name: string, t: unknown, shape: number[], device: Device |
 export class Linear extends Module {
   readonly inFeatures: number;
   readonly outFeatures: number;
+  /** True when the checkpoint stores the weight transposed, [in, out] (GPT-2's Conv1D). */
+  readonly fanInFanOut: boolean;
   weight: Tensor;
   bias: Tensor | null;
 
   constructor(inFeatures: number, outFeatures: number, options?: LinearOptions) {
     super();
-    const o = checkOptions<LinearOptions>('Linear', options, ['bias', 'seed', 'device', 'weight', 'biasTensor']);
+    const o = checkOptions<LinearOptions>('Linear', options, ['bias', 'seed', 'device', 'weight', 'biasTensor', 'fanInFanOut']);
     this.inFeatures = expectInteger('inFeatures', inFeatures, 1, 2 ** 31 - 1);
     this.outFeatures = expectInteger('outFeatures', outFeatures, 1, 2 ** 31 - 1);
+    this.fanInFanOut = o.fanInFanOut === undefined ? false : expectBoolean('fanInFanOut', o.fanInFanOut);
     const rng = rngOf(o.seed);
     const given = o.weight === undefined ? undefined : givenTensor('weight', o.weight, [this.outFeatures, this.inFeatures], o.device === undefined ? undefined : deviceOf(o.device));
-    if (given && given.dtype !== 'float32' && given.dtype !== 'bfloat16')
-      throw new LoraError('ERR_LORA_DTYPE', `Expected a float32 or bfloat16 weight but received ${given.dtype}`);
+    if (given && given.dtype === 'int32')
+      throw new LoraError('ERR_LORA_DTYPE', `Expected a float32, bfloat16 or float16 weight but received ${given.dtype}`);
     const device = given ? given.device : deviceOf(o.device);
     const bound = 1 / Math.sqrt(this.inFeatures); // kaiming_uniform(a=√5) on fan-in, as PyTorch
     this.weight = given ?? uniformParameter([this.outFeatures, this.inFeatures], bound, rng, device);
@@ -476,13 +485,14 @@ export function applyLora(model: Module, options: ApplyLoraOptions): LoraInfo {
       dropout: p, useRslora, weight: lin.weight, biasTensor: lin.bias, seed: rng.seed(),
     });
     lora.train(model.training);
+    if (lin.fanInFanOut) transposedLayers.add(lora);
     model.setModule(path, lora);
   }
   const modules = hits.map(([path]) => path);
   const config: PeftConfig = {
     peft_type: 'LORA', task_type: 'CAUSAL_LM', r: rank, lora_alpha: alpha, lora_dropout: p, use_rslora: useRslora,
     target_modules: target instanceof RegExp ? target.source : target === 'all-linear' ? 'all-linear' : [...target],
-    bias: 'none', fan_in_fan_out: false, init_lora_weights: true, base_model_name_or_path: null, modules_to_save: null,
+    bias: 'none', fan_in_fan_out: hits.some(([, m]) => (m as Linear).fanInFanOut), init_lora_weights: true, base_model_name_or_path: null, modules_to_save: null,
     rank_pattern: {}, alpha_pattern: {},
   };
   const info = { modules, config };
@@ -584,6 +594,10 @@ export function loadLoraAdapter(model: Module, dir: string): string[] {
   }
 }
 
+// LoraLinears that replaced a Linear whose checkpoint stores [in, out] (GPT-2's Conv1D): the Linear
+// that mergeAndUnload/unloadLora puts back must say so again, or saving would write it untransposed.
+const transposedLayers = new WeakSet<LoraLinear>();
+
 function swapLoraLayers(model: Module, where: string, merge: boolean, safeMerge: boolean): string[] {
   expectModule('model', model);
   const layers = loraLayers(model);
@@ -613,7 +627,7 @@ function swapLoraLayers(model: Module, where: string, merge: boolean, safeMerge:
     } else if (l.merged) {
       l.unmerge();
     }
-    const lin = new Linear(l.inFeatures, l.outFeatures, { weight: l.weight, biasTensor: l.bias });
+    const lin = new Linear(l.inFeatures, l.outFeatures, { weight: l.weight, biasTensor: l.bias, fanInFanOut: transposedLayers.has(l) });
     lin.train(l.training);
     model.setModule(path, lin);
     l.loraA.dispose();

@@ -9,8 +9,7 @@ import type { RE2JS } from 're2js';
 
 import { describe, LoraError, typeError } from './errors';
 import { makeFolder, parseJsonBounded, readTextFile } from './file_io';
-import { loadSafetensors } from './safetensors';
-import { saveSafetensors, writeFileAtomic } from './safetensors_write';
+import { loadSafetensors, saveSafetensors, writeFileAtomic } from './safetensors';
 import { shapeString, Tensor } from './tensor';
 
 /** adapter_config.json. Known fields are typed; every other field is kept as loaded. */

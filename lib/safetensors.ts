@@ -11,27 +11,14 @@ import * as path from 'node:path';
 import { checkOptions, describe, LoraError, typeError } from './errors';
 import { FileReader, ioChunkBytes, ioError, parseJsonBounded, readTextFile } from './file_io';
 import { DTYPE_ID, native } from './native';
+import { ByteSource, DTYPE_BYTES, SafetensorsDtype, safetensorsDtypeSize } from './safetensors_dtypes';
 import { DType, empty, numelOf, Tensor } from './tensor';
 
-/** dtypes of the safetensors format this reader knows. */
-export type SafetensorsDtype =
-  | 'F64' | 'F32' | 'F16' | 'BF16' | 'F8_E4M3' | 'F8_E5M2'
-  | 'I64' | 'I32' | 'I16' | 'I8' | 'U64' | 'U32' | 'U16' | 'U8' | 'BOOL';
-
-export const DTYPE_BYTES: Record<SafetensorsDtype, number> = {
-  F64: 8, F32: 4, F16: 2, BF16: 2, F8_E4M3: 1, F8_E5M2: 1,
-  I64: 8, I32: 4, I16: 2, I8: 1, U64: 8, U32: 4, U16: 2, U8: 1, BOOL: 1,
-};
-
-/** Our tensor dtype <-> the format's name. */
-export const SAFETENSORS_DTYPE: Record<DType, SafetensorsDtype> = {
-  float32: 'F32', bfloat16: 'BF16', float16: 'F16', int32: 'I32',
-};
-
-/** Bytes per element of a safetensors dtype, or undefined for an unknown one. */
-export function safetensorsDtypeSize(dtype: string): number | undefined {
-  return Object.prototype.hasOwnProperty.call(DTYPE_BYTES, dtype) ? DTYPE_BYTES[dtype as SafetensorsDtype] : undefined;
-}
+export { DTYPE_BYTES, SAFETENSORS_DTYPE, safetensorsDtypeSize } from './safetensors_dtypes';
+export type { ByteSource, SafetensorsDtype } from './safetensors_dtypes';
+// the writer lives in safetensors_write.ts; its API is here too, so one module has the format
+export { saveSafetensors, saveSafetensorsAsync, writeFileAtomic } from './safetensors_write';
+export type { RawTensor, SaveOptions, TensorSource, WriteProgress } from './safetensors_write';
 
 /** One tensor's header entry. Offsets are absolute positions in the file. */
 export interface SafetensorsEntry {
@@ -403,13 +390,6 @@ export interface ModelIndex {
   entries: SafetensorsEntry[];
   metadata: Record<string, string>;
   files: string[];
-}
-
-/** Bytes a writer pulls in pieces: a tensor larger than one buffer, or one streamed from a file. */
-export interface ByteSource {
-  readonly byteLength: number;
-  /** Fills `into` with the bytes at [offset, offset + into.length). */
-  read(into: Uint8Array, offset: number): void;
 }
 
 export const INDEX_FILE = 'model.safetensors.index.json';

@@ -10,7 +10,7 @@ import {
   checkWritableFolder, forgetTemp, ioChunkBytes, ioError, isAllZero, tempName, trackTemp, writeAll, writeAllAsync,
 } from './file_io';
 import { native } from './native';
-import { ByteSource, DTYPE_BYTES, SAFETENSORS_DTYPE, safetensorsDtypeSize, SafetensorsDtype } from './safetensors';
+import { ByteSource, DTYPE_BYTES, SAFETENSORS_DTYPE, safetensorsDtypeSize, SafetensorsDtype } from './safetensors_dtypes';
 import { expectTensor, numelOf, Tensor } from './tensor';
 
 /** Bytes to write as they are (a dtype our tensors lack, or data streamed from another file). */

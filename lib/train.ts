@@ -7,7 +7,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 
 import { checkOptions, describe, expectBoolean, expectInteger, expectNumber, expectOneOf, LoraError, typeError } from './errors';
-import { makeFolder } from './file_io';
+import { makeFolder, parseJsonBounded } from './file_io';
 import { LoraLinear } from './lora';
 import { expectModule, Module } from './module';
 import { Dropout, loraLayers, saveLoraAdapter } from './nn';
@@ -15,8 +15,7 @@ import { scaleInPlace, sumOfSquares } from './nn_ops';
 import { allFinite } from './numerics';
 import { max, mul, neg } from './ops';
 import { AdamW, Optimizer, ParamGroup, SGD } from './optim';
-import { loadSafetensors } from './safetensors';
-import { saveSafetensors } from './safetensors_write';
+import { loadSafetensors, saveSafetensors } from './safetensors';
 import { defaultRng, Rng } from './random';
 import { expectTensor, noGrad, Tensor, tidy } from './tensor';
 
@@ -333,12 +332,8 @@ function readCheckpoint(dir: string, opt: Optimizer, names: Map<Tensor, string>)
   if (!fs.existsSync(file)) return null;
   const { tensors, metadata } = loadSafetensors(file);
   try {
-    let state: TrainerState;
-    try {
-      state = JSON.parse(metadata.trainer ?? '') as TrainerState;
-    } catch {
-      throw new LoraError('ERR_LORA_FORMAT', `Checkpoint ${file} has no trainer state in its metadata`);
-    }
+    const state = parseJsonBounded(metadata.trainer ?? '', (problem) =>
+      new LoraError('ERR_LORA_FORMAT', `Checkpoint ${file} has no trainer state in its metadata (${problem})`)) as TrainerState;
     if (!state || typeof state !== 'object' || state.version !== 1) throw new LoraError('ERR_LORA_FORMAT', `Checkpoint ${file} has trainer state version ${String(state?.version)}; expected 1`);
     checkTrainerState(file, state, opt instanceof SGD ? 'sgd' : 'adamw');
     // everything is checked before anything is restored: a refused checkpoint leaves the model as it was

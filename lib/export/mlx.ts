@@ -10,7 +10,7 @@ import * as path from 'node:path';
 import { LoraError } from '../errors';
 import { PeftAdapter } from '../peft';
 import { makeFolder } from '../file_io';
-import { RawTensor, saveSafetensors, writeFileAtomic } from '../safetensors_write';
+import { RawTensor, saveSafetensors, writeFileAtomic } from '../safetensors';
 import { exportableModules, mlxModulePath, splitLayer, withExportInputs } from './arch';
 
 export interface MlxExportOptions {
