@@ -21,6 +21,8 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"  // GCC 12 false positive in _mm512_undefined_* of these
 #define LN_WIDEN_U16(p) _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))
 #define LN_STORE_U16(p, v) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16((__m512i)(v)))
+#define LN_KEEP(v) __asm__("" : "+v"(v))
+#define LN_HAS_FMA 1
 #include "gemm_kernels_impl.h"
 
 namespace {
@@ -130,7 +132,9 @@ const lora::IsaTable kTable = {
     small_m,
     {kWideMr, 32, bf16_kernel<kWideMr>, 0, nullptr},
     pack_a_bf16,
-    pack_b_bf16,    micro_kernel_bf16_out<kWideMr, kWideNv>,
+    pack_b_bf16,
+    micro_kernel_bf16_out<kWideMr, kWideNv>,
+    fma_burst,
 };
 
 }  // namespace
