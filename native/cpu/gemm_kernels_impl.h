@@ -259,11 +259,7 @@ void small_m_nt(int64_t n, int64_t k, const float* __restrict a, int64_t lda, co
       vf bv[G];
 #pragma GCC unroll 4
       for (int g = 0; g < G; ++g) {
-#ifdef LN_DOT_PF_AHEAD
-        if ((p * sizeof(T)) % 64 == 0) __builtin_prefetch(b + (j + g) * ldb + p + LN_DOT_PF_AHEAD / sizeof(T));
-#else
         if ((p * sizeof(T)) % 64 == 0) __builtin_prefetch(next + g * ldb + p);
-#endif
         bv[g] = loadv<T>(b + (j + g) * ldb + p);
       }
 #pragma GCC unroll 8
