@@ -1,4 +1,5 @@
 // npm run bench [-- --quick] [--cases=gemm,lora_forward] [--threads=1,2] [--no-baselines]
+// (--quick: only the cases the targets need, gemm and lora_step, at the smaller shapes)
 // The CPU benchmark suite (issues 3 and 15): every case (bench/cases/<op>.ts) at every shape, thread
 // count and weight dtype in its own child process; the machine's ceilings measured first, on every
 // run (bench/machine.ts); OpenBLAS and PyTorch at their best over the same work, each row naming
@@ -17,7 +18,9 @@ const args = process.argv.slice(2);
 const flag = (n: string) => args.includes(`--${n}`);
 const opt = (n: string) => args.find((a) => a.startsWith(`--${n}=`))?.split('=')[1];
 const quick = flag('quick');
-const CASES = (opt('cases') ?? 'gemm,linear,lora_forward,lora_step,lora_merge,adamw').split(',');
+// --quick runs what the targets table needs (gemm at every target shape and decode row count,
+// lora_step) at the shapes below 4096² x 1024 rows, with fewer repetitions
+const CASES = (opt('cases') ?? (quick ? 'gemm,lora_step' : 'gemm,linear,lora_forward,lora_step,lora_merge,adamw')).split(',');
 const THREADS = (opt('threads') ?? '1,2').split(',').map(Number);
 const shapes: Shape[] = quick ? QUICK_SHAPES : SHAPES;
 // the gemm case also runs every decode row count of the targets (x·Wᵀ with a 4096 x 4096 W)

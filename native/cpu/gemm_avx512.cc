@@ -23,6 +23,11 @@
 #define LN_STORE_U16(p, v) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16((__m512i)(v)))
 #define LN_KEEP(v) __asm__("" : "+v"(v))
 #define LN_HAS_FMA 1
+#define LN_PACK_A pack_a_fast
+namespace {
+void pack_a_fast(float* dst, const float* a, int64_t lda, bool trans, int64_t i0, int64_t mc, int64_t k0,
+                 int64_t kc, int mr, float alpha, const lora::DropoutMask* drop);  // gemm_avx512_pack.h
+}  // namespace
 #include "gemm_kernels_impl.h"
 
 namespace {
@@ -86,7 +91,6 @@ inline uint16_t to_bf16(float f) {
 void pack_a_bf16(uint16_t* __restrict dst, const float* __restrict a, int64_t lda, bool trans,
                  int64_t i0, int64_t mc, int64_t k0, int64_t kc, int mr, float alpha) {
   const int64_t kc2 = (kc + 1) / 2;
-  const __m512 va = _mm512_set1_ps(alpha);
   for (int64_t ip = 0; ip < mc; ip += mr) {
     const int64_t rows = imin(mr, mc - ip);
     if (trans) {
@@ -96,18 +100,11 @@ void pack_a_bf16(uint16_t* __restrict dst, const float* __restrict a, int64_t ld
           dst[(k >> 1) * mr * 2 + i * 2 + (k & 1)] = to_bf16(v);
         }
     } else {
-      for (int64_t k = 0; k < kc; k += 16) {
-        const int64_t kl = imin(16, kc - k);
-        for (int h = 0; h < mr; h += 16) {
-          __m512 r[16];
-          load_transposed(r, a, lda, i0 + ip + h, rows - h > 0 ? imin(16, rows - h) : 0, k0 + k, kl);
-          if (alpha != 1.0f)  // (padding rows stay +0)
-            for (int64_t q = 0; q < kl; ++q) r[q] = _mm512_maskz_mul_ps(lanes(rows - h > 0 ? rows - h : 0), va, r[q]);
-          for (int64_t q = 0; q < kl; q += 2)
-            _mm512_mask_storeu_epi32(dst + (k + q) * mr + 2 * h, lanes(mr - h),
-                                     bf16_pairs(r[q], q + 1 < kl ? r[q + 1] : _mm512_setzero_ps()));
-        }
-      }
+      for_a_blocks(a, lda, i0 + ip, rows, k0, kc, mr, alpha, [&](const __m512* r, int64_t k, int64_t kl, int h) {
+        for (int64_t q = 0; q < kl; q += 2)
+          _mm512_mask_storeu_epi32(dst + (k + q) * mr + 2 * h, lanes(mr - h),
+                                   bf16_pairs(r[q], q + 1 < kl ? r[q + 1] : _mm512_setzero_ps()));
+      });
     }
     dst += mr * 2 * kc2;
   }

@@ -66,6 +66,31 @@ inline void load_transposed(__m512 r[16], const T* src, int64_t ld, int64_t row0
   transpose16(r);
 }
 
+// Rows [row0, row0 + rows) of row-major A (rows may exceed 16 or be <= 0) by k [col, col + kl),
+// transposed and scaled by alpha, the padding rows +0 (as pack_a writes them).
+inline void load_a_transposed(__m512 r[16], const float* a, int64_t lda, int64_t row0, int64_t rows, int64_t col,
+                              int64_t kl, float alpha) {
+  const int64_t n = rows > 0 ? imin(16, rows) : 0;
+  load_transposed(r, a, lda, row0, n, col, kl);
+  if (alpha != 1.0f)
+    for (int64_t q = 0; q < kl; ++q) r[q] = _mm512_maskz_mul_ps(lanes(n), _mm512_set1_ps(alpha), r[q]);
+}
+
+// store(r, k, kl, h) for every block of 16 k by 16 rows of the mr-row panel whose rows are
+// [row0, row0 + rows) of row-major A, loaded as load_a_transposed gives them.
+template <typename Store>
+inline void for_a_blocks(const float* a, int64_t lda, int64_t row0, int64_t rows, int64_t k0, int64_t kc, int mr,
+                         float alpha, Store&& store) {
+  for (int64_t k = 0; k < kc; k += 16) {
+    const int64_t kl = imin(16, kc - k);
+    for (int h = 0; h < mr; h += 16) {
+      __m512 r[16];
+      load_a_transposed(r, a, lda, row0 + h, rows - h, k0 + k, kl, alpha);
+      store(r, k, kl, h);
+    }
+  }
+}
+
 void pack_a_fast(float* __restrict dst, const float* __restrict a, int64_t lda, bool trans, int64_t i0, int64_t mc,
                  int64_t k0, int64_t kc, int mr, float alpha, const lora::DropoutMask* drop) {
   if (drop) return pack_a(dst, a, lda, trans, i0, mc, k0, kc, mr, alpha, drop);
@@ -82,16 +107,9 @@ void pack_a_fast(float* __restrict dst, const float* __restrict a, int64_t lda, 
         }
       }
     } else {
-      for (int64_t k = 0; k < kc; k += 16) {
-        const int64_t kl = imin(16, kc - k);
-        for (int h = 0; h < mr; h += 16) {
-          __m512 r[16];
-          load_transposed(r, a, lda, i0 + ip + h, rows - h > 0 ? imin(16, rows - h) : 0, k0 + k, kl);
-          const __mmask16 m = lanes(mr - h), valid = lanes(rows - h > 0 ? rows - h : 0);  // padding +0
-          for (int64_t q = 0; q < kl; ++q)
-            _mm512_mask_storeu_ps(dst + (k + q) * mr + h, m, alpha == 1.0f ? r[q] : _mm512_maskz_mul_ps(valid, va, r[q]));
-        }
-      }
+      for_a_blocks(a, lda, i0 + ip, rows, k0, kc, mr, alpha, [&](const __m512* r, int64_t k, int64_t kl, int h) {
+        for (int64_t q = 0; q < kl; ++q) _mm512_mask_storeu_ps(dst + (k + q) * mr + h, lanes(mr - h), r[q]);
+      });
     }
     dst += mr * kc;
   }

@@ -9,7 +9,8 @@
 // LN_WIDEN_U16(p) (LN_VL uint16 at p zero-extended to a vector of uint32) and LN_STORE_U16(p, v)
 // (the low 16 bits of each uint32 lane stored at p), where the generic conversions compile poorly;
 // LN_KEEP(v) (an empty asm that keeps v in a register, so a load is not folded into each use) and
-// LN_HAS_FMA (the level has a fused multiply-add: defines fma_burst).
+// LN_HAS_FMA (the level has a fused multiply-add: defines fma_burst), LN_PACK_A (a faster pack_a
+// of the level, declared before this file is included).
 
 #include <cstdint>
 
@@ -26,6 +27,9 @@ typedef uint16_t vh __attribute__((vector_size(LN_VL * 2)));
 
 #ifndef LN_KEEP
 #define LN_KEEP(v) (void)0
+#endif
+#ifndef LN_PACK_A  // the level's packing of A where it has a faster one than pack_a below
+#define LN_PACK_A pack_a
 #endif
 
 inline vf splat(float x) { return LN_SPLAT(x); }
@@ -323,7 +327,16 @@ inline void bcast_rows(int m, int64_t k, const T* __restrict w, int64_t ldb, con
     }
   };
   int64_t p = 0;
-  if constexpr (sizeof(T) == 2) {
+  if constexpr (sizeof(T) == 4) {
+    // one cache line of each row at a time, unrolled: fixed offsets from the R row pointers (a
+    // pointer bump and a prefetch test per k left the loop bound on integer work, at ~80% of peak)
+    for (; p + 16 <= k; p += 16) {
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) __builtin_prefetch(w + r * ldb + p + kBcastPrefetch<T>);
+#pragma GCC unroll 16
+      for (int q = 0; q < 16; ++q) step(reinterpret_cast<const float*>(w) + p + q, ldb, p + q);
+    }
+  } else {
     alignas(64) float wide[R * kBcastWiden];
     for (; p + kBcastWiden <= k; p += kBcastWiden) {
 #pragma GCC unroll 16
@@ -332,6 +345,7 @@ inline void bcast_rows(int m, int64_t k, const T* __restrict w, int64_t ldb, con
 #pragma GCC unroll 8
         for (int q = 0; q < kBcastWiden; q += LN_VL) storeu(wide + r * kBcastWiden + q, loadv<T>(w + r * ldb + p + q));
       }
+#pragma GCC unroll 16
       for (int64_t q = 0; q < kBcastWiden; ++q) step(wide + q, kBcastWiden, p + q);
     }
   }
@@ -363,8 +377,8 @@ void small_m_bcast_nv(int m, int64_t n, int64_t k, const float* __restrict a, in
                       float* c, int64_t ldc, int accumulate, float* __restrict xt) {
   constexpr int L = NV * LN_VL;
   constexpr int R = LN_VL == 16 ? 8 : NV == 1 ? 8 : NV == 2 ? 6 : NV == 3 ? 4 : 2;
-  for (int64_t p = 0; p < k; ++p)
-    for (int i = 0; i < L; ++i) xt[p * L + i] = i < m ? a[i * lda + p] : 0.0f;
+  // x (m, k) as one packed L-row panel of A: (k, L), the rows past m zero
+  LN_PACK_A(xt, a, lda, false, 0, m, 0, k, L, 1.0f, nullptr);
   int64_t j = 0;
   for (; j + R <= n; j += R) bcast_rows<R, NV, T>(m, k, b + j * ldb, ldb, xt, c + j, ldc, accumulate);
   for (; j < n; ++j) bcast_rows<1, NV, T>(m, k, b + j * ldb, ldb, xt, c + j, ldc, accumulate);
