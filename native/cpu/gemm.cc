@@ -241,7 +241,7 @@ void run_small(const IsaTable& t, const GemmArgs& g, int64_t m0, int64_t m1, int
     float* c = g.C + i0 * g.ldc + n0 + j0;
     // k in blocks whose rows of x stay in L1, except where the kernel broadcasts a stored-(n, k) B
     // against x repacked (decode_broadcasts): that walks each row of B whole.
-    const int64_t kblock = trans_b && decode_broadcasts(m, b_bf16) ? imax(K, 1) : gemm_blocking().small_kc;
+    const int64_t kblock = trans_b && decode_broadcasts(m, b_bf16, t.wide.nr1) ? imax(K, 1) : gemm_blocking().small_kc;
     for (int64_t kb = 0; kb < imax(K, 1); kb += kblock) {
       const int64_t kl = imin(kblock, K - kb);
       if (kl == 0 && accumulate) break;

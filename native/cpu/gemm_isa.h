@@ -90,8 +90,10 @@ constexpr int kDecodeRows = 16;
 // rows of B, x repacked as (k, lanes)) rather than dotting rows (x in L1, k in blocks): from 5 rows
 // of an fp32 B and 9 of a bf16 one (each row of a bf16 B widened first), where the dot form's x
 // traffic overtakes the broadcast form's wasted lanes (measured at 4096 x 4096 on Zen 5: fp32 8 rows
-// 3.7 ms against 5.3, 4 rows equal; bf16 8 rows 2.3 ms against 3.4).
-constexpr bool decode_broadcasts(int m, bool bf16) { return m >= (bf16 ? 9 : 5); }
+// 3.7 ms against 5.3, 4 rows equal; bf16 8 rows 2.3 ms against 3.4). With 4-lane vectors and no
+// FMA (the portable level) the dot form stays ahead up to 8 rows (8.8 ms against 12.8).
+// (more than 8 rows always broadcast: the dot form's registers hold 8)
+constexpr bool decode_broadcasts(int m, bool bf16, int lanes) { return m >= (bf16 || lanes < 8 ? 9 : 5); }
 // Scratch floats small_m needs for k: x repacked as (k, 16) (rows as lanes) or (k/VL, m, VL).
 inline int64_t small_scratch_floats(int64_t k) { return kDecodeRows * (k + 16) + 64; }
 

@@ -296,7 +296,7 @@ void small_m_nt(int64_t n, int64_t k, const float* __restrict a, int64_t lda, co
   }
 }
 
-// B stored (n, k), more rows of x than the dot form uses well (decode_broadcasts(), up to 16):
+// B stored (n, k), more rows of x than the dot form uses well (decode_broadcasts, up to 16):
 // yᵀ = B·xᵀ with the rows of x as the lanes. xt holds x repacked as (k, NV·LN_VL) (lanes past m
 // zero); R rows of B are walked whole, side by side, each element broadcast once against NV
 // vectors of x, so B streams from memory once in its stored order, with no horizontal sums.
@@ -461,10 +461,14 @@ void small_m_dispatch(int64_t n, int64_t k, const float* a, int64_t lda, const T
                       float* c, int64_t ldc, int accumulate, float* scratch) {
   // M x G (M x NB vectors) accumulators stay within 16 of the 32 (or 16) vector registers
   if (trans_b) {
-    if (lora::decode_broadcasts(M, sizeof(T) == 2))
+    if constexpr (M > 8) {
       small_m_bcast<T>(M, n, k, a, lda, b, ldb, c, ldc, accumulate, scratch);
-    else if constexpr (M <= 8)
-      small_m_nt<M, (M <= 2 ? 4 : 2), T>(n, k, a, lda, b, ldb, c, ldc, accumulate, scratch);
+    } else {
+      if (lora::decode_broadcasts(M, sizeof(T) == 2, LN_VL))
+        small_m_bcast<T>(M, n, k, a, lda, b, ldb, c, ldc, accumulate, scratch);
+      else
+        small_m_nt<M, (M <= 2 ? 4 : 2), T>(n, k, a, lda, b, ldb, c, ldc, accumulate, scratch);
+    }
   } else {
     small_m_nn<M, (M <= 4 ? 4 : M <= 8 ? 2 : 1), T>(n, k, a, lda, b, ldb, c, ldc, accumulate);
   }
