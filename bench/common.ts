@@ -1,5 +1,6 @@
 // Shared pieces of the CPU benchmark suite (npm run bench): the issue's shapes, a timer that warms
-// up and reports median/min, and tensor helpers over the binding. Not a test: numbers only.
+// up and reports median/min of variants run in alternation, and tensor helpers over the binding.
+// Not a test: numbers only.
 import { native, DTYPE_ID } from '../lib/native';
 
 // (N, C, OC, R): rows, in-features, out-features, rank (issue 3).
@@ -26,18 +27,25 @@ export interface Case {
 
 export interface Timing { medianMs: number; minMs: number; reps: number }
 
-// Warm up, then time until both `reps` runs and `minSeconds` have passed (at most 200 runs).
-export function time(fn: () => void, reps: number, warmup: number, minSeconds = 0.3): Timing {
-  for (let i = 0; i < warmup; i++) fn();
-  const ts: number[] = [];
+// Warm up every variant, then time them in rounds, one run of each per round (so a change of load
+// during the row weighs on every variant alike and their ratios hold), until both `reps` rounds
+// and `minSeconds` have passed (at most 200 rounds). Median and min per variant.
+export function timeAll(fns: Record<string, () => void>, reps: number, warmup: number, minSeconds = 0.3): Record<string, Timing> {
+  const names = Object.keys(fns);
+  for (const n of names) for (let i = 0; i < warmup; i++) fns[n]!();
+  const ts: Record<string, number[]> = Object.fromEntries(names.map((n) => [n, []]));
   const start = performance.now();
-  while (ts.length < reps || (performance.now() - start < minSeconds * 1e3 && ts.length < 200)) {
-    const t0 = performance.now();
-    fn();
-    ts.push(performance.now() - t0);
+  for (let round = 0; round < reps || (performance.now() - start < minSeconds * 1e3 * names.length && round < 200); round++) {
+    for (const n of names) {
+      const t0 = performance.now();
+      fns[n]!();
+      ts[n]!.push(performance.now() - t0);
+    }
   }
-  ts.sort((a, b) => a - b);
-  return { medianMs: ts[ts.length >> 1], minMs: ts[0], reps: ts.length };
+  return Object.fromEntries(names.map((n) => {
+    const s = ts[n]!.sort((a, b) => a - b);
+    return [n, { medianMs: s[s.length >> 1]!, minMs: s[0]!, reps: s.length }];
+  }));
 }
 
 // Deterministic pseudo-random fill (values in [-0.5, 0.5) * scale).

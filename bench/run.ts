@@ -1,104 +1,67 @@
 // npm run bench [-- --quick] [--cases=gemm,lora_forward] [--threads=1,2] [--no-baselines]
-// The CPU benchmark suite of issue 3: every case (bench/cases/<op>.ts) at every shape, thread count
-// and weight dtype in its own child process; the machine's ceilings measured first (FMA peak and
-// memory bandwidth, bench/native/probe.c); OpenBLAS and PyTorch baselines over the same work when
-// installed (skipped with the reason otherwise). Writes bench/results/<date>.json and prints a
-// markdown table. Times are wall clock (median and min of the runs after warm-up) and exclude
-// first-touch costs (buffers are allocated and touched in the untimed setup).
-import { spawnSync } from 'child_process';
+// (--quick: only the cases the targets need, gemm and lora_step, at the smaller shapes)
+// The CPU benchmark suite (issues 3 and 15): every case (bench/cases/<op>.ts) at every shape, thread
+// count and weight dtype in its own child process; the machine's ceilings measured first, on every
+// run (bench/machine.ts); OpenBLAS and PyTorch at their best over the same work, each row naming
+// what each peer ran (library, kernel, threads); then the issue's targets judged from this run
+// (bench/targets.ts). Writes bench/results/<date>.json and .md and prints the markdown. Times are
+// wall clock (median and min of the runs after warm-up) and exclude first-touch costs (buffers are
+// allocated and touched in the untimed setup).
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import { QUICK_SHAPES, SHAPES, Shape, shapeKey } from './common';
+import { baselineEnv, lastJson, measureMachine, run, setUpTools } from './machine';
+import { DECODE_ROWS, Row, decodeShape, evaluateTargets, targetsMarkdown, usesBf16Dot } from './targets';
 
 const args = process.argv.slice(2);
 const flag = (n: string) => args.includes(`--${n}`);
 const opt = (n: string) => args.find((a) => a.startsWith(`--${n}=`))?.split('=')[1];
 const quick = flag('quick');
-const CASES = (opt('cases') ?? 'gemm,linear,lora_forward,lora_step,lora_merge,adamw').split(',');
+// --quick runs what the targets table needs (gemm at every target shape and decode row count,
+// lora_step) at the shapes below 4096² x 1024 rows, with fewer repetitions
+const CASES = (opt('cases') ?? (quick ? 'gemm,lora_step' : 'gemm,linear,lora_forward,lora_step,lora_merge,adamw')).split(',');
 const THREADS = (opt('threads') ?? '1,2').split(',').map(Number);
 const shapes: Shape[] = quick ? QUICK_SHAPES : SHAPES;
+// the gemm case also runs every decode row count of the targets (x·Wᵀ with a 4096 x 4096 W)
+const shapesOf = (name: string) =>
+  name === 'gemm' ? [...shapes, ...DECODE_ROWS.map(decodeShape).filter((d) => !shapes.some((s) => shapeKey(s) === shapeKey(d)))] : shapes;
 const reps = quick ? 3 : 7, warmup = quick ? 1 : 2;
 const srcDir = path.join(__dirname, '..', '..', 'bench');  // dist/bench -> bench
 const work = fs.mkdtempSync(path.join(os.tmpdir(), 'lora-bench-'));
 // The load average around the run: other processes on these cores make every figure slower.
 const loadBefore = os.loadavg();
 
-function run(cmd: string, argv: string[], timeoutMs = 600_000, env: NodeJS.ProcessEnv = process.env): { ok: boolean; out: string; err: string } {
-  const r = spawnSync(cmd, argv, { encoding: 'utf8', timeout: timeoutMs, env });
-  return { ok: r.status === 0, out: r.stdout ?? '', err: (r.stderr ?? '') + (r.error ? String(r.error) : '') };
-}
-function lastJson(out: string): any {
-  const line = out.trim().split('\n').filter((l) => l.startsWith('{')).pop();
-  return line ? JSON.parse(line) : undefined;
-}
-
 // ---- ceilings and baselines -------------------------------------------------------------------
-const skipped: Record<string, string> = {};
-const cc = ['cc', 'gcc', 'clang'].find((c) => run(c, ['--version']).ok);
-let probe: string | undefined, openblas: string | undefined;
-if (!cc) {
-  skipped.probe = skipped.openblas = 'no C compiler (cc/gcc/clang) on PATH';
-} else {
-  probe = path.join(work, 'probe');
-  const p = run(cc, ['-O3', '-pthread', path.join(srcDir, 'native', 'probe.c'), '-o', probe]);
-  if (!p.ok) { skipped.probe = `probe did not compile: ${p.err.split('\n')[0]}`; probe = undefined; }
-  if (!flag('no-baselines')) {
-    openblas = path.join(work, 'openblas_bench');
-    const o = run(cc, ['-O2', path.join(srcDir, 'native', 'openblas_bench.c'), '-lopenblas', '-o', openblas]);
-    if (!o.ok) {
-      skipped.openblas = `OpenBLAS not found (apt-get install libopenblas-dev): ${o.err.split('\n')[0]}`;
-      openblas = undefined;
-    }
-  }
-}
-let python: string | undefined, torchVersion: string | undefined;
-if (flag('no-baselines')) {
-  skipped.openblas = skipped.pytorch = '--no-baselines';
-} else {
-  for (const py of ['/usr/bin/python3', 'python3']) {
-    const r = run(py, ['-c', 'import torch; print(torch.__version__)']);
-    if (r.ok) { python = py; torchVersion = r.out.trim(); break; }
-  }
-  if (!python) skipped.pytorch = 'no python3 with torch (apt-get install python3-torch)';
-}
-
-const ceilings: Record<number, { fmaPeakGflops1: number; readGBs: number; updateGBs: number }> = {};
-for (const t of THREADS) {
-  ceilings[t] = probe ? lastJson(run(probe, [String(t)]).out) : { fmaPeakGflops1: NaN, readGBs: NaN, updateGBs: NaN };
-}
-// One core's FMA peak is the best any probe saw (a probe that shared its core reads low).
-const corePeak = Math.max(...THREADS.map((t) => ceilings[t].fmaPeakGflops1));
-for (const t of THREADS) ceilings[t].fmaPeakGflops1 = corePeak;
-process.stderr.write(`ceilings: ${JSON.stringify(ceilings)}\nbaselines: openblas=${!!openblas} pytorch=${torchVersion ?? 'no'}` +
-  `${Object.keys(skipped).length ? ` skipped: ${JSON.stringify(skipped)}` : ''}\n`);
+const tools = setUpTools(srcDir, work, !flag('no-baselines'));
+const machine = measureMachine(tools, Math.max(...THREADS));
+const ceilingOf = (t: number) => machine?.perThreads[String(t)];
+process.stderr.write(`machine: ${JSON.stringify(machine)}\nbaselines: openblas=${!!tools.openblas} pytorch=${tools.torch?.version ?? 'no'}` +
+  `${Object.keys(tools.skipped).length ? ` skipped: ${JSON.stringify(tools.skipped)}` : ''}\n`);
 
 // ---- the runs ---------------------------------------------------------------------------------
-interface Row {
-  case: string; shape: Shape; threads: number; dtype: string; isa?: string;
-  work: { flops?: number; bytes?: number };
-  variants: Record<string, { medianMs: number; minMs: number; reps: number }>;
-  error?: string;
-}
 const rows: Row[] = [];
 const dtypesOf: Record<string, string[]> = { adamw: ['fp32'] };
 for (const name of CASES) {
-  for (const shape of shapes) {
+  for (const shape of shapesOf(name)) {
     if (name === 'adamw' && shapes.some((s) => s !== shape && s.C === shape.C && s.OC === shape.OC && shapes.indexOf(s) < shapes.indexOf(shape))) continue;
     for (const threads of THREADS) {
       for (const dtype of dtypesOf[name] ?? ['fp32', 'bf16']) {
         const dims = [shape.N, shape.C, shape.OC, shape.R].map(String);
         const r = run(process.execPath, [path.join(__dirname, 'child.js'), name, ...dims, String(threads), dtype, String(reps), String(warmup)]);
         const row: Row = lastJson(r.out) ?? { case: name, shape, threads, dtype, work: {}, variants: {}, error: r.err.slice(-400) };
-        if (openblas && dtype === 'fp32' && name !== 'adamw') {
-          const o = lastJson(run(openblas, [name, ...dims, String(threads), String(reps), String(warmup)]).out);
-          if (o) row.variants.openblas = o;
+        if (tools.openblas && dtype === 'fp32' && name !== 'adamw') {
+          const o = lastJson(run(tools.openblas, [name, ...dims, String(threads), String(reps), String(warmup)], 600_000, baselineEnv(threads, false)).out);
+          if (o) row.variants.openblas = { ...o, config: `OpenBLAS ${o.corename}, ${o.threads} thr (${o.config})` };
         }
-        if (python) {
-          // torch.set_num_threads does not reach the BLAS that Debian's torch calls: pin it too
-          const tenv = { ...process.env, OMP_NUM_THREADS: String(threads), OPENBLAS_NUM_THREADS: String(threads), MKL_NUM_THREADS: String(threads) };
-          const p = lastJson(run(python, [path.join(srcDir, 'torch_bench.py'), name, ...dims, String(threads), dtype, String(reps), String(warmup)], 600_000, tenv).out);
-          if (p) row.variants.pytorch = { medianMs: p.medianMs, minMs: p.minMs, reps: p.reps };
+        if (tools.python) {
+          const p = lastJson(run(tools.python, [path.join(srcDir, 'torch_bench.py'), name, ...dims, String(threads), dtype, String(reps), String(warmup)], 600_000, baselineEnv(threads, true)).out);
+          if (p) {
+            // every path timed; the fastest is PyTorch at its best
+            for (const [k, v] of Object.entries(p.variants as Record<string, any>)) row.variants[`pytorch_${k}`] = v;
+            const best = Object.values(p.variants as Record<string, any>).sort((a, b) => a.medianMs - b.medianMs)[0];
+            if (best) row.variants.pytorch = best;
+          }
         }
         rows.push(row);
         process.stderr.write(`${name} ${shapeKey(shape)} t${threads} ${dtype}: ${Object.entries(row.variants).map(([k, v]) => `${k} ${v.medianMs.toFixed(2)}ms`).join(', ')}${row.error ? ` ERROR ${row.error}` : ''}\n`);
@@ -111,64 +74,78 @@ for (const name of CASES) {
 const find = (c: string, s: Shape, t: number, d: string) =>
   rows.find((r) => r.case === c && shapeKey(r.shape) === shapeKey(s) && r.threads === t && r.dtype === d);
 const fmt = (x: number, d = 1) => (Number.isFinite(x) ? x.toFixed(d) : '-');
+// a peer's configuration in a few words: kernel and threads (the header has the full strings)
+const peerBrief = (r: Row) => {
+  const parts: string[] = [];
+  const ob = r.variants.openblas;
+  if (ob) parts.push(`OpenBLAS ${ob.corename} ${ob.threads}t`);
+  const pt = r.variants.pytorch?.config;
+  if (pt) parts.push(pt.replace(/^PyTorch [^,]+, /, 'PyTorch ').replace(/ \(decay off\)/, ''));
+  return parts.join('; ');
+};
 const lines: string[] = [];
-lines.push(`| case | N×C×OC r | thr | W | ours ms (min) | rate | % ceiling | unfused | OpenBLAS | PyTorch | ratio |`);
-lines.push(`|---|---|---|---|---|---|---|---|---|---|---|`);
+lines.push(`| case | N×C×OC r | thr | W | ours ms (min) | rate | % ceiling | unfused | OpenBLAS | PyTorch | ratio | peers (library, kernel, threads) |`);
+lines.push(`|---|---|---|---|---|---|---|---|---|---|---|---|`);
 for (const r of rows) {
   const ours = r.variants.ours;
-  if (!ours) { lines.push(`| ${r.case} | ${shapeKey(r.shape)} | ${r.threads} | ${r.dtype} | error | | | | | | |`); continue; }
-  const c = ceilings[r.threads];
+  if (!ours) { lines.push(`| ${r.case} | ${shapeKey(r.shape)} | ${r.threads} | ${r.dtype} | error | | | | | | | |`); continue; }
+  const c = ceilingOf(r.threads);
   const memBound = r.case === 'lora_merge' || r.case === 'adamw' || (r.shape.N <= 16 && r.case !== 'lora_step');
   let rate: string, pct: string;
   if (memBound) {
     const bytes = r.work.bytes ?? (r.shape.OC * r.shape.C * (r.dtype === 'bf16' ? 2 : 4));
     const gbs = bytes / ours.medianMs / 1e6;
-    const ceil = r.case === 'lora_merge' || r.case === 'adamw' ? c.updateGBs : c.readGBs;
+    const ceil = r.case === 'lora_merge' || r.case === 'adamw' ? c?.updateGBs ?? NaN : c?.readGBs ?? NaN;
     rate = `${fmt(gbs)} GB/s`;
     pct = `${fmt((100 * gbs) / ceil, 0)}% of ${fmt(ceil)} GB/s`;
   } else {
     const gf = (r.work.flops ?? 0) / ours.medianMs / 1e6;
-    const ceil = c.fmaPeakGflops1 * r.threads;
+    const bf16 = usesBf16Dot(r, machine);
+    const ceil = (bf16 ? c?.bf16DotGflops : c?.fmaGflops) ?? NaN;
     rate = `${fmt(gf)} GFLOP/s`;
-    pct = `${fmt((100 * gf) / ceil, 0)}% of ${fmt(ceil, 0)}`;
+    pct = `${fmt((100 * gf) / ceil, 0)}% of ${fmt(ceil, 0)}${bf16 ? ' bf16' : ''}`;
   }
   const cell = (k: string) => (r.variants[k] ? `${fmt(r.variants[k].medianMs, 2)}` : '-');
-  let ratio = '';
+  const ratios: string[] = [];
+  if (r.variants.openblas) ratios.push(`OpenBLAS/ours ${fmt(r.variants.openblas.medianMs / ours.medianMs, 2)}x`);
+  if (r.variants.pytorch) ratios.push(`torch/ours ${fmt(r.variants.pytorch.medianMs / ours.medianMs, 2)}x`);
   if (r.case === 'linear') {
     const st = r.variants.ours_step, uf = r.variants.unfused, us = r.variants.unfused_step;
-    if (st) ratio = `fwd+dx ${fmt(st.medianMs, 2)} ms`;
-    if (uf) ratio += `; unfused/ours ${fmt(uf.medianMs / ours.medianMs, 2)}x`;
-    if (us && st) ratio += ` (fwd+dx ${fmt(us.medianMs / st.medianMs, 2)}x)`;
+    if (st) ratios.push(`fwd+dx ${fmt(st.medianMs, 2)} ms`);
+    if (uf) ratios.push(`unfused/ours ${fmt(uf.medianMs / ours.medianMs, 2)}x${us && st ? ` (fwd+dx ${fmt(us.medianMs / st.medianMs, 2)}x)` : ''}`);
   } else if (r.case === 'lora_forward') {
     const g = find('gemm', r.shape, r.threads, r.dtype)?.variants.ours;
-    if (g) ratio = `${fmt(ours.medianMs / g.medianMs, 3)}x gemm`;
+    if (g) ratios.push(`${fmt(ours.medianMs / g.medianMs, 3)}x gemm`);
   } else if (r.case === 'lora_step' && r.variants.frozen_linear) {
-    ratio = `${fmt(ours.medianMs / r.variants.frozen_linear.medianMs, 3)}x frozen`;
-    if (r.variants.pytorch) ratio += `; torch/ours ${fmt(r.variants.pytorch.medianMs / ours.medianMs, 2)}x`;
-  } else if (r.variants.pytorch) {
-    ratio = `torch/ours ${fmt(r.variants.pytorch.medianMs / ours.medianMs, 2)}x`;
+    ratios.push(`${fmt(ours.medianMs / r.variants.frozen_linear.medianMs, 3)}x frozen`);
   }
-  if (r.variants.ours_dropout) ratio += `${ratio ? '; ' : ''}p=0.1: ${fmt(r.variants.ours_dropout.medianMs, 2)} ms`;
+  if (r.variants.ours_dropout) ratios.push(`p=0.1: ${fmt(r.variants.ours_dropout.medianMs, 2)} ms`);
   if (r.dtype === 'bf16') {
     const f = find(r.case, r.shape, r.threads, 'fp32')?.variants.ours;
-    if (f) ratio += `${ratio ? '; ' : ''}${fmt(f.medianMs / ours.medianMs, 2)}x fp32 speed`;
+    if (f) ratios.push(`${fmt(f.medianMs / ours.medianMs, 2)}x fp32 speed`);
   }
-  lines.push(`| ${r.case} | ${shapeKey(r.shape)} | ${r.threads} | ${r.dtype} | ${fmt(ours.medianMs, 2)} (${fmt(ours.minMs, 2)}) | ${rate} | ${pct} | ${cell('unfused')} | ${cell('openblas')} | ${cell('pytorch')} | ${ratio} |`);
+  lines.push(`| ${r.case} | ${shapeKey(r.shape)} | ${r.threads} | ${r.dtype} | ${fmt(ours.medianMs, 2)} (${fmt(ours.minMs, 2)}) | ${rate} | ${pct} | ${cell('unfused')} | ${cell('openblas')} | ${cell('pytorch')} | ${ratios.join('; ')} | ${peerBrief(r)} |`);
 }
 const isa = rows.find((r) => r.isa)?.isa;
+const tt = tools.torch;
+const m = machine;
 const header = [
-  `lora-native CPU bench ${new Date().toISOString()} — ${os.cpus()[0]?.model ?? 'cpu'}, ${os.cpus().length} cores, ISA ${isa}${quick ? ' (--quick)' : ''}`,
-  `ceilings (measured): ${THREADS.map((t) => `${t} thr: FMA ${fmt(ceilings[t].fmaPeakGflops1 * t, 0)} GFLOP/s, read ${fmt(ceilings[t].readGBs)} GB/s, update ${fmt(ceilings[t].updateGBs)} GB/s`).join('; ')}`,
-  `baselines: OpenBLAS ${openblas ? 'found' : `skipped (${skipped.openblas})`}; PyTorch ${python ? torchVersion : `skipped (${skipped.pytorch})`}`,
-  `times are medians in ms; rates from the median; memory-bound rows (merge, adamw, N <= 16) in GB/s of the weight traffic; bf16 rows are shown against the fp32 FMA peak (the bf16 dot product does twice the flops per instruction).`,
+  `lora-native CPU bench ${new Date().toISOString()} — ${os.cpus().length} cores, ISA ${isa}${quick ? ' (--quick)' : ''}`,
+  m ? `CPU: ${m.cpuModel} (cpuid: "${m.cpuidBrand.trim()}", family ${m.family} model ${m.model} stepping ${m.stepping}); clock ${fmt(m.clockGHz, 2)} GHz measured (1-cycle add chain), ${fmt(m.nominalMHz, 0)} MHz nominal`
+    : `CPU: ${os.cpus()[0]?.model ?? 'unknown'} (probe skipped: ${tools.skipped.probe})`,
+  `ceilings (measured this run, threads at once): ${THREADS.map((t) => { const c = ceilingOf(t); return c ? `${t} thr: FMA ${fmt(c.fmaGflops, 0)} GFLOP/s, bf16 dot ${fmt(c.bf16DotGflops, 0)} GFLOP/s, read ${fmt(c.readGBs)} GB/s, update ${fmt(c.updateGBs)} GB/s` : `${t} thr: -`; }).join('; ')}`,
+  `OpenBLAS: ${tools.openblas ? `in its own child with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset (this machine sets ${process.env.OPENBLAS_CORETYPE ? `OPENBLAS_CORETYPE=${process.env.OPENBLAS_CORETYPE}` : 'neither'}); ${rows.find((r) => r.variants.openblas)?.variants.openblas?.config ?? ''}` : `skipped (${tools.skipped.openblas})`}`,
+  `PyTorch: ${tt ? `${tt.version}, fp32 matmuls on ${tt.blas.kind} ${tt.blas.corename ?? ''} (${tt.blas.path ?? tt.blas.libraries?.join(', ')}), oneDNN ${tt.mkldnn ? 'available' : 'absent'}, ${tt.jemalloc ? `jemalloc (MALLOC_CONF=${tt.mallocConf})` : 'glibc malloc (no jemalloc)'}; every path timed (ATen, and oneDNN through mkldnn tensors for fp32 inference), the fastest shown` : `skipped (${tools.skipped.pytorch})`}`,
+  `times are medians in ms; rates from the median; memory-bound rows (merge, adamw, N <= 16) in GB/s of the weight traffic; bf16 rows of gemm, lora_forward and lora_step from 64 rows use the bf16 dot product (x rounded to bf16) and are shown against the bf16-dot peak; linear keeps fp32 products.`,
   `load average (1 min) before/after the run: ${loadBefore[0]!.toFixed(1)} / ${os.loadavg()[0]!.toFixed(1)} on ${os.cpus().length} cores${os.loadavg()[0]! > os.cpus().length * 0.75 ? ' — the machine was busy; figures are pessimistic' : ''}`,
 ];
-const md = header.join('\n') + '\n\n' + lines.join('\n') + '\n';
+const targets = evaluateTargets(rows, machine, THREADS);
+const md = header.join('\n') + '\n\n' + lines.join('\n') + '\n\n## Targets (issue 15), from this run\n\n' + targetsMarkdown(targets) + '\n';
 const outDir = path.join(srcDir, 'results');
 fs.mkdirSync(outDir, { recursive: true });
 const stamp = new Date().toISOString().replace(/[:]/g, '-').replace(/\..*/, '');
 const file = path.join(outDir, `${stamp}.json`);
-fs.writeFileSync(file, JSON.stringify({ date: new Date().toISOString(), loadavg: { before: loadBefore, after: os.loadavg() }, quick, isa, cpu: os.cpus()[0]?.model, ceilings, skipped, torchVersion, rows, markdown: md }, null, 1));
+fs.writeFileSync(file, JSON.stringify({ date: new Date().toISOString(), loadavg: { before: loadBefore, after: os.loadavg() }, quick, isa, machine, tools: { torch: tt, skipped: tools.skipped }, rows, targets, markdown: md }, null, 1));
 fs.writeFileSync(path.join(outDir, `${stamp}.md`), md);
 fs.rmSync(work, { recursive: true, force: true });
 process.stdout.write(md + `\nresults: ${path.relative(process.cwd(), file)}\n`);

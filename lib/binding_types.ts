@@ -18,6 +18,8 @@ export interface Binding {
   fromHost(device: number, dtype: number, data: ArrayBufferView): S;
   toHost(s: S): ArrayBuffer;
   toHostAsync(s: S): Promise<ArrayBuffer>;
+  writeBytes(s: S, byteOffset: number, data: ArrayBufferView): void;
+  readBytes(s: S, byteOffset: number, into: ArrayBufferView): void;
   copyInto(dst: S, src: S): void;
   toDevice(s: S, device: number): S;
   convert(dst: S, src: S): void;

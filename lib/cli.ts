@@ -1,7 +1,9 @@
 // The `lora-native` command: merge an adapter into a base model, inspect files, combine adapters.
-// Streams tensors one at a time (a model is never held whole), writes atomically, and reports
-// errors as one line on stderr with a non-zero exit. Not a training front end.
+// Streams tensors one at a time (a model is never held whole), writes atomically, stops cleanly on
+// SIGINT/SIGTERM, prints what files contain with control characters escaped, and reports errors
+// as one line on stderr with a non-zero exit. Not a training front end.
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { parseArgs, ParseArgsConfig } from 'node:util';
 
@@ -10,11 +12,11 @@ import { ModuleContribution } from './adapted';
 import { combineAdapters, Combination } from './combine';
 import { exportGgufAdapter } from './export/gguf';
 import { exportMlxAdapter } from './export/mlx';
-import { mergeError, MergeReportEntry, mergeWeight } from './merge';
+import { checkWritableFolder, makeFolder, removeTempFiles } from './file_io';
+import { checkFinite, mergeError, MergeReportEntry, mergeWeight } from './merge';
 import { ADAPTER_CONFIG, loadPeftAdapter, PeftAdapter, PeftModule, savePeftAdapter } from './peft';
 import {
-  decodeTensor, isFloatDtype, openModel, RawTensor, readTensorBytes, SAFETENSORS_DTYPE, SafetensorsDtype,
-  SafetensorsEntry, saveSafetensors, tensorDtypeFor,
+  isFloatDtype, openModel, openModelReader, RawTensor, SAFETENSORS_DTYPE, SafetensorsDtype, SafetensorsEntry, saveSafetensorsAsync, tensorDtypeFor,
 } from './safetensors';
 import { DType, Tensor, tensor } from './tensor';
 
@@ -75,6 +77,20 @@ function fmtBytes(n: number): string {
   let i = 0;
   while (n >= 1024 && i < u.length - 1) { n /= 1024; i++; }
   return `${i === 0 ? n : n.toFixed(1)} ${u[i]}`;
+}
+
+// Control characters (C0, DEL, C1), Unicode line separators and bidi overrides as visible escapes:
+// a name or metadata value from a file cannot clear the screen, retitle the terminal, reorder text
+// or start a fake output line.
+// eslint-disable-next-line no-control-regex
+const UNPRINTABLE = /[\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]/g;
+
+/** `s` safe to print on a terminal (see UNPRINTABLE). */
+export function printable(s: string): string {
+  return s.replace(UNPRINTABLE, (c) => {
+    const code = c.charCodeAt(0);
+    return code <= 0xff ? `\\x${code.toString(16).padStart(2, '0')}` : `\\u${code.toString(16).padStart(4, '0')}`;
+  });
 }
 
 function table(rows: string[][]): string {
@@ -140,14 +156,6 @@ function outDirArg(v: unknown): string {
   return outDir;
 }
 
-function mkdirFor(dir: string): void {
-  try {
-    fs.mkdirSync(dir, { recursive: true });
-  } catch (e) {
-    throw new LoraError('ERR_LORA_IO', `Could not create ${dir}: ${(e as Error).message}`);
-  }
-}
-
 /** Copies the base model's config and tokenizer files into outDir (atomically); returns their names. */
 function copyModelFiles(basePath: string, outDir: string): string[] {
   const srcDir = fs.statSync(basePath).isDirectory() ? basePath : path.dirname(basePath);
@@ -167,7 +175,7 @@ function copyModelFiles(basePath: string, outDir: string): string[] {
   return copied;
 }
 
-function merge(argv: string[], out: NodeJS.WriteStream, err: NodeJS.WriteStream): void {
+async function merge(argv: string[], out: NodeJS.WriteStream, err: NodeJS.WriteStream, signal: AbortSignal): Promise<void> {
   const { values: v } = parse(argv, FLAGS.merge);
   const basePath = need(v.base, '--base');
   const adapterDir = need(v.adapter, '--adapter');
@@ -180,9 +188,14 @@ function merge(argv: string[], out: NodeJS.WriteStream, err: NodeJS.WriteStream)
     forced = DTYPE_ARG[v.dtype as string];
     if (!forced) throw new UsageError(`--dtype must be f32, bf16 or f16 but is '${v.dtype}'`);
   }
-  const model = openModel(basePath);
-  const adapter = loadPeftAdapter(adapterDir);
+  checkWritableFolder(outFile, true);
+  // Every base file stays open through one handle until the output is written: a base that
+  // another job rewrites meanwhile is refused (ERR_LORA_IO), never mixed into the output.
+  const model = openModelReader(basePath);
+  let adapter: PeftAdapter | null = null;
+  const mergedBias = new Map<string, Tensor>();
   try {
+    adapter = loadPeftAdapter(adapterDir);
     const fifo = !!adapter.config.fan_in_fan_out;
     const byName = new Map(model.entries.map((e) => [e.name, e]));
     // check everything before writing anything
@@ -201,82 +214,71 @@ function merge(argv: string[], out: NodeJS.WriteStream, err: NodeJS.WriteStream)
     const report: MergeReportEntry[] = [];
     const contribFor = (m: PeftModule, withBias: boolean): ModuleContribution[] =>
       [{ module: withBias ? m : { ...m, loraBBias: null }, scaling: m.scaling * scale, fanInFanOut: fifo }];
-    const read = (e: SafetensorsEntry, mode: 'keep' | 'float32' = 'keep') => decodeTensor(e, readTensorBytes(e), mode);
-    const encode = (t: Tensor, dtype: SafetensorsDtype): Uint8Array => {
-      if (dtype === 'F64') return new Uint8Array(Float64Array.from(t.toFloat32Array()).buffer);
-      return t.toBytes();
-    };
+    // F64 is written from a float32 tensor as bytes; every other dtype as the tensor itself
+    const encode = (t: Tensor, dtype: SafetensorsDtype): Uint8Array | Tensor =>
+      dtype === 'F64' ? new Uint8Array(Float64Array.from(t.toFloat32Array()).buffer) : t;
     const tensorDtype = (d: SafetensorsDtype): DType => (d === 'F64' ? 'float32' : tensorDtypeFor(d));
 
     // merged lora_bias vectors are small: compute them first so weight and bias entries stay independent
-    const mergedBias = new Map<string, Tensor>();
-    const sources = new Map<string, RawTensor>();
     for (const [, { mod, m }] of plan) {
       if (!m.loraBBias) continue;
-      const be = byName.get(`${mod}.bias`);
+      const name = `${mod}.bias`;
+      const be = byName.get(name);
       const dt: SafetensorsDtype = be ? outDtypeOf(be) : forced ? SAFETENSORS_DTYPE[forced] : 'F32';
-      const cur = be ? read(be, 'float32').toFloat32Array() : new Float32Array(m.loraB.shape[0]!);
-      const bb = m.loraBBias.toFloat32Array();
-      for (let i = 0; i < cur.length; i++) cur[i] = cur[i]! + m.scaling * scale * bb[i]!;
-      const t32 = tensor(cur, [cur.length]);
-      const t = tensorDtype(dt) === 'float32' ? t32 : t32.toDtype(tensorDtype(dt));
-      if (t !== t32) t32.dispose();
-      mergedBias.set(`${mod}.bias`, t);
+      mergedBias.set(name, mergeBias(name, be ? model.readTensor(be, 'float32') : null, m, m.scaling * scale, tensorDtype(dt), !v.unsafe));
     }
-    let index = 0;
     const total = model.entries.length + [...mergedBias.keys()].filter((k) => !byName.has(k)).length;
     const progress = new Progress(total, err);
-    const names: string[] = [];
+    const sources = new Map<string, RawTensor>();
     for (const e of model.entries) {
       const dt = outDtypeOf(e);
       const p = plan.get(e.name);
-      names.push(e.name);
       if (p) {
         sources.set(e.name, {
           dtype: dt, shape: e.shape, data: () => {
-            const W = read(e);
+            const W = model.readTensor(e);
             const biasE = byName.get(`${p.mod}.bias`);
-            const bias = biasE ? read(biasE, 'float32') : null;
-            const { weight } = mergeWeight(e.name, W, null, contribFor(p.m, false), !v.unsafe, tensorDtype(dt));
-            if (probeRows > 0) report.push(mergeError(e.name, W, bias, weight, mergedBias.get(`${p.mod}.bias`) ?? null, contribFor(p.m, true), [path.basename(path.resolve(adapterDir))], probeRows, 0));
-            W.dispose();
-            bias?.dispose();
-            const bytes = encode(weight, dt);
-            weight.dispose();
-            return bytes;
+            let bias: Tensor | null = null;
+            try {
+              bias = biasE ? model.readTensor(biasE, 'float32') : null;
+              const { weight } = mergeWeight(e.name, W, null, contribFor(p.m, false), !v.unsafe, tensorDtype(dt));
+              if (probeRows > 0) report.push(mergeError(e.name, W, bias, weight, mergedBias.get(`${p.mod}.bias`) ?? null, contribFor(p.m, true), [path.basename(path.resolve(adapterDir))], probeRows, 0));
+              const data = encode(weight, dt);
+              if (data !== weight) weight.dispose();
+              return data;
+            } finally {
+              W.dispose();
+              bias?.dispose();
+            }
           },
         });
       } else if (mergedBias.has(e.name)) {
         const t = mergedBias.get(e.name)!;
-        sources.set(e.name, { dtype: dt, shape: e.shape, data: () => encode(t, dt) });
+        sources.set(e.name, { dtype: dt, shape: e.shape, data: () => (dt === 'F64' ? encode(t, dt) : t.toBytes()) });
       } else if (dt === e.dtype) {
-        sources.set(e.name, { dtype: dt, shape: e.shape, data: () => readTensorBytes(e) });
+        sources.set(e.name, { dtype: dt, shape: e.shape, data: model.bytes(e) });
       } else {
         sources.set(e.name, {
           dtype: dt, shape: e.shape, data: () => {
-            const t = read(e, 'float32');
-            const c = dt === 'F32' ? t : t.toDtype(tensorDtype(dt));
-            const bytes = encode(c, dt);
-            t.dispose();
-            if (c !== t) c.dispose();
-            return bytes;
+            const t = model.readTensor(e, 'float32');
+            if (dt === 'F32') return t;
+            try {
+              return dt === 'F64' ? encode(t, dt) : t.toDtype(tensorDtype(dt));
+            } finally {
+              t.dispose();
+            }
           },
         });
       }
     }
     for (const [k, t] of mergedBias) if (!byName.has(k)) sources.set(k, { dtype: SAFETENSORS_DTYPE[t.dtype], shape: t.shape, data: () => t.toBytes() });
-    mkdirFor(path.dirname(path.resolve(outFile)));
-    try {
-      saveSafetensors(outFile, new Map(sources), {
-        metadata: model.metadata,
-        onTensor: (i, _n, name) => {
-          index = i + 1;
-          progress.step(index, plan.has(name) ? `merged ${name}` : name, plan.has(name));
-        },
-      });
-    } finally {
-      for (const t of mergedBias.values()) t.dispose();
-    }
+    // the folder of --out is created (one level at a time: see makeFolder) once the work is checked
+    makeFolder(path.dirname(path.resolve(outFile)));
+    await saveSafetensorsAsync(outFile, sources, {
+      metadata: model.metadata,
+      signal,
+      onTensor: (i, _n, name) => progress.step(i + 1, printable(plan.has(name) ? `merged ${name}` : name), plan.has(name)),
+    });
     const copied = copyModelFiles(basePath, path.dirname(path.resolve(outFile)));
     const worst = report.reduce((m, r) => Math.max(m, r.relError), 0);
     out.write(`wrote ${outFile}: ${model.entries.length} tensors, ${plan.size} merged (scale ${scale}${forced ? `, dtype ${forced}` : ''})\n`);
@@ -284,11 +286,38 @@ function merge(argv: string[], out: NodeJS.WriteStream, err: NodeJS.WriteStream)
     if (report.length) {
       out.write('merge error (max |merged forward - adapter forward| on random probe inputs):\n');
       out.write(table([['tensor', 'dtype', 'max abs error', 'max abs output', 'relative'],
-        ...report.map((r) => [r.name, r.dtype, r.maxAbsError.toExponential(3), r.maxAbsOutput.toExponential(3), r.relError.toExponential(3)])]) + '\n');
+        ...report.map((r) => [printable(r.name), r.dtype, r.maxAbsError.toExponential(3), r.maxAbsOutput.toExponential(3), r.relError.toExponential(3)])]) + '\n');
       out.write(`worst relative error: ${worst.toExponential(3)}\n`);
     }
   } finally {
-    adapter.dispose();
+    for (const t of mergedBias.values()) t.dispose();
+    adapter?.dispose();
+    model.close();
+  }
+}
+
+/**
+ * One merged lora_B.bias: base bias (or zeros) + s·b_B in float32, rounded to `dtype`, refused when
+ * any value is NaN/Inf in float32 or after rounding (unless `safe` is false), as weights are.
+ * Takes ownership of `base`.
+ */
+function mergeBias(name: string, base: Tensor | null, m: PeftModule, s: number, dtype: DType, safe: boolean): Tensor {
+  let t32: Tensor | null = null;
+  try {
+    const cur = base ? base.toFloat32Array() : new Float32Array(m.loraB.shape[0]!);
+    const bb = m.loraBBias!.toFloat32Array();
+    for (let i = 0; i < cur.length; i++) cur[i] = cur[i]! + s * bb[i]!;
+    t32 = tensor(cur, [cur.length]);
+    if (safe) checkFinite(name, t32, 'in float32 after merging lora_B.bias');
+    const t = dtype === 'float32' ? t32 : t32.toDtype(dtype);
+    if (t !== t32) t32.dispose();
+    t32 = t;
+    if (safe) checkFinite(name, t, `after merging lora_B.bias and rounding to ${dtype}`);
+    t32 = null;
+    return t;
+  } finally {
+    base?.dispose();
+    t32?.dispose();
   }
 }
 
@@ -298,18 +327,19 @@ function inspectAdapter(dir: string, out: NodeJS.WriteStream): void {
   const a = loadPeftAdapter(dir);
   try {
     const c = a.config;
-    out.write(`PEFT adapter ${dir}\n`);
-    out.write(`  peft_type ${c.peft_type ?? 'LORA'}, r ${c.r ?? 8}, lora_alpha ${c.lora_alpha ?? 8}, use_rslora ${!!c.use_rslora}, use_dora ${!!c.use_dora}, fan_in_fan_out ${!!c.fan_in_fan_out}\n`);
-    out.write(`  target_modules ${JSON.stringify(c.target_modules ?? null)}\n`);
-    if (c.base_model_name_or_path) out.write(`  base_model_name_or_path ${c.base_model_name_or_path}\n`);
+    // everything printed from the files goes through printable(): names and strings are the file's
+    out.write(`PEFT adapter ${printable(dir)}\n`);
+    out.write(`  peft_type ${printable(String(c.peft_type ?? 'LORA'))}, r ${c.r ?? 8}, lora_alpha ${c.lora_alpha ?? 8}, use_rslora ${!!c.use_rslora}, use_dora ${!!c.use_dora}, fan_in_fan_out ${!!c.fan_in_fan_out}\n`);
+    out.write(`  target_modules ${printable(JSON.stringify(c.target_modules ?? null))}\n`);
+    if (c.base_model_name_or_path) out.write(`  base_model_name_or_path ${printable(String(c.base_model_name_or_path))}\n`);
     const rows = [['module', 'kind', 'rank', 'alpha', 'scaling', 'lora_A', 'lora_B', 'extras', 'params']];
     for (const [name, m] of a.modules) {
       const extras = [m.loraBBias ? 'bias' : '', m.magnitude ? 'dora' : ''].filter(Boolean).join(',') || '-';
       const params = m.loraA.size + m.loraB.size + (m.loraBBias?.size ?? 0) + (m.magnitude?.size ?? 0);
-      rows.push([name, m.kind, String(m.rank), String(m.alpha), m.scaling.toPrecision(6).replace(/\.?0+$/, ''), `[${m.loraA.shape.join(', ')}] ${m.loraA.dtype}`, `[${m.loraB.shape.join(', ')}] ${m.loraB.dtype}`, extras, String(params)]);
+      rows.push([printable(name), m.kind, String(m.rank), String(m.alpha), m.scaling.toPrecision(6).replace(/\.?0+$/, ''), `[${m.loraA.shape.join(', ')}] ${m.loraA.dtype}`, `[${m.loraB.shape.join(', ')}] ${m.loraB.dtype}`, extras, String(params)]);
     }
     out.write(table(rows).replace(/^/gm, '  ') + '\n');
-    for (const [k, t] of a.extraTensors) out.write(`  other tensor ${k} [${t.shape.join(', ')}] ${t.dtype}\n`);
+    for (const [k, t] of a.extraTensors) out.write(`  other tensor ${printable(k)} [${t.shape.join(', ')}] ${t.dtype}\n`);
     out.write(`  ${a.modules.size} modules, ${a.numParameters} LoRA parameters\n`);
   } finally {
     a.dispose();
@@ -321,17 +351,17 @@ function inspect(argv: string[], out: NodeJS.WriteStream): void {
   const p = need(positionals[0], 'a file or folder to inspect');
   if (fs.existsSync(path.join(p, ADAPTER_CONFIG))) return inspectAdapter(p, out);
   const m = openModel(p);
-  out.write(`${m.source}${m.files.length > 1 ? ` (${m.files.length} shards)` : ''}\n`);
+  out.write(`${printable(m.source)}${m.files.length > 1 ? ` (${m.files.length} shards)` : ''}\n`);
   const rows = [['tensor', 'dtype', 'shape', 'size']];
   let params = 0;
   let bytes = 0;
   for (const e of m.entries) {
-    rows.push([e.name, e.dtype, `[${e.shape.join(', ')}]`, fmtBytes(e.byteLength)]);
+    rows.push([printable(e.name), e.dtype, `[${e.shape.join(', ')}]`, fmtBytes(e.byteLength)]);
     params += e.shape.reduce((a, b) => a * b, 1);
     bytes += e.byteLength;
   }
   out.write(table(rows).replace(/^/gm, '  ') + '\n');
-  for (const [k, val] of Object.entries(m.metadata)) out.write(`  metadata ${k} = ${val}\n`);
+  for (const [k, val] of Object.entries(m.metadata)) out.write(`  metadata ${printable(k)} = ${printable(val)}\n`);
   out.write(`  ${m.entries.length} tensors, ${params} parameters, ${fmtBytes(bytes)}\n`);
 }
 
@@ -359,13 +389,16 @@ function combine(argv: string[], out: NodeJS.WriteStream): void {
     combined = combineAdapters(adapters, weights, mode as Combination, svdRank === undefined ? undefined : { svdRank });
     // a new folder appears whole or not at all: write a sibling temp folder, then rename it
     // (rename(2) replaces an empty folder, the only kind outDirArg lets through)
-    mkdirFor(path.dirname(path.resolve(outDir)));
+    checkWritableFolder(outDir, true);
+    makeFolder(path.dirname(path.resolve(outDir)));
     const tmp = path.join(path.dirname(path.resolve(outDir)), `.${path.basename(outDir)}.${process.pid}.tmp`);
     try {
       savePeftAdapter(tmp, combined);
       fs.renameSync(tmp, outDir);
     } catch (e) {
       fs.rmSync(tmp, { recursive: true, force: true });
+      // the temp folder is ours, not the user's: say --out
+      if (e instanceof LoraError && e.code === 'ERR_LORA_IO') throw new LoraError('ERR_LORA_IO', e.message.split(tmp).join(path.resolve(outDir)));
       throw e;
     }
     const ranks = [...combined.modules.values()].map((m) => m.rank);
@@ -378,7 +411,7 @@ function combine(argv: string[], out: NodeJS.WriteStream): void {
 
 // ---- export ---------------------------------------------------------------------------------
 
-function exportAdapter(argv: string[], out: NodeJS.WriteStream, err: NodeJS.WriteStream): void {
+async function exportAdapter(argv: string[], out: NodeJS.WriteStream, err: NodeJS.WriteStream, signal: AbortSignal): Promise<void> {
   const { values: v } = parse(argv, FLAGS.export);
   const adapterDir = need(v.adapter, '--adapter');
   const modelDir = need(v.model, '--model');
@@ -409,7 +442,7 @@ function exportAdapter(argv: string[], out: NodeJS.WriteStream, err: NodeJS.Writ
     }
     case 'merged': {
       // merge() creates the folder and copies the base's config and tokenizer files beside the weights
-      merge(['--base', modelDir, '--adapter', adapterDir, '--out', path.join(outPath, 'model.safetensors')], out, err);
+      await merge(['--base', modelDir, '--adapter', adapterDir, '--out', path.join(outPath, 'model.safetensors')], out, err, signal);
       return;
     }
     default:
@@ -419,10 +452,43 @@ function exportAdapter(argv: string[], out: NodeJS.WriteStream, err: NodeJS.Writ
 
 // ---- entry --------------------------------------------------------------------------------------
 
+const SIGNALS = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
+
+/**
+ * Runs `work` with SIGINT/SIGTERM/SIGHUP turned into an abort: the merge stops at its next chunk,
+ * removes its temp file and exits 128 + the signal's number. A second signal removes temp files
+ * at once and exits.
+ */
+async function interruptible(err: NodeJS.WriteStream, work: (signal: AbortSignal) => Promise<void>): Promise<number> {
+  const ac = new AbortController();
+  let caught: NodeJS.Signals | null = null;
+  const exitCode = (sig: NodeJS.Signals) => 128 + (os.constants.signals[sig] ?? 2);
+  const onSignal = (sig: NodeJS.Signals) => {
+    if (caught) {
+      removeTempFiles();
+      process.exit(exitCode(sig));
+    }
+    caught = sig;
+    ac.abort(new Error(`interrupted by ${sig}`));
+  };
+  for (const s of SIGNALS) process.on(s, onSignal);
+  try {
+    await work(ac.signal);
+    return 0;
+  } catch (e) {
+    if (!caught) throw e;
+    removeTempFiles();
+    err.write(`lora-native: interrupted by ${caught}; nothing was written and no partial output is left\n`);
+    return exitCode(caught);
+  } finally {
+    for (const s of SIGNALS) process.off(s, onSignal);
+  }
+}
+
 const quietOnEpipe = new WeakSet<NodeJS.WriteStream>();
 
-/** Runs the command line; returns the exit code (0 ok, 1 failure, 2 usage). */
-export function main(argv: string[], out: NodeJS.WriteStream = process.stdout, err: NodeJS.WriteStream = process.stderr): number {
+/** Runs the command line; resolves the exit code (0 ok, 1 failure, 2 usage, 128 + n on signal n). */
+export async function main(argv: string[], out: NodeJS.WriteStream = process.stdout, err: NodeJS.WriteStream = process.stderr): Promise<number> {
   // `lora-native inspect x | head`: a reader that stops early is not an error; exit quietly
   if (!quietOnEpipe.has(out) && typeof out.on === 'function') {
     quietOnEpipe.add(out);
@@ -434,10 +500,10 @@ export function main(argv: string[], out: NodeJS.WriteStream = process.stdout, e
   const [cmd, ...rest] = argv;
   try {
     switch (cmd) {
-      case 'merge': merge(rest, out, err); return 0;
+      case 'merge': return await interruptible(err, (signal) => merge(rest, out, err, signal));
       case 'inspect': inspect(rest, out); return 0;
       case 'combine': combine(rest, out); return 0;
-      case 'export': exportAdapter(rest, out, err); return 0;
+      case 'export': return await interruptible(err, (signal) => exportAdapter(rest, out, err, signal));
       case '--version': case '-v': {
         // eslint-disable-next-line @typescript-eslint/no-require-imports
         const pkg = JSON.parse(fs.readFileSync(path.join(__dirname, '..', '..', 'package.json'), 'utf8')) as { version: string };
@@ -450,15 +516,16 @@ export function main(argv: string[], out: NodeJS.WriteStream = process.stdout, e
     }
   } catch (e) {
     if (e instanceof UsageError) {
-      err.write(`lora-native: ${e.message}\n${USAGE.split('\n')[0]} (see lora-native --help)\n`);
+      err.write(`lora-native: ${printable(e.message)}\n${USAGE.split('\n')[0]} (see lora-native --help)\n`);
       return 2;
     }
     let msg = e instanceof Error ? e.message : String(e);
     for (const [api, flag] of API_TO_FLAG) msg = msg.replace(api, flag);
     const code = (e as { code?: string })?.code;
-    err.write(`lora-native: ${msg.split('\n')[0]}${code && code.startsWith('ERR_LORA') ? ` [${code}]` : ''}\n`);
+    // a message may quote names from a file: its first line only, escaped
+    err.write(`lora-native: ${printable(msg.split('\n')[0]!)}${code && code.startsWith('ERR_LORA') ? ` [${code}]` : ''}\n`);
     return 1;
   }
 }
 
-if (require.main === module) process.exitCode = main(process.argv.slice(2));
+if (require.main === module) void main(process.argv.slice(2)).then((code) => { process.exitCode = code; });

@@ -51,9 +51,11 @@ export function features(): Features {
   return native.features();
 }
 export {
-  readSafetensorsHeader, loadSafetensors, saveSafetensors, saveSafetensorsAsync, openModel, loadModel,
+  readSafetensorsHeader, loadSafetensors, saveSafetensors, saveSafetensorsAsync, openModel, openModelReader, ModelReader, loadModel,
 } from './safetensors';
-export type { SafetensorsDtype, SafetensorsEntry, SafetensorsHeader, SafetensorsData, ModelIndex, RawTensor, TensorSource, LoadOptions, SaveOptions } from './safetensors';
+export type {
+  SafetensorsDtype, SafetensorsEntry, SafetensorsHeader, SafetensorsData, ModelIndex, ByteSource, RawTensor, TensorSource, LoadOptions, SaveOptions,
+} from './safetensors';
 export { PeftAdapter, loadPeftAdapter, savePeftAdapter, matchPatternKey, moduleScaling, targetsModule } from './peft';
 export type { PeftConfig, PeftModule } from './peft';
 export { LoraModel, AdaptedLinear } from './lora_model';

@@ -137,8 +137,12 @@ function mergeTransposed(w: Tensor, A: Tensor, B: Tensor, R: number, s: number):
   }));
 }
 
-function checkFinite(name: string, t: Tensor, when: string): void {
-  if (allFinite(t)) return;  // one value read back; the data only to name the element
+/**
+ * @internal Throws ERR_LORA_NON_FINITE naming the tensor and the first bad element unless every
+ * value of t is finite (checked natively first: no host copy of a good tensor).
+ */
+export function checkFinite(name: string, t: Tensor, when: string): void {
+  if (allFinite(t)) return;
   const d = t.toFloat32Array();
   for (let i = 0; i < d.length; i++)
     if (!Number.isFinite(d[i]!))

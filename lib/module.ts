@@ -223,7 +223,13 @@ export function uniformParameter(shape: number[], bound: number, rng: Rng, devic
   const n = shape.reduce((a, b) => a * b, 1);
   // the values are drawn in a JavaScript array first: its length limit (and the memory) bounds a new parameter
   if (n > 2 ** 32) throw rangeError('shape', 'a parameter of at most 2^32 elements', shape);
-  const data = new Float32Array(n);
+  let data: Float32Array;
+  try {
+    data = new Float32Array(n);
+  } catch {
+    // more memory than there is: V8's bare RangeError, said with a code
+    throw new LoraError('ERR_LORA_OUT_OF_MEMORY', `Could not allocate ${n} float32 values to initialise a parameter of shape [${shape.join(', ')}]`);
+  }
   for (let i = 0; i < data.length; i++) data[i] = (2 * rng.uniform() - 1) * bound;
   return tensor(data, shape, { device, requiresGrad });
 }

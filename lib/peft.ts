@@ -5,7 +5,10 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 
+import type { RE2JS } from 're2js';
+
 import { describe, LoraError, typeError } from './errors';
+import { makeFolder, parseJsonBounded, readTextFile } from './file_io';
 import { loadSafetensors, saveSafetensors, writeFileAtomic } from './safetensors';
 import { shapeString, Tensor } from './tensor';
 
@@ -79,24 +82,95 @@ export const ADAPTER_CONFIG = 'adapter_config.json';
 export const ADAPTER_WEIGHTS = 'adapter_model.safetensors';
 const PREFIX = 'base_model.model.';
 
+// ---- patterns ------------------------------------------------------------------------------------
+// PEFT's patterns (rank_pattern/alpha_pattern keys, a target_modules or exclude_modules string,
+// layers_pattern) are Python regular expressions read from adapter_config.json, which may come
+// from anyone. A backtracking engine (RegExp) takes exponential time on patterns like (a|aa)+$x, so
+// they are matched with RE2 (the re2js port: linear in the pattern and the name, no native code).
+// RE2 has Python's syntax less backreferences and lookaround, which are refused with
+// ERR_LORA_UNSUPPORTED; so are patterns longer than MAX_PATTERN_CHARS.
+
+const MAX_PATTERN_CHARS = 1000;
+
+// Loaded on the first pattern that is not a plain name (most configs have none), so that loading
+// the library does not load the engine.
+let engine: typeof RE2JS | undefined;
+function re2(): typeof RE2JS {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  return (engine ??= (require('re2js') as { RE2JS: typeof RE2JS }).RE2JS);
+}
+const MAX_CACHED = 1024;
+const compiled = new Map<string, RE2JS>();
+
 /**
- * The key of a rank_pattern/alpha_pattern that applies to a module, by PEFT's rule: the first key
- * (in the pattern's order) that, read as a regular expression, matches the end of the module
- * path at a '.' boundary (or the whole path). undefined when none does.
+ * The compiled RE2 of `source` (cached), built around the user's `pattern`. `what` names the
+ * pattern in errors, e.g. 'pattern key "(a)\\1"'.
+ * @throws ERR_LORA_UNSUPPORTED for syntax RE2 lacks or an over-long pattern; ERR_LORA_FORMAT for
+ *   a pattern that is not a regular expression at all.
+ */
+function compilePattern(pattern: string, source: string, what: string): RE2JS {
+  const hit = compiled.get(source);
+  if (hit) return hit;
+  if (pattern.length > MAX_PATTERN_CHARS)
+    throw new LoraError('ERR_LORA_UNSUPPORTED', `Expected a pattern of at most ${MAX_PATTERN_CHARS} characters for ${what} but received ${pattern.length}`);
+  let re: RE2JS;
+  try {
+    re = re2().compile(source);
+  } catch (err) {
+    let backtracking = true;
+    try { new RegExp(source); } catch { backtracking = false; }
+    const why = (err as Error).message.replace(/^error parsing regexp: /, '');
+    throw backtracking
+      ? new LoraError('ERR_LORA_UNSUPPORTED', `Expected a regular expression without backreferences or lookaround for ${what} (lora-native matches patterns in linear time) but it has ${why}`)
+      : new LoraError('ERR_LORA_FORMAT', `Expected a regular expression for ${what} but it is not one (${why})`);
+  }
+  if (compiled.size >= MAX_CACHED) compiled.clear();
+  compiled.set(source, re);
+  return re;
+}
+
+/** A pattern as errors quote it: JSON, cut at 60 characters. */
+function quote(p: string): string {
+  return JSON.stringify(p.length > 60 ? `${p.slice(0, 60)}…` : p);
+}
+
+// The literal a key stands for when it has no regex syntax (escaped punctuation allowed, as
+// configForModules writes full module paths), else null. Literal keys skip the engine.
+function literalOf(key: string): string | null {
+  let out = '';
+  for (let i = 0; i < key.length; i++) {
+    const c = key[i]!;
+    if (c === '\\') {
+      const n = key[i + 1];
+      if (n === undefined || /[A-Za-z0-9]/.test(n)) return null;
+      out += n;
+      i++;
+    } else if ('.^$*+?()[]{}|'.includes(c)) return null;
+    else out += c;
+  }
+  return out;
+}
+
+/** Compiles a rank_pattern/alpha_pattern key as PEFT composes it. @throws as compilePattern. */
+function patternKeyRegex(key: string, what: string): RE2JS {
+  return compilePattern(key, `(.*\\.)?(${key})`, what);
+}
+
+/**
+ * The key of a rank_pattern/alpha_pattern that applies to a module, by PEFT's rule
+ * (`re.match(rf"(.*\.)?({key})$", name)`): the first key (in the pattern's order) that, read as a
+ * regular expression, matches the end of the module path at a '.' boundary (or the whole path).
+ * undefined when none does. Matched in linear time (RE2).
  * @example matchPatternKey(['q_proj'], 'model.layers.0.self_attn.q_proj') // 'q_proj'
+ * @throws ERR_LORA_UNSUPPORTED for a key with backreferences or lookaround; ERR_LORA_FORMAT for a
+ *   key that is not a regular expression.
  */
 export function matchPatternKey(keys: readonly string[], moduleName: string): string | undefined {
   if (!Array.isArray(keys) || !keys.every((k) => typeof k === 'string')) throw typeError('keys', 'an array of strings', keys);
   if (typeof moduleName !== 'string') throw typeError('moduleName', 'a string', moduleName);
   for (const key of keys) {
-    let re: RegExp;
-    try {
-      re = new RegExp(`^(?:.*\\.)?(?:${key})$`);
-    } catch {
-      if (moduleName === key || moduleName.endsWith(`.${key}`)) return key;
-      continue;
-    }
-    if (re.test(moduleName)) return key;
+    const lit = literalOf(key);
+    if (lit !== null ? moduleName === lit || moduleName.endsWith(`.${lit}`) : patternKeyRegex(key, `pattern key ${quote(key)}`).testExact(moduleName)) return key;
   }
   return undefined;
 }
@@ -117,8 +191,8 @@ export function moduleScaling(config: PeftConfig, moduleName: string): { rank: n
 function layerIndex(name: string, patterns: string[] | string | null | undefined): number | undefined {
   const pats = patterns == null ? ['layers', 'h', 'blocks', 'layer'] : Array.isArray(patterns) ? patterns : [patterns];
   for (const p of pats) {
-    const m = new RegExp(`(?:^|\\.)(?:${p})\\.(\\d+)\\.`).exec(name);
-    if (m) return Number(m[1]);
+    const m = compilePattern(p, `(?:^|\\.)(?:${p})\\.(\\d+)\\.`, `layers_pattern ${quote(p)}`).matcher(name);
+    if (m.find()) return Number(m.group(1));
   }
   return undefined;
 }
@@ -135,7 +209,7 @@ export function targetsModule(config: PeftConfig, moduleName: string): boolean {
     if (spec == null) return false;
     if (typeof spec === 'string') {
       if (spec === 'all-linear') return true;
-      return new RegExp(`^(?:${spec})$`).test(moduleName);
+      return compilePattern(spec, spec, `the pattern ${quote(spec)}`).testExact(moduleName);
     }
     return spec.some((k) => moduleName === k || moduleName.endsWith(`.${k}`));
   };
@@ -223,10 +297,33 @@ function checkConfig(file: string, raw: unknown): PeftConfig {
   const tm = c.target_modules;
   if (tm !== undefined && tm !== null && typeof tm !== 'string' && !(Array.isArray(tm) && tm.every((x) => typeof x === 'string')))
     throw fmt(file, `target_modules must be a list of names or a regex string but is ${describe(tm)}`);
-  if (typeof tm === 'string') {
-    try { new RegExp(tm); } catch { throw fmt(file, `target_modules ${JSON.stringify(tm)} is not a valid regular expression`); }
-  }
+  checkPatterns(file, c);
   return c;
+}
+
+// Compiles every pattern of a config once at load, so a pattern RE2 cannot match is refused here,
+// naming the file and the field, rather than midway through a merge.
+function checkPatterns(file: string, c: PeftConfig): void {
+  const at = (field: string, compile: () => void) => {
+    try {
+      compile();
+    } catch (err) {
+      if (!(err instanceof LoraError)) throw err;
+      throw new LoraError((err as LoraError).code, `Invalid PEFT adapter ${file}: ${field}: ${err.message}`);
+    }
+  };
+  for (const k of ['rank_pattern', 'alpha_pattern'] as const)
+    for (const key of Object.keys(c[k] ?? {})) at(k, () => matchPatternKey([key], ''));
+  for (const k of ['target_modules', 'exclude_modules'] as const) {
+    const spec = c[k];
+    if (typeof spec === 'string') at(k, () => targetsModule({ target_modules: spec }, ''));
+  }
+  const lp = c.layers_pattern;
+  if (lp != null) {
+    if (!(typeof lp === 'string' || (Array.isArray(lp) && lp.every((x) => typeof x === 'string'))))
+      throw fmt(file, `layers_pattern must be a name, a list of names or null but is ${describe(lp)}`);
+    at('layers_pattern', () => layerIndex('', lp));
+  }
 }
 
 const SUFFIXES: [string, keyof Pick<PeftModule, 'loraA' | 'loraB' | 'loraBBias' | 'magnitude'>, PeftModule['kind'] | null][] = [
@@ -317,18 +414,9 @@ export function adapterFromTensors(config: PeftConfig, tensors: Map<string, Tens
 export function loadPeftAdapter(dir: string): PeftAdapter {
   if (typeof dir !== 'string') throw typeError('dir', 'a folder path', dir);
   const cfgFile = path.join(dir, ADAPTER_CONFIG);
-  let text: string;
-  try {
-    text = fs.readFileSync(cfgFile, 'utf8');
-  } catch (err) {
-    throw new LoraError('ERR_LORA_IO', `Could not read ${cfgFile}: ${(err as Error).message}`);
-  }
-  let raw: unknown;
-  try {
-    raw = JSON.parse(text);
-  } catch (err) {
-    throw fmt(cfgFile, `not valid JSON (${(err as Error).message})`);
-  }
+  // a config is a few KB; 16 MiB leaves room for rank_pattern listing every module of a huge model
+  const text = readTextFile(cfgFile, 16 * 1024 * 1024);
+  const raw = parseJsonBounded(text, (problem) => fmt(cfgFile, problem));
   const config = checkConfig(cfgFile, raw);
   const wFile = path.join(dir, ADAPTER_WEIGHTS);
   if (!fs.existsSync(wFile)) {
@@ -370,11 +458,7 @@ export function savePeftAdapter(dir: string, adapter: PeftAdapter): void {
   if (!(adapter instanceof PeftAdapter)) throw typeError('adapter', 'a PeftAdapter', adapter);
   const tensors = adapterTensors(adapter);
   for (const [k, t] of tensors) t._live(k);
-  try {
-    fs.mkdirSync(dir, { recursive: true });
-  } catch (err) {
-    throw new LoraError('ERR_LORA_IO', `Could not create ${dir}: ${(err as Error).message}`);
-  }
+  makeFolder(dir);
   saveSafetensors(path.join(dir, ADAPTER_WEIGHTS), tensors, { metadata: adapter.metadata, sort: true });
   writeFileAtomic(path.join(dir, ADAPTER_CONFIG), JSON.stringify({ peft_type: 'LORA', ...adapter.config }, null, 2) + '\n');
 }

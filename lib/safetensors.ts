@@ -1,34 +1,24 @@
-// safetensors reader and writer, written from the format's description: an 8-byte little-endian
-// header length, a JSON header ({name: {dtype, shape, data_offsets}}, optional __metadata__), then
-// the tensors' bytes, contiguous and fully covered. Also the sharded layout
-// (model.safetensors.index.json). This is not a memory-mapping loader: each tensor is read with
-// one positioned read into a buffer of its own size, so a large file is never held twice.
+// safetensors reader, written from the format's description: an 8-byte little-endian header
+// length, a JSON header ({name: {dtype, shape, data_offsets}}, optional __metadata__), then the
+// tensors' bytes, contiguous and fully covered. Also the sharded layout
+// (model.safetensors.index.json). This is not a memory-mapping loader: each file is read through
+// one open handle, checked for change after every tensor, and each tensor goes to native memory
+// in chunks through a small staging buffer, so a large file is never held twice and a tensor may
+// be larger than any one JS buffer. The writer is safetensors_write.ts.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 
-import { checkOptions, describe, expectBoolean, LoraError, typeError } from './errors';
+import { checkOptions, describe, LoraError, typeError } from './errors';
+import { FileReader, ioChunkBytes, ioError, parseJsonBounded, readTextFile } from './file_io';
 import { DTYPE_ID, native } from './native';
-import { DType, empty, expectTensor, numelOf, Tensor } from './tensor';
+import { ByteSource, DTYPE_BYTES, SafetensorsDtype, safetensorsDtypeSize } from './safetensors_dtypes';
+import { DType, empty, numelOf, Tensor } from './tensor';
 
-/** dtypes of the safetensors format this reader knows. */
-export type SafetensorsDtype =
-  | 'F64' | 'F32' | 'F16' | 'BF16' | 'F8_E4M3' | 'F8_E5M2'
-  | 'I64' | 'I32' | 'I16' | 'I8' | 'U64' | 'U32' | 'U16' | 'U8' | 'BOOL';
-
-const DTYPE_BYTES: Record<SafetensorsDtype, number> = {
-  F64: 8, F32: 4, F16: 2, BF16: 2, F8_E4M3: 1, F8_E5M2: 1,
-  I64: 8, I32: 4, I16: 2, I8: 1, U64: 8, U32: 4, U16: 2, U8: 1, BOOL: 1,
-};
-
-/** Our tensor dtype <-> the format's name. */
-export const SAFETENSORS_DTYPE: Record<DType, SafetensorsDtype> = {
-  float32: 'F32', bfloat16: 'BF16', float16: 'F16', int32: 'I32',
-};
-
-/** Bytes per element of a safetensors dtype, or undefined for an unknown one. */
-export function safetensorsDtypeSize(dtype: string): number | undefined {
-  return Object.prototype.hasOwnProperty.call(DTYPE_BYTES, dtype) ? DTYPE_BYTES[dtype as SafetensorsDtype] : undefined;
-}
+export { DTYPE_BYTES, SAFETENSORS_DTYPE, safetensorsDtypeSize } from './safetensors_dtypes';
+export type { ByteSource, SafetensorsDtype } from './safetensors_dtypes';
+// the writer lives in safetensors_write.ts; its API is here too, so one module has the format
+export { saveSafetensors, saveSafetensorsAsync, writeFileAtomic } from './safetensors_write';
+export type { RawTensor, SaveOptions, TensorSource, WriteProgress } from './safetensors_write';
 
 /** One tensor's header entry. Offsets are absolute positions in the file. */
 export interface SafetensorsEntry {
@@ -63,37 +53,12 @@ function formatError(file: string, problem: string): LoraError {
   return new LoraError('ERR_LORA_FORMAT', `Invalid safetensors file ${file}: ${problem}`);
 }
 
-function ioError(file: string, err: unknown, what: string): LoraError {
-  const code = (err as { code?: string })?.code;
-  const msg = err instanceof Error ? err.message : String(err);
-  return new LoraError('ERR_LORA_IO', `Could not ${what} ${file}: ${code && !msg.startsWith(code) ? `${code}: ` : ''}${msg}`);
-}
-
-function readExactly(fd: number, buf: Uint8Array, position: number, file: string): void {
-  let done = 0;
-  while (done < buf.length) {
-    let n: number;
-    try {
-      n = fs.readSync(fd, buf, done, buf.length - done, position + done);
-    } catch (err) {
-      throw ioError(file, err, 'read');
-    }
-    if (n === 0) throw formatError(file, `unexpected end of file at byte ${position + done}`);
-    done += n;
-  }
-}
-
 /**
  * Checks a header's JSON text against the file size: every problem is an ERR_LORA_FORMAT naming
  * the file. Exported for tests and for tools that read headers from elsewhere.
  */
 export function parseSafetensorsHeader(file: string, json: string, fileSize: number, dataStart: number): SafetensorsHeader {
-  let parsed: unknown;
-  try {
-    parsed = JSON.parse(json);
-  } catch (err) {
-    throw formatError(file, `header is not valid JSON (${(err as Error).message})`);
-  }
+  const parsed = parseJsonBounded(json, (problem) => formatError(file, `header is ${problem}`));
   if (parsed === null || typeof parsed !== 'object' || Array.isArray(parsed)) throw formatError(file, `header is not a JSON object but ${describe(parsed)}`);
   const dataSize = fileSize - dataStart;
   const metadata: Record<string, string> = {};
@@ -147,40 +112,28 @@ export function parseSafetensorsHeader(file: string, json: string, fileSize: num
   return { file, fileSize, dataStart, metadata, entries };
 }
 
-function readHeaderFd(fd: number, file: string): SafetensorsHeader {
-  let st: fs.Stats;
-  try {
-    st = fs.fstatSync(fd);
-  } catch (err) {
-    throw ioError(file, err, 'stat');
-  }
-  if (!st.isFile()) throw new LoraError('ERR_LORA_IO', `Could not read ${file}: not a regular file`);
-  const fileSize = st.size;
+function readHeader(r: FileReader): SafetensorsHeader {
+  const file = r.file;
+  const fileSize = r.size;
   if (fileSize < 8) throw formatError(file, fileSize === 0 ? 'the file is empty' : `the file is ${fileSize} bytes, shorter than the 8-byte header length`);
   const lenBuf = Buffer.alloc(8);
-  readExactly(fd, lenBuf, 0, file);
+  r.read(lenBuf, 0);
   const len = lenBuf.readBigUInt64LE(0);
   if (len > BigInt(MAX_HEADER_BYTES)) throw formatError(file, `header length ${len} is absurd (limit ${MAX_HEADER_BYTES})`);
   const headerLength = Number(len);
   if (headerLength < 2) throw formatError(file, `header length ${headerLength} is too short for a JSON object`);
   if (8 + headerLength > fileSize) throw formatError(file, `header length ${headerLength} runs past the end of the ${fileSize}-byte file`);
   const hbuf = Buffer.alloc(headerLength);
-  readExactly(fd, hbuf, 8, file);
+  r.read(hbuf, 8);
   let json: string;
   try {
     json = new TextDecoder('utf-8', { fatal: true }).decode(hbuf);
   } catch {
     throw formatError(file, 'header is not valid UTF-8');
   }
-  return parseSafetensorsHeader(file, json, fileSize, 8 + headerLength);
-}
-
-function openRead(file: string): number {
-  try {
-    return fs.openSync(file, 'r');
-  } catch (err) {
-    throw ioError(file, err, 'open');
-  }
+  const h = parseSafetensorsHeader(file, json, fileSize, 8 + headerLength);
+  r.verify();
+  return h;
 }
 
 /**
@@ -189,11 +142,11 @@ function openRead(file: string): number {
  */
 export function readSafetensorsHeader(file: string): SafetensorsHeader {
   if (typeof file !== 'string') throw typeError('file', 'a path string', file);
-  const fd = openRead(file);
+  const r = FileReader.open(file);
   try {
-    return readHeaderFd(fd, file);
+    return readHeader(r);
   } finally {
-    fs.closeSync(fd);
+    r.close();
   }
 }
 
@@ -238,49 +191,36 @@ export function isFloatDtype(dtype: SafetensorsDtype): boolean {
   return dtype[0] === 'F' || dtype === 'BF16';
 }
 
-function storageFrom(dtype: DType, shape: number[], data: ArrayBufferView): Tensor {
-  const out = empty(shape, 'cpu', dtype);
-  if (out.size === 0) return out;
-  const tmp = native.fromHost(0, DTYPE_ID[dtype], data);
-  try {
-    native.copyInto(out._storage, tmp);
-  } finally {
-    native.dispose(tmp);
+// The dtype a tensor is stored in while its bytes arrive: the file's own for the four we hold,
+// float32 or int32 (converted chunk by chunk) for the others.
+function arrivalDtype(dtype: SafetensorsDtype): DType | null {
+  switch (dtype) {
+    case 'F32': return 'float32';
+    case 'I32': return 'int32';
+    case 'BF16': return 'bfloat16';
+    case 'F16': return 'float16';
+    default: return null;
   }
-  return out;
 }
 
 /**
- * Turns one tensor's raw little-endian bytes into our tensor. bytes.byteOffset must be a multiple of
- * 8 (buffers from readTensorBytes are).
+ * Converts n elements of a dtype we do not hold (F64, F8, other integers) from raw little-endian
+ * bytes (byteOffset a multiple of 8) to float32 or int32.
  */
-export function decodeTensor(entry: Pick<SafetensorsEntry, 'name' | 'dtype' | 'shape' | 'file'>, bytes: Uint8Array, mode: 'keep' | 'float32' = 'keep'): Tensor {
-  const n = numelOf(entry.shape);
-  const target = tensorDtypeFor(entry.dtype, mode);
-  const aligned = bytes.byteOffset % 8 === 0 ? bytes : new Uint8Array(bytes);
-  const buf = aligned.buffer;
-  const off = aligned.byteOffset;
+function convertElements(entry: Pick<SafetensorsEntry, 'name' | 'dtype' | 'file'>, bytes: Uint8Array, n: number): Float32Array | Int32Array {
+  const buf = bytes.buffer;
+  const off = bytes.byteOffset;
   switch (entry.dtype) {
-    case 'F32': return storageFrom('float32', entry.shape, new Float32Array(buf, off, n));
-    case 'I32': return storageFrom('int32', entry.shape, new Int32Array(buf, off, n));
-    case 'BF16': case 'F16': {
-      const bits = new Uint16Array(buf, off, n);
-      const kept = storageFrom(entry.dtype === 'BF16' ? 'bfloat16' : 'float16', entry.shape, bits);
-      if (target === kept.dtype) return kept;
-      const wide = kept.toDtype('float32');
-      kept.dispose();
-      return wide;
-    }
-    case 'F64': return storageFrom('float32', entry.shape, Float32Array.from(new Float64Array(buf, off, n)));
+    case 'F64': return Float32Array.from(new Float64Array(buf, off, n));
     case 'F8_E4M3': case 'F8_E5M2': {
       const out = new Float32Array(n);
       const e4 = entry.dtype === 'F8_E4M3';
-      for (let i = 0; i < n; i++) out[i] = fp8ToFloat(aligned[i]!, e4);
-      return storageFrom('float32', entry.shape, out);
+      for (let i = 0; i < n; i++) out[i] = fp8ToFloat(bytes[i]!, e4);
+      return out;
     }
     default: {
       const ints = new Int32Array(n);
-      const dv = new DataView(buf, off, aligned.byteLength);
+      const dv = new DataView(buf, off, bytes.byteLength);
       for (let i = 0; i < n; i++) {
         let v: number;
         switch (entry.dtype) {
@@ -301,21 +241,85 @@ export function decodeTensor(entry: Pick<SafetensorsEntry, 'name' | 'dtype' | 's
         }
         ints[i] = v;
       }
-      return storageFrom('int32', entry.shape, ints);
+      return ints;
     }
   }
 }
 
-/** Reads one entry's bytes with positioned reads (into an 8-byte aligned buffer of exactly its size). */
-export function readTensorBytes(entry: SafetensorsEntry, fd?: number): Uint8Array {
-  const own = fd === undefined;
-  const f = own ? openRead(entry.file) : fd;
+/**
+ * Builds one tensor from its bytes delivered in pieces: `fill(into, byteOffset)` fills `into` with
+ * the stored bytes at [byteOffset, byteOffset + into.length). Each piece goes to native memory
+ * (converted first for dtypes we do not hold) through one staging buffer of at most the I/O chunk
+ * size, so no JS buffer ever holds the whole tensor.
+ */
+function assemble(entry: Pick<SafetensorsEntry, 'name' | 'dtype' | 'shape' | 'file'>, mode: 'keep' | 'float32', fill: (into: Uint8Array, byteOffset: number) => void): Tensor {
+  const n = numelOf(entry.shape);
+  const src = DTYPE_BYTES[entry.dtype];
+  const kept = arrivalDtype(entry.dtype);
+  const stored: DType = kept ?? tensorDtypeFor(entry.dtype, mode);
+  const dst = stored === 'float32' || stored === 'int32' ? 4 : 2;
+  const perChunk = Math.max(1, Math.floor(ioChunkBytes() / Math.max(src, dst)));
+  const out = empty(entry.shape, 'cpu', stored);
+  try {
+    const staging = new Uint8Array(Math.min(perChunk, n) * src); // a fresh ArrayBuffer: aligned
+    for (let i = 0; i < n; i += perChunk) {
+      const k = Math.min(perChunk, n - i);
+      const piece = staging.subarray(0, k * src);
+      fill(piece, i * src);
+      native.writeBytes(out._storage, i * dst, kept ? piece : convertElements(entry, piece, k));
+    }
+  } catch (err) {
+    out.dispose();
+    throw err;
+  }
+  const target = tensorDtypeFor(entry.dtype, mode);
+  if (target === stored) return out;
+  const wide = out.toDtype(target);
+  out.dispose();
+  return wide;
+}
+
+/** Turns one tensor's raw little-endian bytes (all of them, in memory) into our tensor. */
+export function decodeTensor(entry: Pick<SafetensorsEntry, 'name' | 'dtype' | 'shape' | 'file'>, bytes: Uint8Array, mode: 'keep' | 'float32' = 'keep'): Tensor {
+  const need = numelOf(entry.shape) * DTYPE_BYTES[entry.dtype];
+  if (bytes.byteLength !== need) throw new LoraError('ERR_LORA_SHAPE', `Expected ${need} bytes for tensor '${entry.name}' but received ${bytes.byteLength}`);
+  return assemble(entry, mode, (into, at) => into.set(bytes.subarray(at, at + into.length)));
+}
+
+/**
+ * Reads one tensor of an open file into a new CPU tensor, in chunks, and checks afterwards that
+ * the file did not change while it was read.
+ */
+export function readTensor(entry: SafetensorsEntry, reader: FileReader, mode: 'keep' | 'float32' = 'keep'): Tensor {
+  const t = assemble(entry, mode, (into, at) => reader.read(into, entry.start + at));
+  try {
+    reader.verify();
+  } catch (err) {
+    t.dispose();
+    throw err;
+  }
+  return t;
+}
+
+// A typed array holds at most 2^32 elements.
+const MAX_BUFFER_BYTES = 2 ** 32;
+
+/**
+ * One entry's bytes in a new buffer (8-byte aligned), read through `reader` (or a handle opened
+ * for the call). For tensors too large for one buffer, use readTensor or ModelReader.bytes().
+ * @throws ERR_LORA_UNSUPPORTED for a tensor of more than 4 GiB.
+ */
+export function readTensorBytes(entry: SafetensorsEntry, reader?: FileReader): Uint8Array {
+  if (entry.byteLength > MAX_BUFFER_BYTES)
+    throw new LoraError('ERR_LORA_UNSUPPORTED', `Tensor '${entry.name}' in ${entry.file} is ${entry.byteLength} bytes, more than one buffer holds; read it with loadSafetensors() or a ModelReader`);
+  const r = reader ?? FileReader.open(entry.file);
   try {
     const out = new Uint8Array(entry.byteLength); // a fresh ArrayBuffer: offset 0, aligned
-    readExactly(f, out, entry.start, entry.file);
+    r.read(out, entry.start);
+    r.verify();
     return out;
   } finally {
-    if (own) fs.closeSync(f);
+    if (!reader) r.close();
   }
 }
 
@@ -334,23 +338,13 @@ function loadOpts(opts: unknown): { mode: 'keep' | 'float32'; names?: readonly s
   return { mode, names: o.names };
 }
 
-function loadEntries(entries: SafetensorsEntry[], mode: 'keep' | 'float32'): Map<string, Tensor> {
+function loadEntries(entries: SafetensorsEntry[], read: (e: SafetensorsEntry) => Tensor): Map<string, Tensor> {
   const out = new Map<string, Tensor>();
-  const fds = new Map<string, number>();
   try {
-    for (const e of entries) {
-      let fd = fds.get(e.file);
-      if (fd === undefined) {
-        fd = openRead(e.file);
-        fds.set(e.file, fd);
-      }
-      out.set(e.name, decodeTensor(e, readTensorBytes(e, fd), mode));
-    }
+    for (const e of entries) out.set(e.name, read(e));
   } catch (err) {
     for (const t of out.values()) t.dispose();
     throw err;
-  } finally {
-    for (const fd of fds.values()) fs.closeSync(fd);
   }
   return out;
 }
@@ -366,17 +360,25 @@ function pick(entries: SafetensorsEntry[], names: readonly string[] | undefined,
 }
 
 /**
- * Loads a .safetensors file into tensors on the CPU.
+ * Loads a .safetensors file into tensors on the CPU. The header and every tensor are read through
+ * one open handle; a file that another process modifies or replaces meanwhile is refused.
  *
  * @example
  * const { tensors, metadata } = loadSafetensors('model.safetensors');
  * @throws ERR_LORA_FORMAT (naming the file and the problem) for a malformed file; ERR_LORA_IO when
- *   it cannot be read; ERR_LORA_DTYPE for 64-bit integers outside the int32 range.
+ *   it cannot be read or changed while it was read; ERR_LORA_DTYPE for 64-bit integers outside the
+ *   int32 range.
  */
 export function loadSafetensors(file: string, opts?: LoadOptions): SafetensorsData {
   const { mode, names } = loadOpts(opts);
-  const h = readSafetensorsHeader(file);
-  return { tensors: loadEntries(pick(h.entries, names, file), mode), metadata: h.metadata };
+  if (typeof file !== 'string') throw typeError('file', 'a path string', file);
+  const r = FileReader.open(file);
+  try {
+    const h = readHeader(r);
+    return { tensors: loadEntries(pick(h.entries, names, file), (e) => readTensor(e, r, mode)), metadata: h.metadata };
+  } finally {
+    r.close();
+  }
 }
 
 // ---- sharded models ----------------------------------------------------------------------------
@@ -397,292 +399,192 @@ function indexError(file: string, problem: string): LoraError {
 }
 
 /**
- * Opens a model: a .safetensors file, a model.safetensors.index.json, or a directory holding one of
- * them (the index wins). Reads and validates every header; reads no tensor data.
- * @throws ERR_LORA_FORMAT for a malformed file or index (a shard outside the folder, a tensor the
- *   index names that its shard lacks, a tensor in two shards); ERR_LORA_IO when nothing is found.
+ * A model opened for reading (see openModelReader): its index, with every file held open through
+ * one handle until close(). Each read checks afterwards that its file did not change, so tensors
+ * read from one model always come from one version of each file.
  */
-export function openModel(p: string): ModelIndex {
-  if (typeof p !== 'string') throw typeError('path', 'a path string', p);
+export class ModelReader implements ModelIndex {
+  readonly source: string;
+  readonly entries: SafetensorsEntry[];
+  readonly metadata: Record<string, string>;
+  readonly files: string[];
+  private readonly readers: Map<string, FileReader>;
+
+  /** @internal use openModelReader() */
+  constructor(index: ModelIndex, readers: Map<string, FileReader>) {
+    if (!index || typeof index !== 'object' || !Array.isArray(index.entries) || !(readers instanceof Map) || ![...readers.values()].every((r) => r instanceof FileReader))
+      throw typeError('index', 'a model opened by openModelReader()', index);
+    this.source = index.source;
+    this.entries = index.entries;
+    this.metadata = index.metadata;
+    this.files = index.files;
+    this.readers = readers;
+  }
+
+  private reader(e: SafetensorsEntry): FileReader {
+    const r = this.readers.get(e?.file);
+    if (!r) throw new LoraError('ERR_LORA_STATE', `Expected a tensor entry of ${this.source} but received ${describe(e)}`);
+    return r;
+  }
+
+  /** One tensor as a new CPU tensor (the caller owns it). @throws ERR_LORA_IO when its file changed. */
+  readTensor(entry: SafetensorsEntry, mode: 'keep' | 'float32' = 'keep'): Tensor {
+    const r = this.reader(entry);
+    if (mode !== 'keep' && mode !== 'float32') throw typeError('mode', "'keep' or 'float32'", mode);
+    return readTensor(entry, r, mode);
+  }
+
+  /** One tensor's stored bytes as a source the writer streams in chunks (its file checked after each). */
+  bytes(entry: SafetensorsEntry): ByteSource {
+    const r = this.reader(entry);
+    return {
+      byteLength: entry.byteLength,
+      read(into: Uint8Array, offset: number): void {
+        if (offset < 0 || offset + into.length > entry.byteLength)
+          throw new LoraError('ERR_LORA_RANGE', `Expected a byte range inside tensor '${entry.name}' (${entry.byteLength} bytes) but received [${offset}, ${offset + into.length})`);
+        r.read(into, entry.start + offset);
+        r.verify();
+      },
+    };
+  }
+
+  /** @throws ERR_LORA_IO when any file changed since it was opened. */
+  verify(): void {
+    for (const r of this.readers.values()) r.verify();
+  }
+
+  /** Closes every file (idempotent). */
+  close(): void {
+    for (const r of this.readers.values()) r.close();
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+}
+
+function resolveModelFile(p: string): string {
   let st: fs.Stats;
   try {
     st = fs.statSync(p);
   } catch (err) {
     throw ioError(p, err, 'open');
   }
-  let file = p;
-  if (st.isDirectory()) {
-    const idx = path.join(p, INDEX_FILE);
-    const single = path.join(p, 'model.safetensors');
-    if (fs.existsSync(idx)) file = idx;
-    else if (fs.existsSync(single)) file = single;
-    else {
-      const any = fs.readdirSync(p).filter((f) => f.endsWith('.safetensors')).sort();
-      if (any.length !== 1) throw new LoraError('ERR_LORA_IO', `Found no ${INDEX_FILE} or model.safetensors in ${p}${any.length ? ` (and ${any.length} other .safetensors files)` : ''}`);
-      file = path.join(p, any[0]!);
-    }
-  }
-  if (!file.endsWith('.json')) {
-    const h = readSafetensorsHeader(file);
-    return { source: file, entries: h.entries, metadata: h.metadata, files: [file] };
-  }
-  let json: unknown;
-  try {
-    json = JSON.parse(fs.readFileSync(file, 'utf8'));
-  } catch (err) {
-    if ((err as { code?: string }).code) throw ioError(file, err, 'read');
-    throw indexError(file, `not valid JSON (${(err as Error).message})`);
-  }
+  if (!st.isDirectory()) return p;
+  const idx = path.join(p, INDEX_FILE);
+  const single = path.join(p, 'model.safetensors');
+  if (fs.existsSync(idx)) return idx;
+  if (fs.existsSync(single)) return single;
+  const any = fs.readdirSync(p).filter((f) => f.endsWith('.safetensors')).sort();
+  if (any.length !== 1) throw new LoraError('ERR_LORA_IO', `Found no ${INDEX_FILE} or model.safetensors in ${p}${any.length ? ` (and ${any.length} other .safetensors files)` : ''}`);
+  return path.join(p, any[0]!);
+}
+
+// An index's shards, each resolved to its real path once: one file named several ways in the
+// weight_map ('s.safetensors', './s.safetensors', a symlink to it) is opened and read once.
+function readIndex(file: string, readers: Map<string, FileReader>): ModelIndex {
+  const json = parseJsonBounded(readTextFile(file, MAX_HEADER_BYTES), (problem) => indexError(file, problem));
   if (!json || typeof json !== 'object' || Array.isArray(json)) throw indexError(file, 'not a JSON object');
   const wm = (json as Record<string, unknown>).weight_map;
   if (!wm || typeof wm !== 'object' || Array.isArray(wm)) throw indexError(file, 'weight_map is missing or not an object');
   const dir = path.dirname(file);
-  const shards = new Map<string, string[]>();
+  const spellings = new Map<string, string[]>(); // as written -> tensor names
   for (const [name, shard] of Object.entries(wm as Record<string, unknown>)) {
     if (typeof shard !== 'string' || shard === '' || path.isAbsolute(shard) || shard.split(/[\\/]/).includes('..'))
       throw indexError(file, `weight_map['${name}'] is not a file name inside the folder: ${describe(shard)}`);
-    if (!shards.has(shard)) shards.set(shard, []);
-    shards.get(shard)!.push(name);
+    let names = spellings.get(shard);
+    if (!names) spellings.set(shard, (names = []));
+    names.push(name);
   }
-  const entries: SafetensorsEntry[] = [];
+  const shards = new Map<string, { file: string; shard: string; names: string[] }>(); // real path -> shard
+  for (const [shard, names] of spellings) {
+    const f = path.join(dir, shard);
+    let real: string;
+    try {
+      real = fs.realpathSync(f);
+    } catch (err) {
+      throw ioError(f, err, 'open');
+    }
+    const known = shards.get(real);
+    if (known) known.names.push(...names);
+    else shards.set(real, { file: f, shard, names });
+  }
   const metadata: Record<string, string> = {};
   const meta = (json as Record<string, unknown>).metadata;
   if (meta && typeof meta === 'object') for (const [k, v] of Object.entries(meta)) metadata[k] = typeof v === 'string' ? v : JSON.stringify(v);
+  const entries: SafetensorsEntry[] = [];
   const files: string[] = [];
-  for (const [shard, names] of shards) {
-    const f = path.join(dir, shard);
-    const h = readSafetensorsHeader(f);
+  for (const { file: f, shard, names } of shards.values()) {
+    const r = FileReader.open(f);
+    readers.set(f, r);
+    const h = readHeader(r);
     files.push(f);
     const want = new Set(names);
-    for (const e of h.entries) if (want.has(e.name)) entries.push(e);
-    for (const n of names) if (!h.entries.some((e) => e.name === n)) throw indexError(file, `tensor '${n}' is mapped to ${shard}, which does not hold it`);
+    const held = new Set<string>();
+    for (const e of h.entries) {
+      held.add(e.name);
+      if (want.has(e.name)) entries.push(e);
+    }
+    for (const n of names) if (!held.has(n)) throw indexError(file, `tensor '${n}' is mapped to ${shard}, which does not hold it`);
   }
   return { source: file, entries, metadata, files };
 }
 
 /**
- * Loads every tensor of a model (one file, an index, or a folder; see openModel).
+ * Opens a model for reading: a .safetensors file, a model.safetensors.index.json, or a folder
+ * holding one of them (the index wins). Reads and validates every header and keeps each file open
+ * through one handle until close(), so tensors read later come from the same files (a file
+ * modified or replaced meanwhile is refused, never mixed). Shards are resolved to their real paths
+ * and each is opened once.
+ *
+ * @example
+ * const model = openModelReader('path/to/llama');
+ * try {
+ *   for (const e of model.entries) { const t = model.readTensor(e); ...; t.dispose(); }
+ * } finally { model.close(); }
+ * @throws ERR_LORA_FORMAT for a malformed file or index (a shard outside the folder, a tensor the
+ *   index names that its shard lacks); ERR_LORA_IO when nothing is found or a file cannot be read.
+ */
+export function openModelReader(p: string): ModelReader {
+  if (typeof p !== 'string') throw typeError('path', 'a path string', p);
+  const file = resolveModelFile(p);
+  const readers = new Map<string, FileReader>();
+  try {
+    if (file.endsWith('.json')) return new ModelReader(readIndex(file, readers), readers);
+    const r = FileReader.open(file);
+    readers.set(file, r);
+    const h = readHeader(r);
+    return new ModelReader({ source: file, entries: h.entries, metadata: h.metadata, files: [file] }, readers);
+  } catch (err) {
+    for (const r of readers.values()) r.close();
+    throw err;
+  }
+}
+
+/**
+ * Opens a model: a .safetensors file, a model.safetensors.index.json, or a directory holding one of
+ * them (the index wins). Reads and validates every header; reads no tensor data and keeps no file
+ * open (openModelReader() does, for reading tensors later).
+ * @throws ERR_LORA_FORMAT for a malformed file or index (a shard outside the folder, a tensor the
+ *   index names that its shard lacks); ERR_LORA_IO when nothing is found.
+ */
+export function openModel(p: string): ModelIndex {
+  const m = openModelReader(p);
+  m.close();
+  return { source: m.source, entries: m.entries, metadata: m.metadata, files: m.files };
+}
+
+/**
+ * Loads every tensor of a model (one file, an index, or a folder; see openModel), each file read
+ * through one handle.
  * @example const { tensors } = loadModel('path/to/llama');
  */
 export function loadModel(p: string, opts?: LoadOptions): SafetensorsData {
   const { mode, names } = loadOpts(opts);
-  const m = openModel(p);
-  return { tensors: loadEntries(pick(m.entries, names, m.source), mode), metadata: m.metadata };
-}
-
-// ---- writing ------------------------------------------------------------------------------------
-
-/** Bytes to write as they are (a dtype our tensors lack, or data streamed from another file). */
-export interface RawTensor {
-  dtype: SafetensorsDtype;
-  shape: readonly number[];
-  /** The bytes, or a function that produces them when the writer reaches this tensor. */
-  data: Uint8Array | (() => Uint8Array | Tensor);
-}
-
-export type TensorSource = Tensor | RawTensor;
-
-export interface SaveOptions {
-  /** String key/values stored as __metadata__. */
-  metadata?: Record<string, string>;
-  /** Sort tensors by name in the file (default false: insertion order). */
-  sort?: boolean;
-}
-
-interface Planned {
-  name: string;
-  dtype: SafetensorsDtype;
-  shape: number[];
-  bytes: number;
-  src: TensorSource;
-}
-
-function plan(tensors: unknown, opts: unknown): { items: Planned[]; header: Buffer } {
-  const o = checkOptions<SaveOptions>('saveSafetensors()', opts, ['metadata', 'sort']);
-  let pairs: [string, unknown][];
-  if (tensors instanceof Map) pairs = [...tensors.entries()];
-  else if (tensors && typeof tensors === 'object' && !Array.isArray(tensors)) pairs = Object.entries(tensors);
-  else throw typeError('tensors', 'a Map or an object of named tensors', tensors);
-  if (o.sort !== undefined) expectBoolean('sort', o.sort);
-  if (o.sort) pairs.sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0));
-  const items: Planned[] = [];
-  const header: Record<string, unknown> = {};
-  if (o.metadata !== undefined) {
-    if (!o.metadata || typeof o.metadata !== 'object' || Array.isArray(o.metadata)) throw typeError('metadata', 'an object of strings', o.metadata);
-    for (const [k, v] of Object.entries(o.metadata)) if (typeof v !== 'string') throw typeError(`metadata.${k}`, 'a string', v);
-    header.__metadata__ = o.metadata;
-  }
-  let offset = 0;
-  for (const [name, src] of pairs) {
-    if (typeof name !== 'string' || name === '' || name === '__metadata__') throw typeError('tensor name', 'a non-empty string other than __metadata__', name);
-    let dtype: SafetensorsDtype;
-    let shape: number[];
-    if (src instanceof Tensor) {
-      expectTensor(name, src);
-      dtype = SAFETENSORS_DTYPE[src.dtype];
-      shape = src.shape.slice();
-    } else if (src && typeof src === 'object' && 'dtype' in src && 'shape' in src && 'data' in src) {
-      const r = src as RawTensor;
-      if (safetensorsDtypeSize(r.dtype) === undefined) throw typeError(`${name}.dtype`, 'a safetensors dtype (F32, BF16, ...)', r.dtype);
-      if (!Array.isArray(r.shape) || !r.shape.every((d) => Number.isInteger(d) && d >= 0)) throw typeError(`${name}.shape`, 'an array of non-negative integers', r.shape);
-      dtype = r.dtype;
-      shape = r.shape.slice();
-    } else throw typeError(name, 'a Tensor or a { dtype, shape, data } object', src);
-    const bytes = numelOf(shape) * DTYPE_BYTES[dtype];
-    header[name] = { dtype, shape, data_offsets: [offset, offset + bytes] };
-    items.push({ name, dtype, shape, bytes, src: src as TensorSource });
-    offset += bytes;
-  }
-  let json = JSON.stringify(header);
-  // pad with spaces so the data starts 8-byte aligned (readers may map it as typed arrays)
-  const len = Buffer.byteLength(json);
-  json += ' '.repeat((8 - ((8 + len) % 8)) % 8);
-  const hb = Buffer.from(json, 'utf8');
-  const out = Buffer.alloc(8 + hb.length);
-  out.writeBigUInt64LE(BigInt(hb.length), 0);
-  hb.copy(out, 8);
-  return { items, header: out };
-}
-
-function bytesOf(item: Planned): Uint8Array {
-  let d: Uint8Array | Tensor;
-  if (item.src instanceof Tensor) d = item.src.toBytes();
-  else d = typeof item.src.data === 'function' ? item.src.data() : item.src.data;
-  if (d instanceof Tensor) {
-    const t = d;
-    if (SAFETENSORS_DTYPE[t.dtype] !== item.dtype) throw new LoraError('ERR_LORA_DTYPE', `Expected ${item.dtype} data for tensor '${item.name}' but its producer returned ${t.dtype}`);
-    d = t.toBytes();
-    t.dispose();
-  }
-  if (!(d instanceof Uint8Array)) throw typeError(`${item.name}.data`, 'a Uint8Array', d);
-  if (d.byteLength !== item.bytes)
-    throw new LoraError('ERR_LORA_SHAPE', `Expected ${item.bytes} bytes for tensor '${item.name}' but received ${d.byteLength}`);
-  return d;
-}
-
-function tempName(file: string): string {
-  return path.join(path.dirname(file), `.${path.basename(file)}.${process.pid}.${Math.random().toString(36).slice(2, 10)}.tmp`);
-}
-
-function fsyncDir(dir: string): void {
+  const m = openModelReader(p);
   try {
-    const fd = fs.openSync(dir, 'r');
-    try { fs.fsyncSync(fd); } finally { fs.closeSync(fd); }
-  } catch { /* some filesystems refuse fsync on directories; the rename is still atomic */ }
-}
-
-/** Options for the writer's progress callback (used by the CLI). */
-export interface WriteProgress {
-  /** Called after each tensor is written with (index, count, name). */
-  onTensor?: (index: number, count: number, name: string) => void;
-}
-
-/**
- * Writes tensors to a .safetensors file atomically: a temp file in the same folder, fsync, rename.
- * A failure (or a crash) leaves any existing file untouched and no temp file behind.
- *
- * @example saveSafetensors('out.safetensors', { 'w': w, 'b': b }, { metadata: { format: 'pt' } });
- * @throws LoraTypeError for bad arguments; ERR_LORA_IO when the file cannot be written.
- */
-export function saveSafetensors(file: string, tensors: Map<string, TensorSource> | Record<string, TensorSource>, opts?: SaveOptions & WriteProgress): void {
-  if (typeof file !== 'string' || file === '') throw typeError('file', 'a path string', file);
-  const { onTensor, ...rest } = (opts ?? {}) as SaveOptions & WriteProgress;
-  const { items, header } = plan(tensors, opts === undefined ? undefined : rest);
-  const tmp = tempName(file);
-  let fd: number;
-  try {
-    fd = fs.openSync(tmp, 'wx', 0o644);
-  } catch (err) {
-    throw ioError(file, err, 'write');
-  }
-  let ok = false;
-  try {
-    let pos = 0;
-    const write = (b: Uint8Array) => {
-      let done = 0;
-      while (done < b.byteLength) done += fs.writeSync(fd, b, done, b.byteLength - done, pos + done);
-      pos += b.byteLength;
-    };
-    write(header);
-    items.forEach((it, i) => {
-      write(bytesOf(it));
-      onTensor?.(i, items.length, it.name);
-    });
-    fs.fsyncSync(fd);
-    fs.closeSync(fd);
-    fd = -1;
-    fs.renameSync(tmp, file);
-    fsyncDir(path.dirname(file));
-    ok = true;
-  } catch (err) {
-    if (err instanceof LoraError) throw err;
-    throw ioError(file, err, 'write');
+    return { tensors: loadEntries(pick(m.entries, names, m.source), (e) => m.readTensor(e, mode)), metadata: m.metadata };
   } finally {
-    if (fd! >= 0) try { fs.closeSync(fd!); } catch { /* already failing */ }
-    if (!ok) try { fs.unlinkSync(tmp); } catch { /* never created or already gone */ }
-  }
-}
-
-/**
- * saveSafetensors without blocking the event loop on disk writes (tensor bytes are still read out
- * synchronously, one tensor at a time). Same atomicity.
- */
-export async function saveSafetensorsAsync(file: string, tensors: Map<string, TensorSource> | Record<string, TensorSource>, opts?: SaveOptions & WriteProgress): Promise<void> {
-  if (typeof file !== 'string' || file === '') throw typeError('file', 'a path string', file);
-  const { onTensor, ...rest } = (opts ?? {}) as SaveOptions & WriteProgress;
-  const { items, header } = plan(tensors, opts === undefined ? undefined : rest);
-  const tmp = tempName(file);
-  let fh: fs.promises.FileHandle | null = null;
-  let ok = false;
-  try {
-    fh = await fs.promises.open(tmp, 'wx', 0o644);
-    let pos = 0;
-    const write = async (b: Uint8Array) => {
-      let done = 0;
-      while (done < b.byteLength) done += (await fh!.write(b, done, b.byteLength - done, pos + done)).bytesWritten;
-      pos += b.byteLength;
-    };
-    await write(header);
-    for (let i = 0; i < items.length; i++) {
-      await write(bytesOf(items[i]!));
-      onTensor?.(i, items.length, items[i]!.name);
-    }
-    await fh.sync();
-    await fh.close();
-    fh = null;
-    await fs.promises.rename(tmp, file);
-    fsyncDir(path.dirname(file));
-    ok = true;
-  } catch (err) {
-    if (err instanceof LoraError) throw err;
-    throw ioError(file, err, 'write');
-  } finally {
-    if (fh) await fh.close().catch(() => undefined);
-    if (!ok) await fs.promises.unlink(tmp).catch(() => undefined);
-  }
-}
-
-/**
- * Writes a file atomically (temp + fsync + rename); used for JSON configs beside the tensors.
- * @internal
- */
-export function writeFileAtomic(file: string, data: string | Uint8Array): void {
-  const tmp = tempName(file);
-  let ok = false;
-  try {
-    const fd = fs.openSync(tmp, 'wx', 0o644);
-    try {
-      fs.writeFileSync(fd, data);
-      fs.fsyncSync(fd);
-    } finally {
-      fs.closeSync(fd);
-    }
-    fs.renameSync(tmp, file);
-    fsyncDir(path.dirname(file));
-    ok = true;
-  } catch (err) {
-    throw ioError(file, err, 'write');
-  } finally {
-    if (!ok) try { fs.unlinkSync(tmp); } catch { /* nothing to clean */ }
+    m.close();
   }
 }

@@ -197,9 +197,14 @@ export class Tensor {
     return this._storage;
   }
 
-  /** A copy of the data as float32 (bf16/f16 are widened; int32 converted). */
+  /**
+   * A copy of the data as float32 (bf16/f16 are widened; int32 converted).
+   * @throws ERR_LORA_UNSUPPORTED for more than 2^32 elements (more than one typed array holds).
+   */
   toFloat32Array(): Float32Array {
-    return widen(this.dtype, native.toHost(this._live()));
+    const s = this._live();
+    if (this.size > MAX_TYPED_ELEMENTS) throw tooBigForOneArray('toFloat32Array()', `${this.size} elements`);
+    return widen(this.dtype, native.toHost(s));
   }
 
   /**
@@ -216,9 +221,15 @@ export class Tensor {
     return native.toHostAsync(s).then((bytes) => widen(dtype, bytes));
   }
 
-  /** A copy of the raw stored bytes (bf16 bits for bfloat16, and so on). */
+  /**
+   * A copy of the raw stored bytes (bf16 bits for bfloat16, and so on).
+   * @throws ERR_LORA_UNSUPPORTED for more than 4 GiB (more than one typed array holds).
+   */
   toBytes(): Uint8Array {
-    return new Uint8Array(native.toHost(this._live()));
+    const s = this._live();
+    const bytes = this.size * (this.dtype === 'bfloat16' || this.dtype === 'float16' ? 2 : 4);
+    if (bytes > MAX_TYPED_ELEMENTS) throw tooBigForOneArray('toBytes()', `${bytes} bytes`);
+    return new Uint8Array(native.toHost(s));
   }
 
   /** The value of a one-element tensor. */
@@ -352,6 +363,13 @@ export function sameShape(a: readonly number[], b: readonly number[]): boolean {
   return a.length === b.length && a.every((d, i) => d === b[i]);
 }
 
+
+// A typed array holds at most 2^32 elements.
+const MAX_TYPED_ELEMENTS = 2 ** 32;
+
+function tooBigForOneArray(what: string, size: string): LoraError {
+  return new LoraError('ERR_LORA_UNSUPPORTED', `Expected a tensor that fits one typed array (2^32 elements) for ${what} but it holds ${size}; saveSafetensors() writes larger ones in chunks`);
+}
 
 function widen(dtype: DType, bytes: ArrayBuffer): Float32Array {
   if (dtype === 'float32') return new Float32Array(bytes);

@@ -7,6 +7,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 
 import { checkOptions, describe, expectBoolean, LoraError, typeError } from './errors';
+import { parseJsonBounded } from './file_io';
 
 // Both packages ship CommonJS builds for Node's require (package.json "exports" → node.require);
 // their type declarations describe ES modules, hence the resolution-mode on the type imports.
@@ -74,12 +75,7 @@ function readJson(file: string, required: boolean): Record<string, unknown> | nu
     if (!required && (err as NodeJS.ErrnoException).code === 'ENOENT') return null;
     throw new LoraError('ERR_LORA_IO', `Could not read ${file}: ${(err as Error).message}`);
   }
-  let raw: unknown;
-  try {
-    raw = JSON.parse(text);
-  } catch (err) {
-    throw fmt(file, `not valid JSON (${(err as Error).message})`);
-  }
+  const raw = parseJsonBounded(text, (problem) => fmt(file, problem));
   if (!raw || typeof raw !== 'object' || Array.isArray(raw)) throw fmt(file, `expected a JSON object but found ${describe(raw)}`);
   return raw as Record<string, unknown>;
 }

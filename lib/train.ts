@@ -6,12 +6,13 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 
-import { checkOptions, expectBoolean, expectInteger, expectNumber, expectOneOf, LoraError, typeError } from './errors';
+import { checkOptions, describe, expectBoolean, expectInteger, expectNumber, expectOneOf, LoraError, typeError } from './errors';
+import { makeFolder, parseJsonBounded } from './file_io';
 import { LoraLinear } from './lora';
 import { expectModule, Module } from './module';
 import { Dropout, loraLayers, saveLoraAdapter } from './nn';
 import { allFinite, scaleInPlace, sumOfSquares } from './numerics';
-import { mul } from './ops';
+import { max, mul, neg } from './ops';
 import { AdamW, Optimizer, ParamGroup, SGD } from './optim';
 import { loadSafetensors, saveSafetensors } from './safetensors';
 import { defaultRng, Rng } from './random';
@@ -305,7 +306,7 @@ function moduleRngs(model: Module): Map<string, Rng> {
 }
 
 function writeCheckpoint(dir: string, model: Module, opt: Optimizer, names: Map<Tensor, string>, state: TrainerState): void {
-  fs.mkdirSync(dir, { recursive: true });
+  makeFolder(dir);
   const tensors = new Map<string, Tensor>();
   const steps: Record<string, number> = {};
   for (const p of opt.params) {
@@ -330,37 +331,85 @@ function readCheckpoint(dir: string, opt: Optimizer, names: Map<Tensor, string>)
   if (!fs.existsSync(file)) return null;
   const { tensors, metadata } = loadSafetensors(file);
   try {
-    let state: TrainerState;
-    try {
-      state = JSON.parse(metadata.trainer ?? '') as TrainerState;
-    } catch {
-      throw new LoraError('ERR_LORA_FORMAT', `Checkpoint ${file} has no trainer state in its metadata`);
-    }
-    if (state.version !== 1) throw new LoraError('ERR_LORA_FORMAT', `Checkpoint ${file} has trainer state version ${String(state.version)}; expected 1`);
+    const state = parseJsonBounded(metadata.trainer ?? '', (problem) =>
+      new LoraError('ERR_LORA_FORMAT', `Checkpoint ${file} has no trainer state in its metadata (${problem})`)) as TrainerState;
+    if (!state || typeof state !== 'object' || state.version !== 1) throw new LoraError('ERR_LORA_FORMAT', `Checkpoint ${file} has trainer state version ${String(state?.version)}; expected 1`);
+    checkTrainerState(file, state, opt instanceof SGD ? 'sgd' : 'adamw');
+    // everything is checked before anything is restored: a refused checkpoint leaves the model as it was
+    const restore: (() => void)[] = [];
     for (const p of opt.params) {
       const name = names.get(p)!;
       const src = tensors.get(`param.${name}`);
       if (!src) throw new LoraError('ERR_LORA_STATE', `Checkpoint ${file} has no value for trainable parameter '${name}' (was it written for another model or LoRA setup?)`);
-      if (src.size !== p.size) throw new LoraError('ERR_LORA_SHAPE', `Checkpoint ${file} has '${name}' of shape [${src.shape.join(', ')}] but the model's is [${p.shape.join(', ')}]`);
-      p.assign(src);
+      checkRestored(file, `param.${name}`, src, p.shape, false);
+      restore.push(() => p.assign(src));
       const step = state.optimizer.steps[name];
       if (step === undefined) continue;
       if (opt instanceof AdamW) {
         const m = tensors.get(`optim.${name}.exp_avg`), v = tensors.get(`optim.${name}.exp_avg_sq`);
         if (!m || !v) throw new LoraError('ERR_LORA_STATE', `Checkpoint ${file} lacks AdamW state for '${name}'`);
-        tensors.delete(`optim.${name}.exp_avg`);
-        tensors.delete(`optim.${name}.exp_avg_sq`);
-        opt.setState(p, { m, v, step });
+        checkRestored(file, `optim.${name}.exp_avg`, m, p.shape, false);
+        checkRestored(file, `optim.${name}.exp_avg_sq`, v, p.shape, true);
+        restore.push(() => {
+          tensors.delete(`optim.${name}.exp_avg`);
+          tensors.delete(`optim.${name}.exp_avg_sq`);
+          opt.setState(p, { m, v, step });
+        });
       } else if (opt instanceof SGD) {
         const buf = tensors.get(`optim.${name}.momentum_buffer`) ?? null;
-        tensors.delete(`optim.${name}.momentum_buffer`);
-        opt.setState(p, { buf, step });
+        if (buf) checkRestored(file, `optim.${name}.momentum_buffer`, buf, p.shape, false);
+        restore.push(() => {
+          tensors.delete(`optim.${name}.momentum_buffer`);
+          opt.setState(p, { buf, step });
+        });
       }
     }
+    for (const r of restore) r();
     return state;
   } finally {
     for (const t of tensors.values()) t.dispose();
   }
+}
+
+const isCount = (v: unknown): v is number => typeof v === 'number' && Number.isSafeInteger(v) && v >= 0;
+
+function stateError(file: string, field: string, expected: string, got: unknown): LoraError {
+  return new LoraError('ERR_LORA_FORMAT', `Checkpoint ${file} is damaged or was edited: expected ${expected} for ${field} but it holds ${describe(got)}`);
+}
+
+// The trainer state a checkpoint resumes from: counts are non-negative integers and the optimizer
+// is the one in use, so a tampered file is refused instead of resuming into skipped steps.
+function checkTrainerState(file: string, s: TrainerState, kind: 'adamw' | 'sgd'): void {
+  for (const k of ['step', 'totalSteps', 'skippedSteps', 'cursor'] as const) if (!isCount(s[k])) throw stateError(file, `trainer.${k}`, 'a non-negative integer', s[k]);
+  if (s.skippedSteps > s.step) throw stateError(file, 'trainer.skippedSteps', `at most the step count ${s.step}`, s.skippedSteps);
+  // a skipped step's NaN loss was written as null (JSON has no NaN)
+  if (!Array.isArray(s.losses) || !s.losses.every((x) => x === null || typeof x === 'number')) throw stateError(file, 'trainer.losses', 'an array of numbers', s.losses);
+  if (!Array.isArray(s.order) || !s.order.every(isCount)) throw stateError(file, 'trainer.order', 'an array of example indices', s.order);
+  if (!Array.isArray(s.evalLosses)) throw stateError(file, 'trainer.evalLosses', 'an array', s.evalLosses);
+  // generator states: two 32-bit words (the low one may be stored signed) and a cached normal or null
+  const rngOk = (r: unknown) => Array.isArray(r) && r.length === 3 && r.slice(0, 2).every((w) => Number.isInteger(w) && Math.abs(w) < 2 ** 32) &&
+    (r[2] === null || (typeof r[2] === 'number' && Number.isFinite(r[2])));
+  for (const k of ['dataRng', 'globalRng'] as const) if (!rngOk(s[k])) throw stateError(file, `trainer.${k}`, 'a generator state', s[k]);
+  if (!s.moduleRngs || typeof s.moduleRngs !== 'object') throw stateError(file, 'trainer.moduleRngs', 'an object of generator states', s.moduleRngs);
+  for (const [name, r] of Object.entries(s.moduleRngs)) if (!rngOk(r)) throw stateError(file, `trainer.moduleRngs['${name}']`, 'a generator state', r);
+  const o = s.optimizer;
+  if (!o || typeof o !== 'object' || (o.kind !== 'adamw' && o.kind !== 'sgd')) throw stateError(file, 'trainer.optimizer.kind', "'adamw' or 'sgd'", o?.kind);
+  if (o.kind !== kind) throw new LoraError('ERR_LORA_STATE', `Checkpoint ${file} holds ${o.kind} state but training uses ${kind}`);
+  if (!o.steps || typeof o.steps !== 'object' || Array.isArray(o.steps)) throw stateError(file, 'trainer.optimizer.steps', 'an object of step counts', o.steps);
+  for (const [name, n] of Object.entries(o.steps)) if (!isCount(n)) throw stateError(file, `trainer.optimizer.steps['${name}']`, 'a non-negative integer', n);
+}
+
+// One restored tensor: the parameter's shape, every value finite, and (exp_avg_sq) none negative.
+function checkRestored(file: string, field: string, t: Tensor, shape: readonly number[], nonNegative: boolean): void {
+  if (t.shape.length !== shape.length || t.shape.some((d, i) => d !== shape[i]))
+    throw new LoraError('ERR_LORA_SHAPE', `Checkpoint ${file} has ${field} of shape [${t.shape.join(', ')}] but the model's is [${shape.join(', ')}]`);
+  if (t.dtype === 'int32') throw stateError(file, field, 'floating-point values', 'int32 values');
+  const finite = allFinite(t);
+  const negative = finite && nonNegative && t.size > 0 && noGrad(() => tidy(() => max(neg(t)).item())) > 0;
+  if (finite && !negative) return;
+  const d = t.toFloat32Array();
+  const i = d.findIndex((x) => !Number.isFinite(x) || (nonNegative && x < 0));
+  throw new LoraError('ERR_LORA_FORMAT', `Checkpoint ${file} is damaged or was edited: ${field} holds ${d[i]} at element ${i} (expected ${nonNegative ? 'finite values >= 0' : 'finite values'}); resuming from it would make every later step non-finite`);
 }
 
 // ---- the loop ----------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ function header(buf: Buffer): { json: Record<string, unknown>; len: number } | n
   if (len > buf.length - 8) return null;
   try {
     const json = JSON.parse(buf.subarray(8, 8 + len).toString('utf8'));
+    JSON.stringify(json); // a header nested too deep for the mutators to rewrite: byte mutations only
     return json && typeof json === 'object' && !Array.isArray(json) ? { json, len } : null;
   } catch {
     return null;
@@ -178,7 +179,7 @@ function jsonMutation(b: Buffer): Buffer {
     case 5: delete e[pick(['dtype', 'shape', 'data_offsets'])]; break;
     case 6: e[pick(['extra', 'offsets', 'Dtype'])] = pick(ODD_VALUES); break;
     case 7: { // rename, including to reserved and odd names
-      const to = pick(['', '__metadata__', '__proto__', 'constructor', 'a'.repeat(2000), 'é\u0000x', names[0] ?? 'x']);
+      const to = pick(['', '__metadata__', '__proto__', 'constructor', 'a'.repeat(2000), 'é\u0000x', '\u001b[2J\u001b]0;t\u0007', 'a\nb\r\u202e', names[0] ?? 'x']);
       delete json[name];
       json[to] = e;
       break;
@@ -192,7 +193,8 @@ function jsonMutation(b: Buffer): Buffer {
     default: { // text-level: duplicate keys, deep nesting, non-object roots
       const text = JSON.stringify(json);
       const variants = [`[${text}]`, '"x"', 'null', '1', '[]', text.replace('{', `{"${name}":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},`),
-        '['.repeat(5000) + ']'.repeat(5000), `{"a":${'{"a":'.repeat(3000)}1${'}'.repeat(3000)}}`, text.slice(0, -1), `${text} `, `\uFEFF${text}`];
+        '['.repeat(5000) + ']'.repeat(5000), `{"a":${'{"a":'.repeat(3000)}1${'}'.repeat(3000)}}`, text.slice(0, -1), `${text} `, `\uFEFF${text}`,
+        text.replace('"shape":[', `"shape":${'['.repeat(200_000)}${']'.repeat(200_000)},"x":[`)];
       return withHeader(pick(variants), data);
     }
   }
@@ -325,6 +327,13 @@ function adapterSeeds(): AdapterSeed[] {
     [`${q}.lora_magnitude_vector`]: tensor(v(5, 3), [5]),
     [`${k}.lora_A.weight`]: tensor(v(18), [3, 6], { dtype: 'float16' }), [`${k}.lora_B.weight`]: tensor(v(15), [5, 3], { dtype: 'float16' }),
   });
+  // module names that a backtracking engine would take exponential time on under these patterns
+  const a48 = `${P}${'a'.repeat(48)}`;
+  const x40 = `${P}${'x'.repeat(40)}y`;
+  add({ r: 2, lora_alpha: 2, alpha_pattern: { '(a|aa)+$x': 4, '(x+x+)+y': 3 }, rank_pattern: { '(.*a){20}b': 5 } }, {
+    [`${a48}.lora_A.weight`]: tensor(v(6), [2, 3]), [`${a48}.lora_B.weight`]: tensor(v(8), [4, 2]),
+    [`${x40}.lora_A.weight`]: tensor(v(6, 2), [2, 3]), [`${x40}.lora_B.weight`]: tensor(v(8, 2), [4, 2]),
+  });
   add({ r: 2, lora_alpha: 2, modules_to_save: ['lm_head'] }, {
     [`${P}model.embed_tokens.lora_embedding_A`]: tensor(v(20), [2, 10]), [`${P}model.embed_tokens.lora_embedding_B`]: tensor(v(8), [4, 2]),
     [`${P}lm_head.modules_to_save.default.weight`]: tensor(v(12), [3, 4]),
@@ -334,8 +343,11 @@ function adapterSeeds(): AdapterSeed[] {
 
 const CONFIG_FIELDS = ['peft_type', 'r', 'lora_alpha', 'target_modules', 'exclude_modules', 'use_rslora', 'use_dora', 'fan_in_fan_out', 'bias', 'lora_bias',
   'rank_pattern', 'alpha_pattern', 'layers_to_transform', 'layers_pattern', 'modules_to_save', 'lora_dropout', 'init_lora_weights', 'base_model_name_or_path', 'task_type'];
+// Patterns: catastrophic for a backtracking engine, and syntax RE2 refuses (backreferences, lookaround).
+const HOSTILE_PATTERNS = ['(a|aa)+$x', '(x+x+)+y', '(.*a){20}b', '(a)\\1', '(?=q)q_proj', '(?<!x)v_proj', 'a{1001}', '(?P<n>q)_proj', '\\d+', 'x'.repeat(1200)];
+const nested = (depth: number): unknown => (depth === 0 ? 'q_proj' : [nested(depth - 1)]);
 const CONFIG_VALUES: unknown[] = [...ODD_VALUES, 'LORA', 'LOHA', '(', '[a-', '.*', 'q_proj', ['q_proj', 1], { q_proj: 0 }, { q_proj: 2.5 }, { q_proj: 'x' },
-  { '(': 2 }, { 'v_proj': 3, '.*': 1 }, { __proto__: null, x: 1 }];
+  { '(': 2 }, { 'v_proj': 3, '.*': 1 }, { __proto__: null, x: 1 }, ...HOSTILE_PATTERNS, ...HOSTILE_PATTERNS.map((p) => ({ [p]: 2 })), nested(70), ['layers', '(h|h)+$x']];
 
 function mutateConfig(config: Record<string, unknown>): string {
   const c: Record<string, unknown> = JSON.parse(JSON.stringify(config));
@@ -343,11 +355,11 @@ function mutateConfig(config: Record<string, unknown>): string {
     const r = int(10);
     if (r < 6) c[pick(CONFIG_FIELDS)] = pick(CONFIG_VALUES);
     else if (r < 8) delete c[pick(Object.keys(c).length ? Object.keys(c) : ['r'])];
-    else c[pick(['rank_pattern', 'alpha_pattern'])] = { [pick(['q_proj', 'v_proj', 'layers\\.0\\..*', 'embed_tokens', '(', 'x'])]: pick(ODD_NUMBERS) };
+    else c[pick(['rank_pattern', 'alpha_pattern'])] = { [pick(['q_proj', 'v_proj', 'layers\\.0\\..*', 'embed_tokens', '(', 'x', ...HOSTILE_PATTERNS])]: pick(ODD_NUMBERS) };
   }
   let text = JSON.stringify(c, null, 2);
   if (next() < 0.15) text = byteMutation(Buffer.from(text)).toString('latin1');
-  if (next() < 0.03) text = pick(['', '[]', 'null', '"LORA"', '{', '{"r": 4, "r": -1}']);
+  if (next() < 0.03) text = pick(['', '[]', 'null', '"LORA"', '{', '{"r": 4, "r": -1}', `{"r": 4, "target_modules": ${'['.repeat(200_000)}${']'.repeat(200_000)}}`]);
   return text;
 }
 
@@ -437,8 +449,10 @@ t.test('sharded model indexes', (t) => {
   t.equal(loadedBytes(loadModel(d).tensors.values()), 24, 'seed index loads');
   const tally = newTally();
   const end = Date.now() + BUDGET.index;
+  fs.symlinkSync('model-00001-of-00002.safetensors', path.join(d, 'link.safetensors'));
   const shardNames = ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors', '../escape.safetensors', '/etc/passwd', '', 'missing.safetensors',
-    'sub/../model-00001-of-00002.safetensors', '.', 'model.safetensors.index.json', 7, null];
+    'sub/../model-00001-of-00002.safetensors', '.', 'model.safetensors.index.json', 7, null,
+    './model-00001-of-00002.safetensors', './/model-00002-of-00002.safetensors', '././model-00001-of-00002.safetensors', 'link.safetensors'];
   while (Date.now() < end || tally.inputs < MIN_INPUTS.index) {
     const idx: Record<string, unknown> = JSON.parse(JSON.stringify(index));
     const wm = idx.weight_map as Record<string, unknown>;

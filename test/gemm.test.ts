@@ -247,6 +247,27 @@ if (CHILD) {
     t.end();
   });
 
+  // The engine's blocks come from this CPU's caches (kc ~1024, mc ~144 here), so the shapes above
+  // stay within one block; blocks of a few dozen (LORA_NATIVE_GEMM_BLOCKS) put every block edge
+  // (k blocks accumulating, the epilogue and side product across k blocks, column and row blocks)
+  // inside them, on the best level the CPU runs.
+  t.test('random GEMMs against float64 with small cache blocks', (t) => {
+    for (const blocks of ['24,24,48', '17,5,33']) {
+      const r = spawnSync(process.execPath, [...process.execArgv, __filename], {
+        env: { ...process.env, LORA_NATIVE_GEMM_BLOCKS: blocks, LORA_GEMM_TEST_CHILD: '1', LORA_GEMM_TEST_SEED: '11', LORA_GEMM_TEST_CASES: '150' },
+        encoding: 'utf8',
+        timeout: 120_000,
+      });
+      const line = (r.stdout ?? '').trim().split('\n').filter((l) => l.startsWith('{')).pop();
+      const res = line ? JSON.parse(line) : null;
+      t.ok(res, `blocks ${blocks}: child reported (${(r.stderr ?? '').slice(-300)})`);
+      if (!res) continue;
+      t.equal(res.failed, 0, `blocks ${blocks} (${res.isa}): ${res.cases} random GEMMs within 1e-5·Σ|a·b|${res.failed ? ': ' + res.failures.join(' | ') : ''}`);
+      t.equal(r.status, 0, `blocks ${blocks}: child exit status`);
+    }
+    t.end();
+  });
+
   t.test('edge sizes: empty dims and K = 0 (C = beta·C)', (t) => {
     const C = native.fromHost(0, DTYPE_ID.float32, new Float32Array([1, 2, 3, 4]));
     const A = native.fromHost(0, DTYPE_ID.float32, new Float32Array(6).fill(NaN));

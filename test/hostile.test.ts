@@ -11,8 +11,8 @@ import * as path from 'node:path';
 
 import t from 'tap';
 
-// Fixed by default so that CI is deterministic; set HOSTILE_SEED to explore other sequences.
-const SEED = Number(process.env.HOSTILE_SEED ?? 1);
+// Fixed by default so that CI is deterministic; set LORA_NATIVE_HOSTILE_SEED to explore other sequences.
+const SEED = Number(process.env.LORA_NATIVE_HOSTILE_SEED ?? 1);
 
 // Public names whose owners still have to add argument checks: reported as todo, not failures.
 // Empty: every public function holds to the rule. Add a name (with the file to fix) only for a gap
@@ -30,14 +30,14 @@ t.test('hostile arguments: no crash, and every error is a LoraError', (t) => {
   const tsLoader = process.execArgv.filter((a) => a.includes('@tapjs/typescript'));
   const r = spawnSync(process.execPath, [...tsLoader, child], {
     cwd: dir, encoding: 'utf8', timeout: 120_000, maxBuffer: 64 << 20,
-    env: { ...process.env, HOSTILE_LOG: log, HOSTILE_SEED: String(SEED), HOSTILE_BUDGET_MS: '7000', NODE_OPTIONS: '' },
+    env: { ...process.env, LORA_NATIVE_HOSTILE_LOG: log, LORA_NATIVE_HOSTILE_SEED: String(SEED), LORA_NATIVE_HOSTILE_BUDGET_MS: '7000', NODE_OPTIONS: '' },
   });
   const lastCall = fs.existsSync(log) ? fs.readFileSync(log, 'utf8').trimEnd().split('\n').pop() : '(no log)';
   if (r.status !== 0 || r.signal) {
-    t.fail(`child died (status ${r.status}, signal ${r.signal}) during: ${lastCall} (HOSTILE_SEED=${SEED} replays it)\n${r.stderr.slice(-3000)}`);
+    t.fail(`child died (status ${r.status}, signal ${r.signal}) during: ${lastCall} (LORA_NATIVE_HOSTILE_SEED=${SEED} replays it)\n${r.stderr.slice(-3000)}`);
     return t.end();
   }
-  t.pass(`child exited cleanly (HOSTILE_SEED=${SEED})`);
+  t.pass(`child exited cleanly (LORA_NATIVE_HOSTILE_SEED=${SEED})`);
   const out = JSON.parse(r.stdout.trim().split('\n').pop()!) as {
     calls: number; ok: number; loraErrors: number; unclear: string[]; missed: string[]; targets: number; leaked: number; ms: number;
   };

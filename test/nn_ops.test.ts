@@ -1,4 +1,4 @@
-// lib/nn_ops.ts against the float64 references in test/ref/nn_ops_ref.ts, in two hops: each
+// lib/ops/ (nn.ts, loss.ts) against the float64 references in test/ref/nn_ops_ref.ts, in two hops: each
 // reference backward against central finite differences, then each op (forward and backward)
 // against the reference on seeded, deliberately awkward shapes. Plus the error paths.
 import t from 'tap';

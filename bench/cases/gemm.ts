@@ -14,7 +14,7 @@ const gemm: Case = {
         : { ours: () => native.loraForward(y, h, x, W, null, A, B, N, C, OC, 0, 1, 0, 0) };
     return {
       variants,
-      work: { flops: 2 * N * C * OC },
+      work: { flops: 2 * N * C * OC, bytes: OC * C * (dtype === 'bf16' ? 2 : 4) },
       dispose: () => [x, W, y, h, A, B].forEach((t) => native.dispose(t)),
     };
   },

@@ -22,9 +22,11 @@ const loraStep: Case = {
         native.loraForward(y, h, x, W, b, A, B, N, C, OC, R, s, 0.1, 7);
         native.loraBackward(dx, dA, dB, dy, x, h, W, A, B, N, C, OC, R, s, 0.1, 7);
       },
+      // rank 0 through the same kernels: x·Wᵀ + b, then dx = dy·W with W as stored (bf16 read as
+      // bf16: an fp32 copy of W would double the bytes the floor reads)
       frozen_linear: () => {
-        native.loraForward(y, h, x, W, b, A, B, N, C, OC, 0, s, 0, 0);  // rank 0: x·Wᵀ + b
-        native.gemm(dx, dy, W32, N, C, OC, false, false, OC, C, C, 1, 0, 1, 0, 0, 0);
+        native.loraForward(y, h, x, W, b, A, B, N, C, OC, 0, s, 0, 0);
+        native.loraBackward(dx, null, null, dy, x, h, W, A, B, N, C, OC, 0, s, 0, 0);
       },
       unfused: () => {
         native.gemm(h, x, A, N, R, C, false, true, C, C, R, 1, 0, 1, 0, 0, 0);

@@ -1,5 +1,7 @@
 /* OpenBLAS baseline for the bench suite: the same work as bench/cases/<op>.ts done as a BLAS call
- * sequence (what a user without lora-native's fusion gets). fp32 only. Prints JSON.
+ * sequence (what a user without lora-native's fusion gets). fp32 only. Prints JSON with the kernel
+ * OpenBLAS picked (openblas_get_corename: the bench runs this with OPENBLAS_CORETYPE and
+ * OPENBLAS_L2_SIZE unset, so the library chooses for the CPU) and its build configuration.
  *   cc -O2 openblas_bench.c -lopenblas -o openblas_bench
  *   ./openblas_bench <gemm|lora_forward|lora_step|lora_merge> N C OC R threads reps warmup */
 #include <cblas.h>
@@ -9,6 +11,9 @@
 #include <time.h>
 
 void openblas_set_num_threads(int);
+int openblas_get_num_threads(void);
+char *openblas_get_corename(void);
+char *openblas_get_config(void);
 
 static double now_ms(void) {
   struct timespec t;
@@ -66,6 +71,7 @@ int main(int argc, char **argv) {
     if (it >= warmup) ts[n++] = now_ms() - t0;
   }
   qsort(ts, n, sizeof(double), cmp);
-  printf("{\"medianMs\": %.4f, \"minMs\": %.4f, \"reps\": %d}\n", ts[n / 2], ts[0], n);
+  printf("{\"medianMs\": %.4f, \"minMs\": %.4f, \"reps\": %d, \"corename\": \"%s\", \"config\": \"%s\", \"threads\": %d}\n", ts[n / 2],
+         ts[0], n, openblas_get_corename(), openblas_get_config(), openblas_get_num_threads());
   return 0;
 }

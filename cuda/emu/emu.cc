@@ -947,7 +947,7 @@ cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int v
 }
 
 // Tells the addon's loader that this library is the emulator, and what device it pretends to be
-// (native/cuda_loader.cc: no NVIDIA driver is probed then).
+// (native/binding/cuda_loader.cc: no NVIDIA driver is probed then).
 __attribute__((visibility("default"))) int lora_cuda_emulator(char* name, size_t name_len, int* major,
                                                               int* minor, size_t* memory) {
   std::snprintf(name, name_len, "lora-native CUDA emulator (CPU, %d SMs)", sm_count());

@@ -6,6 +6,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 
 import { checkOptions, describe, LoraError, typeError } from '../errors';
+import { parseJsonBounded } from '../file_io';
 import { loadPeftAdapter, PeftAdapter, PeftModule } from '../peft';
 
 export interface ArchInfo {
@@ -60,12 +61,7 @@ export function readBaseModel(modelDir: string): BaseModelInfo {
   } catch (err) {
     throw new LoraError('ERR_LORA_IO', `Could not read ${file}: ${(err as Error).message}`);
   }
-  let c: Record<string, unknown>;
-  try {
-    c = JSON.parse(text) as Record<string, unknown>;
-  } catch (err) {
-    throw fmt(file, `not valid JSON (${(err as Error).message})`);
-  }
+  const c = parseJsonBounded(text, (problem) => fmt(file, problem)) as Record<string, unknown>;
   if (!c || typeof c !== 'object' || Array.isArray(c)) throw fmt(file, `expected a JSON object but found ${describe(c)}`);
   const archs = c.architectures;
   if (!Array.isArray(archs) || typeof archs[0] !== 'string') throw fmt(file, `"architectures" must be a list naming the model class but is ${describe(archs)}`);

@@ -9,6 +9,7 @@ import * as path from 'node:path';
 
 import { LoraError } from '../errors';
 import { PeftAdapter } from '../peft';
+import { makeFolder } from '../file_io';
 import { RawTensor, saveSafetensors, writeFileAtomic } from '../safetensors';
 import { exportableModules, mlxModulePath, splitLayer, withExportInputs } from './arch';
 
@@ -90,11 +91,7 @@ export function exportMlxAdapter(adapter: string | PeftAdapter, options: MlxExpo
       num_layers: numLayers,
       lora_parameters: { rank, scale, dropout: a.config.lora_dropout ?? 0, keys: [...keys].sort() },
     };
-    try {
-      fs.mkdirSync(o.out, { recursive: true });
-    } catch (err) {
-      throw new LoraError('ERR_LORA_IO', `Could not create ${o.out}: ${(err as Error).message}`);
-    }
+    makeFolder(o.out);
     saveSafetensors(path.join(o.out, MLX_ADAPTER_WEIGHTS), tensors, { metadata: { format: 'mlx' }, sort: true });
     writeFileAtomic(path.join(o.out, MLX_ADAPTER_CONFIG), JSON.stringify(config, null, 4) + '\n');
     return { dir: o.out, modelType: base.arch.mlx, fineTuneType: dora ? 'dora' : 'lora', rank, scale, numLayers, keys: config.lora_parameters.keys };

@@ -9,9 +9,9 @@ import * as path from 'node:path';
 import { checkOptions, describe, expectOneOf, LoraError, typeError } from '../errors';
 import { Linear, loraLayers } from '../nn';
 import { permute } from '../ops';
+import { makeFolder, parseJsonBounded } from '../file_io';
 import {
-  decodeTensor, INDEX_FILE, isFloatDtype, ModelIndex, openModel, RawTensor, readTensorBytes, SAFETENSORS_DTYPE, SafetensorsEntry,
-  saveSafetensorsAsync, writeFileAtomic,
+  INDEX_FILE, isFloatDtype, ModelIndex, ModelReader, openModelReader, RawTensor, SAFETENSORS_DTYPE, SafetensorsEntry, saveSafetensorsAsync, writeFileAtomic,
 } from '../safetensors';
 import { checkDevice, Device, empty, keep, noGrad, numelOf, releaseCachedMemory, shapeString, Tensor } from '../tensor';
 import { CausalLM, CONSTRUCT_CAUSAL_LM, Family, WeightDtype } from './causal_lm';
@@ -43,12 +43,8 @@ function readJsonFile(file: string, what: string): Record<string, unknown> {
     if (code === 'ENOENT') throw new LoraError('ERR_LORA_FORMAT', `Expected a Hugging Face model folder with ${what} but ${file} does not exist`);
     throw new LoraError('ERR_LORA_IO', `Could not read ${file}: ${(err as Error).message}`);
   }
-  let v: unknown;
-  try {
-    v = JSON.parse(text);
-  } catch (err) {
-    throw new LoraError('ERR_LORA_FORMAT', `Invalid config ${file}: not valid JSON (${(err as Error).message})`);
-  }
+  // nesting is bounded: a 200,000-deep array parses, but saving the config would overflow the stack
+  const v = parseJsonBounded(text, (problem) => new LoraError('ERR_LORA_FORMAT', `Invalid config ${file}: ${problem}`));
   if (v === null || typeof v !== 'object' || Array.isArray(v)) throw new LoraError('ERR_LORA_FORMAT', `Invalid config ${file}: expected a JSON object but found ${describe(v)}`);
   return v as Record<string, unknown>;
 }
@@ -110,7 +106,7 @@ class CheckpointWeights implements WeightSource {
   private readonly byName: Map<string, SafetensorsEntry>;
   private readonly bare: boolean;
 
-  constructor(private readonly index: ModelIndex, private readonly prefix: string, private readonly dtype: WeightDtype,
+  constructor(private readonly index: ModelReader, private readonly prefix: string, private readonly dtype: WeightDtype,
     private readonly device: Device, private readonly arch: string) {
     this.byName = new Map(index.entries.map((e) => [e.name, e]));
     // checkpoints saved from the bare model (GPT-2's on the Hub) lack the prefix: transformers adds it
@@ -145,44 +141,27 @@ class CheckpointWeights implements WeightSource {
 
   /** Reads every taken tensor into its target, yielding to the event loop between tensors. */
   async fill(): Promise<void> {
-    const fds = new Map<string, number>();
-    try {
-      for (const job of this.jobs) {
-        let fd = fds.get(job.entry.file);
-        if (fd === undefined) {
-          fd = openForRead(job.entry.file);
-          fds.set(job.entry.file, fd);
-        }
-        // decoded as stored; assign() converts to the target's dtype in native code (one pass)
-        const decoded = decodeTensor(job.entry, readTensorBytes(job.entry, fd), 'keep');
-        const temps = [decoded];
-        try {
-          let src = decoded;
-          const needWide = job.transposed || (src.dtype !== job.target.dtype && src.dtype !== 'float32' && job.target.dtype !== 'float32');
-          if (needWide && src.dtype !== 'float32') temps.push(src = src.toDtype('float32'));
-          if (job.transposed) temps.push(src = noGrad(() => permute(src, [1, 0])));
-          if (src.device !== job.target.device) temps.push(src = src.to(job.target.device));
-          job.target.assign(src);
-        } finally {
-          for (const t of temps) t.dispose();
-        }
-        await new Promise<void>((resolve) => setImmediate(resolve));
+    for (const job of this.jobs) {
+      // read through the reader's open handle (a file changed meanwhile is refused) and decoded as
+      // stored; assign() converts to the target's dtype in native code (one pass)
+      const decoded = this.index.readTensor(job.entry, 'keep');
+      const temps = [decoded];
+      try {
+        let src = decoded;
+        const needWide = job.transposed || (src.dtype !== job.target.dtype && src.dtype !== 'float32' && job.target.dtype !== 'float32');
+        if (needWide && src.dtype !== 'float32') temps.push(src = src.toDtype('float32'));
+        if (job.transposed) temps.push(src = noGrad(() => permute(src, [1, 0])));
+        if (src.device !== job.target.device) temps.push(src = src.to(job.target.device));
+        job.target.assign(src);
+      } finally {
+        for (const t of temps) t.dispose();
       }
-    } finally {
-      for (const fd of fds.values()) fs.closeSync(fd);
+      await new Promise<void>((resolve) => setImmediate(resolve));
     }
   }
 
   dispose(): void {
     for (const j of this.jobs) j.target.dispose();
-  }
-}
-
-function openForRead(file: string): number {
-  try {
-    return fs.openSync(file, 'r');
-  } catch (err) {
-    throw new LoraError('ERR_LORA_IO', `Could not open ${file}: ${(err as Error).message}`);
   }
 }
 
@@ -222,11 +201,13 @@ export async function loadCausalLM(dir: string, options?: LoadCausalLMOptions): 
   const { family, arch } = resolveArchitecture(cfg);
   if (!fs.readdirSync(dir).some((f) => f.endsWith('.safetensors') || f === INDEX_FILE) && fs.existsSync(path.join(dir, 'pytorch_model.bin')))
     throw new LoraError('ERR_LORA_UNSUPPORTED', `Found only pytorch_model.bin in ${dir}: lora-native reads safetensors (convert with transformers: model.save_pretrained(dir, safe_serialization=True))`);
-  const index = openModel(dir);
-  const dtype = o.dtype ?? checkpointDtype(cfg, index);
-  const weights = new CheckpointWeights(index, family.prefix, dtype, device, arch);
+  // every weight file stays open through one handle from its header to its last tensor
+  const index = openModelReader(dir);
+  let weights: CheckpointWeights | null = null;
   let model: CausalLM | null = null;
   try {
+    const dtype = o.dtype ?? checkpointDtype(cfg, index);
+    weights = new CheckpointWeights(index, family.prefix, dtype, device, arch);
     const { backbone, tie, vocabSize, hidden } = family.build(cfg, arch, weights, roundTo(dtype));
     const head = new Linear(hidden, vocabSize, {
       weight: tie ? backbone.inputEmbedding : weights.take('lm_head.weight', [vocabSize, hidden], 'matrix'), biasTensor: null,
@@ -242,7 +223,8 @@ export async function loadCausalLM(dir: string, options?: LoadCausalLMOptions): 
     model = new CausalLM(CONSTRUCT_CAUSAL_LM, { config: raw, architecture: arch, dtype, generationConfig, sourceDir: path.resolve(dir), prefix: family.prefix, backbone, head, tied: tie });
     return model;
   } finally {
-    if (!model) weights.dispose();
+    index.close();
+    if (!model) weights?.dispose();
   }
 }
 
@@ -307,7 +289,7 @@ export async function saveCausalLM(model: CausalLM, dir: string, options?: SaveC
     shards[shards.length - 1]!.push(item);
     size += bytes;
   }
-  fs.mkdirSync(dir, { recursive: true });
+  makeFolder(dir);
   const names = shards.length === 1 ? ['model.safetensors']
     : shards.map((_, i) => `model-${String(i + 1).padStart(5, '0')}-of-${String(shards.length).padStart(5, '0')}.safetensors`);
   for (let i = 0; i < shards.length; i++)

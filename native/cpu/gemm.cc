@@ -77,41 +77,20 @@ const IsaTable& isa_table() {
 
 namespace {
 
-// Block sizes, measured at 2048^3 on Zen 5 (whose 512-bit FMAs issue at one per cycle, so the
-// kernel is not load-bound and a long k loop matters more than L1 residency). Overridable with -D
-// for experiments in native/dev/.
-#ifndef LN_KC
-#define LN_KC 1024
-#define LN_MC 144
-#define LN_NC 4096
-#endif
-// KC: long k loops halve the C tile loads/stores per flop; a (KC, 32) B micro-panel (128 KB) and the
-// A block stream from L2. 256 ran at 80% of peak, 1024 at 87-89%.
-constexpr int64_t kKc = LN_KC;
-// MC: the packed (MC, KC) block of A (576 KB) fits Zen 5's 1 MB L2 beside a B micro-panel; a
-// multiple of 24 (every kernel's mr divides it).
-constexpr int64_t kMc = LN_MC;
-// NC: the packed (KC, NC) block of B (16 MB) stays in L3 (32 MB) while every A block sweeps it.
-constexpr int64_t kNc = LN_NC;
-// Below this many multiply-adds a second thread costs more to wake than it saves.
-constexpr int64_t kParallelMinFlops = 1 << 18;
+// The packed path's blocks (kc, mc, nc), the streaming path's k block and the threading threshold
+// come from gemm_blocking() (gemm_blocking.cc: derived from this CPU's caches and FMA pipes).
 // M up to this uses the streaming path (no packing of B: each B element is used M times only);
 // also its row chunk when op(B) is narrow (kNarrowN columns or fewer).
-// (decode: up to 16 rows, in calls of IsaTable::small_rows, with W streamed from memory once)
-constexpr int64_t kSmallM = 16;
+// (decode: up to kDecodeRows rows in one call, with W streamed from memory once)
+constexpr int64_t kSmallM = kDecodeRows;
 constexpr int64_t kSmallMax = kSmallM;
 constexpr int64_t kNarrowN = 32;
-// k block of the streaming path: 8 rows x 1024 floats of A (32 KB) stay in the 48 KB L1d.
-constexpr int64_t kSmallKc = 1024;
 // Column block of B when decode rows take two kernel calls: 32 rows of a 4096-wide W (512 KB)
 // stay in L2 between the calls.
 constexpr int64_t kDecodeN = 32;
 // k block when B is read in place: that many stored rows are streamed side by side (the hardware
 // prefetchers follow a few dozen streams); 1024 rows at once ran 4x slower.
-#ifndef LN_DKC
-#define LN_DKC 32
-#endif
-constexpr int64_t kDirectKc = LN_DKC;
+constexpr int64_t kDirectKc = 32;
 // Below this k per C tile, C's loads and stores outweigh the FMAs: walk C row-major.
 constexpr int64_t kShortK = 64;
 // Fewer rows than this widen bf16 B to fp32 while packing instead of dotting pairs (M = 16 ran
@@ -136,7 +115,7 @@ struct PackBuffer {
   }
 };
 struct ThreadBuffers {
-  PackBuffer a, b, a2, b2, small, h, hb, ah;
+  PackBuffer a, b, a2, b2, small, h, hb, ah, scratch;
 };
 ThreadBuffers& buffers() {
   static thread_local ThreadBuffers bufs;
@@ -260,8 +239,11 @@ void run_small(const IsaTable& t, const GemmArgs& g, int64_t m0, int64_t m1, int
   auto chunk = [&](int64_t i0, int m, int64_t j0, int64_t j1) {
     const int64_t nj = j1 - j0;
     float* c = g.C + i0 * g.ldc + n0 + j0;
-    for (int64_t kb = 0; kb < imax(K, 1); kb += kSmallKc) {
-      const int64_t kl = imin(kSmallKc, K - kb);
+    // k in blocks whose rows of x stay in L1, except where the kernel broadcasts a stored-(n, k) B
+    // against x repacked (decode_broadcasts): that walks each row of B whole.
+    const int64_t kblock = trans_b && decode_broadcasts(m, b_bf16, t.wide.nr1) ? imax(K, 1) : gemm_blocking().small_kc;
+    for (int64_t kb = 0; kb < imax(K, 1); kb += kblock) {
+      const int64_t kl = imin(kblock, K - kb);
       if (kl == 0 && accumulate) break;
       const float* a = g.A + i0 * g.lda + kb;
       int64_t lda = g.lda;
@@ -279,7 +261,8 @@ void run_small(const IsaTable& t, const GemmArgs& g, int64_t m0, int64_t m1, int
         a = buf;
         lda = kl;
       }
-      t.small_m(m, nj, kl, a, lda, b_ptr(kb, j0), b_bf16, ldb, trans_b, c, g.ldc, accumulate || kb > 0);
+      float* scratch = bufs.scratch.get(static_cast<size_t>(small_scratch_floats(kl)));
+      t.small_m(m, nj, kl, a, lda, b_ptr(kb, j0), b_bf16, ldb, trans_b, c, g.ldc, accumulate || kb > 0, scratch);
       if (kl == 0) break;
     }
     if (g.K2 > 0 || g.bias) {
@@ -291,18 +274,21 @@ void run_small(const IsaTable& t, const GemmArgs& g, int64_t m0, int64_t m1, int
       const int64_t cn0 = n0 + j0;
       const float* b2 = g.B2 ? (g.trans_b2 ? g.B2 + cn0 * g.ldb2 : g.B2 + cn0) : nullptr;
       if (!g.drop2) {
-        if (g.K2 > 0) t.small_m(m, nj, g.K2, a2, g.K2, b2, false, g.ldb2, g.trans_b2, c, g.ldc, 1);
+        float* scratch = bufs.scratch.get(static_cast<size_t>(small_scratch_floats(g.K2)));
+        if (g.K2 > 0) t.small_m(m, nj, g.K2, a2, g.K2, b2, false, g.ldb2, g.trans_b2, c, g.ldc, 1, scratch);
         if (g.bias)
           for (int i = 0; i < m; ++i)
             for (int64_t j = 0; j < nj; ++j) c[i * g.ldc + j] += g.bias[cn0 + j];
       } else {
         float* tmp = bufs.b2.get(static_cast<size_t>(kSmallM * nj));
-        t.small_m(m, nj, g.K2, a2, g.K2, b2, false, g.ldb2, g.trans_b2, tmp, nj, 0);
+        float* scratch = bufs.scratch.get(static_cast<size_t>(small_scratch_floats(g.K2)));
+        t.small_m(m, nj, g.K2, a2, g.K2, b2, false, g.ldb2, g.trans_b2, tmp, nj, 0, scratch);
         add_masked(c, g.ldc, tmp, static_cast<int>(nj), m, nj, i0, cn0, *g.drop2, g.bias);
       }
     }
   };
-  const int64_t rows_max = t.small_rows;
+  // (a stored-(n, k) B takes every decode row in one pass: W is read from memory once)
+  const int64_t rows_max = trans_b ? kDecodeRows : t.small_rows;
   // Decode with more rows than one kernel call takes (M <= 16, two calls): blocks of kDecodeN
   // columns, every row chunk per block, so the second chunk finds that block of B in L2 and B
   // comes from memory once.
@@ -342,8 +328,15 @@ void run_blocked(const IsaTable& t, const GemmKernel& kern, bool bf16_dot, const
   // much memory traffic as the product; a stored-row-major fp32 B is read in place instead.
   const bool direct_b = !bf16_dot && !g.trans_b && !g.b_bf16 && !g.drop_b && m1 - m0 <= 2 * mr;
   // bf16 panels hold twice the k per byte; B read in place streams kDirectKc rows at once
-  const int64_t kc_max = direct_b ? kDirectKc : bf16_dot ? 2 * kKc : kKc;
-  const int64_t nc_max = kNc / nr * nr, mc_max = kMc / mr * mr;
+  const GemmBlocking& blk = gemm_blocking();
+  const int64_t kc_max = direct_b ? kDirectKc : bf16_dot ? 2 * blk.kc : blk.kc;
+  // blocks of equal size (2048 columns in blocks of at most 2016 are 1024 + 1024, not 2016 + 32:
+  // every column block repacks A)
+  auto balanced = [](int64_t total, int64_t most, int64_t unit) {
+    const int64_t cap = imax(unit, most / unit * unit), blocks = (total + cap - 1) / cap;
+    return imax(unit, round_up((total + blocks - 1) / imax(blocks, 1), unit));
+  };
+  const int64_t nc_max = balanced(n1 - n0, blk.nc, nr), mc_max = balanced(m1 - m0, blk.mc, mr);
   const int64_t ke = epi_k(g);
   const bool has_epi = ke > 0 || g.drop2;
   if (g.beta != 0.0f && g.beta != 1.0f) scale_rect(g.C, g.ldc, m0, m1, n0, n1, g.beta);
@@ -517,7 +510,7 @@ void gemm_ex(ThreadPool& pool, const GemmArgs& g) {
     if (padded(t.short_m) * 10 < best * 9) kern = &t.short_m;
   }
   const int64_t work = g.M * (g.N * (g.K + g.K2 + 1) + (g.H ? g.NH * g.K : 0));
-  const bool serial = work < kParallelMinFlops || pool.size() == 1;
+  const bool serial = work < gemm_blocking().parallel_min_flops || pool.size() == 1;
   auto splits_n = [&](int nt) {
     return small ? g.M <= kSmallMax && g.N > kNarrowN : (g.N >= g.M * 2 || g.M < kern->mr * nt);
   };
@@ -627,7 +620,7 @@ void sgemm_bf16_update(ThreadPool& pool, int64_t M, int64_t N, int64_t K, float 
   const int mr = t.wide.mr, nr = t.wide.nr;
   // memory bound at small K: count each element of C as a few multiply-adds of work
   const int64_t work = M * N * (K + 4);
-  if (work < kParallelMinFlops || pool.size() == 1)
+  if (work < gemm_blocking().parallel_min_flops || pool.size() == 1)
     return update_bf16_rect(t, K, alpha, A, lda, B, ldb, C, ldc, 0, M, 0, N);
   pool.run([&](int tid, int nt) {
     // rows split in row panels, as the fp32 path splits C; columns where rows are too few

@@ -20,6 +20,8 @@ static inline float hsum256(__m256 v) {
 #define LN_FMA(a, b, c) _mm256_fmadd_ps((a), (b), (c))
 #define LN_SPLAT(x) _mm256_set1_ps(x)
 #define LN_HSUM(v) hsum256(v)
+#define LN_KEEP(v) __asm__("" : "+x"(v))
+#define LN_HAS_FMA 1
 #include "gemm_kernels_impl.h"
 
 namespace {
@@ -42,7 +44,9 @@ const lora::IsaTable kTable = {
     small_m,
     {0, 0, nullptr, 0, nullptr},
     nullptr,
-    nullptr,    micro_kernel_bf16_out<kWideMr, kWideNv>,
+    nullptr,
+    micro_kernel_bf16_out<kWideMr, kWideNv>,
+    fma_burst,
 };
 
 }  // namespace

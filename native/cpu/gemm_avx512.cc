@@ -21,6 +21,13 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"  // GCC 12 false positive in _mm512_undefined_* of these
 #define LN_WIDEN_U16(p) _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))
 #define LN_STORE_U16(p, v) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16((__m512i)(v)))
+#define LN_KEEP(v) __asm__("" : "+v"(v))
+#define LN_HAS_FMA 1
+#define LN_PACK_A pack_a_fast
+namespace {
+void pack_a_fast(float* dst, const float* a, int64_t lda, bool trans, int64_t i0, int64_t mc, int64_t k0,
+                 int64_t kc, int mr, float alpha, const lora::DropoutMask* drop);  // gemm_avx512_pack.h
+}  // namespace
 #include "gemm_kernels_impl.h"
 
 namespace {
@@ -77,45 +84,72 @@ inline uint16_t to_bf16(float f) {
   return static_cast<uint16_t>(bits >> 16);
 }
 
-// (k2, mr, 2): element (i, k) at [(k/2)*mr*2 + i*2 + k%2]; odd kc pads with a zero k.
+#include "gemm_avx512_pack.h"
+
+// (k2, mr, 2): element (i, k) at [(k/2)*mr*2 + i*2 + k%2]; odd kc pads with a zero k. Row-major A
+// as 16 x 16 transposes, each pair of k rounded and interleaved in registers.
 void pack_a_bf16(uint16_t* __restrict dst, const float* __restrict a, int64_t lda, bool trans,
                  int64_t i0, int64_t mc, int64_t k0, int64_t kc, int mr, float alpha) {
   const int64_t kc2 = (kc + 1) / 2;
   for (int64_t ip = 0; ip < mc; ip += mr) {
     const int64_t rows = imin(mr, mc - ip);
-    for (int64_t i = 0; i < mr; ++i) {
-      for (int64_t k = 0; k < 2 * kc2; ++k) {
-        float v = 0.0f;
-        if (i < rows && k < kc) {
-          const int64_t r = i0 + ip + i, q = k0 + k;
-          v = alpha * (trans ? a[q * lda + r] : a[r * lda + q]);
+    if (trans) {
+      for (int64_t i = 0; i < mr; ++i)
+        for (int64_t k = 0; k < 2 * kc2; ++k) {
+          const float v = i < rows && k < kc ? alpha * a[(k0 + k) * lda + i0 + ip + i] : 0.0f;
+          dst[(k >> 1) * mr * 2 + i * 2 + (k & 1)] = to_bf16(v);
         }
-        dst[(k >> 1) * mr * 2 + i * 2 + (k & 1)] = to_bf16(v);
-      }
+    } else {
+      for_a_blocks(a, lda, i0 + ip, rows, k0, kc, mr, alpha, [&](const __m512* r, int64_t k, int64_t kl, int h) {
+        for (int64_t q = 0; q < kl; q += 2)
+          _mm512_mask_storeu_epi32(dst + (k + q) * mr + 2 * h, lanes(mr - h),
+                                   bf16_pairs(r[q], q + 1 < kl ? r[q + 1] : _mm512_setzero_ps()));
+      });
     }
     dst += mr * 2 * kc2;
   }
 }
 
+// (k2, nr, 2) from bf16 bits, odd kc padded with a zero k: stored (n, k) as 32-bit pairs transposed
+// 16 x 16; stored (k, n) as two rows widened and interleaved.
 void pack_b_bf16(uint16_t* __restrict dst, const uint16_t* __restrict b, int64_t ldb, bool trans,
                  int64_t k0, int64_t kc, int64_t j0, int64_t nc, int nr) {
   const int64_t kc2 = (kc + 1) / 2;
-  for (int64_t jp = 0; jp < nc; jp += nr) {
+  for (int64_t jp = 0; jp < nc; jp += nr, dst += nr * 2 * kc2) {
     const int64_t cols = imin(nr, nc - jp);
-    if (trans) {
-      for (int64_t j = 0; j < nr; ++j) {
-        const uint16_t* src = b + (j0 + jp + j) * ldb + k0;
-        for (int64_t k = 0; k < 2 * kc2; ++k)
-          dst[(k >> 1) * nr * 2 + j * 2 + (k & 1)] = (j < cols && k < kc) ? src[k] : 0;
+    if (!trans) {
+      for (int64_t t = 0; t < kc2; ++t) {
+        const uint16_t* r0 = b + (k0 + 2 * t) * ldb + j0 + jp;
+        const bool has_odd = 2 * t + 1 < kc;
+        for (int h = 0; h < nr; h += 16) {
+          const __mmask16 m = lanes(cols - h > 0 ? cols - h : 0);
+          const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0 + h));
+          const __m512i hi = has_odd ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0 + ldb + h)) : _mm512_setzero_si512();
+          _mm512_storeu_si512(dst + t * nr * 2 + 2 * h, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        }
       }
-    } else {
-      for (int64_t k = 0; k < 2 * kc2; ++k) {
-        const uint16_t* src = b + (k0 + k) * ldb + j0 + jp;
-        for (int64_t j = 0; j < nr; ++j)
-          dst[(k >> 1) * nr * 2 + j * 2 + (k & 1)] = (j < cols && k < kc) ? src[j] : 0;
+      continue;
+    }
+    for (int64_t k = 0; k < kc; k += 32) {
+      const int64_t kl = imin(32, kc - k), pairs = kl / 2;
+      for (int h = 0; h < nr; h += 16) {
+        const int64_t nrows = cols - h > 0 ? imin(16, cols - h) : 0;
+        __m512 r[16];
+        for (int i = 0; i < 16; ++i) {
+          const uint16_t* src = b + (j0 + jp + h + i) * ldb + k0 + k;
+          r[i] = i < nrows ? _mm512_maskz_loadu_ps(lanes(pairs), src) : _mm512_setzero_ps();
+          if (i < nrows) __builtin_prefetch(src + 2 * kPackPrefetch);
+        }
+        transpose16(r);
+        for (int64_t t = 0; t < pairs; ++t) _mm512_storeu_ps(dst + (k / 2 + t) * nr * 2 + 2 * h, r[t]);
+        if (kl & 1)  // the last, odd k with a zero partner
+          for (int i = 0; i < 16; ++i) {
+            const uint16_t lo = i < nrows ? b[(j0 + jp + h + i) * ldb + k0 + k + kl - 1] : 0;
+            dst[(k / 2 + pairs) * nr * 2 + 2 * (h + i)] = lo;
+            dst[(k / 2 + pairs) * nr * 2 + 2 * (h + i) + 1] = 0;
+          }
       }
     }
-    dst += nr * 2 * kc2;
   }
 }
 
@@ -124,13 +158,15 @@ const lora::IsaTable kTable = {
     {kWideMr, kWideNv * LN_VL, micro_kernel<kWideMr, kWideNv>, LN_VL, micro_kernel<kWideMr, 1>},
     {kNarrowMr, kNarrowNv * LN_VL, micro_kernel<kNarrowMr, kNarrowNv>, LN_VL, micro_kernel<kNarrowMr, 1>},
     {kShortMr, kShortNv * LN_VL, micro_kernel<kShortMr, kShortNv>, LN_VL, micro_kernel<kShortMr, 1>},
-    pack_a,
-    pack_b,
+    pack_a_fast,
+    pack_b_fast,
     8,  // small_rows: 8 rows x 2 W rows; 16 rows x 1 needed 17 loads per 16 FMAs (load-bound)
     small_m,
     {kWideMr, 32, bf16_kernel<kWideMr>, 0, nullptr},
     pack_a_bf16,
-    pack_b_bf16,    micro_kernel_bf16_out<kWideMr, kWideNv>,
+    pack_b_bf16,
+    micro_kernel_bf16_out<kWideMr, kWideNv>,
+    fma_burst,
 };
 
 }  // namespace

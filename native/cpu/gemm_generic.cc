@@ -9,6 +9,9 @@
 #define LN_FMA(a, b, c) ((a) * (b) + (c))
 #define LN_SPLAT(x) (vf{(x), (x), (x), (x)})
 #define LN_HSUM(v) (((v)[0] + (v)[2]) + ((v)[1] + (v)[3]))
+#if defined(__x86_64__) && defined(__GNUC__)
+#define LN_KEEP(v) __asm__("" : "+x"(v))
+#endif
 #include "gemm_kernels_impl.h"
 
 namespace {
@@ -29,7 +32,9 @@ const lora::IsaTable kTable = {
     small_m,
     {0, 0, nullptr, 0, nullptr},
     nullptr,
-    nullptr,    micro_kernel_bf16_out<kWideMr, kWideNv>,
+    nullptr,
+    micro_kernel_bf16_out<kWideMr, kWideNv>,
+    nullptr,  // no FMA at this level
 };
 
 }  // namespace

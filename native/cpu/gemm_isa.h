@@ -58,11 +58,12 @@ struct IsaTable {
                  int64_t kc, int64_t j0, int64_t nc, int nr, const DropoutMask* drop);
 
   // Small-M path, memory bound on B: c(m, n) = (accumulate ? c : 0) + a(m, k)·op(B) with a's
-  // rows contiguous (row stride lda), m <= 16. trans_b: B stored (n, k) with row stride ldb
-  // (y = x·Wᵀ); else (k, n). Also serves any M in chunks of 8 rows when op(B) is narrow.
-  int small_rows;  // the most rows (m) small_m takes: its m x G accumulators fit the registers
+  // rows contiguous (row stride lda). trans_b: B stored (n, k) with row stride ldb (y = x·Wᵀ), m <=
+  // kDecodeRows; else (k, n), m <= small_rows. Also serves any M in chunks of small_rows rows when
+  // op(B) is narrow. scratch holds at least small_scratch_floats(k) floats (a repacked there).
+  int small_rows;  // the most rows (m) of the (k, n) case: its m x G accumulators fit the registers
   void (*small_m)(int m, int64_t n, int64_t k, const float* a, int64_t lda, const void* b, bool bf16,
-                  int64_t ldb, bool trans_b, float* c, int64_t ldc, int accumulate);
+                  int64_t ldb, bool trans_b, float* c, int64_t ldc, int accumulate, float* scratch);
 
   // bf16 dot-product kernel (avx512_bf16 only, else nullptr): c(mr, nr) (+)= a·b over k2 pairs of
   // k, with a packed as (k2, mr, 2) bf16 and b as (k2, nr, 2) bf16.
@@ -76,7 +77,44 @@ struct IsaTable {
   // (row stride ldc), a and b packed as for `wide`; fp32 sum, rounded once to nearest-even.
   void (*wide_bf16_out)(int64_t k, const float* a, const float* b, int64_t ldb, uint16_t* c,
                         int64_t ldc);
+
+  // iters x 24 independent FMA chains of the level's widest vector (nullptr where the level has no
+  // FMA): timed once against an integer add chain to count the FMA pipes (gemm_blocking.cc).
+  float (*fma_burst)(int64_t iters);
 };
+
+// The most rows of x the streaming path takes in one pass over a stored-(n, k) B (decode: y = x·Wᵀ
+// with W read from memory once for all of them).
+constexpr int kDecodeRows = 16;
+// Whether the streaming path broadcasts a stored-(n, k) B against m rows of x held as lanes (whole
+// rows of B, x repacked as (k, lanes)) rather than dotting rows (x in L1, k in blocks): from 5 rows
+// of an fp32 B and 9 of a bf16 one (each row of a bf16 B widened first), where the dot form's x
+// traffic overtakes the broadcast form's wasted lanes (measured at 4096 x 4096 on Zen 5: fp32 8 rows
+// 3.7 ms against 5.3, 4 rows equal; bf16 8 rows 2.3 ms against 3.4). With 4-lane vectors and no
+// FMA (the portable level) the dot form stays ahead up to 8 rows (8.8 ms against 12.8).
+// (more than 8 rows always broadcast: the dot form's registers hold 8)
+constexpr bool decode_broadcasts(int m, bool bf16, int lanes) { return m >= (bf16 || lanes < 8 ? 9 : 5); }
+// Scratch floats small_m needs for k: x repacked as (k, 16) (rows as lanes) or (k/VL, m, VL).
+inline int64_t small_scratch_floats(int64_t k) { return kDecodeRows * (k + 16) + 64; }
+
+// The blocking of the packed path and the streaming path, chosen once per process from the CPU it
+// runs on (gemm_blocking.cc): cache sizes from cpuid (sysconf, then defaults, where cpuid says
+// nothing), the FMA pipes measured, and the level's register tile.
+struct GemmBlocking {
+  int64_t l1d, l2, l3;  // bytes per core (l3: the share of one core), as used
+  const char* cache_source;  // "cpuid", "sysconf", "default" or "env"
+  int fma_pipes;        // FMA instructions per cycle at the level's vector width (1 or 2)
+  double fmas_per_cycle;  // as measured (0 where the level has no FMA)
+  int64_t kc, mc, nc;   // the packed path: k block, rows of A per L2 block, columns of B per L3 block
+  int64_t small_kc;     // the streaming path: k block of up to small_rows rows of x held in L1
+  int64_t parallel_min_flops;  // below this many multiply-adds one thread does the whole product
+};
+// The blocking in use; LORA_NATIVE_GEMM_BLOCKS="kc,mc,nc" overrides the three packed-path blocks
+// (tests and native/dev experiments: small blocks put every block edge within small shapes).
+const GemmBlocking& gemm_blocking();
+// For native/dev tuners only (not reachable from JavaScript): replace the blocking in use. Not to
+// be called while a product runs.
+void set_gemm_blocking_for_dev(const GemmBlocking& b);
 
 const IsaTable* isa_table_generic();
 const IsaTable* isa_table_avx2();    // nullptr when the compiler could not build it

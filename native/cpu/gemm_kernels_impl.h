@@ -7,7 +7,10 @@
 // Expects: LN_VL (floats per vector), LN_FMA(a, b, c) (= a*b + c), LN_SPLAT(x) (broadcast),
 // LN_HSUM(v) (sum of the lanes, as a tree: a serial chain costs ~50 cycles per sum). Optional:
 // LN_WIDEN_U16(p) (LN_VL uint16 at p zero-extended to a vector of uint32) and LN_STORE_U16(p, v)
-// (the low 16 bits of each uint32 lane stored at p), where the generic conversions compile poorly.
+// (the low 16 bits of each uint32 lane stored at p), where the generic conversions compile poorly;
+// LN_KEEP(v) (an empty asm that keeps v in a register, so a load is not folded into each use) and
+// LN_HAS_FMA (the level has a fused multiply-add: defines fma_burst), LN_PACK_A (a faster pack_a
+// of the level, declared before this file is included).
 
 #include <cstdint>
 
@@ -21,6 +24,13 @@ typedef float vfu __attribute__((vector_size(LN_VL * 4), aligned(4)));
 typedef uint16_t vhu __attribute__((vector_size(LN_VL * 2), aligned(2)));
 typedef uint32_t vu __attribute__((vector_size(LN_VL * 4)));
 typedef uint16_t vh __attribute__((vector_size(LN_VL * 2)));
+
+#ifndef LN_KEEP
+#define LN_KEEP(v) (void)0
+#endif
+#ifndef LN_PACK_A  // the level's packing of A where it has a faster one than pack_a below
+#define LN_PACK_A pack_a
+#endif
 
 inline vf splat(float x) { return LN_SPLAT(x); }
 inline vf loadu(const float* p) { return *reinterpret_cast<const vfu*>(p); }
@@ -229,11 +239,15 @@ template <>
 inline vf loadv<uint16_t>(const uint16_t* p) { return load_bf16(p); }
 
 // B stored (n, k): each output is a dot product along a stored row; G rows of B at a time share
-// the loads of a.
+// the loads of x. x is first repacked into xi as (k/LN_VL, M, LN_VL): the M rows of one k vector
+// side by side, so rows of x a power of two apart (C = 4096) do not all fall in one L1 set.
 template <int M, int G, typename T>
 void small_m_nt(int64_t n, int64_t k, const float* __restrict a, int64_t lda, const T* __restrict b, int64_t ldb,
-                float* __restrict c, int64_t ldc, int accumulate) {
+                float* __restrict c, int64_t ldc, int accumulate, float* __restrict xi) {
   const int64_t kv = k - k % LN_VL;
+  for (int64_t p = 0; p < kv; p += LN_VL)
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) storeu(xi + p * M + m * LN_VL, loadu(a + m * lda + p));
   int64_t j = 0;
   for (; j + G <= n; j += G) {
     vf acc[M][G];
@@ -244,7 +258,8 @@ void small_m_nt(int64_t n, int64_t k, const float* __restrict a, int64_t lda, co
     // The next group's rows start a new stream each (a fresh page per k block): prefetch them
     // one group ahead, or every group waits on DRAM latency (39% of cycles on the loads of B).
     const T* next = b + (j + G < n ? j + G : j) * ldb;
-    for (int64_t p = 0; p < kv; p += LN_VL) {
+    const float* xp = xi;
+    for (int64_t p = 0; p < kv; p += LN_VL, xp += M * LN_VL) {
       vf bv[G];
 #pragma GCC unroll 4
       for (int g = 0; g < G; ++g) {
@@ -253,7 +268,8 @@ void small_m_nt(int64_t n, int64_t k, const float* __restrict a, int64_t lda, co
       }
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) {
-        const vf av = loadu(a + m * lda + p);
+        vf av = loadu(xp + m * LN_VL);
+        LN_KEEP(av);  // one load per row of x, not one folded into each of the G FMAs
 #pragma GCC unroll 4
         for (int g = 0; g < G; ++g) acc[m][g] = LN_FMA(av, bv[g], acc[m][g]);
       }
@@ -271,12 +287,112 @@ void small_m_nt(int64_t n, int64_t k, const float* __restrict a, int64_t lda, co
   for (; j < n; ++j) {
     for (int m = 0; m < M; ++m) {
       vf acc = vf{};
-      for (int64_t p = 0; p < kv; p += LN_VL) acc = LN_FMA(loadu(a + m * lda + p), loadv<T>(b + j * ldb + p), acc);
+      for (int64_t p = 0; p < kv; p += LN_VL) acc = LN_FMA(loadu(xi + p * M + m * LN_VL), loadv<T>(b + j * ldb + p), acc);
       float s = hsum(acc);
       for (int64_t p = kv; p < k; ++p) s += a[m * lda + p] * to_f32(b[j * ldb + p]);
       float* out = c + m * ldc + j;
       *out = accumulate ? *out + s : s;
     }
+  }
+}
+
+// B stored (n, k), more rows of x than the dot form uses well (decode_broadcasts, up to 16):
+// yᵀ = B·xᵀ with the rows of x as the lanes. xt holds x repacked as (k, NV·LN_VL) (lanes past m
+// zero); R rows of B are walked whole, side by side, each element broadcast once against NV
+// vectors of x, so B streams from memory once in its stored order, with no horizontal sums.
+template <typename T>
+constexpr int64_t kBcastPrefetch = 1024 / sizeof(T);  // elements ahead on each row of B (1 KB)
+// bf16 rows are widened kBcastWiden elements at a time into an L1 buffer, then broadcast from it
+// (a broadcast of a bf16 pair split by shift and mask cost two vector ops per element: 2x slower).
+constexpr int64_t kBcastWiden = 64;
+template <int R, int NV, typename T>
+inline void bcast_rows(int m, int64_t k, const T* __restrict w, int64_t ldb, const float* __restrict xt,
+                       float* __restrict c, int64_t ldc, int accumulate) {
+  constexpr int L = NV * LN_VL;
+  vf acc[R][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = vf{};
+  // one step: the R elements of B at k = p (read at ws[r * lds]) against x's column p
+  auto step = [&](const float* __restrict ws, int64_t lds, int64_t p) __attribute__((always_inline)) {
+    vf xv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) xv[v] = loadu(xt + p * L + v * LN_VL);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const vf wv = splat(ws[r * lds]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = LN_FMA(wv, xv[v], acc[r][v]);
+    }
+  };
+  int64_t p = 0;
+  if constexpr (sizeof(T) == 4) {
+    // one cache line of each row at a time, unrolled: fixed offsets from the R row pointers (a
+    // pointer bump and a prefetch test per k left the loop bound on integer work, at ~80% of peak)
+    for (; p + 16 <= k; p += 16) {
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) __builtin_prefetch(w + r * ldb + p + kBcastPrefetch<T>);
+#pragma GCC unroll 16
+      for (int q = 0; q < 16; ++q) step(reinterpret_cast<const float*>(w) + p + q, ldb, p + q);
+    }
+  } else {
+    alignas(64) float wide[R * kBcastWiden];
+    for (; p + kBcastWiden <= k; p += kBcastWiden) {
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        __builtin_prefetch(w + r * ldb + p + kBcastPrefetch<T>);
+#pragma GCC unroll 8
+        for (int q = 0; q < kBcastWiden; q += LN_VL) storeu(wide + r * kBcastWiden + q, loadv<T>(w + r * ldb + p + q));
+      }
+#pragma GCC unroll 16
+      for (int64_t q = 0; q < kBcastWiden; ++q) step(wide + q, kBcastWiden, p + q);
+    }
+  }
+  for (; p < k; ++p) {
+    if ((p * sizeof(T)) % 64 == 0)
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) __builtin_prefetch(w + r * ldb + p + kBcastPrefetch<T>);
+    float ws[R];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) ws[r] = to_f32(w[r * ldb + p]);
+    step(ws, 1, p);
+  }
+  float tile[R * L];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) storeu(tile + r * L + v * LN_VL, acc[r][v]);
+  for (int i = 0; i < m; ++i)
+    for (int r = 0; r < R; ++r) {
+      float* out = c + i * ldc + r;
+      *out = accumulate ? *out + tile[r * L + i] : tile[r * L + i];
+    }
+}
+
+// NV vectors of lanes (ceil(m / LN_VL)); R rows of B so that R·NV accumulators, NV of x and one
+// broadcast fit the registers (32 zmm; 16 ymm or xmm).
+template <int NV, typename T>
+void small_m_bcast_nv(int m, int64_t n, int64_t k, const float* __restrict a, int64_t lda, const T* b, int64_t ldb,
+                      float* c, int64_t ldc, int accumulate, float* __restrict xt) {
+  constexpr int L = NV * LN_VL;
+  constexpr int R = LN_VL == 16 ? 8 : NV == 1 ? 8 : NV == 2 ? 6 : NV == 3 ? 4 : 2;
+  // x (m, k) as one packed L-row panel of A: (k, L), the rows past m zero
+  LN_PACK_A(xt, a, lda, false, 0, m, 0, k, L, 1.0f, nullptr);
+  int64_t j = 0;
+  for (; j + R <= n; j += R) bcast_rows<R, NV, T>(m, k, b + j * ldb, ldb, xt, c + j, ldc, accumulate);
+  for (; j < n; ++j) bcast_rows<1, NV, T>(m, k, b + j * ldb, ldb, xt, c + j, ldc, accumulate);
+}
+
+template <typename T>
+void small_m_bcast(int m, int64_t n, int64_t k, const float* a, int64_t lda, const T* b, int64_t ldb, float* c,
+                   int64_t ldc, int accumulate, float* xt) {
+  static_assert(lora::kDecodeRows <= 4 * LN_VL, "at most 4 vectors of rows");
+  switch ((m + LN_VL - 1) / LN_VL) {
+    case 1: return small_m_bcast_nv<1, T>(m, n, k, a, lda, b, ldb, c, ldc, accumulate, xt);
+    case 2: return small_m_bcast_nv<(LN_VL < 16 ? 2 : 1), T>(m, n, k, a, lda, b, ldb, c, ldc, accumulate, xt);
+    case 3: return small_m_bcast_nv<(LN_VL < 8 ? 3 : 1), T>(m, n, k, a, lda, b, ldb, c, ldc, accumulate, xt);
+    default: return small_m_bcast_nv<(LN_VL < 8 ? 4 : 1), T>(m, n, k, a, lda, b, ldb, c, ldc, accumulate, xt);
   }
 }
 
@@ -342,10 +458,17 @@ void small_m_nn(int64_t n, int64_t k, const float* __restrict a, int64_t lda, co
 
 template <int M, typename T>
 void small_m_dispatch(int64_t n, int64_t k, const float* a, int64_t lda, const T* b, int64_t ldb, bool trans_b,
-                      float* c, int64_t ldc, int accumulate) {
+                      float* c, int64_t ldc, int accumulate, float* scratch) {
   // M x G (M x NB vectors) accumulators stay within 16 of the 32 (or 16) vector registers
   if (trans_b) {
-    small_m_nt<M, (M <= 2 ? 4 : M <= 8 ? 2 : 1), T>(n, k, a, lda, b, ldb, c, ldc, accumulate);
+    if constexpr (M > 8) {
+      small_m_bcast<T>(M, n, k, a, lda, b, ldb, c, ldc, accumulate, scratch);
+    } else {
+      if (lora::decode_broadcasts(M, sizeof(T) == 2, LN_VL))
+        small_m_bcast<T>(M, n, k, a, lda, b, ldb, c, ldc, accumulate, scratch);
+      else
+        small_m_nt<M, (M <= 2 ? 4 : 2), T>(n, k, a, lda, b, ldb, c, ldc, accumulate, scratch);
+    }
   } else {
     small_m_nn<M, (M <= 4 ? 4 : M <= 8 ? 2 : 1), T>(n, k, a, lda, b, ldb, c, ldc, accumulate);
   }
@@ -353,33 +476,53 @@ void small_m_dispatch(int64_t n, int64_t k, const float* a, int64_t lda, const T
 
 template <typename T>
 void small_m_t(int m, int64_t n, int64_t k, const float* a, int64_t lda, const T* b, int64_t ldb, bool trans_b,
-               float* c, int64_t ldc, int accumulate) {
+               float* c, int64_t ldc, int accumulate, float* scratch) {
   switch (m) {
-    case 1: return small_m_dispatch<1, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
-    case 2: return small_m_dispatch<2, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
-    case 3: return small_m_dispatch<3, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
-    case 4: return small_m_dispatch<4, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
-    case 5: return small_m_dispatch<5, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
-    case 6: return small_m_dispatch<6, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
-    case 7: return small_m_dispatch<7, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
-    case 8: return small_m_dispatch<8, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
-    case 9: return small_m_dispatch<9, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
-    case 10: return small_m_dispatch<10, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
-    case 11: return small_m_dispatch<11, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
-    case 12: return small_m_dispatch<12, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
-    case 13: return small_m_dispatch<13, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
-    case 14: return small_m_dispatch<14, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
-    case 15: return small_m_dispatch<15, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
-    default: return small_m_dispatch<16, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate);
+    case 1: return small_m_dispatch<1, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate, scratch);
+    case 2: return small_m_dispatch<2, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate, scratch);
+    case 3: return small_m_dispatch<3, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate, scratch);
+    case 4: return small_m_dispatch<4, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate, scratch);
+    case 5: return small_m_dispatch<5, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate, scratch);
+    case 6: return small_m_dispatch<6, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate, scratch);
+    case 7: return small_m_dispatch<7, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate, scratch);
+    case 8: return small_m_dispatch<8, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate, scratch);
+    case 9: return small_m_dispatch<9, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate, scratch);
+    case 10: return small_m_dispatch<10, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate, scratch);
+    case 11: return small_m_dispatch<11, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate, scratch);
+    case 12: return small_m_dispatch<12, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate, scratch);
+    case 13: return small_m_dispatch<13, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate, scratch);
+    case 14: return small_m_dispatch<14, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate, scratch);
+    case 15: return small_m_dispatch<15, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate, scratch);
+    default: return small_m_dispatch<16, T>(n, k, a, lda, b, ldb, trans_b, c, ldc, accumulate, scratch);
   }
 }
 
 void small_m(int m, int64_t n, int64_t k, const float* a, int64_t lda, const void* b, bool bf16, int64_t ldb,
-             bool trans_b, float* c, int64_t ldc, int accumulate) {
+             bool trans_b, float* c, int64_t ldc, int accumulate, float* scratch) {
   if (bf16)
-    small_m_t(m, n, k, a, lda, static_cast<const uint16_t*>(b), ldb, trans_b, c, ldc, accumulate);
+    small_m_t(m, n, k, a, lda, static_cast<const uint16_t*>(b), ldb, trans_b, c, ldc, accumulate, scratch);
   else
-    small_m_t(m, n, k, a, lda, static_cast<const float*>(b), ldb, trans_b, c, ldc, accumulate);
+    small_m_t(m, n, k, a, lda, static_cast<const float*>(b), ldb, trans_b, c, ldc, accumulate, scratch);
 }
+
+#ifdef LN_HAS_FMA
+// 24 x iters FMAs in independent chains (24 zmm, or 12 ymm/xmm twice: no spills), for counting
+// the FMA pipes. Returns a lane of the sum so none is dead code.
+float fma_burst(int64_t iters) {
+  constexpr int kChains = LN_VL == 16 ? 24 : 12, kRounds = 24 / kChains;
+  vf acc[kChains];
+  const vf mul = splat(0.9999f), add = splat(1e-4f);
+#pragma GCC unroll 24
+  for (int i = 0; i < kChains; ++i) acc[i] = splat(static_cast<float>(i));
+  for (int64_t it = 0; it < iters; ++it)
+#pragma GCC unroll 2
+    for (int q = 0; q < kRounds; ++q)
+#pragma GCC unroll 24
+      for (int i = 0; i < kChains; ++i) acc[i] = LN_FMA(acc[i], mul, add);
+  vf sum = acc[0];
+  for (int i = 1; i < kChains; ++i) sum += acc[i];
+  return sum[0];
+}
+#endif
 
 }  // namespace

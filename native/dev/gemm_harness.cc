@@ -133,6 +133,13 @@ static int check(int iters) {
 }
 
 int main(int argc, char** argv) {
+  if (argc >= 2 && !strcmp(argv[1], "info")) {
+    const GemmBlocking& b = gemm_blocking();
+    printf("isa %s caches (%s) L1d %ld KB L2 %ld KB L3/core %ld KB; FMA %.2f/cycle -> %d pipes; kc %ld mc %ld nc %ld small_kc %ld parallel_min %ld\n",
+           cpu_isa_name(), b.cache_source, b.l1d >> 10, b.l2 >> 10, b.l3 >> 10, b.fmas_per_cycle, b.fma_pipes, b.kc, b.mc, b.nc,
+           b.small_kc, b.parallel_min_flops);
+    return 0;
+  }
   if (argc < 2 || !strcmp(argv[1], "check")) return check(argc > 2 ? atoi(argv[2]) : 300);
   int64_t M = atoi(argv[2]), N = atoi(argv[3]), K = atoi(argv[4]);
   bool ta = atoi(argv[5]), tb = atoi(argv[6]);

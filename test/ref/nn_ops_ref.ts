@@ -1,4 +1,4 @@
-// Float64 references for lib/nn_ops.ts, written from the math and independent of the kernels:
+// Float64 references for lib/ops/ (nn.ts, loss.ts), written from the math and independent of the kernels:
 // each op has a forward and, where it has one, a backward that returns the gradients of
 // sum(y ⊙ G). Also: a central finite-difference checker and the tolerance comparison the tests
 // share, and the kernels' parity cases (at the end; the RoPE ones also check rope() itself, its
@@ -261,7 +261,7 @@ export function embeddingBackwardRef(ids: Int32Array, V: number, C: number, G: F
   return d;
 }
 
-/** native/rng.h's counter RNG in BigInt: uniform in [0, 1) for (seed, index). */
+/** native/backend/rng.h's counter RNG in BigInt: uniform in [0, 1) for (seed, index). */
 export function rngUniform(seed: number, index: number): number {
   const M = (1n << 64n) - 1n;
   let z = (BigInt(seed) * 0x9E3779B97F4A7C15n + BigInt(index) + 0x632BE59BD9B4E019n) & M;

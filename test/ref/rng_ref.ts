@@ -1,4 +1,4 @@
-// Float64-world reference of the counter RNG in native/rng.h, written from its definition with
+// Float64-world reference of the counter RNG in native/backend/rng.h, written from its definition with
 // BigInt arithmetic: the dropout mask a kernel must draw for (seed, index).
 const MASK64 = (1n << 64n) - 1n;
 

@@ -1,0 +1,103 @@
+// The targets of issue 15, judged from one bench run: each a ratio against the ceiling measured in
+// the same run or against a peer timed in the same run, with the goal and met / not met. A target
+// whose row did not run (a skipped peer, --cases without it) says so instead of passing.
+import { Ceiling, Machine } from './machine';
+import { Shape, shapeKey } from './common';
+
+export interface Timing { medianMs: number; minMs: number; reps: number; config?: string; corename?: string; threads?: number }
+export interface Row {
+  case: string; shape: Shape; threads: number; dtype: string; isa?: string;
+  work: { flops?: number; bytes?: number };
+  variants: Record<string, Timing>;
+  error?: string;
+}
+export interface Target { target: string; row: string; measured: string; goal: string; met: boolean | undefined; note?: string }
+
+const fmt = (x: number, d = 1) => (Number.isFinite(x) ? x.toFixed(d) : '-');
+export const GEMM_2048: Shape = { N: 2048, C: 2048, OC: 2048, R: 16 };
+export const GEMM_512: Shape = { N: 512, C: 1024, OC: 1024, R: 8 };
+// decode: rows of x against a 4096 x 4096 W (the gemm case runs these as well)
+export const DECODE_ROWS = [1, 2, 4, 8, 16];
+export const decodeShape = (N: number): Shape => ({ N, C: 4096, OC: 4096, R: 16 });
+
+// Whether a bf16 row runs on the bf16 dot product (x rounded to bf16): the engine does for the LoRA
+// ops (not linear(), which promises fp32 products) from 64 rows, where the CPU has avx512_bf16.
+export const usesBf16Dot = (r: Row, m: Machine | undefined) =>
+  r.dtype === 'bf16' && r.case !== 'linear' && r.shape.N >= 64 && (m?.perThreads['1']?.bf16DotGflops ?? 0) > 0;
+
+export function evaluateTargets(rows: Row[], machine: Machine | undefined, threads: number[]): Target[] {
+  const out: Target[] = [];
+  const find = (c: string, s: Shape, t: number, d: string) =>
+    rows.find((r) => r.case === c && shapeKey(r.shape) === shapeKey(s) && r.threads === t && r.dtype === d && r.variants.ours);
+  const ceil = (t: number): Ceiling | undefined => machine?.perThreads[String(t)];
+  const label = (c: string, s: Shape, t: number, d: string) => `${c} ${shapeKey(s)} ${d} ${t} thr`;
+  const missing = (target: string, row: string, goal: string, why: string) => out.push({ target, row, measured: '-', goal, met: undefined, note: why });
+
+  // ours against a peer: peer time / our time >= goal
+  const versus = (target: string, c: string, s: Shape, t: number, d: string, peer: string, goal: number) => {
+    const r = find(c, s, t, d), row = label(c, s, t, d), g = `>= ${goal.toFixed(2)}x`;
+    if (!r) return missing(target, row, g, 'row not run');
+    const p = r.variants[peer];
+    if (!p) return missing(target, row, g, `${peer} not run`);
+    const ratio = p.medianMs / r.variants.ours!.medianMs;
+    out.push({ target, row, measured: `${fmt(ratio, 2)}x (${peer} ${fmt(p.medianMs, 2)} ms, ours ${fmt(r.variants.ours!.medianMs, 2)} ms)`, goal: g, met: ratio >= goal, note: p.config });
+  };
+  // ours as a share of a ceiling
+  const share = (target: string, c: string, s: Shape, t: number, d: string, kind: 'fma' | 'bf16' | 'read', goalPct: number) => {
+    const r = find(c, s, t, d), row = label(c, s, t, d), g = `>= ${goalPct}%`;
+    const ce = ceil(t);
+    if (!r) return missing(target, row, g, 'row not run');
+    if (!ce) return missing(target, row, g, 'no ceiling measured (probe skipped)');
+    const ms = r.variants.ours!.medianMs;
+    if (kind === 'read') {
+      const bytes = r.work.bytes ?? r.shape.OC * r.shape.C * (d === 'bf16' ? 2 : 4);
+      const gbs = bytes / ms / 1e6, pct = (100 * gbs) / ce.readGBs;
+      // the compute floor: this many fp32 multiply-adds at the measured FMA peak (decode keeps
+      // fp32 products), against the time 80% of the read bandwidth allows
+      const floorMs = (r.work.flops ?? 0) / (ce.fmaGflops * 1e6), allowedMs = bytes / (ce.readGBs * 1e6 * goalPct / 100);
+      const note = floorMs > allowedMs
+        ? `unreachable here: ${fmt(r.work.flops! / 1e6, 0)} MFLOP take ${fmt(floorMs, 2)} ms at the FMA peak, more than the ${fmt(allowedMs, 2)} ms ${goalPct}% of the read bandwidth allows`
+        : `compute floor ${fmt(floorMs, 2)} ms, bandwidth floor ${fmt(bytes / (ce.readGBs * 1e6), 2)} ms`;
+      out.push({ target, row, measured: `${fmt(pct, 0)}% (${fmt(gbs)} of ${fmt(ce.readGBs)} GB/s)`, goal: g, met: pct >= goalPct, note });
+    } else {
+      const peak = kind === 'bf16' ? ce.bf16DotGflops : ce.fmaGflops;
+      const gf = (r.work.flops ?? 0) / ms / 1e6, pct = (100 * gf) / peak;
+      if (!(peak > 0)) return missing(target, row, g, `no ${kind === 'bf16' ? 'avx512_bf16' : 'FMA'} on this CPU`);
+      out.push({ target, row, measured: `${fmt(pct, 0)}% (${fmt(gf)} of ${fmt(peak, 0)} GFLOP/s)`, goal: g, met: pct >= goalPct });
+    }
+  };
+
+  for (const t of threads) {
+    const pct = t === 1 ? 85 : 80;
+    for (const s of [GEMM_2048, GEMM_512]) {
+      const name = s === GEMM_2048 ? 'fp32 GEMM 2048³' : 'fp32 GEMM, LoRA shape';
+      share(`${name}: % of FMA peak`, 'gemm', s, t, 'fp32', 'fma', pct);
+      versus(`${name}: ahead of OpenBLAS`, 'gemm', s, t, 'fp32', 'openblas', 1);
+    }
+    for (const n of [1, 16]) versus('fp32 GEMM, LoRA shape: ahead of OpenBLAS', 'gemm', decodeShape(n), t, 'fp32', 'openblas', 1);
+    share('bf16 GEMM 2048³: % of bf16-dot peak', 'gemm', GEMM_2048, t, 'bf16', 'bf16', 80);
+    versus('bf16 GEMM 2048³: ahead of PyTorch (oneDNN)', 'gemm', GEMM_2048, t, 'bf16', 'pytorch', 1);
+    for (const d of ['fp32', 'bf16'])
+      for (const n of DECODE_ROWS) share('decode 4096²: % of read bandwidth', 'gemm', decodeShape(n), t, d, 'read', 80);
+    for (const d of ['fp32', 'bf16']) {
+      versus('LoRA fwd+bwd 2048: vs PyTorch at its best', 'lora_step', GEMM_2048, t, d, 'pytorch', 1.0);
+      versus('LoRA fwd+bwd 512×1024×1024: vs PyTorch at its best', 'lora_step', GEMM_512, t, d, 'pytorch', 1.5);
+      for (const s of [GEMM_2048, GEMM_512]) {
+        const r = find('lora_step', s, t, d), row = label('lora_step', s, t, d);
+        const f = r?.variants.frozen_linear;
+        if (!r || !f) { missing('LoRA fwd+bwd: adapter cost over a frozen layer', row, '<= 4%', r ? 'frozen_linear not run' : 'row not run'); continue; }
+        const over = 100 * (r.variants.ours!.medianMs / f.medianMs - 1);
+        out.push({ target: 'LoRA fwd+bwd: adapter cost over a frozen layer', row, measured: `${fmt(over, 1)}% (${fmt(r.variants.ours!.medianMs, 2)} vs ${fmt(f.medianMs, 2)} ms)`, goal: '<= 4%', met: over <= 4 });
+      }
+    }
+  }
+  return out;
+}
+
+export function targetsMarkdown(ts: Target[]): string {
+  const lines = ['| target | row | measured | goal | met | note |', '|---|---|---|---|---|---|'];
+  for (const t of ts) lines.push(`| ${t.target} | ${t.row} | ${t.measured} | ${t.goal} | ${t.met === undefined ? 'n/a' : t.met ? 'met' : 'NOT met'} | ${t.note ?? ''} |`);
+  const judged = ts.filter((t) => t.met !== undefined);
+  lines.push('', `${judged.filter((t) => t.met).length} of ${judged.length} judged targets met; ${ts.length - judged.length} could not be judged in this run.`);
+  return lines.join('\n');
+}
