@@ -111,6 +111,8 @@ export class Dataset {
   private readonly ids: Int32Array;
   private readonly mask: Uint8Array;
   private readonly offsets: Float64Array;
+  // the last epoch's plan, so batch() reads batch after batch without re-planning the epoch
+  private planCache: { key: string; plan: number[][] } | null = null;
 
   /** @internal built by loadDataset. */
   constructor(init: {
@@ -187,6 +189,14 @@ export class Dataset {
    * windows of 1024 rows into sequences of at most maxSeqLength tokens, whose order is shuffled.
    */
   private plan(o: Required<BatchOptions>): number[][] {
+    const key = `${o.epoch}/${o.shuffle}`;
+    if (this.planCache?.key === key) return this.planCache.plan;
+    const plan = this.makePlan(o);
+    this.planCache = { key, plan };
+    return plan;
+  }
+
+  private makePlan(o: Required<BatchOptions>): number[][] {
     const order = Array.from({ length: this.numRows }, (_, i) => i);
     const rng = new Rng(this.seed + o.epoch);
     const shuffle = <T>(a: T[]) => {
@@ -239,6 +249,21 @@ export class Dataset {
     const seqs = this.plan(o);
     const end = o.dropLast ? seqs.length - (seqs.length % o.batchSize) : seqs.length;
     for (let s = 0; s < end; s += o.batchSize) yield this.makeBatch(seqs.slice(s, s + o.batchSize), o.padToMultipleOf);
+  }
+
+  /**
+   * Batch `index` of an epoch, the same batch batches() yields at that place (train() reads
+   * batches so, by index, which makes a resumed run read exactly what the first run would have).
+   * @example const b = ds.batch(3, { batchSize: 4, epoch: 1 });
+   * @throws LoraRangeError for an index at or past numBatches(options); LoraTypeError / LoraRangeError for bad options.
+   */
+  batch(index: number, options: BatchOptions): Batch {
+    const o = this.checkBatchOptions(options);
+    const seqs = this.plan(o);
+    const n = o.dropLast ? Math.floor(seqs.length / o.batchSize) : Math.ceil(seqs.length / o.batchSize);
+    if (n === 0) throw new LoraError('ERR_LORA_OPTION', `Expected an epoch with at least one batch but batchSize ${o.batchSize} with dropLast leaves none of ${seqs.length} sequences`);
+    expectInteger('index', index, 0, n - 1);
+    return this.makeBatch(seqs.slice(index * o.batchSize, (index + 1) * o.batchSize), o.padToMultipleOf);
   }
 
   private makeBatch(seqs: number[][], multiple: number): Batch {
