@@ -15,7 +15,7 @@ import { applyLora, peftAdapterOf } from './nn';
 import { savePeftAdapter } from './peft';
 import { writeFileAtomic } from './safetensors_write';
 import type { WeightDtype } from './models/causal_lm';
-import { CHECKPOINT_FILE, StepInfo, train, TrainResult } from './train';
+import { CHECKPOINT_FILE, StepInfo, train } from './train';
 import { maxPositionsOf } from './train_dataset';
 import { loadTokenizer } from './tokenizer';
 
@@ -62,17 +62,17 @@ const CHECKPOINT_DIR = 'checkpoint';
 
 /** The --config file's settings as flag values (numbers as their text, lists joined by commas). */
 function readConfig(file: string): Flags {
+  const yaml = /\.ya?ml$/i.test(file);
+  if (!yaml && !/\.json$/i.test(file)) throw new UsageError(`--config must name a .yaml, .yml or .json file but is '${file}'`);
   const text = readTextFile(file, 1 << 20);
   let raw: unknown;
   try {
-    if (/\.ya?ml$/i.test(file)) {
+    if (yaml) {
       // eslint-disable-next-line @typescript-eslint/no-require-imports
       const YAML = require('yaml') as typeof import('yaml');
       raw = YAML.parse(text);
-    } else if (/\.json$/i.test(file)) raw = JSON.parse(text);
-    else throw new UsageError(`--config must name a .yaml, .yml or .json file but is '${file}'`);
+    } else raw = JSON.parse(text);
   } catch (e) {
-    if (e instanceof UsageError) throw e;
     throw new LoraError('ERR_LORA_FORMAT', `Could not parse the config file ${file}: ${(e as Error).message.split('\n')[0]}`);
   }
   if (raw === null || typeof raw !== 'object' || Array.isArray(raw)) throw new LoraError('ERR_LORA_FORMAT', `Expected the config file ${file} to hold a mapping of flag names to values`);
@@ -212,6 +212,8 @@ export async function trainCommand(argv: string[], out: NodeJS.WriteStream, err:
     if (maxSeqArg !== undefined && limit !== null && maxSeqArg > limit)
       throw new UsageError(`--max-seq-len ${maxSeqArg} is longer than the model's max_position_embeddings ${limit}; give at most ${limit} (longer rows are truncated and counted)`);
     const maxSeqLength = maxSeqArg ?? Math.min(2048, limit ?? 2048);
+    if (v['grad-checkpoint'] && !('gradientCheckpointing' in model))
+      throw new LoraError('ERR_LORA_UNSUPPORTED', `--grad-checkpoint: this build's ${model.architecture} has no gradient checkpointing`);
     const tokenizer = loadTokenizer(modelDir);
     const data = await loadDataset(dataPath, { tokenizer, maxSeqLength, maskPrompt: v['mask-prompt'] ?? true, packing: v.packing ?? false, seed });
     out.write(`data: ${data.train.summary()}${data.valid ? `; ${data.valid.summary()}` : ''}\n`);
@@ -250,19 +252,12 @@ export async function trainCommand(argv: string[], out: NodeJS.WriteStream, err:
       record({ type: 'train', step: i.step, loss: fmt(i.loss), lr: i.lr, tokens: i.tokens, tokensPerSecond: fmt(i.tokensPerSecond ?? NaN), gradNorm: fmt(i.gradNorm), elapsed: fmt(i.elapsed), ...(i.skipped ? { skipped: true } : {}) });
       if (i.evalLoss !== undefined) record({ type: 'eval', step: i.step, loss: fmt(i.evalLoss), perplexity: fmt(i.evalPerplexity ?? NaN) });
     };
-    let result: TrainResult;
-    try {
-      result = await train(model, data, {
-        optimizer: { lr }, ...(iters !== undefined ? { steps: iters } : { epochs }), batchSize, gradientAccumulation: accum,
-        ...(data.valid ? { evalEvery: valEvery } : {}), checkpointEvery: saveEvery, checkpointDir: ckptDir, resume: resumeFrom !== null,
-        ...(loraPlus !== undefined ? { loraPlusRatio: loraPlus } : {}), ...(v['grad-checkpoint'] ? { gradientCheckpointing: true } : {}),
-        signal, onStep, progress: 'auto',
-      });
-    } catch (e) {
-      if (e instanceof LoraError && /gradientCheckpointing/.test(e.message))
-        throw new LoraError('ERR_LORA_UNSUPPORTED', `--grad-checkpoint: this build's ${model.architecture} has no gradient checkpointing`);
-      throw e;
-    }
+    const result = await train(model, data, {
+      optimizer: { lr }, ...(iters !== undefined ? { steps: iters } : { epochs }), batchSize, gradientAccumulation: accum,
+      ...(data.valid ? { evalEvery: valEvery } : {}), checkpointEvery: saveEvery, checkpointDir: ckptDir, resume: resumeFrom !== null,
+      ...(loraPlus !== undefined ? { loraPlusRatio: loraPlus } : {}), ...(v['grad-checkpoint'] ? { gradientCheckpointing: true } : {}),
+      signal, onStep, progress: 'auto', logEvery: 10,
+    });
     if (result.steps === result.resumedFrom && result.stopped === 'aborted') {
       err.write(`lora-native: interrupted before the first step; no adapter written${resumeFrom ? ' (the checkpoint is as it was)' : ''}\n`);
       if (!resumeFrom && fs.readdirSync(outDir).length === 0) fs.rmdirSync(outDir);
