@@ -40,7 +40,7 @@ export interface StepInfo {
   gradNorm: number;
   /** Evaluation loss when this step ran an evaluation. */
   evalLoss?: number;
-  /** exp(evalLoss): the evaluation perplexity, when this step ran an evaluation. */
+  /** exp(evalLoss): the evaluation perplexity, when this step ran an evaluation of a run that counts tokens (a Dataset, or batchTokens). */
   evalPerplexity?: number;
   /** Tokens this step processed (with batchTokens, or a Dataset: tokens that are not padding). */
   tokens?: number;
@@ -119,7 +119,7 @@ export interface TrainOptions<B> {
    * per-batch means. A batch of weight 0 is not run.
    */
   batchWeight?: (batch: B) => number;
-  /** Tokens a batch holds, for tokens/s on the progress line and in onStep. */
+  /** Tokens a batch holds, for tokens/s on the progress line and in onStep (a run that counts tokens also reports the evaluation perplexity). */
   batchTokens?: (batch: B) => number;
   /**
    * Sets `model.gradientCheckpointing` for the run (each block recomputed in the backward pass:
@@ -272,7 +272,7 @@ class Progress {
     const speed = rate >= 1 || rate <= 0 ? `${rate.toFixed(1)} steps/s` : `${(1 / rate).toFixed(1)} s/step`;
     const tokens = tokensPerSecond === undefined ? '' : `  ${tokensPerSecond >= 100 ? Math.round(tokensPerSecond) : tokensPerSecond.toFixed(1)} tok/s`;
     const text = `step ${step}/${total}  loss ${Number.isFinite(loss) ? loss.toFixed(4) : String(loss)}  lr ${lr.toExponential(2)}  ${speed}${tokens}  ETA ${clock(eta)}` +
-      (evalLoss !== undefined ? `  eval ${evalLoss.toFixed(4)} (ppl ${Math.exp(evalLoss).toPrecision(4)})` : '') + (skipped ? `  skipped (${skipped})` : '');
+      (evalLoss !== undefined ? `  eval ${evalLoss.toFixed(4)}${tokensPerSecond !== undefined ? ` (ppl ${Math.exp(evalLoss).toPrecision(4)})` : ''}` : '') + (skipped ? `  skipped (${skipped})` : '');
     if (this.mode === 'bar') {
       const now = Date.now();
       if (now - this.lastDraw < 100 && step !== total && evalLoss === undefined && !skipped) return; // at most 10 redraws a second
@@ -712,8 +712,7 @@ export async function train<B = unknown[]>(first: TrainOptions<B> | CausalLM, da
         finite ? undefined : `non-finite ${Number.isFinite(loss) ? 'gradient' : 'loss'}`, tokensPerSecond);
       if (ckptDir !== null && ckptEvery && step % ckptEvery === 0) writeCheckpoint(ckptDir, model, opt, names, snapshot());
       const info: StepInfo = { step, totalSteps, loss, lr, gradNorm, evalLoss, elapsed, skipped: !finite };
-      if (evalLoss !== undefined) info.evalPerplexity = Math.exp(evalLoss);
-      if (o.batchTokens) Object.assign(info, { tokens: stepTokens, tokensPerSecond });
+      if (o.batchTokens) Object.assign(info, { tokens: stepTokens, tokensPerSecond }, evalLoss !== undefined ? { evalPerplexity: Math.exp(evalLoss) } : {});
       if (o.onStep && o.onStep(info) === false) { stopped = 'callback'; break; }
       if (maxSkips > 0 && skipRun >= maxSkips) {
         stopped = 'diverged';
