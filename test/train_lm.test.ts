@@ -85,6 +85,21 @@ t.test('a packed batch keeps its rows independent: its loss combines the rows ru
   model.dispose();
 });
 
+t.test('Dataset.batch(i) is the batch batches() yields at i, for any epoch', async (t) => {
+  for (const packing of [false, true]) {
+    const ds = (await loadDataset(textFile, { tokenizer, maxSeqLength: 24, packing, seed: 3 })).train;
+    for (const epoch of [0, 1]) {
+      const o = { batchSize: 3, epoch, padToMultipleOf: 4 };
+      const all = [...ds.batches(o)];
+      t.equal(all.length, ds.numBatches(o));
+      all.forEach((b, i) => t.same(ds.batch(i, o), b, `packing ${packing}, epoch ${epoch}, batch ${i}`));
+      t.throws(() => ds.batch(all.length, o), { code: 'ERR_LORA_RANGE', message: `Expected an integer between 0 and ${all.length - 1} for index but received ${all.length} (number)` });
+    }
+  }
+  const ds = (await loadDataset(textFile, { tokenizer, maxSeqLength: 24 })).train;
+  t.throws(() => ds.batch(0, { batchSize: 100, dropLast: true }), { code: 'ERR_LORA_OPTION', message: `Expected an epoch with at least one batch but batchSize 100 with dropLast leaves none of ${ds.numRows} sequences` });
+});
+
 /** The LoRA parameters' values, by name. */
 function params(m: CausalLM): Map<string, Float32Array> {
   return new Map(m.namedParameters().map(([n, p]) => [n, p.toFloat32Array()]));
