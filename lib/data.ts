@@ -35,7 +35,8 @@ export interface LoadDatasetOptions {
 }
 
 /**
- * One batch, row-major typed arrays of shape [B, T] (`shape`), ready for `tensor(data, shape, { dtype: 'int32' })`.
+ * One batch, row-major typed arrays of shape [B, T] (`shape`); {@link datasetLoss} runs a CausalLM on it
+ * (or make tensors with `tensor(Float32Array.from(b.inputIds), b.shape, { dtype: 'int32' })`).
  * - `inputIds`: token ids, padded on the right with the pad id (the tokenizer's pad, else EOS, else 0).
  * - `labels`: the ids the loss predicts at each position, -100 where it does not count (prompts,
  *   padding); the model shifts them by one as Hugging Face models do (logits at t predict labels[t+1]).
@@ -239,7 +240,7 @@ export class Dataset {
    * The batches of one epoch, built one at a time (see {@link Batch} for the layout).
    * @example
    * for (const b of ds.batches({ batchSize: 4, epoch: 0 })) {
-   *   const ids = tensor(b.inputIds, b.shape, { dtype: 'int32' });
+   *   const loss = datasetLoss(model, b); // or tensor(Float32Array.from(b.inputIds), b.shape, { dtype: 'int32' })
    *   ...
    * }
    * @throws LoraTypeError / LoraRangeError for bad options.

@@ -564,7 +564,7 @@ export async function train<B = unknown[]>(first: TrainOptions<B> | CausalLM, da
 
   // what the checkpoint records of this run's options, to report changes on resume
   const runOptions: Record<string, unknown> = {
-    steps: totalSteps, lr: baseLr, batchSize: arrayData ? batchSize : undefined, gradientAccumulation: accum,
+    steps: totalSteps, lr: baseLr, batchSize: arrayData || o.batchSize !== undefined ? batchSize : undefined, gradientAccumulation: accum,
     schedule: typeof schedule === 'function' ? 'a function' : schedule, clipGradNorm: clip ?? undefined,
     loraPlusRatio: o.loraPlusRatio, weightDecay: ownOptimizer ? (o.optimizer as OptimizerSpec).weightDecay ?? 0.01 : undefined,
     optimizer: opt instanceof SGD ? 'SGD' : 'AdamW', seed: o.seed,

@@ -100,6 +100,7 @@ export function datasetTrainOptions(model: unknown, data: unknown, options: Data
     data: (i: number) => ds.batch(i % perEpoch, { batchSize, padToMultipleOf, epoch: Math.floor(i / perEpoch) }),
     loss: (m, b) => lossFn(m as CausalLM, b),
     steps,
+    batchSize, // only recorded (a resume reports a change); the batches come from data
     batchWeight: (b) => b.numLabels,
     batchTokens: (b) => b.numTokens,
     optimizer: o.optimizer as TrainOptions<Batch>['optimizer'],
