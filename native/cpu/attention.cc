@@ -1,0 +1,197 @@
+// The CPU attention kernel's driver: argument checks, the blocking plan, the ISA level (the GEMM
+// engine's, gemm_isa.h), and the threading. The arithmetic is in attention_kernels_impl.h,
+// compiled per ISA (attention_avx512.cc, attention_avx2.cc, attention_generic.cc).
+//
+// Forward: one task per (batch, kv head, query block), heaviest (latest queries) first, handed out
+// dynamically. Backward (FlashAttention-2's order): the query panels are packed once, then one task
+// per (batch, kv head, key block) computes that block's dk, dv completely (no two tasks share a
+// key) and adds its dq contributions to its thread's partial sums, which a last pass adds up.
+#include "attention.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+
+#include "attention_isa.h"
+#include "gemm_isa.h"
+
+namespace lora {
+namespace {
+
+constexpr int64_t kLanes = 64;    // query rows per block: 4 AVX-512 vectors; K, V read once per 64 rows
+constexpr int64_t kKeyBlock = 48; // keys per block: a multiple of the tiles' 6, 8 and 12 rows
+constexpr int64_t kMinParallelWork = int64_t(1) << 18;  // T·S·D·H below this: one thread
+
+const AttnIsa& attn_isa() {
+  static const AttnIsa& t = [] () -> const AttnIsa& {
+    const CpuIsa isa = cpu_isa();
+    if (isa == CpuIsa::Avx512 && attn_isa_avx512()) return *attn_isa_avx512();
+    if (isa >= CpuIsa::Avx2 && attn_isa_avx2()) return *attn_isa_avx2();
+    return *attn_isa_generic();
+  }();
+  return t;
+}
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+AttnPlan make_plan(const AttentionArgs& a, int vl) {
+  AttnPlan p;
+  p.a = a;
+  // a window at least as long as the sequence hides nothing (and keeps positions in int32)
+  if (p.a.window >= a.S) p.a.window = 0;
+  p.G = a.KVH > 0 ? a.H / a.KVH : 1;
+  p.tq = std::max<int64_t>(1, std::min<int64_t>(kLanes / std::max<int64_t>(p.G, 1), a.T));
+  p.R = round_up(std::max<int64_t>(p.tq * p.G, 1), vl);
+  p.Dp = round_up(a.D, vl);
+  p.bc = kKeyBlock;
+  p.nqb = (a.T + p.tq - 1) / p.tq;
+  return p;
+}
+
+int threads_for(const AttentionArgs& a, int pool_size) {
+  const double work = double(a.B) * a.T * a.S * a.D * a.H;
+  return work < double(kMinParallelWork) ? 1 : pool_size;
+}
+
+// Scratch for one thread's block routines, kept between calls (first touch of fresh pages is
+// slow on these machines) and grown on demand.
+float* thread_scratch(int64_t floats) {
+  struct Free {
+    void operator()(float* p) const { std::free(p); }
+  };
+  thread_local std::unique_ptr<float, Free> buf;
+  thread_local int64_t cap = 0;
+  if (cap < floats) {
+    buf.reset(static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>(round_up(floats * 4, 64)))));
+    cap = buf ? floats : 0;
+  }
+  return buf.get();
+}
+
+// Runs fn(i) for i in [0, n) on `threads` threads, handing indices out one at a time; each thread
+// first gets its scratch. False when a scratch allocation failed.
+template <typename Fn>
+bool run_tasks(ThreadPool& pool, int threads, int64_t n, int64_t scratch_floats, Fn fn) {
+  std::atomic<int64_t> next{0};
+  std::atomic<bool> failed{false};
+  auto body = [&](int tid, int) {
+    float* scratch = scratch_floats > 0 ? thread_scratch(scratch_floats) : nullptr;
+    if (scratch_floats > 0 && !scratch) {
+      failed = true;
+      return;
+    }
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(tid, i, scratch);
+  };
+  if (threads <= 1) body(0, 1);
+  else pool.run(body);
+  return !failed;
+}
+
+}  // namespace
+
+Status cpu_attention_check(const AttentionArgs& a) {
+  return attention_args_valid(a) ? Status::Ok : Status::InvalidArgument;
+}
+
+const char* cpu_attention_isa() { return attn_isa().name; }
+
+Status cpu_attention(ThreadPool& pool, float* out, float* lse, const float* q, const float* k,
+                     const float* v, const AttentionArgs& a) {
+  const Status st = cpu_attention_check(a);
+  if (st != Status::Ok) return st;
+  if (a.B == 0 || a.T == 0 || a.H == 0) return Status::Ok;
+  const AttnIsa& isa = attn_isa();
+  AttnPlan p = make_plan(a, isa.vl);
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.out = out;
+  p.lse = lse;
+  const int64_t groups = a.B * a.KVH;
+  const bool ok = run_tasks(pool, threads_for(a, pool.size()), groups * p.nqb, p.scratch_floats(),
+                            [&](int, int64_t i, float* scratch) {
+                              // heaviest first: under the causal rule later queries see more keys
+                              const int64_t qb = p.nqb - 1 - i / groups, bk = i % groups;
+                              isa.forward_block(p, bk / a.KVH, bk % a.KVH, qb * p.tq, scratch);
+                            });
+  return ok ? Status::Ok : Status::OutOfMemory;
+}
+
+size_t cpu_attention_backward_workspace(const AttentionArgs& a, int threads) {
+  if (a.B <= 0 || a.H <= 0 || a.KVH <= 0 || a.T <= 0) return 0;
+  const AttnPlan p = make_plan(a, attn_isa().vl);
+  const int64_t panels = a.B * a.KVH * p.nqb * p.panel_floats();
+  const int64_t nt = threads_for(a, threads);
+  return static_cast<size_t>(panels + nt * p.dq_partial_floats()) * sizeof(float);
+}
+
+Status cpu_attention_backward(ThreadPool& pool, void* workspace, float* dq, float* dk, float* dv,
+                              const float* dout, const float* q, const float* k, const float* v,
+                              const float* out, const float* lse, const AttentionArgs& a) {
+  const Status st = cpu_attention_check(a);
+  if (st != Status::Ok) return st;
+  if (a.B == 0 || a.H == 0) return Status::Ok;
+  const int64_t ld = a.KVH * a.D;
+  if (a.T == 0) {  // no query sees any key: dk, dv are 0
+    for (int64_t b = 0; b < a.B; ++b)
+      for (int64_t j = 0; j < a.S; ++j) {
+        std::memset(dk + b * a.kv_batch_stride + j * ld, 0, static_cast<size_t>(ld) * sizeof(float));
+        std::memset(dv + b * a.kv_batch_stride + j * ld, 0, static_cast<size_t>(ld) * sizeof(float));
+      }
+    return Status::Ok;
+  }
+  if (!workspace) return Status::InvalidArgument;
+  const AttnIsa& isa = attn_isa();
+  AttnPlan p = make_plan(a, isa.vl);
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.out_saved = out;
+  p.lse_saved = lse;
+  p.dout = dout;
+  p.dq = dq;
+  p.dk = dk;
+  p.dv = dv;
+  p.panels = static_cast<float*>(workspace);
+  const int nt = threads_for(a, pool.size());
+  const int64_t groups = a.B * a.KVH;
+  float* partials = p.panels + groups * p.nqb * p.panel_floats();
+  const int64_t part = p.dq_partial_floats();
+
+  run_tasks(pool, nt, groups * p.nqb, 0, [&](int, int64_t i, float*) {
+    isa.backward_prepare(p, i / p.nqb / a.KVH, (i / p.nqb) % a.KVH, i % p.nqb);
+  });
+  for (int t = 0; t < nt; ++t)  // each thread's dq sums start at 0 (the pass below adds)
+    std::memset(partials + t * part, 0, static_cast<size_t>(part) * sizeof(float));
+  const int64_t nkb = (a.S + p.bc - 1) / p.bc;
+  const bool ok = run_tasks(pool, nt, groups * nkb, p.scratch_floats(), [&](int tid, int64_t i, float* scratch) {
+    // key block order: under the causal rule the first keys are seen by the most queries
+    const int64_t kb = i / groups, bk = i % groups;
+    isa.backward_keys(p, bk / a.KVH, bk % a.KVH, kb * p.bc, partials + tid * part, scratch);
+  });
+  if (!ok) return Status::OutOfMemory;
+
+  // dq = scale·Σ_threads partial, from the (b, kvh, qb, r, d) layout back to (b, t, h, d)
+  const float scale = a.scale;
+  const int64_t G = p.G, D = a.D, Dp = p.Dp, R = p.R;
+  pool.parallel_for(a.B * a.T, std::max<int64_t>(1, 4096 / std::max<int64_t>(a.H * D, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t bt = r0; bt < r1; ++bt) {
+      const int64_t b = bt / a.T, t = bt % a.T, qb = t / p.tq, tl = t - qb * p.tq;
+      for (int64_t h = 0; h < a.H; ++h) {
+        const int64_t kvh = h / G, r = tl * G + h % G;
+        const float* src = partials + (((b * a.KVH + kvh) * p.nqb + qb) * R + r) * Dp;
+        float* dst = dq + (bt * a.H + h) * D;
+        for (int64_t d = 0; d < D; ++d) {
+          float s = 0.0f;
+          for (int th = 0; th < nt; ++th) s += src[th * part + d];
+          dst[d] = s * scale;
+        }
+      }
+    }
+  });
+  return Status::Ok;
+}
+
+}  // namespace lora
