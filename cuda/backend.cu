@@ -453,7 +453,7 @@ class CudaBackend final : public Backend {
     return check(launch_dropout(stream_, out, in, n, p, seed), "dropout");
   }
 
-  // ---- normalisation, embedding, cross-entropy, attention (nn.cu) ---------------------------
+  // ---- normalisation, embedding, cross-entropy (nn.cu), attention (attention.cu) -----------
   Status layer_norm(float* y, float* mean, float* rstd, const float* x, const float* w,
                     const float* b, int64_t N, int64_t C, float eps) override {
     if (unusable_) return Status::Unusable;
@@ -518,28 +518,28 @@ class CudaBackend final : public Backend {
                  "cross_entropy_backward");
   }
   Status attention(float* out, float* lse, const float* q, const float* k, const float* v,
-                   int64_t Bt, int64_t T, int64_t H, int64_t D, float scale, bool causal) override {
+                   const AttentionArgs& a) override {
     if (unusable_) return Status::Unusable;
-    if (Bt < 0 || T < 0 || H < 0 || D < 0) return Status::InvalidArgument;
-    if (Bt * T * H == 0) return Status::Ok;
-    if (!attention_fits(T, D)) return Status::Unsupported;  // one row must fit shared memory
-    return check(launch_attention(stream_, out, lse, q, k, v, Bt, T, H, D, scale, causal), "attention");
+    if (!attention_args_valid(a)) return Status::InvalidArgument;
+    if (a.B * a.T * a.H == 0) return Status::Ok;
+    if (!attention_supported(a, static_cast<size_t>(max_smem_optin_))) return Status::Unsupported;
+    return check(launch_attention(stream_, out, lse, q, k, v, a, static_cast<size_t>(max_smem_optin_)),
+                 "attention");
   }
   Status attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* q,
                             const float* k, const float* v, const float* out, const float* lse,
-                            int64_t Bt, int64_t T, int64_t H, int64_t D, float scale,
-                            bool causal) override {
+                            const AttentionArgs& a) override {
     if (unusable_) return Status::Unusable;
-    if (Bt < 0 || T < 0 || H < 0 || D < 0) return Status::InvalidArgument;
-    if (Bt * T * H == 0) return Status::Ok;
-    if (!attention_fits(T, D)) return Status::Unsupported;
-    const size_t bytes = static_cast<size_t>(Bt * H * T) * sizeof(float);
+    if (!attention_args_valid(a)) return Status::InvalidArgument;
+    if (a.B * a.H == 0) return Status::Ok;
+    if (!attention_supported(a, static_cast<size_t>(max_smem_optin_))) return Status::Unsupported;
+    const size_t bytes = static_cast<size_t>(a.B * a.H * a.T + 1) * sizeof(float);
     float* delta = static_cast<float*>(alloc(bytes));
     if (delta == nullptr) return unusable_ ? Status::Unusable : Status::OutOfMemory;
-    Status st = check(launch_attention_backward(stream_, dq, dk, dv, delta, dout, q, k, v, out, lse,
-                                                Bt, T, H, D, scale, causal),
+    Status st = check(launch_attention_backward(stream_, dq, dk, dv, delta, dout, q, k, v, out, lse, a,
+                                                static_cast<size_t>(max_smem_optin_)),
                       "attention_backward");
-    free(delta, bytes);
+    free(delta, bytes);  // stream order keeps it alive for the kernels
     return st;
   }
 
@@ -620,10 +620,6 @@ class CudaBackend final : public Backend {
     return st;
   }
 
-  bool attention_fits(int64_t T, int64_t D) const {
-    const size_t need = attention_smem(T, D);
-    return need != 0 && need <= static_cast<size_t>(max_smem_optin_);
-  }
 
   // Checks ids on the device before a kernel writes anything (the contract): one flag, one sync.
   Status ids_valid(const int32_t* ids, int64_t N, int64_t V, bool allow_ignore, int32_t ignore,

@@ -167,15 +167,16 @@ cudaError_t launch_cross_entropy_backward(cudaStream_t stream, float* dlogits, c
                                           const float* logits, const float* lse,
                                           const int32_t* targets, int64_t N, int64_t V,
                                           int32_t ignore_index, float smoothing);
-size_t attention_smem(int64_t T, int64_t D);  // 0: too long for one block's shared memory
-cudaError_t launch_attention(cudaStream_t stream, float* out, float* lse, const float* q,
-                             const float* k, const float* v, int64_t Bt, int64_t T, int64_t H,
-                             int64_t D, float scale, bool causal);
+
+// attention.cu: args valid (attention_args_valid). supported: D <= 256 and tiles that fit
+// smem_limit bytes of shared memory per block (the device's opt-in maximum).
+bool attention_supported(const AttentionArgs& a, size_t smem_limit);
+cudaError_t launch_attention(cudaStream_t stream, float* out, float* lse, const float* q, const float* k,
+                             const float* v, const AttentionArgs& a, size_t smem_limit);
 cudaError_t launch_attention_backward(cudaStream_t stream, float* dq, float* dk, float* dv,
-                                      float* delta /* (Bt, H, T) workspace */, const float* dout,
-                                      const float* q, const float* k, const float* v,
-                                      const float* out, const float* lse, int64_t Bt, int64_t T,
-                                      int64_t H, int64_t D, float scale, bool causal);
+                                      float* delta /* (B, H, T) workspace */, const float* dout,
+                                      const float* q, const float* k, const float* v, const float* out,
+                                      const float* lse, const AttentionArgs& a, size_t smem_limit);
 
 // ---- helpers ---------------------------------------------------------------------------------
 #ifndef LORA_CUDA_EMU

@@ -62,9 +62,11 @@ export type { PeftConfig, PeftModule } from './peft';
 export { LoraModel, AdaptedLinear, combineAdapters, doraWeightNorm } from './lora_model';
 export type { MergeOptions, MergeResult, MergeReportEntry, Combination, CombineOptions, NewAdapterConfig } from './lora_model';
 export {
-  slice, concat, softmax, logSoftmax, gelu, crossEntropy, mse, layerNorm, rmsNorm, embedding, dropout, attention,
+  slice, concat, softmax, logSoftmax, gelu, crossEntropy, mse, layerNorm, rmsNorm, embedding, dropout,
 } from './nn_ops';
-export type { GeluOptions, CrossEntropyOptions, MseOptions, Reduction, DropoutOptions, AttentionOptions } from './nn_ops';
+export type { GeluOptions, CrossEntropyOptions, MseOptions, Reduction, DropoutOptions } from './nn_ops';
+export { attention } from './attention';
+export type { AttentionOptions } from './attention';
 export {
   Linear, Embedding, LayerNorm, RMSNorm, Dropout, Activation, Sequential, MLP, TransformerLM, TransformerBlock,
   CausalSelfAttention, TransformerMLP, applyLora, loraLayers, peftAdapterOf, saveLoraAdapter, loadLoraAdapter, trainableParameters,

@@ -6,7 +6,8 @@
 import { checkOptions, expectBoolean, expectInteger, expectNumber, expectOneOf, LoraError, typeError } from './errors';
 import { LoraLinear } from './lora';
 import { expectModule, Module, uniformParameter } from './module';
-import { attention, dropout, embedding, gelu, layerNorm, rmsNorm } from './nn_ops';
+import { attention } from './attention';
+import { dropout, embedding, gelu, layerNorm, rmsNorm } from './nn_ops';
 import { add, linear, reshape, unary, UnaryName } from './ops';
 import { loadPeftAdapter, PeftAdapter, PeftConfig, PeftModule, savePeftAdapter } from './peft';
 import { defaultRng, Rng } from './random';

@@ -1,7 +1,7 @@
 // The neural-network ops over Tensor: slice, concat, softmax/logSoftmax, gelu, crossEntropy, mse,
-// layerNorm, rmsNorm, embedding, dropout and causal scaled dot-product attention. Like ops.ts,
-// each validates, runs native kernels (the norms, embedding, cross-entropy and attention have
-// their own) and records a GradNode written from the math. Nothing here keeps state.
+// layerNorm, rmsNorm, embedding and dropout (attention: attention.ts). Like ops.ts, each
+// validates, runs native kernels (the norms, embedding and cross-entropy have their own) and
+// records a GradNode written from the math. Nothing here keeps state.
 import { checkOptions, expectBoolean, expectInteger, expectNumber, expectOneOf, LoraError, typeError } from './errors';
 import { BINARY_OP, native, NativeStorage, REDUCE_OP } from './native';
 import { mul, permute, sub, square, mean as meanOp, sum as sumOp, unary } from './ops';
@@ -25,9 +25,6 @@ interface NnBinding {
   crossEntropy(loss: S, lse: S, logits: S, targets: S, N: number, V: number, ignoreIndex: number, smoothing: number): void;
   crossEntropyBackward(dlogits: S, dloss: S, logits: S, lse: S, targets: S, N: number, V: number, ignoreIndex: number,
     smoothing: number): void;
-  attention(out: S, lse: S, q: S, k: S, v: S, Bt: number, T: number, H: number, D: number, scale: number, causal: boolean): void;
-  attentionBackward(dq: S, dk: S, dv: S, dout: S, q: S, k: S, v: S, out: S, lse: S, Bt: number, T: number, H: number,
-    D: number, scale: number, causal: boolean): void;
 }
 const nn = native as unknown as NnBinding;
 
@@ -373,7 +370,7 @@ export function rmsNorm(x: Tensor, weight: Tensor | null = null, eps = 1e-6): Te
   return saveFor(out, rstd);
 }
 
-// ---- embedding, dropout, attention -----------------------------------------------------------
+// ---- embedding, dropout --------------------------------------------------------------------
 
 /**
  * Rows of a table (V, C) picked by int32 ids of any shape: out has shape [...ids.shape, C].
@@ -439,54 +436,6 @@ export function dropout(x: Tensor, p: number, options?: DropoutOptions): Tensor 
       return [d];
     },
   });
-}
-
-export interface AttentionOptions {
-  /** Each query sees keys at its own position and before (default true). */
-  causal?: boolean;
-  /** Score scale; default 1/sqrt(headDim). */
-  scale?: number;
-}
-
-/**
- * Scaled dot-product attention, softmax(scale·q·kᵀ [+ causal mask])·v, for q, k, v of shape
- * [batch, seq, heads, headDim] (the layout a [batch, seq, heads·headDim] projection reshapes
- * to, so no transposes are needed). Output has the same shape. One native kernel forward and
- * one backward; the probabilities are recomputed, not stored.
- *
- * @example
- * const q = reshape(qProj.forward(x), [B, T, H, D]); // likewise k, v
- * const y = attention(q, k, v, { causal: true });
- * @throws ERR_LORA_SHAPE when q, k, v are not equal 4-D shapes.
- */
-export function attention(q: Tensor, k: Tensor, v: Tensor, options?: AttentionOptions): Tensor {
-  const o = checkOptions<AttentionOptions>('attention()', options, ['causal', 'scale']);
-  expectTensor('q', q);
-  expectTensor('k', k);
-  expectTensor('v', v);
-  floatOnly('attention', q, k, v);
-  sameDevice('attention', q, k, v);
-  if (q.ndim !== 4 || !k.shape.every((d, i) => d === q.shape[i]) || !v.shape.every((d, i) => d === q.shape[i]) || k.ndim !== 4 || v.ndim !== 4)
-    throw new LoraError('ERR_LORA_SHAPE', `Expected q, k, v of one shape [batch, seq, heads, headDim] for attention() but received ${shapeString(q.shape)}, ${shapeString(k.shape)} and ${shapeString(v.shape)}`);
-  const [Bt, T, H, D] = q.shape as [number, number, number, number];
-  const causal = o.causal === undefined ? true : expectBoolean('causal', o.causal);
-  const scale = o.scale === undefined ? 1 / Math.sqrt(Math.max(D, 1)) : expectNumber('scale', o.scale);
-  const out = empty(q.shape, q.device);
-  const lse = empty([Bt, H, T], q.device);
-  if (out.size > 0) nn.attention(out._storage, lse._storage, q._storage, k._storage, v._storage, Bt, T, H, D, scale, causal);
-  const res = record(out, {
-    name: 'attention', inputs: [q, k, v],
-    backward: (g) => {
-      const dq = empty(q.shape, q.device);
-      const dk = empty(q.shape, q.device);
-      const dv = empty(q.shape, q.device);
-      if (dq.size > 0)
-        nn.attentionBackward(dq._storage, dk._storage, dv._storage, g._storage, q._live('q'), k._live('k'), v._live('v'),
-          out._live('output of attention'), lse._live('saved log-sum-exp'), Bt, T, H, D, scale, causal);
-      return [dq, dk, dv];
-    },
-  });
-  return saveFor(res, lse);
 }
 
 /** @internal used by clipGradNorm: Σ g² over tensors, on the host, in float64. */

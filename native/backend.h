@@ -18,7 +18,7 @@ namespace lora {
 // the addon refuses one built against another version (a different vtable would call the wrong
 // methods). Bump it with every change to this file's code; test/build.test.ts keeps a digest of
 // the file (comments and blank space aside) for each version and fails when they drift apart.
-constexpr int32_t kBackendAbiVersion = 2;
+constexpr int32_t kBackendAbiVersion = 3;
 
 enum class Status : int32_t {
   Ok = 0,
@@ -52,6 +52,39 @@ struct Layout {
   int64_t shape[kMaxDims];
   int64_t stride[kMaxDims];
 };
+
+// One attention call's sizes and masks. B batch, T queries, S keys, H query heads, KVH key/value
+// heads (H % KVH == 0: GQA/MQA without repeating k, v), D head dim. Query i sits at absolute
+// position p_i = S - T + i (T new tokens after S - T cached ones), and key j is visible to it iff
+//   (!causal || j <= p_i) && (window == 0 || j > p_i - window)    (transformers' sliding window)
+//   && (key_mask == nullptr || key_mask[b][j] != 0)               (padding, left or right)
+//   && (segment_ids == nullptr || segment_ids[b][j] == segment_ids[b][p_i])   (packed sequences)
+// k, v (and dk, dv) may be the first S positions of a preallocated cache (B, Smax, KVH, D): their
+// batch entries are kv_batch_stride elements apart. The masks are int32 device memory.
+struct AttentionArgs {
+  int64_t B = 0, T = 0, S = 0, H = 0, KVH = 0, D = 0;
+  int64_t kv_batch_stride = 0;           // S·KVH·D when contiguous
+  const int32_t* key_mask = nullptr;     // (B, key_mask_stride), 1 attend / 0 padding, or nullptr
+  int64_t key_mask_stride = 0;
+  const int32_t* segment_ids = nullptr;  // (B, segment_stride), or nullptr
+  int64_t segment_stride = 0;
+  int64_t window = 0;                    // 0: no sliding window
+  float scale = 1.0f;
+  bool causal = true;
+};
+
+// True when the sizes describe a problem both backends accept: nothing negative, H a multiple
+// of KVH, the queries the last T of the S positions (T <= S), positions within int32, strides
+// long enough. Backends return InvalidArgument otherwise.
+inline bool attention_args_valid(const AttentionArgs& a) {
+  if (a.B < 0 || a.T < 0 || a.S < 0 || a.H < 0 || a.KVH < 0 || a.D < 0 || a.window < 0) return false;
+  if (a.H > 0 && (a.KVH <= 0 || a.H % a.KVH != 0)) return false;
+  if (a.T > a.S || a.S > 0x7fffffff) return false;
+  if (a.B > 1 && a.kv_batch_stride < a.S * a.KVH * a.D) return false;
+  if (a.key_mask && a.B > 1 && a.key_mask_stride < a.S) return false;
+  if (a.segment_ids && a.B > 1 && a.segment_stride < a.S) return false;
+  return true;
+}
 
 class Backend {
  public:
@@ -191,9 +224,9 @@ class Backend {
 
   // ---- normalisation, embedding, cross-entropy, attention (training issue; optional) -------
   // More sizes: V vocabulary (rows of an embedding table, classes of a cross-entropy);
-  // attention over q, k, v laid out (Bt, T, H, D) = (Bt, T, C) with C = H·D: Bt batch, T
-  // sequence, H heads, D head dim. int32 ids/targets outside [0, V) (other than ignore_index)
-  // make a kernel return InvalidArgument before it writes anything.
+  // attention's sizes are in AttentionArgs (q laid out (B, T, H, D) = (B, T, C), C = H·D).
+  // int32 ids/targets outside [0, V) (other than ignore_index) make a kernel return
+  // InvalidArgument before it writes anything.
 
   // y = (x - μ)·rstd·w + b over each row; μ, rstd = 1/sqrt(var + eps) kept for the backward.
   virtual Status layer_norm(float* y,           // (N, C)
@@ -278,32 +311,35 @@ class Backend {
     (void)ignore_index; (void)smoothing;
     return Status::Unsupported;
   }
-  // Scaled dot-product attention per (batch, head), causal (key j <= query i) or not:
-  //   s_ij = scale·q_i·k_j;  p_ij = softmax_j(s_ij);  out_i = Σ_j p_ij·v_j;  lse_i kept
-  virtual Status attention(float* out,       // (Bt, T, H, D)
-                           float* lse,       // (Bt, H, T)
-                           const float* q,   // (Bt, T, H, D)
-                           const float* k,   // (Bt, T, H, D)
-                           const float* v,   // (Bt, T, H, D)
-                           int64_t Bt, int64_t T, int64_t H, int64_t D, float scale, bool causal) {
-    (void)out; (void)lse; (void)q; (void)k; (void)v; (void)Bt; (void)T; (void)H; (void)D; (void)scale; (void)causal;
+  // Scaled dot-product attention, FlashAttention-2 style (AttentionArgs has the sizes and masks):
+  //   s_ij = scale·q_i·k_j where visible(i, j), else -inf;  p_ij = softmax_j(s_ij);
+  //   out_i = Σ_j p_ij·v_j;  lse_i = log Σ_j exp(s_ij)
+  // Query head h reads key/value head h / (H/KVH) (GQA). A row with no visible key gets out_i = 0
+  // and lse_i = +inf (so that the backward's exp(s - lse) is 0). Never stores the (T, S) matrix.
+  virtual Status attention(float* out,       // (B, T, H, D)
+                           float* lse,       // (B, H, T)
+                           const float* q,   // (B, T, H, D)
+                           const float* k,   // (B, S, KVH, D), batch stride kv_batch_stride
+                           const float* v,   // (B, S, KVH, D), batch stride kv_batch_stride
+                           const AttentionArgs& args) {
+    (void)out; (void)lse; (void)q; (void)k; (void)v; (void)args;
     return Status::Unsupported;
   }
-  // p_ij = exp(s_ij - lse_i); dv_j = Σ_i p_ij·dout_i; dp_ij = dout_i·v_j; δ_i = dout_i·out_i;
-  //   ds_ij = p_ij·(dp_ij - δ_i);  dq_i = scale·Σ_j ds_ij·k_j;  dk_j = scale·Σ_i ds_ij·q_i
-  virtual Status attention_backward(float* dq,          // (Bt, T, H, D)
-                                    float* dk,          // (Bt, T, H, D)
-                                    float* dv,          // (Bt, T, H, D)
-                                    const float* dout,  // (Bt, T, H, D)
-                                    const float* q,     // (Bt, T, H, D)
-                                    const float* k,     // (Bt, T, H, D)
-                                    const float* v,     // (Bt, T, H, D)
-                                    const float* out,   // (Bt, T, H, D)
-                                    const float* lse,   // (Bt, H, T)
-                                    int64_t Bt, int64_t T, int64_t H, int64_t D, float scale,
-                                    bool causal) {
-    (void)dq; (void)dk; (void)dv; (void)dout; (void)q; (void)k; (void)v; (void)out; (void)lse;
-    (void)Bt; (void)T; (void)H; (void)D; (void)scale; (void)causal;
+  // p_ij = exp(s_ij - lse_i) recomputed blockwise; δ_i = dout_i·out_i; dp_ij = dout_i·v_j;
+  //   ds_ij = p_ij·(dp_ij - δ_i);  dq_i = scale·Σ_j ds_ij·k_j;
+  //   dk_j = scale·Σ_i ds_ij·q_i, dv_j = Σ_i p_ij·dout_i, summed over the query heads of a kv head.
+  // dk, dv are written (not accumulated) for keys 0..S-1; 0 where no query sees the key.
+  virtual Status attention_backward(float* dq,          // (B, T, H, D)
+                                    float* dk,          // (B, S, KVH, D), batch stride kv_batch_stride
+                                    float* dv,          // (B, S, KVH, D), batch stride kv_batch_stride
+                                    const float* dout,  // (B, T, H, D)
+                                    const float* q,     // (B, T, H, D)
+                                    const float* k,     // (B, S, KVH, D)
+                                    const float* v,     // (B, S, KVH, D)
+                                    const float* out,   // (B, T, H, D)
+                                    const float* lse,   // (B, H, T)
+                                    const AttentionArgs& args) {
+    (void)dq; (void)dk; (void)dv; (void)dout; (void)q; (void)k; (void)v; (void)out; (void)lse; (void)args;
     return Status::Unsupported;
   }
 };

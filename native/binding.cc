@@ -27,6 +27,7 @@
 
 namespace {
 
+using lora::AttentionArgs;
 using lora::Backend;
 using lora::DType;
 using lora::Layout;
@@ -964,39 +965,81 @@ Napi::Value CrossEntropyBackward(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
-// attention(out, lse, q, k, v, Bt, T, H, D, scale, causal)
+// The trailing arguments of attention and attentionBackward, from info[i]: keyMask|null,
+// keyMaskStride, segmentIds|null, segmentStride, B, T, S, Smax, H, KVH, D, scale, causal, window.
+// k and v (dk, dv) hold Smax positions per batch entry, of which the first S take part.
+struct AttentionCall {
+  AttentionArgs a;
+  Storage *mask, *segments;
+  int64_t Smax;
+};
+AttentionCall attention_call(const Napi::CallbackInfo& info, size_t i) {
+  AttentionCall c;
+  AttentionArgs& a = c.a;
+  c.mask = optional_storage_arg(info, i, "keyMask");
+  a.key_mask_stride = size_arg(info, i + 1, "keyMaskStride");
+  c.segments = optional_storage_arg(info, i + 2, "segmentIds");
+  a.segment_stride = size_arg(info, i + 3, "segmentStride");
+  a.B = size_arg(info, i + 4, "B");
+  a.T = size_arg(info, i + 5, "T");
+  a.S = size_arg(info, i + 6, "S");
+  c.Smax = size_arg(info, i + 7, "Smax");
+  a.H = size_arg(info, i + 8, "H");
+  a.KVH = size_arg(info, i + 9, "KVH");
+  a.D = size_arg(info, i + 10, "D");
+  a.scale = float_arg(info, i + 11, "scale");
+  a.causal = bool_arg(info, i + 12, "causal");
+  a.window = size_arg(info, i + 13, "window");
+  a.kv_batch_stride = mul_sat(mul_sat(c.Smax, a.KVH), a.D);
+  if (c.Smax < a.S || (c.mask && a.key_mask_stride < a.S) || (c.segments && a.segment_stride < a.S) ||
+      !lora::attention_args_valid(a))
+    throw_lora(info.Env(), "ERR_LORA_SHAPE",
+               "attention sizes do not fit together (B " + std::to_string(a.B) + ", T " + std::to_string(a.T) + ", S " +
+                   std::to_string(a.S) + ", Smax " + std::to_string(c.Smax) + ", H " + std::to_string(a.H) + ", KVH " +
+                   std::to_string(a.KVH) + ", D " + std::to_string(a.D) + ")");
+  // a mask row b starts at b·stride and reads S entries
+  const int64_t rows = a.B > 0 ? add_sat(mul_sat(a.B - 1, a.key_mask_stride), a.S) : 0;
+  need(info, c.mask, DType::I32, rows, "keyMask");
+  need(info, c.segments, DType::I32, a.B > 0 ? add_sat(mul_sat(a.B - 1, a.segment_stride), a.S) : 0, "segmentIds");
+  a.key_mask = c.mask ? ptr<int32_t>(c.mask) : nullptr;
+  a.segment_ids = c.segments ? ptr<int32_t>(c.segments) : nullptr;
+  return c;
+}
+
+// attention(out, lse, q, k, v, keyMask|null, keyMaskStride, segmentIds|null, segmentStride, B, T, S, Smax, H, KVH,
+//           D, scale, causal, window)
 Napi::Value Attention(const Napi::CallbackInfo& info) {
   Storage *out = storage_arg(info, 0, "out"), *lse = storage_arg(info, 1, "lse"), *q = storage_arg(info, 2, "q"),
           *k = storage_arg(info, 3, "k"), *v = storage_arg(info, 4, "v");
-  int64_t Bt = size_arg(info, 5, "Bt"), T = size_arg(info, 6, "T"), H = size_arg(info, 7, "H"), D = size_arg(info, 8, "D");
-  Backend* be = same_backend(info, {out, lse, q, k, v});
-  const int64_t n = mul_sat(mul_sat(mul_sat(Bt, T), H), D);
-  need(info, out, DType::F32, n, "out");
-  need(info, lse, DType::F32, mul_sat(mul_sat(Bt, H), T), "lse");
-  need(info, q, DType::F32, n, "q");
-  need(info, k, DType::F32, n, "k");
-  need(info, v, DType::F32, n, "v");
-  check_status(info.Env(),
-               be->attention(ptr<float>(out), ptr<float>(lse), ptr<float>(q), ptr<float>(k), ptr<float>(v), Bt, T, H, D,
-                             float_arg(info, 9, "scale"), bool_arg(info, 10, "causal")),
+  const AttentionCall c = attention_call(info, 5);
+  const AttentionArgs& a = c.a;
+  Backend* be = same_backend(info, {out, lse, q, k, v, c.mask, c.segments});
+  const int64_t nq = mul_sat(mul_sat(mul_sat(a.B, a.T), a.H), a.D), nkv = mul_sat(a.B, a.kv_batch_stride);
+  need(info, out, DType::F32, nq, "out");
+  need(info, lse, DType::F32, mul_sat(mul_sat(a.B, a.H), a.T), "lse");
+  need(info, q, DType::F32, nq, "q");
+  need(info, k, DType::F32, nkv, "k");
+  need(info, v, DType::F32, nkv, "v");
+  check_status(info.Env(), be->attention(ptr<float>(out), ptr<float>(lse), ptr<float>(q), ptr<float>(k), ptr<float>(v), a),
                be, "attention");
   return info.Env().Undefined();
 }
 
-// attentionBackward(dq, dk, dv, dout, q, k, v, out, lse, Bt, T, H, D, scale, causal)
+// attentionBackward(dq, dk, dv, dout, q, k, v, out, lse, <the trailing arguments of attention>)
 Napi::Value AttentionBackward(const Napi::CallbackInfo& info) {
   Storage *dq = storage_arg(info, 0, "dq"), *dk = storage_arg(info, 1, "dk"), *dv = storage_arg(info, 2, "dv"),
           *dout = storage_arg(info, 3, "dout"), *q = storage_arg(info, 4, "q"), *k = storage_arg(info, 5, "k"),
           *v = storage_arg(info, 6, "v"), *out = storage_arg(info, 7, "out"), *lse = storage_arg(info, 8, "lse");
-  int64_t Bt = size_arg(info, 9, "Bt"), T = size_arg(info, 10, "T"), H = size_arg(info, 11, "H"), D = size_arg(info, 12, "D");
-  Backend* be = same_backend(info, {dq, dk, dv, dout, q, k, v, out, lse});
-  const int64_t n = mul_sat(mul_sat(mul_sat(Bt, T), H), D);
-  for (Storage* s : {dq, dk, dv, dout, q, k, v, out}) need(info, s, DType::F32, n, "an attention tensor");
-  need(info, lse, DType::F32, mul_sat(mul_sat(Bt, H), T), "lse");
+  const AttentionCall c = attention_call(info, 9);
+  const AttentionArgs& a = c.a;
+  Backend* be = same_backend(info, {dq, dk, dv, dout, q, k, v, out, lse, c.mask, c.segments});
+  const int64_t nq = mul_sat(mul_sat(mul_sat(a.B, a.T), a.H), a.D), nkv = mul_sat(a.B, a.kv_batch_stride);
+  for (Storage* s : {dq, dout, q, out}) need(info, s, DType::F32, nq, "an attention query-side tensor");
+  for (Storage* s : {dk, dv, k, v}) need(info, s, DType::F32, nkv, "an attention key-side tensor");
+  need(info, lse, DType::F32, mul_sat(mul_sat(a.B, a.H), a.T), "lse");
   check_status(info.Env(),
-               be->attention_backward(ptr<float>(dq), ptr<float>(dk), ptr<float>(dv), ptr<float>(dout), ptr<float>(q), ptr<float>(k),
-                                      ptr<float>(v), ptr<float>(out), ptr<float>(lse), Bt, T, H, D, float_arg(info, 13, "scale"),
-                                      bool_arg(info, 14, "causal")),
+               be->attention_backward(ptr<float>(dq), ptr<float>(dk), ptr<float>(dv), ptr<float>(dout), ptr<float>(q),
+                                      ptr<float>(k), ptr<float>(v), ptr<float>(out), ptr<float>(lse), a),
                be, "attention_backward");
   return info.Env().Undefined();
 }

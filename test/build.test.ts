@@ -47,6 +47,7 @@ t.test('both builds export the same functions and compute the same', async (t) =
 // the version (and adding its digest here) fails.
 const BACKEND_DIGESTS: Record<number, string> = {
   2: '7534d377c86b3ac977e6848fd00d9e8d8beb5527c211fe9168feac765bfc7e26',
+  3: 'f2321b179a85dffa4eb175eefb377646d6cd2f9662d4f75adb3ad1bfb55ea86f',
 };
 
 t.test('native/backend.h: the interface version moves with the interface', async (t) => {

@@ -267,7 +267,7 @@ for (const [N, C, OC, R] of loraShapes) {
   }
 }
 
-// ---- normalisation, embedding, cross-entropy, attention ----------------------------------------
+// ---- normalisation, embedding, cross-entropy, attention -----------------------------------------
 const I32 = 3;
 const putIds = (dev, ids) => native.fromHost(dev, I32, Int32Array.from(ids));
 for (const [N, C] of [[1, 1], [37, 129], [300, 1000], [2, 5000]]) {
@@ -324,16 +324,39 @@ for (const [N, V, smoothing] of [[1, 2, 0], [37, 1000, 0.1], [8, 50257, 0]]) {
     return [L, LSE, DZ];
   }, NN_TOL);
 }
-for (const [Bt, T, H, D, causal] of [[1, 1, 1, 1, true], [2, 37, 3, 16, true], [1, 130, 2, 64, false], [2, 300, 4, 32, true]]) {
-  const n = Bt * T * H * D;
-  const q = data(n), k = data(n), v = data(n), dout = data(n);
-  check(`attention (${Bt}, ${T}, ${H}, ${D})${causal ? ' causal' : ''} + backward`, (dev, own) => {
-    const O = own(native.alloc(dev, F32, n)), LSE = own(native.alloc(dev, F32, Bt * H * T));
+// attention: GQA groups 1/3/8, D not a multiple of the tiles, padding (left and right), segments,
+// a sliding window, decode rows against a longer cache (S < Smax). Rows that see no key have
+// lse = +inf on both backends; lse is compared only where there are none.
+const attentionCases = [
+  // B, T, S, Smax, H, KVH, D, causal, window, pad, segments
+  [1, 1, 1, 1, 1, 1, 1, true, 0, false, false],
+  [2, 37, 37, 37, 6, 2, 16, true, 0, false, false],
+  [1, 130, 130, 130, 2, 2, 64, false, 0, false, false],
+  [2, 300, 300, 300, 8, 1, 32, true, 0, false, false],
+  [2, 61, 61, 61, 4, 4, 80, true, 17, false, false],
+  [2, 50, 50, 50, 3, 1, 40, true, 0, true, false],
+  [1, 90, 90, 90, 4, 2, 128, true, 0, false, true],
+  [2, 1, 300, 320, 9, 3, 64, true, 0, true, false],
+  [1, 5, 40, 48, 8, 1, 96, true, 0, false, false],
+  [1, 33, 33, 33, 2, 1, 256, true, 0, false, false],
+];
+for (const [B, T, S, Smax, H, KVH, D, causal, window, pad, segments] of attentionCases) {
+  const nq = B * T * H * D, nkv = B * Smax * KVH * D;
+  const q = data(nq, 2), k = data(nkv, 2), v = data(nkv), dout = data(nq);
+  // batch 0 padded on the left, batch 1 on the right; segments of 23 positions
+  const mask = Array.from({ length: B * S }, (_, i) => ((i / S | 0) === 0 ? i % S >= 7 : i % S < S - 5) ? 1 : 0);
+  const segs = Array.from({ length: B * S }, (_, i) => Math.floor((i % S) / 23));
+  const name = `attention B${B} T${T} S${S}${Smax > S ? `/${Smax}` : ''} H${H}/${KVH} D${D}${causal ? ' causal' : ''}` +
+    `${window ? ` window ${window}` : ''}${pad ? ' padded' : ''}${segments ? ' segments' : ''} + backward`;
+  check(name, (dev, own) => {
+    const O = own(native.alloc(dev, F32, nq)), LSE = own(native.alloc(dev, F32, B * H * T));
     const Q = own(put(dev, q)), K = own(put(dev, k)), Vv = own(put(dev, v));
-    native.attention(O, LSE, Q, K, Vv, Bt, T, H, D, 1 / Math.sqrt(D), causal);
-    const DQ = own(native.alloc(dev, F32, n)), DK = own(native.alloc(dev, F32, n)), DV = own(native.alloc(dev, F32, n));
-    native.attentionBackward(DQ, DK, DV, own(put(dev, dout)), Q, K, Vv, O, LSE, Bt, T, H, D, 1 / Math.sqrt(D), causal);
-    return [O, LSE, DQ, DK, DV];
+    const M = pad ? own(putIds(dev, mask)) : null, SG = segments ? own(putIds(dev, segs)) : null;
+    const rest = [M, S, SG, S, B, T, S, Smax, H, KVH, D, 1 / Math.sqrt(D), causal, window];
+    native.attention(O, LSE, Q, K, Vv, ...rest);
+    const DQ = own(native.alloc(dev, F32, nq)), DK = own(put(dev, new Float32Array(nkv))), DV = own(put(dev, new Float32Array(nkv)));
+    native.attentionBackward(DQ, DK, DV, own(put(dev, dout)), Q, K, Vv, O, LSE, ...rest);
+    return pad ? [O, DQ, DK, DV] : [O, LSE, DQ, DK, DV];
   }, NN_TOL);
 }
 

@@ -14,6 +14,7 @@
 #include "../elementwise_math.h"
 #include "../half.h"
 #include "../rng.h"
+#include "attention.h"
 #include "gemm.h"
 #include "lora_kernels.h"
 #include "nn_kernels.h"
@@ -451,16 +452,19 @@ class CpuBackend final : public CpuBackendBase {
                                       ignore_index, smoothing);
   }
   Status attention(float* out, float* lse, const float* q, const float* k, const float* v,
-                   int64_t Bt, int64_t T, int64_t H, int64_t D, float scale,
-                   bool causal) override {
-    return cpu_attention(pool_, out, lse, q, k, v, Bt, T, H, D, scale, causal);
+                   const AttentionArgs& a) override {
+    return cpu_attention(pool_, out, lse, q, k, v, a);
   }
   Status attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* q,
                             const float* k, const float* v, const float* out, const float* lse,
-                            int64_t Bt, int64_t T, int64_t H, int64_t D, float scale,
-                            bool causal) override {
-    return cpu_attention_backward(pool_, dq, dk, dv, dout, q, k, v, out, lse, Bt, T, H, D, scale,
-                                  causal);
+                            const AttentionArgs& a) override {
+    if (!attention_args_valid(a)) return Status::InvalidArgument;
+    const size_t bytes = cpu_attention_backward_workspace(a, pool_.size());
+    void* ws = bytes ? alloc_.alloc(bytes) : nullptr;
+    if (bytes && !ws) return Status::OutOfMemory;
+    const Status st = cpu_attention_backward(pool_, ws, dq, dk, dv, dout, q, k, v, out, lse, a);
+    if (ws) alloc_.free(ws, bytes);
+    return st;
   }
 
  private:

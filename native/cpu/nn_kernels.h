@@ -1,6 +1,6 @@
 // The CPU kernels for the training ops with their own kernels: layer/RMS normalisation,
-// embedding, cross-entropy and scaled dot-product attention. Sizes and math are those of
-// native/backend.h (N rows, C features, V vocabulary; attention Bt, T, H, D). Plain loops over the
+// embedding and cross-entropy (attention: attention.h). Sizes and math are those of
+// native/backend.h (N rows, C features, V vocabulary). Plain loops over the
 // thread pool, double accumulators for row statistics; no SIMD intrinsics (the compiler's
 // auto-vectorisation at -O3 is what they get).
 #pragma once
@@ -32,12 +32,5 @@ Status cpu_cross_entropy(ThreadPool& pool, float* loss, float* lse, const float*
 Status cpu_cross_entropy_backward(ThreadPool& pool, float* dlogits, const float* dloss,
                                   const float* logits, const float* lse, const int32_t* targets,
                                   int64_t N, int64_t V, int32_t ignore_index, float smoothing);
-Status cpu_attention(ThreadPool& pool, float* out, float* lse, const float* q, const float* k,
-                     const float* v, int64_t Bt, int64_t T, int64_t H, int64_t D, float scale,
-                     bool causal);
-Status cpu_attention_backward(ThreadPool& pool, float* dq, float* dk, float* dv,
-                              const float* dout, const float* q, const float* k, const float* v,
-                              const float* out, const float* lse, int64_t Bt, int64_t T,
-                              int64_t H, int64_t D, float scale, bool causal);
 
 }  // namespace lora
