@@ -20,8 +20,8 @@
 namespace lora {
 namespace {
 
-constexpr int64_t kLanes = 64;    // query rows per block: 4 AVX-512 vectors; K, V read once per 64 rows
-constexpr int64_t kKeyBlock = 48; // keys per block: a multiple of the tiles' 6, 8 and 12 rows
+constexpr int64_t kLanes = 96;     // query rows per block (6 AVX-512 vectors): K, V read once per 96 rows
+constexpr int64_t kKeyBlock = 96;  // keys per block: a multiple of the tiles' 6, 8 and 12 rows
 constexpr int64_t kMinParallelWork = int64_t(1) << 18;  // T·S·D·H below this: one thread
 
 const AttnIsa& attn_isa() {
@@ -70,10 +70,11 @@ float* thread_scratch(int64_t floats) {
   return buf.get();
 }
 
-// Runs fn(i) for i in [0, n) on `threads` threads, handing indices out one at a time; each thread
-// first gets its scratch. False when a scratch allocation failed.
-template <typename Fn>
-bool run_tasks(ThreadPool& pool, int threads, int64_t n, int64_t scratch_floats, Fn fn) {
+// Runs fn(tid, i, scratch) for i in [0, n) on `threads` threads, handing indices out one at a
+// time; each thread first gets its scratch and runs start(tid). False when a scratch allocation
+// failed.
+template <typename Fn, typename Start>
+bool run_tasks(ThreadPool& pool, int threads, int64_t n, int64_t scratch_floats, Fn fn, Start start) {
   std::atomic<int64_t> next{0};
   std::atomic<bool> failed{false};
   auto body = [&](int tid, int) {
@@ -82,11 +83,16 @@ bool run_tasks(ThreadPool& pool, int threads, int64_t n, int64_t scratch_floats,
       failed = true;
       return;
     }
+    start(tid);
     for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(tid, i, scratch);
   };
   if (threads <= 1) body(0, 1);
   else pool.run(body);
   return !failed;
+}
+template <typename Fn>
+bool run_tasks(ThreadPool& pool, int threads, int64_t n, int64_t scratch_floats, Fn fn) {
+  return run_tasks(pool, threads, n, scratch_floats, fn, [](int) {});
 }
 
 }  // namespace
@@ -163,14 +169,16 @@ Status cpu_attention_backward(ThreadPool& pool, void* workspace, float* dq, floa
   run_tasks(pool, nt, groups * p.nqb, 0, [&](int, int64_t i, float*) {
     isa.backward_prepare(p, i / p.nqb / a.KVH, (i / p.nqb) % a.KVH, i % p.nqb);
   });
-  for (int t = 0; t < nt; ++t)  // each thread's dq sums start at 0 (the pass below adds)
-    std::memset(partials + t * part, 0, static_cast<size_t>(part) * sizeof(float));
   const int64_t nkb = (a.S + p.bc - 1) / p.bc;
-  const bool ok = run_tasks(pool, nt, groups * nkb, p.scratch_floats(), [&](int tid, int64_t i, float* scratch) {
-    // key block order: under the causal rule the first keys are seen by the most queries
-    const int64_t kb = i / groups, bk = i % groups;
-    isa.backward_keys(p, bk / a.KVH, bk % a.KVH, kb * p.bc, partials + tid * part, scratch);
-  });
+  const bool ok = run_tasks(
+      pool, nt, groups * nkb, p.scratch_floats(),
+      [&](int tid, int64_t i, float* scratch) {
+        // key block order: under the causal rule the first keys are seen by the most queries
+        const int64_t kb = i / groups, bk = i % groups;
+        isa.backward_keys(p, bk / a.KVH, bk % a.KVH, kb * p.bc, partials + tid * part, scratch);
+      },
+      // each thread's dq sums start at 0 (its tasks add)
+      [&](int tid) { std::memset(partials + tid * part, 0, static_cast<size_t>(part) * sizeof(float)); });
   if (!ok) return Status::OutOfMemory;
 
   // dq = scale·Σ_threads partial, from the (b, kvh, qb, r, d) layout back to (b, t, h, d)

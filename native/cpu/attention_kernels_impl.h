@@ -287,6 +287,24 @@ void pad_rows(float* dst, const float* src, int64_t ld, int64_t nb, int64_t D, i
   }
 }
 
+// Σ_d x[d]·y[d] in float, VL lanes at a time (the tail scalar).
+inline float dot(const float* x, const float* y, int64_t n) {
+  vf acc = vf{};
+  int64_t d = 0;
+  for (; d + kVL <= n; d += kVL) acc = LN_FMA(loadu(x + d), loadu(y + d), acc);
+  float s = 0.0f;
+  for (int64_t c = 0; c < kVL; ++c) s += acc[c];
+  for (; d < n; ++d) s += x[d] * y[d];
+  return s;
+}
+
+// dst (D, R) = mul·src(r, d) for the R rows of src (row stride Dp): a transpose, written in
+// contiguous runs of dst.
+inline void transpose_rows(float* dst, const float* src, int64_t D, int64_t R, int64_t Dp, float mul) {
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t r = 0; r < R; ++r) dst[d * R + r] = src[r * Dp + d] * mul;
+}
+
 // ---- forward ----------------------------------------------------------------------------------
 
 void forward_block(const lora::AttnPlan& p, int64_t b, int64_t kvh, int64_t t0, float* scratch) {
@@ -305,13 +323,12 @@ void forward_block(const lora::AttnPlan& p, int64_t b, int64_t kvh, int64_t t0, 
   int32_t* segq = pos + Rb;
 
   const float cs = A.scale * kLog2e;
-  for (int64_t r = 0; r < Rb; ++r) {
-    if (r < rows) {
-      const float* src = p.q + ((b * T + t0 + r / G) * H + kvh * G + r % G) * D;
-      for (int64_t d = 0; d < D; ++d) qt[d * Rb + r] = src[d] * cs;
-    } else {
-      for (int64_t d = 0; d < D; ++d) qt[d * Rb + r] = 0.0f;
-    }
+  for (int64_t r0 = 0; r0 < Rb; r0 += kVL) {  // qt = q of the block transposed, scaled, 0 past rows
+    const float* src[kVL];
+    for (int64_t r = 0; r < kVL; ++r)
+      src[r] = r0 + r < rows ? p.q + ((b * T + t0 + (r0 + r) / G) * H + kvh * G + (r0 + r) % G) * D : nullptr;
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t r = 0; r < kVL; ++r) qt[d * Rb + r0 + r] = src[r] ? src[r][d] * cs : 0.0f;
   }
   fill_lanes(p, b, t0, rows, Rb, pos, segq);
   Lanes L{A.S - T + t0, A.S - T + t0 + tq - 1, pos, segq, uniform(segq, Rb)};
@@ -319,7 +336,6 @@ void forward_block(const lora::AttnPlan& p, int64_t b, int64_t kvh, int64_t t0, 
     storeu(m + c * kVL, splat(-INFINITY));
     storeu(l + c * kVL, splat(0.0f));
   }
-  std::memset(o, 0, static_cast<size_t>(rows * Dp) * sizeof(float));
 
   int64_t jlo, jhi;
   key_range(p, b, L, &jlo, &jhi);
@@ -354,7 +370,8 @@ void forward_block(const lora::AttnPlan& p, int64_t b, int64_t kvh, int64_t t0, 
       vp = vpad;
       ldv = Dp;
     }
-    mm<true>(rows, Dp / kVL, nb, s, 1, Rb, vp, ldv, o, Dp, kScaleAdd, alpha);
+    // the first block stores (o holds garbage before it); later ones rescale and add
+    mm<true>(rows, Dp / kVL, nb, s, 1, Rb, vp, ldv, o, Dp, j0 == jlo ? kStore : kScaleAdd, alpha);
   }
 
   for (int64_t r = 0; r < rows; ++r) {
@@ -362,7 +379,7 @@ void forward_block(const lora::AttnPlan& p, int64_t b, int64_t kvh, int64_t t0, 
     const float lr = l[r];
     const float inv = lr > 0.0f ? 1.0f / lr : 0.0f;
     float* dst = p.out + ((b * T + t) * H + h) * D;
-    for (int64_t d = 0; d < D; ++d) dst[d] = o[r * Dp + d] * inv;
+    for (int64_t d = 0; d < D; ++d) dst[d] = lr > 0.0f ? o[r * Dp + d] * inv : 0.0f;
     p.lse[(b * H + h) * T + t] = lr > 0.0f ? (m[r] + std::log2(lr)) * kLn2 : INFINITY;
   }
 }
@@ -394,28 +411,23 @@ void backward_prepare(const lora::AttnPlan& p, int64_t b, int64_t kvh, int64_t q
   const int64_t G = p.G, D = A.D, Dp = p.Dp, H = A.H, T = A.T, R = p.R;
   const int64_t t0 = qb * p.tq, rows = imin(p.tq, T - t0) * G;
   const Panel P = panel_at(p, p.panel(b, kvh, qb));
-  const float cs = A.scale * kLog2e;
-  std::memset(P.qn, 0, static_cast<size_t>(2 * R * Dp) * sizeof(float));  // qn and don
   for (int64_t r = 0; r < R; ++r) {
-    if (r >= rows) {
-      for (int64_t d = 0; d < D; ++d) P.qt[d * R + r] = P.dot[d * R + r] = 0.0f;
+    if (r >= rows) {  // padding rows: zeros
+      std::memset(P.qn + r * Dp, 0, static_cast<size_t>(Dp) * sizeof(float));
+      std::memset(P.don + r * Dp, 0, static_cast<size_t>(Dp) * sizeof(float));
       P.lse2[r] = P.delta[r] = 0.0f;
       continue;
     }
     const int64_t t = t0 + r / G, h = kvh * G + r % G;
     const int64_t off = ((b * T + t) * H + h) * D;
-    const float *qs = p.q + off, *gs = p.dout + off, *os = p.out_saved + off;
-    double delta = 0.0;
-    for (int64_t d = 0; d < D; ++d) {
-      P.qt[d * R + r] = qs[d] * cs;
-      P.dot[d * R + r] = gs[d];
-      P.qn[r * Dp + d] = qs[d];
-      P.don[r * Dp + d] = gs[d];
-      delta += static_cast<double>(gs[d]) * os[d];
-    }
-    P.delta[r] = static_cast<float>(delta);
+    std::memcpy(P.qn + r * Dp, p.q + off, static_cast<size_t>(D) * sizeof(float));
+    std::memcpy(P.don + r * Dp, p.dout + off, static_cast<size_t>(D) * sizeof(float));
+    for (int64_t d = D; d < Dp; ++d) P.qn[r * Dp + d] = P.don[r * Dp + d] = 0.0f;
+    P.delta[r] = dot(p.dout + off, p.out_saved + off, D);
     P.lse2[r] = p.lse_saved[(b * H + h) * T + t] * kLog2e;  // +inf (no visible key) stays +inf
   }
+  transpose_rows(P.qt, P.qn, D, R, Dp, A.scale * kLog2e);
+  transpose_rows(P.dot, P.don, D, R, Dp, 1.0f);
   fill_lanes(p, b, t0, rows, R, P.pos, P.segq);
 }
 
@@ -433,7 +445,6 @@ void backward_keys(const lora::AttnPlan& p, int64_t b, int64_t kvh, int64_t j0, 
   float* dka = dpm + bc * R;  // (bc, Dp): dK (unscaled)
   float* dva = dka + bc * Dp; // (bc, Dp): dV
   float* kpad = dva + bc * Dp;
-  std::memset(dka, 0, static_cast<size_t>(2 * bc * Dp) * sizeof(float));
 
   // the query rows that can see some key of the block: positions p with j0 <= p (causal) and
   // p < j1 + window; none when every key is padding
@@ -454,6 +465,7 @@ void backward_keys(const lora::AttnPlan& p, int64_t b, int64_t kvh, int64_t j0, 
     ldkp = Dp;
   }
   const int64_t nvd = Dp / kVL;
+  int first = 1;  // dK, dV sums: the first query block stores, later ones add
   for (int64_t qb = tlo <= thi ? tlo / p.tq : 1, qe = tlo <= thi ? thi / p.tq : 0; qb <= qe; ++qb) {
     const int64_t t0 = qb * p.tq, tq = imin(p.tq, T - t0), rows = tq * G;
     const int64_t nv = (rows + kVL - 1) / kVL, lds = nv * kVL;
@@ -465,13 +477,14 @@ void backward_keys(const lora::AttnPlan& p, int64_t b, int64_t kvh, int64_t j0, 
       for (int64_t c = 0; c < nv; ++c)
         storeu(s + j * lds + c * kVL, exp2v(loadu(s + j * lds + c * kVL) - loadu(P.lse2 + c * kVL)));
     mm<false>(nb, nv, D, vb, ld, 1, P.dot, R, dpm, lds, kStore, nullptr);
-    mm<false>(nb, nvd, rows, s, lds, 1, P.don, Dp, dva, Dp, kAdd, nullptr);
+    mm<false>(nb, nvd, rows, s, lds, 1, P.don, Dp, dva, Dp, first ? kStore : kAdd, nullptr);
     for (int64_t j = 0; j < nb; ++j)
       for (int64_t c = 0; c < nv; ++c) {
         float* x = dpm + j * lds + c * kVL;
         storeu(x, loadu(s + j * lds + c * kVL) * (loadu(x) - loadu(P.delta + c * kVL)));
       }
-    mm<false>(nb, nvd, rows, dpm, lds, 1, P.qn, Dp, dka, Dp, kAdd, nullptr);
+    mm<false>(nb, nvd, rows, dpm, lds, 1, P.qn, Dp, dka, Dp, first ? kStore : kAdd, nullptr);
+    first = 0;
     float* dqb = dq_partial + ((b * A.KVH + kvh) * p.nqb + qb) * R * Dp;
     mm<true>(rows, nvd, nb, dpm, 1, lds, kp, ldkp, dqb, Dp, kAdd, nullptr);
   }
@@ -480,9 +493,9 @@ void backward_keys(const lora::AttnPlan& p, int64_t b, int64_t kvh, int64_t j0, 
   float* dkb = p.dk + kvoff;
   float* dvb = p.dv + kvoff;
   for (int64_t j = 0; j < nb; ++j)
-    for (int64_t d = 0; d < D; ++d) {
-      dkb[j * ld + d] = dka[j * Dp + d] * scale;
-      dvb[j * ld + d] = dva[j * Dp + d];
+    for (int64_t d = 0; d < D; ++d) {  // no query block: no query sees these keys
+      dkb[j * ld + d] = first ? 0.0f : dka[j * Dp + d] * scale;
+      dvb[j * ld + d] = first ? 0.0f : dva[j * Dp + d];
     }
 }
 
