@@ -9,13 +9,13 @@ import { spawnSync } from 'child_process';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
-import { QUICK_SHAPES, SHAPES, Shape, shapeKey } from './common';
+import { ATTENTION_SHAPES, attentionKey, QUICK_SHAPES, SHAPES, Shape, shapeKey } from './common';
 
 const args = process.argv.slice(2);
 const flag = (n: string) => args.includes(`--${n}`);
 const opt = (n: string) => args.find((a) => a.startsWith(`--${n}=`))?.split('=')[1];
 const quick = flag('quick');
-const CASES = (opt('cases') ?? 'gemm,linear,lora_forward,lora_step,lora_merge,adamw').split(',');
+const CASES = (opt('cases') ?? 'gemm,linear,lora_forward,lora_step,lora_merge,adamw,attention').split(',');
 const THREADS = (opt('threads') ?? '1,2').split(',').map(Number);
 const shapes: Shape[] = quick ? QUICK_SHAPES : SHAPES;
 const reps = quick ? 3 : 7, warmup = quick ? 1 : 2;
@@ -81,27 +81,34 @@ interface Row {
   error?: string;
 }
 const rows: Row[] = [];
-const dtypesOf: Record<string, string[]> = { adamw: ['fp32'] };
+const dtypesOf: Record<string, string[]> = { adamw: ['fp32'], attention: ['fp32'] };
+// attention runs at its own shapes (--quick: T = 512 and 1024); the others at the linear shapes
+const shapesOf = (name: string) => (name === 'attention' ? (quick ? ATTENTION_SHAPES.slice(0, 2) : ATTENTION_SHAPES) : shapes);
+const keyOf = (name: string, s: Shape) => (name === 'attention' ? attentionKey(s) : shapeKey(s));
 for (const name of CASES) {
-  for (const shape of shapes) {
+  for (const shape of shapesOf(name)) {
     if (name === 'adamw' && shapes.some((s) => s !== shape && s.C === shape.C && s.OC === shape.OC && shapes.indexOf(s) < shapes.indexOf(shape))) continue;
     for (const threads of THREADS) {
       for (const dtype of dtypesOf[name] ?? ['fp32', 'bf16']) {
         const dims = [shape.N, shape.C, shape.OC, shape.R].map(String);
         const r = run(process.execPath, [path.join(__dirname, 'child.js'), name, ...dims, String(threads), dtype, String(reps), String(warmup)]);
         const row: Row = lastJson(r.out) ?? { case: name, shape, threads, dtype, work: {}, variants: {}, error: r.err.slice(-400) };
-        if (openblas && dtype === 'fp32' && name !== 'adamw') {
+        if (openblas && dtype === 'fp32' && name !== 'adamw' && name !== 'attention') {
           const o = lastJson(run(openblas, [name, ...dims, String(threads), String(reps), String(warmup)]).out);
           if (o) row.variants.openblas = o;
         }
         if (python) {
           // torch.set_num_threads does not reach the BLAS that Debian's torch calls: pin it too
           const tenv = { ...process.env, OMP_NUM_THREADS: String(threads), OPENBLAS_NUM_THREADS: String(threads), MKL_NUM_THREADS: String(threads) };
-          const p = lastJson(run(python, [path.join(srcDir, 'torch_bench.py'), name, ...dims, String(threads), dtype, String(reps), String(warmup)], 600_000, tenv).out);
+          // attention: transformers' eager attention (repeat_kv, float mask, fp32 softmax), fwd + bwd
+          const argv = name === 'attention'
+            ? [path.join(srcDir, 'torch_llm.py'), 'attention', 'smol', dtype, String(threads), String(reps), String(warmup), `T=${shape.N}`]
+            : [path.join(srcDir, 'torch_bench.py'), name, ...dims, String(threads), dtype, String(reps), String(warmup)];
+          const p = lastJson(run(python, argv, 600_000, tenv).out);
           if (p) row.variants.pytorch = { medianMs: p.medianMs, minMs: p.minMs, reps: p.reps };
         }
         rows.push(row);
-        process.stderr.write(`${name} ${shapeKey(shape)} t${threads} ${dtype}: ${Object.entries(row.variants).map(([k, v]) => `${k} ${v.medianMs.toFixed(2)}ms`).join(', ')}${row.error ? ` ERROR ${row.error}` : ''}\n`);
+        process.stderr.write(`${name} ${keyOf(name, shape)} t${threads} ${dtype}: ${Object.entries(row.variants).map(([k, v]) => `${k} ${v.medianMs.toFixed(2)}ms`).join(', ')}${row.error ? ` ERROR ${row.error}` : ''}\n`);
       }
     }
   }
@@ -116,7 +123,7 @@ lines.push(`| case | N×C×OC r | thr | W | ours ms (min) | rate | % ceiling | u
 lines.push(`|---|---|---|---|---|---|---|---|---|---|---|`);
 for (const r of rows) {
   const ours = r.variants.ours;
-  if (!ours) { lines.push(`| ${r.case} | ${shapeKey(r.shape)} | ${r.threads} | ${r.dtype} | error | | | | | | |`); continue; }
+  if (!ours) { lines.push(`| ${r.case} | ${keyOf(r.case, r.shape)} | ${r.threads} | ${r.dtype} | error | | | | | | |`); continue; }
   const c = ceilings[r.threads];
   const memBound = r.case === 'lora_merge' || r.case === 'adamw' || (r.shape.N <= 16 && r.case !== 'lora_step');
   let rate: string, pct: string;
@@ -145,6 +152,12 @@ for (const r of rows) {
   } else if (r.case === 'lora_step' && r.variants.frozen_linear) {
     ratio = `${fmt(ours.medianMs / r.variants.frozen_linear.medianMs, 3)}x frozen`;
     if (r.variants.pytorch) ratio += `; torch/ours ${fmt(r.variants.pytorch.medianMs / ours.medianMs, 2)}x`;
+  } else if (r.case === 'attention') {
+    // ours = forward + backward; the forward alone and one decode step against T cached positions
+    const fw = r.variants.ours_fwd, dec = r.variants.ours_decode;
+    if (r.variants.pytorch) ratio = `torch/ours ${fmt(r.variants.pytorch.medianMs / ours.medianMs, 2)}x; `;
+    if (fw) ratio += `fwd ${fmt(fw.medianMs, 2)} ms (${fmt(((r.work.flops ?? 0) / 3.5) / fw.medianMs / 1e6)} GFLOP/s)`;
+    if (dec) ratio += `; decode ${fmt(dec.medianMs * 1e3, 0)} µs (${fmt((r.work.bytes ?? 0) / dec.medianMs / 1e6)} GB/s of K, V)`;
   } else if (r.variants.pytorch) {
     ratio = `torch/ours ${fmt(r.variants.pytorch.medianMs / ours.medianMs, 2)}x`;
   }
@@ -153,7 +166,7 @@ for (const r of rows) {
     const f = find(r.case, r.shape, r.threads, 'fp32')?.variants.ours;
     if (f) ratio += `${ratio ? '; ' : ''}${fmt(f.medianMs / ours.medianMs, 2)}x fp32 speed`;
   }
-  lines.push(`| ${r.case} | ${shapeKey(r.shape)} | ${r.threads} | ${r.dtype} | ${fmt(ours.medianMs, 2)} (${fmt(ours.minMs, 2)}) | ${rate} | ${pct} | ${cell('unfused')} | ${cell('openblas')} | ${cell('pytorch')} | ${ratio} |`);
+  lines.push(`| ${r.case} | ${keyOf(r.case, r.shape)} | ${r.threads} | ${r.dtype} | ${fmt(ours.medianMs, 2)} (${fmt(ours.minMs, 2)}) | ${rate} | ${pct} | ${cell('unfused')} | ${cell('openblas')} | ${cell('pytorch')} | ${ratio} |`);
 }
 const isa = rows.find((r) => r.isa)?.isa;
 const header = [
