@@ -46,6 +46,7 @@ export interface AttentionOptions {
 }
 
 const OPTIONS = ['causal', 'scale', 'attentionMask', 'segmentIds', 'window', 'kvLength'];
+const MAX_CUDA_HEAD_DIM = 256;  // cuda/attention.cu keeps 8 head dims per lane in registers
 
 function sameDevice(ts: Tensor[]): void {
   const d = ts[0]!.device;
@@ -80,7 +81,7 @@ function maskArg(name: string, m: unknown, B: number, S: number): Tensor {
  * @throws ERR_LORA_SHAPE when q, k, v are not 4-D with matching batch and headDim, heads is not a
  *   multiple of kvHeads, T exceeds the key positions, or a mask is not [batch, >= kvLength];
  *   ERR_LORA_DTYPE for q, k, v not float32 or masks not int32; ERR_LORA_DEVICE for tensors on
- *   different devices; LoraRangeError for kvLength, window or scale out of range; ERR_LORA_OPTION
+ *   different devices; ERR_LORA_UNSUPPORTED for headDim > 256 on cuda; LoraRangeError for kvLength, window or scale out of range; ERR_LORA_OPTION
  *   for an unknown option.
  */
 export function attention(q: Tensor, k: Tensor, v: Tensor, options?: AttentionOptions): Tensor {
@@ -110,6 +111,8 @@ export function attention(q: Tensor, k: Tensor, v: Tensor, options?: AttentionOp
   const mask = o.attentionMask === undefined ? null : maskArg('attentionMask', o.attentionMask, B, S);
   const segs = o.segmentIds === undefined ? null : maskArg('segmentIds', o.segmentIds, B, S);
   sameDevice([q, k, v, ...(mask ? [mask] : []), ...(segs ? [segs] : [])]);
+  if (q.device === 'cuda' && D > MAX_CUDA_HEAD_DIM)
+    throw new LoraError('ERR_LORA_UNSUPPORTED', `Expected a headDim of at most ${MAX_CUDA_HEAD_DIM} for attention() on cuda but received ${D} (the CPU has no limit)`);
 
   const trailing = (): Trailing => [
     mask ? mask._live('attentionMask') : null, mask ? mask.shape[1]! : 0, segs ? segs._live('segmentIds') : null,

@@ -78,8 +78,16 @@ function runCase(c: Case, seed: number, device: 'cpu' | 'cuda'): string[] {
 if (CHILD) {
   const fails: string[] = [];
   CASES.forEach((c, i) => fails.push(...runCase(c, 100 + 10 * i, CHILD as 'cpu' | 'cuda')));
+  let wide = 'no error';  // headDim 264: past the CUDA kernel's limit
+  const q = tensor(new Float32Array(264), [1, 1, 1, 264], { device: CHILD as 'cpu' | 'cuda' });
+  try {
+    attention(q, q, q).dispose();
+  } catch (e) {
+    wide = `${(e as LoraError).code}: ${(e as Error).message}`;
+  }
+  q.dispose();
   // straight to fd 1: tap owns process.stdout in this file
-  fs.writeSync(1, JSON.stringify({ isa: features().isa, cases: CASES.length, fails, live: memory().numTensors }) + '\n');
+  fs.writeSync(1, JSON.stringify({ isa: features().isa, cases: CASES.length, fails, wide, live: memory().numTensors }) + '\n');
   process.exit(0);
 }
 
@@ -129,7 +137,7 @@ function runChild(device: 'cpu' | 'cuda', env: Record<string, string>) {
     env: { ...process.env, ...env, LORA_ATTN_TEST_CHILD: device }, encoding: 'utf8', timeout: 300_000,
   });
   const line = (r.stdout ?? '').trim().split('\n').filter((l) => l.startsWith('{')).pop();
-  return { res: line ? JSON.parse(line) as { isa: string; cases: number; fails: string[]; live: number } : null, r };
+  return { res: line ? JSON.parse(line) as { isa: string; cases: number; fails: string[]; wide: string; live: number } : null, r };
 }
 
 t.test('CPU kernel against the reference at every ISA level', (tt) => {
@@ -139,6 +147,7 @@ t.test('CPU kernel against the reference at every ISA level', (tt) => {
     if (!res) continue;
     tt.ok(LEVELS.indexOf(res.isa) >= LEVELS.indexOf(level), `${level}: ran at ${res.isa}`);
     tt.same(res.fails, [], `${level} (${res.isa}): ${res.cases} cases, forward and backward within tolerance`);
+    tt.equal(res.wide, 'no error', `${level}: headDim 264 runs on the CPU`);
     tt.equal(res.live, 0, `${level}: no tensor left alive`);
   }
   tt.end();
@@ -151,6 +160,7 @@ t.test(`CUDA kernel against the reference (${features().cuda ? 'GPU' : 'CUDA emu
   tt.ok(res, `child reported (exit ${r.status}; ${(r.stderr ?? '').slice(-300)})`);
   if (res) {
     tt.same(res.fails, [], `${res.cases} cases, forward and backward within tolerance`);
+    tt.equal(res.wide, 'ERR_LORA_UNSUPPORTED: Expected a headDim of at most 256 for attention() on cuda but received 264 (the CPU has no limit)', 'headDim 264 is refused on cuda');
     tt.equal(res.live, 0, 'no tensor left alive');
   }
   tt.end();
