@@ -82,6 +82,58 @@ __device__ __forceinline__ void load_rows(float* dst, int64_t ld, const float* s
   }
 }
 
+// Where a block is: its (batch b, kv head kvh), the first of its 8·W rows (forward, dq) or keys
+// (dk, dv) within that pair, and the thread's place in it. blocks_per_pair blocks cover one pair.
+struct Place {
+  int lane, warp, tid, threads;
+  int64_t G, rows, ld, b, kvh, base, first;
+};
+__device__ __forceinline__ Place place(const AttentionArgs& a, int64_t blocks_per_pair, int dl) {
+  Place p;
+  p.lane = threadIdx.x;
+  p.warp = threadIdx.y;
+  p.threads = blockDim.y * kTile;
+  p.tid = p.warp * kTile + p.lane;
+  p.G = a.H / a.KVH;
+  p.rows = a.T * p.G;
+  p.ld = kTile * dl + 1;  // odd: lanes reading a column of a tile hit distinct banks
+  const int64_t pair = blockIdx.x / blocks_per_pair;
+  p.b = pair / a.KVH;
+  p.kvh = pair % a.KVH;
+  p.base = a.S - a.T;
+  p.first = (blockIdx.x % blocks_per_pair) * kOwn * static_cast<int64_t>(blockDim.y);
+  return p;
+}
+
+// s[i] += Σ_d rows[i·ld_rows + d] · col[d] for the kOwn rows a warp owns (rows: the same address
+// in every lane, a broadcast; col: this lane's key or query row).
+__device__ __forceinline__ void dot_rows(float (&s)[kOwn], const float* rows, int64_t ld_rows, const float* col,
+                                         int64_t D) {
+  for (int64_t d = 0; d < D; ++d) {
+    const float x = col[d];
+#pragma unroll
+    for (int i = 0; i < kOwn; ++i) s[i] += rows[i * ld_rows + d] * x;
+  }
+}
+
+// acc[i][c] += Σ_r w[i·ld_w + r] · tile[r·ld + 32·c + lane] over the kTile rows r of a tile: the
+// warp's weights (broadcast) times the tile's rows, this lane's head dims.
+template <int DL>
+__device__ __forceinline__ void add_weighted(float (&acc)[kOwn][DL], const float* w, int64_t ld_w, const float* tile,
+                                             int64_t ld, int lane) {
+  for (int r = 0; r < kTile; ++r) {
+    float x[DL];
+#pragma unroll
+    for (int c = 0; c < DL; ++c) x[c] = tile[r * ld + c * kTile + lane];
+#pragma unroll
+    for (int i = 0; i < kOwn; ++i) {
+      const float wi = w[i * ld_w + r];
+#pragma unroll
+      for (int c = 0; c < DL; ++c) acc[i][c] += wi * x[c];
+    }
+  }
+}
+
 template <int DL>
 __global__ void __launch_bounds__(kTile * kMaxWarps)
     attention_forward_kernel(float* __restrict__ out,      // (B, T, H, D)
@@ -91,11 +143,10 @@ __global__ void __launch_bounds__(kTile * kMaxWarps)
                              const float* __restrict__ v,  // (B, S, KVH, D)
                              const AttentionArgs a, int64_t row_blocks) {
   LORA_DYNAMIC_SMEM(float, sm);
-  const int lane = threadIdx.x, w = threadIdx.y, W = blockDim.y;
-  const int tid = w * kTile + lane, threads = W * kTile;
-  const int64_t Br = kOwn * W, G = a.H / a.KVH, D = a.D, rows = a.T * G, ld = kTile * DL + 1;
-  const int64_t bk = blockIdx.x / row_blocks, rho0 = (blockIdx.x % row_blocks) * Br;
-  const int64_t b = bk / a.KVH, kvh = bk % a.KVH, base = a.S - a.T;
+  const Place P = place(a, row_blocks, DL);
+  const int lane = P.lane, w = P.warp, tid = P.tid, threads = P.threads;
+  const int64_t Br = kOwn * blockDim.y, G = P.G, D = a.D, rows = P.rows, ld = P.ld;
+  const int64_t rho0 = P.first, b = P.b, kvh = P.kvh, base = P.base;
   float* qs = sm;               // (Br, D): q·scale
   float* ks = qs + Br * D;      // (kTile, ld)
   float* vs = ks + kTile * ld;  // (kTile, ld)
@@ -123,14 +174,8 @@ __global__ void __launch_bounds__(kTile * kMaxWarps)
     load_kv(vs, ld, v + kv_off, kv_ld, j0, kTile, jhi, D, tid, threads);
     __syncthreads();
     const int64_t j = j0 + lane;
-    float s[kOwn];
-#pragma unroll
-    for (int i = 0; i < kOwn; ++i) s[i] = 0.0f;
-    for (int64_t d = 0; d < D; ++d) {
-      const float kd = ks[lane * ld + d];
-#pragma unroll
-      for (int i = 0; i < kOwn; ++i) s[i] += qs[(w * kOwn + i) * D + d] * kd;
-    }
+    float s[kOwn] = {};
+    dot_rows(s, qs + w * kOwn * D, D, ks + lane * ld, D);
     const int32_t kok = j <= jhi ? key_ok(a, b, j) : 0, kseg = j <= jhi ? segment(a, b, j) : 0;
 #pragma unroll
     for (int i = 0; i < kOwn; ++i) {
@@ -146,17 +191,7 @@ __global__ void __launch_bounds__(kTile * kMaxWarps)
       ps[(w * kOwn + i) * kTile + lane] = p;
     }
     __syncwarp();
-    for (int kk = 0; kk < kTile; ++kk) {
-      float vv[DL];
-#pragma unroll
-      for (int c = 0; c < DL; ++c) vv[c] = vs[kk * ld + c * kTile + lane];
-#pragma unroll
-      for (int i = 0; i < kOwn; ++i) {
-        const float p = ps[(w * kOwn + i) * kTile + kk];
-#pragma unroll
-        for (int c = 0; c < DL; ++c) o[i][c] += p * vv[c];
-      }
-    }
+    add_weighted(o, ps + w * kOwn * kTile, kTile, vs, ld, lane);
   }
 #pragma unroll
   for (int i = 0; i < kOwn; ++i) {
@@ -201,11 +236,10 @@ __global__ void __launch_bounds__(kTile * kMaxWarps)
                         const float* __restrict__ delta,  // (B, H, T)
                         const AttentionArgs a, int64_t row_blocks) {
   LORA_DYNAMIC_SMEM(float, sm);
-  const int lane = threadIdx.x, w = threadIdx.y, W = blockDim.y;
-  const int tid = w * kTile + lane, threads = W * kTile;
-  const int64_t Br = kOwn * W, G = a.H / a.KVH, D = a.D, rows = a.T * G, ld = kTile * DL + 1;
-  const int64_t bk = blockIdx.x / row_blocks, rho0 = (blockIdx.x % row_blocks) * Br;
-  const int64_t b = bk / a.KVH, kvh = bk % a.KVH, base = a.S - a.T;
+  const Place P = place(a, row_blocks, DL);
+  const int lane = P.lane, w = P.warp, tid = P.tid, threads = P.threads;
+  const int64_t Br = kOwn * blockDim.y, G = P.G, D = a.D, rows = P.rows, ld = P.ld;
+  const int64_t rho0 = P.first, b = P.b, kvh = P.kvh, base = P.base;
   float* qs = sm;                // (Br, D)
   float* gs = qs + Br * D;       // (Br, D): dout
   float* ks = gs + Br * D;       // (kTile, ld)
@@ -237,17 +271,9 @@ __global__ void __launch_bounds__(kTile * kMaxWarps)
     load_kv(vs, ld, v + kv_off, kv_ld, j0, kTile, jhi, D, tid, threads);
     __syncthreads();
     const int64_t j = j0 + lane;
-    float s[kOwn], dp[kOwn];
-#pragma unroll
-    for (int i = 0; i < kOwn; ++i) s[i] = dp[i] = 0.0f;
-    for (int64_t d = 0; d < D; ++d) {
-      const float kd = ks[lane * ld + d], vd = vs[lane * ld + d];
-#pragma unroll
-      for (int i = 0; i < kOwn; ++i) {
-        s[i] += qs[(w * kOwn + i) * D + d] * kd;
-        dp[i] += gs[(w * kOwn + i) * D + d] * vd;
-      }
-    }
+    float s[kOwn] = {}, dp[kOwn] = {};
+    dot_rows(s, qs + w * kOwn * D, D, ks + lane * ld, D);
+    dot_rows(dp, gs + w * kOwn * D, D, vs + lane * ld, D);
     const int32_t kok = j <= jhi ? key_ok(a, b, j) : 0, kseg = j <= jhi ? segment(a, b, j) : 0;
 #pragma unroll
     for (int i = 0; i < kOwn; ++i) {
@@ -255,17 +281,7 @@ __global__ void __launch_bounds__(kTile * kMaxWarps)
       dss[(w * kOwn + i) * kTile + lane] = p * (dp[i] - rd[i]);
     }
     __syncwarp();
-    for (int kk = 0; kk < kTile; ++kk) {
-      float kv[DL];
-#pragma unroll
-      for (int c = 0; c < DL; ++c) kv[c] = ks[kk * ld + c * kTile + lane];
-#pragma unroll
-      for (int i = 0; i < kOwn; ++i) {
-        const float ds = dss[(w * kOwn + i) * kTile + kk];
-#pragma unroll
-        for (int c = 0; c < DL; ++c) acc[i][c] += ds * kv[c];
-      }
-    }
+    add_weighted(acc, dss + w * kOwn * kTile, kTile, ks, ld, lane);
   }
 #pragma unroll
   for (int i = 0; i < kOwn; ++i) {
@@ -292,11 +308,10 @@ __global__ void __launch_bounds__(kTile * kMaxWarps)
                          const float* __restrict__ delta, // (B, H, T)
                          const AttentionArgs a, int64_t key_blocks) {
   LORA_DYNAMIC_SMEM(float, sm);
-  const int lane = threadIdx.x, w = threadIdx.y, W = blockDim.y;
-  const int tid = w * kTile + lane, threads = W * kTile;
-  const int64_t Bk = kOwn * W, G = a.H / a.KVH, D = a.D, rows = a.T * G, ld = kTile * DL + 1;
-  const int64_t bk = blockIdx.x / key_blocks, j0 = (blockIdx.x % key_blocks) * Bk;
-  const int64_t b = bk / a.KVH, kvh = bk % a.KVH, base = a.S - a.T;
+  const Place P = place(a, key_blocks, DL);
+  const int lane = P.lane, w = P.warp, tid = P.tid, threads = P.threads;
+  const int64_t Bk = kOwn * blockDim.y, G = P.G, D = a.D, rows = P.rows, ld = P.ld;
+  const int64_t j0 = P.first, b = P.b, kvh = P.kvh, base = P.base;
   float* ks = sm;                // (Bk, D)
   float* vs = ks + Bk * D;       // (Bk, D)
   float* qs = vs + Bk * D;       // (kTile, ld)
@@ -341,17 +356,9 @@ __global__ void __launch_bounds__(kTile * kMaxWarps)
     const bool row_ok = rho < rows;
     const int64_t p = base + imin(rho, rows - 1) / G;
     const int32_t qseg = segment(a, b, p);
-    float s[kOwn], dp[kOwn];
-#pragma unroll
-    for (int i = 0; i < kOwn; ++i) s[i] = dp[i] = 0.0f;
-    for (int64_t d = 0; d < D; ++d) {
-      const float qd = qs[lane * ld + d], gd = gs[lane * ld + d];
-#pragma unroll
-      for (int i = 0; i < kOwn; ++i) {
-        s[i] += ks[(w * kOwn + i) * D + d] * qd;
-        dp[i] += vs[(w * kOwn + i) * D + d] * gd;
-      }
-    }
+    float s[kOwn] = {}, dp[kOwn] = {};
+    dot_rows(s, ks + w * kOwn * D, D, qs + lane * ld, D);
+    dot_rows(dp, vs + w * kOwn * D, D, gs + lane * ld, D);
 #pragma unroll
     for (int i = 0; i < kOwn; ++i) {
       const int64_t j = j0 + w * kOwn + i;
@@ -361,23 +368,8 @@ __global__ void __launch_bounds__(kTile * kMaxWarps)
       dss[(w * kOwn + i) * (kTile + 1) + lane] = pij * (dp[i] - row_delta[lane]);
     }
     __syncwarp();
-    for (int r = 0; r < kTile; ++r) {
-      float qv[DL], gv[DL];
-#pragma unroll
-      for (int c = 0; c < DL; ++c) {
-        qv[c] = qs[r * ld + c * kTile + lane];
-        gv[c] = gs[r * ld + c * kTile + lane];
-      }
-#pragma unroll
-      for (int i = 0; i < kOwn; ++i) {
-        const float pij = ps[(w * kOwn + i) * (kTile + 1) + r], ds = dss[(w * kOwn + i) * (kTile + 1) + r];
-#pragma unroll
-        for (int c = 0; c < DL; ++c) {
-          dva[i][c] += pij * gv[c];
-          dka[i][c] += ds * qv[c];
-        }
-      }
-    }
+    add_weighted(dva, ps + w * kOwn * (kTile + 1), kTile + 1, gs, ld, lane);
+    add_weighted(dka, dss + w * kOwn * (kTile + 1), kTile + 1, qs, ld, lane);
   }
 #pragma unroll
   for (int i = 0; i < kOwn; ++i) {

@@ -36,8 +36,13 @@ const AttnIsa& attn_isa() {
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-AttnPlan make_plan(const AttentionArgs& a, int vl) {
+// The blocking for a call and its inputs (q, k, v and, for the backward, out and lse).
+AttnPlan make_plan(const AttentionArgs& a, int vl, const float* q = nullptr, const float* k = nullptr,
+                   const float* v = nullptr) {
   AttnPlan p;
+  p.q = q;
+  p.k = k;
+  p.v = v;
   p.a = a;
   // a window at least as long as the sequence hides nothing (and keeps positions in int32)
   if (p.a.window >= a.S) p.a.window = 0;
@@ -109,10 +114,7 @@ Status cpu_attention(ThreadPool& pool, float* out, float* lse, const float* q, c
   if (st != Status::Ok) return st;
   if (a.B == 0 || a.T == 0 || a.H == 0) return Status::Ok;
   const AttnIsa& isa = attn_isa();
-  AttnPlan p = make_plan(a, isa.vl);
-  p.q = q;
-  p.k = k;
-  p.v = v;
+  AttnPlan p = make_plan(a, isa.vl, q, k, v);
   p.out = out;
   p.lse = lse;
   const int64_t groups = a.B * a.KVH;
@@ -150,10 +152,7 @@ Status cpu_attention_backward(ThreadPool& pool, void* workspace, float* dq, floa
   }
   if (!workspace) return Status::InvalidArgument;
   const AttnIsa& isa = attn_isa();
-  AttnPlan p = make_plan(a, isa.vl);
-  p.q = q;
-  p.k = k;
-  p.v = v;
+  AttnPlan p = make_plan(a, isa.vl, q, k, v);
   p.out_saved = out;
   p.lse_saved = lse;
   p.dout = dout;

@@ -81,36 +81,20 @@ __attribute__((noinline)) void tile(int64_t k, const float* __restrict a, int64_
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) acc[i][j] = vf{};
-  if (PK) {
-    for (int64_t p = 0; p < k; ++p) {
-      vf bv[NV];
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) bv[j] = loadu(b + j * kVL);
+  const float* ap[MR];  // row-major a: one pointer per row
 #pragma GCC unroll 16
-      for (int i = 0; i < MR; ++i) {
-        const vf av = splat(a[i]);
+  for (int i = 0; i < MR; ++i) ap[i] = a + i * ars;
+  for (int64_t p = 0; p < k; ++p) {
+    vf bv[NV];
 #pragma GCC unroll 4
-        for (int j = 0; j < NV; ++j) acc[i][j] = LN_FMA(av, bv[j], acc[i][j]);
-      }
-      a += acs;
-      b += ldb;
+    for (int j = 0; j < NV; ++j) bv[j] = loadu(b + j * kVL);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const vf av = splat(PK ? a[p * acs + i] : ap[i][p]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[i][j] = LN_FMA(av, bv[j], acc[i][j]);
     }
-  } else {
-    const float* ap[MR];
-#pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i) ap[i] = a + i * ars;
-    for (int64_t p = 0; p < k; ++p) {
-      vf bv[NV];
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) bv[j] = loadu(b + j * kVL);
-#pragma GCC unroll 16
-      for (int i = 0; i < MR; ++i) {
-        const vf av = splat(ap[i][p]);
-#pragma GCC unroll 4
-        for (int j = 0; j < NV; ++j) acc[i][j] = LN_FMA(av, bv[j], acc[i][j]);
-      }
-      b += ldb;
-    }
+    b += ldb;
   }
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
