@@ -195,6 +195,20 @@ t.test('the saved log-sum-exp: +Infinity for a row that sees no key, finite outp
   tt.end();
 });
 
+t.test('empty and degenerate shapes: no query, no query head, no batch', (tt) => {
+  for (const [qs, ks] of [[[1, 0, 2, 4], [1, 3, 2, 4]], [[1, 2, 0, 4], [1, 2, 3, 4]], [[0, 2, 2, 4], [0, 2, 1, 4]]]) {
+    const mk = (shape: number[]) => tensor(Float32Array.from({ length: shape.reduce((x, y) => x * y, 1) }, (_, i) => i % 5 - 2), shape, { requiresGrad: true });
+    const q = mk(qs!), k = mk(ks!), v = mk(ks!);
+    const y = attention(q, k, v);
+    tt.same(y.shape, qs, `q ${JSON.stringify(qs)}, k ${JSON.stringify(ks)}: output has q's shape`);
+    const g = tensor(new Float32Array(y.size), y.shape);
+    y.backward(g);
+    tt.ok([k.grad!, v.grad!].every((d) => d.toFloat32Array().every((x) => x === 0)), 'dk, dv are 0 (no query sees a key)');
+    [y, g, q, k, v].forEach((x) => x.dispose());
+  }
+  tt.end();
+});
+
 t.test('error paths', (tt) => {
   const z = (shape: number[], dtype: 'float32' | 'int32' | 'bfloat16' = 'float32') => tensor(new Float32Array(shape.reduce((x, y) => x * y, 1)), shape, { dtype });
   const q = z([1, 4, 6, 8]), k = z([1, 4, 2, 8]), owned: Tensor[] = [q, k];
