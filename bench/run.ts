@@ -1,4 +1,4 @@
-// npm run bench [-- --quick] [--cases=gemm,lora_forward] [--threads=1,2] [--no-baselines]
+// npm run bench [-- --quick] [--cases=gemm,lora_forward] [--threads=1,2] [--no-baselines] [--torch-best]
 // The CPU benchmark suite of issue 3: every case (bench/cases/<op>.ts) at every shape, thread count
 // and weight dtype in its own child process; the machine's ceilings measured first (FMA peak and
 // memory bandwidth, bench/native/probe.c); OpenBLAS and PyTorch baselines over the same work when
@@ -63,6 +63,15 @@ if (flag('no-baselines')) {
   if (!python) skipped.pytorch = 'no python3 with torch (apt-get install python3-torch)';
 }
 
+// --torch-best: PyTorch as fast as this machine lets it run (BUILD.md): jemalloc with decay off
+// (freed pages are not handed back and re-faulted; eager attention's (H, T, T) buffers are the
+// worst case) and OpenBLAS's own choice of core instead of the environment's Haswell.
+const torchBest = flag('torch-best');
+const jemalloc = '/usr/lib/x86_64-linux-gnu/libjemalloc.so.2';
+const torchBestEnv: NodeJS.ProcessEnv = fs.existsSync(jemalloc)
+  ? { LD_PRELOAD: jemalloc, MALLOC_CONF: 'dirty_decay_ms:-1,muzzy_decay_ms:-1' } : {};
+if (torchBest && !fs.existsSync(jemalloc)) skipped.jemalloc = `--torch-best: ${jemalloc} not found (apt-get install libjemalloc2)`;
+
 const ceilings: Record<number, { fmaPeakGflops1: number; readGBs: number; updateGBs: number }> = {};
 for (const t of THREADS) {
   ceilings[t] = probe ? lastJson(run(probe, [String(t)]).out) : { fmaPeakGflops1: NaN, readGBs: NaN, updateGBs: NaN };
@@ -99,7 +108,12 @@ for (const name of CASES) {
         }
         if (python) {
           // torch.set_num_threads does not reach the BLAS that Debian's torch calls: pin it too
-          const tenv = { ...process.env, OMP_NUM_THREADS: String(threads), OPENBLAS_NUM_THREADS: String(threads), MKL_NUM_THREADS: String(threads) };
+          const tenv: NodeJS.ProcessEnv = { ...process.env, OMP_NUM_THREADS: String(threads), OPENBLAS_NUM_THREADS: String(threads), MKL_NUM_THREADS: String(threads) };
+          if (torchBest) {
+            Object.assign(tenv, torchBestEnv);
+            delete tenv.OPENBLAS_CORETYPE;
+            delete tenv.OPENBLAS_L2_SIZE;
+          }
           // attention: transformers' eager attention (repeat_kv, float mask, fp32 softmax), fwd + bwd
           const argv = name === 'attention'
             ? [path.join(srcDir, 'torch_llm.py'), 'attention', 'smol', dtype, String(threads), String(reps), String(warmup), `T=${shape.N}`]
@@ -172,7 +186,8 @@ const isa = rows.find((r) => r.isa)?.isa;
 const header = [
   `lora-native CPU bench ${new Date().toISOString()} — ${os.cpus()[0]?.model ?? 'cpu'}, ${os.cpus().length} cores, ISA ${isa}${quick ? ' (--quick)' : ''}`,
   `ceilings (measured): ${THREADS.map((t) => `${t} thr: FMA ${fmt(ceilings[t].fmaPeakGflops1 * t, 0)} GFLOP/s, read ${fmt(ceilings[t].readGBs)} GB/s, update ${fmt(ceilings[t].updateGBs)} GB/s`).join('; ')}`,
-  `baselines: OpenBLAS ${openblas ? 'found' : `skipped (${skipped.openblas})`}; PyTorch ${python ? torchVersion : `skipped (${skipped.pytorch})`}`,
+  `baselines: OpenBLAS ${openblas ? 'found' : `skipped (${skipped.openblas})`}; PyTorch ${python ? torchVersion : `skipped (${skipped.pytorch})`}` +
+    `${python && torchBest ? ' with jemalloc (decay off) and OpenBLAS\'s own core choice (--torch-best)' : ''}`,
   `times are medians in ms; rates from the median; memory-bound rows (merge, adamw, N <= 16) in GB/s of the weight traffic; bf16 rows are shown against the fp32 FMA peak (the bf16 dot product does twice the flops per instruction).`,
   `load average (1 min) before/after the run: ${loadBefore[0]!.toFixed(1)} / ${os.loadavg()[0]!.toFixed(1)} on ${os.cpus().length} cores${os.loadavg()[0]! > os.cpus().length * 0.75 ? ' — the machine was busy; figures are pessimistic' : ''}`,
 ];
