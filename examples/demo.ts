@@ -4,8 +4,9 @@
 // 3. adapt to B with LoRA (rank 4 on attention and MLP projections) and, from the same starting
 //    point, with full fine-tuning, for the same number of steps;
 // 4. print trainable parameters, task-B accuracy/loss before and after, task-A accuracy after
-//    (forgetting), time and adapter size vs model size; write SVG loss curves, the PEFT adapter and
-//    samples to demo-output/. Every number comes from this run. `--quick` runs a short version;
+//    (forgetting), time and adapter size vs model size; write the base and fully fine-tuned
+//    models, the PEFT adapter, SVG loss curves, the table and every number to demo-output/ (the
+//    summary lists each file). Every number comes from this run. `--quick` runs a short version;
 //    `--device cuda` runs it on the GPU.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -296,7 +297,18 @@ async function main(): Promise<void> {
     samples: samplePrompts.map((p, i) => ({ prompt: p, before: before[i], lora: afterLora[i], full: afterFull[i] })),
   }, null, 2) + '\n');
   fs.writeFileSync(path.join(OUT, 'table.md'), table + '\n');
-  console.log(`\nwrote ${OUT}/loss_curves.svg, ${OUT}/lora-adapter/ (PEFT: adapter_config.json + adapter_model.safetensors), ${OUT}/results.json`);
+  const written: [string, string][] = [
+    [modelFile, 'the pretrained model (task A), safetensors'],
+    [path.join(adapterDir, 'adapter_config.json'), 'the LoRA adapter, PEFT format (config)'],
+    [path.join(adapterDir, 'adapter_model.safetensors'), 'the LoRA adapter, PEFT format (weights)'],
+    [fullFile, 'the fully fine-tuned model, safetensors'],
+    [path.join(OUT, 'loss_curves.svg'), 'training loss curves'],
+    [path.join(OUT, 'table.md'), 'the table above'],
+    [path.join(OUT, 'results.json'), 'every number of this run, the losses and samples'],
+  ];
+  console.log(`\nwrote ${written.length} files to ${OUT}/:`);
+  const nameWidth = Math.max(...written.map(([f]) => path.relative(OUT, f).length));
+  for (const [f, what] of written) console.log(`  ${path.relative(OUT, f).padEnd(nameWidth)}  ${kb(dirBytes(f)).padStart(9)}  ${what}`);
 
   for (const m of [base, loraModel, fullModel]) m.dispose();
   if (memory().numTensors !== startTensors) console.log(`note: ${memory().numTensors - startTensors} tensors still live`);

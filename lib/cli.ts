@@ -6,6 +6,8 @@ import * as path from 'node:path';
 import { parseArgs, ParseArgsConfig } from 'node:util';
 
 import { LoraError } from './errors';
+import { exportGgufAdapter } from './export/gguf';
+import { exportMlxAdapter } from './export/mlx';
 import { combineAdapters, Combination, mergeError, mergeWeight, ModuleContribution, MergeReportEntry } from './lora_model';
 import { ADAPTER_CONFIG, loadPeftAdapter, PeftAdapter, PeftModule, savePeftAdapter } from './peft';
 import {
@@ -22,7 +24,47 @@ const USAGE = `Usage:
   lora-native inspect <file | dir>
   lora-native combine --adapter <dir> --adapter <dir> [...] --weights w1,w2[,...]
                       --mode linear|cat|svd [--rank k] --out <dir>
-  lora-native --help | --version`;
+  lora-native export --adapter <peft dir> --model <base model dir> --to peft|gguf|mlx|merged --out <path>
+  lora-native --help | --version
+
+merge    merges the adapter into every tensor it adapts and writes all tensors to --out (its
+         folder is created; the base's config.json and tokenizer files are copied beside it)
+  --scale k        multiply the adapter's scaling by k (default 1)
+  --dtype d        convert floating tensors to f32, bf16 or f16 (default: keep each dtype)
+  --unsafe         write merged weights even when they hold NaN or Inf (refused by default)
+  --probe-rows n   random probe rows per tensor for the error report (default 8; 0 skips it)
+inspect  lists tensors (dtype, shape, size) from the headers, or an adapter's modules
+combine  writes a new PEFT adapter folder --out (a new or empty folder) from weighted adapters
+  --weights        one weight per --adapter, comma-separated
+  --mode           linear (PEFT's rule, equal ranks), cat (exact) or svd (best rank --rank)
+  --rank k         rank of an svd combination (default: the largest source rank)
+export   converts a PEFT adapter for another tool; --model is the base model's folder (its
+         config.json gives the architecture and head counts)
+  --to             peft (a PEFT folder), gguf (a llama.cpp LoRA file), mlx (an mlx-lm adapter
+                   folder) or merged (a Hugging Face folder with the adapter merged in)`;
+
+// Every flag of every command: --help and README.md list each (test/cli.test.ts checks).
+export const FLAGS = {
+  merge: {
+    base: { type: 'string' }, adapter: { type: 'string' }, out: { type: 'string' }, scale: { type: 'string' },
+    dtype: { type: 'string' }, unsafe: { type: 'boolean' }, 'probe-rows': { type: 'string' },
+  },
+  inspect: {},
+  combine: {
+    adapter: { type: 'string', multiple: true }, weights: { type: 'string' }, mode: { type: 'string' },
+    rank: { type: 'string' }, out: { type: 'string' },
+  },
+  export: {
+    adapter: { type: 'string' }, model: { type: 'string' }, to: { type: 'string' }, out: { type: 'string' },
+  },
+} as const satisfies Record<string, NonNullable<ParseArgsConfig['options']>>;
+
+// The API's option names in messages that reach the command line, and the flags that set them.
+const API_TO_FLAG: [RegExp, string][] = [[/\bsafeMerge: false\b/g, '--unsafe'], [/\bsvdRank\b/g, '--rank'], [/\bprobeRows\b/g, '--probe-rows']];
+
+// Files of a Hugging Face model folder that describe the model rather than hold its weights: the
+// merged file needs them beside it to load as a model. A sharded index would be wrong for it.
+const MODEL_FILES = /^(config\.json|generation_config\.json|tokenizer(_config)?\.json|special_tokens_map\.json|added_tokens\.json|tokenizer\.model|vocab\.(json|txt)|merges\.txt|chat_template\.(json|jinja)|preprocessor_config\.json|.*\.tiktoken)$/;
 
 const DTYPE_ARG: Record<string, DType> = { f32: 'float32', float32: 'float32', bf16: 'bfloat16', bfloat16: 'bfloat16', f16: 'float16', float16: 'float16' };
 
@@ -80,14 +122,54 @@ function numberArg(v: string, flag: string): number {
 
 // ---- merge ------------------------------------------------------------------------------------
 
+/** Refuses an --out that is an existing folder (a file is wanted), before any work. */
+function outFileArg(v: unknown): string {
+  const outFile = need(v, '--out');
+  if (fs.existsSync(outFile) && fs.statSync(outFile).isDirectory())
+    throw new UsageError(`--out ${outFile} is an existing folder; give the file to write, e.g. ${path.join(outFile, 'model.safetensors')}`);
+  return outFile;
+}
+
+/** Refuses an --out folder that exists and is not empty (it would mix two adapters), before any work. */
+function outDirArg(v: unknown): string {
+  const outDir = need(v, '--out');
+  if (fs.existsSync(outDir) && (!fs.statSync(outDir).isDirectory() || fs.readdirSync(outDir).length > 0))
+    throw new UsageError(`--out ${outDir} ${fs.statSync(outDir).isDirectory() ? 'is a folder that is not empty' : 'is an existing file'}; give a new or empty folder`);
+  return outDir;
+}
+
+function mkdirFor(dir: string): void {
+  try {
+    fs.mkdirSync(dir, { recursive: true });
+  } catch (e) {
+    throw new LoraError('ERR_LORA_IO', `Could not create ${dir}: ${(e as Error).message}`);
+  }
+}
+
+/** Copies the base model's config and tokenizer files into outDir (atomically); returns their names. */
+function copyModelFiles(basePath: string, outDir: string): string[] {
+  const srcDir = fs.statSync(basePath).isDirectory() ? basePath : path.dirname(basePath);
+  if (path.resolve(srcDir) === path.resolve(outDir)) return [];
+  const copied: string[] = [];
+  for (const f of fs.readdirSync(srcDir).filter((n) => MODEL_FILES.test(n)).sort()) {
+    const dest = path.join(outDir, f);
+    try {
+      fs.copyFileSync(path.join(srcDir, f), `${dest}.${process.pid}.tmp`);
+      fs.renameSync(`${dest}.${process.pid}.tmp`, dest);
+    } catch (e) {
+      fs.rmSync(`${dest}.${process.pid}.tmp`, { force: true });
+      throw new LoraError('ERR_LORA_IO', `Could not copy ${f} from ${srcDir} to ${outDir}: ${(e as Error).message}`);
+    }
+    copied.push(f);
+  }
+  return copied;
+}
+
 function merge(argv: string[], out: NodeJS.WriteStream, err: NodeJS.WriteStream): void {
-  const { values: v } = parse(argv, {
-    base: { type: 'string' }, adapter: { type: 'string' }, out: { type: 'string' }, scale: { type: 'string' },
-    dtype: { type: 'string' }, unsafe: { type: 'boolean' }, 'probe-rows': { type: 'string' },
-  });
+  const { values: v } = parse(argv, FLAGS.merge);
   const basePath = need(v.base, '--base');
   const adapterDir = need(v.adapter, '--adapter');
-  const outFile = need(v.out, '--out');
+  const outFile = outFileArg(v.out);
   const scale = v.scale === undefined ? 1 : numberArg(v.scale as string, '--scale');
   const probeRows = v['probe-rows'] === undefined ? 8 : numberArg(v['probe-rows'] as string, '--probe-rows');
   if (!Number.isInteger(probeRows) || probeRows < 0) throw new UsageError(`--probe-rows must be a non-negative integer but is '${v['probe-rows']}'`);
@@ -181,6 +263,7 @@ function merge(argv: string[], out: NodeJS.WriteStream, err: NodeJS.WriteStream)
       }
     }
     for (const [k, t] of mergedBias) if (!byName.has(k)) sources.set(k, { dtype: SAFETENSORS_DTYPE[t.dtype], shape: t.shape, data: () => t.toBytes() });
+    mkdirFor(path.dirname(path.resolve(outFile)));
     try {
       saveSafetensors(outFile, new Map(sources), {
         metadata: model.metadata,
@@ -192,8 +275,10 @@ function merge(argv: string[], out: NodeJS.WriteStream, err: NodeJS.WriteStream)
     } finally {
       for (const t of mergedBias.values()) t.dispose();
     }
+    const copied = copyModelFiles(basePath, path.dirname(path.resolve(outFile)));
     const worst = report.reduce((m, r) => Math.max(m, r.relError), 0);
     out.write(`wrote ${outFile}: ${model.entries.length} tensors, ${plan.size} merged (scale ${scale}${forced ? `, dtype ${forced}` : ''})\n`);
+    if (copied.length) out.write(`copied beside it from the base: ${copied.join(', ')}\n`);
     if (report.length) {
       out.write('merge error (max |merged forward - adapter forward| on random probe inputs):\n');
       out.write(table([['tensor', 'dtype', 'max abs error', 'max abs output', 'relative'],
@@ -230,7 +315,7 @@ function inspectAdapter(dir: string, out: NodeJS.WriteStream): void {
 }
 
 function inspect(argv: string[], out: NodeJS.WriteStream): void {
-  const { positionals } = parse(argv, {}, 1);
+  const { positionals } = parse(argv, FLAGS.inspect, 1);
   const p = need(positionals[0], 'a file or folder to inspect');
   if (fs.existsSync(path.join(p, ADAPTER_CONFIG))) return inspectAdapter(p, out);
   const m = openModel(p);
@@ -251,10 +336,7 @@ function inspect(argv: string[], out: NodeJS.WriteStream): void {
 // ---- combine ----------------------------------------------------------------------------------
 
 function combine(argv: string[], out: NodeJS.WriteStream): void {
-  const { values: v } = parse(argv, {
-    adapter: { type: 'string', multiple: true }, weights: { type: 'string' }, mode: { type: 'string' },
-    rank: { type: 'string' }, out: { type: 'string' },
-  });
+  const { values: v } = parse(argv, FLAGS.combine);
   const dirs = (v.adapter as string[] | undefined) ?? [];
   if (dirs.length === 0) throw new UsageError('missing --adapter (give one per adapter)');
   const weightsArg = need(v.weights, '--weights');
@@ -262,7 +344,7 @@ function combine(argv: string[], out: NodeJS.WriteStream): void {
   if (weights.length !== dirs.length) throw new UsageError(`--weights has ${weights.length} values for ${dirs.length} adapters`);
   const mode = need(v.mode, '--mode');
   if (mode !== 'linear' && mode !== 'cat' && mode !== 'svd') throw new UsageError(`--mode must be linear, cat or svd but is '${mode}'`);
-  const outDir = need(v.out, '--out');
+  const outDir = outDirArg(v.out);
   let svdRank: number | undefined;
   if (v.rank !== undefined) {
     svdRank = numberArg(v.rank as string, '--rank');
@@ -274,16 +356,15 @@ function combine(argv: string[], out: NodeJS.WriteStream): void {
     for (const d of dirs) adapters.push(loadPeftAdapter(d));
     combined = combineAdapters(adapters, weights, mode as Combination, svdRank === undefined ? undefined : { svdRank });
     // a new folder appears whole or not at all: write a sibling temp folder, then rename it
-    if (fs.existsSync(outDir)) savePeftAdapter(outDir, combined);
-    else {
-      const tmp = path.join(path.dirname(path.resolve(outDir)), `.${path.basename(outDir)}.${process.pid}.tmp`);
-      try {
-        savePeftAdapter(tmp, combined);
-        fs.renameSync(tmp, outDir);
-      } catch (e) {
-        fs.rmSync(tmp, { recursive: true, force: true });
-        throw e;
-      }
+    // (rename(2) replaces an empty folder, the only kind outDirArg lets through)
+    mkdirFor(path.dirname(path.resolve(outDir)));
+    const tmp = path.join(path.dirname(path.resolve(outDir)), `.${path.basename(outDir)}.${process.pid}.tmp`);
+    try {
+      savePeftAdapter(tmp, combined);
+      fs.renameSync(tmp, outDir);
+    } catch (e) {
+      fs.rmSync(tmp, { recursive: true, force: true });
+      throw e;
     }
     const ranks = [...combined.modules.values()].map((m) => m.rank);
     out.write(`wrote ${outDir}: ${mode} combination of ${dirs.length} adapters, ${combined.modules.size} modules, rank ${Math.min(...ranks)}${Math.max(...ranks) !== Math.min(...ranks) ? `-${Math.max(...ranks)}` : ''}, scaling 1\n`);
@@ -293,16 +374,68 @@ function combine(argv: string[], out: NodeJS.WriteStream): void {
   }
 }
 
+// ---- export ---------------------------------------------------------------------------------
+
+function exportAdapter(argv: string[], out: NodeJS.WriteStream, err: NodeJS.WriteStream): void {
+  const { values: v } = parse(argv, FLAGS.export);
+  const adapterDir = need(v.adapter, '--adapter');
+  const modelDir = need(v.model, '--model');
+  const to = need(v.to, '--to');
+  const outPath = need(v.out, '--out');
+  if (!fs.existsSync(modelDir) || !fs.statSync(modelDir).isDirectory()) throw new LoraError('ERR_LORA_IO', `Could not find the model folder ${modelDir}`);
+  switch (to) {
+    case 'peft': {
+      const a = loadPeftAdapter(adapterDir);
+      try {
+        savePeftAdapter(outPath, a);
+      } finally {
+        a.dispose();
+      }
+      out.write(`wrote ${outPath}: PEFT adapter (${ADAPTER_CONFIG}, adapter_model.safetensors)\n`);
+      return;
+    }
+    case 'gguf': {
+      const r = exportGgufAdapter(adapterDir, { modelDir, out: outPath });
+      out.write(`wrote ${outPath}: GGUF LoRA adapter for llama.cpp (${r.architecture}, ${r.tensors} tensors, alpha ${r.alpha}` +
+        `${r.permuted.length ? `, ${r.permuted.length} q/k modules permuted` : ''}${r.rescaled.length ? `, ${r.rescaled.length} modules rescaled into lora_b` : ''})\n`);
+      return;
+    }
+    case 'mlx': {
+      const r = exportMlxAdapter(adapterDir, { modelDir, out: outPath });
+      out.write(`wrote ${outPath}: mlx-lm adapter (${r.fineTuneType}, ${r.modelType}, rank ${r.rank}, scale ${r.scale}, last ${r.numLayers} layers, keys ${r.keys.join(', ')})\n`);
+      return;
+    }
+    case 'merged': {
+      // merge() creates the folder and copies the base's config and tokenizer files beside the weights
+      merge(['--base', modelDir, '--adapter', adapterDir, '--out', path.join(outPath, 'model.safetensors')], out, err);
+      return;
+    }
+    default:
+      throw new UsageError(`--to must be peft, gguf, mlx or merged but is '${to}'`);
+  }
+}
+
 // ---- entry --------------------------------------------------------------------------------------
+
+const quietOnEpipe = new WeakSet<NodeJS.WriteStream>();
 
 /** Runs the command line; returns the exit code (0 ok, 1 failure, 2 usage). */
 export function main(argv: string[], out: NodeJS.WriteStream = process.stdout, err: NodeJS.WriteStream = process.stderr): number {
+  // `lora-native inspect x | head`: a reader that stops early is not an error; exit quietly
+  if (!quietOnEpipe.has(out) && typeof out.on === 'function') {
+    quietOnEpipe.add(out);
+    out.on('error', (e: NodeJS.ErrnoException) => {
+      if (e.code === 'EPIPE') process.exit(process.exitCode ?? 0);
+      throw e;
+    });
+  }
   const [cmd, ...rest] = argv;
   try {
     switch (cmd) {
       case 'merge': merge(rest, out, err); return 0;
       case 'inspect': inspect(rest, out); return 0;
       case 'combine': combine(rest, out); return 0;
+      case 'export': exportAdapter(rest, out, err); return 0;
       case '--version': case '-v': {
         // eslint-disable-next-line @typescript-eslint/no-require-imports
         const pkg = JSON.parse(fs.readFileSync(path.join(__dirname, '..', '..', 'package.json'), 'utf8')) as { version: string };
@@ -318,7 +451,8 @@ export function main(argv: string[], out: NodeJS.WriteStream = process.stdout, e
       err.write(`lora-native: ${e.message}\n${USAGE.split('\n')[0]} (see lora-native --help)\n`);
       return 2;
     }
-    const msg = e instanceof Error ? e.message : String(e);
+    let msg = e instanceof Error ? e.message : String(e);
+    for (const [api, flag] of API_TO_FLAG) msg = msg.replace(api, flag);
     const code = (e as { code?: string })?.code;
     err.write(`lora-native: ${msg.split('\n')[0]}${code && code.startsWith('ERR_LORA') ? ` [${code}]` : ''}\n`);
     return 1;

@@ -24,6 +24,7 @@ export type LoraErrorCode =
   | 'ERR_LORA_OUT_OF_MEMORY'
   | 'ERR_LORA_UNSUPPORTED'
   | 'ERR_LORA_BUSY'
+  | 'ERR_LORA_TEMPLATE'
   | 'ERR_LORA_INTERNAL';
 
 function isLoraCoded(v: unknown): boolean {
@@ -138,21 +139,40 @@ function editDistance(a: string, b: string): number {
 
 /**
  * Checks an options object: it must be a plain object (or undefined) with only known keys; an
- * unknown key gets a "did you mean" suggestion. Returns the object (or {}).
+ * unknown key gets a "did you mean" suggestion. `aliases` maps other accepted names to known ones
+ * (PEFT's `lora_alpha` for `alpha`, or camelCase for PEFT's snake_case): the result then holds the
+ * known names only, and giving both names of one option is refused. Returns the object (or {}).
  */
-export function checkOptions<T extends object>(where: string, opts: unknown, known: readonly string[]): Partial<T> {
+export function checkOptions<T extends object>(where: string, opts: unknown, known: readonly string[], aliases: Readonly<Record<string, string>> = {}): Partial<T> {
   if (opts === undefined) return {};
   if (opts === null || typeof opts !== 'object' || Array.isArray(opts)) throw typeError(`${where} options`, 'an object', opts);
+  aliases = Object.fromEntries(Object.entries(aliases).filter(([, k]) => known.includes(k)));
+  const names = [...known, ...Object.keys(aliases)];
   for (const key of Object.keys(opts)) {
-    if (known.includes(key)) continue;
+    if (names.includes(key)) continue;
     let best = '';
     let bestD = Infinity;
-    for (const k of known) {
+    for (const k of names) {
       const d = editDistance(key, k);
       if (d < bestD) { bestD = d; best = k; }
     }
     const hint = bestD <= Math.max(2, Math.floor(key.length / 3)) ? `; did you mean '${best}'?` : `; known options: ${known.join(', ')}`;
     throw new LoraError('ERR_LORA_OPTION', `Unknown option '${key}' for ${where}${hint}`);
   }
-  return opts as Partial<T>;
+  const given = Object.keys(opts).filter((k) => k in aliases);
+  if (given.length === 0) return opts as Partial<T>;
+  const out: Record<string, unknown> = { ...opts };
+  for (const alias of given) {
+    const name = aliases[alias]!;
+    const clash = Object.keys(opts).find((k) => k !== alias && (k === name || aliases[k] === name));
+    if (clash) throw new LoraError('ERR_LORA_OPTION', `Expected one of '${clash}' and '${alias}' for ${where} (two names of one option) but received both`);
+    out[name] = out[alias];
+    delete out[alias];
+  }
+  return out as Partial<T>;
 }
+
+/** PEFT's snake_case names of LoRA settings, as aliases of lora-native's camelCase ones. */
+export const PEFT_LORA_ALIASES: Readonly<Record<string, string>> = {
+  r: 'rank', lora_alpha: 'alpha', lora_dropout: 'dropout', use_rslora: 'useRslora', target_modules: 'targetModules',
+};

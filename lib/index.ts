@@ -70,10 +70,27 @@ export type { AttentionOptions } from './attention';
 export {
   Linear, Embedding, LayerNorm, RMSNorm, Dropout, Activation, Sequential, MLP, TransformerLM, TransformerBlock,
   CausalSelfAttention, TransformerMLP, applyLora, loraLayers, peftAdapterOf, saveLoraAdapter, loadLoraAdapter, trainableParameters,
+  mergeAndUnload, unloadLora,
 } from './nn';
 export type {
   LinearOptions, EmbeddingOptions, MLPOptions, ActivationName, TransformerOptions, ApplyLoraOptions, LoraInfo, ParameterCount,
 } from './nn';
 export { train, lrMultiplier, parameterGroups, clipGradNorm, CHECKPOINT_FILE } from './train';
-export type { TrainOptions, TrainResult, StepInfo, Schedule, OptimizerSpec } from './train';
+export type { TrainOptions, TrainResult, StepInfo, Schedule, OptimizerSpec, ResumeInfo } from './train';
 export { allFinite, assertAllFinite } from './numerics';
+export { Tokenizer, loadTokenizer } from './tokenizer';
+export type { ChatMessage, EncodeOptions, DecodeOptions, ChatTemplateOptions } from './tokenizer';
+export { loadDataset, Dataset, IGNORE_INDEX } from './data';
+export type { LoadDatasetOptions, Batch, BatchOptions, DatasetSplits, DatasetFormat, DatasetTokenizer, SkippedLine } from './data';
+export { exportGgufAdapter } from './export/gguf';
+export type { GgufExportOptions, GgufExportResult } from './export/gguf';
+export { exportMlxAdapter } from './export/mlx';
+export type { MlxExportOptions, MlxExportResult } from './export/mlx';
+export { writeGguf } from './export/gguf_writer';
+export type { GgufValue, GgufTensor, GgufScalarType, GgufTensorType } from './export/gguf_writer';
+export { CausalLM, causalLmLoss } from './models/causal_lm';
+export type { ForwardOptions, WeightDtype } from './models/causal_lm';
+export { KVCache } from './models/common';
+export type { GenerateOptions } from './models/generate';
+export { loadCausalLM, saveCausalLM, SUPPORTED_ARCHITECTURES } from './models/loader';
+export type { LoadCausalLMOptions, SaveCausalLMOptions } from './models/loader';

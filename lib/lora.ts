@@ -2,8 +2,8 @@
 //   y = x·Wᵀ + b + s·dropout(x)·Aᵀ·Bᵀ,   s = alpha/rank (or alpha/sqrt(rank) with rsLoRA).
 // Forward and backward each run one native kernel (lora_forward / lora_backward); merge() folds
 // s·B·A into W. Names map to the kernels' sizes: inFeatures = C, outFeatures = OC, rank = R.
-import { checkOptions, expectBoolean, expectInteger, expectNumber, LoraError, typeError } from './errors';
-import { native } from './native';
+import { checkOptions, PEFT_LORA_ALIASES, expectBoolean, expectInteger, expectNumber, LoraError, typeError } from './errors';
+import { native, NativeStorage } from './native';
 import { Module, uniformParameter } from './module';
 import { linear } from './ops';
 import { defaultRng, Rng } from './random';
@@ -24,7 +24,10 @@ export interface LoraLinearOptions {
   bias?: boolean;
   /** rsLoRA: scaling = alpha / sqrt(rank); default false. */
   useRslora?: boolean;
-  /** An existing frozen weight (outFeatures, inFeatures), float32 or bfloat16, used as is. */
+  /**
+   * An existing frozen weight (outFeatures, inFeatures), used as is: float32 or bfloat16 (read in
+   * place by the kernels), or float16 (widened to float32 for each kernel call).
+   */
   weight?: Tensor;
   /** An existing frozen bias (outFeatures), used as is; null for none. */
   biasTensor?: Tensor | null;
@@ -50,11 +53,9 @@ export class LoraLinear extends Module {
   readonly inFeatures: number;
   readonly outFeatures: number;
   readonly rank: number;
-  readonly alpha: number;
   readonly dropout: number;
-  readonly useRslora: boolean;
-  /** alpha / rank, or alpha / sqrt(rank) with rsLoRA. */
-  readonly scaling: number;
+  private _alpha: number;
+  private _useRslora: boolean;
   /** (outFeatures, inFeatures), frozen. */
   weight!: Tensor;
   /** (outFeatures), frozen; null without bias. */
@@ -69,19 +70,18 @@ export class LoraLinear extends Module {
 
   constructor(options: LoraLinearOptions) {
     super();
-    const o = checkOptions<LoraLinearOptions>('LoraLinear', options, OPTIONS);
+    const o = checkOptions<LoraLinearOptions>('LoraLinear', options, OPTIONS, PEFT_LORA_ALIASES);
     if (options === undefined) throw typeError('LoraLinear options', 'an object with inFeatures, outFeatures and rank', options);
     this.inFeatures = expectInteger('inFeatures', o.inFeatures, 1, MAX_FEATURES);
     this.outFeatures = expectInteger('outFeatures', o.outFeatures, 1, MAX_FEATURES);
     const maxRank = Math.min(this.inFeatures, this.outFeatures);
     this.rank = expectInteger('rank', o.rank, 1, maxRank);
-    this.alpha = o.alpha === undefined ? this.rank : expectNumber('alpha', o.alpha, 0, Infinity, 'a finite number > 0');
-    if (this.alpha === 0) throw new LoraError('ERR_LORA_RANGE', 'Expected a finite number > 0 for alpha but received 0 (number)');
+    this._alpha = o.alpha === undefined ? this.rank : expectNumber('alpha', o.alpha, 0, Infinity, 'a finite number > 0');
+    if (this._alpha === 0) throw new LoraError('ERR_LORA_RANGE', 'Expected a finite number > 0 for alpha but received 0 (number)');
     this.dropout = o.dropout === undefined ? 0 : expectNumber('dropout', o.dropout, 0, 1, 'a number in [0, 1)');
     if (this.dropout >= 1) throw new LoraError('ERR_LORA_RANGE', `Expected a number in [0, 1) for dropout but received ${this.dropout} (number)`);
-    this.useRslora = o.useRslora === undefined ? false : expectBoolean('useRslora', o.useRslora);
+    this._useRslora = o.useRslora === undefined ? false : expectBoolean('useRslora', o.useRslora);
     const hasBias = o.bias === undefined ? true : expectBoolean('bias', o.bias);
-    this.scaling = this.useRslora ? this.alpha / Math.sqrt(this.rank) : this.alpha / this.rank;
     this.rng = o.seed === undefined ? new Rng(defaultRng().seed()) : new Rng(expectInteger('seed', o.seed, 0, Number.MAX_SAFE_INTEGER));
     let device: Device = o.device === undefined ? (o.weight instanceof Tensor ? o.weight.device : 'cpu') : checkDevice('device', o.device);
 
@@ -94,8 +94,8 @@ export class LoraLinear extends Module {
       w._live('weight');
       if (w.ndim !== 2 || w.shape[0] !== OC || w.shape[1] !== C)
         throw new LoraError('ERR_LORA_SHAPE', `Expected weight of shape [${OC}, ${C}] but received ${shapeString(w.shape)}`);
-      if (w.dtype !== 'float32' && w.dtype !== 'bfloat16')
-        throw new LoraError('ERR_LORA_DTYPE', `Expected a float32 or bfloat16 weight but received ${w.dtype}`);
+      if (w.dtype === 'int32')
+        throw new LoraError('ERR_LORA_DTYPE', `Expected a float32, bfloat16 or float16 weight but received ${w.dtype}`);
       device = w.device;
       this.weight = w;
     } else {
@@ -131,6 +131,44 @@ export class LoraLinear extends Module {
     return this._merged;
   }
 
+  /** Scale numerator (PEFT's lora_alpha). */
+  get alpha(): number {
+    return this._alpha;
+  }
+
+  /** rsLoRA: scaling = alpha / sqrt(rank). */
+  get useRslora(): boolean {
+    return this._useRslora;
+  }
+
+  /** alpha / rank, or alpha / sqrt(rank) with rsLoRA. */
+  get scaling(): number {
+    return this._useRslora ? this._alpha / Math.sqrt(this.rank) : this._alpha / this.rank;
+  }
+
+  /**
+   * @internal Takes another alpha / rsLoRA setting (loadLoraAdapter adopts the file's).
+   * @throws ERR_LORA_STATE while merged (the folded-in update was made with the old scaling).
+   */
+  _setScaling(alpha: number, useRslora: boolean, where: string): void {
+    this.checkIdle('loading an adapter');
+    if (this._merged && (alpha !== this._alpha || useRslora !== this._useRslora))
+      throw new LoraError('ERR_LORA_STATE', `Expected an unmerged LoraLinear for ${where} but it is merged; call unmerge() first`);
+    this._alpha = expectNumber('alpha', alpha, Number.MIN_VALUE, Infinity, 'a finite number > 0');
+    this._useRslora = expectBoolean('useRslora', useRslora);
+  }
+
+  /**
+   * @internal W + scaling·B·A as a new tensor in the weight's dtype (fp32 math, one rounding); the
+   * layer is unchanged. After merge() the weight itself already is that.
+   */
+  _mergedWeight(): Tensor {
+    this.checkIdle('merge()');
+    const out = this.weight.toDtype(this.weight.dtype);
+    if (!this._merged) native.loraMerge(out._storage, this.loraA._live('loraA'), this.loraB._live('loraB'), this.outFeatures, this.inFeatures, this.rank, this.scaling);
+    return out;
+  }
+
   /**
    * y = x·Wᵀ + b + s·dropout(x)·Aᵀ·Bᵀ for x of shape [..., inFeatures]. Dropout applies in
    * training mode only. After merge() it is the plain linear layer.
@@ -160,7 +198,7 @@ export class LoraLinear extends Module {
     const seed = p > 0 ? this.rng.seed() : 0;
     const y = empty([...x.shape.slice(0, -1), OC], x.device);
     const h = empty([N, R], x.device);
-    native.loraForward(y._storage, h._storage, x._storage, W._storage, b ? b._storage : null, A._storage, B._storage, N, C, OC, R, s, p, seed);
+    withKernelWeight(W, (w) => native.loraForward(y._storage, h._storage, x._storage, w, b ? b._storage : null, A._storage, B._storage, N, C, OC, R, s, p, seed));
     const out = record(y, {
       name: 'lora_forward',
       inputs: [x, A, B],
@@ -168,9 +206,9 @@ export class LoraLinear extends Module {
         const dx = x.requiresGrad ? empty(x.shape, x.device) : null;
         const dA = A.requiresGrad ? zeros(A.shape, { device: A.device }) : null;
         const dB = B.requiresGrad ? zeros(B.shape, { device: B.device }) : null;
-        native.loraBackward(dx ? dx._storage : null, dA ? dA._storage : null, dB ? dB._storage : null, g._storage,
-          x._live('the input of a LoraLinear forward'), h._live('saved activations'), W._live('weight'), A._live('loraA'),
-          B._live('loraB'), N, C, OC, R, s, p, seed);
+        withKernelWeight(W, (w) => native.loraBackward(dx ? dx._storage : null, dA ? dA._storage : null, dB ? dB._storage : null,
+          g._storage, x._live('the input of a LoraLinear forward'), h._live('saved activations'), w, A._live('loraA'),
+          B._live('loraB'), N, C, OC, R, s, p, seed));
         return [dx, dA, dB];
       },
     });
@@ -184,7 +222,7 @@ export class LoraLinear extends Module {
   merge(): void {
     this.checkIdle('merge()');
     if (this._merged) return;
-    native.loraMerge(this.weight._live('weight'), this.loraA._live('loraA'), this.loraB._live('loraB'), this.outFeatures, this.inFeatures, this.rank, this.scaling);
+    mergeInto(this.weight, this.loraA._live('loraA'), this.loraB._live('loraB'), this.outFeatures, this.inFeatures, this.rank, this.scaling);
     this._merged = true;
   }
 
@@ -192,7 +230,7 @@ export class LoraLinear extends Module {
   unmerge(): void {
     this.checkIdle('unmerge()');
     if (!this._merged) return;
-    native.loraMerge(this.weight._live('weight'), this.loraA._live('loraA'), this.loraB._live('loraB'), this.outFeatures, this.inFeatures, this.rank, -this.scaling);
+    mergeInto(this.weight, this.loraA._live('loraA'), this.loraB._live('loraB'), this.outFeatures, this.inFeatures, this.rank, -this.scaling);
     this._merged = false;
   }
 
@@ -207,6 +245,10 @@ export class LoraLinear extends Module {
   mergeAsync(): Promise<void> {
     if (this._merging) return this._merging;
     if (this._merged) return Promise.resolve();
+    if (this.weight.dtype === 'float16') {
+      this.merge(); // no kernel merges into float16 in place: widen, merge, narrow (synchronously)
+      return Promise.resolve();
+    }
     const run = native.loraMergeAsync(this.weight._live('weight'), this.loraA._live('loraA'), this.loraB._live('loraB'),
       this.outFeatures, this.inFeatures, this.rank, this.scaling);
     this._merging = run.then(() => {
@@ -222,4 +264,36 @@ export class LoraLinear extends Module {
       throw new LoraError('ERR_LORA_BUSY', `Expected no mergeAsync() in flight for LoraLinear.${what}; await it first`);
   }
 
+}
+
+/**
+ * Calls a kernel with the storage of a frozen weight it can read: the weight itself (float32,
+ * bfloat16) or, for float16, a float32 copy made for this call.
+ */
+function withKernelWeight(W: Tensor, fn: (w: NativeStorage) => void): void {
+  if (W.dtype !== 'float16') {
+    fn(W._live('weight'));
+    return;
+  }
+  const wide = W.toDtype('float32');
+  try {
+    fn(wide._storage);
+  } finally {
+    wide.dispose();
+  }
+}
+
+/** W += s·B·A in place; a float16 W is widened, merged and rounded back once. */
+function mergeInto(W: Tensor, A: NativeStorage, B: NativeStorage, OC: number, C: number, R: number, s: number): void {
+  if (W.dtype !== 'float16') {
+    native.loraMerge(W._live('weight'), A, B, OC, C, R, s);
+    return;
+  }
+  const wide = W.toDtype('float32');
+  try {
+    native.loraMerge(wide._storage, A, B, OC, C, R, s);
+    W.assign(wide);
+  } finally {
+    wide.dispose();
+  }
 }

@@ -8,7 +8,7 @@ import { native } from './native';
 import { Module } from './module';
 import { embedding } from './nn_ops';
 import { add, linear, matmul, mul, sub, div, sum, square, transpose } from './ops';
-import { configForModules, moduleScaling, PeftAdapter, PeftConfig, PeftModule, targetsModule } from './peft';
+import { configForModules, moduleScaling, PEFT_CAMEL_ALIASES, PEFT_CONFIG_FIELDS, PeftAdapter, PeftConfig, PeftModule, targetsModule } from './peft';
 import { Rng } from './random';
 import { DType, keep, noGrad, shapeString, Tensor, tensor, tidy } from './tensor';
 
@@ -434,9 +434,18 @@ export function combineAdapters(sources: readonly PeftAdapter[], weights: readon
 
 // ---- the model ----------------------------------------------------------------------------------
 
-/** A new adapter's config: PEFT field names, plus a seed for the initialisation. */
+/**
+ * A new adapter's config: PEFT's LoraConfig field names (`target_modules`, `r`, `lora_alpha`, ...)
+ * or their camelCase forms (`targetModules`, and `rank`, `alpha`, `dropout` for `r`, `lora_alpha`,
+ * `lora_dropout`), plus a seed for the initialisation. Other names are refused with a did-you-mean.
+ */
 export interface NewAdapterConfig extends PeftConfig {
   seed?: number;
+  targetModules?: string[] | string;
+  rank?: number;
+  alpha?: number;
+  useRslora?: boolean;
+  useDora?: boolean;
 }
 
 /** One adapted linear module of a LoraModel, as a Module (forward(x), parameters()). */
@@ -537,9 +546,10 @@ export class LoraModel {
 
   private createAdapter(cfg: NewAdapterConfig): PeftAdapter {
     if (!cfg || typeof cfg !== 'object') throw typeError('adapter', 'a PeftAdapter or a config object', cfg);
-    const { seed, ...config } = cfg;
+    const { seed, ...config } = checkOptions<NewAdapterConfig>('addAdapter() config', cfg, [...PEFT_CONFIG_FIELDS, 'seed'], PEFT_CAMEL_ALIASES);
     if (config.target_modules == null) throw typeError('target_modules', 'a list of module names or a regex string', config.target_modules);
     if (config.r !== undefined) expectInteger('r', config.r, 1, 1 << 16);
+    if (config.lora_alpha !== undefined) expectNumber('lora_alpha', config.lora_alpha);
     const rng = new Rng(seed === undefined ? 0 : expectInteger('seed', seed, 0, Number.MAX_SAFE_INTEGER));
     const modules = new Map<string, PeftModule>();
     const fifo = !!config.fan_in_fan_out;
@@ -715,8 +725,9 @@ export class LoraModel {
    */
   addWeightedAdapter(names: string[], weights: number[], combination: Combination, newName: string, opts?: { svdRank?: number }): this {
     if (!Array.isArray(names)) throw typeError('names', 'an array of adapter names', names);
+    const o = checkOptions<{ svdRank?: number }>('addWeightedAdapter()', opts, ['svdRank']);
     const sources = names.map((n) => this.getAdapter(n));
-    const combined = combineAdapters(sources, weights, combination, { ...(opts ?? {}), scales: names.map((n) => this.scales.get(n)!) });
+    const combined = combineAdapters(sources, weights, combination, { ...o, scales: names.map((n) => this.scales.get(n)!) });
     try {
       return this.addAdapter(newName, combined);
     } catch (err) {

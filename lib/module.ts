@@ -1,7 +1,7 @@
 // Module: the base class of layers. It owns named parameters and child modules, and gives
 // parameters(), namedParameters(), train()/eval(), to(device) and dispose() to every layer.
 // Parameters a module creates are kept out of tidy() scopes: they live until dispose().
-import { LoraError, typeError } from './errors';
+import { checkOptions, expectBoolean, LoraError, rangeError, typeError } from './errors';
 import type { Rng } from './random';
 import { checkDevice, Device, keep, noGrad, Tensor, tensor } from './tensor';
 
@@ -159,7 +159,8 @@ export abstract class Module {
   loadStateDict(state: Record<string, Tensor> | Map<string, Tensor>, options?: { strict?: boolean }): { missing: string[]; unexpected: string[] } {
     const entries = state instanceof Map ? state : new Map(Object.entries(state ?? {}));
     if (state === null || typeof state !== 'object') throw typeError('state', 'an object or Map of Tensors', state);
-    const strict = options?.strict ?? true;
+    const o = checkOptions<{ strict?: boolean }>('loadStateDict()', options, ['strict']);
+    const strict = o.strict === undefined ? true : expectBoolean('strict', o.strict);
     const own = new Map(this.namedParameters());
     const missing = [...own.keys()].filter((k) => !entries.has(k));
     const unexpected = [...entries.keys()].filter((k) => !own.has(k));
@@ -203,7 +204,9 @@ export abstract class Module {
     return x;
   }
 
-  abstract forward(...args: Tensor[]): Tensor;
+  /** The layer's computation: tensors in (a model may take an options object after them), a tensor out. */
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any
+  abstract forward(...args: any[]): Tensor;
 }
 
 /** @internal checks that v is a Module (for functions that take a model). */
@@ -217,7 +220,10 @@ export function expectModule(name: string, v: unknown): Module {
  * initialisation with a = sqrt(5) is bound = 1/sqrt(fan_in)).
  */
 export function uniformParameter(shape: number[], bound: number, rng: Rng, device: Device, requiresGrad = true): Tensor {
-  const data = new Float32Array(shape.reduce((a, b) => a * b, 1));
+  const n = shape.reduce((a, b) => a * b, 1);
+  // the values are drawn in a JavaScript array first: its length limit (and the memory) bounds a new parameter
+  if (n > 2 ** 32) throw rangeError('shape', 'a parameter of at most 2^32 elements', shape);
+  const data = new Float32Array(n);
   for (let i = 0; i < data.length; i++) data[i] = (2 * rng.uniform() - 1) * bound;
   return tensor(data, shape, { device, requiresGrad });
 }

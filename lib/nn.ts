@@ -3,13 +3,13 @@
 // parameter names (layers.0.attn.q_proj, ...). Also applyLora(), PEFT's get_peft_model for these
 // modules, trainableParameters(), and saving/loading the adapter as a PEFT folder. Not a model
 // zoo: no KV cache, no rotary embeddings, no weight tying.
-import { checkOptions, expectBoolean, expectInteger, expectNumber, expectOneOf, LoraError, typeError } from './errors';
+import { checkOptions, PEFT_LORA_ALIASES, expectBoolean, expectInteger, expectNumber, expectOneOf, LoraError, typeError } from './errors';
 import { LoraLinear } from './lora';
 import { expectModule, Module, uniformParameter } from './module';
 import { attention } from './attention';
 import { dropout, embedding, gelu, layerNorm, rmsNorm } from './nn_ops';
 import { add, linear, reshape, unary, UnaryName } from './ops';
-import { loadPeftAdapter, PeftAdapter, PeftConfig, PeftModule, savePeftAdapter } from './peft';
+import { configForModules, loadPeftAdapter, PeftAdapter, PeftConfig, PeftModule, savePeftAdapter } from './peft';
 import { defaultRng, Rng } from './random';
 import { checkDevice, Device, keep, ones, Tensor, tensor, zeros } from './tensor';
 
@@ -39,6 +39,25 @@ function normal(shape: number[], std: number, rng: Rng, device: Device): Tensor 
 export interface LinearOptions extends InitOptions {
   /** Add a bias (default true). */
   bias?: boolean;
+  /** An existing weight (outFeatures, inFeatures) to use as is (float32, bfloat16 or float16), not a new one. */
+  weight?: Tensor;
+  /** An existing bias (outFeatures) to use as is; null for none. */
+  biasTensor?: Tensor | null;
+  /**
+   * The checkpoint stores this layer's weight as [inFeatures, outFeatures] (GPT-2's Conv1D); the
+   * layer holds it as [out, in] like any Linear. applyLora records it as PEFT's fan_in_fan_out.
+   */
+  fanInFanOut?: boolean;
+}
+
+/** An existing tensor given to a layer: live, of the layer's shape and on its device. */
+function givenTensor(name: string, t: unknown, shape: number[], device: Device | undefined): Tensor {
+  if (!(t instanceof Tensor)) throw typeError(name, 'a Tensor', t);
+  t._live(name);
+  if (t.ndim !== shape.length || t.shape.some((d, i) => d !== shape[i]))
+    throw new LoraError('ERR_LORA_SHAPE', `Expected ${name} of shape [${shape.join(', ')}] but received [${t.shape.join(', ')}]`);
+  if (device !== undefined && t.device !== device) throw new LoraError('ERR_LORA_DEVICE', `Expected ${name} on ${device} but received a tensor on ${t.device}`);
+  return t;
 }
 
 /**
@@ -49,21 +68,28 @@ export interface LinearOptions extends InitOptions {
 export class Linear extends Module {
   readonly inFeatures: number;
   readonly outFeatures: number;
+  /** True when the checkpoint stores the weight transposed, [in, out] (GPT-2's Conv1D). */
+  readonly fanInFanOut: boolean;
   weight: Tensor;
   bias: Tensor | null;
 
   constructor(inFeatures: number, outFeatures: number, options?: LinearOptions) {
     super();
-    const o = checkOptions<LinearOptions>('Linear', options, ['bias', 'seed', 'device']);
+    const o = checkOptions<LinearOptions>('Linear', options, ['bias', 'seed', 'device', 'weight', 'biasTensor', 'fanInFanOut']);
     this.inFeatures = expectInteger('inFeatures', inFeatures, 1, 2 ** 31 - 1);
     this.outFeatures = expectInteger('outFeatures', outFeatures, 1, 2 ** 31 - 1);
+    this.fanInFanOut = o.fanInFanOut === undefined ? false : expectBoolean('fanInFanOut', o.fanInFanOut);
     const rng = rngOf(o.seed);
-    const device = deviceOf(o.device);
+    const given = o.weight === undefined ? undefined : givenTensor('weight', o.weight, [this.outFeatures, this.inFeatures], o.device === undefined ? undefined : deviceOf(o.device));
+    if (given && given.dtype === 'int32')
+      throw new LoraError('ERR_LORA_DTYPE', `Expected a float32, bfloat16 or float16 weight but received ${given.dtype}`);
+    const device = given ? given.device : deviceOf(o.device);
     const bound = 1 / Math.sqrt(this.inFeatures); // kaiming_uniform(a=√5) on fan-in, as PyTorch
-    this.weight = uniformParameter([this.outFeatures, this.inFeatures], bound, rng, device);
+    this.weight = given ?? uniformParameter([this.outFeatures, this.inFeatures], bound, rng, device);
     this.registerParameter('weight', this.weight);
     const hasBias = o.bias === undefined ? true : expectBoolean('bias', o.bias);
-    this.bias = hasBias ? uniformParameter([this.outFeatures], bound, rng, device) : null;
+    this.bias = o.biasTensor !== undefined ? (o.biasTensor === null ? null : givenTensor('biasTensor', o.biasTensor, [this.outFeatures], device))
+      : hasBias ? uniformParameter([this.outFeatures], bound, rng, device) : null;
     this.registerParameter('bias', this.bias);
   }
 
@@ -439,7 +465,7 @@ function matchesTarget(path: string, target: ApplyLoraOptions['targetModules']):
 export function applyLora(model: Module, options: ApplyLoraOptions): LoraInfo {
   expectModule('model', model);
   if (!(model instanceof Module)) throw typeError('model', 'a Module', model);
-  const o = checkOptions<ApplyLoraOptions>('applyLora()', options, ['targetModules', 'rank', 'alpha', 'dropout', 'useRslora', 'seed']);
+  const o = checkOptions<ApplyLoraOptions>('applyLora()', options, ['targetModules', 'rank', 'alpha', 'dropout', 'useRslora', 'seed'], PEFT_LORA_ALIASES);
   const target = o.targetModules;
   if (!(target instanceof RegExp) && target !== 'all-linear' && !(Array.isArray(target) && target.every((x) => typeof x === 'string')))
     throw typeError('targetModules', "an array of module names, a RegExp or 'all-linear'", target);
@@ -460,13 +486,14 @@ export function applyLora(model: Module, options: ApplyLoraOptions): LoraInfo {
       dropout: p, useRslora, weight: lin.weight, biasTensor: lin.bias, seed: rng.seed(),
     });
     lora.train(model.training);
+    if (lin.fanInFanOut) transposedLayers.add(lora);
     model.setModule(path, lora);
   }
   const modules = hits.map(([path]) => path);
   const config: PeftConfig = {
     peft_type: 'LORA', task_type: 'CAUSAL_LM', r: rank, lora_alpha: alpha, lora_dropout: p, use_rslora: useRslora,
     target_modules: target instanceof RegExp ? target.source : target === 'all-linear' ? 'all-linear' : [...target],
-    bias: 'none', fan_in_fan_out: false, init_lora_weights: true, base_model_name_or_path: null, modules_to_save: null,
+    bias: 'none', fan_in_fan_out: hits.some(([, m]) => (m as Linear).fanInFanOut), init_lora_weights: true, base_model_name_or_path: null, modules_to_save: null,
     rank_pattern: {}, alpha_pattern: {},
   };
   const info = { modules, config };
@@ -482,7 +509,9 @@ export function loraLayers(model: Module): Map<string, LoraLinear> {
 
 /**
  * The model's adapter as a PeftAdapter that shares (does not copy) the lora tensors: save it with
- * savePeftAdapter(), but do not dispose it while the model lives.
+ * savePeftAdapter(), but do not dispose it while the model lives. The config states every
+ * module's rank and scaling exactly (r/lora_alpha plus rank_pattern/alpha_pattern where layers
+ * differ, e.g. after loadLoraAdapter took another adapter's alpha).
  * @throws ERR_LORA_STATE when the model has no LoraLinear layers.
  */
 export function peftAdapterOf(model: Module): PeftAdapter {
@@ -491,17 +520,21 @@ export function peftAdapterOf(model: Module): PeftAdapter {
   if (layers.size === 0) throw new LoraError('ERR_LORA_STATE', 'Expected a model with LoRA layers (call applyLora first) but it has none');
   const info = loraInfo.get(model);
   const first = [...layers.values()][0]!;
-  const config: PeftConfig = info ? { ...info.config } : {
-    peft_type: 'LORA', r: first.rank, lora_alpha: first.alpha, use_rslora: first.useRslora, lora_dropout: first.dropout,
+  const base: PeftConfig = info ? { ...info.config } : {
+    peft_type: 'LORA', r: first.rank, lora_alpha: first.alpha, lora_dropout: first.dropout,
     target_modules: [...new Set([...layers.keys()].map((k) => k.split('.').pop()!))], bias: 'none',
   };
-  const rankPattern: Record<string, number> = {};
+  // one use_rslora for the file; a layer with the other rule gets the alpha that gives its scaling
+  const rslora = first.useRslora;
   const modules = new Map<string, PeftModule>();
+  const sizes = new Map<string, { rank: number; alpha: number }>();
   for (const [path, l] of layers) {
-    if (l.rank !== config.r) rankPattern[path] = l.rank;
-    modules.set(path, { kind: 'linear', loraA: l.loraA, loraB: l.loraB, loraBBias: null, magnitude: null, rank: l.rank, alpha: l.alpha, scaling: l.scaling });
+    const alpha = l.useRslora === rslora ? l.alpha : rslora ? l.scaling * Math.sqrt(l.rank) : l.scaling * l.rank;
+    modules.set(path, { kind: 'linear', loraA: l.loraA, loraB: l.loraB, loraBBias: null, magnitude: null, rank: l.rank, alpha, scaling: l.scaling });
+    sizes.set(path, { rank: l.rank, alpha });
   }
-  if (Object.keys(rankPattern).length) config.rank_pattern = rankPattern;
+  const config = configForModules({ ...base, use_rslora: rslora }, sizes);
+  for (const k of ['rank_pattern', 'alpha_pattern'] as const) if (Object.keys(config[k] ?? {}).length === 0 && !base[k]) delete config[k];
   return new PeftAdapter(config, modules);
 }
 
@@ -516,29 +549,125 @@ export function saveLoraAdapter(model: Module, dir: string): void {
 }
 
 /**
- * Loads a PEFT folder's lora_A/lora_B values into the model's LoraLinear layers (same paths and
- * shapes). Returns the module paths loaded.
- * @throws ERR_LORA_STATE when a module of the adapter is not a LoraLinear of the model.
+ * Loads a PEFT folder into the model's LoraLinear layers (same module paths): lora_A/lora_B
+ * values, and each module's alpha and rsLoRA setting from the file (lora_alpha, alpha_pattern,
+ * use_rslora), so the layers run at the scaling the adapter was trained with. Everything is
+ * checked before anything changes. Returns the module paths loaded.
+ *
+ * @example
+ * applyLora(model, { targetModules: ['q_proj', 'v_proj'], rank: 8 });
+ * loadLoraAdapter(model, 'out/adapter');   // rank 8 adapter; its lora_alpha replaces the model's
+ * @throws ERR_LORA_STATE when a module of the adapter is not a LoraLinear of the model, or a layer
+ *   is merged; ERR_LORA_SHAPE when a module's rank or sizes differ (naming the module and both);
+ *   ERR_LORA_UNSUPPORTED for DoRA, lora_B.bias or embedding modules.
  */
 export function loadLoraAdapter(model: Module, dir: string): string[] {
   expectModule('model', model);
   const layers = loraLayers(model);
   const adapter = loadPeftAdapter(dir);
   try {
+    const rslora = !!adapter.config.use_rslora;
     for (const [path, m] of adapter.modules) {
       const l = layers.get(path);
       if (!l) throw new LoraError('ERR_LORA_STATE', `Adapter module '${path}' has no LoraLinear in the model (apply LoRA with the same targetModules first)`);
+      const what = m.kind === 'embedding' ? 'an embedding adapter' : m.magnitude ? 'a DoRA adapter' : m.loraBBias ? 'an adapter with lora_B.bias' : '';
+      if (what) throw new LoraError('ERR_LORA_UNSUPPORTED', `Adapter module '${path}' in ${dir} is ${what}; a LoraLinear runs plain LoRA (load it with LoraModel instead)`);
+      if (m.rank !== l.rank)
+        throw new LoraError('ERR_LORA_SHAPE', `Expected rank ${l.rank} for module '${path}' (the model's LoraLinear) but the adapter in ${dir} has rank ${m.rank}; apply LoRA with rank ${m.rank} to load it`);
+      const [R, C, OC] = [l.rank, l.inFeatures, l.outFeatures];
+      if (m.loraA.shape[1] !== C || m.loraB.shape[0] !== OC)
+        throw new LoraError('ERR_LORA_SHAPE', `Expected lora_A [${R}, ${C}] and lora_B [${OC}, ${R}] for module '${path}' but the adapter in ${dir} has [${m.loraA.shape.join(', ')}] and [${m.loraB.shape.join(', ')}]`);
+      if (l.merged) throw new LoraError('ERR_LORA_STATE', `Expected an unmerged LoraLinear at '${path}' for loadLoraAdapter() but it is merged; call unmerge() first`);
+    }
+    for (const [path, m] of adapter.modules) {
+      const l = layers.get(path)!;
       const A = m.loraA.dtype === 'float32' ? m.loraA : m.loraA.toDtype('float32');
       const B = m.loraB.dtype === 'float32' ? m.loraB : m.loraB.toDtype('float32');
       l.loraA.assign(A);
       l.loraB.assign(B);
       if (A !== m.loraA) A.dispose();
       if (B !== m.loraB) B.dispose();
+      l._setScaling(m.alpha, rslora, 'loadLoraAdapter()');
     }
     return [...adapter.modules.keys()];
   } finally {
     adapter.dispose();
   }
+}
+
+// LoraLinears that replaced a Linear whose checkpoint stores [in, out] (GPT-2's Conv1D): the Linear
+// that mergeAndUnload/unloadLora puts back must say so again, or saving would write it untransposed.
+const transposedLayers = new WeakSet<LoraLinear>();
+
+function swapLoraLayers(model: Module, where: string, merge: boolean, safeMerge: boolean): string[] {
+  expectModule('model', model);
+  const layers = loraLayers(model);
+  if (layers.size === 0) throw new LoraError('ERR_LORA_STATE', `Expected a model with LoRA layers for ${where} but it has none`);
+  // merged weights are computed first, all of them, so a refusal leaves the model as it was
+  const merged = new Map<string, Tensor>();
+  try {
+    if (merge) {
+      for (const [path, l] of layers) {
+        const w = l.merged ? null : l._mergedWeight();
+        if (w) merged.set(path, w);
+        if (safeMerge && w && !w.toFloat32Array().every(Number.isFinite))
+          throw new LoraError('ERR_LORA_NON_FINITE', `Refusing to merge '${path}': the merged weight holds NaN or Inf (the adapter or the base does, or the sum overflows); pass { safeMerge: false } to merge anyway`);
+      }
+    }
+  } catch (err) {
+    for (const w of merged.values()) w.dispose();
+    throw err;
+  }
+  for (const [path, l] of layers) {
+    if (merge) {
+      const w = merged.get(path);
+      if (w) {
+        l.weight.assign(w);  // in place: the weight tensor keeps its identity (and any references)
+        w.dispose();
+      }
+    } else if (l.merged) {
+      l.unmerge();
+    }
+    const lin = new Linear(l.inFeatures, l.outFeatures, { weight: l.weight, biasTensor: l.bias, fanInFanOut: transposedLayers.has(l) });
+    lin.train(l.training);
+    model.setModule(path, lin);
+    l.loraA.dispose();
+    l.loraB.dispose();
+  }
+  loraInfo.delete(model);
+  return [...layers.keys()];
+}
+
+/**
+ * PEFT's merge_and_unload() for a Module: folds each LoraLinear's update into its weight
+ * (W += scaling·B·A, fp32 math, rounded once to the weight's dtype) and puts a plain Linear
+ * holding that weight and the bias in its place; lora_A/lora_B are freed. The model's
+ * stateDict() then has the base names only (`layers.0.attn.q_proj.weight`, no `loraA`), so it
+ * loads into a model built without LoRA. Parameters stay frozen (call unfreeze() to train them).
+ * Returns the module paths swapped.
+ *
+ * @example
+ * mergeAndUnload(model);
+ * saveSafetensors('merged.safetensors', model.stateDict());
+ * @throws ERR_LORA_STATE without LoRA layers; ERR_LORA_NON_FINITE when a merged weight holds NaN
+ *   or Inf (unless safeMerge: false), leaving the model unchanged.
+ */
+export function mergeAndUnload(model: Module, options?: { safeMerge?: boolean }): string[] {
+  expectModule('model', model);
+  const o = checkOptions<{ safeMerge?: boolean }>('mergeAndUnload()', options, ['safeMerge']);
+  return swapLoraLayers(model, 'mergeAndUnload()', true, o.safeMerge === undefined ? true : expectBoolean('safeMerge', o.safeMerge));
+}
+
+/**
+ * PEFT's unload() for a Module: puts a plain Linear with the original (unmerged) weight and bias
+ * in place of each LoraLinear and frees the adapters, giving back the base model. A merged layer
+ * is unmerged first (exact up to float rounding). Returns the module paths swapped.
+ *
+ * @example unloadLora(model); // model.stateDict() is the base model's again
+ * @throws ERR_LORA_STATE without LoRA layers.
+ */
+export function unloadLora(model: Module): string[] {
+  return swapLoraLayers(model, 'unloadLora()', false, false);
 }
 
 /** Trainable and total parameter counts of a model, and the trainable share (0..1). */

@@ -556,7 +556,8 @@ function gemmWeight(c: Tensor, a: Tensor, weight: Tensor, M: number, N: number, 
 /**
  * y = x·Wᵀ + b for x (..., inFeatures), weight (outFeatures, inFeatures), bias (outFeatures) or
  * null: the frozen base of a LoRA layer and the Linear module's op. A bfloat16 weight is read as
- * stored (no fp32 copy) where the backend can: products and sums stay fp32.
+ * stored (no fp32 copy) where the backend can: products and sums stay fp32. A float16 weight is
+ * widened to fp32 for each product (no kernel reads float16 in place yet).
  */
 export function linear(x: Tensor, weight: Tensor, bias: Tensor | null = null): Tensor {
   expectTensor('x', x);
@@ -565,8 +566,8 @@ export function linear(x: Tensor, weight: Tensor, bias: Tensor | null = null): T
   const ts = bias ? [x, weight, bias] : [x, weight];
   sameDevice('linear', ...ts);
   floatOnly('linear', x, ...(bias ? [bias] : []));
-  if (weight.dtype !== 'float32' && weight.dtype !== 'bfloat16')
-    throw new LoraError('ERR_LORA_DTYPE', `Expected a float32 or bfloat16 weight for linear() but received ${weight.dtype}`);
+  if (weight.dtype === 'int32')
+    throw new LoraError('ERR_LORA_DTYPE', `Expected a float32, bfloat16 or float16 weight for linear() but received ${weight.dtype}`);
   if (weight.ndim !== 2) throw new LoraError('ERR_LORA_SHAPE', `Expected a 2-D weight (outFeatures, inFeatures) but received ${shapeString(weight.shape)}`);
   const [OC, C] = weight.shape as [number, number];
   if (x.ndim < 1 || x.shape[x.ndim - 1] !== C)

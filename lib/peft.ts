@@ -53,6 +53,28 @@ export interface PeftModule {
   scaling: number;
 }
 
+/**
+ * The fields of PEFT's LoraConfig (and its PeftConfig base), for checking a config given in code:
+ * a name outside this list is a typo. Files may hold others; they are kept as loaded.
+ */
+export const PEFT_CONFIG_FIELDS: readonly string[] = [
+  'peft_type', 'task_type', 'base_model_name_or_path', 'revision', 'inference_mode', 'auto_mapping', 'peft_version',
+  'r', 'lora_alpha', 'lora_dropout', 'target_modules', 'exclude_modules', 'fan_in_fan_out', 'bias', 'lora_bias', 'use_rslora',
+  'use_dora', 'modules_to_save', 'init_lora_weights', 'layers_to_transform', 'layers_pattern', 'rank_pattern', 'alpha_pattern',
+  'megatron_config', 'megatron_core', 'trainable_token_indices', 'loftq_config', 'eva_config', 'corda_config', 'use_qalora',
+  'qalora_group_size', 'layer_replication', 'runtime_config', 'target_parameters', 'arrow_config', 'ensure_weight_tying',
+  'alora_invocation_tokens',
+];
+
+/**
+ * camelCase names accepted for PEFT's fields in code (`targetModules` for `target_modules`), plus
+ * lora-native's own `rank`, `alpha` and `dropout` for `r`, `lora_alpha` and `lora_dropout`.
+ */
+export const PEFT_CAMEL_ALIASES: Readonly<Record<string, string>> = Object.fromEntries([
+  ...PEFT_CONFIG_FIELDS.filter((f) => f.includes('_')).map((f) => [f.replace(/_([a-z])/g, (_, c: string) => c.toUpperCase()), f]),
+  ['rank', 'r'], ['alpha', 'lora_alpha'], ['dropout', 'lora_dropout'],
+]);
+
 export const ADAPTER_CONFIG = 'adapter_config.json';
 export const ADAPTER_WEIGHTS = 'adapter_model.safetensors';
 const PREFIX = 'base_model.model.';

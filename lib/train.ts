@@ -39,6 +39,8 @@ export interface StepInfo {
   evalLoss?: number;
   /** Seconds since train() started. */
   elapsed: number;
+  /** True when the step was skipped for a non-finite loss or gradient (nothing was updated). */
+  skipped: boolean;
 }
 
 export interface OptimizerSpec {
@@ -77,7 +79,7 @@ export interface TrainOptions<B> {
   evalEvery?: number;
   /** Examples (batched by batchSize) or a function returning the evaluation batches. */
   evalData?: readonly unknown[] | (() => B[]);
-  /** Write a checkpoint every N steps (and when stopped) into checkpointDir. */
+  /** Write a checkpoint every N steps (and after the last step) into checkpointDir. */
   checkpointEvery?: number;
   checkpointDir?: string;
   /** Continue from checkpointDir's checkpoint when there is one (default true when checkpointDir is set). */
@@ -90,6 +92,11 @@ export interface TrainOptions<B> {
   loraPlusRatio?: number;
   /** A non-finite loss or gradient norm: 'skip' the step (default), 'stop', or 'throw'. */
   onNonFinite?: 'skip' | 'stop' | 'throw';
+  /**
+   * With onNonFinite 'skip': stop with `stopped: 'diverged'` after this many skipped steps in a
+   * row (default 10; 0 never stops).
+   */
+  maxConsecutiveSkips?: number;
   /** 'auto' (default: a bar on a TTY, lines otherwise), 'bar', 'lines', 'none', or a line sink. */
   progress?: 'auto' | 'bar' | 'lines' | 'none' | ((line: string) => void);
   /** Plain-line progress every N steps (default: about 20 lines per run). */
@@ -104,19 +111,36 @@ export interface TrainResult {
   /** Training loss per step (from the start of the run, across resumes). */
   losses: number[];
   evalLosses: { step: number; loss: number }[];
-  /** Why it ended. */
-  stopped: 'completed' | 'aborted' | 'callback' | 'non-finite';
+  /**
+   * Why it ended: all steps done, the signal aborted, onStep returned false, a non-finite step
+   * with onNonFinite 'stop', or maxConsecutiveSkips skipped steps in a row ('diverged').
+   */
+  stopped: 'completed' | 'aborted' | 'callback' | 'non-finite' | 'diverged';
   /** Steps skipped for a non-finite loss or gradient. */
   skippedSteps: number;
   /** Wall-clock seconds of this call. */
   seconds: number;
   /** The step training resumed from (0 for a fresh run). */
   resumedFrom: number;
+  /** What was resumed (null for a fresh run); also printed through `progress` unless 'none'. */
+  resumed: ResumeInfo | null;
+}
+
+/** A resumed run: the checkpoint file, its step, and the options that differ from the checkpoint's. */
+export interface ResumeInfo {
+  file: string;
+  step: number;
+  /** Options whose value differs from the run that wrote the checkpoint; the new values apply. */
+  changed: { option: string; checkpoint: unknown; now: unknown }[];
 }
 
 const OPTIONS = ['model', 'data', 'loss', 'optimizer', 'steps', 'epochs', 'batchSize', 'schedule', 'clipGradNorm',
   'gradientAccumulation', 'evalEvery', 'evalData', 'checkpointEvery', 'checkpointDir', 'resume', 'onStep', 'signal',
-  'loraPlusRatio', 'onNonFinite', 'progress', 'logEvery', 'seed'] as const;
+  'loraPlusRatio', 'onNonFinite', 'maxConsecutiveSkips', 'progress', 'logEvery', 'seed'] as const;
+
+// Long work yields to the event loop this often (ms), so timers, I/O and an AbortSignal run
+// between steps; a step longer than this yields after every step, which costs it nothing.
+const YIELD_MS = 15;
 
 /** The checkpoint file inside checkpointDir. */
 export const CHECKPOINT_FILE = 'checkpoint.safetensors';
@@ -167,6 +191,7 @@ function checkSchedule(v: unknown): Schedule {
 export function parameterGroups(model: Module, spec: OptimizerSpec, loraPlusRatio = 1): ParamGroup[] {
   expectModule('model', model);
   if (spec === null || typeof spec !== 'object') throw typeError('optimizer', 'an object with lr', spec);
+  checkOptions<OptimizerSpec>('parameterGroups() optimizer', spec, ['lr', 'weightDecay', 'betas', 'eps']);
   expectNumber('optimizer.lr', spec.lr, 0);
   if (spec.weightDecay !== undefined) expectNumber('optimizer.weightDecay', spec.weightDecay, 0);
   expectNumber('loraPlusRatio', loraPlusRatio, 0);
@@ -216,14 +241,16 @@ class Progress {
   private lastDraw = 0;
   constructor(private readonly mode: 'bar' | 'lines' | 'none' | ((line: string) => void), private readonly every: number) {}
 
-  update(step: number, total: number, loss: number, lr: number, rate: number, evalLoss?: number): void {
+  update(step: number, total: number, loss: number, lr: number, rate: number, evalLoss?: number, skipped?: string): void {
     if (this.mode === 'none') return;
     const eta = rate > 0 ? (total - step) / rate : Infinity;
-    const text = `step ${step}/${total}  loss ${loss.toFixed(4)}  lr ${lr.toExponential(2)}  ${rate.toFixed(1)} steps/s  ETA ${clock(eta)}` +
-      (evalLoss !== undefined ? `  eval ${evalLoss.toFixed(4)}` : '');
+    // slow steps read better as seconds per step than as 0.0 steps/s
+    const speed = rate >= 1 || rate <= 0 ? `${rate.toFixed(1)} steps/s` : `${(1 / rate).toFixed(1)} s/step`;
+    const text = `step ${step}/${total}  loss ${Number.isFinite(loss) ? loss.toFixed(4) : String(loss)}  lr ${lr.toExponential(2)}  ${speed}  ETA ${clock(eta)}` +
+      (evalLoss !== undefined ? `  eval ${evalLoss.toFixed(4)}` : '') + (skipped ? `  skipped (${skipped})` : '');
     if (this.mode === 'bar') {
       const now = Date.now();
-      if (now - this.lastDraw < 100 && step !== total && evalLoss === undefined) return; // at most 10 redraws a second
+      if (now - this.lastDraw < 100 && step !== total && evalLoss === undefined && !skipped) return; // at most 10 redraws a second
       this.lastDraw = now;
       const width = 24;
       const filled = Math.round((width * step) / Math.max(total, 1));
@@ -231,8 +258,15 @@ class Progress {
       if (step === total) process.stderr.write('\n');
       return;
     }
-    if (step % this.every !== 0 && step !== total && evalLoss === undefined) return;
+    if (step % this.every !== 0 && step !== total && evalLoss === undefined && !skipped) return;
+    this.say(text);
+  }
+
+  /** A message of its own line (resume, divergence), unless progress is 'none'. */
+  say(text: string): void {
+    if (this.mode === 'none') return;
     if (typeof this.mode === 'function') this.mode(text);
+    else if (this.mode === 'bar') process.stderr.write(`\r${text}\x1b[K\n`);
     else process.stderr.write(text + '\n');
   }
 
@@ -256,6 +290,8 @@ interface TrainerState {
   globalRng: [number, number, number | null];
   moduleRngs: Record<string, [number, number, number | null]>;
   optimizer: { kind: 'adamw' | 'sgd'; steps: Record<string, number> };
+  /** The run's options, to say on resume which ones changed (absent in older checkpoints). */
+  options?: Record<string, unknown>;
 }
 
 /** The generators inside a model whose draws affect training (LoRA and Dropout mask seeds). */
@@ -344,8 +380,9 @@ const tick = () => new Promise<void>((resolve) => setImmediate(resolve));
 /**
  * Trains a model. Each optimizer step runs `gradientAccumulation` micro-batches (each inside
  * tidy(), so intermediates are freed), averages their gradients, optionally clips the global norm,
- * sets the scheduled lr and steps the optimizer. Yields to the event loop between steps so an
- * AbortSignal (or a timer) can stop it.
+ * sets the scheduled lr and steps the optimizer. Yields to the event loop every 15 ms or so
+ * (between steps, skipped ones included), so an AbortSignal, timers and I/O run meanwhile. A
+ * resumed run reports where it resumed and which options changed (result.resumed).
  *
  * @example
  * applyLora(model, { targetModules: ['q_proj', 'v_proj'], rank: 8 });
@@ -358,6 +395,8 @@ const tick = () => new Promise<void>((resolve) => setImmediate(resolve));
  * @throws LoraTypeError / LoraRangeError / ERR_LORA_OPTION for bad options; ERR_LORA_NON_FINITE
  *   with onNonFinite: 'throw'; ERR_LORA_STATE / ERR_LORA_FORMAT for a checkpoint of another setup.
  */
+export function train<E>(options: TrainOptions<E[]> & { data: readonly E[] }): Promise<TrainResult>;
+export function train<B = unknown[]>(options: TrainOptions<B>): Promise<TrainResult>;
 export async function train<B = unknown[]>(options: TrainOptions<B>): Promise<TrainResult> {
   const o = checkOptions<TrainOptions<B>>('train()', options, OPTIONS);
   if (!(o.model instanceof Module)) throw typeError('model', 'a Module', o.model);
@@ -387,6 +426,7 @@ export async function train<B = unknown[]>(options: TrainOptions<B>): Promise<Tr
   if (ckptDir !== null && (typeof ckptDir !== 'string' || ckptDir === '')) throw typeError('checkpointDir', 'a folder path', ckptDir);
   const resume = o.resume === undefined ? ckptDir !== null : expectBoolean('resume', o.resume);
   const onNonFinite = o.onNonFinite === undefined ? 'skip' : expectOneOf('onNonFinite', o.onNonFinite, ['skip', 'stop', 'throw'] as const);
+  const maxSkips = o.maxConsecutiveSkips === undefined ? 10 : expectInteger('maxConsecutiveSkips', o.maxConsecutiveSkips, 0, Number.MAX_SAFE_INTEGER);
   if (o.onStep !== undefined && typeof o.onStep !== 'function') throw typeError('onStep', 'a function', o.onStep);
   if (o.signal !== undefined && !(o.signal instanceof AbortSignal)) throw typeError('signal', 'an AbortSignal', o.signal);
   const progressOpt = o.progress ?? 'auto';
@@ -420,10 +460,22 @@ export async function train<B = unknown[]>(options: TrainOptions<B>): Promise<Tr
   let skipped = 0;
   const rngs = moduleRngs(model);
 
+  // what the checkpoint records of this run's options, to report changes on resume
+  const runOptions: Record<string, unknown> = {
+    steps: totalSteps, lr: baseLr, batchSize: arrayData ? batchSize : undefined, gradientAccumulation: accum,
+    schedule: typeof schedule === 'function' ? 'a function' : schedule, clipGradNorm: clip ?? undefined,
+    loraPlusRatio: o.loraPlusRatio, weightDecay: ownOptimizer ? (o.optimizer as OptimizerSpec).weightDecay ?? 0.01 : undefined,
+    optimizer: opt instanceof SGD ? 'SGD' : 'AdamW', seed: o.seed,
+  };
   let resumedFrom = 0;
+  let resumed: ResumeInfo | null = null;
   if (ckptDir !== null && resume) {
     const st = readCheckpoint(ckptDir, opt, names);
     if (st) {
+      const changed = Object.keys(runOptions)
+        .filter((k) => st.options && JSON.stringify(st.options[k]) !== JSON.stringify(runOptions[k]))
+        .map((k) => ({ option: k, checkpoint: st.options![k], now: runOptions[k] }));
+      resumed = { file: path.join(ckptDir, CHECKPOINT_FILE), step: st.step, changed };
       step = resumedFrom = st.step;
       losses = st.losses;
       evalLosses = st.evalLosses;
@@ -469,18 +521,25 @@ export async function train<B = unknown[]>(options: TrainOptions<B>): Promise<Tr
     version: 1, step, totalSteps, losses, evalLosses, skippedSteps: skipped, dataRng: dataRng.getState(), order, cursor,
     globalRng: defaultRng().getState(),
     moduleRngs: Object.fromEntries([...rngs].map(([p, r]) => [p, r.getState()])),
-    optimizer: { kind: 'adamw', steps: {} },
+    optimizer: { kind: 'adamw', steps: {} }, options: runOptions,
   });
 
   const mode = typeof progressOpt === 'function' ? progressOpt
     : progressOpt === 'auto' ? (process.stderr.isTTY ? 'bar' : 'lines') : progressOpt;
   const progress = new Progress(mode, logEvery);
+  if (resumed) progress.say(resumeMessage(resumed, totalSteps));
   const t0 = Date.now();
   const stepStart = step;
   let stopped: TrainResult['stopped'] = 'completed';
+  let lastYield = Date.now();
+  let skipRun = 0;
   model.train(true);
   try {
     while (step < totalSteps) {
+      if (Date.now() - lastYield >= YIELD_MS) {
+        await tick();
+        lastYield = Date.now();
+      }
       if (o.signal?.aborted) { stopped = 'aborted'; break; }
       const lr = baseLr * lrMultiplier(schedule, step, totalSteps);
       opt.lr = lr;
@@ -507,34 +566,56 @@ export async function train<B = unknown[]>(options: TrainOptions<B>): Promise<Tr
       }
       const loss = lossSum / accum;
       step += 1;
+      let evalLoss: number | undefined;
       if (!finite) {
         opt.zeroGrad();
-        if (onNonFinite === 'throw') throw new LoraError('ERR_LORA_NON_FINITE', `Non-finite ${Number.isFinite(loss) ? 'gradient norm' : 'loss'} at step ${step} (loss ${loss}, gradient norm ${gradNorm})`);
+        const what = Number.isFinite(loss) ? 'gradient norm' : 'loss';
+        if (onNonFinite === 'throw') throw new LoraError('ERR_LORA_NON_FINITE', `Non-finite ${what} at step ${step} (loss ${loss}, gradient norm ${gradNorm})`);
         skipped++;
+        skipRun++;
         losses.push(loss);
         if (onNonFinite === 'stop') { stopped = 'non-finite'; break; }
-        continue;
-      }
-      opt.step();
-      opt.zeroGrad();
-      losses.push(loss);
-      let evalLoss: number | undefined;
-      if (evalEvery && (step % evalEvery === 0 || step === totalSteps)) {
-        evalLoss = evaluate();
-        evalLosses.push({ step, loss: evalLoss });
+      } else {
+        skipRun = 0;
+        opt.step();
+        opt.zeroGrad();
+        losses.push(loss);
+        if (evalEvery && (step % evalEvery === 0 || step === totalSteps)) {
+          evalLoss = evaluate();
+          evalLosses.push({ step, loss: evalLoss });
+        }
       }
       const elapsed = (Date.now() - t0) / 1000;
-      progress.update(step, totalSteps, loss, lr, (step - stepStart) / Math.max(elapsed, 1e-9), evalLoss);
+      progress.update(step, totalSteps, loss, lr, (step - stepStart) / Math.max(elapsed, 1e-9), evalLoss,
+        finite ? undefined : `non-finite ${Number.isFinite(loss) ? 'gradient' : 'loss'}`);
       if (ckptDir !== null && ckptEvery && step % ckptEvery === 0) writeCheckpoint(ckptDir, model, opt, names, snapshot());
-      if (o.onStep && o.onStep({ step, totalSteps, loss, lr, gradNorm, evalLoss, elapsed }) === false) { stopped = 'callback'; break; }
-      await tick();
+      if (o.onStep && o.onStep({ step, totalSteps, loss, lr, gradNorm, evalLoss, elapsed, skipped: !finite }) === false) { stopped = 'callback'; break; }
+      if (maxSkips > 0 && skipRun >= maxSkips) {
+        stopped = 'diverged';
+        progress.say(`stopped at step ${step}: the last ${skipRun} steps had a non-finite loss or gradient and were skipped; the run diverged (lower the lr, set clipGradNorm, or raise maxConsecutiveSkips)`);
+        break;
+      }
     }
-    if (stopped !== 'completed' && ckptDir !== null && ckptEvery && step % ckptEvery !== 0) writeCheckpoint(ckptDir, model, opt, names, snapshot());
+    // the last step too (completed or stopped), so a rerun resumes from where this one ended
+    if (ckptDir !== null && ckptEvery && step % ckptEvery !== 0 && step > stepStart) writeCheckpoint(ckptDir, model, opt, names, snapshot());
   } finally {
     if (mode === 'bar' && stopped !== 'completed') progress.end();
     opt.lr = baseLr;
     if (ownOptimizer) opt.dispose();
     else opt.zeroGrad();
   }
-  return { steps: step, losses, evalLosses, stopped, skippedSteps: skipped, seconds: (Date.now() - t0) / 1000, resumedFrom };
+  return { steps: step, losses, evalLosses, stopped, skippedSteps: skipped, seconds: (Date.now() - t0) / 1000, resumedFrom, resumed };
+}
+
+function resumeMessage(r: ResumeInfo, totalSteps: number): string {
+  const left = totalSteps - r.step;
+  let text = `resumed from ${r.file} at step ${r.step} of ${totalSteps}` +
+    (left > 0 ? ` (${left} steps left)` : `: nothing left to train (raise steps above ${r.step} to train further, or pass resume: false to start over)`);
+  if (r.changed.length) {
+    const show = (v: unknown) => (v === undefined ? 'unset' : typeof v === 'string' ? v : JSON.stringify(v));
+    text += `; options that differ from the checkpoint's: ${r.changed.map((c) => `${c.option} ${show(c.now)} (checkpoint: ${show(c.checkpoint)})`).join(', ')}` +
+      (left > 0 ? `; the new values apply from step ${r.step + 1}` : '');
+    if (r.changed.some((c) => c.option === 'seed')) text += ' (a new seed does not change the data order, which continues from the checkpoint)';
+  }
+  return text;
 }

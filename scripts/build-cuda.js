@@ -4,7 +4,13 @@
 // cmake) it prints one line saying why the CUDA backend was skipped and exits 0. It never
 // downloads anything. A compile error exits 1 (CI must see it); LORA_NATIVE_SKIP_CUDA=1 skips.
 //
-// Environment: CUDACXX (nvcc path), LORA_CUDA_ARCHS (CUDA architectures, e.g. "90-real"),
+// Architectures: by default only those of the GPUs present (nvidia-smi), or with no GPU one small
+// default (sm_90 SASS + compute_80 PTX that the driver JIT-compiles for any other GPU from sm_80
+// on); LORA_NATIVE_CUDA_ARCHS=all builds SASS for every supported GPU (what prebuilds should carry),
+// LORA_NATIVE_CUDA_ARCHS=86-real,90-real a list of your own. `--print-archs` prints the choice
+// and builds nothing.
+//
+// Environment: CUDACXX (nvcc path), LORA_NATIVE_CUDA_ARCHS (formerly LORA_CUDA_ARCHS, still read),
 // LORA_CUDA_JOBS (parallel compile jobs, default 2), LORA_NATIVE_SKIP_CUDA=1.
 //
 // `--emulator` builds instead the CPU emulator of the same kernels (cuda/emu/ ->
@@ -110,6 +116,65 @@ function buildEmulator() {
   return 0;
 }
 
+// The oldest architecture the kernels run on: mma.sync bf16, ldmatrix and cp.async need sm_80.
+const MIN_ARCH = 80;
+// The default with no GPU to ask: SASS for the H100/H200 (the usual data-centre GPU) and
+// compute_80 PTX, which the driver JIT-compiles for every other GPU from sm_80 on. Two device
+// passes instead of the five of 'all'.
+const NO_GPU_DEFAULT = ['90-real', '80-virtual'];
+
+// Compute capabilities of the GPUs present, as integers (9.0 -> 90), from nvidia-smi; null when
+// nvidia-smi is missing or cannot answer (no driver, an old one without compute_cap).
+function gpuArchitectures() {
+  const smi = onPath('nvidia-smi');
+  if (!smi) return null;
+  const r = spawnSync(smi, ['--query-gpu=compute_cap', '--format=csv,noheader'], { encoding: 'utf8', timeout: 20_000 });
+  if (r.status !== 0 || !r.stdout) return null;
+  const caps = r.stdout.split('\n').map((l) => l.trim()).filter((l) => /^\d+\.\d+$/.test(l))
+    .map((l) => { const [maj, min] = l.split('.'); return Number(maj) * 10 + Number(min); });
+  return caps.length ? [...new Set(caps)].sort((a, b) => a - b) : null;
+}
+
+// The real architectures this nvcc can compile for (from `nvcc --list-gpu-code`), or null.
+function nvccArchitectures(nvcc) {
+  const r = spawnSync(nvcc, ['--list-gpu-code'], { encoding: 'utf8', timeout: 20_000 });
+  if (r.status !== 0 || !r.stdout) return null;
+  const archs = [...r.stdout.matchAll(/^sm_(\d+)$/gm)].map((m) => Number(m[1]));
+  return archs.length ? archs : null;
+}
+
+/**
+ * Which CUDA architectures to build: { archs: CMake list or null for CMakeLists.txt's full list,
+ * why: one line for the user } or { skip: why }. `env` the environment, `gpus` the compute
+ * capabilities present (null: unknown), `nvccArchs` what nvcc supports (null: unknown).
+ */
+function chooseArchitectures(env, gpus, nvccArchs) {
+  const asked = env.LORA_NATIVE_CUDA_ARCHS || env.LORA_CUDA_ARCHS;
+  const which = env.LORA_NATIVE_CUDA_ARCHS ? 'LORA_NATIVE_CUDA_ARCHS' : 'LORA_CUDA_ARCHS';
+  if (asked && asked.trim().toLowerCase() === 'all')
+    return { archs: null, why: `every supported architecture (${which}=all): SASS for sm_80, sm_86, sm_89, sm_90 and PTX for newer GPUs` };
+  if (asked) {
+    const list = asked.split(/[;,\s]+/).filter(Boolean);
+    const bad = list.find((a) => !/^\d{2,3}[a-z]?(-real|-virtual)?$/.test(a));
+    if (bad) return { error: `${which}=${asked} is not a list of CUDA architectures like 90-real,80-virtual (or 'all'): '${bad}'` };
+    return { archs: list, why: `${list.join(', ')} (${which})` };
+  }
+  const hint = 'LORA_NATIVE_CUDA_ARCHS=all builds every supported GPU architecture';
+  if (!gpus || gpus.length === 0)
+    return { archs: NO_GPU_DEFAULT, why: `no GPU found here (nvidia-smi): sm_90 + compute_80 PTX, which runs on any GPU from sm_80 on after a one-time JIT compile; ${hint}` };
+  const usable = gpus.filter((g) => g >= MIN_ARCH);
+  const fmt = (g) => `${Math.floor(g / 10)}.${g % 10}`;
+  if (usable.length === 0)
+    return { skip: `the GPUs here have compute capability ${gpus.map(fmt).join(', ')}; lora-native's CUDA kernels need 8.0 or newer (the CPU backend is ready)` };
+  const top = nvccArchs ? Math.max(...nvccArchs) : Infinity;
+  const archs = [];
+  for (const g of usable) {
+    if (g <= top) archs.push(`${g}-real`);
+    else if (!archs.includes(`${top}-virtual`)) archs.push(`${top}-virtual`);  // newer than this nvcc: PTX it can JIT
+  }
+  return { archs, why: `the GPUs present (compute capability ${usable.map(fmt).join(', ')}): ${archs.join(', ')}; ${hint}` };
+}
+
 function main() {
   if (process.argv.includes('--emulator')) return buildEmulator();
   if (process.env.LORA_NATIVE_SKIP_CUDA === '1') {
@@ -121,8 +186,9 @@ function main() {
     return 0;
   }
   const prebuilt = path.join(root, 'prebuilds', 'linux-x64', 'liblora_cuda.so');
-  if (fs.existsSync(prebuilt) && !fs.existsSync(path.join(root, 'build'))) return 0;  // packaged
+  if (fs.existsSync(prebuilt) && !fs.existsSync(path.join(root, 'build')) && !process.argv.includes('--print-archs')) return 0;  // packaged
 
+  const printOnly = process.argv.includes('--print-archs');
   const nvcc = findNvcc();
   if (!nvcc) {
     say('CUDA backend skipped: nvcc not found (looked at CUDACXX, PATH, /usr/local/cuda/bin); the CPU backend is ready.');
@@ -139,10 +205,24 @@ function main() {
   const configure = ['-S', path.join(root, 'cuda'), '-B', buildDir,
     '-G', ninja ? 'Ninja' : 'Unix Makefiles',
     `-DCMAKE_CUDA_COMPILER=${nvcc}`, '-DCMAKE_BUILD_TYPE=Release'];
-  if (process.env.LORA_CUDA_ARCHS) configure.push(`-DLORA_CUDA_ARCHITECTURES=${process.env.LORA_CUDA_ARCHS}`);
+  const choice = chooseArchitectures(process.env, gpuArchitectures(), nvccArchitectures(nvcc));
+  if (choice.error) {
+    say(choice.error);
+    return 1;
+  }
+  if (choice.skip) {
+    say(`CUDA backend skipped: ${choice.skip}.`);
+    return 0;
+  }
+  if (printOnly) {
+    console.log(JSON.stringify(choice));
+    return 0;
+  }
+  // a list, or (all) CMakeLists.txt's own list: -U drops a list an earlier configure cached
+  configure.push(choice.archs ? `-DLORA_CUDA_ARCHITECTURES=${choice.archs.join(';')}` : '-ULORA_CUDA_ARCHITECTURES');
 
   const started = Date.now();
-  say(`building the CUDA backend with ${nvcc} (${jobs} jobs; a few minutes)...`);
+  say(`building the CUDA backend with ${nvcc} (${jobs} jobs; a minute or more) for ${choice.why}...`);
   if (!cmakeBuild(cmake, 'CUDA backend', configure, buildDir, jobs)) {
     say('Set LORA_NATIVE_SKIP_CUDA=1 to install without the CUDA backend.');
     return 1;
@@ -153,8 +233,11 @@ function main() {
   const dest = path.join(destDir, 'liblora_cuda.so');
   fs.copyFileSync(built, `${dest}.tmp`);  // then rename: a running process may have dest mapped
   fs.renameSync(`${dest}.tmp`, dest);
+  // which architectures the library carries, for scripts/prebuilds.js (prebuilds should carry all)
+  fs.writeFileSync(path.join(destDir, 'liblora_cuda.archs'), `${choice.archs ? choice.archs.join(';') : 'all'}\n`);
   say(`CUDA backend built in ${((Date.now() - started) / 1000).toFixed(0)} s: ${path.relative(root, dest)}`);
   return 0;
 }
 
-process.exitCode = main();
+module.exports = { chooseArchitectures };
+if (require.main === module) process.exitCode = main();

@@ -24,6 +24,13 @@ function say(message) {
 function main() {
   let keptCuda = null;
   const cuda = path.join(release, CUDA_LIB);
+  // scripts/build-cuda.js records the architectures it built; by default only this machine's
+  let archs = 'all';
+  try {
+    archs = fs.readFileSync(path.join(release, 'liblora_cuda.archs'), 'utf8').trim();
+  } catch { /* built before the record existed, or by cmake-js: the full list */ }
+  if (fs.existsSync(cuda) && archs !== 'all')
+    say(`warning: ${CUDA_LIB} carries only ${archs}; for prebuilds that run on every GPU rebuild it with LORA_NATIVE_CUDA_ARCHS=all node scripts/build-cuda.js`);
   if (fs.existsSync(cuda)) {
     keptCuda = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'lora-prebuilds-')), CUDA_LIB);
     fs.copyFileSync(cuda, keptCuda);

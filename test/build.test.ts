@@ -2,6 +2,7 @@
 // both binaries must export the same functions and run the same kernel to the same result.
 import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 
 import t from 'tap';
@@ -60,4 +61,40 @@ t.test('native/backend.h: the interface version moves with the interface', async
   t.equal(digest, BACKEND_DIGESTS[version], digest === BACKEND_DIGESTS[version]
     ? `backend.h matches the digest of version ${version}`
     : `backend.h changed: bump kBackendAbiVersion to ${version + 1} and add ${version + 1}: '${digest}' to BACKEND_DIGESTS`);
+});
+
+// scripts/build-cuda.js builds only what this machine needs by default: the GPUs present, or with
+// none one small default; LORA_NATIVE_CUDA_ARCHS (or the old LORA_CUDA_ARCHS) overrides it.
+t.test('scripts/build-cuda.js: which CUDA architectures a build gets', async (t) => {
+  type Choice = { archs?: string[] | null; why?: string; skip?: string; error?: string };
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const { chooseArchitectures } = require(path.join(root, 'scripts', 'build-cuda.js')) as {
+    chooseArchitectures: (env: Record<string, string>, gpus: number[] | null, nvcc: number[] | null) => Choice;
+  };
+  const nvcc13 = [75, 80, 86, 87, 88, 89, 90, 100, 103, 110, 120, 121];
+  const none = chooseArchitectures({}, null, nvcc13);
+  t.same(none.archs, ['90-real', '80-virtual'], 'no GPU: sm_90 SASS + compute_80 PTX');
+  t.match(none.why, /no GPU found here.*LORA_NATIVE_CUDA_ARCHS=all builds every supported GPU architecture/, 'and says how to get all');
+  t.same(chooseArchitectures({}, [86, 90], nvcc13).archs, ['86-real', '90-real'], 'the GPUs present, SASS only');
+  t.same(chooseArchitectures({}, [75, 90], nvcc13).archs, ['90-real'], 'a GPU older than sm_80 is left out');
+  t.same(chooseArchitectures({}, [75], nvcc13), { skip: "the GPUs here have compute capability 7.5; lora-native's CUDA kernels need 8.0 or newer (the CPU backend is ready)" });
+  t.same(chooseArchitectures({}, [130], nvcc13).archs, ['121-virtual'], 'a GPU newer than nvcc knows: its newest PTX, JIT-compiled');
+  t.same(chooseArchitectures({ LORA_NATIVE_CUDA_ARCHS: 'all' }, [90], nvcc13).archs, null, 'all: the full list of cuda/CMakeLists.txt');
+  const old = chooseArchitectures({ LORA_CUDA_ARCHS: '86-real,90-real' }, null, nvcc13);
+  t.same([old.archs, old.why], [['86-real', '90-real'], '86-real, 90-real (LORA_CUDA_ARCHS)'], 'the old variable still works');
+  t.same(chooseArchitectures({ LORA_NATIVE_CUDA_ARCHS: '89-real', LORA_CUDA_ARCHS: '80-real' }, null, nvcc13).archs, ['89-real'], 'the new name wins');
+  t.same(chooseArchitectures({ LORA_NATIVE_CUDA_ARCHS: 'sm90' }, null, nvcc13), { error: "LORA_NATIVE_CUDA_ARCHS=sm90 is not a list of CUDA architectures like 90-real,80-virtual (or 'all'): 'sm90'" });
+
+  // the script end to end with a stand-in nvidia-smi on PATH (and a stand-in nvcc when there is none)
+  const bin = fs.mkdtempSync(path.join(os.tmpdir(), 'fake-gpu-'));
+  t.teardown(() => fs.rmSync(bin, { recursive: true, force: true }));
+  fs.writeFileSync(path.join(bin, 'nvidia-smi'), '#!/bin/sh\nprintf "8.9\\n8.9\\n"\n', { mode: 0o755 });
+  fs.writeFileSync(path.join(bin, 'nvcc'), '#!/bin/sh\nprintf "sm_80\\nsm_89\\nsm_90\\n"\n', { mode: 0o755 });
+  fs.writeFileSync(path.join(bin, 'cmake'), '#!/bin/sh\nexit 1\n', { mode: 0o755 });
+  const env = { ...process.env, PATH: `${bin}${path.delimiter}${process.env.PATH}`, CUDACXX: path.join(bin, 'nvcc') };
+  delete env.LORA_NATIVE_CUDA_ARCHS;
+  delete env.LORA_CUDA_ARCHS;
+  delete env.LORA_NATIVE_SKIP_CUDA;
+  const out = execFileSync(process.execPath, [path.join(root, 'scripts', 'build-cuda.js'), '--print-archs'], { env, encoding: 'utf8' });
+  t.same(JSON.parse(out).archs, ['89-real'], `two sm_89 GPUs: one architecture (${out.trim()})`);
 });

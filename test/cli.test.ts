@@ -136,6 +136,82 @@ t.test('failures: one line on stderr, non-zero exit, nothing written', { skip },
   t.end();
 });
 
+t.test('--out: folders are created, an existing folder is refused first, the base\'s config and tokenizer files are copied', { skip }, (t) => {
+  const hf = path.join(dir, 'hf-base');
+  fs.mkdirSync(hf);
+  fs.copyFileSync(baseFile, path.join(hf, 'model.safetensors'));
+  const extras = { 'config.json': '{"model_type":"llama"}', 'tokenizer.json': '{"version":"1.0"}', 'tokenizer_config.json': '{}', 'generation_config.json': '{}', 'README.md': 'not copied' };
+  for (const [f, text] of Object.entries(extras)) fs.writeFileSync(path.join(hf, f), text);
+  const out = path.join(dir, 'new', 'nested', 'merged.safetensors');
+  const r = run('merge', '--base', hf, '--adapter', path.join(dir, 'a'), '--out', out);
+  t.equal(r.code, 0, r.err);
+  t.ok(fs.existsSync(out), 'the missing folders were created');
+  t.same(fs.readdirSync(path.dirname(out)).sort(), ['config.json', 'generation_config.json', 'merged.safetensors', 'tokenizer.json', 'tokenizer_config.json'], 'config and tokenizer files beside the merged file, nothing else');
+  t.equal(fs.readFileSync(path.join(path.dirname(out), 'config.json'), 'utf8'), extras['config.json']);
+  t.match(r.out, /copied beside it from the base: config\.json, generation_config\.json, tokenizer\.json, tokenizer_config\.json\n/);
+  // refused before any work: the adapter path is wrong too, but --out is what is reported
+  const r2 = run('merge', '--base', hf, '--adapter', path.join(dir, 'nope'), '--out', hf);
+  t.equal(r2.code, 2);
+  t.match(r2.err, `lora-native: --out ${hf} is an existing folder; give the file to write, e.g. ${path.join(hf, 'model.safetensors')}\n`);
+  const comb = path.join(dir, 'new', 'combined', 'ab');
+  const r3 = run('combine', '--adapter', path.join(dir, 'a'), '--adapter', path.join(dir, 'b'), '--weights', '1,1', '--mode', 'cat', '--out', comb);
+  t.equal(r3.code, 0, r3.err);
+  t.same(fs.readdirSync(comb).sort(), ['adapter_config.json', 'adapter_model.safetensors'], 'combine creates its folder');
+  const r4 = run('combine', '--adapter', path.join(dir, 'nope'), '--weights', '1', '--mode', 'cat', '--out', comb);
+  t.equal(r4.code, 2);
+  t.match(r4.err, `lora-native: --out ${comb} is a folder that is not empty; give a new or empty folder\n`);
+  const empty = path.join(dir, 'empty-out');
+  fs.mkdirSync(empty);
+  t.equal(run('combine', '--adapter', path.join(dir, 'a'), '--weights', '1', '--mode', 'cat', '--out', empty).code, 0, 'an empty folder is fine');
+  t.ok(fs.existsSync(path.join(empty, 'adapter_config.json')));
+  t.end();
+});
+
+t.test('messages name the command\'s flags: the NaN refusal says --unsafe', { skip }, (t) => {
+  const nan = path.join(dir, 'nan-adapter');
+  fs.mkdirSync(nan);
+  fs.writeFileSync(path.join(nan, 'adapter_config.json'), JSON.stringify({ peft_type: 'LORA', r: 1, lora_alpha: 1, target_modules: ['q_proj'] }));
+  saveSafetensors(path.join(nan, 'adapter_model.safetensors'), {
+    'base_model.model.model.layers.0.q_proj.lora_A.weight': mk(new Float64Array(10).fill(NaN), [1, 10]),
+    'base_model.model.model.layers.0.q_proj.lora_B.weight': mk(new Float64Array(12).fill(1), [12, 1]),
+  });
+  const out = path.join(dir, 'nan-merged.safetensors');
+  const r = run('merge', '--base', baseFile, '--adapter', nan, '--out', out);
+  t.equal(r.code, 1);
+  t.match(r.err, /^lora-native: Refusing to merge 'model\.layers\.0\.q_proj\.weight': element 0 is NaN in float32 .*pass --unsafe to merge anyway\) \[ERR_LORA_NON_FINITE\]\n$/);
+  t.notMatch(r.err, /safeMerge/, 'not the API\'s option name');
+  t.notOk(fs.existsSync(out), 'nothing written');
+  t.equal(run('merge', '--base', baseFile, '--adapter', nan, '--out', out, '--unsafe', '--probe-rows', '0').code, 0, '--unsafe merges anyway');
+  t.end();
+});
+
+t.test('every flag is in --help and in the README', { skip }, (t) => {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const { FLAGS } = require(path.join(root, 'dist', 'lib', 'cli.js')) as { FLAGS: Record<string, Record<string, unknown>> };
+  const help = run('--help').out;
+  const readme = fs.readFileSync(path.join(root, 'README.md'), 'utf8');
+  const section = readme.slice(readme.indexOf('## Command line'), readme.indexOf('\n## ', readme.indexOf('## Command line') + 5));
+  for (const [cmd, flags] of Object.entries(FLAGS)) {
+    t.match(help, `lora-native ${cmd}`, `--help shows ${cmd}`);
+    t.match(section, `lora-native ${cmd}`, `README shows ${cmd}`);
+    for (const f of Object.keys(flags)) {
+      t.match(help, `--${f}`, `--help lists ${cmd} --${f}`);
+      t.match(section, `--${f}`, `README's Command line section lists ${cmd} --${f}`);
+    }
+  }
+  t.end();
+});
+
+t.test('a reader that stops early (inspect | head) ends the command quietly', { skip }, (t) => {
+  const many = path.join(dir, 'many.safetensors');
+  const z = mk(new Float64Array(2), [2]);
+  saveSafetensors(many, Object.fromEntries(Array.from({ length: 4000 }, (_, i) => [`model.layers.${i}.a_long_enough_tensor_name.weight`, z])));
+  const r = spawnSync('bash', ['-c', `"${process.execPath}" "${bin}" inspect "${many}" | head -n 1; echo "status \${PIPESTATUS[0]}" >&2`], { encoding: 'utf8' });
+  t.equal(r.stdout, `${many}\n`, 'head got its line');
+  t.equal(r.stderr, 'status 0\n', 'no EPIPE stack trace, exit status 0');
+  t.end();
+});
+
 // bench/gpu/peft_interop.{py,js} run on the GPU machine, where PEFT is; here (no torch) their
 // lora-native half and the numpy comparison run on a folder laid out as `make` lays it out, with
 // lora-native's own merge standing in for PEFT's, so the scripts cannot rot unseen.

@@ -10,10 +10,11 @@ import * as path from 'node:path';
 import t from 'tap';
 
 import {
-  add, AdamW, applyLora, crossEntropy, features, loadLoraAdapter, LoraError, LoraLinear, matmul, mul, randn, relu, reshape,
-  saveLoraAdapter, sigmoid, silu, sum, tanh, tensor, Tensor, tidy, exp, max, mean, train, TransformerLM,
+  add, AdamW, applyLora, CausalLM, crossEntropy, features, loadCausalLM, loadLoraAdapter, LoraError, LoraLinear, matmul, mul, randn,
+  relu, reshape, saveLoraAdapter, sigmoid, silu, sum, tanh, tensor, Tensor, tidy, exp, max, mean, train, TransformerLM,
 } from '../lib/index';
 import { assertClose, assertLoraError, leakChecked, randomData } from './helpers';
+import { writeCheckpoint } from './hf_checkpoint';
 
 const root = path.resolve(__dirname, '..');
 const f = features();
@@ -301,4 +302,27 @@ t.test('CUDA matches the CPU', { skip: noCuda }, async (t) => {
     t.same(r.shape, [17, 33]);
     r.dispose();
   });
+});
+
+t.test('a Hugging Face checkpoint on cuda: the CPU\'s logits and tokens', { skip: noCuda }, async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lora-native-cuda-hf-'));
+  try {
+    const rows = [[3, 17, 42, 5, 8, 90, 1], [7, 7, 2, 60, 33, 11, 4]];
+    const mask = [[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]];
+    for (const arch of ['llama', 'gpt2'] as const) {
+      writeCheckpoint(path.join(dir, arch), arch, { dtype: arch === 'llama' ? 'bfloat16' : 'float32', seed: 2 });
+      const cpu = await loadCausalLM(path.join(dir, arch));
+      const gpu = await loadCausalLM(path.join(dir, arch), { device: 'cuda' });
+      t.ok(gpu.namedParameters().every(([, p]) => p.device === 'cuda'), `${arch}: every weight on cuda`);
+      const logits = (m: CausalLM) => tidy(() => m.forward(tensor(rows.flat(), [2, 7], { dtype: 'int32', device: m.device }),
+        { attentionMask: tensor(mask.flat(), [2, 7], { dtype: 'int32', device: m.device }) }).toFloat32Array().slice(2 * cpu.vocabSize));
+      assertClose(t, logits(gpu), logits(cpu), FP32, `${arch}: left-padded logits`);
+      const prompts = [[1, 2, 3], [4, 5]];
+      t.same(await gpu.generate(prompts, { maxNewTokens: 5, eosTokenId: null }), await cpu.generate(prompts, { maxNewTokens: 5, eosTokenId: null }), `${arch}: greedy tokens`);
+      cpu.dispose();
+      gpu.dispose();
+    }
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 });

@@ -1,9 +1,13 @@
 // Every validation path of the foundation API: the error class, its code and its message.
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
 import t from 'tap';
 
 import {
   AdamW, add, LoraError, LoraLinear, LoraRangeError, LoraTypeError, matmul, ones, reshape, SGD, sum, tensor,
-  tidy, zeros, setNumThreads, randn, features,
+  tidy, zeros, setNumThreads, randn, features, Linear, Embedding, LayerNorm, RMSNorm, Dropout, MLP, gelu, mse, dropout,
+  applyLora, parameterGroups, mergeAndUnload, LoraModel, combineAdapters, loadSafetensors, saveSafetensors, TransformerLM, train,
 } from '../lib/index';
 import { native } from '../lib/native';
 import { assertLoraError, leakChecked } from './helpers';
@@ -122,5 +126,71 @@ t.test('the native layer checks again what could corrupt memory', async (t) => {
       assertLoraError(tt, () => native.axpy(a._storage, gone._storage, 1), LoraError, 'ERR_LORA_DISPOSED', /x has been disposed/, 'disposed storage');
       assertLoraError(tt, () => new (native.Storage as unknown as new (x: unknown) => unknown)(1), LoraError, 'ERR_LORA_TYPE', /cannot be constructed/, 'Storage constructor');
     });
+  });
+});
+
+t.test('every options object refuses unknown names with a did-you-mean; PEFT and camelCase names both work', async (t) => {
+  await leakChecked(t, 'options', async (tt) => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'errors-test-'));
+    const file = path.join(dir, 'm.safetensors');
+    const x = ones([2, 4]);
+    const ids = zeros([1, 2], { dtype: 'int32' });
+    const p = ones([2], { requiresGrad: true });
+    const lm = new TransformerLM({ vocabSize: 5, dModel: 4, nHeads: 2, nLayers: 1, maxSeqLen: 4, seed: 1 });
+    const mlp = new MLP([4, 2], { seed: 1 });
+    saveSafetensors(file, { w: x });
+    const model = new LoraModel({ 'q.weight': x });
+    model.addAdapter('a', { target_modules: ['q'], r: 2 });
+    const cases: [string, () => unknown, string][] = [
+      ['randn()', () => randn([2], { sed: 1 } as never), "Unknown option 'sed' for randn(); did you mean 'seed'?"],
+      ['LoraLinear', () => new LoraLinear({ inFeatures: 4, outFeatures: 2, rank: 1, alpah: 2 } as never), "Unknown option 'alpah' for LoraLinear; did you mean 'alpha'?"],
+      ['Linear', () => new Linear(2, 2, { baias: false } as never), "Unknown option 'baias' for Linear; did you mean 'bias'?"],
+      ['Embedding', () => new Embedding(2, 2, { sdt: 1 } as never), "Unknown option 'sdt' for Embedding; did you mean 'std'?"],
+      ['LayerNorm', () => new LayerNorm(2, { epss: 1e-5 } as never), "Unknown option 'epss' for LayerNorm; did you mean 'eps'?"],
+      ['RMSNorm', () => new RMSNorm(2, { eps_: 1e-5 } as never), "Unknown option 'eps_' for RMSNorm; did you mean 'eps'?"],
+      ['Dropout', () => new Dropout(0.1, { sead: 1 } as never), "Unknown option 'sead' for Dropout; did you mean 'seed'?"],
+      ['MLP', () => new MLP([2, 2], { activaton: 'relu' } as never), "Unknown option 'activaton' for MLP; did you mean 'activation'?"],
+      ['gelu()', () => gelu(x, { aproximate: 'tanh' } as never), "Unknown option 'aproximate' for gelu(); did you mean 'approximate'?"],
+      ['mse()', () => mse(x, x, { reducton: 'sum' } as never), "Unknown option 'reducton' for mse(); did you mean 'reduction'?"],
+      ['dropout()', () => dropout(x, 0.1, { trainig: true } as never), "Unknown option 'trainig' for dropout(); did you mean 'training'?"],
+      ['AdamW', () => new AdamW([p], { lr: 0.1, beta: [0.9, 0.99] } as never), "Unknown option 'beta' for AdamW; did you mean 'betas'?"],
+      ['SGD', () => new SGD([p], { lr: 0.1, momentun: 0.9 } as never), "Unknown option 'momentun' for SGD; did you mean 'momentum'?"],
+      ['applyLora()', () => applyLora(mlp, { targetModules: 'all-linear', rnak: 2 } as never), "Unknown option 'rnak' for applyLora(); did you mean 'rank'?"],
+      ['parameterGroups()', () => parameterGroups(mlp, { lr: 1, weight_decay: 0 } as never), "Unknown option 'weight_decay' for parameterGroups() optimizer; did you mean 'weightDecay'?"],
+      ['loadStateDict()', () => mlp.loadStateDict(mlp.stateDict(), { strcit: false } as never), "Unknown option 'strcit' for loadStateDict(); did you mean 'strict'?"],
+      ['mergeAndUnload()', () => mergeAndUnload(lm, { safe: true } as never), "Unknown option 'safe' for mergeAndUnload(); known options: safeMerge"],
+      ['LoraModel.merge()', () => model.merge({ probe_rows: 2 } as never), "Unknown option 'probe_rows' for merge(); did you mean 'probeRows'?"],
+      ['LoraModel.addAdapter()', () => model.addAdapter('b', { target_modules: ['q'], lora_alhpa: 4 }), "Unknown option 'lora_alhpa' for addAdapter() config; did you mean 'lora_alpha'?"],
+      ['addAdapter() with two names of one field', () => model.addAdapter('b', { target_modules: ['q'], r: 2, rank: 4 }), "Expected one of 'r' and 'rank' for addAdapter() config (two names of one option) but received both"],
+      ['LoraModel.addWeightedAdapter()', () => model.addWeightedAdapter(['a'], [1], 'cat', 'c', { svd_rank: 2 } as never), "Unknown option 'svd_rank' for addWeightedAdapter(); did you mean 'svdRank'?"],
+      ['combineAdapters()', () => combineAdapters([model.getAdapter('a')], [1], 'svd', { svdrank: 2 } as never), "Unknown option 'svdrank' for combineAdapters(); did you mean 'svdRank'?"],
+      ['loadSafetensors()', () => loadSafetensors(file, { dtypes: 'float32' } as never), "Unknown option 'dtypes' for loadSafetensors(); did you mean 'dtype'?"],
+      ['saveSafetensors()', () => saveSafetensors(file, { w: x }, { metdata: {} } as never), "Unknown option 'metdata' for saveSafetensors(); did you mean 'metadata'?"],
+      ['TransformerLM', () => new TransformerLM({ vocabSize: 5, dModel: 4, nHeads: 2, nLayers: 1, maxSeqLen: 4, nLayer: 1 } as never), "Unknown option 'nLayer' for TransformerLM; did you mean 'nLayers'?"],
+    ];
+    for (const [what, fn, message] of cases) assertLoraError(tt, fn, LoraError, 'ERR_LORA_OPTION', new RegExp(`^${message.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}$`), what);
+    await tt.rejects(train({ model: mlp, data: [1], steps: 1, loss: () => mse(x, x), optimizer: { lr: 1, weightDecy: 0 } as never }),
+      { code: 'ERR_LORA_OPTION', message: "Unknown option 'weightDecy' for train() optimizer; did you mean 'weightDecay'?" });
+    await tt.rejects(train({ model: mlp, data: [1], steps: 1, loss: () => mse(x, x), optimizer: { lr: 1 }, schedule: { type: 'cosine', warmup_steps: 2 } as never }),
+      { code: 'ERR_LORA_OPTION', message: "Unknown option 'warmup_steps' for schedule; did you mean 'warmupSteps'?" });
+
+    // the issue's example: PEFT's target_modules beside lora-native's rank and alpha now mean what they say
+    model.addAdapter('issue', { target_modules: ['q'], rank: 4, alpha: 32 });
+    const m = model.getAdapter('issue').modules.get('q')!;
+    tt.same([m.rank, m.alpha, m.scaling], [4, 32, 8], 'addAdapter: rank and alpha are taken (they were dropped)');
+    model.addAdapter('camel', { targetModules: ['q'], r: 2, loraAlpha: 6, useRslora: true });
+    const c = model.getAdapter('camel').modules.get('q')!;
+    tt.same([c.rank, c.alpha, c.scaling], [2, 6, 6 / Math.sqrt(2)], 'addAdapter: camelCase PEFT names');
+    tt.same(model.getAdapter('camel').config.target_modules, ['q'], 'stored under the PEFT name');
+    const layer = new LoraLinear({ inFeatures: 4, outFeatures: 2, r: 2, lora_alpha: 8, use_rslora: true } as never);
+    tt.same([layer.rank, layer.alpha, layer.useRslora], [2, 8, true], 'LoraLinear takes PEFT names');
+    layer.dispose();
+    const info = applyLora(mlp, { target_modules: 'all-linear', r: 2, lora_alpha: 4 } as never);
+    tt.same([info.config.r, info.config.lora_alpha, info.modules.length], [2, 4, 1], 'applyLora takes PEFT names');
+    model.dispose();
+    for (const v of [x, ids, p]) v.dispose();
+    lm.dispose();
+    mlp.dispose();
+    fs.rmSync(dir, { recursive: true, force: true });
   });
 });

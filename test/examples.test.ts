@@ -55,6 +55,54 @@ t.test('demo.ts --quick: the table, the SVG and the PEFT adapter', (tt) => {
   const res = JSON.parse(fs.readFileSync(path.join(out, 'results.json'), 'utf8'));
   tt.equal(res.losses.lora.length, res.steps.adapt);
   tt.notMatch(r.out, /tensors still live/);
+  // the summary lists every file the demo wrote, and the README names each of them
+  const files = (d: string, pre = ''): string[] => fs.readdirSync(d, { withFileTypes: true })
+    .flatMap((e) => (e.isDirectory() ? files(path.join(d, e.name), `${pre}${e.name}/`) : [`${pre}${e.name}`]));
+  const listed = r.out.slice(r.out.indexOf(`files to ${out}/:`)).split('\n').slice(1).map((l) => /^ {2}(\S+) /.exec(l)?.[1]).filter((f): f is string => !!f);
+  tt.same(listed.slice().sort(), files(out).sort(), 'the summary lists exactly the files written');
+  const readme = fs.readFileSync(path.join(__dirname, '..', 'README.md'), 'utf8');
+  for (const f of files(out)) tt.match(readme, path.basename(f), `README mentions ${f}`);
   fs.rmSync(out, { recursive: true, force: true });
+  tt.end();
+});
+
+// Every ```ts block of README.md, type-checked as a user's ES module (top-level await allowed)
+// under `strict` against the package as installed (node_modules/lora-native -> this folder, its
+// exports and dist/lib/*.d.ts), in one tsc run. A canary with a known error proves tsc checks.
+t.test('README.md: every TypeScript snippet compiles under tsc --strict against the package types', (tt) => {
+  if (!fs.existsSync(path.join(root, 'dist', 'lib', 'index.d.ts'))) {
+    tt.fail('dist/lib/index.d.ts is missing: run npm run build:ts (npm ci does it through prepare)');
+    return tt.end();
+  }
+  const readme = fs.readFileSync(path.join(root, 'README.md'), 'utf8');
+  const snippets: { line: number; code: string }[] = [];
+  for (const m of readme.matchAll(/^( *)```ts\n([\s\S]*?)^\1```$/gm)) {
+    const indent = m[1]!.length;
+    snippets.push({ line: readme.slice(0, m.index).split('\n').length + 1, code: m[2]!.split('\n').map((l) => l.slice(indent)).join('\n') });
+  }
+  tt.ok(snippets.length >= 4, `${snippets.length} TypeScript snippets in README.md`);
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'readme-ts-'));
+  fs.mkdirSync(path.join(dir, 'node_modules', '@types'), { recursive: true });
+  fs.symlinkSync(root, path.join(dir, 'node_modules', 'lora-native'), 'dir');
+  fs.symlinkSync(path.join(root, 'node_modules', '@types', 'node'), path.join(dir, 'node_modules', '@types', 'node'), 'dir');
+  const files = snippets.map((s, i) => {
+    const f = `snippet${i}.mts`;
+    fs.writeFileSync(path.join(dir, f), s.code);
+    return f;
+  });
+  fs.writeFileSync(path.join(dir, 'canary.mts'), "import { tensor } from 'lora-native';\nconst n: number = tensor([1], [1]);\n");
+  fs.writeFileSync(path.join(dir, 'tsconfig.json'), JSON.stringify({
+    compilerOptions: { strict: true, module: 'nodenext', moduleResolution: 'nodenext', target: 'es2022', noEmit: true, skipLibCheck: true, types: ['node'] },
+    files: [...files, 'canary.mts'],
+  }));
+  const r = spawnSync(process.execPath, [path.join(root, 'node_modules', 'typescript', 'bin', 'tsc'), '-p', dir], { cwd: dir, encoding: 'utf8', timeout: 240_000 });
+  const errors = `${r.stdout}${r.stderr}`.split('\n').filter((l) => /error TS/.test(l));
+  tt.match(errors.filter((l) => l.startsWith('canary.mts')).join('\n'), /canary\.mts\(2,7\): error TS2322: Type 'Tensor' is not assignable to type 'number'/, 'the canary error is found (tsc really checks)');
+  for (const [i, s] of snippets.entries()) {
+    const mine = errors.filter((l) => l.startsWith(`snippet${i}.mts`));
+    // tsc reports snippet-relative lines; shift them to README.md lines
+    tt.same(mine.map((l) => l.replace(/^snippet\d+\.mts\((\d+),/, (_, n: string) => `README.md(${Number(n) + s.line - 1},`)), [], `the snippet at README.md line ${s.line} compiles`);
+  }
+  fs.rmSync(dir, { recursive: true, force: true });
   tt.end();
 });

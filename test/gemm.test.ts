@@ -435,8 +435,11 @@ if (CHILD) {
       assertLoraError(t, () => native.gemm(c, a, small, 2, 2, 3, false, true, 3, 2, 2, 1, 0, 1, 0, 0, 0), LoraError, 'ERR_LORA_SHAPE', /^gemm leading dimension too small$/, 'bf16 b ldb too small');
       tidy(() => {
         const x = tensor(new Float32Array(6), [2, 3]);
-        const W16 = tensor(new Float32Array(6), [2, 3]).toDtype('float16');
-        assertLoraError(t, () => linear(x, W16), LoraError, 'ERR_LORA_DTYPE', /^Expected a float32 or bfloat16 weight for linear\(\) but received float16$/, 'float16 weight');
+        const Wi = tensor(new Float32Array(6), [2, 3], { dtype: 'int32' });
+        // a float16 weight is widened for each product: the values of a float32 linear()
+        const W16 = tensor([0.5, -1, 2, 0.25, 3, -0.75], [2, 3]).toDtype('float16');
+        t.same(Array.from(linear(tensor([1, 2, 3, -1, 0, 1], [2, 3]), W16).toFloat32Array()), [4.5, 4, 1.5, -1], 'float16 weight');
+        assertLoraError(t, () => linear(x, Wi), LoraError, 'ERR_LORA_DTYPE', /^Expected a float32, bfloat16 or float16 weight for linear\(\) but received int32$/, 'int32 weight');
         const Wb = tensor(new Float32Array(8), [2, 4]).toDtype('bfloat16');
         assertLoraError(t, () => linear(x, Wb), LoraError, 'ERR_LORA_SHAPE', /^Expected x of shape \[\.\.\., 4\] for linear\(\) but received \[2, 3\]$/, 'bf16 weight, wrong in-features');
       });

@@ -1,7 +1,11 @@
 // The package as users get it: `npm pack`, then `npm install <tarball>` into fresh folders, offline
-// (npm's cache, warmed by `npm ci`). Once with prebuilds/ and no compiler on PATH (shims that fail
-// for cc/c++/g++/make), proving the prebuild was loaded; once without prebuilds, compiled from
-// source; once with nothing to load, checking the loader's message. Each install trains a layer.
+// and with an empty npm cache of its own: the runtime dependencies come as tarballs packed from this
+// clone's node_modules, so the test needs nothing but what `npm ci` installed (npm ci fills the
+// cache with tarballs, not the registry metadata an offline install of a bare tarball asks for).
+// Once with prebuilds/ and no compiler on PATH (shims that fail for cc/c++/g++/make), proving the
+// prebuild was loaded; once without prebuilds, the CPU addon compiled from source (the CUDA build
+// skipped; the tarball is checked to hold every file it reads); once with nothing to load,
+// checking the loader's message. Each install trains a layer.
 // Uses prebuilds/ from `npm run prebuilds` when present, else stages the local build as one.
 import { execFileSync, spawnSync, SpawnSyncReturns } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -16,16 +20,21 @@ const root = path.join(__dirname, '..');
 const PLATFORM = `${process.platform}-${process.arch}`;
 const COMPILERS = ['cc', 'c++', 'gcc', 'g++', 'clang', 'clang++', 'make'];
 
+const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'lora-install-'));
+t.teardown(() => fs.rmSync(tmp, { recursive: true, force: true }));
+// An npm cache that starts empty, whatever this machine's cache holds: a fresh machine's.
+const emptyCache = fs.mkdtempSync(path.join(tmp, 'npm-cache-'));
+
 // The environment of the outer `npm test` minus npm's per-script variables (they describe the
-// repository, not the fresh folder); npm's user config (nodedir, cache) still applies.
+// repository, not the fresh folder), with the empty cache; npm's user config (nodedir) still applies.
 function cleanEnv(extra: Record<string, string> = {}): NodeJS.ProcessEnv {
   const env: NodeJS.ProcessEnv = {};
   for (const [k, v] of Object.entries(process.env)) {
-    if (/^npm_(package|lifecycle|config_(prefix|global|local_prefix|dry_run|ignore_scripts|offline))/.test(k)) continue;
+    if (/^npm_(package|lifecycle|config_(prefix|global|local_prefix|dry_run|ignore_scripts|offline|cache))/i.test(k)) continue;
     if (k === 'INIT_CWD' || k === 'LORA_NATIVE_ADDON' || k === 'PREBUILDS_ONLY' || k === 'CC' || k === 'CXX') continue;
     env[k] = v;
   }
-  return { ...env, JOBS: '2', npm_config_jobs: '2', ...extra };
+  return { ...env, JOBS: '2', npm_config_jobs: '2', npm_config_cache: emptyCache, ...extra };
 }
 
 function run(cmd: string, args: string[], cwd: string, env = cleanEnv()): SpawnSyncReturns<string> {
@@ -84,8 +93,16 @@ function train(dir: string, env: NodeJS.ProcessEnv): TrainOutput {
   return JSON.parse(r.stdout.trim().split('\n').pop()!) as TrainOutput;
 }
 
-const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'lora-install-'));
-t.teardown(() => fs.rmSync(tmp, { recursive: true, force: true }));
+// The package's runtime dependencies as tarballs packed from this clone's node_modules (what
+// `npm ci` installed), installed beside the package so npm needs neither the registry nor its cache.
+function dependencyTarballs(dest: string): string[] {
+  const deps = (JSON.parse(fs.readFileSync(path.join(root, 'package.json'), 'utf8')) as { dependencies?: Record<string, string> }).dependencies ?? {};
+  return Object.keys(deps).map((name) => {
+    const dir = path.join(root, 'node_modules', name);
+    if (!fs.existsSync(path.join(dir, 'package.json'))) throw new Error(`dependency ${name} is not in node_modules: run npm ci first`);
+    return pack(dir, dest).file;
+  });
+}
 
 // PATH without a compiler: shims named like every compiler and make, first on PATH, that fail.
 const shims = path.join(tmp, 'no-compiler');
@@ -96,6 +113,7 @@ const noCompilerEnv = cleanEnv({ PATH: `${shims}${path.delimiter}${process.env.P
 
 let withPrebuilds = '';
 let withoutPrebuilds = '';
+let deps: string[] = [];
 
 t.test('npm pack: dist and prebuilds in, tests, benches and build trees out', (t) => {
   if (!fs.existsSync(path.join(root, 'dist', 'lib', 'index.js'))) {
@@ -104,8 +122,16 @@ t.test('npm pack: dist and prebuilds in, tests, benches and build trees out', (t
   }
   const packed = pack(root, fs.mkdtempSync(path.join(tmp, 'pack-')));
   const files = packed.files;
-  for (const f of ['package.json', 'dist/lib/index.js', 'dist/lib/index.d.ts', 'binding.gyp', 'native/binding.cc', 'README.md'])
+  for (const f of ['package.json', 'dist/lib/index.js', 'dist/lib/index.d.ts', 'binding.gyp', 'native/binding.cc', 'README.md', 'scripts/build-cuda.js', 'cuda/CMakeLists.txt'])
     t.ok(files.includes(f), `tarball has ${f}`);
+  // what a user's install compiles the CUDA backend from (the install below skips that build: npm ci
+  // runs it, and here it would only repeat minutes of nvcc): every file cuda/ includes or lists
+  const cudaDir = path.join(root, 'cuda');
+  const cudaSources = fs.readdirSync(cudaDir).filter((f) => /\.(cu|cuh|h|map)$/.test(f));
+  const missing = cudaSources.map((f) => `cuda/${f}`).filter((f) => !files.includes(f));
+  t.same(missing, [], `tarball has the ${cudaSources.length} files of cuda/ the CUDA build reads`);
+  const listed = [...fs.readFileSync(path.join(cudaDir, 'CMakeLists.txt'), 'utf8').matchAll(/^\s+(\w+\.cu)$/gm)].map((m) => m[1]!);
+  t.ok(listed.length > 0 && listed.every((f) => cudaSources.includes(f)), `cuda/CMakeLists.txt builds ${listed.length} sources, all in cuda/`);
   const unwanted = files.filter((f) => /^(test|bench|build|build-cmake|build-asan|coverage|\.tap|\.ci|scripts\/sanitize|dist\/(bench|examples|test)|native\/dev)\//.test(f) || f.endsWith('.tgz'));
   t.same(unwanted, [], 'no tests, benches, build trees or tarballs in the tarball');
 
@@ -132,6 +158,8 @@ t.test('npm pack: dist and prebuilds in, tests, benches and build trees out', (t
   const bare = pack(pkg, fs.mkdtempSync(path.join(tmp, 'pack-')));
   t.notOk(bare.files.some((f) => f.startsWith('prebuilds/')), 'second tarball has no prebuilds');
   withoutPrebuilds = bare.file;
+  deps = dependencyTarballs(fs.mkdtempSync(path.join(tmp, 'deps-')));
+  t.ok(deps.length > 0, `runtime dependencies packed from node_modules: ${deps.map((d) => path.basename(d)).join(', ')}`);
   t.end();
 });
 
@@ -140,7 +168,7 @@ t.test('install with prebuilds and no compiler on PATH: the prebuild loads and t
   t.equal(run('g++', ['--version'], tmp, noCompilerEnv).status, 127, 'g++ fails on the shimmed PATH');
   const dir = app(tmp, 'app-prebuilt');
   const started = Date.now();
-  const r = npm(['install', '--offline', withPrebuilds], dir, noCompilerEnv);
+  const r = npm(['install', '--offline', withPrebuilds, ...deps], dir, noCompilerEnv);
   t.equal(r.status, 0, `npm install --offline succeeded in ${((Date.now() - started) / 1000).toFixed(1)} s${r.status ? `: ${r.stderr}` : ''}`);
   const installed = path.join(dir, 'node_modules', 'lora-native');
   t.notOk(fs.existsSync(path.join(installed, 'build')), 'nothing was compiled (no build/ folder)');
@@ -155,7 +183,7 @@ t.test('install without prebuilds: compiled from source, offline', (t) => {
   if (!withoutPrebuilds) return t.end();
   const dir = app(tmp, 'app-source');
   const started = Date.now();
-  const r = npm(['install', '--offline', withoutPrebuilds], dir);
+  const r = npm(['install', '--offline', withoutPrebuilds, ...deps], dir, cleanEnv({ LORA_NATIVE_SKIP_CUDA: '1' }));
   t.equal(r.status, 0, `npm install --offline compiled the addon in ${((Date.now() - started) / 1000).toFixed(1)} s${r.status ? `: ${r.stderr.slice(-3000)}` : ''}`);
   const installed = path.join(dir, 'node_modules', 'lora-native');
   t.ok(fs.existsSync(path.join(installed, 'build', 'Release', 'lora_native.node')), 'build/Release/lora_native.node exists');
@@ -170,7 +198,7 @@ t.test('nothing to load and no compiler: one ERR_LORA_LOAD that says what to do'
   if (!withoutPrebuilds) return t.end();
   const dir = app(tmp, 'app-none');
   const emptyDir = fs.mkdtempSync(path.join(tmp, 'empty-path-')); // a PATH with no tools at all
-  const r = npm(['install', '--offline', '--ignore-scripts', withoutPrebuilds], dir, noCompilerEnv);
+  const r = npm(['install', '--offline', '--ignore-scripts', withoutPrebuilds, ...deps], dir, noCompilerEnv);
   t.equal(r.status, 0, 'npm install --ignore-scripts succeeded');
   const probe = run(process.execPath, ['-e', `
     try { require('lora-native'); console.log('loaded'); }

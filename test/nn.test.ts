@@ -9,6 +9,7 @@ import t from 'tap';
 import {
   Activation, applyLora, Embedding, LayerNorm, Linear, linear, loadLoraAdapter, loadPeftAdapter, LoraLinear, memory, MLP,
   RMSNorm, saveLoraAdapter, Sequential, tensor, Tensor, tidy, trainableParameters, TransformerLM, loadSafetensors,
+  mergeAndUnload, unloadLora, saveSafetensors,
 } from '../lib/index';
 
 const before = memory().numTensors;
@@ -171,6 +172,105 @@ t.test('applyLora: targets, freezing, unchanged output, counts, PEFT adapter', (
   tt.ok(maxDiff(values(() => fresh.forward(ids)), y2) < 1e-5, 'the loaded adapter reproduces the outputs');
   fs.rmSync(dir, { recursive: true, force: true });
   for (const m of [lm, other, fresh]) m.dispose();
+  ids.dispose();
+  tt.end();
+});
+
+/** A model with LoRA on q/v/up whose lora_B values are not zero (so the adapter matters). */
+function adaptedLm(opts: { rank?: number; alpha?: number; useRslora?: boolean; seed?: number } = {}): TransformerLM {
+  const lm = new TransformerLM({ ...small, seed: 2 });
+  applyLora(lm, { targetModules: ['q_proj', 'v_proj', 'up_proj'], rank: opts.rank ?? 4, alpha: opts.alpha ?? 8, useRslora: opts.useRslora ?? false, seed: opts.seed ?? 3 });
+  for (const [, l] of lm.namedModules()) if (l instanceof LoraLinear) l.loraB.assign(Float32Array.from({ length: l.loraB.size }, (_, i) => Math.sin(i + 1) * 0.1));
+  return lm;
+}
+
+t.test('loadLoraAdapter takes the scaling from the file; a rank mismatch names the module', (tt) => {
+  const ids = tensor([1, 2, 3, 4, 5, 6, 7, 8], [1, 8], { dtype: 'int32' });
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nn-test-'));
+  for (const useRslora of [false, true]) {
+    const saved = adaptedLm({ alpha: 16, useRslora });
+    const want = values(() => saved.forward(ids));
+    saveLoraAdapter(saved, dir);
+    const into = adaptedLm({ alpha: 32, seed: 7 }); // other alpha, no rsLoRA, other lora_A
+    loadLoraAdapter(into, dir);
+    const q = into.getModule('layers.0.attn.q_proj') as LoraLinear;
+    tt.same([q.alpha, q.useRslora, q.scaling], [16, useRslora, useRslora ? 16 / 2 : 16 / 4], `rsLoRA ${useRslora}: the layer takes the file's alpha and rule`);
+    tt.ok(maxDiff(values(() => into.forward(ids)), want) < 1e-5, `rsLoRA ${useRslora}: the loaded model computes what the saved one did`);
+    saved.dispose();
+    into.dispose();
+  }
+  // per-module alpha (alpha_pattern) round-trips: one layer with its own alpha after a load
+  const mixed = adaptedLm({ alpha: 8 });
+  (mixed.getModule('layers.1.mlp.up_proj') as LoraLinear)._setScaling(2, false, 'test');
+  const wantMixed = values(() => mixed.forward(ids));
+  saveLoraAdapter(mixed, dir);
+  const cfg = JSON.parse(fs.readFileSync(path.join(dir, 'adapter_config.json'), 'utf8'));
+  tt.same([cfg.lora_alpha, cfg.alpha_pattern], [8, { 'layers\\.1\\.mlp\\.up_proj': 2 }], 'a layer with another alpha is saved in alpha_pattern');
+  const back = adaptedLm({ alpha: 8, seed: 5 });
+  loadLoraAdapter(back, dir);
+  tt.equal((back.getModule('layers.1.mlp.up_proj') as LoraLinear).alpha, 2);
+  tt.ok(maxDiff(values(() => back.forward(ids)), wantMixed) < 1e-5, 'and loads back to the same outputs');
+
+  const rank2 = adaptedLm({ rank: 2 });
+  const before2 = values(() => rank2.forward(ids));
+  tt.throws(() => loadLoraAdapter(rank2, dir), {
+    code: 'ERR_LORA_SHAPE', message: `Expected rank 2 for module 'layers.0.attn.q_proj' (the model's LoraLinear) but the adapter in ${dir} has rank 4; apply LoRA with rank 4 to load it`,
+  });
+  tt.same(values(() => rank2.forward(ids)), before2, 'a refused load changes nothing');
+  (back.getModule('layers.0.attn.v_proj') as LoraLinear).merge();
+  tt.throws(() => loadLoraAdapter(back, dir), { code: 'ERR_LORA_STATE', message: "Expected an unmerged LoraLinear at 'layers.0.attn.v_proj' for loadLoraAdapter() but it is merged; call unmerge() first" });
+  for (const m of [mixed, back, rank2]) m.dispose();
+  fs.rmSync(dir, { recursive: true, force: true });
+  ids.dispose();
+  tt.end();
+});
+
+t.test('mergeAndUnload and unloadLora: plain Linear layers whose state dict loads into a model built without LoRA', (tt) => {
+  const ids = tensor([1, 2, 3, 4, 5, 6, 7, 8], [1, 8], { dtype: 'int32' });
+  const base = new TransformerLM({ ...small, seed: 2 });
+  const baseOut = values(() => base.forward(ids));
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nn-test-'));
+
+  const lm = adaptedLm();
+  (lm.getModule('layers.1.attn.q_proj') as LoraLinear).merge(); // one already merged: kept as is
+  const adapted = values(() => lm.forward(ids));
+  const tensorsBefore = memory().numTensors;
+  const swapped = mergeAndUnload(lm);
+  tt.equal(swapped.length, 6, 'six LoraLinear layers swapped');
+  tt.ok(lm.namedModules().every(([, m]) => !(m instanceof LoraLinear)), 'no LoraLinear left');
+  tt.ok(lm.getModule('layers.0.attn.q_proj') instanceof Linear);
+  tt.equal(memory().numTensors, tensorsBefore - 12, 'lora_A and lora_B of the six layers are freed');
+  tt.ok(maxDiff(values(() => lm.forward(ids)), adapted) < 1e-5, 'the merged model computes what the adapted one did');
+  tt.notOk(Object.keys(lm.stateDict()).some((k) => /lora/i.test(k)), 'the state dict has no lora tensors');
+  saveSafetensors(path.join(dir, 'merged.safetensors'), lm.stateDict());
+  const plain = new TransformerLM({ ...small, seed: 11 });
+  const { tensors } = loadSafetensors(path.join(dir, 'merged.safetensors'));
+  plain.loadStateDict(tensors); // strict: exactly the plain model's names and shapes
+  for (const x of tensors.values()) x.dispose();
+  tt.ok(maxDiff(values(() => plain.forward(ids)), adapted) < 1e-5, 'and loads (strict) into a TransformerLM built without LoRA');
+  tt.throws(() => mergeAndUnload(lm), { code: 'ERR_LORA_STATE', message: 'Expected a model with LoRA layers for mergeAndUnload() but it has none' });
+  applyLora(lm, { targetModules: ['k_proj'], rank: 2 }); // the model takes new adapters again
+  tt.ok(lm.getModule('layers.0.attn.k_proj') instanceof LoraLinear);
+
+  const un = adaptedLm();
+  (un.getModule('layers.0.attn.v_proj') as LoraLinear).merge(); // unmerged first
+  unloadLora(un);
+  tt.ok(maxDiff(values(() => un.forward(ids)), baseOut) < 1e-5, 'unloadLora gives back the base model');
+  tt.same(Object.keys(un.stateDict()), Object.keys(base.stateDict()), 'with the base names');
+
+  const bad = adaptedLm();
+  const q = bad.getModule('layers.0.attn.q_proj') as LoraLinear;
+  q.loraA.assign(Float32Array.from({ length: q.loraA.size }, () => NaN));
+  const w0 = Array.from(q.weight.toFloat32Array());
+  tt.throws(() => mergeAndUnload(bad), { code: 'ERR_LORA_NON_FINITE', message: "Refusing to merge 'layers.0.attn.q_proj': the merged weight holds NaN or Inf (the adapter or the base does, or the sum overflows); pass { safeMerge: false } to merge anyway" });
+  tt.same(Array.from(q.weight.toFloat32Array()), w0, 'a refused merge leaves the weights alone');
+  tt.ok(bad.getModule('layers.0.attn.q_proj') instanceof LoraLinear, 'and the layers in place');
+  tt.throws(() => mergeAndUnload(bad, { safeMrege: false } as never), { code: 'ERR_LORA_OPTION', message: "Unknown option 'safeMrege' for mergeAndUnload(); did you mean 'safeMerge'?" });
+  mergeAndUnload(bad, { safeMerge: false });
+  tt.ok(Number.isNaN(q.weight.toFloat32Array()[0]), 'safeMerge: false merges anyway');
+  tt.throws(() => unloadLora({} as never), { code: 'ERR_LORA_TYPE', message: 'Expected a Module for model but received an object' });
+  for (const m of [base, lm, plain, un, bad]) m.dispose();
+  fs.rmSync(dir, { recursive: true, force: true });
   ids.dispose();
   tt.end();
 });

@@ -123,6 +123,64 @@ t.test('evaluation, progress lines, onStep, AbortSignal, non-finite steps', asyn
   m.dispose();
 });
 
+t.test('train() yields to the event loop: an AbortSignal and timers fire, also while every step is skipped', async (tt) => {
+  const m = new MLP([1, 4, 1], { seed: 4 });
+  const x = tensor([0.5, -0.5], [2, 1]);
+  const tiny = (mm: { forward(x: Tensor): Tensor }) => mse(mm.forward(x), tensor([1, 0], [2, 1]));
+  for (const [what, loss] of [['finite steps', tiny], ['every step skipped', (mm: { forward(x: Tensor): Tensor }) => tiny(mm).mul(NaN)]] as const) {
+    let ticks = 0;
+    const timer = setInterval(() => ticks++, 5);
+    const started = Date.now();
+    const r = await train({
+      model: m, data: () => null, steps: 200_000, progress: 'none', optimizer: { lr: 1e-3 }, loss, maxConsecutiveSkips: 0,
+      signal: AbortSignal.timeout(100),
+    });
+    clearInterval(timer);
+    tt.equal(r.stopped, 'aborted', `${what}: AbortSignal.timeout(100) stops the run (after ${r.steps} steps, ${Date.now() - started} ms)`);
+    tt.ok(r.steps < 200_000, `${what}: it did not run every step`);
+    tt.ok(ticks > 0, `${what}: a 5 ms interval fired ${ticks} times during training`);
+  }
+  x.dispose();
+  m.dispose();
+});
+
+t.test('skipped steps: onStep and progress see them; consecutive skips stop a diverged run', async (tt) => {
+  const m = new MLP([1, 4, 1], { seed: 4 });
+  const infos: { step: number; skipped: boolean }[] = [];
+  const lines: string[] = [];
+  const r = await train({
+    model: m, data: pairs, batchSize: 6, steps: 1000, optimizer: { lr: 0.01 }, progress: (l) => lines.push(l), logEvery: 1000,
+    loss: (mm, b: [number, number][]) => regressionLoss(mm, b).mul(NaN), onStep: (s) => { infos.push({ step: s.step, skipped: s.skipped }); },
+  });
+  tt.same([r.stopped, r.steps, r.skippedSteps], ['diverged', 10, 10], 'stopped after 10 skipped steps in a row (the default)');
+  tt.same(infos, Array.from({ length: 10 }, (_, i) => ({ step: i + 1, skipped: true })), 'onStep ran for every skipped step');
+  tt.equal(lines.filter((l) => /skipped \(non-finite loss\)$/.test(l)).length, 10, 'a progress line per skipped step');
+  tt.match(lines[0]!, /^step 1\/1000  loss NaN  lr 1\.00e-2  [\d.]+ (steps\/s|s\/step)  ETA [\d:-]+  skipped \(non-finite loss\)$/);
+  tt.equal(lines.at(-1), 'stopped at step 10: the last 10 steps had a non-finite loss or gradient and were skipped; the run diverged (lower the lr, set clipGradNorm, or raise maxConsecutiveSkips)');
+
+  let n = 0; // NaN on steps 2-4 only: three in a row, then finite again
+  const some = await train({
+    model: m, data: pairs, batchSize: 6, steps: 8, optimizer: { lr: 0.01 }, progress: 'none', maxConsecutiveSkips: 4,
+    loss: (mm, b: [number, number][]) => { n++; return n >= 2 && n <= 4 ? regressionLoss(mm, b).mul(NaN) : regressionLoss(mm, b); },
+  });
+  tt.same([some.stopped, some.steps, some.skippedSteps], ['completed', 8, 3], 'fewer skips in a row than the limit: the run goes on');
+  await tt.rejects(train({ model: m, data: pairs, steps: 1, optimizer: { lr: 0.01 }, loss: regressionLoss, maxConsecutiveSkips: -1 }),
+    { code: 'ERR_LORA_RANGE', message: 'Expected an integer between 0 and 9007199254740991 for maxConsecutiveSkips but received -1 (number)' });
+  m.dispose();
+});
+
+t.test('progress shows s/step for steps slower than one a second', async (tt) => {
+  const m = new MLP([1, 4, 1], { seed: 4 });
+  const lines: string[] = [];
+  const wait = new Int32Array(new SharedArrayBuffer(4));
+  await train({
+    model: m, data: pairs, batchSize: 6, steps: 1, optimizer: { lr: 0.01 }, progress: (l) => lines.push(l),
+    loss: (mm, b: [number, number][]) => { Atomics.wait(wait, 0, 0, 1100); return regressionLoss(mm, b); },
+  });
+  tt.match(lines[0]!, /^step 1\/1 .* 1\.\d s\/step  ETA 0:00$/, lines[0]);
+  m.dispose();
+});
+
 t.test('checkpoint and resume reproduce the uninterrupted loss curve', async (tt) => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'train-test-'));
   const V = 7, B = 4, T = 6;
@@ -160,6 +218,21 @@ t.test('checkpoint and resume reproduce the uninterrupted loss curve', async (tt
   const pa = a.namedParameters().flatMap(([, p]) => [...p.toFloat32Array()]);
   const pc = c.namedParameters().flatMap(([, p]) => [...p.toFloat32Array()]);
   tt.same(pc, pa, 'and ends at the same parameters');
+  tt.same(resumed.resumed, { file: path.join(dir, CHECKPOINT_FILE), step: 7, changed: [] }, 'resumed says from where, nothing changed');
+
+  // a rerun of the finished run: says so and trains nothing
+  const lines: string[] = [];
+  const again = await train({ ...common, model: c, checkpointDir: dir, checkpointEvery: 5, progress: (l) => lines.push(l) });
+  tt.same([again.steps, again.resumedFrom, again.losses.length], [12, 12, 12], 'the final step was checkpointed; nothing left');
+  tt.equal(lines[0], `resumed from ${path.join(dir, CHECKPOINT_FILE)} at step 12 of 12: nothing left to train (raise steps above 12 to train further, or pass resume: false to start over)`);
+  // changed options are named, with both values, and apply from the next step
+  lines.length = 0;
+  const more = await train({ ...common, model: c, steps: 14, optimizer: { lr: 2e-2 }, clipGradNorm: undefined, checkpointDir: dir, checkpointEvery: 5, progress: (l) => lines.push(l), logEvery: 100 });
+  tt.same(more.resumed!.changed, [
+    { option: 'steps', checkpoint: 12, now: 14 }, { option: 'lr', checkpoint: 1e-2, now: 2e-2 }, { option: 'clipGradNorm', checkpoint: 1, now: undefined },
+  ]);
+  tt.equal(lines[0], `resumed from ${path.join(dir, CHECKPOINT_FILE)} at step 12 of 14 (2 steps left); options that differ from the checkpoint's: steps 14 (checkpoint: 12), lr 0.02 (checkpoint: 0.01), clipGradNorm unset (checkpoint: 1); the new values apply from step 13`);
+  tt.equal(more.steps, 14, 'and trains the steps left');
   a.dispose();
   c.dispose();
   fs.rmSync(dir, { recursive: true, force: true });
