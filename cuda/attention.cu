@@ -1,7 +1,8 @@
 // Fused scaled-dot-product attention on CUDA, forward and backward, with the math and masks of
-// lora_backend::attention (native/backend/backend.h, sizes in native/backend/attention.h): GQA (query head h reads kv head h / G without copying
-// k, v), causal / padding / segment / sliding-window masks, queries at positions S - T + i (decode
-// against a KV cache whose batch entries are kv_batch_stride apart). FlashAttention-2's blocking on
+// lora_backend::attention (native/backend/backend.h; the sizes gathered in native/backend/attention.h):
+// GQA (query head h reads kv head h / G without copying k, v), causal / padding / segment /
+// sliding-window masks, queries at positions S - T + i (decode against a KV cache whose batch
+// entries are kv_batch_stride apart). FlashAttention-2's blocking on
 // CUDA cores in fp32 with shared-memory tiles: never a (T, S) matrix in memory, O(T) extra state.
 //
 // The query rows of one (batch b, kv head kvh) are the pairs (t, g), numbered ρ = t·G + g, so the

@@ -1,4 +1,4 @@
-// attention() (lib/attention.ts over native/cpu/attention*.cc and cuda/attention.cu) against the
+// attention() (lib/ops/attention.ts over native/cpu/attention*.cc and cuda/attention.cu) against the
 // float64 reference in test/ref/attention_ref.ts, in two hops: the reference's gradients against
 // central finite differences (and its GQA layout against repeat_kv), then the kernels against the
 // reference on awkward shapes (T, S not multiples of any block, D = 7..128, GQA groups 1/3/8, padding
@@ -184,7 +184,7 @@ t.test('the saved log-sum-exp: +Infinity for a row that sees no key, finite outp
   const S = (x: F64, n: number) => native.fromHost(0, 0, Float32Array.from(x.length ? x : new Float64Array(n)));
   const out = S(new Float64Array(0), 24), lse = S(new Float64Array(0), 6), m = native.fromHost(0, 3, a.mask);
   const Q = S(q, 0), K = S(k, 0), V = S(v, 0);
-  (native as unknown as { attention: (...x: unknown[]) => void }).attention(out, lse, Q, K, V, m, 6, null, 0, 1, 6, 6, 6, 1, 1, 4, a.scale, true, 0);
+  native.attention(out, lse, Q, K, V, m, 6, null, 0, 1, 6, 6, 6, 1, 1, 4, a.scale, true, 0);
   const ref = A.attentionRef(q, k, v, a);
   const got = new Float32Array(native.toHost(lse));
   tt.same(Array.from(got.slice(0, 2)), [Infinity, Infinity], 'rows with no visible key: lse = +Infinity');

@@ -1,4 +1,4 @@
-// attention: the fused attention op (lib/attention.ts) on SmolLM2-135M's heads (9 query heads,
+// attention: the fused attention op (lib/ops/attention.ts) on SmolLM2-135M's heads (9 query heads,
 // 3 key/value heads, head dim 64), one causal sequence of T tokens: forward + backward through the
 // public API (ours, what a training step runs, and what bench/torch_llm.py's eager attention
 // times), the forward alone, and one decode step (T = 1) against a cache of T positions.

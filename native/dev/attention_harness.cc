@@ -1,8 +1,8 @@
 // Standalone harness for the CPU attention kernel (native/cpu/attention*.cc): random shapes, GQA
 // groups, masks (causal, padding, segments, sliding window, KV-cache strides) against a float64
 // reference written from the math, then timings. Build and run:
-//   g++ -O3 -std=c++17 -pthread native/dev/attention_harness.cc native/cpu/attention*.cc
-//       native/cpu/gemm*.cc -o /tmp/ah
+//   g++ -O3 -std=c++17 -pthread native/dev/attention_harness.cc native/cpu/*.cc -o /tmp/ah
+//   (the whole CPU backend: attention.cc's table entries reach its thread pool)
 //   /tmp/ah check [iters]            (LORA_NATIVE_ISA=avx512|avx2|generic picks the level)
 //   /tmp/ah time T S H KVH D causal threads reps [B]
 // Not part of the addon or the test suite; the shipped test is test/attention.test.ts.
@@ -166,9 +166,9 @@ static int check(int iters) {
     std::vector<double> ro, rdq, rdk, rdv;
     reference(P, ro, rdq, rdk, rdv);
     std::vector<float> out(ro.size(), NAN), lse(B * H * T), dq(ro.size(), NAN), dk(rdk.size(), NAN), dv(rdk.size(), NAN);
-    Status st = cpu_attention(pool, out.data(), lse.data(), P.q.data(), P.k.data(), P.v.data(), P.a);
+    lora_status st = cpu_attention(pool, out.data(), lse.data(), P.q.data(), P.k.data(), P.v.data(), P.a);
     std::vector<char> ws(cpu_attention_backward_workspace(P.a, pool.size()) + 64);
-    if (st == Status::Ok)
+    if (st == LORA_OK)
       st = cpu_attention_backward(pool, ws.data(), dq.data(), dk.data(), dv.data(), P.dout.data(), P.q.data(), P.k.data(),
                                   P.v.data(), out.data(), lse.data(), P.a);
     // cache positions S..Smax-1 of dk, dv are not written: still NaN; 0 for the comparison
@@ -179,11 +179,11 @@ static int check(int iters) {
         untouched = untouched && std::isnan(dk[i]) && std::isnan(dv[i]);
         dk[i] = dv[i] = 0.0f;
       }
-    if (!untouched) st = Status::Unusable;  // reported as a failure below
+    if (!untouched) st = LORA_UNUSABLE;  // reported as a failure below
     size_t at[4] = {0, 0, 0, 0};
     const double w[4] = {worst(out.data(), ro, ro.size(), 0, 1e-5, 1e-4, &at[0]), worst(dq.data(), rdq, rdq.size(), 0, 1e-4, 1e-3, &at[1]),
                          worst(dk.data(), rdk, rdk.size(), 0, 1e-4, 1e-3, &at[2]), worst(dv.data(), rdv, rdv.size(), 0, 1e-4, 1e-3, &at[3])};
-    const bool ok = st == Status::Ok && w[0] <= 1 && w[1] <= 1 && w[2] <= 1 && w[3] <= 1;
+    const bool ok = st == LORA_OK && w[0] <= 1 && w[1] <= 1 && w[2] <= 1 && w[3] <= 1;
     if (!ok) {
       ++bad;
       std::printf("FAIL B%ld T%ld S%ld(max %ld) H%ld KVH%ld D%ld causal%d win%ld pad%d seg%d: status %d, out %.2g@%zu dq %.2g@%zu dk %.2g@%zu dv %.2g@%zu\n",
