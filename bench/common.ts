@@ -15,6 +15,10 @@ export const SHAPES: Shape[] = [
 // --quick drops the largest shape (about a third of the full run's time).
 export const QUICK_SHAPES = SHAPES.filter((s) => s.C * s.OC * s.N < 1024 * 4096 * 4096);
 export const shapeKey = (s: Shape) => `${s.N}x${s.C}x${s.OC}r${s.R}`;
+// attention's shapes (issue 13): SmolLM2-135M's heads, one causal sequence of T tokens, carried
+// as N = T, C = heads, OC = kvHeads, R = headDim.
+export const ATTENTION_SHAPES: Shape[] = [512, 1024, 2048].map((T) => ({ N: T, C: 9, OC: 3, R: 64 }));
+export const attentionKey = (s: Shape) => `T${s.N} H${s.C}/${s.OC} D${s.R}`;
 
 export type DType = 'fp32' | 'bf16';
 export interface Work { flops?: number; bytes?: number }

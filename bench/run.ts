@@ -1,6 +1,6 @@
 // npm run bench [-- --quick] [--cases=gemm,lora_forward] [--threads=1,2] [--no-baselines]
-// (--quick: only the cases the targets need, gemm and lora_step, at the smaller shapes)
-// The CPU benchmark suite (issues 3 and 15): every case (bench/cases/<op>.ts) at every shape, thread
+// (--quick: only the cases the targets need, gemm, lora_step and attention, at the smaller shapes)
+// The CPU benchmark suite (issues 3, 13 and 15): every case (bench/cases/<op>.ts) at every shape, thread
 // count and weight dtype in its own child process; the machine's ceilings measured first, on every
 // run (bench/machine.ts); OpenBLAS and PyTorch at their best over the same work, each row naming
 // what each peer ran (library, kernel, threads); then the issue's targets judged from this run
@@ -10,7 +10,7 @@
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
-import { QUICK_SHAPES, SHAPES, Shape, shapeKey } from './common';
+import { ATTENTION_SHAPES, attentionKey, QUICK_SHAPES, SHAPES, Shape, shapeKey } from './common';
 import { baselineEnv, lastJson, measureMachine, run, setUpTools } from './machine';
 import { DECODE_ROWS, Row, decodeShape, evaluateTargets, targetsMarkdown, usesBf16Dot } from './targets';
 
@@ -19,13 +19,17 @@ const flag = (n: string) => args.includes(`--${n}`);
 const opt = (n: string) => args.find((a) => a.startsWith(`--${n}=`))?.split('=')[1];
 const quick = flag('quick');
 // --quick runs what the targets table needs (gemm at every target shape and decode row count,
-// lora_step) at the shapes below 4096² x 1024 rows, with fewer repetitions
-const CASES = (opt('cases') ?? (quick ? 'gemm,lora_step' : 'gemm,linear,lora_forward,lora_step,lora_merge,adamw')).split(',');
+// lora_step, attention at T = 512 and 1024) at the shapes below 4096² x 1024 rows, with fewer
+// repetitions
+const CASES = (opt('cases') ?? (quick ? 'gemm,lora_step,attention' : 'gemm,linear,lora_forward,lora_step,lora_merge,adamw,attention')).split(',');
 const THREADS = (opt('threads') ?? '1,2').split(',').map(Number);
 const shapes: Shape[] = quick ? QUICK_SHAPES : SHAPES;
-// the gemm case also runs every decode row count of the targets (x·Wᵀ with a 4096 x 4096 W)
+// the gemm case also runs every decode row count of the targets (x·Wᵀ with a 4096 x 4096 W);
+// attention runs at its own shapes (SmolLM2-135M's heads, T = 512/1024/2048)
 const shapesOf = (name: string) =>
-  name === 'gemm' ? [...shapes, ...DECODE_ROWS.map(decodeShape).filter((d) => !shapes.some((s) => shapeKey(s) === shapeKey(d)))] : shapes;
+  name === 'gemm' ? [...shapes, ...DECODE_ROWS.map(decodeShape).filter((d) => !shapes.some((s) => shapeKey(s) === shapeKey(d)))]
+    : name === 'attention' ? (quick ? ATTENTION_SHAPES.slice(0, 2) : ATTENTION_SHAPES) : shapes;
+const keyOf = (name: string, s: Shape) => (name === 'attention' ? attentionKey(s) : shapeKey(s));
 const reps = quick ? 3 : 7, warmup = quick ? 1 : 2;
 const srcDir = path.join(__dirname, '..', '..', 'bench');  // dist/bench -> bench
 const work = fs.mkdtempSync(path.join(os.tmpdir(), 'lora-bench-'));
@@ -41,7 +45,7 @@ process.stderr.write(`machine: ${JSON.stringify(machine)}\nbaselines: openblas=$
 
 // ---- the runs ---------------------------------------------------------------------------------
 const rows: Row[] = [];
-const dtypesOf: Record<string, string[]> = { adamw: ['fp32'] };
+const dtypesOf: Record<string, string[]> = { adamw: ['fp32'], attention: ['fp32'] };
 for (const name of CASES) {
   for (const shape of shapesOf(name)) {
     if (name === 'adamw' && shapes.some((s) => s !== shape && s.C === shape.C && s.OC === shape.OC && shapes.indexOf(s) < shapes.indexOf(shape))) continue;
@@ -50,11 +54,16 @@ for (const name of CASES) {
         const dims = [shape.N, shape.C, shape.OC, shape.R].map(String);
         const r = run(process.execPath, [path.join(__dirname, 'child.js'), name, ...dims, String(threads), dtype, String(reps), String(warmup)]);
         const row: Row = lastJson(r.out) ?? { case: name, shape, threads, dtype, work: {}, variants: {}, error: r.err.slice(-400) };
-        if (tools.openblas && dtype === 'fp32' && name !== 'adamw') {
+        if (tools.openblas && dtype === 'fp32' && name !== 'adamw' && name !== 'attention') {
           const o = lastJson(run(tools.openblas, [name, ...dims, String(threads), String(reps), String(warmup)], 600_000, baselineEnv(threads, false)).out);
           if (o) row.variants.openblas = { ...o, config: `OpenBLAS ${o.corename}, ${o.threads} thr (${o.config})` };
         }
-        if (tools.python) {
+        if (tools.python && name === 'attention') {
+          // transformers' eager attention (repeat_kv, float mask, fp32 softmax), fwd + bwd
+          const argv = [path.join(srcDir, 'torch_llm.py'), 'attention', 'smol', dtype, String(threads), String(reps), String(warmup), `T=${shape.N}`];
+          const p = lastJson(run(tools.python, argv, 600_000, baselineEnv(threads, true)).out);
+          if (p) row.variants.pytorch = { medianMs: p.medianMs, minMs: p.minMs, reps: p.reps, config: `PyTorch ${tools.torch?.version ?? ''}, eager attention, ${threads} thr` };
+        } else if (tools.python) {
           const p = lastJson(run(tools.python, [path.join(srcDir, 'torch_bench.py'), name, ...dims, String(threads), dtype, String(reps), String(warmup)], 600_000, baselineEnv(threads, true)).out);
           if (p) {
             // every path timed; the fastest is PyTorch at its best
@@ -64,7 +73,7 @@ for (const name of CASES) {
           }
         }
         rows.push(row);
-        process.stderr.write(`${name} ${shapeKey(shape)} t${threads} ${dtype}: ${Object.entries(row.variants).map(([k, v]) => `${k} ${v.medianMs.toFixed(2)}ms`).join(', ')}${row.error ? ` ERROR ${row.error}` : ''}\n`);
+        process.stderr.write(`${name} ${keyOf(name, shape)} t${threads} ${dtype}: ${Object.entries(row.variants).map(([k, v]) => `${k} ${v.medianMs.toFixed(2)}ms`).join(', ')}${row.error ? ` ERROR ${row.error}` : ''}\n`);
       }
     }
   }
@@ -88,7 +97,7 @@ lines.push(`| case | N×C×OC r | thr | W | ours ms (min) | rate | % ceiling | u
 lines.push(`|---|---|---|---|---|---|---|---|---|---|---|---|`);
 for (const r of rows) {
   const ours = r.variants.ours;
-  if (!ours) { lines.push(`| ${r.case} | ${shapeKey(r.shape)} | ${r.threads} | ${r.dtype} | error | | | | | | | |`); continue; }
+  if (!ours) { lines.push(`| ${r.case} | ${keyOf(r.case, r.shape)} | ${r.threads} | ${r.dtype} | error | | | | | | | |`); continue; }
   const c = ceilingOf(r.threads);
   const memBound = r.case === 'lora_merge' || r.case === 'adamw' || (r.shape.N <= 16 && r.case !== 'lora_step');
   let rate: string, pct: string;
@@ -118,13 +127,18 @@ for (const r of rows) {
     if (g) ratios.push(`${fmt(ours.medianMs / g.medianMs, 3)}x gemm`);
   } else if (r.case === 'lora_step' && r.variants.frozen_linear) {
     ratios.push(`${fmt(ours.medianMs / r.variants.frozen_linear.medianMs, 3)}x frozen`);
+  } else if (r.case === 'attention') {
+    // ours = forward + backward; the forward alone and one decode step against T cached positions
+    const fw = r.variants.ours_fwd, dec = r.variants.ours_decode;
+    if (fw) ratios.push(`fwd ${fmt(fw.medianMs, 2)} ms (${fmt(((r.work.flops ?? 0) / 3.5) / fw.medianMs / 1e6)} GFLOP/s)`);
+    if (dec) ratios.push(`decode ${fmt(dec.medianMs * 1e3, 0)} µs (${fmt((r.work.bytes ?? 0) / dec.medianMs / 1e6)} GB/s of K, V)`);
   }
   if (r.variants.ours_dropout) ratios.push(`p=0.1: ${fmt(r.variants.ours_dropout.medianMs, 2)} ms`);
   if (r.dtype === 'bf16') {
     const f = find(r.case, r.shape, r.threads, 'fp32')?.variants.ours;
     if (f) ratios.push(`${fmt(f.medianMs / ours.medianMs, 2)}x fp32 speed`);
   }
-  lines.push(`| ${r.case} | ${shapeKey(r.shape)} | ${r.threads} | ${r.dtype} | ${fmt(ours.medianMs, 2)} (${fmt(ours.minMs, 2)}) | ${rate} | ${pct} | ${cell('unfused')} | ${cell('openblas')} | ${cell('pytorch')} | ${ratios.join('; ')} | ${peerBrief(r)} |`);
+  lines.push(`| ${r.case} | ${keyOf(r.case, r.shape)} | ${r.threads} | ${r.dtype} | ${fmt(ours.medianMs, 2)} (${fmt(ours.minMs, 2)}) | ${rate} | ${pct} | ${cell('unfused')} | ${cell('openblas')} | ${cell('pytorch')} | ${ratios.join('; ')} | ${peerBrief(r)} |`);
 }
 const isa = rows.find((r) => r.isa)?.isa;
 const tt = tools.torch;
@@ -136,11 +150,11 @@ const header = [
   `ceilings (measured this run, threads at once): ${THREADS.map((t) => { const c = ceilingOf(t); return c ? `${t} thr: FMA ${fmt(c.fmaGflops, 0)} GFLOP/s, bf16 dot ${fmt(c.bf16DotGflops, 0)} GFLOP/s, read ${fmt(c.readGBs)} GB/s, update ${fmt(c.updateGBs)} GB/s` : `${t} thr: -`; }).join('; ')}`,
   `OpenBLAS: ${tools.openblas ? `in its own child with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset (this machine sets ${process.env.OPENBLAS_CORETYPE ? `OPENBLAS_CORETYPE=${process.env.OPENBLAS_CORETYPE}` : 'neither'}); ${rows.find((r) => r.variants.openblas)?.variants.openblas?.config ?? ''}` : `skipped (${tools.skipped.openblas})`}`,
   `PyTorch: ${tt ? `${tt.version}, fp32 matmuls on ${tt.blas.kind} ${tt.blas.corename ?? ''} (${tt.blas.path ?? tt.blas.libraries?.join(', ')}), oneDNN ${tt.mkldnn ? 'available' : 'absent'}, ${tt.jemalloc ? `jemalloc (MALLOC_CONF=${tt.mallocConf})` : 'glibc malloc (no jemalloc)'}; every path timed (ATen, and oneDNN through mkldnn tensors for fp32 inference), the fastest shown` : `skipped (${tools.skipped.pytorch})`}`,
-  `times are medians in ms; rates from the median; memory-bound rows (merge, adamw, N <= 16) in GB/s of the weight traffic; bf16 rows of gemm, lora_forward and lora_step from 64 rows use the bf16 dot product (x rounded to bf16) and are shown against the bf16-dot peak; linear keeps fp32 products.`,
+  `times are medians in ms; rates from the median; memory-bound rows (merge, adamw, N <= 16) in GB/s of the weight traffic; bf16 rows of gemm, lora_forward and lora_step from 64 rows use the bf16 dot product (x rounded to bf16) and are shown against the bf16-dot peak; linear keeps fp32 products. attention rows (T queries, H/KVH heads, D) time forward + backward, work counted as FlashAttention counts it (forward 4·T²·D·H halved for causal, backward 2.5x).`,
   `load average (1 min) before/after the run: ${loadBefore[0]!.toFixed(1)} / ${os.loadavg()[0]!.toFixed(1)} on ${os.cpus().length} cores${os.loadavg()[0]! > os.cpus().length * 0.75 ? ' — the machine was busy; figures are pessimistic' : ''}`,
 ];
 const targets = evaluateTargets(rows, machine, THREADS);
-const md = header.join('\n') + '\n\n' + lines.join('\n') + '\n\n## Targets (issue 15), from this run\n\n' + targetsMarkdown(targets) + '\n';
+const md = header.join('\n') + '\n\n' + lines.join('\n') + '\n\n## Targets (issues 13 and 15), from this run\n\n' + targetsMarkdown(targets) + '\n';
 const outDir = path.join(srcDir, 'results');
 fs.mkdirSync(outDir, { recursive: true });
 const stamp = new Date().toISOString().replace(/[:]/g, '-').replace(/\..*/, '');

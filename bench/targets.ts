@@ -1,8 +1,8 @@
-// The targets of issue 15, judged from one bench run: each a ratio against the ceiling measured in
+// The targets of issues 15 (GEMM engine) and 13 (attention), judged from one bench run: each a ratio against the ceiling measured in
 // the same run or against a peer timed in the same run, with the goal and met / not met. A target
 // whose row did not run (a skipped peer, --cases without it) says so instead of passing.
 import { Ceiling, Machine } from './machine';
-import { Shape, shapeKey } from './common';
+import { attentionKey, Shape, shapeKey } from './common';
 
 export interface Timing { medianMs: number; minMs: number; reps: number; config?: string; corename?: string; threads?: number }
 export interface Row {
@@ -19,6 +19,8 @@ export const GEMM_512: Shape = { N: 512, C: 1024, OC: 1024, R: 8 };
 // decode: rows of x against a 4096 x 4096 W (the gemm case runs these as well)
 export const DECODE_ROWS = [1, 2, 4, 8, 16];
 export const decodeShape = (N: number): Shape => ({ N, C: 4096, OC: 4096, R: 16 });
+// attention (issue 13): one causal sequence of 1024 tokens, SmolLM2-135M's heads (9 q, 3 kv, D 64)
+export const ATTENTION_1024: Shape = { N: 1024, C: 9, OC: 3, R: 64 };
 
 // Whether a bf16 row runs on the bf16 dot product (x rounded to bf16): the engine does for the LoRA
 // ops (not linear(), which promises fp32 products) from 64 rows, where the CPU has avx512_bf16.
@@ -30,7 +32,7 @@ export function evaluateTargets(rows: Row[], machine: Machine | undefined, threa
   const find = (c: string, s: Shape, t: number, d: string) =>
     rows.find((r) => r.case === c && shapeKey(r.shape) === shapeKey(s) && r.threads === t && r.dtype === d && r.variants.ours);
   const ceil = (t: number): Ceiling | undefined => machine?.perThreads[String(t)];
-  const label = (c: string, s: Shape, t: number, d: string) => `${c} ${shapeKey(s)} ${d} ${t} thr`;
+  const label = (c: string, s: Shape, t: number, d: string) => `${c} ${c === 'attention' ? attentionKey(s) : shapeKey(s)} ${d} ${t} thr`;
   const missing = (target: string, row: string, goal: string, why: string) => out.push({ target, row, measured: '-', goal, met: undefined, note: why });
 
   // ours against a peer: peer time / our time >= goal
@@ -90,6 +92,8 @@ export function evaluateTargets(rows: Row[], machine: Machine | undefined, threa
         out.push({ target: 'LoRA fwd+bwd: adapter cost over a frozen layer', row, measured: `${fmt(over, 1)}% (${fmt(r.variants.ours!.medianMs, 2)} vs ${fmt(f.medianMs, 2)} ms)`, goal: '<= 4%', met: over <= 4 });
       }
     }
+    // work counted as FlashAttention counts it (bench/cases/attention.ts)
+    share('attention fwd+bwd at T=1024: % of FMA peak', 'attention', ATTENTION_1024, t, 'fp32', 'fma', 50);
   }
   return out;
 }

@@ -238,6 +238,7 @@ lora_backend* make_table(Context* c) {
   register_lora(*t);
   register_optim(*t);
   register_nn(*t);
+  register_attention(*t);
   return t;
 }
 

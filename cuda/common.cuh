@@ -167,6 +167,7 @@ void register_gemm(lora_backend& t);         // gemm_simt.cu: gemm, gemm_bf16
 void register_lora(lora_backend& t);         // lora.cu
 void register_optim(lora_backend& t);        // optim.cu
 void register_nn(lora_backend& t);           // nn.cu
+void register_attention(lora_backend& t);    // attention.cu
 void optim_release(Context& c);              // optim.cu: frees the staging buffers
 
 // ---- helpers ---------------------------------------------------------------------------------

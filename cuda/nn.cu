@@ -1,9 +1,7 @@
 // Model-building kernels on CUDA, with the same math as native/cpu/nn_kernels.cc: layer_norm and
 // rms_norm (+ backward, dw/db accumulated by column with atomics), embedding (+ backward with
-// atomics for repeated ids), cross_entropy with label smoothing (+ backward), and exact
-// scaled-dot-product attention (+ backward) with one block per query (or key) row. Row
-// statistics accumulate in double like the CPU. Attention is O(T²·D) without tiling: correct for
-// any shape that fits shared memory, not FlashAttention.
+// atomics for repeated ids), cross_entropy with label smoothing (+ backward) and RoPE. Row
+// statistics accumulate in double like the CPU. Attention has its own file (attention.cu).
 #include "common.cuh"
 
 namespace lora {
@@ -226,134 +224,6 @@ __global__ void cross_entropy_backward_kernel(float* __restrict__ dlogits,      
   d[j] = v;
 }
 
-// One block per (b, h, query i): s_j = scale·q_i·k_j (j <= i when causal); p = softmax(s);
-// out_i = Σ_j p_j·v_j; lse_i = max + log Σ exp.
-__global__ void __launch_bounds__(kNnThreads)
-    attention_kernel(float* __restrict__ out,      // (Bt, T, H, D)
-                     float* __restrict__ lse,      // (Bt, H, T)
-                     const float* __restrict__ q,  // (Bt, T, H, D)
-                     const float* __restrict__ k,  // (Bt, T, H, D)
-                     const float* __restrict__ v,  // (Bt, T, H, D)
-                     int64_t T, int64_t H, int64_t D, float scale, bool causal) {
-  LORA_DYNAMIC_SMEM(float, att_smem);  // [D] q_i, then [T] scores
-  __shared__ float fscratch[32];
-  __shared__ double dscratch[32];
-  float* qi = att_smem;
-  float* p = att_smem + D;
-  const int64_t row = blockIdx.x;  // (b, h, i) with i fastest
-  const int64_t i = row % T, h = (row / T) % H, b = row / (T * H);
-  const int64_t C = H * D;
-  const int64_t jn = causal ? i + 1 : T;
-  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) qi[d] = q[(b * T + i) * C + h * D + d];
-  __syncthreads();
-  float mx = -INFINITY;
-  for (int64_t j = threadIdx.x; j < jn; j += blockDim.x) {
-    const float* kj = k + (b * T + j) * C + h * D;
-    float s = 0.0f;
-    for (int64_t d = 0; d < D; ++d) s += qi[d] * kj[d];
-    s *= scale;
-    p[j] = s;
-    mx = fmaxf(mx, s);
-  }
-  mx = block_max(mx, fscratch);
-  double sum = 0.0;
-  for (int64_t j = threadIdx.x; j < jn; j += blockDim.x) {
-    const float e = expf(p[j] - mx);
-    p[j] = e;
-    sum += e;
-  }
-  sum = block_sum(sum, dscratch);  // its barriers also publish p[]
-  const float inv = static_cast<float>(1.0 / sum);
-  float* oi = out + (b * T + i) * C + h * D;
-  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-    float acc = 0.0f;
-    for (int64_t j = 0; j < jn; ++j) acc += p[j] * v[(b * T + j) * C + h * D + d];
-    oi[d] = acc * inv;
-  }
-  if (threadIdx.x == 0) lse[(b * H + h) * T + i] = mx + static_cast<float>(log(sum));
-}
-
-// δ_i = dout_i·out_i, one thread per (b, h, i).
-__global__ void attention_delta_kernel(float* __restrict__ delta,       // (Bt, H, T)
-                                       const float* __restrict__ dout,  // (Bt, T, H, D)
-                                       const float* __restrict__ out,   // (Bt, T, H, D)
-                                       int64_t Bt, int64_t T, int64_t H, int64_t D) {
-  const int64_t rows = Bt * H * T;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; row < rows;
-       row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i = row % T, h = (row / T) % H, b = row / (T * H);
-    const int64_t off = (b * T + i) * H * D + h * D;
-    float s = 0.0f;
-    for (int64_t d = 0; d < D; ++d) s += dout[off + d] * out[off + d];
-    delta[row] = s;
-  }
-}
-
-// p_ij = exp(scale·q_i·k_j - lse_i); ds_ij = p_ij·(dout_i·v_j - δ_i)·scale.
-// by_query: one block per query i computes dq_i = Σ_j ds_ij·k_j; otherwise one block per key j
-// computes dv_j = Σ_i p_ij·dout_i and dk_j = Σ_i ds_ij·q_i (no atomics either way).
-template <bool BY_QUERY>
-__global__ void __launch_bounds__(kNnThreads)
-    attention_backward_kernel(float* __restrict__ dq,          // (Bt, T, H, D), BY_QUERY
-                              float* __restrict__ dk,          // (Bt, T, H, D), !BY_QUERY
-                              float* __restrict__ dv,          // (Bt, T, H, D), !BY_QUERY
-                              const float* __restrict__ dout,  // (Bt, T, H, D)
-                              const float* __restrict__ q,     // (Bt, T, H, D)
-                              const float* __restrict__ k,     // (Bt, T, H, D)
-                              const float* __restrict__ v,     // (Bt, T, H, D)
-                              const float* __restrict__ lse,   // (Bt, H, T)
-                              const float* __restrict__ delta, // (Bt, H, T)
-                              int64_t T, int64_t H, int64_t D, float scale, bool causal) {
-  LORA_DYNAMIC_SMEM(float, att_smem);  // [T] p, [T] ds
-  float* p = att_smem;
-  float* ds = att_smem + T;
-  const int64_t row = blockIdx.x;
-  const int64_t me = row % T, h = (row / T) % H, b = row / (T * H);
-  const int64_t C = H * D;
-  auto off = [&](int64_t t) { return (b * T + t) * C + h * D; };
-  // The partners of `me`: keys j <= i for a query i; queries i >= j for a key j (causal).
-  const int64_t lo = BY_QUERY || !causal ? 0 : me;
-  const int64_t hi = BY_QUERY && causal ? me + 1 : T;
-  for (int64_t o = lo + threadIdx.x; o < hi; o += blockDim.x) {
-    const int64_t i = BY_QUERY ? me : o, j = BY_QUERY ? o : me;
-    const float* qi = q + off(i);
-    const float* kj = k + off(j);
-    const float* gi = dout + off(i);
-    const float* vj = v + off(j);
-    float s = 0.0f, dp = 0.0f;
-    for (int64_t d = 0; d < D; ++d) {
-      s += qi[d] * kj[d];
-      dp += gi[d] * vj[d];
-    }
-    const int64_t stat = (b * H + h) * T + i;
-    const float pij = expf(s * scale - lse[stat]);
-    p[o] = pij;
-    ds[o] = pij * (dp - delta[stat]) * scale;
-  }
-  __syncthreads();
-  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-    if (BY_QUERY) {
-      float acc = 0.0f;
-      for (int64_t j = lo; j < hi; ++j) acc += ds[j] * k[off(j) + d];
-      dq[off(me) + d] = acc;
-    } else {
-      float av = 0.0f, ak = 0.0f;
-      for (int64_t i = lo; i < hi; ++i) {
-        av += p[i] * dout[off(i) + d];
-        ak += ds[i] * q[off(i) + d];
-      }
-      dv[off(me) + d] = av;
-      dk[off(me) + d] = ak;
-    }
-  }
-}
-
-cudaError_t set_smem(const void* kernel, size_t bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;  // the default limit needs no opt-in
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              static_cast<int>(bytes));
-}
-
 }  // namespace
 
 cudaError_t launch_layer_norm(cudaStream_t stream, float* y, float* mean, float* rstd,
@@ -451,51 +321,6 @@ cudaError_t launch_cross_entropy_backward(cudaStream_t stream, float* dlogits, c
   return cudaGetLastError();
 }
 
-// Shared memory the attention kernels need, or 0 when T/D exceed what one block can hold.
-size_t attention_smem(int64_t T, int64_t D) {
-  const size_t fwd = static_cast<size_t>(T + D) * sizeof(float);
-  const size_t bwd = static_cast<size_t>(2 * T) * sizeof(float);
-  const size_t need = fwd > bwd ? fwd : bwd;
-  return need <= 200 * 1024 ? need : 0;  // 200 KiB: under sm_90's 227 KiB opt-in, over sm_86's 99
-}
-
-cudaError_t launch_attention(cudaStream_t stream, float* out, float* lse, const float* q,
-                             const float* k, const float* v, int64_t Bt, int64_t T, int64_t H,
-                             int64_t D, float scale, bool causal) {
-  const int64_t rows = Bt * H * T;
-  if (rows <= 0) return cudaSuccess;
-  if (rows > 0x7fffffff) return cudaErrorInvalidValue;
-  const size_t smem = static_cast<size_t>(T + D) * sizeof(float);
-  cudaError_t e = set_smem(reinterpret_cast<const void*>(attention_kernel), smem);
-  if (e != cudaSuccess) return e;
-  launch(attention_kernel, static_cast<unsigned>(rows), kNnThreads, smem, stream, out, lse, q, k, v, T, H, D,
-                                                                              scale, causal);
-  return cudaGetLastError();
-}
-
-cudaError_t launch_attention_backward(cudaStream_t stream, float* dq, float* dk, float* dv,
-                                      float* delta, const float* dout, const float* q,
-                                      const float* k, const float* v, const float* out,
-                                      const float* lse, int64_t Bt, int64_t T, int64_t H, int64_t D,
-                                      float scale, bool causal) {
-  const int64_t rows = Bt * H * T;
-  if (rows <= 0) return cudaSuccess;
-  if (rows > 0x7fffffff) return cudaErrorInvalidValue;
-  launch(attention_delta_kernel, grid_for(rows), kThreads, 0, stream, delta, dout, out, Bt, T, H, D);
-  cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) return e;
-  const size_t smem = static_cast<size_t>(2 * T) * sizeof(float);
-  if ((e = set_smem(reinterpret_cast<const void*>(attention_backward_kernel<true>), smem)) != cudaSuccess ||
-      (e = set_smem(reinterpret_cast<const void*>(attention_backward_kernel<false>), smem)) != cudaSuccess)
-    return e;
-  launch(attention_backward_kernel<true>, static_cast<unsigned>(rows), kNnThreads, smem, stream,
-      dq, nullptr, nullptr, dout, q, k, v, lse, delta, T, H, D, scale, causal);
-  if ((e = cudaGetLastError()) != cudaSuccess) return e;
-  launch(attention_backward_kernel<false>, static_cast<unsigned>(rows), kNnThreads, smem, stream,
-      nullptr, dk, dv, dout, q, k, v, lse, delta, T, H, D, scale, causal);
-  return cudaGetLastError();
-}
-
 // ---- RoPE (backend.h: rope, rope_backward) ------------------------------------------------------
 namespace {
 
@@ -558,11 +383,6 @@ lora_status rope_backward(lora_backend* be, float* dx, const float* dy, const in
 
 // ---- table entries ---------------------------------------------------------------------------
 namespace {
-
-bool attention_fits(Context& c, int64_t T, int64_t D) {
-  const size_t need = attention_smem(T, D);
-  return need != 0 && need <= static_cast<size_t>(c.max_smem_optin());
-}
 
 // Checks ids on the device before a kernel writes anything (the contract): one flag, one sync.
 lora_status ids_valid(Context& c, const int32_t* ids, int64_t N, int64_t V, bool allow_ignore,
@@ -659,36 +479,6 @@ lora_status cross_entropy_backward(lora_backend* be, float* dlogits, const float
                "cross_entropy_backward");
 }
 
-lora_status attention(lora_backend* be, float* out, float* lse, const float* q, const float* k,
-                      const float* v, int64_t Bt, int64_t T, int64_t H, int64_t D, float scale,
-                      bool causal) {
-  Context& c = ctx(be);
-  if (c.unusable()) return LORA_UNUSABLE;
-  if (Bt < 0 || T < 0 || H < 0 || D < 0) return LORA_INVALID_ARGUMENT;
-  if (Bt * T * H == 0) return LORA_OK;
-  if (!attention_fits(c, T, D)) return LORA_UNSUPPORTED;  // one row must fit shared memory
-  return c.check(launch_attention(c.stream(), out, lse, q, k, v, Bt, T, H, D, scale, causal), "attention");
-}
-
-lora_status attention_backward(lora_backend* be, float* dq, float* dk, float* dv, const float* dout,
-                               const float* q, const float* k, const float* v, const float* out,
-                               const float* lse, int64_t Bt, int64_t T, int64_t H, int64_t D,
-                               float scale, bool causal) {
-  Context& c = ctx(be);
-  if (c.unusable()) return LORA_UNUSABLE;
-  if (Bt < 0 || T < 0 || H < 0 || D < 0) return LORA_INVALID_ARGUMENT;
-  if (Bt * T * H == 0) return LORA_OK;
-  if (!attention_fits(c, T, D)) return LORA_UNSUPPORTED;
-  const size_t bytes = static_cast<size_t>(Bt * H * T) * sizeof(float);
-  float* delta = static_cast<float*>(c.alloc(bytes));
-  if (delta == nullptr) return c.no_memory();
-  lora_status st = c.check(launch_attention_backward(c.stream(), dq, dk, dv, delta, dout, q, k, v, out, lse,
-                                              Bt, T, H, D, scale, causal),
-                    "attention_backward");
-  c.free(delta, bytes);
-  return st;
-}
-
 }  // namespace
 
 void register_nn(lora_backend& t) {
@@ -700,8 +490,6 @@ void register_nn(lora_backend& t) {
   t.embedding_backward = embedding_backward;
   t.cross_entropy = cross_entropy;
   t.cross_entropy_backward = cross_entropy_backward;
-  t.attention = attention;
-  t.attention_backward = attention_backward;
   t.rope = rope;
   t.rope_backward = rope_backward;
 }

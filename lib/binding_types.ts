@@ -49,8 +49,8 @@ export interface Binding {
   embeddingBackward(dtable: S, dout: S, ids: S, N: number, V: number, C: number): void;
   crossEntropy(loss: S, lse: S, logits: S, targets: S, N: number, V: number, ignoreIndex: number, labelSmoothing: number): void;
   crossEntropyBackward(dlogits: S, dloss: S, logits: S, lse: S, targets: S, N: number, V: number, ignoreIndex: number, labelSmoothing: number): void;
-  attention(out: S, lse: S, q: S, k: S, v: S, Bt: number, T: number, H: number, D: number, scale: number, causal: boolean): void;
-  attentionBackward(dq: S, dk: S, dv: S, dout: S, q: S, k: S, v: S, out: S, lse: S, Bt: number, T: number, H: number, D: number, scale: number, causal: boolean): void;
+  attention(out: S, lse: S, q: S, k: S, v: S, keyMask: S | null, keyMaskStride: number, segmentIds: S | null, segmentStride: number, B: number, T: number, S: number, Smax: number, H: number, KVH: number, D: number, scale: number, causal: boolean, window: number): void;
+  attentionBackward(dq: S, dk: S, dv: S, dout: S, q: S, k: S, v: S, out: S, lse: S, keyMask: S | null, keyMaskStride: number, segmentIds: S | null, segmentStride: number, B: number, T: number, S: number, Smax: number, H: number, KVH: number, D: number, scale: number, causal: boolean, window: number): void;
   rope(y: S, x: S, positions: S, invFreq: S, Bt: number, T: number, H: number, D: number, R: number, scaling: number): void;
   ropeBackward(dx: S, dy: S, positions: S, invFreq: S, Bt: number, T: number, H: number, D: number, R: number, scaling: number): void;
   supports(device: number, op: number, dtype: number): boolean;

@@ -3,7 +3,7 @@
 // against the reference on seeded, deliberately awkward shapes. Plus the error paths.
 import t from 'tap';
 import {
-  attention, concat, crossEntropy, dropout, embedding, gelu, layerNorm, logSoftmax, memory, mse, rmsNorm, slice,
+  concat, crossEntropy, dropout, embedding, gelu, layerNorm, logSoftmax, memory, mse, rmsNorm, slice,
   softmax, tensor, Tensor, LoraError, features,
 } from '../lib/index';
 import * as R from './ref/nn_ops_ref';
@@ -190,32 +190,6 @@ t.test('dropout', (tt) => {
   tt.end();
 });
 
-t.test('attention (causal and full)', (tt) => {
-  const B = 2, T = 5, H = 3, D = 7, n = B * T * H * D;
-  const q = R.f32(R.randArray(n, 19)), k = R.f32(R.randArray(n, 20)), v = R.f32(R.randArray(n, 21));
-  const G = R.randArray(n, 22);
-  for (const causal of [true, false]) {
-    const scale = 1 / Math.sqrt(D);
-    const f = (xs: F64[]) => R.attentionRef(xs[0]!, xs[1]!, xs[2]!, B, T, H, D, scale, causal);
-    const rb = R.attentionBackwardRef(q, k, v, B, T, H, D, scale, causal, G);
-    close(tt, rb.dq, R.finiteDiff(f, [q.slice(), k.slice(), v.slice()], G, 0), `ref dq vs finite differences (causal=${causal})`, 1e-7, 1e-5);
-    close(tt, rb.dk, R.finiteDiff(f, [q.slice(), k.slice(), v.slice()], G, 1), `ref dk vs finite differences (causal=${causal})`, 1e-7, 1e-5);
-    close(tt, rb.dv, R.finiteDiff(f, [q.slice(), k.slice(), v.slice()], G, 2), `ref dv vs finite differences (causal=${causal})`, 1e-7, 1e-5);
-    const shape = [B, T, H, D];
-    const r = run((a, b, c) => attention(a!, b!, c!, { causal }), [[q, shape], [k, shape], [v, shape]], G);
-    close(tt, r.y, f([q, k, v]), `forward (causal=${causal})`);
-    close(tt, r.grads[0]!, rb.dq, `dq (causal=${causal})`);
-    close(tt, r.grads[1]!, rb.dk, `dk (causal=${causal})`);
-    close(tt, r.grads[2]!, rb.dv, `dv (causal=${causal})`);
-  }
-  const a = tensor(new Float32Array(8), [1, 2, 2, 2]);
-  const b = tensor(new Float32Array(8), [1, 2, 4, 1]);
-  tt.throws(() => attention(a, b, a), { code: 'ERR_LORA_SHAPE', message: 'Expected q, k, v of one shape [batch, seq, heads, headDim] for attention() but received [1, 2, 2, 2], [1, 2, 4, 1] and [1, 2, 2, 2]' });
-  a.dispose();
-  b.dispose();
-  tt.end();
-});
-
 t.test('slice and concat', (tt) => {
   const x = R.f32(R.randArray(3 * 7 * 4, 23));
   const G = R.randArray(3 * 3 * 4, 24);
@@ -288,15 +262,6 @@ t.test('CUDA backend against the same references', { skip: cuda ? false : `no CU
   idt.dispose();
   close(tt, em.y, R.embeddingRef(table, ids, 5), 'embedding forward');
   close(tt, em.grads[0]!, R.embeddingBackwardRef(ids, 7, 5, Ge), 'embedding backward');
-  const Bt = 2, T = 5, H = 3, D = 7, n = Bt * T * H * D;
-  const q = R.f32(R.randArray(n, 38)), k = R.f32(R.randArray(n, 39)), v = R.f32(R.randArray(n, 40));
-  const Ga = R.randArray(n, 41);
-  const at = run((a, bb, c) => attention(a!, bb!, c!), [[q, [Bt, T, H, D]], [k, [Bt, T, H, D]], [v, [Bt, T, H, D]]], Ga, 'cuda');
-  const ab = R.attentionBackwardRef(q, k, v, Bt, T, H, D, 1 / Math.sqrt(D), true, Ga);
-  close(tt, at.y, R.attentionRef(q, k, v, Bt, T, H, D, 1 / Math.sqrt(D), true), 'attention forward');
-  close(tt, at.grads[0]!, ab.dq, 'attention dq');
-  close(tt, at.grads[1]!, ab.dk, 'attention dk');
-  close(tt, at.grads[2]!, ab.dv, 'attention dv');
   const sm = run((a) => logSoftmax(a!), [[z, [N, V]]], null, 'cuda');
   close(tt, sm.y, R.softmaxRef(z, N, V, true), 'logSoftmax forward');
   const dr = run((a) => dropout(a!, 0.3, { seed: 77 }), [[x, [N, C]]], null, 'cuda');

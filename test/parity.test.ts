@@ -1,7 +1,7 @@
 // The backend-parity suite (test/parity/, cases beside their references in test/ref/) on every
 // device this machine has, each run in a process of its own: the CPU at its default ISA level
-// (every case) and at the lower levels it supports (the GEMM-based cases: the ISA level changes
-// only the GEMM engine), the CUDA emulator (every case; the LoRA cases again with the alternate
+// (every case) and at the lower levels it supports (the GEMM-based and attention cases: the ISA
+// level changes only the GEMM engine and the attention kernel), the CUDA emulator (every case; the LoRA cases again with the alternate
 // GEMM kernels and with an H200's 132 SMs, which change grid and split-K choices), and a GPU when
 // one is present. bench/gpu/check.js runs the same suite on the GPU machine.
 import { spawnSync } from 'node:child_process';
@@ -36,7 +36,7 @@ const emu = { LORA_NATIVE_CUDA_LIB: emuLib };
 const runs: Run[] = [
   { label: `cpu (${f.isa}), every case`, device: 'cpu', env: {}, minCases: 280, skip: false },
   ...ISA_LEVELS.slice(best + 1).map((isa): Run => ({
-    label: `cpu (${isa}), the GEMM-based cases`, device: 'cpu', env: { LORA_NATIVE_ISA: isa, LORA_NATIVE_PARITY_ONLY: 'gemm,lora' },
+    label: `cpu (${isa}), the GEMM-based and attention cases`, device: 'cpu', env: { LORA_NATIVE_ISA: isa, LORA_NATIVE_PARITY_ONLY: 'gemm,lora,attention' },
     minCases: 120, skip: false, isa,
   })),
   { label: 'cuda emulator, every case', device: 'cuda', env: emu, minCases: 280, skip: noEmu },

@@ -1,7 +1,7 @@
 // Times lora-native's CUDA kernels at two LLM-sized shapes through the addon's binding: lora_forward,
 // the training step (forward + backward: dx, dA, dB), the base GEMM alone (R = 0), lora_merge,
-// AdamW (adapter-only and a weight-sized parameter set) and a device-to-device copy for the
-// bandwidth ceiling. Writes JSON records for table.py. Not a correctness check (check.js is).
+// AdamW (adapter-only and a weight-sized parameter set), fused attention (forward, forward +
+// backward, one decode step) and a device-to-device copy for the bandwidth ceiling. Writes JSON records for table.py. Not a correctness check (check.js is).
 // Timing: the addon exposes no CUDA events, so each sample is a wall-clock interval over `iters`
 // back-to-back calls that ends with a stream synchronization; launch overhead is amortised.
 'use strict';
@@ -122,6 +122,33 @@ for (const shape of SHAPES) {
       for (const t of [gA, gB, mA, vA, mB, vB, P, G, M, V]) native.dispose(t);
     }
     for (const t of [x, W, A, B, dy, y, h, h0, dx, dA, dB, A0, B0]) native.dispose(t);
+    native.releaseCached();
+  }
+}
+
+// Fused attention (issue 13), fp32, causal, one sequence: SmolLM2-135M's heads (9/3, D 64) and a
+// 1B-shaped layer's (32/8, D 64). Shape "TxHxKVHxD"; decode = one query against T cached positions.
+const ATTN = quick ? [[256, 9, 3, 64]] : [[1024, 9, 3, 64], [4096, 9, 3, 64], [4096, 32, 8, 64]];
+if (!staged) {
+  for (const shape of ATTN) {
+    const [T, H, KVH, D] = shape;
+    const q = dev(T * H * D, 1, F32, 41), k = dev(T * KVH * D, 1, F32, 42), v = dev(T * KVH * D, 1, F32, 43), g = dev(T * H * D, 1, F32, 44);
+    const o = native.alloc(CUDA, F32, T * H * D), lse = native.alloc(CUDA, F32, H * T);
+    const dq = native.alloc(CUDA, F32, T * H * D), dk = native.alloc(CUDA, F32, T * KVH * D), dv = native.alloc(CUDA, F32, T * KVH * D);
+    const o1 = native.alloc(CUDA, F32, H * D), lse1 = native.alloc(CUDA, F32, H);
+    const rest = (Tq) => [null, 0, null, 0, 1, Tq, T, T, H, KVH, D, 1 / Math.sqrt(D), true, 0];
+    const fwdFlops = (4 * T * T * D * H) / 2;  // FlashAttention's count, halved for the causal mask
+    const iters = T >= 4096 ? 3 : 10;
+    const f = timeMs(() => native.attention(o, lse, q, k, v, ...rest(T)), iters);
+    record(shape, 'f32', 'attention_fwd', f, { tflops: fwdFlops / (f.median * 1e9) });
+    const fb = timeMs(() => {
+      native.attention(o, lse, q, k, v, ...rest(T));
+      native.attentionBackward(dq, dk, dv, g, q, k, v, o, lse, ...rest(T));
+    }, iters);
+    record(shape, 'f32', 'attention_fwd_bwd', fb, { tflops: (3.5 * fwdFlops) / (fb.median * 1e9) });
+    const dec = timeMs(() => native.attention(o1, lse1, q, k, v, ...rest(1)), 20);  // q's first row as the new query
+    record(shape, 'f32', 'attention_decode', dec, { gbps: (2 * T * KVH * D * 4) / (dec.median * 1e6) });
+    for (const t of [q, k, v, g, o, lse, dq, dk, dv, o1, lse1]) native.dispose(t);
     native.releaseCached();
   }
 }

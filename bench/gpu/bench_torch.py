@@ -1,6 +1,7 @@
 # The PyTorch side of bench/gpu: the same work as bench.js on the same GPU, timed with CUDA
 # events. A plain torch.nn.Linear wrapped by PEFT LoRA (r = R, scaling 2, no dropout), a bare
-# matmul as the ceiling, PEFT's merge, fused AdamW, and a device copy for the bandwidth ceiling.
+# matmul as the ceiling, PEFT's merge, fused AdamW, attention (eager as transformers runs it, and
+# SDPA), and a device copy for the bandwidth ceiling.
 # Writes JSON records for table.py. TF32 stays off (PyTorch's default for matmul), as in ours.
 import argparse
 import json
@@ -133,6 +134,51 @@ for shape in SHAPES:
             del big, opt, opt2
         del pm, model, layer, lin, x, xg, dy, w
         torch.cuda.empty_cache()
+
+# Attention (bench.js's shapes, fp32, causal, one sequence): transformers' eager code (repeat_kv,
+# matmul, additive mask, fp32 softmax) and PyTorch's fused SDPA over the repeated k, v.
+import torch.nn.functional as F  # noqa: E402
+
+ATTN = [(256, 9, 3, 64)] if args.quick else [(1024, 9, 3, 64), (4096, 9, 3, 64), (4096, 32, 8, 64)]
+for (T, H, KVH, D) in ATTN:
+    shape = (T, H, KVH, D)
+    q = torch.randn(1, H, T, D, device=dev, requires_grad=True)
+    k = torch.randn(1, KVH, T, D, device=dev, requires_grad=True)
+    v = torch.randn(1, KVH, T, D, device=dev, requires_grad=True)
+    g = torch.randn(1, H, T, D, device=dev)
+    mask = torch.full((T, T), torch.finfo(torch.float32).min, device=dev).triu(1)[None, None]
+
+    def rep(x):
+        return x[:, :, None].expand(1, KVH, H // KVH, T, D).reshape(1, H, T, D)
+
+    def eager():
+        w = torch.matmul(q, rep(k).transpose(2, 3)) * D ** -0.5 + mask
+        return torch.matmul(F.softmax(w, dim=-1, dtype=torch.float32), rep(v))
+
+    def sdpa():
+        return F.scaled_dot_product_attention(q, rep(k), rep(v), is_causal=True)
+
+    fwd_flops = 4 * T * T * D * H / 2
+    iters = 3 if T >= 4096 else 10
+    for name, fn in (("eager", eager), ("sdpa", sdpa)):
+        try:
+            with torch.no_grad():
+                t = time_ms(fn, iters)
+            record(shape, "f32", f"attention_fwd_{name}", t, "torch", tflops=fwd_flops / (t[0] * 1e9))
+
+            def step(fn=fn):
+                fn().backward(g)
+                q.grad = k.grad = v.grad = None
+            t = time_ms(step, iters)
+            record(shape, "f32", f"attention_fwd_bwd_{name}", t, "torch", tflops=3.5 * fwd_flops / (t[0] * 1e9))
+        except Exception as e:  # e.g. out of memory for eager's (H, T, T) matrices
+            print(json.dumps({"attention_error": f"{name} {shape}: {e}"}), flush=True)
+    q1 = q[:, :, -1:].detach()
+    with torch.no_grad():
+        t = time_ms(lambda: F.scaled_dot_product_attention(q1, rep(k), rep(v)), 20)
+    record(shape, "f32", "attention_decode_sdpa", t, "torch", gbps=2 * T * KVH * D * 4 / (t[0] * 1e6))
+    del q, k, v, g, mask
+    torch.cuda.empty_cache()
 
 with open(args.out, "w") as f:
     json.dump(records, f, indent=1)

@@ -48,7 +48,7 @@ if copy_ours or copy_torch:
 
 shapes = []
 for r in ours + torch_recs:
-    if r["shape"] != "1GiB" and r["shape"] not in shapes:
+    if r["shape"] != "1GiB" and r["shape"] not in shapes and not r["op"].startswith("attention"):
         shapes.append(r["shape"])
 
 targets = []
@@ -96,6 +96,26 @@ for shape in shapes:
                 if a and "gbps" in a:
                     targets.append((f"{op_ours} ≥ 70% of copy bandwidth at {shape}", a["gbps"] >= 0.7 * copy_bw,
                                     f"{100 * a['gbps'] / copy_bw:.0f}%"))
+
+# attention rows: shape T×H×KVH×D, fp32, causal; PyTorch's eager (transformers) and SDPA
+attn_shapes = []
+for r in ours + torch_recs:
+    if r["op"].startswith("attention") and r["shape"] not in attn_shapes:
+        attn_shapes.append(r["shape"])
+for shape in attn_shapes:
+    for label, op_ours, op_torch in (("attention fwd vs eager", "attention_fwd", "attention_fwd_eager"),
+                                     ("attention fwd vs SDPA", "attention_fwd", "attention_fwd_sdpa"),
+                                     ("attention fwd+bwd vs eager", "attention_fwd_bwd", "attention_fwd_bwd_eager"),
+                                     ("attention fwd+bwd vs SDPA", "attention_fwd_bwd", "attention_fwd_bwd_sdpa"),
+                                     ("attention decode (1 query) vs SDPA", "attention_decode", "attention_decode_sdpa")):
+        a = find(ours, shape, "f32", op_ours)
+        b = find(torch_recs, shape, "f32", op_torch)
+        if not a and not b:
+            continue
+        ratio = f"{b['ms'] / a['ms']:.2f}" if a and b and a["ms"] > 0 else ""
+        note = [f"{who} {r['tflops']:.1f} TFLOP/s" for who, r in (("ours", a), ("torch", b)) if r and "tflops" in r]
+        note += [f"{who} {r['gbps']:.0f} GB/s" for who, r in (("ours", a), ("torch", b)) if r and "gbps" in r]
+        print(f"| {shape} (T×H×KVH×D) | f32 | {label} | {ms(a)} | {ms(b)} | {ratio} | {'; '.join(note)} |")
 
 print()
 print("Timing: lora-native = wall clock over back-to-back calls ending in a stream sync (median of 5);")

@@ -92,6 +92,13 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, cudaStream
 #define gridDim (::lora_emu::grid_dim)
 
 inline void __syncthreads() { ::lora_emu::syncthreads(); }
+// A warp barrier (full mask only): every lane of the warp arrives before any goes on, as the
+// warp collectives already make them (a one-byte exchange).
+inline void __syncwarp(unsigned /*mask*/ = 0xffffffffu) {
+  const char token = 0;
+  char ignored;
+  ::lora_emu::warp_exchange(&token, &ignored, 1, ::lora_emu::lane_id());
+}
 
 template <typename T>
 inline T __shfl_xor_sync(unsigned /*mask*/, T v, int lane_mask, int /*width*/ = 32) {

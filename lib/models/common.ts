@@ -1,15 +1,16 @@
 // The parts every Hugging Face causal-LM family shares: reading config.json fields with each
 // architecture's defaults, activations by their transformers names, RoPE (inv_freq with the scaling
-// variants of transformers' modeling_rope_utils.py, the cos/sin tables, the rotation), attention
+// variants of transformers' modeling_rope_utils.py, the rotation through the rope() op), attention
 // with a causal + padding + sliding-window mask, grouped KV heads and a preallocated KV cache, and
 // the small frozen layers (embedding, RMS/layer norm) the families build from checkpoint tensors.
-// RoPE and masked attention are compositions of existing ops, each behind one function here
-// (applyRope, attend) so that a fused kernel can replace it in one place.
+// RoPE (applyRope) is the fused rope() kernel of lib/ops/nn.ts; attention (attend) is the fused
+// kernel of lib/ops/attention.ts, with the padding mask, the sliding window and the KV cache passed
+// to it as they are.
 import { describe, expectInteger, LoraError } from '../errors';
 import { native } from '../native';
 import { Module } from '../module';
 import { Linear } from '../nn';
-import { add, attention, concat, embedding, gelu, layerNorm, matmul, mul, neg, permute, relu, reshape, rmsNorm, sigmoid, silu, slice, softmax, tanh } from '../ops';
+import { add, attention, embedding, gelu, layerNorm, mul, relu, reshape, rmsNorm, rope, sigmoid, silu, tanh } from '../ops';
 import { checkDevice, contiguousStrides, Device, keep, ones, Tensor, tensor, zeros } from '../tensor';
 
 // ---- config.json fields -------------------------------------------------------------------------
@@ -227,44 +228,36 @@ export function ropeRegime(spec: RopeSpec | null, maxPosition: number): string {
   return spec?.type === 'longrope' && maxPosition + 1 > spec.originalMaxPositions ? 'long' : 'short';
 }
 
-/**
- * cos and sin tables [B, T, 1, dim] for positions (B·T, row-major): emb = cat(freqs, freqs),
- * freqs = inv_freq·position in float32, times the attention scaling, as transformers' rotary
- * embedding computes them.
- */
-export function ropeTables(spec: RopeSpec, positions: Int32Array, B: number, T: number, device: Device): { cos: Tensor; sin: Tensor } {
-  let maxPos = 0;
-  for (const p of positions) if (p > maxPos) maxPos = p;
-  const inv = ropeInvFreq(spec, maxPos);
-  const D = spec.dim;
-  const half = D / 2;
-  const cos = new Float32Array(B * T * D);
-  const sin = new Float32Array(B * T * D);
-  for (let r = 0; r < B * T; r++) {
-    const p = positions[r]!;
-    for (let i = 0; i < half; i++) {
-      const f = f32(inv[i]! * p);
-      const c = f32(f32(Math.cos(f)) * spec.attentionScaling);
-      const s = f32(f32(Math.sin(f)) * spec.attentionScaling);
-      cos[r * D + i] = c;
-      cos[r * D + half + i] = c;
-      sin[r * D + i] = s;
-      sin[r * D + half + i] = s;
-    }
-  }
-  return { cos: tensor(cos, [B, T, 1, D], { device }), sin: tensor(sin, [B, T, 1, D], { device }) };
+/** What the rope() op needs for one pass: positions [B, T] and inv_freq [dim/2] as tensors. */
+export interface RopeInputs {
+  positions: Tensor;
+  invFreq: Tensor;
+  /** Multiplies cos and sin (longrope's attention factor; 1 otherwise). */
+  scaling: number;
 }
 
 /**
- * Rotates the first cos.shape[-1] dims of each head of x [B, T, H, headDim] (transformers'
- * apply_rotary_pos_emb with rotate_half; the other dims pass through, as partial rotary does).
+ * The positions (B·T, row-major) and the inv_freq of the largest of them as tensors for rope(),
+ * which computes θ = inv_freq·position in float32 and cos, sin times the attention scaling, as
+ * transformers' rotary embedding does.
  */
-export function applyRope(x: Tensor, cos: Tensor, sin: Tensor): Tensor {
-  const D = x.shape[3]!;
-  const R = cos.shape[3]!;
-  const rot = R === D ? x : slice(x, -1, 0, R);
-  const rotated = add(mul(rot, cos), mul(concat([neg(slice(rot, -1, R / 2, R)), slice(rot, -1, 0, R / 2)], -1), sin));
-  return R === D ? rotated : concat([rotated, slice(x, -1, R)], -1);
+export function ropeInputs(spec: RopeSpec, positions: Int32Array, B: number, T: number, device: Device): RopeInputs {
+  let maxPos = 0;
+  for (const p of positions) if (p > maxPos) maxPos = p;
+  return {
+    positions: tensor(Float32Array.from(positions), [B, T], { dtype: 'int32', device }),
+    invFreq: tensor(ropeInvFreq(spec, maxPos), [spec.dim / 2], { device }),
+    scaling: spec.attentionScaling,
+  };
+}
+
+/**
+ * Rotates the first 2·invFreq.length dims of each head of x [B, T, H, headDim] (transformers'
+ * apply_rotary_pos_emb with rotate_half; the other dims pass through, as partial rotary does),
+ * with the fused rope() kernel.
+ */
+export function applyRope(x: Tensor, r: RopeInputs): Tensor {
+  return rope(x, r.positions, r.invFreq, { attentionScaling: r.scaling });
 }
 
 // ---- the KV cache and the forward context --------------------------------------------------------
@@ -332,10 +325,6 @@ export class KVCache {
   }
 }
 
-// Additive mask value for a hidden key: finite (as transformers' finfo.min), so a query row with
-// no visible key (a left-padding position) gives finite, ignored values instead of NaN.
-const MASKED = -1e30;
-
 /** What one forward pass shares between its layers: positions, masks, RoPE tables, the cache. */
 export class ForwardContext {
   readonly B: number;
@@ -386,45 +375,23 @@ export class ForwardContext {
   }
 
   /**
-   * The additive mask [B, 1, 1, T, keyLength] (0 where a query sees a key: causal on cache
-   * positions, a real token, within the sliding window and the query's segment), or null when plain causal attention over
-   * T keys gives every real token the same result (then the fused causal kernel applies).
+   * The padding mask as an int32 tensor [B, keyLength] (1 a real token, 0 padding), made once per
+   * pass; null when every key is a real token.
    */
-  maskFor(window: number | null): Tensor | null {
-    const S = this.keyLength;
-    const seg = this.segmentIds;
-    const plain = !this.cache && !seg && (!this.keyMask || this.rightPadded()) && (window === null || window >= this.T);
-    if (plain) return null;
-    return this.once(`mask:${window}`, () => {
-      const { B, T, past } = this;
-      const m = new Float32Array(B * T * S);
-      for (let b = 0; b < B; b++)
-        for (let t = 0; t < T; t++) {
-          const p = past + t;
-          const row = (b * T + t) * S;
-          for (let s = 0; s < S; s++) {
-            const ok = s <= p && (!this.keyMask || this.keyMask[b * S + s] === 1) && (window === null || p - s < window) &&
-              (!seg || seg[b * T + t] === seg[b * S + s]);
-            m[row + s] = ok ? 0 : MASKED;
-          }
-        }
-      return this.own(tensor(m, [B, 1, 1, T, S], { device: this.device }));
-    });
+  keyMaskTensor(): Tensor | null {
+    const m = this.keyMask;
+    if (!m) return null;
+    return this.once('keyMask', () => this.own(tensor(Float32Array.from(m), [this.B, this.keyLength], { dtype: 'int32', device: this.device })));
   }
 
   /**
-   * Whether every row is tokens then padding: causal attention then never lets a real token see a
-   * padding key, so the plain causal kernel gives real positions the masked result (training
-   * batches are padded so; only padding positions' own outputs differ, and nothing reads them).
+   * Packed rows' segment ids as an int32 tensor [B, T] (no cache: keys are the T tokens), made
+   * once per pass; null when the batch is not packed.
    */
-  private rightPadded(): boolean {
-    return this.once('rightPadded', () => {
-      const m = this.keyMask!;
-      const S = this.keyLength;
-      for (let b = 0; b < this.B; b++)
-        for (let s = 1; s < S; s++) if (m[b * S + s]! > m[b * S + s - 1]!) return false;
-      return true;
-    });
+  segmentIdsTensor(): Tensor | null {
+    const seg = this.segmentIds;
+    if (!seg) return null;
+    return this.once('segmentIds', () => this.own(tensor(Float32Array.from(seg), [this.B, this.T], { dtype: 'int32', device: this.device })));
   }
 
   /** Frees the tensors this pass made for itself (call when no backward pass will need them). */
@@ -444,50 +411,34 @@ function writeCache(cache: Tensor, x: Tensor, past: number): void {
   native.copyStrided(cache._storage, past * KVH * D, [maxLen * KVH * D, KVH * D, D, 1], x._live('keys'), 0, contiguousStrides(x.shape), [B, T, KVH, D]);
 }
 
-/** Repeats each of KVH heads G times ([B, T, KVH, D] -> [B, T, KVH·G, D], head h reads kv head h/G). */
-function repeatHeads(x: Tensor, G: number): Tensor {
-  if (G === 1) return x;
-  const [B, T, KVH, D] = x.shape as [number, number, number, number];
-  return reshape(mul(reshape(x, [B, T, KVH, 1, D]), ones([G, 1], { device: x.device })), [B, T, KVH * G, D]);
-}
-
 /**
- * Attention over grouped heads with an additive mask, as transformers' eager attention computes it
- * but without repeating K/V: q [B, T, H, D], k and v [B, S, KVH, D], mask [B, 1, 1, T, S].
- */
-function maskedAttention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: number): Tensor {
-  const [B, T, H, D] = q.shape as [number, number, number, number];
-  const S = k.shape[1]!;
-  const KVH = k.shape[2]!;
-  const G = H / KVH;
-  const qh = reshape(permute(q, [0, 2, 1, 3]), [B, KVH, G * T, D]); // head h = kv·G + g
-  const scores = reshape(matmul(qh, permute(k, [0, 2, 3, 1])), [B, KVH, G, T, S]);
-  const probs = softmax(add(mul(scores, scale), mask), -1);
-  const out = matmul(reshape(probs, [B, KVH, G * T, S]), permute(v, [0, 2, 1, 3]));
-  return permute(reshape(out, [B, H, T, D]), [0, 2, 1, 3]);
-}
-
-/**
- * Causal self-attention of one layer: q [B, T, H, D] (RoPE applied), k and v [B, T, KVH, D].
- * With a cache, k and v are appended at ctx.past and the queries see every cached key. Returns
- * [B, T, H·D]. Without cache, padding or a binding window it is the fused causal kernel.
+ * Causal self-attention of one layer: q [B, T, H, D] (RoPE applied), k and v [B, T, KVH, D]
+ * (H a multiple of KVH: the fused kernel reads each kv head for its H/KVH query heads). With a
+ * cache, k and v are written at ctx.past and the queries attend to the first past + T positions
+ * of the cache in place. The padding mask and the sliding window (transformers' kv > q - window)
+ * go to the kernel; a query row that sees no key (a left-padding position) gives 0, which nothing
+ * reads. Returns [B, T, H·D].
  */
 export function attend(q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext, layer: number, scale: number, window: number | null): Tensor {
   const [B, T, H, D] = q.shape as [number, number, number, number];
-  const KVH = k.shape[2]!;
   let keys = k;
   let values = v;
   if (ctx.cache) {
     if (layer >= ctx.cache.keys.length) throw new LoraError('ERR_LORA_SHAPE', `Expected a cache with at least ${layer + 1} layers but it has ${ctx.cache.keys.length}`);
     writeCache(ctx.cache.keys[layer]!, k, ctx.past);
     writeCache(ctx.cache.values[layer]!, v, ctx.past);
-    keys = slice(ctx.cache.keys[layer]!, 1, 0, ctx.keyLength);
-    values = slice(ctx.cache.values[layer]!, 1, 0, ctx.keyLength);
+    keys = ctx.cache.keys[layer]!;
+    values = ctx.cache.values[layer]!;
   }
-  const mask = ctx.maskFor(window);
-  const out = mask === null
-    ? attention(q, repeatHeads(k, H / KVH), repeatHeads(v, H / KVH), { causal: true, scale })
-    : maskedAttention(q, keys, values, mask, scale);
+  const mask = ctx.keyMaskTensor();
+  const segments = ctx.segmentIdsTensor();
+  const out = attention(q, keys, values, {
+    causal: true, scale,
+    ...(segments ? { segmentIds: segments } : {}),
+    ...(ctx.cache ? { kvLength: ctx.keyLength } : {}),
+    ...(mask ? { attentionMask: mask } : {}),
+    ...(window !== null ? { window } : {}),
+  });
   return reshape(out, [B, T, H * D]);
 }
 

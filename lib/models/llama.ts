@@ -10,7 +10,7 @@ import { Tensor } from '../tensor';
 import type { Backbone, Family } from './causal_lm';
 import {
   activation, applyRope, attend, child, ConfigReader, ForwardContext, HfEmbedding, HfRMSNorm, linearFrom, plainContext,
-  readRope, RopeDefaults, RopeSpec, ropeRegime, ropeTables, WeightSource,
+  readRope, RopeDefaults, RopeInputs, ropeInputs, RopeSpec, ropeRegime, WeightSource,
 } from './common';
 
 /** What the RoPE decoder families need from config.json, with each family's defaults applied. */
@@ -92,14 +92,14 @@ export class LlamaAttention extends Module {
     return { q: split('q_proj', heads), k: split('k_proj', kvHeads), v: split('v_proj', kvHeads) };
   }
 
-  run(x: Tensor, ctx: ForwardContext, rope: { cos: Tensor; sin: Tensor }): Tensor {
+  run(x: Tensor, ctx: ForwardContext, rope: RopeInputs): Tensor {
     let { q, k, v } = this.project(x);
     if (this.cfg.qkNorm) {
       q = child(this, 'q_norm').forward(q);
       k = child(this, 'k_norm').forward(k);
     }
-    q = applyRope(q, rope.cos, rope.sin);
-    k = applyRope(k, rope.cos, rope.sin);
+    q = applyRope(q, rope);
+    k = applyRope(k, rope);
     const y = attend(q, k, v, ctx, this.layer, this.cfg.headDim ** -0.5, this.cfg.windows[this.layer]!);
     return child(this, 'o_proj').forward(y);
   }
@@ -107,7 +107,7 @@ export class LlamaAttention extends Module {
   /** A stand-alone pass: positions 0..T-1, causal, no cache. */
   forward(x: Tensor): Tensor {
     const ctx = plainContext(x);
-    return this.run(x, ctx, ropeTables(this.cfg.rope, ctx.positions, ctx.B, ctx.T, x.device));
+    return this.run(x, ctx, ropeInputs(this.cfg.rope, ctx.positions, ctx.B, ctx.T, x.device));
   }
 }
 
@@ -138,7 +138,7 @@ export class DecoderLayer extends Module {
     this.registerModule('mlp', mlp);
   }
 
-  run(x: Tensor, ctx: ForwardContext, rope: { cos: Tensor; sin: Tensor }): Tensor {
+  run(x: Tensor, ctx: ForwardContext, rope: RopeInputs): Tensor {
     const attn = child(this, 'self_attn') as LlamaAttention;
     const h = x.add(attn.run(child(this, 'input_layernorm').forward(x), ctx, rope));
     return h.add(child(this, 'mlp').forward(child(this, 'post_attention_layernorm').forward(h)));
@@ -147,7 +147,7 @@ export class DecoderLayer extends Module {
   forward(x: Tensor): Tensor {
     const attn = child(this, 'self_attn') as LlamaAttention;
     const ctx = plainContext(x);
-    return this.run(x, ctx, ropeTables(attn.cfg.rope, ctx.positions, ctx.B, ctx.T, x.device));
+    return this.run(x, ctx, ropeInputs(attn.cfg.rope, ctx.positions, ctx.B, ctx.T, x.device));
   }
 }
 
@@ -195,9 +195,9 @@ export class LlamaModel extends Module implements Backbone {
     let x = child(this, 'embed_tokens').forward(ids);
     if (this.embedNormalizer !== 1) x = mul(x, this.embedNormalizer);
     const rope = ctx.once('rope', () => {
-      const r = ropeTables(this.cfg.rope, ctx.positions, ctx.B, ctx.T, ctx.device);
-      ctx.own(r.cos);
-      ctx.own(r.sin);
+      const r = ropeInputs(this.cfg.rope, ctx.positions, ctx.B, ctx.T, ctx.device);
+      ctx.own(r.positions);
+      ctx.own(r.invFreq);
       return r;
     });
     for (const [, layer] of (child(this, 'layers') as Sequential).namedChildren()) x = (layer as DecoderLayer).run(x, ctx, rope);

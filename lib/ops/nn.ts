@@ -1,5 +1,5 @@
 // The neural-network ops with their own kernels: layer and RMS normalisation, embedding lookup,
-// dropout, scaled dot-product attention and rotary position embedding. Each records a backward
+// dropout and rotary position embedding (attention: ./attention). Each records a backward
 // written from the math (the kernels' backward entries); nothing here keeps state.
 import { checkOptions, expectBoolean, expectInteger, expectNumber, LoraError } from '../errors';
 import { native } from '../native';
@@ -145,54 +145,6 @@ export function dropout(x: Tensor, p: number, options?: DropoutOptions): Tensor 
       return [d];
     },
   });
-}
-
-export interface AttentionOptions {
-  /** Each query sees keys at its own position and before (default true). */
-  causal?: boolean;
-  /** Score scale; default 1/sqrt(headDim). */
-  scale?: number;
-}
-
-/**
- * Scaled dot-product attention, softmax(scale·q·kᵀ [+ causal mask])·v, for q, k, v of shape
- * [batch, seq, heads, headDim] (the layout a [batch, seq, heads·headDim] projection reshapes
- * to, so no transposes are needed). Output has the same shape. One native kernel forward and
- * one backward; the probabilities are recomputed, not stored.
- *
- * @example
- * const q = reshape(qProj.forward(x), [B, T, H, D]); // likewise k, v
- * const y = attention(q, k, v, { causal: true });
- * @throws ERR_LORA_SHAPE when q, k, v are not equal 4-D shapes.
- */
-export function attention(q: Tensor, k: Tensor, v: Tensor, options?: AttentionOptions): Tensor {
-  const o = checkOptions<AttentionOptions>('attention()', options, ['causal', 'scale']);
-  expectTensor('q', q);
-  expectTensor('k', k);
-  expectTensor('v', v);
-  floatOnly('attention', q, k, v);
-  sameDevice('attention', q, k, v);
-  if (q.ndim !== 4 || !k.shape.every((d, i) => d === q.shape[i]) || !v.shape.every((d, i) => d === q.shape[i]) || k.ndim !== 4 || v.ndim !== 4)
-    throw new LoraError('ERR_LORA_SHAPE', `Expected q, k, v of one shape [batch, seq, heads, headDim] for attention() but received ${shapeString(q.shape)}, ${shapeString(k.shape)} and ${shapeString(v.shape)}`);
-  const [Bt, T, H, D] = q.shape as [number, number, number, number];
-  const causal = o.causal === undefined ? true : expectBoolean('causal', o.causal);
-  const scale = o.scale === undefined ? 1 / Math.sqrt(Math.max(D, 1)) : expectNumber('scale', o.scale);
-  const out = empty(q.shape, q.device);
-  const lse = empty([Bt, H, T], q.device);
-  if (out.size > 0) native.attention(out._storage, lse._storage, q._storage, k._storage, v._storage, Bt, T, H, D, scale, causal);
-  const res = record(out, {
-    name: 'attention', inputs: [q, k, v],
-    backward: (g) => {
-      const dq = empty(q.shape, q.device);
-      const dk = empty(q.shape, q.device);
-      const dv = empty(q.shape, q.device);
-      if (dq.size > 0)
-        native.attentionBackward(dq._storage, dk._storage, dv._storage, g._storage, q._live('q'), k._live('k'), v._live('v'),
-          out._live('output of attention'), lse._live('saved log-sum-exp'), Bt, T, H, D, scale, causal);
-      return [dq, dk, dv];
-    },
-  });
-  return saveFor(res, lse);
 }
 
 export interface RopeOptions {

@@ -7,7 +7,8 @@
  * Dimensions, named once and used everywhere:
  *   N  rows (batch x sequence)       C  in-features        OC  out-features       R  rank
  *   V  vocabulary (rows of an embedding table, classes of a cross-entropy)
- *   attention and RoPE: Bt batch, T sequence, H heads, D head dim, laid out (Bt, T, H, D)
+ *   RoPE: Bt batch, T sequence, H heads, D head dim, laid out (Bt, T, H, D)
+ *   attention: B batch, T queries, S keys (of Smax cached), H query heads, KVH kv heads, D head dim
  * Every pointer is device memory of the backend that receives it; shapes are row-major and
  * contiguous unless a stride says otherwise. Gradients are d-prefixed; accumulating outputs say
  * "+=". Every kernel returns a lora_status; only the binding turns one into a JS exception.
@@ -28,7 +29,7 @@
 extern "C" {
 #endif
 
-#define LORA_BACKEND_ABI_VERSION 3
+#define LORA_BACKEND_ABI_VERSION 4
 
 typedef enum lora_status {
   LORA_OK = 0,
@@ -312,29 +313,52 @@ struct lora_backend {
                                         const int32_t* targets,  /* (N) */
                                         int64_t N, int64_t V, int32_t ignore_index,
                                         float smoothing);
-  /* Scaled dot-product attention per (batch, head), causal (key j <= query i) or not:
-   *   s_ij = scale·q_i·k_j;  p_ij = softmax_j(s_ij);  out_i = Σ_j p_ij·v_j;  lse_i kept */
+  /* Scaled dot-product attention, FlashAttention-2 style: never stores the (T, S) matrix.
+   * B batch, T queries, S keys, H query heads, KVH key/value heads (H % KVH == 0; query head h
+   * reads kv head h / (H/KVH), GQA/MQA without repeating k, v), D head dim. k, v (dk, dv) hold
+   * Smax >= S positions per batch entry (a preallocated KV cache); the first S take part. Query i
+   * sits at position p_i = S - T + i, and key j is visible to it iff
+   *   (!causal || j <= p_i) && (window == 0 || j > p_i - window)   (transformers' sliding window)
+   *   && (key_mask == NULL || key_mask[b][j] != 0)                  (padding, left or right)
+   *   && (segment_ids == NULL || segment_ids[b][j] == segment_ids[b][p_i])  (packed sequences)
+   *   s_ij = scale·q_i·k_j where visible, else -inf;  p_ij = softmax_j(s_ij);
+   *   out_i = Σ_j p_ij·v_j;  lse_i = log Σ_j exp(s_ij)
+   * A row with no visible key gets out_i = 0 and lse_i = +inf (the backward's exp(s - lse) is 0).
+   * native/backend/attention.h gathers the sizes into one AttentionArgs and checks them
+   * (LORA_INVALID_ARGUMENT unless T <= S <= Smax, H % KVH == 0, strides >= S, ...). */
   lora_status (*attention)(lora_backend* be,
-                           float* out,      /* (Bt, T, H, D) */
-                           float* lse,      /* (Bt, H, T) */
-                           const float* q,  /* (Bt, T, H, D) */
-                           const float* k,  /* (Bt, T, H, D) */
-                           const float* v,  /* (Bt, T, H, D) */
-                           int64_t Bt, int64_t T, int64_t H, int64_t D, float scale, bool causal);
-  /* p_ij = exp(s_ij - lse_i); dv_j = Σ_i p_ij·dout_i; dp_ij = dout_i·v_j; δ_i = dout_i·out_i;
-   *   ds_ij = p_ij·(dp_ij - δ_i);  dq_i = scale·Σ_j ds_ij·k_j;  dk_j = scale·Σ_i ds_ij·q_i */
+                           float* out,                  /* (B, T, H, D) */
+                           float* lse,                  /* (B, H, T) */
+                           const float* q,              /* (B, T, H, D) */
+                           const float* k,              /* (B, Smax, KVH, D) */
+                           const float* v,              /* (B, Smax, KVH, D) */
+                           const int32_t* key_mask,     /* (B, key_mask_stride) or NULL */
+                           int64_t key_mask_stride,
+                           const int32_t* segment_ids,  /* (B, segment_stride) or NULL */
+                           int64_t segment_stride, int64_t B, int64_t T, int64_t S, int64_t Smax,
+                           int64_t H, int64_t KVH, int64_t D, float scale, bool causal,
+                           int64_t window);
+  /* p_ij = exp(s_ij - lse_i) recomputed blockwise; δ_i = dout_i·out_i; dp_ij = dout_i·v_j;
+   *   ds_ij = p_ij·(dp_ij - δ_i);  dq_i = scale·Σ_j ds_ij·k_j;
+   *   dk_j = scale·Σ_i ds_ij·q_i, dv_j = Σ_i p_ij·dout_i, summed over the query heads of a kv head.
+   * dk, dv are written (not accumulated) for keys 0..S-1 (0 where no query sees the key); their
+   * positions S..Smax-1 are left untouched. */
   lora_status (*attention_backward)(lora_backend* be,
-                                    float* dq,          /* (Bt, T, H, D) */
-                                    float* dk,          /* (Bt, T, H, D) */
-                                    float* dv,          /* (Bt, T, H, D) */
-                                    const float* dout,  /* (Bt, T, H, D) */
-                                    const float* q,     /* (Bt, T, H, D) */
-                                    const float* k,     /* (Bt, T, H, D) */
-                                    const float* v,     /* (Bt, T, H, D) */
-                                    const float* out,   /* (Bt, T, H, D) */
-                                    const float* lse,   /* (Bt, H, T) */
-                                    int64_t Bt, int64_t T, int64_t H, int64_t D, float scale,
-                                    bool causal);
+                                    float* dq,                   /* (B, T, H, D) */
+                                    float* dk,                   /* (B, Smax, KVH, D) */
+                                    float* dv,                   /* (B, Smax, KVH, D) */
+                                    const float* dout,           /* (B, T, H, D) */
+                                    const float* q,              /* (B, T, H, D) */
+                                    const float* k,              /* (B, Smax, KVH, D) */
+                                    const float* v,              /* (B, Smax, KVH, D) */
+                                    const float* out,            /* (B, T, H, D) */
+                                    const float* lse,            /* (B, H, T) */
+                                    const int32_t* key_mask,     /* (B, key_mask_stride) or NULL */
+                                    int64_t key_mask_stride,
+                                    const int32_t* segment_ids,  /* (B, segment_stride) or NULL */
+                                    int64_t segment_stride, int64_t B, int64_t T, int64_t S,
+                                    int64_t Smax, int64_t H, int64_t KVH, int64_t D, float scale,
+                                    bool causal, int64_t window);
 
   /* ---- rotary position embedding (transformers' rotate_half convention) ---------------------- */
   /* Rotates the first R (= rotary dim, even, <= D) features of every head by the angle of the

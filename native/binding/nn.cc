@@ -43,15 +43,23 @@ void register_nn(Registry& r) {
             number_in("labelSmoothing", 0, 1, false)},
            nullptr, targets);
 
+  // k, v (dk, dv) hold Smax positions per batch entry (a KV cache), of which the first S take part;
+  // the backend checks that the sizes fit together (T <= S <= Smax, H % KVH == 0, strides >= S).
   r.kernel("attention", LORA_OP_ATTENTION, &lora_backend::attention,
-           {tensor("out", kF32, "Bt*T*H*D"), tensor("lse", kF32, "Bt*H*T"), tensor("q", kF32, "Bt*T*H*D"),
-            tensor("k", kF32, "Bt*T*H*D"), tensor("v", kF32, "Bt*T*H*D"), size("Bt"), size("T"), size("H"),
-            size("D"), number("scale"), flag("causal")});
+           {tensor("out", kF32, "B*T*H*D"), tensor("lse", kF32, "B*H*T"), tensor("q", kF32, "B*T*H*D"),
+            tensor("k", kF32, "B*Smax*KVH*D"), tensor("v", kF32, "B*Smax*KVH*D"),
+            optional_tensor("keyMask", kI32, "B*keyMaskStride"), size("keyMaskStride"),
+            optional_tensor("segmentIds", kI32, "B*segmentStride"), size("segmentStride"), size("B"), size("T"),
+            size("S"), size("Smax"), size("H"), size("KVH"), size("D"), number("scale"), flag("causal"),
+            size("window")});
   r.kernel("attentionBackward", LORA_OP_ATTENTION_BACKWARD, &lora_backend::attention_backward,
-           {tensor("dq", kF32, "Bt*T*H*D"), tensor("dk", kF32, "Bt*T*H*D"), tensor("dv", kF32, "Bt*T*H*D"),
-            tensor("dout", kF32, "Bt*T*H*D"), tensor("q", kF32, "Bt*T*H*D"), tensor("k", kF32, "Bt*T*H*D"),
-            tensor("v", kF32, "Bt*T*H*D"), tensor("out", kF32, "Bt*T*H*D"), tensor("lse", kF32, "Bt*H*T"),
-            size("Bt"), size("T"), size("H"), size("D"), number("scale"), flag("causal")});
+           {tensor("dq", kF32, "B*T*H*D"), tensor("dk", kF32, "B*Smax*KVH*D"), tensor("dv", kF32, "B*Smax*KVH*D"),
+            tensor("dout", kF32, "B*T*H*D"), tensor("q", kF32, "B*T*H*D"), tensor("k", kF32, "B*Smax*KVH*D"),
+            tensor("v", kF32, "B*Smax*KVH*D"), tensor("out", kF32, "B*T*H*D"), tensor("lse", kF32, "B*H*T"),
+            optional_tensor("keyMask", kI32, "B*keyMaskStride"), size("keyMaskStride"),
+            optional_tensor("segmentIds", kI32, "B*segmentStride"), size("segmentStride"), size("B"), size("T"),
+            size("S"), size("Smax"), size("H"), size("KVH"), size("D"), number("scale"), flag("causal"),
+            size("window")});
 
   r.kernel("rope", LORA_OP_ROPE, &lora_backend::rope,
            {tensor("y", kF32, "Bt*T*H*D"), tensor("x", kF32, "Bt*T*H*D"), tensor("positions", kI32, "Bt*T"),

@@ -136,6 +136,7 @@ lora_backend* cpu_backend_create(int threads) {
   cpu_register_lora(*t);
   cpu_register_optim(*t);
   cpu_register_nn(*t);
+  cpu_register_attention(*t);
   return t;
 }
 

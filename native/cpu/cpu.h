@@ -23,5 +23,6 @@ void cpu_register_linalg(lora_backend& t);       // linalg.cc: gemm, gemm_bf16
 void cpu_register_lora(lora_backend& t);         // lora_kernels.cc
 void cpu_register_optim(lora_backend& t);        // optim.cc
 void cpu_register_nn(lora_backend& t);           // nn_kernels.cc
+void cpu_register_attention(lora_backend& t);    // attention.cc
 
 }  // namespace lora

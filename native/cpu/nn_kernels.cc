@@ -1,7 +1,7 @@
-// CPU kernels for normalisation, embedding, cross-entropy, attention and RoPE (the math is in
+// CPU kernels for normalisation, embedding, cross-entropy and RoPE (the math is in
 // native/backend/backend.h). Each parallelises over independent rows; reductions across rows
 // (dw, db of the norms) use one partial buffer per thread, summed at the end, so results do not
-// depend on timing. Attention's backward runs one (batch, head) per task so dk/dv need no atomics.
+// depend on timing. Attention has its own kernel (attention.cc).
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -230,99 +230,6 @@ lora_status cross_entropy_backward(lora_backend* be, float* dlogits, const float
   return LORA_OK;
 }
 
-lora_status attention(lora_backend* be, float* out, float* lse, const float* q, const float* k,
-                      const float* v, int64_t Bt, int64_t T, int64_t H, int64_t D, float scale,
-                      bool causal) {
-  ThreadPool& pool = cpu_pool(be);
-  const int64_t C = H * D;
-  const int64_t rows = Bt * H * T;  // one task per (batch, head, query)
-  pool.parallel_for(rows, std::max<int64_t>(1, kRowGrain / std::max<int64_t>(T * D, 1)), [&](int64_t r0, int64_t r1) {
-    std::vector<float> p(static_cast<size_t>(T));
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t i = r % T, h = (r / T) % H, b = r / (T * H);
-      const float* qi = q + (b * T + i) * C + h * D;
-      const int64_t jn = causal ? i + 1 : T;
-      float mx = -INFINITY;
-      for (int64_t j = 0; j < jn; ++j) {
-        const float* kj = k + (b * T + j) * C + h * D;
-        float s = 0.0f;
-        for (int64_t d = 0; d < D; ++d) s += qi[d] * kj[d];
-        s *= scale;
-        p[j] = s;
-        mx = std::max(mx, s);
-      }
-      double sum = 0.0;
-      for (int64_t j = 0; j < jn; ++j) {
-        p[j] = std::exp(p[j] - mx);
-        sum += p[j];
-      }
-      const float inv = static_cast<float>(1.0 / sum);
-      float* oi = out + (b * T + i) * C + h * D;
-      std::fill(oi, oi + D, 0.0f);
-      for (int64_t j = 0; j < jn; ++j) {
-        const float* vj = v + (b * T + j) * C + h * D;
-        const float pj = p[j] * inv;
-        for (int64_t d = 0; d < D; ++d) oi[d] += pj * vj[d];
-      }
-      lse[(b * H + h) * T + i] = mx + static_cast<float>(std::log(sum));
-    }
-  });
-  return LORA_OK;
-}
-
-lora_status attention_backward(lora_backend* be, float* dq, float* dk, float* dv, const float* dout,
-                               const float* q, const float* k, const float* v, const float* out,
-                               const float* lse, int64_t Bt, int64_t T, int64_t H, int64_t D,
-                               float scale, bool causal) {
-  ThreadPool& pool = cpu_pool(be);
-  const int64_t C = H * D;
-  pool.parallel_for(Bt * H, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> ds(static_cast<size_t>(T));
-    for (int64_t task = t0; task < t1; ++task) {
-      const int64_t b = task / H, h = task % H;
-      auto off = [&](int64_t t) { return (b * T + t) * C + h * D; };
-      for (int64_t t = 0; t < T; ++t) {
-        std::fill(dk + off(t), dk + off(t) + D, 0.0f);
-        std::fill(dv + off(t), dv + off(t) + D, 0.0f);
-      }
-      for (int64_t i = 0; i < T; ++i) {
-        const float* qi = q + off(i);
-        const float* gi = dout + off(i);
-        const float* oi = out + off(i);
-        const float l = lse[(b * H + h) * T + i];
-        const int64_t jn = causal ? i + 1 : T;
-        float delta = 0.0f;
-        for (int64_t d = 0; d < D; ++d) delta += gi[d] * oi[d];
-        for (int64_t j = 0; j < jn; ++j) {
-          const float* kj = k + off(j);
-          const float* vj = v + off(j);
-          float s = 0.0f, dp = 0.0f;
-          for (int64_t d = 0; d < D; ++d) {
-            s += qi[d] * kj[d];
-            dp += gi[d] * vj[d];
-          }
-          const float p = std::exp(s * scale - l);
-          float* dvj = dv + off(j);
-          for (int64_t d = 0; d < D; ++d) dvj[d] += p * gi[d];
-          ds[j] = p * (dp - delta) * scale;
-        }
-        float* dqi = dq + off(i);
-        std::fill(dqi, dqi + D, 0.0f);
-        for (int64_t j = 0; j < jn; ++j) {
-          const float* kj = k + off(j);
-          float* dkj = dk + off(j);
-          const float dsj = ds[j];
-          for (int64_t d = 0; d < D; ++d) {
-            dqi[d] += dsj * kj[d];
-            dkj[d] += dsj * qi[d];
-          }
-        }
-      }
-    }
-  });
-  return LORA_OK;
-}
-
 // RoPE (rotate_half pairs (i, i + R/2) of each head's first R features) by +θ (forward, sign 1)
 // or -θ (backward, sign -1); the angles of a token are computed once for its H heads.
 lora_status rope_rotate(lora_backend* be, float* y, const float* x, const int32_t* positions,
@@ -378,8 +285,6 @@ void cpu_register_nn(lora_backend& t) {
   t.embedding_backward = embedding_backward;
   t.cross_entropy = cross_entropy;
   t.cross_entropy_backward = cross_entropy_backward;
-  t.attention = attention;
-  t.attention_backward = attention_backward;
   t.rope = rope;
   t.rope_backward = rope_backward;
 }

@@ -247,7 +247,7 @@ export function rmsNormBackwardRef(x: F64, w: F64 | null, N: number, C: number, 
   return { dx, dw };
 }
 
-// ---- embedding, dropout, attention -----------------------------------------------------------
+// ---- embedding, dropout -------------------------------------------------------------------
 
 export function embeddingRef(table: F64, ids: Int32Array, C: number): F64 {
   const out = new Float64Array(ids.length * C);
@@ -275,48 +275,6 @@ export function dropoutRef(x: F64, p: number, seed: number): F64 {
   const pf = Math.fround(p);
   const scale = Math.fround(1 / Math.fround(1 - pf));
   return x.map((v, i) => (rngUniform(seed, i) >= pf ? v * scale : 0));
-}
-
-/** (B, T, H, D) layout; s_ij = scale·q_i·k_j, causal masks j > i. */
-export function attentionRef(q: F64, k: F64, v: F64, B: number, T: number, H: number, D: number, scale: number, causal: boolean): F64 {
-  const out = new Float64Array(q.length);
-  const at = (b: number, t: number, h: number) => ((b * T + t) * H + h) * D;
-  for (let b = 0; b < B; b++) for (let h = 0; h < H; h++) for (let i = 0; i < T; i++) {
-    const jn = causal ? i + 1 : T;
-    const s = new Float64Array(jn);
-    for (let j = 0; j < jn; j++) { let d = 0; for (let e = 0; e < D; e++) d += q[at(b, i, h) + e]! * k[at(b, j, h) + e]!; s[j] = scale * d; }
-    const p = softmaxRef(s, 1, jn, false);
-    for (let j = 0; j < jn; j++) for (let e = 0; e < D; e++) out[at(b, i, h) + e] += p[j]! * v[at(b, j, h) + e]!;
-  }
-  return out;
-}
-
-/** dv_j = Σ_i p_ij·G_i; dp_ij = G_i·v_j; ds = p⊙(dp - Σ_j p⊙dp); dq_i = scale·Σ_j ds_ij·k_j; dk_j = scale·Σ_i ds_ij·q_i */
-export function attentionBackwardRef(q: F64, k: F64, v: F64, B: number, T: number, H: number, D: number, scale: number, causal: boolean, G: F64): { dq: F64; dk: F64; dv: F64 } {
-  const dq = new Float64Array(q.length), dk = new Float64Array(q.length), dv = new Float64Array(q.length);
-  const at = (b: number, t: number, h: number) => ((b * T + t) * H + h) * D;
-  for (let b = 0; b < B; b++) for (let h = 0; h < H; h++) for (let i = 0; i < T; i++) {
-    const jn = causal ? i + 1 : T;
-    const s = new Float64Array(jn), dp = new Float64Array(jn);
-    for (let j = 0; j < jn; j++) {
-      let d = 0, g = 0;
-      for (let e = 0; e < D; e++) { d += q[at(b, i, h) + e]! * k[at(b, j, h) + e]!; g += G[at(b, i, h) + e]! * v[at(b, j, h) + e]!; }
-      s[j] = scale * d;
-      dp[j] = g;
-    }
-    const p = softmaxRef(s, 1, jn, false);
-    let dot = 0;
-    for (let j = 0; j < jn; j++) dot += p[j]! * dp[j]!;
-    for (let j = 0; j < jn; j++) {
-      const ds = p[j]! * (dp[j]! - dot);
-      for (let e = 0; e < D; e++) {
-        dv[at(b, j, h) + e] += p[j]! * G[at(b, i, h) + e]!;
-        dq[at(b, i, h) + e] += scale * ds * k[at(b, j, h) + e]!;
-        dk[at(b, j, h) + e] += scale * ds * q[at(b, i, h) + e]!;
-      }
-    }
-  }
-  return { dq, dk, dv };
 }
 
 // ---- slice, concat, mse -----------------------------------------------------------------------
@@ -408,19 +366,6 @@ function rowLse(z: F64, rows: number, cols: number): F64 {
     out[r] = mx + Math.log(s);
   }
   return out;
-}
-
-/** lse of every attention row, laid out (B, H, T). */
-function attentionLse(q: F64, k: F64, B: number, T: number, H: number, D: number, scale: number, causal: boolean): F64 {
-  const lse = new Float64Array(B * H * T);
-  const at = (b: number, t: number, h: number) => ((b * T + t) * H + h) * D;
-  for (let b = 0; b < B; b++) for (let h = 0; h < H; h++) for (let i = 0; i < T; i++) {
-    const jn = causal ? i + 1 : T;
-    const s = new Float64Array(jn);
-    for (let j = 0; j < jn; j++) { let d = 0; for (let e = 0; e < D; e++) d += q[at(b, i, h) + e]! * k[at(b, j, h) + e]!; s[j] = scale * d; }
-    lse[(b * H + h) * T + i] = rowLse(s, 1, jn)[0]!;
-  }
-  return lse;
 }
 
 const NN_TOL: Tol = { atol: 1e-6, rms: 1e-5, rtol: 1e-4 };  // long fp32 sums in another order
@@ -521,30 +466,6 @@ function nnCases(): ParityCase[] {
       }),
     });
   }
-  for (const [Bt, T, H, D, causal] of [[1, 1, 1, 1, true], [2, 37, 3, 16, true], [1, 130, 2, 64, false], [2, 300, 4, 32, true]] as const) {
-    const n = Bt * T * H * D, scale = 1 / Math.sqrt(D);
-    const q = data(n), k = data(n), v = data(n), dout = data(n);
-    const tag = `(${Bt}, ${T}, ${H}, ${D})${causal ? ' causal' : ''}`;
-    cases.push({
-      name: `attention ${tag}`, build: () => ({
-        inputs: { q: { data: q }, k: { data: k }, v: { data: v } }, outputs: { out: n, lse: Bt * H * T },
-        calls: [['attention', '$out', '$lse', '$q', '$k', '$v', Bt, T, H, D, scale, causal]],
-        expect: { out: attentionRef(q, k, v, Bt, T, H, D, scale, causal), lse: attentionLse(q, k, Bt, T, H, D, scale, causal) }, tol: NN_TOL,
-      }),
-    });
-    cases.push({
-      name: `attentionBackward ${tag}`, build: () => {
-        const g = attentionBackwardRef(q, k, v, Bt, T, H, D, scale, causal, dout);
-        return {
-          inputs: { q: { data: q }, k: { data: k }, v: { data: v }, dout: { data: dout }, out: { data: attentionRef(q, k, v, Bt, T, H, D, scale, causal) },
-            lse: { data: attentionLse(q, k, Bt, T, H, D, scale, causal) } },
-          outputs: { dq: n, dk: n, dv: n },
-          calls: [['attentionBackward', '$dq', '$dk', '$dv', '$dout', '$q', '$k', '$v', '$out', '$lse', Bt, T, H, D, scale, causal]],
-          expect: { dq: g.dq, dk: g.dk, dv: g.dv }, tol: NN_TOL,
-        };
-      },
-    });
-  }
   // RoPE: full and partial rotary dims, positions of left-padded batches and of cached decoding
   // (a large offset: the float32 angle is the contract), attention scaling, in place.
   const ROPE_TOL: Tol = { atol: 1e-6, rtol: 1e-5 };
@@ -623,5 +544,5 @@ function nnCases(): ParityCase[] {
   return cases;
 }
 
-/** The parity cases of the normalisation, embedding, cross-entropy, attention and RoPE kernels. */
+/** The parity cases of the normalisation, embedding, cross-entropy and RoPE kernels (attention: attention_ref.ts). */
 export const parityCases: ParityCase[] = nnCases();
