@@ -1,6 +1,7 @@
-// Small dense float64 linear algebra for combining adapters: Householder QR and a one-sided Jacobi
-// SVD. Matrices are row-major Float64Arrays. Sized for rank-by-rank problems (tens to hundreds),
-// not for model-sized matrices: there is no blocking and no BLAS.
+// Small dense float64 linear algebra on the host: Householder QR, a one-sided Jacobi SVD and a
+// randomized low-rank SVD, for combining adapters (rank-by-rank problems) and for PiSSA/OLoRA's
+// one-time inits of a layer (weight-sized problems: seconds for a 576 x 1536 weight). Matrices are
+// row-major Float64Arrays. There is no blocking and no BLAS: not for use inside a training step.
 
 /** A row-major matrix. */
 export interface Mat {
@@ -98,6 +99,12 @@ export function svd(a: Mat): { u: Mat; s: Float64Array; v: Mat } {
     const t = svd(transposeMat(a));
     return { u: t.v, s: t.s, v: t.u };
   }
+  if (a.rows > a.cols) {
+    // A = Q·R: the Jacobi sweeps then run on the n x n R (fewer flops per rotation), U = Q·U_R
+    const { q, r } = qr(a);
+    const t = svd(r);
+    return { u: matmulMat(q, t.u), s: t.s, v: t.v };
+  }
   const m = a.rows;
   const n = a.cols;
   // work on columns: W = A·V, rotate pairs of columns until they are orthogonal
@@ -156,4 +163,22 @@ export function svd(a: Mat): { u: Mat; s: Float64Array; v: Mat } {
     for (let i = 0; i < n; i++) Vs.data[i * n + k] = V.data[i * n + j]!;
   });
   return { u: U, s: S, v: Vs };
+}
+
+/**
+ * Randomized SVD (Halko, Martinsson and Tropp; torch.svd_lowrank's algorithm): Q an orthonormal
+ * basis of A·G for a Gaussian G (n x k), refined by `niter` subspace iterations
+ * (Q = qr(A·qr(Aᵀ·Q))), then the exact SVD of the small Qᵀ·A. Returns the top k triplets of A,
+ * U (m x k), s (k), V (n x k): exact when rank(A) <= k, otherwise approximate, the closer the more
+ * iterations. `normal` draws the Gaussian start. Requires k <= min(m, n).
+ */
+export function svdLowRank(a: Mat, k: number, niter: number, normal: () => number): { u: Mat; s: Float64Array; v: Mat } {
+  if (k > Math.min(a.rows, a.cols)) throw new Error(`svdLowRank: k = ${k} > min(${a.rows}, ${a.cols})`);
+  const g = mat(a.cols, k);
+  for (let i = 0; i < g.data.length; i++) g.data[i] = normal();
+  const at = transposeMat(a);
+  let basis = qr(matmulMat(a, g)).q;
+  for (let i = 0; i < niter; i++) basis = qr(matmulMat(a, qr(matmulMat(at, basis)).q)).q;
+  const small = svd(matmulMat(transposeMat(basis), a)); // (k x n) = U_s·diag(s)·Vᵀ
+  return { u: matmulMat(basis, small.u), s: small.s, v: small.v };
 }
