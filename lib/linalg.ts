@@ -50,16 +50,18 @@ export function qr(a: Mat): { q: Mat; r: Mat } {
   const vs: Float64Array[] = [];
   for (let j = 0; j < k; j++) {
     const v = new Float64Array(m - j);
-    let norm = 0;
+    let below = 0;
     for (let i = j; i < m; i++) {
       v[i - j] = R.data[i * n + j]!;
-      norm += v[i - j]! * v[i - j]!;
+      if (i > j) below += v[i - j]! * v[i - j]!;
     }
-    norm = Math.sqrt(norm);
-    if (norm === 0) {
+    if (below === 0) {
+      // nothing to zero below the diagonal: no reflection (LAPACK's dlarfg takes tau = 0 here too,
+      // so R's signs, and OLoRA's factors, match torch.linalg.qr's)
       vs.push(v.fill(0));
       continue;
     }
+    const norm = Math.sqrt(v[0]! * v[0]! + below);
     v[0]! += v[0]! >= 0 ? norm : -norm;
     let vn = 0;
     for (const x of v) vn += x * x;

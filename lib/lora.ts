@@ -133,9 +133,21 @@ export class LoraLinear extends Module {
         throw new LoraError('ERR_LORA_DTYPE', `Expected a float32, bfloat16 or float16 weight but received ${w.dtype}`);
       device = w.device;
       this.weight = w;
-    } else {
-      this.weight = uniformParameter([OC, C], bound, this.rng, device);
     }
+    // tensors made here are freed if a later step throws; a given weight changes only once all succeeded
+    const made: Tensor[] = [];
+    try {
+      this.initParameters(o, hasBias, useDora, device, bound, made);
+    } catch (err) {
+      for (const t of made) t.dispose();
+      throw err;
+    }
+  }
+
+  private initParameters(o: Partial<LoraLinearOptions>, hasBias: boolean, useDora: boolean, device: Device, bound: number, made: Tensor[]): void {
+    const C = this.inFeatures;
+    const OC = this.outFeatures;
+    if (o.weight === undefined) made.push(this.weight = uniformParameter([OC, C], bound, this.rng, device));
     this.weight.requiresGrad = false;
     this.registerParameter('weight', this.weight);
 
@@ -148,33 +160,33 @@ export class LoraLinear extends Module {
       if (bt.device !== device) throw new LoraError('ERR_LORA_DEVICE', `Expected bias on ${device} but received a tensor on ${bt.device}`);
       b = bt;
     } else if (hasBias && o.biasTensor === undefined) {
-      b = uniformParameter([OC], bound, this.rng, device);
+      made.push(b = uniformParameter([OC], bound, this.rng, device));
     }
     if (b) b.requiresGrad = false;
     this.bias = b;
     this.registerParameter('bias', b);
 
+    let residual: Float32Array | null = null;
     if (this.initLoraWeights === true) {
-      this.loraA = uniformParameter([this.rank, C], bound, this.rng, device);
-      this.loraB = zeros([OC, this.rank], { device, requiresGrad: true });
+      made.push(this.loraA = uniformParameter([this.rank, C], bound, this.rng, device));
+      made.push(this.loraB = zeros([OC, this.rank], { device, requiresGrad: true }));
     } else {
       const init = this.initLoraWeights;
       const W64 = initChangesBase(init) ? Float64Array.from(this.weight.toFloat32Array()) : null;
       const f = loraInitFactors(init, W64, OC, C, this.rank, this.scaling, this.rng);
-      this.loraA = tensor(f.A, [this.rank, C], { device });
-      this.loraB = tensor(f.B, [OC, this.rank], { device });
-      if (f.residual) {
-        this.weight.assign(f.residual);
-        this._initialFactors = { A: f.A, B: f.B };
-      }
+      made.push(this.loraA = tensor(f.A, [this.rank, C], { device }));
+      made.push(this.loraB = tensor(f.B, [OC, this.rank], { device }));
+      residual = f.residual;
+      if (residual) this._initialFactors = { A: f.A, B: f.B };
     }
     this.loraA.requiresGrad = true;
     this.loraB.requiresGrad = true;
     this.registerParameter('loraA', this.loraA);
     this.registerParameter('loraB', this.loraB);
+    if (residual) this.weight.assign(residual); // PiSSA/OLoRA: W becomes W - s·B·A
     if (useDora) {
       // PEFT initialises m after A and B (and after PiSSA/OLoRA changed W): m = ||W + s·B·A||_row
-      this.loraMagnitude = doraWeightNorm(this.weight, this.loraA, this.loraB, this.scaling);
+      made.push(this.loraMagnitude = doraWeightNorm(this.weight, this.loraA, this.loraB, this.scaling));
       this.loraMagnitude.requiresGrad = true;
       this.registerParameter('loraMagnitude', this.loraMagnitude);
     }

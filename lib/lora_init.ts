@@ -3,7 +3,7 @@
 // QR run on the host in float64 (lib/linalg.ts): a one-time cost per layer, not a training kernel.
 // Also PEFT's conversion of a trained PiSSA/OLoRA adapter into a plain LoRA of the original weights.
 // It does not do PEFT's data-driven inits (EVA, CorDA, LoftQ, LoRA-GA).
-import { editDistance, LoraError, rangeError, typeError } from './errors';
+import { editDistance, LoraError, LoraRangeError, rangeError, typeError } from './errors';
 import { Mat, mat, qr, svd, svdLowRank } from './linalg';
 import type { LoraLinear } from './lora';
 import { PeftAdapter, PeftModule } from './peft';
@@ -44,7 +44,7 @@ export function checkLoraInit(name: string, v: unknown): LoraInit {
     throw new LoraError('ERR_LORA_UNSUPPORTED', `Expected one of ${list} for ${name} but received '${v}' (string): PEFT's '${low}' initialisation is not supported`);
   const hint = low.startsWith('pissa') ? "; did you mean 'pissa' or 'pissa_niter_4'?" :
     ['gaussian', 'pissa', 'olora'].map((n) => [n, editDistance(low, n)] as const).filter(([, d]) => d <= 2).map(([n]) => `; did you mean '${n}'?`)[0] ?? '';
-  throw new LoraError('ERR_LORA_RANGE', `Expected one of ${list} for ${name} but received '${v}' (string)${hint}`);
+  throw new LoraRangeError(`Expected one of ${list} for ${name} but received '${v}' (string)${hint}`);
 }
 
 /** True for the inits that read W and write a residual back (PiSSA, OLoRA). */
