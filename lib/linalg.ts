@@ -46,15 +46,14 @@ export function qr(a: Mat): { q: Mat; r: Mat } {
   const m = a.rows;
   const n = a.cols;
   const k = Math.min(m, n);
-  const R = mat(m, n, a.data);
+  // column-major working copies: every reflection reads and writes contiguous column segments
+  const R = transposeMat(a).data; // column c at R[c·m ..]
   const vs: Float64Array[] = [];
   for (let j = 0; j < k; j++) {
-    const v = new Float64Array(m - j);
+    const col = j * m;
+    const v = R.slice(col + j, col + m);
     let below = 0;
-    for (let i = j; i < m; i++) {
-      v[i - j] = R.data[i * n + j]!;
-      if (i > j) below += v[i - j]! * v[i - j]!;
-    }
+    for (let i = 1; i < v.length; i++) below += v[i]! * v[i]!;
     if (below === 0) {
       // nothing to zero below the diagonal: no reflection (LAPACK's dlarfg takes tau = 0 here too,
       // so R's signs, and OLoRA's factors, match torch.linalg.qr's)
@@ -63,32 +62,29 @@ export function qr(a: Mat): { q: Mat; r: Mat } {
     }
     const norm = Math.sqrt(v[0]! * v[0]! + below);
     v[0]! += v[0]! >= 0 ? norm : -norm;
-    let vn = 0;
-    for (const x of v) vn += x * x;
-    vn = Math.sqrt(vn);
+    const vn = Math.sqrt(v[0]! * v[0]! + below);
     for (let i = 0; i < v.length; i++) v[i]! /= vn;
     vs.push(v);
-    for (let c = j; c < n; c++) {
-      let dot = 0;
-      for (let i = j; i < m; i++) dot += v[i - j]! * R.data[i * n + c]!;
-      for (let i = j; i < m; i++) R.data[i * n + c] -= 2 * v[i - j]! * dot;
-    }
+    for (let c = j; c < n; c++) reflect(R, c * m + j, v);
   }
   // Q = H_0 ... H_{k-1} applied to the first k columns of the identity
-  const Q = mat(m, k);
-  for (let i = 0; i < k; i++) Q.data[i * k + i] = 1;
-  for (let j = k - 1; j >= 0; j--) {
-    const v = vs[j]!;
-    for (let c = 0; c < k; c++) {
-      let dot = 0;
-      for (let i = j; i < m; i++) dot += v[i - j]! * Q.data[i * k + c]!;
-      if (dot === 0) continue;
-      for (let i = j; i < m; i++) Q.data[i * k + c] -= 2 * v[i - j]! * dot;
-    }
-  }
-  const Rk = mat(k, n);
-  for (let i = 0; i < k; i++) for (let c = i; c < n; c++) Rk.data[i * n + c] = R.data[i * n + c]!;
-  return { q: Q, r: Rk };
+  const Q = new Float64Array(k * m); // column-major
+  for (let i = 0; i < k; i++) Q[i * m + i] = 1;
+  for (let j = k - 1; j >= 0; j--) for (let c = 0; c < k; c++) reflect(Q, c * m + j, vs[j]!);
+  const q = mat(m, k);
+  for (let c = 0; c < k; c++) for (let i = 0; i < m; i++) q.data[i * k + c] = Q[c * m + i]!;
+  const r = mat(k, n);
+  for (let c = 0; c < n; c++) for (let i = 0; i <= Math.min(c, k - 1); i++) r.data[i * n + c] = R[c * m + i]!;
+  return { q, r };
+}
+
+// x -= 2·v·(vᵀx) for the segment x = buf[at .. at + v.length)
+function reflect(buf: Float64Array, at: number, v: Float64Array): void {
+  let dot = 0;
+  for (let i = 0; i < v.length; i++) dot += v[i]! * buf[at + i]!;
+  if (dot === 0) return;
+  dot *= 2;
+  for (let i = 0; i < v.length; i++) buf[at + i] -= v[i]! * dot;
 }
 
 /**
@@ -111,29 +107,32 @@ export function svd(a: Mat): { u: Mat; s: Float64Array; v: Mat } {
   const n = a.cols;
   // work on columns: W = A·V, rotate pairs of columns until they are orthogonal
   const W = transposeMat(a); // n x m: row j is column j of A
-  const V = mat(n, n);
+  const V = mat(n, n); // row j is column j of V (contiguous rotations)
   for (let i = 0; i < n; i++) V.data[i * n + i] = 1;
   const eps = 1e-15;
+  const d = new Float64Array(n); // squared column norms, updated by each rotation, recomputed each sweep
   for (let sweep = 0; sweep < 60; sweep++) {
     let rotated = false;
+    for (let j = 0; j < n; j++) {
+      let acc = 0;
+      for (let i = 0; i < m; i++) acc += W.data[j * m + i]! ** 2;
+      d[j] = acc;
+    }
     for (let p = 0; p < n - 1; p++) {
       for (let q = p + 1; q < n; q++) {
-        let alpha = 0;
-        let beta = 0;
+        const alpha = d[p]!;
+        const beta = d[q]!;
         let gamma = 0;
-        for (let i = 0; i < m; i++) {
-          const x = W.data[p * m + i]!;
-          const y = W.data[q * m + i]!;
-          alpha += x * x;
-          beta += y * y;
-          gamma += x * y;
-        }
+        for (let i = 0; i < m; i++) gamma += W.data[p * m + i]! * W.data[q * m + i]!;
         if (gamma === 0 || Math.abs(gamma) <= eps * Math.sqrt(alpha * beta)) continue;
         rotated = true;
         const zeta = (beta - alpha) / (2 * gamma);
         const t = Math.sign(zeta || 1) / (Math.abs(zeta) + Math.sqrt(1 + zeta * zeta));
         const c = 1 / Math.sqrt(1 + t * t);
         const s = c * t;
+        // the rotation that makes columns p and q orthogonal moves t·gamma of squared norm between them
+        d[p] = alpha - t * gamma;
+        d[q] = beta + t * gamma;
         for (let i = 0; i < m; i++) {
           const x = W.data[p * m + i]!;
           const y = W.data[q * m + i]!;
@@ -141,10 +140,10 @@ export function svd(a: Mat): { u: Mat; s: Float64Array; v: Mat } {
           W.data[q * m + i] = s * x + c * y;
         }
         for (let i = 0; i < n; i++) {
-          const x = V.data[i * n + p]!;
-          const y = V.data[i * n + q]!;
-          V.data[i * n + p] = c * x - s * y;
-          V.data[i * n + q] = s * x + c * y;
+          const x = V.data[p * n + i]!;
+          const y = V.data[q * n + i]!;
+          V.data[p * n + i] = c * x - s * y;
+          V.data[q * n + i] = s * x + c * y;
         }
       }
     }
@@ -162,7 +161,7 @@ export function svd(a: Mat): { u: Mat; s: Float64Array; v: Mat } {
   order.forEach((j, k) => {
     S[k] = norms[j]!;
     for (let i = 0; i < m; i++) U.data[i * n + k] = norms[j]! > 0 ? W.data[j * m + i]! / norms[j]! : 0;
-    for (let i = 0; i < n; i++) Vs.data[i * n + k] = V.data[i * n + j]!;
+    for (let i = 0; i < n; i++) Vs.data[i * n + k] = V.data[j * n + i]!;
   });
   return { u: U, s: S, v: Vs };
 }
