@@ -9,7 +9,7 @@ import * as path from 'node:path';
 import t from 'tap';
 
 import {
-  applyLora, doraLinear, LoraLinear, LoraModel, loadCausalLM, loadLoraAdapter, loadPeftAdapter, loadSafetensors, loraLayers,
+  applyLora, doraLinear, features, LoraLinear, LoraModel, loadCausalLM, loadLoraAdapter, loadPeftAdapter, loadSafetensors, loraLayers,
   mergeAndUnload, noGrad, saveLoraAdapter, tensor, Tensor, tidy, TransformerLM,
 } from '../lib/index';
 import { assertClose, f32, leakChecked, randomData } from './helpers';
@@ -57,20 +57,27 @@ void leakChecked(t, 'reference DoRA backward (dropout 0 and 0.3) against finite 
   }
 });
 
+// CUDA when present (a GPU, or the emulator with LORA_NATIVE_CUDA_LIB=build-cuda-emu/liblora_cuda_emu.so)
+const devices = features().cuda ? ['cpu', 'cuda'] as const : ['cpu'] as const;
+if (!features().cuda) t.comment(`doraLinear runs on the CPU only here: CUDA unavailable (${features().reason})`);
+
 void leakChecked(t, 'doraLinear against the reference, with and without dropout, at awkward shapes', (t) => {
+  for (const device of devices)
   for (const [N, C, OC, R, s, p] of [[5, 13, 7, 3, 2, 0], [4, 9, 17, 5, 0.75, 0.25], [1, 3, 2, 1, 1, 0.5]] as const) {
     const a = inputs(N, C, OC, R, s, p);
     const G = data(N * OC);
     const g = doraLayerBackwardRef(a, G);
     tidy(() => {
-      const x = t32(a.x, [N, C], true);
-      const A = t32(a.A, [R, C], true);
-      const B = t32(a.B, [OC, R], true);
-      const m = t32(a.m, [OC], true);
-      const y = doraLinear(x, t32(a.W, [OC, C]), t32(a.b!, [OC]), A, B, m, s, p, a.seed);
-      const what = `[${N}, ${C}] -> ${OC}, R ${R}, p ${p}`;
+      const on = (d: Float64Array, shape: number[], rg = false) => tensor(Float32Array.from(d), shape, { device, requiresGrad: rg });
+      const x = on(a.x, [N, C], true);
+      const A = on(a.A, [R, C], true);
+      const B = on(a.B, [OC, R], true);
+      const m = on(a.m, [OC], true);
+      const y = doraLinear(x, on(a.W, [OC, C]), on(a.b!, [OC]), A, B, m, s, p, a.seed);
+      t.equal(y.device, device, 'the output stays on the device');
+      const what = `${device} [${N}, ${C}] -> ${OC}, R ${R}, p ${p}`;
       assertClose(t, vals(y), doraLayerForwardRef(a), TOL, `${what}: forward`);
-      y.backward(t32(G, [N, OC]));
+      y.backward(on(G, [N, OC]));
       assertClose(t, vals(x.grad!), g.dx, TOL, `${what}: dx`);
       assertClose(t, vals(A.grad!), g.dA, TOL, `${what}: dA`);
       assertClose(t, vals(B.grad!), g.dB, TOL, `${what}: dB`);

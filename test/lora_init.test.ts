@@ -9,7 +9,7 @@ import * as path from 'node:path';
 import t from 'tap';
 
 import {
-  applyLora, LoraError, LoraLinear, LoraModel, LoraRangeError, LoraTypeError, loadPeftAdapter, loraLayers, noGrad, saveLoraAdapter,
+  applyLora, features, LoraError, LoraLinear, LoraModel, LoraRangeError, LoraTypeError, loadPeftAdapter, loraLayers, noGrad, saveLoraAdapter,
   tensor, Tensor, tidy, TransformerLM,
 } from '../lib/index';
 import { loraInitFactors } from '../lib/lora_init';
@@ -125,6 +125,19 @@ void leakChecked(t, 'LoraLinear initLoraWeights: residual written to the weight,
   t.ok(bmax < 1 / Math.sqrt(8) && bmax > 0.9 / Math.sqrt(8), `false: B ~ U(-1/sqrt(r), 1/sqrt(r)) like nn.Linear(r, out) (max |B| ${bmax.toFixed(3)})`);
   const both = new LoraLinear({ inFeatures: 13, outFeatures: 9, rank: 4, initLoraWeights: 'pissa', useDora: true, seed: 1 });
   t.ok(both.useDora && both.initLoraWeights === 'pissa', 'PiSSA and DoRA together');
+  if (features().cuda) {
+    // the init reads W to the host and writes the residual back to the device; DoRA's m on the device
+    const w = tensor(W, [OC, C], { device: 'cuda' });
+    const l = new LoraLinear({ inFeatures: C, outFeatures: OC, rank: R, weight: w, bias: false, initLoraWeights: 'olora', useDora: true, seed: 1 });
+    t.same([l.loraA.device, l.loraB.device, l.loraMagnitude!.device], ['cuda', 'cuda', 'cuda'], 'cuda: factors and magnitude on the device');
+    assertClose(t, addRef(vals(w), deltaRef(vals(l.loraA), vals(l.loraB), OC, R, C, 1)), Float64Array.from(W), { atol: 1e-5, rtol: 1e-5 }, 'cuda: W_res + s·B·A == W');
+    const xc = tensor(x.toFloat32Array(), [5, C], { device: 'cuda' });
+    assertClose(t, noGrad(() => tidy(() => vals(l.forward(xc)))), noGrad(() => tidy(() => vals(x.matmul(tensor(W, [OC, C]).transpose())))), { atol: 1e-4, rtol: 1e-4 }, 'cuda: a new OLoRA + DoRA layer gives the base output');
+    xc.dispose();
+    l.dispose();
+  } else {
+    t.comment(`the CUDA case is skipped: CUDA unavailable (${features().reason})`);
+  }
   for (const l of [big, noInit, both]) l.dispose();
   x.dispose();
 });
