@@ -343,6 +343,18 @@ export class LoraLinear extends Module {
     return this._merging;
   }
 
+  /** @internal Frees the adapter's tensors (A, B, m and a merged DoRA's scale), not W or the bias. */
+  _disposeAdapter(): void {
+    for (const t of [this.loraA, this.loraB, this.loraMagnitude, this._doraMergeScale]) t?.dispose();
+    this._doraMergeScale = null;
+  }
+
+  override dispose(): void {
+    this._doraMergeScale?.dispose();
+    this._doraMergeScale = null;
+    super.dispose();
+  }
+
   private checkIdle(what: string): void {
     if (this._merging)
       throw new LoraError('ERR_LORA_BUSY', `Expected no mergeAsync() in flight for LoraLinear.${what}; await it first`);

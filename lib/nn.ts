@@ -682,9 +682,7 @@ function swapLoraLayers(model: Module, where: string, merge: boolean, safeMerge:
     const lin = new Linear(l.inFeatures, l.outFeatures, { weight: l.weight, biasTensor: l.bias, fanInFanOut: transposedLayers.has(l) });
     lin.train(l.training);
     model.setModule(path, lin);
-    l.loraA.dispose();
-    l.loraB.dispose();
-    l.loraMagnitude?.dispose();
+    l._disposeAdapter();
   }
   loraInfo.delete(model);
   return [...layers.keys()];
