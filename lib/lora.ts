@@ -50,8 +50,8 @@ export interface LoraLinearOptions {
   /**
    * PEFT's init_lora_weights (see LoraInit): true (default), false, 'gaussian', 'pissa',
    * 'pissa_niter_N' or 'olora'. PiSSA and OLoRA overwrite the weight with the residual W - s·B·A
-   * (in place: the tensor given as `weight` changes), computed once on the host in float64
-   * (seconds for a 576 x 1536 weight with 'pissa'; 'pissa_niter_4' and 'olora' are faster).
+   * (in place: the tensor given as `weight` changes), computed once on the host in float64: about a
+   * second for a 576 x 1536 weight on one core, more under load; a one-time cost, not per step.
    */
   initLoraWeights?: LoraInit;
 }

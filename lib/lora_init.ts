@@ -4,7 +4,7 @@
 // Also PEFT's conversion of a trained PiSSA/OLoRA adapter into a plain LoRA of the original weights.
 // It does not do PEFT's data-driven inits (EVA, CorDA, LoftQ, LoRA-GA).
 import { editDistance, LoraError, LoraRangeError, rangeError, typeError } from './errors';
-import { Mat, mat, qr, svd, svdLowRank } from './linalg';
+import { Mat, mat, qr, svdLowRank, topSvd } from './linalg';
 import type { LoraLinear } from './lora';
 import { PeftAdapter, PeftModule } from './peft';
 import { Rng } from './random';
@@ -66,7 +66,9 @@ export interface LoraInitFactors {
  * - true: A ~ U(-1/sqrt(C), 1/sqrt(C)) (kaiming_uniform, a = sqrt(5)), B = 0;
  * - false: A as above, B ~ U(-1/sqrt(R), 1/sqrt(R)) (nn.Linear(R, OC)'s own init);
  * - 'gaussian': A ~ N(0, std 1/R), B = 0;
- * - 'pissa': W = U·diag(S)·Vᵀ, S_r = S[:R]/s, A = diag(sqrt(S_r))·V[:, :R]ᵀ, B = U[:, :R]·diag(sqrt(S_r));
+ * - 'pissa': W = U·diag(S)·Vᵀ, S_r = S[:R]/s, A = diag(sqrt(S_r))·V[:, :R]ᵀ, B = U[:, :R]·diag(sqrt(S_r))
+ *   (the top R triplets from topSvd(): the leading singular pairs to float64 accuracy, faster than a
+ *   full SVD; where singular values tie at S[R-1] any basis of their space is as good, as with PEFT);
  *   'pissa_niter_N' the same from a randomized SVD (N subspace iterations, Gaussian start from rng);
  * - 'olora': W = Q·R (Householder, thin), A = R[:R, :], B = Q[:, :R];
  * and for PiSSA/OLoRA the residual W - s·B·A.
@@ -100,7 +102,7 @@ export function loraInitFactors(init: LoraInit, W: Float64Array | null, OC: numb
     A.set(r.data.subarray(0, R * C));
   } else {
     const niter = init === 'pissa' ? -1 : Number(init.slice('pissa_niter_'.length));
-    const { u, s: sv, v } = niter < 0 ? svd(w) : svdLowRank(w, R, niter, () => rng.normal());
+    const { u, s: sv, v } = niter < 0 ? topSvd(w, R, () => rng.normal()) : svdLowRank(w, R, niter, () => rng.normal());
     for (let j = 0; j < R; j++) {
       const root = Math.sqrt(sv[j]! / s);
       for (let c = 0; c < C; c++) A[j * C + c] = root * v.data[c * v.cols + j]!;

@@ -12,6 +12,7 @@ import {
   applyLora, features, LoraError, LoraLinear, LoraModel, LoraRangeError, LoraTypeError, loadPeftAdapter, loraLayers, noGrad, saveLoraAdapter,
   tensor, Tensor, tidy, TransformerLM,
 } from '../lib/index';
+import { mat, svd, topSvd } from '../lib/linalg';
 import { loraInitFactors } from '../lib/lora_init';
 import { Rng } from '../lib/random';
 import { assertClose, assertLoraError, leakChecked, randomData } from './helpers';
@@ -69,6 +70,42 @@ void leakChecked(t, 'PiSSA and OLoRA factors match PyTorch (PEFT pissa_init / ol
         assertClose(t, AAt, want(AAt), { atol: 1e-5, rtol: 1e-5 }, `${what}: A·Aᵀ = diag(S_r / s)`);
         assertClose(t, BtB, want(BtB), { atol: 1e-5, rtol: 1e-5 }, `${what}: Bᵀ·B = diag(S_r / s)`);
       }
+    }
+  }
+});
+
+void leakChecked(t, 'topSvd (PiSSA\'s SVD) against the Jacobi SVD: awkward shapes, zero columns, rank 1, tied singular values', (t) => {
+  const rng = new Rng(5);
+  const cases: [number, number, number, (i: number) => number][] = [
+    [7, 5, 3, () => rng.normal()], [5, 9, 5, () => rng.normal()], [33, 17, 6, () => rng.normal()],
+    [12, 30, 12, (i) => (i % 7 === 0 ? 0 : rng.normal())], [30, 8, 4, (i) => (i < 8 ? rng.normal() : 0)],
+    [1, 6, 1, () => rng.normal()], [20, 20, 5, (i) => (Math.floor(i / 20) === i % 20 ? 2 : 0)],
+  ];
+  for (const [m, n, k, gen] of cases) {
+    const a = mat(m, n, Array.from({ length: m * n }, (_, i) => gen(i)));
+    const top = topSvd(a, k, () => rng.normal());
+    const ref = svd(a);
+    const what = `[${m}, ${n}] k ${k}`;
+    assertClose(t, top.s, ref.s.subarray(0, k), { atol: 1e-12 * ref.s[0]!, rtol: 1e-12 }, `${what}: singular values`);
+    const eye = (M: Float64Array) => M.map((_, i) => (i % (k + 1) === 0 ? 1 : 0));
+    const VtV = gram(top.v.data, n, k, false);
+    assertClose(t, VtV, eye(VtV), { atol: 1e-12, rtol: 0 }, `${what}: V orthonormal`);
+    const rank = ref.s.filter((v) => v > 1e-12 * ref.s[0]!).length;
+    if (rank >= k) {
+      const UtU = gram(top.u.data, m, k, false);
+      assertClose(t, UtU, eye(UtU), { atol: 1e-10, rtol: 0 }, `${what}: U orthonormal`);
+    }
+    const tied = k < ref.s.length && Math.abs(ref.s[k - 1]! - ref.s[k]!) < 1e-9 * ref.s[0]!;
+    if (!tied) {
+      // the rank-k part U·S·Vᵀ is unique when S[k-1] > S[k]: it must be the Jacobi SVD's
+      const part = (u: Float64Array, sv: Float64Array, v: Float64Array, uc: number, vc: number) => {
+        const out = new Float64Array(m * n);
+        for (let j = 0; j < k; j++) for (let i = 0; i < m; i++) for (let c = 0; c < n; c++) out[i * n + c] += u[i * uc + j]! * sv[j]! * v[c * vc + j]!;
+        return out;
+      };
+      assertClose(t, part(top.u.data, top.s, top.v.data, k, k), part(ref.u.data, ref.s, ref.v.data, ref.u.cols, ref.v.cols), { atol: 1e-11 * ref.s[0]!, rtol: 0 }, `${what}: U_k·S_k·V_kᵀ`);
+    } else {
+      t.pass(`${what}: tied singular values at k: any orthonormal basis of their space is right`);
     }
   }
 });
