@@ -42,11 +42,15 @@ export function matmulMat(a: Mat, b: Mat): Mat {
 /**
  * Thin QR by Householder reflections: A (m x n) = Q (m x k) · R (k x n), k = min(m, n), Q with
  * orthonormal columns. Rank-deficient inputs are fine (R gets zero rows' worth of diagonal).
+ * With `keep` < min(m, n): the first `keep` columns of that Q and rows of that R, bit for bit.
  */
-export function qr(a: Mat): { q: Mat; r: Mat } {
+export function qr(a: Mat, keep = Math.min(a.rows, a.cols)): { q: Mat; r: Mat } {
   const m = a.rows;
   const n = a.cols;
-  const k = Math.min(m, n);
+  // the first `keep` columns of Q and rows of R need only the first `keep` reflections (the later
+  // ones touch neither): OLoRA's rank-r factors cost m·n·r, not m·n·min(m, n)
+  if (!Number.isInteger(keep) || keep < 0 || keep > Math.min(m, n)) throw new Error(`qr: keep = ${keep} outside 0..${Math.min(m, n)}`);
+  const k = keep;
   // column-major working copies: every reflection reads and writes contiguous column segments
   const R = transposeMat(a).data; // column c at R[c·m ..]
   const vs: Float64Array[] = [];

@@ -96,7 +96,7 @@ export function loraInitFactors(init: LoraInit, W: Float64Array | null, OC: numb
     if (!Number.isFinite(W[i]!)) throw new LoraError('ERR_LORA_NON_FINITE', `Expected a finite base weight for init_lora_weights '${String(init)}' but element ${i} is ${W[i]}`);
   const w = mat(OC, C, W);
   if (init === 'olora') {
-    const { q, r } = qr(w);
+    const { q, r } = qr(w, R);
     const k = q.cols;
     for (let i = 0; i < OC; i++) for (let j = 0; j < R; j++) B[i * R + j] = q.data[i * k + j]!;
     A.set(r.data.subarray(0, R * C));
