@@ -5,7 +5,8 @@
 // zoo: no KV cache, no rotary embeddings, no weight tying.
 import { checkOptions, PEFT_LORA_ALIASES, expectBoolean, expectInteger, expectNumber, expectOneOf, LoraError, typeError } from './errors';
 import { LoraLinear } from './lora';
-import { checkLoraInit, LoraInit, mutatedToLora } from './lora_init';
+import { checkLoraInit, initChangesBase, LoraInit, mutatedToLora } from './lora_init';
+import { allFinite } from './numerics';
 import { expectModule, Module, uniformParameter } from './module';
 import { add, attention, dropout, embedding, gelu, layerNorm, linear, reshape, rmsNorm, unary, UnaryName } from './ops';
 import { configForModules, loadPeftAdapter, PeftAdapter, PeftConfig, PeftModule, savePeftAdapter } from './peft';
@@ -487,6 +488,19 @@ export function applyLora(model: Module, options: ApplyLoraOptions): LoraInfo {
   const hits = model.namedModules().filter(([path, m]) => path !== '' && m instanceof Linear && matchesTarget(path, target));
   if (hits.length === 0)
     throw new LoraError('ERR_LORA_OPTION', `Expected targetModules to match at least one Linear layer but received ${target instanceof RegExp ? String(target) : JSON.stringify(target)}; the model's Linear layers are: ${model.namedModules().filter(([, m]) => m instanceof Linear).map(([n]) => n).slice(0, 12).join(', ')}`);
+  if (initChangesBase(init)) {
+    // PiSSA/OLoRA write residuals into the weights: refuse a weight another module shares (a tied
+    // head would change the embeddings) or one holding NaN/Inf, before any layer changes
+    const users = new Map<Tensor, string[]>();
+    for (const [name, t] of model.namedParameters()) users.set(t, [...(users.get(t) ?? []), name]);
+    for (const [path, m] of hits) {
+      const names = users.get((m as Linear).weight)!;
+      if (names.length > 1)
+        throw new LoraError('ERR_LORA_UNSUPPORTED', `Expected untied weights for initLoraWeights '${init}' (it writes the residual W - s·B·A into the weight) but '${path}.weight' is also ${names.filter((n) => n !== `${path}.weight`).join(', ')}; leave it out of targetModules`);
+      if (!allFinite((m as Linear).weight))
+        throw new LoraError('ERR_LORA_NON_FINITE', `Expected a finite weight for initLoraWeights '${init}' but '${path}.weight' holds NaN or Inf`);
+    }
+  }
   model.freeze();
   for (const [path, m] of hits) {
     const lin = m as Linear;

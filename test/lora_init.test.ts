@@ -9,13 +9,14 @@ import * as path from 'node:path';
 import t from 'tap';
 
 import {
-  applyLora, features, LoraError, LoraLinear, LoraModel, LoraRangeError, LoraTypeError, loadPeftAdapter, loraLayers, noGrad, saveLoraAdapter,
+  applyLora, features, loadCausalLM, LoraError, LoraLinear, LoraModel, LoraRangeError, LoraTypeError, loadPeftAdapter, loraLayers, noGrad, saveLoraAdapter,
   tensor, Tensor, tidy, TransformerLM,
 } from '../lib/index';
 import { mat, svd, topSvd } from '../lib/linalg';
 import { loraInitFactors } from '../lib/lora_init';
 import { Rng } from '../lib/random';
 import { assertClose, assertLoraError, leakChecked, randomData } from './helpers';
+import { writeCheckpoint } from './hf_checkpoint';
 import { addRef, deltaRef, matmulRef, transposeRef } from './ref/merge_ref';
 
 interface GoldenCase {
@@ -249,6 +250,28 @@ void leakChecked(t, 'applyLora PiSSA/OLoRA: config, base changed, convertToLora 
   assertLoraError(t, () => saveLoraAdapter(dora, path.join(tmp, 'x'), { convertToLora: true }), LoraError, 'ERR_LORA_UNSUPPORTED', /Cannot convert DoRA module 'layers.0.attn.q_proj' to plain LoRA/, 'convert DoRA');
   t.notOk(fs.existsSync(path.join(tmp, 'x')), 'nothing written');
   for (const m of [plain, dora]) m.dispose();
+});
+
+void leakChecked(t, 'applyLora PiSSA/OLoRA refuse tied and non-finite weights before changing anything', async (t) => {
+  const ck = writeCheckpoint(path.join(tmp, 'qwen3'), 'qwen3', { dtype: 'float32', seed: 2 });
+  const model = await loadCausalLM(ck.dir);
+  t.ok(model.tied, 'the checkpoint ties lm_head to the embeddings');
+  const emb = model.namedParameters().find(([n]) => n.endsWith('embed_tokens.weight'))![1].toFloat32Array();
+  assertLoraError(t, () => applyLora(model, { targetModules: ['q_proj', 'lm_head'], initLoraWeights: 'pissa' }), LoraError, 'ERR_LORA_UNSUPPORTED',
+    /^Expected untied weights for initLoraWeights 'pissa' \(it writes the residual W - s·B·A into the weight\) but 'lm_head.weight' is also model.embed_tokens.weight; leave it out of targetModules$/, 'tied head');
+  t.equal(loraLayers(model).size, 0, 'no layer was swapped');
+  t.same(model.namedParameters().find(([n]) => n.endsWith('embed_tokens.weight'))![1].toFloat32Array(), emb, 'the embeddings are unchanged');
+  applyLora(model, { targetModules: ['lm_head'], rank: 2 }); // plain LoRA on a tied head is fine: W is not written
+  model.dispose();
+  const lm = new TransformerLM({ ...small, seed: 4 });
+  const v = lm.getModule('layers.1.attn.q_proj')!.namedParameters()[0]![1];
+  v.assign(v.toFloat32Array().map((x, i) => (i === 3 ? Infinity : x)));
+  const q0 = lm.getModule('layers.0.attn.q_proj')!.namedParameters()[0]![1].toFloat32Array();
+  assertLoraError(t, () => applyLora(lm, { targetModules: ['q_proj'], initLoraWeights: 'olora' }), LoraError, 'ERR_LORA_NON_FINITE',
+    /^Expected a finite weight for initLoraWeights 'olora' but 'layers.1.attn.q_proj.weight' holds NaN or Inf$/, 'non-finite weight');
+  t.equal(loraLayers(lm).size, 0, 'no layer was swapped');
+  t.same(lm.getModule('layers.0.attn.q_proj')!.namedParameters()[0]![1].toFloat32Array(), q0, 'layer 0 (before the bad one) is unchanged');
+  lm.dispose();
 });
 
 function maxDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
