@@ -349,6 +349,16 @@ export class LoraLinear extends Module {
     this._doraMergeScale = null;
   }
 
+  override to(device: Device): this {
+    super.to(device);
+    const scale = this._doraMergeScale;
+    if (scale && scale.device !== device) {
+      this._doraMergeScale = keep(noGrad(() => scale.to(device)));
+      scale.dispose();
+    }
+    return this;
+  }
+
   override dispose(): void {
     this._doraMergeScale?.dispose();
     this._doraMergeScale = null;

@@ -218,3 +218,17 @@ void leakChecked(t, 'DoRA on GPT-2 Conv1D (fan_in_fan_out) layers: the saved ada
   for (const v of stored.values()) v.dispose();
   model.dispose();
 });
+
+if (!features().cuda) t.comment(`skipped 'a merged DoRA layer moved to another device unmerges there': CUDA unavailable (${features().reason})`);
+else void leakChecked(t, 'a merged DoRA layer moved to another device unmerges there', (t) => {
+  const W = data(5 * 7);
+  const layer = new LoraLinear({ inFeatures: 7, outFeatures: 5, rank: 2, bias: false, useDora: true, seed: 2 });
+  layer.weight.assign(Float32Array.from(W));
+  layer.loraB.assign(Float32Array.from(data(10, 0.5)));
+  layer.merge();
+  layer.to('cuda');
+  layer.unmerge();
+  t.equal(layer.weight.device, 'cuda');
+  assertClose(t, vals(layer.weight), W, { atol: 1e-5, rtol: 1e-5 }, 'W back after merge, to(cuda), unmerge');
+  layer.dispose();
+});
