@@ -274,6 +274,24 @@ void leakChecked(t, 'applyLora PiSSA/OLoRA refuse tied and non-finite weights be
   lm.dispose();
 });
 
+void leakChecked(t, 'LoraModel.addAdapter takes the same inits (true, false, gaussian) and refuses PiSSA/OLoRA', (t) => {
+  const W = tensor(Float32Array.from(randomData(120 * 200, 21)), [120, 200]);
+  const model = new LoraModel(new Map([['lin.weight', W]]));
+  model.addAdapter('g', { target_modules: ['lin'], r: 8, init_lora_weights: 'gaussian', seed: 1 });
+  model.addAdapter('f', { target_modules: ['lin'], r: 8, initLoraWeights: false, seed: 1 } as never);
+  const g = model.getAdapter('g').modules.get('lin')!;
+  const A = vals(g.loraA);
+  const std = Math.sqrt(A.reduce((a, v) => a + v * v, 0) / A.length);
+  t.ok(Math.abs(std - 1 / 8) < 0.01 && vals(g.loraB).every((v) => v === 0), `gaussian: std(A) ${std.toFixed(4)} ~ 1/r, B = 0`);
+  const bmax = Math.max(...vals(model.getAdapter('f').modules.get('lin')!.loraB).map(Math.abs));
+  t.ok(bmax < 1 / Math.sqrt(8) && bmax > 0.9 / Math.sqrt(8), `false: B ~ U(±1/sqrt(r)) (max ${bmax.toFixed(3)})`);
+  assertLoraError(t, () => model.addAdapter('p', { target_modules: ['lin'], init_lora_weights: 'pissa' }), LoraError, 'ERR_LORA_UNSUPPORTED',
+    /Expected init_lora_weights true, false or 'gaussian' for addAdapter\(\) but received 'pissa': PiSSA and OLoRA rewrite the base weights, which a LoraModel does not own/, 'LoraModel pissa');
+  assertLoraError(t, () => model.addAdapter('p', { target_modules: ['lin'], init_lora_weights: 'olra' }), LoraRangeError, 'ERR_LORA_RANGE', /received 'olra' \(string\); did you mean 'olora'\?/, 'LoraModel typo');
+  model.dispose();
+  W.dispose();
+});
+
 function maxDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
   let m = 0;
   for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i]! - b[i]!));
