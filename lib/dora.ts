@@ -45,13 +45,28 @@ export function doraWeightNorm(W: Tensor, A: Tensor, B: Tensor, s: number, fanIn
  * Differentiable in x, A, B and m.
  */
 export function doraLinear(x: Tensor, W: Tensor, bias: Tensor | null, A: Tensor, B: Tensor, m: Tensor, s: number, dropoutP = 0, seed = 0): Tensor {
-  const norm = doraWeightNorm(W, A, B, s); // kept alive by c's backward (dm = g / norm)
-  const c = div(asFloat32(m), norm);
-  if (dropoutP === 0) {
-    const y = mul(loraLinear(x, W, null, A, B, s), c);
-    return bias ? add(y, asFloat32(bias)) : y;
+  // what this makes is freed if a later step throws (a bad x, m or bias), not the caller's tensors
+  const given = new Set<Tensor | null>([x, W, bias, A, B, m]);
+  const made: Tensor[] = [];
+  const own = (t: Tensor) => {
+    if (!given.has(t)) made.push(t);
+    return t;
+  };
+  try {
+    const norm = own(doraWeightNorm(W, A, B, s)); // kept alive by c's backward (dm = g / norm)
+    const c = own(div(own(asFloat32(m)), norm));
+    const b = bias ? own(asFloat32(bias)) : null;
+    if (dropoutP === 0) {
+      const y = own(mul(own(loraLinear(x, W, null, A, B, s)), c));
+      return b ? add(y, b) : y;
+    }
+    const xd = own(dropout(x, dropoutP, { seed }));
+    const base = own(linear(x, W, b));
+    const scaled = own(mul(own(sub(c, 1)), own(linear(xd, W))));
+    const low = own(mul(c, own(mul(own(linear(own(linear(xd, A)), B)), s))));
+    return add(own(add(base, scaled)), low);
+  } catch (err) {
+    for (const t of made) if (!t.isDisposed) t.dispose();
+    throw err;
   }
-  const xd = dropout(x, dropoutP, { seed });
-  const base = linear(x, W, bias ? asFloat32(bias) : null);
-  return add(add(base, mul(sub(c, 1), linear(xd, W))), mul(c, mul(linear(linear(xd, A), B), s)));
 }

@@ -137,14 +137,14 @@ export class LoraLinear extends Module {
     // tensors made here are freed if a later step throws; a given weight changes only once all succeeded
     const made: Tensor[] = [];
     try {
-      this.initParameters(o, hasBias, useDora, device, bound, made);
+      this.#initParameters(o, hasBias, useDora, device, bound, made);
     } catch (err) {
       for (const t of made) t.dispose();
       throw err;
     }
   }
 
-  private initParameters(o: Partial<LoraLinearOptions>, hasBias: boolean, useDora: boolean, device: Device, bound: number, made: Tensor[]): void {
+  #initParameters(o: Partial<LoraLinearOptions>, hasBias: boolean, useDora: boolean, device: Device, bound: number, made: Tensor[]): void {
     const C = this.inFeatures;
     const OC = this.outFeatures;
     if (o.weight === undefined) made.push(this.weight = uniformParameter([OC, C], bound, this.rng, device));
@@ -283,10 +283,17 @@ export class LoraLinear extends Module {
     if (this._merged) return;
     if (this.loraMagnitude) {
       const m = this.loraMagnitude;
-      const scale = noGrad(() => tidy(() => keep(div(m, doraWeightNorm(this.weight, this.loraA, this.loraB, this.scaling)))));
       const merged = this._mergedWeight();
-      this.weight.assign(merged);
-      merged.dispose();
+      let scale: Tensor | null = null;
+      try {
+        scale = noGrad(() => tidy(() => keep(div(m, doraWeightNorm(this.weight, this.loraA, this.loraB, this.scaling)))));
+        this.weight.assign(merged);
+      } catch (err) {
+        scale?.dispose();
+        throw err;
+      } finally {
+        merged.dispose();
+      }
       this._doraMergeScale = scale;
       this._merged = true;
       return;
