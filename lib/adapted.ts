@@ -5,7 +5,7 @@
 // fan_in_fan_out weights, float16 weights or factors, several DoRA adapters); embeddings by
 // looking rows up. Differentiable in x and the adapters' float32 tensors.
 import { LoraError } from './errors';
-import { doraWeightNorm } from './dora';
+import { doraLinear, doraWeightNorm } from './dora';
 import { add, div, embedding, linear, loraLinear, matmul, mul, sub, transpose } from './ops';
 import { PeftModule } from './peft';
 import { asFloat32, Tensor } from './tensor';
@@ -34,9 +34,7 @@ function fusedForward(x: Tensor, W: Tensor, bias: Tensor | null, contribs: reado
   const m = first!.module;
   let y: Tensor;
   if (m.magnitude) {
-    const norm = doraWeightNorm(W, m.loraA, m.loraB, first!.scaling);
-    y = mul(loraLinear(x, W, null, m.loraA, m.loraB, first!.scaling), div(asFloat32(m.magnitude), norm));
-    if (bias) y = add(y, asFloat32(bias));
+    y = doraLinear(x, W, bias, m.loraA, m.loraB, m.magnitude, first!.scaling);
   } else {
     y = loraLinear(x, W, bias ? asFloat32(bias) : null, m.loraA, m.loraB, first!.scaling);
   }

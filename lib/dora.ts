@@ -1,7 +1,8 @@
-// DoRA's weight norm: the row norms ||W + s·B·A||_row of an adapted weight, on the weight's device,
-// without forming B·A (a W-sized product) — from W's row norms, W·Aᵀ and A·Aᵀ.
+// DoRA (weight-decomposed LoRA) pieces shared by LoraLinear and LoraModel's adapted modules: the row
+// norms ||W + s·B·A||_row of an adapted weight, on the weight's device, without forming B·A (a
+// W-sized product) — from W's row norms, W·Aᵀ and A·Aᵀ — and DoRA's forward as PEFT computes it.
 import { typeError, LoraError, expectBoolean, expectNumber } from './errors';
-import { add, linear, matmul, mul, relu, sqrt, square, sum, transpose } from './ops';
+import { add, div, dropout, linear, loraLinear, matmul, mul, relu, sqrt, square, sub, sum, transpose } from './ops';
 import { asFloat32, noGrad, shapeString, Tensor, tidy } from './tensor';
 
 /**
@@ -33,4 +34,39 @@ export function doraWeightNorm(W: Tensor, A: Tensor, B: Tensor, s: number, fanIn
     // the sum is >= 0 in exact arithmetic; relu keeps rounding from making it negative
     return sqrt(relu(add(add(wn2, mul(cross, 2 * s)), mul(quad, s * s))));
   }));
+}
+
+/**
+ * DoRA's forward for a weight W (OC, C) held as [out, in], as PEFT computes it, with
+ * c = m / ||W + s·B·A||_row (the norm a constant in the backward, as PEFT detaches it):
+ * - without dropout: y = c ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + b (one fused LoRA op, then a row scale);
+ * - with dropout p > 0 (training): x̃ = dropout(x), y = x·Wᵀ + b + (c - 1) ⊙ (x̃·Wᵀ) + c ⊙ s·x̃·Aᵀ·Bᵀ
+ *   (PEFT's DoRA variant: the base output keeps the whole x, the DoRA terms see x̃).
+ * Differentiable in x, A, B and m.
+ */
+export function doraLinear(x: Tensor, W: Tensor, bias: Tensor | null, A: Tensor, B: Tensor, m: Tensor, s: number, dropoutP = 0, seed = 0): Tensor {
+  // what this makes is freed if a later step throws (a bad x, m or bias), not the caller's tensors
+  const given = new Set<Tensor | null>([x, W, bias, A, B, m]);
+  const made: Tensor[] = [];
+  const own = (t: Tensor) => {
+    if (!given.has(t)) made.push(t);
+    return t;
+  };
+  try {
+    const norm = own(doraWeightNorm(W, A, B, s)); // kept alive by c's backward (dm = g / norm)
+    const c = own(div(own(asFloat32(m)), norm));
+    const b = bias ? own(asFloat32(bias)) : null;
+    if (dropoutP === 0) {
+      const y = own(mul(own(loraLinear(x, W, null, A, B, s)), c));
+      return b ? add(y, b) : y;
+    }
+    const xd = own(dropout(x, dropoutP, { seed }));
+    const base = own(linear(x, W, b));
+    const scaled = own(mul(own(sub(c, 1)), own(linear(xd, W))));
+    const low = own(mul(c, own(mul(own(linear(own(linear(xd, A)), B)), s))));
+    return add(own(add(base, scaled)), low);
+  } catch (err) {
+    for (const t of made) if (!t.isDisposed) t.dispose();
+    throw err;
+  }
 }

@@ -123,7 +123,7 @@ export function expectOneOf<T extends string>(name: string, v: unknown, allowed:
   return v as T;
 }
 
-function editDistance(a: string, b: string): number {
+export function editDistance(a: string, b: string): number {
   const row = Array.from({ length: b.length + 1 }, (_, j) => j);
   for (let i = 1; i <= a.length; i++) {
     let prev = row[0]!;
@@ -175,4 +175,5 @@ export function checkOptions<T extends object>(where: string, opts: unknown, kno
 /** PEFT's snake_case names of LoRA settings, as aliases of lora-native's camelCase ones. */
 export const PEFT_LORA_ALIASES: Readonly<Record<string, string>> = {
   r: 'rank', lora_alpha: 'alpha', lora_dropout: 'dropout', use_rslora: 'useRslora', target_modules: 'targetModules',
+  use_dora: 'useDora', init_lora_weights: 'initLoraWeights',
 };

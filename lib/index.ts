@@ -62,7 +62,8 @@ export { LoraModel, AdaptedLinear } from './lora_model';
 export type { NewAdapterConfig } from './lora_model';
 export { combineAdapters } from './combine';
 export type { Combination, CombineOptions } from './combine';
-export { doraWeightNorm } from './dora';
+export { doraWeightNorm, doraLinear } from './dora';
+export type { LoraInit } from './lora_init';
 export type { MergeOptions, MergeResult, MergeReportEntry } from './merge';
 export {
   Linear, Embedding, LayerNorm, RMSNorm, Dropout, Activation, Sequential, MLP, TransformerLM, TransformerBlock,
@@ -71,6 +72,7 @@ export {
 } from './nn';
 export type {
   LinearOptions, EmbeddingOptions, MLPOptions, ActivationName, TransformerOptions, ApplyLoraOptions, LoraInfo, ParameterCount,
+  SaveLoraAdapterOptions,
 } from './nn';
 export { train, lrMultiplier, parameterGroups, clipGradNorm, CHECKPOINT_FILE } from './train';
 export type { TrainOptions, TrainResult, StepInfo, Schedule, OptimizerSpec, ResumeInfo } from './train';

@@ -1,13 +1,18 @@
 // LoraLinear: a frozen linear layer plus a trainable low-rank update, as PEFT's lora.Linear:
-//   y = x·Wᵀ + b + s·dropout(x)·Aᵀ·Bᵀ,   s = alpha/rank (or alpha/sqrt(rank) with rsLoRA).
-// The module holds the parameters and state; forward is the LoRA op (lib/ops/lora.ts: one native
-// kernel each way); merge() folds s·B·A into W. inFeatures = C, outFeatures = OC, rank = R.
+//   y = x·Wᵀ + b + s·dropout(x)·Aᵀ·Bᵀ,   s = alpha/rank (or alpha/sqrt(rank) with rsLoRA);
+// with DoRA, y = m / ||W + s·B·A||_row ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + b (lib/dora.ts). The module holds the
+// parameters and state; forward is the LoRA op (lib/ops/lora.ts: one native kernel each way);
+// merge() folds the update into W; PEFT's inits (lib/lora_init.ts) set A and B, PiSSA/OLoRA also W.
+// inFeatures = C, outFeatures = OC, rank = R.
 import { checkOptions, PEFT_LORA_ALIASES, expectBoolean, expectInteger, expectNumber, LoraError, typeError } from './errors';
+import { doraLinear, doraWeightNorm } from './dora';
+import { checkLoraInit, initChangesBase, LoraInit, loraInitFactors } from './lora_init';
+import { mergeWeight } from './merge';
 import { native, NativeStorage } from './native';
 import { Module, uniformParameter } from './module';
-import { linear, loraLinear } from './ops';
+import { div, linear, loraLinear, reshape } from './ops';
 import { defaultRng, Rng } from './random';
-import { checkDevice, Device, shapeString, Tensor, zeros } from './tensor';
+import { checkDevice, Device, keep, noGrad, shapeString, Tensor, tensor, tidy, zeros } from './tensor';
 
 export interface LoraLinearOptions {
   /** C: size of each input row. */
@@ -35,9 +40,23 @@ export interface LoraLinearOptions {
   seed?: number;
   /** Device for new parameters; default 'cpu' (or the given weight's). */
   device?: Device;
+  /**
+   * DoRA (PEFT's use_dora): a trainable magnitude vector m (outFeatures), initialised to the row
+   * norms of W + s·B·A, rescales each output: y = m / ||W + s·B·A||_row ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + b,
+   * the norm recomputed each forward (without forming B·A) and held constant in the backward, as
+   * PEFT does. Default false.
+   */
+  useDora?: boolean;
+  /**
+   * PEFT's init_lora_weights (see LoraInit): true (default), false, 'gaussian', 'pissa',
+   * 'pissa_niter_N' or 'olora'. PiSSA and OLoRA overwrite the weight with the residual W - s·B·A
+   * (in place: the tensor given as `weight` changes), computed once on the host in float64: about a
+   * second for a 576 x 1536 weight on one core, more under load; a one-time cost, not per step.
+   */
+  initLoraWeights?: LoraInit;
 }
 
-const OPTIONS = ['inFeatures', 'outFeatures', 'rank', 'alpha', 'dropout', 'bias', 'useRslora', 'weight', 'biasTensor', 'seed', 'device'] as const;
+const OPTIONS = ['inFeatures', 'outFeatures', 'rank', 'alpha', 'dropout', 'bias', 'useRslora', 'weight', 'biasTensor', 'seed', 'device', 'useDora', 'initLoraWeights'] as const;
 const MAX_FEATURES = 2 ** 31 - 1;
 
 /**
@@ -47,7 +66,10 @@ const MAX_FEATURES = 2 ** 31 - 1;
  * const layer = new LoraLinear({ inFeatures: 64, outFeatures: 32, rank: 8, alpha: 16 });
  * const y = layer.forward(x);            // x: [..., 64] -> y: [..., 32]
  * const opt = new AdamW(layer.parameters(), { lr: 1e-3 }); // loraA and loraB
- * @throws LoraTypeError / LoraRangeError for bad options (rank outside 1..min(in, out), ...).
+ * const dora = new LoraLinear({ inFeatures: 64, outFeatures: 32, rank: 8, useDora: true, initLoraWeights: 'pissa' });
+ * @throws LoraTypeError / LoraRangeError for bad options (rank outside 1..min(in, out), an unknown
+ *   initLoraWeights, ...); ERR_LORA_UNSUPPORTED for PEFT inits lora-native lacks ('eva', 'loftq', ...);
+ *   ERR_LORA_NON_FINITE when PiSSA/OLoRA meet a weight holding NaN or Inf.
  */
 export class LoraLinear extends Module {
   readonly inFeatures: number;
@@ -64,6 +86,17 @@ export class LoraLinear extends Module {
   loraA!: Tensor;
   /** (outFeatures, rank), trainable; zeros, so a new adapter changes nothing. */
   loraB!: Tensor;
+  /** DoRA's magnitude vector m (outFeatures), trainable (PEFT's lora_magnitude_vector); null without DoRA. */
+  loraMagnitude: Tensor | null = null;
+  /** PEFT's init_lora_weights this layer was created with. */
+  readonly initLoraWeights: LoraInit;
+  /**
+   * @internal A and B as PiSSA/OLoRA made them (host float32), kept so that saveLoraAdapter can
+   * convert the trained adapter into a plain LoRA of the original weight; null for other inits.
+   */
+  _initialFactors: { A: Float32Array; B: Float32Array } | null = null;
+  // DoRA while merged: the row scale m / ||W + s·B·A|| that merge() applied, for unmerge()
+  private _doraMergeScale: Tensor | null = null;
   private _merged = false;
   private _merging: Promise<void> | null = null;
   private readonly rng: Rng;
@@ -82,6 +115,8 @@ export class LoraLinear extends Module {
     if (this.dropout >= 1) throw new LoraError('ERR_LORA_RANGE', `Expected a number in [0, 1) for dropout but received ${this.dropout} (number)`);
     this._useRslora = o.useRslora === undefined ? false : expectBoolean('useRslora', o.useRslora);
     const hasBias = o.bias === undefined ? true : expectBoolean('bias', o.bias);
+    const useDora = o.useDora === undefined ? false : expectBoolean('useDora', o.useDora);
+    this.initLoraWeights = o.initLoraWeights === undefined ? true : checkLoraInit('initLoraWeights', o.initLoraWeights);
     this.rng = o.seed === undefined ? new Rng(defaultRng().seed()) : new Rng(expectInteger('seed', o.seed, 0, Number.MAX_SAFE_INTEGER));
     let device: Device = o.device === undefined ? (o.weight instanceof Tensor ? o.weight.device : 'cpu') : checkDevice('device', o.device);
 
@@ -98,9 +133,21 @@ export class LoraLinear extends Module {
         throw new LoraError('ERR_LORA_DTYPE', `Expected a float32, bfloat16 or float16 weight but received ${w.dtype}`);
       device = w.device;
       this.weight = w;
-    } else {
-      this.weight = uniformParameter([OC, C], bound, this.rng, device);
     }
+    // tensors made here are freed if a later step throws; a given weight changes only once all succeeded
+    const made: Tensor[] = [];
+    try {
+      this.#initParameters(o, hasBias, useDora, device, bound, made);
+    } catch (err) {
+      for (const t of made) t.dispose();
+      throw err;
+    }
+  }
+
+  #initParameters(o: Partial<LoraLinearOptions>, hasBias: boolean, useDora: boolean, device: Device, bound: number, made: Tensor[]): void {
+    const C = this.inFeatures;
+    const OC = this.outFeatures;
+    if (o.weight === undefined) made.push(this.weight = uniformParameter([OC, C], bound, this.rng, device));
     this.weight.requiresGrad = false;
     this.registerParameter('weight', this.weight);
 
@@ -113,17 +160,41 @@ export class LoraLinear extends Module {
       if (bt.device !== device) throw new LoraError('ERR_LORA_DEVICE', `Expected bias on ${device} but received a tensor on ${bt.device}`);
       b = bt;
     } else if (hasBias && o.biasTensor === undefined) {
-      b = uniformParameter([OC], bound, this.rng, device);
+      made.push(b = uniformParameter([OC], bound, this.rng, device));
     }
     if (b) b.requiresGrad = false;
     this.bias = b;
     this.registerParameter('bias', b);
 
-    this.loraA = uniformParameter([this.rank, C], bound, this.rng, device);
+    let residual: Float32Array | null = null;
+    if (this.initLoraWeights === true) {
+      made.push(this.loraA = uniformParameter([this.rank, C], bound, this.rng, device));
+      made.push(this.loraB = zeros([OC, this.rank], { device, requiresGrad: true }));
+    } else {
+      const init = this.initLoraWeights;
+      const W64 = initChangesBase(init) ? Float64Array.from(this.weight.toFloat32Array()) : null;
+      const f = loraInitFactors(init, W64, OC, C, this.rank, this.scaling, this.rng);
+      made.push(this.loraA = tensor(f.A, [this.rank, C], { device }));
+      made.push(this.loraB = tensor(f.B, [OC, this.rank], { device }));
+      residual = f.residual;
+      if (residual) this._initialFactors = { A: f.A, B: f.B };
+    }
     this.loraA.requiresGrad = true;
+    this.loraB.requiresGrad = true;
     this.registerParameter('loraA', this.loraA);
-    this.loraB = zeros([OC, this.rank], { device, requiresGrad: true });
     this.registerParameter('loraB', this.loraB);
+    if (residual) this.weight.assign(residual); // PiSSA/OLoRA: W becomes W - s·B·A
+    if (useDora) {
+      // PEFT initialises m after A and B (and after PiSSA/OLoRA changed W): m = ||W + s·B·A||_row
+      made.push(this.loraMagnitude = doraWeightNorm(this.weight, this.loraA, this.loraB, this.scaling));
+      this.loraMagnitude.requiresGrad = true;
+      this.registerParameter('loraMagnitude', this.loraMagnitude);
+    }
+  }
+
+  /** DoRA (PEFT's use_dora): outputs rescaled by the trainable magnitude vector loraMagnitude. */
+  get useDora(): boolean {
+    return this.loraMagnitude !== null;
   }
 
   /** True while s·B·A is folded into the weight. */
@@ -164,6 +235,11 @@ export class LoraLinear extends Module {
    */
   _mergedWeight(): Tensor {
     this.checkIdle('merge()');
+    if (this.loraMagnitude && !this._merged) {
+      // DoRA: m / ||W + s·B·A||_row ⊙ (W + s·B·A) in float32, rounded once (LoraModel's merge)
+      const module = { kind: 'linear' as const, loraA: this.loraA, loraB: this.loraB, loraBBias: null, magnitude: this.loraMagnitude, rank: this.rank, alpha: this._alpha, scaling: this.scaling };
+      return mergeWeight('weight', this.weight, null, [{ module, scaling: this.scaling, fanInFanOut: false }], false).weight;
+    }
     const out = this.weight.toDtype(this.weight.dtype);
     if (!this._merged) native.loraMerge(out._storage, this.loraA._live('loraA'), this.loraB._live('loraB'), this.outFeatures, this.inFeatures, this.rank, this.scaling);
     return out;
@@ -189,24 +265,61 @@ export class LoraLinear extends Module {
     }
     if (this._merged) return linear(x, W, b);
     const p = this.training ? this.dropout : 0;
+    if (this.loraMagnitude) {
+      const m = this.loraMagnitude;
+      m._live('loraMagnitude');
+      if (m.device !== x.device) throw new LoraError('ERR_LORA_DEVICE', `Expected x on ${m.device} (where the layer's loraMagnitude is) but received a tensor on ${x.device}`);
+      return doraLinear(x, W, b, A, B, m, this.scaling, p, p > 0 ? this.rng.seed() : 0);
+    }
     return loraLinear(x, W, b, A, B, this.scaling, { dropout: p, seed: p > 0 ? this.rng.seed() : 0 });
   }
 
   /**
-   * Folds the adapter into the weight: W += scaling·B·A. Forward is then one plain linear layer.
-   * A second merge() does nothing (like PEFT).
+   * Folds the adapter into the weight: W += scaling·B·A (DoRA: W = m / ||W + s·B·A||_row ⊙
+   * (W + s·B·A)). Forward is then one plain linear layer. A second merge() does nothing (like PEFT).
    */
   merge(): void {
     this.checkIdle('merge()');
     if (this._merged) return;
+    if (this.loraMagnitude) {
+      const m = this.loraMagnitude;
+      const merged = this._mergedWeight();
+      let scale: Tensor | null = null;
+      try {
+        scale = noGrad(() => tidy(() => keep(div(m, doraWeightNorm(this.weight, this.loraA, this.loraB, this.scaling)))));
+        this.weight.assign(merged);
+      } catch (err) {
+        scale?.dispose();
+        throw err;
+      } finally {
+        merged.dispose();
+      }
+      this._doraMergeScale = scale;
+      this._merged = true;
+      return;
+    }
     mergeInto(this.weight, this.loraA._live('loraA'), this.loraB._live('loraB'), this.outFeatures, this.inFeatures, this.rank, this.scaling);
     this._merged = true;
   }
 
-  /** Undoes merge(): W -= scaling·B·A (exact up to float rounding). */
+  /** Undoes merge(): W -= scaling·B·A (DoRA: W = W / (m / ||W + s·B·A||) - s·B·A); exact up to float rounding. */
   unmerge(): void {
     this.checkIdle('unmerge()');
     if (!this._merged) return;
+    if (this._doraMergeScale) {
+      const scale = this._doraMergeScale;
+      const w = noGrad(() => tidy(() => keep(div(this.weight.toDtype('float32'), reshape(scale, [this.outFeatures, 1])))));
+      try {
+        native.loraMerge(w._storage, this.loraA._live('loraA'), this.loraB._live('loraB'), this.outFeatures, this.inFeatures, this.rank, -this.scaling);
+        this.weight.assign(w);
+      } finally {
+        w.dispose();
+      }
+      scale.dispose();
+      this._doraMergeScale = null;
+      this._merged = false;
+      return;
+    }
     mergeInto(this.weight, this.loraA._live('loraA'), this.loraB._live('loraB'), this.outFeatures, this.inFeatures, this.rank, -this.scaling);
     this._merged = false;
   }
@@ -222,8 +335,9 @@ export class LoraLinear extends Module {
   mergeAsync(): Promise<void> {
     if (this._merging) return this._merging;
     if (this._merged) return Promise.resolve();
-    if (this.weight.dtype === 'float16') {
-      this.merge(); // no kernel merges into float16 in place: widen, merge, narrow (synchronously)
+    if (this.weight.dtype === 'float16' || this.loraMagnitude) {
+      // no kernel merges into float16 in place, nor DoRA's rescale: merge() synchronously
+      this.merge();
       return Promise.resolve();
     }
     const run = native.loraMergeAsync(this.weight._live('weight'), this.loraA._live('loraA'), this.loraB._live('loraB'),
@@ -234,6 +348,28 @@ export class LoraLinear extends Module {
       this._merging = null;
     });
     return this._merging;
+  }
+
+  /** @internal Frees the adapter's tensors (A, B, m and a merged DoRA's scale), not W or the bias. */
+  _disposeAdapter(): void {
+    for (const t of [this.loraA, this.loraB, this.loraMagnitude, this._doraMergeScale]) t?.dispose();
+    this._doraMergeScale = null;
+  }
+
+  override to(device: Device): this {
+    super.to(device);
+    const scale = this._doraMergeScale;
+    if (scale && scale.device !== device) {
+      this._doraMergeScale = keep(noGrad(() => scale.to(device)));
+      scale.dispose();
+    }
+    return this;
+  }
+
+  override dispose(): void {
+    this._doraMergeScale?.dispose();
+    this._doraMergeScale = null;
+    super.dispose();
   }
 
   private checkIdle(what: string): void {

@@ -7,6 +7,7 @@ import { checkOptions, expectBoolean, expectInteger, expectNumber, LoraError, ty
 import { adaptedEmbedding, adaptedForward, ModuleContribution } from './adapted';
 import { combineAdapters, Combination } from './combine';
 import { doraWeightNorm } from './dora';
+import { checkLoraInit, initChangesBase, loraInitFactors } from './lora_init';
 import { mergeError, MergeOptions, MergeReportEntry, MergeResult, mergeWeight } from './merge';
 import { Module } from './module';
 import { moduleScaling, PEFT_CAMEL_ALIASES, PEFT_CONFIG_FIELDS, PeftAdapter, PeftConfig, PeftModule, targetsModule } from './peft';
@@ -100,9 +101,10 @@ export class LoraModel {
    * (the model takes ownership; every module must exist in the base with matching shapes), or a
    * config (PEFT field names: target_modules, r, lora_alpha, use_rslora, use_dora, fan_in_fan_out,
    * init_lora_weights, ...) that creates a new adapter on every 2-D `<module>.weight` it targets:
-   * A Kaiming-uniform, B zeros (init_lora_weights: false makes B random too), DoRA's magnitude the
-   * weight's row norms.
-   * @throws ERR_LORA_STATE for a name in use; ERR_LORA_SHAPE / ERR_LORA_FORMAT when the adapter does not fit the base.
+   * A and B as PEFT's init_lora_weights true (A Kaiming-uniform, B zeros), false (B random too) or
+   * 'gaussian' make them (lib/lora_init.ts), DoRA's magnitude the row norms of W + s·B·A.
+   * @throws ERR_LORA_STATE for a name in use; ERR_LORA_SHAPE / ERR_LORA_FORMAT when the adapter does not fit the base;
+   *   ERR_LORA_UNSUPPORTED for init_lora_weights 'pissa'/'olora' (they rewrite base weights), LoraRangeError for an unknown one.
    */
   addAdapter(name: string, adapter: PeftAdapter | NewAdapterConfig): this {
     if (typeof name !== 'string' || name === '') throw typeError('name', 'a non-empty string', name);
@@ -132,18 +134,19 @@ export class LoraModel {
     const rng = new Rng(seed === undefined ? 0 : expectInteger('seed', seed, 0, Number.MAX_SAFE_INTEGER));
     const modules = new Map<string, PeftModule>();
     const fifo = !!config.fan_in_fan_out;
-    const randomB = config.init_lora_weights === false;
+    const init = config.init_lora_weights === undefined ? true : checkLoraInit('init_lora_weights', config.init_lora_weights);
+    if (initChangesBase(init))
+      throw new LoraError('ERR_LORA_UNSUPPORTED', `Expected init_lora_weights true, false or 'gaussian' for addAdapter() but received '${init}': PiSSA and OLoRA rewrite the base weights, which a LoraModel does not own (use applyLora() on a model)`);
     for (const [tname, W] of this.baseTensors) {
       if (!tname.endsWith('.weight') || W.ndim !== 2 || W.dtype === 'int32') continue;
       const mod = tname.slice(0, -'.weight'.length);
       if (!targetsModule(config, mod)) continue;
       const { rank, alpha } = moduleScaling(config, mod);
       const [OC, C] = fifo ? [W.shape[1]!, W.shape[0]!] : [W.shape[0]!, W.shape[1]!];
-      const bound = 1 / Math.sqrt(C);
-      const A = new Float32Array(rank * C).map(() => (2 * rng.uniform() - 1) * bound);
-      const B = new Float32Array(OC * rank).map(() => (randomB ? (2 * rng.uniform() - 1) * bound : 0));
+      const scaling = config.use_rslora ? alpha / Math.sqrt(rank) : alpha / rank;
+      const { A, B } = loraInitFactors(init, null, OC, C, rank, scaling, rng);
       const m: PeftModule = {
-        kind: 'linear', rank, alpha, scaling: config.use_rslora ? alpha / Math.sqrt(rank) : alpha / rank,
+        kind: 'linear', rank, alpha, scaling,
         loraA: keep(tensor(A, [rank, C])), loraB: keep(tensor(B, [OC, rank])),
         loraBBias: config.lora_bias ? keep(tensor(new Float32Array(OC), [OC])) : null, magnitude: null,
       };

@@ -5,6 +5,8 @@
 // zoo: no KV cache, no rotary embeddings, no weight tying.
 import { checkOptions, PEFT_LORA_ALIASES, expectBoolean, expectInteger, expectNumber, expectOneOf, LoraError, typeError } from './errors';
 import { LoraLinear } from './lora';
+import { checkLoraInit, initChangesBase, LoraInit, mutatedToLora } from './lora_init';
+import { allFinite } from './numerics';
 import { expectModule, Module, uniformParameter } from './module';
 import { add, attention, dropout, embedding, gelu, layerNorm, linear, reshape, rmsNorm, unary, UnaryName } from './ops';
 import { configForModules, loadPeftAdapter, PeftAdapter, PeftConfig, PeftModule, savePeftAdapter } from './peft';
@@ -435,6 +437,14 @@ export interface ApplyLoraOptions {
   useRslora?: boolean;
   /** Seed for lora_A's initialisation; default: the global generator. */
   seed?: number;
+  /** DoRA on every adapted layer (PEFT's use_dora; see LoraLinearOptions.useDora). Default false. */
+  useDora?: boolean;
+  /**
+   * PEFT's init_lora_weights: true (default), false, 'gaussian', 'pissa', 'pissa_niter_N', 'olora'
+   * (see LoraInit). PiSSA and OLoRA replace each adapted weight by its residual W - s·B·A in place:
+   * the model's base weights change (see saveLoraAdapter's convertToLora).
+   */
+  initLoraWeights?: LoraInit;
 }
 
 /** What applyLora() did: the adapted module paths and the PEFT config describing them. */
@@ -463,7 +473,7 @@ function matchesTarget(path: string, target: ApplyLoraOptions['targetModules']):
 export function applyLora(model: Module, options: ApplyLoraOptions): LoraInfo {
   expectModule('model', model);
   if (!(model instanceof Module)) throw typeError('model', 'a Module', model);
-  const o = checkOptions<ApplyLoraOptions>('applyLora()', options, ['targetModules', 'rank', 'alpha', 'dropout', 'useRslora', 'seed'], PEFT_LORA_ALIASES);
+  const o = checkOptions<ApplyLoraOptions>('applyLora()', options, ['targetModules', 'rank', 'alpha', 'dropout', 'useRslora', 'seed', 'useDora', 'initLoraWeights'], PEFT_LORA_ALIASES);
   const target = o.targetModules;
   if (!(target instanceof RegExp) && target !== 'all-linear' && !(Array.isArray(target) && target.every((x) => typeof x === 'string')))
     throw typeError('targetModules', "an array of module names, a RegExp or 'all-linear'", target);
@@ -472,16 +482,31 @@ export function applyLora(model: Module, options: ApplyLoraOptions): LoraInfo {
   const alpha = o.alpha === undefined ? rank : expectNumber('alpha', o.alpha, 0);
   const p = o.dropout ?? 0;
   const useRslora = o.useRslora ?? false;
+  const useDora = o.useDora === undefined ? false : expectBoolean('useDora', o.useDora);
+  const init = o.initLoraWeights === undefined ? true : checkLoraInit('initLoraWeights', o.initLoraWeights);
   const rng = rngOf(o.seed);
   const hits = model.namedModules().filter(([path, m]) => path !== '' && m instanceof Linear && matchesTarget(path, target));
   if (hits.length === 0)
     throw new LoraError('ERR_LORA_OPTION', `Expected targetModules to match at least one Linear layer but received ${target instanceof RegExp ? String(target) : JSON.stringify(target)}; the model's Linear layers are: ${model.namedModules().filter(([, m]) => m instanceof Linear).map(([n]) => n).slice(0, 12).join(', ')}`);
+  if (initChangesBase(init)) {
+    // PiSSA/OLoRA write residuals into the weights: refuse a weight another module shares (a tied
+    // head would change the embeddings) or one holding NaN/Inf, before any layer changes
+    const users = new Map<Tensor, string[]>();
+    for (const [name, t] of model.namedParameters()) users.set(t, [...(users.get(t) ?? []), name]);
+    for (const [path, m] of hits) {
+      const names = users.get((m as Linear).weight)!;
+      if (names.length > 1)
+        throw new LoraError('ERR_LORA_UNSUPPORTED', `Expected untied weights for initLoraWeights '${init}' (it writes the residual W - s·B·A into the weight) but '${path}.weight' is also ${names.filter((n) => n !== `${path}.weight`).join(', ')}; leave it out of targetModules`);
+      if (!allFinite((m as Linear).weight))
+        throw new LoraError('ERR_LORA_NON_FINITE', `Expected a finite weight for initLoraWeights '${init}' but '${path}.weight' holds NaN or Inf`);
+    }
+  }
   model.freeze();
   for (const [path, m] of hits) {
     const lin = m as Linear;
     const lora = new LoraLinear({
       inFeatures: lin.inFeatures, outFeatures: lin.outFeatures, rank: Math.min(rank, lin.inFeatures, lin.outFeatures), alpha,
-      dropout: p, useRslora, weight: lin.weight, biasTensor: lin.bias, seed: rng.seed(),
+      dropout: p, useRslora, weight: lin.weight, biasTensor: lin.bias, seed: rng.seed(), useDora, initLoraWeights: init,
     });
     lora.train(model.training);
     if (lin.fanInFanOut) transposedLayers.add(lora);
@@ -489,9 +514,9 @@ export function applyLora(model: Module, options: ApplyLoraOptions): LoraInfo {
   }
   const modules = hits.map(([path]) => path);
   const config: PeftConfig = {
-    peft_type: 'LORA', task_type: 'CAUSAL_LM', r: rank, lora_alpha: alpha, lora_dropout: p, use_rslora: useRslora,
+    peft_type: 'LORA', task_type: 'CAUSAL_LM', r: rank, lora_alpha: alpha, lora_dropout: p, use_rslora: useRslora, use_dora: useDora,
     target_modules: target instanceof RegExp ? target.source : target === 'all-linear' ? 'all-linear' : [...target],
-    bias: 'none', fan_in_fan_out: hits.some(([, m]) => (m as Linear).fanInFanOut), init_lora_weights: true, base_model_name_or_path: null, modules_to_save: null,
+    bias: 'none', fan_in_fan_out: hits.some(([, m]) => (m as Linear).fanInFanOut), init_lora_weights: init, base_model_name_or_path: null, modules_to_save: null,
     rank_pattern: {}, alpha_pattern: {},
   };
   const info = { modules, config };
@@ -524,26 +549,63 @@ export function peftAdapterOf(model: Module): PeftAdapter {
   };
   // one use_rslora for the file; a layer with the other rule gets the alpha that gives its scaling
   const rslora = first.useRslora;
+  const mixed = [...layers].find(([, l]) => l.useDora !== first.useDora);
+  if (mixed)
+    throw new LoraError('ERR_LORA_UNSUPPORTED', `Expected every LoraLinear to use DoRA or none (a PEFT adapter has one use_dora) but '${mixed[0]}' has useDora ${mixed[1].useDora} and '${[...layers.keys()][0]}' ${first.useDora}`);
   const modules = new Map<string, PeftModule>();
   const sizes = new Map<string, { rank: number; alpha: number }>();
   for (const [path, l] of layers) {
     const alpha = l.useRslora === rslora ? l.alpha : rslora ? l.scaling * Math.sqrt(l.rank) : l.scaling * l.rank;
-    modules.set(path, { kind: 'linear', loraA: l.loraA, loraB: l.loraB, loraBBias: null, magnitude: null, rank: l.rank, alpha, scaling: l.scaling });
+    modules.set(path, { kind: 'linear', loraA: l.loraA, loraB: l.loraB, loraBBias: null, magnitude: l.loraMagnitude, rank: l.rank, alpha, scaling: l.scaling });
     sizes.set(path, { rank: l.rank, alpha });
   }
-  const config = configForModules({ ...base, use_rslora: rslora }, sizes);
+  const config = configForModules({ ...base, use_rslora: rslora, use_dora: first.useDora }, sizes);
   for (const k of ['rank_pattern', 'alpha_pattern'] as const) if (Object.keys(config[k] ?? {}).length === 0 && !base[k]) delete config[k];
   return new PeftAdapter(config, modules);
 }
 
+/** Options of saveLoraAdapter(). */
+export interface SaveLoraAdapterOptions {
+  /**
+   * For an adapter made with initLoraWeights 'pissa', 'pissa_niter_N' or 'olora' (which changed the
+   * base weights to W - s·B₀·A₀): write instead the plain LoRA adapter of rank 2r that gives the
+   * same model on the ORIGINAL base weights, A' = [A; A₀], B' = [B, -B₀], with r, lora_alpha (and
+   * rank_pattern) doubled and init_lora_weights true (PEFT's save_pretrained with
+   * path_initial_model_for_weight_conversion). Default false: the adapter is written as it is,
+   * with init_lora_weights 'pissa'/'olora', and runs on the original base only where the loader
+   * recomputes the residual from it (PEFT does; so does applyLora with the same initLoraWeights,
+   * except 'pissa_niter_N', whose randomized SVD differs run to run), or on the residual base
+   * weights (save them with unloadLora() and saveCausalLM()).
+   */
+  convertToLora?: boolean;
+}
+
 /**
  * Writes the model's LoRA adapter as a PEFT folder (adapter_config.json +
- * adapter_model.safetensors) that Python's PEFT loads onto the same architecture.
- * @example saveLoraAdapter(model, 'out/adapter')
+ * adapter_model.safetensors) that Python's PEFT loads onto the same architecture: lora_A/lora_B,
+ * DoRA's `lora_magnitude_vector` (with use_dora: true) and init_lora_weights as applied.
+ * @example
+ * saveLoraAdapter(model, 'out/adapter');
+ * saveLoraAdapter(pissaModel, 'out/as-lora', { convertToLora: true }); // rank 2r, for the original base
+ * @throws ERR_LORA_STATE without LoRA layers; ERR_LORA_UNSUPPORTED for convertToLora on layers that
+ *   PiSSA/OLoRA did not initialise, on DoRA layers (their rescale does not convert), or with rsLoRA
+ *   layers of different ranks (as PEFT).
  */
-export function saveLoraAdapter(model: Module, dir: string): void {
+export function saveLoraAdapter(model: Module, dir: string, options?: SaveLoraAdapterOptions): void {
   expectModule('model', model);
-  savePeftAdapter(dir, peftAdapterOf(model));
+  const o = checkOptions<SaveLoraAdapterOptions>('saveLoraAdapter()', options, ['convertToLora']);
+  const convert = o.convertToLora === undefined ? false : expectBoolean('convertToLora', o.convertToLora);
+  const adapter = peftAdapterOf(model);
+  if (!convert) {
+    savePeftAdapter(dir, adapter);
+    return;
+  }
+  const converted = mutatedToLora(adapter, loraLayers(model));
+  try {
+    savePeftAdapter(dir, converted);
+  } finally {
+    converted.dispose();
+  }
 }
 
 /**
@@ -557,7 +619,8 @@ export function saveLoraAdapter(model: Module, dir: string): void {
  * loadLoraAdapter(model, 'out/adapter');   // rank 8 adapter; its lora_alpha replaces the model's
  * @throws ERR_LORA_STATE when a module of the adapter is not a LoraLinear of the model, or a layer
  *   is merged; ERR_LORA_SHAPE when a module's rank or sizes differ (naming the module and both);
- *   ERR_LORA_UNSUPPORTED for DoRA, lora_B.bias or embedding modules.
+ *   ERR_LORA_UNSUPPORTED for lora_B.bias or embedding modules; ERR_LORA_STATE for a DoRA adapter on
+ *   layers without useDora, or the reverse.
  */
 export function loadLoraAdapter(model: Module, dir: string): string[] {
   expectModule('model', model);
@@ -568,8 +631,11 @@ export function loadLoraAdapter(model: Module, dir: string): string[] {
     for (const [path, m] of adapter.modules) {
       const l = layers.get(path);
       if (!l) throw new LoraError('ERR_LORA_STATE', `Adapter module '${path}' has no LoraLinear in the model (apply LoRA with the same targetModules first)`);
-      const what = m.kind === 'embedding' ? 'an embedding adapter' : m.magnitude ? 'a DoRA adapter' : m.loraBBias ? 'an adapter with lora_B.bias' : '';
-      if (what) throw new LoraError('ERR_LORA_UNSUPPORTED', `Adapter module '${path}' in ${dir} is ${what}; a LoraLinear runs plain LoRA (load it with LoraModel instead)`);
+      const what = m.kind === 'embedding' ? 'an embedding adapter' : m.loraBBias ? 'an adapter with lora_B.bias' : '';
+      if (what) throw new LoraError('ERR_LORA_UNSUPPORTED', `Adapter module '${path}' in ${dir} is ${what}; a LoraLinear runs plain LoRA or DoRA (load it with LoraModel instead)`);
+      if (!!m.magnitude !== l.useDora)
+        throw new LoraError('ERR_LORA_STATE', m.magnitude ? `Adapter module '${path}' in ${dir} is a DoRA module but the model's LoraLinear is not; apply LoRA with useDora: true to load it`
+          : `Adapter module '${path}' in ${dir} has no lora_magnitude_vector but the model's LoraLinear uses DoRA; apply LoRA without useDora to load it`);
       if (m.rank !== l.rank)
         throw new LoraError('ERR_LORA_SHAPE', `Expected rank ${l.rank} for module '${path}' (the model's LoraLinear) but the adapter in ${dir} has rank ${m.rank}; apply LoRA with rank ${m.rank} to load it`);
       const [R, C, OC] = [l.rank, l.inFeatures, l.outFeatures];
@@ -585,6 +651,7 @@ export function loadLoraAdapter(model: Module, dir: string): string[] {
       l.loraB.assign(B);
       if (A !== m.loraA) A.dispose();
       if (B !== m.loraB) B.dispose();
+      if (m.magnitude) l.loraMagnitude!.assign(m.magnitude.toFloat32Array());
       l._setScaling(m.alpha, rslora, 'loadLoraAdapter()');
     }
     return [...adapter.modules.keys()];
@@ -629,8 +696,7 @@ function swapLoraLayers(model: Module, where: string, merge: boolean, safeMerge:
     const lin = new Linear(l.inFeatures, l.outFeatures, { weight: l.weight, biasTensor: l.bias, fanInFanOut: transposedLayers.has(l) });
     lin.train(l.training);
     model.setModule(path, lin);
-    l.loraA.dispose();
-    l.loraB.dispose();
+    l._disposeAdapter();
   }
   loraInfo.delete(model);
   return [...layers.keys()];
