@@ -220,13 +220,7 @@ export async function trainCommand(argv: string[], out: NodeJS.WriteStream, err:
     const tokenizer = loadTokenizer(modelDir);
     const data = await loadDataset(dataPath, { tokenizer, maxSeqLength, maskPrompt: v['mask-prompt'] ?? true, packing: v.packing ?? false, seed });
     out.write(`data: ${data.train.summary()}${data.valid ? `; ${data.valid.summary()}` : ''}\n`);
-    try {
-      applyLora(model, { targetModules: targets, rank, alpha, dropout, useRslora: v['use-rslora'] ?? false, seed, ...(v['use-dora'] ? { useDora: true } : {}) });
-    } catch (e) {
-      if (v['use-dora'] && e instanceof LoraError && e.code === 'ERR_LORA_OPTION' && /'useDora'/.test(e.message))
-        throw new LoraError('ERR_LORA_UNSUPPORTED', '--use-dora needs DoRA training in applyLora (useDora), which this build of lora-native does not have');
-      throw e;
-    }
+    applyLora(model, { targetModules: targets, rank, alpha, dropout, useRslora: v['use-rslora'] ?? false, seed, ...(v['use-dora'] ? { useDora: true } : {}) });
 
     makeFolder(outDir);
     const ckptDir = path.join(outDir, CHECKPOINT_DIR);

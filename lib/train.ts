@@ -211,7 +211,7 @@ function checkSchedule(v: unknown): Schedule {
 
 /**
  * AdamW parameter groups for a model: no weight decay on 1-D parameters (biases, norm scales),
- * and lora_B at lr × loraPlusRatio (LoRA+). Only parameters with requiresGrad are included.
+ * and lora_B and every 1-D parameter (DoRA magnitudes, trainable biases) at lr × loraPlusRatio (LoRA+, as PEFT groups them). Only parameters with requiresGrad are included.
  */
 export function parameterGroups(model: Module, spec: OptimizerSpec, loraPlusRatio = 1): ParamGroup[] {
   expectModule('model', model);
@@ -225,7 +225,8 @@ export function parameterGroups(model: Module, spec: OptimizerSpec, loraPlusRati
   for (const [name, t] of model.namedParameters()) {
     if (!t.requiresGrad) continue;
     const decay = t.ndim >= 2 ? wd : 0;
-    const lr = name.endsWith('loraB') ? spec.lr * loraPlusRatio : spec.lr;
+    // PEFT's LoRA+ groups: lora_B and every 1-D parameter (DoRA's magnitude, trainable biases) at lr × ratio
+    const lr = name.endsWith('loraB') || t.ndim === 1 ? spec.lr * loraPlusRatio : spec.lr;
     const key = `${decay}/${lr}`;
     let g = groups.get(key);
     if (!g) groups.set(key, (g = { params: [], lr, weightDecay: decay }));

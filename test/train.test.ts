@@ -41,8 +41,14 @@ t.test('parameter groups: no decay on 1-D parameters, LoRA+ on lora_B', (tt) => 
   applyLora(lm, { targetModules: ['q_proj'], rank: 2 });
   const lg = parameterGroups(lm, { lr: 0.01 }, 16);
   tt.same(lg.map((g) => [g.params.length, g.lr, g.weightDecay]), [[1, 0.01, 0.01], [1, 0.16, 0.01]], 'lora_A at lr, lora_B at 16·lr');
+  const dm = new TransformerLM({ vocabSize: 5, dModel: 8, nHeads: 2, nLayers: 1, maxSeqLen: 4, seed: 1 });
+  applyLora(dm, { targetModules: ['q_proj'], rank: 2, useDora: true });
+  const dg = parameterGroups(dm, { lr: 0.01 }, 16);
+  tt.same(dg.map((g) => [g.params.map((p) => p.ndim), g.lr, g.weightDecay]), [[[2], 0.01, 0.01], [[2], 0.16, 0.01], [[1], 0.16, 0]],
+    "DoRA's magnitude (1-D) joins lora_B's rate, without decay, as PEFT's LoRA+ groups it");
   m.dispose();
   lm.dispose();
+  dm.dispose();
   tt.end();
 });
 
