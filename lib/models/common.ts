@@ -10,7 +10,7 @@ import { native } from '../native';
 import { Module } from '../module';
 import { Linear } from '../nn';
 import { add, attention, concat, embedding, gelu, layerNorm, matmul, mul, neg, permute, relu, reshape, rmsNorm, sigmoid, silu, slice, softmax, tanh } from '../ops';
-import { checkDevice, contiguousStrides, Device, keep, ones, Tensor, tensor, zeros } from '../tensor';
+import { checkDevice, checkpoint, contiguousStrides, Device, keep, ones, Tensor, tensor, zeros } from '../tensor';
 
 // ---- config.json fields -------------------------------------------------------------------------
 
@@ -364,6 +364,22 @@ export class ForwardContext {
   /** Keys each query may see: past + T. */
   get keyLength(): number {
     return this.past + this.T;
+  }
+
+  /**
+   * Whether each layer runs through checkpoint() (CausalLM.gradientCheckpointing while gradients
+   * are recorded): its activations are recomputed in the backward pass instead of kept.
+   */
+  checkpointLayers = false;
+
+  /**
+   * Runs one decoder layer on x, through checkpoint() when this pass checkpoints its layers. The
+   * layer's attention mask is made first, outside the checkpoint, so that it outlives it.
+   */
+  layer(x: Tensor, window: number | null, run: (h: Tensor) => Tensor): Tensor {
+    if (!this.checkpointLayers) return run(x);
+    this.maskFor(window);
+    return checkpoint(run, [x]);
   }
 
   /** Builds a value once per pass (RoPE tables, masks); tensors made so are freed by dispose(). */
