@@ -169,6 +169,7 @@ export class CausalLM extends Module {
     // nothing will run backward through this pass: free every intermediate now
     const recording = isGradEnabled() && this.parameters().length > 0;
     ctx.checkpointLayers = recording && !cache && this.checkpointing;
+    ctx.inference = !recording;
     const out = recording ? pass() : tidy(pass);
     if (cache) {
       const S = ctx.past + T;

@@ -10,7 +10,7 @@ import { native } from '../native';
 import { Module } from '../module';
 import { Linear } from '../nn';
 import { add, attention, concat, embedding, gelu, layerNorm, matmul, mul, neg, permute, relu, reshape, rmsNorm, sigmoid, silu, slice, softmax, tanh } from '../ops';
-import { checkDevice, checkpoint, contiguousStrides, Device, keep, ones, Tensor, tensor, zeros } from '../tensor';
+import { checkDevice, checkpoint, contiguousStrides, Device, keep, ones, Tensor, tensor, tidy, zeros } from '../tensor';
 
 // ---- config.json fields -------------------------------------------------------------------------
 
@@ -371,15 +371,18 @@ export class ForwardContext {
    * are recorded): its activations are recomputed in the backward pass instead of kept.
    */
   checkpointLayers = false;
+  /** Whether nothing will run backward through this pass: each layer's intermediates are freed as it ends. */
+  inference = false;
 
   /**
-   * Runs one decoder layer on x, through checkpoint() when this pass checkpoints its layers. The
-   * layer's attention mask is made first, outside the checkpoint, so that it outlives it.
+   * Runs one decoder layer on x: through checkpoint() when this pass checkpoints its layers, in
+   * its own tidy() scope in an inference pass (so a pass holds one layer's activations, not all
+   * of them). The layer's attention mask is made first, outside either, so that it outlives them.
    */
   layer(x: Tensor, window: number | null, run: (h: Tensor) => Tensor): Tensor {
-    if (!this.checkpointLayers) return run(x);
+    if (!this.checkpointLayers && !this.inference) return run(x);
     this.maskFor(window);
-    return checkpoint(run, [x]);
+    return this.checkpointLayers ? checkpoint(run, [x]) : tidy(() => run(x));
   }
 
   /** Builds a value once per pass (RoPE tables, masks); tensors made so are freed by dispose(). */
