@@ -39,10 +39,10 @@ function workOf(p: Plan): LlmRow['work'] {
   return { bytes: decodeBytes(c, p.dtype === 'bf16' ? 2 : 4) };
 }
 
-export function runLlmRows(o: { quick: boolean; full: boolean; threads: number; tools: Tools; work: string; srcDir: string; log: (s: string) => void }): LlmRow[] {
+export function runLlmRows(o: { quick: boolean; full: boolean; reps?: number; threads: number; tools: Tools; work: string; srcDir: string; log: (s: string) => void }): LlmRow[] {
   const rows: LlmRow[] = [];
   const folders = new Map<string, string>();
-  for (const p of plans(o.quick, o.full)) {
+  for (const p of plans(o.quick, o.full).map((q) => (o.reps ? { ...q, reps: o.reps } : q))) {
     let dir = folders.get(p.config);
     if (!dir) {
       dir = writeLlamaFolder(path.join(o.work, `llm-${p.config}`), LLM_CONFIGS[p.config]!);

@@ -1,4 +1,4 @@
-// npm run bench [-- --quick] [--full] [--cases=gemm,lora_forward,llm] [--threads=1,2] [--no-baselines]
+// npm run bench [-- --quick] [--full] [--cases=gemm,lora_forward,llm] [--threads=1,2] [--no-baselines] [--llm-reps=N]
 // (--quick: only the cases the targets need, gemm and lora_step, at the smaller shapes, and one
 // tiny-model row; --full adds the Llama-3.2-1B-shaped model to the model rows)
 // The CPU benchmark suite (issues 3 and 15): every case (bench/cases/<op>.ts) at every shape, thread
@@ -74,7 +74,7 @@ for (const name of CASES.filter((c) => c !== 'llm')) {
 
 // ---- the model rows (prefill, decode, LoRA training step on whole models), at the most threads --
 const llmRows = CASES.includes('llm')
-  ? runLlmRows({ quick, full: flag('full'), threads: Math.max(...THREADS), tools, work, srcDir, log: (s) => process.stderr.write(s) })
+  ? runLlmRows({ quick, full: flag('full'), reps: opt('llm-reps') ? Number(opt('llm-reps')) : undefined, threads: Math.max(...THREADS), tools, work, srcDir, log: (s) => process.stderr.write(s) })
   : [];
 
 // ---- report -----------------------------------------------------------------------------------
