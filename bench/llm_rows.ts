@@ -60,7 +60,8 @@ export function runLlmRows(o: { quick: boolean; full: boolean; reps?: number; th
       if (!row.pytorch) row.error = `${row.error ?? ''} pytorch: ${t.err.slice(-300)}`;
     }
     rows.push(row);
-    o.log(`llm ${label(row)}: ours ${row.ours ? `${row.ours.medianMs.toFixed(0)} ms` : 'error'}, pytorch ${row.pytorch ? `${row.pytorch.medianMs.toFixed(0)} ms` : '-'}${row.error ? ` ERROR ${row.error}` : ''}\n`);
+    const brief = (x?: LlmResult) => (x ? `${x.medianMs.toFixed(0)} ms, ${x.tokensPerS.toFixed(1)} tok/s, RSS ${x.rssAfterLoadMB.toFixed(0)}->${x.peakRssMB.toFixed(0)} MB` : '-');
+    o.log(`llm ${label(row)}: ours ${row.ours ? brief(row.ours) : 'error'}; pytorch ${brief(row.pytorch)}${row.error ? ` ERROR ${row.error}` : ''}\n`);
   }
   return rows;
 }
