@@ -180,7 +180,7 @@ export function evaluateLlmTargets(rows: LlmRow[], m: Machine | undefined): Targ
         const a0 = r.ours.peakRssMB - r.ours.rssAfterLoadMB, a1 = g.ours.peakRssMB - g.ours.rssAfterLoadMB;
         const mem = a1 / a0, time = g.ours.medianMs / r.ours.medianMs;
         out.push({ target: 'train gc: activation memory vs without', row: llmLabel(g), measured: `${fmt(100 * mem, 0)}% (${fmt(a1, 0)} vs ${fmt(a0, 0)} MB)`, goal: '<= 25%', met: mem <= 0.25 });
-        out.push({ target: 'train gc: time vs without', row: llmLabel(g), measured: `${fmt(100 * (time - 1), 0)}% more`, goal: '<= 30% more', met: time <= 1.3 });
+        out.push({ target: 'train gc: time vs without', row: llmLabel(g), measured: `${time >= 1 ? '+' : ''}${fmt(100 * (time - 1), 0)}% time (${fmt(g.ours.medianMs / 1e3, 1)} vs ${fmt(r.ours.medianMs / 1e3, 1)} s)`, goal: '<= 30% more', met: time <= 1.3 });
       }
     }
     const f = find(config, 'train', 'fp32', { gc: '0' }), b = find(config, 'train', 'bf16', { gc: '0' });
