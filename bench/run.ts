@@ -1,6 +1,7 @@
-// npm run bench [-- --quick] [--cases=gemm,lora_forward] [--threads=1,2] [--no-baselines]
-// (--quick: only the cases the targets need, gemm, lora_step and attention, at the smaller shapes)
-// The CPU benchmark suite (issues 3, 13 and 15): every case (bench/cases/<op>.ts) at every shape, thread
+// npm run bench [-- --quick] [--full] [--cases=gemm,lora_forward,attention,llm] [--threads=1,2] [--no-baselines] [--llm-reps=N]
+// (--quick: only the cases the targets need, gemm, lora_step and attention, at the smaller shapes,
+// and one tiny-model row; --full adds the Llama-3.2-1B-shaped model to the model rows)
+// The CPU benchmark suite (issues 3, 13, 14 and 15): every case (bench/cases/<op>.ts) at every shape, thread
 // count and weight dtype in its own child process; the machine's ceilings measured first, on every
 // run (bench/machine.ts); OpenBLAS and PyTorch at their best over the same work, each row naming
 // what each peer ran (library, kernel, threads); then the issue's targets judged from this run
@@ -12,7 +13,8 @@ import * as os from 'os';
 import * as path from 'path';
 import { ATTENTION_SHAPES, attentionKey, QUICK_SHAPES, SHAPES, Shape, shapeKey } from './common';
 import { baselineEnv, lastJson, measureMachine, run, setUpTools } from './machine';
-import { DECODE_ROWS, Row, decodeShape, evaluateTargets, targetsMarkdown, usesBf16Dot } from './targets';
+import { DECODE_ROWS, Row, decodeShape, evaluateLlmTargets, evaluateTargets, targetsMarkdown, usesBf16Dot } from './targets';
+import { llmMarkdown, runLlmRows } from './llm_rows';
 
 const args = process.argv.slice(2);
 const flag = (n: string) => args.includes(`--${n}`);
@@ -21,7 +23,7 @@ const quick = flag('quick');
 // --quick runs what the targets table needs (gemm at every target shape and decode row count,
 // lora_step, attention at T = 512 and 1024) at the shapes below 4096² x 1024 rows, with fewer
 // repetitions
-const CASES = (opt('cases') ?? (quick ? 'gemm,lora_step,attention' : 'gemm,linear,lora_forward,lora_step,lora_merge,adamw,attention')).split(',');
+const CASES = (opt('cases') ?? (quick ? 'gemm,lora_step,attention,llm' : 'gemm,linear,lora_forward,lora_step,lora_merge,adamw,attention,llm')).split(',');
 const THREADS = (opt('threads') ?? '1,2').split(',').map(Number);
 const shapes: Shape[] = quick ? QUICK_SHAPES : SHAPES;
 // the gemm case also runs every decode row count of the targets (x·Wᵀ with a 4096 x 4096 W);
@@ -46,7 +48,7 @@ process.stderr.write(`machine: ${JSON.stringify(machine)}\nbaselines: openblas=$
 // ---- the runs ---------------------------------------------------------------------------------
 const rows: Row[] = [];
 const dtypesOf: Record<string, string[]> = { adamw: ['fp32'], attention: ['fp32'] };
-for (const name of CASES) {
+for (const name of CASES.filter((c) => c !== 'llm')) {
   for (const shape of shapesOf(name)) {
     if (name === 'adamw' && shapes.some((s) => s !== shape && s.C === shape.C && s.OC === shape.OC && shapes.indexOf(s) < shapes.indexOf(shape))) continue;
     for (const threads of THREADS) {
@@ -78,6 +80,11 @@ for (const name of CASES) {
     }
   }
 }
+
+// ---- the model rows (prefill, decode, LoRA training step on whole models), at the most threads --
+const llmRows = CASES.includes('llm')
+  ? runLlmRows({ quick, full: flag('full'), reps: opt('llm-reps') ? Number(opt('llm-reps')) : undefined, threads: Math.max(...THREADS), tools, work, srcDir, log: (s) => process.stderr.write(s) })
+  : [];
 
 // ---- report -----------------------------------------------------------------------------------
 const find = (c: string, s: Shape, t: number, d: string) =>
@@ -153,13 +160,17 @@ const header = [
   `times are medians in ms; rates from the median; memory-bound rows (merge, adamw, N <= 16) in GB/s of the weight traffic; bf16 rows of gemm, lora_forward and lora_step from 64 rows use the bf16 dot product (x rounded to bf16) and are shown against the bf16-dot peak; linear keeps fp32 products. attention rows (T queries, H/KVH heads, D) time forward + backward, work counted as FlashAttention counts it (forward 4·T²·D·H halved for causal, backward 2.5x).`,
   `load average (1 min) before/after the run: ${loadBefore[0]!.toFixed(1)} / ${os.loadavg()[0]!.toFixed(1)} on ${os.cpus().length} cores${os.loadavg()[0]! > os.cpus().length * 0.75 ? ' — the machine was busy; figures are pessimistic' : ''}`,
 ];
-const targets = evaluateTargets(rows, machine, THREADS);
-const md = header.join('\n') + '\n\n' + lines.join('\n') + '\n\n## Targets (issues 13 and 15), from this run\n\n' + targetsMarkdown(targets) + '\n';
+const targets = [...(rows.length ? evaluateTargets(rows, machine, THREADS) : []), ...evaluateLlmTargets(llmRows, machine)];
+const torchPeer = tt ? `PyTorch ${tt.version} eager (bench/torch_llm.py: transformers' Llama arithmetic, PEFT's LoRA), ${Math.max(...THREADS)} thr, ` +
+  `fp32 matmuls on ${tt.blas.kind} ${tt.blas.corename ?? ''}, ${tt.jemalloc ? `jemalloc (${tt.mallocConf})` : 'glibc malloc'}` : `not run (${tools.skipped.pytorch})`;
+const md = header.join('\n') + '\n\n' + lines.join('\n') +
+  (llmRows.length ? '\n\n## Models (issues 13 and 14)\n\n' + llmMarkdown(llmRows, machine, torchPeer) : '') +
+  '\n\n## Targets (issues 15, 13, 14), from this run\n\n' + targetsMarkdown(targets) + '\n';
 const outDir = path.join(srcDir, 'results');
 fs.mkdirSync(outDir, { recursive: true });
 const stamp = new Date().toISOString().replace(/[:]/g, '-').replace(/\..*/, '');
 const file = path.join(outDir, `${stamp}.json`);
-fs.writeFileSync(file, JSON.stringify({ date: new Date().toISOString(), loadavg: { before: loadBefore, after: os.loadavg() }, quick, isa, machine, tools: { torch: tt, skipped: tools.skipped }, rows, targets, markdown: md }, null, 1));
+fs.writeFileSync(file, JSON.stringify({ date: new Date().toISOString(), loadavg: { before: loadBefore, after: os.loadavg() }, quick, isa, machine, tools: { torch: tt, skipped: tools.skipped }, rows, llmRows, targets, markdown: md }, null, 1));
 fs.writeFileSync(path.join(outDir, `${stamp}.md`), md);
 fs.rmSync(work, { recursive: true, force: true });
 process.stdout.write(md + `\nresults: ${path.relative(process.cwd(), file)}\n`);

@@ -1,8 +1,9 @@
-// The targets of issues 15 (GEMM engine) and 13 (attention), judged from one bench run: each a ratio against the ceiling measured in
-// the same run or against a peer timed in the same run, with the goal and met / not met. A target
+// The targets of issues 15 (kernels), 13 (attention, models) and 14 (training), judged from one bench run: each a ratio
+// against the ceiling measured in the same run or against a peer timed in the same run, with the goal and met / not met. A target
 // whose row did not run (a skipped peer, --cases without it) says so instead of passing.
 import { Ceiling, Machine } from './machine';
 import { attentionKey, Shape, shapeKey } from './common';
+
 
 export interface Timing { medianMs: number; minMs: number; reps: number; config?: string; corename?: string; threads?: number }
 export interface Row {
@@ -104,4 +105,103 @@ export function targetsMarkdown(ts: Target[]): string {
   const judged = ts.filter((t) => t.met !== undefined);
   lines.push('', `${judged.filter((t) => t.met).length} of ${judged.length} judged targets met; ${ts.length - judged.length} could not be judged in this run.`);
   return lines.join('\n');
+}
+
+// ---- the model rows (issues 13 and 14) ---------------------------------------------------------
+
+export interface LlmResult {
+  medianMs: number; minMs: number; reps: number; tokens: number; tokensPerS: number; rssAfterLoadMB: number; peakRssMB: number;
+}
+export interface LlmRow {
+  case: 'prefill' | 'decode' | 'train'; config: string; dtype: 'fp32' | 'bf16'; threads: number;
+  args: Record<string, string>;
+  work: { flops?: number; bytes?: number };
+  ours?: LlmResult; pytorch?: LlmResult; error?: string;
+}
+
+export const llmLabel = (r: LlmRow) => `${r.config} ${r.case}${r.args.B ? ` b${r.args.B}` : ''}${r.args.gc === '1' ? ' gc' : ''} ${r.dtype}`;
+
+/** Where a row stands against its bound: FLOP-bound time (prefill, train) or bandwidth-bound tokens/s (decode). */
+export function boundShare(r: LlmRow, m: Machine | undefined): number | undefined {
+  const c = m?.perThreads[String(r.threads)];
+  if (!c || !r.ours) return undefined;
+  if (r.work.flops) return (r.work.flops / (c.fmaGflops * 1e6)) / r.ours.medianMs;
+  if (r.work.bytes) {
+    const boundTokS = (c.readGBs * 1e9) / r.work.bytes * Number(r.args.B ?? 1);
+    return r.ours.tokensPerS / boundTokS;
+  }
+  return undefined;
+}
+
+/** The targets of issues 13 and 14 from the model rows. */
+export function evaluateLlmTargets(rows: LlmRow[], m: Machine | undefined): Target[] {
+  const out: Target[] = [];
+  const find = (config: string, kase: string, dtype: string, args: Record<string, string> = {}) =>
+    rows.find((r) => r.config === config && r.case === kase && r.dtype === dtype && Object.entries(args).every(([k, v]) => r.args[k] === v));
+  const missing = (target: string, row: string, goal: string, note: string) => out.push({ target, row, measured: '-', goal, met: undefined, note });
+  for (const config of [...new Set(rows.map((r) => r.config))].filter((c) => c !== 'tiny')) { // tiny: a smoke check, not judged
+    // prefill: >= 70% of the FLOP-bound time (fp32), >= 1.5x PyTorch
+    const pf = find(config, 'prefill', 'fp32');
+    if (pf) {
+      const s = boundShare(pf, m);
+      if (s === undefined) missing('prefill 512: % of FLOP-bound time', llmLabel(pf), '>= 70%', pf.ours ? 'no ceiling measured' : 'row failed');
+      else out.push({ target: 'prefill 512: % of FLOP-bound time', row: llmLabel(pf), measured: `${fmt(100 * s, 0)}%`, goal: '>= 70%', met: s >= 0.7 });
+    }
+    for (const d of ['fp32', 'bf16']) {
+      const r = find(config, 'prefill', d);
+      if (r) ratio(out, 'prefill 512: vs PyTorch', r, 1.5);
+    }
+    // decode b1 bf16: >= 70% of bandwidth-bound tokens/s, >= 2x PyTorch
+    const dc = find(config, 'decode', 'bf16', { B: '1' });
+    if (dc) {
+      const s = boundShare(dc, m);
+      if (s === undefined) missing('decode b1 bf16: % of bandwidth-bound tokens/s', llmLabel(dc), '>= 70%', dc.ours ? 'no ceiling measured' : 'row failed');
+      else out.push({ target: 'decode b1 bf16: % of bandwidth-bound tokens/s', row: llmLabel(dc), measured: `${fmt(100 * s, 0)}%`, goal: '>= 70%', met: s >= 0.7, note: `${fmt(dc.work.bytes! / 1e6, 0)} MB per token` });
+      ratio(out, 'decode b1 bf16: vs PyTorch', dc, 2);
+    }
+    // training: >= 3x PyTorch at its best (its faster dtype), >= 50% of the FLOP-bound rate
+    const torchBest = rows.filter((r) => r.config === config && r.case === 'train' && r.args.gc === '0' && r.pytorch).sort((a, b) => b.pytorch!.tokensPerS - a.pytorch!.tokensPerS)[0];
+    for (const d of ['fp32', 'bf16']) {
+      const r = find(config, 'train', d, { gc: '0' });
+      if (!r) continue;
+      if (!r.ours || !torchBest) missing('train: tokens/s vs PyTorch at its best', llmLabel(r), '>= 3.00x', r.ours ? 'PyTorch not run' : 'row failed');
+      else {
+        const x = r.ours.tokensPerS / torchBest.pytorch!.tokensPerS;
+        out.push({ target: 'train: tokens/s vs PyTorch at its best', row: llmLabel(r), measured: `${fmt(x, 2)}x (${fmt(r.ours.tokensPerS)} vs ${fmt(torchBest.pytorch!.tokensPerS)} tok/s)`, goal: '>= 3.00x', met: x >= 3, note: `PyTorch's best: ${torchBest.dtype}` });
+      }
+      if (d === 'fp32') {
+        const s = boundShare(r, m);
+        if (s === undefined) missing('train: % of FLOP-bound rate', llmLabel(r), '>= 50%', 'no ceiling or row failed');
+        else out.push({ target: 'train: % of FLOP-bound rate', row: llmLabel(r), measured: `${fmt(100 * s, 0)}%`, goal: '>= 50%', met: s >= 0.5, note: `${fmt(r.work.flops! / 1e9, 0)} GFLOP per step` });
+      }
+      if (r.ours && r.pytorch) {
+        const ok = r.ours.peakRssMB <= r.pytorch.peakRssMB;
+        out.push({ target: 'train: peak RSS <= PyTorch', row: llmLabel(r), measured: `${fmt(r.ours.peakRssMB, 0)} vs ${fmt(r.pytorch.peakRssMB, 0)} MB`, goal: '<=', met: ok });
+      }
+      // gradient checkpointing: activation memory <= 25% of without, for <= 30% more time
+      const g = find(config, 'train', d, { gc: '1' });
+      if (g?.ours && r.ours) {
+        const a0 = r.ours.peakRssMB - r.ours.rssAfterLoadMB, a1 = g.ours.peakRssMB - g.ours.rssAfterLoadMB;
+        const mem = a1 / a0, time = g.ours.medianMs / r.ours.medianMs;
+        out.push({ target: 'train gc: activation memory vs without', row: llmLabel(g), measured: `${fmt(100 * mem, 0)}% (${fmt(a1, 0)} vs ${fmt(a0, 0)} MB)`, goal: '<= 25%', met: mem <= 0.25 });
+        out.push({ target: 'train gc: time vs without', row: llmLabel(g), measured: `${time >= 1 ? '+' : ''}${fmt(100 * (time - 1), 0)}% time (${fmt(g.ours.medianMs / 1e3, 1)} vs ${fmt(r.ours.medianMs / 1e3, 1)} s)`, goal: '<= 30% more', met: time <= 1.3 });
+      }
+    }
+    const f = find(config, 'train', 'fp32', { gc: '0' }), b = find(config, 'train', 'bf16', { gc: '0' });
+    if (f?.ours && b?.ours) {
+      const x = b.ours.tokensPerS / f.ours.tokensPerS;
+      out.push({ target: 'train: bf16 frozen base vs our fp32', row: llmLabel(b), measured: `${fmt(x, 2)}x`, goal: '>= 1.60x', met: x >= 1.6 });
+    }
+  }
+  return out;
+}
+
+function ratio(out: Target[], target: string, r: LlmRow, goal: number): void {
+  const g = `>= ${goal.toFixed(2)}x`;
+  if (!r.ours || !r.pytorch) {
+    out.push({ target, row: llmLabel(r), measured: '-', goal: g, met: undefined, note: r.ours ? 'PyTorch not run' : 'row failed' });
+    return;
+  }
+  const x = r.ours.tokensPerS / r.pytorch.tokensPerS;
+  out.push({ target, row: llmLabel(r), measured: `${fmt(x, 2)}x (${fmt(r.ours.tokensPerS)} vs ${fmt(r.pytorch.tokensPerS)} tok/s)`, goal: g, met: x >= goal });
 }

@@ -12,6 +12,7 @@ export interface Binding {
   dispose(s: S): void;
   memory(): NativeMemory;
   releaseCached(): void;
+  resetPeakMemory(): void;
   setNumThreads(n: number): void;
   getNumThreads(): number;
   features(): NativeFeatures;

@@ -215,8 +215,6 @@ export async function trainCommand(argv: string[], out: NodeJS.WriteStream, err:
     if (maxSeqArg !== undefined && limit !== null && maxSeqArg > limit)
       throw new UsageError(`--max-seq-len ${maxSeqArg} is longer than the model's max_position_embeddings ${limit}; give at most ${limit} (longer rows are truncated and counted)`);
     const maxSeqLength = maxSeqArg ?? Math.min(2048, limit ?? 2048);
-    if (v['grad-checkpoint'] && !('gradientCheckpointing' in model))
-      throw new LoraError('ERR_LORA_UNSUPPORTED', `--grad-checkpoint: this build's ${model.architecture} has no gradient checkpointing`);
     const tokenizer = loadTokenizer(modelDir);
     const data = await loadDataset(dataPath, { tokenizer, maxSeqLength, maskPrompt: v['mask-prompt'] ?? true, packing: v.packing ?? false, seed });
     out.write(`data: ${data.train.summary()}${data.valid ? `; ${data.valid.summary()}` : ''}\n`);

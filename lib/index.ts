@@ -6,7 +6,7 @@ export { LoraError, LoraTypeError, LoraRangeError } from './errors';
 export type { LoraErrorCode } from './errors';
 export {
   Tensor, tensor, zeros, ones, full, randn, rand, tidy, keep, noGrad, isGradEnabled, memory,
-  releaseCachedMemory, setNumThreads, getNumThreads,
+  releaseCachedMemory, resetPeakMemory, setNumThreads, getNumThreads, checkpoint,
 } from './tensor';
 export type { Device, DType, TensorOptions, RandomOptions, MemoryInfo, GradNode } from './tensor';
 // Every op (lib/ops/: add ... loraLinear), with its option types.

@@ -65,6 +65,10 @@ export interface NativeMemory {
   cudaTensors: number;
   cudaBytes: number;
   cudaCachedBytes: number;
+  /** The most bytes of live CPU tensors at once since loading or resetPeakMemory(). */
+  cpuPeakBytes: number;
+  /** The same for CUDA tensors. */
+  cudaPeakBytes: number;
 }
 
 /** One exported function of the addon, as describe() lists it. */

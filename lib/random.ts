@@ -46,7 +46,10 @@ export class Rng {
 
   /** A seed for a kernel's counter RNG: an integer below 2^53. */
   seed(): number {
-    return (this.nextU32() & 0x1fffff) * 4294967296 + this.nextU32();
+    // checkpoint() recomputes a function with the seeds its first run drew (same dropout masks)
+    const s = replaying && replaying.pos < replaying.seeds.length ? replaying.seeds[replaying.pos++]! : (this.nextU32() & 0x1fffff) * 4294967296 + this.nextU32();
+    if (recording) recording.push(s);
+    return s;
   }
 
   /** The generator's state, for checkpoints. */
@@ -60,6 +63,36 @@ export class Rng {
 }
 
 let globalRng = new Rng(0x5eed);
+
+// Kernel seeds (dropout masks) drawn by any generator while a checkpointed function runs, and the
+// ones its recomputation hands out again instead of drawing (generators do not advance then).
+let recording: number[] | null = null;
+let replaying: { seeds: readonly number[]; pos: number } | null = null;
+
+/** @internal runs fn and returns the kernel seeds every generator drew during it. */
+export function recordSeeds<T>(fn: () => T): { result: T; seeds: number[] } {
+  const prev = recording;
+  const seeds: number[] = [];
+  recording = seeds;
+  try {
+    const result = fn();
+    if (prev) prev.push(...seeds);
+    return { result, seeds };
+  } finally {
+    recording = prev;
+  }
+}
+
+/** @internal runs fn with seed() handing out `seeds` in order (then drawing as usual). */
+export function replaySeeds<T>(seeds: readonly number[], fn: () => T): T {
+  const prev = replaying;
+  replaying = { seeds, pos: 0 };
+  try {
+    return fn();
+  } finally {
+    replaying = prev;
+  }
+}
 
 /** Seeds the global generator that randn, module initialisation and dropout draw from. */
 export function manualSeed(seed: number): void {

@@ -4,7 +4,7 @@
 // class, the factories and the backward engine; the ops themselves live in ops.ts.
 import { checkOptions, describe, expectBoolean, expectInteger, LoraError, rangeError, typeError } from './errors';
 import { DEVICE_ID, DTYPE_ID, native, NativeMemory, NativeStorage } from './native';
-import { defaultRng, Rng } from './random';
+import { defaultRng, recordSeeds, replaySeeds, Rng } from './random';
 
 export type Device = 'cpu' | 'cuda';
 export type DType = 'float32' | 'bfloat16' | 'float16' | 'int32';
@@ -469,12 +469,85 @@ export function asFloat32(t: Tensor): Tensor {
   return t.dtype === 'float32' ? t : t.toDtype('float32');
 }
 
+// While checkpoint() runs its function without recording, whether any op read a tensor that
+// requires a gradient (a trainable parameter or a checkpointed input): then the output needs one.
+let probe: { needsGrad: boolean } | null = null;
+
 /** @internal wraps an op's output and records its GradNode when any input requires a gradient */
 export function record(out: Tensor, node: GradNode): Tensor {
   if (gradEnabled && node.inputs.some((t) => t.requiresGrad)) {
     out.requiresGrad = true;
     out._node = node;
+  } else if (probe && !probe.needsGrad && node.inputs.some((t) => t.requiresGrad)) {
+    probe.needsGrad = true;
   }
+  return out;
+}
+
+/**
+ * Gradient checkpointing: runs `fn(...inputs)` keeping none of its intermediate tensors (only the
+ * inputs stay, as the op's saved state) and, when backward() reaches its output, runs fn again
+ * with gradients recorded and back-propagates through that recomputation. The gradients are the
+ * same as without checkpointing (parameters fn reads receive theirs in `.grad`); memory holds one
+ * call's activations at a time instead of all of them, for about one more forward pass of time.
+ * The recomputation gets the kernel seeds the first run drew (from any generator), so dropout
+ * inside fn draws the same masks and no generator advances twice. fn must be deterministic otherwise and return one tensor; the tensors it reads
+ * besides `inputs` (parameters, tables) must stay alive until the backward pass.
+ *
+ * @example
+ * for (const block of blocks) x = checkpoint((h) => block.forward(h), [x]);
+ * @throws LoraTypeError when fn is not a function, inputs not an array of live tensors, or fn
+ *   returns something other than a Tensor.
+ */
+export function checkpoint(fn: (...inputs: Tensor[]) => Tensor, inputs: readonly Tensor[]): Tensor {
+  if (typeof fn !== 'function') throw typeError('fn', 'a function', fn);
+  if (!Array.isArray(inputs)) throw typeError('inputs', 'an array of Tensors', inputs);
+  inputs.forEach((t, i) => expectTensor(`inputs[${i}]`, t));
+  const resultOf = (v: unknown): Tensor => {
+    if (!(v instanceof Tensor)) throw typeError('checkpoint() callback result', 'a Tensor', v);
+    return v;
+  };
+  if (!gradEnabled) return resultOf(fn(...inputs));
+  const prevProbe = probe;
+  const seen = { needsGrad: inputs.some((t) => t.requiresGrad) };
+  probe = seen;
+  gradEnabled = false;
+  let out: Tensor;
+  let seeds: number[];
+  try {
+    ({ result: out, seeds } = recordSeeds(() => tidy(() => resultOf(fn(...inputs)))));
+  } finally {
+    gradEnabled = true;
+    probe = prevProbe;
+  }
+  if (prevProbe && seen.needsGrad) prevProbe.needsGrad = true;
+  if (!seen.needsGrad) return out;
+  if (inputs.includes(out)) out = out.detach(); // fn returned an input: the output is a new tensor
+  out.requiresGrad = true;
+  out._node = {
+    name: 'checkpoint', inputs: inputs.slice(),
+    backward: (g) => {
+      // inputs as new leaves, so that their gradients land in their .grad
+      const leaves = inputs.map((t) => {
+        const l = t.detach();
+        l.requiresGrad = t.requiresGrad;
+        return l;
+      });
+      try {
+        tidy(() => {
+          const y = replaySeeds(seeds, () => resultOf(fn(...leaves)));
+          if (y.requiresGrad) runBackward(y, g.detach());
+        });
+        return leaves.map((l) => {
+          const gi = l.grad;
+          l.grad = null;
+          return gi;
+        });
+      } finally {
+        for (const l of leaves) l.dispose();
+      }
+    },
+  };
   return out;
 }
 
@@ -637,6 +710,19 @@ export interface MemoryInfo extends NativeMemory {}
  */
 export function memory(): MemoryInfo {
   return native.memory();
+}
+
+/**
+ * Restarts the peak counters of memory() (`cpuPeakBytes`, `cudaPeakBytes`) from the bytes live
+ * now, to measure the peak of one step.
+ *
+ * @example
+ * resetPeakMemory();
+ * tidy(() => causalLmLoss(model.forward(ids), labels).backward());
+ * console.log(memory().cpuPeakBytes);
+ */
+export function resetPeakMemory(): void {
+  native.resetPeakMemory();
 }
 
 /** Frees memory the caching allocators keep for reuse. */

@@ -9,7 +9,7 @@ import * as path from 'node:path';
 import t from 'tap';
 
 import {
-  applyLora, CausalLM, causalLmLoss, datasetLoss, loadCausalLM, loadDataset, LoraError, LoraTypeError, memory, noGrad, SGD,
+  applyLora, CausalLM, MLP, Module, causalLmLoss, datasetLoss, loadCausalLM, loadDataset, LoraError, LoraTypeError, memory, noGrad, SGD,
   StepInfo, tensor, tidy, Tokenizer, loadTokenizer, train,
 } from '../lib/index';
 import { tinyLlama } from './hf_checkpoint';
@@ -215,14 +215,15 @@ t.test('sequences longer than the model\'s positions, and option errors', async 
   await reject(train(m, {} as never, { optimizer: { lr: 1e-3 } }), LoraTypeError, 'ERR_LORA_TYPE', /Expected a Dataset or the splits loadDataset\(\) returns for dataset but received an object/, 'not a dataset');
   await reject(train(m, ok, { optimizer: { lr: 1e-3 }, steps: 1, epochs: 1 }), LoraError, 'ERR_LORA_OPTION', /^Expected steps or epochs for train\(\), not both$/, 'steps and epochs');
   await reject(train(m, ok.train, { optimizer: { lr: 1e-3 }, steps: 1, evalEvery: 1 }), LoraError, 'ERR_LORA_OPTION', /^Expected evalData \(or splits with a valid split\) with evalEvery/, 'evalEvery without valid data');
-  if ('gradientCheckpointing' in m) {
-    let during: unknown;
-    await train(m, ok, { optimizer: { lr: 1e-3 }, steps: 1, progress: 'none', gradientCheckpointing: true, onStep: () => { during = (m as unknown as { gradientCheckpointing: unknown }).gradientCheckpointing; } });
-    t.equal(during, true, 'set during the run');
-  } else {
-    await reject(train(m, ok, { optimizer: { lr: 1e-3 }, steps: 1, gradientCheckpointing: true }), LoraError, 'ERR_LORA_OPTION',
-      /^Expected a model with a gradientCheckpointing property for gradientCheckpointing: true but CausalLM has none$/, 'no gradient checkpointing in this model');
-  }
+  let during: unknown;
+  await train(m, ok, { optimizer: { lr: 1e-3 }, steps: 1, progress: 'none', gradientCheckpointing: true, onStep: () => { during = m.gradientCheckpointing; } });
+  t.equal(during, true, 'gradientCheckpointing set on the model during the run');
+  t.equal(m.gradientCheckpointing, false, 'and restored after it');
+  const mlp = new MLP([1, 1], { seed: 1 });
+  await reject(train({ model: mlp, data: [[0, 1]] as [number, number][], steps: 1, progress: 'none', optimizer: { lr: 0.1 }, gradientCheckpointing: true,
+    loss: (mm: Module, b: [number, number][]) => (mm as MLP).forward(tensor(b.map((p) => p[0]), [b.length, 1])).sum() }), LoraError, 'ERR_LORA_OPTION',
+  /^Expected a model with a gradientCheckpointing property for gradientCheckpointing: true but MLP has none$/, 'a model without gradient checkpointing');
+  mlp.dispose();
   m.dispose();
 });
 

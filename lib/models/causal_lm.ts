@@ -3,7 +3,7 @@
 // so PEFT target_modules work with applyLora unchanged. forward() gives float32 logits with
 // transformers' semantics for attention masks, position ids and a KV cache; generate() lives in
 // generate.ts, loading and saving in loader.ts, the families in llama.ts ... gpt2.ts.
-import { checkOptions, LoraError, rangeError, typeError } from '../errors';
+import { checkOptions, expectBoolean, LoraError, rangeError, typeError } from '../errors';
 import { Module } from '../module';
 import { Linear } from '../nn';
 import { crossEntropy, slice } from '../ops';
@@ -90,6 +90,25 @@ export class CausalLM extends Module {
   readonly prefix: string;
   /** Whether lm_head shares the input embedding table. */
   readonly tied: boolean;
+  /**
+   * Gradient checkpointing (transformers' gradient_checkpointing_enable()): when true, a forward
+   * pass that records gradients keeps only each decoder layer's input and recomputes the layer
+   * during backward(), so activation memory is about one layer's instead of all layers', for
+   * about one more forward pass of time. Gradients and dropout masks are the same as without.
+   * Ignored with a KV cache and when nothing records gradients. Default false.
+   *
+   * @example
+   * model.gradientCheckpointing = true;
+   * tidy(() => causalLmLoss(model.forward(ids), labels).backward());
+   * @throws LoraTypeError when set to anything but a boolean.
+   */
+  get gradientCheckpointing(): boolean {
+    return this.checkpointing;
+  }
+  set gradientCheckpointing(on: boolean) {
+    this.checkpointing = expectBoolean('gradientCheckpointing', on);
+  }
+  private checkpointing = false;
 
   /** @internal made by loadCausalLM() */
   constructor(key: symbol, parts: {
@@ -163,7 +182,10 @@ export class CausalLM extends Module {
       return this.getModule('lm_head')!.forward(h);
     };
     // nothing will run backward through this pass: free every intermediate now
-    const out = isGradEnabled() && this.parameters().length > 0 ? pass() : tidy(pass);
+    const recording = isGradEnabled() && this.parameters().length > 0;
+    ctx.checkpointLayers = recording && !cache && this.checkpointing;
+    ctx.inference = !recording;
+    const out = recording ? pass() : tidy(pass);
     if (cache) {
       const S = ctx.past + T;
       for (let b = 0; b < B; b++)

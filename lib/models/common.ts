@@ -11,7 +11,7 @@ import { native } from '../native';
 import { Module } from '../module';
 import { Linear } from '../nn';
 import { add, attention, embedding, gelu, layerNorm, mul, relu, reshape, rmsNorm, rope, sigmoid, silu, tanh } from '../ops';
-import { checkDevice, contiguousStrides, Device, keep, ones, Tensor, tensor, zeros } from '../tensor';
+import { checkDevice, checkpoint, contiguousStrides, Device, keep, ones, Tensor, tensor, tidy, zeros } from '../tensor';
 
 // ---- config.json fields -------------------------------------------------------------------------
 
@@ -358,6 +358,26 @@ export class ForwardContext {
   /** Keys each query may see: past + T. */
   get keyLength(): number {
     return this.past + this.T;
+  }
+
+  /**
+   * Whether each layer runs through checkpoint() (CausalLM.gradientCheckpointing while gradients
+   * are recorded): its activations are recomputed in the backward pass instead of kept.
+   */
+  checkpointLayers = false;
+  /** Whether nothing will run backward through this pass: each layer's intermediates are freed as it ends. */
+  inference = false;
+
+  /**
+   * Runs one decoder layer on x: through checkpoint() when this pass checkpoints its layers, in
+   * its own tidy() scope in an inference pass (so a pass holds one layer's activations, not all
+   * of them). The pass's padding mask and segment ids are made first, outside either, so that they outlive them.
+   */
+  layer(x: Tensor, window: number | null, run: (h: Tensor) => Tensor): Tensor {
+    if (!this.checkpointLayers && !this.inference) return run(x);
+    this.keyMaskTensor();
+    this.segmentIdsTensor();
+    return this.checkpointLayers ? checkpoint(run, [x]) : tidy(() => run(x));
   }
 
   /** Builds a value once per pass (RoPE tables, masks); tensors made so are freed by dispose(). */

@@ -200,7 +200,9 @@ export class LlamaModel extends Module implements Backbone {
       ctx.own(r.invFreq);
       return r;
     });
-    for (const [, layer] of (child(this, 'layers') as Sequential).namedChildren()) x = (layer as DecoderLayer).run(x, ctx, rope);
+    let i = 0;
+    for (const [, layer] of (child(this, 'layers') as Sequential).namedChildren())
+      x = ctx.layer(x, this.cfg.windows[i++]!, (h) => (layer as DecoderLayer).run(h, ctx, rope));
     return child(this, 'norm').forward(x);
   }
 

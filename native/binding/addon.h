@@ -32,6 +32,8 @@ struct AddonState {
   std::string addon_path;  // the .node file itself
   int64_t live_storages[kDeviceCount] = {0, 0};
   int64_t live_bytes[kDeviceCount] = {0, 0};
+  // the most live_bytes held at once since the addon loaded or resetPeakMemory() (memory().peakBytes)
+  int64_t peak_bytes[kDeviceCount] = {0, 0};
   // Held by every binding call and async op while it uses a backend; recursive because a
   // finalizer may free memory during a call that already holds it.
   std::recursive_mutex mu;

@@ -60,6 +60,7 @@ Block::Block(std::shared_ptr<AddonState> st, lora_backend* b, int32_t dev, size_
     : state(std::move(st)), backend(b), device(dev), bytes(n), ptr(p) {
   state->live_storages[device] += 1;
   state->live_bytes[device] += static_cast<int64_t>(bytes);
+  if (state->live_bytes[device] > state->peak_bytes[device]) state->peak_bytes[device] = state->live_bytes[device];
 }
 
 Block::~Block() {

@@ -37,7 +37,17 @@ Napi::Value Memory(const Napi::CallbackInfo& info) {
   o.Set("cudaTensors", double(st.live_storages[kCuda]));
   o.Set("cudaBytes", double(st.live_bytes[kCuda]));
   o.Set("cudaCachedBytes", double(cached(st.cuda.backend)));
+  o.Set("cpuPeakBytes", double(st.peak_bytes[kCpu]));
+  o.Set("cudaPeakBytes", double(st.peak_bytes[kCuda]));
   return o;
+}
+
+// resetPeakMemory(): the peaks restart from the bytes live now.
+Napi::Value ResetPeakMemory(const Napi::CallbackInfo& info) {
+  AddonState& st = *data_of(info.Env()).state;
+  std::lock_guard<std::recursive_mutex> lock(st.mu);
+  for (int d = 0; d < kDeviceCount; ++d) st.peak_bytes[d] = st.live_bytes[d];
+  return info.Env().Undefined();
 }
 
 Napi::Value ReleaseCached(const Napi::CallbackInfo& info) {
@@ -101,6 +111,7 @@ void register_storage(Registry& r) {
   r.fn("dispose", Dispose, "(s: S): void");
   r.fn("memory", Memory, "(): NativeMemory");
   r.fn("releaseCached", ReleaseCached, "(): void");
+  r.fn("resetPeakMemory", ResetPeakMemory, "(): void");
   r.fn("setNumThreads", SetNumThreads, "(n: number): void");
   r.fn("getNumThreads", GetNumThreads, "(): number");
   r.fn("features", Features, "(): NativeFeatures");

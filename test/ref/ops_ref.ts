@@ -260,6 +260,8 @@ function opsCases(): ParityCase[] {
   for (const [shape, aShape, bShape] of [
     [[1000003], [1000003], [1000003]], [[3, 4, 5], [3, 1, 5], [1, 4, 5]], [[7, 129, 33], [7, 129, 33], [1, 1, 33]],
     [[2, 3, 4, 5, 6], [2, 1, 4, 1, 6], [1, 3, 1, 5, 1]],
+    // a broadcast along the last dim on the left (inner strides 0 and 1), and on both sides
+    [[5, 3, 37], [5, 3, 1], [1, 3, 37]], [[4, 6, 5], [4, 1, 1], [1, 6, 1]],
   ] as const) {
     const bStrides = (s: readonly number[]) => { const c = contiguous(s); return s.map((d, i) => (d === 1 && (shape[i] as number) !== 1 ? 0 : c[i]!)); };
     const a = data(prod(aShape)), b = data(prod(bShape), 1, true);

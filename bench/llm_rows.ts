@@ -1,0 +1,94 @@
+// The model rows of npm run bench: a random SmolLM2-135M-shaped Llama (and, with --full, a
+// Llama-3.2-1B-shaped one) written as a Hugging Face folder and loaded with loadCausalLM, each case
+// (prefill, decode, LoRA training step) in its own child process for ours (bench/llm_child.ts)
+// and for PyTorch (bench/torch_llm.py, transformers' eager arithmetic + PEFT's LoRA) at its best
+// configuration, so that RSS is per case; then the table and the targets of issues 13 and 14.
+import * as path from 'path';
+import { Machine, Tools, baselineEnv, lastJson, run } from './machine';
+import { LLM_CONFIGS, decodeBytes, linearParams, prefillFlops, trainFlops, writeLlamaFolder } from './llm';
+import { LlmResult, LlmRow, boundShare, llmLabel as label } from './targets';
+
+const fmt = (x: number | undefined, d = 1) => (x !== undefined && Number.isFinite(x) ? x.toFixed(d) : '-');
+
+interface Plan { case: LlmRow['case']; config: string; dtype: 'fp32' | 'bf16'; args: Record<string, string>; reps: number; warmup: number }
+
+function plans(quick: boolean, full: boolean): Plan[] {
+  // --quick: one tiny-model row (a smoke check of the whole path, baseline included)
+  if (quick) return [{ case: 'train', config: 'tiny', dtype: 'fp32', args: { gc: '0' }, reps: 3, warmup: 1 }];
+  const out: Plan[] = [];
+  const add = (config: string, dtypes: ('fp32' | 'bf16')[], reps: number) => {
+    for (const d of dtypes) out.push({ case: 'prefill', config, dtype: d, args: {}, reps, warmup: 1 });
+    for (const B of ['1', '8']) for (const d of dtypes) out.push({ case: 'decode', config, dtype: d, args: { B }, reps, warmup: 1 });
+  };
+  add('smol', ['fp32', 'bf16'], 3);
+  for (const d of ['fp32', 'bf16'] as const)
+    for (const gc of ['0', '1']) out.push({ case: 'train', config: 'smol', dtype: d, args: { gc }, reps: 3, warmup: 1 });
+  if (full) {
+    // 1B: bf16 for everything that reads the weights many times; a training step takes minutes
+    add('1b', ['fp32', 'bf16'], 2);
+    for (const gc of ['0', '1']) out.push({ case: 'train', config: '1b', dtype: 'bf16', args: { gc }, reps: 1, warmup: 1 });
+  }
+  return out;
+}
+
+/** The work of a row: FLOPs (prefill, train) or weight bytes per decode step. */
+function workOf(p: Plan): LlmRow['work'] {
+  const c = LLM_CONFIGS[p.config]!;
+  if (p.case === 'prefill') return { flops: prefillFlops(c, 512) };
+  if (p.case === 'train') return { flops: trainFlops(c, 4, 256, 16) };
+  return { bytes: decodeBytes(c, p.dtype === 'bf16' ? 2 : 4) };
+}
+
+export function runLlmRows(o: { quick: boolean; full: boolean; reps?: number; threads: number; tools: Tools; work: string; srcDir: string; log: (s: string) => void }): LlmRow[] {
+  const rows: LlmRow[] = [];
+  const folders = new Map<string, string>();
+  for (const p of plans(o.quick, o.full).map((q) => (o.reps ? { ...q, reps: o.reps } : q))) {
+    let dir = folders.get(p.config);
+    if (!dir) {
+      dir = writeLlamaFolder(path.join(o.work, `llm-${p.config}`), LLM_CONFIGS[p.config]!);
+      folders.set(p.config, dir);
+    }
+    const kv = Object.entries(p.args).map(([k, v]) => `${k}=${v}`);
+    const common = [p.case, p.config, p.dtype, String(o.threads), String(p.reps), String(p.warmup)];
+    const row: LlmRow = { case: p.case, config: p.config, dtype: p.dtype, threads: o.threads, args: p.args, work: workOf(p) };
+    const r = run(process.execPath, [path.join(__dirname, 'llm_child.js'), ...common, dir, ...kv], 1_800_000);
+    row.ours = lastJson(r.out);
+    if (!row.ours) row.error = r.err.slice(-400);
+    if (o.tools.python) {
+      const t = run(o.tools.python, [path.join(o.srcDir, 'torch_llm.py'), ...common, ...kv], 1_800_000, baselineEnv(o.threads, true));
+      row.pytorch = lastJson(t.out);
+      if (!row.pytorch) row.error = `${row.error ?? ''} pytorch: ${t.err.slice(-300)}`;
+    }
+    rows.push(row);
+    const brief = (x?: LlmResult) => (x ? `${x.medianMs.toFixed(0)} ms, ${x.tokensPerS.toFixed(1)} tok/s, RSS ${x.rssAfterLoadMB.toFixed(0)}->${x.peakRssMB.toFixed(0)} MB` : '-');
+    o.log(`llm ${label(row)}: ours ${row.ours ? brief(row.ours) : 'error'}; pytorch ${brief(row.pytorch)}${row.error ? ` ERROR ${row.error}` : ''}\n`);
+  }
+  return rows;
+}
+
+export function llmMarkdown(rows: LlmRow[], m: Machine | undefined, peer: string): string {
+  const lines = [
+    `PyTorch peer: ${peer}. Each case runs in its own process (ours and PyTorch's), so RSS is the case's own. ` +
+    'Bound: prefill and train against the FLOP-bound time at the measured fp32 FMA peak, decode against weight bytes per step / measured read bandwidth (ideal storage: every projection and the head at the row\'s width).',
+    '',
+    '| model | case | W | ours ms | ours tok/s | % of bound | PyTorch ms | PyTorch tok/s | ours/PyTorch | RSS load→peak MB (ours) | (PyTorch) | act. MB ours / PyTorch |',
+    '|---|---|---|---|---|---|---|---|---|---|---|---|',
+  ];
+  for (const r of rows) {
+    const o = r.ours, p = r.pytorch;
+    const share = boundShare(r, m);
+    const act = (x?: LlmResult) => (x ? x.peakRssMB - x.rssAfterLoadMB : undefined);
+    lines.push(`| ${r.config} | ${r.case}${r.args.B ? ` b${r.args.B}` : ''}${r.case === 'train' ? (r.args.gc === '1' ? ' gc' : ' no gc') : ''} | ${r.dtype} | ` +
+      `${o ? fmt(o.medianMs, 0) : r.error ? 'error' : '-'} | ${fmt(o?.tokensPerS)} | ${share !== undefined ? `${fmt(100 * share, 0)}%` : '-'} | ` +
+      `${fmt(p?.medianMs, 0)} | ${fmt(p?.tokensPerS)} | ${o && p ? `${fmt(o.tokensPerS / p.tokensPerS, 2)}x` : '-'} | ` +
+      `${o ? `${fmt(o.rssAfterLoadMB, 0)}→${fmt(o.peakRssMB, 0)}` : '-'} | ${p ? `${fmt(p.rssAfterLoadMB, 0)}→${fmt(p.peakRssMB, 0)}` : '-'} | ` +
+      `${fmt(act(o), 0)} / ${fmt(act(p), 0)} |`);
+  }
+  const c = LLM_CONFIGS.smol!;
+  const lp = linearParams(c);
+  lines.push('', `Work (smol): prefill 512 = 2·${(lp.body / 1e6).toFixed(1)}M·512 + causal attention + one head row = ${fmt(prefillFlops(c, 512) / 1e9)} GFLOP; ` +
+    `train step 4×256 = tokens·(4·(${(lp.body / 1e6).toFixed(1)}M + ${(lp.head / 1e6).toFixed(1)}M head) + 6·r·Σ(in+out) LoRA) + 3·attention = ${fmt(trainFlops(c, 4, 256, 16) / 1e9, 0)} GFLOP ` +
+    '(forward and dx through every projection and the head, attention forward and backward, LoRA r16; no dW of frozen weights, no recomputation); ' +
+    `decode reads ${fmt(decodeBytes(c, 2) / 1e6, 0)} MB of bf16 weights per step (${fmt(decodeBytes(c, 4) / 1e6, 0)} MB fp32).`);
+  return lines.join('\n');
+}
