@@ -1,5 +1,6 @@
-// The CPU elementwise, reduction, copy, softmax and dropout kernels: plain loops split over the
-// thread pool, the scalar formulas from native/backend/elementwise_math.h (shared with CUDA).
+// The CPU elementwise (including the fused gated activation of GLU MLPs), reduction, copy, softmax
+// and dropout kernels: plain loops split over the thread pool, the scalar formulas from
+// native/backend/elementwise_math.h (shared with CUDA).
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -121,6 +122,52 @@ lora_status unary_backward(lora_backend* be, lora_unary_op op, float* dx, const 
   pool.parallel_for(n, kGrain, [&](int64_t s, int64_t e) {
     for (int64_t i = s; i < e; ++i)
       dx[i] = dy[i] * unary_grad(op, x ? x[i] : 0.0f, y ? y[i] : 0.0f);
+  });
+  return LORA_OK;
+}
+
+// Whether gated_act's strides fit its layouts (backend.h): ld >= I, and ld >= 2I when the up
+// half lives in g's rows (u == NULL).
+bool gated_layout_ok(const float* u, int64_t N, int64_t I, int64_t ld) {
+  return N >= 0 && I >= 0 && ld >= I && (u != nullptr || ld >= 2 * I);
+}
+
+lora_status gated_act(lora_backend* be, float* y, const float* g, const float* u, int64_t N,
+                      int64_t I, int64_t ld, lora_unary_op act) {
+  if (!gated_layout_ok(u, N, I, ld)) return LORA_INVALID_ARGUMENT;
+  ThreadPool& pool = cpu_pool(be);
+  const float* up = u ? u : g + I;
+  pool.parallel_for(N, std::max<int64_t>(1, kGrain / std::max<int64_t>(I, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* gr = g + r * ld;
+      const float* ur = up + r * ld;
+      float* yr = y + r * I;
+      for (int64_t j = 0; j < I; ++j) yr[j] = unary_apply(act, gr[j]) * ur[j];
+    }
+  });
+  return LORA_OK;
+}
+
+lora_status gated_act_backward(lora_backend* be, float* dg, float* du, const float* dy,
+                               const float* g, const float* u, int64_t N, int64_t I, int64_t ld,
+                               lora_unary_op act) {
+  if (!gated_layout_ok(u, N, I, ld) || (u == nullptr) != (du == nullptr)) return LORA_INVALID_ARGUMENT;
+  ThreadPool& pool = cpu_pool(be);
+  const float* up = u ? u : g + I;
+  float* dup = du ? du : dg + I;
+  pool.parallel_for(N, std::max<int64_t>(1, kGrain / std::max<int64_t>(I, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* gr = g + r * ld;
+      const float* ur = up + r * ld;
+      const float* d = dy + r * I;
+      float* dgr = dg + r * ld;
+      float* dur = dup + r * ld;
+      for (int64_t j = 0; j < I; ++j) {
+        const float x = gr[j], a = unary_apply(act, x), uj = ur[j];
+        dgr[j] = d[j] * uj * unary_grad(act, x, a);
+        dur[j] = d[j] * a;
+      }
+    }
   });
   return LORA_OK;
 }
@@ -250,6 +297,8 @@ void cpu_register_elementwise(lora_backend& t) {
   t.binary_scalar = binary_scalar;
   t.unary = unary;
   t.unary_backward = unary_backward;
+  t.gated_act = gated_act;
+  t.gated_act_backward = gated_act_backward;
   t.axpy = axpy;
   t.reduce = reduce;
   t.copy_strided = copy_strided;

@@ -5,6 +5,7 @@
 // with one of them.
 //   node dist/test/parity/run.js cuda        (bench/gpu/check.js does this on the GPU machine)
 import { features } from '../../lib/index';
+import { parityCases as gated } from '../ref/gated_act_ref';
 import { parityCases as lora } from '../ref/lora_ref';
 import { parityCases as nn } from '../ref/nn_ops_ref';
 import { parityCases as ops } from '../ref/ops_ref';
@@ -12,7 +13,7 @@ import { parityCases as optim } from '../ref/optim_ref';
 import { Device, ParityCase, runParity } from './suite';
 
 /** Every op's table, general kernels first. */
-export const ALL_CASES: readonly ParityCase[] = [...ops, ...lora, ...optim, ...nn];
+export const ALL_CASES: readonly ParityCase[] = [...ops, ...lora, ...optim, ...nn, ...gated];
 
 export function main(argv: string[] = process.argv.slice(2)): number {
   const device = (argv[0] ?? 'cpu') as Device;
