@@ -1,0 +1,44 @@
+// Argument helpers of the `lora-native` command (lib/cli.ts and the commands in files of their own):
+// strict flag parsing into usage errors, required and numeric flags, and escaping of text from files
+// before it reaches a terminal. Not a command itself.
+import { parseArgs, ParseArgsConfig } from 'node:util';
+
+/** A command-line mistake: printed with the usage line, exit code 2. */
+export class UsageError extends Error {}
+
+// Control characters (C0, DEL, C1), Unicode line separators and bidi overrides as visible escapes:
+// a name or metadata value from a file cannot clear the screen, retitle the terminal, reorder text
+// or start a fake output line.
+// eslint-disable-next-line no-control-regex
+const UNPRINTABLE = /[\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]/g;
+
+/** `s` safe to print on a terminal (see UNPRINTABLE). */
+export function printable(s: string): string {
+  return s.replace(UNPRINTABLE, (c) => {
+    const code = c.charCodeAt(0);
+    return code <= 0xff ? `\\x${code.toString(16).padStart(2, '0')}` : `\\u${code.toString(16).padStart(4, '0')}`;
+  });
+}
+
+export function parse(argv: string[], options: NonNullable<ParseArgsConfig['options']>, positionals = 0) {
+  let r;
+  try {
+    r = parseArgs({ args: argv, options, allowPositionals: positionals > 0, strict: true });
+  } catch (err) {
+    throw new UsageError((err as Error).message);
+  }
+  if (r.positionals.length > positionals) throw new UsageError(`unexpected argument '${r.positionals[positionals]}'`);
+  return r;
+}
+
+export function need(v: unknown, flag: string): string {
+  if (typeof v !== 'string' || v === '') throw new UsageError(`missing ${flag}`);
+  return v;
+}
+
+export function numberArg(v: string, flag: string): number {
+  const n = Number(v);
+  if (v.trim() === '' || !Number.isFinite(n)) throw new UsageError(`${flag} must be a number but is '${v}'`);
+  return n;
+}
+
