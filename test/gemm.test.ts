@@ -254,7 +254,7 @@ if (CHILD) {
   t.test('random GEMMs against float64 with small cache blocks', (t) => {
     for (const blocks of ['24,24,48', '17,5,33']) {
       const r = spawnSync(process.execPath, [...process.execArgv, __filename], {
-        env: { ...process.env, LORA_NATIVE_GEMM_BLOCKS: blocks, LORA_GEMM_TEST_CHILD: '1', LORA_GEMM_TEST_SEED: '11', LORA_GEMM_TEST_CASES: '150' },
+        env: { ...process.env, LORA_NATIVE_GEMM_BLOCKS: blocks, LORA_NATIVE_GEMM_TEST_CHILD: '1', LORA_NATIVE_GEMM_TEST_SEED: '11', LORA_NATIVE_GEMM_TEST_CASES: '150' },
         encoding: 'utf8',
         timeout: 120_000,
       });
