@@ -1,5 +1,6 @@
 // Elementwise CUDA ops: fill, matrix scale, binary (broadcasting lora_layout strides), binary_scalar,
-// unary/unary_backward for every lora_unary_op (the same formulas as the CPU backend), axpy,
+// unary/unary_backward for every lora_unary_op (the same formulas as the CPU backend), the gated
+// activation of GLU MLPs (act(g)·u and its backward in one pass), axpy,
 // copy_strided, dtype conversion and dropout. Grid-stride loops; memory-bound by design, with a
 // contiguous fast path where strides allow. No fusion across ops here.
 #include "common.cuh"
@@ -76,6 +77,35 @@ __global__ void unary_backward_kernel(float* __restrict__ dx,        // (n)
   GRID_STRIDE(i, n) {
     const float xv = x ? x[i] : 0.0f, yv = y ? y[i] : 0.0f;
     dx[i] = dy[i] * unary_grad(op, xv, yv);
+  }
+}
+
+// y = act(g)⊙u; g and u rows ld apart (u == g + I for the halves of one [gate | up] row).
+__global__ void gated_act_kernel(float* __restrict__ y,        // (N, I)
+                                 const float* __restrict__ g,  // (N, ld)
+                                 const float* __restrict__ u,  // (N, ld)
+                                 int64_t N, int64_t I, int64_t ld, lora_unary_op act) {
+  const int64_t n = N * I;
+  GRID_STRIDE(i, n) {
+    const int64_t r = i / I, j = i - r * I;
+    y[i] = unary_apply(act, g[r * ld + j]) * u[r * ld + j];
+  }
+}
+
+// dg = dy⊙u⊙act'(g), du = dy⊙act(g). dg and du may be halves of one row (never the same element),
+// hence no __restrict__ on them.
+__global__ void gated_act_backward_kernel(float* dg,                     // (N, ld)
+                                          float* du,                     // (N, ld)
+                                          const float* __restrict__ dy,  // (N, I)
+                                          const float* __restrict__ g,   // (N, ld)
+                                          const float* __restrict__ u,   // (N, ld)
+                                          int64_t N, int64_t I, int64_t ld, lora_unary_op act) {
+  const int64_t n = N * I;
+  GRID_STRIDE(i, n) {
+    const int64_t r = i / I, k = r * ld + (i - r * I);
+    const float x = g[k], a = unary_apply(act, x), d = dy[i];
+    dg[k] = d * u[k] * unary_grad(act, x, a);
+    du[k] = d * a;
   }
 }
 
@@ -195,6 +225,21 @@ cudaError_t launch_unary_backward(cudaStream_t stream, lora_unary_op op, float* 
   return cudaGetLastError();
 }
 
+cudaError_t launch_gated_act(cudaStream_t stream, float* y, const float* g, const float* u, int64_t N,
+                             int64_t I, int64_t ld, lora_unary_op act) {
+  if (N * I <= 0) return cudaSuccess;
+  launch(gated_act_kernel, grid_for(N * I), kThreads, 0, stream, y, g, u, N, I, ld, act);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_gated_act_backward(cudaStream_t stream, float* dg, float* du, const float* dy,
+                                      const float* g, const float* u, int64_t N, int64_t I, int64_t ld,
+                                      lora_unary_op act) {
+  if (N * I <= 0) return cudaSuccess;
+  launch(gated_act_backward_kernel, grid_for(N * I), kThreads, 0, stream, dg, du, dy, g, u, N, I, ld, act);
+  return cudaGetLastError();
+}
+
 cudaError_t launch_axpy(cudaStream_t stream, float* y, const float* x, float a, int64_t n) {
   if (n <= 0) return cudaSuccess;
   launch(axpy_kernel, grid_for(n), kThreads, 0, stream, y, x, a, n);
@@ -294,6 +339,29 @@ lora_status unary_backward(lora_backend* be, lora_unary_op op, float* dx, const 
   return c.check(launch_unary_backward(c.stream(), op, dx, dy, x, y, n), "unary_backward");
 }
 
+// backend.h's layouts: ld >= I, and ld >= 2I when the up half lives in g's rows (u == NULL).
+bool gated_layout_ok(const float* u, int64_t N, int64_t I, int64_t ld) {
+  return N >= 0 && I >= 0 && ld >= I && (u != nullptr || ld >= 2 * I);
+}
+
+lora_status gated_act(lora_backend* be, float* y, const float* g, const float* u, int64_t N,
+                      int64_t I, int64_t ld, lora_unary_op act) {
+  Context& c = ctx(be);
+  if (c.unusable()) return LORA_UNUSABLE;
+  if (!gated_layout_ok(u, N, I, ld)) return LORA_INVALID_ARGUMENT;
+  return c.check(launch_gated_act(c.stream(), y, g, u ? u : g + I, N, I, ld, act), "gated_act");
+}
+
+lora_status gated_act_backward(lora_backend* be, float* dg, float* du, const float* dy,
+                               const float* g, const float* u, int64_t N, int64_t I, int64_t ld,
+                               lora_unary_op act) {
+  Context& c = ctx(be);
+  if (c.unusable()) return LORA_UNUSABLE;
+  if (!gated_layout_ok(u, N, I, ld) || (u == nullptr) != (du == nullptr)) return LORA_INVALID_ARGUMENT;
+  return c.check(launch_gated_act_backward(c.stream(), dg, du ? du : dg + I, dy, g, u ? u : g + I, N, I, ld, act),
+                 "gated_act_backward");
+}
+
 lora_status axpy(lora_backend* be, float* y, const float* x, float a, int64_t n) {
   Context& c = ctx(be);
   if (c.unusable()) return LORA_UNUSABLE;
@@ -332,6 +400,8 @@ void register_elementwise(lora_backend& t) {
   t.binary_scalar = binary_scalar;
   t.unary = unary;
   t.unary_backward = unary_backward;
+  t.gated_act = gated_act;
+  t.gated_act_backward = gated_act_backward;
   t.axpy = axpy;
   t.copy_strided = copy_strided;
   t.dropout = dropout;

@@ -1,5 +1,5 @@
 // Model-building kernels on CUDA, with the same math as native/cpu/nn_kernels.cc: layer_norm and
-// rms_norm (+ backward, dw/db accumulated by column with atomics), embedding (+ backward with
+// rms_norm with Gemma's weight offset (+ backward, dw/db accumulated by column with atomics), embedding (+ backward with
 // atomics for repeated ids), cross_entropy with label smoothing (+ backward) and RoPE. Row
 // statistics accumulate in double like the CPU. Attention has its own file (attention.cu).
 #include "common.cuh"
@@ -36,7 +36,7 @@ __device__ __forceinline__ float block_max(float v, float* scratch /* [32] */) {
   return m;
 }
 
-// y = (x - μ)·rstd·w + b over each row (rms: y = x·rstd·w), μ and rstd kept.
+// y = (x - μ)·rstd·w + b over each row (rms: y = x·rstd·(offset + w)), μ and rstd kept.
 template <bool RMS>
 __global__ void __launch_bounds__(kNnThreads)
     norm_kernel(float* __restrict__ y,        // (N, C)
@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(kNnThreads)
                 const float* __restrict__ x,  // (N, C)
                 const float* __restrict__ w,  // (C) or nullptr
                 const float* __restrict__ b,  // (C) or nullptr, layer norm only
-                int64_t C, float eps) {
+                int64_t C, float eps, float offset) {
   __shared__ double scratch[32];
   const int64_t r = blockIdx.x;
   const float* xr = x + r * C;
@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(kNnThreads)
   float* yr = y + r * C;
   for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
     float v = RMS ? xr[j] * rs : (xr[j] - m) * rs;
-    if (w) v *= w[j];
+    if (w) v *= offset + w[j];
     if (!RMS && b) v += b[j];
     yr[j] = v;
   }
@@ -76,8 +76,8 @@ __global__ void __launch_bounds__(kNnThreads)
   }
 }
 
-// layer norm: x̂ = (x - μ)·rstd; g = dy⊙w;  dx = rstd·(g - mean(g) - x̂·mean(g⊙x̂))
-// rms norm:   x̂ = x·rstd;       g = dy⊙w;  dx = rstd·(g - x̂·mean(g⊙x̂))
+// layer norm: x̂ = (x - μ)·rstd; g = dy⊙w;           dx = rstd·(g - mean(g) - x̂·mean(g⊙x̂))
+// rms norm:   x̂ = x·rstd;       g = dy⊙(offset + w);  dx = rstd·(g - x̂·mean(g⊙x̂))
 template <bool RMS>
 __global__ void __launch_bounds__(kNnThreads)
     norm_backward_dx_kernel(float* __restrict__ dx,         // (N, C)
@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(kNnThreads)
                             const float* __restrict__ w,    // (C) or nullptr
                             const float* __restrict__ mean, // (N), layer norm only
                             const float* __restrict__ rstd, // (N)
-                            int64_t C) {
+                            int64_t C, float offset) {
   __shared__ double scratch[32];
   const int64_t r = blockIdx.x;
   const float* xr = x + r * C;
@@ -95,7 +95,7 @@ __global__ void __launch_bounds__(kNnThreads)
   double sg = 0.0, sgx = 0.0;
   for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
     const float xh = (xr[j] - m) * rs;
-    const float gj = w ? g[j] * w[j] : g[j];
+    const float gj = w ? g[j] * (offset + w[j]) : g[j];
     sg += gj;
     sgx += static_cast<double>(gj) * xh;
   }
@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(kNnThreads)
   float* d = dx + r * C;
   for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
     const float xh = (xr[j] - m) * rs;
-    const float gj = w ? g[j] * w[j] : g[j];
+    const float gj = w ? g[j] * (offset + w[j]) : g[j];
     d[j] = rs * (gj - mg - xh * mgx);
   }
 }
@@ -228,30 +228,30 @@ __global__ void cross_entropy_backward_kernel(float* __restrict__ dlogits,      
 
 cudaError_t launch_layer_norm(cudaStream_t stream, float* y, float* mean, float* rstd,
                               const float* x, const float* w, const float* b, int64_t N, int64_t C,
-                              float eps, bool rms) {
+                              float eps, bool rms, float offset) {
   if (N <= 0) return cudaSuccess;
   if (N > 0x7fffffff) return cudaErrorInvalidValue;
   if (rms)
     launch(norm_kernel<true>, static_cast<unsigned>(N), kNnThreads, 0, stream, y, nullptr, rstd, x, w,
-                                                                            nullptr, C, eps);
+                                                                            nullptr, C, eps, offset);
   else
     launch(norm_kernel<false>, static_cast<unsigned>(N), kNnThreads, 0, stream, y, mean, rstd, x, w, b,
-                                                                             C, eps);
+                                                                             C, eps, 0.0f);
   return cudaGetLastError();
 }
 
 cudaError_t launch_layer_norm_backward(cudaStream_t stream, float* dx, float* dw, float* db,
                                        const float* dy, const float* x, const float* w,
                                        const float* mean, const float* rstd, int64_t N, int64_t C,
-                                       bool rms) {
+                                       bool rms, float offset) {
   if (N <= 0 || C <= 0) return cudaSuccess;
   if (N > 0x7fffffff) return cudaErrorInvalidValue;
   if (rms)
     launch(norm_backward_dx_kernel<true>, static_cast<unsigned>(N), kNnThreads, 0, stream, dx, dy, x, w,
-                                                                                        nullptr, rstd, C);
+                                                                                        nullptr, rstd, C, offset);
   else
     launch(norm_backward_dx_kernel<false>, static_cast<unsigned>(N), kNnThreads, 0, stream, dx, dy, x, w,
-                                                                                         mean, rstd, C);
+                                                                                         mean, rstd, C, 0.0f);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess || (dw == nullptr && db == nullptr)) return e;
   // dw, db accumulate (atomics), so rows beyond one grid's gridDim.y limit go in further slices.
@@ -403,7 +403,7 @@ lora_status layer_norm(lora_backend* be, float* y, float* mean, float* rstd, con
   Context& c = ctx(be);
   if (c.unusable()) return LORA_UNUSABLE;
   if (N < 0 || C <= 0) return N == 0 ? LORA_OK : LORA_INVALID_ARGUMENT;
-  return c.check(launch_layer_norm(c.stream(), y, mean, rstd, x, w, b, N, C, eps, false), "layer_norm");
+  return c.check(launch_layer_norm(c.stream(), y, mean, rstd, x, w, b, N, C, eps, false, 0.0f), "layer_norm");
 }
 
 lora_status layer_norm_backward(lora_backend* be, float* dx, float* dw, float* db, const float* dy,
@@ -412,25 +412,25 @@ lora_status layer_norm_backward(lora_backend* be, float* dx, float* dw, float* d
   Context& c = ctx(be);
   if (c.unusable()) return LORA_UNUSABLE;
   if (N < 0 || C < 0) return LORA_INVALID_ARGUMENT;
-  return c.check(launch_layer_norm_backward(c.stream(), dx, dw, db, dy, x, w, mean, rstd, N, C, false),
+  return c.check(launch_layer_norm_backward(c.stream(), dx, dw, db, dy, x, w, mean, rstd, N, C, false, 0.0f),
                "layer_norm_backward");
 }
 
 lora_status rms_norm(lora_backend* be, float* y, float* rstd, const float* x, const float* w,
-                     int64_t N, int64_t C, float eps) {
+                     int64_t N, int64_t C, float eps, float offset) {
   Context& c = ctx(be);
   if (c.unusable()) return LORA_UNUSABLE;
   if (N < 0 || C <= 0) return N == 0 ? LORA_OK : LORA_INVALID_ARGUMENT;
-  return c.check(launch_layer_norm(c.stream(), y, nullptr, rstd, x, w, nullptr, N, C, eps, true), "rms_norm");
+  return c.check(launch_layer_norm(c.stream(), y, nullptr, rstd, x, w, nullptr, N, C, eps, true, offset), "rms_norm");
 }
 
 lora_status rms_norm_backward(lora_backend* be, float* dx, float* dw, const float* dy,
                               const float* x, const float* w, const float* rstd, int64_t N,
-                              int64_t C) {
+                              int64_t C, float offset) {
   Context& c = ctx(be);
   if (c.unusable()) return LORA_UNUSABLE;
   if (N < 0 || C < 0) return LORA_INVALID_ARGUMENT;
-  return c.check(launch_layer_norm_backward(c.stream(), dx, dw, nullptr, dy, x, w, nullptr, rstd, N, C, true),
+  return c.check(launch_layer_norm_backward(c.stream(), dx, dw, nullptr, dy, x, w, nullptr, rstd, N, C, true, offset),
                "rms_norm_backward");
 }
 

@@ -31,6 +31,8 @@ export interface Binding {
   binaryScalar(op: number, out: S, a: S, scalar: number, scalarFirst: boolean): void;
   unary(op: number, out: S, input: S): void;
   unaryBackward(op: number, dx: S, dy: S, x: S | null, y: S | null): void;
+  gatedAct(y: S, g: S, u: S | null, N: number, I: number, ld: number, act: number): void;
+  gatedActBackward(dg: S, du: S | null, dy: S, g: S, u: S | null, N: number, I: number, ld: number, act: number): void;
   axpy(y: S, x: S, a: number): void;
   reduce(op: number, out: S, input: S, outer: number, dim: number, inner: number): void;
   softmax(out: S, input: S, rows: number, cols: number, log: boolean): void;
@@ -44,8 +46,8 @@ export interface Binding {
   sgdStep(params: S[], grads: S[], momentumBuffers: S[] | null, lr: number, momentum: number, dampening: number, weightDecay: number, nesterov: boolean, step: number): void;
   layerNorm(y: S, mean: S, rstd: S, x: S, weight: S | null, bias: S | null, N: number, C: number, eps: number): void;
   layerNormBackward(dx: S, dw: S | null, db: S | null, dy: S, x: S, weight: S | null, mean: S, rstd: S, N: number, C: number): void;
-  rmsNorm(y: S, rstd: S, x: S, weight: S | null, N: number, C: number, eps: number): void;
-  rmsNormBackward(dx: S, dw: S | null, dy: S, x: S, weight: S | null, rstd: S, N: number, C: number): void;
+  rmsNorm(y: S, rstd: S, x: S, weight: S | null, N: number, C: number, eps: number, offset: number): void;
+  rmsNormBackward(dx: S, dw: S | null, dy: S, x: S, weight: S | null, rstd: S, N: number, C: number, offset: number): void;
   embedding(out: S, table: S, ids: S, N: number, V: number, C: number): void;
   embeddingBackward(dtable: S, dout: S, ids: S, N: number, V: number, C: number): void;
   crossEntropy(loss: S, lse: S, logits: S, targets: S, N: number, V: number, ignoreIndex: number, labelSmoothing: number): void;

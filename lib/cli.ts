@@ -1,5 +1,5 @@
 // The `lora-native` command: merge an adapter into a base model, inspect files, combine adapters,
-// export them, and fine-tune one (`train`, in cli_train.ts).
+// export them, fine-tune one (`train`, in cli_train.ts) and generate text (cli_generate.ts).
 // Streams tensors one at a time (a model is never held whole), writes atomically, stops cleanly on
 // SIGINT/SIGTERM, prints what files contain with control characters escaped, and reports errors
 // as one line on stderr with a non-zero exit.
@@ -8,10 +8,11 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { ParseArgsConfig } from 'node:util';
 
-import { DTYPE_ARG, need, numberArg, parse, UsageError } from './cli_common';
+import { DTYPE_ARG, need, numberArg, parse, printable, UsageError } from './cli_common';
 import { TRAIN_FLAGS, TRAIN_HELP, trainCommand, TRAIN_USAGE } from './cli_train';
 import { LoraError } from './errors';
 import { ModuleContribution } from './adapted';
+import { GENERATE_FLAGS, GENERATE_USAGE, generateCommand } from './cli_generate';
 import { combineAdapters, Combination } from './combine';
 import { exportGgufAdapter } from './export/gguf';
 import { exportMlxAdapter } from './export/mlx';
@@ -23,6 +24,8 @@ import {
 } from './safetensors';
 import { DType, Tensor, tensor } from './tensor';
 
+export { printable } from './cli_common';
+
 const USAGE = `Usage:
 ${TRAIN_USAGE}
   lora-native merge --base <model.safetensors | dir> --adapter <peft dir> --out <file>
@@ -31,6 +34,9 @@ ${TRAIN_USAGE}
   lora-native combine --adapter <dir> --adapter <dir> [...] --weights w1,w2[,...]
                       --mode linear|cat|svd [--rank k] --out <dir>
   lora-native export --adapter <peft dir> --model <base model dir> --to peft|gguf|mlx|merged --out <path>
+  lora-native generate --model <dir> [--adapter <dir>] (--prompt TEXT | --chat) [--max-tokens n]
+                       [--temperature t] [--top-p p] [--top-k k] [--seed s] [--device cpu|cuda]
+                       [--dtype f32|bf16|f16] [--system-prompt TEXT] [--ignore-chat-template]
   lora-native --help | --version
 
 ${TRAIN_HELP}
@@ -48,7 +54,8 @@ combine  writes a new PEFT adapter folder --out (a new or empty folder) from wei
 export   converts a PEFT adapter for another tool; --model is the base model's folder (its
          config.json gives the architecture and head counts)
   --to             peft (a PEFT folder), gguf (a llama.cpp LoRA file), mlx (an mlx-lm adapter
-                   folder) or merged (a Hugging Face folder with the adapter merged in)`;
+                   folder) or merged (a Hugging Face folder with the adapter merged in)
+${GENERATE_USAGE}`;
 
 // Every flag of every command: --help and README.md list each (test/cli.test.ts checks).
 export const FLAGS = {
@@ -65,6 +72,7 @@ export const FLAGS = {
     adapter: { type: 'string' }, model: { type: 'string' }, to: { type: 'string' }, out: { type: 'string' },
   },
   train: TRAIN_FLAGS,
+  generate: GENERATE_FLAGS,
 } as const satisfies Record<string, NonNullable<ParseArgsConfig['options']>>;
 
 // The API's option names in messages that reach the command line, and the flags that set them.
@@ -80,20 +88,6 @@ function fmtBytes(n: number): string {
   let i = 0;
   while (n >= 1024 && i < u.length - 1) { n /= 1024; i++; }
   return `${i === 0 ? n : n.toFixed(1)} ${u[i]}`;
-}
-
-// Control characters (C0, DEL, C1), Unicode line separators and bidi overrides as visible escapes:
-// a name or metadata value from a file cannot clear the screen, retitle the terminal, reorder text
-// or start a fake output line.
-// eslint-disable-next-line no-control-regex
-const UNPRINTABLE = /[\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]/g;
-
-/** `s` safe to print on a terminal (see UNPRINTABLE). */
-export function printable(s: string): string {
-  return s.replace(UNPRINTABLE, (c) => {
-    const code = c.charCodeAt(0);
-    return code <= 0xff ? `\\x${code.toString(16).padStart(2, '0')}` : `\\u${code.toString(16).padStart(4, '0')}`;
-  });
 }
 
 function table(rows: string[][]): string {
@@ -436,11 +430,13 @@ async function exportAdapter(argv: string[], out: NodeJS.WriteStream, err: NodeJ
 const SIGNALS = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
 
 /**
- * Runs `work` with SIGINT/SIGTERM/SIGHUP turned into an abort: the merge stops at its next chunk,
- * removes its temp file and exits 128 + the signal's number (train stops after its step, writes
- * its adapter and checkpoint, and exits so too). A second signal removes temp files at once and exits.
+ * Runs `work` with SIGINT/SIGTERM/SIGHUP turned into an abort: a merge stops at its next chunk and
+ * removes its temp file, train stops after its step and writes its adapter and checkpoint,
+ * generation stops at its next token; exit 128 + the signal's number. A second signal removes
+ * temp files at once and exits.
  */
-async function interruptible(err: NodeJS.WriteStream, work: (signal: AbortSignal) => Promise<void>): Promise<number> {
+async function interruptible(err: NodeJS.WriteStream, work: (signal: AbortSignal) => Promise<void>,
+  stopped = 'nothing was written and no partial output is left'): Promise<number> {
   const ac = new AbortController();
   let caught: NodeJS.Signals | null = null;
   const exitCode = (sig: NodeJS.Signals) => 128 + (os.constants.signals[sig] ?? 2);
@@ -459,7 +455,7 @@ async function interruptible(err: NodeJS.WriteStream, work: (signal: AbortSignal
   } catch (e) {
     if (!caught) throw e;
     removeTempFiles();
-    err.write(`lora-native: interrupted by ${caught}; nothing was written and no partial output is left\n`);
+    err.write(`lora-native: interrupted by ${caught}; ${stopped}\n`);
     return exitCode(caught);
   } finally {
     for (const s of SIGNALS) process.off(s, onSignal);
@@ -486,6 +482,7 @@ export async function main(argv: string[], out: NodeJS.WriteStream = process.std
       case 'combine': combine(rest, out); return 0;
       case 'export': return await interruptible(err, (signal) => exportAdapter(rest, out, err, signal));
       case 'train': return await interruptible(err, (signal) => trainCommand(rest, out, err, signal));
+      case 'generate': return await interruptible(err, (signal) => generateCommand(rest, out, err, signal), 'generation stopped');
       case '--version': case '-v': {
         // eslint-disable-next-line @typescript-eslint/no-require-imports
         const pkg = JSON.parse(fs.readFileSync(path.join(__dirname, '..', '..', 'package.json'), 'utf8')) as { version: string };

@@ -1,5 +1,6 @@
-// What the `lora-native` commands share: the usage error (exit 2) and the flag helpers over
-// node:util parseArgs. The commands live in cli.ts and cli_train.ts.
+// What the `lora-native` commands share: the usage error (exit 2), the flag helpers over
+// node:util parseArgs, and escaping of text from files before it reaches a terminal. The commands
+// live in cli.ts, cli_train.ts and cli_generate.ts.
 import { parseArgs, ParseArgsConfig } from 'node:util';
 
 import type { DType } from './tensor';
@@ -9,6 +10,20 @@ export class UsageError extends Error {}
 
 /** --dtype values and the dtypes they name. */
 export const DTYPE_ARG: Record<string, DType> = { f32: 'float32', float32: 'float32', bf16: 'bfloat16', bfloat16: 'bfloat16', f16: 'float16', float16: 'float16' };
+
+// Control characters (C0, DEL, C1), Unicode line separators and bidi overrides as visible escapes:
+// a name or metadata value from a file cannot clear the screen, retitle the terminal, reorder text
+// or start a fake output line.
+// eslint-disable-next-line no-control-regex
+const UNPRINTABLE = /[\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]/g;
+
+/** `s` safe to print on a terminal (see UNPRINTABLE). */
+export function printable(s: string): string {
+  return s.replace(UNPRINTABLE, (c) => {
+    const code = c.charCodeAt(0);
+    return code <= 0xff ? `\\x${code.toString(16).padStart(2, '0')}` : `\\u${code.toString(16).padStart(4, '0')}`;
+  });
+}
 
 /** Parses flags strictly (an unknown flag is a UsageError); `--no-x` sets a boolean x to false. */
 export function parse(argv: string[], options: NonNullable<ParseArgsConfig['options']>, positionals = 0) {

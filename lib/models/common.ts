@@ -10,7 +10,7 @@ import { describe, expectInteger, LoraError } from '../errors';
 import { native } from '../native';
 import { Module } from '../module';
 import { Linear } from '../nn';
-import { add, attention, embedding, gelu, layerNorm, mul, relu, reshape, rmsNorm, rope, sigmoid, silu, tanh } from '../ops';
+import { add, attention, embedding, gatedActivation, gelu, layerNorm, mul, relu, reshape, rmsNorm, rope, sigmoid, silu, slice, tanh, UnaryName } from '../ops';
 import { checkDevice, checkpoint, contiguousStrides, Device, keep, ones, Tensor, tensor, tidy, zeros } from '../tensor';
 
 // ---- config.json fields -------------------------------------------------------------------------
@@ -102,11 +102,31 @@ const ACTIVATIONS: Record<string, (x: Tensor) => Tensor> = {
   sigmoid: sigmoid,
 };
 
+/** The ACT2FN names that are one native unary op, so that a GLU MLP can fuse them with the gate. */
+const UNARY_ACTIVATIONS: Record<string, UnaryName> = {
+  silu: 'silu', swish: 'silu', gelu: 'geluErf', gelu_new: 'geluTanh', gelu_pytorch_tanh: 'geluTanh', gelu_fast: 'geluTanh',
+  relu: 'relu', tanh: 'tanh', sigmoid: 'sigmoid',
+};
+
+/** An activation function, with the unary op it is when there is one (null: a composition). */
+export type Activation = ((x: Tensor) => Tensor) & { readonly unary: UnaryName | null };
+
 /** The activation function for a transformers name, or ERR_LORA_UNSUPPORTED naming the known ones. */
-export function activation(cfg: ConfigReader, key: string, name: string): (x: Tensor) => Tensor {
+export function activation(cfg: ConfigReader, key: string, name: string): Activation {
   const fn = Object.prototype.hasOwnProperty.call(ACTIVATIONS, name) ? ACTIVATIONS[name] : undefined;
   if (!fn) throw new LoraError('ERR_LORA_UNSUPPORTED', `Unsupported activation ${JSON.stringify(name)} for '${key}' in ${cfg.file}; supported: ${Object.keys(ACTIVATIONS).join(', ')}`);
-  return fn;
+  return Object.assign((x: Tensor) => fn(x), { unary: UNARY_ACTIVATIONS[name] ?? null });
+}
+
+/**
+ * act(gate)·up of a GLU MLP: one fused kernel (forward and backward) when act is a unary op. With
+ * up null, gate holds [gate | up] halves in its last dim (Phi-3's gate_up_proj), read in place.
+ */
+export function gated(act: Activation, gate: Tensor, up: Tensor | null): Tensor {
+  if (act.unary) return gatedActivation(gate, up, act.unary);
+  if (up) return mul(act(gate), up);
+  const I = gate.shape[gate.ndim - 1]! / 2;
+  return mul(act(slice(gate, -1, 0, I)), slice(gate, -1, I));
 }
 
 // ---- rotary position embeddings -----------------------------------------------------------------
@@ -478,7 +498,7 @@ export class HfEmbedding extends Module {
 
 /**
  * RMSNorm over the last dim with a given weight: x/sqrt(mean(x²) + eps)·w, or ·(1 + w) with
- * offset 1 (Gemma's GemmaRMSNorm).
+ * offset 1 (Gemma's GemmaRMSNorm; the kernel adds the offset, the stored weight stays as loaded).
  */
 export class HfRMSNorm extends Module {
   weight!: Tensor;
@@ -487,7 +507,7 @@ export class HfRMSNorm extends Module {
     this.registerParameter('weight', weight);
   }
   forward(x: Tensor): Tensor {
-    return rmsNorm(x, this.offset ? add(this.weight, this.offset) : this.weight, this.eps);
+    return rmsNorm(x, this.weight, this.eps, this.offset ? { weightOffset: this.offset } : undefined);
   }
 }
 

@@ -9,7 +9,7 @@ import { mul, reshape } from '../ops';
 import { Tensor } from '../tensor';
 import type { Backbone, Family } from './causal_lm';
 import {
-  activation, applyRope, attend, child, ConfigReader, ForwardContext, HfEmbedding, HfRMSNorm, linearFrom, plainContext,
+  Activation, activation, applyRope, attend, child, ConfigReader, ForwardContext, gated, HfEmbedding, HfRMSNorm, linearFrom, plainContext,
   readRope, RopeDefaults, RopeInputs, ropeInputs, RopeSpec, ropeRegime, WeightSource,
 } from './common';
 
@@ -23,7 +23,7 @@ export interface DecoderConfig {
   headDim: number;
   intermediate: number;
   eps: number;
-  act: (x: Tensor) => Tensor;
+  act: Activation;
   rope: RopeSpec;
   tie: boolean;
   /** Biases of q/k/v_proj and of o_proj (Qwen2 has the first, Llama's attention_bias both). */
@@ -111,7 +111,7 @@ export class LlamaAttention extends Module {
   }
 }
 
-/** down_proj(act(gate_proj(x)) · up_proj(x)) (transformers' LlamaMLP). */
+/** down_proj(act(gate_proj(x)) · up_proj(x)) (transformers' LlamaMLP), the gate fused in one kernel. */
 export class LlamaMLP extends Module {
   constructor(readonly cfg: DecoderConfig, w: WeightSource, p: string) {
     super();
@@ -122,8 +122,7 @@ export class LlamaMLP extends Module {
   }
 
   forward(x: Tensor): Tensor {
-    const gated = mul(this.cfg.act(child(this, 'gate_proj').forward(x)), child(this, 'up_proj').forward(x));
-    return child(this, 'down_proj').forward(gated);
+    return child(this, 'down_proj').forward(gated(this.cfg.act, child(this, 'gate_proj').forward(x), child(this, 'up_proj').forward(x)));
   }
 }
 

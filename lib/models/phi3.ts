@@ -5,10 +5,10 @@
 // or 'su'/'yarn' as older Phi-3 configs say, which transformers maps to 'longrope'). Residual
 // dropout is 0 at inference and not applied.
 import { Module } from '../module';
-import { mul, reshape, slice } from '../ops';
+import { reshape, slice } from '../ops';
 import { Tensor } from '../tensor';
 import type { Family } from './causal_lm';
-import { child, linearFrom, WeightSource } from './common';
+import { child, gated, linearFrom, WeightSource } from './common';
 import { DecoderConfig, LayerParts, LlamaAttention, LlamaModel, readDecoder, ROTARY_BUFFER } from './llama';
 
 /** Attention whose q, k and v come from one qkv_proj. */
@@ -42,9 +42,8 @@ class Phi3MLP extends Module {
   }
 
   forward(x: Tensor): Tensor {
-    const gu = child(this, 'gate_up_proj').forward(x);
-    const I = this.cfg.intermediate;
-    return child(this, 'down_proj').forward(mul(slice(gu, -1, I), this.cfg.act(slice(gu, -1, 0, I))));
+    // the two halves of gate_up_proj's output are read in place by the fused kernel
+    return child(this, 'down_proj').forward(gated(this.cfg.act, child(this, 'gate_up_proj').forward(x), null));
   }
 }
 

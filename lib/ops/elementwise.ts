@@ -1,9 +1,9 @@
 // The elementwise ops: arithmetic with NumPy broadcasting (either side may be a number), the unary
-// functions with native kernels and GELU. Each op's backward sits beside its forward: the gradient
+// functions with native kernels, GELU, and the fused gated activation of GLU MLPs. Each op's backward sits beside its forward: the gradient
 // of a broadcast input is summed back to its shape.
-import { checkOptions, expectOneOf, typeError } from '../errors';
+import { checkOptions, expectOneOf, LoraError, typeError } from '../errors';
 import { BINARY_OP, native, UNARY_OP } from '../native';
-import { empty, expectTensor, record, Tensor } from '../tensor';
+import { empty, expectTensor, record, sameShape, shapeString, Tensor } from '../tensor';
 import { floatOnly, rawBinary, rawScalar, sameDevice, sumTo } from './util';
 
 export { broadcastShapes } from './util';
@@ -183,4 +183,52 @@ export function gelu(x: Tensor, options?: GeluOptions): Tensor {
   const o = checkOptions<GeluOptions>('gelu()', options, ['approximate']);
   const approx = o.approximate === undefined ? 'none' : expectOneOf('approximate', o.approximate, ['none', 'tanh'] as const);
   return unary(approx === 'tanh' ? 'geluTanh' : 'geluErf', x);
+}
+
+// ---- gated activation (GLU MLPs) -------------------------------------------------------------
+
+/**
+ * The gated activation of GLU MLPs in one native pass: act(gate)·up elementwise (SwiGLU with
+ * 'silu', GeGLU with 'geluTanh' or 'geluErf'), and its backward in one pass. With up null, gate
+ * is one [..., 2·I] tensor whose last dim holds the gate half then the up half (Phi-3's fused
+ * gate_up_proj output), read in place: no slices are copied. The result is [..., I].
+ *
+ * @example
+ * const h = gatedActivation(gateProj.forward(x), upProj.forward(x), 'silu');   // SwiGLU
+ * const g = gatedActivation(gateUpProj.forward(x), null, 'geluTanh');          // [.., 2I] -> [.., I]
+ * @throws ERR_LORA_SHAPE when gate and up differ in shape, or (up null) gate's last dim is odd;
+ *   ERR_LORA_DTYPE for tensors other than float32; ERR_LORA_DEVICE across devices; LoraTypeError
+ *   for an activation that is not a unary op name.
+ */
+export function gatedActivation(gate: Tensor, up: Tensor | null, activation: UnaryName = 'silu'): Tensor {
+  const act = typeof activation === 'string' && Object.prototype.hasOwnProperty.call(UNARY_OP, activation) ? UNARY_OP[activation] : undefined;
+  if (act === undefined) throw typeError('activation', `one of ${Object.keys(UNARY_OP).join(', ')}`, activation);
+  expectTensor('gate', gate);
+  if (up !== null) {
+    expectTensor('up', up);
+    sameDevice('gatedActivation', gate, up);
+  }
+  floatOnly('gatedActivation', ...(up ? [gate, up] : [gate]));
+  if (gate.ndim < 1) throw new LoraError('ERR_LORA_SHAPE', 'Expected a tensor with at least 1 dim for gatedActivation() but received a scalar');
+  const last = gate.shape[gate.ndim - 1]!;
+  if (up && !sameShape(gate.shape, up.shape))
+    throw new LoraError('ERR_LORA_SHAPE', `Expected gate and up of one shape for gatedActivation() but received ${shapeString(gate.shape)} and ${shapeString(up.shape)}`);
+  if (!up && last % 2 !== 0)
+    throw new LoraError('ERR_LORA_SHAPE', `Expected gate of shape [..., 2·I] (gate half then up half) for gatedActivation() with up null but received ${shapeString(gate.shape)}`);
+  const I = up ? last : last / 2;
+  const N = last === 0 ? 0 : gate.size / last;
+  const out = empty([...gate.shape.slice(0, -1), I], gate.device);
+  if (out.size > 0) native.gatedAct(out._storage, gate._storage, up?._storage ?? null, N, I, last, act);
+  return record(out, {
+    name: 'gatedActivation', inputs: up ? [gate, up] : [gate],
+    backward: (g) => {
+      const dg = empty(gate.shape, gate.device);
+      const du = up ? empty(up.shape, up.device) : null;
+      if (out.size > 0)
+        native.gatedActBackward(dg._storage, du?._storage ?? null, g._storage, gate._live('gate of gatedActivation'),
+          up ? up._live('up of gatedActivation') : null, N, I, last, act);
+      if (!up) return [dg];
+      return [gate.requiresGrad ? dg : (dg.dispose(), null), up.requiresGrad ? du : (du!.dispose(), null)];
+    },
+  });
 }

@@ -52,21 +52,34 @@ export function layerNorm(x: Tensor, weight: Tensor | null = null, bias: Tensor 
   return saveFor(out, mu, rstd);
 }
 
+export interface RmsNormOptions {
+  /**
+   * Added to the weight inside the kernel: y = x/rms(x)·(weightOffset + weight). 1 gives Gemma's
+   * (1 + w) norms without rewriting the stored weight; default 0. Unused when weight is null.
+   */
+  weightOffset?: number;
+}
+
 /**
- * RMS normalisation over the last dim: x / sqrt(mean(x²) + eps)·weight (weight may be null).
- * @example rmsNorm(x, gamma, 1e-6)
+ * RMS normalisation over the last dim: x / sqrt(mean(x²) + eps)·(weightOffset + weight) (weight
+ * may be null: no scale).
+ * @example rmsNorm(x, gamma, 1e-6); rmsNorm(x, gemmaWeight, 1e-6, { weightOffset: 1 })
+ * @throws ERR_LORA_SHAPE when weight is not [C] for x of shape [..., C]; LoraTypeError /
+ *   LoraRangeError for eps or weightOffset.
  */
-export function rmsNorm(x: Tensor, weight: Tensor | null = null, eps = 1e-6): Tensor {
+export function rmsNorm(x: Tensor, weight: Tensor | null = null, eps = 1e-6, options?: RmsNormOptions): Tensor {
+  const o = checkOptions<RmsNormOptions>('rmsNorm()', options, ['weightOffset']);
   expectTensor('x', x);
   floatOnly('rmsNorm', x);
   if (x.ndim < 1) throw new LoraError('ERR_LORA_SHAPE', 'Expected a tensor with at least 1 dim for rmsNorm() but received a scalar');
   const C = x.shape[x.ndim - 1]!;
   checkAffine('rmsNorm', x, weight, 'weight', C);
   expectNumber('eps', eps, 0, Infinity, 'a finite number >= 0');
+  const offset = o.weightOffset === undefined ? 0 : expectNumber('weightOffset', o.weightOffset);
   const N = C === 0 ? 0 : x.size / C;
   const y = empty(x.shape, x.device);
   const rstd = empty([N], x.device);
-  if (y.size > 0) native.rmsNorm(y._storage, rstd._storage, x._storage, weight?._storage ?? null, N, C, eps);
+  if (y.size > 0) native.rmsNorm(y._storage, rstd._storage, x._storage, weight?._storage ?? null, N, C, eps, offset);
   const out = record(y, {
     name: 'rmsNorm', inputs: weight ? [x, weight] : [x],
     backward: (g) => {
@@ -74,7 +87,7 @@ export function rmsNorm(x: Tensor, weight: Tensor | null = null, eps = 1e-6): Te
       const dw = weight && weight.requiresGrad ? zeros([C], { device: x.device }) : null;
       if (dx.size > 0)
         native.rmsNormBackward(dx._storage, dw?._storage ?? null, g._storage, x._live('input of rmsNorm'),
-          weight ? weight._live('weight') : null, rstd._live('saved rstd'), N, C);
+          weight ? weight._live('weight') : null, rstd._live('saved rstd'), N, C, offset);
       return weight ? [x.requiresGrad ? dx : (dx.dispose(), null), dw] : [dx];
     },
   });

@@ -29,7 +29,7 @@
 extern "C" {
 #endif
 
-#define LORA_BACKEND_ABI_VERSION 4
+#define LORA_BACKEND_ABI_VERSION 4  /* 4: attention takes the fused kernel's full problem; rms_norm and its backward take Gemma's weight offset */
 
 typedef enum lora_status {
   LORA_OK = 0,
@@ -66,6 +66,7 @@ typedef enum lora_op {
   LORA_OP_LAYER_NORM_BACKWARD, LORA_OP_RMS_NORM, LORA_OP_RMS_NORM_BACKWARD, LORA_OP_EMBEDDING,
   LORA_OP_EMBEDDING_BACKWARD, LORA_OP_CROSS_ENTROPY, LORA_OP_CROSS_ENTROPY_BACKWARD,
   LORA_OP_ATTENTION, LORA_OP_ATTENTION_BACKWARD, LORA_OP_ROPE, LORA_OP_ROPE_BACKWARD,
+  LORA_OP_GATED_ACT, LORA_OP_GATED_ACT_BACKWARD,
   LORA_OP_COUNT
 } lora_op;
 
@@ -95,7 +96,7 @@ static inline const char* lora_op_name(int32_t op) {
       "binary", "binaryScalar", "unary", "unaryBackward", "axpy", "reduce", "copyStrided",
       "softmax", "softmaxBackward", "dropout", "layerNorm", "layerNormBackward", "rmsNorm",
       "rmsNormBackward", "embedding", "embeddingBackward", "crossEntropy", "crossEntropyBackward",
-      "attention", "attentionBackward", "rope", "ropeBackward"};
+      "attention", "attentionBackward", "rope", "ropeBackward", "gatedAct", "gatedActBackward"};
   return op >= 0 && op < LORA_OP_COUNT ? names[op] : "";
 }
 
@@ -268,14 +269,16 @@ struct lora_backend {
                                      const float* mean,  /* (N) */
                                      const float* rstd,  /* (N) */
                                      int64_t N, int64_t C);
-  /* y = x·rstd·w, rstd = 1/sqrt(mean(x²) + eps) kept for the backward. */
+  /* y = x·rstd·(offset + w), rstd = 1/sqrt(mean(x²) + eps) kept for the backward. offset is 0,
+   * or 1 for Gemma's (1 + w) norms (the weight is read as stored, never rewritten). w NULL: y =
+   * x·rstd (no scale; offset unused). */
   lora_status (*rms_norm)(lora_backend* be,
                           float* y,        /* (N, C) */
                           float* rstd,     /* (N) */
                           const float* x,  /* (N, C) */
-                          const float* w,  /* (C) or NULL (ones) */
-                          int64_t N, int64_t C, float eps);
-  /* x̂ = x·rstd; g = dy⊙w;  dx = rstd·(g - x̂·mean(g⊙x̂));  dw += Σ_rows dy⊙x̂ */
+                          const float* w,  /* (C) or NULL (no scale) */
+                          int64_t N, int64_t C, float eps, float offset);
+  /* x̂ = x·rstd; g = dy⊙(offset + w);  dx = rstd·(g - x̂·mean(g⊙x̂));  dw += Σ_rows dy⊙x̂ */
   lora_status (*rms_norm_backward)(lora_backend* be,
                                    float* dx,          /* (N, C) */
                                    float* dw,          /* (C), += (or NULL) */
@@ -283,7 +286,7 @@ struct lora_backend {
                                    const float* x,     /* (N, C) */
                                    const float* w,     /* (C) or NULL */
                                    const float* rstd,  /* (N) */
-                                   int64_t N, int64_t C);
+                                   int64_t N, int64_t C, float offset);
   /* out[n] = table[ids[n]] */
   lora_status (*embedding)(lora_backend* be,
                            float* out,          /* (N, C) */
@@ -383,6 +386,26 @@ struct lora_backend {
                                const int32_t* positions,  /* (Bt, T) */
                                const float* inv_freq,     /* (R/2) */
                                int64_t Bt, int64_t T, int64_t H, int64_t D, int64_t R, float a);
+
+  /* ---- gated activation (the GLU MLPs: SwiGLU with silu, GeGLU with geluTanh / geluErf) -------- */
+  /* y = act(g)⊙u per element in one pass, act any lora_unary_op. g and u are read with row stride
+   * ld (>= I): two (N, I) tensors with ld = I, or, with u NULL, the two halves of one (N, ld)
+   * tensor whose rows are [gate (I) | up (I) | ...] (Phi-3's gate_up_proj output, ld >= 2I), read
+   * in place. Other strides or a missing u with ld < 2I: LORA_INVALID_ARGUMENT. */
+  lora_status (*gated_act)(lora_backend* be,
+                           float* y,        /* (N, I) */
+                           const float* g,  /* (N, ld): the gate in columns 0..I-1 */
+                           const float* u,  /* (N, ld), or NULL: the up half is g's columns I..2I-1 */
+                           int64_t N, int64_t I, int64_t ld, lora_unary_op act);
+  /* a = act(g);  dg = dy⊙u⊙act'(g);  du = dy⊙a.  dg and du are laid out as g and u (du NULL
+   * exactly when u is: the gradient of the up half goes to dg's columns I..2I-1). */
+  lora_status (*gated_act_backward)(lora_backend* be,
+                                    float* dg,        /* (N, ld) */
+                                    float* du,        /* (N, ld) or NULL */
+                                    const float* dy,  /* (N, I) */
+                                    const float* g,   /* (N, ld) */
+                                    const float* u,   /* (N, ld) or NULL */
+                                    int64_t N, int64_t I, int64_t ld, lora_unary_op act);
 };
 
 /* A library's table must reach at least the end of the memory entries to be used at all. */

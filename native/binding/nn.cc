@@ -17,11 +17,11 @@ void register_nn(Registry& r) {
             tensor("mean", kF32, "N"), tensor("rstd", kF32, "N"), size("N"), size("C")});
   r.kernel("rmsNorm", LORA_OP_RMS_NORM, &lora_backend::rms_norm,
            {tensor("y", kF32, "N*C"), tensor("rstd", kF32, "N"), tensor("x", kF32, "N*C"),
-            optional_tensor("weight", kF32, "C"), size("N"), size("C"), number("eps")});
+            optional_tensor("weight", kF32, "C"), size("N"), size("C"), number("eps"), number("offset")});
   r.kernel("rmsNormBackward", LORA_OP_RMS_NORM_BACKWARD, &lora_backend::rms_norm_backward,
            {tensor("dx", kF32, "N*C"), optional_tensor("dw", kF32, "C"), tensor("dy", kF32, "N*C"),
             tensor("x", kF32, "N*C"), optional_tensor("weight", kF32, "C"), tensor("rstd", kF32, "N"), size("N"),
-            size("C")});
+            size("C"), number("offset")});
 
   const IdsCheck ids{"id", "V"}, targets{"target (or ignoreIndex)", "V"};
   r.kernel("embedding", LORA_OP_EMBEDDING, &lora_backend::embedding,

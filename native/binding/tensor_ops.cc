@@ -105,6 +105,15 @@ void register_tensor_ops(Registry& r) {
   r.kernel("unaryBackward", LORA_OP_UNARY_BACKWARD, &lora_backend::unary_backward,
            {enumeration("op", LORA_UNARY_COUNT), tensor("dx", kF32, "#dy"), tensor("dy", kF32, ""),
             optional_tensor("x", kF32, "#dy"), optional_tensor("y", kF32, "#dy"), numel_of("dy")});
+  // g and u hold N rows ld apart; u null: the up half is columns I..2I-1 of g's rows (the kernel
+  // refuses ld < 2I then, so every read stays inside the N·ld elements checked here)
+  r.kernel("gatedAct", LORA_OP_GATED_ACT, &lora_backend::gated_act,
+           {tensor("y", kF32, "N*I"), tensor("g", kF32, "N*ld"), optional_tensor("u", kF32, "N*ld"), size("N"),
+            size("I"), size("ld"), enumeration("act", LORA_UNARY_COUNT)});
+  r.kernel("gatedActBackward", LORA_OP_GATED_ACT_BACKWARD, &lora_backend::gated_act_backward,
+           {tensor("dg", kF32, "N*ld"), optional_tensor("du", kF32, "N*ld"), tensor("dy", kF32, "N*I"),
+            tensor("g", kF32, "N*ld"), optional_tensor("u", kF32, "N*ld"), size("N"), size("I"), size("ld"),
+            enumeration("act", LORA_UNARY_COUNT)});
   r.kernel("axpy", LORA_OP_AXPY, &lora_backend::axpy,
            {tensor("y", kF32, "#x"), tensor("x", kF32, ""), number("a"), numel_of("x")});
   r.kernel("reduce", LORA_OP_REDUCE, &lora_backend::reduce,

@@ -1,8 +1,10 @@
-// The CPU elementwise, reduction, copy, softmax and dropout kernels: plain loops split over the
-// thread pool, the scalar formulas from native/backend/elementwise_math.h (shared with CUDA).
+// The CPU elementwise (including the fused gated activation of GLU MLPs), reduction, copy, softmax
+// and dropout kernels: plain loops split over the thread pool, the scalar formulas from
+// native/backend/elementwise_math.h (shared with CUDA).
 #include <algorithm>
 #include <type_traits>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "../backend/elementwise_math.h"
@@ -153,6 +155,127 @@ lora_status unary_backward(lora_backend* be, lora_unary_op op, float* dx, const 
   return LORA_OK;
 }
 
+// Whether gated_act's strides fit its layouts (backend.h): ld >= I, and ld >= 2I when the up
+// half lives in g's rows (u == NULL).
+bool gated_layout_ok(const float* u, int64_t N, int64_t I, int64_t ld) {
+  return N >= 0 && I >= 0 && ld >= I && (u != nullptr || ld >= 2 * I);
+}
+
+// The gate rows of SiLU and tanh-GELU, the activations of nearly every GLU model, run vectorised:
+// expf() calls do not vectorise without -ffast-math, so exp is Cephes' expf written as plain
+// arithmetic (range reduction by ln 2 rounding with the 1.5·2^23 trick, a degree-6 polynomial,
+// 2^n from the exponent bits; within 2 ulp of expf, the argument clamped to [-87, 88] where both
+// ends only matter below 1e-37), compiled once per ISA level (target_clones picks at load time).
+// Scalar 26 ns against 4 ns per element measured in /tmp on this machine at load 15.
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__SANITIZE_ADDRESS__)
+#define LORA_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define LORA_VECTOR_CLONES
+#endif
+
+inline float exp_vec(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float t = x * 1.44269504088896341f + 12582912.0f;  // n = round(x/ln 2) in t's low bits
+  const float n = t - 12582912.0f;
+  int32_t tb;
+  std::memcpy(&tb, &t, 4);
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n·ln 2 in two parts
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (tb - 0x4B400000 + 127) * (1 << 23);  // 2^n
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+// tanh-GELU as x·σ(2z), z = √(2/π)(x + 0.044715x³), since 0.5(1 + tanh z) = σ(2z): no 1 + tanh(z)
+// cancellation for negative z, and its derivative σ + 2x·σ(1-σ)·dz/dx with 1-σ = e^{-2z}σ exact too.
+// y = act(g)·u over one row, for act SiLU (gelu false) or tanh-GELU.
+LORA_VECTOR_CLONES void gated_row(float* __restrict y, const float* __restrict g, const float* __restrict u, int64_t I, bool gelu) {
+  if (gelu)
+    for (int64_t j = 0; j < I; ++j) {
+      const float x = g[j];
+      y[j] = x / (1.0f + exp_vec(-2.0f * kSqrt2OverPi * (x + kGeluCoef * x * x * x))) * u[j];
+    }
+  else
+    for (int64_t j = 0; j < I; ++j) y[j] = g[j] / (1.0f + exp_vec(-g[j])) * u[j];
+}
+
+// dg = dy·u·act'(g), du = dy·act(g) over one row (dg and du never overlap: separate tensors, or
+// the two halves of one row).
+LORA_VECTOR_CLONES void gated_row_backward(float* __restrict dg, float* __restrict du, const float* __restrict dy,
+                                           const float* __restrict g, const float* __restrict u, int64_t I, bool gelu) {
+  if (gelu)
+    for (int64_t j = 0; j < I; ++j) {
+      const float x = g[j];
+      const float em = exp_vec(-2.0f * kSqrt2OverPi * (x + kGeluCoef * x * x * x));
+      const float sg = 1.0f / (1.0f + em), rest = em * sg;  // σ(2z) and 1 - σ(2z)
+      const float da = sg + 2.0f * x * sg * rest * kSqrt2OverPi * (1.0f + 3.0f * kGeluCoef * x * x);
+      dg[j] = dy[j] * u[j] * da;
+      du[j] = dy[j] * x * sg;
+    }
+  else
+    for (int64_t j = 0; j < I; ++j) {
+      const float x = g[j];
+      const float sg = 1.0f / (1.0f + exp_vec(-x));
+      dg[j] = dy[j] * u[j] * sg * (1.0f + x * (1.0f - sg));
+      du[j] = dy[j] * x * sg;
+    }
+}
+
+lora_status gated_act(lora_backend* be, float* y, const float* g, const float* u, int64_t N,
+                      int64_t I, int64_t ld, lora_unary_op act) {
+  if (!gated_layout_ok(u, N, I, ld)) return LORA_INVALID_ARGUMENT;
+  ThreadPool& pool = cpu_pool(be);
+  const float* up = u ? u : g + I;
+  const bool vec = act == LORA_UNARY_SILU || act == LORA_UNARY_GELU_TANH;
+  pool.parallel_for(N, std::max<int64_t>(1, kGrain / std::max<int64_t>(I, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* gr = g + r * ld;
+      const float* ur = up + r * ld;
+      float* yr = y + r * I;
+      if (vec) gated_row(yr, gr, ur, I, act == LORA_UNARY_GELU_TANH);
+      else
+        for (int64_t j = 0; j < I; ++j) yr[j] = unary_apply(act, gr[j]) * ur[j];
+    }
+  });
+  return LORA_OK;
+}
+
+lora_status gated_act_backward(lora_backend* be, float* dg, float* du, const float* dy,
+                               const float* g, const float* u, int64_t N, int64_t I, int64_t ld,
+                               lora_unary_op act) {
+  if (!gated_layout_ok(u, N, I, ld) || (u == nullptr) != (du == nullptr)) return LORA_INVALID_ARGUMENT;
+  ThreadPool& pool = cpu_pool(be);
+  const float* up = u ? u : g + I;
+  float* dup = du ? du : dg + I;
+  const bool vec = act == LORA_UNARY_SILU || act == LORA_UNARY_GELU_TANH;
+  pool.parallel_for(N, std::max<int64_t>(1, kGrain / std::max<int64_t>(I, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* gr = g + r * ld;
+      const float* ur = up + r * ld;
+      const float* d = dy + r * I;
+      float* dgr = dg + r * ld;
+      float* dur = dup + r * ld;
+      if (vec) {
+        gated_row_backward(dgr, dur, d, gr, ur, I, act == LORA_UNARY_GELU_TANH);
+        continue;
+      }
+      for (int64_t j = 0; j < I; ++j) {
+        const float x = gr[j], a = unary_apply(act, x), uj = ur[j];
+        dgr[j] = d[j] * uj * unary_grad(act, x, a);
+        dur[j] = d[j] * a;
+      }
+    }
+  });
+  return LORA_OK;
+}
+
 lora_status axpy(lora_backend* be, float* y, const float* x, float a, int64_t n) {
   ThreadPool& pool = cpu_pool(be);
   pool.parallel_for(n, kGrain, [&](int64_t s, int64_t e) {
@@ -278,6 +401,8 @@ void cpu_register_elementwise(lora_backend& t) {
   t.binary_scalar = binary_scalar;
   t.unary = unary;
   t.unary_backward = unary_backward;
+  t.gated_act = gated_act;
+  t.gated_act_backward = gated_act_backward;
   t.axpy = axpy;
   t.reduce = reduce;
   t.copy_strided = copy_strided;

@@ -109,7 +109,7 @@ lora_status layer_norm_backward(lora_backend* be, float* dx, float* dw, float* d
 }
 
 lora_status rms_norm(lora_backend* be, float* y, float* rstd, const float* x, const float* w,
-                     int64_t N, int64_t C, float eps) {
+                     int64_t N, int64_t C, float eps, float offset) {
   ThreadPool& pool = cpu_pool(be);
   pool.parallel_for(N, row_grain(C), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -118,7 +118,7 @@ lora_status rms_norm(lora_backend* be, float* y, float* rstd, const float* x, co
       for (int64_t j = 0; j < C; ++j) ss += double(xr[j]) * xr[j];
       const float rs = static_cast<float>(1.0 / std::sqrt(ss / double(C) + double(eps)));
       float* yr = y + r * C;
-      for (int64_t j = 0; j < C; ++j) yr[j] = w ? xr[j] * rs * w[j] : xr[j] * rs;
+      for (int64_t j = 0; j < C; ++j) yr[j] = w ? xr[j] * rs * (offset + w[j]) : xr[j] * rs;
       rstd[r] = rs;
     }
   });
@@ -127,7 +127,7 @@ lora_status rms_norm(lora_backend* be, float* y, float* rstd, const float* x, co
 
 lora_status rms_norm_backward(lora_backend* be, float* dx, float* dw, const float* dy,
                               const float* x, const float* w, const float* rstd, int64_t N,
-                              int64_t C) {
+                              int64_t C, float offset) {
   ThreadPool& pool = cpu_pool(be);
   float* acc[1] = {dw};
   rows_with_partials(pool, N, C, 1, acc, [&](int64_t r0, int64_t r1, std::vector<double>* part) {
@@ -139,14 +139,14 @@ lora_status rms_norm_backward(lora_backend* be, float* dx, float* dw, const floa
       double sgx = 0.0;
       for (int64_t j = 0; j < C; ++j) {
         const float xh = xr[j] * rs;
-        const float gj = w ? g[j] * w[j] : g[j];
+        const float gj = w ? g[j] * (offset + w[j]) : g[j];
         sgx += double(gj) * xh;
         pw[j] += double(g[j]) * xh;
       }
       const float mgx = static_cast<float>(sgx / double(C));
       float* d = dx + r * C;
       for (int64_t j = 0; j < C; ++j) {
-        const float gj = w ? g[j] * w[j] : g[j];
+        const float gj = w ? g[j] * (offset + w[j]) : g[j];
         d[j] = rs * (gj - xr[j] * rs * mgx);
       }
     }

@@ -221,28 +221,29 @@ export function layerNormBackwardRef(x: F64, w: F64 | null, N: number, C: number
   return { dx, dw, db };
 }
 
-export function rmsNormRef(x: F64, w: F64 | null, N: number, C: number, eps: number): F64 {
+/** y = x·rstd·(offset + w) (w null: y = x·rstd); offset 1 is Gemma's (1 + w) */
+export function rmsNormRef(x: F64, w: F64 | null, N: number, C: number, eps: number, offset = 0): F64 {
   const y = new Float64Array(x.length);
   for (let r = 0; r < N; r++) {
     const row = x.subarray(r * C, (r + 1) * C);
     const rstd = 1 / Math.sqrt(row.reduce((a, v) => a + v * v, 0) / C + eps);
-    for (let j = 0; j < C; j++) y[r * C + j] = row[j]! * rstd * (w ? w[j]! : 1);
+    for (let j = 0; j < C; j++) y[r * C + j] = row[j]! * rstd * (w ? offset + w[j]! : 1);
   }
   return y;
 }
 
-/** x̂ = x·rstd, g = G⊙w: dx = rstd·(g - x̂·mean(g⊙x̂)); dw = Σ G⊙x̂ */
-export function rmsNormBackwardRef(x: F64, w: F64 | null, N: number, C: number, eps: number, G: F64): { dx: F64; dw: F64 } {
+/** x̂ = x·rstd, g = G⊙(offset + w): dx = rstd·(g - x̂·mean(g⊙x̂)); dw = Σ G⊙x̂ */
+export function rmsNormBackwardRef(x: F64, w: F64 | null, N: number, C: number, eps: number, G: F64, offset = 0): { dx: F64; dw: F64 } {
   const dx = new Float64Array(x.length), dw = new Float64Array(C);
   for (let r = 0; r < N; r++) {
     const row = x.subarray(r * C, (r + 1) * C);
     const rstd = 1 / Math.sqrt(row.reduce((a, v) => a + v * v, 0) / C + eps);
     let mgx = 0;
     for (let j = 0; j < C; j++) {
-      mgx += (G[r * C + j]! * (w ? w[j]! : 1) * row[j]! * rstd) / C;
+      mgx += (G[r * C + j]! * (w ? offset + w[j]! : 1) * row[j]! * rstd) / C;
       dw[j] += G[r * C + j]! * row[j]! * rstd;
     }
-    for (let j = 0; j < C; j++) dx[r * C + j] = rstd * (G[r * C + j]! * (w ? w[j]! : 1) - row[j]! * rstd * mgx);
+    for (let j = 0; j < C; j++) dx[r * C + j] = rstd * (G[r * C + j]! * (w ? offset + w[j]! : 1) - row[j]! * rstd * mgx);
   }
   return { dx, dw };
 }
@@ -402,24 +403,27 @@ function nnCases(): ParityCase[] {
           };
         },
       });
-      cases.push({
-        name: `rmsNorm ${tag}`, build: () => ({
-          inputs: { x: { data: x }, ...aff }, outputs: { y: N * C, rstd: N },
-          calls: [['rmsNorm', '$y', '$rstd', '$x', affine ? '$w' : null, N, C, 1e-6]],
-          expect: { y: rmsNormRef(x, wt, N, C, 1e-6), rstd: rowStats(x, N, C, 1e-6, true).rstd }, tol: NN_TOL,
-        }),
-      });
-      cases.push({
-        name: `rmsNormBackward ${tag}`, build: () => {
-          const g = rmsNormBackwardRef(x, wt, N, C, 1e-6, dy);
-          return {
-            inputs: { x: { data: x }, dy: { data: dy }, rstd: { data: rowStats(x, N, C, 1e-6, true).rstd }, ...aff },
-            outputs: { dx: N * C, dw: dw0 },
-            calls: [['rmsNormBackward', '$dx', '$dw', '$dy', '$x', affine ? '$w' : null, '$rstd', N, C]],
-            expect: { dx: g.dx, dw: g.dw.map((v, i) => v + dw0[i]!) }, tol: NN_TOL,
-          };
-        },
-      });
+      for (const offset of affine ? [0, 1] : [0]) {
+        const otag = offset ? `${tag} offset ${offset}` : tag;
+        cases.push({
+          name: `rmsNorm ${otag}`, build: () => ({
+            inputs: { x: { data: x }, ...aff }, outputs: { y: N * C, rstd: N },
+            calls: [['rmsNorm', '$y', '$rstd', '$x', affine ? '$w' : null, N, C, 1e-6, offset]],
+            expect: { y: rmsNormRef(x, wt, N, C, 1e-6, offset), rstd: rowStats(x, N, C, 1e-6, true).rstd }, tol: NN_TOL,
+          }),
+        });
+        cases.push({
+          name: `rmsNormBackward ${otag}`, build: () => {
+            const g = rmsNormBackwardRef(x, wt, N, C, 1e-6, dy, offset);
+            return {
+              inputs: { x: { data: x }, dy: { data: dy }, rstd: { data: rowStats(x, N, C, 1e-6, true).rstd }, ...aff },
+              outputs: { dx: N * C, dw: dw0 },
+              calls: [['rmsNormBackward', '$dx', '$dw', '$dy', '$x', affine ? '$w' : null, '$rstd', N, C, offset]],
+              expect: { dx: g.dx, dw: g.dw.map((v, i) => v + dw0[i]!) }, tol: NN_TOL,
+            };
+          },
+        });
+      }
     }
   }
   {
