@@ -2,7 +2,9 @@
 // Builds the optional CUDA backend (cuda/ -> liblora_cuda.so) after the CPU addon, during
 // `npm install`/`npm ci`, and puts it beside the .node file the addon loads. Without nvcc (or
 // cmake) it prints one line saying why the CUDA backend was skipped and exits 0. It never
-// downloads anything. A compile error exits 1 (CI must see it); LORA_NATIVE_SKIP_CUDA=1 skips.
+// downloads anything. A compile error exits 1 (CI must see it) in a checkout; in an installed
+// package whose CPU addon is a prebuild it is a warning (the install succeeds with the CPU
+// backend); LORA_NATIVE_SKIP_CUDA=1 skips.
 //
 // Architectures: by default only those of the GPUs present (nvidia-smi), or with no GPU one small
 // default (sm_90 SASS + compute_80 PTX that the driver JIT-compiles for any other GPU from sm_80
@@ -20,6 +22,7 @@
 'use strict';
 
 const fs = require('fs');
+const os = require('os');
 const path = require('path');
 const { spawnSync } = require('child_process');
 
@@ -192,8 +195,10 @@ function main() {
     say(`CUDA backend skipped: only built on linux-x64 (this is ${process.platform}-${process.arch}).`);
     return 0;
   }
+  // an installed package: node-gyp-build found the prebuilt addon, so nothing was built here
+  const packaged = fs.existsSync(path.join(root, 'prebuilds', 'linux-x64')) && !fs.existsSync(path.join(root, 'build'));
   const prebuilt = path.join(root, 'prebuilds', 'linux-x64', 'liblora_cuda.so');
-  if (fs.existsSync(prebuilt) && !fs.existsSync(path.join(root, 'build')) && !process.argv.includes('--print-archs')) return 0;  // packaged
+  if (packaged && fs.existsSync(prebuilt) && !process.argv.includes('--print-archs')) return 0;
 
   const printOnly = process.argv.includes('--print-archs');
   const nvcc = findNvcc();
@@ -207,7 +212,8 @@ function main() {
     return 0;
   }
   const ninja = onPath('ninja');
-  const buildDir = path.join(root, 'build', 'cuda');
+  // an installed package builds outside itself (its folder keeps no build tree; the log stays in tmp)
+  const buildDir = packaged && !printOnly ? fs.mkdtempSync(path.join(os.tmpdir(), 'lora-native-cuda-')) : path.join(root, 'build', 'cuda');
   const jobs = jobCount();
   const configure = ['-S', path.join(root, 'cuda'), '-B', buildDir,
     '-G', ninja ? 'Ninja' : 'Unix Makefiles',
@@ -231,6 +237,11 @@ function main() {
   const started = Date.now();
   say(`building the CUDA backend with ${nvcc} (${jobs} jobs; a minute or more) for ${choice.why}...`);
   if (!cmakeBuild(cmake, 'CUDA backend', configure, buildDir, jobs)) {
+    if (packaged) {
+      // the prebuilt CPU addon works: a CUDA toolchain that cannot build must not fail the install
+      say('the CPU backend is ready; installed without the CUDA backend (set LORA_NATIVE_SKIP_CUDA=1 to skip this attempt).');
+      return 0;
+    }
     say('Set LORA_NATIVE_SKIP_CUDA=1 to install without the CUDA backend.');
     return 1;
   }
@@ -240,6 +251,7 @@ function main() {
   const dest = path.join(destDir, 'liblora_cuda.so');
   fs.copyFileSync(built, `${dest}.tmp`);  // then rename: a running process may have dest mapped
   fs.renameSync(`${dest}.tmp`, dest);
+  if (packaged) fs.rmSync(buildDir, { recursive: true, force: true });
   // which architectures the library carries, for scripts/prebuilds.js (prebuilds should carry all)
   fs.writeFileSync(path.join(destDir, 'liblora_cuda.archs'), `${choice.archs ? choice.archs.join(';') : 'all'}\n`);
   say(`CUDA backend built in ${((Date.now() - started) / 1000).toFixed(0)} s: ${path.relative(root, dest)}`);
