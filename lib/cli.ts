@@ -1,12 +1,15 @@
-// The `lora-native` command: merge an adapter into a base model, inspect files, combine adapters.
+// The `lora-native` command: merge an adapter into a base model, inspect files, combine adapters,
+// export them, and fine-tune one (`train`, in cli_train.ts).
 // Streams tensors one at a time (a model is never held whole), writes atomically, stops cleanly on
 // SIGINT/SIGTERM, prints what files contain with control characters escaped, and reports errors
-// as one line on stderr with a non-zero exit. Not a training front end.
+// as one line on stderr with a non-zero exit.
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { parseArgs, ParseArgsConfig } from 'node:util';
+import { ParseArgsConfig } from 'node:util';
 
+import { DTYPE_ARG, need, numberArg, parse, UsageError } from './cli_common';
+import { TRAIN_FLAGS, TRAIN_HELP, trainCommand, TRAIN_USAGE } from './cli_train';
 import { LoraError } from './errors';
 import { ModuleContribution } from './adapted';
 import { combineAdapters, Combination } from './combine';
@@ -20,9 +23,8 @@ import {
 } from './safetensors';
 import { DType, Tensor, tensor } from './tensor';
 
-class UsageError extends Error {}
-
 const USAGE = `Usage:
+${TRAIN_USAGE}
   lora-native merge --base <model.safetensors | dir> --adapter <peft dir> --out <file>
                     [--scale k] [--dtype f32|bf16|f16] [--unsafe] [--probe-rows n]
   lora-native inspect <file | dir>
@@ -31,6 +33,7 @@ const USAGE = `Usage:
   lora-native export --adapter <peft dir> --model <base model dir> --to peft|gguf|mlx|merged --out <path>
   lora-native --help | --version
 
+${TRAIN_HELP}
 merge    merges the adapter into every tensor it adapts and writes all tensors to --out (its
          folder is created; the base's config.json and tokenizer files are copied beside it)
   --scale k        multiply the adapter's scaling by k (default 1)
@@ -61,16 +64,16 @@ export const FLAGS = {
   export: {
     adapter: { type: 'string' }, model: { type: 'string' }, to: { type: 'string' }, out: { type: 'string' },
   },
+  train: TRAIN_FLAGS,
 } as const satisfies Record<string, NonNullable<ParseArgsConfig['options']>>;
 
 // The API's option names in messages that reach the command line, and the flags that set them.
-const API_TO_FLAG: [RegExp, string][] = [[/\bsafeMerge: false\b/g, '--unsafe'], [/\bsvdRank\b/g, '--rank'], [/\bprobeRows\b/g, '--probe-rows']];
+const API_TO_FLAG: [RegExp, string][] = [[/\bsafeMerge: false\b/g, '--unsafe'], [/\bsvdRank\b/g, '--rank'], [/\bprobeRows\b/g, '--probe-rows'],
+  [/\bmaxSeqLength\b/g, '--max-seq-len'], [/\btargetModules\b/g, '--target']];
 
 // Files of a Hugging Face model folder that describe the model rather than hold its weights: the
 // merged file needs them beside it to load as a model. A sharded index would be wrong for it.
 const MODEL_FILES = /^(config\.json|generation_config\.json|tokenizer(_config)?\.json|special_tokens_map\.json|added_tokens\.json|tokenizer\.model|vocab\.(json|txt)|merges\.txt|chat_template\.(json|jinja)|preprocessor_config\.json|.*\.tiktoken)$/;
-
-const DTYPE_ARG: Record<string, DType> = { f32: 'float32', float32: 'float32', bf16: 'bfloat16', bfloat16: 'bfloat16', f16: 'float16', float16: 'float16' };
 
 function fmtBytes(n: number): string {
   const u = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
@@ -114,28 +117,6 @@ class Progress {
       this.err.write(`${label} (${done}/${this.total})\n`);
     }
   }
-}
-
-function parse(argv: string[], options: NonNullable<ParseArgsConfig['options']>, positionals = 0) {
-  let r;
-  try {
-    r = parseArgs({ args: argv, options, allowPositionals: positionals > 0, strict: true });
-  } catch (err) {
-    throw new UsageError((err as Error).message);
-  }
-  if (r.positionals.length > positionals) throw new UsageError(`unexpected argument '${r.positionals[positionals]}'`);
-  return r;
-}
-
-function need(v: unknown, flag: string): string {
-  if (typeof v !== 'string' || v === '') throw new UsageError(`missing ${flag}`);
-  return v;
-}
-
-function numberArg(v: string, flag: string): number {
-  const n = Number(v);
-  if (v.trim() === '' || !Number.isFinite(n)) throw new UsageError(`${flag} must be a number but is '${v}'`);
-  return n;
 }
 
 // ---- merge ------------------------------------------------------------------------------------
@@ -456,8 +437,8 @@ const SIGNALS = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
 
 /**
  * Runs `work` with SIGINT/SIGTERM/SIGHUP turned into an abort: the merge stops at its next chunk,
- * removes its temp file and exits 128 + the signal's number. A second signal removes temp files
- * at once and exits.
+ * removes its temp file and exits 128 + the signal's number (train stops after its step, writes
+ * its adapter and checkpoint, and exits so too). A second signal removes temp files at once and exits.
  */
 async function interruptible(err: NodeJS.WriteStream, work: (signal: AbortSignal) => Promise<void>): Promise<number> {
   const ac = new AbortController();
@@ -474,7 +455,7 @@ async function interruptible(err: NodeJS.WriteStream, work: (signal: AbortSignal
   for (const s of SIGNALS) process.on(s, onSignal);
   try {
     await work(ac.signal);
-    return 0;
+    return caught ? exitCode(caught) : 0;
   } catch (e) {
     if (!caught) throw e;
     removeTempFiles();
@@ -504,6 +485,7 @@ export async function main(argv: string[], out: NodeJS.WriteStream = process.std
       case 'inspect': inspect(rest, out); return 0;
       case 'combine': combine(rest, out); return 0;
       case 'export': return await interruptible(err, (signal) => exportAdapter(rest, out, err, signal));
+      case 'train': return await interruptible(err, (signal) => trainCommand(rest, out, err, signal));
       case '--version': case '-v': {
         // eslint-disable-next-line @typescript-eslint/no-require-imports
         const pkg = JSON.parse(fs.readFileSync(path.join(__dirname, '..', '..', 'package.json'), 'utf8')) as { version: string };

@@ -35,7 +35,8 @@ export interface LoadDatasetOptions {
 }
 
 /**
- * One batch, row-major typed arrays of shape [B, T] (`shape`), ready for `tensor(data, shape, { dtype: 'int32' })`.
+ * One batch, row-major typed arrays of shape [B, T] (`shape`); {@link datasetLoss} runs a CausalLM on it
+ * (or make tensors with `tensor(Float32Array.from(b.inputIds), b.shape, { dtype: 'int32' })`).
  * - `inputIds`: token ids, padded on the right with the pad id (the tokenizer's pad, else EOS, else 0).
  * - `labels`: the ids the loss predicts at each position, -100 where it does not count (prompts,
  *   padding); the model shifts them by one as Hugging Face models do (logits at t predict labels[t+1]).
@@ -111,6 +112,8 @@ export class Dataset {
   private readonly ids: Int32Array;
   private readonly mask: Uint8Array;
   private readonly offsets: Float64Array;
+  // the last epoch's plan, so batch() reads batch after batch without re-planning the epoch
+  private planCache: { key: string; plan: number[][] } | null = null;
 
   /** @internal built by loadDataset. */
   constructor(init: {
@@ -187,6 +190,14 @@ export class Dataset {
    * windows of 1024 rows into sequences of at most maxSeqLength tokens, whose order is shuffled.
    */
   private plan(o: Required<BatchOptions>): number[][] {
+    const key = `${o.epoch}/${o.shuffle}`;
+    if (this.planCache?.key === key) return this.planCache.plan;
+    const plan = this.makePlan(o);
+    this.planCache = { key, plan };
+    return plan;
+  }
+
+  private makePlan(o: Required<BatchOptions>): number[][] {
     const order = Array.from({ length: this.numRows }, (_, i) => i);
     const rng = new Rng(this.seed + o.epoch);
     const shuffle = <T>(a: T[]) => {
@@ -229,7 +240,7 @@ export class Dataset {
    * The batches of one epoch, built one at a time (see {@link Batch} for the layout).
    * @example
    * for (const b of ds.batches({ batchSize: 4, epoch: 0 })) {
-   *   const ids = tensor(b.inputIds, b.shape, { dtype: 'int32' });
+   *   const loss = datasetLoss(model, b); // or tensor(Float32Array.from(b.inputIds), b.shape, { dtype: 'int32' })
    *   ...
    * }
    * @throws LoraTypeError / LoraRangeError for bad options.
@@ -239,6 +250,21 @@ export class Dataset {
     const seqs = this.plan(o);
     const end = o.dropLast ? seqs.length - (seqs.length % o.batchSize) : seqs.length;
     for (let s = 0; s < end; s += o.batchSize) yield this.makeBatch(seqs.slice(s, s + o.batchSize), o.padToMultipleOf);
+  }
+
+  /**
+   * Batch `index` of an epoch, the same batch batches() yields at that place (train() reads
+   * batches so, by index, which makes a resumed run read exactly what the first run would have).
+   * @example const b = ds.batch(3, { batchSize: 4, epoch: 1 });
+   * @throws LoraRangeError for an index at or past numBatches(options); LoraTypeError / LoraRangeError for bad options.
+   */
+  batch(index: number, options: BatchOptions): Batch {
+    const o = this.checkBatchOptions(options);
+    const seqs = this.plan(o);
+    const n = o.dropLast ? Math.floor(seqs.length / o.batchSize) : Math.ceil(seqs.length / o.batchSize);
+    if (n === 0) throw new LoraError('ERR_LORA_OPTION', `Expected an epoch with at least one batch but batchSize ${o.batchSize} with dropLast leaves none of ${seqs.length} sequences`);
+    expectInteger('index', index, 0, n - 1);
+    return this.makeBatch(seqs.slice(index * o.batchSize, (index + 1) * o.batchSize), o.padToMultipleOf);
   }
 
   private makeBatch(seqs: number[][], multiple: number): Batch {

@@ -74,6 +74,8 @@ export type {
 } from './nn';
 export { train, lrMultiplier, parameterGroups, clipGradNorm, CHECKPOINT_FILE } from './train';
 export type { TrainOptions, TrainResult, StepInfo, Schedule, OptimizerSpec, ResumeInfo } from './train';
+export { datasetLoss } from './train_dataset';
+export type { DatasetTrainOptions } from './train_dataset';
 export { allFinite, assertAllFinite } from './numerics';
 export { Tokenizer, loadTokenizer } from './tokenizer';
 export type { ChatMessage, EncodeOptions, DecodeOptions, ChatTemplateOptions } from './tokenizer';

@@ -17,6 +17,9 @@ import { AdamW, Optimizer, ParamGroup, SGD } from './optim';
 import { loadSafetensors, saveSafetensors } from './safetensors';
 import { defaultRng, Rng } from './random';
 import { expectTensor, noGrad, Tensor, tidy } from './tensor';
+import type { Dataset, DatasetSplits } from './data';
+import type { CausalLM } from './models/causal_lm';
+import { DatasetTrainOptions, datasetTrainOptions } from './train_dataset';
 
 /** lr multiplier per optimizer step: a name, a shape with warm-up, or your own function. */
 export type Schedule =
@@ -37,6 +40,12 @@ export interface StepInfo {
   gradNorm: number;
   /** Evaluation loss when this step ran an evaluation. */
   evalLoss?: number;
+  /** exp(evalLoss): the evaluation perplexity, when this step ran an evaluation of a run that counts tokens (a Dataset, or batchTokens). */
+  evalPerplexity?: number;
+  /** Tokens this step processed (with batchTokens, or a Dataset: tokens that are not padding). */
+  tokens?: number;
+  /** Tokens per second over this call so far (with batchTokens, or a Dataset). */
+  tokensPerSecond?: number;
   /** Seconds since train() started. */
   elapsed: number;
   /** True when the step was skipped for a non-finite loss or gradient (nothing was updated). */
@@ -103,6 +112,20 @@ export interface TrainOptions<B> {
   logEvery?: number;
   /** Seed of the data shuffling (default: drawn from the global generator). */
   seed?: number;
+  /**
+   * The weight of a batch in its step and in evaluation (default 1 for every batch). Give the
+   * number of tokens the loss counts when the loss is a mean over tokens: a step's loss is then
+   * the mean over all counted tokens of its micro-batches (Hugging Face's rule), not the mean of
+   * per-batch means. A batch of weight 0 is not run.
+   */
+  batchWeight?: (batch: B) => number;
+  /** Tokens a batch holds, for tokens/s on the progress line and in onStep (a run that counts tokens also reports the evaluation perplexity). */
+  batchTokens?: (batch: B) => number;
+  /**
+   * Sets `model.gradientCheckpointing` for the run (each block recomputed in the backward pass:
+   * less memory, more time); restored afterwards.
+   */
+  gradientCheckpointing?: boolean;
 }
 
 export interface TrainResult {
@@ -136,7 +159,8 @@ export interface ResumeInfo {
 
 const OPTIONS = ['model', 'data', 'loss', 'optimizer', 'steps', 'epochs', 'batchSize', 'schedule', 'clipGradNorm',
   'gradientAccumulation', 'evalEvery', 'evalData', 'checkpointEvery', 'checkpointDir', 'resume', 'onStep', 'signal',
-  'loraPlusRatio', 'onNonFinite', 'maxConsecutiveSkips', 'progress', 'logEvery', 'seed'] as const;
+  'loraPlusRatio', 'onNonFinite', 'maxConsecutiveSkips', 'progress', 'logEvery', 'seed', 'batchWeight', 'batchTokens',
+  'gradientCheckpointing'] as const;
 
 // Long work yields to the event loop this often (ms), so timers, I/O and an AbortSignal run
 // between steps; a step longer than this yields after every step, which costs it nothing.
@@ -241,13 +265,14 @@ class Progress {
   private lastDraw = 0;
   constructor(private readonly mode: 'bar' | 'lines' | 'none' | ((line: string) => void), private readonly every: number) {}
 
-  update(step: number, total: number, loss: number, lr: number, rate: number, evalLoss?: number, skipped?: string): void {
+  update(step: number, total: number, loss: number, lr: number, rate: number, evalLoss?: number, skipped?: string, tokensPerSecond?: number): void {
     if (this.mode === 'none') return;
     const eta = rate > 0 ? (total - step) / rate : Infinity;
     // slow steps read better as seconds per step than as 0.0 steps/s
     const speed = rate >= 1 || rate <= 0 ? `${rate.toFixed(1)} steps/s` : `${(1 / rate).toFixed(1)} s/step`;
-    const text = `step ${step}/${total}  loss ${Number.isFinite(loss) ? loss.toFixed(4) : String(loss)}  lr ${lr.toExponential(2)}  ${speed}  ETA ${clock(eta)}` +
-      (evalLoss !== undefined ? `  eval ${evalLoss.toFixed(4)}` : '') + (skipped ? `  skipped (${skipped})` : '');
+    const tokens = tokensPerSecond === undefined ? '' : `  ${tokensPerSecond >= 100 ? Math.round(tokensPerSecond) : tokensPerSecond.toFixed(1)} tok/s`;
+    const text = `step ${step}/${total}  loss ${Number.isFinite(loss) ? loss.toFixed(4) : String(loss)}  lr ${lr.toExponential(2)}  ${speed}${tokens}  ETA ${clock(eta)}` +
+      (evalLoss !== undefined ? `  eval ${evalLoss.toFixed(4)}${tokensPerSecond !== undefined ? ` (ppl ${Math.exp(evalLoss).toPrecision(4)})` : ''}` : '') + (skipped ? `  skipped (${skipped})` : '');
     if (this.mode === 'bar') {
       const now = Date.now();
       if (now - this.lastDraw < 100 && step !== total && evalLoss === undefined && !skipped) return; // at most 10 redraws a second
@@ -445,7 +470,30 @@ const tick = () => new Promise<void>((resolve) => setImmediate(resolve));
  */
 export function train<E>(options: TrainOptions<E[]> & { data: readonly E[] }): Promise<TrainResult>;
 export function train<B = unknown[]>(options: TrainOptions<B>): Promise<TrainResult>;
-export async function train<B = unknown[]>(options: TrainOptions<B>): Promise<TrainResult> {
+/**
+ * Fine-tunes a causal LM on a Dataset (or the splits) from loadDataset: micro-batches of
+ * `batchSize` sequences in the dataset's shuffled order, each step's loss the mean over the tokens
+ * its micro-batches count (gradient accumulation weighted as Hugging Face weights it), evaluation
+ * on `evalData` (default: the valid split) with its perplexity, tokens/s and ETA on the progress
+ * line, checkpoints that resume onto the same batches and losses. Every option of train({...})
+ * applies, except data/loss/model (and batchSize means sequences).
+ *
+ * @example
+ * const model = await loadCausalLM('./SmolLM2-135M');
+ * const tokenizer = loadTokenizer('./SmolLM2-135M');
+ * const data = await loadDataset('./data', { tokenizer, maxSeqLength: 512, packing: true });
+ * applyLora(model, { targetModules: 'all-linear', rank: 8, alpha: 16 });
+ * const result = await train(model, data, {
+ *   optimizer: { lr: 1e-4 }, epochs: 2, batchSize: 4, gradientAccumulation: 4,
+ *   evalEvery: 50, checkpointEvery: 100, checkpointDir: 'out/checkpoint',
+ * });
+ * saveLoraAdapter(model, 'out');
+ * @throws everything train({...}) throws; ERR_LORA_OPTION when the dataset's maxSeqLength exceeds
+ *   the model's max_position_embeddings, or gradientCheckpointing is asked of a model without it.
+ */
+export function train(model: CausalLM, dataset: Dataset | DatasetSplits, options: DatasetTrainOptions): Promise<TrainResult>;
+export async function train<B = unknown[]>(first: TrainOptions<B> | CausalLM, dataset?: Dataset | DatasetSplits, more?: DatasetTrainOptions): Promise<TrainResult> {
+  const options = (first instanceof Module ? datasetTrainOptions(first, dataset, more) : first) as TrainOptions<B>;
   const o = checkOptions<TrainOptions<B>>('train()', options, OPTIONS);
   if (!(o.model instanceof Module)) throw typeError('model', 'a Module', o.model);
   const model = o.model;
@@ -479,6 +527,12 @@ export async function train<B = unknown[]>(options: TrainOptions<B>): Promise<Tr
   if (o.signal !== undefined && !(o.signal instanceof AbortSignal)) throw typeError('signal', 'an AbortSignal', o.signal);
   const progressOpt = o.progress ?? 'auto';
   if (typeof progressOpt !== 'function') expectOneOf('progress', progressOpt, ['auto', 'bar', 'lines', 'none'] as const);
+  if (o.batchWeight !== undefined && typeof o.batchWeight !== 'function') throw typeError('batchWeight', 'a function (batch) => number', o.batchWeight);
+  if (o.batchTokens !== undefined && typeof o.batchTokens !== 'function') throw typeError('batchTokens', 'a function (batch) => number', o.batchTokens);
+  const checkpointing = o.gradientCheckpointing === undefined ? undefined : expectBoolean('gradientCheckpointing', o.gradientCheckpointing);
+  if (checkpointing !== undefined && !('gradientCheckpointing' in model))
+    throw new LoraError('ERR_LORA_OPTION', `Expected a model with a gradientCheckpointing property for gradientCheckpointing: ${checkpointing} but ${model.constructor.name} has none`);
+  const weightOf = (b: B, what: string): number => (o.batchWeight ? expectNumber(`batchWeight(${what})`, o.batchWeight(b), 0) : 1);
   const logEvery = o.logEvery === undefined ? Math.max(1, Math.round(totalSteps / 20)) : expectInteger('logEvery', o.logEvery, 1, Number.MAX_SAFE_INTEGER);
 
   let opt: Optimizer;
@@ -510,7 +564,7 @@ export async function train<B = unknown[]>(options: TrainOptions<B>): Promise<Tr
 
   // what the checkpoint records of this run's options, to report changes on resume
   const runOptions: Record<string, unknown> = {
-    steps: totalSteps, lr: baseLr, batchSize: arrayData ? batchSize : undefined, gradientAccumulation: accum,
+    steps: totalSteps, lr: baseLr, batchSize: arrayData || o.batchSize !== undefined ? batchSize : undefined, gradientAccumulation: accum,
     schedule: typeof schedule === 'function' ? 'a function' : schedule, clipGradNorm: clip ?? undefined,
     loraPlusRatio: o.loraPlusRatio, weightDecay: ownOptimizer ? (o.optimizer as OptimizerSpec).weightDecay ?? 0.01 : undefined,
     optimizer: opt instanceof SGD ? 'SGD' : 'AdamW', seed: o.seed,
@@ -557,12 +611,18 @@ export async function train<B = unknown[]>(options: TrainOptions<B>): Promise<Tr
     const wasTraining = model.training;
     model.eval();
     let total = 0;
+    let weights = 0;
     try {
-      for (const b of batches) total += noGrad(() => tidy(() => lossFn(model, b).item()));
+      batches.forEach((b, i) => {
+        const w = weightOf(b, `evaluation batch ${i}`);
+        if (w === 0) return;
+        total += w * noGrad(() => tidy(() => lossFn(model, b).item()));
+        weights += w;
+      });
     } finally {
       model.train(wasTraining);
     }
-    return batches.length ? total / batches.length : NaN;
+    return weights > 0 ? total / weights : NaN;
   };
 
   const snapshot = (): TrainerState => ({
@@ -581,6 +641,9 @@ export async function train<B = unknown[]>(options: TrainOptions<B>): Promise<Tr
   let stopped: TrainResult['stopped'] = 'completed';
   let lastYield = Date.now();
   let skipRun = 0;
+  let tokensSeen = 0;
+  const hadCheckpointing = checkpointing === undefined ? undefined : (model as unknown as { gradientCheckpointing: unknown }).gradientCheckpointing;
+  if (checkpointing !== undefined) (model as unknown as { gradientCheckpointing: boolean }).gradientCheckpointing = checkpointing;
   model.train(true);
   try {
     while (step < totalSteps) {
@@ -593,18 +656,28 @@ export async function train<B = unknown[]>(options: TrainOptions<B>): Promise<Tr
       opt.lr = lr;
       let lossSum = 0;
       let finite = true;
+      // the step's micro-batches first: their weights (counted tokens) share out the step's loss
+      const micro = Array.from({ length: accum }, (_, k) => nextBatch(step * accum + k));
+      const weights = micro.map((b, k) => weightOf(b, `micro-batch ${k} of step ${step + 1}`));
+      const weightSum = weights.reduce((a, b) => a + b, 0);
+      let stepTokens = 0;
       for (let k = 0; k < accum; k++) {
-        const batch = nextBatch(step * accum + k);
+        const batch = micro[k]!;
+        if (o.batchTokens) stepTokens += expectNumber('batchTokens(batch)', o.batchTokens(batch), 0);
+        if (weights[k] === 0) continue;
+        const share = weights[k]! / weightSum;
         const value = tidy(() => {
           const loss = lossFn(model, batch);
           if (!(loss instanceof Tensor) || loss.size !== 1) throw typeError('loss(model, batch) result', 'a one-element Tensor', loss);
           const v = loss.item();
-          if (Number.isFinite(v)) (accum === 1 ? loss : mul(loss, 1 / accum)).backward();
+          if (Number.isFinite(v)) (share === 1 ? loss : mul(loss, share)).backward();
           return v;
         });
         if (!Number.isFinite(value)) finite = false;
-        lossSum += value;
+        lossSum += value * weights[k]!;
       }
+      if (weightSum === 0) finite = false;
+      tokensSeen += stepTokens;
       let gradNorm = NaN;
       if (finite) {
         // an exact NaN/Inf scan first (a finite but huge norm is not an error); only then the norm
@@ -612,7 +685,7 @@ export async function train<B = unknown[]>(options: TrainOptions<B>): Promise<Tr
         if (!allFinite(grads)) finite = false;
         else gradNorm = clip !== null ? clipGradNorm(opt.params, clip) : Math.sqrt(sumOfSquares(grads));
       }
-      const loss = lossSum / accum;
+      const loss = weightSum > 0 ? lossSum / weightSum : NaN;
       step += 1;
       let evalLoss: number | undefined;
       if (!finite) {
@@ -634,10 +707,13 @@ export async function train<B = unknown[]>(options: TrainOptions<B>): Promise<Tr
         }
       }
       const elapsed = (Date.now() - t0) / 1000;
+      const tokensPerSecond = o.batchTokens ? tokensSeen / Math.max(elapsed, 1e-9) : undefined;
       progress.update(step, totalSteps, loss, lr, (step - stepStart) / Math.max(elapsed, 1e-9), evalLoss,
-        finite ? undefined : `non-finite ${Number.isFinite(loss) ? 'gradient' : 'loss'}`);
+        finite ? undefined : `non-finite ${Number.isFinite(loss) ? 'gradient' : 'loss'}`, tokensPerSecond);
       if (ckptDir !== null && ckptEvery && step % ckptEvery === 0) writeCheckpoint(ckptDir, model, opt, names, snapshot());
-      if (o.onStep && o.onStep({ step, totalSteps, loss, lr, gradNorm, evalLoss, elapsed, skipped: !finite }) === false) { stopped = 'callback'; break; }
+      const info: StepInfo = { step, totalSteps, loss, lr, gradNorm, evalLoss, elapsed, skipped: !finite };
+      if (o.batchTokens) Object.assign(info, { tokens: stepTokens, tokensPerSecond }, evalLoss !== undefined ? { evalPerplexity: Math.exp(evalLoss) } : {});
+      if (o.onStep && o.onStep(info) === false) { stopped = 'callback'; break; }
       if (maxSkips > 0 && skipRun >= maxSkips) {
         stopped = 'diverged';
         progress.say(`stopped at step ${step}: the last ${skipRun} steps had a non-finite loss or gradient and were skipped; the run diverged (lower the lr, set clipGradNorm, or raise maxConsecutiveSkips)`);
@@ -647,6 +723,7 @@ export async function train<B = unknown[]>(options: TrainOptions<B>): Promise<Tr
     // the last step too (completed or stopped), so a rerun resumes from where this one ended
     if (ckptDir !== null && ckptEvery && step % ckptEvery !== 0 && step > stepStart) writeCheckpoint(ckptDir, model, opt, names, snapshot());
   } finally {
+    if (checkpointing !== undefined) (model as unknown as { gradientCheckpointing: unknown }).gradientCheckpointing = hadCheckpointing;
     if (mode === 'bar' && stopped !== 'completed') progress.end();
     opt.lr = baseLr;
     if (ownOptimizer) opt.dispose();

@@ -11,10 +11,10 @@ import t from 'tap';
 
 import {
   add, AdamW, applyLora, CausalLM, crossEntropy, features, loadCausalLM, loadLoraAdapter, LoraError, LoraLinear, matmul, mul, randn,
-  relu, reshape, saveLoraAdapter, sigmoid, silu, sum, tanh, tensor, Tensor, tidy, exp, max, mean, train, TransformerLM,
+  relu, reshape, saveLoraAdapter, sigmoid, silu, sum, tanh, tensor, Tensor, tidy, exp, max, mean, train, TransformerLM, loadDataset, loadTokenizer,
 } from '../lib/index';
 import { assertClose, assertLoraError, leakChecked, randomData } from './helpers';
-import { writeCheckpoint } from './hf_checkpoint';
+import { tinyLlama, writeCheckpoint } from './hf_checkpoint';
 
 const root = path.resolve(__dirname, '..');
 const f = features();
@@ -323,6 +323,27 @@ t.test('a Hugging Face checkpoint on cuda: the CPU\'s logits and tokens', { skip
       cpu.dispose();
       gpu.dispose();
     }
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+t.test('train(model, dataset) on cuda follows the CPU run (packed rows, accumulation)', { skip: noCuda }, async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lora-cuda-train-'));
+  try {
+    const modelDir = tinyLlama(path.join(dir, 'model'));
+    const file = path.join(dir, 'train.jsonl');
+    fs.writeFileSync(file, ['Hello world', 'A short row.', 'Rows packed into one sequence stay apart.', 'Three words here'].map((text) => JSON.stringify({ text })).join('\n'));
+    const data = await loadDataset(file, { tokenizer: loadTokenizer(modelDir), maxSeqLength: 24, packing: true });
+    const losses: number[][] = [];
+    for (const device of ['cpu', 'cuda'] as const) {
+      const m = await loadCausalLM(modelDir, { device });
+      applyLora(m, { targetModules: 'all-linear', rank: 2, seed: 1 });
+      const r = await train(m, data, { optimizer: { lr: 1e-2 }, steps: 3, batchSize: 1, gradientAccumulation: 2, progress: 'none' });
+      losses.push(r.losses);
+      m.dispose();
+    }
+    assertClose(t, losses[1]!, losses[0]!, { atol: 1e-4, rtol: 1e-4 }, 'losses of 3 steps');
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }

