@@ -166,7 +166,10 @@ export function lossCurveSvg(trainLosses: readonly (number | null)[], evalLosses
   return parts.join('\n') + '\n';
 }
 
-/** Runs `lora-native train`; resolves 0, or 128 + n when a signal stopped it (its checkpoint is kept). */
+/**
+ * Runs `lora-native train`. When `signal` aborts (cli.ts turns SIGINT/SIGTERM into it), training
+ * stops after its step and the adapter and checkpoint of that step are still written.
+ */
 export async function trainCommand(argv: string[], out: NodeJS.WriteStream, err: NodeJS.WriteStream, signal: AbortSignal): Promise<void> {
   const { values } = parse(argv, TRAIN_FLAGS);
   const given = values as Flags;

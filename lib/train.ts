@@ -1,8 +1,9 @@
 // train(): a training loop for Modules: learning-rate schedules, gradient accumulation and
 // clipping, periodic evaluation, an AbortSignal, a progress bar (or plain lines off a TTY),
 // atomic checkpoints that resume onto the same loss curve, LoRA+ and no weight decay on biases and
-// norms. It is deliberately one loop, not a framework: no callbacks beyond onStep, no
-// distributed training, no mixed precision.
+// norms; train(model, dataset) drives a CausalLM with a Dataset (train_dataset.ts). It is
+// deliberately one loop, not a framework: no event callbacks beyond onStep (batchWeight and
+// batchTokens only describe batches), no distributed training, no mixed precision.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 
