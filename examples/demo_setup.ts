@@ -11,26 +11,29 @@ import type { Tensor } from '../lib/index';
 // ---- the tasks -------------------------------------------------------------------------------
 
 export const LETTERS = 'abcdefgh';
-const shift = (c: string) => LETTERS[(LETTERS.indexOf(c) + 3) % LETTERS.length]!;
+const shift = (c: string, by: number) => LETTERS[(LETTERS.indexOf(c) + by) % LETTERS.length]!;
 
-/** Task A (pretraining): reverse the letters. Task B (the fine-tune): reverse, then shift each letter by 3 (a..h wrapping). */
+/**
+ * Task A (pretraining): count on from a letter, step 1 ("count c" -> "c d e f", a..h wrapping).
+ * Task B (the fine-tune): step 3 ("skip c" -> "c f a d"). After the first letter (a copy from
+ * the question) each answer letter follows from the one before it, which a 2-layer model learns in
+ * a few hundred steps.
+ */
 export type Task = 'A' | 'B';
-export const VERB: Record<Task, string> = { A: 'reverse', B: 'rotate' };
+export const VERB: Record<Task, string> = { A: 'count', B: 'skip' };
+export const WORD_LENGTH = 1;
+const ANSWER_LENGTH = 4;
 
 export function answer(task: Task, word: string): string {
-  const rev = [...word].reverse();
-  return (task === 'A' ? rev : rev.map(shift)).join(' ');
+  return Array.from({ length: ANSWER_LENGTH }, (_, i) => shift(word, i * (task === 'A' ? 1 : 3))).join(' ');
 }
 export const question = (task: Task, word: string) => `${VERB[task]} ${[...word].join(' ')}`;
 
-/** A deterministic stream of words (lengths 3-6) from a small LCG. */
+/** A deterministic stream of words (WORD_LENGTH letters) from a small LCG. */
 export function words(count: number, seed: number): string[] {
   let s = seed >>> 0;
   const next = () => (s = (Math.imul(s, 1664525) + 1013904223) >>> 0) / 4294967296;
-  return Array.from({ length: count }, () => {
-    const n = 3 + Math.floor(next() * 4);
-    return Array.from({ length: n }, () => LETTERS[Math.floor(next() * LETTERS.length)]).join('');
-  });
+  return Array.from({ length: count }, () => Array.from({ length: WORD_LENGTH }, () => LETTERS[Math.floor(next() * LETTERS.length)]).join(''));
 }
 
 /** Chat JSONL rows ({"messages": [...]}, the format of lora-native train and mlx-lm). */
