@@ -42,7 +42,7 @@ const rel = (p: string) => {
   return r === '' ? '.' : r.startsWith('..') ? p : r;
 };
 
-/** Greedy answers to held-out task prompts: the model's text after the chat template's 'A:'. */
+/** Greedy answers to task prompts: the model's text after the chat template's 'A:'. */
 async function answers(model: CausalLM, tok: Tokenizer, task: Task, list: readonly string[]): Promise<string[]> {
   model.eval();
   const got: string[] = [];
@@ -66,12 +66,12 @@ async function main(): Promise<void> {
   const baseDir = path.join(OUT, 'base-model'), dataDir = path.join(OUT, 'data'), adapterDir = path.join(OUT, 'adapter');
   const exportDir = path.join(OUT, 'exports');
   const trainWords = words(quick ? 100 : 2000, 2);
-  const heldOut = quick ? [...LETTERS].slice(0, 4) : [...LETTERS]; // every start letter: the prompts are the tasks' whole input space
+  const starts = quick ? [...LETTERS].slice(0, 4) : [...LETTERS]; // every start letter: the whole input space of both tasks
   const progress = process.stderr.isTTY ? 'bar' as const : 'none' as const;
 
   console.log(`lora-native demo: a ${MODEL.layers}-layer Llama (hidden ${MODEL.hidden}, GPT-2's 50257-token vocabulary, tied embeddings) on ${DEVICE}, everything into ${rel(OUT)}/`);
-  console.log(`  task A (pretraining): "${question('A', heldOut[0]!)}" -> "${answer('A', heldOut[0]!)}"`);
-  console.log(`  task B (fine-tune):   "${question('B', heldOut[0]!)}" -> "${answer('B', heldOut[0]!)}"   (steps of 3 instead of 1, a..h wrapping)\n`);
+  console.log(`  task A (pretraining): "${question('A', starts[0]!)}" -> "${answer('A', starts[0]!)}"`);
+  console.log(`  task B (fine-tune):   "${question('B', starts[0]!)}" -> "${answer('B', starts[0]!)}"   (steps of 3 instead of 1, a..h wrapping)\n`);
 
   // 1. a random checkpoint as a Hugging Face folder, loaded like a download, every weight trained on task A
   let t = Date.now();
@@ -105,13 +105,13 @@ async function main(): Promise<void> {
   fs.mkdirSync(dataDir);
   fs.writeFileSync(path.join(dataDir, 'train.jsonl'), chatJsonl('B', trainWords));
   fs.writeFileSync(path.join(dataDir, 'valid.jsonl'), chatJsonl('B', words(quick ? 8 : 64, 4)));
-  console.log(`3. task B as chat JSONL: ${rel(path.join(dataDir, 'train.jsonl'))}, ${rel(path.join(dataDir, 'valid.jsonl'))}; a row: ${chatJsonl('B', [heldOut[0]!]).trim()}`);
+  console.log(`3. task B as chat JSONL: ${rel(path.join(dataDir, 'train.jsonl'))}, ${rel(path.join(dataDir, 'valid.jsonl'))}; a row: ${chatJsonl('B', [starts[0]!]).trim()}`);
 
-  // the base model before fine-tuning, on held-out prompts
+  // the base model before fine-tuning, from every start letter
   const tok = loadTokenizer(baseDir);
   model = await loadCausalLM(baseDir, { device: DEVICE });
-  const baseA = await answers(model, tok, 'A', heldOut);
-  const baseB = await answers(model, tok, 'B', heldOut);
+  const baseA = await answers(model, tok, 'A', starts);
+  const baseB = await answers(model, tok, 'B', starts);
   model.dispose();
 
   // 4. lora-native train, the CLI's code
@@ -129,18 +129,18 @@ async function main(): Promise<void> {
   model = await loadCausalLM(baseDir, { device: DEVICE });
   applyLora(model, { targetModules: 'all-linear', rank: RANK, alpha: 2 * RANK });
   const adapted = loadLoraAdapter(model, adapterDir).length;
-  const loraB = await answers(model, tok, 'B', heldOut);
-  const loraA = await answers(model, tok, 'A', heldOut);
+  const loraB = await answers(model, tok, 'B', starts);
+  const loraA = await answers(model, tok, 'A', starts);
   const lora = trainableParameters(model);
   model.dispose();
   const accs = {
-    base: { A: accuracy('A', heldOut, baseA), B: accuracy('B', heldOut, baseB) },
-    adapted: { A: accuracy('A', heldOut, loraA), B: accuracy('B', heldOut, loraB) },
+    base: { A: accuracy('A', starts, baseA), B: accuracy('B', starts, baseB) },
+    adapted: { A: accuracy('A', starts, loraA), B: accuracy('B', starts, loraB) },
   };
-  console.log(`5. greedy answers for ${heldOut.length} start letters (exact match), base model vs base + adapter (${adapted} modules, ${lora.trainable} LoRA parameters, ${pct(lora.share)}):`);
+  console.log(`5. greedy answers for ${starts.length} start letters (exact match), base model vs base + adapter (${adapted} modules, ${lora.trainable} LoRA parameters, ${pct(lora.share)}):`);
   console.log(`   task B accuracy ${pct(accs.base.B)} -> ${pct(accs.adapted.B)}; task A accuracy ${pct(accs.base.A)} -> ${pct(accs.adapted.A)}`);
-  for (let i = 0; i < Math.min(4, heldOut.length); i++) {
-    const w = heldOut[i]!;
+  for (let i = 0; i < Math.min(4, starts.length); i++) {
+    const w = starts[i]!;
     console.log(`   "${question('B', w)}"  want "${answer('B', w)}"  base "${baseB[i]}"  with adapter "${loraB[i]}"`);
   }
 
@@ -153,7 +153,7 @@ async function main(): Promise<void> {
 
   fs.writeFileSync(path.join(OUT, 'results.json'), JSON.stringify({
     quick, steps: STEPS, model: MODEL, rank: RANK, seconds: { pretrain: pre.seconds, finetune: ftSeconds, total: (Date.now() - t0) / 1000 },
-    pretrainLosses: pre.losses, accuracy: accs, heldOut: heldOut.map((w, i) => ({ prompt: question('B', w), want: answer('B', w), base: baseB[i], adapted: loraB[i] })),
+    pretrainLosses: pre.losses, accuracy: accs, answers: starts.map((w, i) => ({ prompt: question('B', w), want: answer('B', w), base: baseB[i], adapted: loraB[i] })),
   }, null, 2) + '\n');
 
   const files = (d: string, pre = ''): string[] => fs.readdirSync(d, { withFileTypes: true }).sort((a, b) => a.name.localeCompare(b.name))

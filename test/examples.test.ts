@@ -64,9 +64,9 @@ t.test('demo.ts --quick: pretrain a Llama CausalLM, save it, lora-native train o
   tt.same([ad.r, ad.lora_alpha, ad.base_model_name_or_path], [8, 16, path.join(out, 'base-model')]);
   tt.equal(fs.readFileSync(path.join(out, 'exports', 'adapter.gguf')).subarray(0, 4).toString('latin1'), 'GGUF');
   tt.ok(fs.existsSync(path.join(out, 'exports', 'mlx', 'adapters.safetensors')), 'the mlx-lm adapter weights');
-  const res = JSON.parse(fs.readFileSync(path.join(out, 'results.json'), 'utf8')) as { pretrainLosses: number[]; heldOut: unknown[] };
+  const res = JSON.parse(fs.readFileSync(path.join(out, 'results.json'), 'utf8')) as { pretrainLosses: number[]; answers: unknown[] };
   tt.equal(res.pretrainLosses.length, 6);
-  tt.equal(res.heldOut.length, 4);
+  tt.equal(res.answers.length, 4);
   // the summary lists every file the demo wrote, and the README names each of them
   const files = (d: string, pre = ''): string[] => fs.readdirSync(d, { withFileTypes: true })
     .flatMap((e) => (e.isDirectory() ? files(path.join(d, e.name), `${pre}${e.name}/`) : [`${pre}${e.name}`]));
