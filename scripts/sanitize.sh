@@ -38,7 +38,8 @@ ubsan=$(g++ -print-file-name=libubsan.so)
 tests=("$@")
 if [ ${#tests[@]} -eq 0 ]; then
   tests=(test/tensor.test.ts test/lora_forward.test.ts test/optim.test.ts test/nn_ops.test.ts test/errors.test.ts
-         test/safetensors.test.ts test/fuzz.test.ts test/hostile.test.ts test/memory_soak.test.ts)
+         test/safetensors.test.ts test/fuzz.test.ts test/hostile.test.ts test/memory_soak.test.ts
+         test/attention.test.ts test/causal_lm.test.ts)
 fi
 
 echo "== ${#tests[@]} test files against the sanitized addon"
