@@ -393,7 +393,7 @@ export class ForwardContext {
    * its own tidy() scope in an inference pass (so a pass holds one layer's activations, not all
    * of them). The pass's padding mask and segment ids are made first, outside either, so that they outlive them.
    */
-  layer(x: Tensor, window: number | null, run: (h: Tensor) => Tensor): Tensor {
+  layer(x: Tensor, run: (h: Tensor) => Tensor): Tensor {
     if (!this.checkpointLayers && !this.inference) return run(x);
     this.keyMaskTensor();
     this.segmentIdsTensor();

@@ -136,7 +136,7 @@ class Gpt2Model extends Module implements Backbone {
         throw rangeError('positionIds', `positions between 0 and ${this.cfg.positions - 1} (GPT-2's n_positions learned positions)`, p);
     const pos = ctx.own(tensor(Float32Array.from(ctx.positions), [ctx.B, ctx.T], { dtype: 'int32', device: ctx.device }));
     let x = add(child(this, 'wte').forward(ids), child(this, 'wpe').forward(pos));
-    for (const [, block] of (child(this, 'h') as Sequential).namedChildren()) x = ctx.layer(x, null, (h) => (block as Gpt2Block).run(h, ctx));
+    for (const [, block] of (child(this, 'h') as Sequential).namedChildren()) x = ctx.layer(x, (h) => (block as Gpt2Block).run(h, ctx));
     return child(this, 'ln_f').forward(x);
   }
 

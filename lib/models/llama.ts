@@ -199,9 +199,8 @@ export class LlamaModel extends Module implements Backbone {
       ctx.own(r.invFreq);
       return r;
     });
-    let i = 0;
     for (const [, layer] of (child(this, 'layers') as Sequential).namedChildren())
-      x = ctx.layer(x, this.cfg.windows[i++]!, (h) => (layer as DecoderLayer).run(h, ctx, rope));
+      x = ctx.layer(x, (h) => (layer as DecoderLayer).run(h, ctx, rope));
     return child(this, 'norm').forward(x);
   }
 
