@@ -45,7 +45,7 @@ fi
 echo "== ${#tests[@]} test files against the sanitized addon"
 log="$out/test.log"
 set +e
-LORA_NATIVE_ADDON="$addon" LD_PRELOAD="$asan $ubsan" \
+LORA_NATIVE_SANITIZE=1 LORA_NATIVE_ADDON="$addon" LD_PRELOAD="$asan $ubsan" \
   ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:allocator_may_return_null=1:handle_segv=1" \
   UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
   npx tap --disable-coverage --jobs=2 --timeout=900 "${tests[@]}" 2>&1 | tee "$log"

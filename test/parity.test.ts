@@ -4,7 +4,8 @@
 // level changes only the GEMM engine and the attention kernel), the CUDA emulator (every case; the LoRA cases again with the alternate
 // GEMM kernels and with an H200's 132 SMs, which change grid and split-K choices), and a GPU when
 // one is present. bench/gpu/check.js runs the same suite on the GPU machine.
-import { spawnSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
+import * as os from 'node:os';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 
@@ -51,13 +52,48 @@ const runs: Run[] = [
   { label: `cuda (${f.devices[0]?.name ?? 'no GPU'}), every case`, device: 'cuda', env: {}, minCases: 280, skip: gpu ? false : `no GPU here (${f.reason ?? 'CUDA is the emulator'})` },
 ];
 
+interface ChildResult { out: string; status: number | null; signal: string | null }
+
+// One child run of the suite (its stdout and stderr together, 15 minutes at most).
+function runChild(run: Run): Promise<ChildResult> {
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, [...hooks, script, run.device], {
+      cwd: root, env: { ...process.env, LORA_NATIVE_PARITY_ONLY: '', ...run.env }, stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    const chunks: Buffer[] = [];
+    child.stdout.on('data', (d: Buffer) => chunks.push(d));
+    child.stderr.on('data', (d: Buffer) => chunks.push(d));
+    const timer = setTimeout(() => child.kill('SIGKILL'), 900_000);
+    child.on('close', (status, signal) => {
+      clearTimeout(timer);
+      resolve({ out: Buffer.concat(chunks).toString('utf8'), status, signal });
+    });
+  });
+}
+
+// The runs are independent processes: two at a time (one per core on a 2-core machine), started
+// in order, so the suite does not leave a core idle at the end of `npm test`.
+const pending = runs.filter((r) => !r.skip);
+const started = new Map<Run, Promise<ChildResult>>();
+const slots = Math.max(1, Math.min(2, os.availableParallelism()));
+let active = 0;
+const launchNext = (): void => {
+  while (active < slots && pending.length) {
+    const run = pending.shift()!;
+    active++;
+    started.set(run, runChild(run).finally(() => { active--; launchNext(); }));
+  }
+};
+launchNext();
+const result = async (run: Run): Promise<ChildResult> => {
+  while (!started.has(run)) await new Promise((r) => setTimeout(r, 50));
+  return started.get(run)!;
+};
+
 for (const run of runs) {
   t.test(run.label, { skip: run.skip }, async (t) => {
-    const r = spawnSync(process.execPath, [...hooks, script, run.device], {
-      cwd: root, encoding: 'utf8', timeout: 900_000, maxBuffer: 64 << 20,
-      env: { ...process.env, LORA_NATIVE_PARITY_ONLY: '', ...run.env },
-    });
-    const out = `${r.stdout ?? ''}${r.stderr ?? ''}`;
+    const r = await result(run);
+    const out = r.out;
     const summary = out.match(/^parity \((.*)\): (\d+) passed, (\d+) failed$/m);
     if (run.isa && summary && !summary[1]!.endsWith(run.isa)) {
       t.skip(`this CPU has no ${run.isa} (the run used ${summary[1]})`);
