@@ -25,7 +25,7 @@ export const TRAIN_FLAGS = {
   dropout: { type: 'string' }, target: { type: 'string' }, lr: { type: 'string' }, epochs: { type: 'string' }, iters: { type: 'string' },
   'batch-size': { type: 'string' }, 'grad-accum': { type: 'string' }, 'max-seq-len': { type: 'string' }, 'mask-prompt': { type: 'boolean' },
   packing: { type: 'boolean' }, 'grad-checkpoint': { type: 'boolean' }, dtype: { type: 'string' }, device: { type: 'string' },
-  'val-every': { type: 'string' }, 'save-every': { type: 'string' }, resume: { type: 'string' }, seed: { type: 'string' },
+  'val-every': { type: 'string' }, 'val-batches': { type: 'string' }, 'save-every': { type: 'string' }, resume: { type: 'string' }, seed: { type: 'string' },
   'use-dora': { type: 'boolean' }, 'use-rslora': { type: 'boolean' }, 'lora-plus-ratio': { type: 'string' }, config: { type: 'string' },
 } as const satisfies NonNullable<ParseArgsConfig['options']>;
 
@@ -33,8 +33,8 @@ export const TRAIN_USAGE = `  lora-native train --model <dir> --data <file.jsonl
                     [--dropout 0] [--target all-linear|q_proj,v_proj,...] [--lr 1e-4]
                     [--epochs n | --iters n] [--batch-size 4] [--grad-accum 1] [--max-seq-len t]
                     [--mask-prompt | --no-mask-prompt] [--packing] [--grad-checkpoint]
-                    [--dtype f32|bf16|f16] [--device cpu|cuda] [--val-every 200] [--save-every 100]
-                    [--resume <dir>] [--seed 0] [--use-dora] [--use-rslora] [--lora-plus-ratio r]
+                    [--dtype f32|bf16|f16] [--device cpu|cuda] [--val-every 200] [--val-batches n]
+                    [--save-every 100] [--resume <dir>] [--seed 0] [--use-dora] [--use-rslora] [--lora-plus-ratio r]
                     [--config file.yaml|json]`;
 
 export const TRAIN_HELP = `train    fine-tunes a LoRA adapter: --model is a Hugging Face folder (config.json, safetensors,
@@ -50,6 +50,7 @@ export const TRAIN_HELP = `train    fine-tunes a LoRA adapter: --model is a Hugg
   --packing        several rows per sequence, attention kept inside each row
   --grad-checkpoint recompute each block in the backward pass (less memory)
   --val-every      evaluate on valid.jsonl every n steps and at the end
+  --val-batches    evaluate on its first n batches only (default -1: all of them, as mlx-lm's -1)
   --save-every     write checkpoint/ every n steps and at the end
   --resume         continue the run whose --out (or checkpoint/) this is, onto the same losses
   --config         a YAML or JSON file whose keys are these flags' long names; flags override it`;
@@ -188,6 +189,7 @@ export async function trainCommand(argv: string[], out: NodeJS.WriteStream, err:
   const accum = intFlag(v['grad-accum'], 'grad-accum', 1, 1);
   const maxSeqArg = v['max-seq-len'] === undefined ? undefined : intFlag(v['max-seq-len'], 'max-seq-len', 2, 2);
   const valEvery = intFlag(v['val-every'], 'val-every', 1, 200);
+  const valBatches = v['val-batches'] === undefined || v['val-batches'] === '-1' ? undefined : intFlag(v['val-batches'], 'val-batches', 1, 1);
   const saveEvery = intFlag(v['save-every'], 'save-every', 1, 100);
   const seed = intFlag(v.seed, 'seed', 0, 0);
   const loraPlus = v['lora-plus-ratio'] === undefined ? undefined : numFlag(v['lora-plus-ratio'], 'lora-plus-ratio', (n) => n > 0, 'a number > 0', 1);
@@ -249,7 +251,7 @@ export async function trainCommand(argv: string[], out: NodeJS.WriteStream, err:
     };
     const result = await train(model, data, {
       optimizer: { lr }, ...(iters !== undefined ? { steps: iters } : { epochs }), batchSize, gradientAccumulation: accum,
-      ...(data.valid ? { evalEvery: valEvery } : {}), checkpointEvery: saveEvery, checkpointDir: ckptDir, resume: resumeFrom !== null,
+      ...(data.valid ? { evalEvery: valEvery, ...(valBatches !== undefined ? { evalBatches: valBatches } : {}) } : {}), checkpointEvery: saveEvery, checkpointDir: ckptDir, resume: resumeFrom !== null,
       ...(loraPlus !== undefined ? { loraPlusRatio: loraPlus } : {}), ...(v['grad-checkpoint'] ? { gradientCheckpointing: true } : {}),
       signal, onStep, progress: 'auto', logEvery: 10,
     });

@@ -89,6 +89,8 @@ export interface TrainOptions<B> {
   evalEvery?: number;
   /** Examples (batched by batchSize) or a function returning the evaluation batches. */
   evalData?: readonly unknown[] | (() => B[]);
+  /** Evaluate on the first N batches of evalData only (default: all of them; mlx-lm's --val-batches). */
+  evalBatches?: number;
   /** Write a checkpoint every N steps (and after the last step) into checkpointDir. */
   checkpointEvery?: number;
   checkpointDir?: string;
@@ -159,7 +161,7 @@ export interface ResumeInfo {
 }
 
 const OPTIONS = ['model', 'data', 'loss', 'optimizer', 'steps', 'epochs', 'batchSize', 'schedule', 'clipGradNorm',
-  'gradientAccumulation', 'evalEvery', 'evalData', 'checkpointEvery', 'checkpointDir', 'resume', 'onStep', 'signal',
+  'gradientAccumulation', 'evalEvery', 'evalData', 'evalBatches', 'checkpointEvery', 'checkpointDir', 'resume', 'onStep', 'signal',
   'loraPlusRatio', 'onNonFinite', 'maxConsecutiveSkips', 'progress', 'logEvery', 'seed', 'batchWeight', 'batchTokens',
   'gradientCheckpointing'] as const;
 
@@ -518,6 +520,7 @@ export async function train<B = unknown[]>(first: TrainOptions<B> | CausalLM, da
   const clip = o.clipGradNorm === undefined ? null : expectNumber('clipGradNorm', o.clipGradNorm, 0);
   const evalEvery = o.evalEvery === undefined ? 0 : expectInteger('evalEvery', o.evalEvery, 1, Number.MAX_SAFE_INTEGER);
   if (evalEvery && o.evalData === undefined) throw new LoraError('ERR_LORA_OPTION', 'Expected evalData with evalEvery for train()');
+  const evalBatches = o.evalBatches === undefined ? Infinity : expectInteger('evalBatches', o.evalBatches, 1, Number.MAX_SAFE_INTEGER);
   const ckptEvery = o.checkpointEvery === undefined ? 0 : expectInteger('checkpointEvery', o.checkpointEvery, 1, Number.MAX_SAFE_INTEGER);
   if (ckptEvery && o.checkpointDir === undefined) throw new LoraError('ERR_LORA_OPTION', 'Expected checkpointDir with checkpointEvery for train()');
   const ckptDir = o.checkpointDir === undefined ? null : o.checkpointDir;
@@ -608,8 +611,9 @@ export async function train<B = unknown[]>(first: TrainOptions<B> | CausalLM, da
 
   const evaluate = (): number => {
     const src = o.evalData!;
-    const batches: B[] = typeof src === 'function' ? (src as () => B[])() : [];
-    if (Array.isArray(src)) for (let i = 0; i < src.length; i += batchSize) batches.push(src.slice(i, i + batchSize) as unknown as B);
+    const batches: B[] = typeof src === 'function' ? (src as () => B[])().slice(0, evalBatches) : [];
+    if (Array.isArray(src))
+      for (let i = 0; i < src.length && batches.length < evalBatches; i += batchSize) batches.push(src.slice(i, i + batchSize) as unknown as B);
     const wasTraining = model.training;
     model.eval();
     let total = 0;

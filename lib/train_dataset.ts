@@ -24,7 +24,7 @@ export interface DatasetTrainOptions extends Omit<TrainOptions<Batch>, 'model' |
 }
 
 const OWN = ['batchSize', 'evalData', 'padToMultipleOf', 'loss', 'epochs', 'steps', 'seed'] as const;
-const PASSED = ['optimizer', 'schedule', 'clipGradNorm', 'gradientAccumulation', 'evalEvery', 'checkpointEvery', 'checkpointDir', 'resume',
+const PASSED = ['optimizer', 'schedule', 'clipGradNorm', 'gradientAccumulation', 'evalEvery', 'evalBatches', 'checkpointEvery', 'checkpointDir', 'resume',
   'onStep', 'signal', 'loraPlusRatio', 'onNonFinite', 'maxConsecutiveSkips', 'progress', 'logEvery', 'gradientCheckpointing'] as const;
 
 /**
@@ -107,7 +107,18 @@ export function datasetTrainOptions(model: unknown, data: unknown, options: Data
   };
   if (o.seed !== undefined) out.seed = o.seed;
   for (const k of PASSED) if (o[k] !== undefined) (out as unknown as Record<string, unknown>)[k] = o[k];
-  if (evalData) out.evalData = () => [...evalData.batches({ batchSize, padToMultipleOf, shuffle: false })];
+  if (evalData) {
+    // only the batches evaluated are built (evalBatches: the first N of the split, in file order)
+    const limit = o.evalBatches === undefined ? Infinity : expectInteger('evalBatches', o.evalBatches, 1, Number.MAX_SAFE_INTEGER);
+    out.evalData = () => {
+      const list: Batch[] = [];
+      for (const b of evalData.batches({ batchSize, padToMultipleOf, shuffle: false })) {
+        if (list.length >= limit) break;
+        list.push(b);
+      }
+      return list;
+    };
+  }
   else if (o.evalEvery !== undefined) throw new LoraError('ERR_LORA_OPTION', 'Expected evalData (or splits with a valid split) with evalEvery for train()');
   return out;
 }

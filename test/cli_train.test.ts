@@ -38,7 +38,7 @@ const readLog = (out: string) => fs.readFileSync(path.join(out, 'log.jsonl'), 'u
 
 t.test('train writes an adapter that loads and changes generation, a checkpoint, a log and a loss curve', { skip }, async (t) => {
   const out = outDir();
-  const r = run('train', ...common, '--out', out, '--iters', '8', '--lr', '5e-2', '--target', 'q_proj,v_proj,down_proj', '--val-every', '4', '--save-every', '3', '--packing');
+  const r = run('train', ...common, '--out', out, '--iters', '8', '--lr', '5e-2', '--target', 'q_proj,v_proj,down_proj', '--val-every', '4', '--val-batches', '1', '--save-every', '3', '--packing');
   t.equal(r.code, 0, r.err);
   t.match(r.out, /^data: train\.jsonl: 16 rows \(completion\), \d+ tokens, \d+ trained; valid\.jsonl: 3 rows/);
   t.match(r.out, /\ntrained 8 steps in [\d.]+ s; final loss [\d.]+, valid loss [\d.]+ \(perplexity [\d.e+]+\)\n/);
@@ -161,6 +161,7 @@ t.test('flag and data errors: one line, exit 2 (usage) or 1, nothing written', {
   usage(['--data', data], /^lora-native: missing --model\n/, 'no --model');
   usage([...common, '--epochs', '1', '--iters', '2'], /^lora-native: give --epochs or --iters, not both\n/, 'both lengths');
   usage([...common, '--rank', '0'], /^lora-native: --rank must be an integer >= 1 but is '0'\n/, 'rank 0');
+  usage([...common, '--val-batches', '0'], /^lora-native: --val-batches must be an integer >= 1 but is '0'\n/, 'val-batches 0');
   usage([...common, '--lr', 'fast'], /^lora-native: --lr must be a number but is 'fast'\n/, 'lr not a number');
   usage([...common, '--dropout', '1'], /^lora-native: --dropout must be a number in \[0, 1\) but is '1'\n/, 'dropout 1');
   usage([...common, '--dtype', 'f8'], /^lora-native: --dtype must be f32, bf16 or f16 but is 'f8'\n/, 'dtype');

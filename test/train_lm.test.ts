@@ -187,6 +187,16 @@ t.test('evaluation, perplexity, tokens and tokens/s reach onStep and the progres
   for (const b of data.valid!.batches({ batchSize: 1, shuffle: false })) sum += noGrad(() => tidy(() => datasetLoss(m, b).item())) * b.numLabels;
   t.ok(Math.abs(sum / data.valid!.numLabels - r.evalLosses[1]!.loss) < 1e-5 * sum, 'valid loss token-weighted over the split');
   t.match(lines[0], /^step 1\/4 {2}loss \d+\.\d{4} {2}lr 1\.00e-3 {2}.* tok\/s {2}ETA \d+:\d\d$/);
+  // evalBatches: the mean over the counted tokens of the first N batches of the split only
+  const r1 = await train(m, data, { optimizer: { lr: 0 }, batchSize: 2, steps: 1, evalEvery: 1, evalBatches: 1, progress: 'none' });
+  const first = data.valid!.batches({ batchSize: 2, shuffle: false }).next().value!;
+  const want = noGrad(() => tidy(() => datasetLoss(m, first).item()));
+  t.ok(data.valid!.numRows > 2, 'the split has a second batch, so the limit changes the result');
+  t.ok(Math.abs(r1.evalLosses[0]!.loss - want) < 1e-6 * Math.abs(want), `evalBatches: 1 evaluates the first batch only (${r1.evalLosses[0]!.loss} vs ${want})`);
+  t.ok(Math.abs(r1.evalLosses[0]!.loss - sum / data.valid!.numLabels) > 1e-6, 'and differs from the whole split');
+  const bad = await train(m, data, { optimizer: { lr: 0 }, steps: 1, evalEvery: 1, evalBatches: 0, progress: 'none' }).catch((e: unknown) => e);
+  t.type(bad, LoraError);
+  t.match(bad, { code: 'ERR_LORA_RANGE', message: /evalBatches/ }, 'evalBatches 0 is refused, naming the option');
   t.match(lines[1], /eval \d+\.\d{4} \(ppl [\d.e+]+\)$/);
   m.dispose();
 });
