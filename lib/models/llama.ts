@@ -9,7 +9,7 @@ import { mul, reshape } from '../ops';
 import { Tensor } from '../tensor';
 import type { Backbone, Family } from './causal_lm';
 import {
-  Activation, activation, applyRope, attend, child, ConfigReader, ForwardContext, gated, HfEmbedding, HfRMSNorm, linearFrom, plainContext,
+  Activation, activation, addProjected, applyRope, attend, child, ConfigReader, ForwardContext, gated, HfEmbedding, HfRMSNorm, linearFrom, plainContext,
   readRope, RopeDefaults, RopeInputs, ropeInputs, RopeSpec, ropeRegime, WeightSource,
 } from './common';
 
@@ -92,7 +92,8 @@ export class LlamaAttention extends Module {
     return { q: split('q_proj', heads), k: split('k_proj', kvHeads), v: split('v_proj', kvHeads) };
   }
 
-  run(x: Tensor, ctx: ForwardContext, rope: RopeInputs): Tensor {
+  /** The attention's output before o_proj: [B, T, H·D]. */
+  heads(x: Tensor, ctx: ForwardContext, rope: RopeInputs): Tensor {
     let { q, k, v } = this.project(x);
     if (this.cfg.qkNorm) {
       q = child(this, 'q_norm').forward(q);
@@ -100,8 +101,11 @@ export class LlamaAttention extends Module {
     }
     q = applyRope(q, rope);
     k = applyRope(k, rope);
-    const y = attend(q, k, v, ctx, this.layer, this.cfg.headDim ** -0.5, this.cfg.windows[this.layer]!);
-    return child(this, 'o_proj').forward(y);
+    return attend(q, k, v, ctx, this.layer, this.cfg.headDim ** -0.5, this.cfg.windows[this.layer]!);
+  }
+
+  run(x: Tensor, ctx: ForwardContext, rope: RopeInputs): Tensor {
+    return child(this, 'o_proj').forward(this.heads(x, ctx, rope));
   }
 
   /** A stand-alone pass: positions 0..T-1, causal, no cache. */
@@ -121,8 +125,13 @@ export class LlamaMLP extends Module {
     this.registerModule('down_proj', linearFrom(w, `${p}.down_proj`, intermediate, hidden, mlpBias));
   }
 
+  /** act(gate_proj(x)) · up_proj(x), the input of down_proj. */
+  inner(x: Tensor): Tensor {
+    return gated(this.cfg.act, child(this, 'gate_proj').forward(x), child(this, 'up_proj').forward(x));
+  }
+
   forward(x: Tensor): Tensor {
-    return child(this, 'down_proj').forward(gated(this.cfg.act, child(this, 'gate_proj').forward(x), child(this, 'up_proj').forward(x)));
+    return child(this, 'down_proj').forward(this.inner(x));
   }
 }
 
@@ -139,8 +148,11 @@ export class DecoderLayer extends Module {
 
   run(x: Tensor, ctx: ForwardContext, rope: RopeInputs): Tensor {
     const attn = child(this, 'self_attn') as LlamaAttention;
-    const h = x.add(attn.run(child(this, 'input_layernorm').forward(x), ctx, rope));
-    return h.add(child(this, 'mlp').forward(child(this, 'post_attention_layernorm').forward(h)));
+    // o_proj and down_proj add into the residual stream (in place in an inference pass: addProjected)
+    const h = addProjected(x, child(attn, 'o_proj'), attn.heads(child(this, 'input_layernorm').forward(x), ctx, rope), ctx);
+    const mlp = child(this, 'mlp');
+    const n = child(this, 'post_attention_layernorm').forward(h);
+    return mlp instanceof LlamaMLP ? addProjected(h, child(mlp, 'down_proj'), mlp.inner(n), ctx) : h.add(mlp.forward(n));
   }
 
   forward(x: Tensor): Tensor {
