@@ -11,7 +11,7 @@ import { DEVICE_ID, DTYPE_ID, native, OP } from '../native';
 import { Module } from '../module';
 import { Linear } from '../nn';
 import { add, attention, embedding, gatedActivation, gelu, layerNorm, mul, relu, reshape, rmsNorm, rope, sigmoid, silu, slice, tanh, UnaryName } from '../ops';
-import { checkDevice, checkpoint, contiguousStrides, Device, isGradEnabled, keep, numelOf, ones, Tensor, tensor, tidy, zeros } from '../tensor';
+import { checkDevice, checkpoint, contiguousStrides, Device, keep, numelOf, reshapeInference, ones, Tensor, tensor, tidy, zeros } from '../tensor';
 
 // ---- config.json fields -------------------------------------------------------------------------
 
@@ -479,7 +479,7 @@ export function attend(q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext, lay
     ...(mask ? { attentionMask: mask } : {}),
     ...(window !== null ? { window } : {}),
   });
-  return reshape(out, [B, T, H * D]);
+  return ctx.inference ? reshapeInference(out, [B, T, H * D], reshape) : reshape(out, [B, T, H * D]);
 }
 
 // ---- frozen layers made from checkpoint tensors ----------------------------------------------------
@@ -548,12 +548,12 @@ export function linearFrom(w: WeightSource, name: string, inFeatures: number, ou
 /**
  * residual + proj(x) for a decoder layer's residual stream. In an inference pass (ctx.inference:
  * nothing records gradients, and the layer's input and its sums belong to the pass, read by no one
- * after this) where proj is a plain bias-free Linear, its GEMM adds into residual in place
+ * after this; CausalLM.run sets it) where proj is a plain bias-free Linear, its GEMM adds into residual in place
  * (y += x·Wᵀ): no separate add over memory, no new tensor. Anything else (LoRA layers, biases,
  * training): the plain add of a new tensor.
  */
 export function addProjected(residual: Tensor, proj: Module, x: Tensor, ctx: ForwardContext): Tensor {
-  if (ctx.inference && !isGradEnabled() && proj instanceof Linear && Object.getPrototypeOf(proj) === Linear.prototype &&
+  if (ctx.inference && proj instanceof Linear && Object.getPrototypeOf(proj) === Linear.prototype &&
     proj.bias === null && residual.dtype === 'float32' && x.dtype === 'float32' && residual.device === x.device && proj.weight.device === x.device) {
     const w = proj.weight;
     const [OC, C] = w.shape as [number, number];

@@ -6,7 +6,7 @@
 import { Module } from '../module';
 import { Sequential } from '../nn';
 import { mul, reshape } from '../ops';
-import { Tensor } from '../tensor';
+import { reshapeInference, Tensor } from '../tensor';
 import type { Backbone, Family } from './causal_lm';
 import {
   Activation, activation, addProjected, applyRope, attend, child, ConfigReader, ForwardContext, gated, HfEmbedding, HfRMSNorm, linearFrom, plainContext,
@@ -85,16 +85,18 @@ export class LlamaAttention extends Module {
     }
   }
 
-  protected project(x: Tensor): { q: Tensor; k: Tensor; v: Tensor } {
+  protected project(x: Tensor, ctx?: ForwardContext): { q: Tensor; k: Tensor; v: Tensor } {
     const [B, T] = x.shape as [number, number];
     const { heads, kvHeads, headDim } = this.cfg;
-    const split = (name: string, n: number) => reshape(child(this, name).forward(x), [B, T, n, headDim]);
+    // (an inference pass takes the projections' fresh outputs over as [B, T, n, D] without a copy)
+    const split = (name: string, n: number) =>
+      ctx?.inference ? reshapeInference(child(this, name).forward(x), [B, T, n, headDim], reshape) : reshape(child(this, name).forward(x), [B, T, n, headDim]);
     return { q: split('q_proj', heads), k: split('k_proj', kvHeads), v: split('v_proj', kvHeads) };
   }
 
   /** The attention's output before o_proj: [B, T, H·D]. */
   heads(x: Tensor, ctx: ForwardContext, rope: RopeInputs): Tensor {
-    let { q, k, v } = this.project(x);
+    let { q, k, v } = this.project(x, ctx);
     if (this.cfg.qkNorm) {
       q = child(this, 'q_norm').forward(q);
       k = child(this, 'k_norm').forward(k);
