@@ -222,10 +222,9 @@ if (CHILD) {
     const f = randomGemm(rng, i, 1 + (rng.nextU32() % 3), true);
     if (f) failures.push(f);
   }
-  // Row splits whose threads share the packing of op(B) (enough rows per thread for the packed
-  // path, fewer columns than twice the rows, above the threading threshold), 2 and 3 threads, fp32
-  // and bf16 B (the pair-dot packing from 64 rows); with small blocks (the second child below) they
-  // run several column and k blocks through both shared buffers.
+  // Row splits of the packed path (enough rows per thread, fewer columns than twice the rows,
+  // above the threading threshold) on 2 and 3 threads, fp32 and bf16 B (the pair-dot packing from
+  // 64 rows); with small blocks (the second child below), several column and k blocks per thread.
   const shared: [number, number, number][] = [[150, 97, 130], [131, 200, 70], [97, 33, 301], [200, 150, 61], [256, 100, 40]];
   shared.forEach((dims, q) => {
     for (const threads of [2, 3]) {

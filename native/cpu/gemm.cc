@@ -115,7 +115,7 @@ struct PackBuffer {
   }
 };
 struct ThreadBuffers {
-  PackBuffer a, b, a2, b2, small, h, hb, ah, scratch, shared;
+  PackBuffer a, b, a2, b2, small, h, hb, ah, scratch;
 };
 ThreadBuffers& buffers() {
   static thread_local ThreadBuffers bufs;
@@ -298,30 +298,9 @@ void run_small(const IsaTable& t, const GemmArgs& g, int64_t m0, int64_t m1, int
       chunk(i0, static_cast<int>(imin(rows_max, m1 - i0)), j0, imin(n, j0 + nblk));
 }
 
-// Blocks of equal size in units of `unit`, at most `most` (2048 columns in blocks of at most 2016
-// are 1024 + 1024, not 2016 + 32: every column block repacks A).
-int64_t balanced(int64_t total, int64_t most, int64_t unit) {
-  const int64_t cap = imax(unit, most / unit * unit), blocks = (total + cap - 1) / cap;
-  return imax(unit, round_up((total + blocks - 1) / imax(blocks, 1), unit));
-}
-
-// Threads that split C's rows all need every packed block of op(B): instead of each packing all of
-// it, thread tid packs its share of a block's panels into one of two buffers they share, and all
-// wait at the barrier before reading it (two buffers: a block is overwritten only after every thread
-// passed the next block's barrier, so after it finished computing with it).
-struct SharedB {
-  float* buf[2];
-  SpinBarrier* barrier;
-  int tid, nt;
-};
-
-// Floats of each shared buffer: a (kc, nc) block of the blocked path over all N columns.
-int64_t shared_b_floats(const GemmKernel& kern, bool bf16_dot, int64_t N, int64_t K);
-
-// The blocked path over the C rectangle [m0, m1) x [n0, n1); sb: the packed B blocks are shared
-// with the other threads of this job (which all run the same n range and K), or nullptr.
+// The blocked path over the C rectangle [m0, m1) x [n0, n1).
 void run_blocked(const IsaTable& t, const GemmKernel& kern, bool bf16_dot, const GemmArgs& args,
-                 int64_t m0, int64_t m1, int64_t n0, int64_t n1, const SharedB* sb = nullptr) {
+                 int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   const int mr = kern.mr, nr = kern.nr;
   GemmArgs g = args;
   ThreadBuffers& bufs = buffers();
@@ -347,17 +326,22 @@ void run_blocked(const IsaTable& t, const GemmKernel& kern, bool bf16_dot, const
   const int64_t K = g.alpha == 0.0f ? 0 : g.K;
   // Few rows of C: each element of B is used only (m1-m0) times, so packing it would cost as
   // much memory traffic as the product; a stored-row-major fp32 B is read in place instead.
-  const bool direct_b = !sb && !bf16_dot && !g.trans_b && !g.b_bf16 && !g.drop_b && m1 - m0 <= 2 * mr;
+  const bool direct_b = !bf16_dot && !g.trans_b && !g.b_bf16 && !g.drop_b && m1 - m0 <= 2 * mr;
   // bf16 panels hold twice the k per byte; B read in place streams kDirectKc rows at once
   const GemmBlocking& blk = gemm_blocking();
   const int64_t kc_max = direct_b ? kDirectKc : bf16_dot ? 2 * blk.kc : blk.kc;
+  // blocks of equal size (2048 columns in blocks of at most 2016 are 1024 + 1024, not 2016 + 32:
+  // every column block repacks A)
+  auto balanced = [](int64_t total, int64_t most, int64_t unit) {
+    const int64_t cap = imax(unit, most / unit * unit), blocks = (total + cap - 1) / cap;
+    return imax(unit, round_up((total + blocks - 1) / imax(blocks, 1), unit));
+  };
   const int64_t nc_max = balanced(n1 - n0, blk.nc, nr), mc_max = balanced(m1 - m0, blk.mc, mr);
   const int64_t ke = epi_k(g);
   const bool has_epi = ke > 0 || g.drop2;
   if (g.beta != 0.0f && g.beta != 1.0f) scale_rect(g.C, g.ldc, m0, m1, n0, n1, g.beta);
   alignas(64) float tile[32 * 64];
   alignas(64) float tile2[32 * 64];
-  int block = 0;  // B blocks packed so far (which shared buffer is next)
 
   for (int64_t jc = n0; jc < n1; jc += nc_max) {
     const int64_t nc = imin(nc_max, n1 - jc), ncp = round_up(nc, nr);
@@ -371,12 +355,7 @@ void run_blocked(const IsaTable& t, const GemmKernel& kern, bool bf16_dot, const
       const int64_t kc = imin(kc_max, K - pc), kstep = bf16_dot ? (kc + 1) / 2 : kc;
       const bool first = pc == 0, last = pc + kc_max >= K;
       const bool accumulate = !first || g.beta != 0.0f;
-      float* bbuf = sb ? sb->buf[block++ & 1] : bufs.b.get(static_cast<size_t>(ncp * imax(kc, 1)));
-      // this thread's panels of the block: all of them unless shared
-      int64_t pj0 = 0, pj1 = nc;
-      if (sb) thread_share(nc, nr, sb->tid, sb->nt, &pj0, &pj1);
-      const int64_t pnc = pj1 - pj0;
-      float* pbuf = bbuf + pj0 * kstep;
+      float* bbuf = bufs.b.get(static_cast<size_t>(ncp * imax(kc, 1)));
       const bool h_now = fuse_h && jc == n0 && kc > 0;  // H over this k block, once per thread
       float* hbbuf = nullptr;
       if (h_now) {
@@ -392,14 +371,11 @@ void run_blocked(const IsaTable& t, const GemmKernel& kern, bool bf16_dot, const
           const int64_t jl = nc / nr * nr;
           t.pack_b(bbuf + jl * kc, g.B, false, g.ldb, false, pc, kc, jc + jl, nc - jl, nr, nullptr);
         }
-      } else if (pnc <= 0) {
-      } else if (bf16_dot) {
-        t.pack_b_bf16(reinterpret_cast<uint16_t*>(pbuf), static_cast<const uint16_t*>(g.B), g.ldb,
-                      g.trans_b, pc, kc, jc + pj0, pnc, nr);
-      } else {
-        t.pack_b(pbuf, g.B, g.b_bf16, g.ldb, g.trans_b, pc, kc, jc + pj0, pnc, nr, g.drop_b);
-      }
-      if (sb) sb->barrier->wait();
+      } else if (bf16_dot)
+        t.pack_b_bf16(reinterpret_cast<uint16_t*>(bbuf), static_cast<const uint16_t*>(g.B), g.ldb,
+                      g.trans_b, pc, kc, jc, nc, nr);
+      else
+        t.pack_b(bbuf, g.B, g.b_bf16, g.ldb, g.trans_b, pc, kc, jc, nc, nr, g.drop_b);
       for (int64_t ic = m0; ic < m1; ic += mc_max) {
         const int64_t mc = imin(mc_max, m1 - ic), mcp = round_up(mc, mr);
         float* abuf = bufs.a.get(static_cast<size_t>(mcp * imax(kc, 1)));
@@ -485,13 +461,6 @@ void run_blocked(const IsaTable& t, const GemmKernel& kern, bool bf16_dot, const
   }
 }
 
-int64_t shared_b_floats(const GemmKernel& kern, bool bf16_dot, int64_t N, int64_t K) {
-  const GemmBlocking& blk = gemm_blocking();
-  const int64_t kc = imin(bf16_dot ? 2 * blk.kc : blk.kc, K);
-  // run_blocked's nc_max x kc_max, rounded to 64 bytes (the second buffer starts there)
-  return round_up(balanced(N, blk.nc, kern.nr) * imax(kc, 1), 16);
-}
-
 // The side product H as its own pass, then the GEMM without it: for the paths whose packed A
 // cannot serve it (streaming, bf16 pairs, transposed, scaled or masked A) and for N = 0.
 void side_product_apart(ThreadPool& pool, const GemmArgs& g) {
@@ -548,34 +517,9 @@ void gemm_ex(ThreadPool& pool, const GemmArgs& g) {
   // Column splits give every thread all rows, so each computes H for all of them: cheap for the
   // product, but a dropout mask regenerated per thread cost more than the separate pass saves.
   if (g.H && g.drop_h && !serial && splits_n(pool.size())) return side_product_apart(pool, g);
-  // Row splits with enough rows per thread for the packed path share the packing of op(B).
-  const int nt_all = serial ? 1 : pool.size();
-  int64_t per_thread = 0, last_rows = 0;
-  if (nt_all > 1) {
-    int64_t b, e;
-    thread_share(g.M, kern->mr, 0, nt_all, &b, &e);
-    per_thread = e - b;
-    thread_share(g.M, kern->mr, nt_all - 1, nt_all, &b, &e);
-    last_rows = e - b;
-  }
-  const bool share_b = nt_all > 1 && !small && !splits_n(nt_all) && g.K > 0 && g.alpha != 0.0f &&
-                       imin(per_thread, last_rows) > 2 * kern->mr;
-  SpinBarrier barrier(nt_all);
-  float* shared[2] = {nullptr, nullptr};
-  if (share_b) {
-    const int64_t floats = shared_b_floats(*kern, bf16_dot, g.N, g.K);
-    float* p = buffers().shared.get(static_cast<size_t>(2 * floats));
-    shared[0] = p;
-    shared[1] = p + floats;
-  }
   auto body = [&](int tid, int nt) {
     const bool split_n = splits_n(nt);
-    if (share_b && nt == nt_all) {
-      int64_t m0, m1;
-      thread_share(g.M, kern->mr, tid, nt, &m0, &m1);
-      const SharedB sb{{shared[0], shared[1]}, &barrier, tid, nt};
-      run_blocked(t, *kern, bf16_dot, g, m0, m1, 0, g.N, &sb);
-    } else if (split_n) {
+    if (split_n) {
       int64_t n0, n1;
       thread_share(g.N, small ? 16 : kern->nr, tid, nt, &n0, &n1);
       if (n0 >= n1) return;

@@ -4,7 +4,6 @@
 #pragma once
 
 #include <algorithm>
-#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -116,34 +115,6 @@ class ThreadPool {
   std::mutex mu_;
   std::condition_variable cv_start_, cv_done_;
   std::vector<std::thread> workers_;
-};
-
-// A barrier for the threads of one pool job (all of them must reach each wait, the same number of
-// times): spins briefly, then yields (the machine may have fewer free cores than threads).
-class SpinBarrier {
- public:
-  explicit SpinBarrier(int threads) : threads_(threads) {}
-  void wait() {
-    const int gen = generation_.load(std::memory_order_acquire);
-    if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == threads_) {
-      arrived_.store(0, std::memory_order_relaxed);
-      generation_.store(gen + 1, std::memory_order_release);
-      return;
-    }
-    for (int spins = 0; generation_.load(std::memory_order_acquire) == gen; ++spins) {
-      if (spins < 2048) {
-#if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();
-#endif
-      } else {
-        std::this_thread::yield();
-      }
-    }
-  }
-
- private:
-  const int threads_;
-  std::atomic<int> arrived_{0}, generation_{0};
 };
 
 }  // namespace lora
