@@ -31,6 +31,18 @@ function track(t: Tensor): void {
   if (scopes.length) scopes[scopes.length - 1]!.add(t);
 }
 
+/**
+ * @internal The values of t under another shape without a copy, for a fresh intermediate of a pass
+ * that records no gradient through it: the result takes over t's storage and t leaves its tidy()
+ * scope (whoever still held t sees it disposed once the result is). A t that a gradient could flow
+ * through gets copy(t, shape).
+ */
+export function reshapeInference(t: Tensor, shape: readonly number[], copy: (t: Tensor, shape: readonly number[]) => Tensor): Tensor {
+  if (t._node !== null || t.requiresGrad || numelOf(shape) !== t.size) return copy(t, shape);
+  keep(t);
+  return new Tensor(CONSTRUCT, t._storage, shape);
+}
+
 /** Removes a tensor from every open tidy() scope so that it outlives them. Returns it. */
 export function keep<T extends Tensor>(t: T): T {
   for (const s of scopes) s.delete(t);

@@ -44,13 +44,13 @@ function bf16ToF32(s: ReturnType<typeof native.alloc>): Float32Array {
 // columns of C (between N and ldc) untouched, and beta = 0 never reading C (it holds NaN).
 // With bf16, B is stored as bf16 (gemm_bf16) and the reference reads the same bf16 values: widened
 // exactly and never rounding A, the bound is fp32's.
-function randomGemm(rng: Rng, i: number, threads: number, bf16 = false): string | null {
+function randomGemm(rng: Rng, i: number, threads: number, bf16 = false, dims?: [number, number, number]): string | null {
   const dim = () => {
     const r = rng.uniform();
     return r < 0.12 ? Math.floor(rng.uniform() * 2) : r < 0.5 ? 2 + Math.floor(rng.uniform() * 18) : r < 0.9 ? 20 + Math.floor(rng.uniform() * 80) : 100 + Math.floor(rng.uniform() * 200);
   };
-  let M = dim(), N = dim(), K = dim();
-  while (M * N * K > 2_000_000) { M = Math.ceil(M / 2); K = Math.ceil(K / 2); }
+  let [M, N, K] = dims ?? [dim(), dim(), dim()];
+  while (!dims && M * N * K > 2_000_000) { M = Math.ceil(M / 2); K = Math.ceil(K / 2); }
   const ta = rng.uniform() < 0.5, tb = rng.uniform() < 0.5;
   const lda = (ta ? M : K) + Math.floor(rng.uniform() * 4), ldb = (tb ? K : N) + Math.floor(rng.uniform() * 4);
   const ldc = N + Math.floor(rng.uniform() * 4);
@@ -222,6 +222,18 @@ if (CHILD) {
     const f = randomGemm(rng, i, 1 + (rng.nextU32() % 3), true);
     if (f) failures.push(f);
   }
+  // Row splits of the packed path (enough rows per thread, fewer columns than twice the rows,
+  // above the threading threshold) on 2 and 3 threads, fp32 and bf16 B (the pair-dot packing from
+  // 64 rows); with small blocks (the second child below), several column and k blocks per thread.
+  const shared: [number, number, number][] = [[150, 97, 130], [131, 200, 70], [97, 33, 301], [200, 150, 61], [256, 100, 40]];
+  shared.forEach((dims, q) => {
+    for (const threads of [2, 3]) {
+      for (const bf16 of [false, true]) {
+        const f = randomGemm(rng, 10_000 + q, threads, bf16, dims);
+        if (f) failures.push(f);
+      }
+    }
+  });
   failures.push(...linearBf16Cases(rng), ...mergeBf16Cases(rng));
   setNumThreads(before);
   // straight to fd 1: tap owns process.stdout in this file

@@ -6,10 +6,10 @@
 import { Module } from '../module';
 import { Sequential } from '../nn';
 import { mul, reshape } from '../ops';
-import { Tensor } from '../tensor';
+import { reshapeInference, Tensor } from '../tensor';
 import type { Backbone, Family } from './causal_lm';
 import {
-  Activation, activation, applyRope, attend, child, ConfigReader, ForwardContext, gated, HfEmbedding, HfRMSNorm, linearFrom, plainContext,
+  Activation, activation, addProjected, applyRope, attend, child, ConfigReader, ForwardContext, gated, HfEmbedding, HfRMSNorm, linearFrom, plainContext,
   readRope, RopeDefaults, RopeInputs, ropeInputs, RopeSpec, ropeRegime, WeightSource,
 } from './common';
 
@@ -85,23 +85,29 @@ export class LlamaAttention extends Module {
     }
   }
 
-  protected project(x: Tensor): { q: Tensor; k: Tensor; v: Tensor } {
+  protected project(x: Tensor, ctx?: ForwardContext): { q: Tensor; k: Tensor; v: Tensor } {
     const [B, T] = x.shape as [number, number];
     const { heads, kvHeads, headDim } = this.cfg;
-    const split = (name: string, n: number) => reshape(child(this, name).forward(x), [B, T, n, headDim]);
+    // (an inference pass takes the projections' fresh outputs over as [B, T, n, D] without a copy)
+    const split = (name: string, n: number) =>
+      ctx?.inference ? reshapeInference(child(this, name).forward(x), [B, T, n, headDim], reshape) : reshape(child(this, name).forward(x), [B, T, n, headDim]);
     return { q: split('q_proj', heads), k: split('k_proj', kvHeads), v: split('v_proj', kvHeads) };
   }
 
-  run(x: Tensor, ctx: ForwardContext, rope: RopeInputs): Tensor {
-    let { q, k, v } = this.project(x);
+  /** The attention's output before o_proj: [B, T, H·D]. */
+  heads(x: Tensor, ctx: ForwardContext, rope: RopeInputs): Tensor {
+    let { q, k, v } = this.project(x, ctx);
     if (this.cfg.qkNorm) {
       q = child(this, 'q_norm').forward(q);
       k = child(this, 'k_norm').forward(k);
     }
     q = applyRope(q, rope);
     k = applyRope(k, rope);
-    const y = attend(q, k, v, ctx, this.layer, this.cfg.headDim ** -0.5, this.cfg.windows[this.layer]!);
-    return child(this, 'o_proj').forward(y);
+    return attend(q, k, v, ctx, this.layer, this.cfg.headDim ** -0.5, this.cfg.windows[this.layer]!);
+  }
+
+  run(x: Tensor, ctx: ForwardContext, rope: RopeInputs): Tensor {
+    return child(this, 'o_proj').forward(this.heads(x, ctx, rope));
   }
 
   /** A stand-alone pass: positions 0..T-1, causal, no cache. */
@@ -121,8 +127,13 @@ export class LlamaMLP extends Module {
     this.registerModule('down_proj', linearFrom(w, `${p}.down_proj`, intermediate, hidden, mlpBias));
   }
 
+  /** act(gate_proj(x)) · up_proj(x), the input of down_proj. */
+  inner(x: Tensor): Tensor {
+    return gated(this.cfg.act, child(this, 'gate_proj').forward(x), child(this, 'up_proj').forward(x));
+  }
+
   forward(x: Tensor): Tensor {
-    return child(this, 'down_proj').forward(gated(this.cfg.act, child(this, 'gate_proj').forward(x), child(this, 'up_proj').forward(x)));
+    return child(this, 'down_proj').forward(this.inner(x));
   }
 }
 
@@ -139,8 +150,11 @@ export class DecoderLayer extends Module {
 
   run(x: Tensor, ctx: ForwardContext, rope: RopeInputs): Tensor {
     const attn = child(this, 'self_attn') as LlamaAttention;
-    const h = x.add(attn.run(child(this, 'input_layernorm').forward(x), ctx, rope));
-    return h.add(child(this, 'mlp').forward(child(this, 'post_attention_layernorm').forward(h)));
+    // o_proj and down_proj add into the residual stream (in place in an inference pass: addProjected)
+    const h = addProjected(x, child(attn, 'o_proj'), attn.heads(child(this, 'input_layernorm').forward(x), ctx, rope), ctx);
+    const mlp = child(this, 'mlp');
+    const n = child(this, 'post_attention_layernorm').forward(h);
+    return mlp instanceof LlamaMLP ? addProjected(h, child(mlp, 'down_proj'), mlp.inner(n), ctx) : h.add(mlp.forward(n));
   }
 
   forward(x: Tensor): Tensor {

@@ -512,7 +512,18 @@ void gemm_ex(ThreadPool& pool, const GemmArgs& g) {
   const int64_t work = g.M * (g.N * (g.K + g.K2 + 1) + (g.H ? g.NH * g.K : 0));
   const bool serial = work < gemm_blocking().parallel_min_flops || pool.size() == 1;
   auto splits_n = [&](int nt) {
-    return small ? g.M <= kSmallMax && g.N > kNarrowN : (g.N >= g.M * 2 || g.M < kern->mr * nt);
+    if (small) return g.M <= kSmallMax && g.N > kNarrowN;
+    if (g.M < kern->mr * nt) return true;
+    if (!g.H) {
+      // The split whose busiest thread has fewer register tiles (the threads split whole tiles, so
+      // 512 rows of 12-row tiles are 22 + 21 tiles, while 576 columns of 32 are 9 + 9); either packs
+      // about as much (all of B and its rows of A, or all of A and its columns of B).
+      const int64_t tm = (g.M + kern->mr - 1) / kern->mr, tn = (g.N + kern->nr - 1) / kern->nr;
+      const int64_t by_rows = (tm + nt - 1) / nt * tn, by_cols = tm * ((tn + nt - 1) / nt);
+      if (by_rows != by_cols) return by_cols < by_rows;
+    }
+    // (a side product H is computed by every thread for all its rows: a column split repeats it)
+    return g.N >= g.M * 2;
   };
   // Column splits give every thread all rows, so each computes H for all of them: cheap for the
   // product, but a dropout mask regenerated per thread cost more than the separate pass saves.

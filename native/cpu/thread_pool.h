@@ -1,9 +1,16 @@
 // A small persistent thread pool for the CPU kernels: run(fn) calls fn(tid, nthreads) on every
-// worker (the caller is worker 0) and returns when all are done. Workers sleep between jobs. One
-// pool per addon instance (worker_threads each get their own); it is not a task scheduler.
+// worker (the caller is worker 0) and returns when all are done. One pool per addon instance
+// (worker_threads each get their own); it is not a task scheduler.
+// Between jobs a worker spins for a short while (kSpinMicros) before it sleeps on the condition
+// variable, and the caller spins likewise before sleeping until the workers are done: a model's
+// forward pass runs hundreds of sub-millisecond kernels back to back, and waking a sleeping thread
+// (futex, scheduler) cost tens of microseconds per kernel, with the whole job waiting for the
+// late starter.
 #pragma once
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -28,9 +35,9 @@ class ThreadPool {
     if (threads == size_) return;
     stop_workers();
     size_ = threads;
-    stopping_ = false;
+    stopping_.store(false);
     // New workers start at the current generation: a job that already ran is not theirs to run.
-    const uint64_t gen = generation_;
+    const uint64_t gen = generation_.load();
     for (int t = 1; t < size_; ++t) workers_.emplace_back([this, t, gen] { worker_loop(t, gen); });
   }
 
@@ -43,15 +50,16 @@ class ThreadPool {
     {
       std::unique_lock<std::mutex> lock(mu_);
       job_ = &fn;
-      pending_ = size_ - 1;
-      ++generation_;
+      pending_.store(size_ - 1, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);  // spinning workers start here
     }
     cv_start_.notify_all();
     in_job() = true;
     fn(0, size_);
     in_job() = false;
+    spin_until([this] { return pending_.load(std::memory_order_acquire) == 0; });
     std::unique_lock<std::mutex> lock(mu_);
-    cv_done_.wait(lock, [this] { return pending_ == 0; });
+    cv_done_.wait(lock, [this] { return pending_.load(std::memory_order_acquire) == 0; });
     job_ = nullptr;
   }
 
@@ -71,22 +79,47 @@ class ThreadPool {
   }
 
  private:
+  // How long a thread spins for the next job (or the caller for the workers) before it sleeps.
+  static constexpr int64_t kSpinMicros = 100;
+
+  // Spins until ready() or kSpinMicros pass, yielding the core every 16 pauses (a busy machine runs
+  // its other threads meanwhile); returns ready(). (OpenMP runtimes spin likewise, for longer.)
+  template <typename Ready>
+  static bool spin_until(Ready ready) {
+    const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicros);
+    for (int i = 0;; ++i) {
+      if (ready()) return true;
+      if ((i & 15) == 15) {
+        if (std::chrono::steady_clock::now() >= until) return ready();
+        std::this_thread::yield();
+      }
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    }
+  }
+
   void worker_loop(int tid, uint64_t seen) {
     for (;;) {
       const std::function<void(int, int)>* job;
+      auto started = [&] {
+        return stopping_.load(std::memory_order_acquire) || generation_.load(std::memory_order_acquire) != seen;
+      };
+      spin_until(started);
       {
         std::unique_lock<std::mutex> lock(mu_);
-        cv_start_.wait(lock, [&] { return stopping_ || generation_ != seen; });
-        if (stopping_) return;
-        seen = generation_;
+        cv_start_.wait(lock, started);
+        if (stopping_.load()) return;
+        seen = generation_.load();
         job = job_;
       }
       in_job() = true;
       (*job)(tid, size_);
       in_job() = false;
-      {
+      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        // under the lock: the caller checks pending_ under it before it sleeps
         std::unique_lock<std::mutex> lock(mu_);
-        if (--pending_ == 0) cv_done_.notify_one();
+        cv_done_.notify_one();
       }
     }
   }
@@ -94,7 +127,7 @@ class ThreadPool {
   void stop_workers() {
     {
       std::unique_lock<std::mutex> lock(mu_);
-      stopping_ = true;
+      stopping_.store(true);
     }
     cv_start_.notify_all();
     for (auto& w : workers_) w.join();
@@ -108,9 +141,9 @@ class ThreadPool {
   }
 
   int size_ = 0;
-  bool stopping_ = false;
-  uint64_t generation_ = 0;
-  int pending_ = 0;
+  std::atomic<bool> stopping_{false};
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> pending_{0};
   const std::function<void(int, int)>* job_ = nullptr;
   std::mutex mu_;
   std::condition_variable cv_start_, cv_done_;
