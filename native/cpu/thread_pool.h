@@ -1,9 +1,13 @@
 // A small persistent thread pool for the CPU kernels: run(fn) calls fn(tid, nthreads) on every
-// worker (the caller is worker 0) and returns when all are done. Workers sleep between jobs. One
-// pool per addon instance (worker_threads each get their own); it is not a task scheduler.
+// worker (the caller is worker 0) and returns when all are done. Workers sleep between jobs, after
+// spinning briefly: decode runs hundreds of small parallel kernels back to back, and a wake-up
+// through the condition variable costs more than such a kernel (tens of µs on a VM). One pool per
+// addon instance (worker_threads each get their own); it is not a task scheduler.
 #pragma once
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -30,7 +34,7 @@ class ThreadPool {
     size_ = threads;
     stopping_ = false;
     // New workers start at the current generation: a job that already ran is not theirs to run.
-    const uint64_t gen = generation_;
+    const uint64_t gen = generation_.load();
     for (int t = 1; t < size_; ++t) workers_.emplace_back([this, t, gen] { worker_loop(t, gen); });
   }
 
@@ -43,15 +47,20 @@ class ThreadPool {
     {
       std::unique_lock<std::mutex> lock(mu_);
       job_ = &fn;
-      pending_ = size_ - 1;
-      ++generation_;
+      pending_.store(size_ - 1, std::memory_order_relaxed);
+      generation_.store(generation_.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+      // a worker that sleeps needs the notify; a spinning one sees the generation change
+      if (sleepers_ > 0) cv_start_.notify_all();
     }
-    cv_start_.notify_all();
     in_job() = true;
     fn(0, size_);
     in_job() = false;
+    // the workers usually finish within the spin: then no lock and no futex
+    if (!spin_until([this] { return pending_.load(std::memory_order_acquire) == 0; })) {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_done_.wait(lock, [this] { return pending_.load(std::memory_order_acquire) == 0; });
+    }
     std::unique_lock<std::mutex> lock(mu_);
-    cv_done_.wait(lock, [this] { return pending_ == 0; });
     job_ = nullptr;
   }
 
@@ -71,22 +80,42 @@ class ThreadPool {
   }
 
  private:
+  // Spins on ready() for up to kSpin; true when it became true meanwhile.
+  template <typename F>
+  static bool spin_until(F ready) {
+    // 50 µs: longer than the gap between two kernels of a decode step, short enough that an idle
+    // pool gives its cores back at once (beside other processes on a 2-core machine)
+    constexpr auto kSpin = std::chrono::microseconds(50);
+    const auto end = std::chrono::steady_clock::now() + kSpin;
+    for (int i = 0;; ++i) {
+      if (ready()) return true;
+      if ((i & 63) == 63 && std::chrono::steady_clock::now() >= end) return false;
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    }
+  }
+
   void worker_loop(int tid, uint64_t seen) {
     for (;;) {
       const std::function<void(int, int)>* job;
+      spin_until([&] { return generation_.load(std::memory_order_acquire) != seen; });
       {
         std::unique_lock<std::mutex> lock(mu_);
-        cv_start_.wait(lock, [&] { return stopping_ || generation_ != seen; });
+        ++sleepers_;
+        cv_start_.wait(lock, [&] { return stopping_ || generation_.load(std::memory_order_relaxed) != seen; });
+        --sleepers_;
         if (stopping_) return;
-        seen = generation_;
+        seen = generation_.load(std::memory_order_relaxed);
         job = job_;
       }
       in_job() = true;
       (*job)(tid, size_);
       in_job() = false;
-      {
+      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        // the caller may be asleep on cv_done_: notify under the lock so the wake is not lost
         std::unique_lock<std::mutex> lock(mu_);
-        if (--pending_ == 0) cv_done_.notify_one();
+        cv_done_.notify_one();
       }
     }
   }
@@ -109,8 +138,9 @@ class ThreadPool {
 
   int size_ = 0;
   bool stopping_ = false;
-  uint64_t generation_ = 0;
-  int pending_ = 0;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> pending_{0};
+  int sleepers_ = 0;  // workers waiting on cv_start_ (guarded by mu_)
   const std::function<void(int, int)>* job_ = nullptr;
   std::mutex mu_;
   std::condition_variable cv_start_, cv_done_;
