@@ -89,10 +89,16 @@ class ThreadPool {
     const auto end = std::chrono::steady_clock::now() + kSpin;
     for (int i = 0;; ++i) {
       if (ready()) return true;
-      if ((i & 63) == 63 && std::chrono::steady_clock::now() >= end) return false;
+      if (i < 256) {
 #if defined(__x86_64__) || defined(__i386__)
-      __builtin_ia32_pause();
+        __builtin_ia32_pause();
 #endif
+        continue;
+      }
+      // past a few µs, yield between checks: on a busy machine the thread we wait for may need
+      // this core (a bare spin would hold it for the whole kSpin)
+      if (std::chrono::steady_clock::now() >= end) return false;
+      std::this_thread::yield();
     }
   }
 
