@@ -173,9 +173,10 @@ const char* last_error(lora_backend* be) { return ctx(be).last_error(); }
 bool unusable(lora_backend* be) { return ctx(be).unusable(); }
 
 // Every entry computes in fp32; the LoRA kernels and gemm also read a bf16 weight (and the LoRA
-// kernels an f16 one, on tensor cores).
+// kernels an f16 one, on tensor cores), the embedding lookup a bf16 or f16 table.
 bool supports(lora_backend* be, int32_t op, int32_t dtype) {
   switch (op) {
+    case LORA_OP_EMBEDDING: return dtype == LORA_F32 || dtype == LORA_BF16 || dtype == LORA_F16;
     case LORA_OP_LORA_FORWARD: case LORA_OP_LORA_BACKWARD: case LORA_OP_LORA_MERGE:
       return dtype == LORA_F32 || dtype == LORA_BF16 || dtype == LORA_F16;
     case LORA_OP_GEMM: return dtype == LORA_F32 ? be->gemm != nullptr : dtype == LORA_BF16 && be->gemm_bf16 != nullptr;

@@ -1,5 +1,5 @@
 // Model-building kernels on CUDA, with the same math as native/cpu/nn_kernels.cc: layer_norm and
-// rms_norm with Gemma's weight offset (+ backward, dw/db accumulated by column with atomics), embedding (+ backward with
+// rms_norm with Gemma's weight offset (+ backward, dw/db accumulated by column with atomics), embedding of an fp32, bf16 or fp16 table (+ backward with
 // atomics for repeated ids), cross_entropy with label smoothing (+ backward) and RoPE. Row
 // statistics accumulate in double like the CPU. Attention has its own file (attention.cu).
 #include "common.cuh"
@@ -146,16 +146,21 @@ __global__ void ids_check_kernel(int* __restrict__ bad, const int32_t* __restric
   }
 }
 
-// out[n] = table[ids[n]]
-__global__ void embedding_kernel(float* __restrict__ out,          // (N, C)
-                                 const float* __restrict__ table,  // (V, C)
+__device__ __forceinline__ float table_f32(float v) { return v; }
+__device__ __forceinline__ float table_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float table_f32(__half v) { return __half2float(v); }
+
+// out[n] = float(table[ids[n]])   (T: float, __nv_bfloat16 or __half)
+template <typename T>
+__global__ void embedding_kernel(float* __restrict__ out,      // (N, C)
+                                 const T* __restrict__ table,  // (V, C)
                                  const int32_t* __restrict__ ids,  // (N)
                                  int64_t N, int64_t C) {
   const int64_t total = N * C;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t n = i / C, c = i % C;
-    out[i] = table[static_cast<int64_t>(ids[n]) * C + c];
+    out[i] = table_f32(table[static_cast<int64_t>(ids[n]) * C + c]);
   }
 }
 
@@ -280,13 +285,25 @@ cudaError_t launch_ids_check(cudaStream_t stream, int* bad, const int32_t* ids, 
   return cudaGetLastError();
 }
 
-cudaError_t launch_embedding(cudaStream_t stream, float* out, const float* table, const int32_t* ids,
-                             int64_t N, int64_t C, bool backward) {
+cudaError_t launch_embedding(cudaStream_t stream, float* out, const void* table, lora_dtype table_dtype,
+                             const int32_t* ids, int64_t N, int64_t C) {
   if (N <= 0 || C <= 0) return cudaSuccess;
-  if (backward)
-    launch(embedding_backward_kernel, grid_for(N * C), kThreads, 0, stream, out, table, ids, N, C);
+  if (table_dtype == LORA_BF16)
+    launch(embedding_kernel<__nv_bfloat16>, grid_for(N * C), kThreads, 0, stream, out,
+           static_cast<const __nv_bfloat16*>(table), ids, N, C);
+  else if (table_dtype == LORA_F16)
+    launch(embedding_kernel<__half>, grid_for(N * C), kThreads, 0, stream, out, static_cast<const __half*>(table),
+           ids, N, C);
   else
-    launch(embedding_kernel, grid_for(N * C), kThreads, 0, stream, out, table, ids, N, C);
+    launch(embedding_kernel<float>, grid_for(N * C), kThreads, 0, stream, out, static_cast<const float*>(table),
+           ids, N, C);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_embedding_backward(cudaStream_t stream, float* dtable, const float* dout, const int32_t* ids,
+                                      int64_t N, int64_t C) {
+  if (N <= 0 || C <= 0) return cudaSuccess;
+  launch(embedding_backward_kernel, grid_for(N * C), kThreads, 0, stream, dtable, dout, ids, N, C);
   return cudaGetLastError();
 }
 
@@ -434,14 +451,15 @@ lora_status rms_norm_backward(lora_backend* be, float* dx, float* dw, const floa
                "rms_norm_backward");
 }
 
-lora_status embedding(lora_backend* be, float* out, const float* table, const int32_t* ids,
-                      int64_t N, int64_t V, int64_t C) {
+lora_status embedding(lora_backend* be, float* out, const void* table, lora_dtype table_dtype,
+                      const int32_t* ids, int64_t N, int64_t V, int64_t C) {
   Context& c = ctx(be);
   if (c.unusable()) return LORA_UNUSABLE;
+  if (table_dtype != LORA_F32 && table_dtype != LORA_BF16 && table_dtype != LORA_F16) return LORA_UNSUPPORTED;
   if (N < 0 || V < 0 || C < 0) return LORA_INVALID_ARGUMENT;
   lora_status st = ids_valid(c, ids, N, V, false, 0, "embedding");
   if (st != LORA_OK) return st;
-  return c.check(launch_embedding(c.stream(), out, table, ids, N, C, false), "embedding");
+  return c.check(launch_embedding(c.stream(), out, table, table_dtype, ids, N, C), "embedding");
 }
 
 lora_status embedding_backward(lora_backend* be, float* dtable, const float* dout,
@@ -451,7 +469,7 @@ lora_status embedding_backward(lora_backend* be, float* dtable, const float* dou
   if (N < 0 || V < 0 || C < 0) return LORA_INVALID_ARGUMENT;
   lora_status st = ids_valid(c, ids, N, V, false, 0, "embedding_backward");
   if (st != LORA_OK) return st;
-  return c.check(launch_embedding(c.stream(), dtable, dout, ids, N, C, true), "embedding_backward");
+  return c.check(launch_embedding_backward(c.stream(), dtable, dout, ids, N, C), "embedding_backward");
 }
 
 lora_status cross_entropy(lora_backend* be, float* loss, float* lse, const float* logits,

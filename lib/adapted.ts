@@ -82,8 +82,7 @@ export function adaptedForward(x: Tensor, W: Tensor, bias: Tensor | null, contri
  */
 export function adaptedEmbedding(ids: Tensor, W: Tensor, contribs: readonly ModuleContribution[]): Tensor {
   if (ids.dtype !== 'int32') throw new LoraError('ERR_LORA_DTYPE', `Expected int32 ids for an embedding module but received ${ids.dtype} (create them with { dtype: 'int32' })`);
-  const table = asFloat32(W);
-  let y = embedding(ids, table);
+  let y = embedding(ids, W); // a bf16/f16 table is read as stored
   for (const c of contribs) {
     const m = c.module;
     const At = transpose(asFloat32(m.loraA)); // (V, R): row v is what id v contributes before B

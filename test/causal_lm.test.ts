@@ -90,6 +90,7 @@ t.test('logits match the float64 references of transformers\' modeling code', as
     t.equal(model.dtype, c.dtype, `${c.name}: weights kept as ${c.dtype}`);
     const head = (model.getModule('lm_head') as unknown as { weight: Tensor }).weight;
     t.equal(head === model.backbone.inputEmbedding, model.tied, `${c.name}: ${model.tied ? 'the tied head shares the embedding tensor' : 'an untied head of its own'}`);
+    t.equal(model.backbone.inputEmbedding.dtype, c.dtype, `${c.name}: the embedding table kept as ${c.dtype}`);
     assertClose(t, logitsOf(model, ROWS), causalLmRef(c.arch, ck.config, ck.weights, ROWS, opts), TOL, `${c.name}: logits`);
     // right padding: the last 3 tokens of row 1 are padding
     const right = [[1, 1, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0, 0, 0]];

@@ -157,6 +157,9 @@ t.test('saveCausalLM writes folders loadCausalLM and transformers read back', as
   t.same(Object.keys(index.weight_map).sort(), [...q.weights.keys()].sort(), 'the index maps every weight, the tied head not at all');
   t.equal(index.metadata.total_size, [...q.weights.values()].reduce((a, w) => a + 2 * w.data.length, 0), 'total_size in bytes');
   t.equal(readSafetensorsHeader(path.join(qout, shards[0]!)).entries[0]!.dtype, 'BF16', 'saved in the model dtype');
+  const embedFile = path.join(qout, index.weight_map['model.embed_tokens.weight']);
+  t.equal(readSafetensorsHeader(embedFile).entries.find((e) => e.name === 'model.embed_tokens.weight')!.dtype, 'BF16', 'the tied table saved in the model dtype');
+  t.equal(qm.backbone.inputEmbedding.dtype, 'bfloat16', 'the table kept as bfloat16 (one tensor with the tied head)');
   const qm2 = await loadCausalLM(qout);
   t.same(logitsOf(qm2), logitsOf(qm), 'the same logits after a sharded round trip');
   qm2.dispose();
@@ -199,6 +202,7 @@ t.test('dtype overrides: frozen weights as asked, activations float32', async (t
     const q = m.getModule('model.layers.0.self_attn.qkv_proj') as unknown as { weight: Tensor };
     t.equal(q.weight.dtype, dtype, `${dtype}: projections stored as ${dtype}`);
     t.equal((m.getModule('model.norm') as unknown as { weight: Tensor }).weight.dtype, 'float32', `${dtype}: norms float32`);
+    t.equal(m.backbone.inputEmbedding.dtype, dtype, `${dtype}: the embedding table stored as ${dtype}`);
     assertClose(t, logitsOf(m), ref, { atol: tol, rtol: tol }, `${dtype}: logits near the reference`);
     applyLora(m, { targetModules: 'all-linear', rank: 2, seed: 3 });
     for (const l of loraLayers(m).values()) l.loraB.assign(new Float32Array(l.loraB.size).fill(0.02));

@@ -206,6 +206,34 @@ function mergeBf16Cases(rng: Rng): string[] {
   return failures;
 }
 
+// Decode: x·Wᵀ for M = 1..16 rows with W fp32 or bf16 at sizes past the streaming path's
+// threshold for splitting W's rows over threads (64 KB) and below it, on 1 and 2 threads: y
+// within 1e-5·Σ|x·w| + 1e-6 of float64 over the same weight values.
+function decodeCases(rng: Rng): string[] {
+  const failures: string[] = [];
+  const shapes: [number, number, number][] = [[1, 577, 193], [2, 97, 1537], [3, 1537, 61], [8, 33, 40], [9, 577, 70], [16, 200, 300], [1, 31, 2050]];
+  for (const [M, C, OC] of shapes)
+    for (const dtype of ['float32', 'bfloat16'] as const)
+      for (const threads of [1, 2]) {
+        setNumThreads(threads);
+        const xh = f32(M * C, rng), Wh = f32(OC * C, rng, 0.5).map((v) => (dtype === 'bfloat16' ? bf16Round(v) : v));
+        const what = `decode x [${M}, ${C}] W [${OC}, ${C}] ${dtype} threads=${threads}`;
+        tidy(() => {
+          const y = linear(tensor(xh, [M, C]), tensor(Wh, [OC, C]).toDtype(dtype)).toFloat32Array();
+          for (let i = 0; i < y.length; i++) {
+            const n = Math.floor(i / OC), o = i % OC;
+            let r = 0, mag = 0;
+            for (let k = 0; k < C; k++) { const p = xh[n * C + k]! * Wh[o * C + k]!; r += p; mag += Math.abs(p); }
+            if (!(Math.abs(y[i]! - r) <= 1e-5 * mag + 1e-6)) {
+              failures.push(`${what}: y[${i}] = ${y[i]}, float64 ${r}`);
+              return;
+            }
+          }
+        });
+      }
+  return failures;
+}
+
 if (CHILD) {
   // One ISA level: the random sweep, then exit status says whether every case passed.
   const rng = new Rng(Number(process.env.LORA_NATIVE_GEMM_TEST_SEED ?? 1));
@@ -234,7 +262,7 @@ if (CHILD) {
       }
     }
   });
-  failures.push(...linearBf16Cases(rng), ...mergeBf16Cases(rng));
+  failures.push(...linearBf16Cases(rng), ...mergeBf16Cases(rng), ...decodeCases(rng));
   setNumThreads(before);
   // straight to fd 1: tap owns process.stdout in this file
   fs.writeSync(1, JSON.stringify({ isa: features().isa, cases: 2 * n, failures: failures.slice(0, 10), failed: failures.length }) + '\n');

@@ -4,8 +4,9 @@
 import t from 'tap';
 import {
   concat, crossEntropy, dropout, embedding, gelu, layerNorm, logSoftmax, memory, mse, rmsNorm, slice,
-  softmax, tensor, Tensor, LoraError, features,
+  noGrad, softmax, tensor, Tensor, LoraError, features,
 } from '../lib/index';
+import { bf16, f16 } from './ref/dtype_ref';
 import * as R from './ref/nn_ops_ref';
 
 type F64 = Float64Array;
@@ -173,6 +174,35 @@ t.test('embedding', (tt) => {
   tt.end();
 });
 
+t.test('embedding reads a bfloat16 or float16 table as stored', (tt) => {
+  const V = 37, C = 19; // awkward: neither a multiple of a vector
+  const table = R.randArray(V * C, 17, 3);
+  const ids = Int32Array.from({ length: 23 }, (_, i) => (i * 11) % V);
+  const idt = tensor(Float32Array.from(ids), [23], { dtype: 'int32' });
+  for (const [dtype, round] of [['bfloat16', bf16], ['float16', f16]] as const) {
+    const tb = tensor(Float32Array.from(table), [V, C], { dtype });
+    const y = embedding(idt, tb);
+    tt.equal(y.dtype, 'float32', `${dtype}: float32 out`);
+    tt.same(y.shape, [23, C]);
+    close(tt, y.toFloat32Array(), R.embeddingRef(round(table), ids, C), `${dtype}: the rows of the rounded table`, 0, 0);
+    // frozen: usable while gradients are recorded, and no gradient flows to it
+    tt.equal(y.requiresGrad, false, `${dtype}: a frozen table gives an output without a gradient`);
+    y.dispose();
+    // a 16-bit table that asks for a gradient: no kernel accumulates into one
+    tb.requiresGrad = true;
+    tt.throws(() => embedding(idt, tb), {
+      code: 'ERR_LORA_DTYPE', message: `Expected a float32 table for embedding() with a gradient but received a ${dtype} table that requires one (train a float32 copy: table.toDtype('float32'))`,
+    });
+    noGrad(() => embedding(idt, tb).dispose()); // nothing recorded: fine
+    tb.dispose();
+  }
+  const ti = tensor([1, 2, 3, 4], [2, 2], { dtype: 'int32' });
+  tt.throws(() => embedding(idt, ti), { code: 'ERR_LORA_DTYPE', message: 'Expected a float32, bfloat16 or float16 table for embedding() but received int32' });
+  ti.dispose();
+  idt.dispose();
+  tt.end();
+});
+
 t.test('dropout', (tt) => {
   const n = 1000, p = 0.3, seed = 12345;
   const x = R.f32(R.randArray(n, 17));
@@ -262,6 +292,13 @@ t.test('CUDA backend against the same references', { skip: cuda ? false : `no CU
   idt.dispose();
   close(tt, em.y, R.embeddingRef(table, ids, 5), 'embedding forward');
   close(tt, em.grads[0]!, R.embeddingBackwardRef(ids, 7, 5, Ge), 'embedding backward');
+  for (const [dtype, round] of [['bfloat16', bf16], ['float16', f16]] as const) {
+    const tb = tensor(Float32Array.from(table), [7, 5], { dtype, device: 'cuda' });
+    const ic = tensor(Float32Array.from(ids), [6], { dtype: 'int32', device: 'cuda' });
+    const y = embedding(ic, tb);
+    close(tt, y.toFloat32Array(), R.embeddingRef(round(table), ids, 5), `embedding forward, ${dtype} table`, 0, 0);
+    for (const x of [y, ic, tb]) x.dispose();
+  }
   const sm = run((a) => logSoftmax(a!), [[z, [N, V]]], null, 'cuda');
   close(tt, sm.y, R.softmaxRef(z, N, V, true), 'logSoftmax forward');
   const dr = run((a) => dropout(a!, 0.3, { seed: 77 }), [[x, [N, C]]], null, 'cuda');

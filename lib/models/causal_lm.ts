@@ -301,7 +301,8 @@ export function buildKeyMask(B: number, T: number, past: number, given: ArrayLik
     for (let t = 0; t < T; t++) m[b * S + past + t] = given ? given[b * T + t]! : 1;
   }
   for (const v of m) if (v !== 1) { all = false; break; }
-  return all && !cache ? null : m;
+  // every key real (the cache's too): no mask for the kernel to read (run() fills the cache's as 1)
+  return all ? null : m;
 }
 
 /**

@@ -484,7 +484,7 @@ export function attend(q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext, lay
 
 // ---- frozen layers made from checkpoint tensors ----------------------------------------------------
 
-/** A lookup table (nn.Embedding) over a given float32 weight [V, C]. */
+/** A lookup table (nn.Embedding) over a given weight [V, C] (float32, bfloat16 or float16), float32 out. */
 export class HfEmbedding extends Module {
   weight!: Tensor;
   constructor(weight: Tensor) {
@@ -528,9 +528,9 @@ export class HfLayerNorm extends Module {
 /** Where a family's builder gets its frozen tensors: by Hugging Face name, shape checked. */
 export interface WeightSource {
   /**
-   * The tensor stored under `name` with this shape. 'matrix' tensors (projections, embedding
-   * tables read by linear()) come in the model's dtype; 'vector' tensors (norms, biases) and
-   * 'table' tensors (read by the float32-only lookup kernel) in float32. `transposed`: the
+   * The tensor stored under `name` with this shape. 'matrix' tensors (projections) and 'table'
+   * tensors (embedding tables, read by the lookup kernel and by a tied head's linear()) come in
+   * the model's dtype; 'vector' tensors (norms, biases) in float32. `transposed`: the
    * checkpoint stores it as [shape[1], shape[0]] (GPT-2's Conv1D).
    */
   take(name: string, shape: number[], kind: 'matrix' | 'vector' | 'table', transposed?: boolean): Tensor;

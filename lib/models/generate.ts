@@ -76,6 +76,12 @@ function checkPrompts(promptIds: unknown, vocab: number): number[][] {
 /** Applies transformers' processors to one row's logits (float64) and picks a token. */
 export function pickToken(logits: Float32Array, history: Iterable<number>, s: Sampling, rng: Rng | null): number {
   const V = logits.length;
+  if ((s.temperature === 0 || !rng) && s.repetitionPenalty === 1) {
+    // greedy: the first maximum, as torch.argmax, read in place (float32 compares as float64 would)
+    let best = 0;
+    for (let i = 1; i < V; i++) if (logits[i]! > logits[best]!) best = i;
+    return best;
+  }
   const x = Float64Array.from(logits);
   if (s.repetitionPenalty !== 1)
     for (const id of new Set(history)) x[id] = x[id]! < 0 ? x[id]! * s.repetitionPenalty : x[id]! / s.repetitionPenalty;
@@ -185,6 +191,7 @@ export async function generate(model: CausalLM, promptIds: number[] | number[][]
     }
     return res;
   };
+  const padded = prompts.map((p) => p.length < L); // rows with left padding (their mask has zeros)
   const finished = new Array<boolean>(B).fill(false);
   const cache = model.createCache(B, total);
   let regime = '';
@@ -195,11 +202,11 @@ export async function generate(model: CausalLM, promptIds: number[] | number[][]
       const T = to - from;
       const ids: number[] = [];
       const pos = new Int32Array(B * T);
-      const keyMask = new Uint8Array(B * to);
+      let keyMask: Uint8Array | null = null; // null: no padding anywhere (the kernel skips the mask)
       for (let b = 0; b < B; b++) {
         ids.push(...seqs[b]!.slice(from, to));
         pos.set(positionsOf(b, from, to), b * T);
-        keyMask.set(masks[b]!.slice(0, to), b * to);
+        if (padded[b]) (keyMask ??= new Uint8Array(B * to).fill(1)).set(masks[b]!.slice(0, to), b * to);
       }
       let maxPos = 0;
       for (const p of pos) if (p > maxPos) maxPos = p;

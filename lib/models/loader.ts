@@ -128,7 +128,7 @@ class CheckpointWeights implements WeightSource {
       throw new LoraError('ERR_LORA_FORMAT', `Weight '${e.name}' in ${e.file} has shape ${shapeString(e.shape)} but ${this.arch} with this config.json expects ${shapeString(fileShape)}`);
     if (!isFloatDtype(e.dtype))
       throw new LoraError('ERR_LORA_FORMAT', `Weight '${e.name}' in ${e.file} holds ${e.dtype} values but a floating-point tensor was expected`);
-    const target = keep(empty(shape, this.device, kind === 'matrix' ? this.dtype : 'float32'));
+    const target = keep(empty(shape, this.device, kind === 'vector' ? 'float32' : this.dtype));
     this.jobs.push({ entry: e, target, transposed });
     return target;
   }
@@ -168,8 +168,9 @@ class CheckpointWeights implements WeightSource {
 /** Options of loadCausalLM(). */
 export interface LoadCausalLMOptions {
   /**
-   * How frozen projection weights are stored: default the checkpoint's torch_dtype. Norms, biases
-   * and embedding tables stay float32; activations and sums are float32 either way.
+   * How frozen projection weights and embedding tables are stored: default the checkpoint's
+   * torch_dtype (a tied head shares the one table). Norms and biases stay float32; activations and
+   * sums are float32 either way.
    */
   dtype?: WeightDtype;
   /** 'cpu' (default) or 'cuda'. */

@@ -4,7 +4,7 @@
 import { checkOptions, expectBoolean, expectInteger, expectNumber, LoraError } from '../errors';
 import { native } from '../native';
 import { defaultRng } from '../random';
-import { empty, expectTensor, record, saveFor, shapeString, Tensor, zeros } from '../tensor';
+import { empty, expectTensor, isGradEnabled, record, saveFor, shapeString, Tensor, zeros } from '../tensor';
 import { mul } from './elementwise';
 import { floatOnly, sameDevice } from './util';
 
@@ -95,15 +95,21 @@ export function rmsNorm(x: Tensor, weight: Tensor | null = null, eps = 1e-6, opt
 }
 
 /**
- * Rows of a table (V, C) picked by int32 ids of any shape: out has shape [...ids.shape, C].
- * The gradient scatters back into the table (repeated ids add up).
+ * Rows of a table (V, C) picked by int32 ids of any shape: out has shape [...ids.shape, C],
+ * float32. The table may be float32, or bfloat16 / float16 (a frozen table, e.g. a model loaded
+ * in that dtype, read as stored and widened row by row). The gradient of a float32 table scatters
+ * back into it (repeated ids add up).
  * @example embedding(tokenIds, weight)
- * @throws ERR_LORA_DTYPE when ids are not int32; LoraRangeError for an id outside [0, V).
+ * @throws ERR_LORA_DTYPE when ids are not int32, the table is int32, or a bfloat16/float16 table
+ *   requires a gradient; LoraRangeError for an id outside [0, V).
  */
 export function embedding(ids: Tensor, table: Tensor): Tensor {
   expectTensor('ids', ids);
   expectTensor('table', table);
-  floatOnly('embedding', table);
+  if (table.dtype === 'int32')
+    throw new LoraError('ERR_LORA_DTYPE', `Expected a float32, bfloat16 or float16 table for embedding() but received ${table.dtype}`);
+  if (table.dtype !== 'float32' && table.requiresGrad && isGradEnabled())
+    throw new LoraError('ERR_LORA_DTYPE', `Expected a float32 table for embedding() with a gradient but received a ${table.dtype} table that requires one (train a float32 copy: table.toDtype('float32'))`);
   sameDevice('embedding', ids, table);
   if (ids.dtype !== 'int32') throw new LoraError('ERR_LORA_DTYPE', `Expected int32 ids for embedding() but received ${ids.dtype} (create them with { dtype: 'int32' })`);
   if (table.ndim !== 2) throw new LoraError('ERR_LORA_SHAPE', `Expected a 2-D table [V, C] for embedding() but received ${shapeString(table.shape)}`);

@@ -29,7 +29,7 @@
 extern "C" {
 #endif
 
-#define LORA_BACKEND_ABI_VERSION 4  /* 4: attention takes the fused kernel's full problem; rms_norm and its backward take Gemma's weight offset */
+#define LORA_BACKEND_ABI_VERSION 5  /* 5: embedding reads a bf16/f16 table (table_dtype); 4: attention takes the fused kernel's full problem; rms_norm and its backward take Gemma's weight offset */
 
 typedef enum lora_status {
   LORA_OK = 0,
@@ -287,10 +287,11 @@ struct lora_backend {
                                    const float* w,     /* (C) or NULL */
                                    const float* rstd,  /* (N) */
                                    int64_t N, int64_t C, float offset);
-  /* out[n] = table[ids[n]] */
+  /* out[n] = float(table[ids[n]]); supports(EMBEDDING, dtype) is whether table_dtype may be dtype */
   lora_status (*embedding)(lora_backend* be,
                            float* out,          /* (N, C) */
-                           const float* table,  /* (V, C) */
+                           const void* table,   /* (V, C) in table_dtype (F32, BF16 or F16) */
+                           lora_dtype table_dtype,
                            const int32_t* ids,  /* (N) */
                            int64_t N, int64_t V, int64_t C);
   /* dtable[ids[n]] += dout[n] */

@@ -25,8 +25,8 @@ void register_nn(Registry& r) {
 
   const IdsCheck ids{"id", "V"}, targets{"target (or ignoreIndex)", "V"};
   r.kernel("embedding", LORA_OP_EMBEDDING, &lora_backend::embedding,
-           {tensor("out", kF32, "N*C"), tensor("table", kF32, "V*C"), tensor("ids", kI32, "N"), size("N"), size("V"),
-            size("C")},
+           {tensor("out", kF32, "N*C"), tensor("table", kF32 | kBF16 | kF16, "V*C"), dtype_of("table"),
+            tensor("ids", kI32, "N"), size("N"), size("V"), size("C")},
            nullptr, ids);
   r.kernel("embeddingBackward", LORA_OP_EMBEDDING_BACKWARD, &lora_backend::embedding_backward,
            {tensor("dtable", kF32, "V*C"), tensor("dout", kF32, "N*C"), tensor("ids", kI32, "N"), size("N"),

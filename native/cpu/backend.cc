@@ -96,9 +96,11 @@ void destroy(lora_backend* be) {
 const char* last_error(lora_backend*) { return ""; }
 bool unusable(lora_backend*) { return false; }
 
-// Every entry computes in fp32; the weight-reading ones (LoRA kernels, gemm's B) also read bf16.
+// Every entry computes in fp32; the weight-reading ones (LoRA kernels, gemm's B) also read bf16,
+// the embedding lookup bf16 and f16 tables.
 bool supports(lora_backend* be, int32_t op, int32_t dtype) {
   switch (op) {
+    case LORA_OP_EMBEDDING: return dtype == LORA_F32 || dtype == LORA_BF16 || dtype == LORA_F16;
     case LORA_OP_LORA_FORWARD: case LORA_OP_LORA_BACKWARD: case LORA_OP_LORA_MERGE:
       return dtype == LORA_F32 || dtype == LORA_BF16;
     case LORA_OP_GEMM: return dtype == LORA_F32 ? be->gemm != nullptr : dtype == LORA_BF16 && be->gemm_bf16 != nullptr;

@@ -85,6 +85,9 @@ namespace {
 constexpr int64_t kSmallM = kDecodeRows;
 constexpr int64_t kSmallMax = kSmallM;
 constexpr int64_t kNarrowN = 32;
+// Bytes of B from which the streaming path splits its columns across threads however few FMAs it
+// does: 64 KB take one core ~3 µs from DRAM, several times a spinning worker's pick-up time.
+constexpr int64_t kStreamParallelBytes = 64 << 10;
 // Column block of B when decode rows take two kernel calls: 32 rows of a 4096-wide W (512 KB)
 // stay in L2 between the calls.
 constexpr int64_t kDecodeN = 32;
@@ -510,7 +513,11 @@ void gemm_ex(ThreadPool& pool, const GemmArgs& g) {
     if (padded(t.short_m) * 10 < best * 9) kern = &t.short_m;
   }
   const int64_t work = g.M * (g.N * (g.K + g.K2 + 1) + (g.H ? g.NH * g.K : 0));
-  const bool serial = work < gemm_blocking().parallel_min_flops || pool.size() == 1;
+  // The streaming path is bound by reading B, not by its few FMAs per element: a second core adds
+  // its own share of the memory bandwidth, worth it from kStreamParallelBytes of B on.
+  const int64_t b_bytes = g.N * g.K * (g.b_bf16 ? 2 : 4);
+  const bool serial = pool.size() == 1 ||
+                      (work < gemm_blocking().parallel_min_flops && !(small && b_bytes >= kStreamParallelBytes));
   auto splits_n = [&](int nt) {
     if (small) return g.M <= kSmallMax && g.N > kNarrowN;
     if (g.M < kern->mr * nt) return true;

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <vector>
 
+#include "../backend/half.h"
 #include "cpu.h"
 
 namespace lora {
@@ -180,12 +181,26 @@ lora_status rms_norm_backward(lora_backend* be, float* dx, float* dw, const floa
   return LORA_OK;
 }
 
-lora_status embedding(lora_backend* be, float* out, const float* table, const int32_t* ids,
-                      int64_t N, int64_t V, int64_t C) {
+lora_status embedding(lora_backend* be, float* out, const void* table, lora_dtype table_dtype,
+                      const int32_t* ids, int64_t N, int64_t V, int64_t C) {
   ThreadPool& pool = cpu_pool(be);
+  if (table_dtype != LORA_F32 && table_dtype != LORA_BF16 && table_dtype != LORA_F16) return LORA_UNSUPPORTED;
   if (!ids_in_range(ids, N, V, false, 0)) return LORA_INVALID_ARGUMENT;
   pool.parallel_for(N, row_grain(C), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) std::copy(table + int64_t(ids[r]) * C, table + (int64_t(ids[r]) + 1) * C, out + r * C);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t row = int64_t(ids[r]) * C;
+      float* o = out + r * C;
+      if (table_dtype == LORA_F32) {
+        const float* t = static_cast<const float*>(table) + row;
+        std::copy(t, t + C, o);
+      } else if (table_dtype == LORA_BF16) {
+        const uint16_t* t = static_cast<const uint16_t*>(table) + row;
+        for (int64_t j = 0; j < C; ++j) o[j] = bf16_to_float(t[j]);
+      } else {
+        const uint16_t* t = static_cast<const uint16_t*>(table) + row;
+        for (int64_t j = 0; j < C; ++j) o[j] = f16_to_float(t[j]);
+      }
+    }
   });
   return LORA_OK;
 }

@@ -1,11 +1,8 @@
 // A small persistent thread pool for the CPU kernels: run(fn) calls fn(tid, nthreads) on every
-// worker (the caller is worker 0) and returns when all are done. One pool per addon instance
-// (worker_threads each get their own); it is not a task scheduler.
-// Between jobs a worker spins for a short while (kSpinMicros) before it sleeps on the condition
-// variable, and the caller spins likewise before sleeping until the workers are done: a model's
-// forward pass runs hundreds of sub-millisecond kernels back to back, and waking a sleeping thread
-// (futex, scheduler) cost tens of microseconds per kernel, with the whole job waiting for the
-// late starter.
+// worker (the caller is worker 0) and returns when all are done. Workers sleep between jobs, after
+// spinning briefly: decode runs hundreds of small parallel kernels back to back, and a wake-up
+// through the condition variable costs more than such a kernel (tens of µs on a VM). One pool per
+// addon instance (worker_threads each get their own); it is not a task scheduler.
 #pragma once
 
 #include <algorithm>
@@ -35,7 +32,7 @@ class ThreadPool {
     if (threads == size_) return;
     stop_workers();
     size_ = threads;
-    stopping_.store(false);
+    stopping_ = false;
     // New workers start at the current generation: a job that already ran is not theirs to run.
     const uint64_t gen = generation_.load();
     for (int t = 1; t < size_; ++t) workers_.emplace_back([this, t, gen] { worker_loop(t, gen); });
@@ -51,15 +48,19 @@ class ThreadPool {
       std::unique_lock<std::mutex> lock(mu_);
       job_ = &fn;
       pending_.store(size_ - 1, std::memory_order_relaxed);
-      generation_.fetch_add(1, std::memory_order_release);  // spinning workers start here
+      generation_.store(generation_.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+      // a worker that sleeps needs the notify; a spinning one sees the generation change
+      if (sleepers_ > 0) cv_start_.notify_all();
     }
-    cv_start_.notify_all();
     in_job() = true;
     fn(0, size_);
     in_job() = false;
-    spin_until([this] { return pending_.load(std::memory_order_acquire) == 0; });
+    // the workers usually finish within the spin: then no lock and no futex
+    if (!spin_until([this] { return pending_.load(std::memory_order_acquire) == 0; })) {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_done_.wait(lock, [this] { return pending_.load(std::memory_order_acquire) == 0; });
+    }
     std::unique_lock<std::mutex> lock(mu_);
-    cv_done_.wait(lock, [this] { return pending_.load(std::memory_order_acquire) == 0; });
     job_ = nullptr;
   }
 
@@ -79,45 +80,46 @@ class ThreadPool {
   }
 
  private:
-  // How long a thread spins for the next job (or the caller for the workers) before it sleeps.
-  static constexpr int64_t kSpinMicros = 100;
-
-  // Spins until ready() or kSpinMicros pass, yielding the core every 16 pauses (a busy machine runs
-  // its other threads meanwhile); returns ready(). (OpenMP runtimes spin likewise, for longer.)
-  template <typename Ready>
-  static bool spin_until(Ready ready) {
-    const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicros);
+  // Spins on ready() for up to kSpin; true when it became true meanwhile.
+  template <typename F>
+  static bool spin_until(F ready) {
+    // 50 µs: longer than the gap between two kernels of a decode step, short enough that an idle
+    // pool gives its cores back at once (beside other processes on a 2-core machine)
+    constexpr auto kSpin = std::chrono::microseconds(50);
+    const auto end = std::chrono::steady_clock::now() + kSpin;
     for (int i = 0;; ++i) {
       if (ready()) return true;
-      if ((i & 15) == 15) {
-        if (std::chrono::steady_clock::now() >= until) return ready();
-        std::this_thread::yield();
-      }
+      if (i < 256) {
 #if defined(__x86_64__) || defined(__i386__)
-      __builtin_ia32_pause();
+        __builtin_ia32_pause();
 #endif
+        continue;
+      }
+      // past a few µs, yield between checks: on a busy machine the thread we wait for may need
+      // this core (a bare spin would hold it for the whole kSpin)
+      if (std::chrono::steady_clock::now() >= end) return false;
+      std::this_thread::yield();
     }
   }
 
   void worker_loop(int tid, uint64_t seen) {
     for (;;) {
       const std::function<void(int, int)>* job;
-      auto started = [&] {
-        return stopping_.load(std::memory_order_acquire) || generation_.load(std::memory_order_acquire) != seen;
-      };
-      spin_until(started);
+      spin_until([&] { return generation_.load(std::memory_order_acquire) != seen; });
       {
         std::unique_lock<std::mutex> lock(mu_);
-        cv_start_.wait(lock, started);
-        if (stopping_.load()) return;
-        seen = generation_.load();
+        ++sleepers_;
+        cv_start_.wait(lock, [&] { return stopping_ || generation_.load(std::memory_order_relaxed) != seen; });
+        --sleepers_;
+        if (stopping_) return;
+        seen = generation_.load(std::memory_order_relaxed);
         job = job_;
       }
       in_job() = true;
       (*job)(tid, size_);
       in_job() = false;
       if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-        // under the lock: the caller checks pending_ under it before it sleeps
+        // the caller may be asleep on cv_done_: notify under the lock so the wake is not lost
         std::unique_lock<std::mutex> lock(mu_);
         cv_done_.notify_one();
       }
@@ -127,7 +129,7 @@ class ThreadPool {
   void stop_workers() {
     {
       std::unique_lock<std::mutex> lock(mu_);
-      stopping_.store(true);
+      stopping_ = true;
     }
     cv_start_.notify_all();
     for (auto& w : workers_) w.join();
@@ -141,9 +143,10 @@ class ThreadPool {
   }
 
   int size_ = 0;
-  std::atomic<bool> stopping_{false};
+  bool stopping_ = false;
   std::atomic<uint64_t> generation_{0};
   std::atomic<int> pending_{0};
+  int sleepers_ = 0;  // workers waiting on cv_start_ (guarded by mu_)
   const std::function<void(int, int)>* job_ = nullptr;
   std::mutex mu_;
   std::condition_variable cv_start_, cv_done_;

@@ -5,7 +5,7 @@
 // autograd and its argument errors). Not a test file itself.
 import { rope, tensor, tidy, zeros } from '../../lib/index';
 import type { Device, Input, ParityCase, Tol } from '../parity/suite';
-import { seeded } from './dtype_ref';
+import { bf16, f16, seeded } from './dtype_ref';
 
 export type F64 = Float64Array;
 
@@ -443,6 +443,15 @@ function nnCases(): ParityCase[] {
         expect: { dtable: embeddingBackwardRef(ids, V, C, dout).map((v, i) => v + dt0[i]!) }, tol: NN_TOL,
       }),
     });
+    // a frozen table stored as bf16 / f16 (a model loaded in that dtype): the rows of the rounded
+    // table, widened exactly
+    for (const [dtype, round] of [['bfloat16', bf16], ['float16', f16]] as const)
+      cases.push({
+        name: `embedding, ${dtype} table (${N} ids of ${V}, ${C})`, build: () => ({
+          inputs: { table: { data: table, dtype }, ids: { data: ids, dtype: 'int32' } }, outputs: { out: N * C },
+          calls: [['embedding', '$out', '$table', '$ids', N, V, C]], expect: { out: embeddingRef(round(table), ids, C) }, tol: { atol: 0, rtol: 0 },
+        }),
+      });
     cases.push({
       name: 'embedding rejects an id out of range', build: () => ({
         inputs: { table: { data: table }, ids: { data: [3, V], dtype: 'int32' } }, outputs: { out: 2 * C },
