@@ -199,7 +199,7 @@ __global__ void __launch_bounds__(kNnThreads)
   const int32_t t = targets[r];
   loss[r] = t == ignore_index ? 0.0f
                               : static_cast<float>(l - (1.0 - smoothing) * z[t] -
-                                                   smoothing * sz / static_cast<double>(V));
+                                                   (smoothing != 0.0f ? smoothing * sz / static_cast<double>(V) : 0.0));
 }
 
 // dlogits = dloss[n]·(softmax(z) - q)  (0 for ignored rows)
