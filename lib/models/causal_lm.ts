@@ -102,7 +102,7 @@ export class CausalLM extends Module {
    *
    * @example
    * model.gradientCheckpointing = true;
-   * tidy(() => causalLmLoss(model.forward(ids), labels).backward());
+   * tidy(() => model.loss(ids, labels).backward());
    * @throws LoraTypeError when set to anything but a boolean.
    */
   get gradientCheckpointing(): boolean {

@@ -308,7 +308,7 @@ struct lora_backend {
                                const float* logits,     /* (N, V) */
                                const int32_t* targets,  /* (N) */
                                int64_t N, int64_t V, int32_t ignore_index, float smoothing);
-  /* dlogits = dloss[n]·(softmax(z) - q)  (0 for ignored rows) */
+  /* dlogits = dloss[n]·(softmax(z) - q)  (0 for ignored rows); dlogits may be logits (in place) */
   lora_status (*cross_entropy_backward)(lora_backend* be,
                                         float* dlogits,          /* (N, V) */
                                         const float* dloss,      /* (N) */

@@ -225,9 +225,13 @@ LORA_VECTOR_CLONES void ce_row_sums(const float* __restrict z, int64_t V, float 
   *sz = zs;
 }
 
-// d = g·(exp(z - l) - u) over one row
+// d = g·(exp(z - l) - u) over one row; d = z in place has its own loop (a possible overlap would
+// make the compiler fall back to scalar code)
 LORA_VECTOR_CLONES void ce_row_grad(float* __restrict d, const float* __restrict z, int64_t V, float g, float l, float u) {
   for (int64_t j = 0; j < V; ++j) d[j] = g * (exp_or_zero(z[j] - l) - u);
+}
+LORA_VECTOR_CLONES void ce_row_grad_in_place(float* __restrict d, int64_t V, float g, float l, float u) {
+  for (int64_t j = 0; j < V; ++j) d[j] = g * (exp_or_zero(d[j] - l) - u);
 }
 
 lora_status cross_entropy(lora_backend* be, float* loss, float* lse, const float* logits,
@@ -269,7 +273,8 @@ lora_status cross_entropy_backward(lora_backend* be, float* dlogits, const float
         continue;
       }
       const float g = dloss[r];
-      ce_row_grad(d, logits + r * V, V, g, lse[r], smoothing / float(V));
+      if (d == logits + r * V) ce_row_grad_in_place(d, V, g, lse[r], smoothing / float(V));
+      else ce_row_grad(d, logits + r * V, V, g, lse[r], smoothing / float(V));
       d[t] -= g * (1.0f - smoothing);
     }
   });

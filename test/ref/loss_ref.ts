@@ -5,6 +5,7 @@
 // other than 1, and its argument errors. Not a test file itself.
 import { linearCrossEntropy, tensor, tidy, zeros } from '../../lib/index';
 import type { Device, ParityCase, Tol } from '../parity/suite';
+import { linear } from './causal_lm_ref';
 import { bf16, f16, seeded } from './dtype_ref';
 import { crossEntropyBackwardRef, crossEntropyRef, F64, finiteDiff } from './nn_ops_ref';
 
@@ -16,18 +17,6 @@ export interface HeadLossRef {
   db: F64;
 }
 
-/** z = x·wᵀ + b (x [N, C], w [V, C], b [V] or null). */
-export function headLogitsRef(x: F64, w: F64, b: F64 | null, N: number, V: number, C: number): F64 {
-  const z = new Float64Array(N * V);
-  for (let n = 0; n < N; n++)
-    for (let v = 0; v < V; v++) {
-      let s = b ? b[v]! : 0;
-      for (let c = 0; c < C; c++) s += x[n * C + c]! * w[v * C + c]!;
-      z[n * V + v] = s;
-    }
-  return z;
-}
-
 /**
  * loss = crossEntropy(x·wᵀ + b, t) with its reduction; the gradients of g·loss:
  * dz from the cross-entropy reference, dx = dz·w, dw = dzᵀ·x, db = Σ_n dz.
@@ -35,7 +24,7 @@ export function headLogitsRef(x: F64, w: F64, b: F64 | null, N: number, V: numbe
 export function linearCrossEntropyRef(x: F64, w: F64, b: F64 | null, t: Int32Array, V: number, C: number, ignore: number, eps: number,
   reduction: 'mean' | 'sum', g = 1): HeadLossRef {
   const N = t.length;
-  const z = headLogitsRef(x, w, b, N, V, C);
+  const z = linear(x, N, C, w, V, b ?? undefined); // x·wᵀ + b
   const loss = crossEntropyRef(z, t, V, ignore, eps, reduction)[0]!;
   const dz = crossEntropyBackwardRef(z, t, V, ignore, eps, reduction, Float64Array.of(g));
   const dx = new Float64Array(N * C), dw = new Float64Array(V * C), db = new Float64Array(V);

@@ -491,6 +491,14 @@ function nnCases(): ParityCase[] {
         expect: { dz: crossEntropyBackwardRef(z, targets, V, -100, 0, 'none', dl) }, tol: NN_TOL,
       }),
     });
+    cases.push({
+      name: `crossEntropyBackward in place (${N}, ${V}) (the gradient over the logits)`, build: () => ({
+        inputs: { z: { data: z }, t: { data: targets, dtype: 'int32' }, lse: { data: rowLse(z, N, V) }, dl: { data: dl } },
+        outputs: {},
+        calls: [['crossEntropyBackward', '$z', '$dl', '$z', '$lse', '$t', N, V, -100, 0]],
+        expect: { z: crossEntropyBackwardRef(z, targets, V, -100, 0, 'none', dl) }, tol: NN_TOL,
+      }),
+    });
   }
   // RoPE: full and partial rotary dims, positions of left-padded batches and of cached decoding
   // (a large offset: the float32 angle is the contract), attention scaling, in place.
