@@ -2,7 +2,8 @@
 // output of bench/torch_llm.py: loads the Hugging Face folder with loadCausalLM, then
 //   prefill: T=512 B=1, the last position's logits (as generate() asks for)
 //   decode: B=1|8 prompt=128 steps=32 with a KV cache; only the steps are timed
-//   train: B=4 T=256, LoRA r=16 alpha=32 on every projection, AdamW, gc=0|1 (gradient checkpointing)
+//   train: B=4 T=256, LoRA r=16 alpha=32 on every projection, AdamW, gc=0|1 (gradient checkpointing),
+//          fused=1|0 (model.loss: head + cross-entropy in row chunks, default; 0: causalLmLoss on the logits)
 //   node dist/bench/llm_child.js CASE CONFIG DTYPE THREADS REPS WARMUP DIR [key=value ...]
 // Prints one JSON line: medianMs, minMs, reps, rssAfterLoadMB, peakRssMB, tokens, tokensPerS.
 import * as fs from 'fs';
@@ -75,11 +76,11 @@ async function main(): Promise<void> {
     const opt = new AdamW(model.parameters(), { lr: 1e-4 });
     const x = ids(B, T, V, 7);
     fn = () => {
-      tidy(() => causalLmLoss(model.forward(x), x).backward());
+      tidy(() => (kv.fused === '0' ? causalLmLoss(model.forward(x), x) : model.loss(x, x)).backward());
       opt.step();
       opt.zeroGrad();
     };
-    Object.assign(out, { B, T, rank: r, gc: model.gradientCheckpointing, trainable: model.parameters().reduce((s, p) => s + p.size, 0), tokens: B * T });
+    Object.assign(out, { B, T, rank: r, gc: model.gradientCheckpointing, fused: kv.fused !== '0', trainable: model.parameters().reduce((s, p) => s + p.size, 0), tokens: B * T });
   } else {
     throw new Error(`unknown case ${name}`);
   }

@@ -2,7 +2,8 @@
 // kernels run synchronously inside them), runs steps of bench/llm_child.ts's train case, and prints
 // the time per binding function, per autograd phase (forward, backward, optimizer) and what is left
 // for TypeScript (the step's wall time minus the time inside the binding).
-//   node dist/bench/llm_profile.js DIR [fp32|bf16] [gc=0|1] [steps=2] [B=4] [T=256]
+//   node dist/bench/llm_profile.js DIR [fp32|bf16] [gc=0|1] [steps=2] [B=4] [T=256] [fused=1|0]
+// (fused=0: causalLmLoss on the logits instead of model.loss)
 import { AdamW, applyLora, causalLmLoss, loadCausalLM, loraLayers, setNumThreads, tensor, tidy } from '../lib/index';
 import { native } from '../lib/native';
 import { randomF32 } from './common';
@@ -23,7 +24,7 @@ async function main(): Promise<void> {
   const step = (phase: (p: string) => void) => {
     tidy(() => {
       phase('forward');
-      const loss = causalLmLoss(model.forward(x), x);
+      const loss = kv.fused === '0' ? causalLmLoss(model.forward(x), x) : model.loss(x, x);
       phase('backward');
       loss.backward();
       phase('tidy');

@@ -204,13 +204,14 @@ __global__ void __launch_bounds__(kNnThreads)
   const int32_t t = targets[r];
   loss[r] = t == ignore_index ? 0.0f
                               : static_cast<float>(l - (1.0 - smoothing) * z[t] -
-                                                   smoothing * sz / static_cast<double>(V));
+                                                   (smoothing != 0.0f ? smoothing * sz / static_cast<double>(V) : 0.0));
 }
 
-// dlogits = dloss[n]·(softmax(z) - q)  (0 for ignored rows)
-__global__ void cross_entropy_backward_kernel(float* __restrict__ dlogits,         // (N, V)
+// dlogits = dloss[n]·(softmax(z) - q)  (0 for ignored rows); dlogits may be logits (each thread
+// reads its element before writing it), so those two are not __restrict__
+__global__ void cross_entropy_backward_kernel(float* dlogits,                      // (N, V)
                                               const float* __restrict__ dloss,     // (N)
-                                              const float* __restrict__ logits,    // (N, V)
+                                              const float* logits,                 // (N, V)
                                               const float* __restrict__ lse,       // (N)
                                               const int32_t* __restrict__ targets, // (N)
                                               int64_t V, int32_t ignore_index, float smoothing) {

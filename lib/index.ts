@@ -90,7 +90,7 @@ export type { MlxExportOptions, MlxExportResult } from './export/mlx';
 export { writeGguf } from './export/gguf_writer';
 export type { GgufValue, GgufTensor, GgufScalarType, GgufTensorType } from './export/gguf_writer';
 export { CausalLM, causalLmLoss } from './models/causal_lm';
-export type { ForwardOptions, WeightDtype } from './models/causal_lm';
+export type { ForwardOptions, LossOptions, WeightDtype } from './models/causal_lm';
 export { KVCache } from './models/common';
 export type { GenerateOptions } from './models/generate';
 export { loadCausalLM, saveCausalLM, SUPPORTED_ARCHITECTURES } from './models/loader';

@@ -4,7 +4,7 @@
 // translates into train()'s options; the loop, checkpoints and progress stay in train.ts.
 import { Batch, Dataset, DatasetSplits } from './data';
 import { checkOptions, expectBoolean, expectInteger, expectNumber, LoraError, typeError } from './errors';
-import { CausalLM, causalLmLoss } from './models/causal_lm';
+import { CausalLM } from './models/causal_lm';
 import { saveFor, Tensor, tensor } from './tensor';
 import type { TrainOptions } from './train';
 
@@ -29,8 +29,9 @@ const PASSED = ['optimizer', 'schedule', 'clipGradNorm', 'gradientAccumulation',
 
 /**
  * The loss of a Dataset batch for a causal LM: the batch's ids, attention mask, positions (and
- * segment ids when packed) through model.forward(), then {@link causalLmLoss} against its labels —
- * the mean over the tokens the batch counts (`batch.numLabels`).
+ * segment ids when packed) through {@link CausalLM.loss} against its labels (the head and the
+ * cross-entropy in row chunks; the value of causalLmLoss on model.forward()'s logits) — the mean
+ * over the tokens the batch counts (`batch.numLabels`).
  * @example const loss = datasetLoss(model, batch); loss.backward();
  */
 export function datasetLoss(model: CausalLM, batch: Batch): Tensor {
@@ -46,8 +47,7 @@ export function datasetLoss(model: CausalLM, batch: Batch): Tensor {
   const segmentIds = batch.segmentIds ? t(batch.segmentIds) : undefined;
   let loss: Tensor | null = null;
   try {
-    const logits = model.forward(ids, segmentIds ? { attentionMask, positionIds, segmentIds } : { attentionMask, positionIds });
-    loss = causalLmLoss(logits, labels);
+    loss = model.loss(ids, labels, segmentIds ? { attentionMask, positionIds, segmentIds } : { attentionMask, positionIds });
     return saveFor(loss, ids); // the ids go with the loss (the embedding's backward may read them)
   } finally {
     // the rest was read on the host

@@ -6,7 +6,7 @@
 import { checkOptions, expectBoolean, LoraError, rangeError, typeError } from '../errors';
 import { Module } from '../module';
 import { Linear } from '../nn';
-import { crossEntropy, slice } from '../ops';
+import { crossEntropy, linearCrossEntropy, slice } from '../ops';
 import { Device, isGradEnabled, saveFor, shapeString, Tensor, tensor, tidy } from '../tensor';
 import { ConfigReader, ForwardContext, KVCache, WeightSource } from './common';
 import { generate, GenerateOptions } from './generate';
@@ -56,6 +56,9 @@ export interface ForwardOptions {
   segmentIds?: Tensor;
 }
 
+/** Options of CausalLM.loss(): forward()'s, without a cache. */
+export type LossOptions = Omit<ForwardOptions, 'cache'>;
+
 /** @internal the key loadCausalLM() passes to the constructor */
 export const CONSTRUCT_CAUSAL_LM = Symbol('lora-native.CausalLM');
 
@@ -99,7 +102,7 @@ export class CausalLM extends Module {
    *
    * @example
    * model.gradientCheckpointing = true;
-   * tidy(() => causalLmLoss(model.forward(ids), labels).backward());
+   * tidy(() => model.loss(ids, labels).backward());
    * @throws LoraTypeError when set to anything but a boolean.
    */
   get gradientCheckpointing(): boolean {
@@ -152,20 +155,48 @@ export class CausalLM extends Module {
     const o = checkOptions<ForwardOptions>('CausalLM.forward()', options, ['attentionMask', 'positionIds', 'cache', 'segmentIds']);
     const [B, T] = checkIds(ids);
     const cache = o.cache === undefined ? null : this.checkCache(o.cache, B, T);
-    let segments: Int32Array | null = null;
-    if (o.segmentIds !== undefined) {
-      if (cache) throw new LoraError('ERR_LORA_OPTION', 'Expected segmentIds (packed rows) or a cache for CausalLM.forward(), not both');
-      segments = intData('segmentIds', o.segmentIds);
-      if (o.segmentIds.ndim !== 2 || o.segmentIds.shape[0] !== B || o.segmentIds.shape[1] !== T)
-        throw new LoraError('ERR_LORA_SHAPE', `Expected segmentIds of shape [${B}, ${T}] but received ${shapeString(o.segmentIds.shape)}`);
-      for (const v of segments) if (v < 0) throw rangeError('segmentIds', 'values >= 0', v);
-    }
-    const past = cache ? cache.length : 0;
-    const positions = o.positionIds === undefined ? defaultPositions(B, T, past) : readPositions(o.positionIds, B, T);
-    let given: Int32Array | null = null;
-    if (o.attentionMask !== undefined) given = readMask(o.attentionMask, B, T, past);
-    const keyMask = buildKeyMask(B, T, past, given, cache);
+    const { positions, keyMask, segments } = readInputs(o, B, T, cache);
     return this.run(ids, positions, keyMask, cache, false, segments);
+  }
+
+  /**
+   * The causal-LM loss of ids against labels, as `causalLmLoss(model.forward(ids, options),
+   * labels)` gives it (shift by one, -100 ignored, the mean over counted tokens, NaN when none
+   * counts), without the [B, T, vocab] logits: the final hidden states go through the head and
+   * the cross-entropy a chunk of rows at a time ({@link linearCrossEntropy}), so training holds a
+   * few MB of logits instead of two logits-sized tensors (400 MB at batch 4 x 256, vocab 49152).
+   * Positions whose label is ignored compute no logits. A head with a LoRA adapter (or another
+   * module than a plain Linear) takes the unfused path and gives the same loss.
+   *
+   * @example
+   * const loss = model.loss(ids, labels, { attentionMask }); loss.backward();
+   * @throws what forward() throws for ids and options (no cache here); ERR_LORA_SHAPE when labels
+   *   are not [B, T]; ERR_LORA_DTYPE for non-int32 labels; LoraRangeError for a label outside
+   *   [0, vocab) other than -100.
+   */
+  loss(ids: Tensor, labels: Tensor, options?: LossOptions): Tensor {
+    const o = checkOptions<LossOptions>('CausalLM.loss()', options, ['attentionMask', 'positionIds', 'segmentIds']);
+    const [B, T] = checkIds(ids);
+    const head = this.getModule('lm_head');
+    if (!(head instanceof Linear) || Object.getPrototypeOf(head) !== Linear.prototype) {
+      const pass = () => causalLmLoss(this.forward(ids, o), labels);
+      return isGradEnabled() && this.parameters().length > 0 ? pass() : tidy(pass);
+    }
+    const targets = shiftedLabels(labels, B, T);
+    try {
+      const V = this.vocabSize;
+      for (const v of targets.toFloat32Array()) if (v !== -100 && (v < 0 || v >= V)) throw rangeError('labels', `token ids between 0 and ${V - 1} (or -100)`, v);
+      const { positions, keyMask, segments } = readInputs(o, B, T, null);
+      const ctx = new ForwardContext(B, T, positions, keyMask, null, this.device);
+      ctx.segmentIds = segments;
+      const recording = isGradEnabled() && this.parameters().length > 0;
+      ctx.checkpointLayers = recording && this.checkpointing;
+      ctx.inference = !recording;
+      const pass = () => linearCrossEntropy(this.backbone.hidden(ids, ctx), head.weight, targets, { bias: head.bias });
+      return recording ? pass() : tidy(pass);
+    } finally {
+      targets.dispose(); // read on the host; the loss keeps its gradients, not its targets
+    }
   }
 
   /**
@@ -278,6 +309,32 @@ function readPositions(t: Tensor, B: number, T: number): Int32Array {
   return out;
 }
 
+/** int32 [B, T] targets: labels[b, t + 1] at t, -100 at the last position of each row. */
+function shiftedLabels(labels: Tensor, B: number, T: number, logitsShape?: readonly number[]): Tensor {
+  const data = intData('labels', labels);
+  if (labels.ndim !== 2 || labels.shape[0] !== B || labels.shape[1] !== T)
+    throw new LoraError('ERR_LORA_SHAPE', `Expected labels of shape [${B}, ${T}] for ${logitsShape ? `logits of shape ${shapeString(logitsShape)}` : `ids of shape [${B}, ${T}]`} but received ${shapeString(labels.shape)}`);
+  const shifted = new Float32Array(B * T).fill(-100);
+  for (let b = 0; b < B; b++) for (let t = 0; t + 1 < T; t++) shifted[b * T + t] = data[b * T + t + 1]!;
+  return tensor(shifted, [B, T], { dtype: 'int32', device: labels.device });
+}
+
+/** Host-side positions, key mask and segment ids of forward()'s or loss()'s options. */
+function readInputs(o: LossOptions, B: number, T: number, cache: KVCache | null): { positions: Int32Array; keyMask: Uint8Array | null; segments: Int32Array | null } {
+  let segments: Int32Array | null = null;
+  if (o.segmentIds !== undefined) {
+    if (cache) throw new LoraError('ERR_LORA_OPTION', 'Expected segmentIds (packed rows) or a cache for CausalLM.forward(), not both');
+    segments = intData('segmentIds', o.segmentIds);
+    if (o.segmentIds.ndim !== 2 || o.segmentIds.shape[0] !== B || o.segmentIds.shape[1] !== T)
+      throw new LoraError('ERR_LORA_SHAPE', `Expected segmentIds of shape [${B}, ${T}] but received ${shapeString(o.segmentIds.shape)}`);
+    for (const v of segments) if (v < 0) throw rangeError('segmentIds', 'values >= 0', v);
+  }
+  const past = cache ? cache.length : 0;
+  const positions = o.positionIds === undefined ? defaultPositions(B, T, past) : readPositions(o.positionIds, B, T);
+  const given = o.attentionMask === undefined ? null : readMask(o.attentionMask, B, T, past);
+  return { positions, keyMask: buildKeyMask(B, T, past, given, cache), segments };
+}
+
 /** The mask of this pass's tokens [B, T] (a [B, past + T] mask gives its last T columns). */
 function readMask(t: Tensor, B: number, T: number, past: number): Int32Array {
   const data = intData('attentionMask', t);
@@ -322,12 +379,7 @@ export function causalLmLoss(logits: Tensor, labels: Tensor): Tensor {
   logits._live('logits');
   if (logits.ndim !== 3) throw new LoraError('ERR_LORA_SHAPE', `Expected logits of shape [batch, seq, vocab] but received ${shapeString(logits.shape)}`);
   const [B, T] = logits.shape as [number, number, number];
-  const data = intData('labels', labels);
-  if (labels.ndim !== 2 || labels.shape[0] !== B || labels.shape[1] !== T)
-    throw new LoraError('ERR_LORA_SHAPE', `Expected labels of shape [${B}, ${T}] for logits of shape ${shapeString(logits.shape)} but received ${shapeString(labels.shape)}`);
-  const shifted = new Float32Array(B * T).fill(-100);
-  for (let b = 0; b < B; b++) for (let t = 0; t + 1 < T; t++) shifted[b * T + t] = data[b * T + t + 1]!;
-  const targets = tensor(shifted, [B, T], { dtype: 'int32', device: labels.device });
+  const targets = shiftedLabels(labels, B, T, logits.shape);
   let loss: Tensor;
   try {
     loss = crossEntropy(logits, targets, { ignoreIndex: -100 });

@@ -1,10 +1,10 @@
 // The matrix products: matmul (NumPy semantics, batched) and linear (x·Wᵀ + b, the frozen base of a
 // LoRA layer and the Linear module's op; a bf16 weight is read as stored where the backend can).
 import { LoraError } from '../errors';
-import { DEVICE_ID, DTYPE_ID, native, OP, REDUCE_OP } from '../native';
+import { native, REDUCE_OP } from '../native';
 import { empty, expectTensor, numelOf, record, sameShape, saveFor, shapeString, Tensor } from '../tensor';
 import { reshape } from './shape';
-import { floatOnly, sameDevice, sumTo } from './util';
+import { floatOnly, gemmWeight, sameDevice, sumTo } from './util';
 
 /**
  * Matrix product with NumPy semantics: (..., M, K) @ (K, N) or batched (..., M, K) @ (..., K, N)
@@ -72,22 +72,6 @@ export function matmul(a: Tensor, b: Tensor): Tensor {
       return [ga, gb];
     },
   });
-}
-
-/**
- * C = op(A)·op(weight) (+ C when accumulate) for the products of linear(): a bf16 weight is read
- * as is by backends with a bf16-weight GEMM (fp32 products and accumulation), else widened first.
- */
-function gemmWeight(c: Tensor, a: Tensor, weight: Tensor, M: number, N: number, K: number, transB: boolean, lda: number,
-  ldb: number, ldc: number, accumulate: boolean): void {
-  const inPlace = weight.dtype === 'float32' ||
-    (weight.dtype === 'bfloat16' && native.supports(DEVICE_ID[weight.device], OP.gemm, DTYPE_ID.bfloat16));
-  const w = inPlace ? weight : weight.toDtype('float32');
-  try {
-    native.gemm(c._storage, a._storage, w._storage, M, N, K, false, transB, lda, ldb, ldc, 1, accumulate ? 1 : 0, 1, 0, 0, 0);
-  } finally {
-    if (w !== weight) w.dispose();
-  }
 }
 
 /**

@@ -3,7 +3,7 @@
 // binary ops, reductions over axes, sums back to a broadcast input's shape). Not exported from
 // lib/ops/index.ts: nothing here is an op a user calls.
 import { expectInteger, LoraError } from '../errors';
-import { BINARY_OP, native, REDUCE_OP } from '../native';
+import { BINARY_OP, DEVICE_ID, DTYPE_ID, native, OP, REDUCE_OP } from '../native';
 import { checkShape, contiguousStrides, empty, numelOf, sameShape, shapeString, Tensor } from '../tensor';
 
 /** ERR_LORA_DEVICE unless every tensor lives on one device. */
@@ -122,4 +122,28 @@ export function expandTo(t: Tensor, shape: readonly number[]): Tensor {
   if (out.size === 0) return out;
   native.copyStrided(out._storage, 0, contiguousStrides(shape), t._storage, 0, broadcastStrides(t.shape, shape), shape.slice());
   return out;
+}
+
+/**
+ * The weight as linear()'s products read it: itself when float32, or bfloat16 on a backend with a
+ * bf16-weight GEMM; else a float32 copy (the caller disposes it when it is not `weight`).
+ */
+export function gemmReadable(weight: Tensor): Tensor {
+  const inPlace = weight.dtype === 'float32' ||
+    (weight.dtype === 'bfloat16' && native.supports(DEVICE_ID[weight.device], OP.gemm, DTYPE_ID.bfloat16));
+  return inPlace ? weight : weight.toDtype('float32');
+}
+
+/**
+ * C = op(A)·op(weight) (+ C when accumulate) for the products of linear(): a bf16 weight is read
+ * as is by backends with a bf16-weight GEMM (fp32 products and accumulation), else widened first.
+ */
+export function gemmWeight(c: Tensor, a: Tensor, weight: Tensor, M: number, N: number, K: number, transB: boolean, lda: number,
+  ldb: number, ldc: number, accumulate: boolean): void {
+  const w = gemmReadable(weight);
+  try {
+    native.gemm(c._storage, a._storage, w._storage, M, N, K, false, transB, lda, ldb, ldc, 1, accumulate ? 1 : 0, 1, 0, 0, 0);
+  } finally {
+    if (w !== weight) w.dispose();
+  }
 }

@@ -301,14 +301,15 @@ struct lora_backend {
                                     const int32_t* ids,  /* (N) */
                                     int64_t N, int64_t V, int64_t C);
   /* Per-row cross-entropy with label smoothing ε toward the uniform distribution q:
-   *   lse = log Σ exp(z);  q = (1-ε)·onehot(t) + ε/V;  loss = lse - Σ q⊙z  (0 where t == ignore) */
+   *   lse = log Σ exp(z);  q = (1-ε)·onehot(t) + ε/V;  loss = lse - Σ q⊙z  (0 where t == ignore;
+   *   with ε = 0 only z[t] is read, so -inf logits elsewhere give a finite loss) */
   lora_status (*cross_entropy)(lora_backend* be,
                                float* loss,             /* (N) */
                                float* lse,              /* (N), kept for the backward */
                                const float* logits,     /* (N, V) */
                                const int32_t* targets,  /* (N) */
                                int64_t N, int64_t V, int32_t ignore_index, float smoothing);
-  /* dlogits = dloss[n]·(softmax(z) - q)  (0 for ignored rows) */
+  /* dlogits = dloss[n]·(softmax(z) - q)  (0 for ignored rows); dlogits may be logits (in place) */
   lora_status (*cross_entropy_backward)(lora_backend* be,
                                         float* dlogits,          /* (N, V) */
                                         const float* dloss,      /* (N) */

@@ -8,6 +8,7 @@
 
 #include "../backend/half.h"
 #include "cpu.h"
+#include "vec_math.h"
 
 namespace lora {
 namespace {
@@ -220,6 +221,60 @@ lora_status embedding_backward(lora_backend* be, float* dtable, const float* dou
   return LORA_OK;
 }
 
+// The cross-entropy rows run vectorised (exp_vec, vec_math.h): the max and the sums in 16 float
+// lanes, the sums gathered into doubles every kCeBlock columns, so a row of 49152 logits keeps
+// about fp32 accuracy. exp of anything below -87 (a logit far under the max, or -inf) is 0.
+constexpr int kCeLanes = 16;
+constexpr int64_t kCeBlock = 2048;  // columns per float partial sum: 128 terms a lane
+
+inline float exp_or_zero(float x) { return x < -87.0f ? 0.0f : exp_vec(x); }
+
+LORA_VECTOR_CLONES float ce_row_max(const float* __restrict z, int64_t V) {
+  float m[kCeLanes];
+  for (int k = 0; k < kCeLanes; ++k) m[k] = -INFINITY;
+  int64_t j = 0;
+  for (; j + kCeLanes <= V; j += kCeLanes)
+    for (int k = 0; k < kCeLanes; ++k) m[k] = z[j + k] > m[k] ? z[j + k] : m[k];
+  float mx = -INFINITY;
+  for (int k = 0; k < kCeLanes; ++k) mx = std::max(mx, m[k]);
+  for (; j < V; ++j) mx = std::max(mx, z[j]);
+  return mx;
+}
+
+// s = Σ exp(z - mx), sz = Σ z over one row
+LORA_VECTOR_CLONES void ce_row_sums(const float* __restrict z, int64_t V, float mx, double* s, double* sz) {
+  double es = 0.0, zs = 0.0;
+  for (int64_t b = 0; b < V; b += kCeBlock) {
+    const int64_t e = std::min(V, b + kCeBlock);
+    float a[kCeLanes] = {}, c[kCeLanes] = {};
+    int64_t j = b;
+    for (; j + kCeLanes <= e; j += kCeLanes)
+      for (int k = 0; k < kCeLanes; ++k) {
+        a[k] += exp_or_zero(z[j + k] - mx);
+        c[k] += z[j + k];
+      }
+    for (; j < e; ++j) {
+      es += exp_or_zero(z[j] - mx);
+      zs += z[j];
+    }
+    for (int k = 0; k < kCeLanes; ++k) {
+      es += a[k];
+      zs += c[k];
+    }
+  }
+  *s = es;
+  *sz = zs;
+}
+
+// d = g·(exp(z - l) - u) over one row; d = z in place has its own loop (a possible overlap would
+// make the compiler fall back to scalar code)
+LORA_VECTOR_CLONES void ce_row_grad(float* __restrict d, const float* __restrict z, int64_t V, float g, float l, float u) {
+  for (int64_t j = 0; j < V; ++j) d[j] = g * (exp_or_zero(z[j] - l) - u);
+}
+LORA_VECTOR_CLONES void ce_row_grad_in_place(float* __restrict d, int64_t V, float g, float l, float u) {
+  for (int64_t j = 0; j < V; ++j) d[j] = g * (exp_or_zero(d[j] - l) - u);
+}
+
 lora_status cross_entropy(lora_backend* be, float* loss, float* lse, const float* logits,
                           const int32_t* targets, int64_t N, int64_t V, int32_t ignore_index,
                           float smoothing) {
@@ -228,13 +283,9 @@ lora_status cross_entropy(lora_backend* be, float* loss, float* lse, const float
   pool.parallel_for(N, row_grain(V), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* z = logits + r * V;
-      float mx = -INFINITY;
-      for (int64_t j = 0; j < V; ++j) mx = std::max(mx, z[j]);
+      const float mx = ce_row_max(z, V);
       double s = 0.0, sz = 0.0;
-      for (int64_t j = 0; j < V; ++j) {
-        s += std::exp(double(z[j]) - mx);
-        sz += z[j];
-      }
+      ce_row_sums(z, V, mx, &s, &sz);
       const double l = double(mx) + std::log(s);
       lse[r] = static_cast<float>(l);
       const int32_t t = targets[r];
@@ -242,8 +293,8 @@ lora_status cross_entropy(lora_backend* be, float* loss, float* lse, const float
         loss[r] = 0.0f;
         continue;
       }
-      // lse - Σ q·z with q = (1-ε)·onehot + ε/V
-      loss[r] = static_cast<float>(l - (1.0 - smoothing) * z[t] - smoothing * sz / double(V));
+      // lse - Σ q·z with q = (1-ε)·onehot + ε/V (no ε term when ε = 0: -inf logits stay finite)
+      loss[r] = static_cast<float>(l - (1.0 - smoothing) * z[t] - (smoothing != 0.0f ? smoothing * sz / double(V) : 0.0));
     }
   });
   return LORA_OK;
@@ -262,9 +313,9 @@ lora_status cross_entropy_backward(lora_backend* be, float* dlogits, const float
         std::fill(d, d + V, 0.0f);
         continue;
       }
-      const float* z = logits + r * V;
-      const float g = dloss[r], l = lse[r], u = smoothing / float(V);
-      for (int64_t j = 0; j < V; ++j) d[j] = g * (std::exp(z[j] - l) - u);
+      const float g = dloss[r];
+      if (d == logits + r * V) ce_row_grad_in_place(d, V, g, lse[r], smoothing / float(V));
+      else ce_row_grad(d, logits + r * V, V, g, lse[r], smoothing / float(V));
       d[t] -= g * (1.0f - smoothing);
     }
   });

@@ -7,6 +7,7 @@
 import { features } from '../../lib/index';
 import { parityCases as attention } from '../ref/attention_ref';
 import { parityCases as gated } from '../ref/gated_act_ref';
+import { parityCases as loss } from '../ref/loss_ref';
 import { parityCases as lora } from '../ref/lora_ref';
 import { parityCases as nn } from '../ref/nn_ops_ref';
 import { parityCases as ops } from '../ref/ops_ref';
@@ -14,7 +15,7 @@ import { parityCases as optim } from '../ref/optim_ref';
 import { Device, ParityCase, runParity } from './suite';
 
 /** Every op's table, general kernels first. */
-export const ALL_CASES: readonly ParityCase[] = [...ops, ...lora, ...optim, ...nn, ...attention, ...gated];
+export const ALL_CASES: readonly ParityCase[] = [...ops, ...lora, ...optim, ...nn, ...loss, ...attention, ...gated];
 
 export function main(argv: string[] = process.argv.slice(2)): number {
   const device = (argv[0] ?? 'cpu') as Device;

@@ -31,7 +31,7 @@ function w(ws: W, name: string): Float64Array {
 }
 
 /** y[n, o] = Σ_i x[n, i]·W[o, i] (+ b[o]) for nn.Linear weights [out, in]. */
-function linear(x: Float64Array, N: number, inF: number, Wt: Float64Array, outF: number, b?: Float64Array): Float64Array {
+export function linear(x: Float64Array, N: number, inF: number, Wt: Float64Array, outF: number, b?: Float64Array): Float64Array {
   const y = new Float64Array(N * outF);
   for (let n = 0; n < N; n++)
     for (let o = 0; o < outF; o++) {

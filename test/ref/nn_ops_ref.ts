@@ -164,7 +164,7 @@ export function crossEntropyRef(z: F64, t: Int32Array, V: number, ignore: number
     count++;
     const ls = softmaxRef(z.subarray(n * V, (n + 1) * V), 1, V, true);
     let l = -(1 - eps) * ls[t[n]!]!;
-    for (let j = 0; j < V; j++) l -= (eps / V) * ls[j]!;
+    if (eps !== 0) for (let j = 0; j < V; j++) l -= (eps / V) * ls[j]!;
     rows[n] = l;
   }
   if (reduction === 'none') return rows;
@@ -476,6 +476,36 @@ function nnCases(): ParityCase[] {
         outputs: { dz: N * V },
         calls: [['crossEntropyBackward', '$dz', '$dl', '$z', '$lse', '$t', N, V, -100, smoothing]],
         expect: { dz: crossEntropyBackwardRef(z, targets, V, -100, smoothing, 'none', dl) }, tol: NN_TOL,
+      }),
+    });
+  }
+  {
+    // logits far apart (exp of z - max below -87 is 0 in the vectorised kernels) and -inf ones
+    const [N, V] = [5, 301];
+    const z = data(N * V, 60).map((v, i) => (i % 17 === 5 ? -Infinity : v));
+    const targets = Int32Array.from({ length: N }, (_, i) => (i === 2 ? -100 : (i * 53 + 1) % V));
+    const dl = data(N);
+    cases.push({
+      name: `crossEntropy (${N}, ${V}) logits spread over ±60 and -inf`, build: () => ({
+        inputs: { z: { data: z }, t: { data: targets, dtype: 'int32' } }, outputs: { loss: N, lse: N },
+        calls: [['crossEntropy', '$loss', '$lse', '$z', '$t', N, V, -100, 0]],
+        expect: { loss: crossEntropyRef(z, targets, V, -100, 0, 'none'), lse: rowLse(z, N, V) }, tol: NN_TOL,
+      }),
+    });
+    cases.push({
+      name: `crossEntropyBackward (${N}, ${V}) logits spread over ±60 and -inf`, build: () => ({
+        inputs: { z: { data: z }, t: { data: targets, dtype: 'int32' }, lse: { data: rowLse(z, N, V) }, dl: { data: dl } },
+        outputs: { dz: N * V },
+        calls: [['crossEntropyBackward', '$dz', '$dl', '$z', '$lse', '$t', N, V, -100, 0]],
+        expect: { dz: crossEntropyBackwardRef(z, targets, V, -100, 0, 'none', dl) }, tol: NN_TOL,
+      }),
+    });
+    cases.push({
+      name: `crossEntropyBackward in place (${N}, ${V}) (the gradient over the logits)`, build: () => ({
+        inputs: { z: { data: z }, t: { data: targets, dtype: 'int32' }, lse: { data: rowLse(z, N, V) }, dl: { data: dl } },
+        outputs: {},
+        calls: [['crossEntropyBackward', '$z', '$dl', '$z', '$lse', '$t', N, V, -100, 0]],
+        expect: { z: crossEntropyBackwardRef(z, targets, V, -100, 0, 'none', dl) }, tol: NN_TOL,
       }),
     });
   }
