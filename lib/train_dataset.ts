@@ -118,7 +118,6 @@ export function datasetTrainOptions(model: unknown, data: unknown, options: Data
       }
       return list;
     };
-  }
-  else if (o.evalEvery !== undefined) throw new LoraError('ERR_LORA_OPTION', 'Expected evalData (or splits with a valid split) with evalEvery for train()');
+  } else if (o.evalEvery !== undefined) throw new LoraError('ERR_LORA_OPTION', 'Expected evalData (or splits with a valid split) with evalEvery for train()');
   return out;
 }

@@ -8,7 +8,7 @@ import { Module } from '../module';
 import { Linear } from '../nn';
 import { crossEntropy, linearCrossEntropy, slice } from '../ops';
 import { Device, isGradEnabled, saveFor, shapeString, Tensor, tensor, tidy } from '../tensor';
-import { ConfigReader, ForwardContext, KVCache, WeightSource } from './common';
+import { ConfigReader, ForwardContext, isPlainLinear, KVCache, WeightSource } from './common';
 import { generate, GenerateOptions } from './generate';
 
 /** The transformer below the head: what a family builds (LlamaModel, Gpt2Model). */
@@ -178,14 +178,15 @@ export class CausalLM extends Module {
     const o = checkOptions<LossOptions>('CausalLM.loss()', options, ['attentionMask', 'positionIds', 'segmentIds']);
     const [B, T] = checkIds(ids);
     const head = this.getModule('lm_head');
-    if (!(head instanceof Linear) || Object.getPrototypeOf(head) !== Linear.prototype) {
+    if (!isPlainLinear(head)) {
       const pass = () => causalLmLoss(this.forward(ids, o), labels);
       return isGradEnabled() && this.parameters().length > 0 ? pass() : tidy(pass);
     }
-    const targets = shiftedLabels(labels, B, T);
+    const shifted = shiftLabels(labels, B, T);
+    const V = this.vocabSize;
+    for (const v of shifted) if (v !== -100 && (v < 0 || v >= V)) throw rangeError('labels', `token ids between 0 and ${V - 1} (or -100)`, v);
+    const targets = tensor(shifted, [B, T], { dtype: 'int32', device: labels.device });
     try {
-      const V = this.vocabSize;
-      for (const v of targets.toFloat32Array()) if (v !== -100 && (v < 0 || v >= V)) throw rangeError('labels', `token ids between 0 and ${V - 1} (or -100)`, v);
       const { positions, keyMask, segments } = readInputs(o, B, T, null);
       const ctx = new ForwardContext(B, T, positions, keyMask, null, this.device);
       ctx.segmentIds = segments;
@@ -309,14 +310,14 @@ function readPositions(t: Tensor, B: number, T: number): Int32Array {
   return out;
 }
 
-/** int32 [B, T] targets: labels[b, t + 1] at t, -100 at the last position of each row. */
-function shiftedLabels(labels: Tensor, B: number, T: number, logitsShape?: readonly number[]): Tensor {
+/** The targets [B, T] on the host: labels[b, t + 1] at t, -100 at the last position of each row. */
+function shiftLabels(labels: Tensor, B: number, T: number, logitsShape?: readonly number[]): Float32Array {
   const data = intData('labels', labels);
   if (labels.ndim !== 2 || labels.shape[0] !== B || labels.shape[1] !== T)
     throw new LoraError('ERR_LORA_SHAPE', `Expected labels of shape [${B}, ${T}] for ${logitsShape ? `logits of shape ${shapeString(logitsShape)}` : `ids of shape [${B}, ${T}]`} but received ${shapeString(labels.shape)}`);
   const shifted = new Float32Array(B * T).fill(-100);
   for (let b = 0; b < B; b++) for (let t = 0; t + 1 < T; t++) shifted[b * T + t] = data[b * T + t + 1]!;
-  return tensor(shifted, [B, T], { dtype: 'int32', device: labels.device });
+  return shifted;
 }
 
 /** Host-side positions, key mask and segment ids of forward()'s or loss()'s options. */
@@ -379,7 +380,7 @@ export function causalLmLoss(logits: Tensor, labels: Tensor): Tensor {
   logits._live('logits');
   if (logits.ndim !== 3) throw new LoraError('ERR_LORA_SHAPE', `Expected logits of shape [batch, seq, vocab] but received ${shapeString(logits.shape)}`);
   const [B, T] = logits.shape as [number, number, number];
-  const targets = shiftedLabels(labels, B, T, logits.shape);
+  const targets = tensor(shiftLabels(labels, B, T, logits.shape), [B, T], { dtype: 'int32', device: labels.device });
   let loss: Tensor;
   try {
     loss = crossEntropy(logits, targets, { ignoreIndex: -100 });

@@ -7,10 +7,11 @@
 // kernel of lib/ops/attention.ts, with the padding mask, the sliding window and the KV cache passed
 // to it as they are.
 import { describe, expectInteger, LoraError } from '../errors';
-import { DEVICE_ID, DTYPE_ID, native, OP } from '../native';
+import { native } from '../native';
 import { Module } from '../module';
 import { Linear } from '../nn';
 import { add, attention, embedding, gatedActivation, gelu, layerNorm, mul, relu, reshape, rmsNorm, rope, sigmoid, silu, slice, tanh, UnaryName } from '../ops';
+import { gemmReadsAsStored } from '../ops/util';
 import { checkDevice, checkpoint, contiguousStrides, Device, keep, numelOf, reshapeInference, ones, Tensor, tensor, tidy, zeros } from '../tensor';
 
 // ---- config.json fields -------------------------------------------------------------------------
@@ -545,6 +546,11 @@ export function linearFrom(w: WeightSource, name: string, inFeatures: number, ou
   });
 }
 
+/** A Linear itself, not a subclass (LoraLinear and the adapted layers change what forward() computes). */
+export function isPlainLinear(m: Module | undefined): m is Linear {
+  return m instanceof Linear && Object.getPrototypeOf(m) === Linear.prototype;
+}
+
 /**
  * residual + proj(x) for a decoder layer's residual stream. In an inference pass (ctx.inference:
  * nothing records gradients, and the layer's input and its sums belong to the pass, read by no one
@@ -553,13 +559,12 @@ export function linearFrom(w: WeightSource, name: string, inFeatures: number, ou
  * training): the plain add of a new tensor.
  */
 export function addProjected(residual: Tensor, proj: Module, x: Tensor, ctx: ForwardContext): Tensor {
-  if (ctx.inference && proj instanceof Linear && Object.getPrototypeOf(proj) === Linear.prototype &&
+  if (ctx.inference && isPlainLinear(proj) &&
     proj.bias === null && residual.dtype === 'float32' && x.dtype === 'float32' && residual.device === x.device && proj.weight.device === x.device) {
     const w = proj.weight;
     const [OC, C] = w.shape as [number, number];
-    const inPlace = w.dtype === 'float32' || (w.dtype === 'bfloat16' && native.supports(DEVICE_ID[w.device], OP.gemm, DTYPE_ID.bfloat16));
     const M = numelOf(x.shape.slice(0, -1));
-    if (inPlace && x.shape[x.ndim - 1] === C && residual.shape[residual.ndim - 1] === OC && numelOf(residual.shape.slice(0, -1)) === M && M > 0) {
+    if (gemmReadsAsStored(w) && x.shape[x.ndim - 1] === C && residual.shape[residual.ndim - 1] === OC && numelOf(residual.shape.slice(0, -1)) === M && M > 0) {
       native.gemm(residual._live('residual'), x._live('x'), w._live('weight'), M, OC, C, false, true, C, C, OC, 1, 1, 1, 0, 0, 0);
       return residual;
     }

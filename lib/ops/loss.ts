@@ -193,9 +193,9 @@ function headLoss(x: Tensor, weight: Tensor, bias: Tensor | null, t: Int32Array,
   const chunk = Math.max(1, Math.min(s.chunkSize, count));
   const temps: Tensor[] = [];
   const temp = (shape: number[]): Tensor => {
-    const x = empty(shape, device);
-    temps.push(x);
-    return x;
+    const buf = empty(shape, device);
+    temps.push(buf);
+    return buf;
   };
   const zeroed = (shape: readonly number[]): Tensor => {
     const z = empty(shape, device);
@@ -252,7 +252,7 @@ function headLoss(x: Tensor, weight: Tensor, bias: Tensor | null, t: Int32Array,
     for (const g of grads) g.dispose();
     throw err;
   } finally {
-    for (const x of temps) x.dispose();
+    for (const buf of temps) buf.dispose();
   }
   if (!grad) return out;
   const inputs = bias ? [x, weight, bias] : [x, weight];

@@ -129,9 +129,13 @@ export function expandTo(t: Tensor, shape: readonly number[]): Tensor {
  * bf16-weight GEMM; else a float32 copy (the caller disposes it when it is not `weight`).
  */
 export function gemmReadable(weight: Tensor): Tensor {
-  const inPlace = weight.dtype === 'float32' ||
+  return gemmReadsAsStored(weight) ? weight : weight.toDtype('float32');
+}
+
+/** Whether the GEMM reads the weight as stored: float32, or bfloat16 where the backend has a bf16-weight GEMM. */
+export function gemmReadsAsStored(weight: Tensor): boolean {
+  return weight.dtype === 'float32' ||
     (weight.dtype === 'bfloat16' && native.supports(DEVICE_ID[weight.device], OP.gemm, DTYPE_ID.bfloat16));
-  return inPlace ? weight : weight.toDtype('float32');
 }
 
 /**
