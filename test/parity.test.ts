@@ -74,25 +74,23 @@ function runChild(run: Run): Promise<ChildResult> {
 // The runs are independent processes: two at a time (one per core on a 2-core machine), started
 // in order, so the suite does not leave a core idle at the end of `npm test`.
 const pending = runs.filter((r) => !r.skip);
-const started = new Map<Run, Promise<ChildResult>>();
+// Each run's result, settled when its child exits; a run waits for a free slot before it starts.
+const finish = new Map<Run, (r: ChildResult) => void>();
+const results = new Map(pending.map((run) => [run, new Promise<ChildResult>((resolve) => finish.set(run, resolve))]));
 const slots = Math.max(1, Math.min(2, os.availableParallelism()));
 let active = 0;
 const launchNext = (): void => {
   while (active < slots && pending.length) {
     const run = pending.shift()!;
     active++;
-    started.set(run, runChild(run).finally(() => { active--; launchNext(); }));
+    void runChild(run).then((r) => { active--; finish.get(run)!(r); launchNext(); });
   }
 };
 launchNext();
-const result = async (run: Run): Promise<ChildResult> => {
-  while (!started.has(run)) await new Promise((r) => setTimeout(r, 50));
-  return started.get(run)!;
-};
 
 for (const run of runs) {
   t.test(run.label, { skip: run.skip }, async (t) => {
-    const r = await result(run);
+    const r = await results.get(run)!;
     const out = r.out;
     const summary = out.match(/^parity \((.*)\): (\d+) passed, (\d+) failed$/m);
     if (run.isa && summary && !summary[1]!.endsWith(run.isa)) {
