@@ -275,9 +275,20 @@ export function ropeInputs(spec: RopeSpec, positions: Int32Array, B: number, T: 
 /**
  * Rotates the first 2·invFreq.length dims of each head of x [B, T, H, headDim] (transformers'
  * apply_rotary_pos_emb with rotate_half; the other dims pass through, as partial rotary does),
- * with the fused rope() kernel.
+ * with the fused rope() kernel. In an inference pass (ctx.inference: nothing records gradients) x
+ * must be a fresh intermediate of the pass, read by no one else: it is rotated in place.
  */
-export function applyRope(x: Tensor, r: RopeInputs): Tensor {
+export function applyRope(x: Tensor, r: RopeInputs, ctx?: ForwardContext): Tensor {
+  // An inference pass rotates its fresh q and k in place (the kernel allows y = x): no new tensor,
+  // and the rotation reads and writes memory the projection has just left in cache.
+  if (ctx?.inference && x._node === null && !x.requiresGrad && x.dtype === 'float32' && x.ndim === 4 && x.size > 0 &&
+    x.device === r.positions.device && x.device === r.invFreq.device && r.positions.shape[0] === x.shape[0] &&
+    r.positions.shape[1] === x.shape[1] && 2 * r.invFreq.size <= x.shape[3]!) {
+    const [Bt, T, H, D] = x.shape as [number, number, number, number];
+    const y = x._live('x');
+    native.rope(y, y, r.positions._live('positions'), r.invFreq._live('invFreq'), Bt, T, H, D, 2 * r.invFreq.size, r.scaling);
+    return x;
+  }
   return rope(x, r.positions, r.invFreq, { attentionScaling: r.scaling });
 }
 

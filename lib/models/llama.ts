@@ -101,8 +101,9 @@ export class LlamaAttention extends Module {
       q = child(this, 'q_norm').forward(q);
       k = child(this, 'k_norm').forward(k);
     }
-    q = applyRope(q, rope);
-    k = applyRope(k, rope);
+    // (q and k are this pass's own: project() and the norms return fresh tensors)
+    q = applyRope(q, rope, ctx);
+    k = applyRope(k, rope, ctx);
     return attend(q, k, v, ctx, this.layer, this.cfg.headDim ** -0.5, this.cfg.windows[this.layer]!);
   }
 
