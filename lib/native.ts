@@ -40,7 +40,7 @@ export const OP = {
   binaryScalar: 8, unary: 9, unaryBackward: 10, axpy: 11, reduce: 12, copyStrided: 13, softmax: 14,
   softmaxBackward: 15, dropout: 16, layerNorm: 17, layerNormBackward: 18, rmsNorm: 19, rmsNormBackward: 20,
   embedding: 21, embeddingBackward: 22, crossEntropy: 23, crossEntropyBackward: 24, attention: 25,
-  attentionBackward: 26,
+  attentionBackward: 26, gemmSharedA: 31,
 } as const;
 
 export interface NativeFeatures {

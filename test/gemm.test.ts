@@ -234,6 +234,43 @@ function decodeCases(rng: Rng): string[] {
   return failures;
 }
 
+// gemmSharedA (the projections of one input in one call, A packed once per thread): two and three
+// products with column counts that are and are not multiples of the tile width, K past the
+// 1024-deep k block, K = 1 and 0, fp32 and bf16 weights, 1-3 threads; each out_i within
+// 1e-5·Σ|a·w| + 1e-6 of float64 over the same values (K = 0: zeros over the NaN it held).
+function sharedACases(rng: Rng): string[] {
+  const failures: string[] = [];
+  const shapes: [number, number, number[]][] = [[33, 577, [200, 61, 61]], [130, 40, [17, 300]], [64, 1100, [96, 33, 1]], [45, 1, [5, 70]],
+    [200, 150, [576, 192, 192]], [7, 20, [40, 8]], [40, 0, [3, 5, 7]]];
+  for (const [M, K, Ns] of shapes)
+    for (const dtype of ['float32', 'bfloat16'] as const)
+      for (const threads of [1, 2, 3]) {
+        setNumThreads(threads);
+        const ah = f32(M * K, rng);
+        const whs = Ns.map((N) => f32(N * K, rng, 0.5).map((v) => (dtype === 'bfloat16' ? bf16Round(v) : v)));
+        const a = native.fromHost(0, DTYPE_ID.float32, ah);
+        const ws = whs.map((wh) => (dtype === 'bfloat16' ? bf16Tensor(wh) : native.fromHost(0, DTYPE_ID.float32, wh)));
+        const outs = Ns.map((N) => native.fromHost(0, DTYPE_ID.float32, new Float32Array(M * N).fill(NaN)));
+        const third = Ns.length === 3;
+        native.gemmSharedA(a, M, K, outs[0]!, ws[0]!, Ns[0]!, outs[1]!, ws[1]!, Ns[1]!, third ? outs[2]! : null, third ? ws[2]! : null, third ? Ns[2]! : 0);
+        const what = `gemmSharedA a [${M}, ${K}] N ${Ns.join('+')} ${dtype} threads=${threads}`;
+        Ns.forEach((N, q) => {
+          const y = toF32(outs[q]!), wh = whs[q]!;
+          for (let i = 0; i < M * N; i++) {
+            const n = Math.floor(i / N), o = i % N;
+            let r = 0, mag = 0;
+            for (let k = 0; k < K; k++) { const p = ah[n * K + k]! * wh[o * K + k]!; r += p; mag += Math.abs(p); }
+            if (!(Math.abs(y[i]! - r) <= 1e-5 * mag + 1e-6)) {
+              failures.push(`${what}: out${q}[${i}] = ${y[i]}, float64 ${r}`);
+              return;
+            }
+          }
+        });
+        for (const s of [a, ...ws, ...outs]) native.dispose(s);
+      }
+  return failures;
+}
+
 if (CHILD) {
   // One ISA level: the random sweep, then exit status says whether every case passed.
   const rng = new Rng(Number(process.env.LORA_NATIVE_GEMM_TEST_SEED ?? 1));
@@ -262,7 +299,7 @@ if (CHILD) {
       }
     }
   });
-  failures.push(...linearBf16Cases(rng), ...mergeBf16Cases(rng), ...decodeCases(rng));
+  failures.push(...linearBf16Cases(rng), ...mergeBf16Cases(rng), ...decodeCases(rng), ...sharedACases(rng));
   setNumThreads(before);
   // straight to fd 1: tap owns process.stdout in this file
   fs.writeSync(1, JSON.stringify({ isa: features().isa, cases: 2 * n, failures: failures.slice(0, 10), failed: failures.length }) + '\n');
@@ -281,7 +318,7 @@ if (CHILD) {
       if (!res) continue;
       // the level actually used is never above the one asked for, and a supported level is honoured
       t.ok(LEVELS.indexOf(res.isa) >= LEVELS.indexOf(level), `${level}: ran at ${res.isa}`);
-      t.equal(res.failed, 0, `${level} (${res.isa}): ${res.cases} random GEMMs (half with a bf16 B) and linear() with a bf16 weight within 1e-5·Σ|a·b|, bf16 merges and unmerges rounded once${res.failed ? ': ' + res.failures.join(' | ') : ''}`);
+      t.equal(res.failed, 0, `${level} (${res.isa}): ${res.cases} random GEMMs (half with a bf16 B) and linear() with a bf16 weight within 1e-5·Σ|a·b|, bf16 merges and unmerges rounded once, gemmSharedA${res.failed ? ': ' + res.failures.join(' | ') : ''}`);
       t.equal(r.status, 0, `${level}: child exit status`);
     }
     t.end();
@@ -305,6 +342,17 @@ if (CHILD) {
       t.equal(res.failed, 0, `blocks ${blocks} (${res.isa}): ${res.cases} random GEMMs within 1e-5·Σ|a·b|${res.failed ? ': ' + res.failures.join(' | ') : ''}`);
       t.equal(r.status, 0, `blocks ${blocks}: child exit status`);
     }
+    t.end();
+  });
+
+  t.test('gemmSharedA: the CPU backend has it; weights of two dtypes or too small an output are refused', (t) => {
+    t.ok(native.supports(0, OP.gemmSharedA, DTYPE_ID.float32), 'supports(cpu, gemmSharedA, float32)');
+    const a = native.fromHost(0, DTYPE_ID.float32, new Float32Array(6));
+    const w32 = native.fromHost(0, DTYPE_ID.float32, new Float32Array(6)), w16 = bf16Tensor(new Float32Array(6));
+    const o1 = native.alloc(0, DTYPE_ID.float32, 4), o2 = native.alloc(0, DTYPE_ID.float32, 4), small = native.alloc(0, DTYPE_ID.float32, 3);
+    assertLoraError(t, () => native.gemmSharedA(a, 2, 3, o1, w32, 2, o2, w16, 2, null, null, 0), LoraError, 'ERR_LORA_DTYPE', /^Expected the weights of gemmSharedA of one dtype but w0 is float32 and w1 bfloat16$/, 'mixed dtypes');
+    assertLoraError(t, () => native.gemmSharedA(a, 2, 3, o1, w32, 2, small, w32, 2, null, null, 0), LoraError, 'ERR_LORA_SHAPE', /^out1 holds 3 elements but the op needs 4$/, 'output too small');
+    for (const s of [a, w32, w16, o1, o2, small]) native.dispose(s);
     t.end();
   });
 

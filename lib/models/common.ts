@@ -7,12 +7,12 @@
 // kernel of lib/ops/attention.ts, with the padding mask, the sliding window and the KV cache passed
 // to it as they are.
 import { describe, expectInteger, LoraError } from '../errors';
-import { native } from '../native';
+import { DEVICE_ID, DTYPE_ID, native, OP } from '../native';
 import { Module } from '../module';
 import { Linear } from '../nn';
 import { add, attention, embedding, gatedActivation, gelu, layerNorm, mul, relu, reshape, rmsNorm, rope, sigmoid, silu, slice, tanh, UnaryName } from '../ops';
 import { gemmReadsAsStored } from '../ops/util';
-import { checkDevice, checkpoint, contiguousStrides, Device, keep, numelOf, reshapeInference, ones, Tensor, tensor, tidy, zeros } from '../tensor';
+import { checkDevice, checkpoint, contiguousStrides, Device, empty, keep, numelOf, reshapeInference, ones, Tensor, tensor, tidy, zeros } from '../tensor';
 
 // ---- config.json fields -------------------------------------------------------------------------
 
@@ -275,9 +275,20 @@ export function ropeInputs(spec: RopeSpec, positions: Int32Array, B: number, T: 
 /**
  * Rotates the first 2·invFreq.length dims of each head of x [B, T, H, headDim] (transformers'
  * apply_rotary_pos_emb with rotate_half; the other dims pass through, as partial rotary does),
- * with the fused rope() kernel.
+ * with the fused rope() kernel. In an inference pass (ctx.inference: nothing records gradients) x
+ * must be a fresh intermediate of the pass, read by no one else: it is rotated in place.
  */
-export function applyRope(x: Tensor, r: RopeInputs): Tensor {
+export function applyRope(x: Tensor, r: RopeInputs, ctx?: ForwardContext): Tensor {
+  // An inference pass rotates its fresh q and k in place (the kernel allows y = x): no new tensor,
+  // and the rotation reads and writes memory the projection has just left in cache.
+  if (ctx?.inference && x._node === null && !x.requiresGrad && x.dtype === 'float32' && x.ndim === 4 && x.size > 0 &&
+    x.device === r.positions.device && x.device === r.invFreq.device && r.positions.shape[0] === x.shape[0] &&
+    r.positions.shape[1] === x.shape[1] && 2 * r.invFreq.size <= x.shape[3]!) {
+    const [Bt, T, H, D] = x.shape as [number, number, number, number];
+    const y = x._live('x');
+    native.rope(y, y, r.positions._live('positions'), r.invFreq._live('invFreq'), Bt, T, H, D, 2 * r.invFreq.size, r.scaling);
+    return x;
+  }
   return rope(x, r.positions, r.invFreq, { attentionScaling: r.scaling });
 }
 
@@ -570,6 +581,34 @@ export function addProjected(residual: Tensor, proj: Module, x: Tensor, ctx: For
     }
   }
   return residual.add(proj.forward(x));
+}
+
+/** Rows from which projectShared() runs the products in one call (fewer: decode's streaming GEMV). */
+const SHARED_MIN_ROWS = 32;
+
+/**
+ * mods[i](x) for the projections of one input (q/k/v, gate/up: two or three modules). In an
+ * inference pass (ctx.inference) over at least SHARED_MIN_ROWS rows of a float32 x, where every
+ * module is a plain bias-free Linear with a float32 weight, the products run in one backend call
+ * that packs x once per thread for all of them (gemmSharedA, where the backend has it). Anything
+ * else (LoRA layers, biases, bf16 weights, training, decode's few rows): each module's forward.
+ */
+export function projectShared(x: Tensor, mods: readonly Module[], ctx?: ForwardContext): Tensor[] {
+  if (ctx?.inference && (mods.length === 2 || mods.length === 3) && x.dtype === 'float32' && x.ndim >= 2) {
+    const K = x.shape[x.ndim - 1]!;
+    const M = numelOf(x.shape.slice(0, -1));
+    const ws = mods.map((m) => (isPlainLinear(m) && m.bias === null ? m.weight : null));
+    if (M >= SHARED_MIN_ROWS && K > 0 && native.supports(DEVICE_ID[x.device], OP.gemmSharedA, DTYPE_ID.float32) &&
+      ws.every((w) => w !== null && w.dtype === 'float32' && w.device === x.device && w.ndim === 2 && w.shape[1] === K && w.shape[0]! > 0)) {
+      const outs = ws.map((w) => empty([...x.shape.slice(0, -1), w!.shape[0]!], x.device));
+      const third = outs.length === 3;
+      native.gemmSharedA(x._live('x'), M, K, outs[0]!._storage, ws[0]!._live('weight'), ws[0]!.shape[0]!,
+        outs[1]!._storage, ws[1]!._live('weight'), ws[1]!.shape[0]!,
+        third ? outs[2]!._storage : null, third ? ws[2]!._live('weight') : null, third ? ws[2]!.shape[0]! : 0);
+      return outs;
+    }
+  }
+  return mods.map((m) => m.forward(x));
 }
 
 /** A context for a stand-alone forward of one layer: positions 0..T-1, no padding, no cache. */

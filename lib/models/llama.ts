@@ -9,7 +9,7 @@ import { mul, reshape } from '../ops';
 import { reshapeInference, Tensor } from '../tensor';
 import type { Backbone, Family } from './causal_lm';
 import {
-  Activation, activation, addProjected, applyRope, attend, child, ConfigReader, ForwardContext, gated, HfEmbedding, HfRMSNorm, linearFrom, plainContext,
+  Activation, activation, addProjected, applyRope, attend, child, ConfigReader, ForwardContext, gated, HfEmbedding, HfRMSNorm, linearFrom, plainContext, projectShared,
   readRope, RopeDefaults, RopeInputs, ropeInputs, RopeSpec, ropeRegime, WeightSource,
 } from './common';
 
@@ -88,10 +88,14 @@ export class LlamaAttention extends Module {
   protected project(x: Tensor, ctx?: ForwardContext): { q: Tensor; k: Tensor; v: Tensor } {
     const [B, T] = x.shape as [number, number];
     const { heads, kvHeads, headDim } = this.cfg;
-    // (an inference pass takes the projections' fresh outputs over as [B, T, n, D] without a copy)
-    const split = (name: string, n: number) =>
-      ctx?.inference ? reshapeInference(child(this, name).forward(x), [B, T, n, headDim], reshape) : reshape(child(this, name).forward(x), [B, T, n, headDim]);
-    return { q: split('q_proj', heads), k: split('k_proj', kvHeads), v: split('v_proj', kvHeads) };
+    const mods = ['q_proj', 'k_proj', 'v_proj'].map((name) => child(this, name));
+    const n = [heads, kvHeads, kvHeads];
+    // an inference pass runs the three products in one call where it can (projectShared) and takes
+    // their fresh outputs over as [B, T, n, D] without a copy
+    const [q, k, v] = ctx?.inference
+      ? projectShared(x, mods, ctx).map((y, i) => reshapeInference(y, [B, T, n[i]!, headDim], reshape))
+      : mods.map((m, i) => reshape(m.forward(x), [B, T, n[i]!, headDim]));
+    return { q: q!, k: k!, v: v! };
   }
 
   /** The attention's output before o_proj: [B, T, H·D]. */
@@ -101,8 +105,9 @@ export class LlamaAttention extends Module {
       q = child(this, 'q_norm').forward(q);
       k = child(this, 'k_norm').forward(k);
     }
-    q = applyRope(q, rope);
-    k = applyRope(k, rope);
+    // (q and k are this pass's own: project() and the norms return fresh tensors)
+    q = applyRope(q, rope, ctx);
+    k = applyRope(k, rope, ctx);
     return attend(q, k, v, ctx, this.layer, this.cfg.headDim ** -0.5, this.cfg.windows[this.layer]!);
   }
 
@@ -127,9 +132,10 @@ export class LlamaMLP extends Module {
     this.registerModule('down_proj', linearFrom(w, `${p}.down_proj`, intermediate, hidden, mlpBias));
   }
 
-  /** act(gate_proj(x)) · up_proj(x), the input of down_proj. */
-  inner(x: Tensor): Tensor {
-    return gated(this.cfg.act, child(this, 'gate_proj').forward(x), child(this, 'up_proj').forward(x));
+  /** act(gate_proj(x)) · up_proj(x), the input of down_proj (both products in one call in an inference pass: projectShared). */
+  inner(x: Tensor, ctx?: ForwardContext): Tensor {
+    const [g, u] = projectShared(x, [child(this, 'gate_proj'), child(this, 'up_proj')], ctx);
+    return gated(this.cfg.act, g!, u!);
   }
 
   forward(x: Tensor): Tensor {
@@ -154,7 +160,7 @@ export class DecoderLayer extends Module {
     const h = addProjected(x, child(attn, 'o_proj'), attn.heads(child(this, 'input_layernorm').forward(x), ctx, rope), ctx);
     const mlp = child(this, 'mlp');
     const n = child(this, 'post_attention_layernorm').forward(h);
-    return mlp instanceof LlamaMLP ? addProjected(h, child(mlp, 'down_proj'), mlp.inner(n), ctx) : h.add(mlp.forward(n));
+    return mlp instanceof LlamaMLP ? addProjected(h, child(mlp, 'down_proj'), mlp.inner(n, ctx), ctx) : h.add(mlp.forward(n));
   }
 
   forward(x: Tensor): Tensor {

@@ -66,7 +66,7 @@ typedef enum lora_op {
   LORA_OP_LAYER_NORM_BACKWARD, LORA_OP_RMS_NORM, LORA_OP_RMS_NORM_BACKWARD, LORA_OP_EMBEDDING,
   LORA_OP_EMBEDDING_BACKWARD, LORA_OP_CROSS_ENTROPY, LORA_OP_CROSS_ENTROPY_BACKWARD,
   LORA_OP_ATTENTION, LORA_OP_ATTENTION_BACKWARD, LORA_OP_ROPE, LORA_OP_ROPE_BACKWARD,
-  LORA_OP_GATED_ACT, LORA_OP_GATED_ACT_BACKWARD,
+  LORA_OP_GATED_ACT, LORA_OP_GATED_ACT_BACKWARD, LORA_OP_GEMM_SHARED_A,
   LORA_OP_COUNT
 } lora_op;
 
@@ -96,7 +96,7 @@ static inline const char* lora_op_name(int32_t op) {
       "binary", "binaryScalar", "unary", "unaryBackward", "axpy", "reduce", "copyStrided",
       "softmax", "softmaxBackward", "dropout", "layerNorm", "layerNormBackward", "rmsNorm",
       "rmsNormBackward", "embedding", "embeddingBackward", "crossEntropy", "crossEntropyBackward",
-      "attention", "attentionBackward", "rope", "ropeBackward", "gatedAct", "gatedActBackward"};
+      "attention", "attentionBackward", "rope", "ropeBackward", "gatedAct", "gatedActBackward", "gemmSharedA"};
   return op >= 0 && op < LORA_OP_COUNT ? names[op] : "";
 }
 
@@ -408,6 +408,12 @@ struct lora_backend {
                                     const float* g,   /* (N, ld) */
                                     const float* u,   /* (N, ld) or NULL */
                                     int64_t N, int64_t I, int64_t ld, lora_unary_op act);
+  /* C[i] (M, N[i]) = A·B[i]ᵀ for the n products of one A (M, K) row-major (row stride lda), B[i]
+   * (N[i], K) row-major, fp32 or bf16 bits (b_bf16), C[i] contiguous: the projections of one input
+   * (q/k/v, gate/up) in one call, A packed once per thread. NULL where a backend has none (then
+   * one gemm per product). supports(GEMM_SHARED_A, F32 | BF16) is this entry, by B's dtype. */
+  lora_status (*gemm_shared_a)(lora_backend* be, int32_t n, float* const* C, const float* A, int64_t lda,
+                               const void* const* B, bool b_bf16, const int64_t* N, int64_t M, int64_t K);
 };
 
 /* A library's table must reach at least the end of the memory entries to be used at all. */

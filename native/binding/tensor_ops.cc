@@ -46,6 +46,44 @@ Napi::Value Gemm(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// gemmSharedA(a, M, K, out0, w0, N0, out1, w1, N1, out2, w2, N2): out_i (M, N_i) = a·w_iᵀ for a
+// (M, K) and weights w_i (N_i, K), all fp32 or all bf16; the third product may be null.
+Napi::Value GemmSharedA(const Napi::CallbackInfo& info) {
+  Storage* As = storage_arg(info, 0, "a");
+  const int64_t M = size_arg(info, 1, "M"), K = size_arg(info, 2, "K");
+  Storage *Cs[3], *Bs[3];
+  int64_t N[3];
+  static const char* const names[3][3] = {{"out0", "w0", "N0"}, {"out1", "w1", "N1"}, {"out2", "w2", "N2"}};
+  int n = 0;
+  for (int i = 0; i < 3; ++i) {
+    const size_t at = 3 + 3 * i;
+    if (i == 2 && info[at].IsNull() && info[at + 1].IsNull()) break;
+    Cs[i] = storage_arg(info, at, names[i][0]);
+    Bs[i] = storage_arg(info, at + 1, names[i][1]);
+    N[i] = size_arg(info, at + 2, names[i][2]);
+    n = i + 1;
+  }
+  lora_backend* be = same_backend(info, {As, Cs[0], Bs[0], Cs[1], Bs[1]});
+  if (n == 3) same_backend(info, {As, Cs[2], Bs[2]});
+  need(info, As, LORA_F32, matrix_extent(M, K, K, 1, 0), "a");
+  const bool b_bf16 = Bs[0]->dtype_ == LORA_BF16;
+  float* C[3];
+  const void* B[3];
+  for (int i = 0; i < n; ++i) {
+    if ((Bs[i]->dtype_ == LORA_BF16) != b_bf16)
+      throw_lora(info.Env(), "ERR_LORA_DTYPE",
+                 std::string("Expected the weights of gemmSharedA of one dtype but w0 is ") + lora_dtype_name(Bs[0]->dtype_) +
+                     " and " + names[i][1] + " " + lora_dtype_name(Bs[i]->dtype_));
+    need_any(info, Bs[i], kF32 | kBF16, matrix_extent(N[i], K, K, 1, 0), names[i][1]);
+    need(info, Cs[i], LORA_F32, matrix_extent(M, N[i], N[i], 1, 0), names[i][0]);
+    C[i] = ptr<float>(Cs[i]);
+    B[i] = Bs[i]->ptr_;
+  }
+  require_entry(info.Env(), be->gemm_shared_a != nullptr, be, "gemmSharedA");
+  check_status(info.Env(), be->gemm_shared_a(be, n, C, ptr<float>(As), K, B, b_bf16, N, M, K), be, "gemmSharedA");
+  return info.Env().Undefined();
+}
+
 // binary(op, out, a, b, shape, aStrides, bStrides)
 Napi::Value Binary(const Napi::CallbackInfo& info) {
   const int64_t op = int_arg(info, 0, "op");
@@ -87,6 +125,10 @@ void register_tensor_ops(Registry& r) {
        LORA_OP_GEMM, [](const lora_backend* be, int32_t dtype) {
          return dtype == LORA_BF16 ? be->gemm_bf16 != nullptr : be->gemm != nullptr;
        });
+  r.fn("gemmSharedA", GemmSharedA,
+       "(a: S, M: number, K: number, out0: S, w0: S, N0: number, out1: S, w1: S, N1: number, out2: S | null, "
+       "w2: S | null, N2: number): void",
+       LORA_OP_GEMM_SHARED_A, &lora_backend::gemm_shared_a);
   r.fn("binary", Binary,
        "(op: number, out: S, a: S, b: S, shape: number[], aStrides: number[], bStrides: number[]): void",
        LORA_OP_BINARY, &lora_backend::binary);

@@ -104,6 +104,7 @@ bool supports(lora_backend* be, int32_t op, int32_t dtype) {
     case LORA_OP_LORA_FORWARD: case LORA_OP_LORA_BACKWARD: case LORA_OP_LORA_MERGE:
       return dtype == LORA_F32 || dtype == LORA_BF16;
     case LORA_OP_GEMM: return dtype == LORA_F32 ? be->gemm != nullptr : dtype == LORA_BF16 && be->gemm_bf16 != nullptr;
+    case LORA_OP_GEMM_SHARED_A: return (dtype == LORA_F32 || dtype == LORA_BF16) && be->gemm_shared_a != nullptr;
     case LORA_OP_CONVERT: return dtype != LORA_I32;
     default: return op >= 0 && op < LORA_OP_COUNT && dtype == LORA_F32;
   }

@@ -8,6 +8,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "../backend/half.h"
 #include "../backend/rng.h"
@@ -585,6 +586,94 @@ void sgemm(ThreadPool& pool, bool trans_a, bool trans_b, int64_t M, int64_t N, i
            float alpha, const float* A, int64_t lda, const float* B, int64_t ldb, float beta,
            float* C, int64_t ldc) {
   gemm_ex(pool, plain_gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, false, ldb, beta, C, ldc));
+}
+
+namespace {
+
+// One thread's share of sgemm_shared_a: the column panels [p0, p1) of the products laid side by
+// side (every product's columns start a panel), over all rows. A block is packed once for all of
+// them; each panel of B is packed from its own product, and each tile is written to its own C.
+void shared_a_rect(const IsaTable& t, int64_t M, int64_t K, const float* A, int64_t lda, int n,
+                   const void* const* B, bool b_bf16, const int64_t* N, float* const* C, int64_t p0,
+                   int64_t p1) {
+  const GemmKernel& kern = t.wide;
+  const int mr = kern.mr, nr = kern.nr;
+  ThreadBuffers& bufs = buffers();
+  const GemmBlocking& blk = gemm_blocking();
+  // panel q of the side-by-side products: product prod[q], its columns from col[q]
+  std::vector<int> prod;
+  std::vector<int64_t> col;
+  for (int i = 0, q = 0; i < n; ++i)
+    for (int64_t j = 0; j < N[i]; j += nr, ++q)
+      if (q >= p0 && q < p1) {
+        prod.push_back(i);
+        col.push_back(j);
+      }
+  const int64_t np = p1 - p0;
+  const int64_t pb_max = imax(1, blk.nc / nr);  // panels per block of packed B
+  const int64_t mc_max = imax(mr, blk.mc / mr * mr);
+  alignas(64) float tile[32 * 64];
+  for (int64_t qb = 0; qb < np; qb += pb_max) {
+    const int64_t nq = imin(pb_max, np - qb);
+    for (int64_t pc = 0; pc < K; pc += blk.kc) {
+      const int64_t kc = imin(blk.kc, K - pc);
+      const bool accumulate = pc > 0;
+      float* bbuf = bufs.b.get(static_cast<size_t>(nq * nr * kc));
+      // runs of panels of one product are packed in one call
+      for (int64_t q = 0; q < nq;) {
+        int64_t e = q + 1;
+        while (e < nq && prod[qb + e] == prod[qb + q]) ++e;
+        const int i = prod[qb + q];
+        const int64_t j0 = col[qb + q], j1 = imin(N[i], col[qb + e - 1] + nr);
+        t.pack_b(bbuf + q * nr * kc, B[i], b_bf16, K, true, pc, kc, j0, j1 - j0, nr, nullptr);
+        q = e;
+      }
+      for (int64_t ic = 0; ic < M; ic += mc_max) {
+        const int64_t mc = imin(mc_max, M - ic);
+        float* abuf = bufs.a.get(static_cast<size_t>(round_up(mc, mr) * kc));
+        t.pack_a(abuf, A, lda, false, ic, mc, pc, kc, mr, 1.0f, nullptr);
+        for (int64_t q = 0; q < nq; ++q) {
+          const int i = prod[qb + q];
+          const int64_t j = col[qb + q], cols = imin(nr, N[i] - j);
+          for (int64_t ir = 0; ir < mc; ir += mr) {
+            const int64_t rows = imin(mr, mc - ir);
+            float* c = C[i] + (ic + ir) * N[i] + j;
+            const bool full = rows == mr && cols == nr;
+            kern.run(kc, abuf + ir * kc, bbuf + q * nr * kc, nr, full ? c : tile, full ? N[i] : nr, full && accumulate);
+            if (!full) write_tile(c, N[i], tile, nr, rows, cols, accumulate);
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void sgemm_shared_a(ThreadPool& pool, int64_t M, int64_t K, const float* A, int64_t lda, int n,
+                    const void* const* B, bool b_bf16, const int64_t* N, float* const* C) {
+  if (M <= 0 || n <= 0) return;
+  if (K <= 0) {
+    for (int i = 0; i < n; ++i) std::memset(C[i], 0, static_cast<size_t>(M * N[i]) * sizeof(float));
+    return;
+  }
+  const IsaTable& t = isa_table();
+  const int nr = t.wide.nr;
+  int64_t panels = 0, cols = 0;
+  for (int i = 0; i < n; ++i) {
+    panels += (N[i] + nr - 1) / nr;
+    cols += N[i];
+  }
+  if (panels == 0) return;
+  const bool serial = pool.size() == 1 || M * cols * (K + 1) < gemm_blocking().parallel_min_flops;
+  // the threads split the panels (every thread packs all of A once, for every product)
+  auto body = [&](int tid, int nt) {
+    int64_t p0, p1;
+    thread_share(panels, 1, tid, nt, &p0, &p1);
+    if (p0 < p1) shared_a_rect(t, M, K, A, lda, n, B, b_bf16, N, C, p0, p1);
+  };
+  if (serial) body(0, 1);
+  else pool.run(body);
 }
 
 namespace {

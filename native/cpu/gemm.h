@@ -28,4 +28,11 @@ void sgemm_bf16_update(ThreadPool& pool, int64_t M, int64_t N, int64_t K, float 
                        const float* A, int64_t lda, const float* B, int64_t ldb, uint16_t* C,
                        int64_t ldc);
 
+// C_i (M, N_i) = A·B_iᵀ for the n products of one A (M, K) row-major (row stride lda) with B_i
+// (N_i, K) row-major fp32 or bf16 bits (b_bf16), C_i contiguous: q/k/v or gate/up projections of
+// one input. Each thread packs A once for all of them (separate sgemm calls pack it once per
+// product and thread); the products are those of sgemm with trans_b, alpha 1 and beta 0.
+void sgemm_shared_a(ThreadPool& pool, int64_t M, int64_t K, const float* A, int64_t lda, int n,
+                    const void* const* B, bool b_bf16, const int64_t* N, float* const* C);
+
 }  // namespace lora

@@ -1,5 +1,5 @@
 // The CPU matrix products of the kernel interface: gemm and gemm_bf16 over the GEMM engine
-// (gemm.h), one call per batch entry.
+// (gemm.h), one call per batch entry, and gemm_shared_a (several products of one A).
 #include <type_traits>
 
 #include "cpu.h"
@@ -25,11 +25,21 @@ lora_status gemm_batched(lora_backend* be, float* Cm, const float* Am, const TB*
   return LORA_OK;
 }
 
+lora_status gemm_shared_a(lora_backend* be, int32_t n, float* const* C, const float* A, int64_t lda,
+                          const void* const* B, bool b_bf16, const int64_t* N, int64_t M, int64_t K) {
+  if (n < 0 || M < 0 || K < 0 || lda < K) return LORA_INVALID_ARGUMENT;
+  for (int32_t i = 0; i < n; ++i)
+    if (N[i] < 0) return LORA_INVALID_ARGUMENT;
+  sgemm_shared_a(cpu_pool(be), M, K, A, lda, n, B, b_bf16, N, C);
+  return LORA_OK;
+}
+
 }  // namespace
 
 void cpu_register_linalg(lora_backend& t) {
   t.gemm = gemm_batched<float>;
   t.gemm_bf16 = gemm_batched<uint16_t>;
+  t.gemm_shared_a = gemm_shared_a;
 }
 
 }  // namespace lora

@@ -4,6 +4,7 @@
 // depend on timing. Attention has its own kernel (attention.cc).
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "../backend/half.h"
@@ -322,22 +323,74 @@ lora_status cross_entropy_backward(lora_backend* be, float* dlogits, const float
   return LORA_OK;
 }
 
+// a·cos θ and a·sin θ of every (row, frequency) of a call, θ = position·inv_freq in fp32 as
+// transformers computes it: row r's half cosines, then its half sines. The table of the last call
+// is kept (per calling thread) with the positions, inv_freq and a it was made from: a forward
+// rotates q and k of every layer at the same positions, 2·layers calls that then share one table
+// (the trig was most of the kernel's time). Any change of an input rebuilds it; it is returned
+// only for calls whose inputs equal, bit for bit, the ones it was built from.
+constexpr int64_t kRopeTableMax = int64_t(1) << 21;  // rows·half entries (16 MB of cos and sin)
+
+const float* rope_table(ThreadPool& pool, const int32_t* positions, const float* inv_freq, int64_t rows,
+                        int64_t half, float a) {
+  struct Table {
+    std::vector<int32_t> pos;
+    std::vector<float> inv_freq, cs;
+    float a = 0.0f;
+  };
+  thread_local Table t;
+  if (rows * half > kRopeTableMax) return nullptr;
+  const bool same = static_cast<int64_t>(t.pos.size()) == rows && static_cast<int64_t>(t.inv_freq.size()) == half &&
+                    std::memcmp(&t.a, &a, sizeof a) == 0 &&
+                    std::memcmp(t.pos.data(), positions, static_cast<size_t>(rows) * sizeof(int32_t)) == 0 &&
+                    std::memcmp(t.inv_freq.data(), inv_freq, static_cast<size_t>(half) * sizeof(float)) == 0;
+  if (same) return t.cs.data();
+  t.pos.assign(positions, positions + rows);
+  t.inv_freq.assign(inv_freq, inv_freq + half);
+  t.a = a;
+  t.cs.resize(static_cast<size_t>(rows * 2 * half));
+  float* cs = t.cs.data();
+  pool.parallel_for(rows, row_grain(16 * half), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float p = static_cast<float>(positions[r]);
+      float* c = cs + r * 2 * half;
+      for (int64_t i = 0; i < half; ++i) {
+        const float theta = p * inv_freq[i];
+        c[i] = a * std::cos(theta);
+        c[half + i] = a * std::sin(theta);
+      }
+    }
+  });
+  return cs;
+}
+
 // RoPE (rotate_half pairs (i, i + R/2) of each head's first R features) by +θ (forward, sign 1)
-// or -θ (backward, sign -1); the angles of a token are computed once for its H heads.
+// or -θ (backward, sign -1); the angles of a token are computed once for its H heads (and once
+// for the calls that share a table, above).
 lora_status rope_rotate(lora_backend* be, float* y, const float* x, const int32_t* positions,
                         const float* inv_freq, int64_t Bt, int64_t T, int64_t H, int64_t D,
                         int64_t R, float a, float sign) {
   if (Bt < 0 || T < 0 || H < 0 || D < 0 || R < 0 || R > D || R % 2 != 0) return LORA_INVALID_ARGUMENT;
   ThreadPool& pool = cpu_pool(be);
   const int64_t half = R / 2;
+  const float* table = half > 0 ? rope_table(pool, positions, inv_freq, Bt * T, half, a) : nullptr;
   pool.parallel_for(Bt * T, row_grain(H * D), [&](int64_t r0, int64_t r1) {
     std::vector<float> c(static_cast<size_t>(half)), s(static_cast<size_t>(half));
     for (int64_t r = r0; r < r1; ++r) {
-      const float p = static_cast<float>(positions[r]);
-      for (int64_t i = 0; i < half; ++i) {
-        const float theta = p * inv_freq[i];  // fp32, as transformers computes it
-        c[i] = a * std::cos(theta);
-        s[i] = sign * a * std::sin(theta);
+      if (table) {
+        // sign·(a·sin θ) has the bits of (sign·a)·sin θ: sign is ±1
+        const float* tr = table + r * 2 * half;
+        for (int64_t i = 0; i < half; ++i) {
+          c[i] = tr[i];
+          s[i] = sign * tr[half + i];
+        }
+      } else {
+        const float p = static_cast<float>(positions[r]);
+        for (int64_t i = 0; i < half; ++i) {
+          const float theta = p * inv_freq[i];  // fp32, as transformers computes it
+          c[i] = a * std::cos(theta);
+          s[i] = sign * a * std::sin(theta);
+        }
       }
       for (int64_t h = 0; h < H; ++h) {
         const float* xr = x + (r * H + h) * D;

@@ -554,6 +554,28 @@ function nnCases(): ParityCase[] {
       }),
     });
   }
+  {
+    // Calls of one shape whose positions, inv_freq or scaling differ in one value each: a kernel that
+    // reuses its angles between calls (the CPU's table) must see every change.
+    const [Bt, T, H, D, R] = [2, 6, 3, 16, 12];
+    const n = Bt * T * H * D;
+    const x = data(n), f1 = ropeInvFreq(R), f2 = Float64Array.from(f1, (v, i) => (i === 2 ? v * 1.5 : v));
+    const p1 = Int32Array.from({ length: Bt * T }, (_, i) => i % T), p2 = Int32Array.from(p1, (v, i) => (i === 7 ? 4 : v));
+    const inputs = { x: { data: x }, p1: { data: p1, dtype: 'int32' as const }, p2: { data: p2, dtype: 'int32' as const }, f1: { data: f1 }, f2: { data: f2 } };
+    cases.push({
+      name: 'rope: consecutive calls at other positions, inv_freq, scaling and direction', build: () => ({
+        inputs, outputs: { y1: n, y2: n, y3: n, y4: n, y5: n, y6: n },
+        calls: [['rope', '$y1', '$x', '$p1', '$f1', Bt, T, H, D, R, 1], ['rope', '$y2', '$x', '$p2', '$f1', Bt, T, H, D, R, 1],
+          ['rope', '$y3', '$x', '$p2', '$f2', Bt, T, H, D, R, 1], ['rope', '$y4', '$x', '$p2', '$f2', Bt, T, H, D, R, 1.25],
+          ['ropeBackward', '$y5', '$x', '$p2', '$f2', Bt, T, H, D, R, 1.25], ['rope', '$y6', '$x', '$p1', '$f1', Bt, T, H, D, R, 1]],
+        expect: {
+          y1: ropeRef(x, p1, f1, Bt, T, H, D, 1), y2: ropeRef(x, p2, f1, Bt, T, H, D, 1), y3: ropeRef(x, p2, f2, Bt, T, H, D, 1),
+          y4: ropeRef(x, p2, f2, Bt, T, H, D, 1.25), y5: ropeBackwardRef(x, p2, f2, Bt, T, H, D, 1.25), y6: ropeRef(x, p1, f1, Bt, T, H, D, 1),
+        },
+        tol: ROPE_TOL,
+      }),
+    });
+  }
   cases.push({
     name: 'rope reference: its backward against central finite differences', build: () => {
       const [B, T, H, D] = [2, 3, 2, 10], half = 3;
