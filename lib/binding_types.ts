@@ -24,7 +24,7 @@ export interface Binding {
   copyInto(dst: S, src: S): void;
   toDevice(s: S, device: number): S;
   convert(dst: S, src: S): void;
-  gemm(out: S, a: S, b: S, M: number, N: number, K: number, transA: boolean, transB: boolean, lda: number, ldb: number, ldc: number, alpha: number, beta: number, batch: number, strideA: number, strideB: number, strideC: number): void;
+  gemm(out: S, a: S, b: S, M: number, N: number, K: number, transA: boolean, transB: boolean, lda: number, ldb: number, ldc: number, alpha: number, beta: number, batch: number, strideA: number, strideB: number, strideC: number, bf16Dot?: boolean): void;
   binary(op: number, out: S, a: S, b: S, shape: number[], aStrides: number[], bStrides: number[]): void;
   copyStrided(dst: S, dstOffset: number, dstStrides: number[], src: S, srcOffset: number, srcStrides: number[], shape: number[]): void;
   fill(tensor: S, value: number): void;
