@@ -504,9 +504,12 @@ void gemm_ex(ThreadPool& pool, const GemmArgs& g) {
   const bool bf16_dot = !small && g.M >= kBf16DotMinM && g.b_bf16 && g.allow_bf16_dot && cpu_has_bf16_dot() &&
                         t.bf16_kernel.run && !g.drop_a && !g.drop_b && g.alpha != 0.0f;
 
-  // (under the bf16 dot, H rides along when the fp32 kernel packs A panels of the same height)
-  if (g.H && (small || (bf16_dot && t.bf16_kernel.mr != t.wide.mr) || g.trans_a || g.alpha != 1.0f ||
-              g.drop_a))
+  // Under the bf16 dot, H rides along from an fp32 packing of each block when the fp32 kernel packs
+  // A panels of the same height, unless H is whole vectors wide (rank 16, 32): its own streaming
+  // pass was then faster (1024 x 576 x {192, 576, 1536} r16, 2 threads: 3-10%), while at rank 8
+  // that pass ran at 6 GFLOP/s (512 x 1024 x 1024 r8, 1 thread: adapter cost 35% -> 21% fused).
+  const bool h_apart_bf16 = bf16_dot && (t.bf16_kernel.mr != t.wide.mr || g.NH % t.wide.nr1 == 0);
+  if (g.H && (small || h_apart_bf16 || g.trans_a || g.alpha != 1.0f || g.drop_a))
     return side_product_apart(pool, g);
 
   // The tile shape with the least padding (the wide kernel on ties and for bf16).
