@@ -4,6 +4,8 @@
 //   decode: B=1|8 prompt=128 steps=32 with a KV cache; only the steps are timed
 //   train: B=4 T=256, LoRA r=16 alpha=32 on every projection, AdamW, gc=0|1 (gradient checkpointing),
 //          fused=1|0 (model.loss: head + cross-entropy in row chunks, default; 0: causalLmLoss on the logits)
+//   mp=bf16 (any case): loadCausalLM's matmulPrecision 'bf16' (bf16 dot products for the bf16
+//          projections and head outside the LoRA layers, whose frozen base dots bf16 already)
 //   node dist/bench/llm_child.js CASE CONFIG DTYPE THREADS REPS WARMUP DIR [key=value ...]
 // Prints one JSON line: medianMs, minMs, reps, rssAfterLoadMB, peakRssMB, tokens, tokensPerS.
 import * as fs from 'fs';
@@ -40,9 +42,9 @@ async function main(): Promise<void> {
   const kv = Object.fromEntries(rest.map((a) => a.split('=') as [string, string]));
   setNumThreads(Number(threads));
   manualSeed(0);
-  const model: CausalLM = await loadCausalLM(dir!, { dtype: dtype === 'bf16' ? 'bfloat16' : 'float32' });
+  const model: CausalLM = await loadCausalLM(dir!, { dtype: dtype === 'bf16' ? 'bfloat16' : 'float32', matmulPrecision: kv.mp === 'bf16' ? 'bf16' : 'fp32' });
   const V = model.vocabSize;
-  const out: Record<string, unknown> = { case: name, config, dtype, threads: Number(threads) };
+  const out: Record<string, unknown> = { case: name, config, dtype, threads: Number(threads), matmulPrecision: model.matmulPrecision };
   let fn: () => number | void;
   if (name === 'prefill') {
     const T = Number(kv.T ?? 512);

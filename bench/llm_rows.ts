@@ -16,13 +16,18 @@ function plans(quick: boolean, full: boolean): Plan[] {
   // --quick: one tiny-model row (a smoke check of the whole path, baseline included)
   if (quick) return [{ case: 'train', config: 'tiny', dtype: 'fp32', args: { gc: '0' }, reps: 3, warmup: 1 }];
   const out: Plan[] = [];
+  // mp=bf16: the bf16 weights with matmulPrecision 'bf16' (bf16 dot products in every projection
+  // and the head, as PyTorch's bf16 rows compute), beside the default fp32 products
   const add = (config: string, dtypes: ('fp32' | 'bf16')[], reps: number) => {
     for (const d of dtypes) out.push({ case: 'prefill', config, dtype: d, args: {}, reps, warmup: 1 });
+    if (dtypes.includes('bf16')) out.push({ case: 'prefill', config, dtype: 'bf16', args: { mp: 'bf16' }, reps, warmup: 1 });
     for (const B of ['1', '8']) for (const d of dtypes) out.push({ case: 'decode', config, dtype: d, args: { B }, reps, warmup: 1 });
   };
   add('smol', ['fp32', 'bf16'], 3);
   for (const d of ['fp32', 'bf16'] as const)
     for (const gc of ['0', '1']) out.push({ case: 'train', config: 'smol', dtype: d, args: { gc }, reps: 3, warmup: 1 });
+  // the LoRA layers' frozen base dots bf16 in both bf16 rows; this one adds the head and its loss
+  out.push({ case: 'train', config: 'smol', dtype: 'bf16', args: { gc: '0', mp: 'bf16' }, reps: 3, warmup: 1 });
   if (full) {
     // 1B: bf16 for everything that reads the weights many times; a training step takes minutes
     add('1b', ['fp32', 'bf16'], 2);
@@ -54,7 +59,11 @@ export function runLlmRows(o: { quick: boolean; full: boolean; reps?: number; th
     const r = run(process.execPath, [path.join(__dirname, 'llm_child.js'), ...common, dir, ...kv], 1_800_000);
     row.ours = lastJson(r.out);
     if (!row.ours) row.error = r.err.slice(-400);
-    if (o.tools.python) {
+    // PyTorch's bf16 rows already multiply in bf16: an mp=bf16 row shows the plain bf16 row's PyTorch run
+    const twin = p.args.mp ? rows.find((q) => q.case === p.case && q.config === p.config && q.dtype === p.dtype &&
+      Object.entries(p.args).every(([k, v]) => k === 'mp' || q.args[k] === v) && !q.args.mp) : undefined;
+    if (twin) row.pytorch = twin.pytorch;
+    else if (o.tools.python) {
       const t = run(o.tools.python, [path.join(o.srcDir, 'torch_llm.py'), ...common, ...kv], 1_800_000, baselineEnv(o.threads, true));
       row.pytorch = lastJson(t.out);
       if (!row.pytorch) row.error = `${row.error ?? ''} pytorch: ${t.err.slice(-300)}`;
@@ -78,7 +87,7 @@ export function llmMarkdown(rows: LlmRow[], m: Machine | undefined, peer: string
     const o = r.ours, p = r.pytorch;
     const share = boundShare(r, m);
     const act = (x?: LlmResult) => (x ? x.peakRssMB - x.rssAfterLoadMB : undefined);
-    lines.push(`| ${r.config} | ${r.case}${r.args.B ? ` b${r.args.B}` : ''}${r.case === 'train' ? (r.args.gc === '1' ? ' gc' : ' no gc') : ''} | ${r.dtype} | ` +
+    lines.push(`| ${r.config} | ${r.case}${r.args.B ? ` b${r.args.B}` : ''}${r.case === 'train' ? (r.args.gc === '1' ? ' gc' : ' no gc') : ''} | ${r.dtype}${r.args.mp === 'bf16' ? ' (bf16 products)' : ''} | ` +
       `${o ? fmt(o.medianMs, 0) : r.error ? 'error' : '-'} | ${fmt(o?.tokensPerS)} | ${share !== undefined ? `${fmt(100 * share, 0)}%` : '-'} | ` +
       `${fmt(p?.medianMs, 0)} | ${fmt(p?.tokensPerS)} | ${o && p ? `${fmt(o.tokensPerS / p.tokensPerS, 2)}x` : '-'} | ` +
       `${o ? `${fmt(o.rssAfterLoadMB, 0)}→${fmt(o.peakRssMB, 0)}` : '-'} | ${p ? `${fmt(p.rssAfterLoadMB, 0)}→${fmt(p.peakRssMB, 0)}` : '-'} | ` +

@@ -123,7 +123,8 @@ export interface LlmRow {
   ours?: LlmResult; pytorch?: LlmResult; error?: string;
 }
 
-export const llmLabel = (r: LlmRow) => `${r.config} ${r.case}${r.args.B ? ` b${r.args.B}` : ''}${r.args.gc === '1' ? ' gc' : ''} ${r.dtype}`;
+export const llmLabel = (r: LlmRow) =>
+  `${r.config} ${r.case}${r.args.B ? ` b${r.args.B}` : ''}${r.args.gc === '1' ? ' gc' : ''} ${r.dtype}${r.args.mp === 'bf16' ? ' (bf16 products)' : ''}`;
 
 /** Where a row stands against its bound: FLOP-bound time (prefill, train) or bandwidth-bound tokens/s (decode). */
 export function boundShare(r: LlmRow, m: Machine | undefined): number | undefined {
@@ -141,7 +142,8 @@ export function boundShare(r: LlmRow, m: Machine | undefined): number | undefine
 export function evaluateLlmTargets(rows: LlmRow[], m: Machine | undefined): Target[] {
   const out: Target[] = [];
   const find = (config: string, kase: string, dtype: string, args: Record<string, string> = {}) =>
-    rows.find((r) => r.config === config && r.case === kase && r.dtype === dtype && Object.entries(args).every(([k, v]) => r.args[k] === v));
+    rows.find((r) => r.config === config && r.case === kase && r.dtype === dtype && (r.args.mp ?? 'fp32') === (args.mp ?? 'fp32') &&
+      Object.entries(args).every(([k, v]) => r.args[k] === v));
   const missing = (target: string, row: string, goal: string, note: string) => out.push({ target, row, measured: '-', goal, met: undefined, note });
   for (const config of [...new Set(rows.map((r) => r.config))].filter((c) => c !== 'tiny')) { // tiny: a smoke check, not judged
     // prefill: >= 70% of the FLOP-bound time (fp32), >= 1.5x PyTorch
@@ -151,8 +153,8 @@ export function evaluateLlmTargets(rows: LlmRow[], m: Machine | undefined): Targ
       if (s === undefined) missing('prefill 512: % of FLOP-bound time', llmLabel(pf), '>= 70%', pf.ours ? 'no ceiling measured' : 'row failed');
       else out.push({ target: 'prefill 512: % of FLOP-bound time', row: llmLabel(pf), measured: `${fmt(100 * s, 0)}%`, goal: '>= 70%', met: s >= 0.7 });
     }
-    for (const d of ['fp32', 'bf16']) {
-      const r = find(config, 'prefill', d);
+    for (const [d, mp] of [['fp32', 'fp32'], ['bf16', 'fp32'], ['bf16', 'bf16']]) {
+      const r = find(config, 'prefill', d!, { mp: mp! });
       if (r) ratio(out, 'prefill 512: vs PyTorch', r, 1.5, m);
     }
     // decode b1 bf16: >= 70% of bandwidth-bound tokens/s, >= 2x PyTorch
@@ -165,8 +167,8 @@ export function evaluateLlmTargets(rows: LlmRow[], m: Machine | undefined): Targ
     }
     // training: >= 3x PyTorch at its best (its faster dtype), >= 50% of the FLOP-bound rate
     const torchBest = rows.filter((r) => r.config === config && r.case === 'train' && r.args.gc === '0' && r.pytorch).sort((a, b) => b.pytorch!.tokensPerS - a.pytorch!.tokensPerS)[0];
-    for (const d of ['fp32', 'bf16']) {
-      const r = find(config, 'train', d, { gc: '0' });
+    for (const [d, mp] of [['fp32', 'fp32'], ['bf16', 'fp32'], ['bf16', 'bf16']] as const) {
+      const r = find(config, 'train', d, { gc: '0', mp });
       if (!r) continue;
       if (!r.ours || !torchBest) missing('train: tokens/s vs PyTorch at its best', llmLabel(r), '>= 3.00x', r.ours ? 'PyTorch not run' : 'row failed');
       else {
@@ -183,7 +185,7 @@ export function evaluateLlmTargets(rows: LlmRow[], m: Machine | undefined): Targ
         out.push({ target: 'train: peak RSS <= PyTorch', row: llmLabel(r), measured: `${fmt(r.ours.peakRssMB, 0)} vs ${fmt(r.pytorch.peakRssMB, 0)} MB`, goal: '<=', met: ok });
       }
       // gradient checkpointing: activation memory <= 25% of without, for <= 30% more time
-      const g = find(config, 'train', d, { gc: '1' });
+      const g = find(config, 'train', d, { gc: '1', mp });
       if (g?.ours && r.ours) {
         const a0 = r.ours.peakRssMB - r.ours.rssAfterLoadMB, a1 = g.ours.peakRssMB - g.ours.rssAfterLoadMB;
         const mem = a1 / a0, time = g.ours.medianMs / r.ours.medianMs;
@@ -191,8 +193,9 @@ export function evaluateLlmTargets(rows: LlmRow[], m: Machine | undefined): Targ
         out.push({ target: 'train gc: time vs without', row: llmLabel(g), measured: `${time >= 1 ? '+' : ''}${fmt(100 * (time - 1), 0)}% time (${fmt(g.ours.medianMs / 1e3, 1)} vs ${fmt(r.ours.medianMs / 1e3, 1)} s)`, goal: '<= 30% more', met: time <= 1.3 });
       }
     }
-    const f = find(config, 'train', 'fp32', { gc: '0' }), b = find(config, 'train', 'bf16', { gc: '0' });
-    if (f?.ours && b?.ours) {
+    const f = find(config, 'train', 'fp32', { gc: '0' });
+    for (const b of [find(config, 'train', 'bf16', { gc: '0' }), find(config, 'train', 'bf16', { gc: '0', mp: 'bf16' })]) {
+      if (!f?.ours || !b?.ours) continue;
       const x = b.ours.tokensPerS / f.ours.tokensPerS;
       out.push({ target: 'train: bf16 frozen base vs our fp32', row: llmLabel(b), measured: `${fmt(x, 2)}x`, goal: '>= 1.60x', met: x >= 1.6 });
     }
@@ -208,9 +211,10 @@ function ratio(out: Target[], target: string, r: LlmRow, goal: number, m: Machin
   }
   const x = r.ours.tokensPerS / r.pytorch.tokensPerS;
   // a goal past this machine's bound (the FLOP bound with fp32 products, or the bandwidth bound) is said to be
-  const share = boundShare(r, m), needed = goal * r.pytorch.tokensPerS, bound = share ? r.ours.tokensPerS / share : undefined;
-  const note = bound !== undefined && needed > bound
-    ? `unreachable here: ${goal.toFixed(2)}x needs ${fmt(needed)} tok/s, past the ${fmt(bound)} tok/s ${r.work.flops ? 'FLOP bound with fp32 products' : 'bandwidth bound'}`
-    : undefined;
+  // (a row on bf16 products: the FLOP bound at the bf16-dot peak)
+  const c = m?.perThreads[String(r.threads)], dot = r.args.mp === 'bf16' && c ? c.bf16DotGflops / c.fmaGflops : 1;
+  const share = boundShare(r, m), needed = goal * r.pytorch.tokensPerS, bound = share && dot > 0 ? (dot * r.ours.tokensPerS) / share : undefined;
+  const kind = !r.work.flops ? 'bandwidth bound' : dot !== 1 ? 'FLOP bound at the bf16-dot peak' : 'FLOP bound with fp32 products';
+  const note = bound !== undefined && needed > bound ? `unreachable here: ${goal.toFixed(2)}x needs ${fmt(needed)} tok/s, past the ${fmt(bound)} tok/s ${kind}` : undefined;
   out.push({ target, row: llmLabel(r), measured: `${fmt(x, 2)}x (${fmt(r.ours.tokensPerS)} vs ${fmt(r.pytorch.tokensPerS)} tok/s)`, goal: g, met: x >= goal, note });
 }

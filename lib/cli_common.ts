@@ -8,6 +8,12 @@ import type { DType } from './tensor';
 /** A command line the commands cannot run: printed with the usage line, exit status 2. */
 export class UsageError extends Error {}
 
+/** --matmul-precision (generate, train): fp32 (default) or bf16 products with bf16 weights (loadCausalLM's matmulPrecision). */
+export function matmulPrecisionArg(v: string | undefined): 'fp32' | 'bf16' | undefined {
+  if (v === undefined || v === 'fp32' || v === 'bf16') return v;
+  throw new UsageError(`--matmul-precision must be fp32 or bf16 but is '${v}'`);
+}
+
 /** --dtype values and the dtypes they name. */
 export const DTYPE_ARG: Record<string, DType> = { f32: 'float32', float32: 'float32', bf16: 'bfloat16', bfloat16: 'bfloat16', f16: 'float16', float16: 'float16' };
 

@@ -7,7 +7,7 @@ import * as fs from 'node:fs';
 import { performance } from 'node:perf_hooks';
 import * as readline from 'node:readline';
 
-import { need, numberArg, parse, printable, UsageError } from './cli_common';
+import { matmulPrecisionArg, need, numberArg, parse, printable, UsageError } from './cli_common';
 import { LoraError } from './errors';
 import { CausalLM, WeightDtype } from './models/causal_lm';
 import { loadCausalLM } from './models/loader';
@@ -19,7 +19,7 @@ export const GENERATE_FLAGS = {
   model: { type: 'string' }, adapter: { type: 'string' }, prompt: { type: 'string' }, chat: { type: 'boolean' },
   'system-prompt': { type: 'string' }, 'ignore-chat-template': { type: 'boolean' }, 'max-tokens': { type: 'string' },
   temperature: { type: 'string' }, 'top-p': { type: 'string' }, 'top-k': { type: 'string' }, seed: { type: 'string' },
-  device: { type: 'string' }, dtype: { type: 'string' },
+  device: { type: 'string' }, dtype: { type: 'string' }, 'matmul-precision': { type: 'string' },
 } as const;
 
 export const GENERATE_USAGE = `generate loads --model (a Hugging Face folder with config.json, safetensors and tokenizer.json)
@@ -34,7 +34,9 @@ export const GENERATE_USAGE = `generate loads --model (a Hugging Face folder wit
   --top-p p        nucleus sampling (default 1: off)     --top-k k   the k most likely only (default 0: off)
   --seed s         seed of the sampler
   --device d       cpu (default) or cuda                 --dtype d   f32, bf16 or f16 for the frozen weights
-                   (default: the checkpoint's)`;
+                   (default: the checkpoint's)
+  --matmul-precision p  fp32 (default) or bf16: with bf16 weights, round activations to bf16 for
+                   bf16 dot products (about 2x prompt speed on avx512_bf16 CPUs; fp32 sums)`;
 
 const DTYPES: Record<string, WeightDtype> = { f32: 'float32', float32: 'float32', bf16: 'bfloat16', bfloat16: 'bfloat16', f16: 'float16', float16: 'float16' };
 
@@ -161,7 +163,8 @@ export async function generateCommand(argv: string[], out: NodeJS.WritableStream
   const template = !v['ignore-chat-template'] && tok.chatTemplate() !== null;
   if (chat && !template) throw new LoraError('ERR_LORA_UNSUPPORTED', `--chat needs a chat template but the tokenizer of ${modelDir} has none (use --prompt)`);
   const t0 = performance.now();
-  const model = await loadCausalLM(modelDir, { dtype, device });
+  const matmulPrecision = matmulPrecisionArg(v['matmul-precision'] as string | undefined);
+  const model = await loadCausalLM(modelDir, { dtype, device, ...(matmulPrecision ? { matmulPrecision } : {}) });
   try {
     const modules = adapterDir === undefined ? 0 : attachAdapter(model, adapterDir);
     s.eos = tok.eosTokenIds.filter((id) => id < model.vocabSize);

@@ -6,7 +6,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type { ParseArgsConfig } from 'node:util';
 
-import { DTYPE_ARG, need, numberArg, parse, UsageError } from './cli_common';
+import { DTYPE_ARG, matmulPrecisionArg, need, numberArg, parse, UsageError } from './cli_common';
 import { loadDataset } from './data';
 import { checkOptions, LoraError } from './errors';
 import { makeFolder, readTextFile } from './file_io';
@@ -27,6 +27,7 @@ export const TRAIN_FLAGS = {
   packing: { type: 'boolean' }, 'grad-checkpoint': { type: 'boolean' }, dtype: { type: 'string' }, device: { type: 'string' },
   'val-every': { type: 'string' }, 'val-batches': { type: 'string' }, 'save-every': { type: 'string' }, resume: { type: 'string' }, seed: { type: 'string' },
   'use-dora': { type: 'boolean' }, 'use-rslora': { type: 'boolean' }, 'lora-plus-ratio': { type: 'string' }, config: { type: 'string' },
+  'matmul-precision': { type: 'string' },
 } as const satisfies NonNullable<ParseArgsConfig['options']>;
 
 export const TRAIN_USAGE = `  lora-native train --model <dir> --data <file.jsonl | dir> --out <dir> [--rank 8] [--alpha 16]
@@ -35,7 +36,7 @@ export const TRAIN_USAGE = `  lora-native train --model <dir> --data <file.jsonl
                     [--mask-prompt | --no-mask-prompt] [--packing] [--grad-checkpoint]
                     [--dtype f32|bf16|f16] [--device cpu|cuda] [--val-every 200] [--val-batches n]
                     [--save-every 100] [--resume <dir>] [--seed 0] [--use-dora] [--use-rslora] [--lora-plus-ratio r]
-                    [--config file.yaml|json]`;
+                    [--matmul-precision fp32|bf16] [--config file.yaml|json]`;
 
 export const TRAIN_HELP = `train    fine-tunes a LoRA adapter: --model is a Hugging Face folder (config.json, safetensors,
          tokenizer.json), --data a JSONL file or a folder with train.jsonl (and valid.jsonl) of
@@ -53,6 +54,9 @@ export const TRAIN_HELP = `train    fine-tunes a LoRA adapter: --model is a Hugg
   --val-batches    evaluate on its first n batches only (default -1: all of them, as mlx-lm's -1)
   --save-every     write checkpoint/ every n steps and at the end
   --resume         continue the run whose --out (or checkpoint/) this is, onto the same losses
+  --matmul-precision fp32 (default) or bf16: with bf16 weights, the layers LoRA leaves alone and
+                   the output head (and its loss) round activations to bf16 for bf16 dot products
+                   too, as the LoRA layers' frozen base already does on avx512_bf16 CPUs
   --config         a YAML or JSON file whose keys are these flags' long names; flags override it`;
 
 type Flags = { [K in keyof typeof TRAIN_FLAGS]?: (typeof TRAIN_FLAGS)[K]['type'] extends 'boolean' ? boolean : string };
@@ -211,7 +215,8 @@ export async function trainCommand(argv: string[], out: NodeJS.WriteStream, err:
     throw new UsageError(`--out ${outDir} ${fs.statSync(outDir).isDirectory() ? 'is a folder that is not empty' : 'is an existing file'}; give a new or empty folder, or --resume ${outDir} to continue its run`);
   if (!fs.existsSync(modelDir) || !fs.statSync(modelDir).isDirectory()) throw new LoraError('ERR_LORA_IO', `Could not find the model folder ${modelDir}`);
 
-  const model = await loadCausalLM(modelDir, dtype ? { dtype, device } : { device });
+  const matmulPrecision = matmulPrecisionArg(v['matmul-precision']);
+  const model = await loadCausalLM(modelDir, { ...(dtype ? { dtype } : {}), device, ...(matmulPrecision ? { matmulPrecision } : {}) });
   try {
     const limit = maxPositionsOf(model);
     if (maxSeqArg !== undefined && limit !== null && maxSeqArg > limit)

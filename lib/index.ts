@@ -26,6 +26,12 @@ export interface Features {
   devices: { name: string; computeCapability: string; memory: number }[];
   /** The CPU kernels' instruction-set level: 'avx512', 'avx2' or 'generic'. */
   isa: string;
+  /**
+   * True when the CPU kernels use the avx512_bf16 dot product (avx512 level, CPU with
+   * avx512_bf16, `LORA_NATIVE_BF16_DOT` not `0`): the bf16 frozen base of LoRA layers and, with
+   * `matmulPrecision: 'bf16'`, linear() over a bf16 weight round their input to bf16 for that product.
+   */
+  bf16Dot: boolean;
   /** CPU threads the kernels use. */
   threads: number;
   /** Folder of the loaded native addon. */

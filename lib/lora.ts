@@ -10,7 +10,7 @@ import { checkLoraInit, initChangesBase, LoraInit, loraInitFactors } from './lor
 import { mergeWeight } from './merge';
 import { native, NativeStorage } from './native';
 import { Module, uniformParameter } from './module';
-import { div, linear, loraLinear, reshape } from './ops';
+import { div, linear, loraLinear, MatmulPrecision, reshape } from './ops';
 import { defaultRng, Rng } from './random';
 import { checkDevice, Device, keep, noGrad, shapeString, Tensor, tensor, tidy, zeros } from './tensor';
 
@@ -97,6 +97,13 @@ export class LoraLinear extends Module {
   _initialFactors: { A: Float32Array; B: Float32Array } | null = null;
   // DoRA while merged: the row scale m / ||W + s·B·A|| that merge() applied, for unmerge()
   private _doraMergeScale: Tensor | null = null;
+  /**
+   * How a merged layer's forward() multiplies by a bfloat16 weight ('fp32' default, or 'bf16': see
+   * MatmulPrecision). Unmerged, the LoRA kernel's frozen product already uses the bf16 dot product
+   * where the CPU has one; the adapter's own products stay fp32. applyLora copies it from the
+   * Linear it replaces, and unloading copies it back.
+   */
+  matmulPrecision: MatmulPrecision = 'fp32';
   private _merged = false;
   private _merging: Promise<void> | null = null;
   private readonly rng: Rng;
@@ -263,7 +270,7 @@ export class LoraLinear extends Module {
       if (t.device !== x.device)
         throw new LoraError('ERR_LORA_DEVICE', `Expected x on ${t.device} (where the layer's ${name} is) but received a tensor on ${x.device}`);
     }
-    if (this._merged) return linear(x, W, b);
+    if (this._merged) return linear(x, W, b, { matmulPrecision: this.matmulPrecision });
     const p = this.training ? this.dropout : 0;
     if (this.loraMagnitude) {
       const m = this.loraMagnitude;

@@ -50,6 +50,7 @@ export interface NativeFeatures {
   cudaEmulated?: boolean;
   devices: { name: string; computeCapability: string; memory: number }[];
   isa: string;
+  bf16Dot: boolean;
   threads: number;
   addonDir: string;
   addonPath: string;

@@ -8,7 +8,8 @@ import { LoraLinear } from './lora';
 import { checkLoraInit, initChangesBase, LoraInit, mutatedToLora } from './lora_init';
 import { allFinite } from './numerics';
 import { expectModule, Module, uniformParameter } from './module';
-import { add, attention, dropout, embedding, gelu, layerNorm, linear, reshape, rmsNorm, unary, UnaryName } from './ops';
+import { add, attention, dropout, embedding, gelu, layerNorm, linear, MatmulPrecision, reshape, rmsNorm, unary, UnaryName } from './ops';
+import { expectMatmulPrecision } from './ops/util';
 import { configForModules, loadPeftAdapter, PeftAdapter, PeftConfig, PeftModule, savePeftAdapter } from './peft';
 import { defaultRng, Rng } from './random';
 import { checkDevice, Device, keep, ones, Tensor, tensor, zeros } from './tensor';
@@ -48,6 +49,12 @@ export interface LinearOptions extends InitOptions {
    * layer holds it as [out, in] like any Linear. applyLora records it as PEFT's fan_in_fan_out.
    */
   fanInFanOut?: boolean;
+  /**
+   * Products with a bfloat16 weight: 'fp32' (default) or 'bf16' (the input rounded to bf16 for a
+   * bf16 dot product where the CPU has one; see MatmulPrecision). The layer's `matmulPrecision`
+   * property, which may be changed later.
+   */
+  matmulPrecision?: MatmulPrecision;
 }
 
 /** An existing tensor given to a layer: live, of the layer's shape and on its device. */
@@ -72,10 +79,17 @@ export class Linear extends Module {
   readonly fanInFanOut: boolean;
   weight: Tensor;
   bias: Tensor | null;
+  /**
+   * How forward() multiplies by a bfloat16 weight: 'fp32' (default) or 'bf16' (see
+   * MatmulPrecision); no effect on a float32 weight. loadCausalLM's `matmulPrecision` sets it on
+   * every projection and the head.
+   */
+  matmulPrecision: MatmulPrecision;
 
   constructor(inFeatures: number, outFeatures: number, options?: LinearOptions) {
     super();
-    const o = checkOptions<LinearOptions>('Linear', options, ['bias', 'seed', 'device', 'weight', 'biasTensor', 'fanInFanOut']);
+    const o = checkOptions<LinearOptions>('Linear', options, ['bias', 'seed', 'device', 'weight', 'biasTensor', 'fanInFanOut', 'matmulPrecision']);
+    this.matmulPrecision = expectMatmulPrecision('matmulPrecision', o.matmulPrecision);
     this.inFeatures = expectInteger('inFeatures', inFeatures, 1, 2 ** 31 - 1);
     this.outFeatures = expectInteger('outFeatures', outFeatures, 1, 2 ** 31 - 1);
     this.fanInFanOut = o.fanInFanOut === undefined ? false : expectBoolean('fanInFanOut', o.fanInFanOut);
@@ -95,7 +109,7 @@ export class Linear extends Module {
 
   forward(x: Tensor): Tensor {
     this.checkInput(x, this.inFeatures, 'Linear.forward()');
-    return linear(x, this.weight, this.bias);
+    return linear(x, this.weight, this.bias, { matmulPrecision: this.matmulPrecision });
   }
 }
 
@@ -509,6 +523,7 @@ export function applyLora(model: Module, options: ApplyLoraOptions): LoraInfo {
       dropout: p, useRslora, weight: lin.weight, biasTensor: lin.bias, seed: rng.seed(), useDora, initLoraWeights: init,
     });
     lora.train(model.training);
+    lora.matmulPrecision = lin.matmulPrecision;
     if (lin.fanInFanOut) transposedLayers.add(lora);
     model.setModule(path, lora);
   }
@@ -693,7 +708,9 @@ function swapLoraLayers(model: Module, where: string, merge: boolean, safeMerge:
     } else if (l.merged) {
       l.unmerge();
     }
-    const lin = new Linear(l.inFeatures, l.outFeatures, { weight: l.weight, biasTensor: l.bias, fanInFanOut: transposedLayers.has(l) });
+    const lin = new Linear(l.inFeatures, l.outFeatures, {
+      weight: l.weight, biasTensor: l.bias, fanInFanOut: transposedLayers.has(l), matmulPrecision: l.matmulPrecision,
+    });
     lin.train(l.training);
     model.setModule(path, lin);
     l._disposeAdapter();

@@ -40,9 +40,9 @@ const qwen = model('qwen', 'qwen2', 'qwen2_5', { vocab_size: 151665, tie_word_em
 const gpt2 = model('gpt2', 'gpt2', 'gpt2', { vocab_size: 50257, bos_token_id: 50256, eos_token_id: 50256, n_positions: 128, n_ctx: 128 });
 
 /** What the command should print for these prompt ids: model.generate's tokens, decoded. */
-async function expected(dir: string, ids: (tok: ReturnType<typeof loadTokenizer>) => number[], o: { adapter?: string; maxNewTokens: number; dtype?: 'bfloat16' }): Promise<string> {
+async function expected(dir: string, ids: (tok: ReturnType<typeof loadTokenizer>) => number[], o: { adapter?: string; maxNewTokens: number; dtype?: 'bfloat16'; matmulPrecision?: 'bf16' }): Promise<string> {
   const tok = loadTokenizer(dir);
-  const m = await loadCausalLM(dir, o.dtype ? { dtype: o.dtype } : undefined);
+  const m = await loadCausalLM(dir, o.dtype ? { dtype: o.dtype, ...(o.matmulPrecision ? { matmulPrecision: o.matmulPrecision } : {}) } : undefined);
   try {
     if (o.adapter) {
       applyLora(m, { targetModules: ['q_proj', 'v_proj'], rank: 4 });
@@ -81,6 +81,10 @@ t.test('--prompt: the chat template, greedy tokens equal model.generate, stats o
   t.equal(bf.code, 0, bf.err);
   t.equal(bf.out, await expected(qwen, (tk) => tk.encodeChat([{ role: 'user', content: 'Hi' }], { addGenerationPrompt: true }), { maxNewTokens: 8, dtype: 'bfloat16' }), '--dtype bf16 equals a bfloat16 load');
   t.match(bf.err, /Qwen2ForCausalLM, bfloat16, cpu/);
+  const dot = run(['--model', qwen, '--prompt', 'Hi', '--max-tokens', '8', '--dtype', 'bf16', '--matmul-precision', 'bf16']);
+  t.equal(dot.code, 0, dot.err);
+  t.equal(dot.out, await expected(qwen, (tk) => tk.encodeChat([{ role: 'user', content: 'Hi' }], { addGenerationPrompt: true }), { maxNewTokens: 8, dtype: 'bfloat16', matmulPrecision: 'bf16' }),
+    '--matmul-precision bf16 equals a load with matmulPrecision bf16');
 });
 
 t.test('a tokenizer without a chat template: the prompt as text; byte-level pieces stream whole', { skip }, async (t) => {
@@ -157,6 +161,7 @@ t.test('bad flags and folders: one line, usage exit 2 or failure exit 1', { skip
     [['--model', qwen, '--prompt', 'x', '--seed', 'abc'], 2, /^lora-native: --seed must be a number but is 'abc'$/m],
     [['--model', qwen, '--prompt', 'x', '--dtype', 'int8'], 2, /^lora-native: --dtype must be f32, bf16 or f16 but is 'int8'$/m],
     [['--model', qwen, '--prompt', 'x', '--device', 'tpu'], 2, /^lora-native: --device must be cpu or cuda but is 'tpu'$/m],
+    [['--model', qwen, '--prompt', 'x', '--matmul-precision', 'bfloat16'], 2, /^lora-native: --matmul-precision must be fp32 or bf16 but is 'bfloat16'$/m],
     [['--model', qwen, '--prompt', 'x', '--max-token', '3'], 2, /^lora-native: Unknown option '--max-token'/m],
     [['--model', path.join(tmp, 'absent'), '--prompt', 'x'], 1, /^lora-native: Could not find the model folder .*absent \[ERR_LORA_IO\]$/m],
   ];

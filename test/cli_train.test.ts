@@ -81,7 +81,7 @@ t.test('a config file (YAML or JSON) whose keys are the flags; flags win', { ski
   const cfg = JSON.parse(fs.readFileSync(path.join(out, 'adapter_config.json'), 'utf8')) as Record<string, unknown>;
   t.same([cfg.r, cfg.lora_alpha, cfg.target_modules], [2, 4, ['q_proj', 'k_proj']], 'rank, alpha and target from the file');
   const jsonFile = path.join(dir, 'train.json');
-  fs.writeFileSync(jsonFile, JSON.stringify({ model, data, iters: 1, rank: 3, target: 'all-linear', 'max-seq-len': 32 }));
+  fs.writeFileSync(jsonFile, JSON.stringify({ model, data, iters: 1, rank: 3, target: 'all-linear', 'max-seq-len': 32, 'matmul-precision': 'bf16' }));
   const out2 = outDir();
   const r2 = run('train', '--config', jsonFile, '--out', out2);
   t.equal(r2.code, 0, r2.err);
@@ -166,6 +166,7 @@ t.test('flag and data errors: one line, exit 2 (usage) or 1, nothing written', {
   usage([...common, '--dropout', '1'], /^lora-native: --dropout must be a number in \[0, 1\) but is '1'\n/, 'dropout 1');
   usage([...common, '--dtype', 'f8'], /^lora-native: --dtype must be f32, bf16 or f16 but is 'f8'\n/, 'dtype');
   usage([...common, '--device', 'tpu'], /^lora-native: --device must be cpu or cuda but is 'tpu'\n/, 'device');
+  usage([...common, '--matmul-precision', 'tf32'], /^lora-native: --matmul-precision must be fp32 or bf16 but is 'tf32'\n/, 'matmul-precision');
   usage([...common, '--batchsize', '2'], /^lora-native: Unknown option '--batchsize'/, 'unknown flag');
   usage([...common, '--max-seq-len', '4096'], /^lora-native: --max-seq-len 4096 is longer than the model's max_position_embeddings 128; give at most 128/, 'longer than the positions');
   usage([...common, '--config', path.join(dir, 'x.toml')], /^lora-native: --config must name a \.yaml, \.yml or \.json file but is/, 'config type');

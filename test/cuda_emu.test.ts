@@ -93,3 +93,14 @@ t.test('running out of device memory is ERR_LORA_OUT_OF_MEMORY and not sticky', 
   t.match(j.big, /^ERR_LORA_OUT_OF_MEMORY: could not allocate 268435456 bytes on cuda \(CUDA error in alloc: out of memory \(cudaErrorMemoryAllocation\)\)$/, '256 MiB on a 64 MiB device');
   t.same(j.after, [1, 1, 1, 1], 'small allocations and kernels still work afterwards');
 });
+
+t.test('matmulPrecision bf16 on CUDA: fp32 products (the backend has no gemm_bf16_dot), as on the CPU with fp32', { skip: notBuilt }, async (t) => {
+  const r = child(`
+    const x = L.tensor(Array.from({ length: 96 * 40 }, (_, i) => Math.sin(i) * 3.3), [96, 40], { device: 'cuda' });
+    const W = L.tensor(Array.from({ length: 24 * 40 }, (_, i) => Math.cos(i) * 0.7), [24, 40], { device: 'cuda' }).toDtype('bfloat16');
+    const bf = Array.from(L.linear(x, W, null, { matmulPrecision: 'bf16' }).toFloat32Array());
+    const fp = Array.from(L.linear(x, W).toFloat32Array());
+    console.log(JSON.stringify({ same: bf.every((v, i) => v === fp[i]), n: bf.length }));`, {});
+  t.ok(r.json, r.json ? 'the child reported' : `the child printed no report (exit ${r.status}): ${r.out.slice(-300)}`);
+  t.same(r.json, { same: true, n: 96 * 24 }, "linear() with 'bf16' equals 'fp32' on CUDA");
+});

@@ -13,6 +13,7 @@ import { features, getNumThreads, linear, LoraError, LoraLinear, setNumThreads, 
 import { DTYPE_ID, native, OP } from '../lib/native';
 import { Rng } from '../lib/random';
 import { assertClose, assertLoraError, leakChecked } from './helpers';
+import { dropoutRef } from './ref/lora_ref';
 
 const LEVELS = ['avx512', 'avx2', 'generic'];
 const CHILD = process.env.LORA_NATIVE_GEMM_TEST_CHILD === '1';
@@ -421,6 +422,52 @@ if (CHILD) {
       }
       t.ok(worstDx <= 1, `backward dx N=${N} C=${C} OC=${OC} R=${R}: worst error ${worstDx.toFixed(3)} of the bound`);
       [tx, tW, tA, tB, tb, ty, th, tdy, tdx].forEach((q) => native.dispose(q));
+    }
+    setNumThreads(before);
+    t.end();
+  });
+
+  // Under the bf16 dot only the frozen product x·Wᵀ (dy·W) rounds its input: the adapter's side
+  // products h = x̃·Aᵀ and dh = s·dy·B ride in the same pass over x (dy) from an fp32 packing, so h
+  // and dA = dhᵀ·x̃ stay within fp32's bound (x rounded to bf16 would miss it by ~2^-9 / 1e-5).
+  // Shapes past 64 rows (the bf16 dot), a column split on 2 threads, several k blocks, dropout.
+  t.test('bf16 base: h and dA keep fp32 inputs (within 1e-5·Σ|terms| of float64)', (t) => {
+    const before = getNumThreads();
+    for (const [N, C, OC, R, threads, p] of [[64, 100, 300, 8, 2, 0], [150, 200, 70, 8, 1, 0.25], [70, 1100, 40, 4, 1, 0], [96, 520, 64, 16, 2, 0.5]] as const) {
+      setNumThreads(threads);
+      const rng = new Rng(N + C * 3);
+      const x = f32(N * C, rng), W = f32(OC * C, rng, 0.5), A = f32(R * C, rng, 0.5), B = f32(OC * R, rng, 0.5), dy = f32(N * OC, rng);
+      const s = 0.75, seed = 11;
+      const tx = native.fromHost(0, DTYPE_ID.float32, x), tW = bf16Tensor(W), tA = native.fromHost(0, DTYPE_ID.float32, A);
+      const tB = native.fromHost(0, DTYPE_ID.float32, B), tdy = native.fromHost(0, DTYPE_ID.float32, dy);
+      const ty = native.alloc(0, DTYPE_ID.float32, N * OC), th = native.alloc(0, DTYPE_ID.float32, N * R);
+      const tdx = native.alloc(0, DTYPE_ID.float32, N * C), tdA = native.alloc(0, DTYPE_ID.float32, R * C);
+      native.fill(tdA, 0);
+      native.loraForward(ty, th, tx, tW, null, tA, tB, N, C, OC, R, s, p, seed);
+      native.loraBackward(tdx, tdA, null, tdy, tx, th, tW, tA, tB, N, C, OC, R, s, p, seed);
+      const xd = dropoutRef(Float64Array.from(x), p, seed);
+      const h = toF32(th), dA = toF32(tdA);
+      let worstH = 0, worstA = 0;
+      const dh = new Float64Array(N * R), dhMag = new Float64Array(N * R);
+      for (let i = 0; i < N; i++)
+        for (let r = 0; r < R; r++) {
+          let ref = 0, mag = 0;
+          for (let k = 0; k < C; k++) { const q = xd[i * C + k]! * A[r * C + k]!; ref += q; mag += Math.abs(q); }
+          const err = Math.abs(h[i * R + r]! - ref) / (1e-5 * mag + 1e-30);
+          if (!(err <= worstH)) worstH = Number.isNaN(err) ? Infinity : err;
+          for (let o = 0; o < OC; o++) { const q = s * dy[i * OC + o]! * B[o * R + r]!; dh[i * R + r] += q; dhMag[i * R + r] += Math.abs(q); }
+        }
+      for (let r = 0; r < R; r++)
+        for (let k = 0; k < C; k++) {
+          let ref = 0, mag = 0;
+          for (let i = 0; i < N; i++) { ref += dh[i * R + r]! * xd[i * C + k]!; mag += dhMag[i * R + r]! * Math.abs(xd[i * C + k]!); }
+          const err = Math.abs(dA[r * C + k]! - ref) / (1e-5 * mag + 1e-30);
+          if (!(err <= worstA)) worstA = Number.isNaN(err) ? Infinity : err;
+        }
+      const what = `N=${N} C=${C} OC=${OC} R=${R} threads=${threads} p=${p} (${features().isa}${features().bf16Dot ? ', bf16 dot' : ''})`;
+      t.ok(worstH <= 1, `h ${what}: worst error ${worstH.toFixed(3)} of the bound`);
+      t.ok(worstA <= 1, `dA ${what}: worst error ${worstA.toFixed(3)} of the bound`);
+      [tx, tW, tA, tB, tdy, ty, th, tdx, tdA].forEach((q) => native.dispose(q));
     }
     setNumThreads(before);
     t.end();

@@ -11,7 +11,7 @@ import { DEVICE_ID, DTYPE_ID, native, OP } from '../native';
 import { Module } from '../module';
 import { Linear } from '../nn';
 import { add, attention, embedding, gatedActivation, gelu, layerNorm, mul, relu, reshape, rmsNorm, rope, sigmoid, silu, slice, tanh, UnaryName } from '../ops';
-import { gemmReadsAsStored } from '../ops/util';
+import { expectMatmulPrecision, gemmReadsAsStored } from '../ops/util';
 import { checkDevice, checkpoint, contiguousStrides, Device, empty, keep, numelOf, reshapeInference, ones, Tensor, tensor, tidy, zeros } from '../tensor';
 
 // ---- config.json fields -------------------------------------------------------------------------
@@ -566,7 +566,7 @@ export function isPlainLinear(m: Module | undefined): m is Linear {
  * residual + proj(x) for a decoder layer's residual stream. In an inference pass (ctx.inference:
  * nothing records gradients, and the layer's input and its sums belong to the pass, read by no one
  * after this; CausalLM.run sets it) where proj is a plain bias-free Linear, its GEMM adds into residual in place
- * (y += x·Wᵀ): no separate add over memory, no new tensor. Anything else (LoRA layers, biases,
+ * (y += x·Wᵀ, with the layer's matmulPrecision): no separate add over memory, no new tensor. Anything else (LoRA layers, biases,
  * training): the plain add of a new tensor.
  */
 export function addProjected(residual: Tensor, proj: Module, x: Tensor, ctx: ForwardContext): Tensor {
@@ -576,7 +576,8 @@ export function addProjected(residual: Tensor, proj: Module, x: Tensor, ctx: For
     const [OC, C] = w.shape as [number, number];
     const M = numelOf(x.shape.slice(0, -1));
     if (gemmReadsAsStored(w) && x.shape[x.ndim - 1] === C && residual.shape[residual.ndim - 1] === OC && numelOf(residual.shape.slice(0, -1)) === M && M > 0) {
-      native.gemm(residual._live('residual'), x._live('x'), w._live('weight'), M, OC, C, false, true, C, C, OC, 1, 1, 1, 0, 0, 0);
+      const bf16Dot = expectMatmulPrecision('matmulPrecision', proj.matmulPrecision) === 'bf16';
+      native.gemm(residual._live('residual'), x._live('x'), w._live('weight'), M, OC, C, false, true, C, C, OC, 1, 1, 1, 0, 0, 0, bf16Dot);
       return residual;
     }
   }

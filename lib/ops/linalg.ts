@@ -1,10 +1,21 @@
 // The matrix products: matmul (NumPy semantics, batched) and linear (x·Wᵀ + b, the frozen base of a
 // LoRA layer and the Linear module's op; a bf16 weight is read as stored where the backend can).
-import { LoraError } from '../errors';
+import { checkOptions, LoraError } from '../errors';
 import { native, REDUCE_OP } from '../native';
 import { empty, expectTensor, numelOf, record, sameShape, saveFor, shapeString, Tensor } from '../tensor';
 import { reshape } from './shape';
-import { floatOnly, gemmWeight, sameDevice, sumTo } from './util';
+import { expectMatmulPrecision, floatOnly, gemmWeight, MatmulPrecision, sameDevice, sumTo } from './util';
+
+export type { MatmulPrecision } from './util';
+
+export interface LinearOpOptions {
+  /**
+   * Products with a bfloat16 weight: 'fp32' (default, the input multiplied as it is) or 'bf16'
+   * (the input rounded to bf16 for a bf16 dot product where the CPU has one; see MatmulPrecision).
+   * Applies to y = x·Wᵀ and to the gradient of x, dy·W; the weight's gradient stays fp32.
+   */
+  matmulPrecision?: MatmulPrecision;
+}
 
 /**
  * Matrix product with NumPy semantics: (..., M, K) @ (K, N) or batched (..., M, K) @ (..., K, N)
@@ -77,10 +88,21 @@ export function matmul(a: Tensor, b: Tensor): Tensor {
 /**
  * y = x·Wᵀ + b for x (..., inFeatures), weight (outFeatures, inFeatures), bias (outFeatures) or
  * null: the frozen base of a LoRA layer and the Linear module's op. A bfloat16 weight is read as
- * stored (no fp32 copy) where the backend can: products and sums stay fp32. A float16 weight is
- * widened to fp32 for each product (no kernel reads float16 in place yet).
+ * stored (no fp32 copy) where the backend can: products and sums stay fp32, unless
+ * `matmulPrecision: 'bf16'` lets the input be rounded to bf16 for a bf16 dot product (fp32
+ * accumulation, each output within 2^-8·Σ|x·w|; avx512_bf16 CPUs, from 64 rows on). A float16
+ * weight is widened to fp32 for each product (no kernel reads float16 in place yet).
+ *
+ * @example
+ * const y = linear(x, W, b);
+ * const fast = linear(x, Wbf16, null, { matmulPrecision: 'bf16' });
+ * @throws ERR_LORA_SHAPE for a weight that is not 2-D, x not [..., inFeatures] or bias not
+ *   [outFeatures]; ERR_LORA_DTYPE for non-float32 x or bias or an int32 weight; ERR_LORA_DEVICE
+ *   for tensors on several devices; ERR_LORA_RANGE for a matmulPrecision other than 'fp32' or
+ *   'bf16' (did-you-mean), ERR_LORA_OPTION for an unknown option.
  */
-export function linear(x: Tensor, weight: Tensor, bias: Tensor | null = null): Tensor {
+export function linear(x: Tensor, weight: Tensor, bias: Tensor | null = null, options?: LinearOpOptions): Tensor {
+  const precision = expectMatmulPrecision('matmulPrecision', checkOptions<LinearOpOptions>('linear()', options, ['matmulPrecision']).matmulPrecision);
   expectTensor('x', x);
   expectTensor('weight', weight);
   if (bias !== null) expectTensor('bias', bias);
@@ -99,7 +121,7 @@ export function linear(x: Tensor, weight: Tensor, bias: Tensor | null = null): T
   const out = empty([...x.shape.slice(0, -1), OC], x.device);
   if (out.size > 0) {
     if (bias) native.copyStrided(out._storage, 0, [OC, 1], bias._storage, 0, [0, 1], [N, OC]);
-    gemmWeight(out, x, weight, N, OC, C, true, C, C, OC, bias !== null);
+    gemmWeight(out, x, weight, N, OC, C, true, C, C, OC, bias !== null, precision);
   }
   return record(out, {
     name: 'linear', inputs: ts,
@@ -109,7 +131,7 @@ export function linear(x: Tensor, weight: Tensor, bias: Tensor | null = null): T
       let gb: Tensor | null = null;
       if (x.requiresGrad) {
         gx = empty(x.shape, x.device);
-        if (gx.size > 0) gemmWeight(gx, g, weight, N, C, OC, false, OC, C, C, false);
+        if (gx.size > 0) gemmWeight(gx, g, weight, N, C, OC, false, OC, C, C, false, precision);
       }
       if (weight.requiresGrad) {
         gw = empty(weight.shape, weight.device);

@@ -6,7 +6,7 @@ import { BINARY_OP, native, REDUCE_OP } from '../native';
 import { empty, expectTensor, isGradEnabled, numelOf, record, saveFor, shapeString, Tensor, tensor } from '../tensor';
 import { square, sub } from './elementwise';
 import { mean as meanOp, sum as sumOp } from './reduce';
-import { floatOnly, gemmReadable, sameDevice } from './util';
+import { expectMatmulPrecision, floatOnly, gemmReadable, MatmulPrecision, sameDevice } from './util';
 
 export type Reduction = 'mean' | 'sum' | 'none';
 
@@ -112,6 +112,12 @@ export interface LinearCrossEntropyOptions {
    * than one product over 1024 rows, 341-row chunks about 15%).
    */
   chunkSize?: number;
+  /**
+   * Products with a bfloat16 weight (the head's logits and the gradient of x): 'fp32' (default)
+   * or 'bf16' (x and dlogits rounded to bf16 for a bf16 dot product where the CPU has one; see
+   * MatmulPrecision). The softmax, the loss and the weight's gradient stay fp32.
+   */
+  matmulPrecision?: MatmulPrecision;
 }
 
 /** Logits of one chunk fill about this many floats (64 MB) by default. */
@@ -134,10 +140,12 @@ const CHUNK_ELEMENTS = 1 << 24;
  * @throws ERR_LORA_SHAPE when weight is not 2-D (V, C), x not [..., C], targets not x's shape
  *   without its last dim or bias not [V]; ERR_LORA_DTYPE for non-float32 x or bias, an int32
  *   weight or non-int32 targets; ERR_LORA_DEVICE for tensors on several devices; LoraRangeError
- *   for a target outside [0, V) other than ignoreIndex, or a bad option (did-you-mean for names).
+ *   for a target outside [0, V) other than ignoreIndex, or a bad option (did-you-mean for names
+ *   and for matmulPrecision's values).
  */
 export function linearCrossEntropy(x: Tensor, weight: Tensor, targets: Tensor, options?: LinearCrossEntropyOptions): Tensor {
-  const o = checkOptions<LinearCrossEntropyOptions>('linearCrossEntropy()', options, ['bias', 'ignoreIndex', 'labelSmoothing', 'reduction', 'chunkSize']);
+  const o = checkOptions<LinearCrossEntropyOptions>('linearCrossEntropy()', options, ['bias', 'ignoreIndex', 'labelSmoothing', 'reduction', 'chunkSize', 'matmulPrecision']);
+  const precision = expectMatmulPrecision('matmulPrecision', o.matmulPrecision);
   expectTensor('x', x);
   expectTensor('weight', weight);
   expectTensor('targets', targets);
@@ -172,11 +180,12 @@ export function linearCrossEntropy(x: Tensor, weight: Tensor, targets: Tensor, o
     if (v < 0 || v >= V) throw rangeError('targets', `class indices between 0 and ${V - 1} (or ignoreIndex ${ignoreIndex})`, v);
     rows.push(n);
   }
-  return headLoss(x, weight, bias, t, rows, { ignoreIndex, eps, reduction, chunkSize, N: numelOf(rowShape), V, C });
+  return headLoss(x, weight, bias, t, rows, { ignoreIndex, eps, reduction, chunkSize, N: numelOf(rowShape), V, C, bf16Dot: precision === 'bf16' });
 }
 
 interface HeadLossSizes {
   ignoreIndex: number; eps: number; reduction: 'mean' | 'sum'; chunkSize: number; N: number; V: number; C: number;
+  bf16Dot: boolean;  // matmulPrecision 'bf16' (the binding ignores it for a float32 weight)
 }
 
 // The chunked pass: for each chunk of counted rows, gather their x rows, logits = xc·Wᵀ (+ b),
@@ -184,7 +193,7 @@ interface HeadLossSizes {
 // dlogits = dloss·(softmax - q) in place of the logits, with dloss = the reduction's scale, then
 //   dx[rows] = dlogits·W,  dW += dlogitsᵀ·xc,  db += Σ_rows dlogits.
 function headLoss(x: Tensor, weight: Tensor, bias: Tensor | null, t: Int32Array, rows: number[], s: HeadLossSizes): Tensor {
-  const { ignoreIndex, eps, reduction, N, V, C } = s;
+  const { ignoreIndex, eps, reduction, N, V, C, bf16Dot } = s;
   const device = x.device;
   const count = rows.length;
   const grad = isGradEnabled() && (x.requiresGrad || weight.requiresGrad || (bias !== null && bias.requiresGrad));
@@ -227,13 +236,13 @@ function headLoss(x: Tensor, weight: Tensor, bias: Tensor | null, t: Int32Array,
       temps.push(ids, tc);
       native.embedding(xc._storage, x._storage, ids._storage, n, N, C); // gather the chunk's rows
       if (bias) native.copyStrided(logits._storage, 0, [V, 1], bias._storage, 0, [0, 1], [n, V]);
-      native.gemm(logits._storage, xc._storage, w._storage, n, V, C, false, true, C, C, V, 1, bias ? 1 : 0, 1, 0, 0, 0);
+      native.gemm(logits._storage, xc._storage, w._storage, n, V, C, false, true, C, C, V, 1, bias ? 1 : 0, 1, 0, 0, 0, bf16Dot);
       native.crossEntropy(rowLoss._storage, lse._storage, logits._storage, tc._storage, n, V, ignoreIndex, eps);
       native.copyStrided(lossRows._storage, r0, [1], rowLoss._storage, 0, [1], [n]);
       if (dlogits && dloss) {
         native.crossEntropyBackward(dlogits._storage, dloss._storage, logits._storage, lse._storage, tc._storage, n, V, ignoreIndex, eps);
         if (dx && dxc) {
-          native.gemm(dxc._storage, dlogits._storage, w._storage, n, C, V, false, false, V, C, C, 1, 0, 1, 0, 0, 0);
+          native.gemm(dxc._storage, dlogits._storage, w._storage, n, C, V, false, false, V, C, C, 1, 0, 1, 0, 0, 0, bf16Dot);
           native.embeddingBackward(dx._storage, dxc._storage, ids._storage, n, N, C); // scatter (rows are distinct)
         }
         if (dw) native.gemm(dw._storage, dlogits._storage, xc._storage, V, C, n, true, false, V, C, C, 1, 1, 1, 0, 0, 0);

@@ -2,7 +2,7 @@
 // raw kernels without autograd that forward and backward passes are built from (broadcasting
 // binary ops, reductions over axes, sums back to a broadcast input's shape). Not exported from
 // lib/ops/index.ts: nothing here is an op a user calls.
-import { expectInteger, LoraError } from '../errors';
+import { editDistance, expectInteger, LoraError, rangeError, typeError } from '../errors';
 import { BINARY_OP, DEVICE_ID, DTYPE_ID, native, OP, REDUCE_OP } from '../native';
 import { checkShape, contiguousStrides, empty, numelOf, sameShape, shapeString, Tensor } from '../tensor';
 
@@ -139,14 +139,44 @@ export function gemmReadsAsStored(weight: Tensor): boolean {
 }
 
 /**
+ * How a product with a bfloat16 weight treats its float32 input (PyTorch's
+ * torch.set_float32_matmul_precision for bf16 weights): 'fp32' (the default) multiplies the input
+ * as it is, with the weight widened exactly, so the result is the float32 product; 'bf16' lets
+ * the backend round the input to bfloat16 for a bf16 dot product with float32 accumulation
+ * (avx512_bf16 CPUs, about twice the speed from 64 rows on), each output then within
+ * 2^-8·Σ|x·w| of the exact sum. Float32 weights always get float32 products, as do backends
+ * without a bf16 dot product (other CPUs, CUDA for now): 'bf16' then changes nothing.
+ */
+export type MatmulPrecision = 'fp32' | 'bf16';
+
+const MATMUL_PRECISIONS: readonly MatmulPrecision[] = ['fp32', 'bf16'];
+// other names people reach for: dtype names, the CLI's, PyTorch's precision levels
+const PRECISION_SYNONYMS: Readonly<Record<string, MatmulPrecision>> = {
+  float32: 'fp32', f32: 'fp32', highest: 'fp32', high: 'fp32', bfloat16: 'bf16', medium: 'bf16',
+};
+
+/** A MatmulPrecision ('fp32' when undefined), or LoraTypeError/LoraRangeError naming `name` with a did-you-mean. */
+export function expectMatmulPrecision(name: string, v: unknown): MatmulPrecision {
+  if (v === undefined) return 'fp32';
+  const expected = `one of ${MATMUL_PRECISIONS.map((p) => `'${p}'`).join(', ')}`;
+  if (typeof v !== 'string') throw typeError(name, expected, v);
+  if (MATMUL_PRECISIONS.includes(v as MatmulPrecision)) return v as MatmulPrecision;
+  const near = PRECISION_SYNONYMS[v.toLowerCase()] ?? MATMUL_PRECISIONS.find((p) => editDistance(v, p) <= 1);
+  const err = rangeError(name, expected, v);
+  if (near) err.message += `; did you mean '${near}'?`;
+  throw err;
+}
+
+/**
  * C = op(A)·op(weight) (+ C when accumulate) for the products of linear(): a bf16 weight is read
- * as is by backends with a bf16-weight GEMM (fp32 products and accumulation), else widened first.
+ * as is by backends with a bf16-weight GEMM (fp32 products and accumulation, or with precision
+ * 'bf16' the bf16 dot product where the backend has one), else widened first.
  */
 export function gemmWeight(c: Tensor, a: Tensor, weight: Tensor, M: number, N: number, K: number, transB: boolean, lda: number,
-  ldb: number, ldc: number, accumulate: boolean): void {
+  ldb: number, ldc: number, accumulate: boolean, precision: MatmulPrecision = 'fp32'): void {
   const w = gemmReadable(weight);
   try {
-    native.gemm(c._storage, a._storage, w._storage, M, N, K, false, transB, lda, ldb, ldc, 1, accumulate ? 1 : 0, 1, 0, 0, 0);
+    native.gemm(c._storage, a._storage, w._storage, M, N, K, false, transB, lda, ldb, ldc, 1, accumulate ? 1 : 0, 1, 0, 0, 0, precision === 'bf16');
   } finally {
     if (w !== weight) w.dispose();
   }

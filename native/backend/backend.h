@@ -414,6 +414,15 @@ struct lora_backend {
    * one gemm per product). supports(GEMM_SHARED_A, F32 | BF16) is this entry, by B's dtype. */
   lora_status (*gemm_shared_a)(lora_backend* be, int32_t n, float* const* C, const float* A, int64_t lda,
                                const void* const* B, bool b_bf16, const int64_t* N, int64_t M, int64_t K);
+
+  /* gemm_bf16 where the caller allows a bf16 dot product (linear() with matmulPrecision 'bf16'):
+   * A may be rounded to bf16 (8 significant bits) for the product, accumulation stays fp32, so
+   * each output is within 2^-8·Σ|a·b| of the exact sum. NULL where the backend has no such
+   * product: the binding then calls gemm_bf16 (fp32 products). Same arguments as gemm_bf16. */
+  lora_status (*gemm_bf16_dot)(lora_backend* be, float* Cm, const float* Am, const uint16_t* Bm,
+                               int64_t M, int64_t Nn, int64_t K, bool trans_a, bool trans_b,
+                               int64_t lda, int64_t ldb, int64_t ldc, float alpha, float beta,
+                               int64_t batch, int64_t stride_a, int64_t stride_b, int64_t stride_c);
 };
 
 /* A library's table must reach at least the end of the memory entries to be used at all. */

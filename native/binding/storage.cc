@@ -89,6 +89,7 @@ Napi::Value Features(const Napi::CallbackInfo& info) {
   }
   o.Set("devices", devs);
   o.Set("isa", cpu_isa_name());
+  o.Set("bf16Dot", cpu_has_bf16_dot());
   o.Set("threads", cpu_pool(st.cpu).size());
   o.Set("addonDir", st.addon_dir);
   o.Set("addonPath", st.addon_path);

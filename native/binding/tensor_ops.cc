@@ -15,7 +15,9 @@ int64_t matrix_extent(int64_t rows, int64_t cols, int64_t ld, int64_t batch, int
 }
 
 // gemm(C, A, B, M, N, K, transA, transB, lda, ldb, ldc, alpha, beta, batch, strideA, strideB,
-// strideC). B may be bfloat16 (a frozen weight): the gemm_bf16 entry (supports(gemm, bfloat16)).
+// strideC[, bf16Dot]). B may be bfloat16 (a frozen weight): the gemm_bf16 entry (supports(gemm,
+// bfloat16)); with bf16Dot true, gemm_bf16_dot where the backend has it (A may be rounded to bf16
+// for the product), else gemm_bf16. bf16Dot is ignored for a float32 B.
 Napi::Value Gemm(const Napi::CallbackInfo& info) {
   Storage *Cs = storage_arg(info, 0, "out"), *As = storage_arg(info, 1, "a"), *Bs = storage_arg(info, 2, "b");
   const int64_t M = size_arg(info, 3, "M"), N = size_arg(info, 4, "N"), K = size_arg(info, 5, "K");
@@ -32,10 +34,12 @@ Napi::Value Gemm(const Napi::CallbackInfo& info) {
   const bool b_bf16 = Bs->dtype_ == LORA_BF16;
   need_any(info, Bs, kF32 | kBF16, matrix_extent(br, bc, ldb, batch, sb), "b");
   need(info, Cs, LORA_F32, matrix_extent(M, N, ldc, batch, sc), "out");
+  const bool bf16_dot = info.Length() > 17 && !info[17].IsUndefined() && bool_arg(info, 17, "bf16Dot");
   if (b_bf16) {
-    const lora_status s = be->gemm_bf16 ? be->gemm_bf16(be, ptr<float>(Cs), ptr<float>(As), ptr<uint16_t>(Bs), M, N, K, ta,
-                                                        tb, lda, ldb, ldc, alpha, beta, batch, sa, sb, sc)
-                                        : LORA_UNSUPPORTED;
+    auto entry = bf16_dot && be->gemm_bf16_dot ? be->gemm_bf16_dot : be->gemm_bf16;
+    const lora_status s = entry ? entry(be, ptr<float>(Cs), ptr<float>(As), ptr<uint16_t>(Bs), M, N, K, ta, tb, lda,
+                                        ldb, ldc, alpha, beta, batch, sa, sb, sc)
+                                : LORA_UNSUPPORTED;
     check_status(info.Env(), s, be, "gemm_bf16");
   } else {
     require_entry(info.Env(), be->gemm != nullptr, be, "gemm");
@@ -121,7 +125,7 @@ void register_tensor_ops(Registry& r) {
   r.fn("gemm", Gemm,
        "(out: S, a: S, b: S, M: number, N: number, K: number, transA: boolean, transB: boolean, lda: number, "
        "ldb: number, ldc: number, alpha: number, beta: number, batch: number, strideA: number, strideB: number, "
-       "strideC: number): void",
+       "strideC: number, bf16Dot?: boolean): void",
        LORA_OP_GEMM, [](const lora_backend* be, int32_t dtype) {
          return dtype == LORA_BF16 ? be->gemm_bf16 != nullptr : be->gemm != nullptr;
        });

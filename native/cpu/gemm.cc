@@ -309,10 +309,13 @@ void run_blocked(const IsaTable& t, const GemmKernel& kern, bool bf16_dot, const
   GemmArgs g = args;
   ThreadBuffers& bufs = buffers();
   // The side product H from the packed A blocks (gemm_ex sends it here only when those hold
-  // op(A) unscaled and unmasked, in fp32). The thread whose rectangle starts at column 0 writes
+  // op(A) unscaled and unmasked; under the bf16 dot, H packs its own fp32 copy). The thread whose rectangle starts at column 0 writes
   // g.H; the others (column splits share rows) keep their own copy of their rows for the epilogue.
   const bool fuse_h = g.H != nullptr;
-  const int nr1 = kern.nr1;
+  // (the bf16 pair kernel has no one-vector form: H takes the fp32 kernel of the same tile shape
+  // over an fp32 packing of the block, so the adapter's products keep fp32 inputs)
+  const GemmKernel& hkern = bf16_dot ? t.wide : kern;
+  const int nr1 = hkern.nr1;
   float* hrows = g.H;
   int64_t ldh = g.ldh;
   if (fuse_h) {
@@ -389,10 +392,11 @@ void run_blocked(const IsaTable& t, const GemmKernel& kern, bool bf16_dot, const
         else
           t.pack_a(abuf, g.A, g.lda, g.trans_a, ic, mc, pc, kc, mr, g.alpha, g.drop_a);
         if (h_now) {
-          // H rows [ic, ic+mc) += this block of A (masked copy when drop_h: the x block is still
-          // in L2) times the packed op(HB) panels, before the epilogue below needs them.
+          // H rows [ic, ic+mc) += this block of A (masked copy when drop_h, fp32 copy under the
+          // bf16 dot: the x block is still in L2) times the packed op(HB) panels, before the
+          // epilogue below needs them.
           const float* ah = abuf;
-          if (g.drop_h) {
+          if (g.drop_h || bf16_dot) {
             float* m = bufs.ah.get(static_cast<size_t>(mcp * kc));
             t.pack_a(m, g.A, g.lda, false, ic, mc, pc, kc, mr, 1.0f, g.drop_h);
             ah = m;
@@ -403,9 +407,9 @@ void run_blocked(const IsaTable& t, const GemmKernel& kern, bool bf16_dot, const
               const int64_t cols = imin(nr1, g.NH - q);
               float* hc = hrows + (ic + ir) * ldh + q;
               if (rows == mr && cols == nr1) {
-                kern.run1(kc, ah + ir * kc, hbbuf + q * kc, nr1, hc, ldh, 1);
+                hkern.run1(kc, ah + ir * kc, hbbuf + q * kc, nr1, hc, ldh, 1);
               } else {
-                kern.run1(kc, ah + ir * kc, hbbuf + q * kc, nr1, tile, nr1, 0);
+                hkern.run1(kc, ah + ir * kc, hbbuf + q * kc, nr1, tile, nr1, 0);
                 write_tile(hc, ldh, tile, nr1, rows, cols, true);
               }
             }
@@ -466,7 +470,7 @@ void run_blocked(const IsaTable& t, const GemmKernel& kern, bool bf16_dot, const
 }
 
 // The side product H as its own pass, then the GEMM without it: for the paths whose packed A
-// cannot serve it (streaming, bf16 pairs, transposed, scaled or masked A) and for N = 0.
+// cannot serve it (streaming, transposed, scaled or masked A) and for N = 0.
 void side_product_apart(ThreadPool& pool, const GemmArgs& g) {
   GemmArgs hg;
   hg.trans_a = g.trans_a;
@@ -501,7 +505,12 @@ void gemm_ex(ThreadPool& pool, const GemmArgs& g) {
   const bool bf16_dot = !small && g.M >= kBf16DotMinM && g.b_bf16 && g.allow_bf16_dot && cpu_has_bf16_dot() &&
                         t.bf16_kernel.run && !g.drop_a && !g.drop_b && g.alpha != 0.0f;
 
-  if (g.H && (small || bf16_dot || g.trans_a || g.alpha != 1.0f || g.drop_a))
+  // Under the bf16 dot, H rides along from an fp32 packing of each block when the fp32 kernel packs
+  // A panels of the same height, unless H is whole vectors wide (rank 16, 32): its own streaming
+  // pass was then faster (1024 x 576 x {192, 576, 1536} r16, 2 threads: 3-10%), while at rank 8
+  // that pass ran at 6 GFLOP/s (512 x 1024 x 1024 r8, 1 thread: adapter cost 35% -> 21% fused).
+  const bool h_apart_bf16 = bf16_dot && (t.bf16_kernel.mr != t.wide.mr || g.NH % t.wide.nr1 == 0);
+  if (g.H && (small || h_apart_bf16 || g.trans_a || g.alpha != 1.0f || g.drop_a))
     return side_product_apart(pool, g);
 
   // The tile shape with the least padding (the wide kernel on ties and for bf16).
@@ -744,10 +753,11 @@ void sgemm_bf16_update(ThreadPool& pool, int64_t M, int64_t N, int64_t K, float 
 
 void sgemm_bf16(ThreadPool& pool, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
                 float alpha, const float* A, int64_t lda, const uint16_t* B, int64_t ldb,
-                float beta, float* C, int64_t ldc) {
+                float beta, float* C, int64_t ldc, bool bf16_dot) {
   GemmArgs g = plain_gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, true, ldb, beta, C, ldc);
   // linear() promises fp32 products of its input (the bf16 pair dot would round A to 8 bits)
-  g.allow_bf16_dot = false;
+  // unless its caller asked for bf16 products
+  g.allow_bf16_dot = bf16_dot;
   gemm_ex(pool, g);
 }
 

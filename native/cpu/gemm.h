@@ -15,10 +15,12 @@ void sgemm(ThreadPool& pool, bool trans_a, bool trans_b, int64_t M, int64_t N, i
 
 // The same with B holding bf16 bits (a frozen bf16 weight), widened to fp32 while packing (or
 // streamed and widened in registers for few rows): A is never rounded, accumulation is fp32, and
-// the result is that of sgemm on the widened B.
+// the result is that of sgemm on the widened B. With bf16_dot, A may instead be rounded to bf16
+// for the avx512_bf16 pair dot product (where the CPU has one, from enough rows of A; fp32
+// accumulation): within 2^-8·Σ|a·b| of the exact sum (linear() with matmulPrecision 'bf16').
 void sgemm_bf16(ThreadPool& pool, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
                 float alpha, const float* A, int64_t lda, const uint16_t* B, int64_t ldb,
-                float beta, float* C, int64_t ldc);
+                float beta, float* C, int64_t ldc, bool bf16_dot = false);
 
 // C (M, N) of bf16 bits = round(C + alpha·A·B) for A (M, K) and B (K, N) fp32, row-major: each
 // tile of C widened, updated in fp32 and rounded once to nearest-even in the micro-kernel's

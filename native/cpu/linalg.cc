@@ -8,8 +8,9 @@
 namespace lora {
 namespace {
 
-// One engine call per batch entry; B fp32 (sgemm) or bf16 bits (sgemm_bf16).
-template <typename TB>
+// One engine call per batch entry; B fp32 (sgemm) or bf16 bits (sgemm_bf16, with the bf16 dot
+// product allowed for gemm_bf16_dot).
+template <typename TB, bool kBf16Dot = false>
 lora_status gemm_batched(lora_backend* be, float* Cm, const float* Am, const TB* Bm, int64_t M,
                          int64_t Nn, int64_t K, bool trans_a, bool trans_b, int64_t lda,
                          int64_t ldb, int64_t ldc, float alpha, float beta, int64_t batch,
@@ -20,7 +21,7 @@ lora_status gemm_batched(lora_backend* be, float* Cm, const float* Am, const TB*
             Bm + i * stride_b, ldb, beta, Cm + i * stride_c, ldc);
     else
       sgemm_bf16(cpu_pool(be), trans_a, trans_b, M, Nn, K, alpha, Am + i * stride_a, lda,
-                 Bm + i * stride_b, ldb, beta, Cm + i * stride_c, ldc);
+                 Bm + i * stride_b, ldb, beta, Cm + i * stride_c, ldc, kBf16Dot);
   }
   return LORA_OK;
 }
@@ -40,6 +41,7 @@ void cpu_register_linalg(lora_backend& t) {
   t.gemm = gemm_batched<float>;
   t.gemm_bf16 = gemm_batched<uint16_t>;
   t.gemm_shared_a = gemm_shared_a;
+  t.gemm_bf16_dot = gemm_batched<uint16_t, true>;
 }
 
 }  // namespace lora
