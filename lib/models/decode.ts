@@ -40,9 +40,17 @@ function scratchOf(cache: KVCache, cfg: DecoderConfig, device: Device): Scratch 
   return s;
 }
 
+// Whether the GEMM reads a weight as stored (a binding query; a weight's dtype and device do not change)
+const readsAsStored = new WeakMap<Tensor, boolean>();
+function asStored(w: Tensor): boolean {
+  let r = readsAsStored.get(w);
+  if (r === undefined) readsAsStored.set(w, (r = gemmReadsAsStored(w)));
+  return r;
+}
+
 // A projection the fast path can run: a plain Linear whose weight the GEMM reads as stored, on the pass's device.
 function plain(m: Module | undefined, device: Device, bias: boolean): m is Linear {
-  return isPlainLinear(m) && (bias || m.bias === null) && m.weight.device === device && gemmReadsAsStored(m.weight) &&
+  return isPlainLinear(m) && (bias || m.bias === null) && m.weight.device === device && asStored(m.weight) &&
     (m.bias === null || (m.bias.dtype === 'float32' && m.bias.device === device));
 }
 
