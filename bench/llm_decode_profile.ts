@@ -4,21 +4,9 @@
 // TypeScript (the step's wall time minus the time inside the binding).
 //   node dist/bench/llm_decode_profile.js DIR [fp32|bf16] [B=1] [steps=32] [reps=5] [wrap=1|0]
 // (wrap=0: no timers, the plain step time, to see what the wrappers themselves cost)
-import { loadCausalLM, manualSeed, noGrad, setNumThreads, tensor, Tensor, tidy } from '../lib/index';
+import { loadCausalLM, manualSeed, noGrad, setNumThreads, tensor, tidy } from '../lib/index';
 import { native } from '../lib/native';
-
-const argmaxLast = (logits: Tensor): number[] => {
-  const [B, T, V] = logits.shape as [number, number, number];
-  const d = logits.toFloat32Array();
-  const out: number[] = [];
-  for (let b = 0; b < B; b++) {
-    const r = (b * T + T - 1) * V;
-    let best = 0;
-    for (let v = 1; v < V; v++) if (d[r + v]! > d[r + best]!) best = v;
-    out.push(best);
-  }
-  return out;
-};
+import { argmaxLast } from './common';
 
 async function main(): Promise<void> {
   const [dir, dtype = 'bf16', ...rest] = process.argv.slice(2);
