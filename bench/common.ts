@@ -2,6 +2,7 @@
 // up and reports median/min of variants run in alternation, and tensor helpers over the binding.
 // Not a test: numbers only.
 import { native, DTYPE_ID } from '../lib/native';
+import type { Tensor } from '../lib/tensor';
 
 // (N, C, OC, R): rows, in-features, out-features, rank (issue 3).
 export interface Shape { N: number; C: number; OC: number; R: number }
@@ -80,3 +81,17 @@ export function weight(data: Float32Array, dtype: DType): S {
   return w;
 }
 export { native };
+
+/** The greedy next token of each row: argmax of its last position's logits [B, T, V] (the first maximum). */
+export function argmaxLast(logits: Tensor): number[] {
+  const [B, T, V] = logits.shape as [number, number, number];
+  const d = logits.toFloat32Array();
+  const out: number[] = [];
+  for (let b = 0; b < B; b++) {
+    const r = (b * T + T - 1) * V;
+    let best = 0;
+    for (let v = 1; v < V; v++) if (d[r + v]! > d[r + best]!) best = v;
+    out.push(best);
+  }
+  return out;
+}

@@ -11,7 +11,7 @@
 import * as fs from 'fs';
 import { AdamW, applyLora, causalLmLoss, loadCausalLM, loraLayers, manualSeed, noGrad, setNumThreads, tensor, Tensor, tidy } from '../lib/index';
 import { CausalLM } from '../lib/models/causal_lm';
-import { randomF32 } from './common';
+import { argmaxLast, randomF32 } from './common';
 
 const statusMB = (field: string) => {
   const line = fs.readFileSync('/proc/self/status', 'utf8').split('\n').find((l) => l.startsWith(`${field}:`));
@@ -22,20 +22,6 @@ function ids(B: number, T: number, V: number, seed: number): Tensor {
   let x = seed;
   return tensor(Array.from({ length: B * T }, () => ((x = (x * 1103515245 + 12345) >>> 0) >>> 8) % V), [B, T], { dtype: 'int32' });
 }
-
-// the greedy next token of each row: argmax of its last position's logits [B, T, V]
-const argmaxLast = (logits: Tensor): number[] => {
-  const [B, T, V] = logits.shape as [number, number, number];
-  const d = logits.toFloat32Array();
-  const out: number[] = [];
-  for (let b = 0; b < B; b++) {
-    const r = (b * T + T - 1) * V;
-    let best = 0;
-    for (let v = 1; v < V; v++) if (d[r + v]! > d[r + best]!) best = v;
-    out.push(best);
-  }
-  return out;
-};
 
 async function main(): Promise<void> {
   const [name, config, dtype, threads, reps, warmup, dir, ...rest] = process.argv.slice(2);

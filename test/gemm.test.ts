@@ -212,7 +212,9 @@ function mergeBf16Cases(rng: Rng): string[] {
 // within 1e-5·Σ|x·w| + 1e-6 of float64 over the same weight values.
 function decodeCases(rng: Rng): string[] {
   const failures: string[] = [];
-  const shapes: [number, number, number][] = [[1, 577, 193], [2, 97, 1537], [3, 1537, 61], [8, 33, 40], [9, 577, 70], [16, 200, 300], [1, 31, 2050]];
+  // (M = 3..8 cover each dot-form group of W rows, 4 or 3 at AVX-512, with ragged last groups)
+  const shapes: [number, number, number][] = [[1, 577, 193], [2, 97, 1537], [3, 1537, 61], [4, 97, 131], [5, 200, 77], [6, 64, 100],
+    [7, 577, 65], [8, 33, 40], [9, 577, 70], [16, 200, 300], [1, 31, 2050]];
   for (const [M, C, OC] of shapes)
     for (const dtype of ['float32', 'bfloat16'] as const)
       for (const threads of [1, 2]) {

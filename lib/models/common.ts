@@ -316,6 +316,8 @@ export class KVCache {
   readonly values: Tensor[];
   /** @internal 1 where a filled position holds a real token, 0 for padding ([B, maxLength]). */
   readonly keyMask: Uint8Array;
+  /** @internal tensors the decode path reuses between steps (lib/models/decode.ts), freed with the cache */
+  readonly scratch = new Map<string, Record<string, Tensor>>();
 
   /** @internal */
   constructor(layers: number, batchSize: number, maxLength: number, kvHeads: number, headDim: number, device: Device) {
@@ -350,6 +352,8 @@ export class KVCache {
 
   dispose(): void {
     for (const t of [...this.keys, ...this.values]) t.dispose();
+    for (const set of this.scratch.values()) for (const t of Object.values(set)) t.dispose();
+    this.scratch.clear();
   }
 
   [Symbol.dispose](): void {
@@ -457,7 +461,7 @@ export class ForwardContext {
 // ---- attention ------------------------------------------------------------------------------------
 
 /** Writes this pass's keys or values [B, T, KVH, D] into a layer's cache at position `past`. */
-function writeCache(cache: Tensor, x: Tensor, past: number): void {
+export function writeCache(cache: Tensor, x: Tensor, past: number): void {
   const [B, T, KVH, D] = x.shape as [number, number, number, number];
   const maxLen = cache.shape[1]!;
   native.copyStrided(cache._storage, past * KVH * D, [maxLen * KVH * D, KVH * D, D, 1], x._live('keys'), 0, contiguousStrides(x.shape), [B, T, KVH, D]);

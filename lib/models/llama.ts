@@ -8,6 +8,7 @@ import { Sequential } from '../nn';
 import { mul, reshape } from '../ops';
 import { reshapeInference, Tensor } from '../tensor';
 import type { Backbone, Family } from './causal_lm';
+import { decodeLayer } from './decode';
 import {
   Activation, activation, addProjected, applyRope, attend, child, ConfigReader, ForwardContext, gated, HfEmbedding, HfRMSNorm, linearFrom, plainContext, projectShared,
   readRope, RopeDefaults, RopeInputs, ropeInputs, RopeSpec, ropeRegime, WeightSource,
@@ -156,9 +157,14 @@ export class DecoderLayer extends Module {
 
   run(x: Tensor, ctx: ForwardContext, rope: RopeInputs): Tensor {
     const attn = child(this, 'self_attn') as LlamaAttention;
+    const mlp = child(this, 'mlp');
+    // a cached one-token inference pass over plain projections: the same kernels into reused scratch
+    if (ctx.cache && ctx.T === 1 && Object.getPrototypeOf(attn) === LlamaAttention.prototype && Object.getPrototypeOf(mlp) === LlamaMLP.prototype) {
+      const y = decodeLayer(this, attn, mlp, x, ctx, rope);
+      if (y) return y;
+    }
     // o_proj and down_proj add into the residual stream (in place in an inference pass: addProjected)
     const h = addProjected(x, child(attn, 'o_proj'), attn.heads(child(this, 'input_layernorm').forward(x), ctx, rope), ctx);
-    const mlp = child(this, 'mlp');
     const n = child(this, 'post_attention_layernorm').forward(h);
     return mlp instanceof LlamaMLP ? addProjected(h, child(mlp, 'down_proj'), mlp.inner(n, ctx), ctx) : h.add(mlp.forward(n));
   }

@@ -456,6 +456,11 @@ void small_m_nn(int64_t n, int64_t k, const float* __restrict a, int64_t lda, co
   }
 }
 
+// Rows of B per group of the dot form: M·G accumulators, G rows of B and one row of x in the
+// vector registers (32 zmm: 8 rows x 3; 16 ymm/xmm: at most 8 accumulators past 2 rows).
+template <int M>
+constexpr int kDotGroup = M <= 2 ? 4 : LN_VL < 16 ? 2 : M <= 4 ? 4 : 3;
+
 template <int M, typename T>
 void small_m_dispatch(int64_t n, int64_t k, const float* a, int64_t lda, const T* b, int64_t ldb, bool trans_b,
                       float* c, int64_t ldc, int accumulate, float* scratch) {
@@ -467,7 +472,7 @@ void small_m_dispatch(int64_t n, int64_t k, const float* a, int64_t lda, const T
       if (lora::decode_broadcasts(M, sizeof(T) == 2, LN_VL))
         small_m_bcast<T>(M, n, k, a, lda, b, ldb, c, ldc, accumulate, scratch);
       else
-        small_m_nt<M, (M <= 2 ? 4 : 2), T>(n, k, a, lda, b, ldb, c, ldc, accumulate, scratch);
+        small_m_nt<M, kDotGroup<M>, T>(n, k, a, lda, b, ldb, c, ldc, accumulate, scratch);
     }
   } else {
     small_m_nn<M, (M <= 4 ? 4 : M <= 8 ? 2 : 1), T>(n, k, a, lda, b, ldb, c, ldc, accumulate);

@@ -1,0 +1,134 @@
+// The decode fast path (lib/models/decode.ts): a cached one-token inference pass runs each plain
+// decoder layer as the same kernels with the same arguments as the generic path, into scratch
+// tensors the cache keeps. Its logits must equal the generic path's bit for bit, for every RoPE
+// family (biases on q/k/v, sliding windows, Gemma's norm offset and GeGLU, Qwen3's q/k norms and
+// Phi-3's fused projections falling back), fp32 and bf16 weights, batches with left padding, and
+// with LoRA on some projections (those layers take the generic path, their adapters applied).
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+
+import t from 'tap';
+
+import { applyLora, CausalLM, loadCausalLM, loraLayers, memory, noGrad, tensor, tidy } from '../lib/index';
+import { native } from '../lib/native';
+import { decodeFastPath } from '../lib/models/decode';
+import { Arch, writeCheckpoint } from './hf_checkpoint';
+
+const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'lora-decode-fast-'));
+t.teardown(() => fs.rmSync(tmp, { recursive: true, force: true }));
+
+/**
+ * Two prompts (the second left-padded by 2), then `steps` one-token steps with a cache, the mask
+ * and positions as generate() makes them; returns every step's logits and the allocations of
+ * each one-token step.
+ */
+function decode(model: CausalLM, fast: boolean, steps = 4): { logits: Float32Array[]; allocs: number[] } {
+  decodeFastPath.enabled = fast;
+  const V = model.vocabSize;
+  const logits: Float32Array[] = [];
+  const allocs: number[] = [];
+  const b = native as unknown as Record<string, (...a: unknown[]) => unknown>;
+  const alloc = b.alloc!;
+  let count = 0;
+  b.alloc = (...a: unknown[]) => {
+    count++;
+    return alloc(...a);
+  };
+  try {
+    return noGrad(() => {
+      using cache = model.createCache(2, 5 + steps);
+      const mask = [[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]];
+      const pos = [[0, 1, 2, 3, 4], [1, 1, 0, 1, 2]];
+      const ids = [[5, 17, 3, 40, 8], [0, 0, 22, 9, 61]];
+      let next = tidy(() => {
+        const out = model.forward(tensor(ids.flat(), [2, 5], { dtype: 'int32' }), {
+          cache, attentionMask: tensor(mask.flat(), [2, 5], { dtype: 'int32' }), positionIds: tensor(pos.flat(), [2, 5], { dtype: 'int32' }),
+        });
+        const d = out.toFloat32Array();
+        logits.push(d);
+        return [0, 1].map((r) => argmax(d.subarray((r * 5 + 4) * V, (r * 5 + 5) * V)));
+      });
+      for (let s = 0; s < steps; s++) {
+        for (const m of mask) m.push(1);
+        for (const p of pos) p.push(p[p.length - 1]! + 1);
+        count = 0;
+        next = tidy(() => {
+          const out = model.forward(tensor(next, [2, 1], { dtype: 'int32' }), {
+            cache, attentionMask: tensor(mask.flat(), [2, mask[0]!.length], { dtype: 'int32' }),
+            positionIds: tensor(pos.map((p) => p[p.length - 1]!), [2, 1], { dtype: 'int32' }),
+          });
+          const d = out.toFloat32Array();
+          logits.push(d);
+          return [0, 1].map((r) => argmax(d.subarray(r * V, (r + 1) * V)));
+        });
+        allocs.push(count);
+      }
+      return { logits, allocs };
+    });
+  } finally {
+    b.alloc = alloc;
+    decodeFastPath.enabled = true;
+  }
+}
+
+function argmax(d: Float32Array): number {
+  let best = 0;
+  for (let i = 1; i < d.length; i++) if (d[i]! > d[best]!) best = i;
+  return best;
+}
+
+// the families whose every layer the fast path runs, and those it leaves to the generic path
+const cases: [Arch, 'float32' | 'bfloat16', boolean][] = [
+  ['llama', 'float32', true], ['llama', 'bfloat16', true], ['mistral', 'float32', true], ['qwen2', 'float32', true],
+  ['gemma', 'bfloat16', true], ['qwen3', 'float32', false], ['phi3', 'float32', false],
+];
+for (const [arch, dtype, fast] of cases) {
+  t.test(`${arch} ${dtype}: the fast path's logits equal the generic path's bit for bit`, async (t) => {
+    const dir = path.join(tmp, `${arch}-${dtype}`);
+    writeCheckpoint(dir, arch, { dtype, seed: 9 });
+    const model = await loadCausalLM(dir, { dtype });
+    try {
+      const generic = decode(model, false);
+      const before = memory().numTensors;
+      const quick = decode(model, true);
+      t.equal(memory().numTensors, before, 'the scratch tensors are freed with the cache');
+      t.equal(quick.logits.length, generic.logits.length);
+      quick.logits.forEach((l, i) => t.same(l, generic.logits[i], `pass ${i}: the same logits`));
+      const layers = model.config.num_hidden_layers as number;
+      if (fast) {
+        // the first step makes the scratch; later ones only the pass's own few tensors
+        // (the pass's own: ids, mask, positions, RoPE positions and inv_freq, embedding, norm, head)
+        t.ok(quick.allocs.slice(1).every((n) => n <= 8), `one-token steps allocate ${quick.allocs} tensors, none per layer`);
+        t.ok(generic.allocs.every((n, i) => n >= quick.allocs[i]! + 5 * layers), `the generic path allocates per op (${generic.allocs})`);
+      } else {
+        t.same(quick.allocs, generic.allocs, 'this family takes the generic path');
+      }
+    } finally {
+      model.dispose();
+    }
+  });
+}
+
+t.test('LoRA on layer 1\'s q_proj and down_proj: that layer takes the generic path with its adapters, layer 0 the fast one, the logits equal the generic path\'s', async (t) => {
+  const dir = path.join(tmp, 'llama-lora');
+  writeCheckpoint(dir, 'llama', { dtype: 'bfloat16', seed: 4 });
+  const model = await loadCausalLM(dir);
+  const plain = await loadCausalLM(dir);
+  try {
+    applyLora(model, { targetModules: /.*layers\.1\..*(q_proj|down_proj)/, rank: 2, seed: 1 });
+    t.equal(loraLayers(model).size, 2);
+    let seed = 3;
+    for (const l of loraLayers(model).values()) l.loraB.assign(Float32Array.from({ length: l.loraB.size }, () => ((seed = (seed * 48271) % 2147483647) / 2147483647 - 0.5) * 0.4));
+    const generic = decode(model, false);
+    const quick = decode(model, true);
+    quick.logits.forEach((l, i) => t.same(l, generic.logits[i], `pass ${i}: the same logits`));
+    const base = decode(plain, true);
+    t.notSame(base.logits[2], quick.logits[2], 'the adapters change the logits (they were applied)');
+    const onlyLayer1 = quick.allocs.slice(1), both = generic.allocs.slice(1);
+    t.ok(onlyLayer1.every((n, i) => n < both[i]! && n > base.allocs[i + 1]!), `layer 0 allocates nothing, layer 1 per op (${quick.allocs}; generic ${generic.allocs}; no LoRA ${base.allocs})`);
+  } finally {
+    model.dispose();
+    plain.dispose();
+  }
+});
