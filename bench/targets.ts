@@ -143,7 +143,7 @@ export function evaluateLlmTargets(rows: LlmRow[], m: Machine | undefined): Targ
   const out: Target[] = [];
   const find = (config: string, kase: string, dtype: string, args: Record<string, string> = {}) =>
     rows.find((r) => r.config === config && r.case === kase && r.dtype === dtype && (r.args.mp ?? 'fp32') === (args.mp ?? 'fp32') &&
-      Object.entries(args).every(([k, v]) => r.args[k] === v));
+      Object.entries(args).every(([k, v]) => k === 'mp' || r.args[k] === v));
   const missing = (target: string, row: string, goal: string, note: string) => out.push({ target, row, measured: '-', goal, met: undefined, note });
   for (const config of [...new Set(rows.map((r) => r.config))].filter((c) => c !== 'tiny')) { // tiny: a smoke check, not judged
     // prefill: >= 70% of the FLOP-bound time (fp32), >= 1.5x PyTorch

@@ -1,0 +1,56 @@
+// The bench's target judging (bench/targets.ts) on hand-made rows: which row each target reads,
+// the bf16-products rows beside the default ones, and the "unreachable here" notes, so that a
+// mislabelled or dropped target cannot hide in a result file.
+import t from 'tap';
+import { evaluateLlmTargets, evaluateTargets, GEMM_512, LlmRow, Row } from '../bench/targets';
+import type { Machine } from '../bench/machine';
+
+const machine = {
+  perThreads: {
+    '1': { fmaGflops: 200, bf16DotGflops: 400, readGBs: 20, updateGBs: 30 },
+    '2': { fmaGflops: 400, bf16DotGflops: 800, readGBs: 40, updateGBs: 60 },
+  },
+} as unknown as Machine;
+
+const result = (ms: number, tokens: number) => ({ medianMs: ms, minMs: ms, reps: 1, tokens, tokensPerS: (1000 * tokens) / ms, rssAfterLoadMB: 500, peakRssMB: 600 });
+const row = (kase: LlmRow['case'], dtype: LlmRow['dtype'], args: Record<string, string>, flops: number, ours: number, torch: number, tokens = 512): LlmRow =>
+  ({ case: kase, config: 'smol', dtype, threads: 2, args, work: { flops }, ours: result(ours, tokens), pytorch: result(torch, tokens) });
+
+t.test('model rows: rows without an mp argument are the fp32-product rows, bf16-product rows are judged apart', async (t) => {
+  const F = 100e9; // 100 GFLOP: 250 ms at the 400 GFLOP/s two-thread FMA peak, 125 ms at the bf16-dot peak
+  const rows = [
+    row('prefill', 'fp32', {}, F, 300, 600),
+    row('prefill', 'bf16', {}, F, 300, 200),
+    row('prefill', 'bf16', { mp: 'bf16' }, F, 150, 200),
+    row('train', 'fp32', { gc: '0' }, 4 * F, 2000, 5000, 1024),
+    row('train', 'fp32', { gc: '1' }, 4 * F, 2400, 6000, 1024),
+    row('train', 'bf16', { gc: '0' }, 4 * F, 1500, 3000, 1024),
+    row('train', 'bf16', { gc: '0', mp: 'bf16' }, 4 * F, 1200, 3000, 1024),
+  ];
+  const ts = evaluateLlmTargets(rows, machine);
+  const get = (target: string, r: string) => ts.find((x) => x.target === target && x.row === r);
+  t.equal(get('prefill 512: % of FLOP-bound time', 'smol prefill fp32')?.measured, '83%', '250 of 300 ms');
+  t.equal(get('prefill 512: vs PyTorch', 'smol prefill fp32')?.met, true, '2x PyTorch');
+  const bf = get('prefill 512: vs PyTorch', 'smol prefill bf16');
+  t.equal(bf?.met, false);
+  t.match(bf?.note ?? '', /^unreachable here: 1.50x needs .* FLOP bound with fp32 products/, '1.5x of 200 ms asks for 133 ms, under the 250 ms floor');
+  const bp = get('prefill 512: vs PyTorch', 'smol prefill bf16 (bf16 products)');
+  t.equal(bp?.met, false, '200 / 150 ms = 1.33x');
+  t.equal(bp?.measured.startsWith('1.33x'), true, '200 vs 150 ms');
+  t.equal(bp?.note, undefined, '133 ms is above the 125 ms floor at the bf16-dot peak: reachable, no note');
+  const train = ts.filter((x) => x.target === 'train: tokens/s vs PyTorch at its best').map((x) => x.row);
+  t.same(train, ['smol train fp32', 'smol train bf16', 'smol train bf16 (bf16 products)'], 'every train row judged once');
+  t.ok(get('train gc: time vs without', 'smol train gc fp32'), 'the gc row found beside its no-gc row');
+  t.same(ts.filter((x) => x.target === 'train: bf16 frozen base vs our fp32').map((x) => x.measured), ['1.33x', '1.67x']);
+});
+
+t.test('kernel rows: a ratio goal under the work\'s time at the peak is marked unreachable', async (t) => {
+  const flops = 2e9; // 10 ms at one thread's 200 GFLOP/s
+  const r: Row = { case: 'lora_step', shape: GEMM_512, threads: 1, dtype: 'fp32', work: { flops }, variants: { ours: { medianMs: 12, minMs: 12, reps: 1 }, pytorch: { medianMs: 14, minMs: 14, reps: 1, config: 'peer' } } };
+  const x = evaluateTargets([r], machine, [1]).find((q) => q.target.startsWith('LoRA fwd+bwd 512'))!;
+  t.equal(x.met, false);
+  t.match(x.note ?? '', /^unreachable here: 1.50x needs 9.33 ms, under the 10.00 ms .* FMA peak; peer$/);
+  const reachable = evaluateTargets([{ ...r, variants: { ...r.variants, pytorch: { medianMs: 20, minMs: 20, reps: 1, config: 'peer' } } }], machine, [1])
+    .find((q) => q.target.startsWith('LoRA fwd+bwd 512'))!;
+  t.equal(reachable.note, 'peer', 'no note when the goal is within the floor');
+});
