@@ -88,6 +88,8 @@ for (const [arch, dtype, fast] of cases) {
     const dir = path.join(tmp, `${arch}-${dtype}`);
     writeCheckpoint(dir, arch, { dtype, seed: 9 });
     const model = await loadCausalLM(dir, { dtype });
+    // bf16 weights also with bf16 products allowed: the fast path passes the layer's choice on as the generic path does
+    if (dtype === 'bfloat16' && arch === 'llama') model.matmulPrecision = 'bf16';
     try {
       const generic = decode(model, false);
       const before = memory().numTensors;

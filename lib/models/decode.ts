@@ -58,17 +58,17 @@ function norm(m: Module | undefined, device: Device): m is HfRMSNorm {
   return m instanceof HfRMSNorm && Object.getPrototypeOf(m) === HfRMSNorm.prototype && m.weight.dtype === 'float32' && m.weight.device === device;
 }
 
-/** y (M, OC) = x·Wᵀ (+ bias), as linear() computes it. */
+/** y (M, OC) = x·Wᵀ (+ bias), as linear() computes it (with the layer's matmulPrecision: bf16 dots from 64 rows). */
 function project(y: Tensor, x: Tensor, p: Linear, M: number): void {
   const [OC, C] = p.weight.shape as [number, number];
   if (p.bias) native.copyStrided(y._storage, 0, [OC, 1], p.bias._storage, 0, [0, 1], [M, OC]);
-  native.gemm(y._storage, x._storage, p.weight._storage, M, OC, C, false, true, C, C, OC, 1, p.bias ? 1 : 0, 1, 0, 0, 0);
+  native.gemm(y._storage, x._storage, p.weight._storage, M, OC, C, false, true, C, C, OC, 1, p.bias ? 1 : 0, 1, 0, 0, 0, p.matmulPrecision === 'bf16');
 }
 
 /** residual (M, OC) += x·Wᵀ, as addProjected() computes it. */
 function addInto(residual: Tensor, x: Tensor, p: Linear, M: number): void {
   const [OC, C] = p.weight.shape as [number, number];
-  native.gemm(residual._storage, x._storage, p.weight._storage, M, OC, C, false, true, C, C, OC, 1, 1, 1, 0, 0, 0);
+  native.gemm(residual._storage, x._storage, p.weight._storage, M, OC, C, false, true, C, C, OC, 1, 1, 1, 0, 0, 0, p.matmulPrecision === 'bf16');
 }
 
 /**
