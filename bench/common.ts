@@ -95,3 +95,41 @@ export function argmaxLast(logits: Tensor): number[] {
   }
   return out;
 }
+
+/** Time spent inside the binding, per key (a function's name, or what `keyOf` makes of a call). */
+export interface BindingTimer {
+  readonly byKey: Map<string, { ms: number; calls: number }>;
+  /** Milliseconds inside the binding since the timer was made (while enabled). */
+  totalMs: number;
+  /** Calls are timed only while this is true. */
+  enabled: boolean;
+}
+
+/**
+ * Wraps every function of the binding with a timer (the kernels run synchronously inside them),
+ * for the profiles in bench/llm_profile.ts and bench/llm_decode_profile.ts. Not undone: a profile
+ * is a process of its own.
+ */
+export function timeBinding(keyOf: (name: string, args: unknown[]) => string = (name) => name): BindingTimer {
+  const timer: BindingTimer = { byKey: new Map(), totalMs: 0, enabled: true };
+  const n = native as unknown as Record<string, unknown>;
+  for (const name of Object.keys(n)) {
+    const f = n[name];
+    if (typeof f !== 'function' || /^[A-Z]/.test(name)) continue;
+    n[name] = (...args: unknown[]) => {
+      if (!timer.enabled) return (f as (...a: unknown[]) => unknown)(...args);
+      const t0 = performance.now();
+      try {
+        return (f as (...a: unknown[]) => unknown)(...args);
+      } finally {
+        const dt = performance.now() - t0, key = keyOf(name, args);
+        const e = timer.byKey.get(key) ?? { ms: 0, calls: 0 };
+        e.ms += dt;
+        e.calls++;
+        timer.byKey.set(key, e);
+        timer.totalMs += dt;
+      }
+    };
+  }
+  return timer;
+}

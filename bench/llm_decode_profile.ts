@@ -5,8 +5,7 @@
 //   node dist/bench/llm_decode_profile.js DIR [fp32|bf16] [B=1] [steps=32] [reps=5] [wrap=1|0]
 // (wrap=0: no timers, the plain step time, to see what the wrappers themselves cost)
 import { loadCausalLM, manualSeed, noGrad, setNumThreads, tensor, tidy } from '../lib/index';
-import { native } from '../lib/native';
-import { argmaxLast } from './common';
+import { argmaxLast, timeBinding } from './common';
 
 async function main(): Promise<void> {
   const [dir, dtype = 'bf16', ...rest] = process.argv.slice(2);
@@ -17,41 +16,22 @@ async function main(): Promise<void> {
   const B = Number(kv.B ?? 1), P = 128, S = Number(kv.steps ?? 32), reps = Number(kv.reps ?? 5);
   const V = model.vocabSize;
   const prompt = tensor(Array.from({ length: B * P }, (_, i) => (i * 7919) % V), [B, P], { dtype: 'int32' });
-  const inside = new Map<string, { ms: number; calls: number }>();
-  let timing = false;
-  if (kv.wrap !== '0') {
-    const n = native as unknown as Record<string, unknown>;
-    for (const name of Object.keys(n)) {
-      const f = n[name];
-      if (typeof f !== 'function' || /^[A-Z]/.test(name)) continue;
-      n[name] = (...args: unknown[]) => {
-        if (!timing) return (f as (...a: unknown[]) => unknown)(...args);
-        const t0 = performance.now();
-        try {
-          return (f as (...a: unknown[]) => unknown)(...args);
-        } finally {
-          // gemm by shape: M (rows) x N (out) x K (in)
-          const key = name === 'gemm' ? `gemm ${args[3]}x${args[4]}x${args[5]}` : name;
-          const e = inside.get(key) ?? { ms: 0, calls: 0 };
-          e.ms += performance.now() - t0;
-          e.calls++;
-          inside.set(key, e);
-        }
-      };
-    }
-  }
+  // gemm by shape: M (rows) x N (out) x K (in)
+  const timer = kv.wrap !== '0' ? timeBinding((name, args) => (name === 'gemm' ? `gemm ${args[3]}x${args[4]}x${args[5]}` : name)) : undefined;
+  if (timer) timer.enabled = false;
+  const inside = timer?.byKey ?? new Map<string, { ms: number; calls: number }>();
   const cpuMs: number[] = []; // CPU time of the process (every thread) per run of S steps
   const run = () => noGrad(() => {
     using cache = model.createCache(B, P + S);
     let next = tidy(() => argmaxLast(model.forward(prompt, { cache })));
-    timing = true;
+    if (timer) timer.enabled = true;
     const t0 = performance.now(), c0 = process.cpuUsage();
     for (let s = 0; s < S; s++) {
       const step = tensor(next, [B, 1], { dtype: 'int32' });
       next = tidy(() => argmaxLast(model.forward(step, { cache })));
       step.dispose();
     }
-    timing = false;
+    if (timer) timer.enabled = false;
     const c = process.cpuUsage(c0);
     cpuMs.push((c.user + c.system) / 1e3);
     return performance.now() - t0;

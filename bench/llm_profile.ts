@@ -5,8 +5,7 @@
 //   node dist/bench/llm_profile.js DIR [fp32|bf16] [gc=0|1] [steps=2] [B=4] [T=256] [fused=1|0]
 // (fused=0: causalLmLoss on the logits instead of model.loss)
 import { AdamW, applyLora, causalLmLoss, loadCausalLM, loraLayers, setNumThreads, tensor, tidy } from '../lib/index';
-import { native } from '../lib/native';
-import { randomF32 } from './common';
+import { randomF32, timeBinding } from './common';
 
 async function main(): Promise<void> {
   const [dir, dtype = 'fp32', ...rest] = process.argv.slice(2);
@@ -35,38 +34,20 @@ async function main(): Promise<void> {
     phase('');
   };
   step(() => {}); // warm-up
-  const inside = new Map<string, { ms: number; calls: number }>();
   const byPhase = new Map<string, { wall: number; native: number }>();
-  let current = '', phaseStart = 0, nativeMs = 0;
-  const n = native as unknown as Record<string, unknown>;
-  for (const name of Object.keys(n)) {
-    const f = n[name];
-    if (typeof f !== 'function' || /^[A-Z]/.test(name)) continue;
-    n[name] = (...args: unknown[]) => {
-      const t0 = performance.now();
-      try {
-        return (f as (...a: unknown[]) => unknown)(...args);
-      } finally {
-        const dt = performance.now() - t0;
-        nativeMs += dt;
-        const e = inside.get(name) ?? { ms: 0, calls: 0 };
-        e.ms += dt;
-        e.calls++;
-        inside.set(name, e);
-      }
-    };
-  }
+  let current = '', phaseStart = 0, nativeAtStart = 0;
+  const timer = timeBinding(), inside = timer.byKey;
   const phase = (p: string) => {
     const now = performance.now();
     if (current) {
       const e = byPhase.get(current) ?? { wall: 0, native: 0 };
       e.wall += now - phaseStart;
-      e.native += nativeMs;
+      e.native += timer.totalMs - nativeAtStart;
       byPhase.set(current, e);
     }
     current = p;
     phaseStart = now;
-    nativeMs = 0;
+    nativeAtStart = timer.totalMs;
   };
   const steps = Number(kv.steps ?? 2);
   const t0 = performance.now();
