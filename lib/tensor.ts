@@ -519,23 +519,32 @@ export function checkpoint(fn: (...inputs: Tensor[]) => Tensor, inputs: readonly
     if (!(v instanceof Tensor)) throw typeError('checkpoint() callback result', 'a Tensor', v);
     return v;
   };
-  if (!gradEnabled) return resultOf(fn(...inputs));
+  if (!gradEnabled) return withRun(null, () => resultOf(fn(...inputs)));
   const prevProbe = probe;
   const seen = { needsGrad: inputs.some((t) => t.requiresGrad) };
   probe = seen;
   gradEnabled = false;
   let out: Tensor;
   let seeds: number[];
+  const first: CheckpointRun = { replay: false, kept: [], pos: 0 };
   try {
-    ({ result: out, seeds } = recordSeeds(() => tidy(() => resultOf(fn(...inputs)))));
+    ({ result: out, seeds } = recordSeeds(() => withRun(first, () => tidy(() => resultOf(fn(...inputs))))));
+  } catch (err) {
+    for (const t of first.kept) t.dispose();
+    throw err;
   } finally {
     gradEnabled = true;
     probe = prevProbe;
   }
   if (prevProbe && seen.needsGrad) prevProbe.needsGrad = true;
-  if (!seen.needsGrad) return out;
+  if (!seen.needsGrad) {
+    for (const t of first.kept) t.dispose();
+    return out;
+  }
   if (inputs.includes(out)) out = out.detach(); // fn returned an input: the output is a new tensor
   out.requiresGrad = true;
+  saveFor(out, ...first.kept); // freed with the output
+  const kept = first.kept;
   out._node = {
     name: 'checkpoint', inputs: inputs.slice(),
     backward: (g) => {
@@ -547,7 +556,7 @@ export function checkpoint(fn: (...inputs: Tensor[]) => Tensor, inputs: readonly
       });
       try {
         tidy(() => {
-          const y = replaySeeds(seeds, () => resultOf(fn(...leaves)));
+          const y = replaySeeds(seeds, () => withRun({ replay: true, kept, pos: 0 }, () => resultOf(fn(...leaves))));
           if (y.requiresGrad) runBackward(y, g.detach());
         });
         return leaves.map((l) => {
@@ -561,6 +570,70 @@ export function checkpoint(fn: (...inputs: Tensor[]) => Tensor, inputs: readonly
     },
   };
   return out;
+}
+
+// ---- outputs only the recomputation's graph reads ----------------------------------------------
+
+/** One run of a checkpoint() function: the first (kept fills) or the backward's recomputation (replay). */
+interface CheckpointRun { replay: boolean; kept: Tensor[]; pos: number }
+/** The checkpoint() run in progress (null outside one, and in a run that records nothing). */
+let run: CheckpointRun | null = null;
+/** The run whose unreadOutput() region is in progress. */
+let unread: CheckpointRun | null = null;
+
+function withRun<T>(r: CheckpointRun | null, fn: () => T): T {
+  const prev = run;
+  const prevUnread = unread;
+  run = r;
+  unread = null;
+  try {
+    return fn();
+  } finally {
+    run = prev;
+    unread = prevUnread;
+  }
+}
+
+/**
+ * @internal Runs fn, a product whose output nothing reads but the output of the checkpoint()
+ * function it runs in (a decoder layer's last projection into its residual stream). Outside
+ * checkpoint() it is fn(). The backward of that output reads none of its values, so when
+ * checkpoint() recomputes the function, the ops in fn that support it (linear(), loraLinear())
+ * skip their product and return zeros with the same backward; what that backward needs besides
+ * its inputs (LoRA's h = x·Aᵀ) they keep from the first run (unreadKeep/unreadTake). Gradients
+ * stay bit-identical; a recomputed layer saves its largest-K product.
+ */
+export function unreadOutput(fn: () => Tensor): Tensor {
+  if (!run) return fn();
+  const prev = unread;
+  unread = run;
+  try {
+    return fn();
+  } finally {
+    unread = prev;
+  }
+}
+
+/**
+ * @internal Inside unreadOutput(): 'keep' in checkpoint()'s first run (the op passes what its
+ * backward needs to unreadKeep), 'skip' in its recomputation (the op skips its product and takes
+ * those tensors back from unreadTake, in the same order); null elsewhere (compute as usual).
+ */
+export function unreadMode(): 'keep' | 'skip' | null {
+  return unread ? (unread.replay ? 'skip' : 'keep') : null;
+}
+
+/** @internal keeps t (owned by the checkpoint from now) for the recomputation's unreadTake(). */
+export function unreadKeep(t: Tensor): void {
+  unread!.kept.push(keep(t));
+}
+
+/** @internal the next tensor unreadKeep() kept in the first run (owned by the checkpoint: do not dispose). */
+export function unreadTake(): Tensor {
+  const r = unread!;
+  const t = r.kept[r.pos++];
+  if (!t) throw new LoraError('ERR_LORA_STATE', 'checkpoint(): the recomputation took more saved tensors than the first run kept (the function is not deterministic)');
+  return t;
 }
 
 /**

@@ -1,7 +1,8 @@
 // Gradient checkpointing and the memory of a training step: checkpoint() gives the same outputs,
 // gradients and dropout masks as the plain tape (bit for bit) and frees its function's
 // intermediates; CausalLM.gradientCheckpointing on random Llama and GPT-2 checkpoints with LoRA on
-// every linear layer (dropout on) gives the same loss and LoRA gradients with less peak memory;
+// every linear layer (dropout on) gives the same loss and LoRA gradients with less peak memory
+// (Phi-3 too), and the recomputation skips the product of each layer's last projection;
 // causalLmLoss at vocab 49152 holds one logits-sized tensor (the gradient) beyond the logits.
 // Peaks are the live native bytes the binding counts (memory().cpuPeakBytes).
 import * as fs from 'node:fs';
@@ -13,6 +14,7 @@ import {
   add, applyLora, causalLmLoss, checkpoint, dropout, LoraTypeError, LoraLinear, loadCausalLM, manualSeed, memory,
   mul, noGrad, resetPeakMemory, silu, tensor, Tensor, tidy,
 } from '../lib/index';
+import { native } from '../lib/native';
 import { defaultRng } from '../lib/random';
 import { assertLoraError, leakChecked } from './helpers';
 import { Arch, writeCheckpoint } from './hf_checkpoint';
@@ -90,6 +92,7 @@ leakChecked(t, 'checkpoint(): argument errors', (t) => {
 const CONFIGS: { arch: Arch; config: Record<string, unknown> }[] = [
   { arch: 'llama', config: { num_hidden_layers: 4, tie_word_embeddings: true, vocab_size: 61 } },
   { arch: 'gpt2', config: { n_layer: 4 } },
+  { arch: 'phi3', config: { num_hidden_layers: 4 } },
 ];
 
 for (const { arch, config } of CONFIGS) {
@@ -125,6 +128,66 @@ for (const { arch, config } of CONFIGS) {
     t.equal(gc.grads.length, plain.grads.length, 'the same parameters');
     t.same(gc.grads, plain.grads, 'every LoRA gradient bit-identical (dropout 0.1 in training mode)');
     t.ok(gc.peak < 0.6 * plain.peak, `peak memory of the step: ${gc.peak} bytes checkpointed, ${plain.peak} without`);
+  });
+}
+
+// The recomputation of a layer skips the product of its last projection (down_proj: its output is
+// the layer's output, which the backward never reads); the LoRA h it needs is kept from the first run.
+// Counted at the binding during backward(): each layer's projections but down_proj run again.
+const LAYOUTS: { name: string; lora: Parameters<typeof applyLora>[1]; skipped: boolean }[] = [
+  { name: 'LoRA on every projection (down_proj a LoraLinear)', lora: { targetModules: 'all-linear', rank: 3, alpha: 6, dropout: 0.2, seed: 2 }, skipped: true },
+  { name: 'LoRA on q_proj, v_proj (down_proj a plain Linear)', lora: { targetModules: ['q_proj', 'v_proj'], rank: 3, alpha: 6, seed: 2 }, skipped: true },
+  { name: 'DoRA (several ops: recomputed in full)', lora: { targetModules: 'all-linear', rank: 3, alpha: 6, useDora: true, seed: 2 }, skipped: false },
+];
+for (const layout of LAYOUTS) {
+  leakChecked(t, `llama: the recomputation skips down_proj's product — ${layout.name}`, async (t) => {
+    const L = 3;
+    const ck = writeCheckpoint(path.join(tmp, `skip-${layout.skipped}-${layout.name.length}`), 'llama', { config: { num_hidden_layers: L }, seed: 4 });
+    const B = 2, T = 7, HID = 40, INTER = 72;
+    const rows = Array.from({ length: B * T }, (_, i) => (i * 29 + 5) % 97);
+    const step = async (gc: boolean) => {
+      manualSeed(3);
+      const model = await loadCausalLM(ck.dir);
+      applyLora(model, layout.lora);
+      for (const p of model.parameters()) if (p.ndim === 2 && p.shape[1] === 3) p.assign(values(p.size, p.size)); // lora_B non-zero
+      model.train();
+      model.gradientCheckpointing = gc;
+      const ids = tensor(rows, [B, T], { dtype: 'int32' });
+      const calls = { lora: 0, downGemm: 0, gemm: 0 };
+      const { loraForward, gemm } = native;
+      const loss = tidy(() => {
+        const l = causalLmLoss(model.forward(ids), ids);
+        native.loraForward = (...a: Parameters<typeof loraForward>) => { calls.lora++; return loraForward(...a); };
+        native.gemm = (...a: Parameters<typeof gemm>) => {
+          calls.gemm++;
+          if (a[3] === B * T && a[4] === HID && a[5] === INTER && a[7]) calls.downGemm++; // x·Wᵀ of down_proj: [BT, 72]·[40, 72]ᵀ
+          return gemm(...a);
+        };
+        try {
+          l.backward();
+        } finally {
+          native.loraForward = loraForward;
+          native.gemm = gemm;
+        }
+        return l.item();
+      });
+      const grads = model.parameters().map((p) => p.grad!.toFloat32Array());
+      ids.dispose();
+      model.dispose();
+      return { loss, grads, calls };
+    };
+    const plain = await step(false);
+    const gc = await step(true);
+    t.equal(gc.loss, plain.loss, 'loss bit-identical');
+    t.same(gc.grads, plain.grads, 'every trainable gradient bit-identical');
+    t.equal(plain.calls.lora, 0, 'without checkpointing the backward runs no LoRA forward');
+    // doraLinear multiplies the product by its magnitude scale, whose gradient reads it: no skipping
+    if (!layout.skipped) t.equal(gc.calls.lora, 7 * L, "DoRA: the recomputation runs every layer's 7 products, down_proj's too");
+    else if (layout.lora.targetModules === 'all-linear') t.equal(gc.calls.lora, 6 * L, `the recomputation runs 6 of each layer's 7 LoRA products (${gc.calls.lora} for ${L} layers)`);
+    else {
+      t.equal(gc.calls.lora, 2 * L, 'q_proj and v_proj recomputed in every layer');
+      t.equal(gc.calls.downGemm, 0, "no x·Wᵀ of down_proj in the recomputation");
+    }
   });
 }
 

@@ -9,10 +9,11 @@
 import { describe, expectInteger, LoraError } from '../errors';
 import { DEVICE_ID, DTYPE_ID, native, OP } from '../native';
 import { Module } from '../module';
+import { LoraLinear } from '../lora';
 import { Linear } from '../nn';
 import { add, attention, embedding, gatedActivation, gelu, layerNorm, mul, relu, reshape, rmsNorm, rope, sigmoid, silu, slice, tanh, UnaryName } from '../ops';
 import { expectMatmulPrecision, gemmReadsAsStored } from '../ops/util';
-import { checkDevice, checkpoint, contiguousStrides, Device, empty, keep, numelOf, reshapeInference, ones, Tensor, tensor, tidy, zeros } from '../tensor';
+import { checkDevice, checkpoint, contiguousStrides, Device, empty, keep, numelOf, reshapeInference, ones, Tensor, tensor, tidy, unreadOutput, zeros } from '../tensor';
 
 // ---- config.json fields -------------------------------------------------------------------------
 
@@ -573,7 +574,7 @@ export function isPlainLinear(m: Module | undefined): m is Linear {
  * (y += x·Wᵀ, with the layer's matmulPrecision): no separate add over memory, no new tensor. Anything else (LoRA layers, biases,
  * training): the plain add of a new tensor.
  */
-export function addProjected(residual: Tensor, proj: Module, x: Tensor, ctx: ForwardContext): Tensor {
+export function addProjected(residual: Tensor, proj: Module, x: Tensor, ctx: ForwardContext, layerOutput = false): Tensor {
   if (ctx.inference && isPlainLinear(proj) &&
     proj.bias === null && residual.dtype === 'float32' && x.dtype === 'float32' && residual.device === x.device && proj.weight.device === x.device) {
     const w = proj.weight;
@@ -585,7 +586,18 @@ export function addProjected(residual: Tensor, proj: Module, x: Tensor, ctx: For
       return residual;
     }
   }
+  // the layer's output under gradient checkpointing: its recomputation skips the product (one op)
+  if (layerOutput && ctx.checkpointLayers && isOneProduct(proj)) return residual.add(unreadOutput(() => proj.forward(x)));
   return residual.add(proj.forward(x));
+}
+
+/**
+ * Whether m.forward(x) is one product op (linear() or loraLinear(), which unreadOutput() can skip):
+ * a plain Linear, or a LoraLinear without DoRA (doraLinear is several ops, and a skipped inner
+ * product would feed zeros to the next one's backward).
+ */
+function isOneProduct(m: Module): boolean {
+  return isPlainLinear(m) || (Object.getPrototypeOf(m) === LoraLinear.prototype && (m as LoraLinear).loraMagnitude === null);
 }
 
 /** Rows from which projectShared() runs the products in one call (fewer: decode's streaming GEMV). */

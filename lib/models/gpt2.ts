@@ -10,7 +10,7 @@ import { add, reshape, slice } from '../ops';
 import { Tensor, tensor } from '../tensor';
 import type { Backbone, Family } from './causal_lm';
 import {
-  activation, attend, child, ConfigReader, ForwardContext, HfEmbedding, HfLayerNorm, linearFrom, plainContext, WeightSource,
+  activation, addProjected, attend, child, ConfigReader, ForwardContext, HfEmbedding, HfLayerNorm, linearFrom, plainContext, WeightSource,
 } from './common';
 
 interface Gpt2Config {
@@ -79,8 +79,13 @@ class Gpt2MLP extends Module {
     this.registerModule('c_proj', linearFrom(w, `${p}.c_proj`, cfg.inner, cfg.hidden, true, true));
   }
 
+  /** act(c_fc(x)), c_proj's input. */
+  inner(x: Tensor): Tensor {
+    return this.cfg.act(child(this, 'c_fc').forward(x));
+  }
+
   forward(x: Tensor): Tensor {
-    return child(this, 'c_proj').forward(this.cfg.act(child(this, 'c_fc').forward(x)));
+    return child(this, 'c_proj').forward(this.inner(x));
   }
 }
 
@@ -97,7 +102,9 @@ class Gpt2Block extends Module {
 
   run(x: Tensor, ctx: ForwardContext): Tensor {
     const h = add(x, (child(this, 'attn') as Gpt2Attention).run(child(this, 'ln_1').forward(x), ctx));
-    return add(h, child(this, 'mlp').forward(child(this, 'ln_2').forward(h)));
+    const mlp = child(this, 'mlp');
+    const n = child(this, 'ln_2').forward(h);
+    return mlp instanceof Gpt2MLP ? addProjected(h, child(mlp, 'c_proj'), mlp.inner(n), ctx, true) : add(h, mlp.forward(n));
   }
 
   forward(x: Tensor): Tensor {

@@ -144,6 +144,11 @@ export class LlamaMLP extends Module {
   }
 }
 
+/** An MLP that ends in down_proj(inner(x)) (Llama's gate/up, Phi-3's gate_up_proj): the layer adds down_proj into its residual. */
+function hasInner(m: Module): m is Module & { inner(x: Tensor, ctx?: ForwardContext): Tensor } {
+  return typeof (m as { inner?: unknown }).inner === 'function' && m.getModule('down_proj') !== undefined;
+}
+
 /** Pre-norm block: x + attn(input_layernorm(x)), then + mlp(post_attention_layernorm(x)). */
 export class DecoderLayer extends Module {
   constructor(cfg: DecoderConfig, attn: LlamaAttention, mlp: Module, w: WeightSource, p: string) {
@@ -166,7 +171,7 @@ export class DecoderLayer extends Module {
     // o_proj and down_proj add into the residual stream (in place in an inference pass: addProjected)
     const h = addProjected(x, child(attn, 'o_proj'), attn.heads(child(this, 'input_layernorm').forward(x), ctx, rope), ctx);
     const n = child(this, 'post_attention_layernorm').forward(h);
-    return mlp instanceof LlamaMLP ? addProjected(h, child(mlp, 'down_proj'), mlp.inner(n, ctx), ctx) : h.add(mlp.forward(n));
+    return hasInner(mlp) ? addProjected(h, child(mlp, 'down_proj'), mlp.inner(n, ctx), ctx, true) : h.add(mlp.forward(n));
   }
 
   forward(x: Tensor): Tensor {

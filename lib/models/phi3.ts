@@ -41,9 +41,13 @@ class Phi3MLP extends Module {
     this.registerModule('down_proj', linearFrom(w, `${p}.down_proj`, cfg.intermediate, cfg.hidden, false));
   }
 
+  /** up · act(gate), down_proj's input (the two halves of gate_up_proj's output read in place by the fused kernel). */
+  inner(x: Tensor): Tensor {
+    return gated(this.cfg.act, child(this, 'gate_up_proj').forward(x), null);
+  }
+
   forward(x: Tensor): Tensor {
-    // the two halves of gate_up_proj's output are read in place by the fused kernel
-    return child(this, 'down_proj').forward(gated(this.cfg.act, child(this, 'gate_up_proj').forward(x), null));
+    return child(this, 'down_proj').forward(this.inner(x));
   }
 }
 

@@ -2,7 +2,7 @@
 // LoRA layer and the Linear module's op; a bf16 weight is read as stored where the backend can).
 import { checkOptions, LoraError } from '../errors';
 import { native, REDUCE_OP } from '../native';
-import { empty, expectTensor, numelOf, record, sameShape, saveFor, shapeString, Tensor } from '../tensor';
+import { empty, expectTensor, numelOf, record, sameShape, saveFor, shapeString, Tensor, unreadMode, zeros } from '../tensor';
 import { reshape } from './shape';
 import { expectMatmulPrecision, floatOnly, gemmWeight, MatmulPrecision, sameDevice, sumTo } from './util';
 
@@ -118,8 +118,10 @@ export function linear(x: Tensor, weight: Tensor, bias: Tensor | null = null, op
   if (bias && (bias.ndim !== 1 || bias.shape[0] !== OC))
     throw new LoraError('ERR_LORA_SHAPE', `Expected bias of shape [${OC}] but received ${shapeString(bias.shape)}`);
   const N = numelOf(x.shape.slice(0, -1));
-  const out = empty([...x.shape.slice(0, -1), OC], x.device);
-  if (out.size > 0) {
+  // in a checkpoint()'s recomputation of an output nothing reads (unreadOutput): zeros, no product
+  const skip = unreadMode() === 'skip';
+  const out = skip ? zeros([...x.shape.slice(0, -1), OC], { device: x.device }) : empty([...x.shape.slice(0, -1), OC], x.device);
+  if (out.size > 0 && !skip) {
     if (bias) native.copyStrided(out._storage, 0, [OC, 1], bias._storage, 0, [0, 1], [N, OC]);
     gemmWeight(out, x, weight, N, OC, C, true, C, C, OC, bias !== null, precision);
   }

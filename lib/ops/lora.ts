@@ -6,7 +6,7 @@
 import { checkOptions, expectInteger, expectNumber, LoraError } from '../errors';
 import { native, NativeStorage } from '../native';
 import { defaultRng } from '../random';
-import { empty, expectTensor, record, saveFor, shapeString, Tensor, zeros } from '../tensor';
+import { empty, expectTensor, record, saveFor, shapeString, Tensor, unreadKeep, unreadMode, unreadTake, zeros } from '../tensor';
 import { lastDim, sameDevice } from './util';
 
 export interface LoraOpOptions {
@@ -57,10 +57,17 @@ export function loraLinear(x: Tensor, weight: Tensor, bias: Tensor | null, loraA
       throw new LoraError('ERR_LORA_GRAD', `Expected a frozen ${name} for loraLinear() (requiresGrad false): its gradient is not computed; use linear() for a trainable layer`);
 
   const N = x.size / C;
-  const y = empty([...x.shape.slice(0, -1), OC], x.device);
-  const h = empty([N, R], x.device);
-  withKernelWeight(weight, (w) => native.loraForward(y._storage, h._storage, x._storage, w, bias ? bias._storage : null, loraA._storage,
-    loraB._storage, N, C, OC, R, s, p, seed));
+  // in a checkpoint()'s recomputation of an output nothing reads (unreadOutput), no product: zeros,
+  // with the h the first run kept
+  const mode = unreadMode();
+  const y = mode === 'skip' ? zeros([...x.shape.slice(0, -1), OC], { device: x.device }) : empty([...x.shape.slice(0, -1), OC], x.device);
+  const h = mode === 'skip' ? unreadTake() : empty([N, R], x.device);
+  if (mode === 'skip' && (h.ndim !== 2 || h.shape[0] !== N || h.shape[1] !== R))
+    throw new LoraError('ERR_LORA_STATE', `checkpoint(): the recomputation of a LoRA layer expected its kept h of shape [${N}, ${R}] but found ${shapeString(h.shape)} (the function is not deterministic)`);
+  if (mode !== 'skip') {
+    withKernelWeight(weight, (w) => native.loraForward(y._storage, h._storage, x._storage, w, bias ? bias._storage : null, loraA._storage,
+      loraB._storage, N, C, OC, R, s, p, seed));
+  }
   const out = record(y, {
     name: 'lora_forward',
     inputs: [x, loraA, loraB],
@@ -74,7 +81,8 @@ export function loraLinear(x: Tensor, weight: Tensor, bias: Tensor | null, loraA
       return [dx, dA, dB];
     },
   });
-  return saveFor(out, h);
+  if (mode === 'keep') unreadKeep(h); // checkpoint()'s first run: h for the recomputation
+  return mode === null ? saveFor(out, h) : out; // 'skip': h belongs to the checkpoint
 }
 
 /**
