@@ -25,7 +25,7 @@ export interface Binding {
   toDevice(s: S, device: number): S;
   convert(dst: S, src: S): void;
   gemm(out: S, a: S, b: S, M: number, N: number, K: number, transA: boolean, transB: boolean, lda: number, ldb: number, ldc: number, alpha: number, beta: number, batch: number, strideA: number, strideB: number, strideC: number, bf16Dot?: boolean): void;
-  gemmSharedA(a: S, M: number, K: number, out0: S, w0: S, N0: number, out1: S, w1: S, N1: number, out2: S | null, w2: S | null, N2: number): void;
+  gemmSharedA(a: S, M: number, K: number, out0: S, w0: S, N0: number, out1: S, w1: S, N1: number, out2: S | null, w2: S | null, N2: number, bf16Dot?: boolean): void;
   binary(op: number, out: S, a: S, b: S, shape: number[], aStrides: number[], bStrides: number[]): void;
   copyStrided(dst: S, dstOffset: number, dstStrides: number[], src: S, srcOffset: number, srcStrides: number[], shape: number[]): void;
   fill(tensor: S, value: number): void;

@@ -241,34 +241,57 @@ function decodeCases(rng: Rng): string[] {
 // products with column counts that are and are not multiples of the tile width, K past the
 // 1024-deep k block, K = 1 and 0, fp32 and bf16 weights, 1-3 threads; each out_i within
 // 1e-5·Σ|a·w| + 1e-6 of float64 over the same values (K = 0: zeros over the NaN it held).
+// bf16 weights with bf16Dot (matmulPrecision 'bf16'): where the CPU runs the pair dot for every
+// product (M >= 64, every N_i > 32), each out_i bit for bit what gemm with bf16Dot makes of that
+// product alone, not the fp32 products (the dot ran), and within 2^-8·Σ|a·w| + 1e-6 of float64;
+// elsewhere (other levels, fewer rows, a narrow product) fp32 products, within fp32's bound.
 function sharedACases(rng: Rng): string[] {
   const failures: string[] = [];
   const shapes: [number, number, number[]][] = [[33, 577, [200, 61, 61]], [130, 40, [17, 300]], [64, 1100, [96, 33, 1]], [45, 1, [5, 70]],
-    [200, 150, [576, 192, 192]], [7, 20, [40, 8]], [40, 0, [3, 5, 7]]];
+    [200, 150, [576, 192, 192]], [7, 20, [40, 8]], [40, 0, [3, 5, 7]], [77, 2051, [65, 33, 100]], [97, 333, [40, 97]], [131, 57, [35, 129, 64]]];
+  const dotCpu = features().bf16Dot;
   for (const [M, K, Ns] of shapes)
-    for (const dtype of ['float32', 'bfloat16'] as const)
+    for (const dtype of ['float32', 'bfloat16', 'bf16dot'] as const)
       for (const threads of [1, 2, 3]) {
         setNumThreads(threads);
+        const dot = dtype === 'bf16dot', bf16 = dtype !== 'float32';
         const ah = f32(M * K, rng);
-        const whs = Ns.map((N) => f32(N * K, rng, 0.5).map((v) => (dtype === 'bfloat16' ? bf16Round(v) : v)));
+        const whs = Ns.map((N) => f32(N * K, rng, 0.5).map((v) => (bf16 ? bf16Round(v) : v)));
         const a = native.fromHost(0, DTYPE_ID.float32, ah);
-        const ws = whs.map((wh) => (dtype === 'bfloat16' ? bf16Tensor(wh) : native.fromHost(0, DTYPE_ID.float32, wh)));
+        const ws = whs.map((wh) => (bf16 ? bf16Tensor(wh) : native.fromHost(0, DTYPE_ID.float32, wh)));
         const outs = Ns.map((N) => native.fromHost(0, DTYPE_ID.float32, new Float32Array(M * N).fill(NaN)));
         const third = Ns.length === 3;
-        native.gemmSharedA(a, M, K, outs[0]!, ws[0]!, Ns[0]!, outs[1]!, ws[1]!, Ns[1]!, third ? outs[2]! : null, third ? ws[2]! : null, third ? Ns[2]! : 0);
+        native.gemmSharedA(a, M, K, outs[0]!, ws[0]!, Ns[0]!, outs[1]!, ws[1]!, Ns[1]!, third ? outs[2]! : null, third ? ws[2]! : null, third ? Ns[2]! : 0, dot);
         const what = `gemmSharedA a [${M}, ${K}] N ${Ns.join('+')} ${dtype} threads=${threads}`;
+        // the products apart: gemm with bf16Dot (dot) and with fp32 products
+        const apart = (q: number, withDot: boolean) => {
+          const c = native.fromHost(0, DTYPE_ID.float32, new Float32Array(M * Ns[q]!).fill(NaN));
+          native.gemm(c, a, ws[q]!, M, Ns[q]!, K, false, true, K, K, Ns[q]!, 1, 0, 1, 0, 0, 0, withDot);
+          const y = toF32(c);
+          native.dispose(c);
+          return y;
+        };
+        const dotRuns = dot && dotCpu && M >= 64 && Ns.every((N) => N > 32);
+        let differsFromFp32 = false;
         Ns.forEach((N, q) => {
           const y = toF32(outs[q]!), wh = whs[q]!;
+          if (dotRuns) {
+            const sep = apart(q, true), fp = apart(q, false);
+            const i = y.findIndex((v, j) => !Object.is(v, sep[j]));
+            if (i >= 0) failures.push(`${what}: out${q}[${i}] = ${y[i]} but gemm with bf16Dot gives ${sep[i]}`);
+            if (y.some((v, j) => v !== fp[j])) differsFromFp32 = true;
+          }
           for (let i = 0; i < M * N; i++) {
             const n = Math.floor(i / N), o = i % N;
             let r = 0, mag = 0;
             for (let k = 0; k < K; k++) { const p = ah[n * K + k]! * wh[o * K + k]!; r += p; mag += Math.abs(p); }
-            if (!(Math.abs(y[i]! - r) <= 1e-5 * mag + 1e-6)) {
+            if (!(Math.abs(y[i]! - r) <= (dotRuns ? 2 ** -8 : 1e-5) * mag + 1e-6)) {
               failures.push(`${what}: out${q}[${i}] = ${y[i]}, float64 ${r}`);
               return;
             }
           }
         });
+        if (dotRuns && K > 1 && !differsFromFp32) failures.push(`${what}: the same as fp32 products on a CPU with the bf16 dot`);
         for (const s of [a, ...ws, ...outs]) native.dispose(s);
       }
   return failures;

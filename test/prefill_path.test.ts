@@ -1,17 +1,18 @@
 // What an inference pass over many rows (a prompt's prefill, T > 1) asks of the kernels: the
 // projections of one input (q/k/v, gate/up) as one gemmSharedA call where every one of them is a
-// plain bias-free float32 Linear, RoPE in place — and still the logits of transformers' modeling
-// code (float64 references), with GQA, padding masks, sliding windows, q/k norms and GeGLU; with
-// LoRA on some projections (those fall back to one product each) the logits of the same model's
-// recording pass, which takes none of these paths.
+// plain bias-free float32 or bfloat16 Linear, RoPE in place — and still the logits of
+// transformers' modeling code (float64 references), with GQA, padding masks, sliding windows, q/k
+// norms and GeGLU; with bf16 weights (fp32 or bf16 products) the logits of the products apart;
+// with LoRA on some projections (those fall back to one product each) the logits of the same
+// model's recording pass, which takes none of these paths.
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 
 import t from 'tap';
 
-import { applyLora, loadCausalLM, loraLayers, memory, noGrad, tensor, Tensor } from '../lib/index';
-import { native } from '../lib/native';
+import { applyLora, features, loadCausalLM, loraLayers, memory, noGrad, tensor, Tensor } from '../lib/index';
+import { native, OP } from '../lib/native';
 import { Rng } from '../lib/random';
 import { assertClose } from './helpers';
 import { Arch, writeCheckpoint } from './hf_checkpoint';
@@ -22,19 +23,32 @@ t.teardown(() => fs.rmSync(tmp, { recursive: true, force: true }));
 
 const TOL = { atol: 2e-4, rtol: 2e-4 };
 
-/** Runs fn with the number of products each gemmSharedA call made recorded. */
-function spyShared<T>(fn: () => T): { out: T; shared: number[] } {
+/** Runs fn with the number of products each gemmSharedA call made recorded (and its bf16Dot flag). */
+function spyShared<T>(fn: () => T): { out: T; shared: number[]; dot: unknown[] } {
   const b = native as unknown as Record<string, (...a: unknown[]) => unknown>;
   const orig = b.gemmSharedA!;
-  const shared: number[] = [];
+  const shared: number[] = [], dot: unknown[] = [];
   b.gemmSharedA = (...a: unknown[]) => {
     shared.push(a[9] === null ? 2 : 3);
+    dot.push(a[12]);
     return orig(...a);
   };
   try {
-    return { out: fn(), shared };
+    return { out: fn(), shared, dot };
   } finally {
     b.gemmSharedA = orig;
+  }
+}
+
+/** Runs fn as on a backend without gemmSharedA (supports() says no): every projection its own product. */
+function withoutShared<T>(fn: () => T): T {
+  const b = native as unknown as Record<string, (...a: unknown[]) => unknown>;
+  const orig = b.supports!;
+  b.supports = (dev: unknown, op: unknown, dtype: unknown) => (op === OP.gemmSharedA ? false : orig(dev, op, dtype));
+  try {
+    return fn();
+  } finally {
+    b.supports = orig;
   }
 }
 
@@ -84,6 +98,43 @@ t.test('prefill: projections in one call, logits of the float64 references', asy
   }
 });
 
+// bf16 weights: every projection wide enough for the engine's bf16 dot (more than 32 columns) and
+// 3 x 24 = 72 rows (the dot runs from 64), so with matmulPrecision 'bf16' on a bf16-dot CPU each
+// shared product is bit for bit the one the Linear makes alone; fp32 products stay within fp32's
+// bound of them and of the float64 reference.
+t.test('prefill with bf16 weights: projections in one call, fp32 or bf16 products as the layers ask', async (t) => {
+  const ck = writeCheckpoint(path.join(tmp, 'bf16'), 'llama', {
+    dtype: 'bfloat16', seed: 13, config: { hidden_size: 64, num_attention_heads: 6, head_dim: 12, num_key_value_heads: 3, intermediate_size: 100 },
+  });
+  const rows = [0, 1, 2].map(() => Array.from({ length: 24 }, () => rng.nextU32() % 97));
+  const ref = causalLmRef('llama', ck.config, ck.weights, rows, { dtype: 'bfloat16' });
+  for (const precision of ['fp32', 'bf16'] as const) {
+    const before = memory().numTensors;
+    const model = await loadCausalLM(ck.dir, { matmulPrecision: precision });
+    t.equal(model.dtype, 'bfloat16', 'the checkpoint loads as bf16');
+    const { out, shared, dot } = spyShared(() => noGrad(() => logitsOf(model, rows)));
+    t.same(shared, [3, 2, 3, 2], `${precision}: q/k/v and gate/up in one gemmSharedA call each`);
+    t.same(dot, new Array(4).fill(precision === 'bf16'), `${precision}: bf16Dot ${precision === 'bf16'} on every call`);
+    const apart = withoutShared(() => spyShared(() => noGrad(() => logitsOf(model, rows))));
+    t.same(apart.shared, [], `${precision}: no gemmSharedA call where the backend says it has none`);
+    if (precision === 'bf16' && features().bf16Dot) {
+      const i = out.findIndex((v, j) => v !== apart.out[j]);
+      t.equal(i, -1, `bf16: logits bit for bit those of the products apart${i >= 0 ? ` (logit ${i}: ${out[i]} vs ${apart.out[i]})` : ''}`);
+      const fp32 = await loadCausalLM(ck.dir);
+      const fp32Out = noGrad(() => logitsOf(fp32, rows));
+      fp32.dispose();
+      t.ok(out.some((v, j) => v !== fp32Out[j]), 'bf16: the bf16 dot ran (not the fp32 logits)');
+      // bf16 x in every product: the logits are near the reference, not within fp32's bound
+      assertClose(t, out, ref, { atol: 5e-2, rtol: 5e-2 }, 'bf16: logits near the float64 reference');
+    } else {
+      assertClose(t, out, apart.out, { atol: 1e-5, rtol: 1e-5 }, `${precision}: logits of the products apart`);
+      assertClose(t, out, ref, TOL, `${precision}: logits of the float64 reference`);
+    }
+    model.dispose();
+    t.equal(memory().numTensors, before, `${precision}: no tensor left alive`);
+  }
+});
+
 t.test('prefill with LoRA on q_proj and up_proj: those products apart, the logits of the recording pass', async (t) => {
   const ck = writeCheckpoint(path.join(tmp, 'lora'), 'llama', { dtype: 'float32', seed: 9 });
   const model = await loadCausalLM(ck.dir);
@@ -105,3 +156,4 @@ t.test('prefill with LoRA on q_proj and up_proj: those products apart, the logit
   assertClose(t, two.out, logitsOf(model2, ROWS, MASK), { atol: 1e-5, rtol: 1e-5 }, 'one LoRA layer: inference logits equal the recording pass');
   model2.dispose();
 });
+

@@ -606,22 +606,32 @@ const SHARED_MIN_ROWS = 32;
 /**
  * mods[i](x) for the projections of one input (q/k/v, gate/up: two or three modules). In an
  * inference pass (ctx.inference) over at least SHARED_MIN_ROWS rows of a float32 x, where every
- * module is a plain bias-free Linear with a float32 weight, the products run in one backend call
- * that packs x once per thread for all of them (gemmSharedA, where the backend has it). Anything
- * else (LoRA layers, biases, bf16 weights, training, decode's few rows): each module's forward.
+ * module is a plain bias-free Linear, the weights all float32 or all bfloat16 and the modules of
+ * one matmulPrecision, the products run in one backend call that packs x once per thread for all
+ * of them (gemmSharedA, where the backend has it for that dtype). Each product is the one the
+ * module's forward makes: fp32 products, or with bf16 weights and matmulPrecision 'bf16' the bf16
+ * dot product (x rounded to bf16 once for all of them; bit for bit the separate products where the
+ * CPU runs the dot for each). Anything else (LoRA layers, biases, float16 weights, mixed dtypes or
+ * precisions, training, decode's few rows): each module's forward.
  */
 export function projectShared(x: Tensor, mods: readonly Module[], ctx?: ForwardContext): Tensor[] {
   if (ctx?.inference && (mods.length === 2 || mods.length === 3) && x.dtype === 'float32' && x.ndim >= 2) {
     const K = x.shape[x.ndim - 1]!;
     const M = numelOf(x.shape.slice(0, -1));
-    const ws = mods.map((m) => (isPlainLinear(m) && m.bias === null ? m.weight : null));
-    if (M >= SHARED_MIN_ROWS && K > 0 && native.supports(DEVICE_ID[x.device], OP.gemmSharedA, DTYPE_ID.float32) &&
-      ws.every((w) => w !== null && w.dtype === 'float32' && w.device === x.device && w.ndim === 2 && w.shape[1] === K && w.shape[0]! > 0)) {
-      const outs = ws.map((w) => empty([...x.shape.slice(0, -1), w!.shape[0]!], x.device));
+    const lins = mods.map((m) => (isPlainLinear(m) && m.bias === null ? m : null));
+    const first = lins[0];
+    const dtype = first?.weight.dtype;
+    if (M >= SHARED_MIN_ROWS && K > 0 && first && (dtype === 'float32' || dtype === 'bfloat16') &&
+      native.supports(DEVICE_ID[x.device], OP.gemmSharedA, DTYPE_ID[dtype]) && gemmReadsAsStored(first.weight) &&
+      lins.every((l) => l !== null && l.matmulPrecision === first.matmulPrecision && l.weight.dtype === dtype &&
+        l.weight.device === x.device && l.weight.ndim === 2 && l.weight.shape[1] === K && l.weight.shape[0]! > 0)) {
+      const ws = lins.map((l) => l!.weight);
+      const bf16Dot = expectMatmulPrecision('matmulPrecision', first.matmulPrecision) === 'bf16';
+      const outs = ws.map((w) => empty([...x.shape.slice(0, -1), w.shape[0]!], x.device));
       const third = outs.length === 3;
       native.gemmSharedA(x._live('x'), M, K, outs[0]!._storage, ws[0]!._live('weight'), ws[0]!.shape[0]!,
         outs[1]!._storage, ws[1]!._live('weight'), ws[1]!.shape[0]!,
-        third ? outs[2]!._storage : null, third ? ws[2]!._live('weight') : null, third ? ws[2]!.shape[0]! : 0);
+        third ? outs[2]!._storage : null, third ? ws[2]!._live('weight') : null, third ? ws[2]!.shape[0]! : 0, bf16Dot);
       return outs;
     }
   }

@@ -423,6 +423,14 @@ struct lora_backend {
                                int64_t M, int64_t Nn, int64_t K, bool trans_a, bool trans_b,
                                int64_t lda, int64_t ldb, int64_t ldc, float alpha, float beta,
                                int64_t batch, int64_t stride_a, int64_t stride_b, int64_t stride_c);
+
+  /* gemm_shared_a for bf16 B where the caller allows a bf16 dot product (projections with
+   * matmulPrecision 'bf16'): A may be rounded to bf16 for the products, as gemm_bf16_dot does, and
+   * each result is gemm_bf16_dot's for that product. NULL where the backend has none: the binding
+   * then calls gemm_shared_a (fp32 products). */
+  lora_status (*gemm_shared_a_bf16_dot)(lora_backend* be, int32_t n, float* const* C, const float* A,
+                                        int64_t lda, const uint16_t* const* B, const int64_t* N,
+                                        int64_t M, int64_t K);
 };
 
 /* A library's table must reach at least the end of the memory entries to be used at all. */

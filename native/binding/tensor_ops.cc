@@ -50,8 +50,10 @@ Napi::Value Gemm(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
-// gemmSharedA(a, M, K, out0, w0, N0, out1, w1, N1, out2, w2, N2): out_i (M, N_i) = a·w_iᵀ for a
-// (M, K) and weights w_i (N_i, K), all fp32 or all bf16; the third product may be null.
+// gemmSharedA(a, M, K, out0, w0, N0, out1, w1, N1, out2, w2, N2[, bf16Dot]): out_i (M, N_i) = a·w_iᵀ
+// for a (M, K) and weights w_i (N_i, K), all fp32 or all bf16; the third product may be null. With
+// bf16Dot true and bf16 weights, gemm_shared_a_bf16_dot where the backend has it (each product that
+// of gemm with bf16Dot), else gemm_shared_a. bf16Dot is ignored for float32 weights.
 Napi::Value GemmSharedA(const Napi::CallbackInfo& info) {
   Storage* As = storage_arg(info, 0, "a");
   const int64_t M = size_arg(info, 1, "M"), K = size_arg(info, 2, "K");
@@ -82,6 +84,13 @@ Napi::Value GemmSharedA(const Napi::CallbackInfo& info) {
     need(info, Cs[i], LORA_F32, matrix_extent(M, N[i], N[i], 1, 0), names[i][0]);
     C[i] = ptr<float>(Cs[i]);
     B[i] = Bs[i]->ptr_;
+  }
+  const bool bf16_dot = info.Length() > 12 && !info[12].IsUndefined() && bool_arg(info, 12, "bf16Dot");
+  if (b_bf16 && bf16_dot && be->gemm_shared_a_bf16_dot) {
+    const uint16_t* Bh[3];
+    for (int i = 0; i < n; ++i) Bh[i] = static_cast<const uint16_t*>(B[i]);
+    check_status(info.Env(), be->gemm_shared_a_bf16_dot(be, n, C, ptr<float>(As), K, Bh, N, M, K), be, "gemmSharedA");
+    return info.Env().Undefined();
   }
   require_entry(info.Env(), be->gemm_shared_a != nullptr, be, "gemmSharedA");
   check_status(info.Env(), be->gemm_shared_a(be, n, C, ptr<float>(As), K, B, b_bf16, N, M, K), be, "gemmSharedA");
@@ -131,7 +140,7 @@ void register_tensor_ops(Registry& r) {
        });
   r.fn("gemmSharedA", GemmSharedA,
        "(a: S, M: number, K: number, out0: S, w0: S, N0: number, out1: S, w1: S, N1: number, out2: S | null, "
-       "w2: S | null, N2: number): void",
+       "w2: S | null, N2: number, bf16Dot?: boolean): void",
        LORA_OP_GEMM_SHARED_A, &lora_backend::gemm_shared_a);
   r.fn("binary", Binary,
        "(op: number, out: S, a: S, b: S, shape: number[], aStrides: number[], bStrides: number[]): void",

@@ -602,10 +602,12 @@ namespace {
 // One thread's share of sgemm_shared_a: the column panels [p0, p1) of the products laid side by
 // side (every product's columns start a panel), over all rows. A block is packed once for all of
 // them; each panel of B is packed from its own product, and each tile is written to its own C.
-void shared_a_rect(const IsaTable& t, int64_t M, int64_t K, const float* A, int64_t lda, int n,
-                   const void* const* B, bool b_bf16, const int64_t* N, float* const* C, int64_t p0,
-                   int64_t p1) {
-  const GemmKernel& kern = t.wide;
+// With dot (bf16 B, the CPU's pair dot product), A and B are packed as bf16 pairs and the k blocks
+// are those of run_blocked under the bf16 dot, so every sum is the one sgemm_bf16 makes.
+void shared_a_rect(const IsaTable& t, bool dot, int64_t M, int64_t K, const float* A, int64_t lda,
+                   int n, const void* const* B, bool b_bf16, const int64_t* N, float* const* C,
+                   int64_t p0, int64_t p1) {
+  const GemmKernel& kern = dot ? t.bf16_kernel : t.wide;
   const int mr = kern.mr, nr = kern.nr;
   ThreadBuffers& bufs = buffers();
   const GemmBlocking& blk = gemm_blocking();
@@ -621,11 +623,12 @@ void shared_a_rect(const IsaTable& t, int64_t M, int64_t K, const float* A, int6
   const int64_t np = p1 - p0;
   const int64_t pb_max = imax(1, blk.nc / nr);  // panels per block of packed B
   const int64_t mc_max = imax(mr, blk.mc / mr * mr);
+  const int64_t kc_max = dot ? 2 * blk.kc : blk.kc;  // (bf16 panels hold twice the k per byte)
   alignas(64) float tile[32 * 64];
   for (int64_t qb = 0; qb < np; qb += pb_max) {
     const int64_t nq = imin(pb_max, np - qb);
-    for (int64_t pc = 0; pc < K; pc += blk.kc) {
-      const int64_t kc = imin(blk.kc, K - pc);
+    for (int64_t pc = 0; pc < K; pc += kc_max) {
+      const int64_t kc = imin(kc_max, K - pc), kstep = dot ? (kc + 1) / 2 : kc;
       const bool accumulate = pc > 0;
       float* bbuf = bufs.b.get(static_cast<size_t>(nq * nr * kc));
       // runs of panels of one product are packed in one call
@@ -634,13 +637,18 @@ void shared_a_rect(const IsaTable& t, int64_t M, int64_t K, const float* A, int6
         while (e < nq && prod[qb + e] == prod[qb + q]) ++e;
         const int i = prod[qb + q];
         const int64_t j0 = col[qb + q], j1 = imin(N[i], col[qb + e - 1] + nr);
-        t.pack_b(bbuf + q * nr * kc, B[i], b_bf16, K, true, pc, kc, j0, j1 - j0, nr, nullptr);
+        if (dot)
+          t.pack_b_bf16(reinterpret_cast<uint16_t*>(bbuf + q * nr * kstep), static_cast<const uint16_t*>(B[i]), K,
+                        true, pc, kc, j0, j1 - j0, nr);
+        else
+          t.pack_b(bbuf + q * nr * kc, B[i], b_bf16, K, true, pc, kc, j0, j1 - j0, nr, nullptr);
         q = e;
       }
       for (int64_t ic = 0; ic < M; ic += mc_max) {
         const int64_t mc = imin(mc_max, M - ic);
         float* abuf = bufs.a.get(static_cast<size_t>(round_up(mc, mr) * kc));
-        t.pack_a(abuf, A, lda, false, ic, mc, pc, kc, mr, 1.0f, nullptr);
+        if (dot) t.pack_a_bf16(reinterpret_cast<uint16_t*>(abuf), A, lda, false, ic, mc, pc, kc, mr, 1.0f);
+        else t.pack_a(abuf, A, lda, false, ic, mc, pc, kc, mr, 1.0f, nullptr);
         for (int64_t q = 0; q < nq; ++q) {
           const int i = prod[qb + q];
           const int64_t j = col[qb + q], cols = imin(nr, N[i] - j);
@@ -648,7 +656,7 @@ void shared_a_rect(const IsaTable& t, int64_t M, int64_t K, const float* A, int6
             const int64_t rows = imin(mr, mc - ir);
             float* c = C[i] + (ic + ir) * N[i] + j;
             const bool full = rows == mr && cols == nr;
-            kern.run(kc, abuf + ir * kc, bbuf + q * nr * kc, nr, full ? c : tile, full ? N[i] : nr, full && accumulate);
+            kern.run(kstep, abuf + ir * kstep, bbuf + q * nr * kstep, nr, full ? c : tile, full ? N[i] : nr, full && accumulate);
             if (!full) write_tile(c, N[i], tile, nr, rows, cols, accumulate);
           }
         }
@@ -660,14 +668,18 @@ void shared_a_rect(const IsaTable& t, int64_t M, int64_t K, const float* A, int6
 }  // namespace
 
 void sgemm_shared_a(ThreadPool& pool, int64_t M, int64_t K, const float* A, int64_t lda, int n,
-                    const void* const* B, bool b_bf16, const int64_t* N, float* const* C) {
+                    const void* const* B, bool b_bf16, const int64_t* N, float* const* C, bool bf16_dot) {
   if (M <= 0 || n <= 0) return;
   if (K <= 0) {
     for (int i = 0; i < n; ++i) std::memset(C[i], 0, static_cast<size_t>(M * N[i]) * sizeof(float));
     return;
   }
   const IsaTable& t = isa_table();
-  const int nr = t.wide.nr;
+  // the bf16 dot where sgemm_bf16 would take it for every one of the products (enough rows, none
+  // narrow enough for its streaming path); otherwise fp32 products on B widened while packing
+  bool dot = bf16_dot && b_bf16 && M >= kBf16DotMinM && cpu_has_bf16_dot() && t.bf16_kernel.run;
+  for (int i = 0; i < n; ++i) dot = dot && N[i] > kNarrowN;
+  const int nr = dot ? t.bf16_kernel.nr : t.wide.nr;
   int64_t panels = 0, cols = 0;
   for (int i = 0; i < n; ++i) {
     panels += (N[i] + nr - 1) / nr;
@@ -679,7 +691,7 @@ void sgemm_shared_a(ThreadPool& pool, int64_t M, int64_t K, const float* A, int6
   auto body = [&](int tid, int nt) {
     int64_t p0, p1;
     thread_share(panels, 1, tid, nt, &p0, &p1);
-    if (p0 < p1) shared_a_rect(t, M, K, A, lda, n, B, b_bf16, N, C, p0, p1);
+    if (p0 < p1) shared_a_rect(t, dot, M, K, A, lda, n, B, b_bf16, N, C, p0, p1);
   };
   if (serial) body(0, 1);
   else pool.run(body);

@@ -33,8 +33,12 @@ void sgemm_bf16_update(ThreadPool& pool, int64_t M, int64_t N, int64_t K, float 
 // C_i (M, N_i) = A·B_iᵀ for the n products of one A (M, K) row-major (row stride lda) with B_i
 // (N_i, K) row-major fp32 or bf16 bits (b_bf16), C_i contiguous: q/k/v or gate/up projections of
 // one input. Each thread packs A once for all of them (separate sgemm calls pack it once per
-// product and thread); the products are those of sgemm with trans_b, alpha 1 and beta 0.
+// product and thread); the products are those of sgemm with trans_b, alpha 1 and beta 0. With
+// bf16_dot (and b_bf16), A may be rounded to bf16 for the pair dot product as sgemm_bf16 does with
+// bf16_dot: where that runs the dot for every product (the CPU has it, M >= 64, no product 32
+// columns or fewer), the results are sgemm_bf16's bit for bit; elsewhere fp32 products.
 void sgemm_shared_a(ThreadPool& pool, int64_t M, int64_t K, const float* A, int64_t lda, int n,
-                    const void* const* B, bool b_bf16, const int64_t* N, float* const* C);
+                    const void* const* B, bool b_bf16, const int64_t* N, float* const* C,
+                    bool bf16_dot = false);
 
 }  // namespace lora

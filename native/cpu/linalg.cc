@@ -1,5 +1,6 @@
 // The CPU matrix products of the kernel interface: gemm and gemm_bf16 over the GEMM engine
-// (gemm.h), one call per batch entry, and gemm_shared_a (several products of one A).
+// (gemm.h), one call per batch entry, and gemm_shared_a (several products of one A; with the bf16
+// dot product too).
 #include <type_traits>
 
 #include "cpu.h"
@@ -35,6 +36,19 @@ lora_status gemm_shared_a(lora_backend* be, int32_t n, float* const* C, const fl
   return LORA_OK;
 }
 
+lora_status gemm_shared_a_bf16_dot(lora_backend* be, int32_t n, float* const* C, const float* A,
+                                   int64_t lda, const uint16_t* const* B, const int64_t* N, int64_t M,
+                                   int64_t K) {
+  if (n < 0 || n > 3 || M < 0 || K < 0 || lda < K) return LORA_INVALID_ARGUMENT;
+  const void* Bv[3];
+  for (int32_t i = 0; i < n; ++i) {
+    if (N[i] < 0) return LORA_INVALID_ARGUMENT;
+    Bv[i] = B[i];
+  }
+  sgemm_shared_a(cpu_pool(be), M, K, A, lda, n, Bv, true, N, C, true);
+  return LORA_OK;
+}
+
 }  // namespace
 
 void cpu_register_linalg(lora_backend& t) {
@@ -42,6 +56,7 @@ void cpu_register_linalg(lora_backend& t) {
   t.gemm_bf16 = gemm_batched<uint16_t>;
   t.gemm_shared_a = gemm_shared_a;
   t.gemm_bf16_dot = gemm_batched<uint16_t, true>;
+  t.gemm_shared_a_bf16_dot = gemm_shared_a_bf16_dot;
 }
 
 }  // namespace lora
