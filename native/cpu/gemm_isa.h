@@ -81,6 +81,13 @@ struct IsaTable {
   // iters x 24 independent FMA chains of the level's widest vector (nullptr where the level has no
   // FMA): timed once against an integer add chain to count the FMA pipes (gemm_blocking.cc).
   float (*fma_burst)(int64_t iters);
+
+  // The streaming path's bf16 dot product (avx512_bf16 only, else nullptr), for explicit requests
+  // (matmulPrecision 'bf16'): c(m, n) = (accumulate ? c : 0) + bf16(a)(m, k)·Bᵀ with B bf16 stored
+  // (n, k) (row stride ldb), a's rows rounded to bf16 once, fp32 sums; 1 <= m <= kDecodeRows.
+  // scratch holds at least small_scratch_floats(k) floats (the rounded rows go there).
+  void (*small_m_bf16_dot)(int m, int64_t n, int64_t k, const float* a, int64_t lda, const uint16_t* b,
+                           int64_t ldb, float* c, int64_t ldc, int accumulate, float* scratch);
 };
 
 // The most rows of x the streaming path takes in one pass over a stored-(n, k) B (decode: y = x·Wᵀ
