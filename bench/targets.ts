@@ -25,9 +25,9 @@ export const ATTENTION_1024: Shape = { N: 1024, C: 9, OC: 3, R: 64 };
 
 // Whether a bf16 row runs on the bf16 dot product (x rounded to bf16), where the CPU has avx512_bf16:
 // the LoRA ops from 64 rows (not linear(), which promises fp32 products); gemm (bf16Dot asked for, as
-// matmulPrecision 'bf16' does) from 64 rows and on 2..16 rows (decode: the streaming dot product).
+// matmulPrecision 'bf16' does) from 64 rows and on 4..16 rows (decode: the streaming dot product).
 export const usesBf16Dot = (r: Row, m: Machine | undefined) =>
-  r.dtype === 'bf16' && r.case !== 'linear' && (r.shape.N >= 64 || (r.case === 'gemm' && r.shape.N >= 2 && r.shape.N <= 16)) &&
+  r.dtype === 'bf16' && r.case !== 'linear' && (r.shape.N >= 64 || (r.case === 'gemm' && r.shape.N >= 4 && r.shape.N <= 16)) &&
   (m?.perThreads['1']?.bf16DotGflops ?? 0) > 0;
 
 export function evaluateTargets(rows: Row[], machine: Machine | undefined, threads: number[]): Target[] {

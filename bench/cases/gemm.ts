@@ -1,5 +1,5 @@
 // gemm: the base product y = x·Wᵀ (N, C) x (OC, C)ᵀ that a LoRA layer wraps, through the binding's
-// gemm: fp32 (sgemm); bf16 W with bf16Dot (matmulPrecision 'bf16': the bf16 dot product on 2..16 and
+// gemm: fp32 (sgemm); bf16 W with bf16Dot (matmulPrecision 'bf16': the bf16 dot product on 4..16 and
 // 64+ rows where the CPU has avx512_bf16, bench/targets.ts usesBf16Dot; fp32 products elsewhere).
 import { Case, f32, native, randomF32, weight, zeros } from '../common';
 

@@ -100,9 +100,6 @@ constexpr int64_t kShortK = 64;
 // Fewer rows than this widen bf16 B to fp32 while packing instead of dotting pairs (M = 16 ran
 // 2x slower through the pair packing).
 constexpr int64_t kBf16DotMinM = 64;
-// Rows of x from which the streaming path takes the bf16 dot product when asked for (below, a bf16
-// W widened to fp32 reads as fast: one row is bound by memory either way).
-constexpr int64_t kBf16DotMinRows = 2;
 // Floats of packed B per column block of the bf16 update (256 KB): with the A panel it stays in
 // L2 while every row panel of C sweeps it.
 constexpr int64_t kUpdateBlockFloats = 1 << 16;

@@ -153,7 +153,7 @@ void pack_b_bf16(uint16_t* __restrict dst, const uint16_t* __restrict b, int64_t
   }
 }
 
-// ---- streaming bf16 dot product: y = bf16(x)·Wᵀ for 1..16 rows of x, W bf16 stored (n, k) -------
+// ---- streaming bf16 dot product: y = bf16(x)·Wᵀ for 4..16 rows of x, W bf16 stored (n, k) -------
 // (an explicit request only: matmulPrecision 'bf16'). Each vdpbf16ps does 32 multiply-adds, twice an
 // FMA's, so 8 and 16 rows stay bound by reading W: W streams from memory once, in its stored order,
 // and x is rounded to bf16 once per call.
@@ -165,7 +165,7 @@ void pack_b_bf16(uint16_t* __restrict dst, const uint16_t* __restrict b, int64_t
 constexpr int kDotFormRows = 8;
 // Rows of W per group of the dot form: M·G accumulators + G rows of W + one of x in the 32 zmm.
 template <int M>
-constexpr int kBf16DotGroup = M <= 2 ? 6 : M <= 4 ? 4 : 3;
+constexpr int kBf16DotGroup = M <= 4 ? 4 : 3;
 // Bytes of rounded x per k block of the dot form: three quarters of the smallest L1d of an avx512_bf16
 // CPU (32 KB; 8 rows x 4096 k held in L2 instead ran 1.8x slower).
 constexpr int64_t kDotBlockBytes = 24 << 10;
@@ -285,6 +285,7 @@ void dot_rows_split(int64_t n, int64_t k, const uint16_t* xi, const uint16_t* xi
 void small_m_bf16_dot(int m, int64_t n, int64_t k, const float* a, int64_t lda, const uint16_t* b, int64_t ldb,
                       float* c, int64_t ldc, int accumulate, float* scratch) {
   static_assert(lora::kDecodeRows <= 2 * kDotFormRows, "at most two dot forms per group of W rows");
+  static_assert(lora::kBf16DotMinRows == 4, "the cases below start at 4 rows");
   uint16_t* xs = reinterpret_cast<uint16_t*>(scratch);  // 64-byte aligned
   // k in blocks whose rounded rows of x stay in L1 (8 rows or fewer: as many k as fit; more: 16 rows' worth)
   const int64_t kc = (kDotBlockBytes / 2 / (m > kDotFormRows ? 16 : m)) / 32 * 32;
@@ -310,9 +311,6 @@ void small_m_bf16_dot(int m, int64_t n, int64_t k, const float* a, int64_t lda, 
     }
     round_rows_dot(xs, m, kl, a + k0, lda);
     switch (m) {
-      case 1: dot_rows<1>(n, kl, xs, bk, ldb, c, ldc, acc); break;
-      case 2: dot_rows<2>(n, kl, xs, bk, ldb, c, ldc, acc); break;
-      case 3: dot_rows<3>(n, kl, xs, bk, ldb, c, ldc, acc); break;
       case 4: dot_rows<4>(n, kl, xs, bk, ldb, c, ldc, acc); break;
       case 5: dot_rows<5>(n, kl, xs, bk, ldb, c, ldc, acc); break;
       case 6: dot_rows<6>(n, kl, xs, bk, ldb, c, ldc, acc); break;
