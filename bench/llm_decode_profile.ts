@@ -2,8 +2,9 @@
 // run synchronously inside them), runs bench/llm_child.ts's decode case (prompt 128, then one token
 // per step with a KV cache) and prints the time per binding function and what is left for
 // TypeScript (the step's wall time minus the time inside the binding).
-//   node dist/bench/llm_decode_profile.js DIR [fp32|bf16] [B=1] [steps=32] [reps=5] [wrap=1|0]
-// (wrap=0: no timers, the plain step time, to see what the wrappers themselves cost)
+//   node dist/bench/llm_decode_profile.js DIR [fp32|bf16] [B=1] [steps=32] [reps=5] [wrap=1|0] [mp=bf16]
+// (wrap=0: no timers, the plain step time, to see what the wrappers themselves cost; mp=bf16: loaded
+// with matmulPrecision 'bf16', as llm_child.ts's mp=bf16)
 import { loadCausalLM, manualSeed, noGrad, setNumThreads, tensor, tidy } from '../lib/index';
 import { argmaxLast, timeBinding } from './common';
 
@@ -12,7 +13,7 @@ async function main(): Promise<void> {
   const kv = Object.fromEntries(rest.map((a) => a.split('=') as [string, string]));
   setNumThreads(Number(kv.threads ?? 2));
   manualSeed(0);
-  const model = await loadCausalLM(dir!, { dtype: dtype === 'bf16' ? 'bfloat16' : 'float32' });
+  const model = await loadCausalLM(dir!, { dtype: dtype === 'bf16' ? 'bfloat16' : 'float32', matmulPrecision: kv.mp === 'bf16' ? 'bf16' : 'fp32' });
   const B = Number(kv.B ?? 1), P = 128, S = Number(kv.steps ?? 32), reps = Number(kv.reps ?? 5);
   const V = model.vocabSize;
   const prompt = tensor(Array.from({ length: B * P }, (_, i) => (i * 7919) % V), [B, P], { dtype: 'int32' });

@@ -23,10 +23,12 @@ export const decodeShape = (N: number): Shape => ({ N, C: 4096, OC: 4096, R: 16 
 // attention (issue 13): one causal sequence of 1024 tokens, SmolLM2-135M's heads (9 q, 3 kv, D 64)
 export const ATTENTION_1024: Shape = { N: 1024, C: 9, OC: 3, R: 64 };
 
-// Whether a bf16 row runs on the bf16 dot product (x rounded to bf16): the engine does for the LoRA
-// ops (not linear(), which promises fp32 products) from 64 rows, where the CPU has avx512_bf16.
+// Whether a bf16 row runs on the bf16 dot product (x rounded to bf16), where the CPU has avx512_bf16:
+// the LoRA ops from 64 rows (not linear(), which promises fp32 products); gemm (bf16Dot asked for, as
+// matmulPrecision 'bf16' does) from 64 rows and on 4..16 rows (decode: the streaming dot product).
 export const usesBf16Dot = (r: Row, m: Machine | undefined) =>
-  r.dtype === 'bf16' && r.case !== 'linear' && r.shape.N >= 64 && (m?.perThreads['1']?.bf16DotGflops ?? 0) > 0;
+  r.dtype === 'bf16' && r.case !== 'linear' && (r.shape.N >= 64 || (r.case === 'gemm' && r.shape.N >= 4 && r.shape.N <= 16)) &&
+  (m?.perThreads['1']?.bf16DotGflops ?? 0) > 0;
 
 export function evaluateTargets(rows: Row[], machine: Machine | undefined, threads: number[]): Target[] {
   const out: Target[] = [];
@@ -59,11 +61,12 @@ export function evaluateTargets(rows: Row[], machine: Machine | undefined, threa
     if (kind === 'read') {
       const bytes = r.work.bytes ?? r.shape.OC * r.shape.C * (d === 'bf16' ? 2 : 4);
       const gbs = bytes / ms / 1e6, pct = (100 * gbs) / ce.readGBs;
-      // the compute floor: this many fp32 multiply-adds at the measured FMA peak (decode keeps
-      // fp32 products), against the time 80% of the read bandwidth allows
-      const floorMs = (r.work.flops ?? 0) / (ce.fmaGflops * 1e6), allowedMs = bytes / (ce.readGBs * 1e6 * goalPct / 100);
+      // the compute floor: the work at the measured FMA peak (fp32 products) or bf16-dot peak (the
+      // row's products are bf16 dots), against the time 80% of the read bandwidth allows
+      const dot = usesBf16Dot(r, machine), peakName = dot ? 'bf16-dot' : 'FMA';
+      const floorMs = (r.work.flops ?? 0) / ((dot ? ce.bf16DotGflops : ce.fmaGflops) * 1e6), allowedMs = bytes / (ce.readGBs * 1e6 * goalPct / 100);
       const note = floorMs > allowedMs
-        ? `unreachable here: ${fmt(r.work.flops! / 1e6, 0)} MFLOP take ${fmt(floorMs, 2)} ms at the FMA peak, more than the ${fmt(allowedMs, 2)} ms ${goalPct}% of the read bandwidth allows`
+        ? `unreachable here: ${fmt(r.work.flops! / 1e6, 0)} MFLOP take ${fmt(floorMs, 2)} ms at the ${peakName} peak, more than the ${fmt(allowedMs, 2)} ms ${goalPct}% of the read bandwidth allows`
         : `compute floor ${fmt(floorMs, 2)} ms, bandwidth floor ${fmt(bytes / (ce.readGBs * 1e6), 2)} ms`;
       out.push({ target, row, measured: `${fmt(pct, 0)}% (${fmt(gbs)} of ${fmt(ce.readGBs)} GB/s)`, goal: g, met: pct >= goalPct, note });
     } else {

@@ -54,3 +54,15 @@ t.test('kernel rows: a ratio goal under the work\'s time at the peak is marked u
     .find((q) => q.target.startsWith('LoRA fwd+bwd 512'))!;
   t.equal(reachable.note, 'peer', 'no note when the goal is within the floor');
 });
+
+t.test('decode rows: the compute floor of a bf16 gemm row on 4..16 rows is the bf16-dot peak where the CPU has one', async (t) => {
+  // 16 x 4096 x 4096: 537 MFLOP; 80% of 20 GB/s leaves 2.10 ms for the 33.5 MB of a bf16 W
+  const shape = { N: 16, C: 4096, OC: 4096, R: 16 };
+  const r: Row = { case: 'gemm', shape, threads: 1, dtype: 'bf16', work: { flops: 2 * 16 * 4096 * 4096, bytes: 4096 * 4096 * 2 }, variants: { ours: { medianMs: 2, minMs: 2, reps: 1 } } };
+  const decode = (m: Machine) => evaluateTargets([r], m, [1]).find((q) => q.target === 'decode 4096²: % of read bandwidth' && q.row.startsWith('gemm 16x4096x4096r16 bf16'))!;
+  const dot = decode(machine);
+  t.equal(dot.met, true, '33.5 MB in 2 ms: 84% of 20 GB/s');
+  t.match(dot.note ?? '', /^compute floor 1.34 ms, bandwidth floor 1.68 ms$/, '537 MFLOP at the 400 GFLOP/s bf16-dot peak');
+  const noDot = { perThreads: { '1': { ...machine.perThreads['1']!, bf16DotGflops: 0 } } } as unknown as Machine;
+  t.match(decode(noDot).note ?? '', /^unreachable here: 537 MFLOP take 2.68 ms at the FMA peak, more than the 2.10 ms 80% of the read bandwidth allows$/, 'no avx512_bf16: fp32 products');
+});

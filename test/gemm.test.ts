@@ -237,6 +237,61 @@ function decodeCases(rng: Rng): string[] {
   return failures;
 }
 
+// bf16 products asked for at decode rows (linear()'s matmulPrecision 'bf16', the binding's gemm with
+// bf16Dot and beta 1 as addProjected calls it): where the CPU dots bf16 (features().bf16Dot), 4..16
+// rows round x to bf16 once (nearest-even) and sum in fp32: within 1e-5·Σ|x·w| of float64 over the
+// rounded x, and so within the documented 2^-8·Σ|x·w| of the exact sum; 1..3 and 17 rows keep fp32
+// products.
+// Elsewhere (lower ISA levels, LORA_NATIVE_BF16_DOT=0) 'bf16' gives fp32's result bit for bit. K not
+// a multiple of 32 and past the kernel's k blocks (768 k at 9..16 rows, 1536 at 8, 3072 at 4), odd OC,
+// 1 and 2 threads (column splits).
+function bf16DotDecodeCases(rng: Rng): string[] {
+  const failures: string[] = [];
+  const dot = features().bf16Dot;
+  const shapes: [number, number, number][] = [];
+  for (let M = 1; M <= 17; M++) shapes.push([M, [95, 1601, 40][M % 3]!, [33, 7, 131][M % 3]!]);
+  shapes.push([4, 6500, 19], [8, 3100, 37], [16, 1601, 45], [12, 31, 70]);
+  for (const [M, C, OC] of shapes)
+    for (const threads of [1, 2]) {
+      setNumThreads(threads);
+      const xh = f32(M * C, rng), Wh = f32(OC * C, rng, 0.5).map(bf16Round), y0 = f32(M * OC, rng);
+      const what = `bf16 products x [${M}, ${C}] W [${OC}, ${C}] threads=${threads} (bf16 dot ${dot ? 'on' : 'off'})`;
+      tidy(() => {
+        const x = tensor(xh, [M, C]), W = tensor(Wh, [OC, C]).toDtype('bfloat16');
+        const yb = linear(x, W, null, { matmulPrecision: 'bf16' }).toFloat32Array();
+        const yf = linear(x, W).toFloat32Array();
+        // y0 + x·Wᵀ as the decode path's addInto: beta 1 through the binding
+        const acc = tensor(y0, [M, OC]);
+        native.gemm(acc._storage, x._storage, W._storage, M, OC, C, false, true, C, C, OC, 1, 1, 1, 0, 0, 0, true);
+        const ya = acc.toFloat32Array();
+        const rounds = dot && M >= 4 && M <= 16;
+        for (let i = 0; i < yb.length; i++) {
+          const n = Math.floor(i / OC), o = i % OC;
+          let exact = 0, rounded = 0, mag = 0;
+          for (let k = 0; k < C; k++) {
+            const w = Wh[o * C + k]!, v = xh[n * C + k]!;
+            exact += v * w;
+            rounded += bf16Round(v) * w;
+            mag += Math.abs(v * w);
+          }
+          const want = rounds ? rounded : exact;
+          const bad = !(Math.abs(yb[i]! - want) <= 1e-5 * mag + 1e-6) ? `y[${i}] = ${yb[i]}, float64 ${want}`
+            : !(Math.abs(yb[i]! - exact) <= 2 ** -8 * mag + 1e-6) ? `y[${i}] = ${yb[i]} past 2^-8·Σ|x·w| of ${exact}`
+            : !(Math.abs(ya[i]! - y0[i]! - want) <= 1e-5 * (mag + Math.abs(y0[i]!)) + 1e-6) ? `beta 1: y[${i}] = ${ya[i]}, float64 ${y0[i]! + want}`
+            : undefined;
+          if (bad) {
+            failures.push(`${what}: ${bad}`);
+            return;
+          }
+        }
+        // the option reaches the kernel: rounding x moves y where the dot product runs, nothing elsewhere
+        const same = yb.every((v, i) => v === yf[i]);
+        if (rounds === same) failures.push(`${what}: bf16 ${same ? 'equals' : 'differs from'} fp32`);
+      });
+    }
+  return failures;
+}
+
 // gemmSharedA (the projections of one input in one call, A packed once per thread): two and three
 // products with column counts that are and are not multiples of the tile width, K past the
 // 1024-deep k block, K = 1 and 0, fp32 and bf16 weights, 1-3 threads; each out_i within
@@ -325,7 +380,7 @@ if (CHILD) {
       }
     }
   });
-  failures.push(...linearBf16Cases(rng), ...mergeBf16Cases(rng), ...decodeCases(rng), ...sharedACases(rng));
+  failures.push(...linearBf16Cases(rng), ...mergeBf16Cases(rng), ...decodeCases(rng), ...bf16DotDecodeCases(rng), ...sharedACases(rng));
   setNumThreads(before);
   // straight to fd 1: tap owns process.stdout in this file
   fs.writeSync(1, JSON.stringify({ isa: features().isa, cases: 2 * n, failures: failures.slice(0, 10), failed: failures.length }) + '\n');
@@ -347,6 +402,21 @@ if (CHILD) {
       t.equal(res.failed, 0, `${level} (${res.isa}): ${res.cases} random GEMMs (half with a bf16 B) and linear() with a bf16 weight within 1e-5·Σ|a·b|, bf16 merges and unmerges rounded once, gemmSharedA${res.failed ? ': ' + res.failures.join(' | ') : ''}`);
       t.equal(r.status, 0, `${level}: child exit status`);
     }
+    t.end();
+  });
+
+  // the best level with the bf16 dot product turned off: matmulPrecision 'bf16' then changes nothing
+  t.test('random GEMMs against float64 with LORA_NATIVE_BF16_DOT=0', (t) => {
+    const r = spawnSync(process.execPath, [...process.execArgv, __filename], {
+      env: { ...process.env, LORA_NATIVE_BF16_DOT: '0', LORA_NATIVE_GEMM_TEST_CHILD: '1', LORA_NATIVE_GEMM_TEST_SEED: '7', LORA_NATIVE_GEMM_TEST_CASES: '30' },
+      encoding: 'utf8',
+      timeout: 120_000,
+    });
+    const line = (r.stdout ?? '').trim().split('\n').filter((l) => l.startsWith('{')).pop();
+    const res = line ? JSON.parse(line) : null;
+    t.ok(res, `child reported (${(r.stderr ?? '').slice(-300)})`);
+    if (res) t.equal(res.failed, 0, `${res.isa} without the bf16 dot: ${res.cases} random GEMMs, bf16 products as fp32's${res.failed ? ': ' + res.failures.join(' | ') : ''}`);
+    t.equal(r.status, 0, 'child exit status');
     t.end();
   });
 

@@ -58,7 +58,7 @@ function norm(m: Module | undefined, device: Device): m is HfRMSNorm {
   return m instanceof HfRMSNorm && Object.getPrototypeOf(m) === HfRMSNorm.prototype && m.weight.dtype === 'float32' && m.weight.device === device;
 }
 
-/** y (M, OC) = x·Wᵀ (+ bias), as linear() computes it (with the layer's matmulPrecision: bf16 dots from 64 rows). */
+/** y (M, OC) = x·Wᵀ (+ bias), as linear() computes it (with the layer's matmulPrecision: bf16 dots on 4..16 rows and from 64). */
 function project(y: Tensor, x: Tensor, p: Linear, M: number): void {
   const [OC, C] = p.weight.shape as [number, number];
   if (p.bias) native.copyStrided(y._storage, 0, [OC, 1], p.bias._storage, 0, [0, 1], [M, OC]);

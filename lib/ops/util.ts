@@ -143,7 +143,8 @@ export function gemmReadsAsStored(weight: Tensor): boolean {
  * torch.set_float32_matmul_precision for bf16 weights): 'fp32' (the default) multiplies the input
  * as it is, with the weight widened exactly, so the result is the float32 product; 'bf16' lets
  * the backend round the input to bfloat16 for a bf16 dot product with float32 accumulation
- * (avx512_bf16 CPUs, about twice the speed from 64 rows on), each output then within
+ * (avx512_bf16 CPUs, about twice the speed from 64 rows on, and on 4..16 rows of x·Wᵀ: decode
+ * of a batch reads W at memory speed), each output then within
  * 2^-8·Σ|x·w| of the exact sum. Float32 weights always get float32 products, as do backends
  * without a bf16 dot product (other CPUs, CUDA for now): 'bf16' then changes nothing.
  */

@@ -209,7 +209,8 @@ void pack_b2(const IsaTable& t, float* dst, const GemmArgs& g, int64_t j0, int64
 
 // The streaming path over the C rectangle [m0, m1) x [n0, n1), 8 rows of C at a time: B is read
 // straight from its storage (no packing), k in blocks so the 8 rows of A stay in L1.
-void run_small(const IsaTable& t, const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0,
+// dot: the bf16 dot product for a stored-(n, k) bf16 B (t.small_m_bf16_dot, x rounded to bf16).
+void run_small(const IsaTable& t, const GemmArgs& g, bool dot, int64_t m0, int64_t m1, int64_t n0,
                int64_t n1) {
   const int64_t n = n1 - n0, K = g.alpha == 0.0f ? 0 : g.K;
   const bool direct = !g.trans_a && g.alpha == 1.0f && !g.drop_a;
@@ -221,7 +222,8 @@ void run_small(const IsaTable& t, const GemmArgs& g, int64_t m0, int64_t m1, int
   const void* B = g.B;
   bool trans_b = g.trans_b, b_bf16 = g.b_bf16;
   int64_t ldb = g.ldb, bn0 = n0;
-  if (trans_b && m1 - m0 > t.small_rows && n <= kNarrowN && K > 0) {
+  // (not under the bf16 dot product: its dot form sums each output once per k block)
+  if (trans_b && m1 - m0 > t.small_rows && n <= kNarrowN && K > 0 && !dot) {
     float* bt = bufs.b.get(static_cast<size_t>(K * n));
     for (int64_t j = 0; j < n; ++j)
       for (int64_t k = 0; k < K; ++k) {
@@ -245,7 +247,8 @@ void run_small(const IsaTable& t, const GemmArgs& g, int64_t m0, int64_t m1, int
     float* c = g.C + i0 * g.ldc + n0 + j0;
     // k in blocks whose rows of x stay in L1, except where the kernel broadcasts a stored-(n, k) B
     // against x repacked (decode_broadcasts): that walks each row of B whole.
-    const int64_t kblock = trans_b && decode_broadcasts(m, b_bf16, t.wide.nr1) ? imax(K, 1) : gemm_blocking().small_kc;
+    // (the dot product kernel blocks k itself)
+    const int64_t kblock = dot || (trans_b && decode_broadcasts(m, b_bf16, t.wide.nr1)) ? imax(K, 1) : gemm_blocking().small_kc;
     for (int64_t kb = 0; kb < imax(K, 1); kb += kblock) {
       const int64_t kl = imin(kblock, K - kb);
       if (kl == 0 && accumulate) break;
@@ -266,7 +269,11 @@ void run_small(const IsaTable& t, const GemmArgs& g, int64_t m0, int64_t m1, int
         lda = kl;
       }
       float* scratch = bufs.scratch.get(static_cast<size_t>(small_scratch_floats(kl)));
-      t.small_m(m, nj, kl, a, lda, b_ptr(kb, j0), b_bf16, ldb, trans_b, c, g.ldc, accumulate || kb > 0, scratch);
+      if (dot && kl > 0)
+        t.small_m_bf16_dot(m, nj, kl, a, lda, static_cast<const uint16_t*>(b_ptr(kb, j0)), ldb, c, g.ldc,
+                           accumulate || kb > 0, scratch);
+      else
+        t.small_m(m, nj, kl, a, lda, b_ptr(kb, j0), b_bf16, ldb, trans_b, c, g.ldc, accumulate || kb > 0, scratch);
       if (kl == 0) break;
     }
     if (g.K2 > 0 || g.bias) {
@@ -501,6 +508,11 @@ void gemm_ex(ThreadPool& pool, const GemmArgs& g) {
   // streaming: decode (M <= 8; M <= 16 for x·Wᵀ, whose W rows are read once), or narrow op(B)
   const bool small = (g.M <= 8 || (g.M <= kSmallMax && g.trans_b) || (g.N <= kNarrowN && !g.trans_a)) &&
                      !g.drop_b;
+  // decode rows with bf16 products asked for: the streaming bf16 dot product (W read once, as
+  // stored; each vdpbf16ps does twice an FMA's multiply-adds, so 8 and 16 rows stay memory-bound)
+  const bool dot_small = small && g.trans_b && g.b_bf16 && g.bf16_dot_few_rows && g.allow_bf16_dot &&
+                         g.M >= kBf16DotMinRows && g.M <= kDecodeRows && t.small_m_bf16_dot && cpu_has_bf16_dot() &&
+                         !g.drop_b;
   // (the pairwise bf16 packing of B is scalar: worth it only over enough rows of A)
   const bool bf16_dot = !small && g.M >= kBf16DotMinM && g.b_bf16 && g.allow_bf16_dot && cpu_has_bf16_dot() &&
                         t.bf16_kernel.run && !g.drop_a && !g.drop_b && g.alpha != 0.0f;
@@ -551,13 +563,13 @@ void gemm_ex(ThreadPool& pool, const GemmArgs& g) {
       int64_t n0, n1;
       thread_share(g.N, small ? 16 : kern->nr, tid, nt, &n0, &n1);
       if (n0 >= n1) return;
-      if (small) run_small(t, g, 0, g.M, n0, n1);
+      if (small) run_small(t, g, dot_small, 0, g.M, n0, n1);
       else run_blocked(t, *kern, bf16_dot, g, 0, g.M, n0, n1);
     } else {
       int64_t m0, m1;
       thread_share(g.M, small ? kSmallM : kern->mr, tid, nt, &m0, &m1);
       if (m0 >= m1) return;
-      if (small) run_small(t, g, m0, m1, 0, g.N);
+      if (small) run_small(t, g, dot_small, m0, m1, 0, g.N);
       else run_blocked(t, *kern, bf16_dot, g, m0, m1, 0, g.N);
     }
   };
@@ -769,7 +781,7 @@ void sgemm_bf16(ThreadPool& pool, bool trans_a, bool trans_b, int64_t M, int64_t
   GemmArgs g = plain_gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, true, ldb, beta, C, ldc);
   // linear() promises fp32 products of its input (the bf16 pair dot would round A to 8 bits)
   // unless its caller asked for bf16 products
-  g.allow_bf16_dot = bf16_dot;
+  g.allow_bf16_dot = g.bf16_dot_few_rows = bf16_dot;
   gemm_ex(pool, g);
 }
 

@@ -47,6 +47,7 @@ const lora::IsaTable kTable = {
     nullptr,
     micro_kernel_bf16_out<kWideMr, kWideNv>,
     fma_burst,
+    nullptr,  // no bf16 dot product at this level
 };
 
 }  // namespace

@@ -55,6 +55,10 @@ struct GemmArgs {
   const DropoutMask* drop_h = nullptr;
   // bf16 B: allow rounding A to bf16 for the avx512_bf16 dot product (fp32 accumulation).
   bool allow_bf16_dot = true;
+  // ... also on the streaming path (up to kDecodeRows rows of A against a stored-(n, k) B): only
+  // where the caller asked for bf16 products (matmulPrecision 'bf16'); the fused LoRA kernels keep
+  // fp32 products at decode.
+  bool bf16_dot_few_rows = false;
 };
 
 void gemm_ex(ThreadPool& pool, const GemmArgs& args);

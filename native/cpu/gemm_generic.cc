@@ -35,6 +35,7 @@ const lora::IsaTable kTable = {
     nullptr,
     micro_kernel_bf16_out<kWideMr, kWideNv>,
     nullptr,  // no FMA at this level
+    nullptr,  // no bf16 dot product at this level
 };
 
 }  // namespace

@@ -81,6 +81,13 @@ struct IsaTable {
   // iters x 24 independent FMA chains of the level's widest vector (nullptr where the level has no
   // FMA): timed once against an integer add chain to count the FMA pipes (gemm_blocking.cc).
   float (*fma_burst)(int64_t iters);
+
+  // The streaming path's bf16 dot product (avx512_bf16 only, else nullptr), for explicit requests
+  // (matmulPrecision 'bf16'): c(m, n) = (accumulate ? c : 0) + bf16(a)(m, k)·Bᵀ with B bf16 stored
+  // (n, k) (row stride ldb), a's rows rounded to bf16 once, fp32 sums; kBf16DotMinRows <= m <= kDecodeRows.
+  // scratch holds at least small_scratch_floats(k) floats (the rounded rows go there).
+  void (*small_m_bf16_dot)(int m, int64_t n, int64_t k, const float* a, int64_t lda, const uint16_t* b,
+                           int64_t ldb, float* c, int64_t ldc, int accumulate, float* scratch);
 };
 
 // The most rows of x the streaming path takes in one pass over a stored-(n, k) B (decode: y = x·Wᵀ
@@ -94,6 +101,11 @@ constexpr int kDecodeRows = 16;
 // FMA (the portable level) the dot form stays ahead up to 8 rows (8.8 ms against 12.8).
 // (more than 8 rows always broadcast: the dot form's registers hold 8)
 constexpr bool decode_broadcasts(int m, bool bf16, int lanes) { return m >= (bf16 || lanes < 8 ? 9 : 5); }
+// Rows of x from which the streaming path takes the bf16 dot product when asked for: below, the
+// widened bf16 W reads as fast or faster (both bound by memory; 4096 x 4096 on Zen 5, 1 thread: 2
+// rows 0.78-1.04 ms fp32 products against 0.82-1.09 dot, 3 rows even, 4 rows 0.89-1.13 against
+// 0.82-0.97).
+constexpr int kBf16DotMinRows = 4;
 // Scratch floats small_m needs for k: x repacked as (k, 16) (rows as lanes) or (k/VL, m, VL).
 inline int64_t small_scratch_floats(int64_t k) { return kDecodeRows * (k + 16) + 64; }
 
