@@ -2,8 +2,8 @@
 // kernels run synchronously inside them), runs steps of bench/llm_child.ts's train case, and prints
 // the time per binding function, per autograd phase (forward, backward, optimizer) and what is left
 // for TypeScript (the step's wall time minus the time inside the binding).
-//   node dist/bench/llm_profile.js DIR [fp32|bf16] [gc=0|1] [steps=2] [B=4] [T=256] [fused=1|0]
-// (fused=0: causalLmLoss on the logits instead of model.loss)
+//   node dist/bench/llm_profile.js DIR [fp32|bf16] [gc=0|1] [steps=2] [B=4] [T=256] [fused=1|0] [mp=bf16]
+// (fused=0: causalLmLoss on the logits instead of model.loss; mp=bf16: loadCausalLM's matmulPrecision 'bf16')
 import { AdamW, applyLora, causalLmLoss, loadCausalLM, loraLayers, setNumThreads, tensor, tidy } from '../lib/index';
 import { randomF32, timeBinding } from './common';
 
@@ -11,7 +11,7 @@ async function main(): Promise<void> {
   const [dir, dtype = 'fp32', ...rest] = process.argv.slice(2);
   const kv = Object.fromEntries(rest.map((a) => a.split('=') as [string, string]));
   setNumThreads(2);
-  const model = await loadCausalLM(dir!, { dtype: dtype === 'bf16' ? 'bfloat16' : 'float32' });
+  const model = await loadCausalLM(dir!, { dtype: dtype === 'bf16' ? 'bfloat16' : 'float32', ...(kv.mp === 'bf16' ? { matmulPrecision: 'bf16' as const } : {}) });
   applyLora(model, { targetModules: 'all-linear', rank: 16, alpha: 32, seed: 1 });
   let seed = 11;
   for (const l of loraLayers(model).values()) l.loraB.assign(randomF32(l.loraB.size, seed++, 0.07));

@@ -90,7 +90,7 @@ export function matmul(a: Tensor, b: Tensor): Tensor {
  * null: the frozen base of a LoRA layer and the Linear module's op. A bfloat16 weight is read as
  * stored (no fp32 copy) where the backend can: products and sums stay fp32, unless
  * `matmulPrecision: 'bf16'` lets the input be rounded to bf16 for a bf16 dot product (fp32
- * accumulation, each output within 2^-8·Σ|x·w|; avx512_bf16 CPUs, from 64 rows on). A float16
+ * accumulation, each output within 2^-8·Σ|x·w|; avx512_bf16 CPUs, from 64 rows on and on 4..16 rows of x·Wᵀ). A float16
  * weight is widened to fp32 for each product (no kernel reads float16 in place yet).
  *
  * @example
