@@ -18,19 +18,20 @@ function plans(quick: boolean, full: boolean): Plan[] {
   const out: Plan[] = [];
   // mp=bf16: the bf16 weights with matmulPrecision 'bf16' (bf16 dot products in every projection
   // and the head, as PyTorch's bf16 rows compute), beside the default fp32 products
-  const add = (config: string, dtypes: ('fp32' | 'bf16')[], reps: number) => {
-    for (const d of dtypes) out.push({ case: 'prefill', config, dtype: d, args: {}, reps, warmup: 1 });
-    if (dtypes.includes('bf16')) out.push({ case: 'prefill', config, dtype: 'bf16', args: { mp: 'bf16' }, reps, warmup: 1 });
+  // a prefill takes well under a second on both sides: more reps (for both) steady its median
+  const add = (config: string, dtypes: ('fp32' | 'bf16')[], reps: number, prefillReps: number) => {
+    for (const d of dtypes) out.push({ case: 'prefill', config, dtype: d, args: {}, reps: prefillReps, warmup: 1 });
+    if (dtypes.includes('bf16')) out.push({ case: 'prefill', config, dtype: 'bf16', args: { mp: 'bf16' }, reps: prefillReps, warmup: 1 });
     for (const B of ['1', '8']) for (const d of dtypes) out.push({ case: 'decode', config, dtype: d, args: { B }, reps, warmup: 1 });
   };
-  add('smol', ['fp32', 'bf16'], 3);
+  add('smol', ['fp32', 'bf16'], 3, 7);
   for (const d of ['fp32', 'bf16'] as const)
     for (const gc of ['0', '1']) out.push({ case: 'train', config: 'smol', dtype: d, args: { gc }, reps: 3, warmup: 1 });
   // the LoRA layers' frozen base dots bf16 in both bf16 rows; this one adds the head and its loss
   out.push({ case: 'train', config: 'smol', dtype: 'bf16', args: { gc: '0', mp: 'bf16' }, reps: 3, warmup: 1 });
   if (full) {
     // 1B: bf16 for everything that reads the weights many times; a training step takes minutes
-    add('1b', ['fp32', 'bf16'], 2);
+    add('1b', ['fp32', 'bf16'], 2, 2);
     for (const gc of ['0', '1']) out.push({ case: 'train', config: '1b', dtype: 'bf16', args: { gc }, reps: 1, warmup: 1 });
   }
   return out;
