@@ -133,3 +133,11 @@ export function timeBinding(keyOf: (name: string, args: unknown[]) => string = (
   }
   return timer;
 }
+
+/** Runs a bench script's async main: an error prints its stack and exits 1 (the runner reads the code). */
+export function runMain(main: () => Promise<void>): void {
+  main().catch((err) => {
+    process.stderr.write(String(err?.stack ?? err) + '\n');
+    process.exit(1);
+  });
+}

@@ -11,7 +11,7 @@
 import * as fs from 'fs';
 import { AdamW, applyLora, causalLmLoss, loadCausalLM, loraLayers, manualSeed, noGrad, setNumThreads, tensor, Tensor, tidy } from '../lib/index';
 import { CausalLM } from '../lib/models/causal_lm';
-import { argmaxLast, randomF32 } from './common';
+import { argmaxLast, randomF32, runMain } from './common';
 
 const statusMB = (field: string) => {
   const line = fs.readFileSync('/proc/self/status', 'utf8').split('\n').find((l) => l.startsWith(`${field}:`));
@@ -88,7 +88,4 @@ async function main(): Promise<void> {
   model.dispose();
 }
 
-main().catch((err) => {
-  process.stderr.write(String(err?.stack ?? err) + '\n');
-  process.exit(1);
-});
+runMain(main);

@@ -6,7 +6,7 @@
 // (wrap=0: no timers, the plain step time, to see what the wrappers themselves cost; mp=bf16: loaded
 // with matmulPrecision 'bf16', as llm_child.ts's mp=bf16)
 import { loadCausalLM, manualSeed, noGrad, setNumThreads, tensor, tidy } from '../lib/index';
-import { argmaxLast, timeBinding } from './common';
+import { argmaxLast, runMain, timeBinding } from './common';
 
 async function main(): Promise<void> {
   const [dir, dtype = 'bf16', ...rest] = process.argv.slice(2);
@@ -59,7 +59,4 @@ async function main(): Promise<void> {
   model.dispose();
 }
 
-main().catch((err) => {
-  process.stderr.write(String(err?.stack ?? err) + '\n');
-  process.exit(1);
-});
+runMain(main);

@@ -5,7 +5,7 @@
 //   node dist/bench/llm_profile.js DIR [fp32|bf16] [gc=0|1] [steps=2] [B=4] [T=256] [fused=1|0] [mp=bf16]
 // (fused=0: causalLmLoss on the logits instead of model.loss; mp=bf16: loadCausalLM's matmulPrecision 'bf16')
 import { AdamW, applyLora, causalLmLoss, loadCausalLM, loraLayers, setNumThreads, tensor, tidy } from '../lib/index';
-import { randomF32, timeBinding } from './common';
+import { randomF32, runMain, timeBinding } from './common';
 
 async function main(): Promise<void> {
   const [dir, dtype = 'fp32', ...rest] = process.argv.slice(2);
@@ -63,7 +63,4 @@ async function main(): Promise<void> {
   model.dispose();
 }
 
-main().catch((err) => {
-  process.stderr.write(String(err?.stack ?? err) + '\n');
-  process.exit(1);
-});
+runMain(main);

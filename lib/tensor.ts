@@ -544,7 +544,6 @@ export function checkpoint(fn: (...inputs: Tensor[]) => Tensor, inputs: readonly
   if (inputs.includes(out)) out = out.detach(); // fn returned an input: the output is a new tensor
   out.requiresGrad = true;
   saveFor(out, ...first.kept); // freed with the output
-  const kept = first.kept;
   out._node = {
     name: 'checkpoint', inputs: inputs.slice(),
     backward: (g) => {
@@ -556,7 +555,7 @@ export function checkpoint(fn: (...inputs: Tensor[]) => Tensor, inputs: readonly
       });
       try {
         tidy(() => {
-          const y = replaySeeds(seeds, () => withRun({ replay: true, kept, pos: 0 }, () => resultOf(fn(...leaves))));
+          const y = replaySeeds(seeds, () => withRun({ replay: true, kept: first.kept, pos: 0 }, () => resultOf(fn(...leaves))));
           if (y.requiresGrad) runBackward(y, g.detach());
         });
         return leaves.map((l) => {

@@ -11,7 +11,7 @@ import * as path from 'node:path';
 import t from 'tap';
 
 import {
-  add, applyLora, causalLmLoss, checkpoint, dropout, LoraTypeError, LoraLinear, loadCausalLM, manualSeed, memory,
+  add, applyLora, ApplyLoraOptions, causalLmLoss, checkpoint, dropout, LoraTypeError, LoraLinear, loadCausalLM, manualSeed, memory,
   mul, noGrad, resetPeakMemory, silu, tensor, Tensor, tidy,
 } from '../lib/index';
 import { native } from '../lib/native';
@@ -88,6 +88,34 @@ leakChecked(t, 'checkpoint(): argument errors', (t) => {
   x.dispose();
 });
 
+/**
+ * One training step of a checkpoint folder with LoRA applied (lora_B made non-zero, training mode,
+ * manualSeed(seed) first): the loss, every trainable gradient, and the step's peak of live native
+ * bytes. `backward` runs the loss's backward (to count or time inside it).
+ */
+async function loraStep(dir: string, lora: ApplyLoraOptions, rows: number[], [B, T]: [number, number], gc: boolean, seed: number,
+  backward: (loss: Tensor) => void = (l) => l.backward()) {
+  manualSeed(seed);
+  const model = await loadCausalLM(dir);
+  applyLora(model, lora);
+  for (const p of model.parameters()) if (p.ndim === 2 && p.shape[1] === lora.rank) p.assign(values(p.size, p.size)); // lora_B non-zero
+  model.train();
+  model.gradientCheckpointing = gc;
+  const ids = tensor(rows, [B, T], { dtype: 'int32' });
+  const base = memory().cpuBytes;
+  resetPeakMemory();
+  const loss = tidy(() => {
+    const l = causalLmLoss(model.forward(ids), ids);
+    backward(l);
+    return l.item();
+  });
+  const peak = memory().cpuPeakBytes - base;
+  const grads = model.parameters().map((p) => p.grad!.toFloat32Array());
+  ids.dispose();
+  model.dispose();
+  return { loss, grads, peak };
+}
+
 // Three layers with the bench's SmolLM2 proportions at toy size: enough layers that activations dominate.
 const CONFIGS: { arch: Arch; config: Record<string, unknown> }[] = [
   { arch: 'llama', config: { num_hidden_layers: 4, tie_word_embeddings: true, vocab_size: 61 } },
@@ -100,27 +128,7 @@ for (const { arch, config } of CONFIGS) {
     const ck = writeCheckpoint(path.join(tmp, arch), arch, { config, seed: 3 });
     const B = 2, T = 16;
     const rows = Array.from({ length: B * T }, (_, i) => (i * 37 + 11) % 61);
-    const step = async (gc: boolean) => {
-      manualSeed(7);
-      const model = await loadCausalLM(ck.dir);
-      applyLora(model, { targetModules: 'all-linear', rank: 4, alpha: 8, dropout: 0.1, seed: 1 });
-      for (const p of model.parameters()) if (p.shape[1] === 4) p.assign(values(p.size, p.size)); // lora_B non-zero
-      model.train();
-      model.gradientCheckpointing = gc;
-      const ids = tensor(rows, [B, T], { dtype: 'int32' });
-      const base = memory().cpuBytes;
-      resetPeakMemory();
-      const loss = tidy(() => {
-        const l = causalLmLoss(model.forward(ids), ids);
-        l.backward();
-        return l.item();
-      });
-      const peak = memory().cpuPeakBytes - base;
-      const grads = model.parameters().map((p) => p.grad!.toFloat32Array());
-      ids.dispose();
-      model.dispose();
-      return { loss, grads, peak };
-    };
+    const step = (gc: boolean) => loraStep(ck.dir, { targetModules: 'all-linear', rank: 4, alpha: 8, dropout: 0.1, seed: 1 }, rows, [B, T], gc, 7);
     const plain = await step(false);
     const gc = await step(true);
     t.ok(Number.isFinite(plain.loss), `loss ${plain.loss}`);
@@ -134,29 +142,21 @@ for (const { arch, config } of CONFIGS) {
 // The recomputation of a layer skips the product of its last projection (down_proj: its output is
 // the layer's output, which the backward never reads); the LoRA h it needs is kept from the first run.
 // Counted at the binding during backward(): each layer's projections but down_proj run again.
-const LAYOUTS: { name: string; lora: Parameters<typeof applyLora>[1]; skipped: boolean }[] = [
+const LAYOUTS: { name: string; lora: ApplyLoraOptions; skipped: boolean }[] = [
   { name: 'LoRA on every projection (down_proj a LoraLinear)', lora: { targetModules: 'all-linear', rank: 3, alpha: 6, dropout: 0.2, seed: 2 }, skipped: true },
   { name: 'LoRA on q_proj, v_proj (down_proj a plain Linear)', lora: { targetModules: ['q_proj', 'v_proj'], rank: 3, alpha: 6, seed: 2 }, skipped: true },
   { name: 'DoRA (several ops: recomputed in full)', lora: { targetModules: 'all-linear', rank: 3, alpha: 6, useDora: true, seed: 2 }, skipped: false },
 ];
-for (const layout of LAYOUTS) {
+LAYOUTS.forEach((layout, n) => {
   leakChecked(t, `llama: the recomputation skips down_proj's product — ${layout.name}`, async (t) => {
     const L = 3;
-    const ck = writeCheckpoint(path.join(tmp, `skip-${layout.skipped}-${layout.name.length}`), 'llama', { config: { num_hidden_layers: L }, seed: 4 });
+    const ck = writeCheckpoint(path.join(tmp, `skip-${n}`), 'llama', { config: { num_hidden_layers: L }, seed: 4 });
     const B = 2, T = 7, HID = 40, INTER = 72;
     const rows = Array.from({ length: B * T }, (_, i) => (i * 29 + 5) % 97);
     const step = async (gc: boolean) => {
-      manualSeed(3);
-      const model = await loadCausalLM(ck.dir);
-      applyLora(model, layout.lora);
-      for (const p of model.parameters()) if (p.ndim === 2 && p.shape[1] === 3) p.assign(values(p.size, p.size)); // lora_B non-zero
-      model.train();
-      model.gradientCheckpointing = gc;
-      const ids = tensor(rows, [B, T], { dtype: 'int32' });
       const calls = { lora: 0, downGemm: 0, gemm: 0 };
       const { loraForward, gemm } = native;
-      const loss = tidy(() => {
-        const l = causalLmLoss(model.forward(ids), ids);
+      const r = await loraStep(ck.dir, layout.lora, rows, [B, T], gc, 3, (l) => {
         native.loraForward = (...a: Parameters<typeof loraForward>) => { calls.lora++; return loraForward(...a); };
         native.gemm = (...a: Parameters<typeof gemm>) => {
           calls.gemm++;
@@ -169,12 +169,8 @@ for (const layout of LAYOUTS) {
           native.loraForward = loraForward;
           native.gemm = gemm;
         }
-        return l.item();
       });
-      const grads = model.parameters().map((p) => p.grad!.toFloat32Array());
-      ids.dispose();
-      model.dispose();
-      return { loss, grads, calls };
+      return { ...r, calls };
     };
     const plain = await step(false);
     const gc = await step(true);
@@ -189,7 +185,7 @@ for (const layout of LAYOUTS) {
       t.equal(gc.calls.downGemm, 0, "no x·Wᵀ of down_proj in the recomputation");
     }
   });
-}
+});
 
 leakChecked(t, 'gradientCheckpointing: a boolean', async (t) => {
   const ck = writeCheckpoint(path.join(tmp, 'flag'), 'llama', { seed: 1 });

@@ -58,17 +58,14 @@ function norm(m: Module | undefined, device: Device): m is HfRMSNorm {
   return m instanceof HfRMSNorm && Object.getPrototypeOf(m) === HfRMSNorm.prototype && m.weight.dtype === 'float32' && m.weight.device === device;
 }
 
-/** y (M, OC) = x·Wᵀ (+ bias), as linear() computes it (with the layer's matmulPrecision: bf16 dots on 4..16 rows and from 64). */
-function project(y: Tensor, x: Tensor, p: Linear, M: number): void {
+/**
+ * y (M, OC) = x·Wᵀ (+ bias) as linear() computes it, or with `accumulate` y += x·Wᵀ as addProjected()
+ * does (bias-free), with the layer's matmulPrecision (bf16 dots on 4..16 rows and from 64).
+ */
+function project(y: Tensor, x: Tensor, p: Linear, M: number, accumulate = false): void {
   const [OC, C] = p.weight.shape as [number, number];
   if (p.bias) native.copyStrided(y._storage, 0, [OC, 1], p.bias._storage, 0, [0, 1], [M, OC]);
-  native.gemm(y._storage, x._storage, p.weight._storage, M, OC, C, false, true, C, C, OC, 1, p.bias ? 1 : 0, 1, 0, 0, 0, p.matmulPrecision === 'bf16');
-}
-
-/** residual (M, OC) += x·Wᵀ, as addProjected() computes it. */
-function addInto(residual: Tensor, x: Tensor, p: Linear, M: number): void {
-  const [OC, C] = p.weight.shape as [number, number];
-  native.gemm(residual._storage, x._storage, p.weight._storage, M, OC, C, false, true, C, C, OC, 1, 1, 1, 0, 0, 0, p.matmulPrecision === 'bf16');
+  native.gemm(y._storage, x._storage, p.weight._storage, M, OC, C, false, true, C, C, OC, 1, accumulate || p.bias ? 1 : 0, 1, 0, 0, 0, p.matmulPrecision === 'bf16');
 }
 
 /**
@@ -106,11 +103,11 @@ export function decodeLayer(layer: Module, attn: Module & { cfg: DecoderConfig; 
   native.attention(s.att._storage, s.lse._storage, s.qr._storage, keys._storage, values._storage,
     mask ? mask._live('attentionMask') : null, mask ? mask.shape[1]! : 0, null, 0,
     B, 1, ctx.keyLength, cache.maxLength, H, KVH, D, D ** -0.5, true, window);
-  addInto(x, s.att, op, B);
+  project(x, s.att, op, B, true);
   native.rmsNorm(s.xn._storage, s.rstd._storage, xs, postNorm.weight._storage, B, hidden, postNorm.eps, postNorm.offset);
   project(s.gate, s.xn, gp, B);
   project(s.up, s.xn, upp, B);
   native.gatedAct(s.act._storage, s.gate._storage, s.up._storage, B, I, I, UNARY_OP[cfg.act.unary]);
-  addInto(x, s.act, dp, B);
+  project(x, s.act, dp, B, true);
   return x;
 }
