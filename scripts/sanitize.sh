@@ -20,7 +20,10 @@ nodedir=$(npm config get nodedir 2>/dev/null || true)
 gyp_args=(rebuild --jobs=2)
 [ -f "$src/build/Makefile" ] && gyp_args=(build --jobs=2)
 if [ -n "$nodedir" ] && [ "$nodedir" != "undefined" ] && [ "$nodedir" != "null" ]; then gyp_args+=("--nodedir=$nodedir"); fi
-flags="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g"
+# -O1 (after binding.gyp's -O3 on the command line, so it wins) and line tables only (-g1, enough
+# for the file:line of every frame in a report): the instrumented -O3 -g build took 221 s on two
+# cores in CI, this one 62 s, and the tests ran in the same time (171 s against 168 s).
+flags="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -O1 -g1"
 started=$(date +%s)
 (cd "$src" && CXXFLAGS="$flags" CFLAGS="$flags" LDFLAGS="-fsanitize=address,undefined" \
   node "$root/node_modules/node-gyp/bin/node-gyp.js" "${gyp_args[@]}" >"$out/build.log" 2>&1) || {

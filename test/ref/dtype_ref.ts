@@ -21,13 +21,19 @@ const u32Bits = new Uint32Array(f32Bits.buffer);
 
 /** float32 -> bfloat16 -> float32, rounding to nearest even (native/backend/half.h). */
 export function bf16(a: ArrayLike<number>): Float64Array {
-  return Float64Array.from(a, (v) => {
-    f32Bits[0] = v;
+  // (a plain loop: Float64Array.from with a callback took a tenth of a parity run)
+  const out = new Float64Array(a.length);
+  for (let i = 0; i < a.length; i++) {
+    f32Bits[0] = a[i]!;
     const bits = u32Bits[0]!;
-    if ((bits & 0x7fffffff) > 0x7f800000) return NaN;
+    if ((bits & 0x7fffffff) > 0x7f800000) {
+      out[i] = NaN;
+      continue;
+    }
     u32Bits[0] = ((bits + 0x7fff + ((bits >>> 16) & 1)) >>> 16) << 16;
-    return f32Bits[0]!;
-  });
+    out[i] = f32Bits[0]!;
+  }
+  return out;
 }
 
 /** float32 -> IEEE float16 -> float32, rounding to nearest even, with subnormals and overflow to ±inf. */
