@@ -14,15 +14,6 @@
 namespace lora {
 namespace {
 
-// Row helpers this file compiles once per ISA (GCC/clang function multiversioning, resolved when
-// the addon loads): the file is built for baseline x86-64, where a row of floats widened to double
-// goes two at a time. Elsewhere (other architectures, compilers) the one baseline version.
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define LN_ROW_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define LN_ROW_CLONES
-#endif
-
 constexpr int64_t kRowGrain = 1 << 14;  // elements of work worth waking a second thread for
 
 int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, kRowGrain / std::max<int64_t>(cols, 1)); }
@@ -144,8 +135,8 @@ lora_status layer_norm_backward(lora_backend* be, float* dx, float* dw, float* d
   return LORA_OK;
 }
 
-// One row of rms_norm: y = x·rstd·(offset + w), rstd returned (LN_ROW_CLONES).
-LN_ROW_CLONES
+// One row of rms_norm: y = x·rstd·(offset + w), rstd returned (LORA_VECTOR_CLONES).
+LORA_VECTOR_CLONES
 float rms_row(const float* xr, const float* w, float offset, float eps, int64_t C, float* yr) {
   const double ss = row_sum_sq(xr, C, 0.0);
   const float rs = static_cast<float>(1.0 / std::sqrt(ss / double(C) + double(eps)));
