@@ -10,7 +10,7 @@ import * as path from 'node:path';
 
 import t from 'tap';
 
-import { applyLora, CausalLM, loadCausalLM, loraLayers, memory, noGrad, tensor, tidy } from '../lib/index';
+import { applyLora, CausalLM, features, loadCausalLM, loraLayers, memory, noGrad, tensor, tidy } from '../lib/index';
 import { native } from '../lib/native';
 import { decodeFastPath } from '../lib/models/decode';
 import { Arch, writeCheckpoint } from './hf_checkpoint';
@@ -23,7 +23,7 @@ t.teardown(() => fs.rmSync(tmp, { recursive: true, force: true }));
  * and positions as generate() makes them; returns every step's logits and the allocations of
  * each one-token step.
  */
-function decode(model: CausalLM, fast: boolean, steps = 4): { logits: Float32Array[]; allocs: number[] } {
+function decode(model: CausalLM, fast: boolean, steps = 4, batch = 2): { logits: Float32Array[]; allocs: number[] } {
   decodeFastPath.enabled = fast;
   const V = model.vocabSize;
   const logits: Float32Array[] = [];
@@ -37,30 +37,38 @@ function decode(model: CausalLM, fast: boolean, steps = 4): { logits: Float32Arr
   };
   try {
     return noGrad(() => {
-      using cache = model.createCache(2, 5 + steps);
+      using cache = model.createCache(batch, 5 + steps);
       const mask = [[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]];
       const pos = [[0, 1, 2, 3, 4], [1, 1, 0, 1, 2]];
       const ids = [[5, 17, 3, 40, 8], [0, 0, 22, 9, 61]];
+      // more prompts: row r left-padded by r % 3
+      for (let r = 2; r < batch; r++) {
+        const pad = r % 3;
+        mask.push([0, 1, 2, 3, 4].map((i) => (i < pad ? 0 : 1)));
+        pos.push([0, 1, 2, 3, 4].map((i) => (i < pad ? 1 : i - pad)));
+        ids.push([0, 1, 2, 3, 4].map((i) => (i < pad ? 0 : (r * 31 + i * 7) % 64)));
+      }
+      const rows = [...Array(batch).keys()];
       let next = tidy(() => {
-        const out = model.forward(tensor(ids.flat(), [2, 5], { dtype: 'int32' }), {
-          cache, attentionMask: tensor(mask.flat(), [2, 5], { dtype: 'int32' }), positionIds: tensor(pos.flat(), [2, 5], { dtype: 'int32' }),
+        const out = model.forward(tensor(ids.flat(), [batch, 5], { dtype: 'int32' }), {
+          cache, attentionMask: tensor(mask.flat(), [batch, 5], { dtype: 'int32' }), positionIds: tensor(pos.flat(), [batch, 5], { dtype: 'int32' }),
         });
         const d = out.toFloat32Array();
         logits.push(d);
-        return [0, 1].map((r) => argmax(d.subarray((r * 5 + 4) * V, (r * 5 + 5) * V)));
+        return rows.map((r) => argmax(d.subarray((r * 5 + 4) * V, (r * 5 + 5) * V)));
       });
       for (let s = 0; s < steps; s++) {
         for (const m of mask) m.push(1);
         for (const p of pos) p.push(p[p.length - 1]! + 1);
         count = 0;
         next = tidy(() => {
-          const out = model.forward(tensor(next, [2, 1], { dtype: 'int32' }), {
-            cache, attentionMask: tensor(mask.flat(), [2, mask[0]!.length], { dtype: 'int32' }),
-            positionIds: tensor(pos.map((p) => p[p.length - 1]!), [2, 1], { dtype: 'int32' }),
+          const out = model.forward(tensor(next, [batch, 1], { dtype: 'int32' }), {
+            cache, attentionMask: tensor(mask.flat(), [batch, mask[0]!.length], { dtype: 'int32' }),
+            positionIds: tensor(pos.map((p) => p[p.length - 1]!), [batch, 1], { dtype: 'int32' }),
           });
           const d = out.toFloat32Array();
           logits.push(d);
-          return [0, 1].map((r) => argmax(d.subarray(r * V, (r + 1) * V)));
+          return rows.map((r) => argmax(d.subarray(r * V, (r + 1) * V)));
         });
         allocs.push(count);
       }
@@ -105,6 +113,29 @@ for (const [arch, dtype, fast] of cases) {
         t.ok(generic.allocs.every((n, i) => n >= quick.allocs[i]! + 5 * layers), `the generic path allocates per op (${generic.allocs})`);
       } else {
         t.same(quick.allocs, generic.allocs, 'this family takes the generic path');
+      }
+    } finally {
+      model.dispose();
+    }
+  });
+}
+
+// Five prompts of bf16 weights with bf16 products: 4..16 rows take the bf16 dot (x rounded to bf16),
+// in the fast path's shared q/k/v and gate/up calls as in the generic path's separate products; with
+// fp32 products too (the shared call's fp32 streaming path at 5 rows).
+for (const precision of ['bf16', 'fp32'] as const) {
+  t.test(`llama bfloat16, 5 prompts, matmulPrecision ${precision}: the fast path's logits equal the generic path's bit for bit`, async (t) => {
+    const dir = path.join(tmp, `llama-b5-${precision}`);
+    writeCheckpoint(dir, 'llama', { dtype: 'bfloat16', seed: 5 });
+    const model = await loadCausalLM(dir, { dtype: 'bfloat16', matmulPrecision: precision });
+    try {
+      const generic = decode(model, false, 3, 5);
+      const quick = decode(model, true, 3, 5);
+      quick.logits.forEach((l, i) => t.same(l, generic.logits[i], `pass ${i}: the same logits`));
+      if (precision === 'bf16' && features().bf16Dot) {
+        model.matmulPrecision = 'fp32';
+        const fp = decode(model, true, 3, 5);
+        t.notSame(fp.logits[1], quick.logits[1], 'bf16 products change the one-token logits (the dot ran)');
       }
     } finally {
       model.dispose();

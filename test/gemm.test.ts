@@ -301,10 +301,13 @@ function bf16DotDecodeCases(rng: Rng): string[] {
 // product (M >= 64, every N_i > 32), each out_i bit for bit what gemm with bf16Dot makes of that
 // product alone, not the fp32 products (the dot ran), and within 2^-8·Σ|a·w| + 1e-6 of float64;
 // elsewhere (other levels, fewer rows, a narrow product) fp32 products, within fp32's bound.
+// Decode rows (M <= 16) stream each weight as gemm does alone: bit for bit gemm's outputs with the
+// same bf16Dot (the bf16 dot from 4 rows where the CPU has it), split across threads end to end.
 function sharedACases(rng: Rng): string[] {
   const failures: string[] = [];
   const shapes: [number, number, number[]][] = [[33, 577, [200, 61, 61]], [130, 40, [17, 300]], [64, 1100, [96, 33, 1]], [45, 1, [5, 70]],
-    [200, 150, [576, 192, 192]], [7, 20, [40, 8]], [40, 0, [3, 5, 7]], [77, 2051, [65, 33, 100]], [97, 333, [40, 97]], [131, 57, [35, 129, 64]]];
+    [200, 150, [576, 192, 192]], [7, 20, [40, 8]], [40, 0, [3, 5, 7]], [77, 2051, [65, 33, 100]], [97, 333, [40, 97]], [131, 57, [35, 129, 64]],
+    [1, 576, [576, 192, 192]], [4, 300, [40, 97, 33]], [16, 130, [1536, 1536]], [9, 64, [17, 5]], [2, 1100, [70, 300, 3]]];
   const dotCpu = features().bf16Dot;
   for (const [M, K, Ns] of shapes)
     for (const dtype of ['float32', 'bfloat16', 'bf16dot'] as const)
@@ -327,14 +330,18 @@ function sharedACases(rng: Rng): string[] {
           native.dispose(c);
           return y;
         };
-        const dotRuns = dot && dotCpu && M >= 64 && Ns.every((N) => N > 32);
+        const streaming = M <= 16 && K > 0;
+        const dotRuns = dot && dotCpu && (M >= 64 ? Ns.every((N) => N > 32) : M >= 4 && M <= 16);
         let differsFromFp32 = false;
         Ns.forEach((N, q) => {
           const y = toF32(outs[q]!), wh = whs[q]!;
-          if (dotRuns) {
-            const sep = apart(q, true), fp = apart(q, false);
+          if (dotRuns || streaming) {
+            const sep = apart(q, dot);
             const i = y.findIndex((v, j) => !Object.is(v, sep[j]));
-            if (i >= 0) failures.push(`${what}: out${q}[${i}] = ${y[i]} but gemm with bf16Dot gives ${sep[i]}`);
+            if (i >= 0) failures.push(`${what}: out${q}[${i}] = ${y[i]} but gemm${dot ? ' with bf16Dot' : ''} gives ${sep[i]}`);
+          }
+          if (dotRuns) {
+            const fp = apart(q, false);
             if (y.some((v, j) => v !== fp[j])) differsFromFp32 = true;
           }
           for (let i = 0; i < M * N; i++) {

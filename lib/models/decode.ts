@@ -1,7 +1,9 @@
 // One decoder layer of a cached decode step (T = 1, inference) without the ops' per-call work:
 // the same kernels with the same arguments as the generic path (rmsNorm, linear, rope, the cache
 // write, attention, o_proj added into the residual, rmsNorm, gate/up, the gated activation,
-// down_proj added into the residual), written into scratch tensors the KV cache keeps between
+// down_proj added into the residual; q/k/v and gate/up each as one gemmSharedA call where the
+// backend has it, which on decode rows makes each product's outputs as its own gemm call does
+// and wakes the threads once for all of them), written into scratch tensors the KV cache keeps between
 // steps. A step of a small model runs ~15 kernels per layer; the tensor each op allocated, its
 // argument checks and the module lookups cost as much as the small kernels themselves. Any layer
 // that is not the plain shape (LoRA or other adapted projections, a bias on o_proj or down_proj,
@@ -9,7 +11,7 @@
 // generic path, as does everything but a one-token pass with a cache.
 import { Module } from '../module';
 import { Linear } from '../nn';
-import { native, UNARY_OP } from '../native';
+import { DEVICE_ID, DTYPE_ID, native, OP, UNARY_OP } from '../native';
 import { gemmReadsAsStored } from '../ops/util';
 import { Device, keep, Tensor, zeros } from '../tensor';
 import { ForwardContext, HfRMSNorm, isPlainLinear, KVCache, RopeInputs, writeCache } from './common';
@@ -68,6 +70,32 @@ function project(y: Tensor, x: Tensor, p: Linear, M: number, accumulate = false)
   native.gemm(y._storage, x._storage, p.weight._storage, M, OC, C, false, true, C, C, OC, 1, accumulate || p.bias ? 1 : 0, 1, 0, 0, 0, p.matmulPrecision === 'bf16');
 }
 
+// Whether the backend has gemmSharedA for a device and weight dtype (a binding query, per pair)
+const sharedSupport = new Map<string, boolean>();
+function hasShared(w: Tensor): boolean {
+  const key = `${w.device} ${w.dtype}`;
+  let r = sharedSupport.get(key);
+  if (r === undefined) sharedSupport.set(key, (r = native.supports(DEVICE_ID[w.device], OP.gemmSharedA, DTYPE_ID[w.dtype])));
+  return r;
+}
+
+/**
+ * ys[i] (M, OC_i) = x·W_iᵀ for the projections of one input (q/k/v, gate/up): one gemmSharedA call
+ * where they are bias-free, of one weight dtype and one matmulPrecision and the backend has it (on
+ * decode rows it streams each weight as gemm does alone, with the same outputs, and wakes the
+ * threads once for all of them); else project() each.
+ */
+function projectAll(ys: Tensor[], x: Tensor, ps: Linear[], M: number): void {
+  const first = ps[0]!, w0 = first.weight;
+  if (ps.every((p) => p.bias === null && p.weight.dtype === w0.dtype && p.matmulPrecision === first.matmulPrecision) && hasShared(w0)) {
+    const C = w0.shape[1]!, third = ps.length === 3;
+    native.gemmSharedA(x._storage, M, C, ys[0]!._storage, w0._storage, w0.shape[0]!, ys[1]!._storage, ps[1]!.weight._storage, ps[1]!.weight.shape[0]!,
+      third ? ys[2]!._storage : null, third ? ps[2]!.weight._storage : null, third ? ps[2]!.weight.shape[0]! : 0, first.matmulPrecision === 'bf16');
+    return;
+  }
+  ps.forEach((p, i) => project(ys[i]!, x, p, M));
+}
+
 /**
  * @internal The decoder layer `layer` (a DecoderLayer of LlamaAttention and LlamaMLP) on x
  * [B, 1, hidden] for a cached one-token inference pass, x updated in place and returned; null
@@ -93,9 +121,7 @@ export function decodeLayer(layer: Module, attn: Module & { cfg: DecoderConfig; 
   const xs = x._live('x');
 
   native.rmsNorm(s.xn._storage, s.rstd._storage, xs, inNorm.weight._storage, B, hidden, inNorm.eps, inNorm.offset);
-  project(s.q, s.xn, qp, B);
-  project(s.k, s.xn, kp, B);
-  project(s.v, s.xn, vp, B);
+  projectAll([s.q, s.k, s.v], s.xn, [qp, kp, vp], B);
   native.rope(s.qr._storage, s.q._storage, rope.positions._storage, rope.invFreq._storage, B, 1, H, D, R, rope.scaling);
   native.rope(s.kr._storage, s.k._storage, rope.positions._storage, rope.invFreq._storage, B, 1, KVH, D, R, rope.scaling);
   writeCache(keys, s.kr, ctx.past);
@@ -105,8 +131,7 @@ export function decodeLayer(layer: Module, attn: Module & { cfg: DecoderConfig; 
     B, 1, ctx.keyLength, cache.maxLength, H, KVH, D, D ** -0.5, true, window);
   project(x, s.att, op, B, true);
   native.rmsNorm(s.xn._storage, s.rstd._storage, xs, postNorm.weight._storage, B, hidden, postNorm.eps, postNorm.offset);
-  project(s.gate, s.xn, gp, B);
-  project(s.up, s.xn, upp, B);
+  projectAll([s.gate, s.up], s.xn, [gp, upp], B);
   native.gatedAct(s.act._storage, s.gate._storage, s.up._storage, B, I, I, UNARY_OP[cfg.act.unary]);
   project(x, s.act, dp, B, true);
   return x;

@@ -677,6 +677,37 @@ void shared_a_rect(const IsaTable& t, bool dot, int64_t M, int64_t K, const floa
   }
 }
 
+// sgemm_shared_a for decode rows (M <= kDecodeRows): each W streamed once from its storage by the
+// streaming path, as a gemm call of each product alone runs it (run_small, the same kernel and k
+// blocks for every output: bit for bit its outputs), with the threads splitting the products' rows
+// laid end to end, so the pool is woken once for all of them (q/k/v: three short streams of one
+// decode step, each only ~0.2-1 MB for a SmolLM2-sized layer).
+void shared_a_streaming(ThreadPool& pool, const IsaTable& t, int64_t M, int64_t K, const float* A, int64_t lda,
+                        int n, const void* const* B, bool b_bf16, const int64_t* N, float* const* C, bool bf16_dot) {
+  // the bf16 dot where gemm_ex takes it for one product (gemm_bf16_dot: dot_small)
+  const bool dot = bf16_dot && b_bf16 && M >= kBf16DotMinRows && t.small_m_bf16_dot && cpu_has_bf16_dot();
+  int64_t total = 0, bytes = 0;
+  for (int i = 0; i < n; ++i) {
+    total += N[i];
+    bytes += N[i] * K * (b_bf16 ? 2 : 4);
+  }
+  if (total == 0) return;
+  auto body = [&](int tid, int nt) {
+    int64_t c0, c1;
+    thread_share(total, 16, tid, nt, &c0, &c1);
+    int64_t off = 0;
+    for (int i = 0; i < n && c0 < c1; off += N[i], ++i) {
+      const int64_t lo = imax(c0, off), hi = imin(c1, off + N[i]);
+      if (lo >= hi) continue;
+      const GemmArgs g = plain_gemm(false, true, M, N[i], K, 1.0f, A, lda, B[i], b_bf16, K, 0.0f, C[i], N[i]);
+      run_small(t, g, dot, 0, M, lo - off, hi - off);
+    }
+  };
+  // as gemm_ex: a second core from kStreamParallelBytes of weights on
+  if (pool.size() == 1 || bytes < kStreamParallelBytes) body(0, 1);
+  else pool.run(body);
+}
+
 }  // namespace
 
 void sgemm_shared_a(ThreadPool& pool, int64_t M, int64_t K, const float* A, int64_t lda, int n,
@@ -687,6 +718,7 @@ void sgemm_shared_a(ThreadPool& pool, int64_t M, int64_t K, const float* A, int6
     return;
   }
   const IsaTable& t = isa_table();
+  if (M <= kDecodeRows) return shared_a_streaming(pool, t, M, K, A, lda, n, B, b_bf16, N, C, bf16_dot);
   // the bf16 dot where sgemm_bf16 would take it for every one of the products (enough rows, none
   // narrow enough for its streaming path); otherwise fp32 products on B widened while packing
   bool dot = bf16_dot && b_bf16 && M >= kBf16DotMinM && cpu_has_bf16_dot() && t.bf16_kernel.run;
