@@ -410,7 +410,8 @@ struct lora_backend {
                                     int64_t N, int64_t I, int64_t ld, lora_unary_op act);
   /* C[i] (M, N[i]) = A·B[i]ᵀ for the n products of one A (M, K) row-major (row stride lda), B[i]
    * (N[i], K) row-major, fp32 or bf16 bits (b_bf16), C[i] contiguous: the projections of one input
-   * (q/k/v, gate/up) in one call, A packed once per thread. NULL where a backend has none (then
+   * (q/k/v, gate/up) in one call, A packed once per thread (on decode's few rows, each B streamed
+   * as gemm streams it alone, with the same results). NULL where a backend has none (then
    * one gemm per product). supports(GEMM_SHARED_A, F32 | BF16) is this entry, by B's dtype. */
   lora_status (*gemm_shared_a)(lora_backend* be, int32_t n, float* const* C, const float* A, int64_t lda,
                                const void* const* B, bool b_bf16, const int64_t* N, int64_t M, int64_t K);
