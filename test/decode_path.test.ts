@@ -1,6 +1,7 @@
 // What a decoding step of a CausalLM with bfloat16 frozen weights asks of the kernels: every
-// projection (and the untied head) is one GEMM that reads its bf16 weight in place with M = the
-// batch's rows (the GEMM engine's decode path, M <= 16), once per token, and no weight is converted
+// projection (and the untied head) is one GEMM product that reads its bf16 weight in place with M =
+// the batch's rows (the GEMM engine's decode path, M <= 16; q/k/v and gate/up as the products of
+// one gemmSharedA call each), once per token, and no weight is converted
 // to float32 (no convert call at all) — with and without LoRA on some projections. Spies on the
 // binding; the tokens must still equal those of a float32 copy of the same weights.
 import * as fs from 'node:fs';
@@ -26,10 +27,15 @@ interface Spied {
 async function spy<T>(fn: (rec: Spied) => Promise<T>): Promise<T> {
   const rec: Spied = { gemms: [], converts: 0, loras: [] };
   const b = native as unknown as Record<string, (...a: unknown[]) => unknown>;
-  const orig = { gemm: b.gemm!, convert: b.convert!, loraForward: b.loraForward! };
+  const orig = { gemm: b.gemm!, gemmSharedA: b.gemmSharedA!, convert: b.convert!, loraForward: b.loraForward! };
   b.gemm = (...a: unknown[]) => {
     rec.gemms.push({ bf16: (a[2] as NativeStorage).dtype === DTYPE_ID.bfloat16, M: a[3] as number });
     return orig.gemm(...a);
+  };
+  // gemmSharedA(a, M, K, out0, w0, N0, out1, w1, N1, out2, w2, N2, bf16Dot): one product per weight
+  b.gemmSharedA = (...a: unknown[]) => {
+    for (const w of [a[4], a[7], a[10]]) if (w) rec.gemms.push({ bf16: (w as NativeStorage).dtype === DTYPE_ID.bfloat16, M: a[1] as number });
+    return orig.gemmSharedA(...a);
   };
   b.convert = (...a: unknown[]) => {
     rec.converts++;
@@ -79,7 +85,7 @@ for (const lora of [false, true]) {
       t.equal(steps.length, 5);
       for (const [i, s] of steps.slice(1).entries()) {
         const bf = s.gemms.filter((g) => g.bf16);
-        t.equal(bf.length, linears, `step ${i + 1}: one bf16 GEMM per Linear (${linears})`);
+        t.equal(bf.length, linears, `step ${i + 1}: one bf16 GEMM product per Linear (${linears})`);
         t.ok(bf.every((g) => g.M === 1), `step ${i + 1}: each with M = 1 row (the decode path)`);
         t.equal(s.loras.length, loraLinears, `step ${i + 1}: one LoRA kernel per LoraLinear (${loraLinears})`);
         t.ok(s.loras.every((l) => l.bf16 && l.N === 1), `step ${i + 1}: LoRA kernels read the bf16 weight in place`);
