@@ -143,6 +143,47 @@ for (const precision of ['bf16', 'fp32'] as const) {
   });
 }
 
+// Linear.matmulPrecision is a plain field: a bad value set on a layer throws in the fast path as
+// linear() throws it in the generic path, instead of quietly giving fp32 products. The value goes
+// bad after the prompt's pass, so only the one-token step (fast or generic) meets it.
+t.test('a bad matmulPrecision set on one layer: the one-token step throws what the generic path throws', async (t) => {
+  const dir = path.join(tmp, 'llama-bad-precision');
+  writeCheckpoint(dir, 'llama', { dtype: 'bfloat16', seed: 6 });
+  const model = await loadCausalLM(dir, { dtype: 'bfloat16' });
+  const step = (layer: { matmulPrecision: string }, fast: boolean): (Error & { code?: string }) | null => {
+    decodeFastPath.enabled = fast;
+    try {
+      return noGrad(() => {
+        using cache = model.createCache(1, 8);
+        tidy(() => model.forward(tensor([5, 17, 3], [1, 3], { dtype: 'int32' }), { cache }));
+        layer.matmulPrecision = 'bf61';
+        try {
+          tidy(() => model.forward(tensor([8], [1, 1], { dtype: 'int32' }), { cache }));
+          return null;
+        } catch (e) {
+          return e as Error & { code?: string };
+        } finally {
+          layer.matmulPrecision = 'fp32';
+        }
+      });
+    } finally {
+      decodeFastPath.enabled = true;
+    }
+  };
+  try {
+    for (const name of ['self_attn.k_proj', 'mlp.up_proj', 'self_attn.o_proj']) {
+      const layer = model.getModule(`model.layers.0.${name}`) as unknown as { matmulPrecision: string };
+      const [generic, fast] = [step(layer, false), step(layer, true)];
+      t.ok(generic, `${name}: the generic path throws`);
+      t.ok(fast, `${name}: the fast path throws`);
+      t.equal(fast?.code, generic?.code, `${name}: the same code (${generic?.code})`);
+      t.equal(fast?.message, generic?.message, `${name}: the same message`);
+    }
+  } finally {
+    model.dispose();
+  }
+});
+
 t.test('LoRA on layer 1\'s q_proj and down_proj: that layer takes the generic path with its adapters, layer 0 the fast one, the logits equal the generic path\'s', async (t) => {
   const dir = path.join(tmp, 'llama-lora');
   writeCheckpoint(dir, 'llama', { dtype: 'bfloat16', seed: 4 });

@@ -12,7 +12,7 @@
 import { Module } from '../module';
 import { Linear } from '../nn';
 import { DEVICE_ID, DTYPE_ID, native, OP, UNARY_OP } from '../native';
-import { gemmReadsAsStored } from '../ops/util';
+import { expectMatmulPrecision, gemmReadsAsStored } from '../ops/util';
 import { Device, keep, Tensor, zeros } from '../tensor';
 import { ForwardContext, HfRMSNorm, isPlainLinear, KVCache, RopeInputs, writeCache } from './common';
 import type { DecoderConfig } from './llama';
@@ -66,8 +66,10 @@ function norm(m: Module | undefined, device: Device): m is HfRMSNorm {
  */
 function project(y: Tensor, x: Tensor, p: Linear, M: number, accumulate = false): void {
   const [OC, C] = p.weight.shape as [number, number];
+  // (checked as linear() checks it: the field is plain, and a bad value must throw here too)
+  const bf16Dot = expectMatmulPrecision('matmulPrecision', p.matmulPrecision) === 'bf16';
   if (p.bias) native.copyStrided(y._storage, 0, [OC, 1], p.bias._storage, 0, [0, 1], [M, OC]);
-  native.gemm(y._storage, x._storage, p.weight._storage, M, OC, C, false, true, C, C, OC, 1, accumulate || p.bias ? 1 : 0, 1, 0, 0, 0, p.matmulPrecision === 'bf16');
+  native.gemm(y._storage, x._storage, p.weight._storage, M, OC, C, false, true, C, C, OC, 1, accumulate || p.bias ? 1 : 0, 1, 0, 0, 0, bf16Dot);
 }
 
 // Whether the backend has gemmSharedA for a device and weight dtype (a binding query, per pair)
@@ -89,8 +91,9 @@ function projectAll(ys: Tensor[], x: Tensor, ps: Linear[], M: number): void {
   const first = ps[0]!, w0 = first.weight;
   if (ps.every((p) => p.bias === null && p.weight.dtype === w0.dtype && p.matmulPrecision === first.matmulPrecision) && hasShared(w0)) {
     const C = w0.shape[1]!, third = ps.length === 3;
+    const bf16Dot = expectMatmulPrecision('matmulPrecision', first.matmulPrecision) === 'bf16';
     native.gemmSharedA(x._storage, M, C, ys[0]!._storage, w0._storage, w0.shape[0]!, ys[1]!._storage, ps[1]!.weight._storage, ps[1]!.weight.shape[0]!,
-      third ? ys[2]!._storage : null, third ? ps[2]!.weight._storage : null, third ? ps[2]!.weight.shape[0]! : 0, first.matmulPrecision === 'bf16');
+      third ? ys[2]!._storage : null, third ? ps[2]!.weight._storage : null, third ? ps[2]!.weight.shape[0]! : 0, bf16Dot);
     return;
   }
   ps.forEach((p, i) => project(ys[i]!, x, p, M));
