@@ -11,7 +11,7 @@ async function main(): Promise<void> {
   const [dir, dtype = 'fp32', ...rest] = process.argv.slice(2);
   const kv = Object.fromEntries(rest.map((a) => a.split('=') as [string, string]));
   setNumThreads(2);
-  const model = await loadCausalLM(dir!, { dtype: dtype === 'bf16' ? 'bfloat16' : 'float32', ...(kv.mp === 'bf16' ? { matmulPrecision: 'bf16' as const } : {}) });
+  const model = await loadCausalLM(dir!, { dtype: dtype === 'bf16' ? 'bfloat16' : 'float32', matmulPrecision: kv.mp === 'bf16' ? 'bf16' : 'fp32' });
   applyLora(model, { targetModules: 'all-linear', rank: 16, alpha: 32, seed: 1 });
   let seed = 11;
   for (const l of loraLayers(model).values()) l.loraB.assign(randomF32(l.loraB.size, seed++, 0.07));

@@ -13,18 +13,12 @@ import { features, getNumThreads, linear, LoraError, LoraLinear, setNumThreads, 
 import { DTYPE_ID, native, OP } from '../lib/native';
 import { Rng } from '../lib/random';
 import { assertClose, assertLoraError, leakChecked } from './helpers';
+import { bf16Value } from './ref/dtype_ref';
 import { dropoutRef } from './ref/lora_ref';
 
 const LEVELS = ['avx512', 'avx2', 'generic'];
 const CHILD = process.env.LORA_NATIVE_GEMM_TEST_CHILD === '1';
 
-// (one scratch float for every call: two typed arrays allocated per call took two thirds of a child's time)
-const roundBits = new Float32Array(1), roundU32 = new Uint32Array(roundBits.buffer);
-function bf16Round(v: number): number {
-  roundBits[0] = v;
-  roundU32[0] = (roundU32[0]! + 0x7fff + ((roundU32[0]! >>> 16) & 1)) & 0xffff0000;
-  return roundBits[0]!;
-}
 const f32 = (n: number, rng: Rng, scale = 1) => Float32Array.from({ length: n }, () => (2 * rng.uniform() - 1) * scale);
 const toF32 = (s: ReturnType<typeof native.alloc>) => new Float32Array(native.toHost(s));
 function bf16Tensor(vals: Float32Array) {
@@ -59,7 +53,7 @@ function randomGemm(rng: Rng, i: number, threads: number, bf16 = false, dims?: [
   const alpha = [1, 0.5, -2, 0][Math.floor(rng.uniform() * 4)]!;
   const beta = [0, 1, 0.5][Math.floor(rng.uniform() * 3)]!;
   const Ah = f32(Math.max(1, (ta ? K : M) * lda), rng), Bh = f32(Math.max(1, (tb ? N : K) * ldb), rng);
-  if (bf16) Bh.forEach((v, q) => { Bh[q] = bf16Round(v); });
+  if (bf16) Bh.forEach((v, q) => { Bh[q] = bf16Value(v); });
   const Ch = f32(Math.max(1, M * ldc), rng);
   if (beta === 0) for (let q = 0; q < Ch.length; q++) if ((q % ldc) < N) Ch[q] = NaN;
   const A = native.fromHost(0, DTYPE_ID.float32, Ah), B = bf16 ? bf16Tensor(Bh) : native.fromHost(0, DTYPE_ID.float32, Bh);
@@ -106,7 +100,7 @@ function linearBf16Cases(rng: Rng): string[] {
   for (const [xShape, C, OC] of shapes) {
     const N = xShape.slice(0, -1).reduce((a, b) => a * b, 1);
     setNumThreads(1 + (rng.nextU32() % 3));
-    const xh = f32(N * C, rng), Wh = f32(OC * C, rng, 0.5).map(bf16Round), bh = f32(OC, rng), Gh = f32(N * OC, rng);
+    const xh = f32(N * C, rng), Wh = f32(OC * C, rng, 0.5).map(bf16Value), bh = f32(OC, rng), Gh = f32(N * OC, rng);
     const what = `linear x ${JSON.stringify(xShape)} W [${OC}, ${C}] bf16 threads=${getNumThreads()}`;
     tidy(() => {
       const x = tensor(xh, xShape, { requiresGrad: true }), b = tensor(bh, [OC], { requiresGrad: true });
@@ -162,9 +156,9 @@ function checkMergedBf16(got: Float32Array, W: Float32Array, A: Float32Array, B:
         mag += Math.abs(p);
       }
       const bound = (2 * R + 4) * 2 ** -24 * mag;
-      const lo = bf16Round(Math.fround(v - bound)), hi = bf16Round(Math.fround(v + bound)), g = got[o * C + c]!;
+      const lo = bf16Value(Math.fround(v - bound)), hi = bf16Value(Math.fround(v + bound)), g = got[o * C + c]!;
       if (!(g >= lo && g <= hi)) return { bad: `W'(${o},${c}) = ${g}, float64 ${v} rounds to [${lo}, ${hi}]`, exact };
-      if (g === bf16Round(Math.fround(v))) exact++;
+      if (g === bf16Value(Math.fround(v))) exact++;
     }
   }
   return { bad: null, exact };
@@ -193,7 +187,7 @@ function mergeBf16Cases(rng: Rng): string[] {
   for (const [OC, C, R] of shapes) {
     setNumThreads(1 + (rng.nextU32() % 3));
     const s = pick([1.5, -0.75, 2, 1 / 3]);
-    const W = f32(OC * C, rng).map(bf16Round), A = f32(R * C, rng), B = f32(OC * R, rng);
+    const W = f32(OC * C, rng).map(bf16Value), A = f32(R * C, rng), B = f32(OC * R, rng);
     const tW = bf16Tensor(W), tA = native.fromHost(0, DTYPE_ID.float32, A), tB = native.fromHost(0, DTYPE_ID.float32, B);
     const what = `merge OC=${OC} C=${C} R=${R} s=${s} threads=${getNumThreads()}`;
     native.loraMerge(tW, tA, tB, OC, C, R, s);
@@ -220,7 +214,7 @@ function decodeCases(rng: Rng): string[] {
     for (const dtype of ['float32', 'bfloat16'] as const)
       for (const threads of [1, 2]) {
         setNumThreads(threads);
-        const xh = f32(M * C, rng), Wh = f32(OC * C, rng, 0.5).map((v) => (dtype === 'bfloat16' ? bf16Round(v) : v));
+        const xh = f32(M * C, rng), Wh = f32(OC * C, rng, 0.5).map((v) => (dtype === 'bfloat16' ? bf16Value(v) : v));
         const what = `decode x [${M}, ${C}] W [${OC}, ${C}] ${dtype} threads=${threads}`;
         tidy(() => {
           const y = linear(tensor(xh, [M, C]), tensor(Wh, [OC, C]).toDtype(dtype)).toFloat32Array();
@@ -255,7 +249,7 @@ function bf16DotDecodeCases(rng: Rng): string[] {
   for (const [M, C, OC] of shapes)
     for (const threads of [1, 2]) {
       setNumThreads(threads);
-      const xh = f32(M * C, rng), Wh = f32(OC * C, rng, 0.5).map(bf16Round), y0 = f32(M * OC, rng);
+      const xh = f32(M * C, rng), Wh = f32(OC * C, rng, 0.5).map(bf16Value), y0 = f32(M * OC, rng);
       const what = `bf16 products x [${M}, ${C}] W [${OC}, ${C}] threads=${threads} (bf16 dot ${dot ? 'on' : 'off'})`;
       tidy(() => {
         const x = tensor(xh, [M, C]), W = tensor(Wh, [OC, C]).toDtype('bfloat16');
@@ -272,7 +266,7 @@ function bf16DotDecodeCases(rng: Rng): string[] {
           for (let k = 0; k < C; k++) {
             const w = Wh[o * C + k]!, v = xh[n * C + k]!;
             exact += v * w;
-            rounded += bf16Round(v) * w;
+            rounded += bf16Value(v) * w;
             mag += Math.abs(v * w);
           }
           const want = rounds ? rounded : exact;
@@ -315,7 +309,7 @@ function sharedACases(rng: Rng): string[] {
         setNumThreads(threads);
         const dot = dtype === 'bf16dot', bf16 = dtype !== 'float32';
         const ah = f32(M * K, rng);
-        const whs = Ns.map((N) => f32(N * K, rng, 0.5).map((v) => (bf16 ? bf16Round(v) : v)));
+        const whs = Ns.map((N) => f32(N * K, rng, 0.5).map((v) => (bf16 ? bf16Value(v) : v)));
         const a = native.fromHost(0, DTYPE_ID.float32, ah);
         const ws = whs.map((wh) => (bf16 ? bf16Tensor(wh) : native.fromHost(0, DTYPE_ID.float32, wh)));
         const outs = Ns.map((N) => native.fromHost(0, DTYPE_ID.float32, new Float32Array(M * N).fill(NaN)));
@@ -485,7 +479,7 @@ if (CHILD) {
       setNumThreads(threads);
       const rng = new Rng(N * 7 + C);
       const x = f32(N * C, rng), W = f32(OC * C, rng, 0.5), A = f32(R * C, rng, 0.5), B = f32(OC * R, rng, 0.5), b = f32(OC, rng);
-      const Wb = W.map(bf16Round);
+      const Wb = W.map(bf16Value);
       const s = 0.75;
       const tx = native.fromHost(0, DTYPE_ID.float32, x), tW = bf16Tensor(W), tA = native.fromHost(0, DTYPE_ID.float32, A);
       const tB = native.fromHost(0, DTYPE_ID.float32, B), tb = native.fromHost(0, DTYPE_ID.float32, b);
@@ -583,7 +577,7 @@ if (CHILD) {
     for (const [OC, C, R, s, threads] of [[70, 45, 6, 1.5, 1], [129, 300, 16, -0.5, 2], [13, 17, 3, 2, 2], [1, 129, 1, 0.25, 1]] as const) {
       setNumThreads(threads);
       const rng = new Rng(OC + C);
-      const W = f32(OC * C, rng).map(bf16Round), A = f32(R * C, rng), B = f32(OC * R, rng);
+      const W = f32(OC * C, rng).map(bf16Value), A = f32(R * C, rng), B = f32(OC * R, rng);
       const tW = bf16Tensor(W), tA = native.fromHost(0, DTYPE_ID.float32, A), tB = native.fromHost(0, DTYPE_ID.float32, B);
       native.loraMerge(tW, tA, tB, OC, C, R, s);
       const merged = bf16ToF32(tW);
@@ -599,7 +593,7 @@ if (CHILD) {
     // NaN stays NaN, ±inf stays, the largest bf16 overflows to inf by rounding, and s = 0 touches
     // nothing (not even with NaN in A); the rest of the row is rounded as usual.
     const C = 40, R = 2;
-    const W = f32(2 * C, new Rng(9)).map(bf16Round);
+    const W = f32(2 * C, new Rng(9)).map(bf16Value);
     W[0] = NaN; W[1] = Infinity; W[2] = -Infinity; W[3] = 3.3895313892515355e38; W[41] = -3.3895313892515355e38;
     // row 0 gets s·B·A = 1e36 (above half a bf16 step of the largest bf16, 6.6e35), row 1 gets 1e38
     const A = new Float32Array(R * C).fill(0.5), B = new Float32Array([1e36, 1e36, 1e38, 1e38]);
@@ -621,7 +615,7 @@ if (CHILD) {
   void leakChecked(t, 'LoraLinear with a bf16 weight: merge() and unmerge() round once; the merged forward is linear()', (t) => {
     const rng = new Rng(21);
     const C = 33, OC = 17, R = 4, N = 3;
-    const Wh = f32(OC * C, rng).map(bf16Round), Bh = f32(OC * R, rng), xh = f32(N * C, rng);
+    const Wh = f32(OC * C, rng).map(bf16Value), Bh = f32(OC * R, rng), xh = f32(N * C, rng);
     tidy(() => {
       const layer = new LoraLinear({ inFeatures: C, outFeatures: OC, rank: R, alpha: 6, weight: tensor(Wh, [OC, C]).toDtype('bfloat16'), bias: false, seed: 2 });
       native.copyInto(layer.loraB._storage, tensor(Bh, [OC, R])._storage);  // a trained adapter
@@ -651,7 +645,7 @@ if (CHILD) {
     try {
       for (const [N, C, OC] of [[1, 129, 17], [3, 17, 129], [17, 3, 1], [129, 65, 33]] as const) {
         tidy(() => {
-          const xh = f32(N * C, rng), Wh = f32(OC * C, rng, 0.5).map(bf16Round), bh = f32(OC, rng), Gh = f32(N * OC, rng);
+          const xh = f32(N * C, rng), Wh = f32(OC * C, rng, 0.5).map(bf16Value), bh = f32(OC, rng), Gh = f32(N * OC, rng);
           const W = tensor(Wh, [OC, C]).toDtype('bfloat16');
           W.requiresGrad = true;
           const x = tensor(xh, [N, C], { requiresGrad: true }), b = tensor(bh, [OC], { requiresGrad: true });

@@ -15,16 +15,11 @@ import {
 } from '../lib/index';
 import { Rng } from '../lib/random';
 import { assertLoraError, leakChecked } from './helpers';
+import { bf16Value } from './ref/dtype_ref';
 import { writeCheckpoint } from './hf_checkpoint';
 
 const DOT = features().bf16Dot;
 const rand = (n: number, rng: Rng, scale = 1) => Float32Array.from({ length: n }, () => (2 * rng.uniform() - 1) * scale);
-function bf16Round(v: number): number {
-  const f = new Float32Array([v]);
-  const u = new Uint32Array(f.buffer);
-  u[0] = (u[0]! + 0x7fff + ((u[0]! >>> 16) & 1)) & 0xffff0000;
-  return f[0]!;
-}
 
 // Worst |got - Σ a·b| / (rel·Σ|a·b| + 1e-6) over the (rows, cols) outputs of a(rows, K)·op(b),
 // b read as b[j*K + k] (transB) or b[k*cols + j].
@@ -52,7 +47,7 @@ t.test('linear() with matmulPrecision bf16: y and dx within 2^-8·Σ|x·w| of fl
     setNumThreads(threads);
     await leakChecked(t, `N=${N} C=${C} OC=${OC}`, (tt) => {
       const rng = new Rng(N + C);
-      const xh = rand(N * C, rng), Wh = rand(OC * C, rng, 0.5).map(bf16Round), bh = rand(OC, rng), gh = rand(N * OC, rng);
+      const xh = rand(N * C, rng), Wh = rand(OC * C, rng, 0.5).map(bf16Value), bh = rand(OC, rng), gh = rand(N * OC, rng);
       tidy(() => {
         const W = tensor(Wh, [OC, C]).toDtype('bfloat16'), b = tensor(bh, [OC]);
         const out: Record<string, { y: Float32Array; dx: Float32Array }> = {};
@@ -87,7 +82,7 @@ t.test('linearCrossEntropy with matmulPrecision bf16: loss within the logits bou
   await leakChecked(t, 'head', (tt) => {
     const N = 80, C = 48, V = 300;
     const rng = new Rng(17);
-    const xh = rand(N * C, rng), Wh = rand(V * C, rng, 0.5).map(bf16Round);
+    const xh = rand(N * C, rng), Wh = rand(V * C, rng, 0.5).map(bf16Value);
     const targets = Array.from({ length: N }, (_, i) => (i % 9 === 0 ? -100 : Math.floor(rng.uniform() * V)));
     tidy(() => {
       const W = tensor(Wh, [V, C]).toDtype('bfloat16'), tg = tensor(targets, [N], { dtype: 'int32' });

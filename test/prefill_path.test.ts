@@ -156,4 +156,3 @@ t.test('prefill with LoRA on q_proj and up_proj: those products apart, the logit
   assertClose(t, two.out, logitsOf(model2, ROWS, MASK), { atol: 1e-5, rtol: 1e-5 }, 'one LoRA layer: inference logits equal the recording pass');
   model2.dispose();
 });
-

@@ -7,7 +7,7 @@
 // kernel of lib/ops/attention.ts, with the padding mask, the sliding window and the KV cache passed
 // to it as they are.
 import { describe, expectInteger, LoraError } from '../errors';
-import { DEVICE_ID, DTYPE_ID, native, OP } from '../native';
+import { DEVICE_ID, DTYPE_ID, native, NativeStorage, OP } from '../native';
 import { Module } from '../module';
 import { LoraLinear } from '../lora';
 import { Linear } from '../nn';
@@ -628,14 +628,22 @@ export function projectShared(x: Tensor, mods: readonly Module[], ctx?: ForwardC
       const ws = lins.map((l) => l!.weight);
       const bf16Dot = expectMatmulPrecision('matmulPrecision', first.matmulPrecision) === 'bf16';
       const outs = ws.map((w) => empty([...x.shape.slice(0, -1), w.shape[0]!], x.device));
-      const third = outs.length === 3;
-      native.gemmSharedA(x._live('x'), M, K, outs[0]!._storage, ws[0]!._live('weight'), ws[0]!.shape[0]!,
-        outs[1]!._storage, ws[1]!._live('weight'), ws[1]!.shape[0]!,
-        third ? outs[2]!._storage : null, third ? ws[2]!._live('weight') : null, third ? ws[2]!.shape[0]! : 0, bf16Dot);
+      gemmSharedA(x._live('x'), M, K, outs.map((o) => o._storage), ws.map((w) => w._live('weight')), ws.map((w) => w.shape[0]!), bf16Dot);
       return outs;
     }
   }
   return mods.map((m) => m.forward(x));
+}
+
+/**
+ * @internal outs[i] (M, rows[i]) = x (M, K)·ws[i]ᵀ for 2 or 3 weights in one native.gemmSharedA
+ * call (projectShared() and the decode fast path check what it needs: one dtype, bias-free, the
+ * backend's support).
+ */
+export function gemmSharedA(x: NativeStorage, M: number, K: number, outs: NativeStorage[], ws: NativeStorage[], rows: number[], bf16Dot: boolean): void {
+  const third = outs.length === 3;
+  native.gemmSharedA(x, M, K, outs[0]!, ws[0]!, rows[0]!, outs[1]!, ws[1]!, rows[1]!,
+    third ? outs[2]! : null, third ? ws[2]! : null, third ? rows[2]! : 0, bf16Dot);
 }
 
 /** A context for a stand-alone forward of one layer: positions 0..T-1, no padding, no cache. */

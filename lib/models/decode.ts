@@ -14,7 +14,7 @@ import { Linear } from '../nn';
 import { DEVICE_ID, DTYPE_ID, native, OP, UNARY_OP } from '../native';
 import { expectMatmulPrecision, gemmReadsAsStored } from '../ops/util';
 import { Device, keep, Tensor, zeros } from '../tensor';
-import { ForwardContext, HfRMSNorm, isPlainLinear, KVCache, RopeInputs, writeCache } from './common';
+import { ForwardContext, gemmSharedA, HfRMSNorm, isPlainLinear, KVCache, RopeInputs, writeCache } from './common';
 import type { DecoderConfig } from './llama';
 
 /** @internal Switches the fast path off (tests compare it with the generic path). */
@@ -90,10 +90,8 @@ function hasShared(w: Tensor): boolean {
 function projectAll(ys: Tensor[], x: Tensor, ps: Linear[], M: number): void {
   const first = ps[0]!, w0 = first.weight;
   if (ps.every((p) => p.bias === null && p.weight.dtype === w0.dtype && p.matmulPrecision === first.matmulPrecision) && hasShared(w0)) {
-    const C = w0.shape[1]!, third = ps.length === 3;
     const bf16Dot = expectMatmulPrecision('matmulPrecision', first.matmulPrecision) === 'bf16';
-    native.gemmSharedA(x._storage, M, C, ys[0]!._storage, w0._storage, w0.shape[0]!, ys[1]!._storage, ps[1]!.weight._storage, ps[1]!.weight.shape[0]!,
-      third ? ys[2]!._storage : null, third ? ps[2]!.weight._storage : null, third ? ps[2]!.weight.shape[0]! : 0, bf16Dot);
+    gemmSharedA(x._storage, M, w0.shape[1]!, ys.map((y) => y._storage), ps.map((p) => p.weight._storage), ps.map((p) => p.weight.shape[0]!), bf16Dot);
     return;
   }
   ps.forEach((p, i) => project(ys[i]!, x, p, M));

@@ -207,6 +207,13 @@ void pack_b2(const IsaTable& t, float* dst, const GemmArgs& g, int64_t j0, int64
   }
 }
 
+// Whether the streaming path takes the bf16 dot product for M rows of x against a stored-(n, k) bf16
+// B where the caller allows it (gemm_ex's dot_small, and gemm_shared_a on decode rows, whose outputs
+// must match it bit for bit).
+bool streams_bf16_dot(const IsaTable& t, int64_t M) {
+  return M >= kBf16DotMinRows && M <= kDecodeRows && t.small_m_bf16_dot && cpu_has_bf16_dot();
+}
+
 // The streaming path over the C rectangle [m0, m1) x [n0, n1), 8 rows of C at a time: B is read
 // straight from its storage (no packing), k in blocks so the 8 rows of A stay in L1.
 // dot: the bf16 dot product for a stored-(n, k) bf16 B (t.small_m_bf16_dot, x rounded to bf16).
@@ -511,8 +518,7 @@ void gemm_ex(ThreadPool& pool, const GemmArgs& g) {
   // decode rows with bf16 products asked for: the streaming bf16 dot product (W read once, as
   // stored; each vdpbf16ps does twice an FMA's multiply-adds, so 8 and 16 rows stay memory-bound)
   const bool dot_small = small && g.trans_b && g.b_bf16 && g.bf16_dot_few_rows && g.allow_bf16_dot &&
-                         g.M >= kBf16DotMinRows && g.M <= kDecodeRows && t.small_m_bf16_dot && cpu_has_bf16_dot() &&
-                         !g.drop_b;
+                         streams_bf16_dot(t, g.M) && !g.drop_b;
   // (the pairwise bf16 packing of B is scalar: worth it only over enough rows of A)
   const bool bf16_dot = !small && g.M >= kBf16DotMinM && g.b_bf16 && g.allow_bf16_dot && cpu_has_bf16_dot() &&
                         t.bf16_kernel.run && !g.drop_a && !g.drop_b && g.alpha != 0.0f;
@@ -685,7 +691,7 @@ void shared_a_rect(const IsaTable& t, bool dot, int64_t M, int64_t K, const floa
 void shared_a_streaming(ThreadPool& pool, const IsaTable& t, int64_t M, int64_t K, const float* A, int64_t lda,
                         int n, const void* const* B, bool b_bf16, const int64_t* N, float* const* C, bool bf16_dot) {
   // the bf16 dot where gemm_ex takes it for one product (gemm_bf16_dot: dot_small)
-  const bool dot = bf16_dot && b_bf16 && M >= kBf16DotMinRows && t.small_m_bf16_dot && cpu_has_bf16_dot();
+  const bool dot = bf16_dot && b_bf16 && streams_bf16_dot(t, M);
   int64_t total = 0, bytes = 0;
   for (int i = 0; i < n; ++i) {
     total += N[i];
@@ -703,7 +709,7 @@ void shared_a_streaming(ThreadPool& pool, const IsaTable& t, int64_t M, int64_t 
       run_small(t, g, dot, 0, M, lo - off, hi - off);
     }
   };
-  // as gemm_ex: a second core from kStreamParallelBytes of weights on
+  // as gemm_ex's streaming path: a second core from kStreamParallelBytes of weights on
   if (pool.size() == 1 || bytes < kStreamParallelBytes) body(0, 1);
   else pool.run(body);
 }

@@ -36,7 +36,9 @@ void sgemm_bf16_update(ThreadPool& pool, int64_t M, int64_t N, int64_t K, float 
 // product and thread); the products are those of sgemm with trans_b, alpha 1 and beta 0. With
 // bf16_dot (and b_bf16), A may be rounded to bf16 for the pair dot product as sgemm_bf16 does with
 // bf16_dot: where that runs the dot for every product (the CPU has it, M >= 64, no product 32
-// columns or fewer), the results are sgemm_bf16's bit for bit; elsewhere fp32 products.
+// columns or fewer), the results are sgemm_bf16's bit for bit; elsewhere fp32 products. Decode rows
+// (M <= kDecodeRows) stream each B as sgemm_bf16 streams it alone (its bf16 dot on 4..16 rows
+// included): the same outputs bit for bit, the threads splitting the products' rows end to end.
 void sgemm_shared_a(ThreadPool& pool, int64_t M, int64_t K, const float* A, int64_t lda, int n,
                     const void* const* B, bool b_bf16, const int64_t* N, float* const* C,
                     bool bf16_dot = false);

@@ -12,6 +12,7 @@
 //     chunk(2) gate first, partial rotary), models/gpt2/modeling_gpt2.py (Conv1D x·W + b,
 //     learned positions, LayerNorm, gelu_new, scale 1/sqrt(head_dim)).
 // Plain loops, no batching tricks: slow and obvious.
+import { bf16Value } from './dtype_ref';
 import { erf } from './nn_ops_ref';
 
 type W = Map<string, { shape: number[]; data: Float64Array }>;
@@ -124,13 +125,6 @@ export function invFreqRef(c: Cfg, dim: number, maxPos: number, dflt: { theta: n
   return { inv, scale };
 }
 
-function bf16Round(v: number): number {
-  const f = new Float32Array([v]);
-  const u = new Uint32Array(f.buffer);
-  u[0] = ((u[0]! + 0x7fff + ((u[0]! >>> 16) & 1)) >>> 16) << 16;
-  return f[0]!;
-}
-
 /** Logits [B·T·V] of the model for ids [B][T] (every row the same length). */
 export function causalLmRef(arch: string, c: Cfg, ws: W, ids: number[][], o: RefOptions = {}): Float64Array {
   const B = ids.length;
@@ -151,7 +145,7 @@ export function causalLmRef(arch: string, c: Cfg, ws: W, ids: number[][], o: Ref
   const offset = arch === 'gemma' ? 1 : 0;
   const table = w(ws, gpt2 ? 'wte.weight' : `${pre}embed_tokens.weight`);
   let x = new Float64Array(N * C);
-  const normalizer = arch === 'gemma' ? (o.dtype === 'bfloat16' ? bf16Round(Math.sqrt(C)) : Math.fround(Math.sqrt(C))) : 1;
+  const normalizer = arch === 'gemma' ? (o.dtype === 'bfloat16' ? bf16Value(Math.sqrt(C)) : Math.fround(Math.sqrt(C))) : 1;
   for (let b = 0; b < B; b++)
     for (let t = 0; t < T; t++)
       for (let k = 0; k < C; k++) {
