@@ -99,7 +99,9 @@ constexpr int kDecodeRows = 16;
 // traffic overtakes the broadcast form's wasted lanes (measured at 4096 x 4096 on Zen 5: fp32 8 rows
 // 3.7 ms against 5.3, 4 rows equal; bf16 8 rows 2.3 ms against 3.4). With 4-lane vectors and no
 // FMA (the portable level) the dot form stays ahead up to 8 rows (8.8 ms against 12.8).
-// (more than 8 rows always broadcast: the dot form's registers hold 8)
+// (more than 8 rows always broadcast: the dot form's registers hold 8. With 16-lane vectors, 5-8 rows
+// of an fp32 B broadcast pairs of B elements, two k positions per vector (small_m_pairs): 4096 x
+// 4096, 8 rows, 1 thread, alternating runs: 2.9-3.1 ms against 3.9-4.1 ms for the lanes form.)
 constexpr bool decode_broadcasts(int m, bool bf16, int lanes) { return m >= (bf16 || lanes < 8 ? 9 : 5); }
 // Rows of x from which the streaming path takes the bf16 dot product when asked for: below, the
 // widened bf16 W reads as fast or faster (both bound by memory; 4096 x 4096 on Zen 5, 1 thread: 2

@@ -370,6 +370,69 @@ inline void bcast_rows(int m, int64_t k, const T* __restrict w, int64_t ldb, con
     }
 }
 
+// fp32 B stored (n, k), m <= LN_VL / 2 rows of x past the dot form's: two k positions per
+// vector. xt holds x repacked as (k/2, LN_VL), lane 2i+e = x[i][2q+e] (lanes past 2m zero), and each
+// 8-byte pair of a row of B is broadcast to every lane pair, so one FMA takes 8 rows x 2 k where the
+// rows-as-lanes form (bcast_rows) gives half its lanes to padding (4096 x 4096, 8 rows, Zen 5).
+// Lane pairs are summed at the end; an odd k's last column is added in scalar.
+#if LN_VL >= 16
+typedef uint64_t vq __attribute__((vector_size(LN_VL * 4)));
+inline vf pair_splat(const float* p) {
+  uint64_t u;
+  __builtin_memcpy(&u, p, 8);
+  return (vf)(vq{} + u);  // every 64-bit lane = (p[0], p[1]): vpbroadcastq from memory
+}
+template <int R>
+inline void pair_rows(int m, int64_t k, const float* __restrict w, int64_t ldb, const float* __restrict xt,
+                      const float* __restrict a, int64_t lda, float* __restrict c, int64_t ldc, int accumulate) {
+  vf acc[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) acc[r] = vf{};
+  const int64_t kp = k & ~int64_t(1);
+  auto step = [&](int64_t p) __attribute__((always_inline)) {
+    const vf xv = loadu(xt + (p / 2) * LN_VL);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) acc[r] = LN_FMA(pair_splat(w + r * ldb + p), xv, acc[r]);
+  };
+  int64_t p = 0;
+  // a cache line of each row at a time, unrolled (as bcast_rows)
+  for (; p + 16 <= kp; p += 16) {
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) __builtin_prefetch(w + r * ldb + p + kBcastPrefetch<float>);
+#pragma GCC unroll 8
+    for (int q = 0; q < 16; q += 2) step(p + q);
+  }
+  for (; p < kp; p += 2) step(p);
+  float tile[R * LN_VL];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) storeu(tile + r * LN_VL, acc[r]);
+  for (int i = 0; i < m; ++i)
+    for (int r = 0; r < R; ++r) {
+      float s = tile[r * LN_VL + 2 * i] + tile[r * LN_VL + 2 * i + 1];
+      if (kp < k) s += a[i * lda + kp] * w[r * ldb + kp];
+      float* out = c + i * ldc + r;
+      *out = accumulate ? *out + s : s;
+    }
+}
+
+void small_m_pairs(int m, int64_t n, int64_t k, const float* __restrict a, int64_t lda, const float* b, int64_t ldb,
+                   float* c, int64_t ldc, int accumulate, float* __restrict xt) {
+  const int64_t kh = k / 2;
+  for (int64_t q = 0; q < kh; ++q) {
+    float* d = xt + q * LN_VL;
+    for (int i = 0; i < LN_VL / 2; ++i) {
+      d[2 * i] = i < m ? a[i * lda + 2 * q] : 0.0f;
+      d[2 * i + 1] = i < m ? a[i * lda + 2 * q + 1] : 0.0f;
+    }
+  }
+  int64_t j = 0;
+  // 8 rows of B side by side (16 streams of B read slower, 4 slower still)
+  for (; j + 8 <= n; j += 8) pair_rows<8>(m, k, b + j * ldb, ldb, xt, a, lda, c + j, ldc, accumulate);
+  for (; j + 4 <= n; j += 4) pair_rows<4>(m, k, b + j * ldb, ldb, xt, a, lda, c + j, ldc, accumulate);
+  for (; j < n; ++j) pair_rows<1>(m, k, b + j * ldb, ldb, xt, a, lda, c + j, ldc, accumulate);
+}
+#endif
+
 // NV vectors of lanes (ceil(m / LN_VL)); R rows of B so that R·NV accumulators, NV of x and one
 // broadcast fit the registers (32 zmm; 16 ymm or xmm).
 template <int NV, typename T>
@@ -469,8 +532,14 @@ void small_m_dispatch(int64_t n, int64_t k, const float* a, int64_t lda, const T
     if constexpr (M > 8) {
       small_m_bcast<T>(M, n, k, a, lda, b, ldb, c, ldc, accumulate, scratch);
     } else {
-      if (lora::decode_broadcasts(M, sizeof(T) == 2, LN_VL))
-        small_m_bcast<T>(M, n, k, a, lda, b, ldb, c, ldc, accumulate, scratch);
+      if (lora::decode_broadcasts(M, sizeof(T) == 2, LN_VL)) {
+#if LN_VL >= 16
+        if constexpr (sizeof(T) == 4 && 2 * M <= LN_VL)
+          small_m_pairs(M, n, k, a, lda, b, ldb, c, ldc, accumulate, scratch);
+        else
+#endif
+          small_m_bcast<T>(M, n, k, a, lda, b, ldb, c, ldc, accumulate, scratch);
+      }
       else
         small_m_nt<M, kDotGroup<M>, T>(n, k, a, lda, b, ldb, c, ldc, accumulate, scratch);
     }
