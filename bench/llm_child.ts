@@ -82,7 +82,7 @@ async function main(): Promise<void> {
   }
   times.sort((a, b) => a - b);
   const medianMs = times.length % 2 ? times[times.length >> 1]! : (times[times.length / 2 - 1]! + times[times.length / 2]!) / 2;
-  Object.assign(out, { medianMs, minMs: times[0], reps: times.length, peakRssMB: statusMB('VmHWM') });
+  Object.assign(out, { medianMs, minMs: times[0], reps: times.length, timesMs: times, peakRssMB: statusMB('VmHWM') });
   out.tokensPerS = (out.tokens as number) / (medianMs / 1e3);
   process.stdout.write(JSON.stringify(out) + '\n');
   model.dispose();

@@ -118,12 +118,30 @@ export function targetsMarkdown(ts: Target[]): string {
 
 export interface LlmResult {
   medianMs: number; minMs: number; reps: number; tokens: number; tokensPerS: number; rssAfterLoadMB: number; peakRssMB: number;
+  /** each timed rep, sorted (ours) */
+  timesMs?: number[];
+  /** processes whose reps were pooled (ours, rows run in rounds) */
+  rounds?: number;
 }
 export interface LlmRow {
   case: 'prefill' | 'decode' | 'train'; config: string; dtype: 'fp32' | 'bf16'; threads: number;
   args: Record<string, string>;
   work: { flops?: number; bytes?: number };
   ours?: LlmResult; pytorch?: LlmResult; error?: string;
+}
+
+/**
+ * One result from the processes of a row run in rounds: the median and minimum of all their
+ * steps; RSS from the process with the highest peak (its own RSS after loading beside it).
+ */
+export function pooledLlmResult(results: LlmResult[]): LlmResult {
+  const times = results.flatMap((r) => r.timesMs ?? [r.medianMs]).sort((a, b) => a - b);
+  const n = times.length;
+  const medianMs = n % 2 ? times[n >> 1]! : (times[n / 2 - 1]! + times[n / 2]!) / 2;
+  const rss = results.reduce((a, b) => (b.peakRssMB > a.peakRssMB ? b : a));
+  const tokens = results[0]!.tokens;
+  return { ...results[0]!, medianMs, minMs: times[0]!, reps: n, timesMs: times, rounds: results.length, tokens,
+    tokensPerS: tokens / (medianMs / 1e3), rssAfterLoadMB: rss.rssAfterLoadMB, peakRssMB: rss.peakRssMB };
 }
 
 export const llmLabel = (r: LlmRow) =>

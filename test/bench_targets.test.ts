@@ -2,7 +2,7 @@
 // the bf16-products rows beside the default ones, and the "unreachable here" notes, so that a
 // mislabelled or dropped target cannot hide in a result file.
 import t from 'tap';
-import { evaluateLlmTargets, evaluateTargets, GEMM_512, LlmRow, Row } from '../bench/targets';
+import { evaluateLlmTargets, evaluateTargets, GEMM_512, LlmRow, pooledLlmResult, Row } from '../bench/targets';
 import type { Machine } from '../bench/machine';
 
 const machine = {
@@ -65,4 +65,20 @@ t.test('decode rows: the compute floor of a bf16 gemm row on 4..16 rows is the b
   t.match(dot.note ?? '', /^compute floor 1.34 ms, bandwidth floor 1.68 ms$/, '537 MFLOP at the 400 GFLOP/s bf16-dot peak');
   const noDot = { perThreads: { '1': { ...machine.perThreads['1']!, bf16DotGflops: 0 } } } as unknown as Machine;
   t.match(decode(noDot).note ?? '', /^unreachable here: 537 MFLOP take 2.68 ms at the FMA peak, more than the 2.10 ms 80% of the read bandwidth allows$/, 'no avx512_bf16: fp32 products');
+});
+
+t.test('rows run in rounds: steps pooled across processes, RSS from the process with the highest peak', async (t) => {
+  const r = (times: number[], load: number, peak: number) =>
+    ({ medianMs: times[0]!, minMs: times[0]!, reps: times.length, timesMs: times, tokens: 1024, tokensPerS: 0, rssAfterLoadMB: load, peakRssMB: peak });
+  const p = pooledLlmResult([r([2000, 2100], 350, 1900), r([1800, 1900], 340, 1950), r([2500, 2600], 360, 1920)]);
+  t.equal(p.reps, 6);
+  t.equal(p.rounds, 3);
+  t.equal(p.medianMs, 2050, 'median of 1800 1900 2000 2100 2500 2600');
+  t.equal(p.minMs, 1800);
+  t.equal(p.tokensPerS, 1024 / 2.05);
+  t.same([p.rssAfterLoadMB, p.peakRssMB], [340, 1950], 'the second process: peak 1950 MB, 340 MB after loading');
+  const odd = pooledLlmResult([r([3], 1, 2), r([1, 2], 1, 2)]);
+  t.equal(odd.medianMs, 2, 'odd count: the middle step');
+  const old = pooledLlmResult([{ ...r([5], 1, 2), timesMs: undefined, medianMs: 7 }]);
+  t.equal(old.medianMs, 7, 'a result without timesMs counts as its median');
 });
