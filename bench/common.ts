@@ -16,6 +16,10 @@ export const SHAPES: Shape[] = [
 // --quick drops the largest shape (about a third of the full run's time).
 export const QUICK_SHAPES = SHAPES.filter((s) => s.C * s.OC * s.N < 1024 * 4096 * 4096);
 export const shapeKey = (s: Shape) => `${s.N}x${s.C}x${s.OC}r${s.R}`;
+// gemm's decode rows (N <= DECODE_ROWS, ours and the baselines) take turns over copies of W of at
+// least DECODE_BYTES in all (two at the least), so each call reads W from memory, not from L3.
+export const DECODE_ROWS = 16;
+export const DECODE_BYTES = 128e6;
 // attention's shapes (issue 13): SmolLM2-135M's heads, one causal sequence of T tokens, carried
 // as N = T, C = heads, OC = kvHeads, R = headDim.
 export const ATTENTION_SHAPES: Shape[] = [512, 1024, 2048].map((T) => ({ N: T, C: 9, OC: 3, R: 64 }));
