@@ -16,10 +16,15 @@ export const SHAPES: Shape[] = [
 // --quick drops the largest shape (about a third of the full run's time).
 export const QUICK_SHAPES = SHAPES.filter((s) => s.C * s.OC * s.N < 1024 * 4096 * 4096);
 export const shapeKey = (s: Shape) => `${s.N}x${s.C}x${s.OC}r${s.R}`;
-// gemm's decode rows (N <= DECODE_ROWS, ours and the baselines) take turns over copies of W of at
-// least DECODE_BYTES in all (two at the least), so each call reads W from memory, not from L3.
-export const DECODE_ROWS = 16;
-export const DECODE_BYTES = 128e6;
+/**
+ * Copies of W that gemm's decode rows (N <= 16) take turns over, ours and the baselines' (run.ts
+ * passes the count to OpenBLAS's and PyTorch's children): 128 MB of weights in all, two at the
+ * least, so each call reads W from memory as a model's decode step does, not from L3. 1 elsewhere.
+ */
+export function weightCopies(name: string, s: Shape, dtype: DType): number {
+  if (name !== 'gemm' || s.N > 16) return 1;
+  return Math.max(2, Math.ceil(128e6 / (s.OC * s.C * (dtype === 'bf16' ? 2 : 4))));
+}
 // attention's shapes (issue 13): SmolLM2-135M's heads, one causal sequence of T tokens, carried
 // as N = T, C = heads, OC = kvHeads, R = headDim.
 export const ATTENTION_SHAPES: Shape[] = [512, 1024, 2048].map((T) => ({ N: T, C: 9, OC: 3, R: 64 }));

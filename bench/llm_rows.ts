@@ -97,7 +97,6 @@ export function runLlmRows(o: { quick: boolean; full: boolean; reps?: number; th
 
 const brief = (x?: LlmResult) => (x ? `${x.medianMs.toFixed(0)} ms, ${x.tokensPerS.toFixed(1)} tok/s, RSS ${x.rssAfterLoadMB.toFixed(0)}->${x.peakRssMB.toFixed(0)} MB` : '-');
 
-
 export function llmMarkdown(rows: LlmRow[], m: Machine | undefined, peer: string): string {
   const lines = [
     `PyTorch peer: ${peer}. Each case runs in its own process (ours and PyTorch's), so RSS is the case's own. ` +

@@ -11,7 +11,7 @@
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
-import { ATTENTION_SHAPES, attentionKey, QUICK_SHAPES, SHAPES, Shape, shapeKey } from './common';
+import { ATTENTION_SHAPES, attentionKey, QUICK_SHAPES, SHAPES, Shape, shapeKey, weightCopies, DType } from './common';
 import { baselineEnv, lastJson, measureMachine, run, setUpTools } from './machine';
 import { DECODE_ROWS, Row, decodeShape, evaluateLlmTargets, evaluateTargets, targetsMarkdown, usesBf16Dot } from './targets';
 import { llmMarkdown, runLlmRows } from './llm_rows';
@@ -57,7 +57,7 @@ for (const name of CASES.filter((c) => c !== 'llm')) {
         const r = run(process.execPath, [path.join(__dirname, 'child.js'), name, ...dims, String(threads), dtype, String(reps), String(warmup)]);
         const row: Row = lastJson(r.out) ?? { case: name, shape, threads, dtype, work: {}, variants: {}, error: r.err.slice(-400) };
         if (tools.openblas && dtype === 'fp32' && name !== 'adamw' && name !== 'attention') {
-          const o = lastJson(run(tools.openblas, [name, ...dims, String(threads), String(reps), String(warmup)], 600_000, baselineEnv(threads, false)).out);
+          const o = lastJson(run(tools.openblas, [name, ...dims, String(threads), String(reps), String(warmup), String(weightCopies(name, shape, dtype as DType))], 600_000, baselineEnv(threads, false)).out);
           if (o) row.variants.openblas = { ...o, config: `OpenBLAS ${o.corename}, ${o.threads} thr (${o.config})` };
         }
         if (tools.python && name === 'attention') {
@@ -66,7 +66,7 @@ for (const name of CASES.filter((c) => c !== 'llm')) {
           const p = lastJson(run(tools.python, argv, 600_000, baselineEnv(threads, true)).out);
           if (p) row.variants.pytorch = { medianMs: p.medianMs, minMs: p.minMs, reps: p.reps, config: `PyTorch ${tools.torch?.version ?? ''}, eager attention, ${threads} thr` };
         } else if (tools.python) {
-          const p = lastJson(run(tools.python, [path.join(srcDir, 'torch_bench.py'), name, ...dims, String(threads), dtype, String(reps), String(warmup)], 600_000, baselineEnv(threads, true)).out);
+          const p = lastJson(run(tools.python, [path.join(srcDir, 'torch_bench.py'), name, ...dims, String(threads), dtype, String(reps), String(warmup), String(weightCopies(name, shape, dtype as DType))], 600_000, baselineEnv(threads, true)).out);
           if (p) {
             // every path timed; the fastest is PyTorch at its best
             for (const [k, v] of Object.entries(p.variants as Record<string, any>)) row.variants[`pytorch_${k}`] = v;

@@ -139,9 +139,8 @@ export function pooledLlmResult(results: LlmResult[]): LlmResult {
   const n = times.length;
   const medianMs = n % 2 ? times[n >> 1]! : (times[n / 2 - 1]! + times[n / 2]!) / 2;
   const rss = results.reduce((a, b) => (b.peakRssMB > a.peakRssMB ? b : a));
-  const tokens = results[0]!.tokens;
-  return { ...results[0]!, medianMs, minMs: times[0]!, reps: n, timesMs: times, rounds: results.length, tokens,
-    tokensPerS: tokens / (medianMs / 1e3), rssAfterLoadMB: rss.rssAfterLoadMB, peakRssMB: rss.peakRssMB };
+  return { ...results[0]!, medianMs, minMs: times[0]!, reps: n, timesMs: times, rounds: results.length,
+    tokensPerS: results[0]!.tokens / (medianMs / 1e3), rssAfterLoadMB: rss.rssAfterLoadMB, peakRssMB: rss.peakRssMB };
 }
 
 export const llmLabel = (r: LlmRow) =>

@@ -106,17 +106,15 @@ def main():
     if sys.argv[1] == '--probe':
         print(json.dumps(probe()))
         return
-    op, N, C, OC, R, threads, dtype, reps, warmup = sys.argv[1:]
+    op, N, C, OC, R, threads, dtype, reps, warmup = sys.argv[1:10]
     N, C, OC, R, threads, reps, warmup = map(int, (N, C, OC, R, threads, reps, warmup))
+    # gemm takes turns over this many copies of W (bench/common.ts weightCopies; default 1)
+    copies = int(sys.argv[10]) if len(sys.argv) > 10 else 1
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     wdt = torch.bfloat16 if dtype == 'bf16' else torch.float32
     x = torch.randn(N, C)
     W = (torch.randn(OC, C) * 0.1).to(wdt)
-    # gemm's decode rows (N <= 16) take turns over copies of W of 128 MB in all (two at the least),
-    # as bench/cases/gemm.ts does, so each call reads W from memory rather than from L3
-    wbytes = OC * C * (2 if wdt == torch.bfloat16 else 4)
-    copies = max(2, -(-128_000_000 // wbytes)) if op == 'gemm' and N <= 16 else 1
     Ws = [W] + [(torch.randn(OC, C) * 0.1).to(wdt) for _ in range(copies - 1)]
     turn = [0]
 
@@ -131,7 +129,7 @@ def main():
 
     def lin(inp):
         # bf16 weights: what a user does on CPU, computing in bf16 (autocast-style) then back to fp32
-        w = Ws[next_w()] if copies > 1 else W
+        w = Ws[next_w()]
         if wdt == torch.bfloat16:
             return F.linear(inp.to(wdt), w).float() + b
         return F.linear(inp, w, b)

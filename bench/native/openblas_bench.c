@@ -3,7 +3,8 @@
  * OpenBLAS picked (openblas_get_corename: the bench runs this with OPENBLAS_CORETYPE and
  * OPENBLAS_L2_SIZE unset, so the library chooses for the CPU) and its build configuration.
  *   cc -O2 openblas_bench.c -lopenblas -o openblas_bench
- *   ./openblas_bench <gemm|lora_forward|lora_step|lora_merge> N C OC R threads reps warmup */
+ *   ./openblas_bench <gemm|lora_forward|lora_step|lora_merge> N C OC R threads reps warmup [copies]
+ * copies: gemm takes turns over that many copies of W (bench/common.ts weightCopies; default 1) */
 #include <cblas.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -38,15 +39,9 @@ int main(int argc, char **argv) {
         *dx = buf((long)N * C, 9), *dA = buf((long)R * C, 10), *dB = buf((long)OC * R, 11), *dh = buf((long)N * R, 12),
         *ones = buf(N, 13);
   for (int i = 0; i < N; ++i) ones[i] = 1.0f;
-  /* gemm's decode rows (N <= 16) take turns over copies of W of 128 MB in all (two at the least),
-   * as bench/cases/gemm.ts does, so each call reads W from memory rather than from L3 */
-  int copies = 1;
-  if (!strcmp(op, "gemm") && N <= 16) {
-    double bytes = (double)OC * C * 4;
-    copies = (int)((128e6 + bytes - 1) / bytes);
-    if (copies < 2) copies = 2;
-    if (copies > 64) copies = 64;
-  }
+  int copies = argc > 9 ? atoi(argv[9]) : 1;
+  if (copies < 1) copies = 1;
+  if (copies > 64) copies = 64;
   float *Ws[64];
   Ws[0] = W;
   for (int i = 1; i < copies; ++i) Ws[i] = buf((long)OC * C, 100 + i);

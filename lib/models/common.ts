@@ -13,7 +13,7 @@ import { LoraLinear } from '../lora';
 import { Linear } from '../nn';
 import { add, attention, embedding, gatedActivation, gelu, layerNorm, mul, relu, reshape, rmsNorm, rope, sigmoid, silu, slice, tanh, UnaryName } from '../ops';
 import { expectMatmulPrecision, gemmReadsAsStored } from '../ops/util';
-import { checkDevice, checkpoint, contiguousStrides, Device, empty, keep, numelOf, reshapeInference, ones, Tensor, tensor, tidy, unreadOutput, zeros } from '../tensor';
+import { checkDevice, checkpoint, contiguousStrides, Device, DType, empty, keep, numelOf, reshapeInference, ones, Tensor, tensor, tidy, unreadOutput, zeros } from '../tensor';
 
 // ---- config.json fields -------------------------------------------------------------------------
 
@@ -619,16 +619,10 @@ export function projectShared(x: Tensor, mods: readonly Module[], ctx?: ForwardC
     const K = x.shape[x.ndim - 1]!;
     const M = numelOf(x.shape.slice(0, -1));
     const lins = mods.map((m) => (isPlainLinear(m) && m.bias === null ? m : null));
-    const first = lins[0];
-    const dtype = first?.weight.dtype;
-    if (M >= SHARED_MIN_ROWS && K > 0 && first && (dtype === 'float32' || dtype === 'bfloat16') &&
-      native.supports(DEVICE_ID[x.device], OP.gemmSharedA, DTYPE_ID[dtype]) && gemmReadsAsStored(first.weight) &&
-      lins.every((l) => l !== null && l.matmulPrecision === first.matmulPrecision && l.weight.dtype === dtype &&
-        l.weight.device === x.device && l.weight.ndim === 2 && l.weight.shape[1] === K && l.weight.shape[0]! > 0)) {
+    if (M >= SHARED_MIN_ROWS && K > 0 && lins.every((l) => l !== null) && sharesA(lins as Linear[], x.device, K)) {
       const ws = lins.map((l) => l!.weight);
-      const bf16Dot = expectMatmulPrecision('matmulPrecision', first.matmulPrecision) === 'bf16';
       const outs = ws.map((w) => empty([...x.shape.slice(0, -1), w.shape[0]!], x.device));
-      gemmSharedA(x._live('x'), M, K, outs.map((o) => o._storage), ws.map((w) => w._live('weight')), ws.map((w) => w.shape[0]!), bf16Dot);
+      gemmSharedA(x._live('x'), M, K, outs.map((o) => o._storage), lins as Linear[]);
       return outs;
     }
   }
@@ -636,11 +630,28 @@ export function projectShared(x: Tensor, mods: readonly Module[], ctx?: ForwardC
 }
 
 /**
- * @internal outs[i] (M, rows[i]) = x (M, K)·ws[i]ᵀ for 2 or 3 weights in one native.gemmSharedA
- * call (projectShared() and the decode fast path check what it needs: one dtype, bias-free, the
- * backend's support).
+ * @internal Whether one gemmSharedA call can run the products of these bias-free Linears on an
+ * input of K columns on `device`: weights all float32 or all bfloat16, read as stored, 2-D with K
+ * columns and at least one row, on that device, one matmulPrecision, and the backend has the entry
+ * for that dtype (`hasEntry`: asks the binding unless the caller keeps the answer). projectShared()
+ * and the decode fast path.
  */
-export function gemmSharedA(x: NativeStorage, M: number, K: number, outs: NativeStorage[], ws: NativeStorage[], rows: number[], bf16Dot: boolean): void {
+export function sharesA(lins: readonly Linear[], device: Device, K: number,
+  hasEntry = (dtype: DType) => native.supports(DEVICE_ID[device], OP.gemmSharedA, DTYPE_ID[dtype])): boolean {
+  const first = lins[0];
+  const dtype = first?.weight.dtype;
+  return first !== undefined && (dtype === 'float32' || dtype === 'bfloat16') && hasEntry(dtype) && gemmReadsAsStored(first.weight) &&
+    lins.every((l) => l.bias === null && l.matmulPrecision === first.matmulPrecision && l.weight.dtype === dtype &&
+      l.weight.device === device && l.weight.ndim === 2 && l.weight.shape[1] === K && l.weight.shape[0]! > 0);
+}
+
+/**
+ * @internal outs[i] (M, rows of lins[i]'s weight) = x (M, K)·Wᵢᵀ for 2 or 3 Linears in one
+ * native.gemmSharedA call, with their matmulPrecision (sharesA() says when it applies).
+ */
+export function gemmSharedA(x: NativeStorage, M: number, K: number, outs: NativeStorage[], lins: readonly Linear[]): void {
+  const ws = lins.map((l) => l.weight._live('weight')), rows = lins.map((l) => l.weight.shape[0]!);
+  const bf16Dot = expectMatmulPrecision('matmulPrecision', lins[0]!.matmulPrecision) === 'bf16';
   const third = outs.length === 3;
   native.gemmSharedA(x, M, K, outs[0]!, ws[0]!, rows[0]!, outs[1]!, ws[1]!, rows[1]!,
     third ? outs[2]! : null, third ? ws[2]! : null, third ? rows[2]! : 0, bf16Dot);

@@ -13,8 +13,8 @@ import { Module } from '../module';
 import { Linear } from '../nn';
 import { DEVICE_ID, DTYPE_ID, native, OP, UNARY_OP } from '../native';
 import { expectMatmulPrecision, gemmReadsAsStored } from '../ops/util';
-import { Device, keep, Tensor, zeros } from '../tensor';
-import { ForwardContext, gemmSharedA, HfRMSNorm, isPlainLinear, KVCache, RopeInputs, writeCache } from './common';
+import { Device, DType, keep, Tensor, zeros } from '../tensor';
+import { ForwardContext, gemmSharedA, HfRMSNorm, isPlainLinear, KVCache, RopeInputs, sharesA, writeCache } from './common';
 import type { DecoderConfig } from './llama';
 
 /** @internal Switches the fast path off (tests compare it with the generic path). */
@@ -74,24 +74,22 @@ function project(y: Tensor, x: Tensor, p: Linear, M: number, accumulate = false)
 
 // Whether the backend has gemmSharedA for a device and weight dtype (a binding query, per pair)
 const sharedSupport = new Map<string, boolean>();
-function hasShared(w: Tensor): boolean {
-  const key = `${w.device} ${w.dtype}`;
+function hasShared(device: Device, dtype: DType): boolean {
+  const key = `${device} ${dtype}`;
   let r = sharedSupport.get(key);
-  if (r === undefined) sharedSupport.set(key, (r = native.supports(DEVICE_ID[w.device], OP.gemmSharedA, DTYPE_ID[w.dtype])));
+  if (r === undefined) sharedSupport.set(key, (r = native.supports(DEVICE_ID[device], OP.gemmSharedA, DTYPE_ID[dtype])));
   return r;
 }
 
 /**
  * ys[i] (M, OC_i) = x·W_iᵀ for the projections of one input (q/k/v, gate/up): one gemmSharedA call
- * where they are bias-free, of one weight dtype and one matmulPrecision and the backend has it (on
- * decode rows it streams each weight as gemm does alone, with the same outputs, and wakes the
- * threads once for all of them); else project() each.
+ * where sharesA() allows it (on decode rows it streams each weight as gemm does alone, with the
+ * same outputs, and wakes the threads once for all of them); else project() each.
  */
 function projectAll(ys: Tensor[], x: Tensor, ps: Linear[], M: number): void {
-  const first = ps[0]!, w0 = first.weight;
-  if (ps.every((p) => p.bias === null && p.weight.dtype === w0.dtype && p.matmulPrecision === first.matmulPrecision) && hasShared(w0)) {
-    const bf16Dot = expectMatmulPrecision('matmulPrecision', first.matmulPrecision) === 'bf16';
-    gemmSharedA(x._storage, M, w0.shape[1]!, ys.map((y) => y._storage), ps.map((p) => p.weight._storage), ps.map((p) => p.weight.shape[0]!), bf16Dot);
+  const K = x.shape[x.ndim - 1]!;
+  if (sharesA(ps, x.device, K, (dtype) => hasShared(x.device, dtype))) {
+    gemmSharedA(x._storage, M, K, ys.map((y) => y._storage), ps);
     return;
   }
   ps.forEach((p, i) => project(ys[i]!, x, p, M));

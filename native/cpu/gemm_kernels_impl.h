@@ -373,7 +373,7 @@ inline void bcast_rows(int m, int64_t k, const T* __restrict w, int64_t ldb, con
 // fp32 B stored (n, k), m <= LN_VL / 2 rows of x past the dot form's: two k positions per
 // vector. xt holds x repacked as (k/2, LN_VL), lane 2i+e = x[i][2q+e] (lanes past 2m zero), and each
 // 8-byte pair of a row of B is broadcast to every lane pair, so one FMA takes 8 rows x 2 k where the
-// rows-as-lanes form (bcast_rows) gives half its lanes to padding (4096 x 4096, 8 rows, Zen 5).
+// rows-as-lanes form (bcast_rows) gives half its lanes to padding (timings at decode_broadcasts).
 // Lane pairs are summed at the end; an odd k's last column is added in scalar.
 #if LN_VL >= 16
 typedef uint64_t vq __attribute__((vector_size(LN_VL * 4)));
