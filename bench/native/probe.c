@@ -94,48 +94,59 @@ static double peak(int kind, int width, int threads) {
   return sum;
 }
 
-typedef struct { float *p; long n; int mode; } BwJob;
-__attribute__((target("avx512f"))) static double read512(const float *p, long n) {
+typedef struct { float *p; long n; int mode, streams; } BwJob;
+/* The read loops walk their n floats as `streams` equal parts side by side: one stream is what a
+ * plain sum does, while a GEMV reads several rows of W at once, and on the machines of this kind
+ * one core reads faster from 4-8 streams (2 threads: 49-57 GB/s from one stream each, 60-72 from
+ * 4 or 8 in one measurement), so the ceiling is the best of 1, 4 and 8. */
+__attribute__((target("avx512f"))) static double read512(const float *p, long n, int streams) {
   __m512 s[8];
   for (int u = 0; u < 8; ++u) s[u] = _mm512_setzero_ps();
-  for (long i = 0; i + 128 <= n; i += 128)
+  const long part = n / streams / 128 * 128;
+  for (long i = 0; i < part; i += 128)
+    for (int q = 0; q < streams; ++q)
 #pragma GCC unroll 8
-    for (int u = 0; u < 8; ++u) s[u] = _mm512_add_ps(s[u], _mm512_load_ps(p + i + 16 * u));
+      for (int u = 0; u < 8; ++u) s[u] = _mm512_add_ps(s[u], _mm512_load_ps(p + q * part + i + 16 * u));
   for (int u = 1; u < 8; ++u) s[0] = _mm512_add_ps(s[0], s[u]);
   return _mm512_reduce_add_ps(s[0]);
 }
-static double read_any(const float *p, long n) {
+static double read_any(const float *p, long n, int streams) {
   typedef float v8 __attribute__((vector_size(32)));
   v8 s[8] = {{0}};
-  const v8 *q = (const v8 *)p;
-  for (long i = 0; i + 64 <= n; i += 64)
-    for (int u = 0; u < 8; ++u) s[u] += q[i / 8 + u];
+  const long part = n / streams / 64 * 64;
+  for (long i = 0; i < part; i += 64)
+    for (int q = 0; q < streams; ++q) {
+      const v8 *v = (const v8 *)(p + q * part + i);
+      for (int u = 0; u < 8; ++u) s[u] += v[u];
+    }
   for (int u = 1; u < 8; ++u) s[0] += s[u];
   return s[0][0] + s[0][7];
 }
 static void *bw_job(void *arg) {
   BwJob *j = (BwJob *)arg;
   if (j->mode == 0) {
-    sink = __builtin_cpu_supports("avx512f") ? read512(j->p, j->n) : read_any(j->p, j->n);
+    sink = __builtin_cpu_supports("avx512f") ? read512(j->p, j->n, j->streams) : read_any(j->p, j->n, j->streams);
   } else {
     for (long i = 0; i < j->n; ++i) j->p[i] = j->p[i] * 0.5f + 1.0f;
   }
   return 0;
 }
 static double bandwidth(float *p, long n, int threads, int mode) {
+  static const int kStreams[] = {1, 4, 8};
   double best = 1e30;
-  for (int r = 0; r < 5; ++r) {
-    pthread_t th[64];
-    BwJob jobs[64];
-    double t0 = now();
-    for (int t = 0; t < threads; ++t) {
-      jobs[t].p = p + n / threads * t; jobs[t].n = n / threads; jobs[t].mode = mode;
-      pthread_create(&th[t], 0, bw_job, &jobs[t]);
+  for (int v = 0; v < (mode ? 1 : 3); ++v)
+    for (int r = 0; r < 5; ++r) {
+      pthread_t th[64];
+      BwJob jobs[64];
+      double t0 = now();
+      for (int t = 0; t < threads; ++t) {
+        jobs[t].p = p + n / threads * t; jobs[t].n = n / threads; jobs[t].mode = mode; jobs[t].streams = kStreams[v];
+        pthread_create(&th[t], 0, bw_job, &jobs[t]);
+      }
+      for (int t = 0; t < threads; ++t) pthread_join(th[t], 0);
+      double t = now() - t0;
+      if (t < best) best = t;
     }
-    for (int t = 0; t < threads; ++t) pthread_join(th[t], 0);
-    double t = now() - t0;
-    if (t < best) best = t;
-  }
   return (mode ? 2.0 : 1.0) * n * sizeof(float) / best / 1e9;
 }
 
@@ -165,7 +176,7 @@ static void json_string(const char *key, const char *v) {
 int main(int argc, char **argv) {
   int max_threads = argc > 1 ? atoi(argv[1]) : 1;
   if (max_threads < 1 || max_threads > 64) max_threads = 1;
-  unsigned a, b, c, d;
+  unsigned a = 0, b = 0, c = 0, d = 0;
   char brand[49] = {0}, model[256] = "unknown";
   for (unsigned i = 0; i < 3; ++i) __get_cpuid(0x80000002 + i, (unsigned *)(brand + 16 * i), (unsigned *)(brand + 16 * i + 4), (unsigned *)(brand + 16 * i + 8), (unsigned *)(brand + 16 * i + 12));
   __get_cpuid(1, &a, &b, &c, &d);
