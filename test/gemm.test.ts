@@ -40,14 +40,14 @@ function bf16ToF32(s: ReturnType<typeof native.alloc>): Float32Array {
 // columns of C (between N and ldc) untouched, and beta = 0 never reading C (it holds NaN).
 // With bf16, B is stored as bf16 (gemm_bf16) and the reference reads the same bf16 values: widened
 // exactly and never rounding A, the bound is fp32's.
-function randomGemm(rng: Rng, i: number, threads: number, bf16 = false, dims?: [number, number, number]): string | null {
+function randomGemm(rng: Rng, i: number, threads: number, bf16 = false, dims?: [number, number, number], trans?: [boolean, boolean]): string | null {
   const dim = () => {
     const r = rng.uniform();
     return r < 0.12 ? Math.floor(rng.uniform() * 2) : r < 0.5 ? 2 + Math.floor(rng.uniform() * 18) : r < 0.9 ? 20 + Math.floor(rng.uniform() * 80) : 100 + Math.floor(rng.uniform() * 200);
   };
   let [M, N, K] = dims ?? [dim(), dim(), dim()];
   while (!dims && M * N * K > 2_000_000) { M = Math.ceil(M / 2); K = Math.ceil(K / 2); }
-  const ta = rng.uniform() < 0.5, tb = rng.uniform() < 0.5;
+  const [ta, tb] = trans ?? [rng.uniform() < 0.5, rng.uniform() < 0.5];
   const lda = (ta ? M : K) + Math.floor(rng.uniform() * 4), ldb = (tb ? K : N) + Math.floor(rng.uniform() * 4);
   const ldc = N + Math.floor(rng.uniform() * 4);
   const alpha = [1, 0.5, -2, 0][Math.floor(rng.uniform() * 4)]!;
@@ -382,6 +382,16 @@ if (CHILD) {
       }
     }
   });
+  // op(A) = Aᵀ of at most 16 rows against an fp32 B stored (K, N) (the LoRA backward's dA and dBᵀ:
+  // reduce_k, B read in place in blocks of rows): every row count of its register tiles, columns
+  // around its strips (48, 24 or 12 wide) and vectors, K across its blocks of rows (16 to 512
+  // rows, fewer the wider B is), 1-3 threads splitting the columns.
+  for (let q = 0; q < 48; q++) {
+    const pick = <T,>(xs: T[]) => xs[Math.floor(rng.uniform() * xs.length)]!;
+    const dims: [number, number, number] = [1 + (q % 16), pick([1, 5, 16, 47, 48, 49, 97, 200, 1100]), pick([1, 17, 300, 700, 1500])];
+    const f = randomGemm(rng, 20_000 + q, 1 + (rng.nextU32() % 3), false, dims, [true, false]);
+    if (f) failures.push(f);
+  }
   failures.push(...linearBf16Cases(rng), ...mergeBf16Cases(rng), ...decodeCases(rng), ...bf16DotDecodeCases(rng), ...sharedACases(rng));
   setNumThreads(before);
   // straight to fd 1: tap owns process.stdout in this file

@@ -48,6 +48,7 @@ const lora::IsaTable kTable = {
     micro_kernel_bf16_out<kWideMr, kWideNv>,
     fma_burst,
     nullptr,  // no bf16 dot product at this level
+    reduce_k,
 };
 
 }  // namespace

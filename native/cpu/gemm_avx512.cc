@@ -335,6 +335,7 @@ const lora::IsaTable kTable = {
     micro_kernel_bf16_out<kWideMr, kWideNv>,
     fma_burst,
     small_m_bf16_dot,
+    reduce_k,
 };
 
 }  // namespace

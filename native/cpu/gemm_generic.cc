@@ -36,6 +36,7 @@ const lora::IsaTable kTable = {
     micro_kernel_bf16_out<kWideMr, kWideNv>,
     nullptr,  // no FMA at this level
     nullptr,  // no bf16 dot product at this level
+    reduce_k,
 };
 
 }  // namespace

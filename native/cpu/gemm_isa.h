@@ -88,7 +88,15 @@ struct IsaTable {
   // scratch holds at least small_scratch_floats(k) floats (the rounded rows go there).
   void (*small_m_bf16_dot)(int m, int64_t n, int64_t k, const float* a, int64_t lda, const uint16_t* b,
                            int64_t ldb, float* c, int64_t ldc, int accumulate, float* scratch);
+  // Few rows of C, each a sum over k: c(m, n) = alpha·aᵀ·b + (accumulate ? c : 0) with a stored
+  // (k, m) (row stride lda) and b fp32 stored (k, n) (row stride ldb), m <= kReduceMax; b read in
+  // place in blocks of kb rows, the next block prefetched into L2 (the LoRA backward's dA = dhᵀ·x
+  // and dBᵀ = hᵀ·dy).
+  void (*reduce_k)(int m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                   float* c, int64_t ldc, float alpha, int accumulate, int64_t kb);
 };
+// The most rows of C reduce_k takes.
+constexpr int kReduceMax = 16;
 
 // The most rows of x the streaming path takes in one pass over a stored-(n, k) B (decode: y = x·Wᵀ
 // with W read from memory once for all of them).

@@ -78,8 +78,13 @@ lora_status lora_backward(lora_backend* be, float* dx, float* dA, float* dB, con
   if (dB && R > 0 && OC > 0) {
     float* dbt = scratch(dbt_buf, static_cast<size_t>(R * OC));
     sgemm(pool, true, false, R, OC, N, s, h, R, dy, OC, 0.0f, dbt, OC);
-    for (int64_t o = 0; o < OC; ++o)
-      for (int64_t r = 0; r < R; ++r) dB[o * R + r] += dbt[r * OC + o];
+    // in blocks of 16 outputs: 16 rows of dB (contiguous) against 16 columns of each dBᵀ row
+    // (row by row of dB, each of R reads fell a whole dBᵀ row apart: 1536 x 16 took ~0.2 ms)
+    for (int64_t o0 = 0; o0 < OC; o0 += 16) {
+      const int64_t o1 = o0 + 16 < OC ? o0 + 16 : OC;
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t o = o0; o < o1; ++o) dB[o * R + r] += dbt[r * OC + o];
+    }
   }
   if (!dA && !dx) return LORA_OK;
 
