@@ -86,6 +86,8 @@ namespace {
 constexpr int64_t kSmallM = kDecodeRows;
 constexpr int64_t kSmallMax = kSmallM;
 constexpr int64_t kNarrowN = 32;
+// Columns a narrow B's copy in the streaming path is padded to: whole vectors of every level.
+constexpr int64_t kPadLanes = 16;
 // Bytes of B from which the streaming path splits its columns across threads however few FMAs it
 // does: 64 KB take one core ~3 µs from DRAM, several times a spinning worker's pick-up time.
 constexpr int64_t kStreamParallelBytes = 64 << 10;
@@ -119,7 +121,7 @@ struct PackBuffer {
   }
 };
 struct ThreadBuffers {
-  PackBuffer a, b, a2, b2, small, h, hb, ah, scratch;
+  PackBuffer a, b, a2, b2, small, h, hb, ah, scratch, pad;
 };
 ThreadBuffers& buffers() {
   static thread_local ThreadBuffers bufs;
@@ -225,24 +227,32 @@ void run_small(const IsaTable& t, const GemmArgs& g, bool dot, int64_t m0, int64
   const bool accumulate = g.beta != 0.0f;
   if (g.beta != 0.0f && g.beta != 1.0f) scale_rect(g.C, g.ldc, m0, m1, n0, n1, g.beta);
   // Narrow op(B) stored (n, k), many rows of A: transpose B once into (k, n) so the kernel
-  // broadcasts A (dot products along k cost a horizontal sum each and ran 3x slower).
+  // broadcasts A (dot products along k cost a horizontal sum each and ran 3x slower). The copy
+  // has whole vectors of columns (zeros past n, kernel columns npad): the kernel's columns past
+  // its last whole vector were scalar, and rank 8 (n = 8 < 16 lanes) ran all scalar (1024 rows,
+  // dh = dy·B at 576 columns of dy, 2 threads: 413 us, 23 GFLOP/s; rank 16 took 110 us). A
+  // narrow stored-(k, n) B that is not whole vectors wide is copied the same way.
   const void* B = g.B;
   bool trans_b = g.trans_b, b_bf16 = g.b_bf16;
-  int64_t ldb = g.ldb, bn0 = n0;
+  int64_t ldb = g.ldb, bn0 = n0, npad = n;
   // (not under the bf16 dot product: its dot form sums each output once per k block)
-  if (trans_b && m1 - m0 > t.small_rows && n <= kNarrowN && K > 0 && !dot) {
-    float* bt = bufs.b.get(static_cast<size_t>(K * n));
+  if ((trans_b || n % kPadLanes != 0) && m1 - m0 > t.small_rows && n <= kNarrowN && K > 0 && !dot) {
+    npad = round_up(n, kPadLanes);
+    float* bt = bufs.b.get(static_cast<size_t>(K * npad));
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = n; j < npad; ++j) bt[k * npad + j] = 0.0f;
     for (int64_t j = 0; j < n; ++j)
       for (int64_t k = 0; k < K; ++k) {
-        const int64_t off = (n0 + j) * g.ldb + k;
-        bt[k * n + j] = b_bf16 ? bf16_to_f32(static_cast<const uint16_t*>(g.B)[off])
-                               : static_cast<const float*>(g.B)[off];
+        const int64_t off = trans_b ? (n0 + j) * g.ldb + k : k * g.ldb + n0 + j;
+        bt[k * npad + j] = b_bf16 ? bf16_to_f32(static_cast<const uint16_t*>(g.B)[off])
+                                  : static_cast<const float*>(g.B)[off];
       }
     B = bt;
     trans_b = b_bf16 = false;
-    ldb = n;
+    ldb = npad;
     bn0 = 0;
   }
+  const bool padded = npad != n;
   auto b_ptr = [&](int64_t k, int64_t j) -> const void* {
     const int64_t off = trans_b ? (bn0 + j) * ldb + k : k * ldb + bn0 + j;
     return b_bf16 ? static_cast<const void*>(static_cast<const uint16_t*>(B) + off)
@@ -252,6 +262,9 @@ void run_small(const IsaTable& t, const GemmArgs& g, bool dot, int64_t m0, int64
   auto chunk = [&](int64_t i0, int m, int64_t j0, int64_t j1) {
     const int64_t nj = j1 - j0;
     float* c = g.C + i0 * g.ldc + n0 + j0;
+    // padded: the kernel writes all npad columns to a tile, added into c's n columns at the end
+    float* kc_dst = padded ? bufs.pad.get(static_cast<size_t>(kSmallM * npad)) : c;
+    const int64_t kc_ld = padded ? npad : g.ldc, kc_n = padded ? npad : nj;
     // k in blocks whose rows of x stay in L1, except where the kernel broadcasts a stored-(n, k) B
     // against x repacked (decode_broadcasts): that walks each row of B whole.
     // (the dot product kernel blocks k itself)
@@ -280,9 +293,14 @@ void run_small(const IsaTable& t, const GemmArgs& g, bool dot, int64_t m0, int64
         t.small_m_bf16_dot(m, nj, kl, a, lda, static_cast<const uint16_t*>(b_ptr(kb, j0)), ldb, c, g.ldc,
                            accumulate || kb > 0, scratch);
       else
-        t.small_m(m, nj, kl, a, lda, b_ptr(kb, j0), b_bf16, ldb, trans_b, c, g.ldc, accumulate || kb > 0, scratch);
+        t.small_m(m, kc_n, kl, a, lda, b_ptr(kb, j0), b_bf16, ldb, trans_b, kc_dst, kc_ld,
+                  (padded ? 0 : accumulate) || kb > 0, scratch);
       if (kl == 0) break;
     }
+    if (padded)
+      for (int i = 0; i < m; ++i)
+        for (int64_t j = 0; j < nj; ++j)
+          c[i * g.ldc + j] = accumulate ? c[i * g.ldc + j] + kc_dst[i * npad + j] : kc_dst[i * npad + j];
     if (g.K2 > 0 || g.bias) {
       float* a2 = bufs.a2.get(static_cast<size_t>(imax(1, kSmallM * g.K2)));
       for (int i = 0; i < m; ++i)
@@ -323,12 +341,11 @@ void run_blocked(const IsaTable& t, const GemmKernel& kern, bool bf16_dot, const
   GemmArgs g = args;
   ThreadBuffers& bufs = buffers();
   // The side product H from the packed A blocks (gemm_ex sends it here only when those hold
-  // op(A) unscaled and unmasked; under the bf16 dot, H packs its own fp32 copy). The thread whose rectangle starts at column 0 writes
-  // g.H; the others (column splits share rows) keep their own copy of their rows for the epilogue.
+  // op(A) unscaled and unmasked, in fp32: never under the bf16 dot). The thread whose rectangle
+  // starts at column 0 writes g.H; the others (column splits share rows) keep their own copy of
+  // their rows for the epilogue.
   const bool fuse_h = g.H != nullptr;
-  // (the bf16 pair kernel has no one-vector form: H takes the fp32 kernel of the same tile shape
-  // over an fp32 packing of the block, so the adapter's products keep fp32 inputs)
-  const GemmKernel& hkern = bf16_dot ? t.wide : kern;
+  const GemmKernel& hkern = kern;
   const int nr1 = hkern.nr1;
   float* hrows = g.H;
   int64_t ldh = g.ldh;
@@ -406,11 +423,10 @@ void run_blocked(const IsaTable& t, const GemmKernel& kern, bool bf16_dot, const
         else
           t.pack_a(abuf, g.A, g.lda, g.trans_a, ic, mc, pc, kc, mr, g.alpha, g.drop_a);
         if (h_now) {
-          // H rows [ic, ic+mc) += this block of A (masked copy when drop_h, fp32 copy under the
-          // bf16 dot: the x block is still in L2) times the packed op(HB) panels, before the
-          // epilogue below needs them.
+          // H rows [ic, ic+mc) += this block of A (a masked copy when drop_h: the x block is
+          // still in L2) times the packed op(HB) panels, before the epilogue below needs them.
           const float* ah = abuf;
-          if (g.drop_h || bf16_dot) {
+          if (g.drop_h) {
             float* m = bufs.ah.get(static_cast<size_t>(mcp * kc));
             t.pack_a(m, g.A, g.lda, false, ic, mc, pc, kc, mr, 1.0f, g.drop_h);
             ah = m;
@@ -546,12 +562,15 @@ void gemm_ex(ThreadPool& pool, const GemmArgs& g) {
   const bool bf16_dot = !small && g.M >= kBf16DotMinM && g.b_bf16 && g.allow_bf16_dot && cpu_has_bf16_dot() &&
                         t.bf16_kernel.run && !g.drop_a && !g.drop_b && g.alpha != 0.0f;
 
-  // Under the bf16 dot, H rides along from an fp32 packing of each block when the fp32 kernel packs
-  // A panels of the same height, unless H is whole vectors wide (rank 16, 32): its own streaming
-  // pass was then faster (1024 x 576 x {192, 576, 1536} r16, 2 threads: 3-10%), while at rank 8
-  // that pass ran at 6 GFLOP/s (512 x 1024 x 1024 r8, 1 thread: adapter cost 35% -> 21% fused).
-  const bool h_apart_bf16 = bf16_dot && (t.bf16_kernel.mr != t.wide.mr || g.NH % t.wide.nr1 == 0);
-  if (g.H && (small || h_apart_bf16 || g.trans_a || g.alpha != 1.0f || g.drop_a))
+  // Under the bf16 dot, H is its own streaming pass (fp32 products over x in place), at every
+  // rank: riding along from an fp32 packing of each block (the kernel's panels are bf16 pairs)
+  // cost a second packing of x, and below whole vectors of H (rank 4, 8, 12, 24) half-empty tiles.
+  // Per SmolLM2 layer (1024 rows, 2 threads, bf16 weights), the adapter's share of the forward,
+  // along -> apart: r4 27 -> 16%, r8 30 -> 16-20%, r12 26 -> 20%, r24 34 -> 22%; 512 x 1024 x 1024
+  // r8, 1 thread: 20 -> 12%. (The pass was slower below rank 16 while the streaming path's
+  // columns past its last whole vector were scalar: 6 GFLOP/s at rank 8.) With fp32 products it
+  // rides along (apart was 0.5-1 point slower at r8 and r16).
+  if (g.H && (small || bf16_dot || g.trans_a || g.alpha != 1.0f || g.drop_a))
     return side_product_apart(pool, g);
 
   // The tile shape with the least padding (the wide kernel on ties and for bf16).
