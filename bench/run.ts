@@ -11,7 +11,7 @@
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
-import { ATTENTION_SHAPES, attentionKey, QUICK_SHAPES, SHAPES, Shape, shapeKey, weightCopies, DType } from './common';
+import { ATTENTION_SHAPES, attentionKey, native, QUICK_SHAPES, SHAPES, Shape, shapeKey, weightCopies, DType } from './common';
 import { baselineEnv, lastJson, measureMachine, run, setUpTools } from './machine';
 import { DECODE_ROWS, Row, decodeShape, evaluateLlmTargets, evaluateTargets, targetsMarkdown, usesBf16Dot } from './targets';
 import { llmMarkdown, runLlmRows } from './llm_rows';
@@ -147,7 +147,8 @@ for (const r of rows) {
   }
   lines.push(`| ${r.case} | ${keyOf(r.case, r.shape)} | ${r.threads} | ${r.dtype} | ${fmt(ours.medianMs, 2)} (${fmt(ours.minMs, 2)}) | ${rate} | ${pct} | ${cell('unfused')} | ${cell('openblas')} | ${cell('pytorch')} | ${ratios.join('; ')} | ${peerBrief(r)} |`);
 }
-const isa = rows.find((r) => r.isa)?.isa;
+// (the kernel rows' children report it; a run of model rows alone asks this process's binding)
+const isa = rows.find((r) => r.isa)?.isa ?? native.features().isa;
 const tt = tools.torch;
 const m = machine;
 const header = [
