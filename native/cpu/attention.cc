@@ -191,11 +191,15 @@ lora_status cpu_attention_backward(ThreadPool& pool, void* workspace, float* dq,
         const int64_t kvh = h / G, r = tl * G + h % G;
         const float* src = partials + (((b * a.KVH + kvh) * p.nqb + qb) * R + r) * Dp;
         float* dst = dq + (bt * a.H + h) * D;
-        for (int64_t d = 0; d < D; ++d) {
-          float s = 0.0f;
-          for (int th = 0; th < nt; ++th) s += src[th * part + d];
-          dst[d] = s * scale;
+        // thread by thread over the row (the same sums, in the same order, as a sum per element
+        // over the threads; loops the compiler vectorizes: the per-element form was 6% of a
+        // training-shape backward)
+        for (int64_t d = 0; d < D; ++d) dst[d] = 0.0f + src[d];
+        for (int th = 1; th < nt; ++th) {
+          const float* part_th = src + th * part;
+          for (int64_t d = 0; d < D; ++d) dst[d] += part_th[d];
         }
+        for (int64_t d = 0; d < D; ++d) dst[d] *= scale;
       }
     }
   });
