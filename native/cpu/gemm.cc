@@ -267,8 +267,8 @@ void run_small(const IsaTable& t, const GemmArgs& g, bool dot, int64_t m0, int64
     const int64_t nj = j1 - j0;
     float* c = g.C + i0 * g.ldc + n0 + j0;
     // padded: the kernel writes all npad columns to a tile, added into c's n columns at the end
-    float* kc_dst = padded ? bufs.pad.get(static_cast<size_t>(kSmallM * npad)) : c;
-    const int64_t kc_ld = padded ? npad : g.ldc, kc_n = padded ? npad : nj;
+    float* kern_dst = padded ? bufs.pad.get(static_cast<size_t>(kSmallM * npad)) : c;
+    const int64_t kern_ld = padded ? npad : g.ldc, kern_n = padded ? npad : nj;
     // k in blocks whose rows of x stay in L1, except where the kernel broadcasts a stored-(n, k) B
     // against x repacked (decode_broadcasts): that walks each row of B whole.
     // (the dot product kernel blocks k itself)
@@ -305,14 +305,14 @@ void run_small(const IsaTable& t, const GemmArgs& g, bool dot, int64_t m0, int64
         t.small_m_bf16_dot(m, nj, kl, a, lda, static_cast<const uint16_t*>(b_ptr(kb, j0)), ldb, c, g.ldc,
                            accumulate || kb > 0, scratch);
       else
-        t.small_m(m, kc_n, kl, a, lda, b_ptr(kb, j0), b_bf16, ldb, trans_b, kc_dst, kc_ld,
+        t.small_m(m, kern_n, kl, a, lda, b_ptr(kb, j0), b_bf16, ldb, trans_b, kern_dst, kern_ld,
                   (padded ? 0 : accumulate) || kb > 0, scratch);
       if (kl == 0) break;
     }
     if (padded)
       for (int i = 0; i < m; ++i)
         for (int64_t j = 0; j < nj; ++j)
-          c[i * g.ldc + j] = accumulate ? c[i * g.ldc + j] + kc_dst[i * npad + j] : kc_dst[i * npad + j];
+          c[i * g.ldc + j] = accumulate ? c[i * g.ldc + j] + kern_dst[i * npad + j] : kern_dst[i * npad + j];
     if (g.K2 > 0 || g.bias) {
       float* a2 = bufs.a2.get(static_cast<size_t>(imax(1, kSmallM * g.K2)));
       for (int i = 0; i < m; ++i)
