@@ -392,6 +392,15 @@ if (CHILD) {
     const f = randomGemm(rng, 20_000 + q, 1 + (rng.nextU32() % 3), false, dims, [true, false]);
     if (f) failures.push(f);
   }
+  // A bf16 B stored (N, K) against 1-8 rows (the dot form: its first K - K % (2·lanes) columns read
+  // as pairs of bf16, x repacked as even then odd elements, then a whole vector, then scalars): K
+  // around one and two vectors of every level's lanes, the groups of rows of B and their remainder.
+  for (let q = 0; q < 40; q++) {
+    const pick = <T,>(xs: T[]) => xs[Math.floor(rng.uniform() * xs.length)]!;
+    const dims: [number, number, number] = [1 + (q % 8), pick([1, 3, 4, 5, 7, 13, 50]), pick([15, 16, 17, 31, 32, 33, 47, 48, 63, 64, 65, 95, 593])];
+    const f = randomGemm(rng, 30_000 + q, 1 + (rng.nextU32() % 2), true, dims, [false, true]);
+    if (f) failures.push(f);
+  }
   failures.push(...linearBf16Cases(rng), ...mergeBf16Cases(rng), ...decodeCases(rng), ...bf16DotDecodeCases(rng), ...sharedACases(rng));
   setNumThreads(before);
   // straight to fd 1: tap owns process.stdout in this file
