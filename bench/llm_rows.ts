@@ -23,12 +23,14 @@ function plans(quick: boolean, full: boolean): Plan[] {
   // mp=bf16: the bf16 weights with matmulPrecision 'bf16' (bf16 dot products in every projection
   // and the head, as PyTorch's bf16 rows compute), beside the default fp32 products
   // a prefill takes well under a second on both sides: more reps (for both) steady its median
-  const add = (config: string, dtypes: ('fp32' | 'bf16')[], reps: number, prefillReps: number) => {
-    for (const d of dtypes) out.push({ case: 'prefill', config, dtype: d, args: {}, reps: prefillReps, warmup: 1 });
-    if (dtypes.includes('bf16')) out.push({ case: 'prefill', config, dtype: 'bf16', args: { mp: 'bf16' }, reps: prefillReps, warmup: 1 });
-    for (const B of ['1', '8']) for (const d of dtypes) out.push({ case: 'decode', config, dtype: d, args: { B }, reps, warmup: 1 });
+  // rounds > 1: prefill and decode in that many processes too (one process's run of decode steps
+  // moved 10 -> 15 ms a step between minutes of one bench run, so a single one judged the VM's phase)
+  const add = (config: string, dtypes: ('fp32' | 'bf16')[], reps: number, prefillReps: number, rounds?: number) => {
+    for (const d of dtypes) out.push({ case: 'prefill', config, dtype: d, args: {}, reps: prefillReps, warmup: 1, rounds });
+    if (dtypes.includes('bf16')) out.push({ case: 'prefill', config, dtype: 'bf16', args: { mp: 'bf16' }, reps: prefillReps, warmup: 1, rounds });
+    for (const B of ['1', '8']) for (const d of dtypes) out.push({ case: 'decode', config, dtype: d, args: { B }, reps, warmup: 1, rounds });
   };
-  add('smol', ['fp32', 'bf16'], 3, 7);
+  add('smol', ['fp32', 'bf16'], 3, 7, 3);
   for (const d of ['fp32', 'bf16'] as const)
     for (const gc of ['0', '1']) out.push({ case: 'train', config: 'smol', dtype: d, args: { gc }, reps: 2, warmup: 1, rounds: 3 });
   // the LoRA layers' frozen base dots bf16 in both bf16 rows; this one adds the head and its loss
