@@ -31,6 +31,11 @@ const CASES: Case[] = [
   { B: 1, T: 7, S: 70, Smax: 80, H: 8, KVH: 1, D: 64, scale: 0, causal: true, threads: 2 },
   { B: 1, T: 129, S: 129, H: 2, KVH: 1, D: 16, scale: 0, causal: true, window: 40, threads: 2 },
   { B: 1, T: 1, S: 1, H: 1, KVH: 1, D: 1, scale: 0, causal: true, threads: 1 },
+  // decode with fewer kv heads than twice the threads: each head's keys split between tasks and
+  // the parts combined (2 chunks of a padded cache; 3 chunks under a window that leaves the first
+  // chunk without a visible key)
+  { B: 1, T: 1, S: 700, Smax: 720, H: 8, KVH: 2, D: 64, scale: 0, causal: true, pad: true, threads: 2 },
+  { B: 1, T: 3, S: 610, H: 4, KVH: 1, D: 40, scale: 0, causal: true, window: 400, threads: 3 },
   { B: 2, T: 20, S: 20, H: 3, KVH: 3, D: 7, scale: 0.3, causal: false, pad: true, segments: true, threads: 2 },
 ];
 const caseName = (c: Case) => `B${c.B} T${c.T} S${c.S}${c.Smax ? `/${c.Smax}` : ''} H${c.H}/${c.KVH} D${c.D}` +

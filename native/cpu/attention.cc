@@ -3,16 +3,19 @@
 // compiled per ISA (attention_avx512.cc, attention_avx2.cc, attention_generic.cc).
 //
 // Forward: one task per (batch, kv head, query block), heaviest (latest queries) first, handed out
-// dynamically. Backward (FlashAttention-2's order): the query panels are packed once, then one task
+// dynamically; a decode step with too few (batch, kv head) groups for the threads splits each
+// group's keys into chunks instead and combines their softmax states (split_keys). Backward (FlashAttention-2's order): the query panels are packed once, then one task
 // per (batch, kv head, key block) computes that block's dk, dv completely (no two tasks share a
 // key) and adds its dq contributions to its thread's partial sums, which a last pass adds up.
 #include "attention.h"
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <new>
 
 #include "attention_isa.h"
 #include "cpu.h"
@@ -101,6 +104,73 @@ bool run_tasks(ThreadPool& pool, int threads, int64_t n, int64_t scratch_floats,
   return run_tasks(pool, threads, n, scratch_floats, fn, [](int) {});
 }
 
+// A decode step (one query block per group) has B·KVH tasks, fewer than the threads or not enough
+// to even them out (3 kv heads on 2 threads: one thread does two), and each reads its group's
+// whole KV cache from memory. Splitting each group's keys into chunks (FlashDecoding's split-K)
+// gives every thread a share: at least 2·kWantTasksPerThread tasks in all, each chunk at least
+// kMinChunkBlocks key blocks long. 1: no split.
+constexpr int64_t kWantTasksPerThread = 2;
+constexpr int64_t kMinChunkBlocks = 2;
+int64_t key_chunks(const AttnPlan& p, int64_t groups, int threads) {
+  if (threads <= 1 || p.nqb != 1 || groups <= 0 || groups >= kWantTasksPerThread * threads) return 1;
+  const int64_t want = (kWantTasksPerThread * threads + groups - 1) / groups;
+  const int64_t most = p.a.S / (kMinChunkBlocks * p.bc);
+  return std::max<int64_t>(1, std::min(want, most));
+}
+
+// The forward of a step with one query block per group, each group's keys split into `chunks`
+// ranges run as separate tasks, each writing its unnormalised state (m, l, o per row); then per
+// row m = max m_i, l = Σ l_i·2^(m_i - m), out = Σ o_i·2^(m_i - m) / l, lse = (m + log2 l)·ln 2,
+// as the single pass would end.
+lora_status split_keys(ThreadPool& pool, int threads, const AttnPlan& p, int64_t groups, int64_t chunks,
+                       const AttnIsa& isa) {
+  const AttentionArgs& a = p.a;
+  const int64_t span = (a.S + chunks - 1) / chunks, pf = p.part_floats();
+  std::unique_ptr<float[]> parts(new (std::nothrow) float[static_cast<size_t>(groups * chunks * pf)]);
+  if (!parts) return LORA_OUT_OF_MEMORY;
+  const bool ok = run_tasks(pool, threads, groups * chunks, p.scratch_floats(), [&](int, int64_t i, float* scratch) {
+    AttnPlan q = p;
+    const int64_t g = i / chunks, c = i % chunks;
+    q.kc0 = c * span;
+    q.kc1 = std::min(a.S, (c + 1) * span);
+    q.part = parts.get() + i * pf;
+    isa.forward_block(q, g / a.KVH, g % a.KVH, 0, scratch);
+  });
+  if (!ok) return LORA_OUT_OF_MEMORY;
+  const int64_t rows = a.T * p.G, D = a.D, row_floats = p.Dp + 2;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t b = g / a.KVH, kvh = g % a.KVH;
+    const float* gp = parts.get() + g * chunks * pf;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t t = r / p.G, h = kvh * p.G + r % p.G;
+      float* dst = p.out + ((b * a.T + t) * a.H + h) * D;
+      float m = -INFINITY;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const float* st = gp + c * pf + r * row_floats;
+        if (st[1] > 0.0f) m = std::max(m, st[0]);
+      }
+      if (m == -INFINITY) {  // no visible key in any chunk
+        std::fill(dst, dst + D, 0.0f);
+        p.lse[(b * a.H + h) * a.T + t] = INFINITY;
+        continue;
+      }
+      float l = 0.0f;
+      std::fill(dst, dst + D, 0.0f);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const float* st = gp + c * pf + r * row_floats;
+        if (!(st[1] > 0.0f)) continue;
+        const float w = std::exp2(st[0] - m);
+        l += st[1] * w;
+        for (int64_t d = 0; d < D; ++d) dst[d] += st[2 + d] * w;
+      }
+      const float inv = 1.0f / l;
+      for (int64_t d = 0; d < D; ++d) dst[d] *= inv;
+      p.lse[(b * a.H + h) * a.T + t] = (m + std::log2(l)) * 0.6931471805599453f;
+    }
+  }
+  return LORA_OK;
+}
+
 }  // namespace
 
 lora_status cpu_attention_check(const AttentionArgs& a) {
@@ -119,7 +189,10 @@ lora_status cpu_attention(ThreadPool& pool, float* out, float* lse, const float*
   p.out = out;
   p.lse = lse;
   const int64_t groups = a.B * a.KVH;
-  const bool ok = run_tasks(pool, threads_for(a, pool.size()), groups * p.nqb, p.scratch_floats(),
+  const int threads = threads_for(a, pool.size());
+  const int64_t chunks = key_chunks(p, groups, threads);
+  if (chunks > 1) return split_keys(pool, threads, p, groups, chunks, isa);
+  const bool ok = run_tasks(pool, threads, groups * p.nqb, p.scratch_floats(),
                             [&](int, int64_t i, float* scratch) {
                               // heaviest first: under the causal rule later queries see more keys
                               const int64_t qb = p.nqb - 1 - i / groups, bk = i % groups;

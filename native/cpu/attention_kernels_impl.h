@@ -323,6 +323,8 @@ void forward_block(const lora::AttnPlan& p, int64_t b, int64_t kvh, int64_t t0, 
 
   int64_t jlo, jhi;
   key_range(p, b, L, &jlo, &jhi);
+  jlo = imax(jlo, p.kc0);
+  jhi = imin(jhi, p.kc1 - 1);
   const int64_t ld = A.KVH * D;
   const float* kb = p.k + b * A.kv_batch_stride + kvh * D;
   const float* vb = p.v + b * A.kv_batch_stride + kvh * D;
@@ -358,6 +360,15 @@ void forward_block(const lora::AttnPlan& p, int64_t b, int64_t kvh, int64_t t0, 
     mm<true>(rows, Dp / kVL, nb, s, 1, Rb, vp, ldv, o, Dp, j0 == jlo ? kStore : kScaleAdd, alpha);
   }
 
+  if (p.part) {  // this chunk's state, combined by the driver (o is unset where l is 0)
+    for (int64_t r = 0; r < rows; ++r) {
+      float* dst = p.part + r * (Dp + 2);
+      dst[0] = m[r];
+      dst[1] = l[r];
+      if (l[r] > 0.0f) std::memcpy(dst + 2, o + r * Dp, static_cast<size_t>(D) * sizeof(float));
+    }
+    return;
+  }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t t = t0 + r / G, h = kvh * G + r % G;
     const float lr = l[r];
