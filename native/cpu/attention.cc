@@ -4,14 +4,15 @@
 //
 // Forward: one task per (batch, kv head, query block), heaviest (latest queries) first, handed out
 // dynamically; a decode step with too few (batch, kv head) groups for the threads splits each
-// group's keys into chunks instead and combines their softmax states (split_keys). Backward (FlashAttention-2's order): the query panels are packed once, then one task
-// per (batch, kv head, key block) computes that block's dk, dv completely (no two tasks share a
-// key) and adds its dq contributions to its thread's partial sums, which a last pass adds up.
+// group's keys into chunks instead and combines their softmax states (split_keys). Backward
+// (FlashAttention-2's order): the query panels are packed once, then one task per (batch, kv head,
+// key block) computes that block's dk, dv completely (no two tasks share a key) and adds its dq
+// contributions to its thread's partial sums, which a last pass adds up.
 #include "attention.h"
 
 #include <algorithm>
-#include <cmath>
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -107,8 +108,8 @@ bool run_tasks(ThreadPool& pool, int threads, int64_t n, int64_t scratch_floats,
 // A decode step (one query block per group) has B·KVH tasks, fewer than the threads or not enough
 // to even them out (3 kv heads on 2 threads: one thread does two), and each reads its group's
 // whole KV cache from memory. Splitting each group's keys into chunks (FlashDecoding's split-K)
-// gives every thread a share: at least 2·kWantTasksPerThread tasks in all, each chunk at least
-// kMinChunkBlocks key blocks long. 1: no split.
+// gives every thread a share: about kWantTasksPerThread tasks per thread, each chunk at least
+// kMinChunkBlocks key blocks long. Returns the chunks per group; 1: no split.
 constexpr int64_t kWantTasksPerThread = 2;
 constexpr int64_t kMinChunkBlocks = 2;
 int64_t key_chunks(const AttnPlan& p, int64_t groups, int threads) {
@@ -137,25 +138,25 @@ lora_status split_keys(ThreadPool& pool, int threads, const AttnPlan& p, int64_t
     isa.forward_block(q, g / a.KVH, g % a.KVH, 0, scratch);
   });
   if (!ok) return LORA_OUT_OF_MEMORY;
-  const int64_t rows = a.T * p.G, D = a.D, row_floats = p.Dp + 2;
+  constexpr float kLn2 = 0.6931471805599453f;
+  const int64_t rows = a.T * p.G, D = a.D, row_floats = p.part_row_floats();
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t b = g / a.KVH, kvh = g % a.KVH;
     const float* gp = parts.get() + g * chunks * pf;
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t t = r / p.G, h = kvh * p.G + r % p.G;
       float* dst = p.out + ((b * a.T + t) * a.H + h) * D;
+      std::fill(dst, dst + D, 0.0f);
       float m = -INFINITY;
       for (int64_t c = 0; c < chunks; ++c) {
         const float* st = gp + c * pf + r * row_floats;
         if (st[1] > 0.0f) m = std::max(m, st[0]);
       }
-      if (m == -INFINITY) {  // no visible key in any chunk
-        std::fill(dst, dst + D, 0.0f);
+      if (m == -INFINITY) {  // no visible key in any chunk: out stays 0
         p.lse[(b * a.H + h) * a.T + t] = INFINITY;
         continue;
       }
       float l = 0.0f;
-      std::fill(dst, dst + D, 0.0f);
       for (int64_t c = 0; c < chunks; ++c) {
         const float* st = gp + c * pf + r * row_floats;
         if (!(st[1] > 0.0f)) continue;
@@ -165,7 +166,7 @@ lora_status split_keys(ThreadPool& pool, int threads, const AttnPlan& p, int64_t
       }
       const float inv = 1.0f / l;
       for (int64_t d = 0; d < D; ++d) dst[d] *= inv;
-      p.lse[(b * a.H + h) * a.T + t] = (m + std::log2(l)) * 0.6931471805599453f;
+      p.lse[(b * a.H + h) * a.T + t] = (m + std::log2(l)) * kLn2;
     }
   }
   return LORA_OK;

@@ -28,11 +28,12 @@ struct AttnPlan {
   const float *q = nullptr, *k = nullptr, *v = nullptr;
   float *out = nullptr, *lse = nullptr;
   // forward over keys [kc0, kc1) only, its unnormalised state written to part instead of out and
-  // lse: per row of the block, m (log2 units), l, then Dp floats of o (part_floats() in all). The
-  // driver splits a decode step's keys between threads so and combines the parts.
+  // lse: per row of the block part_row_floats() floats, m (log2 units), l, then Dp floats of o.
+  // The driver splits a decode step's keys between threads this way and combines the parts.
   int64_t kc0 = 0, kc1 = INT64_MAX;
   float* part = nullptr;
-  int64_t part_floats() const { return R * (Dp + 2); }
+  int64_t part_row_floats() const { return Dp + 2; }
+  int64_t part_floats() const { return R * part_row_floats(); }
   // backward (out and lse are the forward's, read only)
   const float *dout = nullptr, *out_saved = nullptr, *lse_saved = nullptr;
   float *dq = nullptr, *dk = nullptr, *dv = nullptr;

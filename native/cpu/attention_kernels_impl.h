@@ -362,7 +362,7 @@ void forward_block(const lora::AttnPlan& p, int64_t b, int64_t kvh, int64_t t0, 
 
   if (p.part) {  // this chunk's state, combined by the driver (o is unset where l is 0)
     for (int64_t r = 0; r < rows; ++r) {
-      float* dst = p.part + r * (Dp + 2);
+      float* dst = p.part + r * p.part_row_floats();
       dst[0] = m[r];
       dst[1] = l[r];
       if (l[r] > 0.0f) std::memcpy(dst + 2, o + r * Dp, static_cast<size_t>(D) * sizeof(float));

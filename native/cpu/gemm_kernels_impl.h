@@ -287,7 +287,7 @@ void small_m_nt(int64_t n, int64_t k, const float* __restrict a, int64_t lda, co
 #pragma GCC unroll 4
         for (int g = 0; g < G; ++g) {
           __builtin_prefetch(next + g * ldb + p);
-          bw[g] = load_pairs(reinterpret_cast<const uint16_t*>(b) + (j + g) * ldb + p);
+          bw[g] = load_pairs(b + (j + g) * ldb + p);
         }
 #pragma GCC unroll 8
         for (int m = 0; m < M; ++m) {
@@ -330,7 +330,7 @@ void small_m_nt(int64_t n, int64_t k, const float* __restrict a, int64_t lda, co
       int64_t p = 0;
       if constexpr (kPairs)
         for (; p < kp; p += 2 * LN_VL) {
-          const vu w = load_pairs(reinterpret_cast<const uint16_t*>(b) + j * ldb + p);
+          const vu w = load_pairs(b + j * ldb + p);
           const float* xq = xi + p * M + m * 2 * LN_VL;
           acc = LN_FMA(loadu(xq + LN_VL), bf16_odd(w), LN_FMA(loadu(xq), bf16_even(w), acc));
         }
