@@ -315,8 +315,15 @@ export class Tensor {
     const dt = checkDtype('dtype', dtype);
     const s = this._live();
     const out = new Tensor(CONSTRUCT, native.alloc(s.device, DTYPE_ID[dt], s.numel), this.shape);
-    if (dt === this.dtype) native.copyInto(out._storage, s);
-    else native.convert(out._storage, s);
+    try {
+      if (dt === this.dtype) native.copyInto(out._storage, s);
+      else native.convert(out._storage, s);
+    } catch (err) {
+      out.dispose();
+      if (err instanceof LoraError && err.code === 'ERR_LORA_UNSUPPORTED')
+        throw new LoraError('ERR_LORA_UNSUPPORTED', `Expected a conversion this backend has for toDtype() but received ${this.dtype} -> ${dt} on ${this.device} (${err.message})`);
+      throw err;
+    }
     return out;
   }
 

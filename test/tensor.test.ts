@@ -281,3 +281,34 @@ t.test('autograd: shared inputs, accumulation, noGrad, gradient argument', async
     });
   });
 });
+
+t.test('errors leave no tensor behind; a 0-d tensor reduces over axis 0 or -1 as PyTorch does', async (t) => {
+  // Each of these allocated before the check that failed, and left the tensor to the GC (found by
+  // the hostile-argument test's per-call count).
+  const live = () => memory().numTensors;
+  const x = tensor([1, 2, 3, 4], [2, 2]);
+  const v = tensor([1, 2, 3, 4], [4]);
+  const ints = tensor([1, 0], [2], { dtype: 'int32' });
+  const w = tensor([1, 2, 3], [3]);
+  const row = tensor([1, 2, 3, 4], [1, 4]);
+  const b2 = live();
+  t.throws(() => matmul(w, x), { code: 'ERR_LORA_SHAPE' }, 'a 1-D a of the wrong length');
+  t.throws(() => matmul(x, w), { code: 'ERR_LORA_SHAPE' }, 'a 1-D b of the wrong length');
+  t.throws(() => matmul(v, row), { code: 'ERR_LORA_SHAPE' }, 'a 1-D a against a [1, 4] b');
+  t.equal(live(), b2, 'a failed 1-D matmul frees its reshaped operand');
+  t.throws(() => x.toDtype('int32'), { code: 'ERR_LORA_UNSUPPORTED', message: /float32 -> int32/ });
+  t.throws(() => ints.toDtype('float32'), { code: 'ERR_LORA_UNSUPPORTED', message: /int32 -> float32/ });
+  t.equal(live(), b2, 'a failed toDtype frees its output');
+  const s = tensor([5], []);
+  for (const axis of [0, -1, [0], [-1]] as const) {
+    const r = sum(s, axis as number | number[]);
+    t.same([r.shape, r.item()], [[], 5], `sum(scalar, ${JSON.stringify(axis)})`);
+    r.dispose();
+  }
+  const m = max(s, 0, true);
+  t.same([m.shape, m.item()], [[], 5], 'max(scalar, 0, keepDims)');
+  m.dispose();
+  t.throws(() => sum(s, 1), { code: 'ERR_LORA_RANGE' }, 'axis 1 of a 0-d tensor');
+  t.equal(live(), b2 + 1, 'only the scalar itself is new');
+  for (const u of [x, v, ints, w, row, s]) u.dispose();
+});

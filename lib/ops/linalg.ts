@@ -30,14 +30,26 @@ export function matmul(a: Tensor, b: Tensor): Tensor {
   if (a.ndim === 0 || b.ndim === 0) throw new LoraError('ERR_LORA_SHAPE', `Expected tensors with at least 1 dim for matmul() but received ${shapeString(a.shape)} and ${shapeString(b.shape)}`);
   if (a.ndim === 1) {
     const a2 = reshape(a, [1, a.shape[0]!]);
-    const r = matmul(a2, b);
+    let r: Tensor;
+    try {
+      r = matmul(a2, b);
+    } catch (err) {
+      a2.dispose(); // a view, but it holds its own reference to a's memory
+      throw err;
+    }
     const out = reshape(r, r.shape.filter((_, i) => i !== r.ndim - 2));
     r.dispose(); // its GradNode stays in the graph; its values are not needed
     return saveFor(out, a2);
   }
   if (b.ndim === 1) {
     const b2 = reshape(b, [b.shape[0]!, 1]);
-    const r = matmul(a, b2);
+    let r: Tensor;
+    try {
+      r = matmul(a, b2);
+    } catch (err) {
+      b2.dispose();
+      throw err;
+    }
     const out = reshape(r, r.shape.slice(0, -1));
     r.dispose(); // its GradNode stays in the graph; its values are not needed
     return saveFor(out, b2);

@@ -12,6 +12,8 @@ function reduceAxes(x: Tensor, axis: number | readonly number[] | undefined): nu
   const list = typeof axis === 'number' ? [axis] : axis;
   if (!Array.isArray(list)) throw typeError('axis', 'an integer or an array of integers', axis);
   const axes = list.map((a) => normAxis(a, x.ndim));
+  // A 0-d tensor takes axis 0 or -1, as in PyTorch, and has nothing to reduce over.
+  if (x.ndim === 0) return [];
   if (new Set(axes).size !== axes.length) throw new LoraError('ERR_LORA_SHAPE', `Expected distinct axes but received ${shapeString(list)}`);
   return axes.sort((p, q) => p - q);
 }
