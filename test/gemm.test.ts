@@ -297,6 +297,46 @@ function bf16DotDecodeCases(rng: Rng): string[] {
 // elsewhere (other levels, fewer rows, a narrow product) fp32 products, within fp32's bound.
 // Decode rows (M <= 16) stream each weight as gemm does alone: bit for bit gemm's outputs with the
 // same bf16Dot (the bf16 dot from 4 rows where the CPU has it), split across threads end to end.
+// The LoRA backward's dB += s·dyᵀ·h, computed from the dx GEMM's packed blocks of dy (the side
+// product D of gemm_ex) where that GEMM runs the packed fp32 path with rank <= 16, else as its own
+// product: dB against float64 (within 1e-5·Σ|terms|, from a nonzero start), and dx bit for bit the
+// same as without dB. Rows past 16 (the fused path's), ranks 1-24 (whole, partial and more than the
+// 16 columns a panel serves), several k blocks (OC), 1-3 threads (row and column splits), dropout,
+// and a bf16 W (the bf16 dot: dB apart).
+function loraDbCases(rng: Rng): string[] {
+  const failures: string[] = [];
+  const pick = <T,>(xs: T[]) => xs[Math.floor(rng.uniform() * xs.length)]!;
+  for (let q = 0; q < 24; q++) {
+    const N = pick([17, 40, 97, 150, 300]), C = pick([20, 48, 100, 257, 600]), OC = pick([20, 70, 300, 700]);
+    const R = pick([1, 3, 8, 13, 16, 24]), threads = 1 + (rng.nextU32() % 3), p = pick([0, 0, 0.3]), s = pick([0.5, 2]);
+    const bf16 = q % 6 === 5;
+    setNumThreads(threads);
+    const xh = f32(N * C, rng), Wh = f32(OC * C, rng, 0.3), Ah = f32(R * C, rng, 0.3), Bh = f32(OC * R, rng, 0.3);
+    const hh = f32(N * R, rng), dyh = f32(N * OC, rng), dB0 = f32(OC * R, rng);
+    const up = (a: Float32Array) => native.fromHost(0, DTYPE_ID.float32, a);
+    const x = up(xh), W = bf16 ? bf16Tensor(Wh) : up(Wh), A = up(Ah), B = up(Bh), h = up(hh), dy = up(dyh);
+    const dx1 = native.alloc(0, DTYPE_ID.float32, N * C), dx2 = native.alloc(0, DTYPE_ID.float32, N * C);
+    const dA1 = up(new Float32Array(R * C)), dA2 = up(new Float32Array(R * C)), dB = up(dB0);
+    const withDx = q % 4 !== 3;  // (every fourth without dx: dB as a product of its own)
+    native.loraBackward(withDx ? dx1 : null, dA1, dB, dy, x, h, W, A, B, N, C, OC, R, s, p, 7 + q);
+    native.loraBackward(dx2, dA2, null, dy, x, h, W, A, B, N, C, OC, R, s, p, 7 + q);
+    const what = `dB case ${q}: N=${N} C=${C} OC=${OC} R=${R} s=${s} p=${p} threads=${threads}${bf16 ? ' bf16 W' : ''}${withDx ? '' : ' no dx'}`;
+    const got = toF32(dB), d1 = toF32(dx1), d2 = toF32(dx2);
+    if (withDx && d1.some((v, i) => !Object.is(v, d2[i]))) failures.push(`${what}: dx differs with dB asked for`);
+    for (let i = 0; i < OC * R && failures.length < 10; i++) {
+      const o = Math.floor(i / R), r = i % R;
+      let ref = 0, mag = 0;
+      for (let n = 0; n < N; n++) { const t = s * dyh[n * OC + o]! * hh[n * R + r]!; ref += t; mag += Math.abs(t); }
+      if (!(Math.abs(got[i]! - dB0[i]! - ref) <= 1e-5 * (mag + Math.abs(dB0[i]!)) + 1e-6)) {
+        failures.push(`${what}: dB[${o}][${r}] = ${got[i]! - dB0[i]!} more than it was, float64 ${ref}`);
+        break;
+      }
+    }
+    for (const t of [x, W, A, B, h, dy, dx1, dx2, dA1, dA2, dB]) native.dispose(t);
+  }
+  return failures;
+}
+
 function sharedACases(rng: Rng): string[] {
   const failures: string[] = [];
   const shapes: [number, number, number[]][] = [[33, 577, [200, 61, 61]], [130, 40, [17, 300]], [64, 1100, [96, 33, 1]], [45, 1, [5, 70]],
@@ -401,7 +441,8 @@ if (CHILD) {
     const f = randomGemm(rng, 30_000 + q, 1 + (rng.nextU32() % 2), true, dims, [false, true]);
     if (f) failures.push(f);
   }
-  failures.push(...linearBf16Cases(rng), ...mergeBf16Cases(rng), ...decodeCases(rng), ...bf16DotDecodeCases(rng), ...sharedACases(rng));
+  failures.push(...linearBf16Cases(rng), ...mergeBf16Cases(rng), ...decodeCases(rng), ...bf16DotDecodeCases(rng), ...sharedACases(rng),
+    ...loraDbCases(rng));
   setNumThreads(before);
   // straight to fd 1: tap owns process.stdout in this file
   fs.writeSync(1, JSON.stringify({ isa: features().isa, cases: 2 * n, failures: failures.slice(0, 10), failed: failures.length }) + '\n');

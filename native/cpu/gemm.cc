@@ -8,6 +8,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 #include "../backend/half.h"
@@ -125,7 +126,7 @@ struct PackBuffer {
   }
 };
 struct ThreadBuffers {
-  PackBuffer a, b, a2, b2, small, h, hb, ah, scratch, pad;
+  PackBuffer a, b, a2, b2, small, h, hb, ah, scratch, pad, side, dbt;
 };
 ThreadBuffers& buffers() {
   static thread_local ThreadBuffers bufs;
@@ -356,8 +357,10 @@ void run_small(const IsaTable& t, const GemmArgs& g, bool dot, int64_t m0, int64
 }
 
 // The blocked path over the C rectangle [m0, m1) x [n0, n1).
+// d_part of d_parts: the row blocks whose side product D this call computes (a column split gives
+// every thread all rows: thread tid of nt takes every nt-th block).
 void run_blocked(const IsaTable& t, const GemmKernel& kern, bool bf16_dot, const GemmArgs& args,
-                 int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+                 int64_t m0, int64_t m1, int64_t n0, int64_t n1, int d_part = 0, int d_parts = 1) {
   const int mr = kern.mr, nr = kern.nr;
   GemmArgs g = args;
   ThreadBuffers& bufs = buffers();
@@ -383,6 +386,15 @@ void run_blocked(const IsaTable& t, const GemmKernel& kern, bool bf16_dot, const
     }
   }
   const int64_t K = g.alpha == 0.0f ? 0 : g.K;
+  // The side product D from the packed A blocks (gemm_ex sends it here only with fp32 panels of
+  // op(A) unscaled and unmasked, ND <= kSideCols): this call's share of the row blocks, in its
+  // first column block, summed in a buffer of its own (K, kSideCols) and added into D at the end.
+  const bool fuse_d = g.D != nullptr && K > 0;
+  float* dl = nullptr;
+  if (fuse_d) {
+    dl = bufs.side.get(static_cast<size_t>(K * kSideCols));
+    std::memset(dl, 0, static_cast<size_t>(K * kSideCols) * sizeof(float));
+  }
   // Few rows of C: each element of B is used only (m1-m0) times, so packing it would cost as
   // much memory traffic as the product; a stored-row-major fp32 B is read in place instead.
   const bool direct_b = !bf16_dot && !g.trans_b && !g.b_bf16 && !g.drop_b && m1 - m0 <= 2 * mr;
@@ -443,6 +455,10 @@ void run_blocked(const IsaTable& t, const GemmKernel& kern, bool bf16_dot, const
                         g.alpha);
         else
           t.pack_a(abuf, g.A, g.lda, g.trans_a, ic, mc, pc, kc, mr, g.alpha, g.drop_a);
+        if (fuse_d && jc == n0 && kc > 0 && (ic - m0) / mc_max % d_parts == d_part)
+          for (int64_t ir = 0; ir < mc; ir += mr)
+            t.side_panel(mr, kc, abuf + ir * kc, static_cast<int>(imin(mr, mc - ir)), g.TD + (ic + ir) * g.ldtd,
+                         g.ldtd, static_cast<int>(g.ND), dl + pc * kSideCols);
         if (h_now) {
           // H rows [ic, ic+mc) += this block of A (a masked copy when drop_h: the x block is
           // still in L2) times the packed op(HB) panels, before the epilogue below needs them.
@@ -518,6 +534,37 @@ void run_blocked(const IsaTable& t, const GemmKernel& kern, bool bf16_dot, const
       if (K == 0) break;
     }
   }
+  if (fuse_d) {
+    static std::mutex mu;  // threads splitting rows each add their part
+    std::lock_guard<std::mutex> lock(mu);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t r = 0; r < g.ND; ++r) g.D[k * g.ldd + r] += g.alpha_d * dl[k * kSideCols + r];
+  }
+}
+
+// The side product D as its own product, then the GEMM without it: for the paths whose packed A
+// cannot serve it (streaming, bf16 panels, more than kSideCols columns) and for N = 0. Computed as
+// Dᵀ (ND, K) = alpha_d·TDᵀ·op(A), so op(A) is read in place row by row (reduce_k for ND <=
+// kReduceMax), then added into D in blocks of 16 rows of D.
+void side_d_apart(ThreadPool& pool, const GemmArgs& g) {
+  float* dbt = buffers().dbt.get(static_cast<size_t>(g.ND * g.K));
+  GemmArgs tg;
+  tg.trans_a = true;
+  tg.M = g.ND; tg.N = g.K; tg.K = g.M;
+  tg.alpha = g.alpha_d;
+  tg.A = g.TD; tg.lda = g.ldtd;
+  tg.B = g.A; tg.ldb = g.lda; tg.trans_b = g.trans_a;
+  tg.C = dbt; tg.ldc = g.K;
+  gemm_ex(pool, tg);
+  // (row by row of D, each of ND reads fell a whole Dᵀ row apart: 1536 x 16 took ~0.2 ms)
+  for (int64_t k0 = 0; k0 < g.K; k0 += 16) {
+    const int64_t k1 = imin(k0 + 16, g.K);
+    for (int64_t r = 0; r < g.ND; ++r)
+      for (int64_t k = k0; k < k1; ++k) g.D[k * g.ldd + r] += dbt[r * g.K + k];
+  }
+  GemmArgs rest = g;
+  rest.D = nullptr;
+  gemm_ex(pool, rest);
 }
 
 // The side product H as its own pass, then the GEMM without it: for the paths whose packed A
@@ -546,7 +593,13 @@ void gemm_ex(ThreadPool& pool, const GemmArgs& g) {
     rest.H = nullptr;
     return gemm_ex(pool, rest);
   }
+  if (g.D && (g.ND <= 0 || g.K <= 0)) {  // nothing to add into D
+    GemmArgs rest = g;
+    rest.D = nullptr;
+    return gemm_ex(pool, rest);
+  }
   if (g.H && g.N <= 0) return side_product_apart(pool, g);
+  if (g.D && g.N <= 0) return side_d_apart(pool, g);
   if (g.N <= 0) return;
   const IsaTable& t = isa_table();
   // A few rows of C, each a sum over k of op(A) = Aᵀ stored (K, M) against an fp32 B stored (K, N)
@@ -554,7 +607,7 @@ void gemm_ex(ThreadPool& pool, const GemmArgs& g) {
   // The packed path copied all of B for them: 1024 x 576, rank 16, 2 threads, 169 us (111
   // GFLOP/s, slower than its 113 us on one thread), 1536 columns 403 us.
   if (g.trans_a && !g.trans_b && g.M <= kReduceMax && !g.b_bf16 && g.K > 0 && g.alpha != 0.0f && !g.drop_a &&
-      !g.drop_b && !g.H && g.K2 == 0 && !g.bias && !g.drop2 && t.reduce_k) {
+      !g.drop_b && !g.H && !g.D && g.K2 == 0 && !g.bias && !g.drop2 && t.reduce_k) {
     const bool serial = pool.size() == 1 || g.M * g.N * g.K < gemm_blocking().parallel_min_flops;
     auto body = [&](int tid, int nt) {
       int64_t n0, n1;
@@ -597,6 +650,9 @@ void gemm_ex(ThreadPool& pool, const GemmArgs& g) {
   // rides along (apart was 0.5-1 point slower at r8 and r16).
   if (g.H && (small || bf16_dot || g.trans_a || g.alpha != 1.0f || g.drop_a))
     return side_product_apart(pool, g);
+  // D rides along under the same conditions, with its columns in one row of kSideCols
+  if (g.D && (small || bf16_dot || g.alpha != 1.0f || g.drop_a || g.ND > kSideCols || !t.side_panel))
+    return side_d_apart(pool, g);
 
   // The tile shape with the least padding (the wide kernel on ties and for bf16).
   const GemmKernel* kern = bf16_dot ? &t.bf16_kernel : &t.wide;
@@ -637,7 +693,7 @@ void gemm_ex(ThreadPool& pool, const GemmArgs& g) {
       thread_share(g.N, small ? 16 : kern->nr, tid, nt, &n0, &n1);
       if (n0 >= n1) return;
       if (small) run_small(t, g, dot_small, 0, g.M, n0, n1);
-      else run_blocked(t, *kern, bf16_dot, g, 0, g.M, n0, n1);
+      else run_blocked(t, *kern, bf16_dot, g, 0, g.M, n0, n1, tid, nt);
     } else {
       int64_t m0, m1;
       thread_share(g.M, small ? kSmallM : kern->mr, tid, nt, &m0, &m1);

@@ -49,6 +49,7 @@ const lora::IsaTable kTable = {
     fma_burst,
     nullptr,  // no bf16 dot product at this level
     reduce_k,
+    side_panel,
 };
 
 }  // namespace

@@ -336,6 +336,7 @@ const lora::IsaTable kTable = {
     fma_burst,
     small_m_bf16_dot,
     reduce_k,
+    side_panel,
 };
 
 }  // namespace

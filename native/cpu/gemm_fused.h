@@ -53,6 +53,16 @@ struct GemmArgs {
   float* H = nullptr;
   int64_t ldh = 0;
   const DropoutMask* drop_h = nullptr;
+  // Second side product from the same packed A panels: D (K, ND) += alpha_d·op(A)ᵀ·TD with TD
+  // (M, ND) (row strides ldtd, ldd), accumulated into D (dB += s·dyᵀ·h in the pass of dx = dy·W
+  // over dy). Computed from the packed fp32 panels where the GEMM runs the blocked path with ND <=
+  // kSideCols; otherwise as a product of its own before the GEMM. Requires alpha 1 and no drop_a.
+  const float* TD = nullptr;
+  int64_t ldtd = 0;
+  int64_t ND = 0;
+  float alpha_d = 1.0f;
+  float* D = nullptr;
+  int64_t ldd = 0;
   // bf16 B: allow rounding A to bf16 for the avx512_bf16 dot product (fp32 accumulation).
   bool allow_bf16_dot = true;
   // ... also on the streaming path (up to kDecodeRows rows of A against a stored-(n, k) B): only

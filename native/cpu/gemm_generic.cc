@@ -37,6 +37,7 @@ const lora::IsaTable kTable = {
     nullptr,  // no FMA at this level
     nullptr,  // no bf16 dot product at this level
     reduce_k,
+    side_panel,
 };
 
 }  // namespace

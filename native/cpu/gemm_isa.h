@@ -94,7 +94,14 @@ struct IsaTable {
   // and dBᵀ = hᵀ·dy).
   void (*reduce_k)(int m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
                    float* c, int64_t ldc, float alpha, int accumulate, int64_t kb);
+  // d (kc, kSideCols) += Pᵀ·td for one packed panel P of op(A) (mr rows, k-major, as pack_a writes
+  // it) and the panel's `rows` rows of td (row stride ldtd, nd <= kSideCols columns): the side
+  // product D of gemm_ex (gemm_fused.h) from the packed blocks of A.
+  void (*side_panel)(int mr, int64_t kc, const float* ap, int rows, const float* td, int64_t ldtd, int nd,
+                     float* d);
 };
+// Columns of the side product D a packed panel serves (one 16-float row per k).
+constexpr int kSideCols = 16;
 // The most rows of C reduce_k takes.
 constexpr int kReduceMax = 16;
 

@@ -74,24 +74,24 @@ lora_status lora_backward(lora_backend* be, float* dx, float* dA, float* dB, con
   ThreadPool& pool = cpu_pool(be);
   const DropoutMask mask = make_mask(dropout_p, seed, C);
   const bool drop = dropout_p > 0.0f;
-  static thread_local std::vector<float> dh_buf, dbt_buf;
+  static thread_local std::vector<float> dh_buf;
 
-  // dB += s·dyᵀ·h, computed as dBᵀ (R, OC) = s·hᵀ·dy so dy (N, OC) is read in place, row by row,
-  // instead of packed transposed; then added into dB (OC, R) (R·OC floats, not W-sized).
+  // dB += s·dyᵀ·h: with dx (past a few rows), from the dx GEMM's packed blocks of dy (below);
+  // without, as dBᵀ (R, OC) = s·hᵀ·dy, dy read in place row by row, added into dB.
   if (dB && R > 0 && OC > 0 && N <= kDirectDbRows) {
     // a few rows (decode-sized steps): dB += s·dyᵀ·h straight into dB, without dBᵀ's R x OC
     // scratch and its transpose (1 x 4096 x 4096 r16, 2 threads: dB 100 -> 30 us)
     sgemm(pool, true, false, OC, R, N, s, dy, OC, h, R, 1.0f, dB, R);
-  } else if (dB && R > 0 && OC > 0) {
-    float* dbt = scratch(dbt_buf, static_cast<size_t>(R * OC));
-    sgemm(pool, true, false, R, OC, N, s, h, R, dy, OC, 0.0f, dbt, OC);
-    // in blocks of 16 outputs: 16 rows of dB (contiguous) against 16 columns of each dBᵀ row
-    // (row by row of dB, each of R reads fell a whole dBᵀ row apart: 1536 x 16 took ~0.2 ms)
-    for (int64_t o0 = 0; o0 < OC; o0 += 16) {
-      const int64_t o1 = o0 + 16 < OC ? o0 + 16 : OC;
-      for (int64_t r = 0; r < R; ++r)
-        for (int64_t o = o0; o < o1; ++o) dB[o * R + r] += dbt[r * OC + o];
-    }
+  } else if (dB && R > 0 && OC > 0 && !dx) {
+    // without dx, a GEMM of no columns carries it: the side product D alone (dBᵀ = s·hᵀ·dy with dy
+    // read in place, added into dB)
+    GemmArgs bg;
+    bg.M = N; bg.N = 0; bg.K = OC;
+    bg.A = dy; bg.lda = OC;
+    bg.D = dB; bg.ldd = R;
+    bg.TD = h; bg.ldtd = R;
+    bg.ND = R; bg.alpha_d = s;
+    gemm_ex(pool, bg);
   }
   if (!dA && !dx) return LORA_OK;
 
@@ -116,6 +116,13 @@ lora_status lora_backward(lora_backend* be, float* dx, float* dA, float* dB, con
     xg.HB = B; xg.ldhb = R;  // op(HB) = B (OC, R)
     xg.NH = R; xg.alpha_h = s;
     xg.H = dh; xg.ldh = R;
+    if (dB && R > 0 && N > kDirectDbRows) {
+      // dB += s·dyᵀ·h from the same packed blocks of dy (or, on the paths that cannot, as its own
+      // product first, dBᵀ = s·hᵀ·dy with dy read in place)
+      xg.D = dB; xg.ldd = R;
+      xg.TD = h; xg.ldtd = R;
+      xg.ND = R; xg.alpha_d = s;
+    }
     gemm_ex(pool, xg);
   }
 
