@@ -309,7 +309,7 @@ function loraDbCases(rng: Rng): string[] {
   for (let q = 0; q < 24; q++) {
     const N = pick([17, 40, 97, 150, 300]), C = pick([20, 48, 100, 257, 600]), OC = pick([20, 70, 300, 700]);
     const R = pick([1, 3, 8, 13, 16, 24]), threads = 1 + (rng.nextU32() % 3), p = pick([0, 0, 0.3]), s = pick([0.5, 2]);
-    const bf16 = q % 6 === 5;
+    const bf16 = q % 3 === 2;
     setNumThreads(threads);
     const xh = f32(N * C, rng), Wh = f32(OC * C, rng, 0.3), Ah = f32(R * C, rng, 0.3), Bh = f32(OC * R, rng, 0.3);
     const hh = f32(N * R, rng), dyh = f32(N * OC, rng), dB0 = f32(OC * R, rng);

@@ -386,9 +386,10 @@ void run_blocked(const IsaTable& t, const GemmKernel& kern, bool bf16_dot, const
     }
   }
   const int64_t K = g.alpha == 0.0f ? 0 : g.K;
-  // The side product D from the packed A blocks (gemm_ex sends it here only with fp32 panels of
-  // op(A) unscaled and unmasked, ND <= kSideCols): this call's share of the row blocks, in its
-  // first column block, summed in a buffer of its own (K, kSideCols) and added into D at the end.
+  // The side product D from the blocks of A as they are packed (gemm_ex sends it here only with
+  // op(A) unscaled and unmasked, ND <= kSideCols, and not transposed under the bf16 dot): this
+  // call's share of the row blocks, in its first column block, summed in a buffer of its own (K,
+  // kSideCols) and added into D at the end.
   const bool fuse_d = g.D != nullptr && K > 0;
   float* dl = nullptr;
   if (fuse_d) {
@@ -455,10 +456,15 @@ void run_blocked(const IsaTable& t, const GemmKernel& kern, bool bf16_dot, const
                         g.alpha);
         else
           t.pack_a(abuf, g.A, g.lda, g.trans_a, ic, mc, pc, kc, mr, g.alpha, g.drop_a);
-        if (fuse_d && jc == n0 && kc > 0 && (ic - m0) / mc_max % d_parts == d_part)
-          for (int64_t ir = 0; ir < mc; ir += mr)
-            t.side_panel(mr, kc, abuf + ir * kc, static_cast<int>(imin(mr, mc - ir)), g.TD + (ic + ir) * g.ldtd,
-                         g.ldtd, static_cast<int>(g.ND), dl + pc * kSideCols);
+        if (fuse_d && jc == n0 && kc > 0 && (ic - m0) / mc_max % d_parts == d_part) {
+          if (bf16_dot)  // (its panels hold A rounded to bf16: the block as stored, just read)
+            t.side_rows(kc, g.A + ic * g.lda + pc, g.lda, mc, g.TD + ic * g.ldtd, g.ldtd, static_cast<int>(g.ND),
+                        dl + pc * kSideCols);
+          else
+            for (int64_t ir = 0; ir < mc; ir += mr)
+              t.side_panel(mr, kc, abuf + ir * kc, static_cast<int>(imin(mr, mc - ir)), g.TD + (ic + ir) * g.ldtd,
+                           g.ldtd, static_cast<int>(g.ND), dl + pc * kSideCols);
+        }
         if (h_now) {
           // H rows [ic, ic+mc) += this block of A (a masked copy when drop_h: the x block is
           // still in L2) times the packed op(HB) panels, before the epilogue below needs them.
@@ -651,7 +657,7 @@ void gemm_ex(ThreadPool& pool, const GemmArgs& g) {
   if (g.H && (small || bf16_dot || g.trans_a || g.alpha != 1.0f || g.drop_a))
     return side_product_apart(pool, g);
   // D rides along under the same conditions, with its columns in one row of kSideCols
-  if (g.D && (small || bf16_dot || g.alpha != 1.0f || g.drop_a || g.ND > kSideCols || !t.side_panel))
+  if (g.D && (small || (bf16_dot && g.trans_a) || g.alpha != 1.0f || g.drop_a || g.ND > kSideCols || !t.side_panel))
     return side_d_apart(pool, g);
 
   // The tile shape with the least padding (the wide kernel on ties and for bf16).

@@ -337,6 +337,7 @@ const lora::IsaTable kTable = {
     small_m_bf16_dot,
     reduce_k,
     side_panel,
+    side_rows,
 };
 
 }  // namespace

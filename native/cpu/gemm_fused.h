@@ -55,8 +55,9 @@ struct GemmArgs {
   const DropoutMask* drop_h = nullptr;
   // Second side product from the same packed A panels: D (K, ND) += alpha_d·op(A)ᵀ·TD with TD
   // (M, ND) (row strides ldtd, ldd), accumulated into D (dB += s·dyᵀ·h in the pass of dx = dy·W
-  // over dy). Computed from the packed fp32 panels where the GEMM runs the blocked path with ND <=
-  // kSideCols; otherwise as a product of its own before the GEMM. Requires alpha 1 and no drop_a.
+  // over dy). Computed from the blocked path's blocks of A while they are packed (fp32 products
+  // always, under the bf16 dot too) where ND <= kSideCols; otherwise as a product of its own before
+  // the GEMM. Requires alpha 1 and no drop_a.
   const float* TD = nullptr;
   int64_t ldtd = 0;
   int64_t ND = 0;

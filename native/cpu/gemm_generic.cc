@@ -38,6 +38,7 @@ const lora::IsaTable kTable = {
     nullptr,  // no bf16 dot product at this level
     reduce_k,
     side_panel,
+    side_rows,
 };
 
 }  // namespace

@@ -99,6 +99,9 @@ struct IsaTable {
   // product D of gemm_ex (gemm_fused.h) from the packed blocks of A.
   void (*side_panel)(int mr, int64_t kc, const float* ap, int rows, const float* td, int64_t ldtd, int nd,
                      float* d);
+  // The same with op(A) read as stored, row-major (row stride lda): `rows` rows of kc.
+  void (*side_rows)(int64_t kc, const float* a, int64_t lda, int64_t rows, const float* td, int64_t ldtd,
+                    int nd, float* d);
 };
 // Columns of the side product D a packed panel serves (one 16-float row per k).
 constexpr int kSideCols = 16;

@@ -617,6 +617,55 @@ void side_panel_mr(int64_t kc, const float* __restrict ap, int rows, const float
     }
 }
 
+// The same from op(A) stored row-major (row stride lda): rows of A read as stored, 16 k at a time
+// (under the bf16 dot product, whose packed panels hold A rounded to bf16: D keeps fp32 products).
+void side_rows(int64_t kc, const float* __restrict a, int64_t lda, int64_t rows, const float* __restrict td,
+               int64_t ldtd, int nd, float* __restrict d) {
+  constexpr int W = lora::kSideCols, NV = W / LN_VL, KB = LN_VL >= 16 ? 16 : 4, kChunk = 64;
+  alignas(64) float tl[kChunk * W];
+  for (int64_t r0 = 0; r0 < rows; r0 += kChunk) {
+    const int64_t rn = rows - r0 < kChunk ? rows - r0 : kChunk;
+    const float* tr = td + r0 * ldtd;
+    int64_t ldt = ldtd;
+    if (nd < W) {
+      for (int64_t i = 0; i < rn; ++i)
+        for (int c = 0; c < W; ++c) tl[i * W + c] = c < nd ? tr[i * ldtd + c] : 0.0f;
+      tr = tl;
+      ldt = W;
+    }
+    const float* ar = a + r0 * lda;
+    int64_t k = 0;
+    for (; k + KB <= kc; k += KB) {
+      vf acc[KB][NV];
+#pragma GCC unroll 16
+      for (int q = 0; q < KB; ++q)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[q][v] = loadu(d + (k + q) * W + v * LN_VL);
+      for (int64_t i = 0; i < rn; ++i) {
+        vf h[NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) h[v] = loadu(tr + i * ldt + v * LN_VL);
+#pragma GCC unroll 16
+        for (int q = 0; q < KB; ++q) {
+          const vf av = splat(ar[i * lda + k + q]);
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v) acc[q][v] = LN_FMA(av, h[v], acc[q][v]);
+        }
+      }
+#pragma GCC unroll 16
+      for (int q = 0; q < KB; ++q)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) storeu(d + (k + q) * W + v * LN_VL, acc[q][v]);
+    }
+    for (; k < kc; ++k)
+      for (int v = 0; v < NV; ++v) {
+        vf acc = loadu(d + k * W + v * LN_VL);
+        for (int64_t i = 0; i < rn; ++i) acc = LN_FMA(splat(ar[i * lda + k]), loadu(tr + i * ldt + v * LN_VL), acc);
+        storeu(d + k * W + v * LN_VL, acc);
+      }
+  }
+}
+
 // mr: the packing kernel's rows per panel (every level's wide, narrow and short kernels).
 void side_panel(int mr, int64_t kc, const float* ap, int rows, const float* td, int64_t ldtd, int nd, float* d) {
   switch (mr) {
