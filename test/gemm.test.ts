@@ -306,9 +306,14 @@ function bf16DotDecodeCases(rng: Rng): string[] {
 function loraDbCases(rng: Rng): string[] {
   const failures: string[] = [];
   const pick = <T,>(xs: T[]) => xs[Math.floor(rng.uniform() * xs.length)]!;
+  // First two fixed: 30 rows on 3 threads split dx's 64 columns, the third thread gets none, and
+  // under small blocks (LORA_NATIVE_GEMM_BLOCKS) the rows make three blocks: the two busy threads
+  // must cover all three.
+  const fixed: [number, number, number, number, number][] = [[30, 64, 70, 16, 3], [30, 64, 300, 8, 3]];
   for (let q = 0; q < 24; q++) {
-    const N = pick([17, 40, 97, 150, 300]), C = pick([20, 48, 100, 257, 600]), OC = pick([20, 70, 300, 700]);
-    const R = pick([1, 3, 8, 13, 16, 24]), threads = 1 + (rng.nextU32() % 3), p = pick([0, 0, 0.3]), s = pick([0.5, 2]);
+    const [N, C, OC, R, threads] = fixed[q] ?? [pick([17, 40, 97, 150, 300]), pick([20, 48, 100, 257, 600]), pick([20, 70, 300, 700]),
+      pick([1, 3, 8, 13, 16, 24]), 1 + (rng.nextU32() % 3)];
+    const p = pick([0, 0, 0.3]), s = pick([0.5, 2]);
     const bf16 = q % 3 === 2;
     setNumThreads(threads);
     const xh = f32(N * C, rng), Wh = f32(OC * C, rng, 0.3), Ah = f32(R * C, rng, 0.3), Bh = f32(OC * R, rng, 0.3);

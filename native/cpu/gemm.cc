@@ -696,10 +696,18 @@ void gemm_ex(ThreadPool& pool, const GemmArgs& g) {
     const bool split_n = splits_n(nt);
     if (split_n) {
       int64_t n0, n1;
-      thread_share(g.N, small ? 16 : kern->nr, tid, nt, &n0, &n1);
+      const int64_t unit = small ? 16 : kern->nr;
+      thread_share(g.N, unit, tid, nt, &n0, &n1);
       if (n0 >= n1) return;
+      // (the threads given columns share D's row blocks: the first ones, as thread_share fills them)
+      int busy = 0;
+      for (int q = 0; q < nt; ++q) {
+        int64_t b0, b1;
+        thread_share(g.N, unit, q, nt, &b0, &b1);
+        busy += b0 < b1;
+      }
       if (small) run_small(t, g, dot_small, 0, g.M, n0, n1);
-      else run_blocked(t, *kern, bf16_dot, g, 0, g.M, n0, n1, tid, nt);
+      else run_blocked(t, *kern, bf16_dot, g, 0, g.M, n0, n1, tid, busy);
     } else {
       int64_t m0, m1;
       thread_share(g.M, small ? kSmallM : kern->mr, tid, nt, &m0, &m1);
