@@ -298,7 +298,7 @@ function bf16DotDecodeCases(rng: Rng): string[] {
 // Decode rows (M <= 16) stream each weight as gemm does alone: bit for bit gemm's outputs with the
 // same bf16Dot (the bf16 dot from 4 rows where the CPU has it), split across threads end to end.
 // The LoRA backward's dB += s·dyᵀ·h, computed from the dx GEMM's packed blocks of dy (the side
-// product D of gemm_ex) where that GEMM runs the packed fp32 path with rank <= 16, else as its own
+// product D of gemm_ex) where that GEMM runs the blocked path with rank 9-16, else as its own
 // product: dB against float64 (within 1e-5·Σ|terms|, from a nonzero start), and dx bit for bit the
 // same as without dB. Rows past 16 (the fused path's), ranks 1-24 (whole, partial and more than the
 // 16 columns a panel serves), several k blocks (OC), 1-3 threads (row and column splits), dropout,
@@ -309,7 +309,7 @@ function loraDbCases(rng: Rng): string[] {
   // First two fixed: 30 rows on 3 threads split dx's 64 columns, the third thread gets none, and
   // under small blocks (LORA_NATIVE_GEMM_BLOCKS) the rows make three blocks: the two busy threads
   // must cover all three.
-  const fixed: [number, number, number, number, number][] = [[30, 64, 70, 16, 3], [30, 64, 300, 8, 3]];
+  const fixed: [number, number, number, number, number][] = [[30, 64, 70, 16, 3], [30, 64, 300, 13, 3]];
   for (let q = 0; q < 24; q++) {
     const [N, C, OC, R, threads] = fixed[q] ?? [pick([17, 40, 97, 150, 300]), pick([20, 48, 100, 257, 600]), pick([20, 70, 300, 700]),
       pick([1, 3, 8, 13, 16, 24]), 1 + (rng.nextU32() % 3)];
