@@ -126,7 +126,9 @@ struct PackBuffer {
   }
 };
 struct ThreadBuffers {
-  PackBuffer a, b, a2, b2, small, h, hb, ah, scratch, pad, side, dbt;
+  PackBuffer a, b, a2, b2, small, h, hb, ah, scratch, pad;
+  PackBuffer d_part;   // this thread's rows' share of the side product D (K, kSideCols)
+  PackBuffer d_trans;  // Dᵀ when D is its own product (side_d_apart)
 };
 ThreadBuffers& buffers() {
   static thread_local ThreadBuffers bufs;
@@ -144,10 +146,16 @@ inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // Thread tid's share of [0, total) among nt threads, in whole units of `unit` (the last one ragged):
 // [*begin, *end), empty when there is nothing left for it.
+inline int64_t share_size(int64_t total, int64_t unit, int nt) { return ((total + unit - 1) / unit + nt - 1) / nt * unit; }
 inline void thread_share(int64_t total, int64_t unit, int tid, int nt, int64_t* begin, int64_t* end) {
-  const int64_t per = ((total + unit - 1) / unit + nt - 1) / nt * unit;
+  const int64_t per = share_size(total, unit, nt);
   *begin = imin(total, tid * per);
   *end = imin(total, *begin + per);
+}
+// The threads thread_share gives a nonempty share: the first ones.
+inline int threads_with_share(int64_t total, int64_t unit, int nt) {
+  const int64_t per = share_size(total, unit, nt);
+  return per > 0 ? static_cast<int>((total + per - 1) / per) : 0;
 }
 
 void scale_rect(float* C, int64_t ldc, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float beta) {
@@ -393,7 +401,7 @@ void run_blocked(const IsaTable& t, const GemmKernel& kern, bool bf16_dot, const
   const bool fuse_d = g.D != nullptr && K > 0;
   float* dl = nullptr;
   if (fuse_d) {
-    dl = bufs.side.get(static_cast<size_t>(K * kSideCols));
+    dl = bufs.d_part.get(static_cast<size_t>(K * kSideCols));
     std::memset(dl, 0, static_cast<size_t>(K * kSideCols) * sizeof(float));
   }
   // Few rows of C: each element of B is used only (m1-m0) times, so packing it would cost as
@@ -548,12 +556,12 @@ void run_blocked(const IsaTable& t, const GemmKernel& kern, bool bf16_dot, const
   }
 }
 
-// The side product D as its own product, then the GEMM without it: for the paths whose packed A
-// cannot serve it (streaming, bf16 panels, more than kSideCols columns) and for N = 0. Computed as
+// The side product D as its own product, then the GEMM without it: for the paths whose blocks of A
+// cannot serve it (streaming, transposed A under the bf16 dot, ND outside 9..kSideCols) and for N = 0. Computed as
 // Dᵀ (ND, K) = alpha_d·TDᵀ·op(A), so op(A) is read in place row by row (reduce_k for ND <=
 // kReduceMax), then added into D in blocks of 16 rows of D.
 void side_d_apart(ThreadPool& pool, const GemmArgs& g) {
-  float* dbt = buffers().dbt.get(static_cast<size_t>(g.ND * g.K));
+  float* dbt = buffers().d_trans.get(static_cast<size_t>(g.ND * g.K));
   GemmArgs tg;
   tg.trans_a = true;
   tg.M = g.ND; tg.N = g.K; tg.K = g.M;
@@ -702,15 +710,9 @@ void gemm_ex(ThreadPool& pool, const GemmArgs& g) {
       const int64_t unit = small ? 16 : kern->nr;
       thread_share(g.N, unit, tid, nt, &n0, &n1);
       if (n0 >= n1) return;
-      // (the threads given columns share D's row blocks: the first ones, as thread_share fills them)
-      int busy = 0;
-      for (int q = 0; q < nt; ++q) {
-        int64_t b0, b1;
-        thread_share(g.N, unit, q, nt, &b0, &b1);
-        busy += b0 < b1;
-      }
       if (small) run_small(t, g, dot_small, 0, g.M, n0, n1);
-      else run_blocked(t, *kern, bf16_dot, g, 0, g.M, n0, n1, tid, busy);
+      // (the threads given columns share D's row blocks)
+      else run_blocked(t, *kern, bf16_dot, g, 0, g.M, n0, n1, tid, threads_with_share(g.N, unit, nt));
     } else {
       int64_t m0, m1;
       thread_share(g.M, small ? kSmallM : kern->mr, tid, nt, &m0, &m1);

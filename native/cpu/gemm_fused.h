@@ -53,11 +53,11 @@ struct GemmArgs {
   float* H = nullptr;
   int64_t ldh = 0;
   const DropoutMask* drop_h = nullptr;
-  // Second side product from the same packed A panels: D (K, ND) += alpha_d·op(A)ᵀ·TD with TD
+  // Second side product from the same blocks of A: D (K, ND) += alpha_d·op(A)ᵀ·TD with TD
   // (M, ND) (row strides ldtd, ldd), accumulated into D (dB += s·dyᵀ·h in the pass of dx = dy·W
   // over dy). Computed from the blocked path's blocks of A while they are packed (fp32 products
-  // always, under the bf16 dot too) where ND <= kSideCols; otherwise as a product of its own before
-  // the GEMM. Requires alpha 1 and no drop_a.
+  // always, under the bf16 dot too) where 9 <= ND <= kSideCols; otherwise as a product of its own
+  // before the GEMM. Requires alpha 1 and no drop_a.
   const float* TD = nullptr;
   int64_t ldtd = 0;
   int64_t ND = 0;

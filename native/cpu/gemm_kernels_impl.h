@@ -566,65 +566,21 @@ void small_m_nn(int64_t n, int64_t k, const float* __restrict a, int64_t lda, co
   }
 }
 
-// ---- side_panel: d (kc, kSideCols) += op(A)ᵀ·td over one packed panel of A ---------------------
-// The dx GEMM's packed panels of dy, while in cache, give the LoRA backward's dB += s·dyᵀ·h too:
-// ap is one panel (MR rows, k-major: ap[k*MR + i]), td the same rows of h (row stride ldtd, nd <=
-// kSideCols columns read; columns past nd count as zero), d kc rows of kSideCols floats. k in
-// blocks of KB held in registers; each row of td is loaded once per block and broadcast against
-// KB elements of the panel.
-template <int MR>
-void side_panel_mr(int64_t kc, const float* __restrict ap, int rows, const float* __restrict td, int64_t ldtd,
-                   int nd, float* __restrict d) {
-  constexpr int W = lora::kSideCols, NV = W / LN_VL, KB = LN_VL >= 16 ? 16 : 4;
-  // td's rows as read: in place when whole, else copied with zeros past nd
-  alignas(64) float tl[MR * W];
-  const float* tr = td;
-  int64_t ldt = ldtd;
-  if (nd < W) {
-    for (int i = 0; i < rows; ++i)
-      for (int c = 0; c < W; ++c) tl[i * W + c] = c < nd ? td[i * ldtd + c] : 0.0f;
-    tr = tl;
-    ldt = W;
-  }
-  int64_t k = 0;
-  for (; k + KB <= kc; k += KB) {
-    vf acc[KB][NV];
-#pragma GCC unroll 16
-    for (int q = 0; q < KB; ++q)
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[q][v] = loadu(d + (k + q) * W + v * LN_VL);
-    for (int i = 0; i < rows; ++i) {
-      vf h[NV];
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) h[v] = loadu(tr + i * ldt + v * LN_VL);
-#pragma GCC unroll 16
-      for (int q = 0; q < KB; ++q) {
-        const vf a = splat(ap[(k + q) * MR + i]);
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[q][v] = LN_FMA(a, h[v], acc[q][v]);
-      }
-    }
-#pragma GCC unroll 16
-    for (int q = 0; q < KB; ++q)
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) storeu(d + (k + q) * W + v * LN_VL, acc[q][v]);
-  }
-  for (; k < kc; ++k)
-    for (int v = 0; v < NV; ++v) {
-      vf acc = loadu(d + k * W + v * LN_VL);
-      for (int i = 0; i < rows; ++i) acc = LN_FMA(splat(ap[k * MR + i]), loadu(tr + i * ldt + v * LN_VL), acc);
-      storeu(d + k * W + v * LN_VL, acc);
-    }
-}
-
-// The same from op(A) stored row-major (row stride lda): rows of A read as stored, 16 k at a time
-// (under the bf16 dot product, whose packed panels hold A rounded to bf16: D keeps fp32 products).
-void side_rows(int64_t kc, const float* __restrict a, int64_t lda, int64_t rows, const float* __restrict td,
-               int64_t ldtd, int nd, float* __restrict d) {
+// ---- side products: d (kc, kSideCols) += op(A)ᵀ·td over a block of rows of op(A) ---------------
+// The dx GEMM's blocks of dy, while in cache, give the LoRA backward's dB += s·dyᵀ·h too. Element
+// (i, k) of the block is a[i*si + k*SK]: a packed panel (SK = MR rows, k-major, si = 1) or rows as
+// stored (SK = 1, si = lda; under the bf16 dot, whose panels hold A rounded to bf16, so D keeps
+// fp32 products). td holds the same rows of h (row stride ldtd, nd <= kSideCols columns read;
+// columns past nd count as zero), d kc rows of kSideCols floats. k in blocks of KB held in
+// registers; each row of td is loaded once per block and broadcast against KB elements of A.
+template <int SK>
+void side_block(int64_t kc, const float* __restrict a, int64_t si, int64_t rows, const float* __restrict td,
+                int64_t ldtd, int nd, float* __restrict d) {
   constexpr int W = lora::kSideCols, NV = W / LN_VL, KB = LN_VL >= 16 ? 16 : 4, kChunk = 64;
   alignas(64) float tl[kChunk * W];
   for (int64_t r0 = 0; r0 < rows; r0 += kChunk) {
     const int64_t rn = rows - r0 < kChunk ? rows - r0 : kChunk;
+    // td's rows as read: in place when whole, else copied with zeros past nd
     const float* tr = td + r0 * ldtd;
     int64_t ldt = ldtd;
     if (nd < W) {
@@ -633,7 +589,7 @@ void side_rows(int64_t kc, const float* __restrict a, int64_t lda, int64_t rows,
       tr = tl;
       ldt = W;
     }
-    const float* ar = a + r0 * lda;
+    const float* ar = a + r0 * si;
     int64_t k = 0;
     for (; k + KB <= kc; k += KB) {
       vf acc[KB][NV];
@@ -647,7 +603,7 @@ void side_rows(int64_t kc, const float* __restrict a, int64_t lda, int64_t rows,
         for (int v = 0; v < NV; ++v) h[v] = loadu(tr + i * ldt + v * LN_VL);
 #pragma GCC unroll 16
         for (int q = 0; q < KB; ++q) {
-          const vf av = splat(ar[i * lda + k + q]);
+          const vf av = splat(ar[i * si + (k + q) * SK]);
 #pragma GCC unroll 4
           for (int v = 0; v < NV; ++v) acc[q][v] = LN_FMA(av, h[v], acc[q][v]);
         }
@@ -660,20 +616,27 @@ void side_rows(int64_t kc, const float* __restrict a, int64_t lda, int64_t rows,
     for (; k < kc; ++k)
       for (int v = 0; v < NV; ++v) {
         vf acc = loadu(d + k * W + v * LN_VL);
-        for (int64_t i = 0; i < rn; ++i) acc = LN_FMA(splat(ar[i * lda + k]), loadu(tr + i * ldt + v * LN_VL), acc);
+        for (int64_t i = 0; i < rn; ++i) acc = LN_FMA(splat(ar[i * si + k * SK]), loadu(tr + i * ldt + v * LN_VL), acc);
         storeu(d + k * W + v * LN_VL, acc);
       }
   }
 }
 
-// mr: the packing kernel's rows per panel (every level's wide, narrow and short kernels).
+// op(A) stored row-major (row stride lda): `rows` rows of kc, read as stored.
+void side_rows(int64_t kc, const float* a, int64_t lda, int64_t rows, const float* td, int64_t ldtd, int nd,
+               float* d) {
+  side_block<1>(kc, a, lda, rows, td, ldtd, nd, d);
+}
+
+// One packed panel (mr rows, k-major, as pack_a writes it); mr: the packing kernel's rows per panel
+// (every level's wide, narrow and short kernels).
 void side_panel(int mr, int64_t kc, const float* ap, int rows, const float* td, int64_t ldtd, int nd, float* d) {
   switch (mr) {
-    case 4: return side_panel_mr<4>(kc, ap, rows, td, ldtd, nd, d);
-    case 6: return side_panel_mr<6>(kc, ap, rows, td, ldtd, nd, d);
-    case 8: return side_panel_mr<8>(kc, ap, rows, td, ldtd, nd, d);
-    case 12: return side_panel_mr<12>(kc, ap, rows, td, ldtd, nd, d);
-    case 24: return side_panel_mr<24>(kc, ap, rows, td, ldtd, nd, d);
+    case 4: return side_block<4>(kc, ap, 1, rows, td, ldtd, nd, d);
+    case 6: return side_block<6>(kc, ap, 1, rows, td, ldtd, nd, d);
+    case 8: return side_block<8>(kc, ap, 1, rows, td, ldtd, nd, d);
+    case 12: return side_block<12>(kc, ap, 1, rows, td, ldtd, nd, d);
+    case 24: return side_block<24>(kc, ap, 1, rows, td, ldtd, nd, d);
     default:  // (no kernel has another; kept correct, not fast)
       for (int64_t k = 0; k < kc; ++k)
         for (int i = 0; i < rows; ++i)

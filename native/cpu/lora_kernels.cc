@@ -76,8 +76,8 @@ lora_status lora_backward(lora_backend* be, float* dx, float* dA, float* dB, con
   const bool drop = dropout_p > 0.0f;
   static thread_local std::vector<float> dh_buf;
 
-  // dB += s·dyᵀ·h: with dx (past a few rows), from the dx GEMM's packed blocks of dy (below);
-  // without, as dBᵀ (R, OC) = s·hᵀ·dy, dy read in place row by row, added into dB.
+  // dB += s·dyᵀ·h: with dx (past a few rows), the dx GEMM's side product D (below: from its blocks
+  // of dy at ranks 9-16); otherwise dBᵀ (R, OC) = s·hᵀ·dy, dy read in place row by row, added into dB.
   if (dB && R > 0 && OC > 0 && N <= kDirectDbRows) {
     // a few rows (decode-sized steps): dB += s·dyᵀ·h straight into dB, without dBᵀ's R x OC
     // scratch and its transpose (1 x 4096 x 4096 r16, 2 threads: dB 100 -> 30 us)
