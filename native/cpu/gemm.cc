@@ -556,10 +556,11 @@ void run_blocked(const IsaTable& t, const GemmKernel& kern, bool bf16_dot, const
   }
 }
 
-// The side product D as its own product, then the GEMM without it: for the paths whose blocks of A
-// cannot serve it (streaming, transposed A under the bf16 dot, ND outside 9..kSideCols) and for N = 0. Computed as
-// Dᵀ (ND, K) = alpha_d·TDᵀ·op(A), so op(A) is read in place row by row (reduce_k for ND <=
-// kReduceMax), then added into D in blocks of 16 rows of D.
+// The side product D as its own product, then the GEMM without it: for N = 0 and the paths whose
+// blocks of A cannot serve it (gemm_ex lists them: streaming, transposed A under the bf16 dot,
+// scaled or masked A, ND outside 9..kSideCols). Computed as Dᵀ (ND, K) = alpha_d·TDᵀ·op(A), so
+// op(A) is read in place row by row (reduce_k for ND <= kReduceMax), then added into D in blocks
+// of 16 rows of D.
 void side_d_apart(ThreadPool& pool, const GemmArgs& g) {
   float* dbt = buffers().d_trans.get(static_cast<size_t>(g.ND * g.K));
   GemmArgs tg;

@@ -55,9 +55,10 @@ struct GemmArgs {
   const DropoutMask* drop_h = nullptr;
   // Second side product from the same blocks of A: D (K, ND) += alpha_d·op(A)ᵀ·TD with TD
   // (M, ND) (row strides ldtd, ldd), accumulated into D (dB += s·dyᵀ·h in the pass of dx = dy·W
-  // over dy). Computed from the blocked path's blocks of A while they are packed (fp32 products
-  // always, under the bf16 dot too) where 9 <= ND <= kSideCols; otherwise as a product of its own
-  // before the GEMM. Requires alpha 1 and no drop_a.
+  // over dy). op(A) as given: alpha and drop_a do not apply to D. Computed from the blocked path's
+  // blocks of A while they are packed (fp32 products always, under the bf16 dot too) where 9 <= ND
+  // <= kSideCols and the packed blocks are op(A) itself (alpha 1, no drop_a); otherwise as a
+  // product of its own before the GEMM (side_d_apart).
   const float* TD = nullptr;
   int64_t ldtd = 0;
   int64_t ND = 0;
