@@ -521,11 +521,11 @@ void run_blocked(const IsaTable& t, const GemmKernel& kern, bool bf16_dot, const
           float* dst = full ? c : tile;
           const int64_t ldd = full ? g.ldc : nr;
           const int acc_dst = full && accumulate;
-          kern.run(kstep, ap, bp, ldbp, dst, ldd, acc_dst);
           if (epi_now && !g.drop2 && kx > 0) {
-            // the fp32 kernel with the same tile shape adds alpha2·A2·B2 (+ bias) in L1
-            const GemmKernel& k32 = bf16_dot ? t.wide : kern;
-            k32.run(kx, a2buf + ir * kx, b2p, nr, dst, ldd, 1);
+            // alpha2·A2·B2 (+ bias) added to the sums while they are still in registers
+            kern.run_epi(kstep, ap, bp, ldbp, dst, ldd, acc_dst, kx, a2buf + ir * kx, b2p);
+          } else {
+            kern.run(kstep, ap, bp, ldbp, dst, ldd, acc_dst);
           }
           if (!full) write_tile(c, g.ldc, tile, nr, rows, cols, accumulate);
           if (epi_now && g.drop2) {

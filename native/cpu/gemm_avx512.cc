@@ -40,15 +40,17 @@ constexpr int kNarrowMr = 24, kNarrowNv = 1;
 // 8 x 48: for C only 8/16 rows (dA at rank 8/16), 24 accumulators.
 constexpr int kShortMr = 8, kShortNv = 3;
 
-// bf16 pairs: c(mr, 32) (+)= a·b with a (k2, MR, 2) and b (k2, 32, 2) in bf16, fp32 accumulation.
+// bf16 pairs: c(mr, 32) (+)= a·b with a (k2, MR, 2) and b (k2, 32, 2) in bf16, fp32 accumulation,
+// and the fp32 epilogue product a2·b2 of ke steps added at the store (store_tile; ke 0: none).
 template <int MR>
-void bf16_kernel(int64_t k2, const float* af, const float* bf, int64_t /*ldb: always packed*/,
-                 float* __restrict c, int64_t ldc, int accumulate) {
+__attribute__((always_inline)) inline void bf16_tile(int64_t k2, const float* af, const float* bf,
+                                                     float* __restrict c, int64_t ldc, int accumulate,
+                                                     int64_t ke, const float* a2, const float* b2) {
   const uint16_t* a = reinterpret_cast<const uint16_t*>(af);
   const uint16_t* b = reinterpret_cast<const uint16_t*>(bf);
-  __m512 acc[MR][2];
+  vf acc[MR][2];
 #pragma GCC unroll 32
-  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = vf{};
   for (int64_t p = 0; p < k2; ++p) {
     const __m512bh b0 = (__m512bh)_mm512_load_si512(b);
     const __m512bh b1 = (__m512bh)_mm512_load_si512(b + 32);
@@ -63,17 +65,17 @@ void bf16_kernel(int64_t k2, const float* af, const float* bf, int64_t /*ldb: al
     a += 2 * MR;
     b += 64;
   }
-#pragma GCC unroll 32
-  for (int i = 0; i < MR; ++i) {
-    float* r = c + i * ldc;
-    if (accumulate) {
-      _mm512_storeu_ps(r, _mm512_add_ps(_mm512_loadu_ps(r), acc[i][0]));
-      _mm512_storeu_ps(r + 16, _mm512_add_ps(_mm512_loadu_ps(r + 16), acc[i][1]));
-    } else {
-      _mm512_storeu_ps(r, acc[i][0]);
-      _mm512_storeu_ps(r + 16, acc[i][1]);
-    }
-  }
+  store_tile<MR, 2>(c, ldc, acc, accumulate, ke, a2, b2, 32);
+}
+template <int MR>
+void bf16_kernel(int64_t k2, const float* af, const float* bf, int64_t /*ldb: always packed*/,
+                 float* c, int64_t ldc, int accumulate) {
+  bf16_tile<MR>(k2, af, bf, c, ldc, accumulate, 0, nullptr, nullptr);
+}
+template <int MR>
+void bf16_kernel_epi(int64_t k2, const float* af, const float* bf, int64_t /*ldb: always packed*/,
+                     float* c, int64_t ldc, int accumulate, int64_t ke, const float* a2, const float* b2) {
+  bf16_tile<MR>(k2, af, bf, c, ldc, accumulate, ke, a2, b2);
 }
 
 inline uint16_t to_bf16(float f) {
@@ -353,14 +355,17 @@ void small_m_bf16_dot(int m, int64_t n, int64_t k, const float* a, int64_t lda, 
 
 const lora::IsaTable kTable = {
     "avx512",
-    {kWideMr, kWideNv * LN_VL, micro_kernel<kWideMr, kWideNv>, LN_VL, micro_kernel<kWideMr, 1>},
-    {kNarrowMr, kNarrowNv * LN_VL, micro_kernel<kNarrowMr, kNarrowNv>, LN_VL, micro_kernel<kNarrowMr, 1>},
-    {kShortMr, kShortNv * LN_VL, micro_kernel<kShortMr, kShortNv>, LN_VL, micro_kernel<kShortMr, 1>},
+    {kWideMr, kWideNv * LN_VL, micro_kernel<kWideMr, kWideNv>, LN_VL, micro_kernel<kWideMr, 1>,
+     micro_kernel_epi<kWideMr, kWideNv>},
+    {kNarrowMr, kNarrowNv * LN_VL, micro_kernel<kNarrowMr, kNarrowNv>, LN_VL, micro_kernel<kNarrowMr, 1>,
+     micro_kernel_epi<kNarrowMr, kNarrowNv>},
+    {kShortMr, kShortNv * LN_VL, micro_kernel<kShortMr, kShortNv>, LN_VL, micro_kernel<kShortMr, 1>,
+     micro_kernel_epi<kShortMr, kShortNv>},
     pack_a_fast,
     pack_b_fast,
     8,  // small_rows: 8 rows x 2 W rows; 16 rows x 1 needed 17 loads per 16 FMAs (load-bound)
     small_m,
-    {kWideMr, 32, bf16_kernel<kWideMr>, 0, nullptr},
+    {kWideMr, 32, bf16_kernel<kWideMr>, 0, nullptr, bf16_kernel_epi<kWideMr>},
     pack_a_bf16,
     pack_b_bf16,
     micro_kernel_bf16_out<kWideMr, kWideNv>,

@@ -39,6 +39,11 @@ struct GemmKernel {
   int nr1;
   void (*run1)(int64_t k, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc,
                int accumulate);
+  // run with the GEMM's epilogue product in the same sums: c = (accumulate ? c : 0) + a·b + a2·b2,
+  // with a2 a packed (ke, mr) micro-panel and b2 a packed (ke, nr) one, fp32 (ke more k steps
+  // before the store, under the bf16 dot too).
+  void (*run_epi)(int64_t k, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc,
+                  int accumulate, int64_t ke, const float* a2, const float* b2);
 };
 
 struct IsaTable {
