@@ -15,8 +15,8 @@ import { Worker } from 'node:worker_threads';
 import t from 'tap';
 
 import {
-  add, AdamW, allFinite, assertAllFinite, features, getNumThreads, LoraError, LoraLinear, loadPeftAdapter, loadSafetensors, mean, memory, mul,
-  randn, setNumThreads, sub, tensor, tidy,
+  add, AdamW, allFinite, assertAllFinite, features, full, getNumThreads, LoraError, LoraLinear, loadPeftAdapter, loadSafetensors, mean, memory, mul,
+  randn, releaseCachedMemory, setNumThreads, sub, tensor, tidy,
 } from '../lib/index';
 import { transpileLib } from './fixtures/transpile';
 
@@ -128,6 +128,25 @@ t.test('3000 training steps keep the live count and RSS flat; tidy frees interme
   layer.dispose();
   t.equal(memory().numTensors, base, 'everything freed');
   t.end();
+});
+
+// Huge pages for large blocks (native/cpu/backend.cc): where the system offers transparent huge
+// pages, a fresh 64 MiB tensor is backed by them, so first touch faults 2 MiB at a time.
+t.test('a large CPU tensor is backed by transparent huge pages where the system offers them', async (t) => {
+  const read = (f: string) => { try { return fs.readFileSync(f, 'utf8'); } catch { return ''; } };
+  const mode = read('/sys/kernel/mm/transparent_hugepage/enabled');
+  const offered = /\[(madvise|always)\]/.exec(mode)?.[1];
+  const hugeBytes = () => Number(/AnonHugePages:\s+(\d+)/.exec(read('/proc/self/smaps_rollup'))?.[1] ?? NaN) * 1024;
+  if (!offered || Number.isNaN(hugeBytes()) || SANITIZED) {
+    t.skip(`not testable here: THP ${mode.trim() || 'absent'}, smaps_rollup ${Number.isNaN(hugeBytes()) ? 'absent' : 'present'}${SANITIZED ? ', sanitizer allocator' : ''}`);
+    return;
+  }
+  releaseCachedMemory();  // a fresh block, not one from the allocator's cache
+  const before = hugeBytes();
+  const x = full([16 * MiB], 1);  // 64 MiB, every page touched
+  const grew = hugeBytes() - before;
+  t.ok(grew >= 32 * MiB, `AnonHugePages grew by ${(grew / MiB).toFixed(0)} MiB for a 64 MiB tensor (THP ${offered})`);
+  x.dispose();
 });
 
 t.test('the garbage collector frees dropped tensors (finalizers)', async (t) => {

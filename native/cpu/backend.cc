@@ -8,6 +8,10 @@
 #include <new>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "cpu.h"
 
 namespace lora {
@@ -30,6 +34,25 @@ size_t bucket_size(size_t bytes) {
   return (bytes + step - 1) / step * step;
 }
 
+// Fresh memory for a block of `size` bytes. From one huge page on, aligned to a huge page and
+// marked for transparent huge pages where the kernel offers them (Linux with THP "madvise" or
+// "always"; "never" ignores the advice): first touch faults in 2 MiB at a time rather than 4 KiB.
+// On the Zen 5 VM a 256 MiB buffer took 300-580 ms to first touch against 710-970, and the first
+// LoRA training step on SmolLM2 (4 x 256 tokens, 2 threads) 3.9-6.1 s against 5.6-7.7 (later
+// steps even to 4% faster; peak RSS the same). The advice covers the block's own bytes, so only
+// whole 2 MiB ranges inside it can become huge pages: the rounding past its end is never resident.
+constexpr size_t kHugePage = size_t(2) << 20;
+void* fresh(size_t size) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (size >= kHugePage) {
+    void* p = std::aligned_alloc(kHugePage, (size + kHugePage - 1) / kHugePage * kHugePage);
+    if (p) madvise(p, size, MADV_HUGEPAGE);  // advice only: a refusal leaves 4 KiB pages
+    return p;
+  }
+#endif
+  return std::aligned_alloc(kAlign, size);
+}
+
 class CachingAllocator {
  public:
   ~CachingAllocator() { release(); }
@@ -44,10 +67,10 @@ class CachingAllocator {
       peak_live_ = std::max(peak_live_, live_);
       return p;
     }
-    void* p = std::aligned_alloc(kAlign, size);
+    void* p = fresh(size);
     if (!p) {
       release();  // give the cache back and try once more
-      p = std::aligned_alloc(kAlign, size);
+      p = fresh(size);
       if (!p) return nullptr;
     }
     live_ += size;
