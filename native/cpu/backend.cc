@@ -38,8 +38,8 @@ size_t bucket_size(size_t bytes) {
 // marked for transparent huge pages where the kernel offers them (Linux with THP "madvise" or
 // "always"; "never" ignores the advice): first touch faults in 2 MiB at a time rather than 4 KiB.
 // On the Zen 5 VM a 256 MiB buffer took 300-580 ms to first touch against 710-970, and the first
-// LoRA training step on SmolLM2 (4 x 256 tokens, 2 threads) 3.9-6.1 s against 5.6-7.7 (later
-// steps even to 4% faster; peak RSS the same). The advice covers the block's own bytes, so only
+// LoRA training step on SmolLM2 (4 x 256 tokens, 2 threads) 4.7-6.1 s against 6.2-7.7 with fp32
+// weights, 4.0-4.2 against 5.6 with bf16 (later steps even to 4% faster; peak RSS the same). The advice covers the block's own bytes, so only
 // whole 2 MiB ranges inside it can become huge pages: the rounding past its end is never resident.
 constexpr size_t kHugePage = size_t(2) << 20;
 void* fresh(size_t size) {

@@ -35,12 +35,9 @@ constexpr int kShortMr = 4, kShortNv = 3;
 
 const lora::IsaTable kTable = {
     "avx2",
-    {kWideMr, kWideNv * LN_VL, micro_kernel<kWideMr, kWideNv>, LN_VL, micro_kernel<kWideMr, 1>,
-     micro_kernel_epi<kWideMr, kWideNv>},
-    {kNarrowMr, kNarrowNv * LN_VL, micro_kernel<kNarrowMr, kNarrowNv>, LN_VL, micro_kernel<kNarrowMr, 1>,
-     micro_kernel_epi<kNarrowMr, kNarrowNv>},
-    {kShortMr, kShortNv * LN_VL, micro_kernel<kShortMr, kShortNv>, LN_VL, micro_kernel<kShortMr, 1>,
-     micro_kernel_epi<kShortMr, kShortNv>},
+    fp32_kernel<kWideMr, kWideNv>(),
+    fp32_kernel<kNarrowMr, kNarrowNv>(),
+    fp32_kernel<kShortMr, kShortNv>(),
     pack_a,
     pack_b,
     8,  // small_rows: 8-16 accumulators of 16 registers

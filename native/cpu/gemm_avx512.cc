@@ -41,7 +41,7 @@ constexpr int kNarrowMr = 24, kNarrowNv = 1;
 constexpr int kShortMr = 8, kShortNv = 3;
 
 // bf16 pairs: c(mr, 32) (+)= a·b with a (k2, MR, 2) and b (k2, 32, 2) in bf16, fp32 accumulation,
-// and the fp32 epilogue product a2·b2 of ke steps added at the store (store_tile; ke 0: none).
+// and the fp32 epilogue product a2·b2 of ke steps in the same sums (fma_steps; ke 0: none).
 template <int MR>
 __attribute__((always_inline)) inline void bf16_tile(int64_t k2, const float* af, const float* bf,
                                                      float* __restrict c, int64_t ldc, int accumulate,
@@ -65,7 +65,8 @@ __attribute__((always_inline)) inline void bf16_tile(int64_t k2, const float* af
     a += 2 * MR;
     b += 64;
   }
-  store_tile<MR, 2>(c, ldc, acc, accumulate, ke, a2, b2, 32);
+  fma_steps<MR, 2>(acc, ke, a2, b2, 32);
+  store_tile<MR, 2>(c, ldc, acc, accumulate);
 }
 template <int MR>
 void bf16_kernel(int64_t k2, const float* af, const float* bf, int64_t /*ldb: always packed*/,
@@ -355,12 +356,9 @@ void small_m_bf16_dot(int m, int64_t n, int64_t k, const float* a, int64_t lda, 
 
 const lora::IsaTable kTable = {
     "avx512",
-    {kWideMr, kWideNv * LN_VL, micro_kernel<kWideMr, kWideNv>, LN_VL, micro_kernel<kWideMr, 1>,
-     micro_kernel_epi<kWideMr, kWideNv>},
-    {kNarrowMr, kNarrowNv * LN_VL, micro_kernel<kNarrowMr, kNarrowNv>, LN_VL, micro_kernel<kNarrowMr, 1>,
-     micro_kernel_epi<kNarrowMr, kNarrowNv>},
-    {kShortMr, kShortNv * LN_VL, micro_kernel<kShortMr, kShortNv>, LN_VL, micro_kernel<kShortMr, 1>,
-     micro_kernel_epi<kShortMr, kShortNv>},
+    fp32_kernel<kWideMr, kWideNv>(),
+    fp32_kernel<kNarrowMr, kNarrowNv>(),
+    fp32_kernel<kShortMr, kShortNv>(),
     pack_a_fast,
     pack_b_fast,
     8,  // small_rows: 8 rows x 2 W rows; 16 rows x 1 needed 17 loads per 16 FMAs (load-bound)

@@ -64,30 +64,36 @@ inline float bf16f(uint16_t v) {
 inline float hsum(vf v) { return LN_HSUM(v); }
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// Stores an MR x NV tile of sums after the GEMM's epilogue product: c = (accumulate ? c : 0) +
-// acc + a2·b2, where a2 is a packed (ke, MR) micro-panel and b2 a (ke, NV vectors) one with row
-// stride ldb2 (the adapter's h·Bᵀ or dh·A, and the bias as a row of ones), accumulated into the
-// registers as ke more k steps. A second pass over the stored tile (the kernel again, ke steps)
-// read back the tile just stored: 0.2-0.3 ms of a 512 x 1024 x 1024 r8 step under the bf16 dot.
-// (Summing a2·b2 apart to keep that pass's rounding needs its own chains per row, which ran
-// latency-bound: 2048² r16, 17 steps, 5 ms slower.)
+// k steps of rank-1 updates of an MR x NV tile of sums held in registers: acc += a·b with a a
+// packed (k, MR) micro-panel and b a (k, NV vectors) one with row stride ldb. The micro-kernels'
+// main loop, and the GEMM's epilogue product (a2·b2: the adapter's h·Bᵀ or dh·A, the bias as a row
+// of ones) as ke more steps into the same sums before the one store. (That product used to be a
+// second kernel pass over the stored tile, which read back the tile just stored: perf put ~0.3 ms
+// of a 512 x 1024 x 1024 r8 backward under the bf16 dot there. Summing it apart to keep that
+// pass's rounding needs chains of its own per row, which ran latency-bound: 2048² r16, 17 steps,
+// about 5 ms slower.)
 template <int MR, int NV>
-__attribute__((always_inline)) inline void store_tile(float* __restrict c, int64_t ldc, vf (&acc)[MR][NV],
-                                                      int accumulate, int64_t ke, const float* __restrict a2,
-                                                      const float* __restrict b2, int64_t ldb2) {
-  for (int64_t p = 0; p < ke; ++p) {
+__attribute__((always_inline)) inline void fma_steps(vf (&acc)[MR][NV], int64_t k, const float* __restrict a,
+                                                     const float* __restrict b, int64_t ldb) {
+  for (int64_t p = 0; p < k; ++p) {
     vf bv[NV];
 #pragma GCC unroll 8
-    for (int j = 0; j < NV; ++j) bv[j] = loadu(b2 + j * LN_VL);
+    for (int j = 0; j < NV; ++j) bv[j] = loadu(b + j * LN_VL);
 #pragma GCC unroll 32
     for (int i = 0; i < MR; ++i) {
-      const vf av = splat(a2[i]);
+      const vf av = splat(a[i]);
 #pragma GCC unroll 8
       for (int j = 0; j < NV; ++j) acc[i][j] = LN_FMA(av, bv[j], acc[i][j]);
     }
-    a2 += MR;
-    b2 += ldb2;
+    a += MR;
+    b += ldb;
   }
+}
+
+// c(MR, NV vectors) = (accumulate ? c : 0) + acc, row stride ldc.
+template <int MR, int NV>
+__attribute__((always_inline)) inline void store_tile(float* __restrict c, int64_t ldc, vf (&acc)[MR][NV],
+                                                      int accumulate) {
   if (accumulate) {
 #pragma GCC unroll 32
     for (int i = 0; i < MR; ++i)
@@ -102,10 +108,10 @@ __attribute__((always_inline)) inline void store_tile(float* __restrict c, int64
 }
 
 // The register-tiled micro-kernel: MR rows x NV vectors of accumulators, one broadcast of a per
-// row and NV loads of b per k step. Everything unrolled so the accumulators stay in registers.
-// BF16_OUT: c holds bf16 bits and becomes round(c + a·b) (the epilogue of a merge into a bf16
-// weight: one read and one write of c, one rounding); otherwise c is fp32 as below, with the
-// epilogue product a2·b2 of ke steps added at the store (store_tile; ke 0: none).
+// row and NV loads of b per k step (fma_steps). Everything unrolled so the accumulators stay in
+// registers. BF16_OUT: c holds bf16 bits and becomes round(c + a·b) (the epilogue of a merge into
+// a bf16 weight: one read and one write of c, one rounding); otherwise c is fp32, with the
+// epilogue product a2·b2 of ke steps (b2 packed NV vectors wide; ke 0: none) in the same sums.
 template <int MR, int NV, bool BF16_OUT>
 __attribute__((always_inline)) inline void micro_tile(int64_t k, const float* __restrict a,
                                                       const float* __restrict b, int64_t ldb,
@@ -116,19 +122,7 @@ __attribute__((always_inline)) inline void micro_tile(int64_t k, const float* __
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 8
     for (int j = 0; j < NV; ++j) acc[i][j] = vf{};
-  for (int64_t p = 0; p < k; ++p) {
-    vf bv[NV];
-#pragma GCC unroll 8
-    for (int j = 0; j < NV; ++j) bv[j] = loadu(b + j * LN_VL);
-#pragma GCC unroll 32
-    for (int i = 0; i < MR; ++i) {
-      const vf av = splat(a[i]);
-#pragma GCC unroll 8
-      for (int j = 0; j < NV; ++j) acc[i][j] = LN_FMA(av, bv[j], acc[i][j]);
-    }
-    a += MR;
-    b += ldb;
-  }
+  fma_steps<MR, NV>(acc, k, a, b, ldb);
   if constexpr (BF16_OUT) {
     uint16_t* __restrict c = static_cast<uint16_t*>(cv);
 #pragma GCC unroll 32
@@ -138,7 +132,8 @@ __attribute__((always_inline)) inline void micro_tile(int64_t k, const float* __
         store_bf16(c + i * ldc + j * LN_VL, load_bf16(c + i * ldc + j * LN_VL) + acc[i][j]);
     return;
   }
-  store_tile<MR, NV>(static_cast<float*>(cv), ldc, acc, accumulate, ke, a2, b2, NV * LN_VL);
+  fma_steps<MR, NV>(acc, ke, a2, b2, NV * LN_VL);
+  store_tile<MR, NV>(static_cast<float*>(cv), ldc, acc, accumulate);
 }
 
 template <int MR, int NV>
@@ -146,7 +141,7 @@ void micro_kernel(int64_t k, const float* a, const float* b, int64_t ldb, float*
                   int accumulate) {
   micro_tile<MR, NV, false>(k, a, b, ldb, c, ldc, accumulate, 0, nullptr, nullptr);
 }
-// micro_kernel with the epilogue product (GemmKernel::run_epi): b2 packed NV vectors wide.
+// micro_kernel with the epilogue product (GemmKernel::run_epi).
 template <int MR, int NV>
 void micro_kernel_epi(int64_t k, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc,
                       int accumulate, int64_t ke, const float* a2, const float* b2) {
@@ -156,6 +151,12 @@ template <int MR, int NV>
 void micro_kernel_bf16_out(int64_t k, const float* a, const float* b, int64_t ldb, uint16_t* c,
                            int64_t ldc) {
   micro_tile<MR, NV, true>(k, a, b, ldb, c, ldc, 1, 0, nullptr, nullptr);
+}
+// A level's table entry for its MR x NV fp32 register tile: the tile, its one-vector variant for
+// side products over the same packed A (run1) and the epilogue-fused run.
+template <int MR, int NV>
+constexpr lora::GemmKernel fp32_kernel() {
+  return {MR, NV * LN_VL, micro_kernel<MR, NV>, LN_VL, micro_kernel<MR, 1>, micro_kernel_epi<MR, NV>};
 }
 
 inline float masked(float v, const lora::DropoutMask* d, int64_t r, int64_t c) {
