@@ -92,9 +92,11 @@ export function weight(data: Float32Array, dtype: DType): S {
 export { native };
 
 /** The greedy next token of each row: argmax of its last position's logits [B, T, V] (the first maximum). */
+let argmaxHost = new Float32Array(0);  // read into one array for every step, as generate() does
 export function argmaxLast(logits: Tensor): number[] {
   const [B, T, V] = logits.shape as [number, number, number];
-  const d = logits.toFloat32Array();
+  if (argmaxHost.length < logits.size) argmaxHost = new Float32Array(logits.size);
+  const d = logits.toFloat32Array(argmaxHost);
   const out: number[] = [];
   for (let b = 0; b < B; b++) {
     const r = (b * T + T - 1) * V;

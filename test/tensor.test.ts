@@ -83,6 +83,40 @@ t.test('factories, dtype, shape, data copies', async (t) => {
   });
 });
 
+t.test('toFloat32Array(out) reads into an array the caller keeps', async (t) => {
+  await leakChecked(t, 'toFloat32Array(out)', (tt) => {
+    tidy(() => {
+      const x = tensor([1, 2, 3, 4, 5, 6], [2, 3]);
+      const out = new Float32Array(6).fill(-1);
+      const r = x.toFloat32Array(out);
+      tt.equal(r, out, 'an array of exactly size elements comes back itself');
+      tt.same(out, new Float32Array([1, 2, 3, 4, 5, 6]));
+      const longer = new Float32Array(8).fill(-1);
+      const v = x.toFloat32Array(longer);
+      tt.equal(v.length, 6, 'a longer array: the view of its first size elements');
+      tt.equal(v.buffer, longer.buffer, 'the view shares its memory');
+      tt.same(longer, new Float32Array([1, 2, 3, 4, 5, 6, -1, -1]), 'elements past size are left alone');
+      x.assign(new Float32Array([6, 5, 4, 3, 2, 1]));
+      tt.same(x.toFloat32Array(out), new Float32Array([6, 5, 4, 3, 2, 1]), 'reused: the array holds the new values');
+      const bf = tensor([1.5, -2.25, 3.015625], [3], { dtype: 'bfloat16' });
+      tt.same(bf.toFloat32Array(new Float32Array(3)), new Float32Array([1.5, -2.25, 3.015625]), 'bf16 widened into it');
+      const h = tensor([0.5, -65504], [2], { dtype: 'float16' });
+      tt.same(h.toFloat32Array(new Float32Array(2)), new Float32Array([0.5, -65504]), 'f16 widened into it');
+      const ints = tensor([7, -3], [2], { dtype: 'int32' });
+      tt.same(ints.toFloat32Array(new Float32Array(2)), new Float32Array([7, -3]), 'int32 converted into it');
+      tt.same(zeros([0, 3]).toFloat32Array(new Float32Array(0)), new Float32Array(0), 'an empty tensor');
+      const shared = new Float32Array(new SharedArrayBuffer(24));
+      tt.same(x.toFloat32Array(shared), new Float32Array([6, 5, 4, 3, 2, 1]), 'a SharedArrayBuffer-backed array');
+      tt.throws(() => x.toFloat32Array(new Float32Array(5)), { code: 'ERR_LORA_SHAPE', message: /at least 6 elements.*\[2, 3\].*of 5/ }, 'too short');
+      tt.throws(() => x.toFloat32Array(new Float64Array(6) as unknown as Float32Array), { code: 'ERR_LORA_TYPE', message: /out/ }, 'not a Float32Array');
+      tt.throws(() => x.toFloat32Array([0, 0, 0, 0, 0, 0] as unknown as Float32Array), { code: 'ERR_LORA_TYPE' }, 'a plain array');
+      const gone = tensor([1], [1]);
+      gone.dispose();
+      tt.throws(() => gone.toFloat32Array(new Float32Array(1)), { code: 'ERR_LORA_DISPOSED' }, 'a disposed tensor');
+    });
+  });
+});
+
 t.test('assign copies in place with shape checks', async (t) => {
   await leakChecked(t, 'assign', (tt) => {
     tidy(() => {

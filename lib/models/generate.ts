@@ -2,7 +2,8 @@
 // attention mask, as transformers' generate derives them), one prefill into a preallocated KV
 // cache, then one token per step; greedy or sampled with transformers' logits processors
 // (repetition penalty, then temperature, top-k, top-p, min-p). Sampling runs on the host in
-// float64 from the step's logits, which are read on a worker thread so the event loop turns.
+// float64 from the step's logits, read into one host array for all steps (on a worker thread from a
+// GPU), with the event loop turning between steps.
 import { checkOptions, expectInteger, expectNumber, LoraRangeError, rangeError, typeError } from '../errors';
 import { defaultRng, Rng } from '../random';
 import { noGrad, tensor } from '../tensor';
@@ -194,6 +195,7 @@ export async function generate(model: CausalLM, promptIds: number[] | number[][]
   const padded = prompts.map((p) => p.length < L); // rows with left padding (their mask has zeros)
   const finished = new Array<boolean>(B).fill(false);
   const cache = model.createCache(B, total);
+  let host = new Float32Array(0); // the step's logits on the host, reused
   let regime = '';
   try {
     let from = 0; // first position of the next pass
@@ -221,7 +223,15 @@ export async function generate(model: CausalLM, promptIds: number[] | number[][]
       regime = model.backbone.ropeRegime(maxPos);
       let data: Float32Array;
       try {
-        data = await logits.data(); // read on a worker thread: the event loop turns
+        if (logits.device === 'cpu') {
+          // The CPU forward has finished: copy into one array for every step (a new one each step
+          // had its pages first touched: 8 x 49152 logits 0.13-5 ms, against 40 µs), then let the
+          // event loop turn.
+          data = logits.toFloat32Array(host.length >= logits.size ? host : (host = new Float32Array(logits.size)));
+          await new Promise<void>((resolve) => setImmediate(resolve));
+        } else {
+          data = await logits.data(); // read on a worker thread (it waits for the device): the event loop turns
+        }
       } finally {
         logits.dispose();
       }
