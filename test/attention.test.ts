@@ -37,6 +37,10 @@ const CASES: Case[] = [
   { B: 1, T: 1, S: 700, Smax: 720, H: 8, KVH: 2, D: 64, scale: 0, causal: true, pad: true, threads: 2 },
   { B: 1, T: 3, S: 610, H: 4, KVH: 1, D: 40, scale: 0, causal: true, window: 400, threads: 3 },
   { B: 2, T: 20, S: 20, H: 3, KVH: 3, D: 7, scale: 0.3, causal: false, pad: true, segments: true, threads: 2 },
+  // few query rows per (batch, kv head) take the dot-product scores (scores_dot): a head dim with a
+  // tail past whole vectors under a window, and two query positions with padding and segments
+  { B: 2, T: 1, S: 150, H: 6, KVH: 3, D: 40, scale: 0, causal: true, window: 100, threads: 2 },
+  { B: 1, T: 2, S: 90, Smax: 100, H: 4, KVH: 2, D: 128, scale: 0, causal: true, pad: true, segments: true, threads: 1 },
 ];
 const caseName = (c: Case) => `B${c.B} T${c.T} S${c.S}${c.Smax ? `/${c.Smax}` : ''} H${c.H}/${c.KVH} D${c.D}` +
   `${c.causal ? ' causal' : ''}${c.window ? ` window ${c.window}` : ''}${c.pad ? ' padded' : ''}${c.segments ? ' segments' : ''} ${c.threads} thr`;

@@ -289,6 +289,94 @@ inline void transpose_rows(float* dst, const float* src, int64_t D, int64_t R, i
     for (int64_t r = 0; r < R; ++r) dst[d * R + r] = src[r * Dp + d] * mul;
 }
 
+// ---- scores of a few query rows (decode) ---------------------------------------------------------
+// The tile form computes a key block's scores as K·Qᵀ with the query rows as the lanes: one
+// broadcast of each element of k and one FMA per vector of rows. A decode step has G query rows
+// (1-8), so most of each FMA's lanes are padding: SmolLM2's 3 rows fill 3 of 16, and decode
+// attention took 34 µs a layer for 130 keys. Up to kDotRows rows, each score is instead a dot
+// product along D (D/VL FMAs), kVL keys at a time, and their kVL sums are folded into one vector.
+
+constexpr int64_t kDotRows = kVL / 2;
+
+// The masks of fold_keys: at level L each of a pair of vectors holds 2^L keys of S = VL/2^L lanes
+// each; the output holds the first vector's keys then the second's, each folded to S/2 lanes
+// (lanes from `lo` plus lanes from `hi`; indices past VL pick from the second vector).
+struct FoldMasks {
+  int32_t lo[6][kVL], hi[6][kVL];
+};
+constexpr FoldMasks fold_masks() {
+  FoldMasks f{};
+  int level = 0;
+  for (int S = kVL; S > 1; S /= 2, ++level)
+    for (int o = 0; o < kVL; ++o) {
+      const int half = o / (kVL / 2), o2 = o % (kVL / 2), i = o2 / (S / 2), t = o2 % (S / 2);
+      f.lo[level][o] = half * kVL + i * S + t;
+      f.hi[level][o] = half * kVL + i * S + S / 2 + t;
+    }
+  return f;
+}
+alignas(64) constexpr FoldMasks kFold = fold_masks();
+
+// v[0..VL) -> one vector whose lane j is the sum of v[j]'s lanes (v is overwritten).
+inline vf fold_keys(vf* v) {
+#pragma GCC unroll 8
+  for (int level = 0, n = kVL; n > 1; ++level, n /= 2) {
+    const vi lo = loadi(kFold.lo[level]), hi = loadi(kFold.hi[level]);
+#pragma GCC unroll 16
+    for (int i = 0; i < n / 2; ++i)
+      v[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], lo) + __builtin_shuffle(v[2 * i], v[2 * i + 1], hi);
+  }
+  return v[0];
+}
+
+// acc[jj] = the lanes of Σ_v k[jj·ld + v·VL ..]·q[v·VL ..] over DV vectors (DV = 0: dv of them), for
+// the kVL keys of a group; keys from n on repeat key n - 1 (computed, not stored).
+template <int DV>
+inline void dot_keys(const float* __restrict k, int64_t ld, int64_t n, const float* __restrict q, int64_t dv, vf* acc) {
+  const float* kr = k;
+#pragma GCC unroll 16
+  for (int jj = 0; jj < kVL; ++jj) {
+    vf a = vf{};
+    if constexpr (DV > 0) {
+#pragma GCC unroll 8
+      for (int v = 0; v < DV; ++v) a = LN_FMA(loadu(kr + v * kVL), loadu(q + v * kVL), a);
+    } else {
+      for (int64_t v = 0; v < dv; ++v) a = LN_FMA(loadu(kr + v * kVL), loadu(q + v * kVL), a);
+    }
+    acc[jj] = a;
+    kr += jj + 1 < n ? ld : 0;
+  }
+}
+
+// s[j·lds + r] = Σ_d k[j·ld + d]·qs[r·D + d] for keys j < nb and rows r < rows (qs row-major), and 0
+// in the lanes rows..lds of each key's row (where the tile form's zero-padded q gives 0).
+void scores_dot(int64_t nb, int64_t rows, int64_t D, const float* __restrict k, int64_t ld,
+                const float* __restrict qs, float* __restrict s, int64_t lds) {
+  const int64_t dv = D / kVL, Dv = dv * kVL;
+  for (int64_t j = 0; j < nb; ++j)
+    for (int64_t c = 0; c < lds; c += kVL) storeu(s + j * lds + c, vf{});
+  for (int64_t j0 = 0; j0 < nb; j0 += kVL) {
+    const int64_t n = imin(kVL, nb - j0);
+    const float* kg = k + j0 * ld;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* q = qs + r * D;
+      vf acc[kVL];
+      switch (dv) {  // head dims of whole vectors up to 8 (64 and 128 under AVX-512) fully unrolled
+        case 1: dot_keys<1>(kg, ld, n, q, dv, acc); break;
+        case 2: dot_keys<2>(kg, ld, n, q, dv, acc); break;
+        case 4: dot_keys<4>(kg, ld, n, q, dv, acc); break;
+        case 8: dot_keys<8>(kg, ld, n, q, dv, acc); break;
+        default: dot_keys<0>(kg, ld, n, q, dv, acc); break;
+      }
+      for (int64_t jj = 0; jj < n; ++jj)
+        for (int64_t d = Dv; d < D; ++d) acc[jj][0] += kg[jj * ld + d] * q[d];
+      alignas(64) float sums[kVL];
+      storeu(sums, fold_keys(acc));
+      for (int64_t jj = 0; jj < n; ++jj) s[(j0 + jj) * lds + r] = sums[jj];
+    }
+  }
+}
+
 // ---- forward ----------------------------------------------------------------------------------
 
 void forward_block(const lora::AttnPlan& p, int64_t b, int64_t kvh, int64_t t0, float* scratch) {
@@ -307,12 +395,20 @@ void forward_block(const lora::AttnPlan& p, int64_t b, int64_t kvh, int64_t t0, 
   int32_t* segq = pos + Rb;
 
   const float cs = A.scale * kLog2e;
-  for (int64_t r0 = 0; r0 < Rb; r0 += kVL) {  // qt = q of the block transposed, scaled, 0 past rows
-    const float* src[kVL];
-    for (int64_t r = 0; r < kVL; ++r)
-      src[r] = r0 + r < rows ? p.q + ((b * T + t0 + (r0 + r) / G) * H + kvh * G + (r0 + r) % G) * D : nullptr;
-    for (int64_t d = 0; d < D; ++d)
-      for (int64_t r = 0; r < kVL; ++r) qt[d * Rb + r0 + r] = src[r] ? src[r][d] * cs : 0.0f;
+  const bool dot_rows = rows <= kDotRows;
+  if (dot_rows) {  // qt = q of the block scaled, row-major (rows, D), for scores_dot
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* src = p.q + ((b * T + t0 + r / G) * H + kvh * G + r % G) * D;
+      for (int64_t d = 0; d < D; ++d) qt[r * D + d] = src[d] * cs;
+    }
+  } else {
+    for (int64_t r0 = 0; r0 < Rb; r0 += kVL) {  // qt = q of the block transposed, scaled, 0 past rows
+      const float* src[kVL];
+      for (int64_t r = 0; r < kVL; ++r)
+        src[r] = r0 + r < rows ? p.q + ((b * T + t0 + (r0 + r) / G) * H + kvh * G + (r0 + r) % G) * D : nullptr;
+      for (int64_t d = 0; d < D; ++d)
+        for (int64_t r = 0; r < kVL; ++r) qt[d * Rb + r0 + r] = src[r] ? src[r][d] * cs : 0.0f;
+    }
   }
   fill_lanes(p, b, t0, rows, Rb, pos, segq);
   Lanes L{A.S - T + t0, A.S - T + t0 + tq - 1, pos, segq, uniform(segq, Rb)};
@@ -330,7 +426,8 @@ void forward_block(const lora::AttnPlan& p, int64_t b, int64_t kvh, int64_t t0, 
   const float* vb = p.v + b * A.kv_batch_stride + kvh * D;
   for (int64_t j0 = jlo; j0 <= jhi; j0 += bc) {
     const int64_t nb = imin(bc, jhi + 1 - j0);
-    mm<false>(nb, nv, D, kb + j0 * ld, ld, 1, qt, Rb, s, Rb, kStore, nullptr);
+    if (dot_rows) scores_dot(nb, rows, D, kb + j0 * ld, ld, qt, s, Rb);
+    else mm<false>(nb, nv, D, kb + j0 * ld, ld, 1, qt, Rb, s, Rb, kStore, nullptr);
     if (needs_mask(p, b, j0, nb, L)) apply_mask(p, b, j0, nb, L, s, Rb, nv);
     for (int64_t c = 0; c < nv; ++c) {
       const vf m_old = loadu(m + c * kVL);
