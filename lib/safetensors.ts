@@ -252,22 +252,16 @@ function convertElements(entry: Pick<SafetensorsEntry, 'name' | 'dtype' | 'file'
  * (converted first for dtypes we do not hold) through one staging buffer of at most the I/O chunk
  * size, so no JS buffer ever holds the whole tensor.
  */
-function assemble(entry: Pick<SafetensorsEntry, 'name' | 'dtype' | 'shape' | 'file'>, mode: 'keep' | 'float32', fill: (into: Uint8Array, byteOffset: number) => void): Tensor {
+function assemble(entry: Pick<SafetensorsEntry, 'name' | 'dtype' | 'shape' | 'file'>, mode: 'keep' | 'float32', fill: (into: Uint8Array, byteOffset: number) => void,
+  staging?: Uint8Array): Tensor {
   const n = numelOf(entry.shape);
   const src = DTYPE_BYTES[entry.dtype];
   const kept = arrivalDtype(entry.dtype);
   const stored: DType = kept ?? tensorDtypeFor(entry.dtype, mode);
   const dst = stored === 'float32' || stored === 'int32' ? 4 : 2;
-  const perChunk = Math.max(1, Math.floor(ioChunkBytes() / Math.max(src, dst)));
   const out = empty(entry.shape, 'cpu', stored);
   try {
-    const staging = new Uint8Array(Math.min(perChunk, n) * src); // a fresh ArrayBuffer: aligned
-    for (let i = 0; i < n; i += perChunk) {
-      const k = Math.min(perChunk, n - i);
-      const piece = staging.subarray(0, k * src);
-      fill(piece, i * src);
-      native.writeBytes(out._storage, i * dst, kept ? piece : convertElements(entry, piece, k));
-    }
+    readChunks(out, n, src, dst, fill, staging, kept ? null : (piece, k) => convertElements(entry, piece, k));
   } catch (err) {
     out.dispose();
     throw err;
@@ -277,6 +271,44 @@ function assemble(entry: Pick<SafetensorsEntry, 'name' | 'dtype' | 'shape' | 'fi
   const wide = out.toDtype(target);
   out.dispose();
   return wide;
+}
+
+// n elements of `src` bytes each from fill() into out (elements of `dst` bytes), in chunks of at
+// most ioChunkBytes() through staging (a reused buffer when given: chunks of its size; else a new
+// one), converted when `convert` is given.
+function readChunks(out: Tensor, n: number, src: number, dst: number, fill: (into: Uint8Array, byteOffset: number) => void,
+  staging: Uint8Array | undefined, convert: ((piece: Uint8Array, k: number) => Float32Array | Int32Array) | null): void {
+  // a fresh ArrayBuffer is aligned; a given one must be too (offset 0), and hold an element
+  const given = staging && staging.byteOffset === 0 && staging.length >= 8 ? staging : undefined;
+  const perChunk = Math.max(1, Math.floor(Math.min(ioChunkBytes(), given?.length ?? Infinity) / Math.max(src, dst)));
+  const buf = given ?? new Uint8Array(Math.min(perChunk, n) * src);
+  for (let i = 0; i < n; i += perChunk) {
+    const k = Math.min(perChunk, n - i);
+    const piece = buf.subarray(0, k * src);
+    fill(piece, i * src);
+    native.writeBytes(out._storage, i * dst, convert ? convert(piece, k) : piece);
+  }
+}
+
+/**
+ * Reads one tensor of an open file straight into `target` (a CPU tensor of the entry's shape in the
+ * dtype the file stores: float32, bfloat16, float16 or int32), through `staging` when it is given,
+ * so a loader reuses one buffer for every tensor and writes each weight once. Checks afterwards
+ * that the file did not change while it was read.
+ */
+export function readTensorInto(entry: SafetensorsEntry, reader: FileReader, target: Tensor, staging?: Uint8Array): void {
+  const kept = arrivalDtype(entry.dtype);
+  const n = numelOf(entry.shape);
+  if (kept === null || target.dtype !== kept || target.device !== 'cpu' || target.size !== n)
+    throw new LoraError('ERR_LORA_STATE', `Expected a ${kept ?? entry.dtype} CPU tensor of ${n} elements to read '${entry.name}' into but received a ${target.dtype} ${target.device} tensor of ${target.size}`);
+  const size = DTYPE_BYTES[entry.dtype];
+  readChunks(target, n, size, size, (into, at) => reader.read(into, entry.start + at), staging, null);
+  reader.verify();
+}
+
+/** Whether readTensorInto() takes an entry into a CPU tensor of `dtype` (the file stores that dtype). */
+export function readsInto(entry: Pick<SafetensorsEntry, 'dtype'>, dtype: DType): boolean {
+  return arrivalDtype(entry.dtype) === dtype;
 }
 
 /** Turns one tensor's raw little-endian bytes (all of them, in memory) into our tensor. */
@@ -290,8 +322,8 @@ export function decodeTensor(entry: Pick<SafetensorsEntry, 'name' | 'dtype' | 's
  * Reads one tensor of an open file into a new CPU tensor, in chunks, and checks afterwards that
  * the file did not change while it was read.
  */
-export function readTensor(entry: SafetensorsEntry, reader: FileReader, mode: 'keep' | 'float32' = 'keep'): Tensor {
-  const t = assemble(entry, mode, (into, at) => reader.read(into, entry.start + at));
+export function readTensor(entry: SafetensorsEntry, reader: FileReader, mode: 'keep' | 'float32' = 'keep', staging?: Uint8Array): Tensor {
+  const t = assemble(entry, mode, (into, at) => reader.read(into, entry.start + at), staging);
   try {
     reader.verify();
   } catch (err) {
@@ -428,10 +460,15 @@ export class ModelReader implements ModelIndex {
   }
 
   /** One tensor as a new CPU tensor (the caller owns it). @throws ERR_LORA_IO when its file changed. */
-  readTensor(entry: SafetensorsEntry, mode: 'keep' | 'float32' = 'keep'): Tensor {
+  readTensor(entry: SafetensorsEntry, mode: 'keep' | 'float32' = 'keep', staging?: Uint8Array): Tensor {
     const r = this.reader(entry);
     if (mode !== 'keep' && mode !== 'float32') throw typeError('mode', "'keep' or 'float32'", mode);
-    return readTensor(entry, r, mode);
+    return readTensor(entry, r, mode, staging);
+  }
+
+  /** One tensor read straight into `target` (see readTensorInto). @throws ERR_LORA_IO when its file changed. */
+  readTensorInto(entry: SafetensorsEntry, target: Tensor, staging?: Uint8Array): void {
+    readTensorInto(entry, this.reader(entry), target, staging);
   }
 
   /** One tensor's stored bytes as a source the writer streams in chunks (its file checked after each). */

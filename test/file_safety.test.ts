@@ -102,6 +102,27 @@ void leakChecked(t, 'chunked reads and writes: every dtype through 24-byte chunk
   } finally {
     _setIoChunkBytes(old);
   }
+  // straight into a tensor the caller made (the loader's path), through a small reused staging buffer
+  const m = openModelReader(f);
+  try {
+    const staging = new Uint8Array(16);
+    for (const name of ['a', 'bf', 'hf', 'ids']) {
+      const e = m.entries.find((x) => x.name === name)!;
+      const x = one.get(name)!;
+      const into = empty(x.shape, 'cpu', x.dtype);
+      m.readTensorInto(e, into, staging);
+      t.same(Buffer.from(into.toBytes()), Buffer.from(x.toBytes()), `${name} (${x.dtype}): read into a tensor in 16-byte pieces, the same bytes`);
+      into.dispose();
+    }
+    const a32 = m.entries.find((x) => x.name === 'a')!, f64e = m.entries.find((x) => x.name === 'f64')!;
+    const wrong = empty(a32.shape, 'cpu', 'bfloat16'), short = empty([3], 'cpu', 'float32'), wide = empty([13], 'cpu', 'float32');
+    assertLoraError(t, () => m.readTensorInto(a32, wrong), LoraError, 'ERR_LORA_STATE', /float32 CPU tensor .* into but received a bfloat16/, 'another dtype than the file stores: refused');
+    assertLoraError(t, () => m.readTensorInto(a32, short), LoraError, 'ERR_LORA_STATE', /received a float32 cpu tensor of 3/, 'another size: refused');
+    assertLoraError(t, () => m.readTensorInto(f64e, wide), LoraError, 'ERR_LORA_STATE', /F64/, 'a dtype we convert (F64): refused, readTensor takes it');
+    for (const x of [wrong, short, wide]) x.dispose();
+  } finally {
+    m.close();
+  }
   t.same(Array.from(one.get('streamed')!.toFloat32Array()).slice(0, 9), [0, 1, 2, 3, 4, 5, 6, 0, 1], 'a ByteSource is streamed');
   for (const x of [a, bf, hf, ids, zeros, ...one.values()]) x.dispose();
   noTemps(t, dir);

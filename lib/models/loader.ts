@@ -10,9 +10,9 @@ import { checkOptions, describe, expectOneOf, LoraError, typeError } from '../er
 import { Linear, loraLayers } from '../nn';
 import { MatmulPrecision, permute } from '../ops';
 import { expectMatmulPrecision } from '../ops/util';
-import { makeFolder, parseJsonBounded } from '../file_io';
+import { ioChunkBytes, makeFolder, parseJsonBounded } from '../file_io';
 import {
-  INDEX_FILE, isFloatDtype, ModelIndex, ModelReader, openModelReader, RawTensor, SAFETENSORS_DTYPE, SafetensorsEntry, saveSafetensorsAsync, writeFileAtomic,
+  INDEX_FILE, isFloatDtype, ModelIndex, ModelReader, openModelReader, RawTensor, readsInto, SAFETENSORS_DTYPE, SafetensorsEntry, saveSafetensorsAsync, writeFileAtomic,
 } from '../safetensors';
 import { checkDevice, Device, empty, keep, noGrad, numelOf, releaseCachedMemory, shapeString, Tensor } from '../tensor';
 import { CausalLM, CONSTRUCT_CAUSAL_LM, Family, WeightDtype } from './causal_lm';
@@ -102,6 +102,8 @@ interface FillJob {
  * A WeightSource over a checkpoint's headers: take() checks a name and shape and returns an
  * allocated, not yet filled tensor; fill() then streams the data in, tensor by tensor.
  */
+const kStagingBytes = 16 * 1024 * 1024;
+
 class CheckpointWeights implements WeightSource {
   readonly jobs: FillJob[] = [];
   private readonly byName: Map<string, SafetensorsEntry>;
@@ -142,10 +144,21 @@ class CheckpointWeights implements WeightSource {
 
   /** Reads every taken tensor into its target, yielding to the event loop between tensors. */
   async fill(): Promise<void> {
+    // One staging buffer of at most 16 MiB for every tensor: a new one per tensor had its pages
+    // first touched each time (as many bytes as the checkpoint). SmolLM2-135M, float32: 1.8-2.2 s
+    // -> 1.2-1.5 s with the direct reads below; bfloat16 weights from float32: 1.3-1.9 -> 0.9-1.2 s.
+    const most = Math.max(8, ...this.jobs.map((j) => j.entry.byteLength));
+    const staging = new Uint8Array(Math.min(ioChunkBytes(), kStagingBytes, most));
     for (const job of this.jobs) {
+      if (!job.transposed && job.target.device === 'cpu' && readsInto(job.entry, job.target.dtype)) {
+        // stored as the target keeps it: read straight into it (no second copy of the weight)
+        this.index.readTensorInto(job.entry, job.target, staging);
+        await new Promise<void>((resolve) => setImmediate(resolve));
+        continue;
+      }
       // read through the reader's open handle (a file changed meanwhile is refused) and decoded as
       // stored; assign() converts to the target's dtype in native code (one pass)
-      const decoded = this.index.readTensor(job.entry, 'keep');
+      const decoded = this.index.readTensor(job.entry, 'keep', staging);
       const temps = [decoded];
       try {
         let src = decoded;
