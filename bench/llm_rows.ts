@@ -48,7 +48,8 @@ function workOf(p: Plan): LlmRow['work'] {
   const c = LLM_CONFIGS[p.config]!;
   if (p.case === 'prefill') return { flops: prefillFlops(c, 512) };
   if (p.case === 'train') return { flops: trainFlops(c, 4, 256, 16) };
-  return { bytes: decodeBytes(c, p.dtype === 'bf16' ? 2 : 4) };
+  const lp = linearParams(c);
+  return { bytes: decodeBytes(c, p.dtype === 'bf16' ? 2 : 4), flops: 2 * Number(p.args.B ?? 1) * (lp.body + lp.head) };
 }
 
 export function runLlmRows(o: { quick: boolean; full: boolean; reps?: number; threads: number; tools: Tools; work: string; srcDir: string; log: (s: string) => void }): LlmRow[] {
@@ -103,7 +104,7 @@ export function llmMarkdown(rows: LlmRow[], m: Machine | undefined, peer: string
   const lines = [
     `PyTorch peer: ${peer}. Each case runs in its own process (ours and PyTorch's), so RSS is the case's own. ` +
     (rows.some((r) => r.ours?.rounds) ? `Our rows marked † ran in ${Math.max(...rows.map((r) => r.ours?.rounds ?? 0))} processes each, taking turns with each other, their steps pooled (median over all; RSS from the process with the highest peak), so ratios between them compare steps from the same minutes of the run. ` : '') +
-    'Bound: prefill and train against the FLOP-bound time at the measured fp32 FMA peak, decode against weight bytes per step / measured read bandwidth (ideal storage: every projection and the head at the row\'s width).',
+    'Bound: prefill and train against the FLOP-bound time at the measured fp32 FMA peak, decode against the larger of weight bytes per step / measured read bandwidth (ideal storage: every projection and the head at the row\'s width) and the step\'s multiply-adds in those layers (B rows) / the measured FMA peak.',
     '',
     '| model | case | W | ours ms | ours tok/s | % of bound | PyTorch ms | PyTorch tok/s | ours/PyTorch | RSS load→peak MB (ours) | (PyTorch) | act. MB ours / PyTorch |',
     '|---|---|---|---|---|---|---|---|---|---|---|---|',

@@ -146,14 +146,20 @@ export function pooledLlmResult(results: LlmResult[]): LlmResult {
 export const llmLabel = (r: LlmRow) =>
   `${r.config} ${r.case}${r.args.B ? ` b${r.args.B}` : ''}${r.args.gc === '1' ? ' gc' : ''} ${r.dtype}${r.args.mp === 'bf16' ? ' (bf16 products)' : ''}`;
 
-/** Where a row stands against its bound: FLOP-bound time (prefill, train) or bandwidth-bound tokens/s (decode). */
+/** Where a row stands against its bound: FLOP-bound time (prefill, train), or for decode the tokens/s of
+ * the slower of reading every weight once per step and the step's multiply-adds at the FMA peak. */
 export function boundShare(r: LlmRow, m: Machine | undefined): number | undefined {
   const c = m?.perThreads[String(r.threads)];
   if (!c || !r.ours) return undefined;
-  if (r.work.flops) return (r.work.flops / (c.fmaGflops * 1e6)) / r.ours.medianMs;
+  if (r.case !== 'decode' && r.work.flops) return (r.work.flops / (c.fmaGflops * 1e6)) / r.ours.medianMs;
   if (r.work.bytes) {
-    const boundTokS = (c.readGBs * 1e9) / r.work.bytes * Number(r.args.B ?? 1);
-    return r.ours.tokensPerS / boundTokS;
+    // a step reads every weight once, and does B rows of multiply-adds against them: bound by
+    // the read bandwidth at a few rows, by the FMA peak (the bf16-dot peak where the row's
+    // products are bf16 dots: mp=bf16 from 4 rows) at more
+    const B = Number(r.args.B ?? 1);
+    const peak = r.args.mp === 'bf16' && B >= 4 ? c.bf16DotGflops : c.fmaGflops;
+    const stepS = Math.max(r.work.bytes / (c.readGBs * 1e9), (r.work.flops ?? 0) / (peak * 1e9));
+    return r.ours.tokensPerS / (B / stepS);
   }
   return undefined;
 }
@@ -232,9 +238,10 @@ function ratio(out: Target[], target: string, r: LlmRow, goal: number, m: Machin
   const x = r.ours.tokensPerS / r.pytorch.tokensPerS;
   // a goal past this machine's bound (the FLOP bound with fp32 products, or the bandwidth bound) is said to be
   // (a row on bf16 products: the FLOP bound at the bf16-dot peak)
-  const c = m?.perThreads[String(r.threads)], dot = r.args.mp === 'bf16' && c ? c.bf16DotGflops / c.fmaGflops : 1;
+  // (decode: boundShare already takes the larger of its bandwidth and FLOP floors, at the row's peak)
+  const c = m?.perThreads[String(r.threads)], dot = r.case !== 'decode' && r.args.mp === 'bf16' && c ? c.bf16DotGflops / c.fmaGflops : 1;
   const share = boundShare(r, m), needed = goal * r.pytorch.tokensPerS, bound = share && dot > 0 ? (dot * r.ours.tokensPerS) / share : undefined;
-  const kind = !r.work.flops ? 'bandwidth bound' : dot !== 1 ? 'FLOP bound at the bf16-dot peak' : 'FLOP bound with fp32 products';
+  const kind = r.case === 'decode' ? 'bound (read bandwidth or FMA peak, whichever is slower)' : dot !== 1 ? 'FLOP bound at the bf16-dot peak' : 'FLOP bound with fp32 products';
   const note = bound !== undefined && needed > bound ? `unreachable here: ${goal.toFixed(2)}x needs ${fmt(needed)} tok/s, past the ${fmt(bound)} tok/s ${kind}` : undefined;
   out.push({ target, row: llmLabel(r), measured: `${fmt(x, 2)}x (${fmt(r.ours.tokensPerS)} vs ${fmt(r.pytorch.tokensPerS)} tok/s)`, goal: g, met: x >= goal, note });
 }

@@ -2,7 +2,7 @@
 // the bf16-products rows beside the default ones, and the "unreachable here" notes, so that a
 // mislabelled or dropped target cannot hide in a result file.
 import t from 'tap';
-import { evaluateLlmTargets, evaluateTargets, GEMM_512, LlmRow, pooledLlmResult, Row } from '../bench/targets';
+import { boundShare, evaluateLlmTargets, evaluateTargets, GEMM_512, LlmRow, pooledLlmResult, Row } from '../bench/targets';
 import type { Machine } from '../bench/machine';
 
 const machine = {
@@ -65,6 +65,22 @@ t.test('decode rows: the compute floor of a bf16 gemm row on 4..16 rows is the b
   t.match(dot.note ?? '', /^compute floor 1.34 ms, bandwidth floor 1.68 ms$/, '537 MFLOP at the 400 GFLOP/s bf16-dot peak');
   const noDot = { perThreads: { '1': { ...machine.perThreads['1']!, bf16DotGflops: 0 } } } as unknown as Machine;
   t.match(decode(noDot).note ?? '', /^unreachable here: 537 MFLOP take 2.68 ms at the FMA peak, more than the 2.10 ms 80% of the read bandwidth allows$/, 'no avx512_bf16: fp32 products');
+});
+
+t.test('model decode rows: bound by the slower of reading every weight once and the step\'s multiply-adds', async (t) => {
+  // 1 GB of weights per step: 25 ms at the 40 GB/s two-thread read bandwidth
+  const dec = (B: number, flops: number, mp?: string): LlmRow => ({
+    case: 'decode', config: 'smol', dtype: 'bf16', threads: 2, args: { B: String(B), ...(mp ? { mp } : {}) }, work: { bytes: 1e9, flops },
+    ours: result(50, B), pytorch: result(100, B),
+  });
+  t.equal(boundShare(dec(1, 2e9), machine), 0.5, 'B=1: 2 GFLOP take 5 ms at the FMA peak, the 25 ms read binds: 50 ms a step is 50%');
+  t.equal(boundShare(dec(8, 16e9), machine), 0.8, 'B=8: 16 GFLOP take 40 ms at the 400 GFLOP/s FMA peak, past the read: 40 of 50 ms');
+  t.equal(boundShare(dec(8, 16e9, 'bf16'), machine), 0.5, 'bf16 products from 4 rows: 20 ms at the bf16-dot peak, the read binds again');
+  t.equal(boundShare(dec(2, 16e9, 'bf16'), machine), 0.8, 'bf16 products under 4 rows are fp32 products: the FMA peak');
+  const rows = [dec(1, 2e9)];
+  rows[0]!.pytorch = result(25, 1); // PyTorch 4x faster: 2x needs 80 tok/s, past the 40 tok/s bound
+  const judged = evaluateLlmTargets(rows, machine).find((q) => q.target === 'decode b1 bf16: vs PyTorch')!;
+  t.match(judged.note ?? '', /^unreachable here: 2\.00x needs 80\.0 tok\/s, past the 40\.0 tok\/s bound \(read bandwidth or FMA peak, whichever is slower\)$/);
 });
 
 t.test('rows run in rounds: steps pooled across processes, RSS from the process with the highest peak', async (t) => {
