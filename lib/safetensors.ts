@@ -297,13 +297,17 @@ function readChunks(out: Tensor, n: number, src: number, dst: number, fill: (int
  * that the file did not change while it was read.
  */
 export function readTensorInto(entry: SafetensorsEntry, reader: FileReader, target: Tensor, staging?: Uint8Array): void {
-  const kept = arrivalDtype(entry.dtype);
   const n = numelOf(entry.shape);
-  if (kept === null || target.dtype !== kept || target.device !== 'cpu' || target.size !== n)
-    throw new LoraError('ERR_LORA_STATE', `Expected a ${kept ?? entry.dtype} CPU tensor of ${n} elements to read '${entry.name}' into but received a ${target.dtype} ${target.device} tensor of ${target.size}`);
+  if (!readsInto(entry, target.dtype) || target.device !== 'cpu' || target.size !== n)
+    throw new LoraError('ERR_LORA_STATE', `Expected a ${arrivalDtype(entry.dtype) ?? entry.dtype} CPU tensor of ${n} elements to read '${entry.name}' into but received a ${target.dtype} ${target.device} tensor of ${target.size}`);
   const size = DTYPE_BYTES[entry.dtype];
-  readChunks(target, n, size, size, (into, at) => reader.read(into, entry.start + at), staging, null);
+  readChunks(target, n, size, size, readsFrom(entry, reader), staging, null);
   reader.verify();
+}
+
+// fill() for an entry's bytes through an open file: its bytes from byteOffset into `into`
+function readsFrom(entry: SafetensorsEntry, reader: FileReader): (into: Uint8Array, byteOffset: number) => void {
+  return (into, byteOffset) => reader.read(into, entry.start + byteOffset);
 }
 
 /** Whether readTensorInto() takes an entry into a CPU tensor of `dtype` (the file stores that dtype). */
@@ -323,7 +327,7 @@ export function decodeTensor(entry: Pick<SafetensorsEntry, 'name' | 'dtype' | 's
  * the file did not change while it was read.
  */
 export function readTensor(entry: SafetensorsEntry, reader: FileReader, mode: 'keep' | 'float32' = 'keep', staging?: Uint8Array): Tensor {
-  const t = assemble(entry, mode, (into, at) => reader.read(into, entry.start + at), staging);
+  const t = assemble(entry, mode, readsFrom(entry, reader), staging);
   try {
     reader.verify();
   } catch (err) {

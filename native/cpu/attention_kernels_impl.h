@@ -385,7 +385,7 @@ void forward_block(const lora::AttnPlan& p, int64_t b, int64_t kvh, int64_t t0, 
   const int64_t G = p.G, D = A.D, Dp = p.Dp, H = A.H, T = A.T, bc = p.bc;
   const int64_t tq = imin(p.tq, T - t0), rows = tq * G;
   const int64_t nv = (rows + kVL - 1) / kVL, Rb = nv * kVL;
-  float* qt = scratch;     // (D, Rb): q of the block, transposed and scaled
+  float* qt = scratch;     // (D, Rb): q of the block scaled, transposed (row-major (rows, D) under dot_rows)
   float* s = qt + D * Rb;  // (bc, Rb): scores, then probabilities
   float* o = s + bc * Rb;  // (rows, Dp): unnormalised output
   float* vpad = o + Rb * Dp;
