@@ -43,6 +43,36 @@ export function reshapeInference(t: Tensor, shape: readonly number[], copy: (t: 
   return new Tensor(CONSTRUCT, t._storage, shape);
 }
 
+// Disposed storages of no elements, one per device and dtype: what a tensor whose storage another
+// took over (takeStorage) is left holding, so that it reads as disposed and frees nothing.
+const spentStorages = new Map<number, NativeStorage>();
+function spentStorage(s: NativeStorage): NativeStorage {
+  const key = s.device * 16 + s.dtype;
+  let spent = spentStorages.get(key);
+  if (!spent) {
+    spent = native.alloc(s.device, s.dtype, 0);
+    native.dispose(spent);
+    spentStorages.set(key, spent);
+  }
+  return spent;
+}
+
+/**
+ * @internal The values of t under another shape without a copy, where nothing reads t again: the
+ * gradient a backward function receives (runBackward disposes it once the function returns), or
+ * a projection's fresh output split into heads. The result takes over t's storage and t is left
+ * disposed; its shape, graph node and saved tensors stay, so the op that made t must not read its
+ * own output in its backward (linear() and loraLinear() do not).
+ */
+export function takeStorage(t: Tensor, shape: readonly number[]): Tensor {
+  const s = t._live();
+  if (numelOf(shape) !== s.numel)
+    throw new LoraError('ERR_LORA_SHAPE', `Expected a shape with ${s.numel} elements but received ${shapeString(shape)}`);
+  const out = new Tensor(CONSTRUCT, s, shape);
+  t._storage = spentStorage(s);
+  return out;
+}
+
 /** Removes a tensor from every open tidy() scope so that it outlives them. Returns it. */
 export function keep<T extends Tensor>(t: T): T {
   for (const s of scopes) s.delete(t);

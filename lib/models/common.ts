@@ -13,7 +13,7 @@ import { LoraLinear } from '../lora';
 import { Linear } from '../nn';
 import { add, attention, embedding, gatedActivation, gelu, layerNorm, mul, relu, reshape, rmsNorm, rope, sigmoid, silu, slice, tanh, UnaryName } from '../ops';
 import { expectMatmulPrecision, gemmReadsAsStored } from '../ops/util';
-import { checkDevice, checkpoint, contiguousStrides, Device, DType, empty, keep, numelOf, reshapeInference, ones, Tensor, tensor, tidy, unreadOutput, zeros } from '../tensor';
+import { checkDevice, checkpoint, contiguousStrides, Device, DType, empty, keep, numelOf, record, reshapeInference, ones, takeStorage, Tensor, tensor, tidy, unreadOutput, zeros } from '../tensor';
 
 // ---- config.json fields -------------------------------------------------------------------------
 
@@ -596,8 +596,18 @@ export function addProjected(residual: Tensor, proj: Module, x: Tensor, ctx: For
  * a plain Linear, or a LoraLinear without DoRA (doraLinear is several ops, and a skipped inner
  * product would feed zeros to the next one's backward).
  */
-function isOneProduct(m: Module): boolean {
+export function isOneProduct(m: Module): boolean {
   return isPlainLinear(m) || (Object.getPrototypeOf(m) === LoraLinear.prototype && (m as LoraLinear).loraMagnitude === null);
+}
+
+/**
+ * reshape() of a fresh result that nothing else reads (the output of a projection that
+ * isOneProduct(), split into heads): no copy forward or backward (takeStorage); x is left disposed.
+ */
+export function reshapeFresh(x: Tensor, shape: readonly number[]): Tensor {
+  const from = x.shape;
+  const out = takeStorage(x, shape);
+  return record(out, { name: 'reshape', inputs: [x], backward: (g) => [takeStorage(g, from)] });
 }
 
 /** Rows from which projectShared() runs the products in one call (fewer: decode's streaming GEMV). */

@@ -10,7 +10,7 @@ import { reshapeInference, Tensor } from '../tensor';
 import type { Backbone, Family } from './causal_lm';
 import { decodeLayer } from './decode';
 import {
-  Activation, activation, addProjected, applyRope, attend, child, ConfigReader, ForwardContext, gated, HfEmbedding, HfRMSNorm, linearFrom, plainContext, projectShared,
+  Activation, activation, addProjected, applyRope, attend, child, ConfigReader, ForwardContext, gated, HfEmbedding, HfRMSNorm, isOneProduct, linearFrom, plainContext, projectShared, reshapeFresh,
   readRope, RopeDefaults, RopeInputs, ropeInputs, RopeSpec, ropeRegime, WeightSource,
 } from './common';
 
@@ -92,10 +92,11 @@ export class LlamaAttention extends Module {
     const mods = ['q_proj', 'k_proj', 'v_proj'].map((name) => child(this, name));
     const n = [heads, kvHeads, kvHeads];
     // an inference pass runs the three products in one call where it can (projectShared) and takes
-    // their fresh outputs over as [B, T, n, D] without a copy
+    // their fresh outputs over as [B, T, n, D] without a copy; so does a pass that records
+    // gradients, where the product is one op whose backward does not read its output (reshapeFresh)
     const [q, k, v] = ctx?.inference
       ? projectShared(x, mods, ctx).map((y, i) => reshapeInference(y, [B, T, n[i]!, headDim], reshape))
-      : mods.map((m, i) => reshape(m.forward(x), [B, T, n[i]!, headDim]));
+      : mods.map((m, i) => (isOneProduct(m) ? reshapeFresh : reshape)(m.forward(x), [B, T, n[i]!, headDim]));
     return { q: q!, k: k!, v: v! };
   }
 

@@ -4,7 +4,7 @@
 import { checkOptions, expectOneOf, LoraError, typeError } from '../errors';
 import { BINARY_OP, native, UNARY_OP } from '../native';
 import { empty, expectTensor, record, sameShape, shapeString, Tensor } from '../tensor';
-import { floatOnly, rawBinary, rawScalar, sameDevice, sumTo } from './util';
+import { floatOnly, rawBinary, rawScalar, sameDevice, sumTo, sumToTaking } from './util';
 
 export { broadcastShapes } from './util';
 
@@ -35,7 +35,11 @@ export function add(a: Operand, b: Operand): Tensor {
   if (typeof x === 'number') return scalarOp('add', BINARY_OP.add, y, x, true);
   return record(rawBinary(BINARY_OP.add, x, y), {
     name: 'add', inputs: [x, y],
-    backward: (g) => [x.requiresGrad ? sumTo(g, x.shape) : null, y.requiresGrad ? sumTo(g, y.shape) : null],
+    // (the last of the two may take g's storage: the other is made first)
+    backward: (g) => {
+      const gx = x.requiresGrad ? (y.requiresGrad ? sumTo(g, x.shape) : sumToTaking(g, x.shape)) : null;
+      return [gx, y.requiresGrad ? sumToTaking(g, y.shape) : null];
+    },
   });
 }
 

@@ -2,8 +2,8 @@
 // on the device), and each backward moves the gradient back through the inverse view.
 import { expectInteger, LoraError, typeError } from '../errors';
 import { native } from '../native';
-import { contiguousStrides, empty, expectTensor, numelOf, record, shapeString, Tensor, zeros } from '../tensor';
-import { floatOnly, normAxis, reshapeRaw, sameDevice } from './util';
+import { contiguousStrides, empty, expectTensor, numelOf, record, shapeString, takeStorage, Tensor, zeros } from '../tensor';
+import { floatOnly, normAxis, sameDevice } from './util';
 
 /**
  * The same values with a new shape (one dim may be -1 and is inferred). Returns a copy.
@@ -33,8 +33,10 @@ export function reshape(x: Tensor, shape: readonly number[]): Tensor {
   const out = empty(dims, x.device, x.dtype);
   native.copyInto(out._storage, x._storage);
   const from = x.shape;
-  return record(out, { name: 'reshape', inputs: [x], backward: (g) => [reshapeRaw(g, from)] });
+  // (the gradient is the backward's to keep: it takes g's storage instead of copying it)
+  return record(out, { name: 'reshape', inputs: [x], backward: (g) => [takeStorage(g, from)] });
 }
+
 
 /**
  * Reorders dimensions: out.shape[i] = x.shape[perm[i]].

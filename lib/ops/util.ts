@@ -4,7 +4,7 @@
 // lib/ops/index.ts: nothing here is an op a user calls.
 import { editDistance, expectInteger, LoraError, rangeError, typeError } from '../errors';
 import { BINARY_OP, DEVICE_ID, DTYPE_ID, native, OP, REDUCE_OP } from '../native';
-import { checkShape, contiguousStrides, empty, numelOf, sameShape, shapeString, Tensor } from '../tensor';
+import { checkShape, contiguousStrides, empty, numelOf, sameShape, shapeString, takeStorage, Tensor } from '../tensor';
 
 /** ERR_LORA_DEVICE unless every tensor lives on one device. */
 export function sameDevice(op: string, ...ts: Tensor[]): void {
@@ -114,6 +114,14 @@ export function sumTo(g: Tensor, shape: readonly number[]): Tensor {
   const axes: number[] = [];
   for (let i = 0; i < g.shape.length; i++) if (i < off || (shape[i - off] === 1 && g.shape[i] !== 1)) axes.push(i);
   return reduceRaw(g, axes, REDUCE_OP.sum, shape);
+}
+
+/**
+ * sumTo() for the last use of a gradient a backward function received (runBackward disposes it
+ * once the function returns): of g's own shape, g's storage itself (takeStorage), not a copy.
+ */
+export function sumToTaking(g: Tensor, shape: readonly number[]): Tensor {
+  return sameShape(g.shape, shape) ? takeStorage(g, shape) : sumTo(g, shape);
 }
 
 /** Repeats t along broadcast dims to fill `shape` (a contiguous copy; no autograd). */
