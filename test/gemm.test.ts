@@ -287,6 +287,24 @@ function bf16DotDecodeCases(rng: Rng): string[] {
   return failures;
 }
 
+// A long sum into few outputs (k at least 16 times M and N and four k blocks, as the LM head's dx =
+// dlogits·W) splits k across the threads: each sums its part of k apart and the parts are added
+// into C. Every transpose, alpha and beta, fp32 and bf16 B, 2 and 3 threads (3 split 4500 into
+// 1536-k parts: ragged), within fp32's bound of float64. (Under small cache blocks the random
+// GEMMs above split k too. With bf16 products C is split as before: gemmSharedA's outputs are gemm's
+// bit for bit.)
+function splitKCases(rng: Rng): string[] {
+  const failures: string[] = [];
+  const shapes: [number, number, number][] = [[40, 36, 5000], [13, 70, 4500], [33, 17, 4097], [20, 20, 9000]];
+  shapes.forEach((dims, q) => {
+    for (const bf16 of [false, true]) {
+      const f = randomGemm(rng, 40_000 + 2 * q + Number(bf16), 2 + (q % 2), bf16, dims, [q % 2 === 1, q >= 2]);
+      if (f) failures.push(`split k: ${f}`);
+    }
+  });
+  return failures;
+}
+
 // gemmSharedA (the projections of one input in one call, A packed once per thread): two and three
 // products with column counts that are and are not multiples of the tile width, K past the
 // 1024-deep k block, K = 1 and 0, fp32 and bf16 weights, 1-3 threads; each out_i within
@@ -447,7 +465,7 @@ if (CHILD) {
     if (f) failures.push(f);
   }
   failures.push(...linearBf16Cases(rng), ...mergeBf16Cases(rng), ...decodeCases(rng), ...bf16DotDecodeCases(rng), ...sharedACases(rng),
-    ...loraDbCases(rng));
+    ...loraDbCases(rng), ...splitKCases(rng));
   setNumThreads(before);
   // straight to fd 1: tap owns process.stdout in this file
   fs.writeSync(1, JSON.stringify({ isa: features().isa, cases: 2 * n, failures: failures.slice(0, 10), failed: failures.length }) + '\n');

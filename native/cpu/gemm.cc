@@ -129,6 +129,7 @@ struct ThreadBuffers {
   PackBuffer a, b, a2, b2, small, h, hb, ah, scratch, pad;
   PackBuffer d_part;   // this thread's rows' share of the side product D (K, kSideCols)
   PackBuffer d_trans;  // Dᵀ when D is its own product (side_d_apart)
+  PackBuffer split_k;  // the other threads' sums of a k split (run_split_k; the caller's)
 };
 ThreadBuffers& buffers() {
   static thread_local ThreadBuffers bufs;
@@ -608,6 +609,71 @@ void side_product_apart(ThreadPool& pool, const GemmArgs& g) {
 
 }  // namespace
 
+namespace {
+
+// A long sum into few outputs splits k rather than C: the LM head's dx = dlogits·W of 512 rows is
+// 512 x 576 from k 49152, and a split of its rows or columns has every thread pack all of one
+// operand of 100 MB (2 threads 90.6 -> 85.2 ms with an fp32 W, 91.5 -> 84.0 with bf16; 159 on one).
+// A plain product (split_k) with fp32 products (the bf16 dot's sums stay those gemmSharedA makes),
+// k at least kSplitKRatio times M and N and kSplitKBlocks k blocks, C at most kSplitKMaxFloats
+// (each thread past the first sums into a copy of its own).
+constexpr int64_t kSplitKRatio = 16;
+constexpr int64_t kSplitKBlocks = 4;
+constexpr int64_t kSplitKMaxFloats = int64_t(1) << 22;
+
+bool split_k_ok(const GemmArgs& g, bool bf16_dot, int threads) {
+  const int64_t kc = gemm_blocking().kc;
+  return g.split_k && !bf16_dot && threads > 1 && g.alpha != 0.0f && !g.H && !g.D && g.K2 == 0 && !g.bias && !g.drop2 &&
+         !g.drop_a && !g.drop_b && g.K >= kSplitKRatio * imax(g.M, g.N) && g.K >= kSplitKBlocks * kc &&
+         g.M * g.N <= kSplitKMaxFloats;
+}
+
+// C = alpha·op(A)·op(B) + beta·C with thread tid summing k [k0, k1): thread 0 into C (with beta),
+// the others into their part of `parts` (M x N each), added into C once all are done.
+void run_split_k(ThreadPool& pool, const IsaTable& t, const GemmKernel& kern, bool bf16_dot, const GemmArgs& g) {
+  const int nt = pool.size();
+  const int64_t MN = g.M * g.N;
+  float* parts = buffers().split_k.get(static_cast<size_t>((nt - 1) * MN));
+  bool whole = false;  // a nested call runs on one thread: the whole product, nothing to add
+  pool.run([&](int tid, int nt_run) {
+    if (nt_run != nt) {
+      whole = true;
+      run_blocked(t, kern, bf16_dot, g, 0, g.M, 0, g.N);
+      return;
+    }
+    int64_t k0, k1;
+    thread_share(g.K, 64, tid, nt, &k0, &k1);
+    GemmArgs p = g;
+    p.K = k1 - k0;
+    p.A = g.trans_a ? g.A + k0 * g.lda : g.A + k0;
+    const int64_t b_off = g.trans_b ? k0 : k0 * g.ldb;
+    p.B = g.b_bf16 ? static_cast<const void*>(static_cast<const uint16_t*>(g.B) + b_off)
+                   : static_cast<const void*>(static_cast<const float*>(g.B) + b_off);
+    if (tid > 0) {
+      p.C = parts + (tid - 1) * MN;
+      p.ldc = g.N;
+      p.beta = 0.0f;
+      if (p.K <= 0) {
+        std::memset(p.C, 0, static_cast<size_t>(MN) * sizeof(float));
+        return;
+      }
+    }
+    run_blocked(t, kern, bf16_dot, p, 0, g.M, 0, g.N);
+  });
+  if (whole) return;
+  pool.parallel_for(g.M, imax(1, 65536 / imax(g.N, 1)), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      float* c = g.C + i * g.ldc;
+      for (int q = 0; q < nt - 1; ++q) {
+        const float* s = parts + q * MN + i * g.N;
+        for (int64_t j = 0; j < g.N; ++j) c[j] += s[j];
+      }
+    }
+  });
+}
+
+}  // namespace
+
 void gemm_ex(ThreadPool& pool, const GemmArgs& g) {
   if (g.M <= 0) return;
   if (g.H && g.NH <= 0) {
@@ -694,6 +760,7 @@ void gemm_ex(ThreadPool& pool, const GemmArgs& g) {
   const int64_t b_bytes = g.N * g.K * (g.b_bf16 ? 2 : 4);
   const bool serial = pool.size() == 1 ||
                       (work < gemm_blocking().parallel_min_flops && !(small && b_bytes >= kStreamParallelBytes));
+  if (!serial && !small && split_k_ok(g, bf16_dot, pool.size())) return run_split_k(pool, t, *kern, bf16_dot, g);
   auto splits_n = [&](int nt) {
     if (small) return g.M <= kSmallMax && g.N > kNarrowN;
     if (g.M < kern->mr * nt) return true;
@@ -762,7 +829,9 @@ GemmArgs plain_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
 void sgemm(ThreadPool& pool, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
            float alpha, const float* A, int64_t lda, const float* B, int64_t ldb, float beta,
            float* C, int64_t ldc) {
-  gemm_ex(pool, plain_gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, false, ldb, beta, C, ldc));
+  GemmArgs g = plain_gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, false, ldb, beta, C, ldc);
+  g.split_k = true;
+  gemm_ex(pool, g);
 }
 
 namespace {
@@ -970,6 +1039,7 @@ void sgemm_bf16(ThreadPool& pool, bool trans_a, bool trans_b, int64_t M, int64_t
   // linear() promises fp32 products of its input (the bf16 pair dot would round A to 8 bits)
   // unless its caller asked for bf16 products
   g.allow_bf16_dot = g.bf16_dot_few_rows = bf16_dot;
+  g.split_k = true;
   gemm_ex(pool, g);
 }
 

@@ -71,6 +71,10 @@ struct GemmArgs {
   // where the caller asked for bf16 products (matmulPrecision 'bf16'); the fused LoRA kernels keep
   // fp32 products at decode.
   bool bf16_dot_few_rows = false;
+  // A plain product (sgemm, sgemm_bf16): where it is a long sum into few outputs, the threads may
+  // split k (gemm_ex: split_k_ok), each summing its part into its own copy of C. Its sums then
+  // group differently from the fused kernels' products of the same shape, which keep this off.
+  bool split_k = false;
 };
 
 void gemm_ex(ThreadPool& pool, const GemmArgs& args);
