@@ -1,5 +1,6 @@
 // The shape ops: reshape, permute/transpose, slice and concat. Each returns a copy (strided copies
-// on the device), and each backward moves the gradient back through the inverse view.
+// on the device), and each backward moves the gradient back through the inverse view (reshape's
+// takes the incoming gradient's storage under the input's shape: no copy).
 import { expectInteger, LoraError, typeError } from '../errors';
 import { native } from '../native';
 import { contiguousStrides, empty, expectTensor, numelOf, record, shapeString, takeStorage, Tensor, zeros } from '../tensor';
