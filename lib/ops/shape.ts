@@ -38,7 +38,6 @@ export function reshape(x: Tensor, shape: readonly number[]): Tensor {
   return record(out, { name: 'reshape', inputs: [x], backward: (g) => [takeStorage(g, from)] });
 }
 
-
 /**
  * Reorders dimensions: out.shape[i] = x.shape[perm[i]].
  * @example permute(x, [0, 2, 1])

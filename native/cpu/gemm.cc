@@ -607,10 +607,6 @@ void side_product_apart(ThreadPool& pool, const GemmArgs& g) {
   gemm_ex(pool, rest);
 }
 
-}  // namespace
-
-namespace {
-
 // A long sum into few outputs splits k rather than C: the LM head's dx = dlogits·W of 512 rows is
 // 512 x 576 from k 49152, and a split of its rows or columns has every thread pack all of one
 // operand of 100 MB (2 threads 90.6 -> 85.2 ms with an fp32 W, 91.5 -> 84.0 with bf16; 159 on one).
