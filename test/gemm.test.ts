@@ -40,7 +40,7 @@ function bf16ToF32(s: ReturnType<typeof native.alloc>): Float32Array {
 // columns of C (between N and ldc) untouched, and beta = 0 never reading C (it holds NaN).
 // With bf16, B is stored as bf16 (gemm_bf16) and the reference reads the same bf16 values: widened
 // exactly and never rounding A, the bound is fp32's.
-function randomGemm(rng: Rng, i: number, threads: number, bf16 = false, dims?: [number, number, number], trans?: [boolean, boolean]): string | null {
+function randomGemm(rng: Rng, i: number, threads: number, bf16 = false, dims?: [number, number, number], trans?: [boolean, boolean], nonzeroAlpha = false): string | null {
   const dim = () => {
     const r = rng.uniform();
     return r < 0.12 ? Math.floor(rng.uniform() * 2) : r < 0.5 ? 2 + Math.floor(rng.uniform() * 18) : r < 0.9 ? 20 + Math.floor(rng.uniform() * 80) : 100 + Math.floor(rng.uniform() * 200);
@@ -50,7 +50,7 @@ function randomGemm(rng: Rng, i: number, threads: number, bf16 = false, dims?: [
   const [ta, tb] = trans ?? [rng.uniform() < 0.5, rng.uniform() < 0.5];
   const lda = (ta ? M : K) + Math.floor(rng.uniform() * 4), ldb = (tb ? K : N) + Math.floor(rng.uniform() * 4);
   const ldc = N + Math.floor(rng.uniform() * 4);
-  const alpha = [1, 0.5, -2, 0][Math.floor(rng.uniform() * 4)]!;
+  const alpha = [1, 0.5, -2, 0][Math.floor(rng.uniform() * (nonzeroAlpha ? 3 : 4))]!;
   const beta = [0, 1, 0.5][Math.floor(rng.uniform() * 3)]!;
   const Ah = f32(Math.max(1, (ta ? K : M) * lda), rng), Bh = f32(Math.max(1, (tb ? N : K) * ldb), rng);
   if (bf16) Bh.forEach((v, q) => { Bh[q] = bf16Value(v); });
@@ -289,16 +289,18 @@ function bf16DotDecodeCases(rng: Rng): string[] {
 
 // A long sum into few outputs (k at least 16 times M and N and four k blocks, as the LM head's dx =
 // dlogits·W) splits k across the threads: each sums its part of k apart and the parts are added
-// into C. Every transpose, alpha and beta, fp32 and bf16 B, 2 and 3 threads (3 split 4500 into
-// 1536-k parts: ragged), within fp32's bound of float64. (Under small cache blocks the random
-// GEMMs above split k too. With bf16 products C is split as before: gemmSharedA's outputs are gemm's
-// bit for bit.)
+// into C. Every transpose, nonzero alpha (alpha 0 does not split), every beta, fp32 and bf16 B, 2
+// and 3 threads (3 split 4500 into 1536-k parts: ragged), within fp32's bound of float64. Rows
+// past 16 and columns past 32, so that no shape takes the few-rows paths instead (a 13-row Aᵀ
+// went to reduce_k, 17 columns to the streaming path). (Under small cache blocks the random GEMMs
+// above split k too. With bf16 products C is split as before: gemmSharedA's outputs are gemm's bit
+// for bit.)
 function splitKCases(rng: Rng): string[] {
   const failures: string[] = [];
-  const shapes: [number, number, number][] = [[40, 36, 5000], [13, 70, 4500], [33, 17, 4097], [20, 20, 9000]];
+  const shapes: [number, number, number][] = [[40, 36, 5000], [24, 70, 4500], [33, 48, 4097], [20, 40, 9000]];
   shapes.forEach((dims, q) => {
     for (const bf16 of [false, true]) {
-      const f = randomGemm(rng, 40_000 + 2 * q + Number(bf16), 2 + (q % 2), bf16, dims, [q % 2 === 1, q >= 2]);
+      const f = randomGemm(rng, 40_000 + 2 * q + Number(bf16), 2 + (q % 2), bf16, dims, [q % 2 === 1, q >= 2], true);
       if (f) failures.push(`split k: ${f}`);
     }
   });

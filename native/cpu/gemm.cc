@@ -625,8 +625,9 @@ bool split_k_ok(const GemmArgs& g, bool bf16_dot, int threads) {
 }
 
 // C = alpha·op(A)·op(B) + beta·C with thread tid summing k [k0, k1): thread 0 into C (with beta),
-// the others into their part of `parts` (M x N each), added into C once all are done.
-void run_split_k(ThreadPool& pool, const IsaTable& t, const GemmKernel& kern, bool bf16_dot, const GemmArgs& g) {
+// the others into their part of `parts` (M x N each), added into C once all are done. fp32 products
+// (split_k_ok: never under the bf16 dot).
+void run_split_k(ThreadPool& pool, const IsaTable& t, const GemmKernel& kern, const GemmArgs& g) {
   const int nt = pool.size();
   const int64_t MN = g.M * g.N;
   float* parts = buffers().split_k.get(static_cast<size_t>((nt - 1) * MN));
@@ -634,7 +635,7 @@ void run_split_k(ThreadPool& pool, const IsaTable& t, const GemmKernel& kern, bo
   pool.run([&](int tid, int nt_run) {
     if (nt_run != nt) {
       whole = true;
-      run_blocked(t, kern, bf16_dot, g, 0, g.M, 0, g.N);
+      run_blocked(t, kern, false, g, 0, g.M, 0, g.N);
       return;
     }
     int64_t k0, k1;
@@ -654,7 +655,7 @@ void run_split_k(ThreadPool& pool, const IsaTable& t, const GemmKernel& kern, bo
         return;
       }
     }
-    run_blocked(t, kern, bf16_dot, p, 0, g.M, 0, g.N);
+    run_blocked(t, kern, false, p, 0, g.M, 0, g.N);
   });
   if (whole) return;
   pool.parallel_for(g.M, imax(1, 65536 / imax(g.N, 1)), [&](int64_t i0, int64_t i1) {
@@ -756,7 +757,7 @@ void gemm_ex(ThreadPool& pool, const GemmArgs& g) {
   const int64_t b_bytes = g.N * g.K * (g.b_bf16 ? 2 : 4);
   const bool serial = pool.size() == 1 ||
                       (work < gemm_blocking().parallel_min_flops && !(small && b_bytes >= kStreamParallelBytes));
-  if (!serial && !small && split_k_ok(g, bf16_dot, pool.size())) return run_split_k(pool, t, *kern, bf16_dot, g);
+  if (!serial && !small && split_k_ok(g, bf16_dot, pool.size())) return run_split_k(pool, t, *kern, g);
   auto splits_n = [&](int nt) {
     if (small) return g.M <= kSmallMax && g.N > kNarrowN;
     if (g.M < kern->mr * nt) return true;
