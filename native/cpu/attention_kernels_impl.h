@@ -564,22 +564,32 @@ void backward_keys(const lora::AttnPlan& p, int64_t b, int64_t kvh, int64_t j0, 
     const int64_t nv = (rows + kVL - 1) / kVL, lds = nv * kVL;
     const Panel P = panel_at(p, p.panel(b, kvh, qb));
     const Lanes L{base + t0, base + t0 + tq - 1, P.pos, P.segq, uniform(P.segq, lds)};
-    mm<false>(nb, nv, D, kb, ld, 1, P.qt, R, s, lds, kStore, nullptr);
-    if (needs_mask(p, b, j0, nb, L)) apply_mask(p, b, j0, nb, L, s, lds, nv);
-    for (int64_t j = 0; j < nb; ++j)
+    // under the causal rule this query block sees only the block's keys up to its last position:
+    // the first ne of them (at least one: the block's first query sees j0). Query blocks come in
+    // order, so ne never shrinks; the first one zeroes the dK, dV rows past its ne for the later
+    // blocks to add into. (Keys of 96 against query blocks of 32 computed a third more than this
+    // at T = 256.)
+    const int64_t ne = A.causal ? imin(nb, base + t0 + tq - j0) : nb;
+    if (first && ne < nb) {
+      std::memset(dva + ne * Dp, 0, static_cast<size_t>((nb - ne) * Dp) * sizeof(float));
+      std::memset(dka + ne * Dp, 0, static_cast<size_t>((nb - ne) * Dp) * sizeof(float));
+    }
+    mm<false>(ne, nv, D, kb, ld, 1, P.qt, R, s, lds, kStore, nullptr);
+    if (needs_mask(p, b, j0, ne, L)) apply_mask(p, b, j0, ne, L, s, lds, nv);
+    for (int64_t j = 0; j < ne; ++j)
       for (int64_t c = 0; c < nv; ++c)
         storeu(s + j * lds + c * kVL, exp2v(loadu(s + j * lds + c * kVL) - loadu(P.lse2 + c * kVL)));
-    mm<false>(nb, nv, D, vb, ld, 1, P.dot, R, dpm, lds, kStore, nullptr);
-    mm<false>(nb, nvd, rows, s, lds, 1, P.don, Dp, dva, Dp, first ? kStore : kAdd, nullptr);
-    for (int64_t j = 0; j < nb; ++j)
+    mm<false>(ne, nv, D, vb, ld, 1, P.dot, R, dpm, lds, kStore, nullptr);
+    mm<false>(ne, nvd, rows, s, lds, 1, P.don, Dp, dva, Dp, first ? kStore : kAdd, nullptr);
+    for (int64_t j = 0; j < ne; ++j)
       for (int64_t c = 0; c < nv; ++c) {
         float* x = dpm + j * lds + c * kVL;
         storeu(x, loadu(s + j * lds + c * kVL) * (loadu(x) - loadu(P.delta + c * kVL)));
       }
-    mm<false>(nb, nvd, rows, dpm, lds, 1, P.qn, Dp, dka, Dp, first ? kStore : kAdd, nullptr);
+    mm<false>(ne, nvd, rows, dpm, lds, 1, P.qn, Dp, dka, Dp, first ? kStore : kAdd, nullptr);
     first = 0;
     float* dqb = dq_partial + ((b * A.KVH + kvh) * p.nqb + qb) * R * Dp;
-    mm<true>(rows, nvd, nb, dpm, 1, lds, kp, ldkp, dqb, Dp, kAdd, nullptr);
+    mm<true>(rows, nvd, ne, dpm, 1, lds, kp, ldkp, dqb, Dp, kAdd, nullptr);
   }
 
   const float scale = A.scale;
