@@ -83,9 +83,12 @@ class ThreadPool {
   // Spins on ready() for up to kSpin; true when it became true meanwhile.
   template <typename F>
   static bool spin_until(F ready) {
-    // 50 µs: longer than the gap between two kernels of a decode step, short enough that an idle
-    // pool gives its cores back at once (beside other processes on a 2-core machine)
-    constexpr auto kSpin = std::chrono::microseconds(50);
+    // 300 µs: longer than the gaps between the parallel kernels of a decode step (attention of one
+    // row on one thread, rope, the cache copies and the TypeScript between them ran past the 50 µs
+    // this was: SmolLM2 bf16 decode made ~100 futex calls per step, now ~10, and a 576 x 576 GEMV
+    // after a 100 µs gap took 39.5 µs against 19.8 back to back), short enough that an idle pool
+    // gives its cores back soon (it yields between checks meanwhile)
+    constexpr auto kSpin = std::chrono::microseconds(300);
     const auto end = std::chrono::steady_clock::now() + kSpin;
     for (int i = 0;; ++i) {
       if (ready()) return true;
