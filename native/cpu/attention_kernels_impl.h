@@ -351,14 +351,28 @@ inline void dot_keys(const float* __restrict k, int64_t ld, int64_t n, const flo
 
 // s[j·lds + r] = Σ_d k[j·ld + d]·qs[r·D + d] for keys j < nb and rows r < rows (qs row-major), and 0
 // in the lanes rows..lds of each key's row (where the tile form's zero-padded q gives 0).
+// A decode step reads its group's K and V rows from memory (the step's weights have evicted them),
+// a row of each per key, KVH·D apart: left to the hardware they came at ~10 GB/s on one core (512
+// keys, 9/3 heads, D 64). So each group of keys prefetches the K rows kPrefetchKeys keys ahead (into
+// the next block while `avail` keys from k on can be read) and the V rows of its own keys, which the
+// product after the softmax reads.
+constexpr int64_t kPrefetchKeys = 2 * kVL;
+inline void prefetch_rows(const float* p, int64_t ld, int64_t n, int64_t D) {
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t d = 0; d < D; d += 64 / static_cast<int64_t>(sizeof(float))) __builtin_prefetch(p + j * ld + d);
+}
 void scores_dot(int64_t nb, int64_t rows, int64_t D, const float* __restrict k, int64_t ld,
-                const float* __restrict qs, float* __restrict s, int64_t lds) {
+                const float* __restrict qs, float* __restrict s, int64_t lds, const float* v, int64_t avail) {
   const int64_t dv = D / kVL, Dv = dv * kVL;
   for (int64_t j = 0; j < nb; ++j)
     for (int64_t c = 0; c < lds; c += kVL) storeu(s + j * lds + c, vf{});
+  prefetch_rows(k, ld, imin(kPrefetchKeys, avail), D);
   for (int64_t j0 = 0; j0 < nb; j0 += kVL) {
     const int64_t n = imin(kVL, nb - j0);
     const float* kg = k + j0 * ld;
+    if (j0 % kPrefetchKeys == 0 && j0 + kPrefetchKeys < avail)
+      prefetch_rows(k + (j0 + kPrefetchKeys) * ld, ld, imin(kPrefetchKeys, avail - j0 - kPrefetchKeys), D);
+    prefetch_rows(v + j0 * ld, ld, n, D);
     for (int64_t r = 0; r < rows; ++r) {
       const float* q = qs + r * D;
       vf acc[kVL];
@@ -427,7 +441,7 @@ void forward_block(const lora::AttnPlan& p, int64_t b, int64_t kvh, int64_t t0, 
   const float* vb = p.v + b * A.kv_batch_stride + kvh * D;
   for (int64_t j0 = jlo; j0 <= jhi; j0 += bc) {
     const int64_t nb = imin(bc, jhi + 1 - j0);
-    if (dot_rows) scores_dot(nb, rows, D, kb + j0 * ld, ld, qt, s, Rb);
+    if (dot_rows) scores_dot(nb, rows, D, kb + j0 * ld, ld, qt, s, Rb, vb + j0 * ld, jhi + 1 - j0);
     else mm<false>(nb, nv, D, kb + j0 * ld, ld, 1, qt, Rb, s, Rb, kStore, nullptr);
     if (needs_mask(p, b, j0, nb, L)) apply_mask(p, b, j0, nb, L, s, Rb, nv);
     for (int64_t c = 0; c < nv; ++c) {
