@@ -41,6 +41,9 @@ const CASES: Case[] = [
   // tail past whole vectors under a window, and two query positions with padding and segments
   { B: 2, T: 1, S: 150, H: 6, KVH: 3, D: 40, scale: 0, causal: true, window: 100, threads: 2 },
   { B: 1, T: 2, S: 90, Smax: 100, H: 4, KVH: 2, D: 128, scale: 0, causal: true, pad: true, segments: true, threads: 1 },
+  // two positions under a window on the dot-product path at every level (2 rows): the first key of
+  // the earlier position's window is outside the later one's
+  { B: 1, T: 2, S: 200, H: 1, KVH: 1, D: 64, scale: 0, causal: true, window: 50, threads: 1 },
 ];
 const caseName = (c: Case) => `B${c.B} T${c.T} S${c.S}${c.Smax ? `/${c.Smax}` : ''} H${c.H}/${c.KVH} D${c.D}` +
   `${c.causal ? ' causal' : ''}${c.window ? ` window ${c.window}` : ''}${c.pad ? ' padded' : ''}${c.segments ? ' segments' : ''} ${c.threads} thr`;
