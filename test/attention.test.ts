@@ -32,8 +32,8 @@ const CASES: Case[] = [
   { B: 1, T: 129, S: 129, H: 2, KVH: 1, D: 16, scale: 0, causal: true, window: 40, threads: 2 },
   { B: 1, T: 1, S: 1, H: 1, KVH: 1, D: 1, scale: 0, causal: true, threads: 1 },
   // decode with fewer kv heads than twice the threads: each head's keys split between tasks and
-  // the parts combined (2 chunks of a padded cache; 3 chunks under a window that leaves the first
-  // chunk without a visible key)
+  // the parts combined (2 chunks of a padded cache; 6 chunks under a window that leaves the first
+  // two without a visible key)
   { B: 1, T: 1, S: 700, Smax: 720, H: 8, KVH: 2, D: 64, scale: 0, causal: true, pad: true, threads: 2 },
   { B: 1, T: 3, S: 610, H: 4, KVH: 1, D: 40, scale: 0, causal: true, window: 400, threads: 3 },
   { B: 2, T: 20, S: 20, H: 3, KVH: 3, D: 7, scale: 0.3, causal: false, pad: true, segments: true, threads: 2 },

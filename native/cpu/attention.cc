@@ -28,6 +28,10 @@ namespace {
 constexpr int64_t kLanes = 96;     // query rows per block (6 AVX-512 vectors): K, V read once per 96 rows
 constexpr int64_t kKeyBlock = 96;  // keys per block: a multiple of the tiles' 6, 8 and 12 rows
 constexpr int64_t kMinParallelWork = int64_t(1) << 18;  // T·S·D·H below this: one thread
+// The forward's threshold is lower: a decode step of one row reads its KV cache from memory, and two
+// threads read it faster from ~150 keys on (SmolLM2's 9/3 heads, D 64, K and V cold, alternating
+// processes: 144 keys 17 -> 16 µs, 256 keys 28-29 -> 22, 400 keys 40-42 -> 25-27; 96 keys the same)
+constexpr int64_t kMinParallelForward = int64_t(1) << 15;
 
 const AttnIsa& attn_isa() {
   static const AttnIsa& t = [] () -> const AttnIsa& {
@@ -60,9 +64,9 @@ AttnPlan make_plan(const AttentionArgs& a, int vl, const float* q = nullptr, con
   return p;
 }
 
-int threads_for(const AttentionArgs& a, int pool_size) {
+int threads_for(const AttentionArgs& a, int pool_size, int64_t min_work = kMinParallelWork) {
   const double work = double(a.B) * a.T * a.S * a.D * a.H;
-  return work < double(kMinParallelWork) ? 1 : pool_size;
+  return work < double(min_work) ? 1 : pool_size;
 }
 
 // Scratch for one thread's block routines, kept between calls (first touch of fresh pages is
@@ -111,7 +115,7 @@ bool run_tasks(ThreadPool& pool, int threads, int64_t n, int64_t scratch_floats,
 // gives every thread a share: about kWantTasksPerThread tasks per thread, each chunk at least
 // kMinChunkBlocks key blocks long. Returns the chunks per group; 1: no split.
 constexpr int64_t kWantTasksPerThread = 2;
-constexpr int64_t kMinChunkBlocks = 2;
+constexpr int64_t kMinChunkBlocks = 1;
 int64_t key_chunks(const AttnPlan& p, int64_t groups, int threads) {
   if (threads <= 1 || p.nqb != 1 || groups <= 0 || groups >= kWantTasksPerThread * threads) return 1;
   const int64_t want = (kWantTasksPerThread * threads + groups - 1) / groups;
@@ -190,7 +194,7 @@ lora_status cpu_attention(ThreadPool& pool, float* out, float* lse, const float*
   p.out = out;
   p.lse = lse;
   const int64_t groups = a.B * a.KVH;
-  const int threads = threads_for(a, pool.size());
+  const int threads = threads_for(a, pool.size(), kMinParallelForward);
   const int64_t chunks = key_chunks(p, groups, threads);
   if (chunks > 1) return split_keys(pool, threads, p, groups, chunks, isa);
   const bool ok = run_tasks(pool, threads, groups * p.nqb, p.scratch_floats(),
