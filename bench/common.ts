@@ -39,7 +39,7 @@ export interface Case {
   setup(shape: Shape, dtype: DType): { variants: Record<string, () => void>; work: Work; dispose(): void };
 }
 
-export interface Timing { medianMs: number; minMs: number; reps: number }
+export interface Timing { medianMs: number; minMs: number; reps: number; /** every timed run, sorted */ timesMs?: number[] }
 
 // Warm up every variant, then time them in rounds, one run of each per round (so a change of load
 // during the row weighs on every variant alike and their ratios hold), until both `reps` rounds
@@ -58,8 +58,14 @@ export function timeAll(fns: Record<string, () => void>, reps: number, warmup: n
   }
   return Object.fromEntries(names.map((n) => {
     const s = ts[n]!.sort((a, b) => a - b);
-    return [n, { medianMs: s[s.length >> 1]!, minMs: s[0]!, reps: s.length }];
+    return [n, { medianMs: s[s.length >> 1]!, minMs: s[0]!, reps: s.length, timesMs: s }];
   }));
+}
+
+/** One variant's runs from several processes as one Timing: median (as timeAll takes it) and min of them all. */
+export function pooledTiming(ts: readonly Timing[]): Timing {
+  const s = ts.flatMap((t) => t.timesMs ?? [t.medianMs]).sort((a, b) => a - b);
+  return { ...ts[0]!, medianMs: s[s.length >> 1]!, minMs: s[0]!, reps: s.length, timesMs: s };
 }
 
 // Deterministic pseudo-random fill (values in [-0.5, 0.5) * scale).
