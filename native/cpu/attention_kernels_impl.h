@@ -282,11 +282,52 @@ inline float dot(const float* x, const float* y, int64_t n) {
   return s;
 }
 
-// dst (D, R) = mul·src(r, d) for the R rows of src (row stride Dp): a transpose, written in
-// contiguous runs of dst.
+// The in-register transpose of VL vectors: stage h swaps, for each pair of rows i and i + h (bit h
+// of i clear), row i's columns with bit h set and row i + h's with bit h clear.
+struct TransposeMasks {
+  int32_t lo[6][kVL], hi[6][kVL];
+};
+constexpr TransposeMasks transpose_masks() {
+  TransposeMasks t{};
+  int stage = 0;
+  for (int h = 1; h < kVL; h *= 2, ++stage)
+    for (int c = 0; c < kVL; ++c) {
+      t.lo[stage][c] = (c & h) ? kVL + c - h : c;
+      t.hi[stage][c] = (c & h) ? kVL + c : c + h;
+    }
+  return t;
+}
+alignas(64) constexpr TransposeMasks kTranspose = transpose_masks();
+
+// v[i][j] = v[j][i] for the VL x VL block held in v.
+inline void transpose_block(vf* v) {
+#pragma GCC unroll 8
+  for (int h = 1, stage = 0; h < kVL; h *= 2, ++stage) {
+    const vi lo = loadi(kTranspose.lo[stage]), hi = loadi(kTranspose.hi[stage]);
+#pragma GCC unroll 16
+    for (int i = 0; i < kVL; ++i)
+      if (!(i & h)) {
+        const vf a = v[i], b = v[i + h];
+        v[i] = __builtin_shuffle(a, b, lo);
+        v[i + h] = __builtin_shuffle(a, b, hi);
+      }
+  }
+}
+
+// dst (D, R) = mul·src(r, d) for the R rows of src (row stride Dp, R and Dp whole vectors): a
+// transpose, VL x VL blocks at a time in registers (element by element it took a third of the
+// backward's panel packing).
 inline void transpose_rows(float* dst, const float* src, int64_t D, int64_t R, int64_t Dp, float mul) {
-  for (int64_t d = 0; d < D; ++d)
-    for (int64_t r = 0; r < R; ++r) dst[d * R + r] = src[r * Dp + d] * mul;
+  const vf m = splat(mul);
+  for (int64_t r0 = 0; r0 < R; r0 += kVL)
+    for (int64_t d0 = 0; d0 < D; d0 += kVL) {
+      vf v[kVL];
+#pragma GCC unroll 16
+      for (int i = 0; i < kVL; ++i) v[i] = loadu(src + (r0 + i) * Dp + d0) * m;
+      transpose_block(v);
+      const int64_t nd = imin(kVL, D - d0);  // columns past D are the padding of src's rows
+      for (int64_t i = 0; i < nd; ++i) storeu(dst + (d0 + i) * R + r0, v[i]);
+    }
 }
 
 // ---- scores of a few query rows (decode) ---------------------------------------------------------
@@ -417,11 +458,23 @@ void forward_block(const lora::AttnPlan& p, int64_t b, int64_t kvh, int64_t t0, 
       for (int64_t d = 0; d < D; ++d) qt[r * D + d] = src[d] * cs;
     }
   } else {
-    for (int64_t r0 = 0; r0 < Rb; r0 += kVL) {  // qt = q of the block transposed, scaled, 0 past rows
+    // qt = q of the block transposed, scaled, 0 past rows: VL x VL blocks in registers, the columns
+    // past the last whole vector of D element by element
+    const int64_t Dv = D - D % kVL;
+    const vf csv = splat(cs);
+    for (int64_t r0 = 0; r0 < Rb; r0 += kVL) {
       const float* src[kVL];
       for (int64_t r = 0; r < kVL; ++r)
         src[r] = r0 + r < rows ? p.q + ((b * T + t0 + (r0 + r) / G) * H + kvh * G + (r0 + r) % G) * D : nullptr;
-      for (int64_t d = 0; d < D; ++d)
+      for (int64_t d0 = 0; d0 < Dv; d0 += kVL) {
+        vf v[kVL];
+#pragma GCC unroll 16
+        for (int r = 0; r < kVL; ++r) v[r] = src[r] ? loadu(src[r] + d0) * csv : vf{};
+        transpose_block(v);
+#pragma GCC unroll 16
+        for (int i = 0; i < kVL; ++i) storeu(qt + (d0 + i) * Rb + r0, v[i]);
+      }
+      for (int64_t d = Dv; d < D; ++d)
         for (int64_t r = 0; r < kVL; ++r) qt[d * Rb + r0 + r] = src[r] ? src[r][d] * cs : 0.0f;
     }
   }
