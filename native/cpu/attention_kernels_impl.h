@@ -390,8 +390,6 @@ inline void dot_keys(const float* __restrict k, int64_t ld, int64_t n, const flo
   }
 }
 
-// s[j·lds + r] = Σ_d k[j·ld + d]·qs[r·D + d] for keys j < nb and rows r < rows (qs row-major), and 0
-// in the lanes rows..lds of each key's row (where the tile form's zero-padded q gives 0).
 // A decode step reads its group's K and V rows from memory (the step's weights have evicted them),
 // a row of each per key, KVH·D apart: left to the hardware they came at ~10 GB/s on one core (512
 // keys, 9/3 heads, D 64). So each group of keys prefetches the K rows kPrefetchKeys keys ahead (into
@@ -402,6 +400,10 @@ inline void prefetch_rows(const float* p, int64_t ld, int64_t n, int64_t D) {
   for (int64_t j = 0; j < n; ++j)
     for (int64_t d = 0; d < D; d += 64 / static_cast<int64_t>(sizeof(float))) __builtin_prefetch(p + j * ld + d);
 }
+
+// s[j·lds + r] = Σ_d k[j·ld + d]·qs[r·D + d] for keys j < nb and rows r < rows (qs row-major), and 0
+// in the lanes rows..lds of each key's row (where the tile form's zero-padded q gives 0); v: the V rows
+// of these keys, avail: the keys from k on that can be read (for the prefetches).
 void scores_dot(int64_t nb, int64_t rows, int64_t D, const float* __restrict k, int64_t ld,
                 const float* __restrict qs, float* __restrict s, int64_t lds, const float* v, int64_t avail) {
   const int64_t dv = D / kVL, Dv = dv * kVL;
