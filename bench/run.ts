@@ -180,7 +180,13 @@ const outDir = path.join(srcDir, 'results');
 fs.mkdirSync(outDir, { recursive: true });
 const stamp = new Date().toISOString().replace(/[:]/g, '-').replace(/\..*/, '');
 const file = path.join(outDir, `${stamp}.json`);
-fs.writeFileSync(file, JSON.stringify({ date: new Date().toISOString(), loadavg: { before: loadBefore, after: os.loadavg() }, quick, isa, machine, tools: { torch: tt, skipped: tools.skipped }, rows, llmRows, targets, markdown: md }, null, 1));
+// the kernel rows' medians and minima, not every timed run (up to 200 rounds per variant, pooled
+// from two processes: they made a quick run's file 490 KB)
+const savedRows = rows.map((r) => ({ ...r, variants: Object.fromEntries(Object.entries(r.variants).map(([k, v]) => {
+  const { timesMs: _times, ...rest } = v as Timing;
+  return [k, rest];
+})) }));
+fs.writeFileSync(file, JSON.stringify({ date: new Date().toISOString(), loadavg: { before: loadBefore, after: os.loadavg() }, quick, isa, machine, tools: { torch: tt, skipped: tools.skipped }, rows: savedRows, llmRows, targets, markdown: md }, null, 1));
 fs.writeFileSync(path.join(outDir, `${stamp}.md`), md);
 fs.rmSync(work, { recursive: true, force: true });
 process.stdout.write(md + `\nresults: ${path.relative(process.cwd(), file)}\n`);
