@@ -57,6 +57,24 @@ function spentStorage(s: NativeStorage): NativeStorage {
   return spent;
 }
 
+// Storages that more than one tensor holds, and how many hold each: add's backward hands one
+// gradient to both its inputs, and a checkpoint its gradient to the recomputed block, without a
+// copy (shareStorage). A storage held so is only read: accumulate() adds into the other operand or
+// a new tensor, a leaf's .grad gets a copy, and the last holder's dispose() frees it.
+const holders = new WeakMap<NativeStorage, number>();
+
+/** @internal A second tensor over t's storage (no copy), for a gradient that is only read. */
+export function shareStorage(t: Tensor): Tensor {
+  const s = t._live();
+  holders.set(s, (holders.get(s) ?? 1) + 1);
+  return new Tensor(CONSTRUCT, s, t.shape);
+}
+
+/** @internal Whether another tensor holds t's storage too (shareStorage): t must not be written. */
+export function isShared(t: Tensor): boolean {
+  return (holders.get(t._storage) ?? 1) > 1;
+}
+
 /**
  * @internal The values of t under another shape without a copy, where nothing reads t again: the
  * gradient a backward function receives (runBackward disposes it once the function returns), or
@@ -373,7 +391,18 @@ export class Tensor {
 
   /** Frees the native memory now. Idempotent; the gradient, if any, is disposed too. */
   dispose(): void {
-    if (!this._storage.disposed) native.dispose(this._storage);
+    const s = this._storage;
+    if (!s.disposed) {
+      const n = holders.get(s);
+      if (n === undefined) {
+        native.dispose(s);
+      } else {
+        // another tensor still holds it (shareStorage): let go of it, free nothing
+        if (n > 2) holders.set(s, n - 1);
+        else holders.delete(s);
+        this._storage = spentStorage(s);
+      }
+    }
     if (this.grad) {
       this.grad.dispose();
       this.grad = null;
@@ -485,8 +514,17 @@ function accumulate(map: Map<Tensor, Tensor>, t: Tensor, g: Tensor): void {
     map.set(t, g);
     return;
   }
-  native.axpy(prev._storage, g._storage, 1);
-  g.dispose();
+  // into whichever of the two no other tensor holds (shareStorage), or a new one
+  if (!isShared(prev)) {
+    native.axpy(prev._storage, g._storage, 1);
+    g.dispose();
+    return;
+  }
+  const sum = isShared(g) ? g.detach() : g;
+  native.axpy(sum._storage, prev._storage, 1);
+  if (sum !== g) g.dispose();
+  prev.dispose();
+  map.set(t, sum);
 }
 
 function runBackward(root: Tensor, seed: Tensor): void {
@@ -501,6 +539,10 @@ function runBackward(root: Tensor, seed: Tensor): void {
       // a leaf: accumulate into .grad, which outlives any tidy() scope
       if (t.grad && !t.grad.isDisposed) {
         native.axpy(t.grad._storage, g._storage, 1);
+        g.dispose();
+      } else if (isShared(g)) {
+        // .grad is written in place later (accumulation, clipping): a storage of its own
+        t.grad = keep(g.detach());
         g.dispose();
       } else {
         t.grad = keep(g);
@@ -607,7 +649,7 @@ export function checkpoint(fn: (...inputs: Tensor[]) => Tensor, inputs: readonly
       try {
         tidy(() => {
           const y = replaySeeds(seeds, () => withRun({ replay: true, kept: first.kept, pos: 0 }, () => resultOf(fn(...leaves))));
-          if (y.requiresGrad) runBackward(y, g.detach());
+          if (y.requiresGrad) runBackward(y, shareStorage(g));
         });
         return leaves.map((l) => {
           const gi = l.grad;

@@ -6,9 +6,10 @@ import t from 'tap';
 import {
   add, div, features, full, matmul, mean, memory, mul, ones, permute, rand, randn, reshape, setNumThreads,
   getNumThreads, sub, sum, tensor, Tensor, tidy, keep, noGrad, transpose, zeros, linear, max, relu, exp, unary, resetPeakMemory,
+  checkpoint,
 } from '../lib/index';
 import { reshapeFresh } from '../lib/models/common';
-import { takeStorage } from '../lib/tensor';
+import { isShared, shareStorage, takeStorage } from '../lib/tensor';
 import { assertClose, f32, leakChecked, randomData } from './helpers';
 import { finiteDifference } from './ref/lora_ref';
 import { Arr, elementwise, matmulRef, numel, permuteRef, sumRef } from './ref/ops_ref';
@@ -314,6 +315,67 @@ t.test('autograd: shared inputs, accumulation, noGrad, gradient argument', async
       w.backward(tensor([1, 2, 3], [3]));
       tt.same(x.grad!.toFloat32Array(), new Float32Array([1, 2, 3]), 'explicit gradient argument');
       tt.equal(w.grad, null, 'non-leaf tensors keep no gradient');
+    });
+  });
+});
+
+// add's backward gives both inputs one gradient storage (shareStorage), as does a checkpoint its
+// recomputed block: such a storage is only read. Each way two gradients can meet in accumulate()
+// (either, both or neither shared) and a leaf's .grad (its own storage: later backward passes add
+// into it in place) against float64 sums written out by hand.
+t.test('shared gradient storages: add, accumulation, leaves, checkpoint', async (t) => {
+  await leakChecked(t, 'shared gradients', (tt) => {
+    tidy(() => {
+      const x = tensor([1, -2, 3], [3], { requiresGrad: true });
+      const g = tensor([0.5, 0.25, -1], [3]);
+      add(x, x).backward(g);
+      tt.same(Array.from(x.grad!.toFloat32Array()), [1, 0.5, -2], 'x + x: both contributions (both shared)');
+      add(x, reshape(x, [3])).backward(g);
+      tt.same(Array.from(x.grad!.toFloat32Array()), [2, 1, -4], 'x + reshape(x): added into .grad');
+      // residual stream: h = x + x⊙w, out = h + h⊙v; d out/dx = (1 + v)(1 + w)
+      const w = tensor([2, 3, -1], [3], { requiresGrad: true }), v = tensor([0.5, -1, 4], [3]);
+      const x2 = tensor([1, 2, 3], [3], { requiresGrad: true });
+      const h = add(x2, mul(x2, w));
+      add(h, mul(h, v)).backward(g);
+      const gd = [0.5, 0.25, -1], wd = [2, 3, -1], vd = [0.5, -1, 4], xd = [1, 2, 3];
+      assertClose(tt, x2.grad!.toFloat32Array(), gd.map((q, i) => q * (1 + vd[i]!) * (1 + wd[i]!)), { atol: 1e-6, rtol: 1e-6 }, 'residual: dx');
+      assertClose(tt, w.grad!.toFloat32Array(), gd.map((q, i) => q * (1 + vd[i]!) * xd[i]!), { atol: 1e-6, rtol: 1e-6 }, 'residual: dw');
+      // x⊙z + (x + z): add's shared gradient reaches x first and z is still to come when x⊙z's
+      // gradients arrive, so the sums must not be made in the shared storage (were they, x and z
+      // would each read G + G⊙z + G⊙x)
+      const xs = tensor([1, 2, 3], [3], { requiresGrad: true }), zs = tensor([-1, 4, 0.5], [3], { requiresGrad: true });
+      add(mul(xs, zs), add(xs, zs)).backward(g);
+      assertClose(tt, xs.grad!.toFloat32Array(), gd.map((q, i) => q * (1 + [-1, 4, 0.5][i]!)), { atol: 1e-6, rtol: 1e-6 }, 'x⊙z + (x + z): dx');
+      assertClose(tt, zs.grad!.toFloat32Array(), gd.map((q, i) => q * (1 + xd[i]!)), { atol: 1e-6, rtol: 1e-6 }, 'x⊙z + (x + z): dz');
+      // two leaves under one add: each .grad a storage of its own (a second backward adds into
+      // both in place; were they one storage, each would read 4g, not 2g)
+      const a = tensor([1, 2, 3], [3], { requiresGrad: true }), b = tensor([4, 5, 6], [3], { requiresGrad: true });
+      add(a, b).backward(g);
+      add(a, b).backward(g);
+      tt.same(Array.from(a.grad!.toFloat32Array()), [1, 0.5, -2], 'a: 2g');
+      tt.same(Array.from(b.grad!.toFloat32Array()), [1, 0.5, -2], 'b: 2g');
+      tt.notOk(isShared(a.grad!) || isShared(b.grad!), 'no .grad is shared');
+      // through a checkpoint: the block's gradient is handed in shared
+      const c = tensor([1, 2, 3], [3], { requiresGrad: true }), u = tensor([3, -2, 0.5], [3], { requiresGrad: true });
+      const out = checkpoint((p: Tensor, q: Tensor) => add(p, mul(p, q)), [c, u]);
+      add(out, out).backward(g);
+      assertClose(tt, c.grad!.toFloat32Array(), gd.map((q, i) => 2 * q * (1 + [3, -2, 0.5][i]!)), { atol: 1e-6, rtol: 1e-6 }, 'checkpoint: dc');
+      assertClose(tt, u.grad!.toFloat32Array(), gd.map((q, i) => 2 * q * [1, 2, 3][i]!), { atol: 1e-6, rtol: 1e-6 }, 'checkpoint: du');
+    });
+    tidy(() => {
+      // the storage lives until its last holder lets go, and dispose() is idempotent on a holder
+      const a = tensor([1, 2], [2]);
+      const b = shareStorage(a), c = shareStorage(b);
+      tt.ok(isShared(a) && isShared(c), 'three holders');
+      a.dispose();
+      a.dispose();
+      tt.same(Array.from(b.toFloat32Array()), [1, 2], 'b reads after a let go');
+      b.dispose();
+      tt.notOk(isShared(c), 'c alone');
+      tt.same(Array.from(c.toFloat32Array()), [1, 2], 'c reads after a and b let go');
+      const before = memory().cpuBytes;
+      c.dispose();
+      tt.ok(memory().cpuBytes < before || before === 0, 'the last holder frees it');
     });
   });
 });

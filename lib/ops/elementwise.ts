@@ -3,7 +3,7 @@
 // of a broadcast input is summed back to its shape.
 import { checkOptions, expectOneOf, LoraError, typeError } from '../errors';
 import { BINARY_OP, native, UNARY_OP } from '../native';
-import { empty, expectTensor, record, sameShape, shapeString, Tensor } from '../tensor';
+import { empty, expectTensor, record, sameShape, shapeString, shareStorage, Tensor } from '../tensor';
 import { floatOnly, rawBinary, rawScalar, sameDevice, sumTo, sumToTaking } from './util';
 
 export { broadcastShapes } from './util';
@@ -35,9 +35,12 @@ export function add(a: Operand, b: Operand): Tensor {
   if (typeof x === 'number') return scalarOp('add', BINARY_OP.add, y, x, true);
   return record(rawBinary(BINARY_OP.add, x, y), {
     name: 'add', inputs: [x, y],
-    // (the last of the two may take g's storage: the other is made first)
+    // (the last of the two may take g's storage: the other is made first; of g's shape, it shares
+    // g's storage rather than copy it: a residual add's two gradients are one)
     backward: (g) => {
-      const gx = x.requiresGrad ? (y.requiresGrad ? sumTo(g, x.shape) : sumToTaking(g, x.shape)) : null;
+      const gx = !x.requiresGrad ? null
+        : !y.requiresGrad ? sumToTaking(g, x.shape)
+        : sameShape(g.shape, x.shape) ? shareStorage(g) : sumTo(g, x.shape);
       return [gx, y.requiresGrad ? sumToTaking(g, y.shape) : null];
     },
   });
