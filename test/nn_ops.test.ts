@@ -262,6 +262,59 @@ t.test('every error is a LoraError', (tt) => {
   tt.end();
 });
 
+// rmsNorm's backward as LoRA training runs it (a frozen weight: dx only, no dw reduction), with
+// Gemma's (1 + w) and without a weight, at a size whose rows the threads split (N·C past the
+// kernel's row grain) and a C that is no multiple of the vector lanes.
+t.test('rmsNorm backward: frozen weight, weightOffset, no weight; rows across threads', (tt) => {
+  const N = 150, C = 203, eps = 1e-6;
+  const x = R.f32(R.randArray(N * C, 41, 2)), w = R.f32(R.randArray(C, 42)), G = R.randArray(N * C, 43);
+  for (const offset of [0, 1]) {
+    const xt = tensor(Float32Array.from(x), [3, 50, C], { requiresGrad: true });
+    const wt = tensor(Float32Array.from(w), [C]);
+    const y = rmsNorm(xt, wt, eps, { weightOffset: offset });
+    close(tt, y.toFloat32Array(), R.rmsNormRef(x, w, N, C, eps, offset), `forward, offset ${offset}`);
+    const g = tensor(Float32Array.from(G), y.shape);
+    y.backward(g);
+    const ref = R.rmsNormBackwardRef(x, w, N, C, eps, G, offset);
+    close(tt, xt.grad!.toFloat32Array(), ref.dx, `dx, frozen weight, offset ${offset}`);
+    tt.equal(wt.grad, null, 'a frozen weight gets no gradient');
+    const wr = tensor(Float32Array.from(w), [C], { requiresGrad: true });
+    const y2 = rmsNorm(xt, wr, eps, { weightOffset: offset });
+    y2.backward(g);
+    close(tt, wr.grad!.toFloat32Array(), ref.dw, `dw, offset ${offset}`, 1e-4, 1e-4);
+    for (const q of [xt, wt, y, g, wr, y2]) q.dispose();
+  }
+  const r = run((a) => rmsNorm(a!, null, eps), [[x, [N, C]]], G);
+  close(tt, r.y, R.rmsNormRef(x, null, N, C, eps), 'forward, no weight');
+  close(tt, r.grads[0]!, R.rmsNormBackwardRef(x, null, N, C, eps, G).dx, 'dx, no weight');
+  tt.end();
+});
+
+// layerNorm's backward the same way (GPT-2's norms, frozen under LoRA: dx only).
+t.test('layerNorm backward: frozen affine, no affine; rows across threads', (tt) => {
+  const N = 150, C = 203, eps = 1e-5;
+  const x = R.f32(R.randArray(N * C, 51, 2).map((v, i) => v + (i % 5))), w = R.f32(R.randArray(C, 52)), b = R.f32(R.randArray(C, 53));
+  const G = R.randArray(N * C, 54);
+  const ref = R.layerNormBackwardRef(x, w, N, C, eps, G);
+  const xt = tensor(Float32Array.from(x), [3, 50, C], { requiresGrad: true });
+  const wt = tensor(Float32Array.from(w), [C]), bt = tensor(Float32Array.from(b), [C]);
+  const y = layerNorm(xt, wt, bt, eps);
+  close(tt, y.toFloat32Array(), R.layerNormRef(x, w, b, N, C, eps), 'forward');
+  const g = tensor(Float32Array.from(G), y.shape);
+  y.backward(g);
+  close(tt, xt.grad!.toFloat32Array(), ref.dx, 'dx, frozen affine');
+  tt.ok(wt.grad === null && bt.grad === null, 'a frozen affine gets no gradient');
+  const wr = tensor(Float32Array.from(w), [C], { requiresGrad: true }), br = tensor(Float32Array.from(b), [C], { requiresGrad: true });
+  const y2 = layerNorm(xt, wr, br, eps);
+  y2.backward(g);
+  close(tt, wr.grad!.toFloat32Array(), ref.dw, 'dw', 1e-4, 1e-4);
+  close(tt, br.grad!.toFloat32Array(), ref.db, 'db', 1e-4, 1e-4);
+  for (const q of [xt, wt, bt, y, g, wr, br, y2]) q.dispose();
+  const r = run((a) => layerNorm(a!, null, null, eps), [[x, [N, C]]], G);
+  close(tt, r.grads[0]!, R.layerNormBackwardRef(x, null, N, C, eps, G).dx, 'dx, no affine');
+  tt.end();
+});
+
 // The same references on the CUDA backend (its kernels live in cuda/nn.cu); skipped without a GPU.
 const cuda = features().cuda;
 t.test('CUDA backend against the same references', { skip: cuda ? false : `no CUDA here (${features().reason ?? 'unavailable'})` }, (tt) => {

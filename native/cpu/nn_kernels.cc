@@ -102,35 +102,58 @@ lora_status layer_norm(lora_backend* be, float* y, float* mean, float* rstd, con
   return LORA_OK;
 }
 
+// One row of layer_norm_backward: dx = rs·(gj - mean(gj) - x̂·mean(gj·x̂)) with gj = g·w and
+// x̂ = (x - m)·rs, and pw[j] += g[j]·x̂[j], pb[j] += g[j] where dw and db are wanted (null for a
+// frozen affine, as in LoRA training). The two sums in double over kLanes lanes; vectorised as
+// rms_back_row is (it ran scalar, one double chain per sum).
+LORA_VECTOR_CLONES
+void layer_back_row(const float* __restrict xr, const float* __restrict g, const float* __restrict w, float m,
+                    float rs, int64_t C, double* __restrict pw, double* __restrict pb, float* __restrict d) {
+  double sg[kLanes] = {}, sgx[kLanes] = {};
+  int64_t j = 0;
+  if (w) {
+    for (; j + kLanes <= C; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) {
+        const float gj = g[j + l] * w[j + l];
+        sg[l] += gj;
+        sgx[l] += double(gj) * ((xr[j + l] - m) * rs);
+      }
+    for (; j < C; ++j) {
+      const float gj = g[j] * w[j];
+      sg[j % kLanes] += gj;
+      sgx[j % kLanes] += double(gj) * ((xr[j] - m) * rs);
+    }
+  } else {
+    for (; j + kLanes <= C; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) {
+        sg[l] += g[j + l];
+        sgx[l] += double(g[j + l]) * ((xr[j + l] - m) * rs);
+      }
+    for (; j < C; ++j) {
+      sg[j % kLanes] += g[j];
+      sgx[j % kLanes] += double(g[j]) * ((xr[j] - m) * rs);
+    }
+  }
+  if (pw)
+    for (j = 0; j < C; ++j) pw[j] += double(g[j]) * ((xr[j] - m) * rs);
+  if (pb)
+    for (j = 0; j < C; ++j) pb[j] += g[j];
+  const float mg = static_cast<float>(lanes_total(sg) / double(C)), mgx = static_cast<float>(lanes_total(sgx) / double(C));
+  if (w)
+    for (j = 0; j < C; ++j) d[j] = rs * (g[j] * w[j] - mg - (xr[j] - m) * rs * mgx);
+  else
+    for (j = 0; j < C; ++j) d[j] = rs * (g[j] - mg - (xr[j] - m) * rs * mgx);
+}
+
 lora_status layer_norm_backward(lora_backend* be, float* dx, float* dw, float* db, const float* dy,
                                 const float* x, const float* w, const float* mean,
                                 const float* rstd, int64_t N, int64_t C) {
   ThreadPool& pool = cpu_pool(be);
   float* acc[2] = {dw, db};
   rows_with_partials(pool, N, C, 2, acc, [&](int64_t r0, int64_t r1, std::vector<double>* part) {
-    double* pw = part[0].data();
-    double* pb = part[1].data();
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = x + r * C;
-      const float* g = dy + r * C;
-      const float m = mean[r], rs = rstd[r];
-      double sg = 0.0, sgx = 0.0;
-      for (int64_t j = 0; j < C; ++j) {
-        const float xh = (xr[j] - m) * rs;
-        const float gj = w ? g[j] * w[j] : g[j];
-        sg += gj;
-        sgx += double(gj) * xh;
-        pw[j] += double(g[j]) * xh;
-        pb[j] += g[j];
-      }
-      const float mg = static_cast<float>(sg / double(C)), mgx = static_cast<float>(sgx / double(C));
-      float* d = dx + r * C;
-      for (int64_t j = 0; j < C; ++j) {
-        const float xh = (xr[j] - m) * rs;
-        const float gj = w ? g[j] * w[j] : g[j];
-        d[j] = rs * (gj - mg - xh * mgx);
-      }
-    }
+    double* pw = dw ? part[0].data() : nullptr;
+    double* pb = db ? part[1].data() : nullptr;
+    for (int64_t r = r0; r < r1; ++r) layer_back_row(x + r * C, dy + r * C, w, mean[r], rstd[r], C, pw, pb, dx + r * C);
   });
   return LORA_OK;
 }
@@ -156,24 +179,34 @@ lora_status rms_norm(lora_backend* be, float* y, float* rstd, const float* x, co
   return LORA_OK;
 }
 
-// One row of rms_norm_backward's reduction: pw[j] += g[j]·x̂[j], and mean(gj·x̂) returned, with
-// Σ gj·x̂ over kLanes independent lanes (one double chain waits 4 cycles per element: ~0.6 ms for
-// 1024 rows of 576 on either thread count). LORA_VECTOR_CLONES: this file is built for baseline
-// x86-64, where SSE2 widens two floats at a time (0.62 -> 0.30 ms with the clones).
+// One row of rms_norm_backward: dx = rs·(gj - x̂·mean(gj·x̂)) with gj = g·(offset + w) and
+// x̂ = x·rs, and pw[j] += g[j]·x̂[j] where dw is wanted (pw null: a frozen weight, as in LoRA
+// training). Σ gj·x̂ in double over kLanes independent lanes (one double chain waits 4 cycles per
+// element). LORA_VECTOR_CLONES: this file is built for baseline x86-64, where SSE2 widens two
+// floats at a time. The pointers are __restrict and the weight's absence a loop of its own: with
+// pw possibly aliasing the row, the AVX-512 clone ran every element in scalar (1024 rows of 576,
+// one thread: 476 us for what the forward does in 162).
 LORA_VECTOR_CLONES
-float rms_back_row(const float* xr, const float* g, const float* w, float offset, float rs, int64_t C, double* pw) {
+void rms_back_row(const float* __restrict xr, const float* __restrict g, const float* __restrict w, float offset,
+                  float rs, int64_t C, double* __restrict pw, float* __restrict d) {
   double sgx[kLanes] = {};
-  auto term = [&](int64_t j, double& s) __attribute__((always_inline)) {
-    const float xh = xr[j] * rs;
-    const float gj = w ? g[j] * (offset + w[j]) : g[j];
-    s += double(gj) * xh;
-    pw[j] += double(g[j]) * xh;
-  };
   int64_t j = 0;
-  for (; j + kLanes <= C; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) term(j + l, sgx[l]);
-  for (; j < C; ++j) term(j, sgx[j % kLanes]);
-  return static_cast<float>(lanes_total(sgx) / double(C));
+  if (w) {
+    for (; j + kLanes <= C; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) sgx[l] += double(g[j + l] * (offset + w[j + l])) * (xr[j + l] * rs);
+    for (; j < C; ++j) sgx[j % kLanes] += double(g[j] * (offset + w[j])) * (xr[j] * rs);
+  } else {
+    for (; j + kLanes <= C; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) sgx[l] += double(g[j + l]) * (xr[j + l] * rs);
+    for (; j < C; ++j) sgx[j % kLanes] += double(g[j]) * (xr[j] * rs);
+  }
+  if (pw)
+    for (j = 0; j < C; ++j) pw[j] += double(g[j]) * (xr[j] * rs);
+  const float mgx = static_cast<float>(lanes_total(sgx) / double(C));
+  if (w)
+    for (j = 0; j < C; ++j) d[j] = rs * (g[j] * (offset + w[j]) - xr[j] * rs * mgx);
+  else
+    for (j = 0; j < C; ++j) d[j] = rs * (g[j] - xr[j] * rs * mgx);
 }
 
 lora_status rms_norm_backward(lora_backend* be, float* dx, float* dw, const float* dy,
@@ -182,18 +215,8 @@ lora_status rms_norm_backward(lora_backend* be, float* dx, float* dw, const floa
   ThreadPool& pool = cpu_pool(be);
   float* acc[1] = {dw};
   rows_with_partials(pool, N, C, 1, acc, [&](int64_t r0, int64_t r1, std::vector<double>* part) {
-    double* pw = part[0].data();
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = x + r * C;
-      const float* g = dy + r * C;
-      const float rs = rstd[r];
-      const float mgx = rms_back_row(xr, g, w, offset, rs, C, pw);
-      float* d = dx + r * C;
-      for (int64_t j = 0; j < C; ++j) {
-        const float gj = w ? g[j] * (offset + w[j]) : g[j];
-        d[j] = rs * (gj - xr[j] * rs * mgx);
-      }
-    }
+    double* pw = dw ? part[0].data() : nullptr;
+    for (int64_t r = r0; r < r1; ++r) rms_back_row(x + r * C, dy + r * C, w, offset, rstd[r], C, pw, dx + r * C);
   });
   return LORA_OK;
 }
