@@ -19,12 +19,14 @@ constexpr int64_t kRowGrain = 1 << 14;  // elements of work worth waking a secon
 int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, kRowGrain / std::max<int64_t>(cols, 1)); }
 
 // Runs fn(tid, begin, end) over contiguous row chunks and then sums each thread's `width`
-// doubles of partials into acc[0..width) (+=, float).
+// doubles of partials into acc[0..width) (+=, float). A null acc[c] (a frozen weight) gets no
+// partials: its part vectors stay empty.
 template <typename Fn>
 void rows_with_partials(ThreadPool& pool, int64_t N, int64_t width, int copies, float* const* acc, Fn fn) {
   const int nt = (N * width <= kRowGrain || pool.size() == 1) ? 1 : pool.size();
   std::vector<std::vector<double>> part(static_cast<size_t>(nt) * copies);
-  for (auto& p : part) p.assign(static_cast<size_t>(width), 0.0);
+  for (size_t i = 0; i < part.size(); ++i)
+    if (acc[i % static_cast<size_t>(copies)]) part[i].assign(static_cast<size_t>(width), 0.0);
   auto body = [&](int tid, int threads) {
     const int64_t chunk = (N + threads - 1) / threads;
     const int64_t b = std::min<int64_t>(N, tid * chunk), e = std::min<int64_t>(N, b + chunk);
